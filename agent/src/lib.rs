@@ -1,0 +1,192 @@
+//! The Coffer guest agent.
+//!
+//! Background: one agent runs beside one database (in a VM, on a host, or as a local process in the
+//! embedded setup). It supervises the database process and carries out the controller's intents,
+//! which arrive through a JetStream durable pull consumer; it reports heartbeats (core
+//! request/reply, whose reply renews its lease) and events (JetStream).
+//!
+//! Entry point: [`run`]. Runnables, each stopped by the shared cancellation token: the
+//! [`supervisor`], the intent consumer ([`intents`]), the [`heartbeat`] loop and the call responder.
+//!
+//! Invariant: no datastore-specific name or query language here; everything about the database
+//! goes through `coffer_strategies::Datastore`.
+
+pub mod config;
+pub mod heartbeat;
+pub mod intents;
+pub mod state;
+pub mod supervisor;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use coffer_proto::{subjects, v1, Message};
+use coffer_strategies::{Datastore, Layout};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::AgentConfig;
+
+/// Shared by the runnables.
+pub struct Ctx {
+    pub cfg: AgentConfig,
+    pub state: Arc<state::StateDir>,
+    pub ds: Arc<dyn Datastore>,
+    pub sup: supervisor::Handle,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    /// Sequence number of heartbeats and status events.
+    pub seq: AtomicU64,
+    /// Random per process start.
+    pub boot_id: String,
+    /// When the lease was last renewed (monotonic clock).
+    pub lease_renewed: Mutex<Option<Instant>>,
+    pub shutdown: CancellationToken,
+}
+
+impl Ctx {
+    /// Publishes an event on the event stream, retrying until JetStream acknowledges it (or the
+    /// agent shuts down). `msg_id` makes redelivered publishes harmless.
+    pub async fn publish_event(&self, msg_id: String, event: v1::Event) {
+        let env = coffer_proto::envelope(
+            msg_id.clone(),
+            &self.cfg.instance_id,
+            v1::envelope::Body::Event(event),
+        );
+        let payload: bytes::Bytes = env.encode_to_vec().into();
+        let subject = subjects::event(&self.cfg.instance_id);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let publish = async_nats::jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(msg_id.as_str());
+            let r = async {
+                let ack = self
+                    .js
+                    .send_publish(subject.clone(), publish)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ack.await.map_err(|e| e.to_string())
+            }
+            .await;
+            match r {
+                Ok(_) => return,
+                Err(e) => {
+                    warn!(error = %e, "event publish failed; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` fires or a runnable fails. The database is left running.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let state = Arc::new(state::StateDir::open(&cfg.state_dir)?);
+    let layout = Layout {
+        root: state.datastore_root(cfg.datastore.name()),
+        bind_address: cfg.listen.bind_address.clone(),
+        port: cfg.listen.port,
+    };
+    let ds: Arc<dyn Datastore> = Arc::from(cfg.datastore.build(layout));
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("coffer-agent {}", cfg.instance_id))
+        .retry_on_initial_connect()
+        .subscription_capacity(4096)
+        .connect(cfg.nats_url.as_str())
+        .await
+        .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
+    let js = async_nats::jetstream::new(client.clone());
+    let (sup, sup_task) = supervisor::spawn(
+        ds.clone(),
+        state.clone(),
+        Duration::from_secs(cfg.stop_timeout_s),
+        shutdown.child_token(),
+    );
+    let ctx = Arc::new(Ctx {
+        cfg,
+        state,
+        ds,
+        sup,
+        client,
+        js,
+        seq: AtomicU64::new(0),
+        boot_id: uuid::Uuid::new_v4().simple().to_string(),
+        lease_renewed: Mutex::new(None),
+        shutdown: shutdown.clone(),
+    });
+    info!(instance = %ctx.cfg.instance_id, "coffer-agent started");
+
+    let mut set = tokio::task::JoinSet::new();
+    set.spawn(heartbeat::run(ctx.clone()));
+    set.spawn(intents::run(ctx.clone()));
+    set.spawn(calls(ctx.clone()));
+    let result = tokio::select! {
+        _ = shutdown.cancelled() => Ok(()),
+        r = set.join_next() => match r {
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(e)) => Err(anyhow::anyhow!("runnable panicked: {e}")),
+            _ => Ok(()),
+        },
+    };
+    shutdown.cancel();
+    set.shutdown().await;
+    let _ = sup_task.await;
+    let _ = ctx.client.flush().await;
+    info!("coffer-agent stopped; the database keeps running");
+    result
+}
+
+/// Answers quick request/reply calls.
+async fn calls(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    let mut sub = ctx
+        .client
+        .subscribe(subjects::call(&ctx.cfg.instance_id))
+        .await
+        .context("subscribing to calls")?;
+    loop {
+        let msg = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(()),
+            m = sub.next() => match m { Some(m) => m, None => return Ok(()) },
+        };
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
+        let answer = match coffer_proto::decode(&msg.payload) {
+            Ok(v1::Envelope {
+                body:
+                    Some(v1::envelope::Body::Call(v1::Call {
+                        kind: Some(v1::call::Kind::Ping(_)),
+                    })),
+                ..
+            }) => v1::CallReply {
+                ok: true,
+                error: String::new(),
+                kind: Some(v1::call_reply::Kind::Pong(heartbeat::snapshot(&ctx).await)),
+            },
+            Ok(_) => v1::CallReply {
+                ok: false,
+                error: "unsupported call".into(),
+                kind: None,
+            },
+            Err(e) => v1::CallReply {
+                ok: false,
+                error: format!("undecodable call: {e}"),
+                kind: None,
+            },
+        };
+        let env = coffer_proto::envelope(
+            uuid::Uuid::new_v4().to_string(),
+            &ctx.cfg.instance_id,
+            v1::envelope::Body::CallReply(answer),
+        );
+        let _ = ctx.client.publish(reply, env.encode_to_vec().into()).await;
+    }
+}

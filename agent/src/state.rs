@@ -1,0 +1,172 @@
+//! The agent's local state: the exclusive lock on its state dir, intent records (so an intent is
+//! handled once, whatever NATS redelivers) and what the database should be doing.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+/// Holds the state dir's lock for as long as it lives.
+pub struct StateDir {
+    root: PathBuf,
+    _lock: Flock<File>,
+}
+
+/// What happened to one intent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IntentRecord {
+    pub kind: String,
+    /// `started`, `done` or `failed`.
+    pub state: String,
+    /// Failure code (see proto FailureCode) when failed.
+    #[serde(default)]
+    pub code: i32,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// What the database should be doing, persisted across agent restarts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Desired {
+    /// Prepare finished successfully.
+    pub prepared: bool,
+    /// The database should be running (false after a stop intent).
+    pub running: bool,
+    /// The instance was deleted.
+    #[serde(default)]
+    pub deleted: bool,
+    /// Sizing given at prepare.
+    #[serde(default)]
+    pub memory_mb: u64,
+    #[serde(default)]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub volume_gb: u64,
+    #[serde(default)]
+    pub server_id: u32,
+}
+
+impl StateDir {
+    /// Creates the dir if needed and takes its exclusive lock, or fails saying who holds it.
+    pub fn open(root: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(root.join("intents"))
+            .with_context(|| format!("creating state dir {}", root.display()))?;
+        let lock_path = root.join("agent.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .read(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        let lock = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, errno)) => {
+                let holder = std::fs::read_to_string(root.join("agent.pid")).unwrap_or_default();
+                bail!(
+                    "another coffer-agent (pid {}) already runs for state dir {} ({errno}); stop it first",
+                    holder.trim(),
+                    root.display()
+                );
+            }
+        };
+        std::fs::write(root.join("agent.pid"), std::process::id().to_string())
+            .context("writing agent.pid")?;
+        Ok(StateDir {
+            root: root.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn intent_path(&self, id: &str) -> PathBuf {
+        // Intent ids are UUIDs from the controller; anything else is hashed into a safe name.
+        let safe: String = id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.root.join("intents").join(format!("{safe}.json"))
+    }
+
+    pub fn intent(&self, id: &str) -> Option<IntentRecord> {
+        let text = std::fs::read_to_string(self.intent_path(id)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn record_intent(&self, id: &str, rec: &IntentRecord) -> anyhow::Result<()> {
+        write_atomic(&self.intent_path(id), &serde_json::to_vec(rec)?)
+    }
+
+    pub fn desired(&self) -> Desired {
+        std::fs::read_to_string(self.root.join("desired.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn set_desired(&self, d: &Desired) -> anyhow::Result<()> {
+        write_atomic(&self.root.join("desired.json"), &serde_json::to_vec(d)?)
+    }
+
+    /// Where the datastore keeps its files.
+    pub fn datastore_root(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+/// Writes a file atomically and durably (temp file, fsync, rename).
+pub fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_open_fails_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = StateDir::open(dir.path()).unwrap();
+        let err = StateDir::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("another coffer-agent"), "{err}");
+        drop(first);
+        StateDir::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn intent_records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::open(dir.path()).unwrap();
+        assert!(s.intent("a").is_none());
+        let r = IntentRecord {
+            kind: "prepare".into(),
+            state: "done".into(),
+            code: 0,
+            message: "ok".into(),
+        };
+        s.record_intent("a", &r).unwrap();
+        assert_eq!(s.intent("a"), Some(r));
+        let mut d = s.desired();
+        assert!(!d.prepared);
+        d.prepared = true;
+        s.set_desired(&d).unwrap();
+        assert!(s.desired().prepared);
+    }
+}

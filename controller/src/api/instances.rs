@@ -1,0 +1,806 @@
+//! `/instances`: create, list, show, rename, delete and actions.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query};
+use coffer_proto::{v1, Message};
+use serde_json::{json, Map, Value};
+
+use super::{accepted, ok, parse_body, with_next, ApiError, ApiResult, AppState, Caller, Page};
+use crate::provisioner::Placement;
+use crate::status::{self, task};
+use crate::store::{self, InstanceRow, Store, VersionRow};
+use crate::App;
+
+const CREATE_KEYS: &[&str] = &[
+    "name",
+    "flavorRef",
+    "volume",
+    "datastore",
+    "nics",
+    "databases",
+    "users",
+    "restorePoint",
+    "availability_zone",
+    "configuration",
+    "replica_of",
+    "replica_count",
+    "modules",
+    "locality",
+    "region_name",
+    "access",
+];
+const NOT_YET: &[&str] = &[
+    "restorePoint",
+    "configuration",
+    "replica_of",
+    "replica_count",
+    "modules",
+];
+
+/// Deadline for an intent of `kind`, from now.
+fn deadline(app: &App, kind: &str) -> i64 {
+    let secs = match kind {
+        "prepare" => app.cfg.build_timeout_s as i64,
+        _ => 600,
+    };
+    coffer_proto::now_unix_ms() + secs * 1000
+}
+
+fn intent_payload(
+    app: &App,
+    instance_id: &str,
+    intent_id: &str,
+    kind: v1::intent::Kind,
+) -> Vec<u8> {
+    let name = coffer_proto::intent_kind_name(&kind);
+    coffer_proto::envelope(
+        intent_id.to_string(),
+        instance_id,
+        v1::envelope::Body::Intent(v1::Intent {
+            deadline_unix_ms: deadline(app, name),
+            kind: Some(kind),
+        }),
+    )
+    .encode_to_vec()
+}
+
+/// Last path segment of an id-or-href, as Trove takes it.
+fn id_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.rsplit('/').next().unwrap_or(s).to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn check_name(kind: &str, name: &str, max: usize) -> Result<(), ApiError> {
+    if name.is_empty() || name.len() > max {
+        return Err(ApiError::validation(format!(
+            "{kind} name '{name}' must be 1 to {max} characters"
+        )));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_-.$".contains(c))
+    {
+        return Err(ApiError::validation(format!(
+            "{kind} name '{name}' may only contain letters, digits, '_', '-', '.' and '$'"
+        )));
+    }
+    Ok(())
+}
+
+fn str_field<'a>(
+    o: &'a Map<String, Value>,
+    path: &str,
+    key: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(ApiError::validation(format!(
+            "{path}['{key}'] {other} is not of type 'string'"
+        ))),
+    }
+}
+
+struct CreateReq {
+    name: String,
+    flavor_id: String,
+    volume_size: i64,
+    datastore: Option<String>,
+    version: Option<String>,
+    databases: Vec<v1::Database>,
+    users: Vec<v1::User>,
+}
+
+fn parse_create(body: &Map<String, Value>) -> Result<CreateReq, ApiError> {
+    let inst = match body.get("instance") {
+        Some(Value::Object(o)) => o,
+        Some(_) => return Err(ApiError::validation("instance is not of type 'object'")),
+        None => return Err(ApiError::validation("'instance' is a required property")),
+    };
+    for k in inst.keys() {
+        if !CREATE_KEYS.contains(&k.as_str()) {
+            return Err(ApiError::validation(format!(
+                "instance Additional properties are not allowed ('{k}' was unexpected)"
+            )));
+        }
+        if NOT_YET.contains(&k.as_str()) && !inst[k].is_null() {
+            return Err(ApiError::not_implemented(format!(
+                "'{k}' is not supported by this Coffer release yet."
+            )));
+        }
+    }
+    let name = match inst.get("name") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => {
+            return Err(ApiError::validation(
+                "instance['name'] is not of type 'string'",
+            ))
+        }
+        None => {
+            return Err(ApiError::validation(
+                "instance 'name' is a required property",
+            ))
+        }
+    };
+    if name.trim().is_empty() {
+        return Err(ApiError::validation(format!(
+            "instance['name'] '{name}' is too short"
+        )));
+    }
+    if name.len() > 255 {
+        return Err(ApiError::validation("instance['name'] is too long"));
+    }
+    if !name.chars().any(|c| c.is_ascii_alphanumeric()) {
+        return Err(ApiError::validation(format!(
+            "instance['name'] '{name}' does not match '^.*[0-9a-zA-Z]+.*$'"
+        )));
+    }
+    let flavor_id = match inst.get("flavorRef") {
+        None => {
+            return Err(ApiError::validation(
+                "instance 'flavorRef' is a required property",
+            ))
+        }
+        Some(v) => id_of(v).filter(|s| !s.is_empty()).ok_or_else(|| {
+            ApiError::validation(format!(
+                "instance['flavorRef'] {v} is not of type 'string', 'integer'"
+            ))
+        })?,
+    };
+    let volume_size = match inst.get("volume") {
+        None => {
+            return Err(ApiError::validation(
+                "instance 'volume' is a required property",
+            ))
+        }
+        Some(Value::Object(v)) => match v.get("size") {
+            Some(Value::Number(n)) if n.as_i64().map(|x| x >= 1).unwrap_or(false) => {
+                n.as_i64().unwrap()
+            }
+            Some(Value::String(s)) if s.parse::<i64>().map(|x| x >= 1).unwrap_or(false) => {
+                s.parse().unwrap()
+            }
+            Some(other) => {
+                return Err(ApiError::validation(format!(
+                    "instance['volume']['size'] {other} is not a positive integer"
+                )))
+            }
+            None => {
+                return Err(ApiError::validation(
+                    "instance['volume'] 'size' is a required property",
+                ))
+            }
+        },
+        Some(other) => {
+            return Err(ApiError::validation(format!(
+                "instance['volume'] {other} is not of type 'object'"
+            )))
+        }
+    };
+    let (datastore, version) = match inst.get("datastore") {
+        None | Some(Value::Null) => (None, None),
+        Some(Value::Object(d)) => {
+            for k in d.keys() {
+                if !["type", "version", "version_number"].contains(&k.as_str()) {
+                    return Err(ApiError::validation(format!(
+                        "instance['datastore'] Additional properties are not allowed ('{k}' was unexpected)"
+                    )));
+                }
+            }
+            (
+                str_field(d, "instance['datastore']", "type")?.map(String::from),
+                str_field(d, "instance['datastore']", "version")?.map(String::from),
+            )
+        }
+        Some(other) => {
+            return Err(ApiError::validation(format!(
+                "instance['datastore'] {other} is not of type 'object'"
+            )))
+        }
+    };
+    let mut databases = vec![];
+    if let Some(v) = inst.get("databases") {
+        let arr = v
+            .as_array()
+            .ok_or_else(|| ApiError::validation("instance['databases'] is not of type 'array'"))?;
+        for d in arr {
+            let o = d.as_object().ok_or_else(|| {
+                ApiError::validation("instance['databases'] item is not of type 'object'")
+            })?;
+            let name = str_field(o, "instance['databases']", "name")?.ok_or_else(|| {
+                ApiError::validation("instance['databases'] 'name' is a required property")
+            })?;
+            check_name("database", name, 64)?;
+            let cs = str_field(o, "instance['databases']", "character_set")?.unwrap_or("");
+            let co = str_field(o, "instance['databases']", "collate")?.unwrap_or("");
+            for (what, s) in [("character_set", cs), ("collate", co)] {
+                if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || s.len() > 64 {
+                    return Err(ApiError::validation(format!(
+                        "instance['databases'] {what} '{s}' is not valid"
+                    )));
+                }
+            }
+            if databases.iter().any(|x: &v1::Database| x.name == name) {
+                return Err(ApiError::bad_request(format!(
+                    "Database '{name}' is listed twice."
+                )));
+            }
+            databases.push(v1::Database {
+                name: name.into(),
+                character_set: cs.into(),
+                collate: co.into(),
+            });
+        }
+    }
+    let mut users = vec![];
+    if let Some(v) = inst.get("users") {
+        let arr = v
+            .as_array()
+            .ok_or_else(|| ApiError::validation("instance['users'] is not of type 'array'"))?;
+        for u in arr {
+            let o = u.as_object().ok_or_else(|| {
+                ApiError::validation("instance['users'] item is not of type 'object'")
+            })?;
+            let name = str_field(o, "instance['users']", "name")?.ok_or_else(|| {
+                ApiError::validation("instance['users'] 'name' is a required property")
+            })?;
+            check_name("user", name, 80)?;
+            let password = str_field(o, "instance['users']", "password")?.ok_or_else(|| {
+                ApiError::validation("instance['users'] 'password' is a required property")
+            })?;
+            if password.is_empty()
+                || password.len() > 128
+                || password.chars().any(|c| c.is_control())
+            {
+                return Err(ApiError::validation(
+                    "instance['users'] password must be 1 to 128 characters without control characters",
+                ));
+            }
+            let host = str_field(o, "instance['users']", "host")?.unwrap_or("%");
+            if host.is_empty()
+                || host.len() > 255
+                || !host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".%_:-/".contains(c))
+            {
+                return Err(ApiError::validation(format!(
+                    "instance['users'] host '{host}' is not valid"
+                )));
+            }
+            let mut dbs = vec![];
+            if let Some(dv) = o.get("databases") {
+                let arr = dv.as_array().ok_or_else(|| {
+                    ApiError::validation("instance['users']['databases'] is not of type 'array'")
+                })?;
+                for d in arr {
+                    let n = d.get("name").and_then(|n| n.as_str()).ok_or_else(|| {
+                        ApiError::validation(
+                            "instance['users']['databases'] 'name' is a required property",
+                        )
+                    })?;
+                    if !databases.iter().any(|x| x.name == n) {
+                        return Err(ApiError::bad_request(format!(
+                            "Database '{n}' of user '{name}' is not in the instance's 'databases'."
+                        )));
+                    }
+                    dbs.push(n.to_string());
+                }
+            }
+            if users
+                .iter()
+                .any(|x: &v1::User| x.name == name && x.host == host)
+            {
+                return Err(ApiError::bad_request(format!(
+                    "User '{name}'@'{host}' is listed twice."
+                )));
+            }
+            users.push(v1::User {
+                name: name.into(),
+                password: password.into(),
+                host: host.into(),
+                databases: dbs,
+            });
+        }
+    }
+    Ok(CreateReq {
+        name,
+        flavor_id,
+        volume_size,
+        datastore,
+        version,
+        databases,
+        users,
+    })
+}
+
+async fn resolve_version(
+    app: &App,
+    ds: Option<&str>,
+    v: Option<&str>,
+) -> Result<VersionRow, ApiError> {
+    let all = app.store.datastores().await?;
+    let d = match ds {
+        Some(name) => all
+            .into_iter()
+            .find(|d| d.name == name || d.id == name)
+            .ok_or_else(|| ApiError::not_found(format!("Datastore '{name}' cannot be found.")))?,
+        None => {
+            if all.len() == 1 {
+                all.into_iter().next().unwrap()
+            } else {
+                return Err(ApiError::bad_request(
+                    "Please specify datastore. Default datastore cannot be found.",
+                ));
+            }
+        }
+    };
+    let versions: Vec<VersionRow> = app
+        .store
+        .versions_of(&d.id)
+        .await?
+        .into_iter()
+        .filter(|x| x.active)
+        .collect();
+    match v {
+        Some(name) => versions
+            .into_iter()
+            .find(|x| x.name == name || x.id == name)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("Datastore version '{name}' cannot be found."))
+            }),
+        None => {
+            let dv = d.default_version_id.clone().ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Default version for datastore '{}' not found.",
+                    d.name
+                ))
+            })?;
+            versions.into_iter().find(|x| x.id == dv).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Default version for datastore '{}' not found.",
+                    d.name
+                ))
+            })
+        }
+    }
+}
+
+pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
+    let app = st.0.clone();
+    let req = parse_create(&parse_body(&body)?)?;
+    let version = resolve_version(&app, req.datastore.as_deref(), req.version.as_deref()).await?;
+    let flavor = app.store.flavor(&req.flavor_id).await?.ok_or_else(|| {
+        ApiError::bad_request(format!("Flavor '{}' could not be found.", req.flavor_id))
+    })?;
+    let linked = app.store.version_flavors(&version.id).await?;
+    if !linked.is_empty() && !linked.contains(&flavor.id) {
+        return Err(ApiError::bad_request(format!(
+            "Flavor '{}' is not supported for datastore version '{}' of '{}'.",
+            flavor.id, version.name, version.datastore_name
+        )));
+    }
+
+    let id = uuid::Uuid::new_v4().to_string();
+    let intent_id = uuid::Uuid::new_v4().to_string();
+    let ts = store::now();
+    let mut tx = app.store.begin().await?;
+    let server_id = Store::next_server_id(&mut tx).await?;
+    let row = InstanceRow {
+        id: id.clone(),
+        project_id: c.project.clone(),
+        name: req.name,
+        flavor_id: flavor.id.clone(),
+        datastore_version_id: version.id.clone(),
+        volume_size: req.volume_size,
+        task: task::BUILDING.into(),
+        task_started: ts.clone(),
+        service_status: "new".into(),
+        fault: None,
+        fault_at: None,
+        server_id,
+        host: None,
+        port: None,
+        created: ts.clone(),
+        updated: ts,
+        deleted: false,
+        agent_version: String::new(),
+        capabilities: String::new(),
+    };
+    Store::insert_instance(&mut tx, &row).await?;
+    let prepare = v1::intent::Kind::Prepare(v1::Prepare {
+        memory_mb: flavor.ram as u64,
+        vcpus: flavor.vcpus as u32,
+        volume_gb: req.volume_size as u64,
+        server_id: server_id as u32,
+        databases: req.databases,
+        users: req.users,
+        datastore_version: version.version.clone(),
+    });
+    Store::enqueue(
+        &mut tx,
+        &intent_id,
+        &id,
+        "prepare",
+        &intent_payload(&app, &id, &intent_id, prepare),
+    )
+    .await?;
+    tx.commit().await?;
+    app.outbox_wake.notify_one();
+
+    let placement = Placement {
+        instance_id: id.clone(),
+        manager: version.manager.clone(),
+        nats_url: app.cfg.nats_url.clone(),
+    };
+    match app.provisioner.place(&placement).await {
+        Ok(ep) => {
+            app.store
+                .set_endpoint(&id, &ep.host, ep.port as i64)
+                .await?
+        }
+        Err(e) => {
+            let mut tx = app.store.begin().await?;
+            Store::set_task(
+                &mut tx,
+                &id,
+                task::BUILD_ERROR,
+                Some(&format!("placing the agent failed: {e:#}")),
+            )
+            .await?;
+            tx.commit().await?;
+        }
+    }
+    let row = app
+        .store
+        .instance(&id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("instance vanished"))?;
+    ok(json!({"instance": render(&app, &c, &row, true, false).await?}))
+}
+
+/// Renders an instance in Trove's list or detail form.
+async fn render(
+    app: &App,
+    c: &Caller,
+    r: &InstanceRow,
+    detail: bool,
+    with_usage: bool,
+) -> Result<Value, ApiError> {
+    let fresh = app.fresh(&r.id);
+    let (status, op) = status::derive(&r.task, &r.service_status, fresh);
+    let version = app.store.version(&r.datastore_version_id).await?;
+    let (ds_type, ds_version, ds_number) = match &version {
+        Some(v) => (json!(v.datastore_name), json!(v.name), json!(v.version)),
+        None => (Value::Null, Value::Null, Value::Null),
+    };
+    let mut j = json!({
+        "id": r.id,
+        "name": r.name,
+        "status": status,
+        "operating_status": op,
+        "links": c.links("instances", &r.id),
+        "flavor": {"id": r.flavor_id, "links": c.links("flavors", &r.flavor_id)},
+        "datastore": {"type": ds_type, "version": ds_version},
+        "region": "RegionOne",
+        "access": {"is_public": false, "allowed_cidrs": []},
+        "volume": {"size": r.volume_size},
+    });
+    if let Some(host) = &r.host {
+        j["ip"] = json!([host]);
+        j["addresses"] = json!([{"address": host, "type": "private"}]);
+    }
+    if let Some(port) = r.port {
+        j["port"] = json!(port);
+    }
+    if c.admin {
+        j["tenant_id"] = json!(r.project_id);
+    }
+    if detail {
+        j["created"] = json!(r.created);
+        j["updated"] = json!(r.updated);
+        j["datastore"]["version_number"] = ds_number;
+        let live = app.live.lock().unwrap().get(&r.id).cloned();
+        if let Some(l) = &live {
+            j["service_status_updated"] = json!(l.last_seen_wall);
+        }
+        if let Some(f) = &r.fault {
+            j["fault"] = json!({"message": f, "created": r.fault_at, "details": null});
+        } else if status == "ERROR" && !fresh && r.task == task::NONE {
+            j["fault"] = json!({
+                "message": format!(
+                    "The guest agent has not reported for more than {} s; check that coffer-agent runs for this instance.",
+                    app.cfg.heartbeat_expiry_s
+                ),
+                "created": null, "details": null,
+            });
+        }
+        if with_usage
+            && ![
+                "BUILD", "REBOOT", "RESIZE", "PROMOTE", "EJECT", "UPGRADE", "SHUTDOWN",
+            ]
+            .contains(&status)
+        {
+            if let Some(l) = live {
+                let gb = l.hb.volume_used_bytes as f64 / (1u64 << 30) as f64;
+                j["volume"]["used"] = json!((gb * 1000.0).round() / 1000.0);
+                j["volume"]["used_percent"] =
+                    json!(((gb / r.volume_size.max(1) as f64) * 10000.0).round() / 100.0);
+            }
+        }
+        if r.task == task::BUILDING || r.task == task::REBOOTING || r.task == task::DELETING {
+            if let Some((kind, state, progress, message)) = app.store.latest_intent(&r.id).await? {
+                j["progress"] = json!({"action": kind, "state": state, "percent": progress, "message": message});
+            }
+        }
+    }
+    Ok(j)
+}
+
+async fn find(app: &App, c: &Caller, id: &str) -> Result<InstanceRow, ApiError> {
+    match app.store.instance(id).await? {
+        Some(r) if r.project_id == c.project || c.admin => Ok(r),
+        _ => Err(ApiError::not_found(format!(
+            "Instance {id} could not be found."
+        ))),
+    }
+}
+
+async fn list_impl(st: AppState, c: Caller, page: Page, detail: bool) -> ApiResult {
+    let rows = st.store.instances_of(&c.project).await?;
+    let (rows, next) = page.apply(rows, |r| r.id.clone())?;
+    let mut out = vec![];
+    for r in &rows {
+        out.push(render(&st, &c, r, detail, false).await?);
+    }
+    ok(with_next(
+        json!({"instances": out}),
+        &c,
+        "instances",
+        &page.limit,
+        next,
+    ))
+}
+
+pub async fn list(st: AppState, c: Caller, Query(page): Query<Page>) -> ApiResult {
+    list_impl(st, c, page, false).await
+}
+
+pub async fn list_detail(st: AppState, c: Caller, Query(page): Query<Page>) -> ApiResult {
+    list_impl(st, c, page, true).await
+}
+
+pub async fn show(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+    let r = find(&st, &c, &id).await?;
+    ok(json!({"instance": render(&st, &c, &r, true, true).await?}))
+}
+
+async fn update_impl(st: AppState, c: Caller, id: String, body: Bytes, patch: bool) -> ApiResult {
+    let body = parse_body(&body)?;
+    let r = find(&st, &c, &id).await?;
+    let inst = match body.get("instance") {
+        Some(Value::Object(o)) => o,
+        _ => return Err(ApiError::validation("'instance' is a required property")),
+    };
+    let allowed: &[&str] = if patch {
+        &[
+            "name",
+            "configuration",
+            "replica_of",
+            "slave_of",
+            "datastore_version",
+        ]
+    } else {
+        &[
+            "name",
+            "configuration",
+            "replica_of",
+            "datastore_version",
+            "access",
+        ]
+    };
+    for k in inst.keys() {
+        if !allowed.contains(&k.as_str()) {
+            return Err(ApiError::validation(format!(
+                "instance Additional properties are not allowed ('{k}' was unexpected)"
+            )));
+        }
+    }
+    let others: Vec<&String> = inst.keys().filter(|k| *k != "name").collect();
+    if others.len() > 1 {
+        return Err(ApiError::bad_request(
+            "Only one attribute (except 'name') is allowed to update.",
+        ));
+    }
+    if let Some(k) = others.first() {
+        if !(k.as_str() == "configuration" && inst[k.as_str()].is_null()) {
+            return Err(ApiError::not_implemented(format!(
+                "Updating '{k}' is not supported by this Coffer release yet."
+            )));
+        }
+    }
+    if let Some(n) = inst.get("name") {
+        let n = n
+            .as_str()
+            .ok_or_else(|| ApiError::validation("instance['name'] is not of type 'string'"))?;
+        if n.trim().is_empty() || n.len() > 255 || !n.chars().any(|c| c.is_ascii_alphanumeric()) {
+            return Err(ApiError::validation(format!(
+                "instance['name'] '{n}' is not a valid name"
+            )));
+        }
+        st.store.rename(&r.id, n).await?;
+    }
+    accepted()
+}
+
+pub async fn update(
+    st: AppState,
+    c: Caller,
+    Path((_p, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    update_impl(st, c, id, body, false).await
+}
+
+pub async fn update_patch(
+    st: AppState,
+    c: Caller,
+    Path((_p, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    update_impl(st, c, id, body, true).await
+}
+
+pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+    let app = st.0.clone();
+    let r = find(&app, &c, &id).await?;
+    if r.task == task::BUILDING {
+        return Err(ApiError::unprocessable(format!(
+            "Instance {id} is not ready. (Status is BUILD)."
+        )));
+    }
+    if r.task == task::DELETING {
+        return accepted();
+    }
+    let intent_id = uuid::Uuid::new_v4().to_string();
+    let mut tx = app.store.begin().await?;
+    // Re-check inside the write lock.
+    let cur: String = sqlx::query_scalar("SELECT task FROM instances WHERE id = ?")
+        .bind(&id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(anyhow::Error::from)?;
+    if cur == task::BUILDING {
+        return Err(ApiError::unprocessable(format!(
+            "Instance {id} is not ready. (Status is BUILD)."
+        )));
+    }
+    Store::set_task(&mut tx, &id, task::DELETING, None).await?;
+    let payload = intent_payload(
+        &app,
+        &id,
+        &intent_id,
+        v1::intent::Kind::Delete(v1::Delete {}),
+    );
+    Store::enqueue(&mut tx, &intent_id, &id, "delete", &payload).await?;
+    tx.commit().await?;
+    app.outbox_wake.notify_one();
+    accepted()
+}
+
+pub async fn action(
+    st: AppState,
+    c: Caller,
+    Path((_p, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let app = st.0.clone();
+    let body = parse_body(&body)?;
+    let r = find(&app, &c, &id).await?;
+    if body.len() != 1 {
+        return Err(ApiError::bad_request(
+            "An action body must contain exactly one action.",
+        ));
+    }
+    let (key, _arg) = body.iter().next().unwrap();
+    match key.as_str() {
+        "restart" => restart(&app, &r).await,
+        "reset_status" => {
+            if !c.admin {
+                return Err(ApiError::forbidden(
+                    "Policy doesn't allow instance:reset_status to be performed.",
+                ));
+            }
+            let mut tx = app.store.begin().await?;
+            Store::set_task(&mut tx, &id, task::NONE, None).await?;
+            sqlx::query("UPDATE instances SET service_status = 'unknown' WHERE id = ?")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await
+                .map_err(anyhow::Error::from)?;
+            tx.commit().await?;
+            if let Some(l) = app.live.lock().unwrap().get_mut(&id) {
+                l.persisted = None;
+            }
+            accepted()
+        }
+        "resize" | "promote_to_replica_source" | "eject_replica_source" => {
+            Err(ApiError::not_implemented(format!(
+                "The '{key}' action is not supported by this Coffer release yet."
+            )))
+        }
+        other => Err(ApiError::bad_request(format!(
+            "Invalid instance action: '{other}'."
+        ))),
+    }
+}
+
+async fn restart(app: &App, r: &InstanceRow) -> ApiResult {
+    let busy = || {
+        ApiError::unprocessable(format!(
+            "Instance {} is not currently available for an action to be performed (task status was {}).",
+            r.id,
+            r.task.to_uppercase()
+        ))
+    };
+    if r.task != task::NONE {
+        return Err(busy());
+    }
+    if !app.fresh(&r.id) || !status::action_allowed(&r.service_status) {
+        return Err(ApiError::unprocessable(format!(
+            "Instance {} is not currently available for an action to be performed (status was {}).",
+            r.id,
+            status::derive(&r.task, &r.service_status, app.fresh(&r.id)).0
+        )));
+    }
+    if !r.capabilities.split(',').any(|k| k == "restart") {
+        return Err(ApiError::unprocessable(format!(
+            "The agent of instance {} (version '{}') does not support 'restart'; upgrade coffer-agent on it.",
+            r.id, r.agent_version
+        )));
+    }
+    let intent_id = uuid::Uuid::new_v4().to_string();
+    let mut tx = app.store.begin().await?;
+    let cur: String = sqlx::query_scalar("SELECT task FROM instances WHERE id = ?")
+        .bind(&r.id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(anyhow::Error::from)?;
+    if cur != task::NONE {
+        return Err(busy());
+    }
+    Store::set_task(&mut tx, &r.id, task::REBOOTING, None).await?;
+    Store::clear_fault(&mut tx, &r.id).await?;
+    let payload = intent_payload(
+        app,
+        &r.id,
+        &intent_id,
+        v1::intent::Kind::Restart(v1::Restart {}),
+    );
+    Store::enqueue(&mut tx, &intent_id, &r.id, "restart", &payload).await?;
+    tx.commit().await?;
+    app.outbox_wake.notify_one();
+    accepted()
+}

@@ -1,0 +1,320 @@
+//! The OpenStack Database API v1.0 (Trove wire format): routes, authentication, errors.
+//!
+//! Errors always use Trove's one-key body (`{"badRequest": {"code": 400, "message": "..."}}`);
+//! unknown routes and wrong methods are 404 `itemNotFound`, as in Trove.
+
+mod catalog;
+mod instances;
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tracing::error;
+
+use crate::App;
+
+/// An API error in Trove's format.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, key: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            key,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "badRequest", m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "itemNotFound", m)
+    }
+    pub fn unauthorized(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m)
+    }
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", m)
+    }
+    pub fn unprocessable(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "unprocessableEntity", m)
+    }
+    pub fn not_implemented(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_IMPLEMENTED, "notImplemented", m)
+    }
+    pub fn validation(m: impl std::fmt::Display) -> Self {
+        Self::bad_request(format!("Validation error: {m}"))
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        let id = uuid::Uuid::new_v4();
+        error!(error_id = %id, error = %format!("{e:#}"), "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "instanceFault",
+            format!("Internal Server Error. Please keep this ID to help us figure out what went wrong: ({id})."),
+        )
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        anyhow::Error::from(e).into()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ self.key: { "code": self.status.as_u16(), "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+pub type ApiResult = Result<Response, ApiError>;
+
+/// 200 with a JSON body.
+pub fn ok(v: Value) -> ApiResult {
+    Ok((StatusCode::OK, Json(v)).into_response())
+}
+
+/// 202 with an empty body (but a JSON content type, as Trove sends).
+pub fn accepted() -> ApiResult {
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::CONTENT_TYPE, "application/json")],
+        "",
+    )
+        .into_response())
+}
+
+/// The authenticated caller of a `/v1.0/{project}/...` route.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub project: String,
+    pub admin: bool,
+    /// Request host, for links.
+    pub host: String,
+}
+
+impl Caller {
+    /// `https://HOST/v1.0/{p}/{resource}/{id}` and the bookmark form, as Trove renders them.
+    pub fn links(&self, resource: &str, id: &str) -> Value {
+        json!([
+            {"href": format!("https://{}/v1.0/{}/{}/{}", self.host, self.project, resource, id), "rel": "self"},
+            {"href": format!("https://{}/{}/{}", self.host, resource, id), "rel": "bookmark"},
+        ])
+    }
+}
+
+impl FromRequestParts<Arc<App>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get("x-auth-token")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "The request you have made requires authentication: no X-Auth-Token header.",
+                )
+            })?;
+        let principal = app.tokens.get(token).ok_or_else(|| {
+            ApiError::unauthorized(
+                "The request you have made requires authentication: the token is not valid.",
+            )
+        })?;
+        let project = parts
+            .uri
+            .path()
+            .trim_start_matches('/')
+            .split('/')
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        if project != principal.project && !principal.admin {
+            return Err(ApiError::forbidden(format!(
+                "User with tenant id {} cannot access this resource.",
+                principal.project
+            )));
+        }
+        Ok(Caller {
+            project,
+            admin: principal.admin,
+            host: host_of(&parts.headers),
+        })
+    }
+}
+
+fn host_of(h: &HeaderMap) -> String {
+    h.get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("localhost")
+        .to_string()
+}
+
+/// Parses a request body as a JSON object.
+pub fn parse_body(bytes: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad_request(
+            "Malformed request body: expected a JSON object.",
+        )),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "Malformed request body: {e}."
+        ))),
+    }
+}
+
+/// `?limit=&marker=` of list routes.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct Page {
+    pub limit: Option<String>,
+    pub marker: Option<String>,
+}
+
+impl Page {
+    /// Slices `items` (already ordered) after the marker; returns the page and the next marker.
+    pub fn apply<T>(
+        &self,
+        items: Vec<T>,
+        id: impl Fn(&T) -> String,
+    ) -> Result<(Vec<T>, Option<String>), ApiError> {
+        let limit = match &self.limit {
+            None => 20,
+            Some(s) => match s.parse::<usize>() {
+                Ok(n) if n > 0 => n.min(1000),
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "limit must be a positive integer, not '{s}'."
+                    )))
+                }
+            },
+        };
+        let start = match &self.marker {
+            None => 0,
+            Some(m) => items
+                .iter()
+                .position(|x| id(x) == *m)
+                .map(|p| p + 1)
+                .unwrap_or(items.len()),
+        };
+        let total = items.len();
+        let page: Vec<T> = items.into_iter().skip(start).take(limit).collect();
+        let next = if start + page.len() < total {
+            page.last().map(&id)
+        } else {
+            None
+        };
+        Ok((page, next))
+    }
+}
+
+/// Adds `links: [{rel: next}]` when there is a next page.
+pub fn with_next(
+    mut body: Value,
+    caller: &Caller,
+    resource: &str,
+    limit: &Option<String>,
+    next: Option<String>,
+) -> Value {
+    if let Some(m) = next {
+        let limit = limit.clone().unwrap_or_else(|| "20".into());
+        body["links"] = json!([{
+            "rel": "next",
+            "href": format!("https://{}/v1.0/{}/{}?limit={}&marker={}", caller.host, caller.project, resource, limit, m),
+        }]);
+    }
+    body
+}
+
+async fn versions(headers: HeaderMap) -> Json<Value> {
+    Json(json!({"versions": [{
+        "id": "v1.0", "status": "CURRENT", "updated": "2012-08-01T00:00:00Z",
+        "links": [{"rel": "self", "href": format!("http://{}/v1.0/", host_of(&headers))}],
+    }]}))
+}
+
+async fn version(headers: HeaderMap) -> Json<Value> {
+    Json(json!({"version": {
+        "id": "v1.0", "status": "CURRENT", "updated": "2012-08-01T00:00:00Z",
+        "links": [{"rel": "self", "href": format!("http://{}/v1.0/", host_of(&headers))}],
+    }}))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("The resource could not be found.")
+}
+
+/// The whole API.
+pub fn router(app: Arc<App>) -> Router {
+    let p = "/v1.0/{project}";
+    Router::new()
+        .route("/", get(versions))
+        .route("/v1.0", get(version))
+        .route("/v1.0/", get(version))
+        .route(&format!("{p}/flavors"), get(catalog::list_flavors))
+        .route(&format!("{p}/flavors/{{id}}"), get(catalog::show_flavor))
+        .route(&format!("{p}/datastores"), get(catalog::list_datastores))
+        .route(
+            &format!("{p}/datastores/versions/{{vid}}"),
+            get(catalog::show_version_by_id),
+        )
+        .route(
+            &format!("{p}/datastores/{{ds}}"),
+            get(catalog::show_datastore),
+        )
+        .route(
+            &format!("{p}/datastores/{{ds}}/versions"),
+            get(catalog::list_versions),
+        )
+        .route(
+            &format!("{p}/datastores/{{ds}}/versions/{{v}}"),
+            get(catalog::show_version),
+        )
+        .route(
+            &format!("{p}/datastores/{{ds}}/versions/{{v}}/flavors"),
+            get(catalog::version_flavors),
+        )
+        .route(
+            &format!("{p}/instances"),
+            get(instances::list).post(instances::create),
+        )
+        .route(
+            &format!("{p}/instances/detail"),
+            get(instances::list_detail),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}"),
+            get(instances::show)
+                .put(instances::update)
+                .patch(instances::update_patch)
+                .delete(instances::delete),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}/action"),
+            post(instances::action),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_found)
+        .with_state(app)
+}
+
+/// Shorthand for handlers.
+pub type AppState = State<Arc<App>>;

@@ -1,0 +1,414 @@
+//! The controller's side of NATS: streams, the intent outbox publisher, the heartbeat responder,
+//! the event consumer, and the timers (build timeout, delete grace).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream::{self, consumer::pull, stream};
+use coffer_proto::{subjects, v1, Message};
+use futures::StreamExt;
+use tracing::{info, warn};
+
+use crate::status::task;
+use crate::store::{self, Store};
+use crate::App;
+
+/// What the controller remembers of an agent between heartbeats (in memory only).
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// Receipt time on the controller's monotonic clock.
+    pub last_seen: Instant,
+    /// Receipt time, wall clock (for `service_status_updated`).
+    pub last_seen_wall: String,
+    pub boot_id: String,
+    pub seq: u64,
+    pub hb: v1::Heartbeat,
+    /// Status last written to the store.
+    pub persisted: Option<(String, String)>,
+}
+
+/// Creates the streams if they do not exist.
+pub async fn ensure_streams(js: &jetstream::Context) -> anyhow::Result<()> {
+    for (name, subject) in [
+        (subjects::INTENT_STREAM, subjects::intent_all()),
+        (subjects::EVENT_STREAM, subjects::event_all()),
+    ] {
+        js.get_or_create_stream(stream::Config {
+            name: name.to_string(),
+            subjects: vec![subject],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating stream {name}"))?;
+    }
+    Ok(())
+}
+
+/// Publishes queued intents until JetStream acknowledges each one; `Nats-Msg-Id` = intent id
+/// makes a publish repeated after a crash harmless.
+pub async fn outbox_loop(app: Arc<App>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let rows = match app.store.outbox().await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "reading outbox failed");
+                vec![]
+            }
+        };
+        let mut failed = false;
+        for row in rows {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(row.payload.clone().into())
+                .message_id(row.intent_id.as_str());
+            let r = async {
+                let ack = app
+                    .js
+                    .send_publish(subjects::intent(&row.instance_id), publish)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::time::timeout(Duration::from_secs(5), ack)
+                    .await
+                    .map_err(|_| "timed out waiting for JetStream".to_string())?
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            match r {
+                Ok(_) => {
+                    if let Err(e) = app.store.published(row.seq, &row.intent_id).await {
+                        warn!(error = %e, "marking intent published failed");
+                    }
+                }
+                Err(e) => {
+                    warn!(intent_id = %row.intent_id, error = %e, "publishing intent failed; will retry");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+            continue;
+        }
+        delay = Duration::from_millis(100);
+        tokio::select! {
+            _ = app.outbox_wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Answers heartbeats (queue group, so several controllers share them).
+pub async fn heartbeat_loop(app: Arc<App>) -> anyhow::Result<()> {
+    let mut sub = app
+        .client
+        .queue_subscribe(
+            subjects::heartbeat_all(),
+            subjects::HEARTBEAT_QUEUE.to_string(),
+        )
+        .await
+        .context("subscribing to heartbeats")?;
+    while let Some(msg) = sub.next().await {
+        let Ok(env) = coffer_proto::decode(&msg.payload) else {
+            continue;
+        };
+        let Some(v1::envelope::Body::Heartbeat(hb)) = env.body else {
+            continue;
+        };
+        let known = observe(&app, &env.instance_id, &env.software_version, hb).await;
+        if let (true, Some(reply)) = (known, msg.reply) {
+            let env = coffer_proto::envelope(
+                uuid::Uuid::new_v4().to_string(),
+                &env.instance_id,
+                v1::envelope::Body::HeartbeatReply(v1::HeartbeatReply {
+                    lease_ms: app.cfg.lease_ms,
+                }),
+            );
+            let _ = app.client.publish(reply, env.encode_to_vec().into()).await;
+        }
+    }
+    Ok(())
+}
+
+/// Takes in what an agent reports; persists only transitions. Returns false for unknown instances.
+pub async fn observe(app: &App, instance_id: &str, agent_version: &str, hb: v1::Heartbeat) -> bool {
+    let row = match app.store.instance(instance_id).await {
+        Ok(Some(r)) => r,
+        _ => return false,
+    };
+    let status = coffer_proto::service_status_name(hb.status()).to_string();
+    let persisted;
+    {
+        let mut live = app.live.lock().unwrap();
+        let prev = live.get(instance_id).cloned();
+        if let Some(p) = &prev {
+            if p.boot_id == hb.boot_id && hb.seq < p.seq {
+                // Older than what we have (an event overtaken by a heartbeat): only freshness counts.
+                if let Some(l) = live.get_mut(instance_id) {
+                    l.last_seen = Instant::now();
+                }
+                return true;
+            }
+        }
+        persisted = prev.and_then(|p| p.persisted);
+        live.insert(
+            instance_id.to_string(),
+            Live {
+                last_seen: Instant::now(),
+                last_seen_wall: store::now(),
+                boot_id: hb.boot_id.clone(),
+                seq: hb.seq,
+                hb: hb.clone(),
+                persisted: persisted.clone(),
+            },
+        );
+    }
+    let now_state = (status.clone(), hb.fault.clone());
+    let row_state = (row.service_status.clone(), String::new());
+    if persisted.as_ref() != Some(&now_state) {
+        if row.service_status != status || persisted.is_none() || !hb.fault.is_empty() {
+            let fault = if hb.fault.is_empty() {
+                None
+            } else {
+                Some(hb.fault.as_str())
+            };
+            if let Err(e) = app
+                .store
+                .set_service_status(instance_id, &status, fault)
+                .await
+            {
+                warn!(error = %e, "persisting service status failed");
+                return true;
+            }
+            if row_state.0 != status {
+                info!(instance = instance_id, from = %row.service_status, to = %status, "service status changed");
+            }
+        }
+        if let Some(l) = app.live.lock().unwrap().get_mut(instance_id) {
+            l.persisted = Some(now_state);
+        }
+    }
+    let caps = hb.intent_kinds.join(",");
+    if caps != row.capabilities || agent_version != row.agent_version {
+        let _ = app
+            .store
+            .set_agent_info(instance_id, agent_version, &caps)
+            .await;
+    }
+    if !hb.host.is_empty()
+        && hb.port != 0
+        && (row.host.as_deref() != Some(hb.host.as_str()) || row.port != Some(hb.port as i64))
+    {
+        let _ = app
+            .store
+            .set_endpoint(instance_id, &hb.host, hb.port as i64)
+            .await;
+    }
+    true
+}
+
+/// Consumes agent events from the event stream.
+pub async fn event_loop(app: Arc<App>) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        if let Err(e) = consume_events(&app).await {
+            warn!(error = %format!("{e:#}"), "event consumer interrupted; re-creating it");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn consume_events(app: &Arc<App>) -> anyhow::Result<()> {
+    let stream = app.js.get_stream(subjects::EVENT_STREAM).await?;
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            subjects::CONTROLLER_EVENT_CONSUMER,
+            pull::Config {
+                durable_name: Some(subjects::CONTROLLER_EVENT_CONSUMER.to_string()),
+                filter_subject: subjects::event_all(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut messages = consumer.messages().await?;
+    while let Some(msg) = messages.next().await {
+        let msg = msg?;
+        if let Ok(env) = coffer_proto::decode(&msg.payload) {
+            if let Some(v1::envelope::Body::Event(ev)) = env.body {
+                if let Err(e) = handle_event(app, &env.instance_id, &env.software_version, ev).await
+                {
+                    warn!(error = %format!("{e:#}"), "handling event failed; it will be redelivered");
+                    let _ = msg
+                        .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                    continue;
+                }
+            }
+        }
+        let _ = msg.ack().await;
+    }
+    anyhow::bail!("event stream ended")
+}
+
+async fn handle_event(
+    app: &Arc<App>,
+    instance_id: &str,
+    agent_version: &str,
+    ev: v1::Event,
+) -> anyhow::Result<()> {
+    use v1::event::Kind;
+    let Some(kind) = ev.kind else { return Ok(()) };
+    match kind {
+        Kind::Status(hb) => {
+            observe(app, instance_id, agent_version, hb).await;
+        }
+        Kind::Accepted(_) => {
+            app.store
+                .intent_event(&ev.intent_id, "running", Some(0), "")
+                .await?;
+        }
+        Kind::Progress(p) => {
+            app.store
+                .intent_event(&ev.intent_id, "running", Some(p.percent as i64), &p.message)
+                .await?;
+        }
+        Kind::Done(d) => {
+            let Some((kind, first)) = app
+                .store
+                .intent_event(&ev.intent_id, "done", Some(100), &d.message)
+                .await?
+            else {
+                return Ok(());
+            };
+            if first {
+                finished(app, instance_id, &kind, None).await?;
+            }
+        }
+        Kind::Failed(f) => {
+            let rec = app
+                .store
+                .intent_event(&ev.intent_id, "failed", None, &f.message)
+                .await?;
+            if let Some((kind, true)) = rec {
+                finished(app, instance_id, &kind, Some(f.message)).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies the outcome of an intent to the instance's task.
+async fn finished(
+    app: &Arc<App>,
+    instance_id: &str,
+    kind: &str,
+    failure: Option<String>,
+) -> anyhow::Result<()> {
+    let Some(row) = app.store.instance(instance_id).await? else {
+        return Ok(());
+    };
+    info!(
+        instance = instance_id,
+        kind,
+        ok = failure.is_none(),
+        "intent finished"
+    );
+    match kind {
+        "prepare" if row.task == task::BUILDING => {
+            let mut tx = app.store.begin().await?;
+            match &failure {
+                None => Store::set_task(&mut tx, instance_id, task::NONE, None).await?,
+                Some(m) => {
+                    Store::set_task(
+                        &mut tx,
+                        instance_id,
+                        task::BUILD_ERROR,
+                        Some(&format!("prepare failed: {m}")),
+                    )
+                    .await?
+                }
+            }
+            tx.commit().await?;
+        }
+        "restart" if row.task == task::REBOOTING => {
+            let mut tx = app.store.begin().await?;
+            let fault = failure.as_ref().map(|m| format!("restart failed: {m}"));
+            Store::set_task(&mut tx, instance_id, task::NONE, fault.as_deref()).await?;
+            tx.commit().await?;
+        }
+        "delete" => {
+            let app = app.clone();
+            let id = instance_id.to_string();
+            tokio::spawn(async move { finalize_delete(&app, &id).await });
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Tears an instance down and forgets it (idempotent, concurrent calls collapse).
+pub async fn finalize_delete(app: &Arc<App>, id: &str) {
+    if !app.deleting.lock().unwrap().insert(id.to_string()) {
+        return;
+    }
+    let result = async {
+        app.provisioner.destroy(id).await?;
+        if let Ok(stream) = app.js.get_stream(subjects::INTENT_STREAM).await {
+            let _ = stream.delete_consumer(&subjects::agent_consumer(id)).await;
+            let _ = stream.purge().filter(subjects::intent(id)).await;
+        }
+        app.store.mark_deleted(id).await?;
+        app.live.lock().unwrap().remove(id);
+        anyhow::Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => info!(instance = id, "instance deleted"),
+        Err(e) => warn!(instance = id, error = %format!("{e:#}"), "delete failed; will retry"),
+    }
+    app.deleting.lock().unwrap().remove(id);
+}
+
+/// Periodic checks: builds that never finish, deletes whose agent never answered.
+pub async fn timers_loop(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Ok(rows) = app.store.live_instances().await else {
+            continue;
+        };
+        for r in rows {
+            let age = store::age_secs(&r.task_started);
+            if r.task == task::BUILDING && age > app.cfg.build_timeout_s as i64 {
+                if let Ok(mut tx) = app.store.begin().await {
+                    let msg = format!(
+                        "build did not complete within {} s; check the agent log, then reset_status and delete",
+                        app.cfg.build_timeout_s
+                    );
+                    if Store::set_task(&mut tx, &r.id, task::BUILD_ERROR, Some(&msg))
+                        .await
+                        .is_ok()
+                    {
+                        let _ = tx.commit().await;
+                    }
+                }
+            }
+            if r.task == task::DELETING {
+                let agent_lost = !app.fresh(&r.id);
+                if age > app.cfg.delete_grace_s as i64 || (agent_lost && age > 2) {
+                    let app2 = app.clone();
+                    let id = r.id.clone();
+                    tokio::spawn(async move { finalize_delete(&app2, &id).await });
+                }
+            }
+        }
+    }
+}

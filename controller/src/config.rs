@@ -1,0 +1,119 @@
+//! Controller configuration (TOML, unknown keys rejected) and the token file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// HTTP listen address, e.g. `127.0.0.1:8779`.
+    pub listen: String,
+    /// Directory holding the SQLite store.
+    pub data_dir: PathBuf,
+    /// NATS server URL.
+    pub nats_url: String,
+    /// Token file (TOML, `[[token]]` entries with `token`, `project`, `admin`).
+    pub token_file: PathBuf,
+    /// A heartbeat older than this marks the instance's agent lost (ERROR).
+    #[serde(default = "default_expiry")]
+    pub heartbeat_expiry_s: u64,
+    /// Lease granted by each heartbeat reply.
+    #[serde(default = "default_lease")]
+    pub lease_ms: u64,
+    /// A build that has not finished after this long ends in ERROR.
+    #[serde(default = "default_build_timeout")]
+    pub build_timeout_s: u64,
+    /// How long a delete waits for the agent before tearing the instance down without it.
+    #[serde(default = "default_delete_grace")]
+    pub delete_grace_s: u64,
+    /// How agents are placed.
+    pub provisioner: crate::provisioner::ProvisionerConfig,
+}
+
+fn default_expiry() -> u64 {
+    15
+}
+fn default_lease() -> u64 {
+    6000
+}
+fn default_build_timeout() -> u64 {
+    900
+}
+fn default_delete_grace() -> u64 {
+    30
+}
+
+impl ControllerConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading controller config {}", path.display()))?;
+        let c: ControllerConfig = toml::from_str(&text)
+            .with_context(|| format!("parsing controller config {}", path.display()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let interval = self.provisioner.heartbeat_interval_ms();
+        if self.lease_ms + 2 * interval >= self.heartbeat_expiry_s * 1000 {
+            bail!(
+                "heartbeat_expiry_s ({} s) must exceed lease_ms ({} ms) + 2 x the agents' heartbeat interval ({} ms)",
+                self.heartbeat_expiry_s,
+                self.lease_ms,
+                interval
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Who a token belongs to.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub project: String,
+    pub admin: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    #[serde(default)]
+    token: Vec<TokenEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    token: String,
+    project: String,
+    #[serde(default)]
+    admin: bool,
+}
+
+/// Loads tokens (token → principal).
+pub fn load_tokens(path: &Path) -> anyhow::Result<HashMap<String, Principal>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading token file {}", path.display()))?;
+    let f: TokenFile =
+        toml::from_str(&text).with_context(|| format!("parsing token file {}", path.display()))?;
+    let mut m = HashMap::new();
+    for t in f.token {
+        if t.token.len() < 16 {
+            bail!(
+                "a token for project {} is shorter than 16 characters",
+                t.project
+            );
+        }
+        m.insert(
+            t.token,
+            Principal {
+                project: t.project,
+                admin: t.admin,
+            },
+        );
+    }
+    Ok(m)
+}

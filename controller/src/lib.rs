@@ -1,0 +1,132 @@
+//! The Coffer controller.
+//!
+//! Background: a thin, Trove-compatible control plane. It serves the OpenStack Database API v1.0
+//! ([`api`]), keeps state in SQLite ([`store`]), places agents through a [`provisioner`], sends
+//! intents to agents over JetStream through a transactional outbox and derives instance status
+//! from heartbeats and events ([`bus`], [`status`]).
+//!
+//! Invariants: no SQL of any datastore and no datastore names in code (the datastore a version runs
+//! is data: its `manager`); the controller never touches database files or processes.
+
+pub mod api;
+pub mod bus;
+pub mod config;
+pub mod provisioner;
+pub mod status;
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::ControllerConfig;
+
+/// Shared by the HTTP handlers and the background loops.
+pub struct App {
+    pub cfg: ControllerConfig,
+    pub store: store::Store,
+    pub tokens: HashMap<String, config::Principal>,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub live: Mutex<HashMap<String, bus::Live>>,
+    /// Controller start (monotonic): agents get a full expiry period after it to report in.
+    pub started: Instant,
+    pub outbox_wake: Notify,
+    pub provisioner: Box<dyn provisioner::Provisioner>,
+    pub deleting: Mutex<HashSet<String>>,
+}
+
+impl App {
+    /// Whether the instance's last heartbeat is within the expiry.
+    pub fn fresh(&self, id: &str) -> bool {
+        let expiry = Duration::from_secs(self.cfg.heartbeat_expiry_s);
+        match self.live.lock().unwrap().get(id) {
+            Some(l) => l.last_seen.elapsed() < expiry,
+            None => self.started.elapsed() < expiry,
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` fires.
+pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let store = store::Store::open(&cfg.data_dir.join("coffer.db")).await?;
+    let tokens = config::load_tokens(&cfg.token_file)?;
+    let client = async_nats::ConnectOptions::new()
+        .name("coffer-controller")
+        .retry_on_initial_connect()
+        .subscription_capacity(65536)
+        .connect(cfg.nats_url.as_str())
+        .await
+        .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
+    let js = async_nats::jetstream::new(client.clone());
+    // Streams are needed before anything else; wait for NATS if it is not up yet.
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match bus::ensure_streams(&js).await {
+            Ok(()) => break,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "JetStream not ready; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(3));
+            }
+        }
+    }
+    let provisioner = cfg.provisioner.build();
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("binding the API to {}", cfg.listen))?;
+    let app = Arc::new(App {
+        cfg,
+        store,
+        tokens,
+        client,
+        js,
+        live: Mutex::new(HashMap::new()),
+        started: Instant::now(),
+        outbox_wake: Notify::new(),
+        provisioner,
+        deleting: Mutex::new(HashSet::new()),
+    });
+
+    // Adopt or respawn the agent of every live instance.
+    for inst in app.store.live_instances().await? {
+        if inst.task == status::task::DELETING {
+            continue;
+        }
+        if let Err(e) = app.provisioner.ensure(&inst.id).await {
+            warn!(instance = %inst.id, error = %format!("{e:#}"), "could not ensure agent");
+        }
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(bus::outbox_loop(app.clone()));
+    tasks.spawn(bus::event_loop(app.clone()));
+    tasks.spawn(bus::timers_loop(app.clone()));
+    let hb = app.clone();
+    tasks.spawn(async move {
+        if let Err(e) = bus::heartbeat_loop(hb).await {
+            warn!(error = %format!("{e:#}"), "heartbeat responder stopped");
+        }
+    });
+    info!(listen = %app.cfg.listen, "coffer-controller serving the Trove API");
+    let router = api::router(app.clone());
+    let s = shutdown.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { s.cancelled().await })
+        .await
+        .context("serving HTTP")?;
+    tasks.shutdown().await;
+    let _ = app.client.flush().await;
+    info!("coffer-controller stopped; agents and databases keep running");
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! `coffer-controller`: `serve` runs the API and loops; `manage` holds admin subcommands in the
+//! spirit of trove-manage.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use coffer_controller::store::{FlavorRow, Store};
+use coffer_controller::ControllerConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "coffer-controller",
+    version,
+    about = "Coffer controller (Trove-compatible API)"
+)]
+struct Cli {
+    /// Controller config file (TOML).
+    #[arg(
+        long,
+        short,
+        env = "COFFER_CONTROLLER_CONFIG",
+        default_value = "/etc/coffer/controller.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API until SIGINT/SIGTERM.
+    Serve,
+    /// Administer datastores, versions and flavors.
+    Manage {
+        #[command(subcommand)]
+        cmd: Manage,
+    },
+}
+
+#[derive(Subcommand)]
+enum Manage {
+    /// Apply store migrations and exit.
+    DbSync,
+    /// Create a datastore (no-op if it exists).
+    DatastoreUpdate { name: String },
+    /// Create or update a datastore version.
+    DatastoreVersionUpdate {
+        datastore: String,
+        /// The operator's label, e.g. `10.11`.
+        name: String,
+        /// The datastore implementation the agent runs (e.g. `mariadb`).
+        manager: String,
+        /// The version number, e.g. `10.11.19`.
+        version: String,
+        /// Mark it inactive (hidden from users).
+        #[arg(long)]
+        inactive: bool,
+    },
+    /// Set a datastore's default version.
+    DatastoreDefaultVersion { datastore: String, version: String },
+    /// Create or update a flavor.
+    FlavorCreate {
+        id: String,
+        name: String,
+        ram_mb: i64,
+        vcpus: i64,
+        disk_gb: i64,
+    },
+    /// Allow a flavor for a datastore version (once any is linked, only linked flavors are allowed).
+    VersionFlavorAdd {
+        datastore: String,
+        version: String,
+        flavor: String,
+    },
+    /// Remove a flavor link.
+    VersionFlavorDelete {
+        datastore: String,
+        version: String,
+        flavor: String,
+    },
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("coffer-controller: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,async_nats=warn,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = ControllerConfig::load(&cli.config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve => {
+                let shutdown = CancellationToken::new();
+                let s = shutdown.clone();
+                tokio::spawn(async move {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("installing SIGTERM handler");
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                    s.cancel();
+                });
+                coffer_controller::run(cfg, shutdown).await
+            }
+            Command::Manage { cmd } => manage(cfg, cmd).await,
+        }
+    })
+}
+
+async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let store = Store::open(&cfg.data_dir.join("coffer.db")).await?;
+    match cmd {
+        Manage::DbSync => println!("store is up to date"),
+        Manage::DatastoreUpdate { name } => {
+            let id = store.upsert_datastore(&name).await?;
+            println!("datastore {name} ({id})");
+        }
+        Manage::DatastoreVersionUpdate {
+            datastore,
+            name,
+            manager,
+            version,
+            inactive,
+        } => {
+            let id = store
+                .upsert_version(&datastore, &name, &manager, &version, !inactive)
+                .await?;
+            println!("datastore version {datastore} {name} ({id})");
+        }
+        Manage::DatastoreDefaultVersion { datastore, version } => {
+            store.set_default_version(&datastore, &version).await?;
+            println!("default version of {datastore} is {version}");
+        }
+        Manage::FlavorCreate {
+            id,
+            name,
+            ram_mb,
+            vcpus,
+            disk_gb,
+        } => {
+            store
+                .upsert_flavor(&FlavorRow {
+                    id: id.clone(),
+                    name,
+                    ram: ram_mb,
+                    vcpus,
+                    disk: disk_gb,
+                })
+                .await?;
+            println!("flavor {id}");
+        }
+        Manage::VersionFlavorAdd {
+            datastore,
+            version,
+            flavor,
+        } => {
+            store
+                .link_flavor(&datastore, &version, &flavor, true)
+                .await?;
+            println!("flavor {flavor} allowed for {datastore} {version}");
+        }
+        Manage::VersionFlavorDelete {
+            datastore,
+            version,
+            flavor,
+        } => {
+            store
+                .link_flavor(&datastore, &version, &flavor, false)
+                .await?;
+            println!("flavor {flavor} no longer linked to {datastore} {version}");
+        }
+    }
+    Ok(())
+}

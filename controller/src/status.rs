@@ -1,0 +1,116 @@
+//! Derivation of the API `status` and `operating_status` from the controller's task, the agent's
+//! reported service status and heartbeat freshness. The only place these are computed.
+
+/// Controller-side tasks (what the controller is doing to an instance).
+pub mod task {
+    pub const NONE: &str = "none";
+    pub const BUILDING: &str = "building";
+    pub const BUILD_ERROR: &str = "building_error";
+    pub const REBOOTING: &str = "rebooting";
+    pub const DELETING: &str = "deleting";
+}
+
+/// Returns `(status, operating_status)`. `service` is the agent's lower-case service status;
+/// `fresh` is false once the heartbeat is older than the expiry.
+pub fn derive(task: &str, service: &str, fresh: bool) -> (&'static str, &'static str) {
+    match task {
+        task::BUILD_ERROR => return ("ERROR", ""),
+        task::BUILDING => return ("BUILD", ""),
+        task::REBOOTING => return ("REBOOT", ""),
+        task::DELETING => return ("SHUTDOWN", ""),
+        _ => {}
+    }
+    if !fresh {
+        return ("ERROR", "ERROR");
+    }
+    match service {
+        "running" => ("ACTIVE", "HEALTHY"),
+        "blocked" => ("ACTIVE", "BLOCKED"),
+        "restarting" => ("REBOOT", "RESTARTING"),
+        "shutdown" | "crashed" => ("SHUTDOWN", "SHUTDOWN"),
+        "failed" => ("ERROR", "FAILED"),
+        "restart_required" => ("RESTART_REQUIRED", "RESTART_REQUIRED"),
+        "building" => ("BUILD", "BUILD"),
+        "new" => ("BUILD", "NEW"),
+        "promoting" => ("PROMOTE", "PROMOTE"),
+        "ejecting" => ("EJECT", "EJECT"),
+        "deleted" => ("SHUTDOWN", "DELETED"),
+        _ => ("ERROR", "ERROR"),
+    }
+}
+
+/// Service statuses in which an action (restart, ...) may start, as in Trove.
+pub fn action_allowed(service: &str) -> bool {
+    matches!(
+        service,
+        "running" | "shutdown" | "crashed" | "blocked" | "restart_required"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table() {
+        let table: &[(&str, &str, bool, &str, &str)] = &[
+            // task, service, fresh => status, operating_status
+            ("building", "new", true, "BUILD", ""),
+            ("building", "running", true, "BUILD", ""),
+            ("building", "running", false, "BUILD", ""),
+            ("building_error", "failed", true, "ERROR", ""),
+            ("rebooting", "restarting", true, "REBOOT", ""),
+            ("deleting", "running", true, "SHUTDOWN", ""),
+            ("none", "running", true, "ACTIVE", "HEALTHY"),
+            ("none", "running", false, "ERROR", "ERROR"),
+            ("none", "blocked", true, "ACTIVE", "BLOCKED"),
+            ("none", "crashed", true, "SHUTDOWN", "SHUTDOWN"),
+            ("none", "shutdown", true, "SHUTDOWN", "SHUTDOWN"),
+            ("none", "restarting", true, "REBOOT", "RESTARTING"),
+            ("none", "failed", true, "ERROR", "FAILED"),
+            ("none", "unknown", true, "ERROR", "ERROR"),
+            (
+                "none",
+                "restart_required",
+                true,
+                "RESTART_REQUIRED",
+                "RESTART_REQUIRED",
+            ),
+            ("none", "new", true, "BUILD", "NEW"),
+            ("none", "deleted", true, "SHUTDOWN", "DELETED"),
+            ("none", "something-new", true, "ERROR", "ERROR"),
+        ];
+        const TROVE: &[&str] = &[
+            "BUILD",
+            "ACTIVE",
+            "REBOOT",
+            "RESIZE",
+            "UPGRADE",
+            "RESTART_REQUIRED",
+            "PROMOTE",
+            "EJECT",
+            "DETACH",
+            "SHUTDOWN",
+            "BACKUP",
+            "ERROR",
+            "UNKNOWN",
+        ];
+        for (t, s, f, want_status, want_op) in table {
+            let (st, op) = derive(t, s, *f);
+            assert_eq!(
+                (st, op),
+                (*want_status, *want_op),
+                "task={t} service={s} fresh={f}"
+            );
+            assert!(TROVE.contains(&st), "{st} is not a Trove status");
+        }
+    }
+
+    #[test]
+    fn actions_need_a_settled_service() {
+        assert!(action_allowed("running"));
+        assert!(action_allowed("crashed"));
+        assert!(!action_allowed("building"));
+        assert!(!action_allowed("new"));
+    }
+}

@@ -1,0 +1,772 @@
+//! The controller's state store: SQLite in WAL mode through sqlx, with migrations embedded in the
+//! binary (no database needed at compile time). Check-and-write sequences use `BEGIN IMMEDIATE` so
+//! two requests cannot both pass a check.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+/// Migrations in order; a new one is appended, never edited.
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "core", include_str!("../migrations/0001_core.sql")),
+    (
+        2,
+        "intents and agents",
+        include_str!("../migrations/0002_intents_and_agents.sql"),
+    ),
+];
+
+#[derive(Clone)]
+pub struct Store {
+    pub pool: SqlitePool,
+}
+
+/// A datastore version with its datastore.
+#[derive(Debug, Clone)]
+pub struct VersionRow {
+    pub id: String,
+    pub datastore_id: String,
+    pub datastore_name: String,
+    pub name: String,
+    pub version: String,
+    pub manager: String,
+    pub active: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatastoreRow {
+    pub id: String,
+    pub name: String,
+    pub default_version_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FlavorRow {
+    pub id: String,
+    pub name: String,
+    pub ram: i64,
+    pub vcpus: i64,
+    pub disk: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct InstanceRow {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub flavor_id: String,
+    pub datastore_version_id: String,
+    pub volume_size: i64,
+    pub task: String,
+    pub task_started: String,
+    pub service_status: String,
+    pub fault: Option<String>,
+    pub fault_at: Option<String>,
+    pub server_id: i64,
+    pub host: Option<String>,
+    pub port: Option<i64>,
+    pub created: String,
+    pub updated: String,
+    pub deleted: bool,
+    pub agent_version: String,
+    pub capabilities: String,
+}
+
+/// An intent waiting to be published.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub intent_id: String,
+    pub instance_id: String,
+    pub payload: Vec<u8>,
+}
+
+fn migrator(upto: usize) -> Migrator {
+    let migrations: Vec<Migration> = MIGRATIONS[..upto]
+        .iter()
+        .map(|(v, d, sql)| {
+            Migration::new(
+                *v,
+                Cow::Borrowed(*d),
+                MigrationType::Simple,
+                Cow::Borrowed(*sql),
+                false,
+            )
+        })
+        .collect();
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        ..Migrator::DEFAULT
+    }
+}
+
+/// Current UTC time in Trove's format (`2019-12-23T20:58:35`).
+pub fn now() -> String {
+    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+    time::OffsetDateTime::now_utc()
+        .format(&f)
+        .unwrap_or_default()
+}
+
+/// Seconds since a timestamp written by [`now`] (0 if unparsable).
+pub fn age_secs(ts: &str) -> i64 {
+    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+    match time::PrimitiveDateTime::parse(ts, &f) {
+        Ok(t) => (time::OffsetDateTime::now_utc() - t.assume_utc()).whole_seconds(),
+        Err(_) => 0,
+    }
+}
+
+fn instance_from(r: &sqlx::sqlite::SqliteRow) -> InstanceRow {
+    InstanceRow {
+        id: r.get("id"),
+        project_id: r.get("project_id"),
+        name: r.get("name"),
+        flavor_id: r.get("flavor_id"),
+        datastore_version_id: r.get("datastore_version_id"),
+        volume_size: r.get("volume_size"),
+        task: r.get("task"),
+        task_started: r.get("task_started"),
+        service_status: r.get("service_status"),
+        fault: r.get("fault"),
+        fault_at: r.get("fault_at"),
+        server_id: r.get("server_id"),
+        host: r.get("host"),
+        port: r.get("port"),
+        created: r.get("created"),
+        updated: r.get("updated"),
+        deleted: r.get::<i64, _>("deleted") != 0,
+        agent_version: r.get("agent_version"),
+        capabilities: r.get("capabilities"),
+    }
+}
+
+fn version_from(r: &sqlx::sqlite::SqliteRow) -> VersionRow {
+    VersionRow {
+        id: r.get("id"),
+        datastore_id: r.get("datastore_id"),
+        datastore_name: r.get("datastore_name"),
+        name: r.get("name"),
+        version: r.get("version"),
+        manager: r.get("manager"),
+        active: r.get::<i64, _>("active") != 0,
+    }
+}
+
+const VERSION_SELECT: &str = "SELECT v.id, v.datastore_id, d.name AS datastore_name, v.name, v.version, v.manager, v.active \
+     FROM datastore_versions v JOIN datastores d ON d.id = v.datastore_id";
+
+impl Store {
+    /// Opens (creating if needed) the store at `path` and applies all migrations.
+    pub async fn open(path: &Path) -> anyhow::Result<Store> {
+        let s = Self::open_unmigrated(path).await?;
+        s.migrate(MIGRATIONS.len()).await?;
+        Ok(s)
+    }
+
+    /// Opens without migrating (tests of the migration path).
+    pub async fn open_unmigrated(path: &Path) -> anyhow::Result<Store> {
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .with_context(|| format!("opening store {}", path.display()))?;
+        Ok(Store { pool })
+    }
+
+    /// Applies the first `upto` migrations.
+    pub async fn migrate(&self, upto: usize) -> anyhow::Result<()> {
+        migrator(upto)
+            .run(&self.pool)
+            .await
+            .context("migrating the store")
+    }
+
+    /// Starts a write transaction that takes the write lock at once.
+    pub async fn begin(&self) -> anyhow::Result<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    // ---- datastores, versions, flavors -------------------------------------------------------
+
+    pub async fn datastores(&self) -> anyhow::Result<Vec<DatastoreRow>> {
+        let rows = sqlx::query("SELECT id, name, default_version_id FROM datastores ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DatastoreRow {
+                id: r.get("id"),
+                name: r.get("name"),
+                default_version_id: r.get("default_version_id"),
+            })
+            .collect())
+    }
+
+    /// Finds a datastore by id or name.
+    pub async fn datastore(&self, id_or_name: &str) -> anyhow::Result<Option<DatastoreRow>> {
+        Ok(self
+            .datastores()
+            .await?
+            .into_iter()
+            .find(|d| d.id == id_or_name || d.name == id_or_name))
+    }
+
+    pub async fn versions_of(&self, datastore_id: &str) -> anyhow::Result<Vec<VersionRow>> {
+        let rows = sqlx::query(&format!(
+            "{VERSION_SELECT} WHERE v.datastore_id = ? ORDER BY v.name"
+        ))
+        .bind(datastore_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(version_from).collect())
+    }
+
+    pub async fn version(&self, id: &str) -> anyhow::Result<Option<VersionRow>> {
+        let row = sqlx::query(&format!("{VERSION_SELECT} WHERE v.id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(version_from))
+    }
+
+    pub async fn flavors(&self) -> anyhow::Result<Vec<FlavorRow>> {
+        let rows = sqlx::query("SELECT id, name, ram, vcpus, disk FROM flavors")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut v: Vec<FlavorRow> = rows
+            .iter()
+            .map(|r| FlavorRow {
+                id: r.get("id"),
+                name: r.get("name"),
+                ram: r.get("ram"),
+                vcpus: r.get("vcpus"),
+                disk: r.get("disk"),
+            })
+            .collect();
+        v.sort_by(|a, b| (a.id.len(), &a.id).cmp(&(b.id.len(), &b.id)));
+        Ok(v)
+    }
+
+    pub async fn flavor(&self, id: &str) -> anyhow::Result<Option<FlavorRow>> {
+        Ok(self.flavors().await?.into_iter().find(|f| f.id == id))
+    }
+
+    /// Flavors linked to a version (empty = every flavor is allowed).
+    pub async fn version_flavors(&self, version_id: &str) -> anyhow::Result<Vec<String>> {
+        let rows = sqlx::query("SELECT flavor_id FROM version_flavors WHERE version_id = ?")
+            .bind(version_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.get("flavor_id")).collect())
+    }
+
+    // ---- instances ----------------------------------------------------------------------------
+
+    pub async fn instance(&self, id: &str) -> anyhow::Result<Option<InstanceRow>> {
+        let row = sqlx::query("SELECT * FROM instances WHERE id = ? AND deleted = 0")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(instance_from))
+    }
+
+    /// A project's live instances, newest first.
+    pub async fn instances_of(&self, project: &str) -> anyhow::Result<Vec<InstanceRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM instances WHERE project_id = ? AND deleted = 0 ORDER BY created DESC, rowid DESC",
+        )
+        .bind(project)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(instance_from).collect())
+    }
+
+    /// Every live instance (for provisioner reconciliation and timers).
+    pub async fn live_instances(&self) -> anyhow::Result<Vec<InstanceRow>> {
+        let rows = sqlx::query("SELECT * FROM instances WHERE deleted = 0")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(instance_from).collect())
+    }
+
+    /// Allocates the next server id (never reused) inside `tx`.
+    pub async fn next_server_id(tx: &mut Transaction<'static, Sqlite>) -> anyhow::Result<i64> {
+        let v: i64 = sqlx::query_scalar(
+            "UPDATE counters SET value = value + 1 WHERE name = 'server_id' RETURNING value",
+        )
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(v)
+    }
+
+    pub async fn insert_instance(
+        tx: &mut Transaction<'static, Sqlite>,
+        i: &InstanceRow,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO instances (id, project_id, name, flavor_id, datastore_version_id, volume_size, task, \
+             task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+        )
+        .bind(&i.id)
+        .bind(&i.project_id)
+        .bind(&i.name)
+        .bind(&i.flavor_id)
+        .bind(&i.datastore_version_id)
+        .bind(i.volume_size)
+        .bind(&i.task)
+        .bind(&i.task_started)
+        .bind(&i.service_status)
+        .bind(&i.fault)
+        .bind(&i.fault_at)
+        .bind(i.server_id)
+        .bind(&i.host)
+        .bind(i.port)
+        .bind(&i.created)
+        .bind(&i.updated)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Sets an instance's task (and clears or sets its fault) inside `tx`.
+    pub async fn set_task(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+        task: &str,
+        fault: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let ts = now();
+        sqlx::query(
+            "UPDATE instances SET task = ?, task_started = ?, updated = ?, \
+             fault = COALESCE(?, fault), fault_at = CASE WHEN ? IS NULL THEN fault_at ELSE ? END WHERE id = ?",
+        )
+        .bind(task)
+        .bind(&ts)
+        .bind(&ts)
+        .bind(fault)
+        .bind(fault)
+        .bind(&ts)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn clear_fault(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET fault = NULL, fault_at = NULL WHERE id = ?")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_service_status(
+        &self,
+        id: &str,
+        status: &str,
+        fault: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let ts = now();
+        sqlx::query(
+            "UPDATE instances SET service_status = ?, updated = ?, \
+             fault = COALESCE(?, fault), fault_at = CASE WHEN ? IS NULL THEN fault_at ELSE ? END WHERE id = ?",
+        )
+        .bind(status)
+        .bind(&ts)
+        .bind(fault)
+        .bind(fault)
+        .bind(&ts)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_agent_info(
+        &self,
+        id: &str,
+        version: &str,
+        capabilities: &str,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET agent_version = ?, capabilities = ? WHERE id = ?")
+            .bind(version)
+            .bind(capabilities)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_endpoint(&self, id: &str, host: &str, port: i64) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET host = ?, port = ? WHERE id = ?")
+            .bind(host)
+            .bind(port)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn rename(&self, id: &str, name: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET name = ?, updated = ? WHERE id = ?")
+            .bind(name)
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn mark_deleted(&self, id: &str) -> anyhow::Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE instances SET deleted = 1, task = 'none', updated = ? WHERE id = ?")
+            .bind(now())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM outbox WHERE instance_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ---- outbox and intents -------------------------------------------------------------------
+
+    /// Queues an intent for publication inside the transaction that changed the state.
+    pub async fn enqueue(
+        tx: &mut Transaction<'static, Sqlite>,
+        intent_id: &str,
+        instance_id: &str,
+        kind: &str,
+        payload: &[u8],
+    ) -> anyhow::Result<()> {
+        let ts = now();
+        sqlx::query("INSERT INTO outbox (intent_id, instance_id, kind, payload, created) VALUES (?, ?, ?, ?, ?)")
+            .bind(intent_id)
+            .bind(instance_id)
+            .bind(kind)
+            .bind(payload)
+            .bind(&ts)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO intents (id, instance_id, kind, state, created, updated) VALUES (?, ?, ?, 'queued', ?, ?)",
+        )
+        .bind(intent_id)
+        .bind(instance_id)
+        .bind(kind)
+        .bind(&ts)
+        .bind(&ts)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn outbox(&self) -> anyhow::Result<Vec<OutboxRow>> {
+        let rows = sqlx::query(
+            "SELECT seq, intent_id, instance_id, payload FROM outbox ORDER BY seq LIMIT 100",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| OutboxRow {
+                seq: r.get("seq"),
+                intent_id: r.get("intent_id"),
+                instance_id: r.get("instance_id"),
+                payload: r.get("payload"),
+            })
+            .collect())
+    }
+
+    /// Removes a published intent and marks it sent.
+    pub async fn published(&self, seq: i64, intent_id: &str) -> anyhow::Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM outbox WHERE seq = ?")
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE intents SET state = 'sent', updated = ? WHERE id = ? AND state = 'queued'",
+        )
+        .bind(now())
+        .bind(intent_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records an event about an intent; returns the intent's kind and whether this was the first
+    /// time its final state was recorded.
+    pub async fn intent_event(
+        &self,
+        id: &str,
+        state: &str,
+        progress: Option<i64>,
+        message: &str,
+    ) -> anyhow::Result<Option<(String, bool)>> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query("SELECT kind, state FROM intents WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let kind: String = row.get("kind");
+        let old: String = row.get("state");
+        let old_final = old == "done" || old == "failed";
+        if !old_final {
+            sqlx::query(
+                "UPDATE intents SET state = ?, progress = COALESCE(?, progress), message = ?, updated = ? WHERE id = ?",
+            )
+            .bind(state)
+            .bind(progress)
+            .bind(message)
+            .bind(now())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        let first_final = !old_final && (state == "done" || state == "failed");
+        Ok(Some((kind, first_final)))
+    }
+
+    /// The latest intent of an instance (for progress display).
+    pub async fn latest_intent(
+        &self,
+        instance_id: &str,
+    ) -> anyhow::Result<Option<(String, String, i64, String)>> {
+        let row = sqlx::query(
+            "SELECT kind, state, progress, message FROM intents WHERE instance_id = ? ORDER BY created DESC, rowid DESC LIMIT 1",
+        )
+        .bind(instance_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| {
+            (
+                r.get("kind"),
+                r.get("state"),
+                r.get("progress"),
+                r.get("message"),
+            )
+        }))
+    }
+
+    /// How many times an intent kind was recorded for an instance (tests: exactly-once checks).
+    pub async fn count_intents(&self, instance_id: &str, kind: &str) -> anyhow::Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM intents WHERE instance_id = ? AND kind = ?")
+                .bind(instance_id)
+                .bind(kind)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    // ---- admin (manage) -----------------------------------------------------------------------
+
+    pub async fn upsert_datastore(&self, name: &str) -> anyhow::Result<String> {
+        if let Some(d) = self.datastore(name).await? {
+            return Ok(d.id);
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        sqlx::query("INSERT INTO datastores (id, name) VALUES (?, ?)")
+            .bind(&id)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(id)
+    }
+
+    pub async fn upsert_version(
+        &self,
+        datastore: &str,
+        name: &str,
+        manager: &str,
+        version: &str,
+        active: bool,
+    ) -> anyhow::Result<String> {
+        let ds = self.datastore(datastore).await?.with_context(|| {
+            format!("datastore '{datastore}' does not exist; add it with datastore-update first")
+        })?;
+        let existing = self
+            .versions_of(&ds.id)
+            .await?
+            .into_iter()
+            .find(|v| v.name == name);
+        if let Some(v) = existing {
+            sqlx::query(
+                "UPDATE datastore_versions SET manager = ?, version = ?, active = ? WHERE id = ?",
+            )
+            .bind(manager)
+            .bind(version)
+            .bind(active as i64)
+            .bind(&v.id)
+            .execute(&self.pool)
+            .await?;
+            return Ok(v.id);
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        sqlx::query(
+            "INSERT INTO datastore_versions (id, datastore_id, name, version, manager, active) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(&ds.id)
+        .bind(name)
+        .bind(version)
+        .bind(manager)
+        .bind(active as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    pub async fn set_default_version(&self, datastore: &str, version: &str) -> anyhow::Result<()> {
+        let ds = self
+            .datastore(datastore)
+            .await?
+            .with_context(|| format!("datastore '{datastore}' does not exist"))?;
+        let v = self
+            .versions_of(&ds.id)
+            .await?
+            .into_iter()
+            .find(|v| v.name == version || v.id == version)
+            .with_context(|| format!("datastore '{datastore}' has no version '{version}'"))?;
+        sqlx::query("UPDATE datastores SET default_version_id = ? WHERE id = ?")
+            .bind(&v.id)
+            .bind(&ds.id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn upsert_flavor(&self, f: &FlavorRow) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO flavors (id, name, ram, vcpus, disk) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, ram = excluded.ram, vcpus = excluded.vcpus, disk = excluded.disk",
+        )
+        .bind(&f.id)
+        .bind(&f.name)
+        .bind(f.ram)
+        .bind(f.vcpus)
+        .bind(f.disk)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn link_flavor(
+        &self,
+        datastore: &str,
+        version: &str,
+        flavor: &str,
+        link: bool,
+    ) -> anyhow::Result<()> {
+        let ds = self
+            .datastore(datastore)
+            .await?
+            .with_context(|| format!("datastore '{datastore}' does not exist"))?;
+        let v = self
+            .versions_of(&ds.id)
+            .await?
+            .into_iter()
+            .find(|v| v.name == version || v.id == version)
+            .with_context(|| format!("datastore '{datastore}' has no version '{version}'"))?;
+        self.flavor(flavor)
+            .await?
+            .with_context(|| format!("flavor '{flavor}' does not exist"))?;
+        let sql = if link {
+            "INSERT OR IGNORE INTO version_flavors (version_id, flavor_id) VALUES (?, ?)"
+        } else {
+            "DELETE FROM version_flavors WHERE version_id = ? AND flavor_id = ?"
+        };
+        sqlx::query(sql)
+            .bind(&v.id)
+            .bind(flavor)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_store_from_the_previous_migration_set_is_upgraded_with_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        {
+            let s = Store::open_unmigrated(&path).await.unwrap();
+            s.migrate(MIGRATIONS.len() - 1).await.unwrap();
+            sqlx::query(
+                "INSERT INTO instances (id, project_id, name, flavor_id, datastore_version_id, volume_size, task, \
+                 task_started, service_status, server_id, created, updated) \
+                 VALUES ('i1', 'p', 'old', '1', 'v', 1, 'none', 't', 'running', 7, 't', 't')",
+            )
+            .execute(&s.pool)
+            .await
+            .unwrap();
+            s.pool.close().await;
+        }
+        let s = Store::open(&path).await.unwrap();
+        let i = s.instance("i1").await.unwrap().unwrap();
+        assert_eq!(i.name, "old");
+        assert_eq!(i.server_id, 7);
+        assert_eq!(i.capabilities, "");
+        s.set_agent_info("i1", "0.1.0", "prepare,restart")
+            .await
+            .unwrap();
+        assert_eq!(
+            s.instance("i1").await.unwrap().unwrap().capabilities,
+            "prepare,restart"
+        );
+        // Opening again is a no-op.
+        drop(s);
+        Store::open(&path).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn server_ids_are_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("c.db")).await.unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..5 {
+            let mut tx = s.begin().await.unwrap();
+            let id = Store::next_server_id(&mut tx).await.unwrap();
+            tx.commit().await.unwrap();
+            assert!(seen.insert(id));
+        }
+        // A rolled-back allocation does not advance the counter, a committed one always does.
+        let mut tx = s.begin().await.unwrap();
+        Store::next_server_id(&mut tx).await.unwrap();
+        drop(tx);
+        let mut tx = s.begin().await.unwrap();
+        assert_eq!(Store::next_server_id(&mut tx).await.unwrap(), 6);
+    }
+}

@@ -1,0 +1,121 @@
+//! Wire types shared by `coffer-agent` and `coffer-controller`.
+//!
+//! Background: the two sides talk only over NATS, and only in protobuf `Envelope`s generated from
+//! `proto/coffer/agent/v1/agent.proto`. This crate owns those types, the schema version, the intent
+//! kind names and every NATS subject and stream name (see [`subjects`]).
+//!
+//! Invariant: this crate does no I/O and has no async runtime dependency.
+
+pub mod subjects;
+
+/// Generated protobuf types of package `coffer.agent.v1`.
+pub mod v1 {
+    #![allow(missing_docs, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/coffer.agent.v1.rs"));
+}
+
+pub use prost::Message;
+
+/// Version of the wire schema this build speaks. Bumped when fields are added.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// This build's software version.
+pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Name of an intent kind as listed in heartbeats and checked by the controller.
+pub fn intent_kind_name(kind: &v1::intent::Kind) -> &'static str {
+    use v1::intent::Kind;
+    match kind {
+        Kind::Prepare(_) => "prepare",
+        Kind::Restart(_) => "restart",
+        Kind::Stop(_) => "stop",
+        Kind::Start(_) => "start",
+        Kind::Delete(_) => "delete",
+    }
+}
+
+/// Every intent kind this schema version defines.
+pub const INTENT_KINDS: &[&str] = &["prepare", "restart", "stop", "start", "delete"];
+
+/// Builds an envelope stamped with the schema and software versions and the current time.
+pub fn envelope(id: String, instance_id: &str, body: v1::envelope::Body) -> v1::Envelope {
+    v1::Envelope {
+        schema_version: SCHEMA_VERSION,
+        software_version: SOFTWARE_VERSION.to_string(),
+        id,
+        instance_id: instance_id.to_string(),
+        sent_unix_ms: now_unix_ms(),
+        body: Some(body),
+    }
+}
+
+/// Milliseconds since the Unix epoch (wall clock; used only for deadlines and ordering hints).
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Decodes an envelope from bytes.
+pub fn decode(bytes: &[u8]) -> Result<v1::Envelope, prost::DecodeError> {
+    v1::Envelope::decode(bytes)
+}
+
+/// Lower-case name of a service status, as shown in logs and faults.
+pub fn service_status_name(s: v1::ServiceStatus) -> &'static str {
+    use v1::ServiceStatus as S;
+    match s {
+        S::Unspecified => "unspecified",
+        S::New => "new",
+        S::Building => "building",
+        S::Running => "running",
+        S::Blocked => "blocked",
+        S::Shutdown => "shutdown",
+        S::Crashed => "crashed",
+        S::Failed => "failed",
+        S::RestartRequired => "restart_required",
+        S::Promoting => "promoting",
+        S::Ejecting => "ejecting",
+        S::Logging => "logging",
+        S::Unknown => "unknown",
+        S::Deleted => "deleted",
+        S::Restarting => "restarting",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips() {
+        let env = envelope(
+            "i-1".into(),
+            "inst",
+            v1::envelope::Body::Intent(v1::Intent {
+                deadline_unix_ms: 5,
+                kind: Some(v1::intent::Kind::Restart(v1::Restart {})),
+            }),
+        );
+        let bytes = env.encode_to_vec();
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back, env);
+        assert_eq!(back.schema_version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn every_kind_is_listed() {
+        use v1::intent::Kind;
+        let kinds = [
+            Kind::Prepare(Default::default()),
+            Kind::Restart(v1::Restart {}),
+            Kind::Stop(v1::Stop {}),
+            Kind::Start(v1::Start {}),
+            Kind::Delete(v1::Delete {}),
+        ];
+        for k in kinds {
+            assert!(INTENT_KINDS.contains(&intent_kind_name(&k)));
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! NATS subject and stream names. Nothing else in the workspace spells a `coffer.v1.` subject.
+
+/// JetStream stream holding intents (controller → agent).
+pub const INTENT_STREAM: &str = "COFFER_INTENTS";
+/// JetStream stream holding events (agent → controller).
+pub const EVENT_STREAM: &str = "COFFER_EVENTS";
+/// Queue group the controllers answer heartbeats in.
+pub const HEARTBEAT_QUEUE: &str = "coffer-controllers";
+/// Durable consumer name the controllers share on the event stream.
+pub const CONTROLLER_EVENT_CONSUMER: &str = "controller-events";
+
+/// Intents for one instance.
+pub fn intent(instance: &str) -> String {
+    format!("coffer.v1.intent.{instance}")
+}
+/// Every intent subject (the intent stream's subject filter).
+pub fn intent_all() -> String {
+    "coffer.v1.intent.>".to_string()
+}
+/// Quick request/reply calls for one instance.
+pub fn call(instance: &str) -> String {
+    format!("coffer.v1.call.{instance}")
+}
+/// Heartbeats from one instance's agent.
+pub fn heartbeat(instance: &str) -> String {
+    format!("coffer.v1.hb.{instance}")
+}
+/// Every heartbeat subject (what the controllers subscribe to).
+pub fn heartbeat_all() -> String {
+    "coffer.v1.hb.*".to_string()
+}
+/// Events from one instance's agent.
+pub fn event(instance: &str) -> String {
+    format!("coffer.v1.event.{instance}")
+}
+/// Every event subject (the event stream's subject filter).
+pub fn event_all() -> String {
+    "coffer.v1.event.>".to_string()
+}
+/// Durable consumer name of one instance's agent on the intent stream.
+pub fn agent_consumer(instance: &str) -> String {
+    format!("agent-{instance}")
+}
+
+/// Whether `s` may be used as an instance token in a subject (no dots, wildcards or spaces).
+pub fn valid_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_scoped_by_instance() {
+        assert_eq!(intent("abc"), "coffer.v1.intent.abc");
+        assert_eq!(heartbeat("abc"), "coffer.v1.hb.abc");
+        assert_eq!(event("abc"), "coffer.v1.event.abc");
+        assert_eq!(call("abc"), "coffer.v1.call.abc");
+        assert!(valid_token("0d5c-aa_1"));
+        assert!(!valid_token("a.b"));
+        assert!(!valid_token("a*"));
+        assert!(!valid_token(""));
+    }
+}

@@ -1,0 +1,714 @@
+//! MariaDB (tested with 10.11 from Debian 12): `mariadb-install-db` to initialise, `mariadbd` as the
+//! server, admin operations over the local socket as the agent's own admin user.
+//!
+//! The admin user's password is generated at initialisation, kept 0600 under the instance root
+//! (`admin.password`, and `admin.cnf` as a client defaults file for tools such as mariabackup) and
+//! created by an `--init-file` read on the first start, so it never appears in a process argument,
+//! an environment variable or a log. Statement logging of the SQL driver is off for the same reason.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::{ConnectOptions, Row};
+use tokio::sync::Mutex;
+
+use super::{
+    DatabaseSpec, Datastore, DatastoreError, Health, Layout, ServerCommand, Sizing, UserSpec,
+};
+
+/// The agent's own administrative account.
+pub const ADMIN_USER: &str = "coffer_admin";
+
+/// Accounts users may not create, drop or change.
+pub const RESERVED_USERS: &[&str] = &[ADMIN_USER, "root", "mariadb.sys", "mysql", "PUBLIC"];
+
+/// Databases users may not create or drop.
+pub const RESERVED_DATABASES: &[&str] = &[
+    "mysql",
+    "information_schema",
+    "performance_schema",
+    "sys",
+    "lost+found",
+];
+
+/// Binaries (overridable for packaging or tests).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The server binary.
+    #[serde(default = "default_server")]
+    pub server_binary: PathBuf,
+    /// The data directory initialiser.
+    #[serde(default = "default_install_db")]
+    pub install_db_binary: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server_binary: default_server(),
+            install_db_binary: default_install_db(),
+        }
+    }
+}
+
+fn default_server() -> PathBuf {
+    PathBuf::from("/usr/sbin/mariadbd")
+}
+fn default_install_db() -> PathBuf {
+    PathBuf::from("/usr/bin/mariadb-install-db")
+}
+
+/// One instance's MariaDB.
+pub struct Mariadb {
+    config: Config,
+    layout: Layout,
+    pool: Mutex<Option<MySqlPool>>,
+    version: Mutex<Option<String>>,
+}
+
+impl Mariadb {
+    pub fn new(config: Config, layout: Layout) -> Self {
+        Mariadb {
+            config,
+            layout,
+            pool: Mutex::new(None),
+            version: Mutex::new(None),
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.layout.root.join("data")
+    }
+    fn config_file(&self) -> PathBuf {
+        self.layout.root.join("my.cnf")
+    }
+    fn pid_file(&self) -> PathBuf {
+        self.layout.root.join("mariadbd.pid")
+    }
+    fn init_file(&self) -> PathBuf {
+        self.layout.root.join("init.sql")
+    }
+    fn password_file(&self) -> PathBuf {
+        self.layout.root.join("admin.password")
+    }
+    fn defaults_file(&self) -> PathBuf {
+        self.layout.root.join("admin.cnf")
+    }
+    fn initialized_marker(&self) -> PathBuf {
+        self.layout.root.join(".initialized")
+    }
+    fn tmp_dir(&self) -> PathBuf {
+        self.layout.root.join("tmp")
+    }
+    /// The socket path; moved to the temp dir when the layout path is too long for `sun_path`.
+    pub fn socket(&self) -> PathBuf {
+        let p = self.layout.root.join("mysqld.sock");
+        if p.as_os_str().len() < 100 {
+            return p;
+        }
+        let digest = self
+            .layout
+            .root
+            .to_string_lossy()
+            .bytes()
+            .fold(0xcbf29ce484222325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100000001b3)
+            });
+        std::env::temp_dir().join(format!("coffer-mariadb-{digest:016x}.sock"))
+    }
+
+    async fn admin_password(&self) -> Result<String, DatastoreError> {
+        let p = self.password_file();
+        tokio::fs::read_to_string(&p)
+            .await
+            .map(|s| s.trim().to_string())
+            .map_err(|e| DatastoreError::io(&p, e))
+    }
+
+    async fn pool(&self) -> Result<MySqlPool, DatastoreError> {
+        let mut guard = self.pool.lock().await;
+        if let Some(p) = guard.as_ref() {
+            return Ok(p.clone());
+        }
+        let password = self.admin_password().await?;
+        let opts = MySqlConnectOptions::new()
+            .socket(self.socket())
+            .username(ADMIN_USER)
+            .password(&password)
+            .log_statements(tracing::log::LevelFilter::Off)
+            .log_slow_statements(tracing::log::LevelFilter::Off, Duration::from_secs(3600));
+        let pool = MySqlPoolOptions::new()
+            .max_connections(2)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(3))
+            .idle_timeout(Duration::from_secs(60))
+            .connect_lazy_with(opts);
+        *guard = Some(pool.clone());
+        Ok(pool)
+    }
+
+    async fn exec(&self, sql: &str) -> Result<(), DatastoreError> {
+        let pool = self.pool().await?;
+        sqlx::raw_sql(sql)
+            .execute(&pool)
+            .await
+            .map_err(|e| DatastoreError::Query(redact(&e.to_string())))?;
+        Ok(())
+    }
+
+    async fn fetch_string(&self, sql: &str) -> Result<String, DatastoreError> {
+        let pool = self.pool().await?;
+        let row = sqlx::query(sql)
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| DatastoreError::Query(redact(&e.to_string())))?;
+        row.try_get::<String, _>(0)
+            .map_err(|e| DatastoreError::Query(e.to_string()))
+    }
+
+    fn bootstrap_sql(password: &str) -> String {
+        let pw = quote(password);
+        format!(
+            "CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'localhost' IDENTIFIED BY {pw};\n\
+             ALTER USER '{ADMIN_USER}'@'localhost' IDENTIFIED BY {pw};\n\
+             GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'localhost' WITH GRANT OPTION;\n\
+             DELETE FROM mysql.global_priv WHERE User = '';\n\
+             DELETE FROM mysql.global_priv WHERE User = 'root' AND Host NOT IN ('localhost');\n\
+             DROP DATABASE IF EXISTS test;\n\
+             FLUSH PRIVILEGES;\n"
+        )
+    }
+}
+
+/// Buffer pool, log and I/O sizing derived from the flavor and volume.
+pub fn sizing_values(s: &Sizing) -> (u64, u64, u64, u64) {
+    let buffer_pool_mb = (s.memory_mb / 2).max(128);
+    let log_file_mb = (buffer_pool_mb / 4).clamp(48, 1024);
+    let max_connections = (s.memory_mb / 8).clamp(40, 2000);
+    // Network volumes deliver IOPS roughly in proportion to their size; the default of 200 makes
+    // a bulk load's dirty pages linger for a minute (and bloat every backup taken meanwhile).
+    let io_capacity = (s.volume_gb * 100).clamp(1000, 10000);
+    (buffer_pool_mb, log_file_mb, max_connections, io_capacity)
+}
+
+/// Quotes a string as a MariaDB literal (default SQL mode: backslash escapes are active).
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("\\'"),
+            '\\' => out.push_str("\\\\"),
+            '\0' => out.push_str("\\0"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Quotes an identifier with backticks.
+fn ident(s: &str) -> String {
+    format!("`{}`", s.replace('`', "``"))
+}
+
+/// Removes anything after `IDENTIFIED` from a driver error, in case it echoes a statement.
+fn redact(msg: &str) -> String {
+    match msg.to_ascii_uppercase().find("IDENTIFIED") {
+        Some(i) => format!("{}IDENTIFIED ***", &msg[..i]),
+        None => msg.to_string(),
+    }
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), DatastoreError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| DatastoreError::io(&tmp, e))?;
+    f.write_all(contents.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| DatastoreError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| DatastoreError::io(path, e))
+}
+
+fn generate_password() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    Alphanumeric.sample_string(&mut rand::rng(), 32)
+}
+
+fn os_user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| "mysql".to_string())
+}
+
+#[async_trait]
+impl Datastore for Mariadb {
+    fn name(&self) -> &'static str {
+        "mariadb"
+    }
+
+    async fn version(&self) -> Result<String, DatastoreError> {
+        let mut cached = self.version.lock().await;
+        if let Some(v) = cached.as_ref() {
+            return Ok(v.clone());
+        }
+        let out = tokio::process::Command::new(&self.config.server_binary)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|e| DatastoreError::io(&self.config.server_binary, e))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v = parse_version(&text).ok_or_else(|| DatastoreError::Tool {
+            tool: "mariadbd --version".into(),
+            detail: format!("unexpected output: {}", text.trim()),
+        })?;
+        *cached = Some(v.clone());
+        Ok(v)
+    }
+
+    fn is_initialized(&self) -> bool {
+        self.initialized_marker().exists()
+    }
+
+    fn render_config(&self, s: &Sizing) -> String {
+        let (buffer_pool_mb, log_file_mb, max_connections, io_capacity) = sizing_values(s);
+        format!(
+            "# Rendered by coffer-agent; overrides belong in configuration groups.\n\
+             [mysqld]\n\
+             user = {user}\n\
+             datadir = {datadir}\n\
+             socket = {socket}\n\
+             pid-file = {pid}\n\
+             tmpdir = {tmp}\n\
+             log-error = {errlog}\n\
+             bind-address = {bind}\n\
+             port = {port}\n\
+             server_id = {server_id}\n\
+             log_bin = mysql-bin\n\
+             relay_log = relay-bin\n\
+             log_slave_updates = ON\n\
+             binlog_format = ROW\n\
+             gtid_strict_mode = ON\n\
+             expire_logs_days = 7\n\
+             skip_name_resolve = ON\n\
+             performance_schema = OFF\n\
+             character_set_server = utf8mb4\n\
+             collation_server = utf8mb4_general_ci\n\
+             max_connections = {max_connections}\n\
+             innodb_buffer_pool_size = {buffer_pool_mb}M\n\
+             innodb_log_file_size = {log_file_mb}M\n\
+             innodb_io_capacity = {io_capacity}\n\
+             innodb_io_capacity_max = {io_capacity_max}\n\
+             innodb_flush_log_at_trx_commit = 1\n\
+             sync_binlog = 1\n",
+            user = os_user(),
+            datadir = self.data_dir().display(),
+            socket = self.socket().display(),
+            pid = self.pid_file().display(),
+            tmp = self.tmp_dir().display(),
+            errlog = self.layout.root.join("mariadbd.err").display(),
+            bind = self.layout.bind_address,
+            port = self.layout.port,
+            server_id = s.server_id,
+            io_capacity_max = io_capacity * 2,
+        )
+    }
+
+    async fn initialize(&self, sizing: &Sizing) -> Result<(), DatastoreError> {
+        let root = &self.layout.root;
+        for d in [root.clone(), self.tmp_dir()] {
+            tokio::fs::create_dir_all(&d)
+                .await
+                .map_err(|e| DatastoreError::io(&d, e))?;
+        }
+        let cnf = self.config_file();
+        tokio::fs::write(&cnf, self.render_config(sizing))
+            .await
+            .map_err(|e| DatastoreError::io(&cnf, e))?;
+
+        // A previous attempt may have died half-way: start from an empty data dir.
+        let data = self.data_dir();
+        if data.exists() {
+            tokio::fs::remove_dir_all(&data)
+                .await
+                .map_err(|e| DatastoreError::io(&data, e))?;
+        }
+        let password = match self.admin_password().await {
+            Ok(p) if !p.is_empty() => p,
+            _ => {
+                let p = generate_password();
+                write_private(&self.password_file(), &p)?;
+                p
+            }
+        };
+        write_private(
+            &self.defaults_file(),
+            &format!(
+                "[client]\nuser={ADMIN_USER}\npassword={password}\nsocket={}\n",
+                self.socket().display()
+            ),
+        )?;
+        let log = root.join("install-db.log");
+        let log_file = std::fs::File::create(&log).map_err(|e| DatastoreError::io(&log, e))?;
+        let log_err = log_file
+            .try_clone()
+            .map_err(|e| DatastoreError::io(&log, e))?;
+        let status = tokio::process::Command::new(&self.config.install_db_binary)
+            .arg(format!("--defaults-file={}", cnf.display()))
+            .arg(format!("--datadir={}", data.display()))
+            .arg("--auth-root-authentication-method=socket")
+            .arg("--skip-test-db")
+            .stdin(std::process::Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err)
+            .status()
+            .await
+            .map_err(|e| DatastoreError::io(&self.config.install_db_binary, e))?;
+        if !status.success() {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: String = tail
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join(" | ");
+            return Err(DatastoreError::Tool {
+                tool: "mariadb-install-db".into(),
+                detail: format!("{status}; see {}: {tail}", log.display()),
+            });
+        }
+        write_private(&self.init_file(), &Self::bootstrap_sql(&password))?;
+        let marker = self.initialized_marker();
+        tokio::fs::write(&marker, b"")
+            .await
+            .map_err(|e| DatastoreError::io(&marker, e))?;
+        Ok(())
+    }
+
+    fn server_command(&self) -> ServerCommand {
+        let cnf = self.config_file();
+        let mut args = vec![format!("--defaults-file={}", cnf.display())];
+        if self.init_file().exists() {
+            args.push(format!("--init-file={}", self.init_file().display()));
+        }
+        ServerCommand {
+            program: self.config.server_binary.clone(),
+            args,
+            output_file: self.layout.root.join("mariadbd.out"),
+            pid_file: self.pid_file(),
+            cmdline_marker: format!("--defaults-file={}", cnf.display()),
+        }
+    }
+
+    async fn finish_first_start(&self) -> Result<(), DatastoreError> {
+        let p = self.init_file();
+        match tokio::fs::remove_file(&p).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DatastoreError::io(&p, e)),
+        }
+    }
+
+    async fn probe(&self) -> Health {
+        let pool = match self.pool().await {
+            Ok(p) => p,
+            Err(e) => return Health::Down(e.to_string()),
+        };
+        let fut = async {
+            let row = sqlx::query("SHOW GLOBAL STATUS LIKE 'Threads_connected'")
+                .fetch_one(&pool)
+                .await?;
+            let v: String = row.try_get(1)?;
+            Ok::<_, sqlx::Error>(v.parse::<u32>().unwrap_or(0))
+        };
+        match tokio::time::timeout(Duration::from_secs(3), fut).await {
+            Ok(Ok(connections)) => Health::Ready { connections },
+            Ok(Err(e)) => Health::Down(e.to_string()),
+            Err(_) => Health::Down("probe timed out".into()),
+        }
+    }
+
+    async fn disconnect(&self) {
+        if let Some(p) = self.pool.lock().await.take() {
+            p.close().await;
+        }
+    }
+
+    async fn create_database(&self, db: &DatabaseSpec) -> Result<(), DatastoreError> {
+        self.validate_database_name(&db.name)?;
+        let mut sql = format!("CREATE DATABASE IF NOT EXISTS {}", ident(&db.name));
+        if let Some(cs) = db.character_set.as_deref().filter(|s| !s.is_empty()) {
+            check_word("character_set", cs)?;
+            sql.push_str(&format!(" CHARACTER SET {cs}"));
+        }
+        if let Some(co) = db.collate.as_deref().filter(|s| !s.is_empty()) {
+            check_word("collate", co)?;
+            sql.push_str(&format!(" COLLATE {co}"));
+        }
+        self.exec(&sql).await
+    }
+
+    async fn create_user(&self, user: &UserSpec) -> Result<(), DatastoreError> {
+        self.validate_user(user)?;
+        let sql = format!(
+            "CREATE USER IF NOT EXISTS {}@{} IDENTIFIED BY {}",
+            quote(&user.name),
+            quote(host_or_any(&user.host)),
+            quote(&user.password)
+        );
+        self.exec(&sql).await?;
+        for db in &user.databases {
+            self.grant(&user.name, host_or_any(&user.host), db).await?;
+        }
+        Ok(())
+    }
+
+    async fn grant(&self, user: &str, host: &str, database: &str) -> Result<(), DatastoreError> {
+        self.validate_database_name(database)?;
+        let sql = format!(
+            "GRANT ALL PRIVILEGES ON {}.* TO {}@{}",
+            ident(database),
+            quote(user),
+            quote(host_or_any(host))
+        );
+        self.exec(&sql).await
+    }
+
+    async fn set_read_only(&self, read_only: bool) -> Result<(), DatastoreError> {
+        self.exec(if read_only {
+            "SET GLOBAL read_only = ON"
+        } else {
+            "SET GLOBAL read_only = OFF"
+        })
+        .await
+    }
+
+    async fn replication_position(&self) -> Result<String, DatastoreError> {
+        self.fetch_string("SELECT @@GLOBAL.gtid_binlog_pos").await
+    }
+
+    fn validate_database_name(&self, name: &str) -> Result<(), DatastoreError> {
+        if name.is_empty() || name.len() > 64 {
+            return Err(DatastoreError::Invalid(format!(
+                "database name '{name}' must be 1 to 64 characters"
+            )));
+        }
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '$')
+        {
+            return Err(DatastoreError::Invalid(format!(
+                "database name '{name}' may only contain letters, digits, '_', '-' and '$'"
+            )));
+        }
+        if RESERVED_DATABASES.contains(&name) {
+            return Err(DatastoreError::Invalid(format!(
+                "database name '{name}' is reserved"
+            )));
+        }
+        Ok(())
+    }
+
+    fn validate_user(&self, user: &UserSpec) -> Result<(), DatastoreError> {
+        let name = &user.name;
+        if name.is_empty() || name.len() > 80 {
+            return Err(DatastoreError::Invalid(format!(
+                "user name '{name}' must be 1 to 80 characters"
+            )));
+        }
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        {
+            return Err(DatastoreError::Invalid(format!(
+                "user name '{name}' may only contain letters, digits, '_', '-' and '.'"
+            )));
+        }
+        if RESERVED_USERS.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+            return Err(DatastoreError::Invalid(format!(
+                "user name '{name}' is reserved"
+            )));
+        }
+        let host = host_or_any(&user.host);
+        if host.len() > 255
+            || !host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".%_:-/".contains(c))
+        {
+            return Err(DatastoreError::Invalid(format!(
+                "host '{host}' is not a host name, address or pattern"
+            )));
+        }
+        if user.password.is_empty() || user.password.len() > 128 {
+            return Err(DatastoreError::Invalid(
+                "password must be 1 to 128 characters".into(),
+            ));
+        }
+        if user.password.chars().any(|c| c.is_control()) {
+            return Err(DatastoreError::Invalid(
+                "password may not contain control characters".into(),
+            ));
+        }
+        for db in &user.databases {
+            self.validate_database_name(db)?;
+        }
+        Ok(())
+    }
+}
+
+fn host_or_any(h: &str) -> &str {
+    if h.is_empty() {
+        "%"
+    } else {
+        h
+    }
+}
+
+fn check_word(what: &str, s: &str) -> Result<(), DatastoreError> {
+    if s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(())
+    } else {
+        Err(DatastoreError::Invalid(format!(
+            "{what} '{s}' is not valid"
+        )))
+    }
+}
+
+/// Extracts `10.11.19` from `mariadbd  Ver 10.11.19-MariaDB-0+deb12u1 for debian-linux-gnu ...`.
+pub fn parse_version(text: &str) -> Option<String> {
+    let after = text.split("Ver ").nth(1)?;
+    let v: String = after
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    if v.is_empty() {
+        None
+    } else {
+        Some(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db(root: &Path) -> Mariadb {
+        Mariadb::new(
+            Config::default(),
+            Layout {
+                root: root.to_path_buf(),
+                bind_address: "127.0.0.1".into(),
+                port: 3307,
+            },
+        )
+    }
+
+    #[test]
+    fn quoting_escapes_everything_that_ends_a_literal() {
+        assert_eq!(quote("a'b"), "'a\\'b'");
+        assert_eq!(quote("a\\'; DROP"), "'a\\\\\\'; DROP'");
+        assert_eq!(ident("a`b"), "`a``b`");
+    }
+
+    #[test]
+    fn version_is_parsed() {
+        assert_eq!(
+            parse_version(
+                "/usr/sbin/mariadbd  Ver 10.11.19-MariaDB-0+deb12u1 for debian-linux-gnu on x86_64"
+            ),
+            Some("10.11.19".into())
+        );
+        assert_eq!(parse_version("garbage"), None);
+    }
+
+    #[test]
+    fn config_is_sized_and_ready_for_replication() {
+        let m = db(Path::new("/x"));
+        let s = Sizing {
+            memory_mb: 2048,
+            vcpus: 1,
+            volume_gb: 20,
+            server_id: 7,
+        };
+        let cnf = m.render_config(&s);
+        for line in [
+            "server_id = 7",
+            "log_bin = mysql-bin",
+            "relay_log = relay-bin",
+            "log_slave_updates = ON",
+            "binlog_format = ROW",
+            "gtid_strict_mode = ON",
+            "innodb_buffer_pool_size = 1024M",
+            "innodb_io_capacity = 2000",
+            "port = 3307",
+        ] {
+            assert!(cnf.contains(line), "missing {line} in\n{cnf}");
+        }
+        let small = Sizing {
+            memory_mb: 256,
+            vcpus: 1,
+            volume_gb: 1,
+            server_id: 1,
+        };
+        assert_eq!(sizing_values(&small), (128, 48, 40, 1000));
+    }
+
+    #[test]
+    fn names_are_validated() {
+        let m = db(Path::new("/x"));
+        assert!(m.validate_database_name("shop_1").is_ok());
+        assert!(m.validate_database_name("a`b").is_err());
+        assert!(m.validate_database_name("mysql").is_err());
+        assert!(m.validate_database_name("").is_err());
+        let mut u = UserSpec {
+            name: "app".into(),
+            password: "pw".into(),
+            host: "%".into(),
+            databases: vec![],
+        };
+        assert!(m.validate_user(&u).is_ok());
+        u.name = "root".into();
+        assert!(m.validate_user(&u).is_err());
+        u.name = "x'y".into();
+        assert!(m.validate_user(&u).is_err());
+        u.name = "app".into();
+        u.host = "10.0.0.%".into();
+        assert!(m.validate_user(&u).is_ok());
+        u.host = "a'b".into();
+        assert!(m.validate_user(&u).is_err());
+        assert!(!format!("{u:?}").contains("pw\""));
+    }
+
+    #[test]
+    fn long_roots_get_a_short_socket() {
+        let long = "/".to_string() + &"d".repeat(120);
+        let m = db(Path::new(&long));
+        assert!(m.socket().as_os_str().len() < 100);
+        assert_eq!(m.socket(), db(Path::new(&long)).socket());
+    }
+
+    #[test]
+    fn bootstrap_sql_quotes_the_password() {
+        let sql = Mariadb::bootstrap_sql("p'w");
+        assert!(sql.contains("IDENTIFIED BY 'p\\'w'"));
+        assert!(sql.contains("User = ''"));
+    }
+}

@@ -1,0 +1,167 @@
+//! The [`Datastore`] trait and the registry of datastore implementations.
+
+pub mod mariadb;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+/// Errors from datastore operations. Messages never contain secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreError {
+    #[error("{tool} failed: {detail}")]
+    Tool { tool: String, detail: String },
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("database query failed: {0}")]
+    Query(String),
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("database is not running")]
+    NotRunning,
+}
+
+impl DatastoreError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        DatastoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Where one instance's database lives on disk and on the network.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Directory the datastore owns (data dir, config, socket, logs, secrets live below it).
+    pub root: PathBuf,
+    /// Address clients connect to.
+    pub bind_address: String,
+    /// Port clients connect to.
+    pub port: u16,
+}
+
+/// Resources the configuration is sized from (the flavor and volume).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizing {
+    pub memory_mb: u64,
+    pub vcpus: u32,
+    pub volume_gb: u64,
+    pub server_id: u32,
+}
+
+/// A database to create.
+#[derive(Debug, Clone, Default)]
+pub struct DatabaseSpec {
+    pub name: String,
+    pub character_set: Option<String>,
+    pub collate: Option<String>,
+}
+
+/// A user to create. `Debug` hides the password.
+#[derive(Clone, Default)]
+pub struct UserSpec {
+    pub name: String,
+    pub password: String,
+    pub host: String,
+    pub databases: Vec<String>,
+}
+
+impl std::fmt::Debug for UserSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserSpec")
+            .field("name", &self.name)
+            .field("password", &"***")
+            .field("host", &self.host)
+            .field("databases", &self.databases)
+            .finish()
+    }
+}
+
+/// How to run the database server.
+#[derive(Debug, Clone)]
+pub struct ServerCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Where the server's stdout and stderr go.
+    pub output_file: PathBuf,
+    /// The pid file the server writes.
+    pub pid_file: PathBuf,
+    /// A string that must appear in `/proc/<pid>/cmdline` of a server we adopt.
+    pub cmdline_marker: String,
+}
+
+/// Result of a health probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Accepting queries.
+    Ready { connections: u32 },
+    /// Not answering.
+    Down(String),
+}
+
+/// One datastore implementation. The agent calls only this trait.
+#[async_trait]
+pub trait Datastore: Send + Sync {
+    /// Short name, e.g. `mariadb`.
+    fn name(&self) -> &'static str;
+    /// Installed server version, e.g. `10.11.19`.
+    async fn version(&self) -> Result<String, DatastoreError>;
+    /// Whether the data directory has been initialised.
+    fn is_initialized(&self) -> bool;
+    /// Renders the server configuration for `sizing` (pure; also used by the benchmark floor).
+    fn render_config(&self, sizing: &Sizing) -> String;
+    /// Writes the configuration, creates the data directory and the agent's admin credentials.
+    /// After this, the first [`Datastore::server_command`] start bootstraps security.
+    async fn initialize(&self, sizing: &Sizing) -> Result<(), DatastoreError>;
+    /// The command line that runs the server.
+    fn server_command(&self) -> ServerCommand;
+    /// Removes first-start-only material (init files) once the server proved ready.
+    async fn finish_first_start(&self) -> Result<(), DatastoreError>;
+    /// Asks the server whether it serves queries.
+    async fn probe(&self) -> Health;
+    /// Drops pooled connections (before a stop or after a crash).
+    async fn disconnect(&self);
+    /// Creates a database (no error if it exists with the same name).
+    async fn create_database(&self, db: &DatabaseSpec) -> Result<(), DatastoreError>;
+    /// Creates a user.
+    async fn create_user(&self, user: &UserSpec) -> Result<(), DatastoreError>;
+    /// Grants a user all privileges on a database.
+    async fn grant(&self, user: &str, host: &str, database: &str) -> Result<(), DatastoreError>;
+    /// Makes the server read-only (or writable).
+    async fn set_read_only(&self, read_only: bool) -> Result<(), DatastoreError>;
+    /// The server's replication position (e.g. a GTID set).
+    async fn replication_position(&self) -> Result<String, DatastoreError>;
+    /// Validates a database name before anything is created.
+    fn validate_database_name(&self, name: &str) -> Result<(), DatastoreError>;
+    /// Validates a user name and host before anything is created.
+    fn validate_user(&self, user: &UserSpec) -> Result<(), DatastoreError>;
+}
+
+/// The registry of datastores, selected by name in configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DatastoreKind {
+    Mariadb(mariadb::Config),
+}
+
+impl DatastoreKind {
+    /// Builds the implementation for one instance's layout.
+    pub fn build(&self, layout: Layout) -> Box<dyn Datastore> {
+        match self {
+            DatastoreKind::Mariadb(c) => Box::new(mariadb::Mariadb::new(c.clone(), layout)),
+        }
+    }
+
+    /// Short name of the datastore.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DatastoreKind::Mariadb(_) => "mariadb",
+        }
+    }
+}
