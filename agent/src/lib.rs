@@ -144,6 +144,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     result
 }
 
+fn reply_to(msg: &async_nats::Message) -> async_nats::Subject {
+    msg.reply.clone().unwrap_or_else(|| "_INBOX.none".into())
+}
+
 /// Answers quick request/reply calls.
 async fn calls(ctx: Arc<Ctx>) -> anyhow::Result<()> {
     let mut sub = ctx
@@ -171,6 +175,33 @@ async fn calls(ctx: Arc<Ctx>) -> anyhow::Result<()> {
                 error: String::new(),
                 kind: Some(v1::call_reply::Kind::Pong(heartbeat::snapshot(&ctx).await)),
             },
+            Ok(v1::Envelope {
+                body:
+                    Some(v1::envelope::Body::Call(v1::Call {
+                        kind: Some(v1::call::Kind::Shutdown(_)),
+                    })),
+                ..
+            }) => {
+                info!("shutdown requested: stopping the database, then the agent");
+                let r = ctx.sup.call(supervisor::Cmd::StopKeepDesired).await;
+                let reply = v1::CallReply {
+                    ok: r.is_ok(),
+                    error: r.err().unwrap_or_default(),
+                    kind: None,
+                };
+                let env = coffer_proto::envelope(
+                    uuid::Uuid::new_v4().to_string(),
+                    &ctx.cfg.instance_id,
+                    v1::envelope::Body::CallReply(reply),
+                );
+                let _ = ctx
+                    .client
+                    .publish(reply_to(&msg), env.encode_to_vec().into())
+                    .await;
+                let _ = ctx.client.flush().await;
+                ctx.shutdown.cancel();
+                return Ok(());
+            }
             Ok(_) => v1::CallReply {
                 ok: false,
                 error: "unsupported call".into(),

@@ -45,6 +45,11 @@ fn main() {
 }
 
 fn real_main() -> anyhow::Result<()> {
+    // A parent may have left SIGINT/SIGTERM blocked (the mask is inherited); we rely on them.
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    sigs.add(nix::sys::signal::Signal::SIGINT);
+    sigs.add(nix::sys::signal::Signal::SIGTERM);
+    let _ = sigs.thread_unblock();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

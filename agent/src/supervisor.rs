@@ -41,6 +41,9 @@ pub enum Cmd {
     Stop,
     /// Stop, then start.
     Restart,
+    /// Stop cleanly because the agent is going away; the database is started again by the next
+    /// agent (the status goes to shutdown like [`Cmd::Stop`]).
+    StopKeepDesired,
     /// Report a status decided elsewhere (building, failed, deleted).
     Report(ServiceStatus, String),
 }
@@ -291,7 +294,7 @@ impl Supervisor {
                 self.restart_at = None;
                 self.start().await
             }
-            Cmd::Stop => {
+            Cmd::Stop | Cmd::StopKeepDesired => {
                 self.restart_at = None;
                 self.stop().await
             }

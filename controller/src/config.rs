@@ -29,6 +29,10 @@ pub struct ControllerConfig {
     /// How long a delete waits for the agent before tearing the instance down without it.
     #[serde(default = "default_delete_grace")]
     pub delete_grace_s: u64,
+    /// On exit, ask every agent to stop its database cleanly and exit (the embedded demo does:
+    /// its databases must not outlive it). Off by default: a controller restart touches nothing.
+    #[serde(default)]
+    pub stop_agents_on_exit: bool,
     /// How agents are placed.
     pub provisioner: crate::provisioner::ProvisionerConfig,
 }

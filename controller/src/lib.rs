@@ -126,7 +126,38 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         .await
         .context("serving HTTP")?;
     tasks.shutdown().await;
+    if app.cfg.stop_agents_on_exit {
+        stop_agents(&app).await;
+    }
     let _ = app.client.flush().await;
     info!("coffer-controller stopped; agents and databases keep running");
     Ok(())
+}
+
+/// Asks every agent to stop its database cleanly and exit; waits for all of them.
+async fn stop_agents(app: &App) {
+    use coffer_proto::{subjects, v1, Message};
+    let Ok(instances) = app.store.live_instances().await else {
+        return;
+    };
+    let calls = instances.iter().map(|inst| async move {
+        let env = coffer_proto::envelope(
+            uuid::Uuid::new_v4().to_string(),
+            &inst.id,
+            v1::envelope::Body::Call(v1::Call {
+                kind: Some(v1::call::Kind::Shutdown(v1::Shutdown {})),
+            }),
+        );
+        let req = app
+            .client
+            .request(subjects::call(&inst.id), env.encode_to_vec().into());
+        match tokio::time::timeout(Duration::from_secs(120), req).await {
+            Ok(Ok(_)) => info!(instance = %inst.id, "database stopped and agent exited"),
+            Ok(Err(e)) => {
+                warn!(instance = %inst.id, error = %e, "agent did not answer the shutdown call")
+            }
+            Err(_) => warn!(instance = %inst.id, "agent shutdown timed out"),
+        }
+    });
+    futures::future::join_all(calls).await;
 }

@@ -1,1 +1,596 @@
-//! placeholder
+//! Test kit: starts real nats-server, coffer-controller (which places real agents running real
+//! mariadbd) on ports from one cross-process allocator, in a temp dir, and cleans everything up.
+//!
+//! Binaries come from `COFFER_BIN_DIR` (set by `cargo xtask test`) or sit beside the test binary;
+//! nats-server from `COFFER_NATS_SERVER`. Missing ones fail loudly, naming the fix.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+pub use reqwest::StatusCode;
+
+const PORT_MIN: u16 = 20000;
+const PORT_MAX: u16 = 32000;
+
+/// Hands out `n` free ports; a lock file makes it safe across test processes.
+pub fn alloc_ports(n: usize) -> Vec<u16> {
+    let tmp = std::env::temp_dir();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(tmp.join("coffer-test-ports.lock"))
+        .expect("opening the port allocator lock");
+    let _held = Flock::lock(lock, FlockArg::LockExclusive).expect("locking the port allocator");
+    let next_file = tmp.join("coffer-test-ports.next");
+    let mut next: u16 = std::fs::read_to_string(&next_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|p| (PORT_MIN..PORT_MAX).contains(p))
+        .unwrap_or(PORT_MIN + (std::process::id() % 1000) as u16);
+    let mut out = vec![];
+    let mut tried = 0;
+    while out.len() < n {
+        tried += 1;
+        assert!(
+            tried < 20000,
+            "no free ports left in {PORT_MIN}..{PORT_MAX}"
+        );
+        let p = next;
+        next = if next + 1 >= PORT_MAX {
+            PORT_MIN
+        } else {
+            next + 1
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            out.push(p);
+        }
+    }
+    std::fs::write(&next_file, next.to_string()).expect("writing the port allocator state");
+    out
+}
+
+/// Where the workspace binaries are.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("COFFER_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the suite with `cargo xtask test` (it builds the binaries first)",
+        p.display()
+    );
+    p
+}
+
+/// The nats-server binary (≥ 2.10, asserted).
+pub fn nats_server_bin() -> PathBuf {
+    let p = std::env::var("COFFER_NATS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let home = std::env::var("HOME").unwrap_or_default();
+            PathBuf::from(home).join(".cache/coffer/venv/bin/nats-server")
+        });
+    let out = Command::new(&p).arg("--version").output().unwrap_or_else(|e| {
+        panic!("nats-server not runnable at {} ({e}); run the suite with `cargo xtask test`, which installs it", p.display())
+    });
+    let v = String::from_utf8_lossy(&out.stdout).to_string();
+    let nums: Vec<u32> = v
+        .trim()
+        .rsplit('v')
+        .next()
+        .unwrap_or("")
+        .split('.')
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    assert!(
+        nums.len() >= 2 && (nums[0], nums[1]) >= (2, 10),
+        "nats-server at {} is '{}'; Coffer needs >= 2.10 (cargo xtask test installs one)",
+        p.display(),
+        v.trim()
+    );
+    p
+}
+
+/// A nats-server with JetStream in a temp dir; can be stopped and started again on the same port
+/// and store.
+pub struct Nats {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Nats {
+    pub fn start(dir: &Path, port: u16) -> Nats {
+        let mut n = Nats {
+            port,
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        n.resume();
+        n
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again).
+    pub fn resume(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("nats.log"))
+            .unwrap();
+        let child = Command::new(nats_server_bin())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.join("js"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting nats-server");
+        self.child = Some(child);
+        wait_tcp(self.port, Duration::from_secs(20));
+    }
+
+    /// Stops the server cleanly.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wait_tcp(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on port {port} after {timeout:?}");
+}
+
+/// Options for [`Env::start_with`].
+#[derive(Clone)]
+pub struct Opts {
+    pub heartbeat_interval_ms: u64,
+    pub lease_ms: u64,
+    pub heartbeat_expiry_s: u64,
+    pub build_timeout_s: u64,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            heartbeat_interval_ms: 500,
+            lease_ms: 1000,
+            heartbeat_expiry_s: 4,
+            build_timeout_s: 300,
+        }
+    }
+}
+
+/// One Coffer: nats-server + controller (+ the agents and databases it places).
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub nats: Nats,
+    pub api_port: u16,
+    pub project: String,
+    pub token: String,
+    pub admin_token: String,
+    pub other_token: String,
+    pub http: reqwest::Client,
+    controller: Option<Child>,
+    config: PathBuf,
+}
+
+impl Env {
+    pub async fn start() -> Env {
+        Self::start_with(Opts::default()).await
+    }
+
+    pub async fn start_with(o: Opts) -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("coffer-test-")
+            .tempdir()
+            .unwrap();
+        let ports = alloc_ports(2 + 8);
+        let nats = Nats::start(dir.path(), ports[0]);
+        let api_port = ports[1];
+        let (inst_min, inst_max) = (ports[2], ports[9]);
+        let project = "a1b2c3d4e5f6".to_string();
+        let token = "tok-user-0123456789abcdef".to_string();
+        let admin_token = "tok-admin-0123456789abcdef".to_string();
+        let other_token = "tok-other-0123456789abcdef".to_string();
+        let d = dir.path();
+        std::fs::write(
+            d.join("tokens.toml"),
+            format!(
+                "[[token]]\ntoken = \"{token}\"\nproject = \"{project}\"\n\n[[token]]\ntoken = \"{admin_token}\"\nproject = \"{project}\"\nadmin = true\n\n\
+                 [[token]]\ntoken = \"{other_token}\"\nproject = \"otherproject\"\n"
+            ),
+        )
+        .unwrap();
+        // The allocator hands out ascending ports, but they may not be contiguous: only ports it
+        // handed to us are in range when contiguous; otherwise the provisioner bind-checks each.
+        let config = d.join("controller.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {data:?}\nnats_url = {nats:?}\ntoken_file = {tokens:?}\n\
+                 heartbeat_expiry_s = {exp}\nlease_ms = {lease}\nbuild_timeout_s = {bt}\ndelete_grace_s = 20\n\n\
+                 [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
+                 port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\n",
+                data = d.join("controller").display().to_string(),
+                nats = nats.url(),
+                tokens = d.join("tokens.toml").display().to_string(),
+                exp = o.heartbeat_expiry_s,
+                lease = o.lease_ms,
+                bt = o.build_timeout_s,
+                agent = bin("coffer-agent").display().to_string(),
+                inst = d.join("instances").display().to_string(),
+                hb = o.heartbeat_interval_ms,
+            ),
+        )
+        .unwrap();
+        register(&config);
+        let mut env = Env {
+            dir,
+            nats,
+            api_port,
+            project,
+            token,
+            admin_token,
+            other_token,
+            http: reqwest::Client::new(),
+            controller: None,
+            config,
+        };
+        env.start_controller();
+        env
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    pub fn start_controller(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("controller.log"))
+            .unwrap();
+        let child = Command::new(bin("coffer-controller"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting coffer-controller");
+        self.controller = Some(child);
+        wait_tcp(self.api_port, Duration::from_secs(30));
+    }
+
+    /// Stops the controller with SIGTERM (agents and databases keep running).
+    pub fn stop_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}/v1.0/{}", self.api_port, self.project)
+    }
+
+    /// A request with the user token; returns status and JSON body (Null when empty).
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call_as(
+            &self.token.clone(),
+            method,
+            &format!("{}{}", self.base(), path),
+            body,
+        )
+        .await
+    }
+
+    pub async fn call_as(
+        &self,
+        token: &str,
+        method: &str,
+        url: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut rb = self.http.request(m, url).header("X-Auth-Token", token);
+        if let Some(b) = body {
+            rb = rb
+                .header("Content-Type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = rb.send().await.expect("HTTP request");
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, v)
+    }
+
+    pub async fn raw(&self, method: &str, path: &str, body: &str) -> (StatusCode, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = self
+            .http
+            .request(m, format!("{}{}", self.base(), path))
+            .header("X-Auth-Token", &self.token)
+            .header("Content-Type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Creates an instance with one database and one user; returns its id.
+    pub async fn create(&self, name: &str) -> String {
+        let (st, v) = self
+            .call(
+                "POST",
+                "/instances",
+                Some(json!({"instance": {
+                    "name": name, "flavorRef": "1", "volume": {"size": 1},
+                    "databases": [{"name": "shop"}],
+                    "users": [{"name": "app", "password": "s3cret-Pw", "databases": [{"name": "shop"}]}],
+                }})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "create failed: {v}");
+        assert_eq!(v["instance"]["status"], "BUILD", "{v}");
+        v["instance"]["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn show(&self, id: &str) -> (StatusCode, Value) {
+        self.call("GET", &format!("/instances/{id}"), None).await
+    }
+
+    /// Polls (every 10 ms) until the instance has `status`; panics with the last view otherwise.
+    pub async fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut last = Value::Null;
+        while Instant::now() < deadline {
+            let (st, v) = self.show(id).await;
+            if st == StatusCode::OK && v["instance"]["status"] == status {
+                return v["instance"].clone();
+            }
+            last = v;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "instance {id} did not reach {status} within {timeout:?}; last: {last}\n{}",
+            self.logs(id)
+        );
+    }
+
+    /// Polls until `pred` holds for the instance view.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut last = Value::Null;
+        while Instant::now() < deadline {
+            let (_, v) = self.show(id).await;
+            if pred(&v["instance"]) {
+                return v["instance"].clone();
+            }
+            last = v;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "instance {id}: {what} not seen within {timeout:?}; last: {last}\n{}",
+            self.logs(id)
+        );
+    }
+
+    pub fn instance_dir(&self, id: &str) -> PathBuf {
+        self.dir.path().join("instances").join(id)
+    }
+
+    pub fn agent_pid(&self, id: &str) -> Option<i32> {
+        std::fs::read_to_string(self.instance_dir(id).join("state/agent.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    pub fn db_pid(&self, id: &str) -> Option<i32> {
+        let v: Value = serde_json::from_str(
+            &std::fs::read_to_string(self.instance_dir(id).join("state/db.json")).ok()?,
+        )
+        .ok()?;
+        v["pid"].as_i64().map(|p| p as i32)
+    }
+
+    /// Number of intent records of `kind` the agent keeps (each intent handled once).
+    pub fn agent_intents(&self, id: &str, kind: &str) -> usize {
+        let Ok(rd) = std::fs::read_dir(self.instance_dir(id).join("state/intents")) else {
+            return 0;
+        };
+        rd.flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter(|t| t.contains(&format!("\"kind\":\"{kind}\"")))
+            .count()
+    }
+
+    /// Tails of the logs, for failure messages.
+    pub fn logs(&self, id: &str) -> String {
+        let tail = |p: PathBuf| {
+            let t = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = t.lines().collect();
+            format!(
+                "--- {} ---\n{}",
+                p.display(),
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            )
+        };
+        [
+            tail(self.dir.path().join("controller.log")),
+            tail(self.instance_dir(id).join("agent.log")),
+            tail(self.instance_dir(id).join("state/mariadb/mariadbd.err")),
+        ]
+        .join("\n")
+    }
+
+    /// A client connection using only what the API shows (ip + port) and the user's credentials.
+    pub async fn connect(
+        &self,
+        view: &Value,
+        user: &str,
+        password: &str,
+        db: &str,
+    ) -> sqlx::MySqlConnection {
+        use sqlx::ConnectOptions;
+        let host = view["ip"][0].as_str().expect("the API shows an ip");
+        let port = view["port"].as_u64().expect("the API shows a port") as u16;
+        sqlx::mysql::MySqlConnectOptions::new()
+            .host(host)
+            .port(port)
+            .username(user)
+            .password(password)
+            .database(db)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {host}:{port} as {user}: {e}"))
+    }
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    // A zombie counts as dead.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Registers MariaDB (the installed version) and the test flavors.
+pub fn register(config: &Path) {
+    let out = Command::new("/usr/sbin/mariadbd")
+        .arg("--version")
+        .output()
+        .expect("mariadbd --version");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let full: String = text
+        .split("Ver ")
+        .nth(1)
+        .unwrap_or("")
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let label: String = full.split('.').take(2).collect::<Vec<_>>().join(".");
+    let manage = |args: &[&str]| {
+        let out = Command::new(bin("coffer-controller"))
+            .arg("--config")
+            .arg(config)
+            .arg("manage")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "manage {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    manage(&["datastore-update", "mariadb"]);
+    manage(&[
+        "datastore-version-update",
+        "mariadb",
+        &label,
+        "mariadb",
+        &full,
+    ]);
+    manage(&["datastore-default-version", "mariadb", &label]);
+    manage(&["flavor-create", "1", "coffer.tiny", "256", "1", "1"]);
+    manage(&["flavor-create", "2", "coffer.small", "512", "1", "2"]);
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let Ok(rd) = std::fs::read_dir(self.dir.path().join("instances")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().to_string();
+            if let Some(p) = self.agent_pid(&id) {
+                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+            let pidfile = e.path().join("state/mariadb/mariadbd.pid");
+            let pids = [
+                self.db_pid(&id),
+                std::fs::read_to_string(pidfile)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok()),
+            ];
+            for p in pids.into_iter().flatten() {
+                let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&*self.dir.path().to_string_lossy()) {
+                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}

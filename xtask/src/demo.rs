@@ -1,0 +1,319 @@
+//! `cargo xtask demo`: nats-server (JetStream) + the controller (SQLite, process provisioner) with
+//! MariaDB registered, in the foreground. Ports, tokens and keys persist under `.coffer/`, so a
+//! second run resumes the same instances with their data.
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::unistd::Pid;
+
+use crate::env;
+
+/// Settings kept across runs.
+struct Persisted {
+    nats_port: u16,
+    api_port: u16,
+    project: String,
+    token: String,
+    admin_token: String,
+}
+
+fn random_hex(n: usize) -> anyhow::Result<String> {
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn load_or_create(dir: &Path) -> anyhow::Result<Persisted> {
+    let f = dir.join("demo.state");
+    if let Ok(text) = std::fs::read_to_string(&f) {
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(String::from)
+                .with_context(|| format!("{} lacks {k}; remove it to start afresh", f.display()))
+        };
+        return Ok(Persisted {
+            nats_port: get("nats_port")?.parse()?,
+            api_port: get("api_port")?.parse()?,
+            project: get("project")?,
+            token: get("token")?,
+            admin_token: get("admin_token")?,
+        });
+    }
+    let p = Persisted {
+        nats_port: free_port()?,
+        api_port: free_port()?,
+        project: random_hex(16)?,
+        token: random_hex(24)?,
+        admin_token: random_hex(24)?,
+    };
+    write_private(
+        &f,
+        &format!(
+            "nats_port={}\napi_port={}\nproject={}\ntoken={}\nadmin_token={}\n",
+            p.nats_port, p.api_port, p.project, p.token, p.admin_token
+        ),
+    )?;
+    Ok(p)
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn wait_port(port: u16, what: &str, child: &mut Child, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Some(st) = child.try_wait()? {
+            bail!("{what} exited ({st}) while starting; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!(
+        "{what} did not listen on port {port} within 60 s; see {}",
+        log.display()
+    )
+}
+
+fn spawn_logged(mut c: Command, log: &Path) -> anyhow::Result<Child> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    c.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
+    // Own process group: Ctrl-C reaches only xtask, which stops everything in order.
+    std::os::unix::process::CommandExt::process_group(&mut c, 0);
+    Ok(c.spawn()?)
+}
+
+fn stop(child: &mut Child, what: &str, timeout: Duration) {
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            eprintln!("xtask: {what} stopped");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("xtask: {what} did not stop in {timeout:?}; killing it");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn mariadb_version() -> anyhow::Result<String> {
+    let out = Command::new("/usr/sbin/mariadbd")
+        .arg("--version")
+        .output()
+        .context("running mariadbd --version")?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let v: String = text
+        .split("Ver ")
+        .nth(1)
+        .unwrap_or("")
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    if v.is_empty() {
+        bail!("cannot read the MariaDB version from: {text}");
+    }
+    Ok(v)
+}
+
+/// Registers MariaDB (installed version) and small flavors; safe to repeat.
+pub fn register(controller: &Path, config: &Path) -> anyhow::Result<String> {
+    let full = mariadb_version()?;
+    let label: String = full.split('.').take(2).collect::<Vec<_>>().join(".");
+    let manage = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new(controller)
+            .arg("--config")
+            .arg(config)
+            .arg("manage")
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "coffer-controller manage {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    manage(&["datastore-update", "mariadb"])?;
+    manage(&[
+        "datastore-version-update",
+        "mariadb",
+        &label,
+        "mariadb",
+        &full,
+    ])?;
+    manage(&["datastore-default-version", "mariadb", &label])?;
+    for (id, name, ram, vcpus, disk) in [
+        ("1", "coffer.tiny", "256", "1", "2"),
+        ("2", "coffer.small", "512", "1", "5"),
+        ("3", "coffer.medium", "1024", "2", "10"),
+    ] {
+        manage(&["flavor-create", id, name, ram, vcpus, disk])?;
+    }
+    Ok(label)
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let mut dir = env::root().join(".coffer");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--dir" => dir = PathBuf::from(it.next().context("--dir needs a path")?),
+            other => bail!("unknown demo option '{other}' (known: --dir DIR)"),
+        }
+    }
+    // Block SIGINT/SIGTERM now; they are awaited below (children get a clean mask from std).
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    sigs.thread_block()?;
+
+    let tools = env::prepare()?;
+    env::step("building coffer-controller and coffer-agent");
+    env::cargo(&[
+        "build",
+        "--bins",
+        "-p",
+        "coffer-controller",
+        "-p",
+        "coffer-agent",
+    ])?;
+    std::fs::create_dir_all(&dir)?;
+    let dir = dir.canonicalize()?;
+    let p = load_or_create(&dir)?;
+    let controller_bin = tools.bin_dir.join("coffer-controller");
+    let agent_bin = tools.bin_dir.join("coffer-agent");
+
+    write_private(
+        &dir.join("tokens.toml"),
+        &format!(
+            "[[token]]\ntoken = \"{}\"\nproject = \"{}\"\n\n[[token]]\ntoken = \"{}\"\nproject = \"{}\"\nadmin = true\n",
+            p.token, p.project, p.admin_token, p.project
+        ),
+    )?;
+    let config = dir.join("controller.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\nnats_url = \"nats://127.0.0.1:{nats}\"\ntoken_file = {tokens:?}\n\
+             stop_agents_on_exit = true\n\n[provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
+             port_min = 33306\nport_max = 33405\n",
+            api = p.api_port,
+            data = dir.join("controller").display().to_string(),
+            nats = p.nats_port,
+            tokens = dir.join("tokens.toml").display().to_string(),
+            agent = agent_bin.display().to_string(),
+            inst = dir.join("instances").display().to_string(),
+        ),
+    )?;
+
+    env::step(&format!("starting nats-server on port {}", p.nats_port));
+    let nats_log = dir.join("nats.log");
+    let mut nats_cmd = Command::new(&tools.nats_server);
+    nats_cmd
+        .args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &p.nats_port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(dir.join("nats"));
+    let mut nats = spawn_logged(nats_cmd, &nats_log)?;
+    wait_port(p.nats_port, "nats-server", &mut nats, &nats_log)?;
+
+    let label = register(&controller_bin, &config)?;
+    env::step(&format!(
+        "starting coffer-controller on port {}",
+        p.api_port
+    ));
+    let ctl_log = dir.join("controller.log");
+    let mut ctl_cmd = Command::new(&controller_bin);
+    ctl_cmd.arg("--config").arg(&config).arg("serve");
+    let mut controller = match spawn_logged(ctl_cmd, &ctl_log) {
+        Ok(c) => c,
+        Err(e) => {
+            stop(&mut nats, "nats-server", Duration::from_secs(10));
+            return Err(e);
+        }
+    };
+    if let Err(e) = wait_port(p.api_port, "coffer-controller", &mut controller, &ctl_log) {
+        stop(&mut nats, "nats-server", Duration::from_secs(10));
+        return Err(e);
+    }
+
+    let endpoint = format!("http://127.0.0.1:{}/v1.0/{}", p.api_port, p.project);
+    write_private(
+        &dir.join("demo.env"),
+        &format!(
+            "COFFER_ENDPOINT={endpoint}\nCOFFER_PROJECT={}\nCOFFER_TOKEN={}\nCOFFER_ADMIN_TOKEN={}\nCOFFER_PYTHON={}\n",
+            p.project,
+            p.token,
+            p.admin_token,
+            tools.python.display()
+        ),
+    )?;
+    println!(
+        r#"
+Coffer is up (MariaDB {label}; logs and data in {dir}).
+
+  set -a; . {dir}/demo.env; set +a
+  curl -s -H "X-Auth-Token: $COFFER_TOKEN" $COFFER_ENDPOINT/flavors
+  curl -s -H "X-Auth-Token: $COFFER_TOKEN" -H 'Content-Type: application/json' $COFFER_ENDPOINT/instances \
+    -d '{{"instance": {{"name": "db1", "flavorRef": "1", "volume": {{"size": 1}},
+         "databases": [{{"name": "shop"}}], "users": [{{"name": "app", "password": "change-me", "databases": [{{"name": "shop"}}]}}]}}}}'
+  curl -s -H "X-Auth-Token: $COFFER_TOKEN" $COFFER_ENDPOINT/instances      # wait for ACTIVE, then use ip + port
+  mariadb -h 127.0.0.1 -P <port> -u app -p shop
+
+python-troveclient (no Keystone; the token_endpoint plugin):
+  $COFFER_PYTHON -c 'import os; from keystoneauth1 import session; from keystoneauth1.token_endpoint import Token
+from troveclient.v1 import client
+c = client.Client(session=session.Session(auth=Token(os.environ["COFFER_ENDPOINT"], os.environ["COFFER_TOKEN"])))
+print([(i.name, i.status) for i in c.instances.list()])'
+
+Ctrl-C stops the API, the databases (cleanly, through their agents), the agents, the controller and nats-server.
+"#,
+        dir = dir.display()
+    );
+
+    let sig = sigs.wait()?;
+    eprintln!("xtask: {sig:?} received; stopping Coffer");
+    // The controller stops serving, asks every agent to stop its database and exit, then exits.
+    stop(
+        &mut controller,
+        "coffer-controller (API, databases, agents)",
+        Duration::from_secs(180),
+    );
+    stop(&mut nats, "nats-server", Duration::from_secs(30));
+    Ok(())
+}

