@@ -380,12 +380,21 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
 /// Periodic checks: builds that never finish, deletes whose agent never answered.
 pub async fn timers_loop(app: Arc<App>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n: u64 = 0;
     loop {
         tick.tick().await;
+        n += 1;
         let Ok(rows) = app.store.live_instances().await else {
             continue;
         };
         for r in rows {
+            // An agent that died (killed, crashed) is started again; it adopts its database.
+            let being_deleted = app.deleting.lock().unwrap().contains(&r.id);
+            if n % 3 == 0 && r.task != task::DELETING && !being_deleted {
+                if let Err(e) = app.provisioner.ensure(&r.id).await {
+                    warn!(instance = %r.id, error = %format!("{e:#}"), "could not ensure agent");
+                }
+            }
             let age = store::age_secs(&r.task_started);
             if r.task == task::BUILDING && age > app.cfg.build_timeout_s as i64 {
                 if let Ok(mut tx) = app.store.begin().await {

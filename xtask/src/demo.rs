@@ -184,11 +184,13 @@ pub fn register(controller: &Path, config: &Path) -> anyhow::Result<String> {
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut dir = env::root().join(".coffer");
+    let mut build = true;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--dir" => dir = PathBuf::from(it.next().context("--dir needs a path")?),
-            other => bail!("unknown demo option '{other}' (known: --dir DIR)"),
+            "--no-build" => build = false,
+            other => bail!("unknown demo option '{other}' (known: --dir DIR, --no-build)"),
         }
     }
     // Block SIGINT/SIGTERM now; they are awaited below (children get a clean mask from std).
@@ -197,16 +199,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     sigs.add(Signal::SIGTERM);
     sigs.thread_block()?;
 
-    let tools = env::prepare()?;
-    env::step("building coffer-controller and coffer-agent");
-    env::cargo(&[
-        "build",
-        "--bins",
-        "-p",
-        "coffer-controller",
-        "-p",
-        "coffer-agent",
-    ])?;
+    let mut tools = env::prepare()?;
+    if build {
+        env::step("building coffer-controller and coffer-agent");
+        env::cargo(&["build", "--workspace", "--bins"])?;
+    } else if let Ok(d) = std::env::var("COFFER_BIN_DIR") {
+        tools.bin_dir = PathBuf::from(d);
+    }
     std::fs::create_dir_all(&dir)?;
     let dir = dir.canonicalize()?;
     let p = load_or_create(&dir)?;

@@ -1,0 +1,176 @@
+//! `cargo xtask demo`: stop it with SIGINT (everything it started stops, databases cleanly) and run
+//! it again: the same instance comes back with the row written before.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coffer_tests::{bin, pid_alive, StatusCode};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use sqlx::{ConnectOptions, Connection, Row};
+
+fn start_demo(dir: &Path) -> Child {
+    let _ = std::fs::remove_file(dir.join("demo.env"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("xtask.log"))
+        .unwrap();
+    let child = Command::new(bin("xtask"))
+        .args(["demo", "--no-build", "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !dir.join("demo.env").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "demo did not come up: {}",
+            std::fs::read_to_string(dir.join("xtask.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+fn stop_demo(mut child: Child, dir: &Path) {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "demo exited with {st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "demo did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Nothing it started is left.
+    let leftovers: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|p| pid_alive(*p))
+        .filter_map(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .ok()
+                .map(|c| (p, String::from_utf8_lossy(&c).replace('\0', " ")))
+        })
+        .filter(|(_, c)| c.contains(&*dir.to_string_lossy()))
+        .map(|(p, c)| format!("{p}: {c}"))
+        .collect();
+    assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");
+    let err_log = std::fs::read_dir(dir.join("instances"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            std::fs::read_to_string(e.path().join("state/mariadb/mariadbd.err")).unwrap_or_default()
+        })
+        .collect::<String>();
+    assert!(
+        err_log.contains("Shutdown complete"),
+        "databases were shut down cleanly: {err_log}"
+    );
+}
+
+fn env_of(dir: &Path) -> (String, String) {
+    let text = std::fs::read_to_string(dir.join("demo.env")).unwrap();
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_string()
+    };
+    (get("COFFER_ENDPOINT"), get("COFFER_TOKEN"))
+}
+
+async fn wait_active(http: &reqwest::Client, url: &str, token: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = http
+            .get(url)
+            .header("X-Auth-Token", token)
+            .send()
+            .await
+            .unwrap();
+        let v: Value = r.json().await.unwrap();
+        if v["instance"]["status"] == "ACTIVE" {
+            return v["instance"].clone();
+        }
+        assert!(Instant::now() < deadline, "not ACTIVE: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn connect(v: &Value) -> sqlx::MySqlConnection {
+    sqlx::mysql::MySqlConnectOptions::new()
+        .host(v["ip"][0].as_str().unwrap())
+        .port(v["port"].as_u64().unwrap() as u16)
+        .username("app")
+        .password("pw-demo-1")
+        .database("shop")
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_stops_cleanly_and_resumes_with_the_data() {
+    let tmp = tempfile::Builder::new()
+        .prefix("coffer-demo-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
+    let http = reqwest::Client::new();
+
+    let demo = start_demo(dir);
+    let (endpoint, token) = env_of(dir);
+    let r = http
+        .post(format!("{endpoint}/instances"))
+        .header("X-Auth-Token", &token)
+        .json(&json!({"instance": {"name": "demo1", "flavorRef": "1", "volume": {"size": 1},
+            "databases": [{"name": "shop"}], "users": [{"name": "app", "password": "pw-demo-1", "databases": [{"name": "shop"}]}]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let id = r.json::<Value>().await.unwrap()["instance"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!("{endpoint}/instances/{id}");
+    let v = wait_active(&http, &url, &token).await;
+    let mut c = connect(&v).await;
+    sqlx::query("CREATE TABLE t (s VARCHAR(10))")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO t VALUES ('kept')")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+    stop_demo(demo, dir);
+
+    let demo = start_demo(dir);
+    let (endpoint2, token2) = env_of(dir);
+    assert_eq!(
+        (endpoint2, token2.clone()),
+        (endpoint, token.clone()),
+        "ports and tokens persist"
+    );
+    let v = wait_active(&http, &url, &token2).await;
+    let mut c = connect(&v).await;
+    let s: String = sqlx::query("SELECT s FROM t")
+        .fetch_one(&mut c)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(s, "kept");
+    c.close().await.unwrap();
+    stop_demo(demo, dir);
+}

@@ -1,0 +1,83 @@
+//! python-troveclient (keystoneauth1's token_endpoint plugin, no Keystone) against the API.
+
+use std::process::Command;
+
+use coffer_tests::Env;
+
+const SCRIPT: &str = r#"
+import json, os, sys, time
+from keystoneauth1 import session
+from keystoneauth1.token_endpoint import Token
+from troveclient.v1 import client
+
+c = client.Client(session=session.Session(auth=Token(os.environ["EP"], os.environ["TOKEN"])))
+out = {}
+out["datastores"] = [d.name for d in c.datastores.list()]
+ds = c.datastores.get("mariadb")
+out["versions"] = [v.name for v in c.datastore_versions.list(ds.id)]
+out["flavors"] = [f.name for f in c.flavors.list()]
+inst = c.instances.create("tc1", "1", volume={"size": 1}, datastore="mariadb",
+                          databases=[{"name": "tcdb"}], users=[{"name": "tcu", "password": "tc-pass-1", "databases": [{"name": "tcdb"}]}])
+out["created_status"] = inst.status
+deadline = time.time() + 120
+while True:
+    i = c.instances.get(inst.id)
+    if i.status in ("ACTIVE", "ERROR") or time.time() > deadline:
+        break
+    time.sleep(0.2)
+out["status"] = i.status
+out["listed"] = [x.id for x in c.instances.list()]
+out["ip"] = i.ip
+c.instances.delete(inst.id)
+deadline = time.time() + 60
+gone = False
+while time.time() < deadline:
+    try:
+        c.instances.get(inst.id)
+        time.sleep(0.2)
+    except Exception as e:
+        gone = type(e).__name__ == "NotFound"
+        break
+out["deleted"] = gone
+out["id"] = inst.id
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn troveclient_lists_creates_shows_and_deletes() {
+    let env = Env::start().await;
+    let python = std::env::var("COFFER_PYTHON").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/coffer/venv/bin/python",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let out = tokio::task::spawn_blocking({
+        let ep = env.base();
+        let token = env.token.clone();
+        move || {
+            Command::new(&python)
+                .args(["-c", SCRIPT])
+                .env("EP", ep)
+                .env("TOKEN", token)
+                .output()
+        }
+    })
+    .await
+    .unwrap()
+    .expect("running python with troveclient (cargo xtask test installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "troveclient script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(v["datastores"], serde_json::json!(["mariadb"]));
+    assert_eq!(v["flavors"][0], "coffer.tiny");
+    assert_eq!(v["created_status"], "BUILD");
+    assert_eq!(v["status"], "ACTIVE", "{v}");
+    assert!(v["listed"].as_array().unwrap().contains(&v["id"]));
+    assert_eq!(v["ip"], serde_json::json!(["127.0.0.1"]));
+    assert_eq!(v["deleted"], true, "{v}");
+}
