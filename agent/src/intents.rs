@@ -164,21 +164,21 @@ async fn handle(ctx: &Arc<Ctx>, msg: async_nats::jetstream::Message) {
     };
     let Some(kind) = intent.kind.clone() else {
         warn!(intent_id = %id, "unknown intent kind; terminating it");
-        let _ = msg.ack_with(AckKind::Term).await;
-        report(
-            ctx,
-            &id,
-            "",
-            failed(
-                v1::FailureCode::Unsupported,
-                format!(
-                    "this agent ({}) does not know this intent kind (schema {}); upgrade the agent",
-                    coffer_proto::SOFTWARE_VERSION,
-                    env.schema_version
-                ),
+        let rec = IntentRecord {
+            kind: String::new(),
+            state: "failed".into(),
+            code: v1::FailureCode::Unsupported as i32,
+            message: format!(
+                "this agent ({}) does not know this intent kind (schema {}); upgrade the agent",
+                coffer_proto::SOFTWARE_VERSION,
+                env.schema_version
             ),
-        )
-        .await;
+        };
+        if !id.is_empty() {
+            let _ = ctx.state.record_intent(&id, &rec);
+        }
+        let _ = msg.ack_with(AckKind::Term).await;
+        republish(ctx, &id, &rec).await;
         return;
     };
     let kind_name = coffer_proto::intent_kind_name(&kind);

@@ -121,3 +121,31 @@ pub fn load_tokens(path: &Path) -> anyhow::Result<HashMap<String, Principal>> {
     }
     Ok(m)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(expiry: u64, lease: u64, hb: u64) -> String {
+        format!(
+            "listen = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nnats_url = \"nats://x\"\ntoken_file = \"/t\"\n\
+             heartbeat_expiry_s = {expiry}\nlease_ms = {lease}\n[provisioner]\nkind = \"process\"\n\
+             agent_binary = \"/a\"\ninstances_dir = \"/i\"\nport_min = 1\nport_max = 2\nheartbeat_interval_ms = {hb}\n"
+        )
+    }
+
+    #[test]
+    fn expiry_must_exceed_lease_plus_two_intervals() {
+        let ok: ControllerConfig = toml::from_str(&cfg(15, 6000, 2000)).unwrap();
+        ok.validate().unwrap();
+        let bad: ControllerConfig = toml::from_str(&cfg(10, 6000, 2000)).unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("heartbeat_expiry_s"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let text = cfg(15, 6000, 2000).replace("lease_ms", "lease_msec");
+        assert!(toml::from_str::<ControllerConfig>(&text).is_err());
+    }
+}

@@ -152,7 +152,14 @@ async fn stop_agents(app: &App) {
             .client
             .request(subjects::call(&inst.id), env.encode_to_vec().into());
         match tokio::time::timeout(Duration::from_secs(120), req).await {
-            Ok(Ok(_)) => info!(instance = %inst.id, "database stopped and agent exited"),
+            Ok(Ok(_)) => {
+                // Record it now: the agent's own status event may not get out before it exits.
+                let _ = app
+                    .store
+                    .set_service_status(&inst.id, "shutdown", None)
+                    .await;
+                info!(instance = %inst.id, "database stopped and agent exited");
+            }
             Ok(Err(e)) => {
                 warn!(instance = %inst.id, error = %e, "agent did not answer the shutdown call")
             }

@@ -386,13 +386,19 @@ impl Store {
         fault: Option<&str>,
     ) -> anyhow::Result<()> {
         let ts = now();
+        // A database that runs again clears a fault its agent reported (a crash); a fault from a
+        // failed build stays with the building_error task.
         sqlx::query(
             "UPDATE instances SET service_status = ?, updated = ?, \
-             fault = COALESCE(?, fault), fault_at = CASE WHEN ? IS NULL THEN fault_at ELSE ? END WHERE id = ?",
+             fault = CASE WHEN ? = 'running' AND task = 'none' THEN NULL ELSE COALESCE(?, fault) END, \
+             fault_at = CASE WHEN ? = 'running' AND task = 'none' THEN NULL WHEN ? IS NULL THEN fault_at ELSE ? END \
+             WHERE id = ?",
         )
         .bind(status)
         .bind(&ts)
+        .bind(status)
         .bind(fault)
+        .bind(status)
         .bind(fault)
         .bind(&ts)
         .bind(id)

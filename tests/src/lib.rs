@@ -192,6 +192,8 @@ pub struct Opts {
     pub lease_ms: u64,
     pub heartbeat_expiry_s: u64,
     pub build_timeout_s: u64,
+    /// Extra TOML for every agent's `[datastore]` table (e.g. a broken install-db binary).
+    pub datastore_extra: String,
 }
 
 impl Default for Opts {
@@ -201,6 +203,7 @@ impl Default for Opts {
             lease_ms: 1000,
             heartbeat_expiry_s: 4,
             build_timeout_s: 300,
+            datastore_extra: String::new(),
         }
     }
 }
@@ -255,7 +258,7 @@ impl Env {
                 "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {data:?}\nnats_url = {nats:?}\ntoken_file = {tokens:?}\n\
                  heartbeat_expiry_s = {exp}\nlease_ms = {lease}\nbuild_timeout_s = {bt}\ndelete_grace_s = 20\n\n\
                  [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
-                 port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\n",
+                 port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\ndatastore_extra = {extra:?}\n",
                 data = d.join("controller").display().to_string(),
                 nats = nats.url(),
                 tokens = d.join("tokens.toml").display().to_string(),
@@ -265,6 +268,7 @@ impl Env {
                 agent = bin("coffer-agent").display().to_string(),
                 inst = d.join("instances").display().to_string(),
                 hb = o.heartbeat_interval_ms,
+                extra = o.datastore_extra,
             ),
         )
         .unwrap();

@@ -85,6 +85,39 @@ async fn create_connect_restart_delete() {
     assert_eq!(st, StatusCode::ACCEPTED);
     assert_eq!(env.show(&id).await.1["instance"]["name"], "renamed");
 
+    // Secrets appear in no log and no process argument.
+    let admin_pw =
+        std::fs::read_to_string(env.instance_dir(&id).join("state/mariadb/admin.password"))
+            .unwrap();
+    assert!(admin_pw.trim().len() >= 24);
+    let mut texts = vec![
+        std::fs::read_to_string(env.dir.path().join("controller.log")).unwrap(),
+        std::fs::read_to_string(env.instance_dir(&id).join("agent.log")).unwrap(),
+        std::fs::read_to_string(env.instance_dir(&id).join("state/mariadb/mariadbd.err")).unwrap(),
+    ];
+    for pid in [env.agent_pid(&id).unwrap(), env.db_pid(&id).unwrap()] {
+        texts.push(
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+                .to_string(),
+        );
+        texts.push(
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
+                .to_string(),
+        );
+    }
+    for t in &texts {
+        assert!(
+            !t.contains("s3cret-Pw") && !t.contains(admin_pw.trim()),
+            "a secret leaked into: {t}"
+        );
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(env.instance_dir(&id).join("state/mariadb/admin.password"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
     let agent_pid = env.agent_pid(&id).expect("agent pid");
     let (st, _) = env.call("DELETE", &format!("/instances/{id}"), None).await;
     assert_eq!(st, StatusCode::ACCEPTED);

@@ -1,4 +1,322 @@
-//! `cargo xtask bench lifecycle` (filled in below).
-pub fn run(_args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("bench lifecycle is not built yet")
+//! `cargo xtask bench lifecycle [--runs N] [--idle-secs S]`: in one run, side by side,
+//! - the floor: `mariadb-install-db` + `mariadbd` with the very my.cnf Coffer renders for the same
+//!   flavor, until `SELECT 1` answers;
+//! - Coffer: create → ACTIVE through the API, polled every 10 ms;
+//! - their ratio (medians), and the agent's idle RSS and CPU over a window.
+//! Release binaries. Figures, not assertions.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use crate::env;
+
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Auth-Token: {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status: u16 = out.split_whitespace().nth(1).unwrap_or("0").parse()?;
+    let b = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    Ok((status, serde_json::from_str(b).unwrap_or(Value::Null)))
+}
+
+fn stats(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Killer(Vec<Child>);
+impl Drop for Killer {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One floor run: returns seconds from install-db start until SELECT 1 answers.
+fn floor_run(cnf_template: &str, instance_root: &str, dir: &Path) -> anyhow::Result<f64> {
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    let port = free_port();
+    let cnf = cnf_template
+        .replace(instance_root, &dir.display().to_string())
+        .lines()
+        .map(|l| {
+            if l.starts_with("port = ") {
+                format!("port = {port}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let cnf_path = dir.join("my.cnf");
+    std::fs::write(&cnf_path, cnf)?;
+    let sock = dir.join("mysqld.sock");
+    let t0 = Instant::now();
+    let st = Command::new("mariadb-install-db")
+        .arg(format!("--defaults-file={}", cnf_path.display()))
+        .arg(format!("--datadir={}", dir.join("data").display()))
+        .args(["--auth-root-authentication-method=socket", "--skip-test-db"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("mariadb-install-db failed in the floor run");
+    }
+    let child = Command::new("/usr/sbin/mariadbd")
+        .arg(format!("--defaults-file={}", cnf_path.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let _k = Killer(vec![child]);
+    loop {
+        let ok = Command::new("mariadb")
+            .arg(format!("--socket={}", sock.display()))
+            .args(["-u", "root", "-e", "SELECT 1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?
+            .success();
+        if ok {
+            return Ok(t0.elapsed().as_secs_f64());
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("floor mariadbd never answered");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn proc_rss_kb(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn proc_cpu_ticks(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let mut it = args.iter();
+    let what = it.next().map(String::as_str).unwrap_or("");
+    if what != "lifecycle" {
+        bail!("usage: cargo xtask bench lifecycle [--runs N] [--idle-secs S]");
+    }
+    let mut runs = 5usize;
+    let mut idle = 60u64;
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--runs" => runs = it.next().context("--runs N")?.parse()?,
+            "--idle-secs" => idle = it.next().context("--idle-secs S")?.parse()?,
+            other => bail!("unknown bench option '{other}'"),
+        }
+    }
+    let tools = env::prepare()?;
+    env::step("building release binaries");
+    env::cargo(&["build", "--release", "--workspace", "--bins"])?;
+    let bins = tools.target_dir.join("release");
+    let tmp = std::env::temp_dir().join(format!("coffer-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let result = bench(&tools, &bins, &tmp, runs, idle);
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+fn bench(
+    tools: &env::Tools,
+    bins: &Path,
+    tmp: &Path,
+    runs: usize,
+    idle: u64,
+) -> anyhow::Result<()> {
+    let nats_port = free_port();
+    let api_port = free_port();
+    let mut procs = Killer(vec![]);
+    procs.0.push(
+        Command::new(&tools.nats_server)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &nats_port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(tmp.join("nats"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let token = "bench-token-0123456789";
+    std::fs::write(
+        tmp.join("tokens.toml"),
+        format!("[[token]]\ntoken = \"{token}\"\nproject = \"bench\"\nadmin = true\n"),
+    )?;
+    let cfg = tmp.join("controller.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {:?}\nnats_url = \"nats://127.0.0.1:{nats_port}\"\ntoken_file = {:?}\n\
+             stop_agents_on_exit = true\n[provisioner]\nkind = \"process\"\nagent_binary = {:?}\ninstances_dir = {:?}\nport_min = 34306\nport_max = 34405\n",
+            tmp.join("controller").display().to_string(),
+            tmp.join("tokens.toml").display().to_string(),
+            bins.join("coffer-agent").display().to_string(),
+            tmp.join("instances").display().to_string(),
+        ),
+    )?;
+    crate::demo::register(&bins.join("coffer-controller"), &cfg)?;
+    procs.0.push(
+        Command::new(bins.join("coffer-controller"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(tmp.join("controller.log"))?)
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", api_port)).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "controller did not start; see {}",
+                tmp.join("controller.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    env::step(&format!("create -> ACTIVE through the API, {runs} runs"));
+    let mut coffer = vec![];
+    let mut last_id = String::new();
+    for i in 0..runs {
+        let body = json!({"instance": {"name": format!("bench{i}"), "flavorRef": "1", "volume": {"size": 1}}});
+        let t0 = Instant::now();
+        let (st, v) = http(
+            api_port,
+            "POST",
+            "/v1.0/bench/instances",
+            token,
+            Some(&body),
+        )?;
+        if st != 200 {
+            bail!("create failed: {st} {v}");
+        }
+        let id = v["instance"]["id"].as_str().unwrap_or_default().to_string();
+        loop {
+            let (_, v) = http(
+                api_port,
+                "GET",
+                &format!("/v1.0/bench/instances/{id}"),
+                token,
+                None,
+            )?;
+            match v["instance"]["status"].as_str() {
+                Some("ACTIVE") => break,
+                Some("ERROR") => bail!("instance went to ERROR: {v}"),
+                _ => {}
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!("instance not ACTIVE after 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        coffer.push(t0.elapsed().as_secs_f64());
+        eprintln!("  coffer run {}: {:.3} s", i + 1, coffer[i]);
+        last_id = id;
+    }
+
+    // The floor uses the very my.cnf Coffer rendered for the same flavor.
+    let root = tmp.join("instances").join(&last_id).join("state/mariadb");
+    let cnf =
+        std::fs::read_to_string(root.join("my.cnf")).context("reading the rendered my.cnf")?;
+    env::step(&format!(
+        "floor: mariadb-install-db + mariadbd until SELECT 1, {runs} runs"
+    ));
+    let mut floor = vec![];
+    for i in 0..runs {
+        let d = tmp.join(format!("floor{i}"));
+        floor.push(floor_run(&cnf, &root.display().to_string(), &d)?);
+        eprintln!("  floor run {}: {:.3} s", i + 1, floor[i]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    let agent_pid: i32 =
+        std::fs::read_to_string(tmp.join("instances").join(&last_id).join("state/agent.pid"))?
+            .trim()
+            .parse()?;
+    env::step(&format!("agent idle RSS and CPU over {idle} s"));
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let c0 = proc_cpu_ticks(agent_pid);
+    let t0 = Instant::now();
+    let mut rss_max = 0;
+    while t0.elapsed() < Duration::from_secs(idle) {
+        rss_max = rss_max.max(proc_rss_kb(agent_pid));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let cpu = (proc_cpu_ticks(agent_pid) - c0) as f64 / ticks / t0.elapsed().as_secs_f64() * 100.0;
+
+    let (fm, fmin, fmax) = stats(&mut floor);
+    let (cm, cmin, cmax) = stats(&mut coffer);
+    println!("\nbench lifecycle ({runs} runs, flavor coffer.tiny, MariaDB, release build)");
+    println!("  floor  install-db + mariadbd -> SELECT 1 : median {fm:.3} s  (min {fmin:.3}, max {fmax:.3})");
+    println!("  coffer create -> ACTIVE (10 ms polls)    : median {cm:.3} s  (min {cmin:.3}, max {cmax:.3})");
+    println!(
+        "  ratio coffer / floor                     : {:.2}  (target <= 1.3)",
+        cm / fm
+    );
+    println!(
+        "  agent idle RSS                           : {:.1} MB (max over {idle} s; target < 20 MB)",
+        rss_max as f64 / 1024.0
+    );
+    println!("  agent idle CPU                           : {cpu:.2} % of one core");
+    // Stop the controller first so it shuts the agents and databases down cleanly.
+    if let Some(mut c) = procs.0.pop() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = c.wait();
+    }
+    Ok(())
 }
