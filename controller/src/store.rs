@@ -651,20 +651,24 @@ impl Store {
         Ok(id)
     }
 
-    pub async fn set_default_version(&self, datastore: &str, version: &str) -> anyhow::Result<()> {
+    /// A version of a datastore by name or id (admin commands).
+    async fn named_version(&self, datastore: &str, version: &str) -> anyhow::Result<VersionRow> {
         let ds = self
             .datastore(datastore)
             .await?
             .with_context(|| format!("datastore '{datastore}' does not exist"))?;
-        let v = self
-            .versions_of(&ds.id)
+        self.versions_of(&ds.id)
             .await?
             .into_iter()
             .find(|v| v.name == version || v.id == version)
-            .with_context(|| format!("datastore '{datastore}' has no version '{version}'"))?;
+            .with_context(|| format!("datastore '{datastore}' has no version '{version}'"))
+    }
+
+    pub async fn set_default_version(&self, datastore: &str, version: &str) -> anyhow::Result<()> {
+        let v = self.named_version(datastore, version).await?;
         sqlx::query("UPDATE datastores SET default_version_id = ? WHERE id = ?")
             .bind(&v.id)
-            .bind(&ds.id)
+            .bind(&v.datastore_id)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -692,16 +696,7 @@ impl Store {
         flavor: &str,
         link: bool,
     ) -> anyhow::Result<()> {
-        let ds = self
-            .datastore(datastore)
-            .await?
-            .with_context(|| format!("datastore '{datastore}' does not exist"))?;
-        let v = self
-            .versions_of(&ds.id)
-            .await?
-            .into_iter()
-            .find(|v| v.name == version || v.id == version)
-            .with_context(|| format!("datastore '{datastore}' has no version '{version}'"))?;
+        let v = self.named_version(datastore, version).await?;
         self.flavor(flavor)
             .await?
             .with_context(|| format!("flavor '{flavor}' does not exist"))?;

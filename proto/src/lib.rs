@@ -119,3 +119,37 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod wire_fixtures {
+    use super::*;
+
+    /// Bytes of a schema-1 restart intent, written out by hand from the field numbers. Every
+    /// later schema must still decode them to the same values (fields are only ever added).
+    const RESTART_V1: &[u8] = &[
+        0x08, 0x01, // schema_version = 1
+        0x12, 0x05, b'0', b'.', b'1', b'.', b'0', // software_version = "0.1.0"
+        0x1a, 0x01, b'i', // id = "i"
+        0x22, 0x01, b'x', // instance_id = "x"
+        0x28, 0x05, // sent_unix_ms = 5
+        0x52, 0x04, 0x08, 0x07, 0x5a, 0x00, // intent { deadline_unix_ms = 7, restart {} }
+    ];
+
+    #[test]
+    fn schema_1_bytes_still_decode() {
+        let env = decode(RESTART_V1).unwrap();
+        assert_eq!(env.schema_version, 1);
+        assert_eq!(env.software_version, "0.1.0");
+        assert_eq!(env.id, "i");
+        assert_eq!(env.instance_id, "x");
+        assert_eq!(env.sent_unix_ms, 5);
+        match env.body {
+            Some(v1::envelope::Body::Intent(v1::Intent {
+                deadline_unix_ms: 7,
+                kind: Some(v1::intent::Kind::Restart(_)),
+            })) => {}
+            other => panic!("decoded {other:?}"),
+        }
+        assert_eq!(env.encode_to_vec(), RESTART_V1, "encoding is stable");
+    }
+}

@@ -440,6 +440,31 @@ impl Env {
         );
     }
 
+    /// `POST /instances/{id}/action {"restart": {}}`.
+    pub async fn restart(&self, id: &str) -> (StatusCode, Value) {
+        self.call(
+            "POST",
+            &format!("/instances/{id}/action"),
+            Some(json!({"restart": {}})),
+        )
+        .await
+    }
+
+    /// Deletes the instance and waits until the API answers 404.
+    pub async fn delete_and_wait_gone(&self, id: &str) {
+        let (st, v) = self.call("DELETE", &format!("/instances/{id}"), None).await;
+        assert_eq!(st, StatusCode::ACCEPTED, "delete: {v}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.show(id).await.0 != StatusCode::NOT_FOUND {
+            assert!(
+                Instant::now() < deadline,
+                "instance {id} not deleted\n{}",
+                self.logs(id)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn instance_dir(&self, id: &str) -> PathBuf {
         self.dir.path().join("instances").join(id)
     }

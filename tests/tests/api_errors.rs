@@ -158,13 +158,7 @@ async fn bad_requests_get_trove_errors_and_change_nothing() {
     assert_eq!(st, StatusCode::OK, "{v}");
     let id = v["instance"]["id"].as_str().unwrap().to_string();
     // Busy while building.
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/instances/{id}/action"),
-            Some(json!({"restart": {}})),
-        )
-        .await;
+    let (st, v) = env.restart(&id).await;
     assert_fault(
         st,
         &v,
@@ -225,9 +219,9 @@ async fn bad_requests_get_trove_errors_and_change_nothing() {
     assert_eq!(view["instance"]["name"], "x1");
     assert_eq!(view["instance"]["status"], "ACTIVE");
     // Busy: a second restart while the first runs.
-    let (st, _) = env.call("POST", &act, Some(json!({"restart": {}}))).await;
+    let (st, _) = env.restart(&id).await;
     assert_eq!(st, StatusCode::ACCEPTED);
-    let (st, v) = env.call("POST", &act, Some(json!({"restart": {}}))).await;
+    let (st, v) = env.restart(&id).await;
     assert_fault(
         st,
         &v,
@@ -262,17 +256,7 @@ async fn admin_reset_status_lets_a_building_instance_be_deleted() {
         )
         .await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
-    let (st, _) = env.call("DELETE", &format!("/instances/{id}"), None).await;
-    assert_eq!(st, StatusCode::ACCEPTED);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while env.show(&id).await.0 != StatusCode::NOT_FOUND {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not deleted\n{}",
-            env.logs(&id)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.delete_and_wait_gone(&id).await;
     assert!(!env.instance_dir(&id).exists());
 }
 

@@ -137,13 +137,7 @@ async fn silent_agent_turns_error_after_expiry_and_recovers() {
         "{err}"
     );
     // Restart is refused while the agent is lost.
-    let (st, body) = env
-        .call(
-            "POST",
-            &format!("/instances/{id}/action"),
-            Some(serde_json::json!({"restart": {}})),
-        )
-        .await;
+    let (st, body) = env.restart(&id).await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     kill(Pid::from_raw(agent), Signal::SIGCONT).unwrap();
     env.wait_status(&id, "ACTIVE", Duration::from_secs(15))
@@ -201,13 +195,7 @@ async fn controller_restart_loses_nothing() {
         .get(0);
     assert_eq!(n, 2);
     // And it still acts: a restart goes through.
-    let (st, _) = env
-        .call(
-            "POST",
-            &format!("/instances/{id}/action"),
-            Some(serde_json::json!({"restart": {}})),
-        )
-        .await;
+    let (st, _) = env.restart(&id).await;
     assert_eq!(st, StatusCode::ACCEPTED);
     env.wait_for(&id, "REBOOT then ACTIVE", Duration::from_secs(60), |v| {
         v["status"] == "ACTIVE" && env.db_pid(&id) != Some(db)
@@ -235,13 +223,7 @@ async fn intent_sent_while_nats_is_down_runs_exactly_once() {
     assert_eq!(spawned(&env), 1);
 
     env.nats.stop();
-    let (st, body) = env
-        .call(
-            "POST",
-            &format!("/instances/{id}/action"),
-            Some(serde_json::json!({"restart": {}})),
-        )
-        .await;
+    let (st, body) = env.restart(&id).await;
     assert_eq!(
         st,
         StatusCode::ACCEPTED,

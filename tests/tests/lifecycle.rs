@@ -47,13 +47,7 @@ async fn create_connect_restart_delete() {
     c.close().await.unwrap();
 
     let db_pid = env.db_pid(&id).expect("db pid recorded");
-    let (st, body) = env
-        .call(
-            "POST",
-            &format!("/instances/{id}/action"),
-            Some(serde_json::json!({"restart": {}})),
-        )
-        .await;
+    let (st, body) = env.restart(&id).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body, serde_json::Value::Null, "202 has an empty body");
     let (_, v) = env.show(&id).await;
@@ -119,21 +113,7 @@ async fn create_connect_restart_delete() {
     assert_eq!(mode & 0o777, 0o600);
 
     let agent_pid = env.agent_pid(&id).expect("agent pid");
-    let (st, _) = env.call("DELETE", &format!("/instances/{id}"), None).await;
-    assert_eq!(st, StatusCode::ACCEPTED);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (st, _) = env.show(&id).await;
-        if st == StatusCode::NOT_FOUND {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "instance not deleted\n{}",
-            env.logs(&id)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.delete_and_wait_gone(&id).await;
     assert!(!pid_alive(agent_pid), "agent gone");
     assert!(!pid_alive(new_pid), "database gone");
     assert!(!env.instance_dir(&id).exists(), "files gone");

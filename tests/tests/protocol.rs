@@ -7,7 +7,7 @@ use coffer_proto::{subjects, v1, Message};
 use coffer_tests::{Env, Opts, StatusCode};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 fn record(env: &Env, id: &str, intent: &str) -> Option<Value> {
     let p = env
@@ -135,13 +135,7 @@ async fn expired_undecodable_and_unknown_intents_fail_without_running() {
     assert!(log.contains("unknown intent kind; terminating it"), "{log}");
     assert_eq!(env.db_pid(&id), Some(db), "nothing was restarted");
     // The consumer is not stuck: a real restart still goes through.
-    let (st, _) = env
-        .call(
-            "POST",
-            &format!("/instances/{id}/action"),
-            Some(json!({"restart": {}})),
-        )
-        .await;
+    let (st, _) = env.restart(&id).await;
     assert_eq!(st, StatusCode::ACCEPTED);
     env.wait_for(&id, "restarted", Duration::from_secs(60), |v| {
         v["status"] == "ACTIVE" && env.db_pid(&id) != Some(db)
@@ -182,13 +176,7 @@ async fn action_the_agent_does_not_support_is_refused() {
         !reply.payload.is_empty(),
         "the controller answered the heartbeat"
     );
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/instances/{id}/action"),
-            Some(json!({"restart": {}})),
-        )
-        .await;
+    let (st, v) = env.restart(&id).await;
     kill(Pid::from_raw(agent), Signal::SIGCONT).unwrap();
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     let msg = v["unprocessableEntity"]["message"].as_str().unwrap();
@@ -203,13 +191,7 @@ async fn action_the_agent_does_not_support_is_refused() {
     );
     // The real agent's next heartbeat restores its capabilities.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/instances/{id}/action"),
-            Some(json!({"restart": {}})),
-        )
-        .await;
+    let (st, v) = env.restart(&id).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     env.wait_status(&id, "ACTIVE", Duration::from_secs(60))
         .await;
