@@ -46,6 +46,7 @@ pub async fn snapshot(ctx: &Ctx) -> v1::Heartbeat {
         boot_id: ctx.boot_id.clone(),
         db_pid: obs.pid,
         lease_age_ms,
+        public_key: ctx.public_key.clone(),
     }
 }
 

@@ -393,16 +393,32 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
             collate: Some(d.collate.clone()).filter(|s| !s.is_empty()),
         })
         .collect();
-    let users: Vec<UserSpec> = p
-        .users
-        .iter()
-        .map(|u| UserSpec {
+    let mut users: Vec<UserSpec> = Vec::with_capacity(p.users.len());
+    for u in &p.users {
+        if !u.password.is_empty() {
+            return Err(format!(
+                "user '{}' came with a clear-text password; this agent accepts only sealed secrets",
+                u.name
+            ));
+        }
+        let host = if u.host.is_empty() {
+            "%"
+        } else {
+            u.host.as_str()
+        };
+        let context =
+            coffer_proto::seal::user_password_context(&ctx.cfg.instance_id, &u.name, host);
+        let password = coffer_proto::seal::open(&ctx.secret_key, &context, &u.password_sealed)
+            .map_err(|e| format!("the password of user '{}': {e}", u.name))?;
+        let password = String::from_utf8(password)
+            .map_err(|_| format!("the password of user '{}' is not UTF-8", u.name))?;
+        users.push(UserSpec {
             name: u.name.clone(),
-            password: u.password.clone(),
-            host: u.host.clone(),
+            password,
+            host: host.to_string(),
             databases: u.databases.clone(),
-        })
-        .collect();
+        });
+    }
     for d in &dbs {
         ds.validate_database_name(&d.name)
             .map_err(|e| e.to_string())?;

@@ -42,6 +42,9 @@ pub struct Ctx {
     pub seq: AtomicU64,
     /// Random per process start.
     pub boot_id: String,
+    /// The agent's X25519 key pair: secrets in intents are sealed to `public_key`.
+    pub secret_key: Vec<u8>,
+    pub public_key: Vec<u8>,
     /// When the lease was last renewed (monotonic clock).
     pub lease_renewed: Mutex<Option<Instant>>,
     pub shutdown: CancellationToken,
@@ -90,6 +93,7 @@ impl Ctx {
 /// Runs the agent until `shutdown` fires or a runnable fails. The database is left running.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let state = Arc::new(state::StateDir::open(&cfg.state_dir)?);
+    let (secret_key, public_key) = state.keypair()?;
     let layout = Layout {
         root: state.datastore_root(cfg.datastore.name()),
         bind_address: cfg.listen.bind_address.clone(),
@@ -119,6 +123,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         js,
         seq: AtomicU64::new(0),
         boot_id: uuid::Uuid::new_v4().simple().to_string(),
+        secret_key,
+        public_key,
         lease_renewed: Mutex::new(None),
         shutdown: shutdown.clone(),
     });

@@ -35,6 +35,8 @@ enum Command {
     Teardown,
     /// Validate the config file and exit.
     CheckConfig,
+    /// Create the agent's key pair if needed and print its public key (hex).
+    Keygen,
 }
 
 fn main() {
@@ -63,6 +65,11 @@ fn real_main() -> anyhow::Result<()> {
         cfg.nats_url = url;
     }
     match cli.command.unwrap_or(Command::Run) {
+        Command::Keygen => {
+            let (_, public) = coffer_agent::state::load_or_create_key(&cfg.state_dir)?;
+            println!("{}", coffer_agent::state::to_hex(&public));
+            Ok(())
+        }
         Command::CheckConfig => {
             println!("config ok: instance {}", cfg.instance_id);
             Ok(())

@@ -119,10 +119,57 @@ impl StateDir {
         write_atomic(&self.root.join("desired.json"), &serde_json::to_vec(d)?)
     }
 
+    /// The agent's X25519 secret key (generated on first use, 0600), as `(secret, public)`.
+    pub fn keypair(&self) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        load_or_create_key(&self.root)
+    }
+
     /// Where the datastore keeps its files.
     pub fn datastore_root(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
+}
+
+/// Loads `agent.key` under `root`, creating it (0600) if missing. Does not need the lock, so the
+/// provisioner can ask for the public key before the agent first runs (`coffer-agent keygen`).
+pub fn load_or_create_key(root: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = root.join("agent.key");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let secret = from_hex(text.trim())
+            .with_context(|| format!("{} is not a hex key", path.display()))?;
+        let public = coffer_proto::seal::public_of(&secret)?;
+        return Ok((secret, public));
+    }
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let (secret, public) = coffer_proto::seal::generate()?;
+    let tmp = root.join("agent.key.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(to_hex(&secret).as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok((secret, public))
+}
+
+pub fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn from_hex(s: &str) -> anyhow::Result<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        bail!("odd length");
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(anyhow::Error::from))
+        .collect()
 }
 
 /// Writes a file atomically and durably (temp file, fsync, rename).
@@ -148,6 +195,21 @@ mod tests {
         assert!(err.contains("another coffer-agent"), "{err}");
         drop(first);
         StateDir::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn key_is_created_once_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (s1, p1) = load_or_create_key(dir.path()).unwrap();
+        let (s2, p2) = load_or_create_key(dir.path()).unwrap();
+        assert_eq!((s1, p1.clone()), (s2, p2));
+        assert_eq!(p1.len(), 32);
+        let mode = std::fs::metadata(dir.path().join("agent.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

@@ -22,6 +22,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "intents and agents",
         include_str!("../migrations/0002_intents_and_agents.sql"),
     ),
+    (
+        3,
+        "agent keys",
+        include_str!("../migrations/0003_agent_keys.sql"),
+    ),
 ];
 
 #[derive(Clone)]
@@ -78,6 +83,8 @@ pub struct InstanceRow {
     pub deleted: bool,
     pub agent_version: String,
     pub capabilities: String,
+    /// Hex X25519 public key of the instance's agent.
+    pub agent_public_key: String,
 }
 
 /// An intent waiting to be published.
@@ -146,6 +153,7 @@ fn instance_from(r: &sqlx::sqlite::SqliteRow) -> InstanceRow {
         deleted: r.get::<i64, _>("deleted") != 0,
         agent_version: r.get("agent_version"),
         capabilities: r.get("capabilities"),
+        agent_public_key: r.get("agent_public_key"),
     }
 }
 
@@ -320,8 +328,8 @@ impl Store {
     ) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO instances (id, project_id, name, flavor_id, datastore_version_id, volume_size, task, \
-             task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+             task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted, agent_public_key) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
         )
         .bind(&i.id)
         .bind(&i.project_id)
@@ -339,6 +347,7 @@ impl Store {
         .bind(i.port)
         .bind(&i.created)
         .bind(&i.updated)
+        .bind(&i.agent_public_key)
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -386,12 +395,14 @@ impl Store {
         fault: Option<&str>,
     ) -> anyhow::Result<()> {
         let ts = now();
-        // A database that runs again clears a fault its agent reported (a crash); a fault from a
-        // failed build stays with the building_error task.
+        // A database that runs again clears a fault its agent reported (a crash); the fault of a
+        // failed build stays with the building_error task, whatever arrives after it.
         sqlx::query(
             "UPDATE instances SET service_status = ?, updated = ?, \
-             fault = CASE WHEN ? = 'running' AND task = 'none' THEN NULL ELSE COALESCE(?, fault) END, \
-             fault_at = CASE WHEN ? = 'running' AND task = 'none' THEN NULL WHEN ? IS NULL THEN fault_at ELSE ? END \
+             fault = CASE WHEN ? = 'running' AND task = 'none' THEN NULL \
+                          WHEN task = 'building_error' THEN fault ELSE COALESCE(?, fault) END, \
+             fault_at = CASE WHEN ? = 'running' AND task = 'none' THEN NULL \
+                             WHEN task = 'building_error' OR ? IS NULL THEN fault_at ELSE ? END \
              WHERE id = ?",
         )
         .bind(status)

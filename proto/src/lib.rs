@@ -6,6 +6,7 @@
 //!
 //! Invariant: this crate does no I/O and has no async runtime dependency.
 
+pub mod seal;
 pub mod subjects;
 
 /// Generated protobuf types of package `coffer.agent.v1`.

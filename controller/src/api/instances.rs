@@ -64,6 +64,10 @@ fn intent_payload(
     .encode_to_vec()
 }
 
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// Last path segment of an id-or-href, as Trove takes it.
 fn id_of(v: &Value) -> Option<String> {
     match v {
@@ -322,6 +326,7 @@ fn parse_create(body: &Map<String, Value>) -> Result<CreateReq, ApiError> {
                 password: password.into(),
                 host: host.into(),
                 databases: dbs,
+                password_sealed: Vec::new(),
             });
         }
     }
@@ -405,73 +410,80 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
 
     let id = uuid::Uuid::new_v4().to_string();
     let intent_id = uuid::Uuid::new_v4().to_string();
-    let ts = store::now();
-    let mut tx = app.store.begin().await?;
-    let server_id = Store::next_server_id(&mut tx).await?;
-    let row = InstanceRow {
-        id: id.clone(),
-        project_id: c.project.clone(),
-        name: req.name,
-        flavor_id: flavor.id.clone(),
-        datastore_version_id: version.id.clone(),
-        volume_size: req.volume_size,
-        task: task::BUILDING.into(),
-        task_started: ts.clone(),
-        service_status: "new".into(),
-        fault: None,
-        fault_at: None,
-        server_id,
-        host: None,
-        port: None,
-        created: ts.clone(),
-        updated: ts,
-        deleted: false,
-        agent_version: String::new(),
-        capabilities: String::new(),
-    };
-    Store::insert_instance(&mut tx, &row).await?;
-    let prepare = v1::intent::Kind::Prepare(v1::Prepare {
-        memory_mb: flavor.ram as u64,
-        vcpus: flavor.vcpus as u32,
-        volume_gb: req.volume_size as u64,
-        server_id: server_id as u32,
-        databases: req.databases,
-        users: req.users,
-        datastore_version: version.version.clone(),
-    });
-    Store::enqueue(
-        &mut tx,
-        &intent_id,
-        &id,
-        "prepare",
-        &intent_payload(&app, &id, &intent_id, prepare),
-    )
-    .await?;
-    tx.commit().await?;
-    app.outbox_wake.notify_one();
-
+    // Place the agent first: its public key seals the secrets before anything is stored.
     let placement = Placement {
         instance_id: id.clone(),
         manager: version.manager.clone(),
         nats_url: app.cfg.nats_url.clone(),
     };
-    match app.provisioner.place(&placement).await {
-        Ok(ep) => {
-            app.store
-                .set_endpoint(&id, &ep.host, ep.port as i64)
-                .await?
-        }
-        Err(e) => {
-            let mut tx = app.store.begin().await?;
-            Store::set_task(
-                &mut tx,
-                &id,
-                task::BUILD_ERROR,
-                Some(&format!("placing the agent failed: {e:#}")),
-            )
-            .await?;
-            tx.commit().await?;
-        }
+    let placed = app.provisioner.prepare(&placement).await.map_err(|e| {
+        ApiError::from(e.context("placing the agent failed; check the provisioner configuration"))
+    })?;
+    let mut users = req.users;
+    for u in &mut users {
+        let context = coffer_proto::seal::user_password_context(&id, &u.name, &u.host);
+        u.password_sealed =
+            coffer_proto::seal::seal(&placed.public_key, &context, u.password.as_bytes())
+                .map_err(|e| anyhow::anyhow!("sealing a password: {e}"))?;
+        u.password.clear();
+    }
+    let ts = store::now();
+    let stored = async {
+        let mut tx = app.store.begin().await?;
+        let server_id = Store::next_server_id(&mut tx).await?;
+        let row = InstanceRow {
+            id: id.clone(),
+            project_id: c.project.clone(),
+            name: req.name,
+            flavor_id: flavor.id.clone(),
+            datastore_version_id: version.id.clone(),
+            volume_size: req.volume_size,
+            task: task::BUILDING.into(),
+            task_started: ts.clone(),
+            service_status: "new".into(),
+            fault: None,
+            fault_at: None,
+            server_id,
+            host: Some(placed.host.clone()),
+            port: Some(placed.port as i64),
+            created: ts.clone(),
+            updated: ts,
+            deleted: false,
+            agent_version: String::new(),
+            capabilities: String::new(),
+            agent_public_key: hex(&placed.public_key),
+        };
+        Store::insert_instance(&mut tx, &row).await?;
+        let prepare = v1::intent::Kind::Prepare(v1::Prepare {
+            memory_mb: flavor.ram as u64,
+            vcpus: flavor.vcpus as u32,
+            volume_gb: req.volume_size as u64,
+            server_id: server_id as u32,
+            databases: req.databases,
+            users,
+            datastore_version: version.version.clone(),
+        });
+        let payload = intent_payload(&app, &id, &intent_id, prepare);
+        Store::enqueue(&mut tx, &intent_id, &id, "prepare", &payload).await?;
+        tx.commit().await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = stored {
+        let _ = app.provisioner.destroy(&id).await;
+        return Err(e.into());
+    }
+    app.outbox_wake.notify_one();
+    if let Err(e) = app.provisioner.start(&id).await {
+        let mut tx = app.store.begin().await?;
+        Store::set_task(
+            &mut tx,
+            &id,
+            task::BUILD_ERROR,
+            Some(&format!("starting the agent failed: {e:#}")),
+        )
+        .await?;
+        tx.commit().await?;
     }
     let row = app
         .store

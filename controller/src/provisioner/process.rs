@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use super::{Endpoint, Placement, Provisioner};
+use super::{Placed, Placement, Provisioner};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,7 +157,7 @@ impl ProcessProvisioner {
 
 #[async_trait]
 impl Provisioner for ProcessProvisioner {
-    async fn place(&self, p: &Placement) -> anyhow::Result<Endpoint> {
+    async fn prepare(&self, p: &Placement) -> anyhow::Result<Placed> {
         let _g = self.alloc.lock().await;
         let dir = self.dir(&p.instance_id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -178,12 +178,32 @@ impl Provisioner for ProcessProvisioner {
             bind = self.cfg.bind_address,
             kind = p.manager,
         );
-        std::fs::write(self.config_path(&p.instance_id), toml).context("writing agent.toml")?;
-        self.spawn_agent(&p.instance_id)?;
-        Ok(Endpoint {
+        write_private(&self.config_path(&p.instance_id), &toml)?;
+        // The agent makes its own key pair; we learn only the public half.
+        let out = tokio::process::Command::new(&self.cfg.agent_binary)
+            .arg("--config")
+            .arg(self.config_path(&p.instance_id))
+            .arg("keygen")
+            .output()
+            .await
+            .with_context(|| format!("running {} keygen", self.cfg.agent_binary.display()))?;
+        if !out.status.success() {
+            bail!(
+                "coffer-agent keygen failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let public_key = from_hex(String::from_utf8_lossy(&out.stdout).trim())
+            .context("coffer-agent keygen printed no hex key")?;
+        Ok(Placed {
             host: self.cfg.bind_address.clone(),
             port,
+            public_key,
         })
+    }
+
+    async fn start(&self, id: &str) -> anyhow::Result<()> {
+        self.spawn_agent(id)
     }
 
     async fn ensure(&self, id: &str) -> anyhow::Result<()> {
@@ -237,6 +257,30 @@ impl Provisioner for ProcessProvisioner {
     fn heartbeat_interval_ms(&self) -> u64 {
         self.cfg.heartbeat_interval_ms
     }
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn from_hex(s: &str) -> anyhow::Result<Vec<u8>> {
+    if s.is_empty() || s.len() % 2 != 0 {
+        bail!("not a hex string");
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(anyhow::Error::from))
+        .collect()
 }
 
 async fn remove_tree(dir: &Path) -> anyhow::Result<()> {

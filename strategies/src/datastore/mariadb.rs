@@ -171,7 +171,7 @@ impl Mariadb {
     }
 
     fn bootstrap_sql(password: &str) -> String {
-        let pw = quote(password);
+        let pw = format!("PASSWORD {}", quote(&native_password_hash(password)));
         format!(
             "CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'localhost' IDENTIFIED BY {pw};\n\
              ALTER USER '{ADMIN_USER}'@'localhost' IDENTIFIED BY {pw};\n\
@@ -193,6 +193,18 @@ pub fn sizing_values(s: &Sizing) -> (u64, u64, u64, u64) {
     // a bulk load's dirty pages linger for a minute (and bloat every backup taken meanwhile).
     let io_capacity = (s.volume_gb * 100).clamp(1000, 10000);
     (buffer_pool_mb, log_file_mb, max_connections, io_capacity)
+}
+
+/// `mysql_native_password` hash: `*` + upper-case hex of SHA1(SHA1(password)).
+pub fn native_password_hash(password: &str) -> String {
+    let inner = openssl::sha::sha1(password.as_bytes());
+    let outer = openssl::sha::sha1(&inner);
+    let mut s = String::with_capacity(41);
+    s.push('*');
+    for b in outer {
+        s.push_str(&format!("{b:02X}"));
+    }
+    s
 }
 
 /// Quotes a string as a MariaDB literal (default SQL mode: backslash escapes are active).
@@ -468,11 +480,13 @@ impl Datastore for Mariadb {
 
     async fn create_user(&self, user: &UserSpec) -> Result<(), DatastoreError> {
         self.validate_user(user)?;
+        // Only the hash goes into the statement, so the binary log (and replicas' relay logs)
+        // never hold the clear password.
         let sql = format!(
-            "CREATE USER IF NOT EXISTS {}@{} IDENTIFIED BY {}",
+            "CREATE USER IF NOT EXISTS {}@{} IDENTIFIED BY PASSWORD {}",
             quote(&user.name),
             quote(host_or_any(&user.host)),
-            quote(&user.password)
+            quote(&native_password_hash(&user.password))
         );
         self.exec(&sql).await?;
         for db in &user.databases {
@@ -706,9 +720,22 @@ mod tests {
     }
 
     #[test]
-    fn bootstrap_sql_quotes_the_password() {
+    fn bootstrap_sql_carries_only_the_hash() {
         let sql = Mariadb::bootstrap_sql("p'w");
-        assert!(sql.contains("IDENTIFIED BY 'p\\'w'"));
+        assert!(!sql.contains("p'w") && !sql.contains("p\\'w"));
+        assert!(sql.contains(&format!(
+            "IDENTIFIED BY PASSWORD '{}'",
+            native_password_hash("p'w")
+        )));
         assert!(sql.contains("User = ''"));
+    }
+
+    #[test]
+    fn native_hash_matches_mariadb() {
+        // SELECT PASSWORD('secret') on MariaDB 10.11.
+        assert_eq!(
+            native_password_hash("secret"),
+            "*14E65567ABDB5135D0CFD9A70B3032C179A49EE7"
+        );
     }
 }

@@ -1,0 +1,170 @@
+//! Sealed secrets: a secret for one agent is encrypted to that agent's X25519 public key, so the
+//! controller's store and JetStream's store only ever hold ciphertext, and only that agent can
+//! open it.
+//!
+//! Format (version 1): `0x01 || ephemeral public key (32) || nonce (12) || tag (16) || ciphertext`.
+//! Key: HKDF-SHA256(ikm = X25519(ephemeral, recipient), salt = ephemeral pub || recipient pub,
+//! info = "coffer seal v1"). AES-256-GCM with the context string (instance, field) as associated
+//! data, so a sealed value cannot be moved to another instance or field.
+//!
+//! Pure computation, no I/O.
+
+use openssl::derive::Deriver;
+use openssl::md::Md;
+use openssl::pkey::{Id, PKey};
+use openssl::pkey_ctx::PkeyCtx;
+use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
+
+const VERSION: u8 = 1;
+const INFO: &[u8] = b"coffer seal v1";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SealError {
+    #[error("the public key is not a 32-byte X25519 key")]
+    BadPublicKey,
+    #[error("the secret key is not a 32-byte X25519 key")]
+    BadSecretKey,
+    #[error("the sealed value is malformed")]
+    Malformed,
+    #[error(
+        "the sealed value cannot be opened with this key (sealed to another agent, or altered)"
+    )]
+    CannotOpen,
+    #[error("crypto failure: {0}")]
+    Crypto(String),
+}
+
+fn crypto(e: openssl::error::ErrorStack) -> SealError {
+    SealError::Crypto(e.to_string())
+}
+
+/// A new key pair: `(secret, public)`, raw 32 bytes each.
+pub fn generate() -> Result<(Vec<u8>, Vec<u8>), SealError> {
+    let k = PKey::generate_x25519().map_err(crypto)?;
+    Ok((
+        k.raw_private_key().map_err(crypto)?,
+        k.raw_public_key().map_err(crypto)?,
+    ))
+}
+
+/// The public key belonging to a secret key.
+pub fn public_of(secret: &[u8]) -> Result<Vec<u8>, SealError> {
+    let k = PKey::private_key_from_raw_bytes(secret, Id::X25519)
+        .map_err(|_| SealError::BadSecretKey)?;
+    k.raw_public_key().map_err(crypto)
+}
+
+fn derive_key(
+    own_secret: &PKey<openssl::pkey::Private>,
+    peer_public: &[u8],
+    salt: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    let peer = PKey::public_key_from_raw_bytes(peer_public, Id::X25519)
+        .map_err(|_| SealError::BadPublicKey)?;
+    let mut d = Deriver::new(own_secret).map_err(crypto)?;
+    d.set_peer(&peer).map_err(crypto)?;
+    let shared = d.derive_to_vec().map_err(crypto)?;
+    let mut ctx = PkeyCtx::new_id(Id::HKDF).map_err(crypto)?;
+    ctx.derive_init().map_err(crypto)?;
+    ctx.set_hkdf_md(Md::sha256()).map_err(crypto)?;
+    ctx.set_hkdf_key(&shared).map_err(crypto)?;
+    ctx.set_hkdf_salt(salt).map_err(crypto)?;
+    ctx.add_hkdf_info(INFO).map_err(crypto)?;
+    let mut key = vec![0u8; 32];
+    ctx.derive(Some(&mut key)).map_err(crypto)?;
+    Ok(key)
+}
+
+/// Seals `plaintext` to `recipient_public` under `context`.
+pub fn seal(
+    recipient_public: &[u8],
+    context: &str,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    if recipient_public.len() != 32 {
+        return Err(SealError::BadPublicKey);
+    }
+    let eph = PKey::generate_x25519().map_err(crypto)?;
+    let eph_pub = eph.raw_public_key().map_err(crypto)?;
+    let mut salt = eph_pub.clone();
+    salt.extend_from_slice(recipient_public);
+    let key = derive_key(&eph, recipient_public, &salt)?;
+    let mut nonce = [0u8; 12];
+    openssl::rand::rand_bytes(&mut nonce).map_err(crypto)?;
+    let mut tag = [0u8; 16];
+    let ct = encrypt_aead(
+        Cipher::aes_256_gcm(),
+        &key,
+        Some(&nonce),
+        context.as_bytes(),
+        plaintext,
+        &mut tag,
+    )
+    .map_err(crypto)?;
+    let mut out = Vec::with_capacity(1 + 32 + 12 + 16 + ct.len());
+    out.push(VERSION);
+    out.extend_from_slice(&eph_pub);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&tag);
+    out.extend_from_slice(&ct);
+    Ok(out)
+}
+
+/// Opens a value sealed to the key pair whose secret is `secret` under `context`.
+pub fn open(secret: &[u8], context: &str, sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+    if sealed.len() < 1 + 32 + 12 + 16 || sealed[0] != VERSION {
+        return Err(SealError::Malformed);
+    }
+    let own = PKey::private_key_from_raw_bytes(secret, Id::X25519)
+        .map_err(|_| SealError::BadSecretKey)?;
+    let own_pub = own.raw_public_key().map_err(crypto)?;
+    let eph_pub = &sealed[1..33];
+    let nonce = &sealed[33..45];
+    let tag = &sealed[45..61];
+    let ct = &sealed[61..];
+    let mut salt = eph_pub.to_vec();
+    salt.extend_from_slice(&own_pub);
+    let key = derive_key(&own, eph_pub, &salt)?;
+    decrypt_aead(
+        Cipher::aes_256_gcm(),
+        &key,
+        Some(nonce),
+        context.as_bytes(),
+        ct,
+        tag,
+    )
+    .map_err(|_| SealError::CannotOpen)
+}
+
+/// The context string of a user's password in an intent.
+pub fn user_password_context(instance: &str, user: &str, host: &str) -> String {
+    format!("coffer/v1/{instance}/user/{user}@{host}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_refusals() {
+        let (sk, pk) = generate().unwrap();
+        assert_eq!(public_of(&sk).unwrap(), pk);
+        let s = seal(&pk, "ctx-a", b"hunter2").unwrap();
+        assert!(!s.windows(7).any(|w| w == b"hunter2"), "ciphertext only");
+        assert_eq!(open(&sk, "ctx-a", &s).unwrap(), b"hunter2");
+        // Another agent's key cannot open it.
+        let (other_sk, _) = generate().unwrap();
+        assert_eq!(open(&other_sk, "ctx-a", &s), Err(SealError::CannotOpen));
+        // Moved to another context (instance, user): refused.
+        assert_eq!(open(&sk, "ctx-b", &s), Err(SealError::CannotOpen));
+        // Altered: refused.
+        let mut bad = s.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert_eq!(open(&sk, "ctx-a", &bad), Err(SealError::CannotOpen));
+        assert_eq!(open(&sk, "ctx-a", &s[..10]), Err(SealError::Malformed));
+        assert_eq!(seal(&pk[..5], "x", b"y"), Err(SealError::BadPublicKey));
+        // Two seals of the same secret differ (fresh ephemeral key and nonce).
+        assert_ne!(seal(&pk, "ctx-a", b"hunter2").unwrap(), s);
+    }
+}
