@@ -16,6 +16,9 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// NATS server URL.
     pub nats_url: String,
+    /// This agent's own NATS credentials (creds file, 0600), when the server requires them.
+    #[serde(default)]
+    pub nats_creds: Option<PathBuf>,
     /// How often to send a heartbeat.
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_interval_ms: u64,

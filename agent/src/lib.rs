@@ -100,7 +100,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         port: cfg.listen.port,
     };
     let ds: Arc<dyn Datastore> = Arc::from(cfg.datastore.build(layout));
-    let client = async_nats::ConnectOptions::new()
+    let mut opts = match &cfg.nats_creds {
+        Some(p) => async_nats::ConnectOptions::with_credentials_file(p.clone())
+            .await
+            .with_context(|| format!("reading NATS credentials {}", p.display()))?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    // Replies come to this agent's own inbox prefix: its identity may not read any other.
+    opts = opts.custom_inbox_prefix(coffer_proto::subjects::agent_inbox_prefix(&cfg.instance_id));
+    let client = opts
         .name(format!("coffer-agent {}", cfg.instance_id))
         .retry_on_initial_connect()
         .subscription_capacity(4096)

@@ -120,6 +120,11 @@ pub async fn heartbeat_loop(app: Arc<App>) -> anyhow::Result<()> {
         let Some(v1::envelope::Body::Heartbeat(hb)) = env.body else {
             continue;
         };
+        // An agent may only speak for its own instance: the payload must name the subject's.
+        if subjects::instance_of(msg.subject.as_str()) != Some(env.instance_id.as_str()) {
+            warn!(subject = %msg.subject, claimed = %env.instance_id, "heartbeat names another instance; ignored");
+            continue;
+        }
         let known = observe(&app, &env.instance_id, &env.software_version, hb).await;
         if let (true, Some(reply)) = (known, msg.reply) {
             let env = coffer_proto::envelope(
@@ -242,7 +247,10 @@ async fn consume_events(app: &Arc<App>) -> anyhow::Result<()> {
     while let Some(msg) = messages.next().await {
         let msg = msg?;
         if let Ok(env) = coffer_proto::decode(&msg.payload) {
-            if let Some(v1::envelope::Body::Event(ev)) = env.body {
+            let from = subjects::instance_of(msg.subject.as_str());
+            if from != Some(env.instance_id.as_str()) {
+                warn!(subject = %msg.subject, claimed = %env.instance_id, "event names another instance; ignored");
+            } else if let Some(v1::envelope::Body::Event(ev)) = env.body {
                 if let Err(e) = handle_event(app, &env.instance_id, &env.software_version, ev).await
                 {
                     warn!(error = %format!("{e:#}"), "handling event failed; it will be redelivered");
@@ -360,7 +368,16 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
         return;
     }
     let result = async {
+        let nats_user = app
+            .store
+            .instance(id)
+            .await?
+            .map(|r| r.agent_nats_user)
+            .unwrap_or_default();
         app.provisioner.destroy(id).await?;
+        if let (Some(a), false) = (&app.authority, nats_user.is_empty()) {
+            a.revoke(&app.cfg.nats_url, &nats_user).await?;
+        }
         if let Ok(stream) = app.js.get_stream(subjects::INTENT_STREAM).await {
             let _ = stream.delete_consumer(&subjects::agent_consumer(id)).await;
             let _ = stream.purge().filter(subjects::intent(id)).await;

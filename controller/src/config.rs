@@ -15,6 +15,12 @@ pub struct ControllerConfig {
     pub data_dir: PathBuf,
     /// NATS server URL.
     pub nats_url: String,
+    /// The controller's own NATS credentials (a creds file), when the server requires them.
+    #[serde(default)]
+    pub nats_creds: Option<PathBuf>,
+    /// Issue a NATS identity per agent (decentralized JWT auth); see `manage nats-setup`.
+    #[serde(default)]
+    pub nats_auth: Option<crate::nats_auth::NatsAuthConfig>,
     /// Token file (TOML, `[[token]]` entries with `token`, `project`, `admin`).
     pub token_file: PathBuf,
     /// A heartbeat older than this marks the instance's agent lost (ERROR).

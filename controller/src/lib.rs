@@ -11,6 +11,7 @@
 pub mod api;
 pub mod bus;
 pub mod config;
+pub mod nats_auth;
 pub mod provisioner;
 pub mod status;
 pub mod store;
@@ -39,6 +40,8 @@ pub struct App {
     pub outbox_wake: Notify,
     pub provisioner: Box<dyn provisioner::Provisioner>,
     pub deleting: Mutex<HashSet<String>>,
+    /// Issues and revokes per-agent NATS identities (when `nats_auth` is configured).
+    pub authority: Option<nats_auth::Authority>,
 }
 
 impl App {
@@ -58,7 +61,17 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let store = store::Store::open(&cfg.data_dir.join("coffer.db")).await?;
     let tokens = config::load_tokens(&cfg.token_file)?;
-    let client = async_nats::ConnectOptions::new()
+    let authority = match &cfg.nats_auth {
+        Some(a) => Some(nats_auth::Authority::load_or_create(a)?),
+        None => None,
+    };
+    let opts = match &cfg.nats_creds {
+        Some(p) => async_nats::ConnectOptions::with_credentials_file(p.clone())
+            .await
+            .with_context(|| format!("reading NATS credentials {}", p.display()))?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    let client = opts
         .name("coffer-controller")
         .retry_on_initial_connect()
         .subscription_capacity(65536)
@@ -96,7 +109,14 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         outbox_wake: Notify::new(),
         provisioner,
         deleting: Mutex::new(HashSet::new()),
+        authority,
     });
+    // The server may have restarted from an older preload: make sure it has every revocation.
+    if let Some(a) = &app.authority {
+        if let Err(e) = a.push_account(&app.cfg.nats_url).await {
+            warn!(error = %format!("{e:#}"), "could not push the account JWT");
+        }
+    }
 
     // Adopt or respawn the agent of every live instance.
     for inst in app.store.live_instances().await? {

@@ -43,6 +43,9 @@ enum Command {
 enum Manage {
     /// Apply store migrations and exit.
     DbSync,
+    /// Create the NATS authority (operator, account, system keys) if needed and write the
+    /// server's auth config and the controller's creds into `nats_auth.dir`.
+    NatsSetup,
     /// Create a datastore (no-op if it exists).
     DatastoreUpdate { name: String },
     /// Create or update a datastore version.
@@ -136,6 +139,15 @@ async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
     let store = Store::open(&cfg.data_dir.join("coffer.db")).await?;
     match cmd {
         Manage::DbSync => println!("store is up to date"),
+        Manage::NatsSetup => {
+            let a = cfg
+                .nats_auth
+                .as_ref()
+                .context("nats-setup needs a [nats_auth] section in the controller config")?;
+            let auth = coffer_controller::nats_auth::Authority::load_or_create(a)?;
+            auth.setup()?;
+            println!("{}", a.dir.join("server-auth.conf").display());
+        }
         Manage::DatastoreUpdate { name } => {
             let id = store.upsert_datastore(&name).await?;
             println!("datastore {name} ({id})");

@@ -27,6 +27,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "agent keys",
         include_str!("../migrations/0003_agent_keys.sql"),
     ),
+    (
+        4,
+        "agent nats users",
+        include_str!("../migrations/0004_agent_nats_user.sql"),
+    ),
 ];
 
 #[derive(Clone)]
@@ -85,6 +90,8 @@ pub struct InstanceRow {
     pub capabilities: String,
     /// Hex X25519 public key of the instance's agent.
     pub agent_public_key: String,
+    /// Public key of the agent's NATS user (empty without per-agent identities).
+    pub agent_nats_user: String,
 }
 
 /// An intent waiting to be published.
@@ -154,6 +161,7 @@ fn instance_from(r: &sqlx::sqlite::SqliteRow) -> InstanceRow {
         agent_version: r.get("agent_version"),
         capabilities: r.get("capabilities"),
         agent_public_key: r.get("agent_public_key"),
+        agent_nats_user: r.get("agent_nats_user"),
     }
 }
 
@@ -328,8 +336,8 @@ impl Store {
     ) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO instances (id, project_id, name, flavor_id, datastore_version_id, volume_size, task, \
-             task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted, agent_public_key) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+             task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted, agent_public_key, agent_nats_user) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
         )
         .bind(&i.id)
         .bind(&i.project_id)
@@ -348,6 +356,7 @@ impl Store {
         .bind(&i.created)
         .bind(&i.updated)
         .bind(&i.agent_public_key)
+        .bind(&i.agent_nats_user)
         .execute(&mut **tx)
         .await?;
         Ok(())

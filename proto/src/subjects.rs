@@ -42,6 +42,20 @@ pub fn agent_consumer(instance: &str) -> String {
     format!("agent-{instance}")
 }
 
+/// Reply inbox prefix of one instance's agent (its NATS identity may only receive there).
+pub fn agent_inbox_prefix(instance: &str) -> String {
+    format!("_INBOX.{instance}")
+}
+
+/// The instance token of a `coffer.v1.<kind>.<instance>` subject.
+pub fn instance_of(subject: &str) -> Option<&str> {
+    let mut it = subject.splitn(4, '.');
+    match (it.next(), it.next(), it.next(), it.next()) {
+        (Some("coffer"), Some("v1"), Some(_), Some(inst)) if valid_token(inst) => Some(inst),
+        _ => None,
+    }
+}
+
 /// Whether `s` may be used as an instance token in a subject (no dots, wildcards or spaces).
 pub fn valid_token(s: &str) -> bool {
     !s.is_empty()
@@ -64,5 +78,8 @@ mod tests {
         assert!(!valid_token("a.b"));
         assert!(!valid_token("a*"));
         assert!(!valid_token(""));
+        assert_eq!(instance_of("coffer.v1.hb.abc"), Some("abc"));
+        assert_eq!(instance_of("coffer.v1.hb.a.b"), None);
+        assert_eq!(instance_of("other.v1.hb.abc"), None);
     }
 }

@@ -112,14 +112,17 @@ pub fn nats_server_bin() -> PathBuf {
 pub struct Nats {
     pub port: u16,
     dir: PathBuf,
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl Nats {
-    pub fn start(dir: &Path, port: u16) -> Nats {
+    /// Starts nats-server; `config` is a server config file (e.g. the auth config).
+    pub fn start(dir: &Path, port: u16, config: Option<PathBuf>) -> Nats {
         let mut n = Nats {
             port,
             dir: dir.to_path_buf(),
+            config,
             child: None,
         };
         n.resume();
@@ -137,7 +140,11 @@ impl Nats {
             .append(true)
             .open(self.dir.join("nats.log"))
             .unwrap();
-        let child = Command::new(nats_server_bin())
+        let mut cmd = Command::new(nats_server_bin());
+        if let Some(c) = &self.config {
+            cmd.arg("-c").arg(c);
+        }
+        let child = cmd
             .args([
                 "-a",
                 "127.0.0.1",
@@ -233,7 +240,8 @@ impl Env {
             .tempdir()
             .unwrap();
         let ports = alloc_ports(2 + 8);
-        let nats = Nats::start(dir.path(), ports[0]);
+        let nats_port = ports[0];
+        let nats_url = format!("nats://127.0.0.1:{nats_port}");
         let api_port = ports[1];
         let (inst_min, inst_max) = (ports[2], ports[9]);
         let project = "a1b2c3d4e5f6".to_string();
@@ -256,11 +264,15 @@ impl Env {
             &config,
             format!(
                 "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {data:?}\nnats_url = {nats:?}\ntoken_file = {tokens:?}\n\
+                 nats_creds = {creds:?}\n\
                  heartbeat_expiry_s = {exp}\nlease_ms = {lease}\nbuild_timeout_s = {bt}\ndelete_grace_s = 20\n\n\
+                 [nats_auth]\ndir = {auth:?}\n\n\
                  [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
                  port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\ndatastore_extra = {extra:?}\n",
                 data = d.join("controller").display().to_string(),
-                nats = nats.url(),
+                nats = nats_url,
+                creds = d.join("nats-auth/controller.creds").display().to_string(),
+                auth = d.join("nats-auth").display().to_string(),
                 tokens = d.join("tokens.toml").display().to_string(),
                 exp = o.heartbeat_expiry_s,
                 lease = o.lease_ms,
@@ -272,6 +284,19 @@ impl Env {
             ),
         )
         .unwrap();
+        // The NATS authority first: the server starts with authorization on.
+        let out = Command::new(bin("coffer-controller"))
+            .arg("--config")
+            .arg(&config)
+            .args(["manage", "nats-setup"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nats-setup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let nats = Nats::start(d, nats_port, Some(d.join("nats-auth/server-auth.conf")));
         register(&config);
         let mut env = Env {
             dir,
@@ -287,6 +312,23 @@ impl Env {
         };
         env.start_controller();
         env
+    }
+
+    /// A NATS client with the controller's credentials (full rights in the Coffer account).
+    pub async fn nats_client(&self) -> async_nats::Client {
+        async_nats::ConnectOptions::with_credentials_file(
+            self.dir.path().join("nats-auth/controller.creds"),
+        )
+        .await
+        .unwrap()
+        .connect(self.nats.url())
+        .await
+        .unwrap()
+    }
+
+    /// Path of an instance agent's NATS credentials.
+    pub fn agent_creds(&self, id: &str) -> PathBuf {
+        self.instance_dir(id).join("agent.creds")
     }
 
     pub fn config_path(&self) -> &Path {

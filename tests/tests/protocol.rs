@@ -82,7 +82,7 @@ async fn expired_undecodable_and_unknown_intents_fail_without_running() {
     env.wait_status(&id, "ACTIVE", Duration::from_secs(120))
         .await;
     let db = env.db_pid(&id).unwrap();
-    let client = async_nats::connect(env.nats.url()).await.unwrap();
+    let client = env.nats_client().await;
     let js = async_nats::jetstream::new(client);
     let publish = |msg_id: &str, payload: Vec<u8>| {
         let js = js.clone();
@@ -156,7 +156,7 @@ async fn action_the_agent_does_not_support_is_refused() {
     let agent = env.agent_pid(&id).unwrap();
     kill(Pid::from_raw(agent), Signal::SIGSTOP).unwrap();
     // Speak as an older agent that knows only prepare.
-    let client = async_nats::connect(env.nats.url()).await.unwrap();
+    let client = env.nats_client().await;
     let hb = v1::Heartbeat {
         status: v1::ServiceStatus::Running as i32,
         intent_kinds: vec!["prepare".into()],

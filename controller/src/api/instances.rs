@@ -411,10 +411,18 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     let id = uuid::Uuid::new_v4().to_string();
     let intent_id = uuid::Uuid::new_v4().to_string();
     // Place the agent first: its public key seals the secrets before anything is stored.
+    let (nats_creds, nats_user) = match &app.authority {
+        Some(a) => {
+            let (creds, user) = a.agent_creds(&id)?;
+            (Some(creds), user)
+        }
+        None => (None, String::new()),
+    };
     let placement = Placement {
         instance_id: id.clone(),
         manager: version.manager.clone(),
         nats_url: app.cfg.nats_url.clone(),
+        nats_creds,
     };
     let placed = app.provisioner.prepare(&placement).await.map_err(|e| {
         ApiError::from(e.context("placing the agent failed; check the provisioner configuration"))
@@ -452,6 +460,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             agent_version: String::new(),
             capabilities: String::new(),
             agent_public_key: hex(&placed.public_key),
+            agent_nats_user: nats_user.clone(),
         };
         Store::insert_instance(&mut tx, &row).await?;
         let prepare = v1::intent::Kind::Prepare(v1::Prepare {

@@ -13,6 +13,8 @@ pub struct Placement {
     /// The datastore manager the agent runs (from the datastore version).
     pub manager: String,
     pub nats_url: String,
+    /// The agent's own NATS credentials (creds file text), if the server requires them.
+    pub nats_creds: Option<String>,
 }
 
 /// Where clients reach the placed database, and the agent's public key.

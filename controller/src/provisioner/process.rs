@@ -163,11 +163,20 @@ impl Provisioner for ProcessProvisioner {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let port = self.pick_port()?;
         let extra = self.cfg.datastore_extra.trim();
+        let creds_line = match &p.nats_creds {
+            Some(c) => {
+                let path = dir.join("agent.creds");
+                write_private(&path, c)?;
+                format!("nats_creds = {:?}\n", path.display().to_string())
+            }
+            None => String::new(),
+        };
         let toml = format!(
             "# Written by the coffer-controller process provisioner.\n\
              instance_id = {id:?}\n\
              state_dir = {state:?}\n\
              nats_url = {nats:?}\n\
+             {creds_line}\
              heartbeat_interval_ms = {hb}\n\
              \n[listen]\nbind_address = {bind:?}\nport = {port}\n\
              \n[datastore]\nkind = {kind:?}\n{extra}\n",

@@ -1,0 +1,331 @@
+//! Per-agent NATS identities with the server's decentralized JWT authentication.
+//!
+//! The controller holds an operator key, the `COFFER` account key (which signs user JWTs) and a
+//! system account key, as nkey seeds in 0600 files under `nats_auth.dir`. `manage nats-setup`
+//! writes the server's part of the configuration (operator JWT, system account, a `full` resolver
+//! preloaded with both account JWTs) and the controller's own credentials.
+//!
+//! Every placed agent gets its own user JWT that allows only its own subjects: heartbeats and
+//! events for its instance, calls to its instance, its own durable consumer on the intent stream,
+//! and replies on its own inbox prefix `_INBOX.<instance>`. Deleting the instance revokes the user
+//! in the account JWT, which the controller pushes to the server through the system account; the
+//! server then disconnects it and refuses it from then on (the `full` resolver keeps that across
+//! restarts).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use coffer_proto::subjects;
+use nkeys::KeyPair;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// `[nats_auth]` in the controller config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsAuthConfig {
+    /// Directory of the authority's keys (0600) and the files `nats-setup` writes.
+    pub dir: PathBuf,
+}
+
+pub struct Authority {
+    dir: PathBuf,
+    operator: KeyPair,
+    account: KeyPair,
+    system: KeyPair,
+}
+
+fn now_secs() -> i64 {
+    coffer_proto::now_unix_ms() / 1000
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn load_or_create(dir: &Path, name: &str, make: fn() -> KeyPair) -> anyhow::Result<KeyPair> {
+    let p = dir.join(format!("{name}.nk"));
+    if let Ok(seed) = std::fs::read_to_string(&p) {
+        return KeyPair::from_seed(seed.trim())
+            .with_context(|| format!("{} holds no valid seed", p.display()));
+    }
+    let kp = make();
+    write_private(&p, &kp.seed().context("encoding a seed")?)?;
+    Ok(kp)
+}
+
+/// Encodes and signs a JWT the way nats-server expects (`ed25519-nkey`).
+fn encode_jwt(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> anyhow::Result<String> {
+    let b64 = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = json!({
+        "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
+        "iat": now_secs(),
+        "iss": issuer.public_key(),
+        "sub": subject,
+        "name": name,
+        "nats": nats,
+    });
+    let payload = b64(claims.to_string().as_bytes());
+    let signing_input = format!("{header}.{payload}");
+    let sig = issuer
+        .sign(signing_input.as_bytes())
+        .context("signing a JWT")?;
+    Ok(format!("{signing_input}.{}", b64(&sig)))
+}
+
+/// A creds file (user JWT + seed) in the format NATS clients read.
+fn creds(jwt: &str, user: &KeyPair) -> anyhow::Result<String> {
+    Ok(format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\
+         NKEYs are sensitive and should be treated as secrets.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n\n\
+         *************************************************************\n",
+        user.seed().context("encoding a seed")?
+    ))
+}
+
+/// What one agent may publish and subscribe to.
+pub fn agent_permissions(instance: &str) -> (Vec<String>, Vec<String>) {
+    let s = subjects::INTENT_STREAM;
+    let c = subjects::agent_consumer(instance);
+    let publish = vec![
+        subjects::heartbeat(instance),
+        subjects::event(instance),
+        format!("$JS.API.STREAM.INFO.{s}"),
+        format!("$JS.API.CONSUMER.INFO.{s}.{c}"),
+        format!(
+            "$JS.API.CONSUMER.CREATE.{s}.{c}.{}",
+            subjects::intent(instance)
+        ),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{s}.{c}"),
+        format!("$JS.ACK.{s}.{c}.>"),
+    ];
+    let subscribe = vec![
+        subjects::call(instance),
+        format!("{}.>", subjects::agent_inbox_prefix(instance)),
+    ];
+    (publish, subscribe)
+}
+
+impl Authority {
+    pub fn load_or_create(cfg: &NatsAuthConfig) -> anyhow::Result<Authority> {
+        std::fs::create_dir_all(&cfg.dir)
+            .with_context(|| format!("creating {}", cfg.dir.display()))?;
+        Ok(Authority {
+            dir: cfg.dir.clone(),
+            operator: load_or_create(&cfg.dir, "operator", KeyPair::new_operator)?,
+            account: load_or_create(&cfg.dir, "account", KeyPair::new_account)?,
+            system: load_or_create(&cfg.dir, "system", KeyPair::new_account)?,
+        })
+    }
+
+    fn revocations_path(&self) -> PathBuf {
+        self.dir.join("revocations.json")
+    }
+
+    fn revocations(&self) -> BTreeMap<String, i64> {
+        std::fs::read_to_string(self.revocations_path())
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    fn limits(jetstream: bool) -> Value {
+        let mut l = json!({"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                           "wildcards": true, "conn": -1, "leaf": -1});
+        if jetstream {
+            for k in ["mem_storage", "disk_storage", "streams", "consumer"] {
+                l[k] = json!(-1);
+            }
+        }
+        l
+    }
+
+    /// The COFFER account JWT, with every revocation so far (always pushed whole).
+    pub fn account_jwt(&self) -> anyhow::Result<String> {
+        let mut nats = json!({"limits": Self::limits(true), "default_permissions": {"pub": {}, "sub": {}},
+                              "type": "account", "version": 2});
+        let rev = self.revocations();
+        if !rev.is_empty() {
+            nats["revocations"] = json!(rev);
+        }
+        encode_jwt(&self.operator, &self.account.public_key(), "COFFER", nats)
+    }
+
+    fn system_jwt(&self) -> anyhow::Result<String> {
+        let nats = json!({"limits": Self::limits(false), "default_permissions": {"pub": {}, "sub": {}},
+                          "type": "account", "version": 2});
+        encode_jwt(&self.operator, &self.system.public_key(), "SYS", nats)
+    }
+
+    /// The server's part of the configuration.
+    pub fn server_config(&self) -> anyhow::Result<String> {
+        let op = encode_jwt(
+            &self.operator,
+            &self.operator.public_key(),
+            "coffer-operator",
+            json!({"system_account": self.system.public_key(), "type": "operator", "version": 2}),
+        )?;
+        Ok(format!(
+            "# Written by coffer-controller manage nats-setup.\n\
+             operator: {op}\n\
+             system_account: {sys}\n\
+             resolver: {{ type: full, dir: {jwt_dir:?}, allow_delete: false, interval: \"2m\", timeout: \"1.9s\" }}\n\
+             resolver_preload: {{\n  {sys}: {sys_jwt}\n  {acc}: {acc_jwt}\n}}\n",
+            sys = self.system.public_key(),
+            jwt_dir = self.dir.join("jwt").display().to_string(),
+            sys_jwt = self.system_jwt()?,
+            acc = self.account.public_key(),
+            acc_jwt = self.account_jwt()?,
+        ))
+    }
+
+    fn user(&self, issuer: &KeyPair, name: &str, nats: Value) -> anyhow::Result<(String, String)> {
+        let user = KeyPair::new_user();
+        let jwt = encode_jwt(issuer, &user.public_key(), name, nats)?;
+        Ok((creds(&jwt, &user)?, user.public_key()))
+    }
+
+    /// Credentials of the controller itself (anything within the COFFER account).
+    pub fn controller_creds(&self) -> anyhow::Result<String> {
+        let nats = json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2});
+        Ok(self.user(&self.account, "coffer-controller", nats)?.0)
+    }
+
+    /// Credentials in the system account (pushing account JWTs). Only the controller has them.
+    pub fn system_creds(&self) -> anyhow::Result<String> {
+        let nats = json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2});
+        Ok(self.user(&self.system, "coffer-system", nats)?.0)
+    }
+
+    /// A new identity for one instance's agent: `(creds file text, user public key)`.
+    pub fn agent_creds(&self, instance: &str) -> anyhow::Result<(String, String)> {
+        if !subjects::valid_token(instance) {
+            bail!("instance id '{instance}' cannot be a subject token");
+        }
+        let (publish, subscribe) = agent_permissions(instance);
+        let nats = json!({
+            "pub": {"allow": publish}, "sub": {"allow": subscribe},
+            "resp": {"max": 1, "ttl": 60_000_000_000u64},
+            "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2,
+        });
+        self.user(&self.account, &format!("agent-{instance}"), nats)
+    }
+
+    /// Writes the server config and the controller's and system's creds into the auth dir.
+    pub fn setup(&self) -> anyhow::Result<()> {
+        write_private(&self.dir.join("server-auth.conf"), &self.server_config()?)?;
+        write_private(
+            &self.dir.join("controller.creds"),
+            &self.controller_creds()?,
+        )?;
+        write_private(&self.dir.join("system.creds"), &self.system_creds()?)?;
+        Ok(())
+    }
+
+    pub fn controller_creds_path(&self) -> PathBuf {
+        self.dir.join("controller.creds")
+    }
+
+    /// Revokes an agent's user and pushes the account JWT to the server.
+    pub async fn revoke(&self, nats_url: &str, user_public_key: &str) -> anyhow::Result<()> {
+        let mut rev = self.revocations();
+        rev.insert(user_public_key.to_string(), now_secs());
+        write_private(&self.revocations_path(), &serde_json::to_string(&rev)?)?;
+        self.push_account(nats_url).await
+    }
+
+    /// Sends the current account JWT to the server (`$SYS.REQ.ACCOUNT.<acc>.CLAIMS.UPDATE`).
+    pub async fn push_account(&self, nats_url: &str) -> anyhow::Result<()> {
+        let sys = async_nats::ConnectOptions::with_credentials(&self.system_creds()?)
+            .context("reading system creds")?
+            .name("coffer-controller-system")
+            .connect(nats_url)
+            .await
+            .context("connecting to NATS as the system account")?;
+        let subject = format!(
+            "$SYS.REQ.ACCOUNT.{}.CLAIMS.UPDATE",
+            self.account.public_key()
+        );
+        let reply = sys
+            .request(subject, self.account_jwt()?.into())
+            .await
+            .context("pushing the account JWT")?;
+        let text = String::from_utf8_lossy(&reply.payload).to_string();
+        if !text.contains("\"code\":200") {
+            bail!("the server refused the account JWT: {text}");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwts_verify_with_their_issuer() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Authority::load_or_create(&NatsAuthConfig {
+            dir: dir.path().to_path_buf(),
+        })
+        .unwrap();
+        let jwt = a.account_jwt().unwrap();
+        let parts: Vec<&str> = jwt.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        let sig = data_encoding::BASE64URL_NOPAD
+            .decode(parts[2].as_bytes())
+            .unwrap();
+        a.operator
+            .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+            .unwrap();
+        let claims: Value = serde_json::from_slice(
+            &data_encoding::BASE64URL_NOPAD
+                .decode(parts[1].as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["nats"]["limits"]["streams"], -1);
+        // Keys persist.
+        let b = Authority::load_or_create(&NatsAuthConfig {
+            dir: dir.path().to_path_buf(),
+        })
+        .unwrap();
+        assert_eq!(a.account.public_key(), b.account.public_key());
+        let (creds, user) = a.agent_creds("inst-1").unwrap();
+        assert!(creds.contains("BEGIN NATS USER JWT") && creds.ends_with("*\n"));
+        assert!(user.starts_with('U'));
+        assert!(a.agent_creds("a.b").is_err());
+    }
+
+    #[test]
+    fn agents_are_confined_to_their_own_subjects() {
+        let (p, s) = agent_permissions("inst-77");
+        let shared: Vec<_> = p.iter().filter(|x| !x.contains("inst-77")).collect();
+        assert_eq!(shared, vec!["$JS.API.STREAM.INFO.COFFER_INTENTS"], "{p:?}");
+        assert!(s.iter().all(|x| x.contains("inst-77")), "{s:?}");
+        assert!(
+            !p.iter()
+                .chain(s.iter())
+                .any(|x| x.contains('*') || x == ">"),
+            "no wildcards across instances"
+        );
+    }
+}

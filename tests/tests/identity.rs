@@ -1,0 +1,178 @@
+//! Per-agent NATS identities: an agent's credentials reach only its own subjects, and a deleted
+//! instance's credentials are revoked. The controller ignores payloads that name another instance
+//! than their subject.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use coffer_proto::{subjects, v1, Message};
+use coffer_tests::Env;
+
+async fn connect_as(
+    env: &Env,
+    creds: &std::path::Path,
+    instance: &str,
+) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let s = seen.clone();
+    let client = async_nats::ConnectOptions::with_credentials_file(creds.to_path_buf())
+        .await
+        .unwrap()
+        .custom_inbox_prefix(subjects::agent_inbox_prefix(instance))
+        .event_callback(move |e| {
+            let s = s.clone();
+            async move {
+                s.lock().unwrap().push(e.to_string());
+            }
+        })
+        .connect(env.nats.url())
+        .await
+        .expect("an agent's own credentials connect");
+    (client, seen)
+}
+
+async fn wait_event(seen: &Arc<Mutex<Vec<String>>>, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if seen.lock().unwrap().iter().any(|e| e.contains(needle)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no server error containing {needle:?}; saw {:?}",
+            seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_identity_reaches_only_its_own_instance_and_is_revoked_on_delete() {
+    let env = Env::start().await;
+    let a = env.create("alpha").await;
+    let b = env.create("beta").await;
+    env.wait_status(&a, "ACTIVE", Duration::from_secs(120))
+        .await;
+    env.wait_status(&b, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let creds_copy = env.dir.path().join("alpha.creds");
+    std::fs::copy(env.agent_creds(&a), &creds_copy).unwrap();
+    let (client, seen) = connect_as(&env, &creds_copy, &a).await;
+
+    // B's calls, B's inbox, everyone's inboxes: refused.
+    let _s1 = client.subscribe(subjects::call(&b)).await.unwrap();
+    wait_event(
+        &seen,
+        &format!("Subscription to \"{}\"", subjects::call(&b)),
+    )
+    .await;
+    let _s2 = client
+        .subscribe(format!("{}.>", subjects::agent_inbox_prefix(&b)))
+        .await
+        .unwrap();
+    wait_event(&seen, &format!("Subscription to \"_INBOX.{b}.>\"")).await;
+    let _s3 = client.subscribe("_INBOX.>").await.unwrap();
+    wait_event(&seen, "Subscription to \"_INBOX.>\"").await;
+    // Speaking for B: heartbeat and event, refused by the server.
+    let hb = coffer_proto::envelope(
+        "forged".into(),
+        &b,
+        v1::envelope::Body::Heartbeat(v1::Heartbeat {
+            status: v1::ServiceStatus::Crashed as i32,
+            ..Default::default()
+        }),
+    );
+    client
+        .publish(subjects::heartbeat(&b), hb.encode_to_vec().into())
+        .await
+        .unwrap();
+    wait_event(
+        &seen,
+        &format!("Publish to \"{}\"", subjects::heartbeat(&b)),
+    )
+    .await;
+    client
+        .publish(subjects::event(&b), hb.encode_to_vec().into())
+        .await
+        .unwrap();
+    wait_event(&seen, &format!("Publish to \"{}\"", subjects::event(&b))).await;
+    // Reading B's consumer: refused.
+    let next = format!(
+        "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+        subjects::INTENT_STREAM,
+        subjects::agent_consumer(&b)
+    );
+    client.publish(next.clone(), "1".into()).await.unwrap();
+    wait_event(&seen, &format!("Publish to \"{next}\"")).await;
+    assert_eq!(
+        env.show(&b).await.1["instance"]["status"],
+        "ACTIVE",
+        "B is untouched"
+    );
+
+    // Its own heartbeat subject works.
+    let own = coffer_proto::envelope(
+        "own".into(),
+        &a,
+        v1::envelope::Body::Heartbeat(v1::Heartbeat {
+            status: v1::ServiceStatus::Running as i32,
+            boot_id: "probe".into(),
+            intent_kinds: coffer_proto::INTENT_KINDS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            ..Default::default()
+        }),
+    );
+    let reply = client
+        .request(subjects::heartbeat(&a), own.encode_to_vec().into())
+        .await;
+    assert!(reply.is_ok(), "its own heartbeat is answered: {reply:?}");
+
+    // Delete A: its identity is revoked, the open connection is cut and new ones are refused.
+    env.delete_and_wait_gone(&a).await;
+    wait_event(&seen, "Revoked").await;
+    let again = async_nats::ConnectOptions::with_credentials_file(creds_copy.clone())
+        .await
+        .unwrap()
+        .connect(env.nats.url())
+        .await;
+    assert!(again.is_err(), "a revoked identity cannot connect");
+    env.wait_status(&b, "ACTIVE", Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_ignores_payloads_naming_another_instance() {
+    let env = Env::start().await;
+    let a = env.create("alpha").await;
+    let b = env.create("beta").await;
+    env.wait_status(&a, "ACTIVE", Duration::from_secs(120))
+        .await;
+    env.wait_status(&b, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let client = env.nats_client().await;
+    // On A's subject, a payload that claims to be B and says B crashed.
+    let forged = coffer_proto::envelope(
+        "forged".into(),
+        &b,
+        v1::envelope::Body::Heartbeat(v1::Heartbeat {
+            status: v1::ServiceStatus::Crashed as i32,
+            boot_id: "forger".into(),
+            fault: "forged".into(),
+            ..Default::default()
+        }),
+    );
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.request(subjects::heartbeat(&a), forged.encode_to_vec().into()),
+    )
+    .await;
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "no answer to a mismatched heartbeat"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let v = env.show(&b).await.1;
+    assert_eq!(v["instance"]["status"], "ACTIVE", "{v}");
+    assert!(v["instance"].get("fault").is_none(), "{v}");
+}
