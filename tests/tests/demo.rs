@@ -129,6 +129,17 @@ async fn demo_stops_cleanly_and_resumes_with_the_data() {
 
     let demo = start_demo(dir);
     let (endpoint, token) = env_of(dir);
+    // NATS runs with authorization on: no credentials, no connection.
+    let state = std::fs::read_to_string(dir.join("demo.state")).unwrap();
+    let nats_port = state
+        .lines()
+        .find_map(|l| l.strip_prefix("nats_port="))
+        .unwrap();
+    let anonymous = async_nats::connect(format!("nats://127.0.0.1:{nats_port}")).await;
+    assert!(
+        anonymous.is_err(),
+        "the demo's NATS refuses clients without credentials"
+    );
     let r = http
         .post(format!("{endpoint}/instances"))
         .header("X-Auth-Token", &token)

@@ -224,11 +224,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         &config,
         format!(
             "listen = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\nnats_url = \"nats://127.0.0.1:{nats}\"\ntoken_file = {tokens:?}\n\
-             stop_agents_on_exit = true\n\n[provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
+             stop_agents_on_exit = true\nnats_creds = {creds:?}\n\n[nats_auth]\ndir = {auth:?}\n\n\
+             [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
              port_min = 33306\nport_max = 33405\n",
             api = p.api_port,
             data = dir.join("controller").display().to_string(),
             nats = p.nats_port,
+            creds = dir.join("nats-auth/controller.creds").display().to_string(),
+            auth = dir.join("nats-auth").display().to_string(),
             tokens = dir.join("tokens.toml").display().to_string(),
             agent = agent_bin.display().to_string(),
             inst = dir.join("instances").display().to_string(),
@@ -237,8 +240,23 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 
     env::step(&format!("starting nats-server on port {}", p.nats_port));
     let nats_log = dir.join("nats.log");
+    // Authorization on: the controller holds the NATS authority and gives every agent its own
+    // identity; nats-setup (idempotent) writes the server's side of it.
+    let out = Command::new(&controller_bin)
+        .arg("--config")
+        .arg(&config)
+        .args(["manage", "nats-setup"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "coffer-controller manage nats-setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let mut nats_cmd = Command::new(&tools.nats_server);
     nats_cmd
+        .arg("-c")
+        .arg(dir.join("nats-auth/server-auth.conf"))
         .args([
             "-a",
             "127.0.0.1",
