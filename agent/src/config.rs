@@ -19,6 +19,9 @@ pub struct AgentConfig {
     /// This agent's own NATS credentials (creds file, 0600), when the server requires them.
     #[serde(default)]
     pub nats_creds: Option<PathBuf>,
+    /// CA certificate (PEM) of the NATS server: connect with TLS and verify it.
+    #[serde(default)]
+    pub nats_ca_file: Option<PathBuf>,
     /// How often to send a heartbeat.
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_interval_ms: u64,

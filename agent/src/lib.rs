@@ -108,6 +108,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
     };
     // Replies come to this agent's own inbox prefix: its identity may not read any other.
     opts = opts.custom_inbox_prefix(coffer_proto::subjects::agent_inbox_prefix(&cfg.instance_id));
+    if let Some(ca) = &cfg.nats_ca_file {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
     let client = opts
         .name(format!("coffer-agent {}", cfg.instance_id))
         .retry_on_initial_connect()

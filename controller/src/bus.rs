@@ -376,7 +376,12 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
             .unwrap_or_default();
         app.provisioner.destroy(id).await?;
         if let (Some(a), false) = (&app.authority, nats_user.is_empty()) {
-            a.revoke(&app.cfg.nats_url, &nats_user).await?;
+            a.revoke(
+                &app.cfg.nats_url,
+                app.cfg.nats_ca_file.as_deref(),
+                &nats_user,
+            )
+            .await?;
         }
         if let Ok(stream) = app.js.get_stream(subjects::INTENT_STREAM).await {
             let _ = stream.delete_consumer(&subjects::agent_consumer(id)).await;

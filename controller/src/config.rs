@@ -18,6 +18,13 @@ pub struct ControllerConfig {
     /// The controller's own NATS credentials (a creds file), when the server requires them.
     #[serde(default)]
     pub nats_creds: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the NATS server's certificate: connect with TLS.
+    /// Handed to the agents too.
+    #[serde(default)]
+    pub nats_ca_file: Option<PathBuf>,
+    /// Serve the API over HTTPS.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsConfig>,
     /// Issue a NATS identity per agent (decentralized JWT auth); see `manage nats-setup`.
     #[serde(default)]
     pub nats_auth: Option<crate::nats_auth::NatsAuthConfig>,

@@ -15,6 +15,7 @@ pub mod nats_auth;
 pub mod provisioner;
 pub mod status;
 pub mod store;
+pub mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -65,12 +66,15 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         Some(a) => Some(nats_auth::Authority::load_or_create(a)?),
         None => None,
     };
-    let opts = match &cfg.nats_creds {
+    let mut opts = match &cfg.nats_creds {
         Some(p) => async_nats::ConnectOptions::with_credentials_file(p.clone())
             .await
             .with_context(|| format!("reading NATS credentials {}", p.display()))?,
         None => async_nats::ConnectOptions::new(),
     };
+    if let Some(ca) = &cfg.nats_ca_file {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
     let client = opts
         .name("coffer-controller")
         .retry_on_initial_connect()
@@ -113,7 +117,10 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
     });
     // The server may have restarted from an older preload: make sure it has every revocation.
     if let Some(a) = &app.authority {
-        if let Err(e) = a.push_account(&app.cfg.nats_url).await {
+        if let Err(e) = a
+            .push_account(&app.cfg.nats_url, app.cfg.nats_ca_file.as_deref())
+            .await
+        {
             warn!(error = %format!("{e:#}"), "could not push the account JWT");
         }
     }
@@ -141,10 +148,22 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
     info!(listen = %app.cfg.listen, "coffer-controller serving the Trove API");
     let router = api::router(app.clone());
     let s = shutdown.clone();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { s.cancelled().await })
-        .await
-        .context("serving HTTP")?;
+    match &app.cfg.tls {
+        Some(t) => {
+            let tls = tls::TlsListener {
+                tcp: listener,
+                acceptor: tls::acceptor(t)?,
+            };
+            axum::serve(tls, router)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await
+                .context("serving HTTPS")?
+        }
+        None => axum::serve(listener, router)
+            .with_graceful_shutdown(async move { s.cancelled().await })
+            .await
+            .context("serving HTTP")?,
+    }
     tasks.shutdown().await;
     if app.cfg.stop_agents_on_exit {
         stop_agents(&app).await;

@@ -245,17 +245,28 @@ impl Authority {
     }
 
     /// Revokes an agent's user and pushes the account JWT to the server.
-    pub async fn revoke(&self, nats_url: &str, user_public_key: &str) -> anyhow::Result<()> {
+    pub async fn revoke(
+        &self,
+        nats_url: &str,
+        ca: Option<&Path>,
+        user_public_key: &str,
+    ) -> anyhow::Result<()> {
         let mut rev = self.revocations();
         rev.insert(user_public_key.to_string(), now_secs());
         write_private(&self.revocations_path(), &serde_json::to_string(&rev)?)?;
-        self.push_account(nats_url).await
+        self.push_account(nats_url, ca).await
     }
 
     /// Sends the current account JWT to the server (`$SYS.REQ.ACCOUNT.<acc>.CLAIMS.UPDATE`).
-    pub async fn push_account(&self, nats_url: &str) -> anyhow::Result<()> {
-        let sys = async_nats::ConnectOptions::with_credentials(&self.system_creds()?)
-            .context("reading system creds")?
+    pub async fn push_account(&self, nats_url: &str, ca: Option<&Path>) -> anyhow::Result<()> {
+        let mut opts = async_nats::ConnectOptions::with_credentials(&self.system_creds()?)
+            .context("reading system creds")?;
+        if let Some(ca) = ca {
+            opts = opts
+                .add_root_certificates(ca.to_path_buf())
+                .require_tls(true);
+        }
+        let sys = opts
             .name("coffer-controller-system")
             .connect(nats_url)
             .await

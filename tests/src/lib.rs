@@ -201,6 +201,8 @@ pub struct Opts {
     pub build_timeout_s: u64,
     /// Extra TOML for every agent's `[datastore]` table (e.g. a broken install-db binary).
     pub datastore_extra: String,
+    /// TLS for NATS and the HTTP API (a test CA made with the openssl CLI).
+    pub tls: bool,
 }
 
 impl Default for Opts {
@@ -211,6 +213,7 @@ impl Default for Opts {
             heartbeat_expiry_s: 4,
             build_timeout_s: 300,
             datastore_extra: String::new(),
+            tls: false,
         }
     }
 }
@@ -259,20 +262,38 @@ impl Env {
         .unwrap();
         // The allocator hands out ascending ports, but they may not be contiguous: only ports it
         // handed to us are in range when contiguous; otherwise the provisioner bind-checks each.
+        let tls_lines = if o.tls {
+            make_test_ca(&d.join("tls"));
+            (
+                format!(
+                    "nats_ca_file = {:?}\n",
+                    d.join("tls/ca.pem").display().to_string()
+                ),
+                format!(
+                    "[tls]\ncert_file = {:?}\nkey_file = {:?}\n\n",
+                    d.join("tls/server.pem").display().to_string(),
+                    d.join("tls/server.key").display().to_string(),
+                ),
+            )
+        } else {
+            (String::new(), String::new())
+        };
         let config = d.join("controller.toml");
         std::fs::write(
             &config,
             format!(
                 "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {data:?}\nnats_url = {nats:?}\ntoken_file = {tokens:?}\n\
-                 nats_creds = {creds:?}\n\
+                 nats_creds = {creds:?}\n{nats_ca_line}\
                  heartbeat_expiry_s = {exp}\nlease_ms = {lease}\nbuild_timeout_s = {bt}\ndelete_grace_s = 20\n\n\
-                 [nats_auth]\ndir = {auth:?}\n\n\
+                 {tls_table}[nats_auth]\ndir = {auth:?}\n\n\
                  [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
                  port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\ndatastore_extra = {extra:?}\n",
                 data = d.join("controller").display().to_string(),
                 nats = nats_url,
                 creds = d.join("nats-auth/controller.creds").display().to_string(),
                 auth = d.join("nats-auth").display().to_string(),
+                nats_ca_line = tls_lines.0,
+                tls_table = tls_lines.1,
                 tokens = d.join("tokens.toml").display().to_string(),
                 exp = o.heartbeat_expiry_s,
                 lease = o.lease_ms,
@@ -296,7 +317,22 @@ impl Env {
             "nats-setup: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let nats = Nats::start(d, nats_port, Some(d.join("nats-auth/server-auth.conf")));
+        let nats_conf = if o.tls {
+            let conf = d.join("nats-tls.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "include \"nats-auth/server-auth.conf\"\ntls {{\n  cert_file: {:?}\n  key_file: {:?}\n}}\n",
+                    d.join("tls/server.pem").display().to_string(),
+                    d.join("tls/server.key").display().to_string()
+                ),
+            )
+            .unwrap();
+            conf
+        } else {
+            d.join("nats-auth/server-auth.conf")
+        };
+        let nats = Nats::start(d, nats_port, Some(nats_conf));
         register(&config);
         let mut env = Env {
             dir,
@@ -316,14 +352,16 @@ impl Env {
 
     /// A NATS client with the controller's credentials (full rights in the Coffer account).
     pub async fn nats_client(&self) -> async_nats::Client {
-        async_nats::ConnectOptions::with_credentials_file(
+        let mut o = async_nats::ConnectOptions::with_credentials_file(
             self.dir.path().join("nats-auth/controller.creds"),
         )
         .await
-        .unwrap()
-        .connect(self.nats.url())
-        .await
-        .unwrap()
+        .unwrap();
+        let ca = self.dir.path().join("tls/ca.pem");
+        if ca.exists() {
+            o = o.add_root_certificates(ca).require_tls(true);
+        }
+        o.connect(self.nats.url()).await.unwrap()
     }
 
     /// Path of an instance agent's NATS credentials.
@@ -591,6 +629,72 @@ pub fn pid_alive(pid: i32) -> bool {
             .starts_with('Z'),
         Err(_) => false,
     }
+}
+
+/// Makes a CA and a server certificate for 127.0.0.1/localhost with the openssl CLI.
+pub fn make_test_ca(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("running openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=coffer test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
 }
 
 /// Registers MariaDB (the installed version) and the test flavors.

@@ -423,6 +423,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         manager: version.manager.clone(),
         nats_url: app.cfg.nats_url.clone(),
         nats_creds,
+        nats_ca_file: app.cfg.nats_ca_file.clone(),
     };
     let placed = app.provisioner.prepare(&placement).await.map_err(|e| {
         ApiError::from(e.context("placing the agent failed; check the provisioner configuration"))

@@ -15,6 +15,8 @@ pub struct Placement {
     pub nats_url: String,
     /// The agent's own NATS credentials (creds file text), if the server requires them.
     pub nats_creds: Option<String>,
+    /// CA certificate the agent verifies the NATS server with (TLS), if any.
+    pub nats_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Where clients reach the placed database, and the agent's public key.

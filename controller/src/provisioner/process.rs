@@ -171,12 +171,16 @@ impl Provisioner for ProcessProvisioner {
             }
             None => String::new(),
         };
+        let ca_line = match &p.nats_ca_file {
+            Some(ca) => format!("nats_ca_file = {:?}\n", ca.display().to_string()),
+            None => String::new(),
+        };
         let toml = format!(
             "# Written by the coffer-controller process provisioner.\n\
              instance_id = {id:?}\n\
              state_dir = {state:?}\n\
              nats_url = {nats:?}\n\
-             {creds_line}\
+             {creds_line}{ca_line}\
              heartbeat_interval_ms = {hb}\n\
              \n[listen]\nbind_address = {bind:?}\nport = {port}\n\
              \n[datastore]\nkind = {kind:?}\n{extra}\n",
