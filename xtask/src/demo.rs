@@ -143,6 +143,79 @@ fn mariadb_version() -> anyhow::Result<String> {
     Ok(v)
 }
 
+/// A CA and a server certificate for 127.0.0.1/localhost (openssl CLI), made once.
+fn make_ca(dir: &Path) -> anyhow::Result<()> {
+    if dir.join("server.pem").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("running openssl")?;
+        if !out.status.success() {
+            bail!(
+                "openssl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    env::step("making a local CA and a certificate for 127.0.0.1 (--tls)");
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "825",
+        "-subj",
+        "/CN=coffer demo CA",
+    ])?;
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ])?;
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "825",
+        "-extfile",
+        "san.ext",
+    ])?;
+    Ok(())
+}
+
 /// Registers MariaDB (installed version) and small flavors; safe to repeat.
 pub fn register(controller: &Path, config: &Path) -> anyhow::Result<String> {
     let full = mariadb_version()?;
@@ -185,12 +258,14 @@ pub fn register(controller: &Path, config: &Path) -> anyhow::Result<String> {
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut dir = env::root().join(".coffer");
     let mut build = true;
+    let mut tls = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--dir" => dir = PathBuf::from(it.next().context("--dir needs a path")?),
             "--no-build" => build = false,
-            other => bail!("unknown demo option '{other}' (known: --dir DIR, --no-build)"),
+            "--tls" => tls = true,
+            other => bail!("unknown demo option '{other}' (known: --dir DIR, --no-build, --tls)"),
         }
     }
     // Block SIGINT/SIGTERM now; they are awaited below (children get a clean mask from std).
@@ -219,12 +294,30 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             p.token, p.project, p.admin_token, p.project
         ),
     )?;
+    // --tls: a local CA and a certificate for 127.0.0.1, used by NATS and the API.
+    let tls_dir = dir.join("tls");
+    let (ca_line, tls_table) = if tls {
+        make_ca(&tls_dir)?;
+        (
+            format!(
+                "nats_ca_file = {:?}\n",
+                tls_dir.join("ca.pem").display().to_string()
+            ),
+            format!(
+                "[tls]\ncert_file = {:?}\nkey_file = {:?}\n\n",
+                tls_dir.join("server.pem").display().to_string(),
+                tls_dir.join("server.key").display().to_string()
+            ),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     let config = dir.join("controller.toml");
     std::fs::write(
         &config,
         format!(
             "listen = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\nnats_url = \"nats://127.0.0.1:{nats}\"\ntoken_file = {tokens:?}\n\
-             stop_agents_on_exit = true\nnats_creds = {creds:?}\n\n[nats_auth]\ndir = {auth:?}\n\n\
+             stop_agents_on_exit = true\nnats_creds = {creds:?}\n{ca_line}\n{tls_table}[nats_auth]\ndir = {auth:?}\n\n\
              [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
              port_min = 33306\nport_max = 33405\n",
             api = p.api_port,
@@ -253,10 +346,24 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let nats_conf = if tls {
+        let conf = dir.join("nats-tls.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "include \"nats-auth/server-auth.conf\"\ntls {{\n  cert_file: {:?}\n  key_file: {:?}\n}}\n",
+                tls_dir.join("server.pem").display().to_string(),
+                tls_dir.join("server.key").display().to_string()
+            ),
+        )?;
+        conf
+    } else {
+        dir.join("nats-auth/server-auth.conf")
+    };
     let mut nats_cmd = Command::new(&tools.nats_server);
     nats_cmd
         .arg("-c")
-        .arg(dir.join("nats-auth/server-auth.conf"))
+        .arg(&nats_conf)
         .args([
             "-a",
             "127.0.0.1",
@@ -289,11 +396,21 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         return Err(e);
     }
 
-    let endpoint = format!("http://127.0.0.1:{}/v1.0/{}", p.api_port, p.project);
+    let scheme = if tls { "https" } else { "http" };
+    let endpoint = format!("{scheme}://127.0.0.1:{}/v1.0/{}", p.api_port, p.project);
+    let ca_env = if tls {
+        format!(
+            "COFFER_CA_FILE={}\nREQUESTS_CA_BUNDLE={}\n",
+            tls_dir.join("ca.pem").display(),
+            tls_dir.join("ca.pem").display()
+        )
+    } else {
+        String::new()
+    };
     write_private(
         &dir.join("demo.env"),
         &format!(
-            "COFFER_ENDPOINT={endpoint}\nCOFFER_PROJECT={}\nCOFFER_TOKEN={}\nCOFFER_ADMIN_TOKEN={}\nCOFFER_PYTHON={}\n",
+            "COFFER_ENDPOINT={endpoint}\nCOFFER_PROJECT={}\nCOFFER_TOKEN={}\nCOFFER_ADMIN_TOKEN={}\nCOFFER_PYTHON={}\n{ca_env}",
             p.project,
             p.token,
             p.admin_token,
@@ -318,9 +435,14 @@ from troveclient.v1 import client
 c = client.Client(session=session.Session(auth=Token(os.environ["COFFER_ENDPOINT"], os.environ["COFFER_TOKEN"])))
 print([(i.name, i.status) for i in c.instances.list()])'
 
-Ctrl-C stops the API, the databases (cleanly, through their agents), the agents, the controller and nats-server.
+{tls_note}Ctrl-C stops the API, the databases (cleanly, through their agents), the agents, the controller and nats-server.
 "#,
-        dir = dir.display()
+        dir = dir.display(),
+        tls_note = if tls {
+            "TLS is on (NATS and the API): give curl --cacert $COFFER_CA_FILE; python picks the CA up from REQUESTS_CA_BUNDLE.\n\n"
+        } else {
+            ""
+        }
     );
 
     let sig = sigs.wait()?;
