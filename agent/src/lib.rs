@@ -51,6 +51,18 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// Seals a secret answer (e.g. a generated password) to the controller's reply key of call
+    /// `call_id`: the reply carries it as `CallReply.sealed_secret`, never in clear.
+    pub fn seal_reply(
+        &self,
+        call_id: &str,
+        reply_key: &[u8],
+        secret: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        let context = coffer_proto::seal::reply_context(&self.cfg.instance_id, call_id);
+        coffer_proto::seal::seal(reply_key, &context, secret).map_err(|e| e.to_string())
+    }
+
     /// Publishes an event on the event stream, retrying until JetStream acknowledges it (or the
     /// agent shuts down). `msg_id` makes redelivered publishes harmless.
     pub async fn publish_event(&self, msg_id: String, event: v1::Event) {
@@ -185,17 +197,20 @@ async fn calls(ctx: Arc<Ctx>) -> anyhow::Result<()> {
                 body:
                     Some(v1::envelope::Body::Call(v1::Call {
                         kind: Some(v1::call::Kind::Ping(_)),
+                        ..
                     })),
                 ..
             }) => v1::CallReply {
                 ok: true,
                 error: String::new(),
                 kind: Some(v1::call_reply::Kind::Pong(heartbeat::snapshot(&ctx).await)),
+                ..Default::default()
             },
             Ok(v1::Envelope {
                 body:
                     Some(v1::envelope::Body::Call(v1::Call {
                         kind: Some(v1::call::Kind::Shutdown(_)),
+                        ..
                     })),
                 ..
             }) => {
@@ -205,6 +220,7 @@ async fn calls(ctx: Arc<Ctx>) -> anyhow::Result<()> {
                     ok: r.is_ok(),
                     error: r.err().unwrap_or_default(),
                     kind: None,
+                    ..Default::default()
                 };
                 let env = coffer_proto::envelope(
                     uuid::Uuid::new_v4().to_string(),
@@ -223,11 +239,13 @@ async fn calls(ctx: Arc<Ctx>) -> anyhow::Result<()> {
                 ok: false,
                 error: "unsupported call".into(),
                 kind: None,
+                ..Default::default()
             },
             Err(e) => v1::CallReply {
                 ok: false,
                 error: format!("undecodable call: {e}"),
                 kind: None,
+                ..Default::default()
             },
         };
         let env = coffer_proto::envelope(

@@ -67,7 +67,7 @@ fn real_main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Keygen => {
             let (_, public) = coffer_agent::state::load_or_create_key(&cfg.state_dir)?;
-            println!("{}", coffer_agent::state::to_hex(&public));
+            println!("{}", coffer_proto::seal::to_hex(&public));
             Ok(())
         }
         Command::CheckConfig => {

@@ -137,7 +137,7 @@ pub fn load_or_create_key(root: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = root.join("agent.key");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        let secret = from_hex(text.trim())
+        let secret = coffer_proto::seal::from_hex(text.trim())
             .with_context(|| format!("{} is not a hex key", path.display()))?;
         let public = coffer_proto::seal::public_of(&secret)?;
         return Ok((secret, public));
@@ -152,24 +152,10 @@ pub fn load_or_create_key(root: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(to_hex(&secret).as_bytes())?;
+    f.write_all(coffer_proto::seal::to_hex(&secret).as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, &path)?;
     Ok((secret, public))
-}
-
-pub fn to_hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-pub fn from_hex(s: &str) -> anyhow::Result<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        bail!("odd length");
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(anyhow::Error::from))
-        .collect()
 }
 
 /// Writes a file atomically and durably (temp file, fsync, rename).

@@ -43,6 +43,9 @@ pub struct App {
     pub deleting: Mutex<HashSet<String>>,
     /// Issues and revokes per-agent NATS identities (when `nats_auth` is configured).
     pub authority: Option<nats_auth::Authority>,
+    /// The controller's X25519 key pair: secrets in agents' replies are sealed to it.
+    pub reply_secret_key: Vec<u8>,
+    pub reply_public_key: Vec<u8>,
 }
 
 impl App {
@@ -62,6 +65,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let store = store::Store::open(&cfg.data_dir.join("coffer.db")).await?;
     let tokens = config::load_tokens(&cfg.token_file)?;
+    let (reply_secret_key, reply_public_key) = nats_auth::controller_key(&cfg.data_dir)?;
     let authority = match &cfg.nats_auth {
         Some(a) => Some(nats_auth::Authority::load_or_create(a)?),
         None => None,
@@ -114,6 +118,8 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         provisioner,
         deleting: Mutex::new(HashSet::new()),
         authority,
+        reply_secret_key,
+        reply_public_key,
     });
     // The server may have restarted from an older preload: make sure it has every revocation.
     if let Some(a) = &app.authority {
@@ -184,6 +190,7 @@ async fn stop_agents(app: &App) {
             uuid::Uuid::new_v4().to_string(),
             &inst.id,
             v1::envelope::Body::Call(v1::Call {
+                reply_key: app.reply_public_key.clone(),
                 kind: Some(v1::call::Kind::Shutdown(v1::Shutdown {})),
             }),
         );

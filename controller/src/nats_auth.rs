@@ -68,6 +68,23 @@ fn load_or_create(dir: &Path, name: &str, make: fn() -> KeyPair) -> anyhow::Resu
     Ok(kp)
 }
 
+/// The controller's X25519 key pair (`controller.key` in `dir`, 0600), created on first use.
+/// Agents seal secrets in their replies to its public half (`Call.reply_key`).
+pub fn controller_key(dir: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let path = dir.join("controller.key");
+    let secret = match std::fs::read_to_string(&path) {
+        Ok(t) => coffer_proto::seal::from_hex(t.trim())
+            .with_context(|| format!("{} does not hold a hex key", path.display()))?,
+        Err(_) => {
+            let (secret, _) = coffer_proto::seal::generate()?;
+            write_private(&path, &coffer_proto::seal::to_hex(&secret))?;
+            secret
+        }
+    };
+    let public = coffer_proto::seal::public_of(&secret)?;
+    Ok((secret, public))
+}
+
 /// Encodes and signs a JWT the way nats-server expects (`ed25519-nkey`).
 fn encode_jwt(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> anyhow::Result<String> {
     let b64 = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);

@@ -141,9 +141,51 @@ pub fn user_password_context(instance: &str, user: &str, host: &str) -> String {
     format!("coffer/v1/{instance}/user/{user}@{host}")
 }
 
+/// The context string of a secret in the reply to call `call_id` of an instance.
+pub fn reply_context(instance: &str, call_id: &str) -> String {
+    format!("coffer/v1/{instance}/reply/{call_id}")
+}
+
+/// Lower-case hex.
+pub fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Parses lower- or upper-case hex.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_secret_opens_only_for_the_controller_and_that_call() {
+        let (controller_sk, controller_pk) = generate().unwrap();
+        let (agent_sk, _) = generate().unwrap();
+        let ctx = reply_context("inst-1", "call-9");
+        let sealed = seal(&controller_pk, &ctx, b"root-pw").unwrap();
+        assert_eq!(open(&controller_sk, &ctx, &sealed).unwrap(), b"root-pw");
+        assert!(open(&agent_sk, &ctx, &sealed).is_err());
+        assert!(open(&controller_sk, &reply_context("inst-1", "call-10"), &sealed).is_err());
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        assert_eq!(
+            from_hex(&to_hex(&[0, 1, 254, 255])),
+            Some(vec![0, 1, 254, 255])
+        );
+        assert_eq!(from_hex("abc"), None);
+        assert_eq!(from_hex("zz"), None);
+    }
 
     #[test]
     fn round_trip_and_refusals() {

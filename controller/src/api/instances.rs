@@ -64,10 +64,6 @@ fn intent_payload(
     .encode_to_vec()
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Last path segment of an id-or-href, as Trove takes it.
 fn id_of(v: &Value) -> Option<String> {
     match v {
@@ -460,7 +456,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             deleted: false,
             agent_version: String::new(),
             capabilities: String::new(),
-            agent_public_key: hex(&placed.public_key),
+            agent_public_key: coffer_proto::seal::to_hex(&placed.public_key),
             agent_nats_user: nats_user.clone(),
         };
         Store::insert_instance(&mut tx, &row).await?;

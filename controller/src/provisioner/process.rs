@@ -206,7 +206,8 @@ impl Provisioner for ProcessProvisioner {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        let public_key = from_hex(String::from_utf8_lossy(&out.stdout).trim())
+        let public_key = coffer_proto::seal::from_hex(String::from_utf8_lossy(&out.stdout).trim())
+            .filter(|k| k.len() == 32)
             .context("coffer-agent keygen printed no hex key")?;
         Ok(Placed {
             host: self.cfg.bind_address.clone(),
@@ -284,16 +285,6 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(text.as_bytes())?;
     Ok(())
-}
-
-fn from_hex(s: &str) -> anyhow::Result<Vec<u8>> {
-    if s.is_empty() || s.len() % 2 != 0 {
-        bail!("not a hex string");
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(anyhow::Error::from))
-        .collect()
 }
 
 async fn remove_tree(dir: &Path) -> anyhow::Result<()> {
