@@ -631,70 +631,18 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
-/// Makes a CA and a server certificate for 127.0.0.1/localhost with the openssl CLI.
+/// Makes a CA and a server certificate for 127.0.0.1/localhost (`xtask tls-ca`, as the demo).
 pub fn make_test_ca(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("running openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=coffer test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
+    let out = Command::new(bin("xtask"))
+        .arg("tls-ca")
+        .arg(dir)
+        .output()
+        .expect("running xtask tls-ca");
+    assert!(
+        out.status.success(),
+        "xtask tls-ca: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Registers MariaDB (the installed version) and the test flavors.

