@@ -33,6 +33,9 @@ fn scan_files(dir: &Path, secrets: &[&str], hits: &mut Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passwords_are_nowhere_in_clear() {
+    // Every process Coffer starts logs at the most verbose level for this test: no level may
+    // print a secret. (Each test runs in its own process under nextest.)
+    std::env::set_var("RUST_LOG", "trace");
     let env = Env::start().await;
     let secrets = ["Pw-one-7Qz", "Pw-two-9Xk"];
     let (st, v) = env
@@ -67,6 +70,17 @@ async fn passwords_are_nowhere_in_clear() {
     let mut all: Vec<&str> = secrets.to_vec();
     all.push(&admin_pw);
 
+    for log in [
+        env.dir.path().join("controller.log"),
+        env.instance_dir(&id).join("agent.log"),
+    ] {
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains("TRACE"),
+            "{} was not written at trace level",
+            log.display()
+        );
+    }
     let mut hits = vec![];
     // Every process Coffer started (their command lines name the test dir).
     let dir = env.dir.path().to_string_lossy().to_string();
