@@ -11,6 +11,7 @@
 //! Invariant: no datastore-specific name or query language here; everything about the database
 //! goes through `coffer_strategies::Datastore`.
 
+pub mod calls;
 pub mod config;
 pub mod heartbeat;
 pub mod intents;
@@ -235,10 +236,19 @@ async fn calls(ctx: Arc<Ctx>) -> anyhow::Result<()> {
                 ctx.shutdown.cancel();
                 return Ok(());
             }
+            Ok(v1::Envelope {
+                id,
+                body:
+                    Some(v1::envelope::Body::Call(v1::Call {
+                        reply_key,
+                        kind: Some(kind),
+                    })),
+                ..
+            }) => calls::handle(&ctx, &id, &reply_key, kind).await,
             Ok(_) => v1::CallReply {
                 ok: false,
                 error: "unsupported call".into(),
-                kind: None,
+                error_kind: v1::CallError::Unsupported as i32,
                 ..Default::default()
             },
             Err(e) => v1::CallReply {

@@ -14,6 +14,14 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
+/// Trove's quota resources and default limits (-1 = unlimited).
+pub const QUOTA_DEFAULTS: &[(&str, i64)] = &[
+    ("instances", 10),
+    ("ram", -1),
+    ("volumes", 40),
+    ("backups", 50),
+];
+
 /// Migrations in order; a new one is appended, never edited.
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "core", include_str!("../migrations/0001_core.sql")),
@@ -31,6 +39,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "agent nats users",
         include_str!("../migrations/0004_agent_nats_user.sql"),
+    ),
+    (
+        5,
+        "root and quotas",
+        include_str!("../migrations/0005_root_and_quotas.sql"),
     ),
 ];
 
@@ -611,6 +624,74 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+
+    pub async fn root_enabled(&self, id: &str) -> anyhow::Result<bool> {
+        let v: i64 = sqlx::query_scalar("SELECT root_enabled FROM instances WHERE id = ?")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v != 0)
+    }
+
+    pub async fn set_root_enabled(&self, id: &str, enabled: bool) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET root_enabled = ? WHERE id = ?")
+            .bind(enabled as i64)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // ---- quotas -------------------------------------------------------------------------------
+
+    /// A project's limits (defaults where none is set), in Trove's resource order.
+    pub async fn quota_limits(&self, project: &str) -> anyhow::Result<Vec<(String, i64)>> {
+        let rows = sqlx::query("SELECT resource, hard_limit FROM quotas WHERE project_id = ?")
+            .bind(project)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(QUOTA_DEFAULTS
+            .iter()
+            .map(|(r, d)| {
+                let set = rows
+                    .iter()
+                    .find(|row| row.get::<String, _>("resource") == *r);
+                (
+                    r.to_string(),
+                    set.map(|row| row.get("hard_limit")).unwrap_or(*d),
+                )
+            })
+            .collect())
+    }
+
+    pub async fn set_quota(&self, project: &str, resource: &str, limit: i64) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO quotas (project_id, resource, hard_limit) VALUES (?, ?, ?) \
+             ON CONFLICT (project_id, resource) DO UPDATE SET hard_limit = excluded.hard_limit",
+        )
+        .bind(project)
+        .bind(resource)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// What a project uses: (instances, ram MB, volume GB), from its live instances, read inside
+    /// `tx` so a check and the insert that follows it cannot interleave with another create.
+    pub async fn usage(
+        tx: &mut Transaction<'static, Sqlite>,
+        project: &str,
+    ) -> anyhow::Result<(i64, i64, i64)> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(f.ram), 0) AS ram, COALESCE(SUM(i.volume_size), 0) AS vol \
+             FROM instances i LEFT JOIN flavors f ON f.id = i.flavor_id WHERE i.project_id = ? AND i.deleted = 0",
+        )
+        .bind(project)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok((row.get("n"), row.get("ram"), row.get("vol")))
     }
 
     // ---- admin (manage) -----------------------------------------------------------------------

@@ -38,6 +38,10 @@ pub fn intent_kind_name(kind: &v1::intent::Kind) -> &'static str {
 /// Every intent kind this schema version defines.
 pub const INTENT_KINDS: &[&str] = &["prepare", "restart", "stop", "start", "delete"];
 
+/// Capability an agent lists (with its intent kinds) when it answers database, user and root
+/// calls.
+pub const CAP_USERS: &str = "users";
+
 /// Builds an envelope stamped with the schema and software versions and the current time.
 pub fn envelope(id: String, instance_id: &str, body: v1::envelope::Body) -> v1::Envelope {
     v1::Envelope {

@@ -141,6 +141,11 @@ pub fn user_password_context(instance: &str, user: &str, host: &str) -> String {
     format!("coffer/v1/{instance}/user/{user}@{host}")
 }
 
+/// The context string of a root password sent to an agent.
+pub fn root_password_context(instance: &str) -> String {
+    format!("coffer/v1/{instance}/root")
+}
+
 /// The context string of a secret in the reply to call `call_id` of an instance.
 pub fn reply_context(instance: &str, call_id: &str) -> String {
     format!("coffer/v1/{instance}/reply/{call_id}")

@@ -73,7 +73,7 @@ fn id_of(v: &Value) -> Option<String> {
     }
 }
 
-fn check_name(kind: &str, name: &str, max: usize) -> Result<(), ApiError> {
+pub(super) fn check_name(kind: &str, name: &str, max: usize) -> Result<(), ApiError> {
     if name.is_empty() || name.len() > max {
         return Err(ApiError::validation(format!(
             "{kind} name '{name}' must be 1 to {max} characters"
@@ -396,6 +396,11 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     let flavor = app.store.flavor(&req.flavor_id).await?.ok_or_else(|| {
         ApiError::bad_request(format!("Flavor '{}' could not be found.", req.flavor_id))
     })?;
+    // Quota: a cheap check before placing anything; the binding one runs in the transaction.
+    {
+        let mut tx = app.store.begin().await?;
+        super::quotas::check(&app, &mut tx, &c.project, flavor.ram, req.volume_size).await?;
+    }
     let linked = app.store.version_flavors(&version.id).await?;
     if !linked.is_empty() && !linked.contains(&flavor.id) {
         return Err(ApiError::bad_request(format!(
@@ -433,8 +438,9 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         u.password.clear();
     }
     let ts = store::now();
-    let stored = async {
+    let stored: Result<(), ApiError> = async {
         let mut tx = app.store.begin().await?;
+        super::quotas::check(&app, &mut tx, &c.project, flavor.ram, req.volume_size).await?;
         let server_id = Store::next_server_id(&mut tx).await?;
         let row = InstanceRow {
             id: id.clone(),
@@ -472,12 +478,12 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         let payload = intent_payload(&app, &id, &intent_id, prepare);
         Store::enqueue(&mut tx, &intent_id, &id, "prepare", &payload).await?;
         tx.commit().await?;
-        anyhow::Ok(())
+        Ok(())
     }
     .await;
     if let Err(e) = stored {
         let _ = app.provisioner.destroy(&id).await;
-        return Err(e.into());
+        return Err(e);
     }
     app.outbox_wake.notify_one();
     if let Err(e) = app.provisioner.start(&id).await {
@@ -577,7 +583,7 @@ async fn render(
     Ok(j)
 }
 
-async fn find(app: &App, c: &Caller, id: &str) -> Result<InstanceRow, ApiError> {
+pub(super) async fn find(app: &App, c: &Caller, id: &str) -> Result<InstanceRow, ApiError> {
     match app.store.instance(id).await? {
         Some(r) if r.project_id == c.project || c.admin => Ok(r),
         _ => Err(ApiError::not_found(format!(

@@ -3,8 +3,10 @@
 //! Errors always use Trove's one-key body (`{"badRequest": {"code": 400, "message": "..."}}`);
 //! unknown routes and wrong methods are 404 `itemNotFound`, as in Trove.
 
+mod access;
 mod catalog;
 mod instances;
+mod quotas;
 
 use std::sync::Arc;
 
@@ -12,7 +14,7 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tracing::error;
@@ -311,6 +313,45 @@ pub fn router(app: Arc<App>) -> Router {
             &format!("{p}/instances/{{id}}/action"),
             post(instances::action),
         )
+        .route(
+            &format!("{p}/instances/{{id}}/databases"),
+            get(access::list_databases).post(access::create_databases),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}/databases/{{name}}"),
+            get(access::show_database).delete(access::delete_database),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}/users"),
+            get(access::list_users)
+                .post(access::create_users)
+                .put(access::change_passwords),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}/users/{{user}}"),
+            get(access::show_user)
+                .put(access::update_user)
+                .delete(access::delete_user),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}/users/{{user}}/databases"),
+            get(access::list_access).put(access::grant_access),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}/users/{{user}}/databases/{{db}}"),
+            delete(access::revoke_access),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}/root"),
+            get(access::root_show)
+                .post(access::root_enable)
+                .delete(access::root_disable),
+        )
+        .route(
+            &format!("{p}/mgmt/quotas/{{project_id}}"),
+            get(quotas::show).put(quotas::update),
+        )
+        .route(&format!("{p}/limits"), get(quotas::limits))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .with_state(app)

@@ -170,6 +170,37 @@ impl Mariadb {
             .map_err(|e| DatastoreError::Query(e.to_string()))
     }
 
+    /// `SELECT COUNT(*)` with bound string parameters.
+    async fn count(&self, sql: &str, binds: &[&str]) -> Result<i64, DatastoreError> {
+        let pool = self.pool().await?;
+        let mut q = sqlx::query_scalar::<_, i64>(sql);
+        for b in binds {
+            q = q.bind(*b);
+        }
+        q.fetch_one(&pool)
+            .await
+            .map_err(|e| DatastoreError::Query(redact(&e.to_string())))
+    }
+
+    async fn user_exists(&self, name: &str, host: &str) -> Result<bool, DatastoreError> {
+        Ok(self
+            .count(
+                "SELECT COUNT(*) FROM mysql.user WHERE User = ? AND Host = ?",
+                &[name, host],
+            )
+            .await?
+            > 0)
+    }
+
+    fn validate_name_host(&self, name: &str, host: &str) -> Result<(), DatastoreError> {
+        self.validate_user(&UserSpec {
+            name: name.to_string(),
+            password: "x".into(),
+            host: host.to_string(),
+            databases: vec![],
+        })
+    }
+
     fn bootstrap_sql(password: &str) -> String {
         let pw = format!("PASSWORD {}", quote(&native_password_hash(password)));
         format!(
@@ -466,7 +497,20 @@ impl Datastore for Mariadb {
 
     async fn create_database(&self, db: &DatabaseSpec) -> Result<(), DatastoreError> {
         self.validate_database_name(&db.name)?;
-        let mut sql = format!("CREATE DATABASE IF NOT EXISTS {}", ident(&db.name));
+        if self
+            .count(
+                "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+                &[&db.name],
+            )
+            .await?
+            > 0
+        {
+            return Err(DatastoreError::Exists(format!(
+                "Database '{}' already exists.",
+                db.name
+            )));
+        }
+        let mut sql = format!("CREATE DATABASE {}", ident(&db.name));
         if let Some(cs) = db.character_set.as_deref().filter(|s| !s.is_empty()) {
             check_word("character_set", cs)?;
             sql.push_str(&format!(" CHARACTER SET {cs}"));
@@ -482,8 +526,32 @@ impl Datastore for Mariadb {
         self.validate_user(user)?;
         // Only the hash goes into the statement, so the binary log (and replicas' relay logs)
         // never hold the clear password.
+        if self
+            .user_exists(&user.name, host_or_any(&user.host))
+            .await?
+        {
+            return Err(DatastoreError::Exists(format!(
+                "User '{}'@'{}' already exists.",
+                user.name,
+                host_or_any(&user.host)
+            )));
+        }
+        for db in &user.databases {
+            if self
+                .count(
+                    "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+                    &[db],
+                )
+                .await?
+                == 0
+            {
+                return Err(DatastoreError::NotFound(format!(
+                    "Database '{db}' cannot be found on the instance."
+                )));
+            }
+        }
         let sql = format!(
-            "CREATE USER IF NOT EXISTS {}@{} IDENTIFIED BY PASSWORD {}",
+            "CREATE USER {}@{} IDENTIFIED BY PASSWORD {}",
             quote(&user.name),
             quote(host_or_any(&user.host)),
             quote(&native_password_hash(&user.password))
@@ -499,11 +567,191 @@ impl Datastore for Mariadb {
         self.validate_database_name(database)?;
         let sql = format!(
             "GRANT ALL PRIVILEGES ON {}.* TO {}@{}",
-            ident(database),
+            ident(&grant_pattern(database)),
             quote(user),
             quote(host_or_any(host))
         );
         self.exec(&sql).await
+    }
+
+    async fn revoke(&self, user: &str, host: &str, database: &str) -> Result<(), DatastoreError> {
+        self.validate_name_host(user, host)?;
+        self.validate_database_name(database)?;
+        if !self.user_exists(user, host).await? {
+            return Err(DatastoreError::NotFound(format!(
+                "User {user} cannot be found on the instance."
+            )));
+        }
+        let pattern = grant_pattern(database);
+        if self
+            .count(
+                "SELECT COUNT(*) FROM mysql.db WHERE User = ? AND Host = ? AND Db = ?",
+                &[user, host, &pattern],
+            )
+            .await?
+            == 0
+        {
+            return Err(DatastoreError::NotFound(format!(
+                "User {user} has no access to database {database}."
+            )));
+        }
+        self.exec(&format!(
+            "REVOKE ALL PRIVILEGES ON {}.* FROM {}@{}",
+            ident(&pattern),
+            quote(user),
+            quote(host)
+        ))
+        .await
+    }
+
+    async fn list_databases(&self) -> Result<Vec<DatabaseSpec>, DatastoreError> {
+        let pool = self.pool().await?;
+        let rows = sqlx::query(
+            "SELECT SCHEMA_NAME, DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME \
+             FROM information_schema.SCHEMATA ORDER BY SCHEMA_NAME",
+        )
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| DatastoreError::Query(e.to_string()))?;
+        Ok(rows
+            .iter()
+            .map(|r| DatabaseSpec {
+                name: r.get::<String, _>(0),
+                character_set: r.try_get::<String, _>(1).ok(),
+                collate: r.try_get::<String, _>(2).ok(),
+            })
+            .filter(|d| !RESERVED_DATABASES.contains(&d.name.as_str()))
+            .collect())
+    }
+
+    async fn delete_database(&self, name: &str) -> Result<(), DatastoreError> {
+        self.validate_database_name(name)?;
+        if self
+            .count(
+                "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+                &[name],
+            )
+            .await?
+            == 0
+        {
+            return Err(DatastoreError::NotFound(format!(
+                "Database {name} cannot be found on the instance."
+            )));
+        }
+        self.exec(&format!("DROP DATABASE {}", ident(name))).await
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserSpec>, DatastoreError> {
+        let pool = self.pool().await?;
+        let users = sqlx::query("SELECT User, Host FROM mysql.user ORDER BY User, Host")
+            .fetch_all(&pool)
+            .await
+            .map_err(|e| DatastoreError::Query(e.to_string()))?;
+        let grants = sqlx::query("SELECT User, Host, Db FROM mysql.db ORDER BY Db")
+            .fetch_all(&pool)
+            .await
+            .map_err(|e| DatastoreError::Query(e.to_string()))?;
+        Ok(users
+            .iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+            .filter(|(u, _)| {
+                !u.is_empty() && !RESERVED_USERS.iter().any(|x| x.eq_ignore_ascii_case(u))
+            })
+            .map(|(u, h)| {
+                let databases = grants
+                    .iter()
+                    .filter(|g| g.get::<String, _>(0) == u && g.get::<String, _>(1) == h)
+                    .map(|g| {
+                        g.get::<String, _>(2)
+                            .replace("\\_", "_")
+                            .replace("\\%", "%")
+                    })
+                    .collect();
+                UserSpec {
+                    name: u,
+                    password: String::new(),
+                    host: h,
+                    databases,
+                }
+            })
+            .collect())
+    }
+
+    async fn delete_user(&self, name: &str, host: &str) -> Result<(), DatastoreError> {
+        self.validate_name_host(name, host)?;
+        if !self.user_exists(name, host).await? {
+            return Err(DatastoreError::NotFound(format!(
+                "User {name} cannot be found on the instance."
+            )));
+        }
+        self.exec(&format!("DROP USER {}@{}", quote(name), quote(host)))
+            .await
+    }
+
+    async fn update_user(
+        &self,
+        name: &str,
+        host: &str,
+        new_name: Option<&str>,
+        new_host: Option<&str>,
+        new_password: Option<&str>,
+    ) -> Result<(), DatastoreError> {
+        self.validate_name_host(name, host)?;
+        let to_name = new_name.unwrap_or(name);
+        let to_host = new_host.unwrap_or(host);
+        self.validate_user(&UserSpec {
+            name: to_name.into(),
+            password: new_password.unwrap_or("x").into(),
+            host: to_host.into(),
+            databases: vec![],
+        })?;
+        if !self.user_exists(name, host).await? {
+            return Err(DatastoreError::NotFound(format!(
+                "User {name} cannot be found on the instance."
+            )));
+        }
+        if (to_name, to_host) != (name, host) {
+            if self.user_exists(to_name, to_host).await? {
+                return Err(DatastoreError::Exists(format!(
+                    "User '{to_name}'@'{to_host}' already exists."
+                )));
+            }
+            self.exec(&format!(
+                "RENAME USER {}@{} TO {}@{}",
+                quote(name),
+                quote(host),
+                quote(to_name),
+                quote(to_host)
+            ))
+            .await?;
+        }
+        if let Some(pw) = new_password {
+            self.exec(&format!(
+                "ALTER USER {}@{} IDENTIFIED BY PASSWORD {}",
+                quote(to_name),
+                quote(to_host),
+                quote(&native_password_hash(pw))
+            ))
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn enable_root(&self, password: &str) -> Result<(), DatastoreError> {
+        let hash = quote(&native_password_hash(password));
+        // Everything but READ_ONLY ADMIN: read_only keeps holding against root on replicas and
+        // fenced sources.
+        self.exec(&format!(
+            "CREATE USER IF NOT EXISTS 'root'@'%' IDENTIFIED BY PASSWORD {hash}; \
+             ALTER USER 'root'@'%' IDENTIFIED BY PASSWORD {hash}; \
+             GRANT ALL PRIVILEGES ON *.* TO 'root'@'%' WITH GRANT OPTION; \
+             REVOKE READ_ONLY ADMIN ON *.* FROM 'root'@'%'"
+        ))
+        .await
+    }
+
+    async fn disable_root(&self) -> Result<(), DatastoreError> {
+        self.exec("DROP USER IF EXISTS 'root'@'%'").await
     }
 
     async fn set_read_only(&self, read_only: bool) -> Result<(), DatastoreError> {
@@ -588,6 +836,12 @@ impl Datastore for Mariadb {
     }
 }
 
+/// A database name as a grant pattern: `_` and `%` are wildcards in grants, so they are escaped
+/// to grant exactly the named database.
+fn grant_pattern(db: &str) -> String {
+    db.replace('_', "\\_").replace('%', "\\%")
+}
+
 fn host_or_any(h: &str) -> &str {
     if h.is_empty() {
         "%"
@@ -640,6 +894,12 @@ mod tests {
         assert_eq!(quote("a'b"), "'a\\'b'");
         assert_eq!(quote("a\\'; DROP"), "'a\\\\\\'; DROP'");
         assert_eq!(ident("a`b"), "`a``b`");
+    }
+
+    #[test]
+    fn grants_name_exactly_one_database() {
+        assert_eq!(grant_pattern("shop_1"), "shop\\_1");
+        assert_eq!(ident(&grant_pattern("a_b")), "`a\\_b`");
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub enum DatastoreError {
     Invalid(String),
     #[error("database is not running")]
     NotRunning,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Exists(String),
 }
 
 impl DatastoreError {
@@ -133,6 +137,29 @@ pub trait Datastore: Send + Sync {
     async fn create_user(&self, user: &UserSpec) -> Result<(), DatastoreError>;
     /// Grants a user all privileges on a database.
     async fn grant(&self, user: &str, host: &str, database: &str) -> Result<(), DatastoreError>;
+    /// Revokes a user's privileges on a database (NotFound if it had none).
+    async fn revoke(&self, user: &str, host: &str, database: &str) -> Result<(), DatastoreError>;
+    /// Tenant databases (system schemas hidden), sorted by name.
+    async fn list_databases(&self) -> Result<Vec<DatabaseSpec>, DatastoreError>;
+    /// Drops a tenant database (NotFound if absent).
+    async fn delete_database(&self, name: &str) -> Result<(), DatastoreError>;
+    /// Tenant users with the databases they may use, sorted by name and host.
+    async fn list_users(&self) -> Result<Vec<UserSpec>, DatastoreError>;
+    /// Drops a tenant user (NotFound if absent).
+    async fn delete_user(&self, name: &str, host: &str) -> Result<(), DatastoreError>;
+    /// Renames a user, moves it to another host and/or sets its password (None keeps a value).
+    async fn update_user(
+        &self,
+        name: &str,
+        host: &str,
+        new_name: Option<&str>,
+        new_host: Option<&str>,
+        new_password: Option<&str>,
+    ) -> Result<(), DatastoreError>;
+    /// Enables the remote superuser with `password` (creating or resetting it).
+    async fn enable_root(&self, password: &str) -> Result<(), DatastoreError>;
+    /// Removes the remote superuser.
+    async fn disable_root(&self) -> Result<(), DatastoreError>;
     /// Makes the server read-only (or writable).
     async fn set_read_only(&self, read_only: bool) -> Result<(), DatastoreError>;
     /// The server's replication position (e.g. a GTID set).

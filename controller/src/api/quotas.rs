@@ -1,0 +1,134 @@
+//! Quotas (`/mgmt/quotas/{project}`) and absolute limits (`/limits`), as Trove has them.
+
+use axum::body::Bytes;
+use axum::extract::Path;
+use serde_json::{json, Value};
+use sqlx::{Sqlite, Transaction};
+
+use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
+use crate::store::{Store, QUOTA_DEFAULTS};
+use crate::App;
+
+/// Refuses (413) a create that would take a project past a limit. Runs inside the create's
+/// `BEGIN IMMEDIATE` transaction, so two concurrent creates cannot both pass.
+pub async fn check(
+    app: &App,
+    tx: &mut Transaction<'static, Sqlite>,
+    project: &str,
+    ram: i64,
+    volume: i64,
+) -> Result<(), ApiError> {
+    let limits = app.store.quota_limits(project).await?;
+    let (n, used_ram, used_vol) = Store::usage(tx, project).await?;
+    let mut over = vec![];
+    for (resource, limit) in &limits {
+        let after = match resource.as_str() {
+            "instances" => n + 1,
+            "ram" => used_ram + ram,
+            "volumes" => used_vol + volume,
+            _ => continue,
+        };
+        if *limit >= 0 && after > *limit {
+            over.push(format!("'{resource}'"));
+        }
+    }
+    if over.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "overLimit",
+            format!("Quota exceeded for resources: [{}].", over.join(", ")),
+        ))
+    }
+}
+
+pub async fn show(
+    st: AppState,
+    c: Caller,
+    Path((_p, project)): Path<(String, String)>,
+) -> ApiResult {
+    if project != c.project && !c.admin {
+        return Err(ApiError::forbidden(format!(
+            "User with tenant id {} cannot access the quotas of project {project}.",
+            c.project
+        )));
+    }
+    let limits = st.store.quota_limits(&project).await?;
+    let mut tx = st.store.begin().await?;
+    let (n, ram, vol) = Store::usage(&mut tx, &project).await?;
+    tx.rollback().await.map_err(anyhow::Error::from)?;
+    let quotas: Vec<Value> = limits
+        .iter()
+        .map(|(r, l)| {
+            let in_use = match r.as_str() {
+                "instances" => n,
+                "ram" => ram,
+                "volumes" => vol,
+                _ => 0,
+            };
+            json!({"resource": r, "in_use": in_use, "reserved": 0, "limit": l})
+        })
+        .collect();
+    ok(json!({"quotas": quotas}))
+}
+
+pub async fn update(
+    st: AppState,
+    c: Caller,
+    Path((_p, project)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    if !c.admin {
+        return Err(ApiError::unauthorized(
+            "User does not have admin privileges.",
+        ));
+    }
+    let body = parse_body(&body)?;
+    let Some(Value::Object(q)) = body.get("quotas") else {
+        return Err(ApiError::validation("'quotas' is a required property"));
+    };
+    let mut updates = vec![];
+    for (k, v) in q {
+        if !QUOTA_DEFAULTS.iter().any(|(r, _)| r == k) {
+            return Err(ApiError::not_found(format!(
+                "Quota resource {k} cannot be found."
+            )));
+        }
+        let Some(n) = v.as_i64() else {
+            return Err(ApiError::validation(format!(
+                "quotas['{k}'] {v} is not of type 'integer'"
+            )));
+        };
+        if n < -1 {
+            return Err(ApiError::validation(format!(
+                "quotas['{k}'] {n} is less than the minimum of -1"
+            )));
+        }
+        updates.push((k.clone(), n));
+    }
+    for (k, n) in &updates {
+        st.store.set_quota(&project, k, *n).await?;
+    }
+    let out: serde_json::Map<String, Value> =
+        updates.into_iter().map(|(k, n)| (k, json!(n))).collect();
+    ok(json!({"quotas": out}))
+}
+
+pub async fn limits(st: AppState, c: Caller) -> ApiResult {
+    let limits = st.store.quota_limits(&c.project).await?;
+    let get = |r: &str| {
+        limits
+            .iter()
+            .find(|(k, _)| k == r)
+            .map(|(_, v)| *v)
+            .unwrap_or(-1)
+    };
+    ok(json!({"limits": [{
+        "verb": "ABSOLUTE",
+        "max_instances": get("instances"),
+        "max_ram": get("ram"),
+        "max_backups": get("backups"),
+        "max_volumes": get("volumes"),
+    }]}))
+}
