@@ -67,7 +67,50 @@ async fn passwords_are_nowhere_in_clear() {
         std::fs::read_to_string(env.instance_dir(&id).join("state/mariadb/admin.password"))
             .unwrap();
     let admin_pw = admin_pw.trim().to_string();
+    // The users and root routes take and return passwords too.
+    let i = format!("/instances/{id}");
+    let (st, v) = env
+        .call(
+            "POST",
+            &format!("{i}/users"),
+            Some(json!({"users": [{"name": "three", "password": "Pw-three-4Rt"}]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let (st, _) = env
+        .call(
+            "PUT",
+            &format!("{i}/users/three"),
+            Some(json!({"user": {"password": "Pw-changed-8Yu"}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let (st, _) = env
+        .call(
+            "PUT",
+            &format!("{i}/users"),
+            Some(json!({"users": [{"name": "one", "password": "Pw-bulk-2Wq"}]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let (_, v) = env.call("POST", &format!("{i}/root"), None).await;
+    let generated_root = v["user"]["password"].as_str().unwrap().to_string();
+    let (_, v) = env
+        .call(
+            "POST",
+            &format!("{i}/root"),
+            Some(json!({"password": "Pw-root-6Op"})),
+        )
+        .await;
+    assert_eq!(v["user"]["password"], "Pw-root-6Op");
     let mut all: Vec<&str> = secrets.to_vec();
+    all.extend([
+        "Pw-three-4Rt",
+        "Pw-changed-8Yu",
+        "Pw-bulk-2Wq",
+        "Pw-root-6Op",
+        generated_root.as_str(),
+    ]);
     all.push(&admin_pw);
 
     for log in [

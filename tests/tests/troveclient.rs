@@ -28,6 +28,22 @@ while True:
 out["status"] = i.status
 out["listed"] = [x.id for x in c.instances.list()]
 out["ip"] = i.ip
+c.databases.create(inst.id, [{"name": "tcdb2"}])
+out["dbs"] = sorted(d.name for d in c.databases.list(inst.id))
+c.users.create(inst.id, [{"name": "tcu2", "password": "tc-pass-2", "databases": [{"name": "tcdb2"}]}])
+out["users"] = sorted(u.name for u in c.users.list(inst.id))
+c.users.grant(inst.id, "tcu2", ["tcdb"])
+out["access"] = sorted(d.name for d in c.users.list_access(inst.id, "tcu2"))
+c.users.revoke(inst.id, "tcu2", "tcdb2")
+out["access_after"] = sorted(d.name for d in c.users.list_access(inst.id, "tcu2"))
+c.users.delete(inst.id, "tcu2")
+c.databases.delete(inst.id, "tcdb2")
+out["users_after"] = sorted(u.name for u in c.users.list(inst.id))
+out["dbs_after"] = sorted(d.name for d in c.databases.list(inst.id))
+user, password = c.root.create(inst.id)
+out["root_user"] = user
+out["root_pw_len"] = len(password)
+out["root_enabled"] = c.root.is_root_enabled(inst.id).rootEnabled
 c.instances.delete(inst.id)
 deadline = time.time() + 60
 gone = False
@@ -80,4 +96,13 @@ async fn troveclient_lists_creates_shows_and_deletes() {
     assert!(v["listed"].as_array().unwrap().contains(&v["id"]));
     assert_eq!(v["ip"], serde_json::json!(["127.0.0.1"]));
     assert_eq!(v["deleted"], true, "{v}");
+    assert_eq!(v["dbs"], serde_json::json!(["tcdb", "tcdb2"]), "{v}");
+    assert_eq!(v["users"], serde_json::json!(["tcu", "tcu2"]), "{v}");
+    assert_eq!(v["access"], serde_json::json!(["tcdb", "tcdb2"]), "{v}");
+    assert_eq!(v["access_after"], serde_json::json!(["tcdb"]), "{v}");
+    assert_eq!(v["users_after"], serde_json::json!(["tcu"]), "{v}");
+    assert_eq!(v["dbs_after"], serde_json::json!(["tcdb"]), "{v}");
+    assert_eq!(v["root_user"], "root");
+    assert!(v["root_pw_len"].as_u64().unwrap() >= 16);
+    assert_eq!(v["root_enabled"], true);
 }

@@ -61,11 +61,13 @@ async fn call(
         .request(subjects::call(&r.id), env.encode_to_vec().into());
     let msg = match tokio::time::timeout(CALL_TIMEOUT, req).await {
         Ok(Ok(m)) => m,
-        _ => return Err(ApiError::unprocessable(format!(
+        _ => {
+            return Err(ApiError::unprocessable(format!(
             "The agent of instance {} did not answer within {} s; check that it runs, then retry.",
             r.id,
             CALL_TIMEOUT.as_secs()
-        ))),
+        )))
+        }
     };
     let reply = match coffer_proto::decode(&msg.payload) {
         Ok(v1::Envelope {

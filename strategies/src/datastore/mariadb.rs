@@ -606,19 +606,19 @@ impl Datastore for Mariadb {
 
     async fn list_databases(&self) -> Result<Vec<DatabaseSpec>, DatastoreError> {
         let pool = self.pool().await?;
-        let rows = sqlx::query(
-            "SELECT SCHEMA_NAME, DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME \
-             FROM information_schema.SCHEMATA ORDER BY SCHEMA_NAME",
+        let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT CONVERT(SCHEMA_NAME USING utf8mb4), CONVERT(DEFAULT_CHARACTER_SET_NAME USING utf8mb4), \
+             CONVERT(DEFAULT_COLLATION_NAME USING utf8mb4) FROM information_schema.SCHEMATA ORDER BY 1",
         )
         .fetch_all(&pool)
         .await
         .map_err(|e| DatastoreError::Query(e.to_string()))?;
         Ok(rows
-            .iter()
-            .map(|r| DatabaseSpec {
-                name: r.get::<String, _>(0),
-                character_set: r.try_get::<String, _>(1).ok(),
-                collate: r.try_get::<String, _>(2).ok(),
+            .into_iter()
+            .map(|(name, character_set, collate)| DatabaseSpec {
+                name,
+                character_set,
+                collate,
             })
             .filter(|d| !RESERVED_DATABASES.contains(&d.name.as_str()))
             .collect())
@@ -643,29 +643,31 @@ impl Datastore for Mariadb {
 
     async fn list_users(&self) -> Result<Vec<UserSpec>, DatastoreError> {
         let pool = self.pool().await?;
-        let users = sqlx::query("SELECT User, Host FROM mysql.user ORDER BY User, Host")
-            .fetch_all(&pool)
-            .await
-            .map_err(|e| DatastoreError::Query(e.to_string()))?;
-        let grants = sqlx::query("SELECT User, Host, Db FROM mysql.db ORDER BY Db")
-            .fetch_all(&pool)
-            .await
-            .map_err(|e| DatastoreError::Query(e.to_string()))?;
+        let q = |e: sqlx::Error| DatastoreError::Query(e.to_string());
+        // The grant tables use binary collations: convert, so names decode as text.
+        let users: Vec<(String, String)> = sqlx::query_as(
+            "SELECT CONVERT(User USING utf8mb4), CONVERT(Host USING utf8mb4) FROM mysql.user ORDER BY 1, 2",
+        )
+        .fetch_all(&pool)
+        .await
+        .map_err(q)?;
+        let grants: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT CONVERT(User USING utf8mb4), CONVERT(Host USING utf8mb4), CONVERT(Db USING utf8mb4) \
+             FROM mysql.db ORDER BY 3",
+        )
+        .fetch_all(&pool)
+        .await
+        .map_err(q)?;
         Ok(users
-            .iter()
-            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+            .into_iter()
             .filter(|(u, _)| {
                 !u.is_empty() && !RESERVED_USERS.iter().any(|x| x.eq_ignore_ascii_case(u))
             })
             .map(|(u, h)| {
                 let databases = grants
                     .iter()
-                    .filter(|g| g.get::<String, _>(0) == u && g.get::<String, _>(1) == h)
-                    .map(|g| {
-                        g.get::<String, _>(2)
-                            .replace("\\_", "_")
-                            .replace("\\%", "%")
-                    })
+                    .filter(|(gu, gh, _)| *gu == u && *gh == h)
+                    .map(|(_, _, db)| db.replace("\\_", "_").replace("\\%", "%"))
                     .collect();
                 UserSpec {
                     name: u,
