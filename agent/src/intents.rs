@@ -452,6 +452,17 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
     for u in &users {
         ds.create_user(u).await.map_err(|e| e.to_string())?;
     }
+    if !p.root_password_sealed.is_empty() {
+        let root = coffer_proto::seal::open(
+            &ctx.secret_key,
+            &coffer_proto::seal::root_password_context(&ctx.cfg.instance_id),
+            &p.root_password_sealed,
+        )
+        .map_err(|e| format!("the root password: {e}"))?;
+        let root =
+            String::from_utf8(root).map_err(|_| "the root password is not UTF-8".to_string())?;
+        ds.enable_root(&root).await.map_err(|e| e.to_string())?;
+    }
     let mut desired = desired;
     desired.prepared = true;
     ctx.state.set_desired(&desired).map_err(|e| e.to_string())?;

@@ -60,6 +60,9 @@ enum Manage {
         /// Mark it inactive (hidden from users).
         #[arg(long)]
         inactive: bool,
+        /// Enable root at create and return its password in the create response.
+        #[arg(long)]
+        root_on_create: bool,
     },
     /// Set a datastore's default version.
     DatastoreDefaultVersion { datastore: String, version: String },
@@ -158,9 +161,17 @@ async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
             manager,
             version,
             inactive,
+            root_on_create,
         } => {
             let id = store
-                .upsert_version(&datastore, &name, &manager, &version, !inactive)
+                .upsert_version(
+                    &datastore,
+                    &name,
+                    &manager,
+                    &version,
+                    !inactive,
+                    root_on_create,
+                )
                 .await?;
             println!("datastore version {datastore} {name} ({id})");
         }

@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "root and quotas",
         include_str!("../migrations/0005_root_and_quotas.sql"),
     ),
+    (
+        6,
+        "root on create",
+        include_str!("../migrations/0006_root_on_create.sql"),
+    ),
 ];
 
 #[derive(Clone)]
@@ -62,6 +67,8 @@ pub struct VersionRow {
     pub version: String,
     pub manager: String,
     pub active: bool,
+    /// Enable root at create and return its password.
+    pub root_on_create: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -187,10 +194,11 @@ fn version_from(r: &sqlx::sqlite::SqliteRow) -> VersionRow {
         version: r.get("version"),
         manager: r.get("manager"),
         active: r.get::<i64, _>("active") != 0,
+        root_on_create: r.get::<i64, _>("root_on_create") != 0,
     }
 }
 
-const VERSION_SELECT: &str = "SELECT v.id, v.datastore_id, d.name AS datastore_name, v.name, v.version, v.manager, v.active \
+const VERSION_SELECT: &str = "SELECT v.id, v.datastore_id, d.name AS datastore_name, v.name, v.version, v.manager, v.active, v.root_on_create \
      FROM datastore_versions v JOIN datastores d ON d.id = v.datastore_id";
 
 impl Store {
@@ -716,6 +724,7 @@ impl Store {
         manager: &str,
         version: &str,
         active: bool,
+        root_on_create: bool,
     ) -> anyhow::Result<String> {
         let ds = self.datastore(datastore).await?.with_context(|| {
             format!("datastore '{datastore}' does not exist; add it with datastore-update first")
@@ -727,11 +736,12 @@ impl Store {
             .find(|v| v.name == name);
         if let Some(v) = existing {
             sqlx::query(
-                "UPDATE datastore_versions SET manager = ?, version = ?, active = ? WHERE id = ?",
+                "UPDATE datastore_versions SET manager = ?, version = ?, active = ?, root_on_create = ? WHERE id = ?",
             )
             .bind(manager)
             .bind(version)
             .bind(active as i64)
+            .bind(root_on_create as i64)
             .bind(&v.id)
             .execute(&self.pool)
             .await?;
@@ -739,7 +749,8 @@ impl Store {
         }
         let id = uuid::Uuid::new_v4().to_string();
         sqlx::query(
-            "INSERT INTO datastore_versions (id, datastore_id, name, version, manager, active) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO datastore_versions (id, datastore_id, name, version, manager, active, root_on_create) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(&ds.id)
@@ -747,6 +758,7 @@ impl Store {
         .bind(version)
         .bind(manager)
         .bind(active as i64)
+        .bind(root_on_create as i64)
         .execute(&self.pool)
         .await?;
         Ok(id)

@@ -544,3 +544,72 @@ async fn quotas_hold_under_concurrent_creates() {
     let (st, v) = env.call("POST", "/instances", Some(body)).await;
     assert_eq!(st, StatusCode::OK, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_on_create_returns_the_password_once() {
+    let env = Env::start().await;
+    let version = {
+        let out = std::process::Command::new("/usr/sbin/mariadbd")
+            .arg("--version")
+            .output()
+            .unwrap();
+        let t = String::from_utf8_lossy(&out.stdout).to_string();
+        t.split("Ver ")
+            .nth(1)
+            .unwrap()
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect::<String>()
+    };
+    let out = std::process::Command::new(coffer_tests::bin("coffer-controller"))
+        .arg("--config")
+        .arg(env.config_path())
+        .args([
+            "manage",
+            "datastore-version-update",
+            "mariadb",
+            "rooted",
+            "mariadb",
+            &version,
+            "--root-on-create",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(json!({"instance": {"name": "r", "flavorRef": "1", "volume": {"size": 1}, "datastore": {"type": "mariadb", "version": "rooted"}}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let id = v["instance"]["id"].as_str().unwrap().to_string();
+    let pw = v["instance"]["password"]
+        .as_str()
+        .expect("root password in the create response")
+        .to_string();
+    let view = env
+        .wait_status(&id, "ACTIVE", Duration::from_secs(120))
+        .await;
+    assert!(
+        view.get("password").is_none(),
+        "only the create response carries it"
+    );
+    login(&view, "root", &pw)
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    assert_eq!(
+        env.call("GET", &format!("/instances/{id}/root"), None)
+            .await
+            .1["rootEnabled"],
+        true
+    );
+}

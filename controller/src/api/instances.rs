@@ -437,6 +437,18 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
                 .map_err(|e| anyhow::anyhow!("sealing a password: {e}"))?;
         u.password.clear();
     }
+    let root_password = version
+        .root_on_create
+        .then(|| uuid::Uuid::new_v4().simple().to_string());
+    let root_password_sealed = match &root_password {
+        Some(pw) => coffer_proto::seal::seal(
+            &placed.public_key,
+            &coffer_proto::seal::root_password_context(&id),
+            pw.as_bytes(),
+        )
+        .map_err(|e| anyhow::anyhow!("sealing the root password: {e}"))?,
+        None => vec![],
+    };
     let ts = store::now();
     let stored: Result<(), ApiError> = async {
         let mut tx = app.store.begin().await?;
@@ -474,9 +486,16 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             databases: req.databases,
             users,
             datastore_version: version.version.clone(),
+            root_password_sealed,
         });
         let payload = intent_payload(&app, &id, &intent_id, prepare);
         Store::enqueue(&mut tx, &intent_id, &id, "prepare", &payload).await?;
+        if root_password.is_some() {
+            sqlx::query("UPDATE instances SET root_enabled = 1 WHERE id = ?")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -502,7 +521,12 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         .instance(&id)
         .await?
         .ok_or_else(|| anyhow::anyhow!("instance vanished"))?;
-    ok(json!({"instance": render(&app, &c, &row, true, false).await?}))
+    let mut view = render(&app, &c, &row, true, false).await?;
+    if let Some(pw) = root_password {
+        // Trove returns root's password in the create response only (root_on_create).
+        view["password"] = json!(pw);
+    }
+    ok(json!({ "instance": view }))
 }
 
 /// Renders an instance in Trove's list or detail form.
