@@ -11,6 +11,7 @@
 //! [`DatastoreKind`] and one arm in [`DatastoreKind::build`].
 
 pub mod datastore;
+pub mod pipeline;
 
 pub use datastore::{
     DatabaseSpec, Datastore, DatastoreError, DatastoreKind, Health, Layout, ServerCommand, Sizing,

@@ -122,6 +122,12 @@ pub fn prepare() -> anyhow::Result<Tools> {
     if !have("mariadb") {
         missing.push("mariadb-client");
     }
+    if !have("mariabackup") {
+        missing.push("mariadb-backup");
+    }
+    if !have("openssl") {
+        missing.push("openssl");
+    }
     if Command::new("python3")
         .args(["-c", "import venv, ensurepip"])
         .output()
@@ -149,7 +155,7 @@ pub fn prepare() -> anyhow::Result<Tools> {
     let nats = venv.join("bin/nats-server");
     let ok = nats.exists()
         && Command::new(&python)
-            .args(["-c", "import troveclient, keystoneauth1"])
+            .args(["-c", "import troveclient, keystoneauth1, cryptography"])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false);
