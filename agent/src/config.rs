@@ -35,6 +35,9 @@ pub struct AgentConfig {
     pub listen: ListenConfig,
     /// Which datastore this agent runs.
     pub datastore: DatastoreKind,
+    /// Backup storage, keys and strategy (none: backups are refused with a clear error).
+    #[serde(default)]
+    pub backup: Option<coffer_strategies::backup::BackupConfig>,
 }
 
 /// Network placement of the database.

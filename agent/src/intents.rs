@@ -271,8 +271,16 @@ async fn handle(ctx: &Arc<Ctx>, msg: async_nats::jetstream::Message) {
 
 async fn republish(ctx: &Ctx, id: &str, rec: &IntentRecord) {
     let kind = if rec.state == "done" {
+        let backup = ctx.state.backup_record(id).map(|b| v1::BackupResult {
+            backup_id: b.backup_id,
+            stored_bytes: b.stored_bytes,
+            sha256: b.sha256,
+            location: b.location,
+            manifest_json: b.manifest_json,
+        });
         v1::event::Kind::Done(v1::Done {
             message: rec.message.clone(),
+            backup,
         })
     } else {
         v1::event::Kind::Failed(v1::Failed {
@@ -297,7 +305,7 @@ async fn report(ctx: &Ctx, intent_id: &str, kind_name: &str, kind: v1::event::Ki
     ctx.publish_event(format!("{intent_id}:{suffix}"), ev).await;
 }
 
-async fn progress(ctx: &Ctx, id: &str, kind: &str, percent: i32, message: &str) {
+pub(crate) async fn progress(ctx: &Ctx, id: &str, kind: &str, percent: i32, message: &str) {
     report(
         ctx,
         id,
@@ -348,6 +356,26 @@ async fn execute(
             set_running(ctx, true)?;
             ctx.sup.call(Cmd::Start).await?;
             Ok("started".into())
+        }
+        Kind::Backup(b) => {
+            if ctx.sup.observed.borrow().status != v1::ServiceStatus::Running {
+                return Err("cannot back up: the database is not running".into());
+            }
+            let r = crate::backups::backup(ctx, id, b).await?;
+            let rec = crate::state::BackupRecord {
+                backup_id: r.backup_id.clone(),
+                stored_bytes: r.stored_bytes,
+                sha256: r.sha256.clone(),
+                location: r.location.clone(),
+                manifest_json: r.manifest_json.clone(),
+            };
+            ctx.state
+                .record_backup(id, &rec)
+                .map_err(|e| e.to_string())?;
+            Ok(format!(
+                "backup {} stored ({} bytes)",
+                r.backup_id, r.stored_bytes
+            ))
         }
         Kind::Delete(_) => {
             let mut d = ctx.state.desired();
@@ -431,7 +459,20 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
         .await?;
     progress(ctx, id, "prepare", 10, "initializing the data directory").await;
     if !ds.is_initialized() {
-        ds.initialize(&sizing).await.map_err(|e| e.to_string())?;
+        match &p.restore {
+            Some(r) => {
+                progress(
+                    ctx,
+                    id,
+                    "prepare",
+                    10,
+                    &format!("restoring backup {}", r.backup_id),
+                )
+                .await;
+                crate::backups::restore(ctx, id, &r.backup_id, &sizing).await?;
+            }
+            None => ds.initialize(&sizing).await.map_err(|e| e.to_string())?,
+        }
     }
     let desired = crate::state::Desired {
         prepared: false,

@@ -11,6 +11,7 @@
 //! Invariant: no datastore-specific name or query language here; everything about the database
 //! goes through `coffer_strategies::Datastore`.
 
+pub mod backups;
 pub mod calls;
 pub mod config;
 pub mod heartbeat;

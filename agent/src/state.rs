@@ -27,6 +27,16 @@ pub struct IntentRecord {
     pub message: String,
 }
 
+/// What a finished backup produced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackupRecord {
+    pub backup_id: String,
+    pub stored_bytes: u64,
+    pub sha256: String,
+    pub location: String,
+    pub manifest_json: String,
+}
+
 /// What the database should be doing, persisted across agent restarts.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Desired {
@@ -122,6 +132,17 @@ impl StateDir {
     /// The agent's X25519 secret key (generated on first use, 0600), as `(secret, public)`.
     pub fn keypair(&self) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
         load_or_create_key(&self.root)
+    }
+
+    /// Records the result of a backup intent (read back when its result is republished).
+    pub fn record_backup(&self, intent_id: &str, r: &BackupRecord) -> anyhow::Result<()> {
+        let p = self.intent_path(intent_id).with_extension("backup.json");
+        write_atomic(&p, &serde_json::to_vec(r)?)
+    }
+
+    pub fn backup_record(&self, intent_id: &str) -> Option<BackupRecord> {
+        let p = self.intent_path(intent_id).with_extension("backup.json");
+        serde_json::from_slice(&std::fs::read(p).ok()?).ok()
     }
 
     /// Where the datastore keeps its files.

@@ -282,13 +282,36 @@ async fn handle_event(
             app.store
                 .intent_event(&ev.intent_id, "running", Some(0), "")
                 .await?;
+            if let Some(b) = app.store.backup_by_intent(&ev.intent_id).await? {
+                app.store
+                    .update_backup(&b.id, "BUILDING", None, None, None)
+                    .await?;
+            }
         }
         Kind::Progress(p) => {
+            if let Some(b) = app.store.backup_by_intent(&ev.intent_id).await? {
+                app.store
+                    .update_backup(&b.id, "BUILDING", Some(&p.message), None, None)
+                    .await?;
+            }
             app.store
                 .intent_event(&ev.intent_id, "running", Some(p.percent as i64), &p.message)
                 .await?;
         }
         Kind::Done(d) => {
+            if let (Some(b), Some(r)) =
+                (app.store.backup_by_intent(&ev.intent_id).await?, &d.backup)
+            {
+                app.store
+                    .update_backup(
+                        &b.id,
+                        "COMPLETED",
+                        Some(""),
+                        Some((r.stored_bytes as i64, &r.sha256, &r.location)),
+                        None,
+                    )
+                    .await?;
+            }
             let Some((kind, first)) = app
                 .store
                 .intent_event(&ev.intent_id, "done", Some(100), &d.message)
@@ -301,6 +324,11 @@ async fn handle_event(
             }
         }
         Kind::Failed(f) => {
+            if let Some(b) = app.store.backup_by_intent(&ev.intent_id).await? {
+                app.store
+                    .update_backup(&b.id, "FAILED", Some(""), None, Some(&f.message))
+                    .await?;
+            }
             let rec = app
                 .store
                 .intent_event(&ev.intent_id, "failed", None, &f.message)

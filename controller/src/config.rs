@@ -46,6 +46,9 @@ pub struct ControllerConfig {
     /// its databases must not outlive it). Off by default: a controller restart touches nothing.
     #[serde(default)]
     pub stop_agents_on_exit: bool,
+    /// Backup storage, keys and strategy, handed to every agent (none: backups are refused).
+    #[serde(default)]
+    pub backup: Option<coffer_strategies::backup::BackupConfig>,
     /// How agents are placed.
     pub provisioner: crate::provisioner::ProvisionerConfig,
 }

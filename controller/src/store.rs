@@ -50,6 +50,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "root on create",
         include_str!("../migrations/0006_root_on_create.sql"),
     ),
+    (7, "backups", include_str!("../migrations/0007_backups.sql")),
 ];
 
 #[derive(Clone)]
@@ -112,6 +113,48 @@ pub struct InstanceRow {
     pub agent_public_key: String,
     /// Public key of the agent's NATS user (empty without per-agent identities).
     pub agent_nats_user: String,
+}
+
+/// A backup's record.
+#[derive(Debug, Clone)]
+pub struct BackupRow {
+    pub id: String,
+    pub project_id: String,
+    pub instance_id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub status: String,
+    pub parent_id: Option<String>,
+    pub datastore_version_id: String,
+    pub size_bytes: Option<i64>,
+    pub checksum: Option<String>,
+    pub location: Option<String>,
+    pub progress: String,
+    pub fault: Option<String>,
+    pub intent_id: Option<String>,
+    pub created: String,
+    pub updated: String,
+}
+
+fn backup_from(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
+    BackupRow {
+        id: r.get("id"),
+        project_id: r.get("project_id"),
+        instance_id: r.get("instance_id"),
+        name: r.get("name"),
+        description: r.get("description"),
+        status: r.get("status"),
+        parent_id: r.get("parent_id"),
+        datastore_version_id: r.get("datastore_version_id"),
+        size_bytes: r.get("size_bytes"),
+        checksum: r.get("checksum"),
+        location: r.get("location"),
+        progress: r.get("progress"),
+        fault: r.get("fault"),
+        intent_id: r.get("intent_id"),
+        created: r.get("created"),
+        updated: r.get("updated"),
+    }
 }
 
 /// An intent waiting to be published.
@@ -649,6 +692,115 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    // ---- backups ------------------------------------------------------------------------------
+
+    pub async fn backups_of(&self, project: &str) -> anyhow::Result<Vec<BackupRow>> {
+        let rows = sqlx::query("SELECT * FROM backups WHERE project_id = ? AND deleted = 0 ORDER BY created DESC, rowid DESC")
+            .bind(project)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(backup_from).collect())
+    }
+
+    pub async fn backup(&self, id: &str) -> anyhow::Result<Option<BackupRow>> {
+        let row = sqlx::query("SELECT * FROM backups WHERE id = ? AND deleted = 0")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(backup_from))
+    }
+
+    pub async fn backup_by_intent(&self, intent_id: &str) -> anyhow::Result<Option<BackupRow>> {
+        let row = sqlx::query("SELECT * FROM backups WHERE intent_id = ?")
+            .bind(intent_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(backup_from))
+    }
+
+    /// Whether a backup of the instance is NEW or BUILDING.
+    pub async fn backup_running(&self, instance_id: &str) -> anyhow::Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM backups WHERE instance_id = ? AND deleted = 0 AND status IN ('NEW', 'BUILDING')",
+        )
+        .bind(instance_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+
+    pub async fn insert_backup(
+        tx: &mut Transaction<'static, Sqlite>,
+        b: &BackupRow,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO backups (id, project_id, instance_id, name, description, status, parent_id, datastore_version_id, \
+             intent_id, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&b.id)
+        .bind(&b.project_id)
+        .bind(&b.instance_id)
+        .bind(&b.name)
+        .bind(&b.description)
+        .bind(&b.status)
+        .bind(&b.parent_id)
+        .bind(&b.datastore_version_id)
+        .bind(&b.intent_id)
+        .bind(&b.created)
+        .bind(&b.updated)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a backup's progress or outcome.
+    pub async fn update_backup(
+        &self,
+        id: &str,
+        status: &str,
+        progress: Option<&str>,
+        result: Option<(i64, &str, &str)>,
+        fault: Option<&str>,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE backups SET status = ?, progress = COALESCE(?, progress), size_bytes = COALESCE(?, size_bytes), \
+             checksum = COALESCE(?, checksum), location = COALESCE(?, location), fault = COALESCE(?, fault), updated = ? \
+             WHERE id = ? AND status NOT IN ('COMPLETED', 'FAILED')",
+        )
+        .bind(status)
+        .bind(progress)
+        .bind(result.map(|r| r.0))
+        .bind(result.map(|r| r.1))
+        .bind(result.map(|r| r.2))
+        .bind(fault)
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn mark_backup_deleted(&self, id: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE backups SET deleted = 1, updated = ? WHERE id = ?")
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn count_backups(
+        tx: &mut Transaction<'static, Sqlite>,
+        project: &str,
+    ) -> anyhow::Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM backups WHERE project_id = ? AND deleted = 0")
+                .bind(project)
+                .fetch_one(&mut **tx)
+                .await?,
+        )
     }
 
     // ---- quotas -------------------------------------------------------------------------------

@@ -32,11 +32,12 @@ pub fn intent_kind_name(kind: &v1::intent::Kind) -> &'static str {
         Kind::Stop(_) => "stop",
         Kind::Start(_) => "start",
         Kind::Delete(_) => "delete",
+        Kind::Backup(_) => "backup",
     }
 }
 
 /// Every intent kind this schema version defines.
-pub const INTENT_KINDS: &[&str] = &["prepare", "restart", "stop", "start", "delete"];
+pub const INTENT_KINDS: &[&str] = &["prepare", "restart", "stop", "start", "delete", "backup"];
 
 /// Capability an agent lists (with its intent kinds) when it answers database, user and root
 /// calls.
@@ -118,6 +119,7 @@ mod tests {
             Kind::Stop(v1::Stop {}),
             Kind::Start(v1::Start {}),
             Kind::Delete(v1::Delete {}),
+            Kind::Backup(v1::Backup::default()),
         ];
         for k in kinds {
             assert!(INTENT_KINDS.contains(&intent_kind_name(&k)));

@@ -10,8 +10,10 @@
 //! Adding a datastore: a module under `datastore/` implementing [`Datastore`], one variant in
 //! [`DatastoreKind`] and one arm in [`DatastoreKind::build`].
 
+pub mod backup;
 pub mod datastore;
 pub mod pipeline;
+pub mod storage;
 
 pub use datastore::{
     DatabaseSpec, Datastore, DatastoreError, DatastoreKind, Health, Layout, ServerCommand, Sizing,

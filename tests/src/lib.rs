@@ -278,6 +278,7 @@ impl Env {
         } else {
             (String::new(), String::new())
         };
+        write_keyring(&d.join("keyring.toml"), &[("k1", &random_key_hex())], "k1");
         let config = d.join("controller.toml");
         std::fs::write(
             &config,
@@ -286,12 +287,15 @@ impl Env {
                  nats_creds = {creds:?}\n{nats_ca_line}\
                  heartbeat_expiry_s = {exp}\nlease_ms = {lease}\nbuild_timeout_s = {bt}\ndelete_grace_s = 20\n\n\
                  {tls_table}[nats_auth]\ndir = {auth:?}\n\n\
+                 [backup]\nkeyring_file = {keyring:?}\n[backup.storage]\nkind = \"local\"\nroot = {broot:?}\n\n\
                  [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
                  port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\ndatastore_extra = {extra:?}\n",
                 data = d.join("controller").display().to_string(),
                 nats = nats_url,
                 creds = d.join("nats-auth/controller.creds").display().to_string(),
                 auth = d.join("nats-auth").display().to_string(),
+                keyring = d.join("keyring.toml").display().to_string(),
+                broot = d.join("backups").display().to_string(),
                 nats_ca_line = tls_lines.0,
                 tls_table = tls_lines.1,
                 tokens = d.join("tokens.toml").display().to_string(),
@@ -643,6 +647,34 @@ pub fn make_test_ca(dir: &Path) {
         "xtask tls-ca: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// 64 hex characters from the OS's randomness.
+pub fn random_key_hex() -> String {
+    let mut b = [0u8; 32];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Writes a backup keyring file (0600).
+pub fn write_keyring(path: &Path, keys: &[(&str, &str)], current: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = format!("current = \"{current}\"\n[keys]\n");
+    for (id, hex) in keys {
+        text.push_str(&format!("{id} = \"{hex}\"\n"));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
 }
 
 /// Registers MariaDB (the installed version) and the test flavors.

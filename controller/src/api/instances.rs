@@ -29,13 +29,7 @@ const CREATE_KEYS: &[&str] = &[
     "region_name",
     "access",
 ];
-const NOT_YET: &[&str] = &[
-    "restorePoint",
-    "configuration",
-    "replica_of",
-    "replica_count",
-    "modules",
-];
+const NOT_YET: &[&str] = &["configuration", "replica_of", "replica_count", "modules"];
 
 /// Deadline for an intent of `kind`, from now.
 fn deadline(app: &App, kind: &str) -> i64 {
@@ -112,6 +106,7 @@ struct CreateReq {
     version: Option<String>,
     databases: Vec<v1::Database>,
     users: Vec<v1::User>,
+    restore_from: Option<String>,
 }
 
 fn parse_create(body: &Map<String, Value>) -> Result<CreateReq, ApiError> {
@@ -326,7 +321,26 @@ fn parse_create(body: &Map<String, Value>) -> Result<CreateReq, ApiError> {
             });
         }
     }
+    let restore_from = match inst.get("restorePoint") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => Some(
+            o.get("backupRef")
+                .and_then(id_of)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| {
+                    ApiError::validation(
+                        "instance['restorePoint'] 'backupRef' is a required property",
+                    )
+                })?,
+        ),
+        Some(v) => {
+            return Err(ApiError::validation(format!(
+                "instance['restorePoint'] {v} is not of type 'object'"
+            )))
+        }
+    };
     Ok(CreateReq {
+        restore_from,
         name,
         flavor_id,
         volume_size,
@@ -396,6 +410,29 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     let flavor = app.store.flavor(&req.flavor_id).await?.ok_or_else(|| {
         ApiError::bad_request(format!("Flavor '{}' could not be found.", req.flavor_id))
     })?;
+    // restorePoint: a COMPLETED backup of this project.
+    let restore_from = match &req.restore_from {
+        Some(b) => {
+            let backup = app
+                .store
+                .backup(b)
+                .await?
+                .filter(|x| x.project_id == c.project)
+                .ok_or_else(|| ApiError::not_found(format!("Backup {b} could not be found.")))?;
+            if backup.status != "COMPLETED" {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::CONFLICT,
+                    "conflict",
+                    format!(
+                        "Backup {b} is not completed (status {}); restore from a completed backup.",
+                        backup.status
+                    ),
+                ));
+            }
+            Some(backup.id)
+        }
+        None => None,
+    };
     // Quota: a cheap check before placing anything; the binding one runs in the transaction.
     {
         let mut tx = app.store.begin().await?;
@@ -425,6 +462,16 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         nats_url: app.cfg.nats_url.clone(),
         nats_creds,
         nats_ca_file: app.cfg.nats_ca_file.clone(),
+        backup_toml: match &app.cfg.backup {
+            Some(b) => {
+                #[derive(serde::Serialize)]
+                struct AgentBackup<'a> {
+                    backup: &'a coffer_strategies::backup::BackupConfig,
+                }
+                Some(toml::to_string(&AgentBackup { backup: b }).map_err(anyhow::Error::from)?)
+            }
+            None => None,
+        },
     };
     let placed = app.provisioner.prepare(&placement).await.map_err(|e| {
         ApiError::from(e.context("placing the agent failed; check the provisioner configuration"))
@@ -487,6 +534,9 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             users,
             datastore_version: version.version.clone(),
             root_password_sealed,
+            restore: restore_from
+                .clone()
+                .map(|backup_id| v1::RestoreFrom { backup_id }),
         });
         let payload = intent_payload(&app, &id, &intent_id, prepare);
         Store::enqueue(&mut tx, &intent_id, &id, "prepare", &payload).await?;
@@ -538,7 +588,11 @@ async fn render(
     with_usage: bool,
 ) -> Result<Value, ApiError> {
     let fresh = app.fresh(&r.id);
-    let (status, op) = status::derive(&r.task, &r.service_status, fresh);
+    let (mut status, mut op) = status::derive(&r.task, &r.service_status, fresh);
+    if status == "ACTIVE" && app.store.backup_running(&r.id).await? {
+        // Trove: a running backup shows as BACKUP (the database stays online).
+        (status, op) = ("BACKUP", "");
+    }
     let version = app.store.version(&r.datastore_version_id).await?;
     let (ds_type, ds_version, ds_number) = match &version {
         Some(v) => (json!(v.datastore_name), json!(v.name), json!(v.version)),

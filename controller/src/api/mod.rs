@@ -4,6 +4,7 @@
 //! unknown routes and wrong methods are 404 `itemNotFound`, as in Trove.
 
 mod access;
+mod backups;
 mod catalog;
 mod instances;
 mod quotas;
@@ -352,6 +353,18 @@ pub fn router(app: Arc<App>) -> Router {
             get(quotas::show).put(quotas::update),
         )
         .route(&format!("{p}/limits"), get(quotas::limits))
+        .route(
+            &format!("{p}/backups"),
+            get(backups::list).post(backups::create),
+        )
+        .route(
+            &format!("{p}/backups/{{id}}"),
+            get(backups::show).delete(backups::delete),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}/backups"),
+            get(backups::list_for_instance),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .with_state(app)

@@ -17,6 +17,8 @@ pub struct Placement {
     pub nats_creds: Option<String>,
     /// CA certificate the agent verifies the NATS server with (TLS), if any.
     pub nats_ca_file: Option<std::path::PathBuf>,
+    /// The agent's `[backup]` table (TOML), if backups are configured.
+    pub backup_toml: Option<String>,
 }
 
 /// Where clients reach the placed database, and the agent's public key.

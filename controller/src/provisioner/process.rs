@@ -183,13 +183,18 @@ impl Provisioner for ProcessProvisioner {
              {creds_line}{ca_line}\
              heartbeat_interval_ms = {hb}\n\
              \n[listen]\nbind_address = {bind:?}\nport = {port}\n\
-             \n[datastore]\nkind = {kind:?}\n{extra}\n",
+             \n[datastore]\nkind = {kind:?}\n{extra}\n{backup}",
             id = p.instance_id,
             state = self.state_dir(&p.instance_id).display().to_string(),
             nats = p.nats_url,
             hb = self.cfg.heartbeat_interval_ms,
             bind = self.cfg.bind_address,
             kind = p.manager,
+            backup = p
+                .backup_toml
+                .as_ref()
+                .map(|t| format!("\n{t}"))
+                .unwrap_or_default(),
         );
         write_private(&self.config_path(&p.instance_id), &toml)?;
         // The agent makes its own key pair; we learn only the public half.

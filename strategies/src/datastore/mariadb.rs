@@ -372,6 +372,49 @@ impl Datastore for Mariadb {
         )
     }
 
+    async fn backup_context(&self) -> Result<crate::backup::BackupCtx, DatastoreError> {
+        Ok(crate::backup::BackupCtx {
+            data_dir: self.data_dir(),
+            socket: self.socket(),
+            admin_user: ADMIN_USER.into(),
+            admin_password: self.admin_password().await?,
+            tmp_dir: self.tmp_dir(),
+        })
+    }
+
+    fn data_path(&self) -> PathBuf {
+        self.data_dir()
+    }
+
+    async fn initialize_restored(&self, sizing: &Sizing) -> Result<(), DatastoreError> {
+        let root = &self.layout.root;
+        for d in [root.clone(), self.tmp_dir()] {
+            tokio::fs::create_dir_all(&d)
+                .await
+                .map_err(|e| DatastoreError::io(&d, e))?;
+        }
+        let cnf = self.config_file();
+        tokio::fs::write(&cnf, self.render_config(sizing))
+            .await
+            .map_err(|e| DatastoreError::io(&cnf, e))?;
+        let password = generate_password();
+        write_private(&self.password_file(), &password)?;
+        write_private(
+            &self.defaults_file(),
+            &format!(
+                "[client]\nuser={ADMIN_USER}\npassword={password}\nsocket={}\n",
+                self.socket().display()
+            ),
+        )?;
+        // The restored grant tables hold the source's admin password: the init file resets it.
+        write_private(&self.init_file(), &Self::bootstrap_sql(&password))?;
+        let marker = self.initialized_marker();
+        tokio::fs::write(&marker, b"")
+            .await
+            .map_err(|e| DatastoreError::io(&marker, e))?;
+        Ok(())
+    }
+
     async fn initialize(&self, sizing: &Sizing) -> Result<(), DatastoreError> {
         let root = &self.layout.root;
         for d in [root.clone(), self.tmp_dir()] {

@@ -164,6 +164,13 @@ pub trait Datastore: Send + Sync {
     async fn set_read_only(&self, read_only: bool) -> Result<(), DatastoreError>;
     /// The server's replication position (e.g. a GTID set).
     async fn replication_position(&self) -> Result<String, DatastoreError>;
+    /// What a backup strategy needs to reach the running server.
+    async fn backup_context(&self) -> Result<crate::backup::BackupCtx, DatastoreError>;
+    /// The (empty, for a restore) data directory.
+    fn data_path(&self) -> PathBuf;
+    /// Like [`Datastore::initialize`], for a data directory a restore has already filled: writes
+    /// the configuration and this instance's own admin credentials (reset on first start).
+    async fn initialize_restored(&self, sizing: &Sizing) -> Result<(), DatastoreError>;
     /// Validates a database name before anything is created.
     fn validate_database_name(&self, name: &str) -> Result<(), DatastoreError>;
     /// Validates a user name and host before anything is created.

@@ -1,0 +1,291 @@
+//! Backups (trace-api.md §10): create (202 with the NEW backup), list, show, delete, and the
+//! instance's backups. The agent takes the backup (a `backup` intent); storage objects are
+//! deleted from here through the same `Storage` trait, so a backup outlives its instance.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use coffer_proto::{v1, Message};
+use serde_json::{json, Value};
+
+use super::instances::find;
+use super::{accepted, ok, parse_body, ApiError, ApiResult, AppState, Caller};
+use crate::status::{self, task};
+use crate::store::{self, BackupRow, Store};
+use crate::App;
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct BackupQuery {
+    pub instance_id: Option<String>,
+    pub datastore: Option<String>,
+    pub limit: Option<String>,
+    pub marker: Option<String>,
+}
+
+async fn backup_json(app: &App, b: &BackupRow) -> Result<Value, ApiError> {
+    let v = app.store.version(&b.datastore_version_id).await?;
+    let mut j = json!({
+        "id": b.id, "name": b.name, "description": b.description,
+        "locationRef": b.location, "instance_id": b.instance_id,
+        "created": b.created, "updated": b.updated,
+        "size": b.size_bytes.map(|s| ((s as f64 / (1u64 << 30) as f64) * 10000.0).round() / 10000.0),
+        "status": b.status, "parent_id": b.parent_id, "project_id": b.project_id,
+        "datastore": {
+            "type": v.as_ref().map(|v| v.datastore_name.clone()),
+            "version": v.as_ref().map(|v| v.name.clone()),
+            "version_id": b.datastore_version_id,
+        },
+    });
+    if !b.progress.is_empty() {
+        j["progress"] = json!(b.progress);
+    }
+    if let Some(f) = &b.fault {
+        j["fault"] = json!(f);
+    }
+    if let Some(c) = &b.checksum {
+        j["checksum"] = json!(c);
+    }
+    Ok(j)
+}
+
+async fn list_filtered(
+    app: &App,
+    c: &Caller,
+    q: &BackupQuery,
+    instance: Option<&str>,
+) -> ApiResult {
+    let mut rows = app.store.backups_of(&c.project).await?;
+    if let Some(i) = instance.or(q.instance_id.as_deref()) {
+        rows.retain(|b| b.instance_id == i);
+    }
+    if let Some(ds) = &q.datastore {
+        let mut keep = vec![];
+        for b in rows {
+            if let Some(v) = app.store.version(&b.datastore_version_id).await? {
+                if v.datastore_name == *ds || v.datastore_id == *ds {
+                    keep.push(b);
+                }
+            }
+        }
+        rows = keep;
+    }
+    // Trove pages backups by integer offset.
+    let limit = match &q.limit {
+        None => 20,
+        Some(s) => s.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            ApiError::bad_request(format!("limit must be a positive integer, not '{s}'."))
+        })?,
+    };
+    let offset = match &q.marker {
+        None => 0,
+        Some(s) => s.parse::<usize>().map_err(|_| {
+            ApiError::bad_request(format!("marker must be an integer offset, not '{s}'."))
+        })?,
+    };
+    let total = rows.len();
+    let mut out = vec![];
+    for b in rows.iter().skip(offset).take(limit) {
+        out.push(backup_json(app, b).await?);
+    }
+    let mut body = json!({"backups": out});
+    if offset + limit < total {
+        body["links"] = json!([{"rel": "next", "href": format!("https://{}/v1.0/{}/backups?limit={limit}&marker={}", c.host, c.project, offset + limit)}]);
+    }
+    ok(body)
+}
+
+pub async fn list(st: AppState, c: Caller, Query(q): Query<BackupQuery>) -> ApiResult {
+    list_filtered(&st, &c, &q, None).await
+}
+
+pub async fn list_for_instance(
+    st: AppState,
+    c: Caller,
+    Path((_p, id)): Path<(String, String)>,
+    Query(q): Query<BackupQuery>,
+) -> ApiResult {
+    let r = find(&st, &c, &id).await?;
+    list_filtered(&st, &c, &q, Some(&r.id)).await
+}
+
+async fn find_backup(app: &App, c: &Caller, id: &str) -> Result<BackupRow, ApiError> {
+    match app.store.backup(id).await? {
+        Some(b) if b.project_id == c.project || c.admin => Ok(b),
+        _ => Err(ApiError::not_found(format!(
+            "Backup {id} could not be found."
+        ))),
+    }
+}
+
+pub async fn show(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+    let b = find_backup(&st, &c, &id).await?;
+    ok(json!({"backup": backup_json(&st, &b).await?}))
+}
+
+pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
+    let app = st.0.clone();
+    let body = parse_body(&body)?;
+    let Some(Value::Object(b)) = body.get("backup") else {
+        return Err(ApiError::validation("'backup' is a required property"));
+    };
+    for k in b.keys() {
+        if ![
+            "name",
+            "instance",
+            "description",
+            "parent_id",
+            "incremental",
+            "swift_container",
+            "storage_driver",
+            "restore_from",
+        ]
+        .contains(&k.as_str())
+        {
+            return Err(ApiError::validation(format!(
+                "backup Additional properties are not allowed ('{k}' was unexpected)"
+            )));
+        }
+    }
+    let name = match b.get("name") {
+        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 255 => s.clone(),
+        _ => {
+            return Err(ApiError::validation(
+                "backup 'name' is a required property (1 to 255 characters)",
+            ))
+        }
+    };
+    let description = b
+        .get("description")
+        .and_then(|v| v.as_str())
+        .map(String::from);
+    let instance = b
+        .get("instance")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| ApiError::validation("backup 'instance' is a required property"))?;
+    let incremental = match b.get("incremental") {
+        None | Some(Value::Null) => false,
+        Some(Value::Number(n)) if n.as_i64() == Some(0) => false,
+        Some(Value::Number(n)) if n.as_i64() == Some(1) => true,
+        Some(v) => {
+            return Err(ApiError::validation(format!(
+                "backup['incremental'] {v} is not one of [0, 1]"
+            )))
+        }
+    };
+    if incremental || b.get("parent_id").map(|v| !v.is_null()).unwrap_or(false) {
+        return Err(ApiError::not_implemented(
+            "Incremental backups are not supported by this Coffer release yet.",
+        ));
+    }
+    if b.contains_key("restore_from") {
+        return Err(ApiError::not_implemented(
+            "Importing external backups is not supported.",
+        ));
+    }
+    if app.cfg.backup.is_none() {
+        return Err(ApiError::unprocessable(
+            "Backups are not configured on this deployment ([backup] in the controller config).",
+        ));
+    }
+    let r = find(&app, &c, instance).await?;
+    let fresh = app.fresh(&r.id);
+    let (st_now, _) = status::derive(&r.task, &r.service_status, fresh);
+    if r.task != task::NONE || st_now != "ACTIVE" || app.store.backup_running(&r.id).await? {
+        return Err(ApiError::unprocessable(format!(
+            "Instance {} is not currently available for an action to be performed (status was {st_now}).",
+            r.id
+        )));
+    }
+    if !r.capabilities.split(',').any(|k| k == "backup") {
+        return Err(ApiError::unprocessable(format!(
+            "The agent of instance {} (version '{}') does not support 'backup'; upgrade coffer-agent on it.",
+            r.id, r.agent_version
+        )));
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let intent_id = uuid::Uuid::new_v4().to_string();
+    let ts = store::now();
+    let row = BackupRow {
+        id: id.clone(),
+        project_id: c.project.clone(),
+        instance_id: r.id.clone(),
+        name,
+        description,
+        status: "NEW".into(),
+        parent_id: None,
+        datastore_version_id: r.datastore_version_id.clone(),
+        size_bytes: None,
+        checksum: None,
+        location: None,
+        progress: String::new(),
+        fault: None,
+        intent_id: Some(intent_id.clone()),
+        created: ts.clone(),
+        updated: ts,
+    };
+    let mut tx = app.store.begin().await?;
+    let limit = app
+        .store
+        .quota_limits(&c.project)
+        .await?
+        .into_iter()
+        .find(|(k, _)| k == "backups")
+        .map(|(_, l)| l)
+        .unwrap_or(-1);
+    if limit >= 0 && Store::count_backups(&mut tx, &c.project).await? + 1 > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "overLimit",
+            "Quota exceeded for resources: ['backups'].",
+        ));
+    }
+    Store::insert_backup(&mut tx, &row).await?;
+    let payload = coffer_proto::envelope(
+        intent_id.clone(),
+        &r.id,
+        v1::envelope::Body::Intent(v1::Intent {
+            deadline_unix_ms: coffer_proto::now_unix_ms() + 600_000,
+            kind: Some(v1::intent::Kind::Backup(v1::Backup {
+                backup_id: id.clone(),
+                parent_id: String::new(),
+            })),
+        }),
+    )
+    .encode_to_vec();
+    Store::enqueue(&mut tx, &intent_id, &r.id, "backup", &payload).await?;
+    tx.commit().await?;
+    app.outbox_wake.notify_one();
+    let b = app
+        .store
+        .backup(&id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("backup vanished"))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"backup": backup_json(&app, &b).await?})),
+    )
+        .into_response())
+}
+
+pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+    let b = find_backup(&st, &c, &id).await?;
+    if b.status == "NEW" || b.status == "BUILDING" {
+        return Err(ApiError::unprocessable(format!(
+            "Backup {id} is running; delete it when it has finished."
+        )));
+    }
+    if let Some(cfg) = &st.cfg.backup {
+        let storage = cfg.storage.build();
+        let bid = b.id.clone();
+        tokio::task::spawn_blocking(move || {
+            storage.delete(&format!("{bid}.json"))?;
+            storage.delete(&format!("{bid}.cfbk"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("deleting backup objects: {e}"))?
+        .map_err(|e| anyhow::anyhow!("deleting backup objects: {e}"))?;
+    }
+    st.store.mark_backup_deleted(&b.id).await?;
+    accepted()
+}

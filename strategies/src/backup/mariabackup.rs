@@ -1,0 +1,195 @@
+//! `mariabackup` (MariaDB 10.11): `--backup --stream=xbstream` for backups; `mbstream -x` then
+//! `--prepare` for restores. Credentials reach it through a 0600 defaults file, never argv.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use super::{pump, BackupCtx, BackupError, BackupStrategy, EnginePosition};
+
+#[derive(Debug, Clone)]
+pub struct Mariabackup {
+    pub binary: String,
+    pub mbstream: String,
+}
+
+impl Default for Mariabackup {
+    fn default() -> Self {
+        Mariabackup {
+            binary: "mariabackup".into(),
+            mbstream: "mbstream".into(),
+        }
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let t = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = t.lines().collect();
+    lines[lines.len().saturating_sub(4)..].join(" | ")
+}
+
+fn write_defaults(ctx: &BackupCtx) -> Result<std::path::PathBuf, BackupError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(&ctx.tmp_dir)?;
+    let p = ctx.tmp_dir.join("mariabackup.cnf");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&p)?;
+    writeln!(
+        f,
+        "[mariabackup]\nuser={}\npassword={}\nsocket={}\n",
+        ctx.admin_user,
+        ctx.admin_password,
+        ctx.socket.display()
+    )?;
+    Ok(p)
+}
+
+/// Parses the position mariabackup logs, e.g. `MySQL binlog position: filename 'mysql-bin.000002',
+/// position '1234', GTID of the last change '0-1-5'` and `The latest check point (for
+/// incremental): '12345'`.
+pub fn parse_position(log: &str) -> EnginePosition {
+    let quoted = |after: &str, line: &str| -> Option<String> {
+        let rest = &line[line.find(after)? + after.len()..];
+        let start = rest.find('\'')? + 1;
+        let end = start + rest[start..].find('\'')?;
+        Some(rest[start..end].to_string())
+    };
+    let mut p = EnginePosition::default();
+    for line in log.lines() {
+        if line.contains("binlog position") {
+            p.binlog_file = quoted("filename", line).unwrap_or_default();
+            p.binlog_pos = quoted(", position", line)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            p.gtid = quoted("GTID of the last change", line).unwrap_or_default();
+        }
+        if line.contains("latest check point (for incremental)") {
+            p.lsn = quoted("incremental)", line).unwrap_or_default();
+        }
+    }
+    p
+}
+
+impl BackupStrategy for Mariabackup {
+    fn name(&self) -> &'static str {
+        "mariabackup"
+    }
+
+    fn backup(
+        &self,
+        ctx: &BackupCtx,
+        sink: &mut dyn Write,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<EnginePosition, BackupError> {
+        let defaults = write_defaults(ctx)?;
+        let work = ctx.tmp_dir.join("mariabackup-work");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        let log = ctx.tmp_dir.join("mariabackup-backup.log");
+        let mut child = Command::new(&self.binary)
+            .arg(format!("--defaults-file={}", defaults.display()))
+            .arg("--backup")
+            .arg("--stream=xbstream")
+            .arg(format!("--datadir={}", ctx.data_dir.display()))
+            .arg(format!("--target-dir={}", work.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .map_err(|e| BackupError::Tool {
+                tool: "mariabackup".into(),
+                detail: format!("cannot start: {e}"),
+            })?;
+        let mut out = child.stdout.take().expect("piped");
+        let pumped = pump(&mut out, sink, progress);
+        if pumped.is_err() {
+            let _ = child.kill();
+        }
+        let status = child.wait()?;
+        let _ = std::fs::remove_file(&defaults);
+        let _ = std::fs::remove_dir_all(&work);
+        pumped?;
+        if !status.success() {
+            return Err(BackupError::Tool {
+                tool: "mariabackup --backup".into(),
+                detail: format!("{status}: {}", tail(&log)),
+            });
+        }
+        Ok(parse_position(
+            &std::fs::read_to_string(&log).unwrap_or_default(),
+        ))
+    }
+
+    fn restore(
+        &self,
+        data_dir: &Path,
+        scratch: &Path,
+        source: &mut dyn Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), BackupError> {
+        std::fs::create_dir_all(data_dir)?;
+        std::fs::create_dir_all(scratch)?;
+        let log = scratch.join("mbstream.log");
+        let mut child = Command::new(&self.mbstream)
+            .arg("-x")
+            .arg("-C")
+            .arg(data_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .map_err(|e| BackupError::Tool {
+                tool: "mbstream".into(),
+                detail: format!("cannot start: {e}"),
+            })?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let pumped = pump(source, &mut stdin, progress);
+        drop(stdin);
+        if pumped.is_err() {
+            let _ = child.kill();
+        }
+        let status = child.wait()?;
+        pumped?;
+        if !status.success() {
+            return Err(BackupError::Tool {
+                tool: "mbstream -x".into(),
+                detail: format!("{status}: {}", tail(&log)),
+            });
+        }
+        let log = scratch.join("mariabackup-prepare.log");
+        let status = Command::new(&self.binary)
+            .arg("--prepare")
+            .arg(format!("--target-dir={}", data_dir.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .status()?;
+        if !status.success() {
+            return Err(BackupError::Tool {
+                tool: "mariabackup --prepare".into(),
+                detail: format!("{status}: {}", tail(&log)),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_is_parsed_from_the_log() {
+        let log = "[00] 2026-11-24 10:00:00 MySQL binlog position: filename 'mysql-bin.000002', position '1234', GTID of the last change '0-7-42'\n\
+                   [00] 2026-11-24 10:00:00 The latest check point (for incremental): '98765'\n";
+        let p = parse_position(log);
+        assert_eq!(p.binlog_file, "mysql-bin.000002");
+        assert_eq!(p.binlog_pos, 1234);
+        assert_eq!(p.gtid, "0-7-42");
+        assert_eq!(p.lsn, "98765");
+    }
+}

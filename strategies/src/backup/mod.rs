@@ -1,0 +1,186 @@
+//! How a backup stream is produced and consumed (the strategy), crossed with where it goes
+//! ([`crate::storage`]) and how it is sealed ([`crate::pipeline`]). Strategies are synchronous:
+//! the agent runs them on a blocking thread, streaming with bounded memory.
+
+pub mod mariabackup;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{tool} failed: {detail}")]
+    Tool { tool: String, detail: String },
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What a strategy needs to reach the running server.
+#[derive(Clone)]
+pub struct BackupCtx {
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    pub admin_user: String,
+    pub admin_password: String,
+    /// Scratch space for the tool (never the stream itself).
+    pub tmp_dir: PathBuf,
+}
+
+impl std::fmt::Debug for BackupCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupCtx")
+            .field("data_dir", &self.data_dir)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+/// Where the engine was when the backup was taken (what replication and incrementals need).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnginePosition {
+    pub gtid: String,
+    pub binlog_file: String,
+    pub binlog_pos: u64,
+    pub lsn: String,
+}
+
+pub trait BackupStrategy: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Streams a full backup of the running server into `sink`; `progress` gets archive bytes.
+    fn backup(
+        &self,
+        ctx: &BackupCtx,
+        sink: &mut dyn Write,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<EnginePosition, BackupError>;
+    /// Fills the empty `data_dir` from an archive stream and makes it startable.
+    fn restore(
+        &self,
+        data_dir: &Path,
+        scratch: &Path,
+        source: &mut dyn Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), BackupError>;
+}
+
+/// Strategies selectable by name in configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupKind {
+    #[default]
+    Mariabackup,
+}
+
+impl BackupKind {
+    pub fn build(&self) -> Box<dyn BackupStrategy> {
+        match self {
+            BackupKind::Mariabackup => Box::new(mariabackup::Mariabackup::default()),
+        }
+    }
+}
+
+/// Backup settings shared by the controller (which hands them to agents) and the agents.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackupConfig {
+    /// Where backups are stored.
+    pub storage: crate::storage::StorageKind,
+    /// Operator keys (TOML: `current = "id"` and a `[keys]` table of id = 64 hex chars), 0600.
+    #[serde(default)]
+    pub keyring_file: Option<PathBuf>,
+    /// Encrypt backups (default). Turning it off must be explicit.
+    #[serde(default = "default_true")]
+    pub encryption: bool,
+    /// zstd level (1 is fast and, on database pages, as small as 3).
+    #[serde(default = "default_level")]
+    pub zstd_level: i32,
+    #[serde(default)]
+    pub strategy: BackupKind,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_level() -> i32 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyringFile {
+    current: Option<String>,
+    #[serde(default)]
+    keys: std::collections::BTreeMap<String, String>,
+}
+
+/// Reads a keyring file (never logs or echoes a key).
+pub fn load_keyring(path: &Path) -> Result<crate::pipeline::Keyring, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("reading keyring {}: {e}", path.display()))?;
+    let f: KeyringFile = toml::from_str(&text)
+        .map_err(|e| format!("parsing keyring {}: {}", path.display(), e.message()))?;
+    let mut ring = crate::pipeline::Keyring::default();
+    for (id, hex) in &f.keys {
+        let bytes: Option<Vec<u8>> = (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
+            .collect();
+        let key: [u8; 32] = bytes
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("key '{id}' in {} is not 64 hex characters", path.display()))?;
+        ring.add(id, key);
+    }
+    if let Some(c) = &f.current {
+        if ring.get(c).is_none() {
+            return Err(format!("current key '{c}' is not in {}", path.display()));
+        }
+        ring.set_current(c);
+    }
+    Ok(ring)
+}
+
+/// The manifest stored beside each backup (`<id>.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub backup_id: String,
+    pub instance_id: String,
+    pub datastore: String,
+    pub datastore_version: String,
+    pub strategy: String,
+    pub parent_id: Option<String>,
+    pub position: EnginePosition,
+    pub archive_bytes: u64,
+    pub stored_bytes: u64,
+    pub sha256: String,
+    pub compression: Option<String>,
+    pub encrypted: bool,
+    pub key_id: Option<String>,
+    pub format_version: u8,
+    pub created_unix: u64,
+}
+
+/// Copies `from` into `to` in 1 MiB pieces, reporting running totals.
+pub fn pump(
+    from: &mut dyn Read,
+    to: &mut dyn Write,
+    progress: &mut dyn FnMut(u64),
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+        progress(total);
+    }
+}

@@ -1,0 +1,194 @@
+//! Where backup streams go. One trait, selected by name in configuration; a new backend is one
+//! type implementing [`Storage`] and one [`StorageKind`] variant.
+//!
+//! Invariant: nothing is visible under an object's key until its writer commits, so a failed or
+//! interrupted backup leaves nothing that lists or restores as good.
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage i/o on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("object {0} does not exist")]
+    NotFound(String),
+    #[error("invalid object key '{0}'")]
+    BadKey(String),
+}
+
+/// A writer whose object appears only on commit.
+pub trait ObjectWriter: Write + Send {
+    /// Makes the object durable and visible.
+    fn commit(self: Box<Self>) -> Result<(), StorageError>;
+}
+
+pub trait Storage: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Starts an object; dropping the writer without commit removes what was written.
+    fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StorageError>;
+    fn open(&self, key: &str) -> Result<Box<dyn Read + Send>, StorageError>;
+    fn delete(&self, key: &str) -> Result<(), StorageError>;
+    fn exists(&self, key: &str) -> bool;
+    /// A human-readable location of an object (for the API's `locationRef`).
+    fn location(&self, key: &str) -> String;
+}
+
+/// Storage backends selectable in configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StorageKind {
+    /// A directory every agent and the controller can reach (the embedded default).
+    Local { root: PathBuf },
+}
+
+impl StorageKind {
+    pub fn build(&self) -> Box<dyn Storage> {
+        match self {
+            StorageKind::Local { root } => Box::new(LocalStorage { root: root.clone() }),
+        }
+    }
+}
+
+fn check_key(key: &str) -> Result<(), StorageError> {
+    let ok = !key.is_empty()
+        && key.len() <= 200
+        && !key.starts_with('.')
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::BadKey(key.to_string()))
+    }
+}
+
+pub struct LocalStorage {
+    pub root: PathBuf,
+}
+
+fn io_at(p: &Path) -> impl Fn(io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io {
+        path: p.display().to_string(),
+        source,
+    }
+}
+
+struct LocalWriter {
+    file: Option<std::fs::File>,
+    partial: PathBuf,
+    target: PathBuf,
+}
+
+impl Write for LocalWriter {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.file.as_mut().expect("open until commit").write(b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.as_mut().expect("open until commit").flush()
+    }
+}
+
+impl ObjectWriter for LocalWriter {
+    fn commit(mut self: Box<Self>) -> Result<(), StorageError> {
+        let f = self.file.take().expect("committed once");
+        f.sync_all().map_err(io_at(&self.partial))?;
+        drop(f);
+        std::fs::rename(&self.partial, &self.target).map_err(io_at(&self.target))?;
+        Ok(())
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
+
+impl Storage for LocalStorage {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        check_key(key)?;
+        std::fs::create_dir_all(&self.root).map_err(io_at(&self.root))?;
+        let partial = self.root.join(format!(".{key}.partial"));
+        let file = std::fs::File::create(&partial).map_err(io_at(&partial))?;
+        Ok(Box::new(LocalWriter {
+            file: Some(file),
+            partial,
+            target: self.root.join(key),
+        }))
+    }
+
+    fn open(&self, key: &str) -> Result<Box<dyn Read + Send>, StorageError> {
+        check_key(key)?;
+        let p = self.root.join(key);
+        match std::fs::File::open(&p) {
+            Ok(f) => Ok(Box::new(io::BufReader::with_capacity(1 << 20, f))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(StorageError::NotFound(key.into()))
+            }
+            Err(e) => Err(io_at(&p)(e)),
+        }
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StorageError> {
+        check_key(key)?;
+        let p = self.root.join(key);
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_at(&p)(e)),
+        }
+    }
+
+    fn exists(&self, key: &str) -> bool {
+        check_key(key).is_ok() && self.root.join(key).exists()
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("file://{}", self.root.join(key).display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_appear_only_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StorageKind::Local {
+            root: dir.path().join("b"),
+        }
+        .build();
+        let mut w = s.create("x1.cfbk").unwrap();
+        w.write_all(b"hello").unwrap();
+        assert!(!s.exists("x1.cfbk"));
+        w.commit().unwrap();
+        assert!(s.exists("x1.cfbk"));
+        let mut r = String::new();
+        s.open("x1.cfbk").unwrap().read_to_string(&mut r).unwrap();
+        assert_eq!(r, "hello");
+        // Abandoned: nothing left, not even the partial file.
+        let mut w = s.create("x2.cfbk").unwrap();
+        w.write_all(b"half").unwrap();
+        drop(w);
+        assert!(!s.exists("x2.cfbk"));
+        assert_eq!(std::fs::read_dir(dir.path().join("b")).unwrap().count(), 1);
+        s.delete("x1.cfbk").unwrap();
+        assert!(matches!(s.open("x1.cfbk"), Err(StorageError::NotFound(_))));
+        assert!(s.create("../evil").is_err());
+    }
+}

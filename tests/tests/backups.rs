@@ -1,0 +1,271 @@
+//! Backups and restore end to end: mariabackup through the sealed pipeline into local storage,
+//! restored into a new instance; failures end FAILED or ERROR with the reason, never ACTIVE with
+//! bad data.
+
+use std::time::{Duration, Instant};
+
+use coffer_tests::{Env, StatusCode};
+use serde_json::{json, Value};
+use sqlx::{Connection, Row};
+
+async fn wait_backup(env: &Env, id: &str, want: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (st, v) = env.call("GET", &format!("/backups/{id}"), None).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let s = v["backup"]["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if s == want {
+            return v["backup"].clone();
+        }
+        assert!(s != "FAILED" || want == "FAILED", "backup failed: {v}");
+        assert!(Instant::now() < deadline, "backup {id} not {want}: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn rows(env: &Env, view: &Value) -> Vec<i32> {
+    let mut c = env.connect(view, "app", "s3cret-Pw", "shop").await;
+    let v = sqlx::query("SELECT i FROM t ORDER BY i")
+        .fetch_all(&mut c)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    c.close().await.unwrap();
+    v
+}
+
+async fn restore(env: &Env, backup: &str, name: &str) -> (StatusCode, Value) {
+    env.call(
+        "POST",
+        "/instances",
+        Some(json!({"instance": {"name": name, "flavorRef": "1", "volume": {"size": 1}, "restorePoint": {"backupRef": backup}}})),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_restore_into_a_new_instance() {
+    let env = Env::start().await;
+    let id = env.create("src").await;
+    let view = env
+        .wait_status(&id, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
+    sqlx::query("CREATE TABLE t (i INT PRIMARY KEY)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO t VALUES (1), (2)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+
+    let (st, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "b1", "instance": id, "description": "first"}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["backup"]["status"], "NEW");
+    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    // The database stays writable while the backup runs.
+    sqlx::query("INSERT INTO t VALUES (3)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let b = wait_backup(&env, &bid, "COMPLETED").await;
+    assert!(b["size"].as_f64().unwrap() > 0.0, "{b}");
+    assert_eq!(b["checksum"].as_str().unwrap().len(), 64);
+    assert!(b["locationRef"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("{bid}.cfbk")));
+    assert_eq!(b["instance_id"], id.as_str());
+    env.wait_status(&id, "ACTIVE", Duration::from_secs(10))
+        .await;
+    sqlx::query("INSERT INTO t VALUES (4)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+    let (_, list) = env
+        .call("GET", &format!("/instances/{id}/backups"), None)
+        .await;
+    assert_eq!(list["backups"].as_array().unwrap().len(), 1);
+    // The stored object is ciphertext: the table's marker string is not in it.
+    let stored = std::fs::read(env.dir.path().join(format!("backups/{bid}.cfbk"))).unwrap();
+    assert_eq!(&stored[..4], b"CFBK");
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(env.dir.path().join(format!("backups/{bid}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["strategy"], "mariabackup");
+    assert_eq!(manifest["encrypted"], true);
+    assert_eq!(manifest["key_id"], "k1");
+    assert_eq!(manifest["sha256"], b["checksum"]);
+    assert!(
+        !manifest["position"]["gtid"].as_str().unwrap().is_empty(),
+        "GTID recorded: {manifest}"
+    );
+    assert!(
+        manifest["position"]["binlog_file"]
+            .as_str()
+            .unwrap()
+            .starts_with("mysql-bin."),
+        "{manifest}"
+    );
+
+    let (st, v) = restore(&env, &bid, "copy").await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let copy = v["instance"]["id"].as_str().unwrap().to_string();
+    let cview = env
+        .wait_status(&copy, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let got = rows(&env, &cview).await;
+    assert!(
+        got.starts_with(&[1, 2]) && !got.contains(&4),
+        "restored rows: {got:?}"
+    );
+    // Its admin credentials are its own.
+    let pw = |i: &str| {
+        std::fs::read_to_string(env.instance_dir(i).join("state/mariadb/admin.password")).unwrap()
+    };
+    assert_ne!(pw(&id), pw(&copy));
+    assert_eq!(
+        rows(&env, &view).await,
+        vec![1, 2, 3, 4],
+        "the source is untouched"
+    );
+
+    // Deleting the source leaves the backup; deleting the backup removes its objects.
+    env.delete_and_wait_gone(&id).await;
+    assert_eq!(
+        env.call("GET", &format!("/backups/{bid}"), None).await.0,
+        StatusCode::OK
+    );
+    let (st, _) = env.call("DELETE", &format!("/backups/{bid}"), None).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    assert_eq!(
+        env.call("GET", &format!("/backups/{bid}"), None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let left: Vec<_> = std::fs::read_dir(env.dir.path().join("backups"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "objects left: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_backups_and_missing_keys_never_restore() {
+    let env = Env::start().await;
+    let id = env.create("src").await;
+    let view = env
+        .wait_status(&id, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
+    sqlx::query("CREATE TABLE t (i INT PRIMARY KEY)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+    let (_, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "b", "instance": id}})),
+        )
+        .await;
+    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    wait_backup(&env, &bid, "COMPLETED").await;
+
+    // Flip one byte in the middle of the stored stream.
+    let path = env.dir.path().join(format!("backups/{bid}.cfbk"));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let (st, v) = restore(&env, &bid, "bad").await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let bad = v["instance"]["id"].as_str().unwrap().to_string();
+    let e = env
+        .wait_status(&bad, "ERROR", Duration::from_secs(60))
+        .await;
+    let msg = e["fault"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(&bid) && msg.contains("failed authentication"),
+        "{e}"
+    );
+    assert!(env.db_pid(&bad).is_none(), "nothing was started");
+
+    // Truncate it (cut the final frame off).
+    bytes[mid] ^= 0x01;
+    std::fs::write(&path, &bytes[..bytes.len() - 20]).unwrap();
+    let (_, v) = restore(&env, &bid, "cut").await;
+    let cut = v["instance"]["id"].as_str().unwrap().to_string();
+    let e = env
+        .wait_status(&cut, "ERROR", Duration::from_secs(60))
+        .await;
+    assert!(
+        e["fault"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("truncated"),
+        "{e}"
+    );
+
+    // Without the key: a clear error, nothing started.
+    std::fs::write(&path, &bytes).unwrap();
+    coffer_tests::write_keyring(
+        &env.dir.path().join("keyring.toml"),
+        &[("k9", &coffer_tests::random_key_hex())],
+        "k9",
+    );
+    let (_, v) = restore(&env, &bid, "nokey").await;
+    let nokey = v["instance"]["id"].as_str().unwrap().to_string();
+    let e = env
+        .wait_status(&nokey, "ERROR", Duration::from_secs(60))
+        .await;
+    assert!(
+        e["fault"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not in the keyring"),
+        "{e}"
+    );
+
+    // A backup that failed cannot be restored from (409).
+    std::fs::remove_file(env.dir.path().join("keyring.toml")).unwrap();
+    let (_, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "nokey", "instance": id}})),
+        )
+        .await;
+    let failed = v["backup"]["id"].as_str().unwrap().to_string();
+    let f = wait_backup(&env, &failed, "FAILED").await;
+    assert!(
+        f["fault"].as_str().unwrap_or_default().contains("keyring"),
+        "{f}"
+    );
+    assert!(
+        !env.dir
+            .path()
+            .join(format!("backups/{failed}.cfbk"))
+            .exists(),
+        "no partial object"
+    );
+    let (st, v) = restore(&env, &failed, "never").await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    env.wait_status(&id, "ACTIVE", Duration::from_secs(10))
+        .await;
+}
