@@ -103,7 +103,35 @@ async fn passwords_are_nowhere_in_clear() {
         )
         .await;
     assert_eq!(v["user"]["password"], "Pw-root-6Op");
+    // A backup: mariabackup gets the admin credentials, the pipeline the operator key.
+    let (st, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "scan", "instance": id}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while env.call("GET", &format!("/backups/{bid}"), None).await.1["backup"]["status"]
+        != "COMPLETED"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backup did not complete"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let keyring = std::fs::read_to_string(env.dir.path().join("keyring.toml")).unwrap();
+    let backup_key = keyring
+        .lines()
+        .find_map(|l| l.strip_prefix("k1 = \""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string();
     let mut all: Vec<&str> = secrets.to_vec();
+    all.push(&backup_key);
     all.extend([
         "Pw-three-4Rt",
         "Pw-changed-8Yu",
@@ -148,11 +176,12 @@ async fn passwords_are_nowhere_in_clear() {
         }
     }
     // Every file: logs, the SQLite store (and its WAL), the JetStream store, the agent's state.
-    // The admin password legitimately lives in its two 0600 files.
+    // The admin password legitimately lives in its two 0600 files, the backup key in the keyring.
     let mut file_hits = vec![];
     scan_files(env.dir.path(), &all, &mut file_hits);
     hits.extend(file_hits.into_iter().filter(|h| {
         !(h.starts_with(&admin_pw) && (h.ends_with("admin.password") || h.ends_with("admin.cnf")))
+            && !(h.starts_with(&backup_key) && h.ends_with("keyring.toml"))
     }));
     assert!(hits.is_empty(), "secrets found in clear: {hits:#?}");
 }

@@ -312,12 +312,21 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     } else {
         (String::new(), String::new())
     };
+    // The operator's backup key, made once (0600); back it up: without it backups cannot be read.
+    let keyring = dir.join("backup-keyring.toml");
+    if !keyring.exists() {
+        write_private(
+            &keyring,
+            &format!("current = \"k1\"\n[keys]\nk1 = \"{}\"\n", random_hex(32)?),
+        )?;
+    }
     let config = dir.join("controller.toml");
     std::fs::write(
         &config,
         format!(
             "listen = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\nnats_url = \"nats://127.0.0.1:{nats}\"\ntoken_file = {tokens:?}\n\
              stop_agents_on_exit = true\nnats_creds = {creds:?}\n{ca_line}\n{tls_table}[nats_auth]\ndir = {auth:?}\n\n\
+             [backup]\nkeyring_file = {keyring:?}\n[backup.storage]\nkind = \"local\"\nroot = {broot:?}\n\n\
              [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
              port_min = 33306\nport_max = 33405\n",
             api = p.api_port,
@@ -328,6 +337,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             tokens = dir.join("tokens.toml").display().to_string(),
             agent = agent_bin.display().to_string(),
             inst = dir.join("instances").display().to_string(),
+            keyring = dir.join("backup-keyring.toml").display().to_string(),
+            broot = dir.join("backups").display().to_string(),
         ),
     )?;
 
