@@ -156,6 +156,21 @@ pub async fn backup(
     with_progress(ctx, intent_id, "backup", "backup", done, work).await?
 }
 
+/// Removes whatever an interrupted backup left (a partial stream, a stream without manifest).
+pub async fn discard(ctx: &Arc<Ctx>, backup_id: &str) {
+    let Ok(cfg) = config(ctx) else { return };
+    let storage = cfg.storage.build();
+    let id = backup_id.to_string();
+    let _ = tokio::task::spawn_blocking(move || {
+        storage.discard_partial(&data_key(&id));
+        storage.discard_partial(&manifest_key(&id));
+        if !storage.exists(&manifest_key(&id)) {
+            let _ = storage.delete(&data_key(&id));
+        }
+    })
+    .await;
+}
+
 /// Hashes what it reads, to compare with the manifest's checksum at the end.
 struct Hashing<R: Read> {
     inner: R,

@@ -198,10 +198,17 @@ async fn handle(ctx: &Arc<Ctx>, msg: async_nats::jetstream::Message) {
                         kind: kind_name.into(),
                         state: "failed".into(),
                         code: v1::FailureCode::Interrupted as i32,
-                        message: format!(
-                            "{kind_name} was interrupted by an agent restart and is not safe to repeat; delete the instance and create it again"
-                        ),
+                        message: if kind_name == "backup" {
+                            "the backup was interrupted by an agent restart; its partial data was removed; take a new backup".into()
+                        } else {
+                            format!(
+                                "{kind_name} was interrupted by an agent restart and is not safe to repeat; delete the instance and create it again"
+                            )
+                        },
                     };
+                    if let v1::intent::Kind::Backup(b) = &kind {
+                        crate::backups::discard(ctx, &b.backup_id).await;
+                    }
                     let _ = ctx.state.record_intent(&id, &rec);
                     if kind_name == "prepare" {
                         let _ = ctx.sup.call(Cmd::Report(v1::ServiceStatus::Failed, rec.message.clone())).await;

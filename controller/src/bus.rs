@@ -460,6 +460,24 @@ pub async fn timers_loop(app: Arc<App>) {
                     }
                 }
             }
+            if n % 5 == 0 && !app.fresh(&r.id) {
+                if let Ok(backups) = app.store.backups_of(&r.project_id).await {
+                    for b in backups.iter().filter(|b| {
+                        b.instance_id == r.id
+                            && (b.status == "NEW" || b.status == "BUILDING")
+                            && store::age_secs(&b.updated) > app.cfg.backup_timeout_s as i64
+                    }) {
+                        let msg = format!(
+                            "the agent stopped reporting for more than {} s while the backup ran; take a new backup",
+                            app.cfg.backup_timeout_s
+                        );
+                        let _ = app
+                            .store
+                            .update_backup(&b.id, "FAILED", Some(""), None, Some(&msg))
+                            .await;
+                    }
+                }
+            }
             if r.task == task::DELETING {
                 let agent_lost = !app.fresh(&r.id);
                 if age > app.cfg.delete_grace_s as i64 || (agent_lost && age > 2) {

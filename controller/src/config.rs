@@ -39,6 +39,10 @@ pub struct ControllerConfig {
     /// A build that has not finished after this long ends in ERROR.
     #[serde(default = "default_build_timeout")]
     pub build_timeout_s: u64,
+    /// A running backup whose agent has been silent (and whose record unchanged) this long ends
+    /// FAILED.
+    #[serde(default = "default_backup_timeout")]
+    pub backup_timeout_s: u64,
     /// How long a delete waits for the agent before tearing the instance down without it.
     #[serde(default = "default_delete_grace")]
     pub delete_grace_s: u64,
@@ -61,6 +65,9 @@ fn default_lease() -> u64 {
 }
 fn default_build_timeout() -> u64 {
     900
+}
+fn default_backup_timeout() -> u64 {
+    300
 }
 fn default_delete_grace() -> u64 {
     30

@@ -38,6 +38,8 @@ pub trait Storage: Send + Sync {
     fn exists(&self, key: &str) -> bool;
     /// A human-readable location of an object (for the API's `locationRef`).
     fn location(&self, key: &str) -> String;
+    /// Removes what an interrupted writer of `key` left behind (the writer's process died).
+    fn discard_partial(&self, key: &str);
 }
 
 /// Storage backends selectable in configuration.
@@ -159,6 +161,12 @@ impl Storage for LocalStorage {
 
     fn location(&self, key: &str) -> String {
         format!("file://{}", self.root.join(key).display())
+    }
+
+    fn discard_partial(&self, key: &str) {
+        if check_key(key).is_ok() {
+            let _ = std::fs::remove_file(self.root.join(format!(".{key}.partial")));
+        }
     }
 }
 

@@ -269,3 +269,71 @@ async fn tampered_backups_and_missing_keys_never_restore() {
     env.wait_status(&id, "ACTIVE", Duration::from_secs(10))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_keeps_old_backups_restorable() {
+    let env = Env::start().await;
+    let id = env.create("rot").await;
+    let view = env
+        .wait_status(&id, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
+    sqlx::query("CREATE TABLE t (i INT PRIMARY KEY)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO t VALUES (10)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+    let (_, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "old", "instance": id}})),
+        )
+        .await;
+    let old = v["backup"]["id"].as_str().unwrap().to_string();
+    wait_backup(&env, &old, "COMPLETED").await;
+
+    // Rotate: k2 becomes current, k1 stays in the ring as a retired key.
+    let ring_path = env.dir.path().join("keyring.toml");
+    let ring = std::fs::read_to_string(&ring_path).unwrap();
+    let k1 = ring
+        .lines()
+        .find_map(|l| l.strip_prefix("k1 = \""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string();
+    coffer_tests::write_keyring(
+        &ring_path,
+        &[("k1", &k1), ("k2", &coffer_tests::random_key_hex())],
+        "k2",
+    );
+    let (_, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "new", "instance": id}})),
+        )
+        .await;
+    let new = v["backup"]["id"].as_str().unwrap().to_string();
+    wait_backup(&env, &new, "COMPLETED").await;
+    let manifest = |b: &str| -> Value {
+        serde_json::from_slice(
+            &std::fs::read(env.dir.path().join(format!("backups/{b}.json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(manifest(&old)["key_id"], "k1");
+    assert_eq!(manifest(&new)["key_id"], "k2");
+
+    let (st, v) = restore(&env, &old, "from-old").await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let r = v["instance"]["id"].as_str().unwrap().to_string();
+    let rview = env
+        .wait_status(&r, "ACTIVE", Duration::from_secs(120))
+        .await;
+    assert_eq!(rows(&env, &rview).await, vec![10]);
+}
