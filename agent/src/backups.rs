@@ -66,9 +66,7 @@ pub async fn backup(
     b: v1::Backup,
 ) -> Result<v1::BackupResult, String> {
     let cfg = config(ctx)?.clone();
-    if !b.parent_id.is_empty() {
-        return Err("incremental backups are not supported by this agent yet".into());
-    }
+
     let key = if cfg.encryption {
         let ring = keyring(&cfg)?.ok_or("backups are encrypted but no keyring_file is configured; configure one or set encryption = false")?;
         let (id, k) = ring
@@ -83,11 +81,17 @@ pub async fn backup(
     let datastore = ctx.ds.name().to_string();
     let instance = ctx.cfg.instance_id.clone();
     let backup_id = b.backup_id.clone();
+    let parent_id = b.parent_id.clone();
     let done = Arc::new(AtomicU64::new(0));
     let done2 = done.clone();
     let work = tokio::task::spawn_blocking(move || -> Result<v1::BackupResult, String> {
         let storage = cfg.storage.build();
         let strategy = cfg.strategy.build();
+        let parent = if parent_id.is_empty() {
+            None
+        } else {
+            Some(read_manifest(storage.as_ref(), &parent_id)?)
+        };
         let writer = storage
             .create(&data_key(&backup_id))
             .map_err(|e| e.to_string())?;
@@ -100,9 +104,12 @@ pub async fn backup(
         };
         let mut sealer = pipeline::SealWriter::new(writer, &params).map_err(|e| e.to_string())?;
         let position = strategy
-            .backup(&bctx, &mut sealer, &mut |n| {
-                done2.store(n, Ordering::Relaxed)
-            })
+            .backup(
+                &bctx,
+                parent.as_ref().map(|m| &m.position),
+                &mut sealer,
+                &mut |n| done2.store(n, Ordering::Relaxed),
+            )
             .map_err(|e| e.to_string())?;
         let (mut writer, sealed) = sealer
             .finish()
@@ -117,7 +124,7 @@ pub async fn backup(
             datastore,
             datastore_version: version,
             strategy: strategy.name().into(),
-            parent_id: None,
+            parent_id: parent.map(|m| m.backup_id),
             position,
             archive_bytes: sealed.archive_bytes,
             stored_bytes: sealed.stored_bytes,
@@ -171,6 +178,19 @@ pub async fn discard(ctx: &Arc<Ctx>, backup_id: &str) {
     .await;
 }
 
+fn read_manifest(
+    storage: &dyn coffer_strategies::storage::Storage,
+    id: &str,
+) -> Result<Manifest, String> {
+    let mut s = String::new();
+    storage
+        .open(&manifest_key(id))
+        .map_err(|e| format!("backup {id}: {e}"))?
+        .read_to_string(&mut s)
+        .map_err(|e| format!("backup {id}: reading the manifest: {e}"))?;
+    serde_json::from_str(&s).map_err(|e| format!("backup {id}: bad manifest: {e}"))
+}
+
 /// Hashes what it reads, to compare with the manifest's checksum at the end.
 struct Hashing<R: Read> {
     inner: R,
@@ -203,64 +223,70 @@ pub async fn restore(
     let dd = data_dir.clone();
     let work = tokio::task::spawn_blocking(move || -> Result<(), String> {
         let storage = cfg.storage.build();
-        let manifest: Manifest = {
-            let mut s = String::new();
-            storage
-                .open(&manifest_key(&id))
-                .map_err(|e| format!("backup {id}: {e}"))?
-                .read_to_string(&mut s)
-                .map_err(|e| format!("backup {id}: reading the manifest: {e}"))?;
-            serde_json::from_str(&s).map_err(|e| format!("backup {id}: bad manifest: {e}"))?
-        };
-        let raw = storage
-            .open(&data_key(&id))
-            .map_err(|e| format!("backup {id}: {e}"))?;
-        let mut hashing = Hashing {
-            inner: raw,
-            hash: openssl::sha::Sha256::new(),
-        };
+        let strategy = cfg.strategy.build();
+        // The chain, full backup first.
+        let mut chain = vec![read_manifest(storage.as_ref(), &id)?];
+        while let Some(parent) = chain.last().and_then(|m| m.parent_id.clone()) {
+            if chain.len() > 1000 {
+                return Err(format!("backup {id}: the chain is longer than 1000 links"));
+            }
+            chain.push(read_manifest(storage.as_ref(), &parent)?);
+        }
+        chain.reverse();
         let _ = std::fs::remove_dir_all(&dd);
         let result = (|| -> Result<(), String> {
-            let (info, mut reader) = pipeline::open(&mut hashing, ring.as_ref())
-                .map_err(|e| format!("backup {id}: {e}"))?;
-            if info.backup_id != id {
-                return Err(format!(
-                    "backup {id}: the stored stream belongs to backup {}",
-                    info.backup_id
-                ));
-            }
-            cfg.strategy
-                .build()
-                .restore(&dd, &scratch, &mut reader, &mut |n| {
-                    done2.store(n, Ordering::Relaxed)
-                })
-                .map_err(|e| match e {
+            for (i, m) in chain.iter().enumerate() {
+                let bid = &m.backup_id;
+                let raw = storage
+                    .open(&data_key(bid))
+                    .map_err(|e| format!("backup {bid}: {e}"))?;
+                let mut hashing = Hashing {
+                    inner: raw,
+                    hash: openssl::sha::Sha256::new(),
+                };
+                let (info, mut reader) = pipeline::open(&mut hashing, ring.as_ref())
+                    .map_err(|e| format!("backup {bid}: {e}"))?;
+                if info.backup_id != *bid {
+                    return Err(format!(
+                        "backup {bid}: the stored stream belongs to backup {}",
+                        info.backup_id
+                    ));
+                }
+                let mut report = |n: u64| done2.store(n, Ordering::Relaxed);
+                let applied = if i == 0 {
+                    strategy.restore(&dd, &scratch, &mut reader, &mut report)
+                } else {
+                    strategy.apply_incremental(&dd, &scratch, &mut reader, &mut report)
+                };
+                applied.map_err(|e| match e {
                     coffer_strategies::backup::BackupError::Io(io) => {
                         match pipeline::format_error(&io) {
                             Some(f) => f.to_string(),
-                            None => format!("backup {id}: {io}"),
+                            None => format!("backup {bid}: {io}"),
                         }
                     }
-                    other => format!("backup {id}: {other}"),
-                })
+                    other => format!("backup {bid}: {other}"),
+                })?;
+                drop(reader);
+                let sha: String = hashing
+                    .hash
+                    .finish()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                if sha != m.sha256 {
+                    return Err(format!(
+                        "backup {bid}: checksum mismatch (stored {sha}, manifest {})",
+                        m.sha256
+                    ));
+                }
+            }
+            Ok(())
         })();
         let _ = std::fs::remove_dir_all(&scratch);
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&dd);
             return Err(e);
-        }
-        let sha: String = hashing
-            .hash
-            .finish()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        if sha != manifest.sha256 {
-            let _ = std::fs::remove_dir_all(&dd);
-            return Err(format!(
-                "backup {id}: checksum mismatch (stored {sha}, manifest {})",
-                manifest.sha256
-            ));
         }
         Ok(())
     });

@@ -337,3 +337,107 @@ async fn key_rotation_keeps_old_backups_restorable() {
         .await;
     assert_eq!(rows(&env, &rview).await, vec![10]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_chains_restore_from_any_link_and_delete_together() {
+    let env = Env::start().await;
+    let id = env.create("chain").await;
+    let view = env
+        .wait_status(&id, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
+    sqlx::query("CREATE TABLE t (i INT PRIMARY KEY)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO t VALUES (1)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let backup = |body: Value| {
+        let env = &env;
+        async move {
+            let (st, v) = env
+                .call("POST", "/backups", Some(json!({ "backup": body })))
+                .await;
+            assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+            let bid = v["backup"]["id"].as_str().unwrap().to_string();
+            wait_backup(env, &bid, "COMPLETED").await;
+            bid
+        }
+    };
+    let full = backup(json!({"name": "full", "instance": id})).await;
+    sqlx::query("INSERT INTO t VALUES (2)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let inc1 = backup(json!({"name": "inc1", "instance": id, "parent_id": full})).await;
+    sqlx::query("INSERT INTO t VALUES (3)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let inc2 = backup(json!({"name": "inc2", "instance": id, "incremental": 1})).await;
+    sqlx::query("INSERT INTO t VALUES (4)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+    let (_, v) = env.call("GET", &format!("/backups/{inc2}"), None).await;
+    assert_eq!(
+        v["backup"]["parent_id"],
+        inc1.as_str(),
+        "incremental: 1 builds on the latest backup"
+    );
+
+    for (from, want) in [(&inc2, vec![1, 2, 3]), (&inc1, vec![1, 2])] {
+        let (st, v) = restore(&env, from, "r").await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let r = v["instance"]["id"].as_str().unwrap().to_string();
+        let rview = env
+            .wait_status(&r, "ACTIVE", Duration::from_secs(120))
+            .await;
+        assert_eq!(rows(&env, &rview).await, want, "restored from {from}");
+        env.delete_and_wait_gone(&r).await;
+    }
+
+    // Deleting the full backup deletes the chain built on it.
+    let (st, _) = env.call("DELETE", &format!("/backups/{full}"), None).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    for b in [&full, &inc1, &inc2] {
+        assert_eq!(
+            env.call("GET", &format!("/backups/{b}"), None).await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(env.dir.path().join("backups"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "objects left: {left:?}");
+
+    // The backups quota.
+    let q = format!("{}/mgmt/quotas/{}", env.base(), env.project);
+    let (st, _) = env
+        .call_as(
+            &env.admin_token.clone(),
+            "PUT",
+            &q,
+            Some(json!({"quotas": {"backups": 1}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    backup(json!({"name": "one", "instance": id})).await;
+    let (st, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "two", "instance": id}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert!(v["overLimit"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("backups"));
+}

@@ -173,11 +173,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             )))
         }
     };
-    if incremental || b.get("parent_id").map(|v| !v.is_null()).unwrap_or(false) {
-        return Err(ApiError::not_implemented(
-            "Incremental backups are not supported by this Coffer release yet.",
-        ));
-    }
+
     if b.contains_key("restore_from") {
         return Err(ApiError::not_implemented(
             "Importing external backups is not supported.",
@@ -203,6 +199,50 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             r.id, r.agent_version
         )));
     }
+    // Incremental: on top of the given parent, or of the instance's latest completed backup.
+    let parent_id = match b.get("parent_id") {
+        None | Some(Value::Null) if !incremental => None,
+        None | Some(Value::Null) => {
+            let latest = app
+                .store
+                .backups_of(&c.project)
+                .await?
+                .into_iter()
+                .find(|x| x.instance_id == r.id && x.status == "COMPLETED");
+            Some(
+                latest
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "Instance {} has no completed backup to build an incremental on.",
+                            r.id
+                        ))
+                    })?
+                    .id,
+            )
+        }
+        Some(Value::String(p)) => {
+            let parent = find_backup(&app, &c, p).await?;
+            if parent.instance_id != r.id {
+                return Err(ApiError::bad_request(format!(
+                    "Backup {p} is not a backup of instance {}.",
+                    r.id
+                )));
+            }
+            if parent.status != "COMPLETED" {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!("Backup {p} is not completed."),
+                ));
+            }
+            Some(parent.id)
+        }
+        Some(v) => {
+            return Err(ApiError::validation(format!(
+                "backup['parent_id'] {v} is not of type 'string'"
+            )))
+        }
+    };
     let id = uuid::Uuid::new_v4().to_string();
     let intent_id = uuid::Uuid::new_v4().to_string();
     let ts = store::now();
@@ -213,7 +253,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         name,
         description,
         status: "NEW".into(),
-        parent_id: None,
+        parent_id: parent_id.clone(),
         datastore_version_id: r.datastore_version_id.clone(),
         size_bytes: None,
         checksum: None,
@@ -248,7 +288,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             deadline_unix_ms: coffer_proto::now_unix_ms() + 600_000,
             kind: Some(v1::intent::Kind::Backup(v1::Backup {
                 backup_id: id.clone(),
-                parent_id: String::new(),
+                parent_id: parent_id.clone().unwrap_or_default(),
             })),
         }),
     )
@@ -270,22 +310,41 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
 
 pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
     let b = find_backup(&st, &c, &id).await?;
-    if b.status == "NEW" || b.status == "BUILDING" {
+    // The backup and every backup built on it (Trove deletes child incrementals too).
+    let all = st.store.backups_of(&b.project_id).await?;
+    let mut doomed = vec![b.clone()];
+    let mut i = 0;
+    while i < doomed.len() {
+        let parent = doomed[i].id.clone();
+        doomed.extend(
+            all.iter()
+                .filter(|x| x.parent_id.as_deref() == Some(parent.as_str()))
+                .cloned(),
+        );
+        i += 1;
+    }
+    if let Some(running) = doomed
+        .iter()
+        .find(|x| x.status == "NEW" || x.status == "BUILDING")
+    {
         return Err(ApiError::unprocessable(format!(
-            "Backup {id} is running; delete it when it has finished."
+            "Backup {} is running; delete when it has finished.",
+            running.id
         )));
     }
-    if let Some(cfg) = &st.cfg.backup {
-        let storage = cfg.storage.build();
-        let bid = b.id.clone();
-        tokio::task::spawn_blocking(move || {
-            storage.delete(&format!("{bid}.json"))?;
-            storage.delete(&format!("{bid}.cfbk"))
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("deleting backup objects: {e}"))?
-        .map_err(|e| anyhow::anyhow!("deleting backup objects: {e}"))?;
+    for d in doomed.iter().rev() {
+        if let Some(cfg) = &st.cfg.backup {
+            let storage = cfg.storage.build();
+            let bid = d.id.clone();
+            tokio::task::spawn_blocking(move || {
+                storage.delete(&format!("{bid}.json"))?;
+                storage.delete(&format!("{bid}.cfbk"))
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("deleting backup objects: {e}"))?
+            .map_err(|e| anyhow::anyhow!("deleting backup objects: {e}"))?;
+        }
+        st.store.mark_backup_deleted(&d.id).await?;
     }
-    st.store.mark_backup_deleted(&b.id).await?;
     accepted()
 }

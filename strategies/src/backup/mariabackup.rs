@@ -82,9 +82,18 @@ impl BackupStrategy for Mariabackup {
     fn backup(
         &self,
         ctx: &BackupCtx,
+        parent: Option<&EnginePosition>,
         sink: &mut dyn Write,
         progress: &mut dyn FnMut(u64),
     ) -> Result<EnginePosition, BackupError> {
+        if let Some(p) = parent {
+            if p.lsn.is_empty() {
+                return Err(BackupError::Tool {
+                    tool: "mariabackup".into(),
+                    detail: "the parent backup recorded no LSN; take a full backup".into(),
+                });
+            }
+        }
         let defaults = write_defaults(ctx)?;
         let work = ctx.tmp_dir.join("mariabackup-work");
         let _ = std::fs::remove_dir_all(&work);
@@ -96,6 +105,7 @@ impl BackupStrategy for Mariabackup {
             .arg("--stream=xbstream")
             .arg(format!("--datadir={}", ctx.data_dir.display()))
             .arg(format!("--target-dir={}", work.display()))
+            .args(parent.map(|p| format!("--incremental-lsn={}", p.lsn)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log)?)
@@ -131,13 +141,41 @@ impl BackupStrategy for Mariabackup {
         source: &mut dyn Read,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), BackupError> {
-        std::fs::create_dir_all(data_dir)?;
+        self.extract(data_dir, scratch, source, progress)?;
+        self.prepare(data_dir, None, scratch)
+    }
+
+    fn apply_incremental(
+        &self,
+        data_dir: &Path,
+        scratch: &Path,
+        source: &mut dyn Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), BackupError> {
+        let inc = scratch.join("incremental");
+        let _ = std::fs::remove_dir_all(&inc);
+        self.extract(&inc, scratch, source, progress)?;
+        let r = self.prepare(data_dir, Some(&inc), scratch);
+        let _ = std::fs::remove_dir_all(&inc);
+        r
+    }
+}
+
+impl Mariabackup {
+    fn extract(
+        &self,
+        dir: &Path,
+        scratch: &Path,
+        source: &mut dyn Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), BackupError> {
+        std::fs::create_dir_all(dir)?;
         std::fs::create_dir_all(scratch)?;
         let log = scratch.join("mbstream.log");
         let mut child = Command::new(&self.mbstream)
             .arg("-x")
             .arg("-C")
-            .arg(data_dir)
+            .arg(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
@@ -160,10 +198,20 @@ impl BackupStrategy for Mariabackup {
                 detail: format!("{status}: {}", tail(&log)),
             });
         }
+        Ok(())
+    }
+
+    fn prepare(
+        &self,
+        data_dir: &Path,
+        incremental: Option<&Path>,
+        scratch: &Path,
+    ) -> Result<(), BackupError> {
         let log = scratch.join("mariabackup-prepare.log");
         let status = Command::new(&self.binary)
             .arg("--prepare")
             .arg(format!("--target-dir={}", data_dir.display()))
+            .args(incremental.map(|i| format!("--incremental-dir={}", i.display())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)

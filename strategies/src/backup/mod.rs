@@ -48,15 +48,25 @@ pub struct EnginePosition {
 
 pub trait BackupStrategy: Send + Sync {
     fn name(&self) -> &'static str;
-    /// Streams a full backup of the running server into `sink`; `progress` gets archive bytes.
+    /// Streams a backup of the running server into `sink`: full, or incremental on top of
+    /// `parent` (whose recorded position says where it ended). `progress` gets archive bytes.
     fn backup(
         &self,
         ctx: &BackupCtx,
+        parent: Option<&EnginePosition>,
         sink: &mut dyn Write,
         progress: &mut dyn FnMut(u64),
     ) -> Result<EnginePosition, BackupError>;
-    /// Fills the empty `data_dir` from an archive stream and makes it startable.
+    /// Fills the empty `data_dir` from a full backup's archive and prepares it.
     fn restore(
+        &self,
+        data_dir: &Path,
+        scratch: &Path,
+        source: &mut dyn Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), BackupError>;
+    /// Applies an incremental backup's archive on top of a restored `data_dir`.
+    fn apply_incremental(
         &self,
         data_dir: &Path,
         scratch: &Path,
