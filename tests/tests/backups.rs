@@ -441,3 +441,131 @@ async fn incremental_chains_restore_from_any_link_and_delete_together() {
         .unwrap()
         .contains("backups"));
 }
+
+/// Unmounts a tmpfs when dropped.
+struct Tmpfs(std::path::PathBuf);
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_storage_fails_the_backup_and_nothing_else() {
+    let env = Env::start().await;
+    let id = env.create("full").await;
+    let view = env
+        .wait_status(&id, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let root = env.dir.path().join("backups");
+    std::fs::create_dir_all(&root).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "mounting a tiny tmpfs (the suite runs as root)"
+    );
+    let _guard = Tmpfs(root.clone());
+    let (_, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "nospace", "instance": id}})),
+        )
+        .await;
+    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    let f = wait_backup(&env, &bid, "FAILED").await;
+    assert!(
+        f["fault"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("No space left"),
+        "{f}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "nothing left in the full storage: {left:?}"
+    );
+    env.wait_status(&id, "ACTIVE", Duration::from_secs(10))
+        .await;
+    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
+    sqlx::query("CREATE TABLE t (i INT)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+}
+
+fn find_pid(needle: &[&str]) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+        let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?)
+            .replace('\0', " ");
+        needle.iter().all(|n| cmd.contains(n)).then_some(pid)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_agent_mid_backup_fails_it_cleanly() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let env = Env::start().await;
+    let id = env.create("midway").await;
+    let view = env
+        .wait_status(&id, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let agent = env.agent_pid(&id).unwrap();
+    let (_, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "cut", "instance": id}})),
+        )
+        .await;
+    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    // Freeze mariabackup as soon as it runs, so the backup is surely in flight.
+    let dir = env.instance_dir(&id).display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let tool = loop {
+        if let Some(p) = find_pid(&["mariabackup", "--backup", &dir]) {
+            let _ = kill(Pid::from_raw(p), Signal::SIGSTOP);
+            break p;
+        }
+        assert!(Instant::now() < deadline, "mariabackup never started");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    kill(Pid::from_raw(agent), Signal::SIGKILL).unwrap();
+    let _ = kill(Pid::from_raw(tool), Signal::SIGKILL);
+    // The controller starts a new agent; the redelivered intent is reported interrupted.
+    let f = wait_backup(&env, &bid, "FAILED").await;
+    assert!(
+        f["fault"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("interrupted"),
+        "{f}"
+    );
+    let left: Vec<_> = std::fs::read_dir(env.dir.path().join("backups"))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "no partial object: {left:?}");
+    // The database served throughout and still does.
+    let view2 = env
+        .wait_status(&id, "ACTIVE", Duration::from_secs(30))
+        .await;
+    assert_eq!(view2["port"], view["port"]);
+    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
+    sqlx::query("CREATE TABLE after_cut (i INT)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+}
