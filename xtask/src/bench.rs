@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::env;
 
-fn http(
+pub(crate) fn http(
     port: u16,
     method: &str,
     path: &str,
@@ -37,12 +37,12 @@ fn http(
     Ok((status, serde_json::from_str(b).unwrap_or(Value::Null)))
 }
 
-fn stats(v: &mut [f64]) -> (f64, f64, f64) {
+pub(crate) fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -50,7 +50,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Killer(Vec<Child>);
+pub(crate) struct Killer(pub Vec<Child>);
 impl Drop for Killer {
     fn drop(&mut self) {
         for c in &mut self.0 {
@@ -137,7 +137,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut it = args.iter();
     let what = it.next().map(String::as_str).unwrap_or("");
     if what != "lifecycle" {
-        bail!("usage: cargo xtask bench lifecycle [--runs N] [--idle-secs S]");
+        bail!("usage: cargo xtask bench lifecycle [--runs N] [--idle-secs S] | bench backup [--size-mb N]");
     }
     let mut runs = 5usize;
     let mut idle = 60u64;
@@ -160,6 +160,129 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     result
 }
 
+/// A Coffer (nats-server + controller with release binaries) in a temp dir, for benchmarks.
+pub(crate) struct Bench {
+    pub procs: Killer,
+    pub api_port: u16,
+    pub token: &'static str,
+}
+
+impl Bench {
+    pub fn start(
+        tools: &env::Tools,
+        bins: &Path,
+        tmp: &Path,
+        extra_config: &str,
+    ) -> anyhow::Result<Bench> {
+        let nats_port = free_port();
+        let api_port = free_port();
+        let mut procs = Killer(vec![]);
+        procs.0.push(
+            Command::new(&tools.nats_server)
+                .args([
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &nats_port.to_string(),
+                    "-js",
+                    "-sd",
+                ])
+                .arg(tmp.join("nats"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        let token = "bench-token-0123456789";
+        std::fs::write(
+            tmp.join("tokens.toml"),
+            format!("[[token]]\ntoken = \"{token}\"\nproject = \"bench\"\nadmin = true\n"),
+        )?;
+        let cfg = tmp.join("controller.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {:?}\nnats_url = \"nats://127.0.0.1:{nats_port}\"\ntoken_file = {:?}\n\
+                 stop_agents_on_exit = true\n{extra_config}\n[provisioner]\nkind = \"process\"\nagent_binary = {:?}\ninstances_dir = {:?}\n\
+                 port_min = 34306\nport_max = 34405\n",
+                tmp.join("controller").display().to_string(),
+                tmp.join("tokens.toml").display().to_string(),
+                bins.join("coffer-agent").display().to_string(),
+                tmp.join("instances").display().to_string(),
+            ),
+        )?;
+        crate::demo::register(&bins.join("coffer-controller"), &cfg)?;
+        procs.0.push(
+            Command::new(bins.join("coffer-controller"))
+                .arg("--config")
+                .arg(&cfg)
+                .arg("serve")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(tmp.join("controller.log"))?)
+                .spawn()?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", api_port)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "controller did not start; see {}",
+                    tmp.join("controller.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Bench {
+            procs,
+            api_port,
+            token,
+        })
+    }
+
+    /// Creates an instance and waits for ACTIVE; returns its id and the seconds it took.
+    pub fn create(&self, body: Value) -> anyhow::Result<(String, f64)> {
+        let t0 = Instant::now();
+        let (st, v) = http(
+            self.api_port,
+            "POST",
+            "/v1.0/bench/instances",
+            self.token,
+            Some(&body),
+        )?;
+        if st != 200 {
+            bail!("create failed: {st} {v}");
+        }
+        let id = v["instance"]["id"].as_str().unwrap_or_default().to_string();
+        loop {
+            let (_, v) = http(
+                self.api_port,
+                "GET",
+                &format!("/v1.0/bench/instances/{id}"),
+                self.token,
+                None,
+            )?;
+            match v["instance"]["status"].as_str() {
+                Some("ACTIVE") => return Ok((id, t0.elapsed().as_secs_f64())),
+                Some("ERROR") => bail!("instance went to ERROR: {v}"),
+                _ => {}
+            }
+            if t0.elapsed() > Duration::from_secs(1800) {
+                bail!("instance not ACTIVE after 30 min");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the controller first, so it shuts agents and databases down cleanly.
+    pub fn stop(mut self) {
+        if let Some(mut c) = self.procs.0.pop() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
 fn bench(
     tools: &env::Tools,
     bins: &Path,
@@ -167,62 +290,9 @@ fn bench(
     runs: usize,
     idle: u64,
 ) -> anyhow::Result<()> {
-    let nats_port = free_port();
-    let api_port = free_port();
-    let mut procs = Killer(vec![]);
-    procs.0.push(
-        Command::new(&tools.nats_server)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &nats_port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(tmp.join("nats"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let token = "bench-token-0123456789";
-    std::fs::write(
-        tmp.join("tokens.toml"),
-        format!("[[token]]\ntoken = \"{token}\"\nproject = \"bench\"\nadmin = true\n"),
-    )?;
-    let cfg = tmp.join("controller.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {:?}\nnats_url = \"nats://127.0.0.1:{nats_port}\"\ntoken_file = {:?}\n\
-             stop_agents_on_exit = true\n[provisioner]\nkind = \"process\"\nagent_binary = {:?}\ninstances_dir = {:?}\nport_min = 34306\nport_max = 34405\n",
-            tmp.join("controller").display().to_string(),
-            tmp.join("tokens.toml").display().to_string(),
-            bins.join("coffer-agent").display().to_string(),
-            tmp.join("instances").display().to_string(),
-        ),
-    )?;
-    crate::demo::register(&bins.join("coffer-controller"), &cfg)?;
-    procs.0.push(
-        Command::new(bins.join("coffer-controller"))
-            .arg("--config")
-            .arg(&cfg)
-            .arg("serve")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(tmp.join("controller.log"))?)
-            .spawn()?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", api_port)).is_err() {
-        if Instant::now() > deadline {
-            bail!(
-                "controller did not start; see {}",
-                tmp.join("controller.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-
+    let coffer_env = Bench::start(tools, bins, tmp, "")?;
+    let api_port = coffer_env.api_port;
+    let token = coffer_env.token;
     env::step(&format!("create -> ACTIVE through the API, {runs} runs"));
     let mut coffer = vec![];
     let mut last_id = String::new();
@@ -310,13 +380,6 @@ fn bench(
         rss_max as f64 / 1024.0
     );
     println!("  agent idle CPU                           : {cpu:.2} % of one core");
-    // Stop the controller first so it shuts the agents and databases down cleanly.
-    if let Some(mut c) = procs.0.pop() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = c.wait();
-    }
+    coffer_env.stop();
     Ok(())
 }

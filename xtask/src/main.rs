@@ -3,6 +3,7 @@
 //! - `cargo xtask demo [--dir DIR]`: Coffer with the embedded defaults, in the foreground.
 //! - `cargo xtask test [--slow] [-- FILTER...]`: installs what the suite needs, runs it.
 //! - `cargo xtask bench lifecycle`: create → ACTIVE against the bare-MariaDB floor.
+//! - `cargo xtask bench backup [--size-mb N]`: backup and restore against mariabackup | zstd.
 //! - `cargo xtask tls-ca DIR`: a local CA and a certificate for 127.0.0.1 (`ca.pem`,
 //!   `server.pem`, `server.key`), as `demo --tls` and the TLS tests use.
 //!
@@ -10,6 +11,7 @@
 //! ≥ 2.10 and python-troveclient) and says what it is doing.
 
 mod bench;
+mod bench_backup;
 mod demo;
 mod env;
 
@@ -31,6 +33,9 @@ fn real_main() -> anyhow::Result<()> {
     match cmd.as_str() {
         "demo" => demo::run(rest),
         "test" => test(rest),
+        "bench" if rest.first().map(String::as_str) == Some("backup") => {
+            bench_backup::run(&rest[1..])
+        }
         "bench" => bench::run(rest),
         "tls-ca" => {
             let dir = rest
