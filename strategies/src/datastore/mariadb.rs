@@ -201,6 +201,39 @@ impl Mariadb {
         })
     }
 
+    /// Writes my.cnf and the admin credentials (0600); keeps an existing password unless `fresh`.
+    async fn write_config_and_credentials(
+        &self,
+        sizing: &Sizing,
+        fresh: bool,
+    ) -> Result<String, DatastoreError> {
+        for d in [self.layout.root.clone(), self.tmp_dir()] {
+            tokio::fs::create_dir_all(&d)
+                .await
+                .map_err(|e| DatastoreError::io(&d, e))?;
+        }
+        let cnf = self.config_file();
+        tokio::fs::write(&cnf, self.render_config(sizing))
+            .await
+            .map_err(|e| DatastoreError::io(&cnf, e))?;
+        let password = match self.admin_password().await {
+            Ok(p) if !p.is_empty() && !fresh => p,
+            _ => {
+                let p = generate_password();
+                write_private(&self.password_file(), &p)?;
+                p
+            }
+        };
+        write_private(
+            &self.defaults_file(),
+            &format!(
+                "[client]\nuser={ADMIN_USER}\npassword={password}\nsocket={}\n",
+                self.socket().display()
+            ),
+        )?;
+        Ok(password)
+    }
+
     fn bootstrap_sql(password: &str) -> String {
         let pw = format!("PASSWORD {}", quote(&native_password_hash(password)));
         format!(
@@ -387,26 +420,9 @@ impl Datastore for Mariadb {
     }
 
     async fn initialize_restored(&self, sizing: &Sizing) -> Result<(), DatastoreError> {
-        let root = &self.layout.root;
-        for d in [root.clone(), self.tmp_dir()] {
-            tokio::fs::create_dir_all(&d)
-                .await
-                .map_err(|e| DatastoreError::io(&d, e))?;
-        }
-        let cnf = self.config_file();
-        tokio::fs::write(&cnf, self.render_config(sizing))
-            .await
-            .map_err(|e| DatastoreError::io(&cnf, e))?;
-        let password = generate_password();
-        write_private(&self.password_file(), &password)?;
-        write_private(
-            &self.defaults_file(),
-            &format!(
-                "[client]\nuser={ADMIN_USER}\npassword={password}\nsocket={}\n",
-                self.socket().display()
-            ),
-        )?;
-        // The restored grant tables hold the source's admin password: the init file resets it.
+        // A fresh password: the restored grant tables hold the source's, and the init file
+        // resets it on the first start.
+        let password = self.write_config_and_credentials(sizing, true).await?;
         write_private(&self.init_file(), &Self::bootstrap_sql(&password))?;
         let marker = self.initialized_marker();
         tokio::fs::write(&marker, b"")
@@ -417,16 +433,7 @@ impl Datastore for Mariadb {
 
     async fn initialize(&self, sizing: &Sizing) -> Result<(), DatastoreError> {
         let root = &self.layout.root;
-        for d in [root.clone(), self.tmp_dir()] {
-            tokio::fs::create_dir_all(&d)
-                .await
-                .map_err(|e| DatastoreError::io(&d, e))?;
-        }
         let cnf = self.config_file();
-        tokio::fs::write(&cnf, self.render_config(sizing))
-            .await
-            .map_err(|e| DatastoreError::io(&cnf, e))?;
-
         // A previous attempt may have died half-way: start from an empty data dir.
         let data = self.data_dir();
         if data.exists() {
@@ -434,21 +441,7 @@ impl Datastore for Mariadb {
                 .await
                 .map_err(|e| DatastoreError::io(&data, e))?;
         }
-        let password = match self.admin_password().await {
-            Ok(p) if !p.is_empty() => p,
-            _ => {
-                let p = generate_password();
-                write_private(&self.password_file(), &p)?;
-                p
-            }
-        };
-        write_private(
-            &self.defaults_file(),
-            &format!(
-                "[client]\nuser={ADMIN_USER}\npassword={password}\nsocket={}\n",
-                self.socket().display()
-            ),
-        )?;
+        let password = self.write_config_and_credentials(sizing, false).await?;
         let log = root.join("install-db.log");
         let log_file = std::fs::File::create(&log).map_err(|e| DatastoreError::io(&log, e))?;
         let log_err = log_file
