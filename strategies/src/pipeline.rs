@@ -144,50 +144,106 @@ impl<W: Write> Sink<W> {
     }
 }
 
-/// Cuts the (compressed) stream into frames, encrypting each.
-struct Framer<W: Write> {
-    sink: Sink<W>,
-    crypto: Option<Crypto>,
+/// Encrypts, hashes and writes frames on its own thread, so compression (the caller's thread)
+/// and encryption + hashing + storage run side by side. The channel is bounded: memory stays at
+/// a few frames.
+struct FrameWriter<W: Write + Send + 'static> {
+    tx: Option<std::sync::mpsc::SyncSender<(Vec<u8>, u64, bool)>>,
+    handle: Option<std::thread::JoinHandle<io::Result<Sink<W>>>>,
+}
+
+impl<W: Write + Send + 'static> FrameWriter<W> {
+    fn start(mut sink: Sink<W>, crypto: Option<Crypto>) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, u64, bool)>(4);
+        let handle = std::thread::Builder::new()
+            .name("backup-seal".into())
+            .spawn(move || -> io::Result<Sink<W>> {
+                for (plain, index, last) in rx {
+                    let mut len = plain.len() as u32;
+                    if last {
+                        len |= FINAL_BIT;
+                    }
+                    match &crypto {
+                        Some(c) => {
+                            let mut tag = [0u8; 16];
+                            let ct = encrypt_aead(
+                                Cipher::aes_256_gcm(),
+                                &c.data_key,
+                                Some(&frame_nonce(index)),
+                                &frame_aad(&c.header_hash, index, last),
+                                &plain,
+                                &mut tag,
+                            )
+                            .map_err(io::Error::other)?;
+                            sink.put(&len.to_be_bytes())?;
+                            sink.put(&ct)?;
+                            sink.put(&tag)?;
+                        }
+                        None => {
+                            sink.put(&len.to_be_bytes())?;
+                            sink.put(&plain)?;
+                        }
+                    }
+                }
+                Ok(sink)
+            })
+            .expect("spawning the backup-seal thread");
+        FrameWriter {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// The writer thread's own error, once it has stopped.
+    fn failure(&mut self) -> io::Error {
+        self.tx = None;
+        match self.handle.take().map(|h| h.join()) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => io::Error::other("the backup-seal thread panicked"),
+            _ => io::Error::other("the backup-seal thread stopped"),
+        }
+    }
+
+    fn send(&mut self, plain: Vec<u8>, index: u64, last: bool) -> io::Result<()> {
+        let sent = match &self.tx {
+            Some(tx) => tx.send((plain, index, last)).is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(self.failure())
+        }
+    }
+
+    fn finish(mut self) -> io::Result<Sink<W>> {
+        self.tx = None;
+        match self.handle.take().map(|h| h.join()) {
+            Some(Ok(r)) => r,
+            _ => Err(io::Error::other("the backup-seal thread panicked")),
+        }
+    }
+}
+
+/// Cuts the (compressed) stream into frames for the frame writer.
+struct Framer<W: Write + Send + 'static> {
+    out: FrameWriter<W>,
     buf: Vec<u8>,
     chunk: usize,
     index: u64,
 }
 
-impl<W: Write> Framer<W> {
+impl<W: Write + Send + 'static> Framer<W> {
     fn emit(&mut self, last: bool) -> io::Result<()> {
         let take = self.buf.len().min(self.chunk);
         let plain: Vec<u8> = self.buf.drain(..take).collect();
-        let mut len = plain.len() as u32;
-        if last {
-            len |= FINAL_BIT;
-        }
-        match &self.crypto {
-            Some(c) => {
-                let mut tag = [0u8; 16];
-                let ct = encrypt_aead(
-                    Cipher::aes_256_gcm(),
-                    &c.data_key,
-                    Some(&frame_nonce(self.index)),
-                    &frame_aad(&c.header_hash, self.index, last),
-                    &plain,
-                    &mut tag,
-                )
-                .map_err(io::Error::other)?;
-                self.sink.put(&len.to_be_bytes())?;
-                self.sink.put(&ct)?;
-                self.sink.put(&tag)?;
-            }
-            None => {
-                self.sink.put(&len.to_be_bytes())?;
-                self.sink.put(&plain)?;
-            }
-        }
+        self.out.send(plain, self.index, last)?;
         self.index += 1;
         Ok(())
     }
 }
 
-impl<W: Write> Write for Framer<W> {
+impl<W: Write + Send + 'static> Write for Framer<W> {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         self.buf.extend_from_slice(b);
         while self.buf.len() > self.chunk {
@@ -200,7 +256,7 @@ impl<W: Write> Write for Framer<W> {
     }
 }
 
-enum Stage<W: Write> {
+enum Stage<W: Write + Send + 'static> {
     Zstd(zstd::stream::write::Encoder<'static, Framer<W>>),
     Plain(Framer<W>),
 }
@@ -218,12 +274,12 @@ pub struct Sealed {
 }
 
 /// A `Write` that seals archive bytes into `inner`.
-pub struct SealWriter<W: Write> {
+pub struct SealWriter<W: Write + Send + 'static> {
     stage: Stage<W>,
     archive_bytes: u64,
 }
 
-impl<W: Write> SealWriter<W> {
+impl<W: Write + Send + 'static> SealWriter<W> {
     pub fn new(inner: W, p: &SealParams) -> io::Result<Self> {
         if p.backup_id.is_empty() || p.backup_id.len() > 255 {
             return Err(io::Error::new(
@@ -287,12 +343,12 @@ impl<W: Write> SealWriter<W> {
             bytes: 0,
         };
         sink.put(&header)?;
+        let crypto = p.key.as_ref().map(|_| Crypto {
+            data_key,
+            header_hash,
+        });
         let framer = Framer {
-            sink,
-            crypto: p.key.as_ref().map(|_| Crypto {
-                data_key,
-                header_hash,
-            }),
+            out: FrameWriter::start(sink, crypto),
             buf: Vec::with_capacity(p.chunk_size as usize + 64 * 1024),
             chunk: p.chunk_size.max(1) as usize,
             index: 0,
@@ -322,18 +378,20 @@ impl<W: Write> SealWriter<W> {
             framer.emit(false)?;
         }
         framer.emit(true)?;
-        let sha = framer.sink.hash.finish();
+        let frames = framer.index;
+        let sink = framer.out.finish()?;
+        let sha = sink.hash.finish();
         let sealed = Sealed {
-            stored_bytes: framer.sink.bytes,
+            stored_bytes: sink.bytes,
             sha256: sha.iter().map(|b| format!("{b:02x}")).collect(),
             archive_bytes: self.archive_bytes,
-            frames: framer.index,
+            frames,
         };
-        Ok((framer.sink.inner, sealed))
+        Ok((sink.inner, sealed))
     }
 }
 
-impl<W: Write> Write for SealWriter<W> {
+impl<W: Write + Send + 'static> Write for SealWriter<W> {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         let n = match &mut self.stage {
             Stage::Zstd(e) => e.write(b)?,
