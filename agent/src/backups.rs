@@ -191,20 +191,6 @@ fn read_manifest(
     serde_json::from_str(&s).map_err(|e| format!("backup {id}: bad manifest: {e}"))
 }
 
-/// Hashes what it reads, to compare with the manifest's checksum at the end.
-struct Hashing<R: Read> {
-    inner: R,
-    hash: openssl::sha::Sha256,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(b)?;
-        self.hash.update(&b[..n]);
-        Ok(n)
-    }
-}
-
 /// Fills the data directory from a backup (fetched, authenticated, decrypted, checked, prepared)
 /// and writes this instance's own configuration and credentials.
 pub async fn restore(
@@ -240,12 +226,14 @@ pub async fn restore(
                 let raw = storage
                     .open(&data_key(bid))
                     .map_err(|e| format!("backup {bid}: {e}"))?;
-                let mut hashing = Hashing {
-                    inner: raw,
-                    hash: openssl::sha::Sha256::new(),
-                };
-                let (info, mut reader) = pipeline::open(&mut hashing, ring.as_ref())
-                    .map_err(|e| format!("backup {bid}: {e}"))?;
+                // Reading, authentication, decryption and the checksum run on their own thread.
+                let (info, mut reader) =
+                    pipeline::open_prefetched(raw, ring.as_ref(), Some(m.sha256.clone())).map_err(
+                        |e| match pipeline::format_error(&e) {
+                            Some(f) => f.to_string(),
+                            None => format!("backup {bid}: {e}"),
+                        },
+                    )?;
                 if info.backup_id != *bid {
                     return Err(format!(
                         "backup {bid}: the stored stream belongs to backup {}",
@@ -267,19 +255,6 @@ pub async fn restore(
                     }
                     other => format!("backup {bid}: {other}"),
                 })?;
-                drop(reader);
-                let sha: String = hashing
-                    .hash
-                    .finish()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                if sha != m.sha256 {
-                    return Err(format!(
-                        "backup {bid}: checksum mismatch (stored {sha}, manifest {})",
-                        m.sha256
-                    ));
-                }
             }
             Ok(())
         })();

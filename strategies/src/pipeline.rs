@@ -532,13 +532,13 @@ impl<R: Read> Read for Deframer<R> {
     }
 }
 
-/// Opens a stored stream: returns its header facts and a reader of the archive bytes.
-pub fn open<'a, R: Read + 'a>(
-    mut r: R,
+/// Reads and checks the header; unwraps the data key with the keyring.
+fn read_header<R: Read>(
+    r: &mut R,
     keyring: Option<&Keyring>,
-) -> io::Result<(HeaderInfo, Box<dyn Read + 'a>)> {
+) -> io::Result<(HeaderInfo, Option<Crypto>)> {
     let mut fixed = [0u8; 11];
-    read_exact_or(&mut r, &mut fixed, "header")?;
+    read_exact_or(r, &mut fixed, "header")?;
     if &fixed[..4] != MAGIC {
         return Err(io_err(FormatError::BadMagic));
     }
@@ -552,7 +552,7 @@ pub fn open<'a, R: Read + 'a>(
     }
     let mut header = fixed.to_vec();
     let mut id = vec![0u8; fixed[10] as usize];
-    read_exact_or(&mut r, &mut id, "backup id")?;
+    read_exact_or(r, &mut id, "backup id")?;
     header.extend_from_slice(&id);
     let backup = String::from_utf8(id)
         .map_err(|_| io_err(FormatError::Header("backup id is not UTF-8".into())))?;
@@ -560,11 +560,11 @@ pub fn open<'a, R: Read + 'a>(
     let mut crypto = None;
     if flags & FLAG_ENCRYPTED != 0 {
         let mut l = [0u8; 1];
-        read_exact_or(&mut r, &mut l, "key id")?;
+        read_exact_or(r, &mut l, "key id")?;
         let mut kid = vec![0u8; l[0] as usize];
-        read_exact_or(&mut r, &mut kid, "key id")?;
+        read_exact_or(r, &mut kid, "key id")?;
         let mut wrap = [0u8; 12 + 32 + 16];
-        read_exact_or(&mut r, &mut wrap, "wrapped key")?;
+        read_exact_or(r, &mut wrap, "wrapped key")?;
         header.push(l[0]);
         header.extend_from_slice(&kid);
         header.extend_from_slice(&wrap);
@@ -605,6 +605,17 @@ pub fn open<'a, R: Read + 'a>(
         compressed: flags & FLAG_ZSTD != 0,
         chunk_size: chunk,
     };
+    Ok((info, crypto))
+}
+
+/// Opens a stored stream: returns its header facts and a reader of the archive bytes.
+pub fn open<'a, R: Read + 'a>(
+    mut r: R,
+    keyring: Option<&Keyring>,
+) -> io::Result<(HeaderInfo, Box<dyn Read + 'a>)> {
+    let (info, crypto) = read_header(&mut r, keyring)?;
+    let backup = info.backup_id.clone();
+    let chunk = info.chunk_size;
     let deframer = Deframer {
         inner: r,
         crypto,
@@ -619,6 +630,120 @@ pub fn open<'a, R: Read + 'a>(
         Box::new(zstd::stream::read::Decoder::new(deframer)?)
     } else {
         Box::new(deframer)
+    };
+    Ok((info, reader))
+}
+
+/// Hashes everything read through it.
+struct HashingReader<R: Read> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(b)?;
+        self.hash.update(&b[..n]);
+        Ok(n)
+    }
+}
+
+/// Yields what the prefetch thread sends.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.pos < self.cur.len() {
+                let n = (self.cur.len() - self.pos).min(b.len());
+                b[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+                self.pos += n;
+                return Ok(n);
+            }
+            match self.rx.recv() {
+                Ok(Ok(v)) => {
+                    self.cur = v;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+    }
+}
+
+/// Like [`open`], but reading, authenticating, decrypting and hashing run on their own thread
+/// (a bounded channel of 4 frames) beside decompression, and the stored bytes' SHA-256 is
+/// checked against `expected_sha256` at the end of the stream.
+pub fn open_prefetched<R: Read + Send + 'static>(
+    r: R,
+    keyring: Option<&Keyring>,
+    expected_sha256: Option<String>,
+) -> io::Result<(HeaderInfo, Box<dyn Read + Send>)> {
+    let mut hashing = HashingReader {
+        inner: r,
+        hash: Sha256::new(),
+    };
+    let (info, crypto) = read_header(&mut hashing, keyring)?;
+    let mut deframer = Deframer {
+        inner: hashing,
+        crypto,
+        backup: info.backup_id.clone(),
+        chunk: info.chunk_size,
+        index: 0,
+        out: vec![],
+        pos: 0,
+        done: false,
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+    let backup = info.backup_id.clone();
+    std::thread::Builder::new()
+        .name("backup-open".into())
+        .spawn(move || {
+            loop {
+                if let Err(e) = deframer.next_frame() {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                let frame = std::mem::take(&mut deframer.out);
+                if tx.send(Ok(frame)).is_err() {
+                    return;
+                }
+                if deframer.done {
+                    break;
+                }
+            }
+            if let Some(want) = expected_sha256 {
+                let got: String = deframer
+                    .inner
+                    .hash
+                    .finish()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                if got != want {
+                    let _ = tx.send(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "backup {backup}: checksum mismatch (stored {got}, manifest {want})"
+                        ),
+                    )));
+                }
+            }
+        })?;
+    let plain = ChannelReader {
+        rx,
+        cur: vec![],
+        pos: 0,
+    };
+    let reader: Box<dyn Read + Send> = if info.compressed {
+        Box::new(zstd::stream::read::Decoder::new(plain)?)
+    } else {
+        Box::new(plain)
     };
     Ok((info, reader))
 }
@@ -746,6 +871,33 @@ mod tests {
         let mut hdr = stored.clone();
         hdr[9] = 17;
         assert!(read_all(&hdr, Some(&ring())).is_err());
+    }
+
+    #[test]
+    fn prefetched_open_reads_the_same_and_checks_the_checksum() {
+        let (stored, sealed) = seal(&vector_params(), VECTOR_PLAIN);
+        let read = |bytes: Vec<u8>, sha: Option<String>| -> Result<Vec<u8>, String> {
+            let mut out = vec![];
+            open_prefetched(std::io::Cursor::new(bytes), Some(&ring()), sha)
+                .and_then(|(_, mut r)| r.read_to_end(&mut out))
+                .map(|_| out)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            read(stored.clone(), Some(sealed.sha256.clone())).unwrap(),
+            VECTOR_PLAIN
+        );
+        let err = read(stored.clone(), Some("00".repeat(32))).unwrap_err();
+        assert!(err.contains("checksum mismatch"), "{err}");
+        let mut bad = stored.clone();
+        let n = bad.len();
+        bad[n - 20] ^= 1;
+        assert!(read(bad, None)
+            .unwrap_err()
+            .contains("failed authentication"));
+        assert!(read(stored[..stored.len() - 36].to_vec(), None)
+            .unwrap_err()
+            .contains("truncated"));
     }
 
     #[test]
