@@ -478,6 +478,30 @@ impl Env {
         v["instance"]["id"].as_str().unwrap().to_string()
     }
 
+    /// Creates an instance (see [`Env::create`]), waits for ACTIVE and fills table `shop.t`
+    /// (`i INT PRIMARY KEY`) with `rows` as the app user; returns its id and view.
+    pub async fn active_with_rows(&self, name: &str, rows: &[i32]) -> (String, Value) {
+        use sqlx::Connection;
+        let id = self.create(name).await;
+        let view = self
+            .wait_status(&id, "ACTIVE", Duration::from_secs(120))
+            .await;
+        let mut c = self.connect(&view, "app", "s3cret-Pw", "shop").await;
+        sqlx::query("CREATE TABLE t (i INT PRIMARY KEY)")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        for r in rows {
+            sqlx::query("INSERT INTO t VALUES (?)")
+                .bind(r)
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+        c.close().await.unwrap();
+        (id, view)
+    }
+
     pub async fn show(&self, id: &str) -> (StatusCode, Value) {
         self.call("GET", &format!("/instances/{id}"), None).await
     }

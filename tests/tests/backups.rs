@@ -167,16 +167,7 @@ async fn backup_and_restore_into_a_new_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_backups_and_missing_keys_never_restore() {
     let env = Env::start().await;
-    let id = env.create("src").await;
-    let view = env
-        .wait_status(&id, "ACTIVE", Duration::from_secs(120))
-        .await;
-    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
-    sqlx::query("CREATE TABLE t (i INT PRIMARY KEY)")
-        .execute(&mut c)
-        .await
-        .unwrap();
-    c.close().await.unwrap();
+    let (id, _) = env.active_with_rows("src", &[]).await;
     let (_, v) = env
         .call(
             "POST",
@@ -273,20 +264,7 @@ async fn tampered_backups_and_missing_keys_never_restore() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_rotation_keeps_old_backups_restorable() {
     let env = Env::start().await;
-    let id = env.create("rot").await;
-    let view = env
-        .wait_status(&id, "ACTIVE", Duration::from_secs(120))
-        .await;
-    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
-    sqlx::query("CREATE TABLE t (i INT PRIMARY KEY)")
-        .execute(&mut c)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO t VALUES (10)")
-        .execute(&mut c)
-        .await
-        .unwrap();
-    c.close().await.unwrap();
+    let (id, _) = env.active_with_rows("rot", &[10]).await;
     let (_, v) = env
         .call(
             "POST",

@@ -68,20 +68,7 @@ async fn killed_agent_leaves_the_database_running_and_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_database_is_reported_and_restarted() {
     let env = Env::start().await;
-    let id = env.create("crashy").await;
-    let view = env
-        .wait_status(&id, "ACTIVE", Duration::from_secs(120))
-        .await;
-    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
-    sqlx::query("CREATE TABLE t (i INT PRIMARY KEY)")
-        .execute(&mut c)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO t VALUES (7)")
-        .execute(&mut c)
-        .await
-        .unwrap();
-    c.close().await.unwrap();
+    let (id, _) = env.active_with_rows("crashy", &[7]).await;
     let db_pid = env.db_pid(&id).unwrap();
 
     kill(Pid::from_raw(db_pid), Signal::SIGKILL).unwrap();

@@ -288,6 +288,19 @@ pub async fn list_users(
     ))
 }
 
+/// Name, password and host (default `%`) of one item of a `users` list, checked.
+fn user_entry(u: &Value) -> Result<(String, String, String), ApiError> {
+    let name = string_of(u, "name", "users")?
+        .ok_or_else(|| ApiError::validation("users 'name' is a required property"))?;
+    check_name("user", name, 80)?;
+    let password = string_of(u, "password", "users")?
+        .ok_or_else(|| ApiError::validation("users 'password' is a required property"))?;
+    check_password(password)?;
+    let host = string_of(u, "host", "users")?.unwrap_or("%");
+    check_host(host)?;
+    Ok((name.to_string(), password.to_string(), host.to_string()))
+}
+
 pub async fn create_users(
     st: AppState,
     c: Caller,
@@ -298,14 +311,7 @@ pub async fn create_users(
     let items = list_of(&body, "users")?;
     let mut parsed = vec![];
     for u in items {
-        let name = string_of(u, "name", "users")?
-            .ok_or_else(|| ApiError::validation("users 'name' is a required property"))?;
-        check_name("user", name, 80)?;
-        let password = string_of(u, "password", "users")?
-            .ok_or_else(|| ApiError::validation("users 'password' is a required property"))?;
-        check_password(password)?;
-        let host = string_of(u, "host", "users")?.unwrap_or("%");
-        check_host(host)?;
+        let (name, password, host) = user_entry(u)?;
         let dbs = match u.get("databases") {
             Some(Value::Array(a)) => db_names(a, "users['databases']")?,
             None | Some(Value::Null) => vec![],
@@ -315,12 +321,7 @@ pub async fn create_users(
                 ))
             }
         };
-        parsed.push((
-            name.to_string(),
-            password.to_string(),
-            host.to_string(),
-            dbs,
-        ));
+        parsed.push((name, password, host, dbs));
     }
     let r = ready(&st, &c, &id).await?;
     let key = agent_key(&r)?;
@@ -359,15 +360,8 @@ pub async fn change_passwords(
     let items = list_of(&body, "users")?;
     let mut changes = vec![];
     for u in items {
-        let name = string_of(u, "name", "users")?
-            .ok_or_else(|| ApiError::validation("users 'name' is a required property"))?;
-        check_name("user", name, 80)?;
-        let password = string_of(u, "password", "users")?
-            .ok_or_else(|| ApiError::validation("users 'password' is a required property"))?;
-        check_password(password)?;
-        let host = string_of(u, "host", "users")?.unwrap_or("%");
-        check_host(host)?;
-        changes.push((name.to_string(), host.to_string(), password.to_string()));
+        let (name, password, host) = user_entry(u)?;
+        changes.push((name, host, password));
     }
     let r = ready(&st, &c, &id).await?;
     let key = agent_key(&r)?;
