@@ -245,7 +245,22 @@ async fn calls(ctx: Arc<Ctx>) -> anyhow::Result<()> {
                         kind: Some(kind),
                     })),
                 ..
-            }) => calls::handle(&ctx, &id, &reply_key, kind).await,
+            }) => {
+                // A bug in one call must not take the responder (and the agent) down with it.
+                use futures::FutureExt;
+                std::panic::AssertUnwindSafe(calls::handle(&ctx, &id, &reply_key, kind))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| {
+                        warn!("a call handler panicked; answering with an internal error");
+                        v1::CallReply {
+                            ok: false,
+                            error: "the agent failed while handling this call; see its log".into(),
+                            error_kind: v1::CallError::Internal as i32,
+                            ..Default::default()
+                        }
+                    })
+            }
             Ok(_) => v1::CallReply {
                 ok: false,
                 error: "unsupported call".into(),
