@@ -96,6 +96,13 @@ fn floor_run(cnf_template: &str, instance_root: &str, dir: &Path) -> anyhow::Res
         .stderr(Stdio::null())
         .spawn()?;
     let _k = Killer(vec![child]);
+    wait_select1(&sock, t0, Duration::from_secs(60))?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Polls `SELECT 1` as root over `sock` (every 10 ms) until it answers or `limit` has passed
+/// since `t0`.
+pub(crate) fn wait_select1(sock: &Path, t0: Instant, limit: Duration) -> anyhow::Result<()> {
     loop {
         let ok = Command::new("mariadb")
             .arg(format!("--socket={}", sock.display()))
@@ -105,13 +112,30 @@ fn floor_run(cnf_template: &str, instance_root: &str, dir: &Path) -> anyhow::Res
             .status()?
             .success();
         if ok {
-            return Ok(t0.elapsed().as_secs_f64());
+            return Ok(());
         }
-        if t0.elapsed() > Duration::from_secs(60) {
-            bail!("floor mariadbd never answered");
+        if t0.elapsed() > limit {
+            bail!("mariadbd at {} never answered", sock.display());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Prepares tools, builds release binaries and runs `f` with a fresh temp dir (removed after).
+pub(crate) fn with_release(
+    name: &str,
+    f: impl FnOnce(&env::Tools, &Path, &Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let tools = env::prepare()?;
+    env::step("building release binaries");
+    env::cargo(&["build", "--release", "--workspace", "--bins"])?;
+    let bins = tools.target_dir.join("release");
+    let tmp = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let result = f(&tools, &bins, &tmp);
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
 }
 
 fn proc_rss_kb(pid: i32) -> u64 {
@@ -148,16 +172,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             other => bail!("unknown bench option '{other}'"),
         }
     }
-    let tools = env::prepare()?;
-    env::step("building release binaries");
-    env::cargo(&["build", "--release", "--workspace", "--bins"])?;
-    let bins = tools.target_dir.join("release");
-    let tmp = std::env::temp_dir().join(format!("coffer-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    let result = bench(&tools, &bins, &tmp, runs, idle);
-    let _ = std::fs::remove_dir_all(&tmp);
-    result
+    with_release("coffer-bench", |tools, bins, tmp| {
+        bench(tools, bins, tmp, runs, idle)
+    })
 }
 
 /// A Coffer (nats-server + controller with release binaries) in a temp dir, for benchmarks.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use crate::bench::{free_port, http, Bench, Killer};
+use crate::bench::{free_port, http, wait_select1, with_release, Bench, Killer};
 use crate::env;
 
 fn sh(script: &str) -> anyhow::Result<f64> {
@@ -58,16 +58,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             other => bail!("unknown bench backup option '{other}' (known: --size-mb N)"),
         }
     }
-    let tools = env::prepare()?;
-    env::step("building release binaries");
-    env::cargo(&["build", "--release", "--workspace", "--bins"])?;
-    let bins = tools.target_dir.join("release");
-    let tmp = std::env::temp_dir().join(format!("coffer-bench-backup-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    let r = bench(&tools, &bins, &tmp, size_mb);
-    let _ = std::fs::remove_dir_all(&tmp);
-    r
+    with_release("coffer-bench-backup", |tools, bins, tmp| {
+        bench(tools, bins, tmp, size_mb)
+    })
 }
 
 fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::Result<()> {
@@ -236,22 +229,7 @@ fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::R
         .stderr(Stdio::null())
         .spawn()?;
     let _k = Killer(vec![child]);
-    loop {
-        let ok = Command::new("mariadb")
-            .arg(format!("--socket={}", rdir.join("s.sock").display()))
-            .args(["-u", "root", "-e", "SELECT 1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?
-            .success();
-        if ok {
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(600) {
-            bail!("floor restore never answered");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_select1(&rdir.join("s.sock"), t0, Duration::from_secs(600))?;
     let floor_restore = t0.elapsed().as_secs_f64();
     drop(_k);
 
