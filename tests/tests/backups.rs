@@ -51,19 +51,8 @@ async fn restore(env: &Env, backup: &str, name: &str) -> (StatusCode, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_and_restore_into_a_new_instance() {
     let env = Env::start().await;
-    let id = env.create("src").await;
-    let view = env
-        .wait_status(&id, "ACTIVE", Duration::from_secs(120))
-        .await;
+    let (id, view) = env.active_with_rows("src", &[1, 2]).await;
     let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
-    sqlx::query("CREATE TABLE t (i INT PRIMARY KEY)")
-        .execute(&mut c)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO t VALUES (1), (2)")
-        .execute(&mut c)
-        .await
-        .unwrap();
 
     let (st, v) = env
         .call(
@@ -319,19 +308,8 @@ async fn key_rotation_keeps_old_backups_restorable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_chains_restore_from_any_link_and_delete_together() {
     let env = Env::start().await;
-    let id = env.create("chain").await;
-    let view = env
-        .wait_status(&id, "ACTIVE", Duration::from_secs(120))
-        .await;
+    let (id, view) = env.active_with_rows("chain", &[1]).await;
     let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
-    sqlx::query("CREATE TABLE t (i INT PRIMARY KEY)")
-        .execute(&mut c)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO t VALUES (1)")
-        .execute(&mut c)
-        .await
-        .unwrap();
     let backup = |body: Value| {
         let env = &env;
         async move {
