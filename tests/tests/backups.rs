@@ -26,6 +26,14 @@ async fn wait_backup(env: &Env, id: &str, want: &str) -> Value {
     }
 }
 
+/// `POST /backups` with `body` (the `backup` object wrapped), expecting 202 and NEW; returns the id.
+async fn post_backup(env: &Env, body: Value) -> String {
+    let (st, v) = env.call("POST", "/backups", Some(body)).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["backup"]["status"], "NEW", "{v}");
+    v["backup"]["id"].as_str().unwrap().to_string()
+}
+
 async fn rows(env: &Env, view: &Value) -> Vec<i32> {
     let mut c = env.connect(view, "app", "s3cret-Pw", "shop").await;
     let v = sqlx::query("SELECT i FROM t ORDER BY i")
@@ -157,14 +165,7 @@ async fn backup_and_restore_into_a_new_instance() {
 async fn tampered_backups_and_missing_keys_never_restore() {
     let env = Env::start().await;
     let (id, _) = env.active_with_rows("src", &[]).await;
-    let (_, v) = env
-        .call(
-            "POST",
-            "/backups",
-            Some(json!({"backup": {"name": "b", "instance": id}})),
-        )
-        .await;
-    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    let bid = post_backup(&env, json!({"backup": {"name": "b", "instance": id}})).await;
     wait_backup(&env, &bid, "COMPLETED").await;
 
     // Flip one byte in the middle of the stored stream.
@@ -224,14 +225,7 @@ async fn tampered_backups_and_missing_keys_never_restore() {
 
     // A backup that failed cannot be restored from (409).
     std::fs::remove_file(env.dir.path().join("keyring.toml")).unwrap();
-    let (_, v) = env
-        .call(
-            "POST",
-            "/backups",
-            Some(json!({"backup": {"name": "nokey", "instance": id}})),
-        )
-        .await;
-    let failed = v["backup"]["id"].as_str().unwrap().to_string();
+    let failed = post_backup(&env, json!({"backup": {"name": "nokey", "instance": id}})).await;
     let f = wait_backup(&env, &failed, "FAILED").await;
     assert!(
         f["fault"].as_str().unwrap_or_default().contains("keyring"),
@@ -254,14 +248,7 @@ async fn tampered_backups_and_missing_keys_never_restore() {
 async fn key_rotation_keeps_old_backups_restorable() {
     let env = Env::start().await;
     let (id, _) = env.active_with_rows("rot", &[10]).await;
-    let (_, v) = env
-        .call(
-            "POST",
-            "/backups",
-            Some(json!({"backup": {"name": "old", "instance": id}})),
-        )
-        .await;
-    let old = v["backup"]["id"].as_str().unwrap().to_string();
+    let old = post_backup(&env, json!({"backup": {"name": "old", "instance": id}})).await;
     wait_backup(&env, &old, "COMPLETED").await;
 
     // Rotate: k2 becomes current, k1 stays in the ring as a retired key.
@@ -278,14 +265,7 @@ async fn key_rotation_keeps_old_backups_restorable() {
         &[("k1", &k1), ("k2", &coffer_tests::random_key_hex())],
         "k2",
     );
-    let (_, v) = env
-        .call(
-            "POST",
-            "/backups",
-            Some(json!({"backup": {"name": "new", "instance": id}})),
-        )
-        .await;
-    let new = v["backup"]["id"].as_str().unwrap().to_string();
+    let new = post_backup(&env, json!({"backup": {"name": "new", "instance": id}})).await;
     wait_backup(&env, &new, "COMPLETED").await;
     let manifest = |b: &str| -> Value {
         serde_json::from_slice(
@@ -313,11 +293,7 @@ async fn incremental_chains_restore_from_any_link_and_delete_together() {
     let backup = |body: Value| {
         let env = &env;
         async move {
-            let (st, v) = env
-                .call("POST", "/backups", Some(json!({ "backup": body })))
-                .await;
-            assert_eq!(st, StatusCode::ACCEPTED, "{v}");
-            let bid = v["backup"]["id"].as_str().unwrap().to_string();
+            let bid = post_backup(env, json!({ "backup": body })).await;
             wait_backup(env, &bid, "COMPLETED").await;
             bid
         }
@@ -425,14 +401,7 @@ async fn full_storage_fails_the_backup_and_nothing_else() {
         "mounting a tiny tmpfs (the suite runs as root)"
     );
     let _guard = Tmpfs(root.clone());
-    let (_, v) = env
-        .call(
-            "POST",
-            "/backups",
-            Some(json!({"backup": {"name": "nospace", "instance": id}})),
-        )
-        .await;
-    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    let bid = post_backup(&env, json!({"backup": {"name": "nospace", "instance": id}})).await;
     let f = wait_backup(&env, &bid, "FAILED").await;
     assert!(
         f["fault"]
@@ -479,14 +448,7 @@ async fn killing_the_agent_mid_backup_fails_it_cleanly() {
         .wait_status(&id, "ACTIVE", Duration::from_secs(120))
         .await;
     let agent = env.agent_pid(&id).unwrap();
-    let (_, v) = env
-        .call(
-            "POST",
-            "/backups",
-            Some(json!({"backup": {"name": "cut", "instance": id}})),
-        )
-        .await;
-    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    let bid = post_backup(&env, json!({"backup": {"name": "cut", "instance": id}})).await;
     // Freeze mariabackup as soon as it runs, so the backup is surely in flight.
     let dir = env.instance_dir(&id).display().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
