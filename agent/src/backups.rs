@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coffer_proto::v1;
-use coffer_strategies::backup::{load_keyring, BackupConfig, Manifest};
+use coffer_strategies::backup::{
+    load_keyring, BackupConfig, BackupError, BackupKind, Manifest, RestoreMode,
+};
 use coffer_strategies::pipeline::{self, Keyring, SealParams};
 use coffer_strategies::Sizing;
 use tracing::info;
@@ -84,8 +86,9 @@ pub async fn backup(
     let parent_id = b.parent_id.clone();
     let done = Arc::new(AtomicU64::new(0));
     let done2 = done.clone();
+    let client = ctx.client.clone();
     let work = tokio::task::spawn_blocking(move || -> Result<v1::BackupResult, String> {
-        let storage = cfg.storage.build();
+        let storage = cfg.storage.build(Some(&client))?;
         let strategy = cfg.strategy.build();
         let parent = if parent_id.is_empty() {
             None
@@ -110,13 +113,16 @@ pub async fn backup(
                 &mut sealer,
                 &mut |n| done2.store(n, Ordering::Relaxed),
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                BackupError::Io(io) => storage_error("writing the backup", &io),
+                other => other.to_string(),
+            })?;
         let (mut writer, sealed) = sealer
             .finish()
-            .map_err(|e| format!("sealing the backup: {e}"))?;
+            .map_err(|e| storage_error("sealing the backup", &e))?;
         writer
             .flush()
-            .map_err(|e| format!("writing the backup: {e}"))?;
+            .map_err(|e| storage_error("writing the backup", &e))?;
         writer.commit().map_err(|e| e.to_string())?;
         let manifest = Manifest {
             backup_id: backup_id.clone(),
@@ -163,12 +169,27 @@ pub async fn backup(
     with_progress(ctx, intent_id, "backup", "backup", done, work).await?
 }
 
+/// An i/o failure on the way to storage, saying so when the storage is full.
+fn storage_error(what: &str, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        format!(
+            "{what}: the backup storage is full ({e}); free space or raise its limit, then retry"
+        )
+    } else {
+        format!("{what}: {e}")
+    }
+}
+
 /// Removes whatever an interrupted backup left (a partial stream, a stream without manifest).
 pub async fn discard(ctx: &Arc<Ctx>, backup_id: &str) {
     let Ok(cfg) = config(ctx) else { return };
-    let storage = cfg.storage.build();
+    let cfg = cfg.clone();
+    let client = ctx.client.clone();
     let id = backup_id.to_string();
     let _ = tokio::task::spawn_blocking(move || {
+        let Ok(storage) = cfg.storage.build(Some(&client)) else {
+            return;
+        };
         storage.discard_partial(&data_key(&id));
         storage.discard_partial(&manifest_key(&id));
         if !storage.exists(&manifest_key(&id)) {
@@ -191,14 +212,70 @@ fn read_manifest(
     serde_json::from_str(&s).map_err(|e| format!("backup {id}: bad manifest: {e}"))
 }
 
+/// What is left to do of a restore once the server runs.
+pub enum Restored {
+    /// The data directory holds the backup's files.
+    Files,
+    /// A logical backup, loaded into the running server by [`load`].
+    Load(Manifest),
+}
+
+/// Opens one stored backup: fetched, authenticated, decrypted and checked against its manifest
+/// on a reading thread of its own.
+fn open_link(
+    storage: &dyn coffer_strategies::storage::Storage,
+    ring: Option<&Keyring>,
+    m: &Manifest,
+) -> Result<Box<dyn Read + Send>, String> {
+    let bid = &m.backup_id;
+    let raw = storage
+        .open(&data_key(bid))
+        .map_err(|e| format!("backup {bid}: {e}"))?;
+    let (info, reader) =
+        pipeline::open_prefetched(raw, ring, Some(m.sha256.clone())).map_err(|e| {
+            match pipeline::format_error(&e) {
+                Some(f) => f.to_string(),
+                None => format!("backup {bid}: {e}"),
+            }
+        })?;
+    if info.backup_id != *bid {
+        return Err(format!(
+            "backup {bid}: the stored stream belongs to backup {}",
+            info.backup_id
+        ));
+    }
+    Ok(Box::new(reader))
+}
+
+/// A strategy's failure on a backup's stream, naming the backup (or the stream's own fault).
+fn link_error(bid: &str, e: BackupError) -> String {
+    match e {
+        BackupError::Io(io) => match pipeline::format_error(&io) {
+            Some(f) => f.to_string(),
+            None => format!("backup {bid}: {io}"),
+        },
+        other => format!("backup {bid}: {other}"),
+    }
+}
+
+fn strategy_of(m: &Manifest) -> Result<BackupKind, String> {
+    BackupKind::from_name(&m.strategy).ok_or_else(|| {
+        format!(
+            "backup {}: strategy '{}' is unknown to this agent",
+            m.backup_id, m.strategy
+        )
+    })
+}
+
 /// Fills the data directory from a backup (fetched, authenticated, decrypted, checked, prepared)
-/// and writes this instance's own configuration and credentials.
+/// and writes this instance's own configuration and credentials. A logical backup instead gets
+/// a freshly initialised data directory and is loaded by [`load`] once the server runs.
 pub async fn restore(
     ctx: &Arc<Ctx>,
     intent_id: &str,
     backup_id: &str,
     sizing: &Sizing,
-) -> Result<(), String> {
+) -> Result<Restored, String> {
     let cfg = config(ctx)?.clone();
     let ring = keyring(&cfg)?;
     let data_dir = ctx.ds.data_path();
@@ -207,9 +284,9 @@ pub async fn restore(
     let done = Arc::new(AtomicU64::new(0));
     let done2 = done.clone();
     let dd = data_dir.clone();
-    let work = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let storage = cfg.storage.build();
-        let strategy = cfg.strategy.build();
+    let client = ctx.client.clone();
+    let work = tokio::task::spawn_blocking(move || -> Result<Restored, String> {
+        let storage = cfg.storage.build(Some(&client))?;
         // The chain, full backup first.
         let mut chain = vec![read_manifest(storage.as_ref(), &id)?];
         while let Some(parent) = chain.last().and_then(|m| m.parent_id.clone()) {
@@ -219,42 +296,38 @@ pub async fn restore(
             chain.push(read_manifest(storage.as_ref(), &parent)?);
         }
         chain.reverse();
+        let strategy = strategy_of(&chain[0])?.build();
+        if strategy.restore_mode() == RestoreMode::Load {
+            if chain.len() > 1 {
+                return Err(format!(
+                    "backup {id}: a {} backup cannot have a parent",
+                    strategy.name()
+                ));
+            }
+            // Authenticate the whole stream before anything is initialised, so a wrong key or
+            // a damaged stream fails here instead of half-way through the load.
+            let mut reader = open_link(storage.as_ref(), ring.as_ref(), &chain[0])?;
+            let mut report = |n: u64| done2.store(n, Ordering::Relaxed);
+            coffer_strategies::backup::pump(&mut reader, &mut std::io::sink(), &mut report)
+                .map_err(|e| link_error(&chain[0].backup_id, BackupError::Io(e)))?;
+            return Ok(Restored::Load(chain.remove(0)));
+        }
         let _ = std::fs::remove_dir_all(&dd);
         let result = (|| -> Result<(), String> {
             for (i, m) in chain.iter().enumerate() {
-                let bid = &m.backup_id;
-                let raw = storage
-                    .open(&data_key(bid))
-                    .map_err(|e| format!("backup {bid}: {e}"))?;
-                // Reading, authentication, decryption and the checksum run on their own thread.
-                let (info, mut reader) =
-                    pipeline::open_prefetched(raw, ring.as_ref(), Some(m.sha256.clone())).map_err(
-                        |e| match pipeline::format_error(&e) {
-                            Some(f) => f.to_string(),
-                            None => format!("backup {bid}: {e}"),
-                        },
-                    )?;
-                if info.backup_id != *bid {
-                    return Err(format!(
-                        "backup {bid}: the stored stream belongs to backup {}",
-                        info.backup_id
-                    ));
-                }
+                let mut reader = open_link(storage.as_ref(), ring.as_ref(), m)?;
                 let mut report = |n: u64| done2.store(n, Ordering::Relaxed);
                 let applied = if i == 0 {
                     strategy.restore(&dd, &scratch, &mut reader, &mut report)
                 } else {
-                    strategy.apply_incremental(&dd, &scratch, &mut reader, &mut report)
+                    strategy_of(m)?.build().apply_incremental(
+                        &dd,
+                        &scratch,
+                        &mut reader,
+                        &mut report,
+                    )
                 };
-                applied.map_err(|e| match e {
-                    coffer_strategies::backup::BackupError::Io(io) => {
-                        match pipeline::format_error(&io) {
-                            Some(f) => f.to_string(),
-                            None => format!("backup {bid}: {io}"),
-                        }
-                    }
-                    other => format!("backup {bid}: {other}"),
-                })?;
+                applied.map_err(|e| link_error(&m.backup_id, e))?;
             }
             Ok(())
         })();
@@ -263,11 +336,38 @@ pub async fn restore(
             let _ = std::fs::remove_dir_all(&dd);
             return Err(e);
         }
-        Ok(())
+        Ok(Restored::Files)
     });
-    with_progress(ctx, intent_id, "prepare", "restore", done, work).await??;
-    ctx.ds
-        .initialize_restored(sizing)
-        .await
-        .map_err(|e| e.to_string())
+    let restored = with_progress(ctx, intent_id, "prepare", "restore", done, work).await??;
+    match &restored {
+        Restored::Files => ctx.ds.initialize_restored(sizing).await,
+        Restored::Load(_) => ctx.ds.initialize(sizing).await,
+    }
+    .map_err(|e| e.to_string())?;
+    Ok(restored)
+}
+
+/// Loads a logical backup into the running server (the second half of [`restore`]).
+pub async fn load(ctx: &Arc<Ctx>, intent_id: &str, m: Manifest) -> Result<(), String> {
+    let cfg = config(ctx)?.clone();
+    let ring = keyring(&cfg)?;
+    let bctx = ctx.ds.backup_context().await.map_err(|e| e.to_string())?;
+    let epilogue = ctx.ds.restore_epilogue().await.map_err(|e| e.to_string())?;
+    let done = Arc::new(AtomicU64::new(0));
+    let done2 = done.clone();
+    let client = ctx.client.clone();
+    let work = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let storage = cfg.storage.build(Some(&client))?;
+        let strategy = strategy_of(&m)?.build();
+        let mut reader = open_link(storage.as_ref(), ring.as_ref(), &m)?;
+        strategy
+            .load(&bctx, &mut reader, &epilogue, &mut |n| {
+                done2.store(n, Ordering::Relaxed)
+            })
+            .map_err(|e| link_error(&m.backup_id, e))
+    });
+    let r = with_progress(ctx, intent_id, "prepare", "restore", done, work).await?;
+    // The admin's connections may have been opened before the load changed its password.
+    ctx.ds.disconnect().await;
+    r
 }

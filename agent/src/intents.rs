@@ -465,6 +465,7 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
         .call(Cmd::Report(v1::ServiceStatus::Building, String::new()))
         .await?;
     progress(ctx, id, "prepare", 10, "initializing the data directory").await;
+    let mut pending_load = None;
     if !ds.is_initialized() {
         match &p.restore {
             Some(r) => {
@@ -476,7 +477,11 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
                     &format!("restoring backup {}", r.backup_id),
                 )
                 .await;
-                crate::backups::restore(ctx, id, &r.backup_id, &sizing).await?;
+                if let crate::backups::Restored::Load(m) =
+                    crate::backups::restore(ctx, id, &r.backup_id, &sizing).await?
+                {
+                    pending_load = Some(m);
+                }
             }
             None => ds.initialize(&sizing).await.map_err(|e| e.to_string())?,
         }
@@ -493,6 +498,17 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
     ctx.state.set_desired(&desired).map_err(|e| e.to_string())?;
     progress(ctx, id, "prepare", 50, "starting the database server").await;
     ctx.sup.call(Cmd::Start).await?;
+    if let Some(m) = pending_load {
+        progress(
+            ctx,
+            id,
+            "prepare",
+            60,
+            &format!("loading backup {}", m.backup_id),
+        )
+        .await;
+        crate::backups::load(ctx, id, m).await?;
+    }
     progress(ctx, id, "prepare", 80, "creating databases and users").await;
     for d in &dbs {
         ds.create_database(d).await.map_err(|e| e.to_string())?;

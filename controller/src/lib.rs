@@ -67,7 +67,14 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
     let tokens = config::load_tokens(&cfg.token_file)?;
     let (reply_secret_key, reply_public_key) = nats_auth::controller_key(&cfg.data_dir)?;
     let authority = match &cfg.nats_auth {
-        Some(a) => Some(nats_auth::Authority::load_or_create(a)?),
+        Some(a) => Some(
+            nats_auth::Authority::load_or_create(a)?.with_backup_bucket(
+                cfg.backup
+                    .as_ref()
+                    .and_then(|b| b.storage.nats_bucket())
+                    .map(str::to_string),
+            ),
+        ),
         None => None,
     };
     let mut opts = match &cfg.nats_creds {
@@ -90,7 +97,22 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
     // Streams are needed before anything else; wait for NATS if it is not up yet.
     let mut delay = Duration::from_millis(100);
     loop {
-        match bus::ensure_streams(&js).await {
+        let ready = match bus::ensure_streams(&js).await {
+            Ok(()) => match cfg.backup.as_ref().map(|b| &b.storage) {
+                Some(coffer_strategies::storage::StorageKind::Nats { bucket, max_bytes }) => {
+                    coffer_strategies::storage::nats::NatsStorage::ensure_bucket(
+                        client.clone(),
+                        bucket,
+                        *max_bytes,
+                    )
+                    .await
+                    .map_err(anyhow::Error::msg)
+                }
+                _ => Ok(()),
+            },
+            Err(e) => Err(e),
+        };
+        match ready {
             Ok(()) => break,
             Err(e) => {
                 warn!(error = %format!("{e:#}"), "JetStream not ready; retrying");

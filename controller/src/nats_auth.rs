@@ -34,6 +34,8 @@ pub struct Authority {
     operator: KeyPair,
     account: KeyPair,
     system: KeyPair,
+    /// The object store bucket agents may use for backups, if any.
+    backup_bucket: Option<String>,
 }
 
 fn now_secs() -> i64 {
@@ -118,8 +120,10 @@ fn creds(jwt: &str, user: &KeyPair) -> anyhow::Result<String> {
     ))
 }
 
-/// What one agent may publish and subscribe to.
-pub fn agent_permissions(instance: &str) -> (Vec<String>, Vec<String>) {
+/// What one agent may publish and subscribe to; with backups in the NATS object store
+/// `bucket`, also that bucket's object-store API (reading any backup is what a restore needs;
+/// the streams are sealed with the operator's key).
+pub fn agent_permissions(instance: &str, bucket: Option<&str>) -> (Vec<String>, Vec<String>) {
     let s = subjects::INTENT_STREAM;
     let c = subjects::agent_consumer(instance);
     let publish = vec![
@@ -134,6 +138,22 @@ pub fn agent_permissions(instance: &str) -> (Vec<String>, Vec<String>) {
         format!("$JS.API.CONSUMER.MSG.NEXT.{s}.{c}"),
         format!("$JS.ACK.{s}.{c}.>"),
     ];
+    let mut publish = publish;
+    if let Some(b) = bucket {
+        let o = format!("OBJ_{b}");
+        publish.extend([
+            format!("$O.{b}.>"),
+            format!("$JS.API.STREAM.INFO.{o}"),
+            format!("$JS.API.STREAM.PURGE.{o}"),
+            format!("$JS.API.STREAM.MSG.GET.{o}"),
+            format!("$JS.API.DIRECT.GET.{o}.>"),
+            format!("$JS.API.DIRECT.GET.{o}"),
+            format!("$JS.API.CONSUMER.CREATE.{o}"),
+            format!("$JS.API.CONSUMER.CREATE.{o}.>"),
+            format!("$JS.API.CONSUMER.DELETE.{o}.>"),
+            format!("$JS.FC.{o}.>"),
+        ]);
+    }
     let subscribe = vec![
         subjects::call(instance),
         format!("{}.>", subjects::agent_inbox_prefix(instance)),
@@ -150,7 +170,14 @@ impl Authority {
             operator: load_or_create(&cfg.dir, "operator", KeyPair::new_operator)?,
             account: load_or_create(&cfg.dir, "account", KeyPair::new_account)?,
             system: load_or_create(&cfg.dir, "system", KeyPair::new_account)?,
+            backup_bucket: None,
         })
+    }
+
+    /// Lets agents use the backup bucket `bucket` of the NATS object store.
+    pub fn with_backup_bucket(mut self, bucket: Option<String>) -> Self {
+        self.backup_bucket = bucket;
+        self
     }
 
     fn revocations_path(&self) -> PathBuf {
@@ -237,7 +264,7 @@ impl Authority {
         if !subjects::valid_token(instance) {
             bail!("instance id '{instance}' cannot be a subject token");
         }
-        let (publish, subscribe) = agent_permissions(instance);
+        let (publish, subscribe) = agent_permissions(instance, self.backup_bucket.as_deref());
         let nats = json!({
             "pub": {"allow": publish}, "sub": {"allow": subscribe},
             "resp": {"max": 1, "ttl": 60_000_000_000u64},
@@ -345,7 +372,7 @@ mod tests {
 
     #[test]
     fn agents_are_confined_to_their_own_subjects() {
-        let (p, s) = agent_permissions("inst-77");
+        let (p, s) = agent_permissions("inst-77", None);
         let shared: Vec<_> = p.iter().filter(|x| !x.contains("inst-77")).collect();
         assert_eq!(shared, vec!["$JS.API.STREAM.INFO.COFFER_INTENTS"], "{p:?}");
         assert!(s.iter().all(|x| x.contains("inst-77")), "{s:?}");
@@ -355,5 +382,19 @@ mod tests {
                 .any(|x| x.contains('*') || x == ">"),
             "no wildcards across instances"
         );
+        // With backups in the object store: that bucket's API and nothing wider.
+        let (p, _) = agent_permissions("inst-77", Some("coffer-backups"));
+        let extra: Vec<_> = p
+            .iter()
+            .filter(|x| !x.contains("inst-77") && !x.contains("COFFER_INTENTS"))
+            .collect();
+        assert!(!extra.is_empty());
+        assert!(
+            extra.iter().all(|x| x.contains("coffer-backups")),
+            "{extra:?}"
+        );
+        assert!(!p
+            .iter()
+            .any(|x| x.contains("STREAM.DELETE") || x.contains('*')));
     }
 }

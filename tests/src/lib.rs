@@ -203,7 +203,23 @@ pub struct Opts {
     pub datastore_extra: String,
     /// TLS for NATS and the HTTP API (a test CA made with the openssl CLI).
     pub tls: bool,
+    /// Where backups go.
+    pub backup_storage: BackupStorage,
+    /// The backup strategy's configuration name.
+    pub backup_strategy: &'static str,
 }
+
+/// The backup storage backends, as a test selects them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackupStorage {
+    /// A directory under the test's temp dir (`backups/`).
+    Local,
+    /// The NATS object store bucket `coffer-backups`, limited to `max_bytes` when given.
+    Nats { max_bytes: Option<i64> },
+}
+
+/// The object store bucket the tests use.
+pub const BACKUP_BUCKET: &str = "coffer-backups";
 
 impl Default for Opts {
     fn default() -> Self {
@@ -214,6 +230,8 @@ impl Default for Opts {
             build_timeout_s: 300,
             datastore_extra: String::new(),
             tls: false,
+            backup_storage: BackupStorage::Local,
+            backup_strategy: "mariabackup",
         }
     }
 }
@@ -230,6 +248,7 @@ pub struct Env {
     pub http: reqwest::Client,
     controller: Option<Child>,
     config: PathBuf,
+    pub backup_storage: BackupStorage,
 }
 
 impl Env {
@@ -287,7 +306,7 @@ impl Env {
                  nats_creds = {creds:?}\n{nats_ca_line}\
                  heartbeat_expiry_s = {exp}\nlease_ms = {lease}\nbuild_timeout_s = {bt}\ndelete_grace_s = 20\n\n\
                  {tls_table}[nats_auth]\ndir = {auth:?}\n\n\
-                 [backup]\nkeyring_file = {keyring:?}\n[backup.storage]\nkind = \"local\"\nroot = {broot:?}\n\n\
+                 [backup]\nkeyring_file = {keyring:?}\nstrategy = {strategy:?}\n[backup.storage]\n{storage}\n\n\
                  [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
                  port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\ndatastore_extra = {extra:?}\n",
                 data = d.join("controller").display().to_string(),
@@ -295,7 +314,17 @@ impl Env {
                 creds = d.join("nats-auth/controller.creds").display().to_string(),
                 auth = d.join("nats-auth").display().to_string(),
                 keyring = d.join("keyring.toml").display().to_string(),
-                broot = d.join("backups").display().to_string(),
+                strategy = o.backup_strategy,
+                storage = match o.backup_storage {
+                    BackupStorage::Local => format!(
+                        "kind = \"local\"\nroot = {:?}",
+                        d.join("backups").display().to_string()
+                    ),
+                    BackupStorage::Nats { max_bytes } => format!(
+                        "kind = \"nats\"\nbucket = \"{BACKUP_BUCKET}\"\n{}",
+                        max_bytes.map(|m| format!("max_bytes = {m}")).unwrap_or_default()
+                    ),
+                },
                 nats_ca_line = tls_lines.0,
                 tls_table = tls_lines.1,
                 tokens = d.join("tokens.toml").display().to_string(),
@@ -349,9 +378,101 @@ impl Env {
             http: reqwest::Client::new(),
             controller: None,
             config,
+            backup_storage: o.backup_storage,
         };
         env.start_controller();
         env
+    }
+
+    /// What the backup storage holds: file names (partial files included) for `local`; for
+    /// `nats`, the names of live objects, plus "tombstone NAME" for deleted ones whose info
+    /// remains and "orphan chunks NUID" for chunks no object refers to.
+    pub async fn stored(&self) -> Vec<String> {
+        match self.backup_storage {
+            BackupStorage::Local => std::fs::read_dir(self.dir.path().join("backups"))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            BackupStorage::Nats { .. } => {
+                use futures::TryStreamExt;
+                let js = async_nats::jetstream::new(self.nats_client().await);
+                let stream = js
+                    .get_stream(format!("OBJ_{BACKUP_BUCKET}"))
+                    .await
+                    .expect("the backup bucket exists");
+                let subjects: Vec<(String, usize)> = stream
+                    .info_with_subjects(">")
+                    .await
+                    .unwrap()
+                    .try_collect()
+                    .await
+                    .unwrap();
+                let mut names = Vec::new();
+                let mut referenced = std::collections::HashSet::new();
+                let meta = format!("$O.{BACKUP_BUCKET}.M.");
+                for (subject, _) in subjects
+                    .iter()
+                    .filter(|(s, n)| *n > 0 && s.starts_with(&meta))
+                {
+                    let m = stream
+                        .get_last_raw_message_by_subject(subject)
+                        .await
+                        .unwrap();
+                    let info: Value = serde_json::from_slice(&m.payload).unwrap();
+                    let name = info["name"].as_str().unwrap_or_default().to_string();
+                    if info["deleted"].as_bool().unwrap_or(false) {
+                        names.push(format!("tombstone {name}"));
+                    } else {
+                        referenced.insert(info["nuid"].as_str().unwrap_or_default().to_string());
+                        names.push(name);
+                    }
+                }
+                let chunks = format!("$O.{BACKUP_BUCKET}.C.");
+                for (subject, _) in subjects.iter().filter(|(_, n)| *n > 0) {
+                    if let Some(nuid) = subject.strip_prefix(&chunks) {
+                        if !referenced.contains(nuid) {
+                            names.push(format!("orphan chunks {nuid}"));
+                        }
+                    }
+                }
+                names
+            }
+        }
+    }
+
+    /// Reads a stored object whole.
+    pub async fn read_object(&self, key: &str) -> Vec<u8> {
+        match self.backup_storage {
+            BackupStorage::Local => {
+                std::fs::read(self.dir.path().join("backups").join(key)).unwrap()
+            }
+            BackupStorage::Nats { .. } => {
+                use tokio::io::AsyncReadExt;
+                let js = async_nats::jetstream::new(self.nats_client().await);
+                let store = js.get_object_store(BACKUP_BUCKET).await.unwrap();
+                let mut obj = store.get(key).await.unwrap();
+                let mut v = Vec::new();
+                obj.read_to_end(&mut v).await.unwrap();
+                v
+            }
+        }
+    }
+
+    /// Replaces a stored object (to damage it).
+    pub async fn write_object(&self, key: &str, bytes: &[u8]) {
+        match self.backup_storage {
+            BackupStorage::Local => {
+                std::fs::write(self.dir.path().join("backups").join(key), bytes).unwrap()
+            }
+            BackupStorage::Nats { .. } => {
+                let js = async_nats::jetstream::new(self.nats_client().await);
+                let store = js.get_object_store(BACKUP_BUCKET).await.unwrap();
+                store.put(key, &mut &bytes[..]).await.unwrap();
+            }
+        }
     }
 
     /// A NATS client with the controller's credentials (full rights in the Coffer account).

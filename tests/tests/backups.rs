@@ -1,10 +1,11 @@
-//! Backups and restore end to end: mariabackup through the sealed pipeline into local storage,
-//! restored into a new instance; failures end FAILED or ERROR with the reason, never ACTIVE with
-//! bad data.
+//! Backups and restore end to end: mariabackup (and mariadb-dump) through the sealed pipeline
+//! into storage, restored into a new instance; failures end FAILED or ERROR with the reason,
+//! never ACTIVE with bad data. Every scenario runs on both storage backends (`local::*` and
+//! `nats::*`, generated at the end of this file).
 
 use std::time::{Duration, Instant};
 
-use coffer_tests::{Env, StatusCode};
+use coffer_tests::{BackupStorage, Env, Opts, StatusCode};
 use serde_json::{json, Value};
 use sqlx::{Connection, Row};
 
@@ -56,9 +57,16 @@ async fn restore(env: &Env, backup: &str, name: &str) -> (StatusCode, Value) {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backup_and_restore_into_a_new_instance() {
-    let env = Env::start().await;
+async fn env_on(storage: BackupStorage) -> Env {
+    Env::start_with(Opts {
+        backup_storage: storage,
+        ..Opts::default()
+    })
+    .await
+}
+
+async fn backup_and_restore_into_a_new_instance(storage: BackupStorage) {
+    let env = env_on(storage).await;
     let (id, view) = env.active_with_rows("src", &[1, 2]).await;
     let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
 
@@ -97,12 +105,10 @@ async fn backup_and_restore_into_a_new_instance() {
         .await;
     assert_eq!(list["backups"].as_array().unwrap().len(), 1);
     // The stored object is ciphertext: the table's marker string is not in it.
-    let stored = std::fs::read(env.dir.path().join(format!("backups/{bid}.cfbk"))).unwrap();
+    let stored = env.read_object(&format!("{bid}.cfbk")).await;
     assert_eq!(&stored[..4], b"CFBK");
-    let manifest: Value = serde_json::from_slice(
-        &std::fs::read(env.dir.path().join(format!("backups/{bid}.json"))).unwrap(),
-    )
-    .unwrap();
+    let manifest: Value =
+        serde_json::from_slice(&env.read_object(&format!("{bid}.json")).await).unwrap();
     assert_eq!(manifest["strategy"], "mariabackup");
     assert_eq!(manifest["encrypted"], true);
     assert_eq!(manifest["key_id"], "k1");
@@ -153,27 +159,22 @@ async fn backup_and_restore_into_a_new_instance() {
         env.call("GET", &format!("/backups/{bid}"), None).await.0,
         StatusCode::NOT_FOUND
     );
-    let left: Vec<_> = std::fs::read_dir(env.dir.path().join("backups"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let left = env.stored().await;
     assert!(left.is_empty(), "objects left: {left:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tampered_backups_and_missing_keys_never_restore() {
-    let env = Env::start().await;
+async fn tampered_backups_and_missing_keys_never_restore(storage: BackupStorage) {
+    let env = env_on(storage).await;
     let (id, _) = env.active_with_rows("src", &[]).await;
     let bid = post_backup(&env, json!({"backup": {"name": "b", "instance": id}})).await;
     wait_backup(&env, &bid, "COMPLETED").await;
 
     // Flip one byte in the middle of the stored stream.
-    let path = env.dir.path().join(format!("backups/{bid}.cfbk"));
-    let mut bytes = std::fs::read(&path).unwrap();
+    let key = format!("{bid}.cfbk");
+    let mut bytes = env.read_object(&key).await;
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
-    std::fs::write(&path, &bytes).unwrap();
+    env.write_object(&key, &bytes).await;
     let (st, v) = restore(&env, &bid, "bad").await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let bad = v["instance"]["id"].as_str().unwrap().to_string();
@@ -189,7 +190,7 @@ async fn tampered_backups_and_missing_keys_never_restore() {
 
     // Truncate it (cut the final frame off).
     bytes[mid] ^= 0x01;
-    std::fs::write(&path, &bytes[..bytes.len() - 20]).unwrap();
+    env.write_object(&key, &bytes[..bytes.len() - 20]).await;
     let (_, v) = restore(&env, &bid, "cut").await;
     let cut = v["instance"]["id"].as_str().unwrap().to_string();
     let e = env
@@ -204,7 +205,7 @@ async fn tampered_backups_and_missing_keys_never_restore() {
     );
 
     // Without the key: a clear error, nothing started.
-    std::fs::write(&path, &bytes).unwrap();
+    env.write_object(&key, &bytes).await;
     coffer_tests::write_keyring(
         &env.dir.path().join("keyring.toml"),
         &[("k9", &coffer_tests::random_key_hex())],
@@ -231,12 +232,12 @@ async fn tampered_backups_and_missing_keys_never_restore() {
         f["fault"].as_str().unwrap_or_default().contains("keyring"),
         "{f}"
     );
+    let stored = env.stored().await;
     assert!(
-        !env.dir
-            .path()
-            .join(format!("backups/{failed}.cfbk"))
-            .exists(),
-        "no partial object"
+        !stored
+            .iter()
+            .any(|n| n.contains(&failed) || n.contains("partial") || n.contains("orphan")),
+        "no partial object: {stored:?}"
     );
     let (st, v) = restore(&env, &failed, "never").await;
     assert_eq!(st, StatusCode::CONFLICT, "{v}");
@@ -244,9 +245,8 @@ async fn tampered_backups_and_missing_keys_never_restore() {
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_rotation_keeps_old_backups_restorable() {
-    let env = Env::start().await;
+async fn key_rotation_keeps_old_backups_restorable(storage: BackupStorage) {
+    let env = env_on(storage).await;
     let (id, _) = env.active_with_rows("rot", &[10]).await;
     let old = post_backup(&env, json!({"backup": {"name": "old", "instance": id}})).await;
     wait_backup(&env, &old, "COMPLETED").await;
@@ -267,14 +267,14 @@ async fn key_rotation_keeps_old_backups_restorable() {
     );
     let new = post_backup(&env, json!({"backup": {"name": "new", "instance": id}})).await;
     wait_backup(&env, &new, "COMPLETED").await;
-    let manifest = |b: &str| -> Value {
-        serde_json::from_slice(
-            &std::fs::read(env.dir.path().join(format!("backups/{b}.json"))).unwrap(),
-        )
-        .unwrap()
+    let manifest = |b: String| {
+        let env = &env;
+        async move {
+            serde_json::from_slice::<Value>(&env.read_object(&format!("{b}.json")).await).unwrap()
+        }
     };
-    assert_eq!(manifest(&old)["key_id"], "k1");
-    assert_eq!(manifest(&new)["key_id"], "k2");
+    assert_eq!(manifest(old.clone()).await["key_id"], "k1");
+    assert_eq!(manifest(new.clone()).await["key_id"], "k2");
 
     let (st, v) = restore(&env, &old, "from-old").await;
     assert_eq!(st, StatusCode::OK, "{v}");
@@ -285,9 +285,8 @@ async fn key_rotation_keeps_old_backups_restorable() {
     assert_eq!(rows(&env, &rview).await, vec![10]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn incremental_chains_restore_from_any_link_and_delete_together() {
-    let env = Env::start().await;
+async fn incremental_chains_restore_from_any_link_and_delete_together(storage: BackupStorage) {
+    let env = env_on(storage).await;
     let (id, view) = env.active_with_rows("chain", &[1]).await;
     let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
     let backup = |body: Value| {
@@ -341,11 +340,7 @@ async fn incremental_chains_restore_from_any_link_and_delete_together() {
             StatusCode::NOT_FOUND
         );
     }
-    let left: Vec<_> = std::fs::read_dir(env.dir.path().join("backups"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let left = env.stored().await;
     assert!(left.is_empty(), "objects left: {left:?}");
 
     // The backups quota.
@@ -374,6 +369,115 @@ async fn incremental_chains_restore_from_any_link_and_delete_together() {
         .contains("backups"));
 }
 
+async fn logical_backups_restore_data_and_accounts(storage: BackupStorage) {
+    let env = Env::start_with(Opts {
+        backup_storage: storage,
+        backup_strategy: "mariadb_dump",
+        ..Opts::default()
+    })
+    .await;
+    let (id, view) = env.active_with_rows("logical", &[1, 2]).await;
+    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
+    let bid = post_backup(&env, json!({"backup": {"name": "dump", "instance": id}})).await;
+    sqlx::query("INSERT INTO t VALUES (3)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    wait_backup(&env, &bid, "COMPLETED").await;
+    sqlx::query("INSERT INTO t VALUES (4)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+    let manifest: Value =
+        serde_json::from_slice(&env.read_object(&format!("{bid}.json")).await).unwrap();
+    assert_eq!(manifest["strategy"], "mariadb-dump");
+    assert!(
+        !manifest["position"]["gtid"].as_str().unwrap().is_empty()
+            && manifest["position"]["binlog_file"]
+                .as_str()
+                .unwrap()
+                .starts_with("mysql-bin.")
+            && manifest["position"]["binlog_pos"].as_u64().unwrap() > 0,
+        "position recorded: {manifest}"
+    );
+    // Logical backups are full only: asking for an incremental is refused up front.
+    let (st, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "inc", "instance": id, "parent_id": bid}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["badRequest"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("full backups only"),
+        "{v}"
+    );
+
+    // Restored: the data, and the accounts (app logs in with its own password).
+    let (st, v) = restore(&env, &bid, "copy").await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let copy = v["instance"]["id"].as_str().unwrap().to_string();
+    let cview = env
+        .wait_status(&copy, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let got = rows(&env, &cview).await;
+    assert!(
+        got.starts_with(&[1, 2]) && !got.contains(&4),
+        "restored rows: {got:?}"
+    );
+    let (_, users) = env
+        .call("GET", &format!("/instances/{copy}/users"), None)
+        .await;
+    assert!(
+        users["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["name"] == "app"),
+        "{users}"
+    );
+    let pw = |i: &str| {
+        std::fs::read_to_string(env.instance_dir(i).join("state/mariadb/admin.password")).unwrap()
+    };
+    assert_ne!(
+        pw(&id),
+        pw(&copy),
+        "the copy's admin credentials are its own"
+    );
+    // The restored instance is fully managed with them: a new database works.
+    let (st, v) = env
+        .call(
+            "POST",
+            &format!("/instances/{copy}/databases"),
+            Some(json!({"databases": [{"name": "after_restore"}]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+
+    // A damaged dump is refused before anything is loaded or started.
+    let key = format!("{bid}.cfbk");
+    let mut bytes = env.read_object(&key).await;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    env.write_object(&key, &bytes).await;
+    let (_, v) = restore(&env, &bid, "bad").await;
+    let bad = v["instance"]["id"].as_str().unwrap().to_string();
+    let e = env
+        .wait_status(&bad, "ERROR", Duration::from_secs(60))
+        .await;
+    let msg = e["fault"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(&bid) && msg.contains("failed authentication"),
+        "{e}"
+    );
+    assert!(env.db_pid(&bad).is_none(), "nothing was started");
+}
+
 /// Unmounts a tmpfs when dropped.
 struct Tmpfs(std::path::PathBuf);
 impl Drop for Tmpfs {
@@ -382,39 +486,45 @@ impl Drop for Tmpfs {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_storage_fails_the_backup_and_nothing_else() {
-    let env = Env::start().await;
+async fn full_storage_fails_the_backup_and_nothing_else(storage: BackupStorage) {
+    // A full disk for `local` (a 64 KiB tmpfs), a bucket limited to 64 KiB for `nats`.
+    let storage = match storage {
+        BackupStorage::Nats { .. } => BackupStorage::Nats {
+            max_bytes: Some(64 * 1024),
+        },
+        local => local,
+    };
+    let env = env_on(storage).await;
     let id = env.create("full").await;
     let view = env
         .wait_status(&id, "ACTIVE", Duration::from_secs(120))
         .await;
-    let root = env.dir.path().join("backups");
-    std::fs::create_dir_all(&root).unwrap();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-        .arg(&root)
-        .status()
-        .unwrap();
-    assert!(
-        st.success(),
-        "mounting a tiny tmpfs (the suite runs as root)"
-    );
-    let _guard = Tmpfs(root.clone());
+    let _guard = if storage == BackupStorage::Local {
+        let root = env.dir.path().join("backups");
+        std::fs::create_dir_all(&root).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(&root)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "mounting a tiny tmpfs (the suite runs as root)"
+        );
+        Some(Tmpfs(root))
+    } else {
+        None
+    };
     let bid = post_backup(&env, json!({"backup": {"name": "nospace", "instance": id}})).await;
     let f = wait_backup(&env, &bid, "FAILED").await;
     assert!(
         f["fault"]
             .as_str()
             .unwrap_or_default()
-            .contains("No space left"),
+            .contains("the backup storage is full"),
         "{f}"
     );
-    let left: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let left = env.stored().await;
     assert!(
         left.is_empty(),
         "nothing left in the full storage: {left:?}"
@@ -438,11 +548,10 @@ fn find_pid(needle: &[&str]) -> Option<i32> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_agent_mid_backup_fails_it_cleanly() {
+async fn killing_the_agent_mid_backup_fails_it_cleanly(storage: BackupStorage) {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    let env = Env::start().await;
+    let env = env_on(storage).await;
     let id = env.create("midway").await;
     let view = env
         .wait_status(&id, "ACTIVE", Duration::from_secs(120))
@@ -471,9 +580,7 @@ async fn killing_the_agent_mid_backup_fails_it_cleanly() {
             .contains("interrupted"),
         "{f}"
     );
-    let left: Vec<_> = std::fs::read_dir(env.dir.path().join("backups"))
-        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
+    let left = env.stored().await;
     assert!(left.is_empty(), "no partial object: {left:?}");
     // The database served throughout and still does.
     let view2 = env
@@ -487,3 +594,37 @@ async fn killing_the_agent_mid_backup_fails_it_cleanly() {
         .unwrap();
     c.close().await.unwrap();
 }
+
+/// Each scenario above, once per storage backend.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(BackupStorage::Local).await
+                }
+            )*
+        }
+        mod nats {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(BackupStorage::Nats { max_bytes: None }).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    backup_and_restore_into_a_new_instance,
+    tampered_backups_and_missing_keys_never_restore,
+    key_rotation_keeps_old_backups_restorable,
+    incremental_chains_restore_from_any_link_and_delete_together,
+    full_storage_fails_the_backup_and_nothing_else,
+    killing_the_agent_mid_backup_fails_it_cleanly,
+    logical_backups_restore_data_and_accounts,
+);

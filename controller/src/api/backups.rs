@@ -243,6 +243,19 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             )))
         }
     };
+    if let Some(cfg) = app
+        .cfg
+        .backup
+        .as_ref()
+        .filter(|c| !c.strategy.incremental())
+    {
+        if parent_id.is_some() {
+            return Err(ApiError::bad_request(format!(
+                "The backup strategy of this deployment ({}) takes full backups only; omit parent_id and incremental.",
+                cfg.strategy.build().name()
+            )));
+        }
+    }
     let id = uuid::Uuid::new_v4().to_string();
     let intent_id = uuid::Uuid::new_v4().to_string();
     let ts = store::now();
@@ -334,11 +347,14 @@ pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, Strin
     }
     for d in doomed.iter().rev() {
         if let Some(cfg) = &st.cfg.backup {
-            let storage = cfg.storage.build();
+            let kind = cfg.storage.clone();
+            let client = st.client.clone();
             let bid = d.id.clone();
             tokio::task::spawn_blocking(move || {
+                let storage = kind.build(Some(&client)).map_err(anyhow::Error::msg)?;
                 storage.delete(&format!("{bid}.json"))?;
-                storage.delete(&format!("{bid}.cfbk"))
+                storage.delete(&format!("{bid}.cfbk"))?;
+                Ok::<(), anyhow::Error>(())
             })
             .await
             .map_err(|e| anyhow::anyhow!("deleting backup objects: {e}"))?

@@ -3,6 +3,7 @@
 //! the agent runs them on a blocking thread, streaming with bounded memory.
 
 pub mod mariabackup;
+pub mod mariadb_dump;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -46,8 +47,20 @@ pub struct EnginePosition {
     pub lsn: String,
 }
 
+/// How a strategy's backups come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Files: [`BackupStrategy::restore`] fills an empty data directory before the server starts.
+    Files,
+    /// Statements: [`BackupStrategy::load`] feeds a freshly initialised, running server.
+    Load,
+}
+
 pub trait BackupStrategy: Send + Sync {
     fn name(&self) -> &'static str;
+    fn restore_mode(&self) -> RestoreMode {
+        RestoreMode::Files
+    }
     /// Streams a backup of the running server into `sink`: full, or incremental on top of
     /// `parent` (whose recorded position says where it ended). `progress` gets archive bytes.
     fn backup(
@@ -73,21 +86,52 @@ pub trait BackupStrategy: Send + Sync {
         source: &mut dyn Read,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), BackupError>;
+    /// [`RestoreMode::Load`] strategies: loads the archive into the running server reached
+    /// through `ctx`, then runs `epilogue` (SQL) in the same session.
+    fn load(
+        &self,
+        ctx: &BackupCtx,
+        source: &mut dyn Read,
+        epilogue: &str,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), BackupError> {
+        let _ = (ctx, source, epilogue, progress);
+        Err(BackupError::Tool {
+            tool: self.name().into(),
+            detail: "this strategy restores files; it cannot load into a running server".into(),
+        })
+    }
 }
 
 /// Strategies selectable by name in configuration.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum BackupKind {
+    /// Physical (full and incremental), the default.
     #[default]
     Mariabackup,
+    /// Logical, full only.
+    MariadbDump,
 }
 
 impl BackupKind {
     pub fn build(&self) -> Box<dyn BackupStrategy> {
         match self {
             BackupKind::Mariabackup => Box::new(mariabackup::Mariabackup::default()),
+            BackupKind::MariadbDump => Box::new(mariadb_dump::MariadbDump::default()),
         }
+    }
+
+    /// The strategy a manifest names (restores follow the backup, not the agent's setting).
+    pub fn from_name(name: &str) -> Option<BackupKind> {
+        [BackupKind::Mariabackup, BackupKind::MariadbDump]
+            .into_iter()
+            .find(|k| k.build().name() == name)
+    }
+
+    /// Whether the strategy can take incremental backups.
+    pub fn incremental(&self) -> bool {
+        matches!(self, BackupKind::Mariabackup)
     }
 }
 

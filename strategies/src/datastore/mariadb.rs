@@ -240,9 +240,10 @@ impl Mariadb {
             "CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'localhost' IDENTIFIED BY {pw};\n\
              ALTER USER '{ADMIN_USER}'@'localhost' IDENTIFIED BY {pw};\n\
              GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'localhost' WITH GRANT OPTION;\n\
+             INSERT IGNORE INTO mysql.proxies_priv (Host, User, Proxied_host, Proxied_user, With_grant, Grantor) \
+             VALUES ('localhost', '{ADMIN_USER}', '', '', 1, 'root@localhost');\n\
              DELETE FROM mysql.global_priv WHERE User = '';\n\
              DELETE FROM mysql.global_priv WHERE User = 'root' AND Host NOT IN ('localhost');\n\
-             DROP DATABASE IF EXISTS test;\n\
              FLUSH PRIVILEGES;\n"
         )
     }
@@ -429,6 +430,10 @@ impl Datastore for Mariadb {
             .await
             .map_err(|e| DatastoreError::io(&marker, e))?;
         Ok(())
+    }
+
+    async fn restore_epilogue(&self) -> Result<String, DatastoreError> {
+        Ok(Self::bootstrap_sql(&self.admin_password().await?))
     }
 
     async fn initialize(&self, sizing: &Sizing) -> Result<(), DatastoreError> {

@@ -171,6 +171,9 @@ pub trait Datastore: Send + Sync {
     /// Like [`Datastore::initialize`], for a data directory a restore has already filled: writes
     /// the configuration and this instance's own admin credentials (reset on first start).
     async fn initialize_restored(&self, sizing: &Sizing) -> Result<(), DatastoreError>;
+    /// SQL run at the end of a logical load: a dump carries the source's accounts, and this puts
+    /// this instance's own admin credentials back.
+    async fn restore_epilogue(&self) -> Result<String, DatastoreError>;
     /// Validates a database name before anything is created.
     fn validate_database_name(&self, name: &str) -> Result<(), DatastoreError>;
     /// Validates a user name and host before anything is created.

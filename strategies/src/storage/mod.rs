@@ -9,9 +9,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod nats;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("storage i/o on {path}: {source}")]
+    #[error("{}{path}: {source}{}",
+        if source.kind() == io::ErrorKind::StorageFull { "the backup storage is full: " } else { "storage i/o on " },
+        if source.kind() == io::ErrorKind::StorageFull { "; free space or raise its limit, then retry" } else { "" })]
     Io {
         path: String,
         #[source]
@@ -48,17 +52,40 @@ pub trait Storage: Send + Sync {
 pub enum StorageKind {
     /// A directory every agent and the controller can reach (the embedded default).
     Local { root: PathBuf },
+    /// A NATS JetStream object store bucket (agents on other hosts and VMs). The controller
+    /// creates it (limited to `max_bytes` when set); agents reach it over their own connection.
+    Nats {
+        bucket: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bytes: Option<i64>,
+    },
 }
 
 impl StorageKind {
-    pub fn build(&self) -> Box<dyn Storage> {
+    /// The backend; `nats` is the caller's connection (needed by the `nats` kind, which must be
+    /// built inside a tokio runtime).
+    pub fn build(&self, nats: Option<&async_nats::Client>) -> Result<Box<dyn Storage>, String> {
         match self {
-            StorageKind::Local { root } => Box::new(LocalStorage { root: root.clone() }),
+            StorageKind::Local { root } => Ok(Box::new(LocalStorage { root: root.clone() })),
+            StorageKind::Nats { bucket, .. } => match nats {
+                Some(c) => Ok(Box::new(nats::NatsStorage::new(c.clone(), bucket))),
+                None => Err(format!(
+                    "backup storage is the NATS object store '{bucket}' but there is no NATS connection"
+                )),
+            },
+        }
+    }
+
+    /// The object store bucket, when backups go there.
+    pub fn nats_bucket(&self) -> Option<&str> {
+        match self {
+            StorageKind::Nats { bucket, .. } => Some(bucket),
+            StorageKind::Local { .. } => None,
         }
     }
 }
 
-fn check_key(key: &str) -> Result<(), StorageError> {
+pub(crate) fn check_key(key: &str) -> Result<(), StorageError> {
     let ok = !key.is_empty()
         && key.len() <= 200
         && !key.starts_with('.')
@@ -180,7 +207,8 @@ mod tests {
         let s = StorageKind::Local {
             root: dir.path().join("b"),
         }
-        .build();
+        .build(None)
+        .unwrap();
         let mut w = s.create("x1.cfbk").unwrap();
         w.write_all(b"hello").unwrap();
         assert!(!s.exists("x1.cfbk"));
