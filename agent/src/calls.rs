@@ -51,8 +51,10 @@ fn open_secret(ctx: &Ctx, context: &str, sealed: &[u8], what: &str) -> Result<St
 
 /// Carries out one call.
 pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> CallReply {
-    if !matches!(kind, Kind::Ping(_) | Kind::Shutdown(_))
-        && ctx.sup.observed.borrow().status != v1::ServiceStatus::Running
+    if !matches!(
+        kind,
+        Kind::Ping(_) | Kind::Shutdown(_) | Kind::DefaultConfiguration(_)
+    ) && ctx.sup.observed.borrow().status != v1::ServiceStatus::Running
     {
         return fail(CallError::NotRunning, "the database is not running");
     }
@@ -265,5 +267,16 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
             .await
             .map(|_| ok())
             .unwrap_or_else(from_ds),
+        Kind::DefaultConfiguration(_) => match ds.default_configuration() {
+            Ok(values) => CallReply {
+                ok: true,
+                configuration: values
+                    .into_iter()
+                    .map(|(name, value)| v1::Override { name, value })
+                    .collect(),
+                ..Default::default()
+            },
+            Err(e) => from_ds(e),
+        },
     }
 }

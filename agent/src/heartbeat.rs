@@ -20,8 +20,15 @@ pub async fn snapshot(ctx: &Ctx) -> v1::Heartbeat {
         .ok()
         .and_then(|l| l.map(|t| t.elapsed().as_millis() as u64))
         .unwrap_or(u64::MAX);
+    // A configuration change waits for a restart: say so while the server runs.
+    let status =
+        if obs.status == v1::ServiceStatus::Running && crate::configure::restart_pending(ctx) {
+            v1::ServiceStatus::RestartRequired
+        } else {
+            obs.status
+        };
     v1::Heartbeat {
-        status: obs.status as i32,
+        status: status as i32,
         datastore: ctx.ds.name().to_string(),
         datastore_version: version,
         uptime_s: if obs.pid != 0 {

@@ -384,6 +384,7 @@ async fn execute(
                 r.backup_id, r.stored_bytes
             ))
         }
+        Kind::Configure(c) => crate::configure::configure(ctx, c).await,
         Kind::Delete(_) => {
             let mut d = ctx.state.desired();
             d.running = false;
@@ -496,6 +497,7 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
         server_id: p.server_id,
     };
     ctx.state.set_desired(&desired).map_err(|e| e.to_string())?;
+    crate::configure::write_initial(ctx, &p.overrides)?;
     progress(ctx, id, "prepare", 50, "starting the database server").await;
     ctx.sup.call(Cmd::Start).await?;
     if let Some(m) = pending_load {

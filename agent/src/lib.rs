@@ -14,6 +14,7 @@
 pub mod backups;
 pub mod calls;
 pub mod config;
+pub mod configure;
 pub mod heartbeat;
 pub mod intents;
 pub mod state;

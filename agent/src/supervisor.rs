@@ -343,6 +343,8 @@ impl Supervisor {
         )
         .map_err(|e| e.to_string())?;
         info!(pid, "database server spawned");
+        // This process reads the overrides as they are now: no restart is pending any more.
+        let _ = std::fs::remove_file(self.state.root().join("restart-pending"));
         self.proc = Some(Proc::Child(child));
         self.wait_ready().await
     }

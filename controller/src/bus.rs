@@ -380,6 +380,31 @@ async fn finished(
             Store::set_task(&mut tx, instance_id, task::NONE, fault.as_deref()).await?;
             tx.commit().await?;
         }
+        "configure" => {
+            // The instance keeps serving; a configuration it could not take is its fault until
+            // the next successful change.
+            let mut tx = app.store.begin().await?;
+            match &failure {
+                Some(m) => {
+                    Store::set_task(
+                        &mut tx,
+                        instance_id,
+                        &row.task,
+                        Some(&format!("configuration failed: {m}")),
+                    )
+                    .await?
+                }
+                None if row
+                    .fault
+                    .as_deref()
+                    .is_some_and(|f| f.starts_with("configuration failed")) =>
+                {
+                    Store::clear_fault(&mut tx, instance_id).await?
+                }
+                None => {}
+            }
+            tx.commit().await?;
+        }
         "delete" => {
             let app = app.clone();
             let id = instance_id.to_string();

@@ -66,6 +66,16 @@ enum Manage {
     },
     /// Set a datastore's default version.
     DatastoreDefaultVersion { datastore: String, version: String },
+    /// Load the configuration parameters tenants may set for a datastore version (Trove's
+    /// `db_load_datastore_config_parameters`): a rules file in Trove's
+    /// `{"configuration-parameters": [...]}` format, or, without `--file`, the rules bundled for
+    /// the version's manager (generated from the server; see ARCHITECTURE.md).
+    DatastoreParametersLoad {
+        datastore: String,
+        version: String,
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+    },
     /// Create or update a flavor.
     FlavorCreate {
         id: String,
@@ -178,6 +188,32 @@ async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
         Manage::DatastoreDefaultVersion { datastore, version } => {
             store.set_default_version(&datastore, &version).await?;
             println!("default version of {datastore} is {version}");
+        }
+        Manage::DatastoreParametersLoad {
+            datastore,
+            version,
+            file,
+        } => {
+            let v = store.named_version(&datastore, &version).await?;
+            let text = match &file {
+                Some(p) => std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?,
+                None => coffer_strategies::config_rules::bundled(&v.manager, &v.version)
+                    .with_context(|| {
+                        format!(
+                            "no bundled parameters for {} {}; pass --file",
+                            v.manager, v.version
+                        )
+                    })?
+                    .to_string(),
+            };
+            let rules: coffer_strategies::config_rules::RulesFile =
+                serde_json::from_str(&text).context("parsing the parameters file")?;
+            store.load_params(&v.id, &rules.parameters).await?;
+            println!(
+                "{} configuration parameters loaded for {datastore} {version}",
+                rules.parameters.len()
+            );
         }
         Manage::FlavorCreate {
             id,

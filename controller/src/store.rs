@@ -51,6 +51,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/0006_root_on_create.sql"),
     ),
     (7, "backups", include_str!("../migrations/0007_backups.sql")),
+    (
+        8,
+        "configurations",
+        include_str!("../migrations/0008_configurations.sql"),
+    ),
 ];
 
 #[derive(Clone)]
@@ -113,6 +118,22 @@ pub struct InstanceRow {
     pub agent_public_key: String,
     /// Public key of the agent's NATS user (empty without per-agent identities).
     pub agent_nats_user: String,
+    /// The attached configuration group.
+    pub configuration_id: Option<String>,
+}
+
+/// A configuration group.
+#[derive(Debug, Clone)]
+pub struct ConfigurationRow {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub datastore_version_id: String,
+    /// Parameter name -> the tenant's JSON value.
+    pub values: serde_json::Map<String, serde_json::Value>,
+    pub created: String,
+    pub updated: String,
 }
 
 /// A backup's record.
@@ -225,6 +246,20 @@ fn instance_from(r: &sqlx::sqlite::SqliteRow) -> InstanceRow {
         capabilities: r.get("capabilities"),
         agent_public_key: r.get("agent_public_key"),
         agent_nats_user: r.get("agent_nats_user"),
+        configuration_id: r.get("configuration_id"),
+    }
+}
+
+fn configuration_from(r: &sqlx::sqlite::SqliteRow) -> ConfigurationRow {
+    ConfigurationRow {
+        id: r.get("id"),
+        project_id: r.get("project_id"),
+        name: r.get("name"),
+        description: r.get("description"),
+        datastore_version_id: r.get("datastore_version_id"),
+        values: serde_json::from_str(r.get::<&str, _>("config_values")).unwrap_or_default(),
+        created: r.get("created"),
+        updated: r.get("updated"),
     }
 }
 
@@ -400,8 +435,8 @@ impl Store {
     ) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO instances (id, project_id, name, flavor_id, datastore_version_id, volume_size, task, \
-             task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted, agent_public_key, agent_nats_user) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+             task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted, agent_public_key, agent_nats_user, configuration_id) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
         )
         .bind(&i.id)
         .bind(&i.project_id)
@@ -421,6 +456,7 @@ impl Store {
         .bind(&i.updated)
         .bind(&i.agent_public_key)
         .bind(&i.agent_nats_user)
+        .bind(&i.configuration_id)
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -510,6 +546,126 @@ impl Store {
         sqlx::query("UPDATE instances SET host = ?, port = ? WHERE id = ?")
             .bind(host)
             .bind(port)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Replaces the parameters of a datastore version (`manage datastore-parameters-load`).
+    pub async fn load_params(
+        &self,
+        version_id: &str,
+        rules: &[coffer_strategies::config_rules::ParamRule],
+    ) -> anyhow::Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM config_params WHERE version_id = ?")
+            .bind(version_id)
+            .execute(&mut *tx)
+            .await?;
+        for r in rules {
+            sqlx::query("INSERT INTO config_params (version_id, name, rule) VALUES (?, ?, ?)")
+                .bind(version_id)
+                .bind(&r.name)
+                .bind(serde_json::to_string(r)?)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn params(
+        &self,
+        version_id: &str,
+    ) -> anyhow::Result<Vec<coffer_strategies::config_rules::ParamRule>> {
+        let rows = sqlx::query("SELECT rule FROM config_params WHERE version_id = ? ORDER BY name")
+            .bind(version_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(serde_json::from_str(r.get::<&str, _>("rule"))?))
+            .collect()
+    }
+
+    pub async fn insert_configuration(&self, c: &ConfigurationRow) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO configurations (id, project_id, name, description, datastore_version_id, config_values, created, updated) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&c.id)
+        .bind(&c.project_id)
+        .bind(&c.name)
+        .bind(&c.description)
+        .bind(&c.datastore_version_id)
+        .bind(serde_json::to_string(&c.values)?)
+        .bind(&c.created)
+        .bind(&c.updated)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn update_configuration(&self, c: &ConfigurationRow) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE configurations SET name = ?, description = ?, config_values = ?, updated = ? WHERE id = ?",
+        )
+        .bind(&c.name)
+        .bind(&c.description)
+        .bind(serde_json::to_string(&c.values)?)
+        .bind(now())
+        .bind(&c.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn configurations_of(&self, project: &str) -> anyhow::Result<Vec<ConfigurationRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM configurations WHERE project_id = ? AND deleted = 0 ORDER BY created, rowid",
+        )
+        .bind(project)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(configuration_from).collect())
+    }
+
+    pub async fn configuration(&self, id: &str) -> anyhow::Result<Option<ConfigurationRow>> {
+        let row = sqlx::query("SELECT * FROM configurations WHERE id = ? AND deleted = 0")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(configuration_from))
+    }
+
+    pub async fn delete_configuration(&self, id: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE configurations SET deleted = 1, updated = ? WHERE id = ?")
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Live instances with the group attached.
+    pub async fn instances_with_configuration(&self, id: &str) -> anyhow::Result<Vec<InstanceRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM instances WHERE configuration_id = ? AND deleted = 0 ORDER BY created, rowid",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(instance_from).collect())
+    }
+
+    pub async fn set_configuration(
+        &self,
+        id: &str,
+        configuration: Option<&str>,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET configuration_id = ?, updated = ? WHERE id = ?")
+            .bind(configuration)
+            .bind(now())
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -917,7 +1073,11 @@ impl Store {
     }
 
     /// A version of a datastore by name or id (admin commands).
-    async fn named_version(&self, datastore: &str, version: &str) -> anyhow::Result<VersionRow> {
+    pub async fn named_version(
+        &self,
+        datastore: &str,
+        version: &str,
+    ) -> anyhow::Result<VersionRow> {
         let ds = self
             .datastore(datastore)
             .await?

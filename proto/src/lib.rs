@@ -33,11 +33,20 @@ pub fn intent_kind_name(kind: &v1::intent::Kind) -> &'static str {
         Kind::Start(_) => "start",
         Kind::Delete(_) => "delete",
         Kind::Backup(_) => "backup",
+        Kind::Configure(_) => "configure",
     }
 }
 
 /// Every intent kind this schema version defines.
-pub const INTENT_KINDS: &[&str] = &["prepare", "restart", "stop", "start", "delete", "backup"];
+pub const INTENT_KINDS: &[&str] = &[
+    "prepare",
+    "restart",
+    "stop",
+    "start",
+    "delete",
+    "backup",
+    "configure",
+];
 
 /// Capability an agent lists (with its intent kinds) when it answers database, user and root
 /// calls.
@@ -120,6 +129,7 @@ mod tests {
             Kind::Start(v1::Start {}),
             Kind::Delete(v1::Delete {}),
             Kind::Backup(v1::Backup::default()),
+            Kind::Configure(v1::Configure::default()),
         ];
         for k in kinds {
             assert!(INTENT_KINDS.contains(&intent_kind_name(&k)));

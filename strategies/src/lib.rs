@@ -11,6 +11,7 @@
 //! [`DatastoreKind`] and one arm in [`DatastoreKind::build`].
 
 pub mod backup;
+pub mod config_rules;
 pub mod datastore;
 pub mod pipeline;
 pub mod storage;

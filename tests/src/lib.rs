@@ -860,6 +860,7 @@ pub fn register(config: &Path) {
         &full,
     ]);
     manage(&["datastore-default-version", "mariadb", &label]);
+    manage(&["datastore-parameters-load", "mariadb", &label]);
     manage(&["flavor-create", "1", "coffer.tiny", "256", "1", "1"]);
     manage(&["flavor-create", "2", "coffer.small", "512", "1", "2"]);
 }

@@ -249,6 +249,7 @@ pub fn register(controller: &Path, config: &Path) -> anyhow::Result<String> {
         &full,
     ])?;
     manage(&["datastore-default-version", "mariadb", &label])?;
+    manage(&["datastore-parameters-load", "mariadb", &label])?;
     for (id, name, ram, vcpus, disk) in [
         ("1", "coffer.tiny", "256", "1", "2"),
         ("2", "coffer.small", "512", "1", "5"),

@@ -42,7 +42,7 @@ async fn ready(app: &App, c: &Caller, id: &str) -> Result<InstanceRow, ApiError>
 }
 
 /// Sends a call to the instance's agent and maps its answer to Trove's errors.
-async fn call(
+pub(super) async fn call(
     app: &App,
     r: &InstanceRow,
     kind: v1::call::Kind,

@@ -114,7 +114,7 @@ pub async fn list_versions(
     ok(json!({"versions": v}))
 }
 
-async fn find_version(st: &AppState, ds: &str, v: &str) -> Result<VersionRow, ApiError> {
+pub(super) async fn find_version(st: &AppState, ds: &str, v: &str) -> Result<VersionRow, ApiError> {
     let d = find_datastore(st, ds).await?;
     let all = st.store.versions_of(&d.id).await?;
     if let Some(x) = all.iter().find(|x| x.id == v) {

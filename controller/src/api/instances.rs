@@ -29,7 +29,7 @@ const CREATE_KEYS: &[&str] = &[
     "region_name",
     "access",
 ];
-const NOT_YET: &[&str] = &["configuration", "replica_of", "replica_count", "modules"];
+const NOT_YET: &[&str] = &["replica_of", "replica_count", "modules"];
 
 /// Deadline for an intent of `kind`, from now.
 fn deadline(app: &App, kind: &str) -> i64 {
@@ -40,7 +40,7 @@ fn deadline(app: &App, kind: &str) -> i64 {
     coffer_proto::now_unix_ms() + secs * 1000
 }
 
-fn intent_payload(
+pub(super) fn intent_payload(
     app: &App,
     instance_id: &str,
     intent_id: &str,
@@ -107,6 +107,7 @@ struct CreateReq {
     databases: Vec<v1::Database>,
     users: Vec<v1::User>,
     restore_from: Option<String>,
+    configuration: Option<String>,
 }
 
 fn parse_create(body: &Map<String, Value>) -> Result<CreateReq, ApiError> {
@@ -339,7 +340,16 @@ fn parse_create(body: &Map<String, Value>) -> Result<CreateReq, ApiError> {
             )))
         }
     };
+    let configuration = match inst.get("configuration") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(id_of(v).filter(|s| !s.is_empty()).ok_or_else(|| {
+            ApiError::validation(format!(
+                "instance['configuration'] {v} is not a configuration id or href"
+            ))
+        })?),
+    };
     Ok(CreateReq {
+        configuration,
         restore_from,
         name,
         flavor_id,
@@ -351,7 +361,7 @@ fn parse_create(body: &Map<String, Value>) -> Result<CreateReq, ApiError> {
     })
 }
 
-async fn resolve_version(
+pub(super) async fn resolve_version(
     app: &App,
     ds: Option<&str>,
     v: Option<&str>,
@@ -432,6 +442,27 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             Some(backup.id)
         }
         None => None,
+    };
+    // A configuration group: the project's, for this version, with values that still check.
+    let overrides = match &req.configuration {
+        Some(g) => {
+            let cfg = app
+                .store
+                .configuration(g)
+                .await?
+                .filter(|x| x.project_id == c.project)
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("Configuration group {g} cannot be found."))
+                })?;
+            if cfg.datastore_version_id != version.id {
+                return Err(ApiError::bad_request(format!(
+                    "The configuration group {g} is for another datastore version."
+                )));
+            }
+            super::configurations::check_values(&app, &cfg.datastore_version_id, &cfg.values)
+                .await?
+        }
+        None => vec![],
     };
     // Quota: a cheap check before placing anything; the binding one runs in the transaction.
     {
@@ -523,6 +554,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             capabilities: String::new(),
             agent_public_key: coffer_proto::seal::to_hex(&placed.public_key),
             agent_nats_user: nats_user.clone(),
+            configuration_id: req.configuration.clone(),
         };
         Store::insert_instance(&mut tx, &row).await?;
         let prepare = v1::intent::Kind::Prepare(v1::Prepare {
@@ -537,6 +569,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             restore: restore_from
                 .clone()
                 .map(|backup_id| v1::RestoreFrom { backup_id }),
+            overrides,
         });
         let payload = intent_payload(&app, &id, &intent_id, prepare);
         Store::enqueue(&mut tx, &intent_id, &id, "prepare", &payload).await?;
@@ -619,6 +652,16 @@ async fn render(
     }
     if c.admin {
         j["tenant_id"] = json!(r.project_id);
+    }
+    if let Some(cid) = &r.configuration_id {
+        let name = app
+            .store
+            .configuration(cid)
+            .await?
+            .map(|x| x.name)
+            .unwrap_or_default();
+        j["configuration"] =
+            json!({"id": cid, "name": name, "links": c.links("configurations", cid)});
     }
     if detail {
         j["created"] = json!(r.created);
@@ -737,7 +780,7 @@ async fn update_impl(st: AppState, c: Caller, id: String, body: Bytes, patch: bo
         ));
     }
     if let Some(k) = others.first() {
-        if !(k.as_str() == "configuration" && inst[k.as_str()].is_null()) {
+        if k.as_str() != "configuration" {
             return Err(ApiError::not_implemented(format!(
                 "Updating '{k}' is not supported by this Coffer release yet."
             )));
@@ -753,6 +796,26 @@ async fn update_impl(st: AppState, c: Caller, id: String, body: Bytes, patch: bo
             )));
         }
         st.store.rename(&r.id, n).await?;
+    }
+    // `configuration`: attach (an id or href), detach (null); `{"instance": {}}` also detaches.
+    match inst.get("configuration") {
+        Some(Value::Null) => {
+            if r.configuration_id.is_some() {
+                super::configurations::attach(&st, &c, &r, None).await?;
+            }
+        }
+        Some(v) => {
+            let g = id_of(v).filter(|s| !s.is_empty()).ok_or_else(|| {
+                ApiError::validation(format!(
+                    "instance['configuration'] {v} is not a configuration id or href"
+                ))
+            })?;
+            super::configurations::attach(&st, &c, &r, Some(g)).await?;
+        }
+        None if inst.is_empty() && r.configuration_id.is_some() => {
+            super::configurations::attach(&st, &c, &r, None).await?;
+        }
+        None => {}
     }
     accepted()
 }

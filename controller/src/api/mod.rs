@@ -6,6 +6,7 @@
 mod access;
 mod backups;
 mod catalog;
+mod configurations;
 mod instances;
 mod quotas;
 
@@ -95,12 +96,12 @@ pub fn ok(v: Value) -> ApiResult {
 
 /// 202 with an empty body (but a JSON content type, as Trove sends).
 pub fn accepted() -> ApiResult {
-    Ok((
-        StatusCode::ACCEPTED,
-        [(header::CONTENT_TYPE, "application/json")],
-        "",
-    )
-        .into_response())
+    empty(StatusCode::ACCEPTED)
+}
+
+/// `status` with an empty body and a JSON content type.
+pub fn empty(status: StatusCode) -> ApiResult {
+    Ok((status, [(header::CONTENT_TYPE, "application/json")], "").into_response())
 }
 
 /// The authenticated caller of a `/v1.0/{project}/...` route.
@@ -364,6 +365,41 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             &format!("{p}/instances/{{id}}/backups"),
             get(backups::list_for_instance),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}/configuration"),
+            get(configurations::instance_default),
+        )
+        .route(
+            &format!("{p}/configurations"),
+            get(configurations::list).post(configurations::create),
+        )
+        .route(
+            &format!("{p}/configurations/{{id}}"),
+            get(configurations::show)
+                .put(configurations::update)
+                .patch(configurations::patch)
+                .delete(configurations::delete),
+        )
+        .route(
+            &format!("{p}/configurations/{{id}}/instances"),
+            get(configurations::instances),
+        )
+        .route(
+            &format!("{p}/datastores/{{ds}}/versions/{{v}}/parameters"),
+            get(configurations::list_params),
+        )
+        .route(
+            &format!("{p}/datastores/{{ds}}/versions/{{v}}/parameters/{{name}}"),
+            get(configurations::show_param),
+        )
+        .route(
+            &format!("{p}/datastores/versions/{{vid}}/parameters"),
+            get(configurations::list_params_by_id),
+        )
+        .route(
+            &format!("{p}/datastores/versions/{{vid}}/parameters/{{name}}"),
+            get(configurations::show_param_by_id),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)

@@ -6,10 +6,13 @@
 //! created by an `--init-file` read on the first start, so it never appears in a process argument,
 //! an environment variable or a log. Statement logging of the SQL driver is off for the same reason.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
+
+use crate::config_rules;
 use serde::Deserialize;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{ConnectOptions, Row};
@@ -88,6 +91,9 @@ impl Mariadb {
     }
     fn pid_file(&self) -> PathBuf {
         self.layout.root.join("mariadbd.pid")
+    }
+    fn overrides_file(&self) -> PathBuf {
+        self.layout.root.join("overrides.cnf")
     }
     fn init_file(&self) -> PathBuf {
         self.layout.root.join("init.sql")
@@ -213,6 +219,9 @@ impl Mariadb {
                 .map_err(|e| DatastoreError::io(&d, e))?;
         }
         let cnf = self.config_file();
+        if !self.overrides_file().exists() {
+            self.write_overrides(&Default::default())?;
+        }
         tokio::fs::write(&cnf, self.render_config(sizing))
             .await
             .map_err(|e| DatastoreError::io(&cnf, e))?;
@@ -301,6 +310,58 @@ fn redact(msg: &str) -> String {
         Some(i) => format!("{}IDENTIFIED ***", &msg[..i]),
         None => msg.to_string(),
     }
+}
+
+/// `key = value` lines of the `[mysqld]` section of an option file (comments, directives and
+/// other sections skipped).
+pub fn parse_server_section(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut in_server = false;
+    for line in text.lines().map(str::trim) {
+        if line.is_empty()
+            || line.starts_with('#')
+            || line.starts_with(';')
+            || line.starts_with('!')
+        {
+            continue;
+        }
+        if line.starts_with('[') {
+            in_server = line == "[mysqld]" || line == "[mariadb]" || line == "[server]";
+            continue;
+        }
+        if in_server {
+            let (k, v) = match line.split_once('=') {
+                Some((k, v)) => (k.trim(), v.trim()),
+                None => (line, "ON"),
+            };
+            out.push((k.to_string(), v.to_string()));
+        }
+    }
+    out
+}
+
+/// A value as SQL: numbers (with a K/M/G/T size suffix turned into bytes) and ON/OFF bare,
+/// anything else quoted.
+fn sql_value(v: &str) -> String {
+    let upper = v.to_ascii_uppercase();
+    if upper == "ON" || upper == "OFF" {
+        return upper;
+    }
+    if v.parse::<f64>().is_ok() {
+        return v.to_string();
+    }
+    let (digits, unit) = v.split_at(v.len().saturating_sub(1));
+    let mult: Option<u64> = match unit.to_ascii_uppercase().as_str() {
+        "K" => Some(1 << 10),
+        "M" => Some(1 << 20),
+        "G" => Some(1 << 30),
+        "T" => Some(1 << 40),
+        _ => None,
+    };
+    if let (Some(m), Ok(n)) = (mult, digits.parse::<u64>()) {
+        return (n * m).to_string();
+    }
+    quote(v)
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<(), DatastoreError> {
@@ -392,7 +453,10 @@ impl Datastore for Mariadb {
              innodb_io_capacity = {io_capacity}\n\
              innodb_io_capacity_max = {io_capacity_max}\n\
              innodb_flush_log_at_trx_commit = 1\n\
-             sync_binlog = 1\n",
+             sync_binlog = 1\n\
+             # Configuration group values (written by coffer-agent), last so they win.\n\
+             !include {overrides}\n",
+            overrides = self.overrides_file().display(),
             user = os_user(),
             datadir = self.data_dir().display(),
             socket = self.socket().display(),
@@ -430,6 +494,80 @@ impl Datastore for Mariadb {
             .await
             .map_err(|e| DatastoreError::io(&marker, e))?;
         Ok(())
+    }
+
+    fn overrides(&self) -> Result<BTreeMap<String, String>, DatastoreError> {
+        let p = self.overrides_file();
+        match std::fs::read_to_string(&p) {
+            Ok(t) => Ok(parse_server_section(&t).into_iter().collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(DatastoreError::io(&p, e)),
+        }
+    }
+
+    fn write_overrides(&self, values: &BTreeMap<String, String>) -> Result<(), DatastoreError> {
+        use std::io::Write;
+        let mut text = String::from(
+            "# Configuration group values, written by coffer-agent (do not edit).\n[mysqld]\n",
+        );
+        for (k, v) in values {
+            if !config_rules::safe_name(k) || !config_rules::safe_value(v) {
+                return Err(DatastoreError::Invalid(format!(
+                    "configuration override '{k}' has characters that are not allowed"
+                )));
+            }
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+        let p = self.overrides_file();
+        std::fs::create_dir_all(&self.layout.root)
+            .map_err(|e| DatastoreError::io(&self.layout.root, e))?;
+        let tmp = p.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(|e| DatastoreError::io(&tmp, e))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| DatastoreError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &p).map_err(|e| DatastoreError::io(&p, e))
+    }
+
+    async fn is_dynamic(&self, name: &str) -> Result<bool, DatastoreError> {
+        let pool = self.pool().await?;
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT CAST(READ_ONLY AS CHAR) FROM information_schema.SYSTEM_VARIABLES WHERE VARIABLE_NAME = UPPER(?)",
+        )
+        .bind(name)
+        .fetch_optional(&pool)
+        .await
+        .map_err(|e| DatastoreError::Query(redact(&e.to_string())))?;
+        match row {
+            Some((ro,)) => Ok(ro.eq_ignore_ascii_case("NO")),
+            None => Err(DatastoreError::Invalid(format!(
+                "the server has no variable '{name}'"
+            ))),
+        }
+    }
+
+    async fn set_global(&self, name: &str, value: Option<&str>) -> Result<(), DatastoreError> {
+        if !config_rules::safe_name(name) {
+            return Err(DatastoreError::Invalid(format!(
+                "bad variable name '{name}'"
+            )));
+        }
+        let rendered_default = self
+            .default_configuration()?
+            .into_iter()
+            .find(|(k, _)| k.replace('-', "_") == name)
+            .map(|(_, v)| v);
+        let literal = match value.map(str::to_string).or(rendered_default) {
+            None => "DEFAULT".to_string(),
+            Some(v) => sql_value(&v),
+        };
+        self.exec(&format!("SET GLOBAL {name} = {literal}")).await
+    }
+
+    fn default_configuration(&self) -> Result<Vec<(String, String)>, DatastoreError> {
+        let p = self.config_file();
+        let t = std::fs::read_to_string(&p).map_err(|e| DatastoreError::io(&p, e))?;
+        Ok(parse_server_section(&t))
     }
 
     async fn restore_epilogue(&self) -> Result<String, DatastoreError> {

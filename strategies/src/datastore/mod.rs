@@ -174,6 +174,20 @@ pub trait Datastore: Send + Sync {
     /// SQL run at the end of a logical load: a dump carries the source's accounts, and this puts
     /// this instance's own admin credentials back.
     async fn restore_epilogue(&self) -> Result<String, DatastoreError>;
+    /// The configuration overrides the server reads at its next start (name → value).
+    fn overrides(&self) -> Result<std::collections::BTreeMap<String, String>, DatastoreError>;
+    /// Replaces the overrides file (atomically); names and values are checked again here.
+    fn write_overrides(
+        &self,
+        values: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), DatastoreError>;
+    /// Whether the running server can change `name` without a restart.
+    async fn is_dynamic(&self, name: &str) -> Result<bool, DatastoreError>;
+    /// Sets a global variable on the running server; `None` puts back the instance's default
+    /// (the rendered configuration's value, else the server's own default).
+    async fn set_global(&self, name: &str, value: Option<&str>) -> Result<(), DatastoreError>;
+    /// The server section of the rendered default configuration (groups do not change it).
+    fn default_configuration(&self) -> Result<Vec<(String, String)>, DatastoreError>;
     /// Validates a database name before anything is created.
     fn validate_database_name(&self, name: &str) -> Result<(), DatastoreError>;
     /// Validates a user name and host before anything is created.

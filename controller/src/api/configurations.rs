@@ -1,0 +1,452 @@
+//! Configuration groups (Trove's `configurations`), their parameters, and attaching them to
+//! instances. Values are validated against the version's rules (all bad values named in one
+//! 422); an instance's whole set of overrides travels to its agent as a `configure` intent.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query};
+use coffer_proto::v1;
+use coffer_strategies::config_rules::ParamRule;
+use serde_json::{json, Map, Value};
+
+use super::{accepted, ok, parse_body, with_next, ApiError, ApiResult, AppState, Caller, Page};
+use crate::status::task;
+use crate::store::{ConfigurationRow, InstanceRow, Store, VersionRow};
+use crate::App;
+
+fn param_json(version_id: &str, r: &ParamRule) -> Value {
+    let mut v = json!({
+        "name": r.name,
+        "datastore_version_id": version_id,
+        "restart_required": r.restart_required,
+        "type": r.kind,
+    });
+    if let Some(m) = &r.min {
+        v["min"] = Value::Number(m.clone());
+    }
+    if let Some(m) = &r.max {
+        v["max"] = Value::Number(m.clone());
+    }
+    if let Some(a) = &r.allowed_values {
+        v["allowed_values"] = json!(a);
+    }
+    v
+}
+
+async fn params_list(app: &App, v: &VersionRow) -> ApiResult {
+    let rules = app.store.params(&v.id).await?;
+    ok(
+        json!({"configuration-parameters": rules.iter().map(|r| param_json(&v.id, r)).collect::<Vec<_>>()}),
+    )
+}
+
+async fn param_show(app: &App, v: &VersionRow, name: &str) -> ApiResult {
+    let rules = app.store.params(&v.id).await?;
+    match rules.iter().find(|r| r.name.eq_ignore_ascii_case(name)) {
+        Some(r) => ok(param_json(&v.id, r)),
+        None => Err(ApiError::not_found(format!(
+            "No configuration parameter found by name {name}."
+        ))),
+    }
+}
+
+async fn version_by_id(app: &App, vid: &str) -> Result<VersionRow, ApiError> {
+    app.store
+        .version(vid)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Datastore version '{vid}' cannot be found.")))
+}
+
+pub async fn list_params(
+    st: AppState,
+    _c: Caller,
+    Path((_p, ds, v)): Path<(String, String, String)>,
+) -> ApiResult {
+    let v = super::catalog::find_version(&st, &ds, &v).await?;
+    params_list(&st, &v).await
+}
+
+pub async fn show_param(
+    st: AppState,
+    _c: Caller,
+    Path((_p, ds, v, name)): Path<(String, String, String, String)>,
+) -> ApiResult {
+    let v = super::catalog::find_version(&st, &ds, &v).await?;
+    param_show(&st, &v, &name).await
+}
+
+pub async fn list_params_by_id(
+    st: AppState,
+    _c: Caller,
+    Path((_p, vid)): Path<(String, String)>,
+) -> ApiResult {
+    let v = version_by_id(&st, &vid).await?;
+    params_list(&st, &v).await
+}
+
+pub async fn show_param_by_id(
+    st: AppState,
+    _c: Caller,
+    Path((_p, vid, name)): Path<(String, String, String)>,
+) -> ApiResult {
+    let v = version_by_id(&st, &vid).await?;
+    param_show(&st, &v, &name).await
+}
+
+/// Checks every value against the version's rules; all problems in one 422.
+pub(super) async fn check_values(
+    app: &App,
+    version_id: &str,
+    values: &Map<String, Value>,
+) -> Result<Vec<v1::Override>, ApiError> {
+    let rules = app.store.params(version_id).await?;
+    if rules.is_empty() {
+        return Err(ApiError::unprocessable(
+            "Configuration groups are not supported for this datastore (no parameters are loaded for its version).",
+        ));
+    }
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for (k, v) in values {
+        match rules.iter().find(|r| r.name.eq_ignore_ascii_case(k)) {
+            None => bad.push(format!(
+                "The configuration parameter {k} is not supported for this datastore."
+            )),
+            Some(r) => match r.check(v) {
+                Ok(value) => out.push(v1::Override {
+                    name: r.name.clone(),
+                    value,
+                }),
+                Err(e) => bad.push(e),
+            },
+        }
+    }
+    if !bad.is_empty() {
+        return Err(ApiError::unprocessable(bad.join(" ")));
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Sends an instance its whole set of overrides.
+async fn push(app: &App, r: &InstanceRow, overrides: Vec<v1::Override>) -> Result<(), ApiError> {
+    let intent_id = uuid::Uuid::new_v4().to_string();
+    let payload = super::instances::intent_payload(
+        app,
+        &r.id,
+        &intent_id,
+        v1::intent::Kind::Configure(v1::Configure { overrides }),
+    );
+    let mut tx = app.store.begin().await?;
+    Store::enqueue(&mut tx, &intent_id, &r.id, "configure", &payload).await?;
+    tx.commit().await?;
+    app.outbox_wake.notify_one();
+    Ok(())
+}
+
+/// Attaches (`Some`) or detaches (`None`) a group (`PUT /instances/{id}` with `configuration`).
+pub(super) async fn attach(
+    app: &App,
+    c: &Caller,
+    r: &InstanceRow,
+    group: Option<String>,
+) -> Result<(), ApiError> {
+    let (status, _) = crate::status::derive(&r.task, &r.service_status, app.fresh(&r.id));
+    if r.task != task::NONE || !matches!(status, "ACTIVE" | "RESTART_REQUIRED") {
+        return Err(ApiError::bad_request(format!(
+            "Instance {} is not in a state that allows a configuration change (status was {status}).",
+            r.id
+        )));
+    }
+    if !r.capabilities.split(',').any(|k| k == "configure") {
+        return Err(ApiError::unprocessable(format!(
+            "The agent of instance {} (version '{}') does not support configuration groups; upgrade coffer-agent on it.",
+            r.id, r.agent_version
+        )));
+    }
+    let overrides = match &group {
+        Some(g) => {
+            if let Some(cur) = &r.configuration_id {
+                return Err(ApiError::bad_request(format!(
+                    "Instance {} already has a Configuration Group ({cur}) attached; detach it first.",
+                    r.id
+                )));
+            }
+            let cfg = find(app, c, g).await?;
+            if cfg.datastore_version_id != r.datastore_version_id {
+                return Err(ApiError::bad_request(format!(
+                    "The configuration group {} is for another datastore version than instance {}.",
+                    cfg.id, r.id
+                )));
+            }
+            check_values(app, &cfg.datastore_version_id, &cfg.values).await?
+        }
+        None => vec![],
+    };
+    app.store.set_configuration(&r.id, group.as_deref()).await?;
+    push(app, r, overrides).await
+}
+
+/// A project's group by id (404 for another project's).
+async fn find(app: &App, c: &Caller, id: &str) -> Result<ConfigurationRow, ApiError> {
+    match app.store.configuration(id).await? {
+        Some(x) if x.project_id == c.project || c.admin => Ok(x),
+        _ => Err(ApiError::not_found(format!(
+            "Configuration group {id} cannot be found."
+        ))),
+    }
+}
+
+async fn config_json(
+    app: &App,
+    c: &Caller,
+    x: &ConfigurationRow,
+    detail: bool,
+) -> Result<Value, ApiError> {
+    let v = app.store.version(&x.datastore_version_id).await?;
+    let mut j = json!({
+        "id": x.id, "name": x.name, "description": x.description,
+        "created": x.created, "updated": x.updated,
+        "datastore_version_id": x.datastore_version_id,
+        "datastore_name": v.as_ref().map(|v| v.datastore_name.clone()),
+        "datastore_version_name": v.as_ref().map(|v| v.name.clone()),
+        "links": c.links("configurations", &x.id),
+    });
+    if detail {
+        j["values"] = Value::Object(x.values.clone());
+        j["instance_count"] = json!(app.store.instances_with_configuration(&x.id).await?.len());
+        j["datastore_version_number"] = json!(v.map(|v| v.version));
+    }
+    Ok(j)
+}
+
+pub async fn list(st: AppState, c: Caller, Query(page): Query<Page>) -> ApiResult {
+    let all = st.store.configurations_of(&c.project).await?;
+    let (items, next) = page.apply(all, |x| x.id.clone())?;
+    let mut out = Vec::new();
+    for x in &items {
+        out.push(config_json(&st, &c, x, false).await?);
+    }
+    ok(with_next(
+        json!({"configurations": out}),
+        &c,
+        "configurations",
+        &page.limit,
+        next,
+    ))
+}
+
+pub async fn show(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+    let x = find(&st, &c, &id).await?;
+    ok(json!({"configuration": config_json(&st, &c, &x, true).await?}))
+}
+
+pub async fn instances(
+    st: AppState,
+    c: Caller,
+    Path((_p, id)): Path<(String, String)>,
+    Query(page): Query<Page>,
+) -> ApiResult {
+    let x = find(&st, &c, &id).await?;
+    let all = st.store.instances_with_configuration(&x.id).await?;
+    let (items, next) = page.apply(all, |r| r.id.clone())?;
+    let list: Vec<Value> = items
+        .iter()
+        .map(|r| json!({"id": r.id, "name": r.name}))
+        .collect();
+    ok(with_next(
+        json!({"instances": list}),
+        &c,
+        &format!("configurations/{id}/instances"),
+        &page.limit,
+        next,
+    ))
+}
+
+fn body_of(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
+    let b = parse_body(body)?;
+    match b.get("configuration") {
+        Some(Value::Object(o)) => Ok(o.clone()),
+        Some(_) => Err(ApiError::validation(
+            "configuration is not of type 'object'",
+        )),
+        None => Err(ApiError::validation(
+            "'configuration' is a required property",
+        )),
+    }
+}
+
+fn values_of(b: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
+    match b.get("values") {
+        Some(Value::Object(o)) => Ok(o.clone()),
+        Some(_) => Err(ApiError::validation(
+            "configuration['values'] is not of type 'object'",
+        )),
+        None => Err(ApiError::validation("'values' is a required property")),
+    }
+}
+
+fn text_field(b: &Map<String, Value>, key: &str, max: usize) -> Result<Option<String>, ApiError> {
+    match b.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.len() <= max && !s.chars().any(char::is_control) => {
+            Ok(Some(s.clone()))
+        }
+        Some(Value::String(s)) => Err(ApiError::validation(format!(
+            "configuration['{key}'] '{s}' is not valid (at most {max} characters, no control characters)"
+        ))),
+        Some(_) => Err(ApiError::validation(format!(
+            "configuration['{key}'] is not of type 'string'"
+        ))),
+    }
+}
+
+pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
+    let b = body_of(&body)?;
+    for k in b.keys() {
+        if !["name", "description", "values", "datastore"].contains(&k.as_str()) {
+            return Err(ApiError::validation(format!(
+                "configuration Additional properties are not allowed ('{k}' was unexpected)"
+            )));
+        }
+    }
+    let name = text_field(&b, "name", 255)?
+        .filter(|n| !n.trim().is_empty())
+        .ok_or_else(|| ApiError::validation("'name' is a required property"))?;
+    let description = text_field(&b, "description", 255)?;
+    let values = values_of(&b)?;
+    let (ds, ver) = match b.get("datastore") {
+        None | Some(Value::Null) => (None, None),
+        Some(Value::Object(d)) => (
+            d.get("type").and_then(Value::as_str).map(str::to_string),
+            d.get("version").and_then(Value::as_str).map(str::to_string),
+        ),
+        Some(_) => {
+            return Err(ApiError::validation(
+                "configuration['datastore'] is not of type 'object'",
+            ))
+        }
+    };
+    let version = super::instances::resolve_version(&st, ds.as_deref(), ver.as_deref()).await?;
+    check_values(&st, &version.id, &values).await?;
+    let ts = crate::store::now();
+    let row = ConfigurationRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        project_id: c.project.clone(),
+        name,
+        description,
+        datastore_version_id: version.id.clone(),
+        values,
+        created: ts.clone(),
+        updated: ts,
+    };
+    st.store.insert_configuration(&row).await?;
+    ok(json!({"configuration": config_json(&st, &c, &row, true).await?}))
+}
+
+/// PUT replaces the values (202), PATCH merges them (200, empty); both reach every attached
+/// instance.
+async fn change(st: AppState, c: Caller, id: String, body: Bytes, merge: bool) -> ApiResult {
+    let b = body_of(&body)?;
+    let allowed: &[&str] = if merge {
+        &["values"]
+    } else {
+        &["values", "name", "description"]
+    };
+    for k in b.keys() {
+        if !allowed.contains(&k.as_str()) {
+            return Err(ApiError::validation(format!(
+                "configuration Additional properties are not allowed ('{k}' was unexpected)"
+            )));
+        }
+    }
+    let mut x = find(&st, &c, &id).await?;
+    let values = values_of(&b)?;
+    if merge {
+        for (k, v) in values {
+            // The stored key keeps one spelling per parameter.
+            let existing = x
+                .values
+                .keys()
+                .find(|e| e.eq_ignore_ascii_case(&k))
+                .cloned();
+            if let Some(e) = existing {
+                x.values.remove(&e);
+            }
+            x.values.insert(k, v);
+        }
+    } else {
+        x.values = values;
+        if let Some(n) = text_field(&b, "name", 255)? {
+            x.name = n;
+        }
+        if b.contains_key("description") {
+            x.description = text_field(&b, "description", 255)?;
+        }
+    }
+    let overrides = check_values(&st, &x.datastore_version_id, &x.values).await?;
+    st.store.update_configuration(&x).await?;
+    for r in st.store.instances_with_configuration(&x.id).await? {
+        push(&st, &r, overrides.clone()).await?;
+    }
+    if merge {
+        super::empty(axum::http::StatusCode::OK)
+    } else {
+        accepted()
+    }
+}
+
+pub async fn update(
+    st: AppState,
+    c: Caller,
+    Path((_p, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    change(st, c, id, body, false).await
+}
+
+pub async fn patch(
+    st: AppState,
+    c: Caller,
+    Path((_p, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    change(st, c, id, body, true).await
+}
+
+pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+    let x = find(&st, &c, &id).await?;
+    let users = st.store.instances_with_configuration(&x.id).await?;
+    if let Some(r) = users.first() {
+        return Err(ApiError::bad_request(format!(
+            "Configuration group {} is attached to instance {} and cannot be deleted; detach it first.",
+            x.id, r.id
+        )));
+    }
+    st.store.delete_configuration(&x.id).await?;
+    accepted()
+}
+
+/// `GET /instances/{id}/configuration`: the rendered default configuration, as the agent has it.
+pub async fn instance_default(
+    st: AppState,
+    c: Caller,
+    Path((_p, id)): Path<(String, String)>,
+) -> ApiResult {
+    let r = super::instances::find(&st, &c, &id).await?;
+    let (_, reply) = super::access::call(
+        &st,
+        &r,
+        v1::call::Kind::DefaultConfiguration(v1::DefaultConfiguration {}),
+    )
+    .await?;
+    let mut m = Map::new();
+    for o in reply.configuration {
+        let v = o
+            .value
+            .parse::<i64>()
+            .map(Value::from)
+            .unwrap_or(Value::String(o.value));
+        m.insert(o.name, v);
+    }
+    ok(json!({"instance": {"configuration": m}}))
+}
