@@ -93,27 +93,35 @@ impl ParamRule {
                 self.check_range(n)?;
                 n.to_string()
             }
-            ("integer", _) => return Err(format!(
+            ("integer", _) => {
+                return Err(format!(
                 "The value provided for the configuration parameter {name} is not of type integer."
-            )),
+            ))
+            }
             ("float", Value::Number(n)) => {
                 self.check_range(n)?;
                 n.to_string()
             }
-            ("float", _) => return Err(format!(
+            ("float", _) => {
+                return Err(format!(
                 "The value provided for the configuration parameter {name} is not of type float."
-            )),
+            ))
+            }
             ("boolean", Value::Bool(b)) => if *b { "ON" } else { "OFF" }.to_string(),
             ("boolean", Value::Number(n)) if n.as_u64() == Some(0) || n.as_u64() == Some(1) => {
                 if n.as_u64() == Some(1) { "ON" } else { "OFF" }.to_string()
             }
-            ("boolean", _) => return Err(format!(
+            ("boolean", _) => {
+                return Err(format!(
                 "The value provided for the configuration parameter {name} is not of type boolean."
-            )),
+            ))
+            }
             ("string", Value::String(s)) => self.check_string(s)?,
-            ("string", _) => return Err(format!(
+            ("string", _) => {
+                return Err(format!(
                 "The value provided for the configuration parameter {name} is not of type string."
-            )),
+            ))
+            }
             (k, _) => {
                 return Err(format!(
                     "The configuration parameter {name} has an unknown type '{k}'."

@@ -280,6 +280,10 @@ async fn bad_values_are_refused_and_change_nothing() {
         "{cnf}"
     );
     assert_eq!(global(&env, &view, "wait_timeout").await, "300");
+    // Not ACTIVE (still building): attaching is refused.
+    let building = env.create("building").await;
+    let (st, v) = attach(&env, &building, json!(gid)).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     // Unknown group: 404; wrong shapes: 400.
     let (st, _) = env
         .call(

@@ -44,6 +44,21 @@ user, password = c.root.create(inst.id)
 out["root_user"] = user
 out["root_pw_len"] = len(password)
 out["root_enabled"] = c.root.is_root_enabled(inst.id).rootEnabled
+ver = c.datastore_versions.list(ds.id)[0]
+out["param_names"] = sorted(p.name for p in c.configuration_parameters.parameters("mariadb", ver.name))
+out["param_type"] = c.configuration_parameters.get_parameter("mariadb", ver.name, "wait_timeout").type
+cfg = c.configurations.create("tcg", json.dumps({"wait_timeout": 241}), datastore="mariadb")
+c.instances.update(inst.id, configuration=cfg.id)
+out["cfg_instances"] = [x.id for x in c.configurations.instances(cfg.id)]
+c.configurations.edit(cfg.id, json.dumps({"max_connections": 210}))
+out["cfg_edited"] = c.configurations.get(cfg.id).values
+c.configurations.update(cfg.id, json.dumps({"wait_timeout": 243}))
+out["cfg_updated"] = c.configurations.get(cfg.id).values
+out["cfg_listed"] = [x.name for x in c.configurations.list()]
+out["default_mc"] = c.instances.configuration(inst.id).configuration["max_connections"]
+c.instances.update(inst.id, remove_configuration=True)
+c.configurations.delete(cfg.id)
+out["cfg_after"] = [x.name for x in c.configurations.list()]
 c.instances.delete(inst.id)
 deadline = time.time() + 60
 gone = False
@@ -105,4 +120,18 @@ async fn troveclient_lists_creates_shows_and_deletes() {
     assert_eq!(v["root_user"], "root");
     assert!(v["root_pw_len"].as_u64().unwrap() >= 16);
     assert_eq!(v["root_enabled"], true);
+    assert!(v["param_names"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("wait_timeout")));
+    assert_eq!(v["param_type"], "integer");
+    assert_eq!(v["cfg_instances"], serde_json::json!([v["id"].clone()]));
+    assert_eq!(
+        v["cfg_edited"],
+        serde_json::json!({"wait_timeout": 241, "max_connections": 210})
+    );
+    assert_eq!(v["cfg_updated"], serde_json::json!({"wait_timeout": 243}));
+    assert_eq!(v["cfg_listed"], serde_json::json!(["tcg"]));
+    assert!(v["default_mc"].as_i64().unwrap() > 0, "{v}");
+    assert_eq!(v["cfg_after"], serde_json::json!([]));
 }

@@ -4,6 +4,8 @@
 //! - `cargo xtask test [--slow] [-- FILTER...]`: installs what the suite needs, runs it.
 //! - `cargo xtask bench lifecycle`: create → ACTIVE against the bare-MariaDB floor.
 //! - `cargo xtask bench backup [--size-mb N]`: backup and restore against mariabackup | zstd.
+//! - `cargo xtask gen-rules`: regenerates the committed MariaDB configuration-parameter rules
+//!   (`strategies/rules/`) from the installed server (review the diff, then commit).
 //! - `cargo xtask tls-ca DIR`: a local CA and a certificate for 127.0.0.1 (`ca.pem`,
 //!   `server.pem`, `server.key`), as `demo --tls` and the TLS tests use.
 //!
@@ -33,6 +35,13 @@ fn real_main() -> anyhow::Result<()> {
     match cmd.as_str() {
         "demo" => demo::run(rest),
         "test" => test(rest),
+        "gen-rules" => {
+            std::env::set_var("COFFER_UPDATE_RULES", "1");
+            test(&[
+                "--".into(),
+                "committed_parameter_rules_match_the_server".into(),
+            ])
+        }
         "bench" if rest.first().map(String::as_str) == Some("backup") => {
             bench_backup::run(&rest[1..])
         }
@@ -43,7 +52,7 @@ fn real_main() -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("usage: cargo xtask tls-ca DIR"))?;
             demo::make_ca(std::path::Path::new(dir))
         }
-        other => bail!("unknown xtask command '{other}'; try demo, test or bench"),
+        other => bail!("unknown xtask command '{other}'; try demo, test, bench or gen-rules"),
     }
 }
 
