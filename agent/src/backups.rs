@@ -214,8 +214,8 @@ fn read_manifest(
 
 /// What is left to do of a restore once the server runs.
 pub enum Restored {
-    /// The data directory holds the backup's files.
-    Files,
+    /// The data directory holds the backup's files, as of this position.
+    Files(coffer_strategies::backup::EnginePosition),
     /// A logical backup, loaded into the running server by [`load`].
     Load(Manifest),
 }
@@ -336,11 +336,13 @@ pub async fn restore(
             let _ = std::fs::remove_dir_all(&dd);
             return Err(e);
         }
-        Ok(Restored::Files)
+        Ok(Restored::Files(
+            chain.last().map(|m| m.position.clone()).unwrap_or_default(),
+        ))
     });
     let restored = with_progress(ctx, intent_id, "prepare", "restore", done, work).await??;
     match &restored {
-        Restored::Files => ctx.ds.initialize_restored(sizing).await,
+        Restored::Files(_) => ctx.ds.initialize_restored(sizing).await,
         Restored::Load(_) => ctx.ds.initialize(sizing).await,
     }
     .map_err(|e| e.to_string())?;

@@ -49,6 +49,17 @@ fn open_secret(ctx: &Ctx, context: &str, sealed: &[u8], what: &str) -> Result<St
     String::from_utf8(bytes).map_err(|_| fail(CallError::Invalid, format!("{what} is not UTF-8")))
 }
 
+async fn replication_reply(ctx: &Ctx) -> CallReply {
+    match ctx.ds.replication_info().await {
+        Ok(st) => CallReply {
+            ok: true,
+            replication: Some(crate::replication::to_proto(ctx, &st)),
+            ..Default::default()
+        },
+        Err(e) => from_ds(e),
+    }
+}
+
 /// Carries out one call.
 pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> CallReply {
     if !matches!(
@@ -267,6 +278,76 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
             .await
             .map(|_| ok())
             .unwrap_or_else(from_ds),
+        Kind::CreateReplicationUser(u) => {
+            let pw = match open_secret(
+                ctx,
+                &seal::replication_password_context(instance),
+                &u.password_sealed,
+                "the replication password",
+            ) {
+                Ok(p) => p,
+                Err(r) => return r,
+            };
+            match ds.create_replication_user(&u.user, &pw).await {
+                Ok(()) => replication_reply(ctx).await,
+                Err(e) => from_ds(e),
+            }
+        }
+        Kind::ReplicationStatus(_) => replication_reply(ctx).await,
+        Kind::SetReadOnly(r) => {
+            let done = async {
+                ds.set_read_only_persistent(r.read_only).await?;
+                if r.kill_connections {
+                    ds.kill_tenant_connections().await?;
+                }
+                Ok::<(), DatastoreError>(())
+            };
+            match done.await {
+                Ok(()) => replication_reply(ctx).await,
+                Err(e) => from_ds(e),
+            }
+        }
+        Kind::WaitForGtid(w) => {
+            let t = std::time::Duration::from_secs(w.timeout_s.clamp(1, 15) as u64);
+            match ds.wait_for_gtid(&w.gtid, t).await {
+                Ok(true) => replication_reply(ctx).await,
+                Ok(false) => fail(
+                    CallError::Internal,
+                    format!("position {} was not reached within {t:?}", w.gtid),
+                ),
+                Err(e) => from_ds(e),
+            }
+        }
+        Kind::AttachReplica(a) => {
+            let Some(src) = a.source else {
+                return fail(CallError::Invalid, "no source given");
+            };
+            let src = match crate::replication::source_of(ctx, &src) {
+                Ok(s) => s,
+                Err(e) => return fail(CallError::Invalid, e),
+            };
+            let _ = std::fs::remove_file(ctx.state.root().join("fenced"));
+            crate::replication::set_role(ctx, "replica");
+            match ds.attach_replica(&src).await {
+                Ok(()) => replication_reply(ctx).await,
+                Err(e) => from_ds(e),
+            }
+        }
+        Kind::DetachReplica(_) => match ds.detach_replica().await {
+            Ok(()) => {
+                let _ = std::fs::remove_file(ctx.state.root().join("fenced"));
+                crate::replication::set_role(ctx, "");
+                replication_reply(ctx).await
+            }
+            Err(e) => from_ds(e),
+        },
+        Kind::DrainRelayLog(d) => {
+            let t = std::time::Duration::from_secs(d.timeout_s.clamp(1, 15) as u64);
+            match ds.drain_relay_log(t).await {
+                Ok(()) => replication_reply(ctx).await,
+                Err(e) => from_ds(e),
+            }
+        }
         Kind::DefaultConfiguration(_) => match ds.default_configuration() {
             Ok(values) => CallReply {
                 ok: true,

@@ -55,6 +55,7 @@ pub async fn snapshot(ctx: &Ctx) -> v1::Heartbeat {
         db_pid: obs.pid,
         lease_age_ms,
         public_key: ctx.public_key.clone(),
+        replication: crate::replication::info(ctx).await,
     }
 }
 
@@ -157,7 +158,7 @@ pub async fn run(ctx: Arc<Ctx>) -> anyhow::Result<()> {
     }
 }
 
-async fn send(ctx: &Ctx, hb: v1::Heartbeat) {
+async fn send(ctx: &Arc<Ctx>, hb: v1::Heartbeat) {
     let env = coffer_proto::envelope(
         format!("{}-{}", hb.boot_id, hb.seq),
         &ctx.cfg.instance_id,
@@ -170,13 +171,19 @@ async fn send(ctx: &Ctx, hb: v1::Heartbeat) {
     match tokio::time::timeout(Duration::from_secs(2), req).await {
         Ok(Ok(reply)) => {
             if let Ok(v1::Envelope {
-                body: Some(v1::envelope::Body::HeartbeatReply(_)),
+                body: Some(v1::envelope::Body::HeartbeatReply(r)),
                 ..
             }) = coffer_proto::decode(&reply.payload)
             {
                 if let Ok(mut l) = ctx.lease_renewed.lock() {
                     *l = Some(Instant::now());
                 }
+                ctx.lease_ms
+                    .store(r.lease_ms, std::sync::atomic::Ordering::Relaxed);
+                let c = ctx.clone();
+                tokio::spawn(
+                    async move { crate::replication::on_reply(&c, &r.role, r.fence).await },
+                );
             }
         }
         Ok(Err(e)) => debug!(error = %e, "heartbeat not answered"),

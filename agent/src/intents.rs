@@ -467,6 +467,7 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
         .await?;
     progress(ctx, id, "prepare", 10, "initializing the data directory").await;
     let mut pending_load = None;
+    let mut restored_at = None;
     if !ds.is_initialized() {
         match &p.restore {
             Some(r) => {
@@ -478,10 +479,12 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
                     &format!("restoring backup {}", r.backup_id),
                 )
                 .await;
-                if let crate::backups::Restored::Load(m) =
-                    crate::backups::restore(ctx, id, &r.backup_id, &sizing).await?
-                {
-                    pending_load = Some(m);
+                match crate::backups::restore(ctx, id, &r.backup_id, &sizing).await? {
+                    crate::backups::Restored::Load(m) => {
+                        restored_at = Some(m.position.clone());
+                        pending_load = Some(m);
+                    }
+                    crate::backups::Restored::Files(pos) => restored_at = Some(pos),
                 }
             }
             None => ds.initialize(&sizing).await.map_err(|e| e.to_string())?,
@@ -510,6 +513,26 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
         )
         .await;
         crate::backups::load(ctx, id, m).await?;
+    }
+    if let Some(r) = &p.replica_of {
+        progress(ctx, id, "prepare", 70, "starting replication").await;
+        let mut src = crate::replication::source_of(ctx, r)?;
+        // Replication starts where the snapshot was taken.
+        let pos = restored_at.unwrap_or_default();
+        src.binlog_state = (!pos.gtid.is_empty()).then(|| pos.gtid.clone());
+        if src.use_gtid {
+            src.gtid = src
+                .gtid
+                .or((!pos.gtid.is_empty()).then(|| pos.gtid.clone()));
+        } else if src.binlog_file.is_none() {
+            if pos.binlog_file.is_empty() {
+                return Err("the snapshot recorded no binlog position to replicate from".into());
+            }
+            src.binlog_file = Some(pos.binlog_file.clone());
+            src.binlog_pos = pos.binlog_pos;
+        }
+        crate::replication::set_role(ctx, "replica");
+        ds.attach_replica(&src).await.map_err(|e| e.to_string())?;
     }
     progress(ctx, id, "prepare", 80, "creating databases and users").await;
     for d in &dbs {

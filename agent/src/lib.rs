@@ -17,6 +17,7 @@ pub mod config;
 pub mod configure;
 pub mod heartbeat;
 pub mod intents;
+pub mod replication;
 pub mod state;
 pub mod supervisor;
 
@@ -50,6 +51,8 @@ pub struct Ctx {
     pub public_key: Vec<u8>,
     /// When the lease was last renewed (monotonic clock).
     pub lease_renewed: Mutex<Option<Instant>>,
+    /// The lease length the controller last granted (ms; 0 until the first reply).
+    pub lease_ms: AtomicU64,
     pub shutdown: CancellationToken,
 }
 
@@ -152,12 +155,20 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         secret_key,
         public_key,
         lease_renewed: Mutex::new(None),
+        lease_ms: AtomicU64::new(0),
         shutdown: shutdown.clone(),
     });
     info!(instance = %ctx.cfg.instance_id, "coffer-agent started");
 
     let mut set = tokio::task::JoinSet::new();
     set.spawn(heartbeat::run(ctx.clone()));
+    set.spawn({
+        let c = ctx.clone();
+        async move {
+            replication::watchdog(c).await;
+            Ok(())
+        }
+    });
     set.spawn(intents::run(ctx.clone()));
     set.spawn(calls(ctx.clone()));
     let result = tokio::select! {

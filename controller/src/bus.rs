@@ -126,12 +126,21 @@ pub async fn heartbeat_loop(app: Arc<App>) -> anyhow::Result<()> {
             continue;
         }
         let known = observe(&app, &env.instance_id, &env.software_version, hb).await;
-        if let (true, Some(reply)) = (known, msg.reply) {
+        if let (Some(row), Some(reply)) = (known, msg.reply) {
+            let role = if row.replica_of.is_some() {
+                "replica"
+            } else if app.store.has_replicas(&row.id).await.unwrap_or(false) {
+                "source"
+            } else {
+                ""
+            };
             let env = coffer_proto::envelope(
                 uuid::Uuid::new_v4().to_string(),
                 &env.instance_id,
                 v1::envelope::Body::HeartbeatReply(v1::HeartbeatReply {
                     lease_ms: app.cfg.lease_ms,
+                    role: role.into(),
+                    fence: row.ejected,
                 }),
             );
             let _ = app.client.publish(reply, env.encode_to_vec().into()).await;
@@ -140,11 +149,17 @@ pub async fn heartbeat_loop(app: Arc<App>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Takes in what an agent reports; persists only transitions. Returns false for unknown instances.
-pub async fn observe(app: &App, instance_id: &str, agent_version: &str, hb: v1::Heartbeat) -> bool {
+/// Takes in what an agent reports; persists only transitions. Returns the instance (None for an
+/// unknown one).
+pub async fn observe(
+    app: &App,
+    instance_id: &str,
+    agent_version: &str,
+    hb: v1::Heartbeat,
+) -> Option<store::InstanceRow> {
     let row = match app.store.instance(instance_id).await {
         Ok(Some(r)) => r,
-        _ => return false,
+        _ => return None,
     };
     let status = coffer_proto::service_status_name(hb.status()).to_string();
     let persisted;
@@ -157,7 +172,7 @@ pub async fn observe(app: &App, instance_id: &str, agent_version: &str, hb: v1::
                 if let Some(l) = live.get_mut(instance_id) {
                     l.last_seen = Instant::now();
                 }
-                return true;
+                return Some(row);
             }
         }
         persisted = prev.and_then(|p| p.persisted);
@@ -188,7 +203,7 @@ pub async fn observe(app: &App, instance_id: &str, agent_version: &str, hb: v1::
                 .await
             {
                 warn!(error = %e, "persisting service status failed");
-                return true;
+                return Some(row);
             }
             if row_state.0 != status {
                 info!(instance = instance_id, from = %row.service_status, to = %status, "service status changed");
@@ -214,7 +229,7 @@ pub async fn observe(app: &App, instance_id: &str, agent_version: &str, hb: v1::
             .set_endpoint(instance_id, &hb.host, hb.port as i64)
             .await;
     }
-    true
+    Some(row)
 }
 
 /// Consumes agent events from the event stream.
@@ -465,9 +480,24 @@ pub async fn timers_loop(app: Arc<App>) {
         for r in rows {
             // An agent that died (killed, crashed) is started again; it adopts its database.
             let being_deleted = app.deleting.lock().unwrap().contains(&r.id);
-            if n % 3 == 0 && r.task != task::DELETING && !being_deleted {
+            if n % 3 == 0 && app.cfg.respawn_agents && r.task != task::DELETING && !being_deleted {
                 if let Err(e) = app.provisioner.ensure(&r.id).await {
                     warn!(instance = %r.id, error = %format!("{e:#}"), "could not ensure agent");
+                }
+            }
+            // Automatic failover (off by default): a source whose heartbeat expired is ejected.
+            if app.cfg.replication.auto_failover
+                && r.task == task::NONE
+                && r.replica_of.is_none()
+                && !r.ejected
+                && !app.fresh(&r.id)
+            {
+                if let Ok(replicas) = app.store.replicas_of(&r.id).await {
+                    if !replicas.is_empty() {
+                        warn!(source = %r.id, "source lost: automatic failover");
+                        crate::api::replicas::start_eject(app.clone(), r.clone(), replicas).await;
+                        continue;
+                    }
                 }
             }
             let age = store::age_secs(&r.task_started);

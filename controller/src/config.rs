@@ -15,6 +15,10 @@ pub struct ControllerConfig {
     pub data_dir: PathBuf,
     /// NATS server URL.
     pub nats_url: String,
+    /// The NATS URL handed to agents, when they reach NATS by another address than the
+    /// controller (default: `nats_url`).
+    #[serde(default)]
+    pub agent_nats_url: Option<String>,
     /// The controller's own NATS credentials (a creds file), when the server requires them.
     #[serde(default)]
     pub nats_creds: Option<PathBuf>,
@@ -53,8 +57,50 @@ pub struct ControllerConfig {
     /// Backup storage, keys and strategy, handed to every agent (none: backups are refused).
     #[serde(default)]
     pub backup: Option<coffer_strategies::backup::BackupConfig>,
+    /// Start an instance's agent again when it has died (the process provisioner's agents are
+    /// local processes). Off only to simulate hosts that are gone for good.
+    #[serde(default = "default_true")]
+    pub respawn_agents: bool,
+    /// Replicas: strategy, limits, automatic failover.
+    #[serde(default)]
+    pub replication: ReplicationConfig,
     /// How agents are placed.
     pub provisioner: crate::provisioner::ProvisionerConfig,
+}
+
+/// `[replication]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// `mariadb-gtid` (default) or `binlog` (file and position) for new replicas.
+    #[serde(default = "default_repl_strategy")]
+    pub strategy: String,
+    /// Most replicas one create may ask for (`replica_count`).
+    #[serde(default = "default_max_replicas")]
+    pub max_replicas: u32,
+    /// Eject a source by itself when its heartbeat expires and it has replicas.
+    #[serde(default)]
+    pub auto_failover: bool,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            strategy: default_repl_strategy(),
+            max_replicas: default_max_replicas(),
+            auto_failover: false,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_repl_strategy() -> String {
+    "mariadb-gtid".into()
+}
+fn default_max_replicas() -> u32 {
+    3
 }
 
 fn default_expiry() -> u64 {
@@ -91,6 +137,12 @@ impl ControllerConfig {
                 self.heartbeat_expiry_s,
                 self.lease_ms,
                 interval
+            );
+        }
+        if !["mariadb-gtid", "binlog"].contains(&self.replication.strategy.as_str()) {
+            bail!(
+                "replication.strategy '{}' is not one of mariadb-gtid, binlog",
+                self.replication.strategy
             );
         }
         Ok(())

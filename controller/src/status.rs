@@ -8,6 +8,11 @@ pub mod task {
     pub const BUILD_ERROR: &str = "building_error";
     pub const REBOOTING: &str = "rebooting";
     pub const DELETING: &str = "deleting";
+    pub const PROMOTING: &str = "promoting";
+    pub const EJECTING: &str = "ejecting";
+    pub const DETACHING: &str = "detaching";
+    /// An old source taken out by an eject (fenced; needs the operator).
+    pub const EJECTED: &str = "ejected";
 }
 
 /// Returns `(status, operating_status)`. `service` is the agent's lower-case service status;
@@ -18,6 +23,10 @@ pub fn derive(task: &str, service: &str, fresh: bool) -> (&'static str, &'static
         task::BUILDING => return ("BUILD", ""),
         task::REBOOTING => return ("REBOOT", ""),
         task::DELETING => return ("SHUTDOWN", ""),
+        task::PROMOTING => return ("PROMOTE", ""),
+        task::EJECTING => return ("EJECT", ""),
+        task::DETACHING => return ("DETACH", ""),
+        task::EJECTED => return ("ERROR", ""),
         _ => {}
     }
     if !fresh {

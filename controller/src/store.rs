@@ -56,6 +56,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "configurations",
         include_str!("../migrations/0008_configurations.sql"),
     ),
+    (
+        9,
+        "replication",
+        include_str!("../migrations/0009_replication.sql"),
+    ),
 ];
 
 #[derive(Clone)]
@@ -120,6 +125,14 @@ pub struct InstanceRow {
     pub agent_nats_user: String,
     /// The attached configuration group.
     pub configuration_id: Option<String>,
+    /// The source this instance replicates from.
+    pub replica_of: Option<String>,
+    /// On a source: its replication user, and that user's password sealed to the controller.
+    pub repl_user: Option<String>,
+    pub repl_secret: Option<String>,
+    pub repl_strategy: Option<String>,
+    /// An old source taken out by an eject: stays fenced.
+    pub ejected: bool,
 }
 
 /// A configuration group.
@@ -247,6 +260,11 @@ fn instance_from(r: &sqlx::sqlite::SqliteRow) -> InstanceRow {
         agent_public_key: r.get("agent_public_key"),
         agent_nats_user: r.get("agent_nats_user"),
         configuration_id: r.get("configuration_id"),
+        replica_of: r.get("replica_of"),
+        repl_user: r.get("repl_user"),
+        repl_secret: r.get("repl_secret"),
+        repl_strategy: r.get("repl_strategy"),
+        ejected: r.get::<i64, _>("ejected") != 0,
     }
 }
 
@@ -435,8 +453,8 @@ impl Store {
     ) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO instances (id, project_id, name, flavor_id, datastore_version_id, volume_size, task, \
-             task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted, agent_public_key, agent_nats_user, configuration_id) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+             task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted, agent_public_key, agent_nats_user, configuration_id, replica_of, repl_strategy) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
         )
         .bind(&i.id)
         .bind(&i.project_id)
@@ -457,6 +475,8 @@ impl Store {
         .bind(&i.agent_public_key)
         .bind(&i.agent_nats_user)
         .bind(&i.configuration_id)
+        .bind(&i.replica_of)
+        .bind(&i.repl_strategy)
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -665,6 +685,67 @@ impl Store {
     ) -> anyhow::Result<()> {
         sqlx::query("UPDATE instances SET configuration_id = ?, updated = ? WHERE id = ?")
             .bind(configuration)
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Live replicas of a source.
+    pub async fn replicas_of(&self, source: &str) -> anyhow::Result<Vec<InstanceRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM instances WHERE replica_of = ? AND deleted = 0 ORDER BY created, rowid",
+        )
+        .bind(source)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(instance_from).collect())
+    }
+
+    pub async fn has_replicas(&self, source: &str) -> anyhow::Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM instances WHERE replica_of = ? AND deleted = 0",
+        )
+        .bind(source)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+
+    pub async fn set_replica_of(&self, id: &str, source: Option<&str>) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET replica_of = ?, updated = ? WHERE id = ?")
+            .bind(source)
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_replication_user(
+        &self,
+        id: &str,
+        user: &str,
+        secret: &str,
+        strategy: &str,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE instances SET repl_user = ?, repl_secret = ?, repl_strategy = ?, updated = ? WHERE id = ?",
+        )
+        .bind(user)
+        .bind(secret)
+        .bind(strategy)
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_ejected(&self, id: &str, ejected: bool) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET ejected = ?, updated = ? WHERE id = ?")
+            .bind(ejected as i64)
             .bind(now())
             .bind(id)
             .execute(&self.pool)

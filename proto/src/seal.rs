@@ -146,6 +146,17 @@ pub fn root_password_context(instance: &str) -> String {
     format!("coffer/v1/{instance}/root")
 }
 
+/// The context string of the replication user's password as sealed to an instance's agent.
+pub fn replication_password_context(instance: &str) -> String {
+    format!("coffer/v1/{instance}/replication")
+}
+
+/// The context string of a replication password the controller keeps for a source (sealed to
+/// the controller's own key).
+pub fn kept_replication_context(source: &str) -> String {
+    format!("coffer/v1/{source}/replication/kept")
+}
+
 /// The context string of a secret in the reply to call `call_id` of an instance.
 pub fn reply_context(instance: &str, call_id: &str) -> String {
     format!("coffer/v1/{instance}/reply/{call_id}")

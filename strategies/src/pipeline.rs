@@ -354,7 +354,13 @@ impl<W: Write + Send + 'static> SealWriter<W> {
             index: 0,
         };
         let stage = match p.zstd_level {
-            Some(level) => Stage::Zstd(zstd::stream::write::Encoder::new(framer, level)?),
+            Some(level) => {
+                let mut e = zstd::stream::write::Encoder::new(framer, level)?;
+                // One compression worker, as `zstd -T1` has: the caller's thread goes back to
+                // reading the archive while a job compresses, so the tool never waits on us.
+                e.multithread(1)?;
+                Stage::Zstd(e)
+            }
             None => Stage::Plain(framer),
         };
         Ok(SealWriter {

@@ -4,6 +4,8 @@
 //! Binaries come from `COFFER_BIN_DIR` (set by `cargo xtask test`) or sit beside the test binary;
 //! nats-server from `COFFER_NATS_SERVER`. Missing ones fail loudly, naming the fix.
 
+pub mod proxy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -207,6 +209,14 @@ pub struct Opts {
     pub backup_storage: BackupStorage,
     /// The backup strategy's configuration name.
     pub backup_strategy: &'static str,
+    /// `[replication] strategy`.
+    pub replication_strategy: &'static str,
+    /// `[replication] auto_failover`.
+    pub auto_failover: bool,
+    /// Start dead agents again (off: a killed host stays dead).
+    pub respawn_agents: bool,
+    /// Agents reach NATS through a [`proxy::NatsProxy`] that can cut one of them off.
+    pub nats_proxy: bool,
 }
 
 /// The backup storage backends, as a test selects them.
@@ -232,6 +242,10 @@ impl Default for Opts {
             tls: false,
             backup_storage: BackupStorage::Local,
             backup_strategy: "mariabackup",
+            replication_strategy: "mariadb-gtid",
+            auto_failover: false,
+            respawn_agents: true,
+            nats_proxy: false,
         }
     }
 }
@@ -249,6 +263,8 @@ pub struct Env {
     controller: Option<Child>,
     config: PathBuf,
     pub backup_storage: BackupStorage,
+    /// The agents' way to NATS, when [`Opts::nats_proxy`] is on.
+    pub proxy: Option<proxy::NatsProxy>,
 }
 
 impl Env {
@@ -261,7 +277,8 @@ impl Env {
             .prefix("coffer-test-")
             .tempdir()
             .unwrap();
-        let ports = alloc_ports(2 + 8);
+        let ports = alloc_ports(3 + 8);
+        let proxy_port = ports[10];
         let nats_port = ports[0];
         let nats_url = format!("nats://127.0.0.1:{nats_port}");
         let api_port = ports[1];
@@ -304,8 +321,10 @@ impl Env {
             format!(
                 "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {data:?}\nnats_url = {nats:?}\ntoken_file = {tokens:?}\n\
                  nats_creds = {creds:?}\n{nats_ca_line}\
-                 heartbeat_expiry_s = {exp}\nlease_ms = {lease}\nbuild_timeout_s = {bt}\ndelete_grace_s = 20\n\n\
+                 heartbeat_expiry_s = {exp}\nlease_ms = {lease}\nbuild_timeout_s = {bt}\ndelete_grace_s = 20\n\
+                 respawn_agents = {respawn}\n{agent_nats}\n\
                  {tls_table}[nats_auth]\ndir = {auth:?}\n\n\
+                 [replication]\nstrategy = {repl:?}\nauto_failover = {auto}\n\n\
                  [backup]\nkeyring_file = {keyring:?}\nstrategy = {strategy:?}\n[backup.storage]\n{storage}\n\n\
                  [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
                  port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\ndatastore_extra = {extra:?}\n",
@@ -315,6 +334,14 @@ impl Env {
                 auth = d.join("nats-auth").display().to_string(),
                 keyring = d.join("keyring.toml").display().to_string(),
                 strategy = o.backup_strategy,
+                respawn = o.respawn_agents,
+                agent_nats = if o.nats_proxy {
+                    format!("agent_nats_url = \"nats://127.0.0.1:{proxy_port}\"\n")
+                } else {
+                    String::new()
+                },
+                repl = o.replication_strategy,
+                auto = o.auto_failover,
                 storage = match o.backup_storage {
                     BackupStorage::Local => format!(
                         "kind = \"local\"\nroot = {:?}",
@@ -379,6 +406,9 @@ impl Env {
             controller: None,
             config,
             backup_storage: o.backup_storage,
+            proxy: o
+                .nats_proxy
+                .then(|| proxy::NatsProxy::start(proxy_port, nats_port)),
         };
         env.start_controller();
         env
@@ -764,6 +794,29 @@ impl Env {
             .connect()
             .await
             .unwrap_or_else(|e| panic!("connecting to {host}:{port} as {user}: {e}"))
+    }
+}
+
+impl Env {
+    /// The agent's own admin session on an instance's server (through its socket): for tests
+    /// that must reach into replication.
+    pub async fn admin_connect(&self, id: &str) -> sqlx::MySqlConnection {
+        use sqlx::ConnectOptions;
+        let root = self.instance_dir(id).join("state/mariadb");
+        let cnf = std::fs::read_to_string(root.join("my.cnf")).unwrap();
+        let socket = cnf
+            .lines()
+            .find_map(|l| l.strip_prefix("socket = "))
+            .expect("socket in my.cnf")
+            .to_string();
+        let pw = std::fs::read_to_string(root.join("admin.password")).unwrap();
+        sqlx::mysql::MySqlConnectOptions::new()
+            .socket(socket)
+            .username("coffer_admin")
+            .password(pw.trim())
+            .connect()
+            .await
+            .unwrap()
     }
 }
 

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::instances::find;
 use super::{accepted, ok, parse_body, ApiError, ApiResult, AppState, Caller};
 use crate::status::{self, task};
-use crate::store::{self, BackupRow, Store};
+use crate::store::{self, BackupRow, InstanceRow, Store};
 use crate::App;
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -346,21 +346,74 @@ pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, Strin
         )));
     }
     for d in doomed.iter().rev() {
-        if let Some(cfg) = &st.cfg.backup {
-            let kind = cfg.storage.clone();
-            let client = st.client.clone();
-            let bid = d.id.clone();
-            tokio::task::spawn_blocking(move || {
-                let storage = kind.build(Some(&client)).map_err(anyhow::Error::msg)?;
-                storage.delete(&format!("{bid}.json"))?;
-                storage.delete(&format!("{bid}.cfbk"))?;
-                Ok::<(), anyhow::Error>(())
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("deleting backup objects: {e}"))?
-            .map_err(|e| anyhow::anyhow!("deleting backup objects: {e}"))?;
-        }
-        st.store.mark_backup_deleted(&d.id).await?;
+        remove(&st, &d.id).await?;
     }
     accepted()
+}
+
+/// Removes a backup's objects through the storage trait, then its record.
+pub(super) async fn remove(app: &App, id: &str) -> anyhow::Result<()> {
+    if let Some(cfg) = &app.cfg.backup {
+        let kind = cfg.storage.clone();
+        let client = app.client.clone();
+        let bid = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let storage = kind.build(Some(&client)).map_err(anyhow::Error::msg)?;
+            storage.delete(&format!("{bid}.json"))?;
+            storage.delete(&format!("{bid}.cfbk"))?;
+            Ok::<(), anyhow::Error>(())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("deleting backup objects: {e}"))?
+        .map_err(|e| anyhow::anyhow!("deleting backup objects: {e}"))?;
+    }
+    app.store.mark_backup_deleted(id).await
+}
+
+/// Starts a replication snapshot of `source` (a full backup outside the quota, deleted once
+/// its replicas are built).
+pub(super) async fn snapshot(
+    app: &App,
+    source: &InstanceRow,
+    for_what: &str,
+) -> anyhow::Result<String> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let intent_id = uuid::Uuid::new_v4().to_string();
+    let ts = store::now();
+    let row = BackupRow {
+        id: id.clone(),
+        project_id: source.project_id.clone(),
+        instance_id: source.id.clone(),
+        name: format!("Replication snapshot for {for_what}"),
+        description: None,
+        status: "NEW".into(),
+        parent_id: None,
+        datastore_version_id: source.datastore_version_id.clone(),
+        size_bytes: None,
+        checksum: None,
+        location: None,
+        progress: String::new(),
+        fault: None,
+        intent_id: Some(intent_id.clone()),
+        created: ts.clone(),
+        updated: ts,
+    };
+    let mut tx = app.store.begin().await?;
+    Store::insert_backup(&mut tx, &row).await?;
+    let payload = coffer_proto::envelope(
+        intent_id.clone(),
+        &source.id,
+        v1::envelope::Body::Intent(v1::Intent {
+            deadline_unix_ms: coffer_proto::now_unix_ms() + 600_000,
+            kind: Some(v1::intent::Kind::Backup(v1::Backup {
+                backup_id: id.clone(),
+                parent_id: String::new(),
+            })),
+        }),
+    )
+    .encode_to_vec();
+    Store::enqueue(&mut tx, &intent_id, &source.id, "backup", &payload).await?;
+    tx.commit().await?;
+    app.outbox_wake.notify_one();
+    Ok(id)
 }

@@ -29,7 +29,7 @@ const CREATE_KEYS: &[&str] = &[
     "region_name",
     "access",
 ];
-const NOT_YET: &[&str] = &["replica_of", "replica_count", "modules"];
+const NOT_YET: &[&str] = &["modules"];
 
 /// Deadline for an intent of `kind`, from now.
 fn deadline(app: &App, kind: &str) -> i64 {
@@ -108,6 +108,69 @@ struct CreateReq {
     users: Vec<v1::User>,
     restore_from: Option<String>,
     configuration: Option<String>,
+}
+
+/// A create with `replica_of`: replicas inherit flavor, volume and version from the source.
+fn parse_replica(
+    body: &Map<String, Value>,
+) -> Result<Option<super::replicas::ReplicaReq>, ApiError> {
+    let Some(Value::Object(inst)) = body.get("instance") else {
+        return Ok(None);
+    };
+    let source = match inst.get("replica_of") {
+        None | Some(Value::Null) => {
+            if inst.get("replica_count").is_some_and(|v| !v.is_null()) {
+                return Err(ApiError::bad_request(
+                    "replica_count is only allowed with replica_of.",
+                ));
+            }
+            return Ok(None);
+        }
+        Some(v) => id_of(v).filter(|s| !s.is_empty()).ok_or_else(|| {
+            ApiError::validation(format!("instance['replica_of'] {v} is not an instance id"))
+        })?,
+    };
+    for k in inst.keys() {
+        if !CREATE_KEYS.contains(&k.as_str()) {
+            return Err(ApiError::validation(format!(
+                "instance Additional properties are not allowed ('{k}' was unexpected)"
+            )));
+        }
+        if ["databases", "users", "restorePoint", "datastore"].contains(&k.as_str())
+            && !inst[k].is_null()
+        {
+            return Err(ApiError::bad_request(format!(
+                "'{k}' cannot be given for a replica (it comes from the source)."
+            )));
+        }
+    }
+    let name = match inst.get("name") {
+        Some(Value::String(s)) => s.clone(),
+        _ => return Err(ApiError::validation("'name' is a required property")),
+    };
+    check_name("instance", &name, 255)?;
+    let count = match inst.get("replica_count") {
+        None | Some(Value::Null) => 1,
+        Some(v) => v.as_u64().filter(|n| *n >= 1).ok_or_else(|| {
+            ApiError::validation(format!(
+                "instance['replica_count'] {v} is not a positive integer"
+            ))
+        })? as u32,
+    };
+    let configuration = match inst.get("configuration") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(id_of(v).filter(|s| !s.is_empty()).ok_or_else(|| {
+            ApiError::validation(format!(
+                "instance['configuration'] {v} is not a configuration id or href"
+            ))
+        })?),
+    };
+    Ok(Some(super::replicas::ReplicaReq {
+        name,
+        source,
+        count,
+        configuration,
+    }))
 }
 
 fn parse_create(body: &Map<String, Value>) -> Result<CreateReq, ApiError> {
@@ -415,7 +478,11 @@ pub(super) async fn resolve_version(
 
 pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     let app = st.0.clone();
-    let req = parse_create(&parse_body(&body)?)?;
+    let body = parse_body(&body)?;
+    if let Some(r) = parse_replica(&body)? {
+        return super::replicas::create(app, &c, r).await;
+    }
+    let req = parse_create(&body)?;
     let version = resolve_version(&app, req.datastore.as_deref(), req.version.as_deref()).await?;
     let flavor = app.store.flavor(&req.flavor_id).await?.ok_or_else(|| {
         ApiError::bad_request(format!("Flavor '{}' could not be found.", req.flavor_id))
@@ -480,33 +547,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     let id = uuid::Uuid::new_v4().to_string();
     let intent_id = uuid::Uuid::new_v4().to_string();
     // Place the agent first: its public key seals the secrets before anything is stored.
-    let (nats_creds, nats_user) = match &app.authority {
-        Some(a) => {
-            let (creds, user) = a.agent_creds(&id)?;
-            (Some(creds), user)
-        }
-        None => (None, String::new()),
-    };
-    let placement = Placement {
-        instance_id: id.clone(),
-        manager: version.manager.clone(),
-        nats_url: app.cfg.nats_url.clone(),
-        nats_creds,
-        nats_ca_file: app.cfg.nats_ca_file.clone(),
-        backup_toml: match &app.cfg.backup {
-            Some(b) => {
-                #[derive(serde::Serialize)]
-                struct AgentBackup<'a> {
-                    backup: &'a coffer_strategies::backup::BackupConfig,
-                }
-                Some(toml::to_string(&AgentBackup { backup: b }).map_err(anyhow::Error::from)?)
-            }
-            None => None,
-        },
-    };
-    let placed = app.provisioner.prepare(&placement).await.map_err(|e| {
-        ApiError::from(e.context("placing the agent failed; check the provisioner configuration"))
-    })?;
+    let (placed, nats_user) = place(&app, &id, &version).await?;
     let mut users = req.users;
     for u in &mut users {
         let context = coffer_proto::seal::user_password_context(&id, &u.name, &u.host);
@@ -555,6 +596,11 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             agent_public_key: coffer_proto::seal::to_hex(&placed.public_key),
             agent_nats_user: nats_user.clone(),
             configuration_id: req.configuration.clone(),
+            replica_of: None,
+            repl_user: None,
+            repl_secret: None,
+            repl_strategy: None,
+            ejected: false,
         };
         Store::insert_instance(&mut tx, &row).await?;
         let prepare = v1::intent::Kind::Prepare(v1::Prepare {
@@ -570,6 +616,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
                 .clone()
                 .map(|backup_id| v1::RestoreFrom { backup_id }),
             overrides,
+            replica_of: None,
         });
         let payload = intent_payload(&app, &id, &intent_id, prepare);
         Store::enqueue(&mut tx, &intent_id, &id, "prepare", &payload).await?;
@@ -588,17 +635,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         return Err(e);
     }
     app.outbox_wake.notify_one();
-    if let Err(e) = app.provisioner.start(&id).await {
-        let mut tx = app.store.begin().await?;
-        Store::set_task(
-            &mut tx,
-            &id,
-            task::BUILD_ERROR,
-            Some(&format!("starting the agent failed: {e:#}")),
-        )
-        .await?;
-        tx.commit().await?;
-    }
+    start_agent(&app, &id).await?;
     let row = app
         .store
         .instance(&id)
@@ -612,8 +649,65 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     ok(json!({ "instance": view }))
 }
 
+/// Places an instance's agent (its identity and configuration); returns what the provisioner
+/// placed and the agent's NATS user.
+pub(super) async fn place(
+    app: &App,
+    id: &str,
+    version: &VersionRow,
+) -> Result<(crate::provisioner::Placed, String), ApiError> {
+    let (nats_creds, nats_user) = match &app.authority {
+        Some(a) => {
+            let (creds, user) = a.agent_creds(id)?;
+            (Some(creds), user)
+        }
+        None => (None, String::new()),
+    };
+    let placement = Placement {
+        instance_id: id.to_string(),
+        manager: version.manager.clone(),
+        nats_url: app
+            .cfg
+            .agent_nats_url
+            .clone()
+            .unwrap_or_else(|| app.cfg.nats_url.clone()),
+        nats_creds,
+        nats_ca_file: app.cfg.nats_ca_file.clone(),
+        backup_toml: match &app.cfg.backup {
+            Some(b) => {
+                #[derive(serde::Serialize)]
+                struct AgentBackup<'a> {
+                    backup: &'a coffer_strategies::backup::BackupConfig,
+                }
+                Some(toml::to_string(&AgentBackup { backup: b }).map_err(anyhow::Error::from)?)
+            }
+            None => None,
+        },
+    };
+    let placed = app.provisioner.prepare(&placement).await.map_err(|e| {
+        ApiError::from(e.context("placing the agent failed; check the provisioner configuration"))
+    })?;
+    Ok((placed, nats_user))
+}
+
+/// Starts a placed agent; a failure ends the build in ERROR.
+pub(super) async fn start_agent(app: &App, id: &str) -> Result<(), ApiError> {
+    if let Err(e) = app.provisioner.start(id).await {
+        let mut tx = app.store.begin().await?;
+        Store::set_task(
+            &mut tx,
+            id,
+            task::BUILD_ERROR,
+            Some(&format!("starting the agent failed: {e:#}")),
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
 /// Renders an instance in Trove's list or detail form.
-async fn render(
+pub(super) async fn render(
     app: &App,
     c: &Caller,
     r: &InstanceRow,
@@ -653,6 +747,7 @@ async fn render(
     if c.admin {
         j["tenant_id"] = json!(r.project_id);
     }
+    super::replicas::view(app, c, r, &mut j).await?;
     if let Some(cid) = &r.configuration_id {
         let name = app
             .store
@@ -780,7 +875,7 @@ async fn update_impl(st: AppState, c: Caller, id: String, body: Bytes, patch: bo
         ));
     }
     if let Some(k) = others.first() {
-        if k.as_str() != "configuration" {
+        if !["configuration", "replica_of", "slave_of"].contains(&k.as_str()) {
             return Err(ApiError::not_implemented(format!(
                 "Updating '{k}' is not supported by this Coffer release yet."
             )));
@@ -796,6 +891,11 @@ async fn update_impl(st: AppState, c: Caller, id: String, body: Bytes, patch: bo
             )));
         }
         st.store.rename(&r.id, n).await?;
+    }
+    // `replica_of` / `slave_of` (any value: the key's presence counts): detach from the source.
+    if inst.contains_key("replica_of") || inst.contains_key("slave_of") {
+        super::replicas::detach(&st, &r).await?;
+        return accepted();
     }
     // `configuration`: attach (an id or href), detach (null); `{"instance": {}}` also detaches.
     match inst.get("configuration") {
@@ -848,6 +948,11 @@ pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, Strin
     }
     if r.task == task::DELETING {
         return accepted();
+    }
+    if app.store.has_replicas(&r.id).await? {
+        return Err(ApiError::forbidden(
+            "Detach replicas before deleting replica source.",
+        ));
     }
     let intent_id = uuid::Uuid::new_v4().to_string();
     let mut tx = app.store.begin().await?;
@@ -911,11 +1016,11 @@ pub async fn action(
             }
             accepted()
         }
-        "resize" | "promote_to_replica_source" | "eject_replica_source" => {
-            Err(ApiError::not_implemented(format!(
-                "The '{key}' action is not supported by this Coffer release yet."
-            )))
-        }
+        "promote_to_replica_source" => super::replicas::promote(app, &r).await,
+        "eject_replica_source" => super::replicas::eject(app, &r).await,
+        "resize" => Err(ApiError::not_implemented(format!(
+            "The '{key}' action is not supported by this Coffer release yet."
+        ))),
         other => Err(ApiError::bad_request(format!(
             "Invalid instance action: '{other}'."
         ))),

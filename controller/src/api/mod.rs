@@ -9,6 +9,7 @@ mod catalog;
 mod configurations;
 mod instances;
 mod quotas;
+pub mod replicas;
 
 use std::sync::Arc;
 

@@ -115,6 +115,7 @@ impl BackupStrategy for Mariabackup {
                 detail: format!("cannot start: {e}"),
             })?;
         let mut out = child.stdout.take().expect("piped");
+        super::widen_pipe(&out);
         let pumped = pump(&mut out, sink, progress);
         if pumped.is_err() {
             let _ = child.kill();
@@ -185,6 +186,7 @@ impl Mariabackup {
                 detail: format!("cannot start: {e}"),
             })?;
         let mut stdin = child.stdin.take().expect("piped");
+        super::widen_pipe(&stdin);
         let pumped = pump(source, &mut stdin, progress);
         drop(stdin);
         if pumped.is_err() {

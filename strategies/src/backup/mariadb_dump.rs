@@ -222,6 +222,7 @@ impl BackupStrategy for MariadbDump {
                 .spawn()
                 .map_err(|e| tool_err("mariadb-dump", format!("cannot start: {e}")))?;
             let mut out = child.stdout.take().expect("piped");
+            super::widen_pipe(&out);
             let mut scanned = Scanned {
                 inner: sink,
                 scanner: PositionScanner::new(),
@@ -289,6 +290,7 @@ impl BackupStrategy for MariadbDump {
                 .spawn()
                 .map_err(|e| tool_err("mariadb", format!("cannot start: {e}")))?;
             let mut stdin = child.stdin.take().expect("piped");
+            super::widen_pipe(&stdin);
             // The load is not replicated history of this server: keep it out of the binlog.
             let fed = stdin
                 .write_all(b"SET SESSION sql_log_bin=0;\n")

@@ -218,6 +218,12 @@ pub struct Manifest {
     pub created_unix: u64,
 }
 
+/// Gives a pipe to or from a tool a 1 MiB buffer (the default 64 KiB makes the tool and the
+/// pipeline take turns instead of running side by side). Best effort.
+pub fn widen_pipe(fd: &impl std::os::fd::AsRawFd) {
+    let _ = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+}
+
 /// Copies `from` into `to` in 1 MiB pieces, reporting running totals.
 pub fn pump(
     from: &mut dyn Read,

@@ -19,7 +19,8 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::Mutex;
 
 use super::{
-    DatabaseSpec, Datastore, DatastoreError, Health, Layout, ServerCommand, Sizing, UserSpec,
+    DatabaseSpec, Datastore, DatastoreError, Health, Layout, ReplicationSource, ReplicationState,
+    ServerCommand, Sizing, UserSpec,
 };
 
 /// The agent's own administrative account.
@@ -95,6 +96,24 @@ impl Mariadb {
     fn overrides_file(&self) -> PathBuf {
         self.layout.root.join("overrides.cnf")
     }
+    fn role_file(&self) -> PathBuf {
+        self.layout.root.join("role.cnf")
+    }
+
+    fn write_role(&self, read_only: bool) -> Result<(), DatastoreError> {
+        use std::io::Write;
+        let p = self.role_file();
+        let tmp = p.with_extension("tmp");
+        let text = format!(
+            "# The instance's replication role, written by coffer-agent (do not edit).\n[mysqld]\nread_only = {}\n",
+            if read_only { "ON" } else { "OFF" }
+        );
+        let mut f = std::fs::File::create(&tmp).map_err(|e| DatastoreError::io(&tmp, e))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| DatastoreError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &p).map_err(|e| DatastoreError::io(&p, e))
+    }
     fn init_file(&self) -> PathBuf {
         self.layout.root.join("init.sql")
     }
@@ -148,7 +167,7 @@ impl Mariadb {
             .log_statements(tracing::log::LevelFilter::Off)
             .log_slow_statements(tracing::log::LevelFilter::Off, Duration::from_secs(3600));
         let pool = MySqlPoolOptions::new()
-            .max_connections(2)
+            .max_connections(3)
             .min_connections(0)
             .acquire_timeout(Duration::from_secs(3))
             .idle_timeout(Duration::from_secs(60))
@@ -222,6 +241,9 @@ impl Mariadb {
         if !self.overrides_file().exists() {
             self.write_overrides(&Default::default())?;
         }
+        if !self.role_file().exists() {
+            self.write_role(false)?;
+        }
         tokio::fs::write(&cnf, self.render_config(sizing))
             .await
             .map_err(|e| DatastoreError::io(&cnf, e))?;
@@ -246,7 +268,8 @@ impl Mariadb {
     fn bootstrap_sql(password: &str) -> String {
         let pw = format!("PASSWORD {}", quote(&native_password_hash(password)));
         format!(
-            "CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'localhost' IDENTIFIED BY {pw};\n\
+            "SET SESSION sql_log_bin = 0;\n\
+             CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'localhost' IDENTIFIED BY {pw};\n\
              ALTER USER '{ADMIN_USER}'@'localhost' IDENTIFIED BY {pw};\n\
              GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'localhost' WITH GRANT OPTION;\n\
              INSERT IGNORE INTO mysql.proxies_priv (Host, User, Proxied_host, Proxied_user, With_grant, Grantor) \
@@ -306,8 +329,13 @@ fn ident(s: &str) -> String {
 
 /// Removes anything after `IDENTIFIED` from a driver error, in case it echoes a statement.
 fn redact(msg: &str) -> String {
-    match msg.to_ascii_uppercase().find("IDENTIFIED") {
-        Some(i) => format!("{}IDENTIFIED ***", &msg[..i]),
+    let upper = msg.to_ascii_uppercase();
+    match ["IDENTIFIED", "MASTER_PASSWORD"]
+        .iter()
+        .filter_map(|w| upper.find(w).map(|i| (i, *w)))
+        .min()
+    {
+        Some((i, w)) => format!("{}{w} ***", &msg[..i]),
         None => msg.to_string(),
     }
 }
@@ -455,8 +483,11 @@ impl Datastore for Mariadb {
              innodb_flush_log_at_trx_commit = 1\n\
              sync_binlog = 1\n\
              # Configuration group values (written by coffer-agent), last so they win.\n\
-             !include {overrides}\n",
+             !include {overrides}\n\
+             # The replication role (read_only on replicas and fenced sources).\n\
+             !include {role}\n",
             overrides = self.overrides_file().display(),
+            role = self.role_file().display(),
             user = os_user(),
             datadir = self.data_dir().display(),
             socket = self.socket().display(),
@@ -942,6 +973,231 @@ impl Datastore for Mariadb {
             "SET GLOBAL read_only = OFF"
         })
         .await
+    }
+
+    async fn create_replication_user(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<(), DatastoreError> {
+        check_word("replication user", user)?;
+        let pw = format!("PASSWORD {}", quote(&native_password_hash(password)));
+        self.exec(&format!(
+            "CREATE USER IF NOT EXISTS '{user}'@'%' IDENTIFIED BY {pw}; \
+             ALTER USER '{user}'@'%' IDENTIFIED BY {pw}; \
+             GRANT REPLICATION SLAVE ON *.* TO '{user}'@'%'"
+        ))
+        .await
+    }
+
+    async fn replication_info(&self) -> Result<ReplicationState, DatastoreError> {
+        let pool = self.pool().await?;
+        let q = |e: sqlx::Error| DatastoreError::Query(redact(&e.to_string()));
+        let (binlog, slave, ro): (String, String, i64) = sqlx::query_as(
+            "SELECT CAST(@@GLOBAL.gtid_binlog_pos AS CHAR), CAST(@@GLOBAL.gtid_slave_pos AS CHAR), @@GLOBAL.read_only",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(q)?;
+        let mut st = ReplicationState {
+            gtid_binlog_pos: binlog,
+            gtid_slave_pos: slave,
+            read_only: ro != 0,
+            ..Default::default()
+        };
+        let rows = sqlx::query("SHOW SLAVE STATUS")
+            .fetch_all(&pool)
+            .await
+            .map_err(q)?;
+        if let Some(r) = rows.first() {
+            let text = |name: &str| -> String {
+                r.try_get::<String, _>(name)
+                    .or_else(|_| {
+                        r.try_get::<Vec<u8>, _>(name)
+                            .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    })
+                    .unwrap_or_default()
+            };
+            st.replica = !text("Master_Host").is_empty();
+            st.source_host = text("Master_Host");
+            st.source_port = r
+                .try_get::<u32, _>("Master_Port")
+                .or_else(|_| r.try_get::<i64, _>("Master_Port").map(|v| v as u32))
+                .unwrap_or(0) as u16;
+            st.io_running = text("Slave_IO_Running") == "Yes";
+            st.sql_running = text("Slave_SQL_Running") == "Yes";
+            st.gtid_io_pos = text("Gtid_IO_Pos");
+            st.seconds_behind = r
+                .try_get::<Option<u64>, _>("Seconds_Behind_Master")
+                .ok()
+                .flatten()
+                .map(|v| v as i64)
+                .or_else(|| {
+                    r.try_get::<Option<i64>, _>("Seconds_Behind_Master")
+                        .ok()
+                        .flatten()
+                });
+            let (io_err, sql_err) = (text("Last_IO_Error"), text("Last_SQL_Error"));
+            st.last_sql_error = sql_err.clone();
+            st.last_error = [io_err, sql_err]
+                .into_iter()
+                .filter(|e| !e.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+        }
+        Ok(st)
+    }
+
+    async fn attach_replica(&self, src: &ReplicationSource) -> Result<(), DatastoreError> {
+        check_word("replication user", &src.user)?;
+        if !src
+            .host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
+        {
+            return Err(DatastoreError::Invalid(format!(
+                "bad source host '{}'",
+                src.host
+            )));
+        }
+        self.set_read_only_persistent(true).await?;
+        self.exec("STOP SLAVE").await?;
+        if let Some(state) = &src.binlog_state {
+            // A fresh replica's own binlog starts where its data does, so that it can serve
+            // other replicas from that position once promoted.
+            if !state
+                .chars()
+                .all(|c| c.is_ascii_digit() || ",-".contains(c))
+            {
+                return Err(DatastoreError::Invalid(format!(
+                    "bad GTID position '{state}'"
+                )));
+            }
+            self.exec("RESET MASTER").await?;
+            self.exec(&format!("SET GLOBAL gtid_binlog_state = '{state}'"))
+                .await?;
+        }
+        if src.from_own_binlog {
+            self.exec("SET GLOBAL gtid_slave_pos = @@GLOBAL.gtid_binlog_pos")
+                .await?;
+        }
+        if let (true, Some(g)) = (src.use_gtid, &src.gtid) {
+            if !g.chars().all(|c| c.is_ascii_digit() || ",-".contains(c)) {
+                return Err(DatastoreError::Invalid(format!("bad GTID position '{g}'")));
+            }
+            self.exec(&format!("SET GLOBAL gtid_slave_pos = '{g}'"))
+                .await?;
+        }
+        let position = if src.use_gtid {
+            "MASTER_USE_GTID = slave_pos".to_string()
+        } else {
+            match &src.binlog_file {
+                Some(f) => {
+                    if f.is_empty()
+                        || !f
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                    {
+                        return Err(DatastoreError::Invalid(format!("bad binlog file '{f}'")));
+                    }
+                    format!(
+                        "MASTER_USE_GTID = no, MASTER_LOG_FILE = '{f}', MASTER_LOG_POS = {}",
+                        src.binlog_pos
+                    )
+                }
+                None => "MASTER_USE_GTID = no".to_string(),
+            }
+        };
+        self.exec(&format!(
+            "CHANGE MASTER TO MASTER_HOST = '{}', MASTER_PORT = {}, MASTER_USER = '{}', \
+             MASTER_PASSWORD = {}, MASTER_CONNECT_RETRY = 1, {position}",
+            src.host,
+            src.port,
+            src.user,
+            quote(&src.password)
+        ))
+        .await?;
+        self.exec("START SLAVE").await
+    }
+
+    async fn detach_replica(&self) -> Result<(), DatastoreError> {
+        self.exec("STOP SLAVE").await?;
+        self.exec("RESET SLAVE ALL").await?;
+        self.set_read_only_persistent(false).await
+    }
+
+    async fn wait_for_gtid(&self, gtid: &str, timeout: Duration) -> Result<bool, DatastoreError> {
+        if !gtid.chars().all(|c| c.is_ascii_digit() || ",-".contains(c)) {
+            return Err(DatastoreError::Invalid(format!(
+                "bad GTID position '{gtid}'"
+            )));
+        }
+        let pool = self.pool().await?;
+        let r: i64 = sqlx::query_scalar(&format!(
+            "SELECT MASTER_GTID_WAIT('{gtid}', {})",
+            timeout.as_secs_f64()
+        ))
+        .fetch_one(&pool)
+        .await
+        .map_err(|e| DatastoreError::Query(redact(&e.to_string())))?;
+        Ok(r == 0)
+    }
+
+    async fn drain_relay_log(&self, timeout: Duration) -> Result<(), DatastoreError> {
+        // The applier first, while the receiver still exists: with both threads stopped, a
+        // GTID replica may discard its relay log at the next start (it would fetch it again
+        // from a source that is gone).
+        self.exec("START SLAVE SQL_THREAD").await?;
+        self.exec("STOP SLAVE IO_THREAD").await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let st = self.replication_info().await?;
+            if st.gtid_io_pos.is_empty() || super::gtid_covers(&st.gtid_slave_pos, &st.gtid_io_pos)
+            {
+                return Ok(());
+            }
+            if !st.sql_running {
+                if !st.last_sql_error.is_empty() {
+                    return Err(DatastoreError::Query(format!(
+                        "the SQL thread stopped: {}",
+                        st.last_sql_error
+                    )));
+                }
+                tracing::info!(applied = %st.gtid_slave_pos, received = %st.gtid_io_pos, "applier not running yet");
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(DatastoreError::Query(format!(
+                    "the relay log was not applied within {timeout:?} (applied {}, received {})",
+                    st.gtid_slave_pos, st.gtid_io_pos
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn kill_tenant_connections(&self) -> Result<u32, DatastoreError> {
+        let pool = self.pool().await?;
+        let ids: Vec<(i64,)> = sqlx::query_as(
+            "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST \
+             WHERE ID <> CONNECTION_ID() AND USER NOT IN (?, 'system user', 'event_scheduler') \
+             AND COMMAND NOT IN ('Binlog Dump', 'Binlog Dump GTID', 'Daemon')",
+        )
+        .bind(ADMIN_USER)
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| DatastoreError::Query(redact(&e.to_string())))?;
+        let mut n = 0;
+        for (id,) in ids {
+            if self.exec(&format!("KILL CONNECTION {id}")).await.is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn set_read_only_persistent(&self, read_only: bool) -> Result<(), DatastoreError> {
+        self.write_role(read_only)?;
+        self.set_read_only(read_only).await
     }
 
     async fn replication_position(&self) -> Result<String, DatastoreError> {

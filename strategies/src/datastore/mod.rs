@@ -3,6 +3,7 @@
 pub mod mariadb;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -174,6 +175,28 @@ pub trait Datastore: Send + Sync {
     /// SQL run at the end of a logical load: a dump carries the source's accounts, and this puts
     /// this instance's own admin credentials back.
     async fn restore_epilogue(&self) -> Result<String, DatastoreError>;
+    /// Creates or resets the replication user (REPLICATION SLAVE only). Binlogged, so every
+    /// replica has the same user and a promoted replica can serve the others.
+    async fn create_replication_user(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<(), DatastoreError>;
+    /// The server's replication state.
+    async fn replication_info(&self) -> Result<ReplicationState, DatastoreError>;
+    /// Points the server at a source and starts replicating; the server becomes read-only
+    /// (persistently).
+    async fn attach_replica(&self, src: &ReplicationSource) -> Result<(), DatastoreError>;
+    /// Stops replicating and forgets the source; the server becomes writable.
+    async fn detach_replica(&self) -> Result<(), DatastoreError>;
+    /// Waits until `gtid` is applied; `false` on timeout.
+    async fn wait_for_gtid(&self, gtid: &str, timeout: Duration) -> Result<bool, DatastoreError>;
+    /// Failover: stops receiving and applies everything already received.
+    async fn drain_relay_log(&self, timeout: Duration) -> Result<(), DatastoreError>;
+    /// Ends every tenant session (not the agent's own, not replication threads).
+    async fn kill_tenant_connections(&self) -> Result<u32, DatastoreError>;
+    /// Sets `read_only` live and for every later start.
+    async fn set_read_only_persistent(&self, read_only: bool) -> Result<(), DatastoreError>;
     /// The configuration overrides the server reads at its next start (name → value).
     fn overrides(&self) -> Result<std::collections::BTreeMap<String, String>, DatastoreError>;
     /// Replaces the overrides file (atomically); names and values are checked again here.
@@ -192,6 +215,83 @@ pub trait Datastore: Send + Sync {
     fn validate_database_name(&self, name: &str) -> Result<(), DatastoreError>;
     /// Validates a user name and host before anything is created.
     fn validate_user(&self, user: &UserSpec) -> Result<(), DatastoreError>;
+}
+
+/// Where a replica replicates from.
+#[derive(Clone)]
+pub struct ReplicationSource {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    /// GTID (`MASTER_USE_GTID=slave_pos`) rather than file and position.
+    pub use_gtid: bool,
+    /// Start here: `gtid_slave_pos` (GTID) ...
+    pub gtid: Option<String>,
+    /// ... or these coordinates (binlog).
+    pub binlog_file: Option<String>,
+    pub binlog_pos: u64,
+    /// Set `gtid_slave_pos` to the server's own binlog position first (an old source joining).
+    pub from_own_binlog: bool,
+    /// A new replica: restart its binlog at this GTID state (where its data is).
+    pub binlog_state: Option<String>,
+}
+
+impl std::fmt::Debug for ReplicationSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationSource")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+/// The server's replication state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplicationState {
+    /// Replication is configured (a replica).
+    pub replica: bool,
+    pub gtid_binlog_pos: String,
+    pub gtid_slave_pos: String,
+    pub gtid_io_pos: String,
+    pub io_running: bool,
+    pub sql_running: bool,
+    pub seconds_behind: Option<i64>,
+    pub last_error: String,
+    /// The SQL (applier) thread's own error.
+    pub last_sql_error: String,
+    pub read_only: bool,
+    pub source_host: String,
+    pub source_port: u16,
+}
+
+/// Parses a GTID position (`0-1-5,1-2-9`) into (domain → (server, seq)).
+pub fn parse_gtids(pos: &str) -> std::collections::BTreeMap<u32, (u32, u64)> {
+    pos.split(',')
+        .filter_map(|g| {
+            let mut it = g.trim().split('-');
+            let d = it.next()?.parse().ok()?;
+            let s = it.next()?.parse().ok()?;
+            let n = it.next()?.parse().ok()?;
+            Some((d, (s, n)))
+        })
+        .collect()
+}
+
+/// Transactions `a` is behind `b`, summed over domains.
+pub fn gtid_behind(a: &str, b: &str) -> u64 {
+    let a = parse_gtids(a);
+    parse_gtids(b)
+        .iter()
+        .map(|(d, (_, n))| n.saturating_sub(a.get(d).map(|x| x.1).unwrap_or(0)))
+        .sum()
+}
+
+/// Whether position `a` has everything `b` has (per domain).
+pub fn gtid_covers(a: &str, b: &str) -> bool {
+    gtid_behind(a, b) == 0
 }
 
 /// The registry of datastores, selected by name in configuration.

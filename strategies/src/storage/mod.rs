@@ -114,11 +114,55 @@ struct LocalWriter {
     file: Option<std::fs::File>,
     partial: PathBuf,
     target: PathBuf,
+    /// Write-behind: a thread flushing what is written so far, so the commit's fsync only
+    /// waits for the tail instead of the whole object.
+    syncer: Option<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)>,
+    unsynced: u64,
+}
+
+/// Bytes written between two write-behind flushes.
+const SYNC_EVERY: u64 = 64 << 20;
+
+impl LocalWriter {
+    fn kick_syncer(&mut self) {
+        if self.syncer.is_none() {
+            let Some(Ok(f)) = self.file.as_ref().map(|f| f.try_clone()) else {
+                return;
+            };
+            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+            let h = std::thread::Builder::new()
+                .name("backup-sync".into())
+                .spawn(move || {
+                    for () in rx {
+                        let _ = f.sync_data();
+                    }
+                });
+            if let Ok(h) = h {
+                self.syncer = Some((tx, h));
+            }
+        }
+        if let Some((tx, _)) = &self.syncer {
+            let _ = tx.try_send(());
+        }
+    }
+
+    fn stop_syncer(&mut self) {
+        if let Some((tx, h)) = self.syncer.take() {
+            drop(tx);
+            let _ = h.join();
+        }
+    }
 }
 
 impl Write for LocalWriter {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.file.as_mut().expect("open until commit").write(b)
+        let n = self.file.as_mut().expect("open until commit").write(b)?;
+        self.unsynced += n as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.unsynced = 0;
+            self.kick_syncer();
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         self.file.as_mut().expect("open until commit").flush()
@@ -127,6 +171,7 @@ impl Write for LocalWriter {
 
 impl ObjectWriter for LocalWriter {
     fn commit(mut self: Box<Self>) -> Result<(), StorageError> {
+        self.stop_syncer();
         let f = self.file.take().expect("committed once");
         f.sync_all().map_err(io_at(&self.partial))?;
         drop(f);
@@ -137,6 +182,7 @@ impl ObjectWriter for LocalWriter {
 
 impl Drop for LocalWriter {
     fn drop(&mut self) {
+        self.stop_syncer();
         if self.file.is_some() {
             let _ = std::fs::remove_file(&self.partial);
         }
@@ -157,6 +203,8 @@ impl Storage for LocalStorage {
             file: Some(file),
             partial,
             target: self.root.join(key),
+            syncer: None,
+            unsynced: 0,
         }))
     }
 

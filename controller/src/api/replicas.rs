@@ -1,0 +1,759 @@
+//! Replication, orchestrated by the controller and carried out by the agents (calls):
+//! replicas built from a snapshot of the source, detach, switchover
+//! (`promote_to_replica_source`) and failover (`eject_replica_source`).
+//!
+//! The source's replication user is created once, on the source, with the binlog on, so every
+//! replica has it too and a promoted replica serves the others with the same credentials. Its
+//! password is kept sealed to the controller's own key and sealed again to each agent.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coffer_proto::seal;
+use coffer_proto::v1;
+use coffer_strategies::datastore::{gtid_behind, gtid_covers};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use super::access::call;
+use super::{ok, ApiError, ApiResult, Caller};
+use crate::status::task;
+use crate::store::{InstanceRow, Store};
+use crate::App;
+
+/// What a replica create asked for (beyond `replica_of`).
+pub(super) struct ReplicaReq {
+    pub name: String,
+    pub source: String,
+    pub count: u32,
+    pub configuration: Option<String>,
+}
+
+fn busy(r: &InstanceRow, what: &str) -> ApiError {
+    ApiError::unprocessable(format!(
+        "Instance {} is not currently available for {what} (task {}, status {}).",
+        r.id, r.task, r.service_status
+    ))
+}
+
+fn ready(app: &App, r: &InstanceRow) -> bool {
+    r.task == task::NONE && app.fresh(&r.id) && r.service_status == "running"
+}
+
+fn agent_key(r: &InstanceRow) -> Result<Vec<u8>, ApiError> {
+    seal::from_hex(&r.agent_public_key)
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| anyhow::anyhow!("instance {} has no agent key", r.id).into())
+}
+
+/// The source's replication user and password, created on the source the first time.
+async fn ensure_repl_user(app: &App, source: &InstanceRow) -> Result<(String, String), ApiError> {
+    if let (Some(u), Some(secret)) = (&source.repl_user, &source.repl_secret) {
+        let bytes = seal::from_hex(secret)
+            .and_then(|b| {
+                seal::open(
+                    &app.reply_secret_key,
+                    &seal::kept_replication_context(&source.id),
+                    &b,
+                )
+                .ok()
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the kept replication password of {} does not open",
+                    source.id
+                )
+            })?;
+        return Ok((u.clone(), String::from_utf8_lossy(&bytes).into_owned()));
+    }
+    let user = format!("repl_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let sealed = seal::seal(
+        &agent_key(source)?,
+        &seal::replication_password_context(&source.id),
+        password.as_bytes(),
+    )
+    .map_err(|e| anyhow::anyhow!("sealing: {e}"))?;
+    call(
+        app,
+        source,
+        v1::call::Kind::CreateReplicationUser(v1::CreateReplicationUser {
+            user: user.clone(),
+            password_sealed: sealed,
+        }),
+    )
+    .await?;
+    keep_repl_user(
+        app,
+        &source.id,
+        &user,
+        &password,
+        &app.cfg.replication.strategy,
+    )
+    .await?;
+    Ok((user, password))
+}
+
+async fn keep_repl_user(
+    app: &App,
+    source: &str,
+    user: &str,
+    password: &str,
+    strategy: &str,
+) -> Result<(), ApiError> {
+    let kept = seal::seal(
+        &app.reply_public_key,
+        &seal::kept_replication_context(source),
+        password.as_bytes(),
+    )
+    .map_err(|e| anyhow::anyhow!("sealing: {e}"))?;
+    app.store
+        .set_replication_user(source, user, &seal::to_hex(&kept), strategy)
+        .await?;
+    Ok(())
+}
+
+/// How `replica` reaches `source`, its password sealed for `replica`'s agent.
+fn replica_of(
+    source: &InstanceRow,
+    replica: &InstanceRow,
+    user: &str,
+    password: &str,
+    strategy: &str,
+) -> Result<v1::ReplicaOf, ApiError> {
+    Ok(v1::ReplicaOf {
+        host: source.host.clone().unwrap_or_default(),
+        port: source.port.unwrap_or_default() as u32,
+        user: user.to_string(),
+        password_sealed: seal::seal(
+            &agent_key(replica)?,
+            &seal::replication_password_context(&replica.id),
+            password.as_bytes(),
+        )
+        .map_err(|e| anyhow::anyhow!("sealing: {e}"))?,
+        strategy: strategy.to_string(),
+        ..Default::default()
+    })
+}
+
+/// `POST /instances` with `replica_of`.
+pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiResult {
+    let source = super::instances::find(&app, c, &req.source).await?;
+    if source.replica_of.is_some() {
+        return Err(ApiError::unauthorized(format!(
+            "Cannot create a replica of a replica ({} replicates from {}).",
+            source.id,
+            source.replica_of.as_deref().unwrap_or_default()
+        )));
+    }
+    let max = app.cfg.replication.max_replicas;
+    if req.count == 0 || req.count > max {
+        return Err(ApiError::bad_request(format!(
+            "replica_count must be between 1 and {max}."
+        )));
+    }
+    if app.cfg.backup.is_none() {
+        return Err(ApiError::unprocessable(
+            "Replicas are built from a snapshot: configure backup storage ([backup]) first.",
+        ));
+    }
+    if !ready(&app, &source) {
+        return Err(busy(&source, "creating replicas"));
+    }
+    let version = app
+        .store
+        .version(&source.datastore_version_id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the source's datastore version is gone"))?;
+    let flavor = app
+        .store
+        .flavor(&source.flavor_id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the source's flavor is gone"))?;
+    let configuration = req
+        .configuration
+        .clone()
+        .or(source.configuration_id.clone());
+    let overrides = match &configuration {
+        Some(g) => match app.store.configuration(g).await? {
+            Some(cfg) if cfg.project_id == c.project => {
+                super::configurations::check_values(&app, &cfg.datastore_version_id, &cfg.values)
+                    .await?
+            }
+            _ => {
+                return Err(ApiError::not_found(format!(
+                    "Configuration group {g} cannot be found."
+                )))
+            }
+        },
+        None => vec![],
+    };
+    let (user, password) = ensure_repl_user(&app, &source).await?;
+    let strategy = source
+        .repl_strategy
+        .clone()
+        .unwrap_or_else(|| app.cfg.replication.strategy.clone());
+
+    // Place the replicas (their prepare waits for the snapshot).
+    let mut ids = Vec::new();
+    for i in 0..req.count {
+        let id = uuid::Uuid::new_v4().to_string();
+        let name = if req.count > 1 {
+            format!("{}-{}", req.name, i + 1)
+        } else {
+            req.name.clone()
+        };
+        let (placed, nats_user) = super::instances::place(&app, &id, &version).await?;
+        let ts = crate::store::now();
+        let stored: Result<(), ApiError> = async {
+            let mut tx = app.store.begin().await?;
+            super::quotas::check(&app, &mut tx, &c.project, flavor.ram, source.volume_size).await?;
+            let server_id = Store::next_server_id(&mut tx).await?;
+            let row = InstanceRow {
+                id: id.clone(),
+                project_id: c.project.clone(),
+                name,
+                flavor_id: flavor.id.clone(),
+                datastore_version_id: version.id.clone(),
+                volume_size: source.volume_size,
+                task: task::BUILDING.into(),
+                task_started: ts.clone(),
+                service_status: "new".into(),
+                fault: None,
+                fault_at: None,
+                server_id,
+                host: Some(placed.host.clone()),
+                port: Some(placed.port as i64),
+                created: ts.clone(),
+                updated: ts,
+                deleted: false,
+                agent_version: String::new(),
+                capabilities: String::new(),
+                agent_public_key: seal::to_hex(&placed.public_key),
+                agent_nats_user: nats_user,
+                configuration_id: configuration.clone(),
+                replica_of: Some(source.id.clone()),
+                repl_user: None,
+                repl_secret: None,
+                repl_strategy: Some(strategy.clone()),
+                ejected: false,
+            };
+            Store::insert_instance(&mut tx, &row).await?;
+            tx.commit().await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = stored {
+            let _ = app.provisioner.destroy(&id).await;
+            return Err(e);
+        }
+        super::instances::start_agent(&app, &id).await?;
+        ids.push(id);
+    }
+    let snapshot = super::backups::snapshot(&app, &source, &ids.join(", ")).await?;
+    info!(source = %source.id, replicas = ?ids, snapshot = %snapshot, "building replicas");
+    let builder = app.clone();
+    let build_ids = ids.clone();
+    tokio::spawn(async move {
+        if let Err(e) = build(
+            &builder, &snapshot, &source, &build_ids, &user, &password, &strategy, overrides,
+        )
+        .await
+        {
+            warn!(error = %e.message, "building replicas failed");
+            for id in &build_ids {
+                if let Ok(mut tx) = builder.store.begin().await {
+                    let _ = Store::set_task(
+                        &mut tx,
+                        id,
+                        task::BUILD_ERROR,
+                        Some(&format!("building the replica failed: {}", e.message)),
+                    )
+                    .await;
+                    let _ = tx.commit().await;
+                }
+            }
+        }
+        if let Err(e) = super::backups::remove(&builder, &snapshot).await {
+            warn!(error = %e, snapshot = %snapshot, "could not delete the replication snapshot");
+        }
+    });
+    let last = app
+        .store
+        .instance(ids.last().expect("at least one replica"))
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("replica vanished"))?;
+    ok(json!({"instance": super::instances::render(&app, c, &last, true, false).await?}))
+}
+
+/// Waits for the snapshot, then prepares every replica from it and waits for them to finish.
+#[allow(clippy::too_many_arguments)]
+async fn build(
+    app: &App,
+    snapshot: &str,
+    source: &InstanceRow,
+    ids: &[String],
+    user: &str,
+    password: &str,
+    strategy: &str,
+    overrides: Vec<v1::Override>,
+) -> Result<(), ApiError> {
+    let deadline = Instant::now() + Duration::from_secs(app.cfg.build_timeout_s);
+    loop {
+        let b = app.store.backup(snapshot).await?;
+        match b.as_ref().map(|b| b.status.as_str()) {
+            Some("COMPLETED") => break,
+            Some("FAILED") | None => {
+                return Err(ApiError::unprocessable(format!(
+                    "the snapshot of {} failed: {}",
+                    source.id,
+                    b.and_then(|b| b.fault).unwrap_or_default()
+                )))
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return Err(ApiError::unprocessable(
+                "the snapshot did not finish in time",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let flavor = app.store.flavor(&source.flavor_id).await?;
+    let version = app.store.version(&source.datastore_version_id).await?;
+    for id in ids {
+        let Some(r) = app.store.instance(id).await? else {
+            continue;
+        };
+        let intent_id = uuid::Uuid::new_v4().to_string();
+        let prepare = v1::intent::Kind::Prepare(v1::Prepare {
+            memory_mb: flavor.as_ref().map(|f| f.ram as u64).unwrap_or(256),
+            vcpus: flavor.as_ref().map(|f| f.vcpus as u32).unwrap_or(1),
+            volume_gb: r.volume_size as u64,
+            server_id: r.server_id as u32,
+            datastore_version: version
+                .as_ref()
+                .map(|v| v.version.clone())
+                .unwrap_or_default(),
+            restore: Some(v1::RestoreFrom {
+                backup_id: snapshot.to_string(),
+            }),
+            overrides: overrides.clone(),
+            replica_of: Some(replica_of(source, &r, user, password, strategy)?),
+            ..Default::default()
+        });
+        let payload = super::instances::intent_payload(app, id, &intent_id, prepare);
+        let mut tx = app.store.begin().await?;
+        Store::enqueue(&mut tx, &intent_id, id, "prepare", &payload).await?;
+        tx.commit().await?;
+        app.outbox_wake.notify_one();
+    }
+    // The snapshot is deleted once every replica has restored it (or given up).
+    loop {
+        let mut building = false;
+        for id in ids {
+            if let Some(r) = app.store.instance(id).await? {
+                building |= r.task == task::BUILDING;
+            }
+        }
+        if !building || Instant::now() > deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `PUT /instances/{id}` with `replica_of: null`: a standalone, writable instance.
+pub(super) async fn detach(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
+    if r.replica_of.is_none() {
+        return Err(ApiError::bad_request(format!(
+            "Instance {} is not a replica.",
+            r.id
+        )));
+    }
+    if !ready(app, r) {
+        return Err(busy(r, "detaching"));
+    }
+    set_tasks(app, &[r.id.clone()], task::DETACHING).await?;
+    let done = call(app, r, v1::call::Kind::DetachReplica(v1::DetachReplica {})).await;
+    if done.is_ok() {
+        app.store.set_replica_of(&r.id, None).await?;
+    }
+    set_tasks(app, &[r.id.clone()], task::NONE).await?;
+    done.map(|_| ())
+}
+
+async fn set_tasks(app: &App, ids: &[String], t: &str) -> Result<(), ApiError> {
+    let mut tx = app.store.begin().await?;
+    for id in ids {
+        Store::set_task(&mut tx, id, t, None).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn fault(app: &App, id: &str, t: &str, message: &str) {
+    if let Ok(mut tx) = app.store.begin().await {
+        let m = (!message.is_empty()).then_some(message);
+        let _ = Store::set_task(&mut tx, id, t, m).await;
+        let _ = tx.commit().await;
+    }
+}
+
+async fn reload(app: &App, id: &str) -> Result<InstanceRow, ApiError> {
+    app.store
+        .instance(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Instance {id} is gone.")))
+}
+
+/// Moves the replication user's kept password from `from` to `to` (the new source).
+async fn hand_over_user(
+    app: &App,
+    from: &InstanceRow,
+    to: &str,
+    user: &str,
+    password: &str,
+) -> Result<(), ApiError> {
+    let strategy = from
+        .repl_strategy
+        .clone()
+        .unwrap_or_else(|| app.cfg.replication.strategy.clone());
+    keep_repl_user(app, to, user, password, &strategy).await
+}
+
+/// Re-points `replica` at `source` by GTID (its own applied position).
+async fn repoint(
+    app: &App,
+    source: &InstanceRow,
+    replica: &InstanceRow,
+    user: &str,
+    password: &str,
+    from_own_binlog: bool,
+) -> Result<(), ApiError> {
+    let mut spec = replica_of(source, replica, user, password, "mariadb-gtid")?;
+    spec.from_own_binlog = from_own_binlog;
+    call(
+        app,
+        replica,
+        v1::call::Kind::AttachReplica(v1::AttachReplica { source: Some(spec) }),
+    )
+    .await?;
+    app.store
+        .set_replica_of(&replica.id, Some(&source.id))
+        .await?;
+    Ok(())
+}
+
+/// `promote_to_replica_source` on a replica: a planned switchover without losing a commit.
+pub(super) async fn promote(app: Arc<App>, candidate: &InstanceRow) -> ApiResult {
+    let Some(source_id) = candidate.replica_of.clone() else {
+        return Err(ApiError::bad_request(format!(
+            "Instance {} is not a replica.",
+            candidate.id
+        )));
+    };
+    let source = reload(&app, &source_id).await?;
+    let mut members = vec![source.clone()];
+    members.extend(app.store.replicas_of(&source.id).await?);
+    if let Some(r) = members.iter().find(|m| !ready(&app, m)) {
+        return Err(busy(r, "a switchover"));
+    }
+    let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
+    set_tasks(&app, &ids, task::PROMOTING).await?;
+    let cand = candidate.id.clone();
+    tokio::spawn(async move {
+        let r = switchover(&app, &source, &cand, &members).await;
+        for id in &ids {
+            match &r {
+                Ok(()) => fault(&app, id, task::NONE, "").await,
+                Err(e) => {
+                    fault(
+                        &app,
+                        id,
+                        task::NONE,
+                        &format!("promote_to_replica_source failed: {}", e.message),
+                    )
+                    .await
+                }
+            }
+        }
+        match r {
+            Ok(()) => info!(new_source = %cand, "switchover done"),
+            Err(e) => warn!(error = %e.message, "switchover failed"),
+        }
+    });
+    super::accepted()
+}
+
+async fn switchover(
+    app: &App,
+    source: &InstanceRow,
+    candidate: &str,
+    members: &[InstanceRow],
+) -> Result<(), ApiError> {
+    let (user, password) = ensure_repl_user(app, source).await?;
+    // 1. The old source stops taking writes; its position is what the candidate must reach.
+    let (_, rep) = call(
+        app,
+        source,
+        v1::call::Kind::SetReadOnly(v1::SetReadOnly {
+            read_only: true,
+            kill_connections: false,
+        }),
+    )
+    .await?;
+    let target = rep
+        .replication
+        .map(|r| r.gtid_binlog_pos)
+        .unwrap_or_default();
+    let cand = reload(app, candidate).await?;
+    // 2. The candidate applies everything up to it.
+    let caught_up = call(
+        app,
+        &cand,
+        v1::call::Kind::WaitForGtid(v1::WaitForGtid {
+            gtid: target.clone(),
+            timeout_s: 15,
+        }),
+    )
+    .await;
+    if let Err(e) = caught_up {
+        // Give the old source its writes back: nothing has moved yet.
+        let _ = call(
+            app,
+            source,
+            v1::call::Kind::SetReadOnly(v1::SetReadOnly {
+                read_only: false,
+                kill_connections: false,
+            }),
+        )
+        .await;
+        return Err(e);
+    }
+    // 3. The candidate becomes the source.
+    call(
+        app,
+        &cand,
+        v1::call::Kind::DetachReplica(v1::DetachReplica {}),
+    )
+    .await?;
+    app.store.set_replica_of(&cand.id, None).await?;
+    hand_over_user(app, source, &cand.id, &user, &password).await?;
+    // 4. The other replicas, then the old source, follow it.
+    for m in members
+        .iter()
+        .filter(|m| m.id != cand.id && m.id != source.id)
+    {
+        repoint(app, &cand, m, &user, &password, false).await?;
+    }
+    repoint(app, &cand, source, &user, &password, true).await?;
+    info!(old = %source.id, new = %cand.id, position = %target, "switched over");
+    Ok(())
+}
+
+/// `eject_replica_source` on a source whose heartbeat has expired: elect the most advanced
+/// replica and make it the source.
+pub(super) async fn eject(app: Arc<App>, source: &InstanceRow) -> ApiResult {
+    let replicas = app.store.replicas_of(&source.id).await?;
+    if replicas.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "Instance {} is not a replica source.",
+            source.id
+        )));
+    }
+    if app.fresh(&source.id) {
+        return Err(ApiError::bad_request(format!(
+            "Replica source {} cannot be ejected as it has a current heartbeat.",
+            source.id
+        )));
+    }
+    if matches!(source.task.as_str(), task::EJECTING | task::PROMOTING) {
+        return Err(busy(source, "an eject"));
+    }
+    start_eject(app, source.clone(), replicas).await;
+    super::accepted()
+}
+
+/// Runs an eject in the background (the API's and the automatic failover's).
+pub async fn start_eject(app: Arc<App>, source: InstanceRow, replicas: Vec<InstanceRow>) {
+    let mut ids = vec![source.id.clone()];
+    ids.extend(replicas.iter().map(|r| r.id.clone()));
+    if set_tasks(&app, &ids, task::EJECTING).await.is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        let r = failover(&app, &source, &replicas).await;
+        for id in ids.iter().filter(|i| **i != source.id) {
+            match &r {
+                Ok(_) => fault(&app, id, task::NONE, "").await,
+                Err(e) => {
+                    fault(
+                        &app,
+                        id,
+                        task::NONE,
+                        &format!("eject_replica_source failed: {}", e.message),
+                    )
+                    .await
+                }
+            }
+        }
+        match r {
+            Ok(winner) => {
+                let _ = app.store.set_ejected(&source.id, true).await;
+                let _ = app.store.set_replica_of(&source.id, None).await;
+                fault(
+                    &app,
+                    &source.id,
+                    task::EJECTED,
+                    &format!(
+                        "Ejected as replica source; {winner} is the source now. This instance stays fenced (read-only): delete it."
+                    ),
+                )
+                .await;
+                info!(old = %source.id, new = %winner, "failover done");
+            }
+            Err(e) => {
+                fault(
+                    &app,
+                    &source.id,
+                    task::NONE,
+                    &format!("eject_replica_source failed: {}", e.message),
+                )
+                .await;
+                warn!(error = %e.message, "failover failed");
+            }
+        }
+    });
+}
+
+async fn failover(
+    app: &App,
+    source: &InstanceRow,
+    replicas: &[InstanceRow],
+) -> Result<String, ApiError> {
+    let (user, password) = ensure_repl_user(app, source).await?;
+    // 1. Every reachable replica stops receiving and applies what it has.
+    let mut positions: Vec<(InstanceRow, String)> = Vec::new();
+    for r in replicas.iter().filter(|r| app.fresh(&r.id)) {
+        match call(
+            app,
+            r,
+            v1::call::Kind::DrainRelayLog(v1::DrainRelayLog { timeout_s: 15 }),
+        )
+        .await
+        {
+            Ok((_, rep)) => {
+                let pos = rep
+                    .replication
+                    .map(|x| x.gtid_slave_pos)
+                    .unwrap_or_default();
+                positions.push((r.clone(), pos));
+            }
+            Err(e) => {
+                warn!(replica = %r.id, error = %e.message, "replica could not drain; left out")
+            }
+        }
+    }
+    // 2. The winner has everything every other survivor has (per domain).
+    let winner = positions
+        .iter()
+        .find(|(_, p)| positions.iter().all(|(_, q)| gtid_covers(p, q)))
+        .or_else(|| {
+            positions.iter().min_by_key(|(_, p)| {
+                positions
+                    .iter()
+                    .map(|(_, q)| gtid_behind(p, q))
+                    .sum::<u64>()
+            })
+        })
+        .cloned()
+        .ok_or_else(|| ApiError::unprocessable("no replica of the source is reachable"))?;
+    info!(winner = %winner.0.id, position = %winner.1, "elected the most advanced replica");
+    // 3. Promote it; 4. the others follow it.
+    call(
+        app,
+        &winner.0,
+        v1::call::Kind::DetachReplica(v1::DetachReplica {}),
+    )
+    .await?;
+    app.store.set_replica_of(&winner.0.id, None).await?;
+    hand_over_user(app, source, &winner.0.id, &user, &password).await?;
+    let new_source = reload(app, &winner.0.id).await?;
+    for (r, _) in positions.iter().filter(|(r, _)| r.id != winner.0.id) {
+        repoint(app, &new_source, r, &user, &password, false).await?;
+    }
+    // Replicas that could not be reached follow the new source in the controller's view; their
+    // agents are re-pointed when they return (not automatic yet: they show a fault).
+    for r in replicas
+        .iter()
+        .filter(|r| !positions.iter().any(|(p, _)| p.id == r.id))
+    {
+        app.store
+            .set_replica_of(&r.id, Some(&new_source.id))
+            .await?;
+    }
+    Ok(new_source.id)
+}
+
+/// The replication view of an instance for `GET /instances/{id}`.
+pub(super) async fn view(
+    app: &App,
+    c: &Caller,
+    r: &InstanceRow,
+    j: &mut Value,
+) -> Result<(), ApiError> {
+    if let Some(s) = &r.replica_of {
+        j["replica_of"] = json!({"id": s, "links": c.links("instances", s)});
+    }
+    let replicas = app.store.replicas_of(&r.id).await?;
+    if !replicas.is_empty() {
+        j["replicas"] = Value::Array(
+            replicas
+                .iter()
+                .map(|x| json!({"id": x.id, "links": c.links("instances", &x.id)}))
+                .collect(),
+        );
+    }
+    let (mine, source_pos) = {
+        let live = app.live.lock().unwrap();
+        let mine = live.get(&r.id).and_then(|l| l.hb.replication.clone());
+        let source_pos = r
+            .replica_of
+            .as_ref()
+            .and_then(|s| live.get(s))
+            .and_then(|l| l.hb.replication.as_ref().map(|x| x.gtid_binlog_pos.clone()));
+        (mine, source_pos)
+    };
+    if let Some(m) = mine {
+        let applied = if m.role == "replica" {
+            m.gtid_slave_pos.clone()
+        } else {
+            m.gtid_binlog_pos.clone()
+        };
+        let mut v = json!({
+            "role": m.role,
+            "gtid_position": applied,
+            "read_only": m.read_only,
+        });
+        if m.role == "replica" {
+            v["io_running"] = json!(m.io_running);
+            v["sql_running"] = json!(m.sql_running);
+            v["lag_seconds"] = if m.seconds_behind >= 0 {
+                json!(m.seconds_behind)
+            } else {
+                Value::Null
+            };
+            v["lag_transactions"] = match &source_pos {
+                Some(p) => json!(gtid_behind(&m.gtid_slave_pos, p)),
+                None => Value::Null,
+            };
+            v["received_gtid_position"] = json!(m.gtid_io_pos);
+            if !m.last_error.is_empty() {
+                v["last_error"] = json!(m.last_error);
+            }
+        }
+        j["replication"] = v;
+    }
+    Ok(())
+}
