@@ -67,6 +67,7 @@ fn floor_run(cnf_template: &str, instance_root: &str, dir: &Path) -> anyhow::Res
     let cnf = cnf_template
         .replace(instance_root, &dir.display().to_string())
         .lines()
+        .filter(|l| !l.starts_with("!include"))
         .map(|l| {
             if l.starts_with("port = ") {
                 format!("port = {port}")
@@ -191,6 +192,17 @@ impl Bench {
         tmp: &Path,
         extra_config: &str,
     ) -> anyhow::Result<Bench> {
+        Self::start_with(tools, bins, tmp, extra_config, "")
+    }
+
+    /// [`Bench::start`] with extra `[provisioner]` lines.
+    pub fn start_with(
+        tools: &env::Tools,
+        bins: &Path,
+        tmp: &Path,
+        extra_config: &str,
+        provisioner_extra: &str,
+    ) -> anyhow::Result<Bench> {
         let nats_port = free_port();
         let api_port = free_port();
         let mut procs = Killer(vec![]);
@@ -220,7 +232,7 @@ impl Bench {
             format!(
                 "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {:?}\nnats_url = \"nats://127.0.0.1:{nats_port}\"\ntoken_file = {:?}\n\
                  stop_agents_on_exit = true\n{extra_config}\n[provisioner]\nkind = \"process\"\nagent_binary = {:?}\ninstances_dir = {:?}\n\
-                 port_min = 34306\nport_max = 34405\n",
+                 port_min = 34306\nport_max = 34405\n{provisioner_extra}",
                 tmp.join("controller").display().to_string(),
                 tmp.join("tokens.toml").display().to_string(),
                 bins.join("coffer-agent").display().to_string(),

@@ -210,6 +210,7 @@ fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::R
     let cnf = std::fs::read_to_string(root.join("my.cnf"))?
         .replace(&root.display().to_string(), &rdir.display().to_string())
         .lines()
+        .filter(|l| !l.starts_with("!include"))
         .map(|l| {
             if l.starts_with("port = ") {
                 format!("port = {port}")

@@ -4,6 +4,8 @@
 //! - `cargo xtask test [--slow] [-- FILTER...]`: installs what the suite needs, runs it.
 //! - `cargo xtask bench lifecycle`: create → ACTIVE against the bare-MariaDB floor.
 //! - `cargo xtask bench backup [--size-mb N]`: backup and restore against mariabackup | zstd.
+//! - `cargo xtask bench replication [--size-mb N]`: replica creation against its floor by hand,
+//!   switchover write gap, failover time.
 //! - `cargo xtask gen-rules`: regenerates the committed MariaDB configuration-parameter rules
 //!   (`strategies/rules/`) from the installed server (review the diff, then commit).
 //! - `cargo xtask tls-ca DIR`: a local CA and a certificate for 127.0.0.1 (`ca.pem`,
@@ -14,6 +16,7 @@
 
 mod bench;
 mod bench_backup;
+mod bench_replication;
 mod demo;
 mod env;
 
@@ -44,6 +47,9 @@ fn real_main() -> anyhow::Result<()> {
         }
         "bench" if rest.first().map(String::as_str) == Some("backup") => {
             bench_backup::run(&rest[1..])
+        }
+        "bench" if rest.first().map(String::as_str) == Some("replication") => {
+            bench_replication::run(&rest[1..])
         }
         "bench" => bench::run(rest),
         "tls-ca" => {
