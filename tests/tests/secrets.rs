@@ -1,6 +1,6 @@
-//! Nothing in clear: the passwords given at create appear in no process argument or environment,
-//! no log, not in the controller's SQLite store and not in JetStream's store; they reach the agent
-//! sealed to its key.
+//! Nothing in clear: the passwords given at create (and root's, the backup key, the admin's, the
+//! replication user's) appear in no process argument or environment, no log, not in the
+//! controller's SQLite store and not in JetStream's store; they reach the agent sealed to its key.
 
 use std::path::Path;
 use std::time::Duration;
@@ -123,6 +123,26 @@ async fn passwords_are_nowhere_in_clear() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A replica: the replication user's password reaches both agents sealed; MariaDB itself
+    // keeps it in the replica's master.info (the only place it may be in clear).
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(json!({"instance": {"name": "copy", "replica_of": id}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let rep = v["instance"]["id"].as_str().unwrap().to_string();
+    env.wait_status(&rep, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let master_info = std::fs::read_to_string(
+        env.instance_dir(&rep)
+            .join("state/mariadb/data/master.info"),
+    )
+    .unwrap();
+    let repl_pw = master_info.lines().nth(5).unwrap().to_string();
+    assert!(repl_pw.len() >= 16, "{master_info}");
     let keyring = std::fs::read_to_string(env.dir.path().join("keyring.toml")).unwrap();
     let backup_key = keyring
         .lines()
@@ -140,6 +160,7 @@ async fn passwords_are_nowhere_in_clear() {
         generated_root.as_str(),
     ]);
     all.push(&admin_pw);
+    all.push(&repl_pw);
 
     for log in [
         env.dir.path().join("controller.log"),
@@ -182,6 +203,7 @@ async fn passwords_are_nowhere_in_clear() {
     hits.extend(file_hits.into_iter().filter(|h| {
         !(h.starts_with(&admin_pw) && (h.ends_with("admin.password") || h.ends_with("admin.cnf")))
             && !(h.starts_with(&backup_key) && h.ends_with("keyring.toml"))
+            && !(h.starts_with(&repl_pw) && h.ends_with("master.info"))
     }));
     assert!(hits.is_empty(), "secrets found in clear: {hits:#?}");
 }

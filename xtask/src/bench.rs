@@ -37,6 +37,29 @@ pub(crate) fn http(
     Ok((status, serde_json::from_str(b).unwrap_or(Value::Null)))
 }
 
+/// Writes mariabackup's credentials for an instance (its admin, through its socket) into a
+/// 0600 defaults file at `path`, as the agent does; returns the admin password.
+pub(crate) fn mariabackup_creds(instance_root: &Path, path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let pw = std::fs::read_to_string(instance_root.join("admin.password"))?
+        .trim()
+        .to_string();
+    let sock = std::fs::read_to_string(instance_root.join("my.cnf"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("socket = ").map(String::from))
+        .context("socket in my.cnf")?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(
+        format!("[mariabackup]\nuser=coffer_admin\npassword={pw}\nsocket={sock}\n").as_bytes(),
+    )?;
+    Ok(pw)
+}
+
 pub(crate) fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (v[v.len() / 2], v[0], v[v.len() - 1])

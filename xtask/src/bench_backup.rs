@@ -113,28 +113,7 @@ fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::R
 
     // The tools' credentials come from a 0600 defaults file, as the agent does it.
     let creds = tmp.join("mb.cnf");
-    let pw = std::fs::read_to_string(root.join("admin.password"))?;
-    let sock = std::fs::read_to_string(root.join("my.cnf"))?
-        .lines()
-        .find_map(|l| l.strip_prefix("socket = ").map(String::from))
-        .context("socket in my.cnf")?;
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&creds)?;
-        std::io::Write::write_all(
-            &mut f,
-            format!(
-                "[mariabackup]\nuser=coffer_admin\npassword={}\nsocket={sock}\n",
-                pw.trim()
-            )
-            .as_bytes(),
-        )?;
-    }
+    crate::bench::mariabackup_creds(&root, &creds)?;
     let mb_cmd = |work: &str| {
         format!(
             "mariabackup --defaults-file={} --backup --stream=xbstream --datadir={} --target-dir={} 2>/dev/null",

@@ -201,19 +201,7 @@ fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::R
     let sport = get(&coffer, &src)?["port"].as_u64().unwrap_or(0);
     std::fs::create_dir_all(fdir.join("w"))?;
     std::fs::create_dir_all(fdir.join("data"))?;
-    // mariabackup reads [mariabackup]: write its credentials once (as the agent does).
-    let admin_pw = std::fs::read_to_string(sroot.join("admin.password"))?;
-    let sock = std::fs::read_to_string(sroot.join("my.cnf"))?
-        .lines()
-        .find_map(|l| l.strip_prefix("socket = ").map(String::from))
-        .context("socket")?;
-    std::fs::write(
-        sroot.join("mb.cnf"),
-        format!(
-            "[mariabackup]\nuser=coffer_admin\npassword={}\nsocket={sock}\n",
-            admin_pw.trim()
-        ),
-    )?;
+    let admin_pw = crate::bench::mariabackup_creds(&sroot, &sroot.join("mb.cnf"))?;
     let t0 = Instant::now();
     let st = Command::new("bash")
         .args(["-o", "pipefail", "-c"])
@@ -265,7 +253,7 @@ fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::R
             .args(["-S"])
             .arg(fdir.join("s.sock"))
             .args(["-u", "coffer_admin"])
-            .env("MYSQL_PWD", admin_pw.trim())
+            .env("MYSQL_PWD", &admin_pw)
             .args(["-N", "-B", "-e", q])
             .output()?;
         if !out.status.success() {

@@ -256,27 +256,6 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             )));
         }
     }
-    let id = uuid::Uuid::new_v4().to_string();
-    let intent_id = uuid::Uuid::new_v4().to_string();
-    let ts = store::now();
-    let row = BackupRow {
-        id: id.clone(),
-        project_id: c.project.clone(),
-        instance_id: r.id.clone(),
-        name,
-        description,
-        status: "NEW".into(),
-        parent_id: parent_id.clone(),
-        datastore_version_id: r.datastore_version_id.clone(),
-        size_bytes: None,
-        checksum: None,
-        location: None,
-        progress: String::new(),
-        fault: None,
-        intent_id: Some(intent_id.clone()),
-        created: ts.clone(),
-        updated: ts,
-    };
     let mut tx = app.store.begin().await?;
     let limit = app
         .store
@@ -293,22 +272,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             "Quota exceeded for resources: ['backups'].",
         ));
     }
-    Store::insert_backup(&mut tx, &row).await?;
-    let payload = coffer_proto::envelope(
-        intent_id.clone(),
-        &r.id,
-        v1::envelope::Body::Intent(v1::Intent {
-            deadline_unix_ms: coffer_proto::now_unix_ms() + 600_000,
-            kind: Some(v1::intent::Kind::Backup(v1::Backup {
-                backup_id: id.clone(),
-                parent_id: parent_id.clone().unwrap_or_default(),
-            })),
-        }),
-    )
-    .encode_to_vec();
-    Store::enqueue(&mut tx, &intent_id, &r.id, "backup", &payload).await?;
-    tx.commit().await?;
-    app.outbox_wake.notify_one();
+    let id = start(&app, tx, &r, name, description, parent_id).await?;
     let b = app
         .store
         .backup(&id)
@@ -377,18 +341,34 @@ pub(super) async fn snapshot(
     source: &InstanceRow,
     for_what: &str,
 ) -> anyhow::Result<String> {
+    let tx = app.store.begin().await?;
+    let name = format!("Replication snapshot for {for_what}");
+    start(app, tx, source, name, None, None)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))
+}
+
+/// Records a NEW backup of `r` and queues its intent, inside `tx` (committed here).
+async fn start(
+    app: &App,
+    mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    r: &InstanceRow,
+    name: String,
+    description: Option<String>,
+    parent_id: Option<String>,
+) -> Result<String, ApiError> {
     let id = uuid::Uuid::new_v4().to_string();
     let intent_id = uuid::Uuid::new_v4().to_string();
     let ts = store::now();
     let row = BackupRow {
         id: id.clone(),
-        project_id: source.project_id.clone(),
-        instance_id: source.id.clone(),
-        name: format!("Replication snapshot for {for_what}"),
-        description: None,
+        project_id: r.project_id.clone(),
+        instance_id: r.id.clone(),
+        name,
+        description,
         status: "NEW".into(),
-        parent_id: None,
-        datastore_version_id: source.datastore_version_id.clone(),
+        parent_id: parent_id.clone(),
+        datastore_version_id: r.datastore_version_id.clone(),
         size_bytes: None,
         checksum: None,
         location: None,
@@ -398,21 +378,20 @@ pub(super) async fn snapshot(
         created: ts.clone(),
         updated: ts,
     };
-    let mut tx = app.store.begin().await?;
     Store::insert_backup(&mut tx, &row).await?;
     let payload = coffer_proto::envelope(
         intent_id.clone(),
-        &source.id,
+        &r.id,
         v1::envelope::Body::Intent(v1::Intent {
             deadline_unix_ms: coffer_proto::now_unix_ms() + 600_000,
             kind: Some(v1::intent::Kind::Backup(v1::Backup {
                 backup_id: id.clone(),
-                parent_id: String::new(),
+                parent_id: parent_id.unwrap_or_default(),
             })),
         }),
     )
     .encode_to_vec();
-    Store::enqueue(&mut tx, &intent_id, &source.id, "backup", &payload).await?;
+    Store::enqueue(&mut tx, &intent_id, &r.id, "backup", &payload).await?;
     tx.commit().await?;
     app.outbox_wake.notify_one();
     Ok(id)

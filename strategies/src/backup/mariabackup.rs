@@ -28,26 +28,6 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(4)..].join(" | ")
 }
 
-fn write_defaults(ctx: &BackupCtx) -> Result<std::path::PathBuf, BackupError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(&ctx.tmp_dir)?;
-    let p = ctx.tmp_dir.join("mariabackup.cnf");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&p)?;
-    writeln!(
-        f,
-        "[mariabackup]\nuser={}\npassword={}\nsocket={}\n",
-        ctx.admin_user,
-        ctx.admin_password,
-        ctx.socket.display()
-    )?;
-    Ok(p)
-}
-
 /// Parses the position mariabackup logs, e.g. `MySQL binlog position: filename 'mysql-bin.000002',
 /// position '1234', GTID of the last change '0-1-5'` and `The latest check point (for
 /// incremental): '12345'`.
@@ -94,7 +74,7 @@ impl BackupStrategy for Mariabackup {
                 });
             }
         }
-        let defaults = write_defaults(ctx)?;
+        let defaults = super::write_defaults(ctx, "mariabackup.cnf", "mariabackup")?;
         let work = ctx.tmp_dir.join("mariabackup-work");
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)?;

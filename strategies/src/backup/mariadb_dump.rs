@@ -34,26 +34,6 @@ fn tool_err(tool: &str, detail: impl std::fmt::Display) -> BackupError {
     }
 }
 
-fn write_defaults(ctx: &BackupCtx, name: &str) -> Result<std::path::PathBuf, BackupError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(&ctx.tmp_dir)?;
-    let p = ctx.tmp_dir.join(name);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&p)?;
-    writeln!(
-        f,
-        "[client]\nuser={}\npassword={}\nsocket={}\n",
-        ctx.admin_user,
-        ctx.admin_password,
-        ctx.socket.display()
-    )?;
-    Ok(p)
-}
-
 fn tail(path: &Path) -> String {
     let t = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -194,7 +174,7 @@ impl BackupStrategy for MariadbDump {
                 "logical backups are full only; take a full backup (no parent_id or incremental)",
             ));
         }
-        let defaults = write_defaults(ctx, "mariadb-dump.cnf")?;
+        let defaults = super::write_defaults(ctx, "mariadb-dump.cnf", "client")?;
         let result = (|| {
             let dbs = self.user_databases(&defaults)?;
             let log = ctx.tmp_dir.join("mariadb-dump.log");
@@ -278,7 +258,7 @@ impl BackupStrategy for MariadbDump {
         epilogue: &str,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), BackupError> {
-        let defaults = write_defaults(ctx, "mariadb-load.cnf")?;
+        let defaults = super::write_defaults(ctx, "mariadb-load.cnf", "client")?;
         let result = (|| {
             let log = ctx.tmp_dir.join("mariadb-load.log");
             let mut child = Command::new(&self.client)

@@ -218,6 +218,32 @@ pub struct Manifest {
     pub created_unix: u64,
 }
 
+/// Writes the admin credentials for a tool into a 0600 options file in the scratch dir (never
+/// argv), under `[section]`; the caller removes it when the tool is done.
+pub fn write_defaults(
+    ctx: &BackupCtx,
+    name: &str,
+    section: &str,
+) -> Result<std::path::PathBuf, BackupError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(&ctx.tmp_dir)?;
+    let p = ctx.tmp_dir.join(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&p)?;
+    writeln!(
+        f,
+        "[{section}]\nuser={}\npassword={}\nsocket={}\n",
+        ctx.admin_user,
+        ctx.admin_password,
+        ctx.socket.display()
+    )?;
+    Ok(p)
+}
+
 /// Gives a pipe to or from a tool a 1 MiB buffer (the default 64 KiB makes the tool and the
 /// pipeline take turns instead of running side by side). Best effort.
 pub fn widen_pipe(fd: &impl std::os::fd::AsRawFd) {

@@ -951,13 +951,36 @@ impl Datastore for Mariadb {
 
     async fn enable_root(&self, password: &str) -> Result<(), DatastoreError> {
         let hash = quote(&native_password_hash(password));
-        // Everything but READ_ONLY ADMIN: read_only keeps holding against root on replicas and
-        // fenced sources.
+        // Every privilege the server has but READ_ONLY ADMIN, granted in one statement (never
+        // ALL then a revoke: replicas would apply the window in between), so read_only keeps
+        // holding against root on replicas and fenced sources.
+        let pool = self.pool().await?;
+        // The admin holds every privilege the server has (ALL): its list is the server's.
+        let privileges: Vec<String> = sqlx::query_scalar::<_, String>(&format!(
+            "SELECT CAST(PRIVILEGE_TYPE AS CHAR) FROM information_schema.USER_PRIVILEGES \
+             WHERE GRANTEE = \"'{ADMIN_USER}'@'localhost'\""
+        ))
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| DatastoreError::Query(redact(&e.to_string())))?
+        .into_iter()
+        .map(|p| p.to_ascii_uppercase())
+        .filter(|p| {
+            !["USAGE", "GRANT OPTION", "PROXY", "READ_ONLY ADMIN"].contains(&p.as_str())
+                && p.chars()
+                    .all(|c| c.is_ascii_uppercase() || c == ' ' || c == '_')
+        })
+        .collect();
+        if privileges.is_empty() {
+            return Err(DatastoreError::Query(
+                "the server listed no privileges".into(),
+            ));
+        }
         self.exec(&format!(
             "CREATE USER IF NOT EXISTS 'root'@'%' IDENTIFIED BY PASSWORD {hash}; \
              ALTER USER 'root'@'%' IDENTIFIED BY PASSWORD {hash}; \
-             GRANT ALL PRIVILEGES ON *.* TO 'root'@'%' WITH GRANT OPTION; \
-             REVOKE READ_ONLY ADMIN ON *.* FROM 'root'@'%'"
+             GRANT {} ON *.* TO 'root'@'%' WITH GRANT OPTION",
+            privileges.join(", ")
         ))
         .await
     }
