@@ -348,6 +348,19 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
                 Err(e) => from_ds(e),
             }
         }
+        Kind::ListLogs(_) => CallReply {
+            ok: true,
+            logs: crate::logs::list(ctx),
+            ..Default::default()
+        },
+        Kind::LogAction(a) => match crate::logs::action(ctx, &a.name, &a.action).await {
+            Ok(info) => CallReply {
+                ok: true,
+                logs: vec![info],
+                ..Default::default()
+            },
+            Err((kind, e)) => fail(kind, e),
+        },
         Kind::DefaultConfiguration(_) => match ds.default_configuration() {
             Ok(values) => CallReply {
                 ok: true,

@@ -22,6 +22,9 @@ pub struct AgentConfig {
     /// CA certificate (PEM) of the NATS server: connect with TLS and verify it.
     #[serde(default)]
     pub nats_ca_file: Option<PathBuf>,
+    /// Where this agent's own log goes (the `guest` log), when it is a file.
+    #[serde(default)]
+    pub guest_log_file: Option<PathBuf>,
     /// How often to send a heartbeat.
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_interval_ms: u64,

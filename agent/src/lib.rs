@@ -17,6 +17,7 @@ pub mod config;
 pub mod configure;
 pub mod heartbeat;
 pub mod intents;
+pub mod logs;
 pub mod replication;
 pub mod state;
 pub mod supervisor;
@@ -166,6 +167,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         let c = ctx.clone();
         async move {
             replication::watchdog(c).await;
+            Ok(())
+        }
+    });
+    set.spawn({
+        let c = ctx.clone();
+        async move {
+            logs::watch(c.clone()).await;
+            // Without a watcher the sizes are read on demand: keep the set running.
+            c.shutdown.cancelled().await;
             Ok(())
         }
     });

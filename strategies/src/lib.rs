@@ -13,6 +13,7 @@
 pub mod backup;
 pub mod config_rules;
 pub mod datastore;
+pub mod logs;
 pub mod pipeline;
 pub mod storage;
 

@@ -57,6 +57,10 @@ out["cfg_updated"] = c.configurations.get(cfg.id).values
 out["cfg_listed"] = [x.name for x in c.configurations.list()]
 out["default_mc"] = c.instances.configuration(inst.id).configuration["max_connections"]
 c.instances.update(inst.id, remove_configuration=True)
+out["logs"] = sorted(l.name for l in c.instances.log_list(inst.id))
+out["log_enabled"] = c.instances.log_action(inst.id, "general", enable=True).status
+out["log_published"] = c.instances.log_action(inst.id, "general", publish=True).published
+out["log_shown"] = c.instances.log_show(inst.id, "general").status
 c.configurations.delete(cfg.id)
 out["cfg_after"] = [x.name for x in c.configurations.list()]
 c.instances.delete(inst.id)
@@ -134,4 +138,19 @@ async fn troveclient_lists_creates_shows_and_deletes() {
     assert_eq!(v["cfg_listed"], serde_json::json!(["tcg"]));
     assert!(v["default_mc"].as_i64().unwrap() > 0, "{v}");
     assert_eq!(v["cfg_after"], serde_json::json!([]));
+    assert_eq!(
+        v["logs"],
+        serde_json::json!(["general", "slow_query"]),
+        "{v}"
+    );
+    assert!(
+        ["Enabled", "Ready"].contains(&v["log_enabled"].as_str().unwrap()),
+        "{v}"
+    );
+    assert!(v["log_published"].as_u64().unwrap() > 0, "{v}");
+    // The general log keeps growing (the agent's own queries land in it too).
+    assert!(
+        ["Published", "Partial"].contains(&v["log_shown"].as_str().unwrap()),
+        "{v}"
+    );
 }

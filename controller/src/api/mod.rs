@@ -8,6 +8,7 @@ mod backups;
 mod catalog;
 mod configurations;
 mod instances;
+mod logs;
 mod quotas;
 pub mod replicas;
 
@@ -370,6 +371,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             &format!("{p}/instances/{{id}}/configuration"),
             get(configurations::instance_default),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}/log"),
+            get(logs::list).post(logs::action),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}/log/{{name}}/tail"),
+            get(logs::tail),
         )
         .route(
             &format!("{p}/configurations"),

@@ -182,12 +182,18 @@ impl Provisioner for ProcessProvisioner {
              nats_url = {nats:?}\n\
              {creds_line}{ca_line}\
              heartbeat_interval_ms = {hb}\n\
+             guest_log_file = {guest_log:?}\n\
              \n[listen]\nbind_address = {bind:?}\nport = {port}\n\
              \n[datastore]\nkind = {kind:?}\n{extra}\n{backup}",
             id = p.instance_id,
             state = self.state_dir(&p.instance_id).display().to_string(),
             nats = p.nats_url,
             hb = self.cfg.heartbeat_interval_ms,
+            guest_log = self
+                .dir(&p.instance_id)
+                .join("agent.log")
+                .display()
+                .to_string(),
             bind = self.cfg.bind_address,
             kind = p.manager,
             backup = p

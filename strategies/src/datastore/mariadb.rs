@@ -99,6 +99,12 @@ impl Mariadb {
     fn role_file(&self) -> PathBuf {
         self.layout.root.join("role.cnf")
     }
+    fn logs_file(&self) -> PathBuf {
+        self.layout.root.join("logs.cnf")
+    }
+    fn logs_dir(&self) -> PathBuf {
+        self.layout.root.join("logs")
+    }
 
     fn write_role(&self, read_only: bool) -> Result<(), DatastoreError> {
         use std::io::Write;
@@ -232,7 +238,7 @@ impl Mariadb {
         sizing: &Sizing,
         fresh: bool,
     ) -> Result<String, DatastoreError> {
-        for d in [self.layout.root.clone(), self.tmp_dir()] {
+        for d in [self.layout.root.clone(), self.tmp_dir(), self.logs_dir()] {
             tokio::fs::create_dir_all(&d)
                 .await
                 .map_err(|e| DatastoreError::io(&d, e))?;
@@ -243,6 +249,9 @@ impl Mariadb {
         }
         if !self.role_file().exists() {
             self.write_role(false)?;
+        }
+        if !self.logs_file().exists() {
+            self.write_log_settings(&[])?;
         }
         tokio::fs::write(&cnf, self.render_config(sizing))
             .await
@@ -484,8 +493,11 @@ impl Datastore for Mariadb {
              sync_binlog = 1\n\
              # Configuration group values (written by coffer-agent), last so they win.\n\
              !include {overrides}\n\
+             # Guest logs switched on through the API.\n\
+             !include {logs}\n\
              # The replication role (read_only on replicas and fenced sources).\n\
              !include {role}\n",
+            logs = self.logs_file().display(),
             overrides = self.overrides_file().display(),
             role = self.role_file().display(),
             user = os_user(),
@@ -525,6 +537,57 @@ impl Datastore for Mariadb {
             .await
             .map_err(|e| DatastoreError::io(&marker, e))?;
         Ok(())
+    }
+
+    fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
+        use crate::logs::{LogDef, LogKind};
+        // Their own directory, not the data directory: watching it sees only log writes.
+        let dir = self.logs_dir();
+        let user = |name: &str, switch: &str, file_var: &str| {
+            let file = dir.join(format!("mariadb-{name}.log"));
+            LogDef {
+                name: name.into(),
+                kind: LogKind::User,
+                enable: vec![
+                    ("log_output".into(), "FILE".into()),
+                    (file_var.into(), file.display().to_string()),
+                    (switch.into(), "ON".into()),
+                ],
+                disable: vec![(switch.into(), "OFF".into())],
+                file,
+            }
+        };
+        vec![
+            user("general", "general_log", "general_log_file"),
+            user("slow_query", "slow_query_log", "slow_query_log_file"),
+            LogDef {
+                name: "error".into(),
+                kind: LogKind::Sys,
+                file: self.layout.root.join("mariadbd.err"),
+                enable: vec![],
+                disable: vec![],
+            },
+        ]
+    }
+
+    fn write_log_settings(&self, vars: &[(String, String)]) -> Result<(), DatastoreError> {
+        use std::io::Write;
+        let mut text = String::from(
+            "# Guest logs switched on through the API, written by coffer-agent (do not edit).\n[mysqld]\n",
+        );
+        for (k, v) in vars {
+            if !config_rules::safe_name(k) || v.contains(['\n', '#', '\'', '"']) {
+                return Err(DatastoreError::Invalid(format!("bad log setting '{k}'")));
+            }
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+        let p = self.logs_file();
+        let tmp = p.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(|e| DatastoreError::io(&tmp, e))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| DatastoreError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &p).map_err(|e| DatastoreError::io(&p, e))
     }
 
     fn overrides(&self) -> Result<BTreeMap<String, String>, DatastoreError> {

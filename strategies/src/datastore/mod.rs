@@ -197,6 +197,10 @@ pub trait Datastore: Send + Sync {
     async fn kill_tenant_connections(&self) -> Result<u32, DatastoreError>;
     /// Sets `read_only` live and for every later start.
     async fn set_read_only_persistent(&self, read_only: bool) -> Result<(), DatastoreError>;
+    /// The datastore's logs (the agent adds its own).
+    fn log_definitions(&self) -> Vec<crate::logs::LogDef>;
+    /// Writes the log settings the server reads at every start (the enabled logs' variables).
+    fn write_log_settings(&self, vars: &[(String, String)]) -> Result<(), DatastoreError>;
     /// The configuration overrides the server reads at its next start (name → value).
     fn overrides(&self) -> Result<std::collections::BTreeMap<String, String>, DatastoreError>;
     /// Replaces the overrides file (atomically); names and values are checked again here.

@@ -44,6 +44,8 @@ pub trait Storage: Send + Sync {
     fn location(&self, key: &str) -> String;
     /// Removes what an interrupted writer of `key` left behind (the writer's process died).
     fn discard_partial(&self, key: &str);
+    /// Keys of the committed objects that start with `prefix`, sorted.
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
 }
 
 /// Storage backends selectable in configuration.
@@ -85,13 +87,18 @@ impl StorageKind {
     }
 }
 
+/// Keys are `/`-separated segments of letters, digits and `-_.`, none empty or starting
+/// with a dot (so nothing climbs out of a local root or hides as a partial file).
 pub(crate) fn check_key(key: &str) -> Result<(), StorageError> {
     let ok = !key.is_empty()
         && key.len() <= 200
-        && !key.starts_with('.')
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        && key.split('/').all(|seg| {
+            !seg.is_empty()
+                && !seg.starts_with('.')
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        });
     if ok {
         Ok(())
     } else {
@@ -196,8 +203,9 @@ impl Storage for LocalStorage {
 
     fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
         check_key(key)?;
-        std::fs::create_dir_all(&self.root).map_err(io_at(&self.root))?;
-        let partial = self.root.join(format!(".{key}.partial"));
+        let partial = self.partial_path(key);
+        let dir = partial.parent().unwrap_or(&self.root).to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         let file = std::fs::File::create(&partial).map_err(io_at(&partial))?;
         Ok(Box::new(LocalWriter {
             file: Some(file),
@@ -240,8 +248,49 @@ impl Storage for LocalStorage {
 
     fn discard_partial(&self, key: &str) {
         if check_key(key).is_ok() {
-            let _ = std::fs::remove_file(self.root.join(format!(".{key}.partial")));
+            let _ = std::fs::remove_file(self.partial_path(key));
         }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                let p = e.path();
+                match e.file_type() {
+                    Ok(t) if t.is_dir() => walk(root, &p, out),
+                    Ok(t) if t.is_file() => {
+                        if let Ok(rel) = p.strip_prefix(root) {
+                            out.push(rel.to_string_lossy().into_owned());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.root, &self.root, &mut out);
+        out.retain(|k| k.starts_with(prefix));
+        out.sort();
+        Ok(out)
+    }
+}
+
+impl LocalStorage {
+    /// Where `key` is written until it commits: a hidden file beside the object.
+    fn partial_path(&self, key: &str) -> PathBuf {
+        let target = self.root.join(key);
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        target.with_file_name(format!(".{name}.partial"))
     }
 }
 

@@ -356,6 +356,31 @@ impl Storage for NatsStorage {
         format!("nats-object-store://{}/{}", self.bucket, key)
     }
 
+    fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        use futures::TryStreamExt;
+        let mut names: Vec<String> = self.rt.block_on(async {
+            let store = self
+                .js
+                .get_object_store(&self.bucket)
+                .await
+                .map_err(|e| nats_err(&self.bucket, e))?;
+            let list = store.list().await.map_err(|e| nats_err(&self.bucket, e))?;
+            let infos: Vec<ObjectInfo> = list
+                .try_collect()
+                .await
+                .map_err(|e| nats_err(&self.bucket, e))?;
+            Ok::<_, StorageError>(
+                infos
+                    .into_iter()
+                    .filter(|i| !i.deleted && i.name.starts_with(prefix))
+                    .map(|i| i.name)
+                    .collect(),
+            )
+        })?;
+        names.sort();
+        Ok(names)
+    }
+
     fn discard_partial(&self, key: &str) {
         if check_key(key).is_err() {
             return;

@@ -1,0 +1,174 @@
+//! Guest logs (`/instances/{id}/log`), carried out by the agent; and a tail of a published log
+//! (`/instances/{id}/log/{name}/tail?lines=N`, beyond Trove: its CLI reads Swift directly and
+//! ours is not Swift), read by the controller from the storage through the same trait.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query};
+use coffer_proto::v1;
+use serde_json::{json, Value};
+
+use super::access::call;
+use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
+
+fn log_json(l: &v1::LogInfo) -> Value {
+    json!({
+        "name": l.name, "type": l.r#type, "status": l.status,
+        "published": l.published, "pending": l.pending,
+        "container": l.container, "prefix": l.prefix, "metafile": l.metafile,
+    })
+}
+
+pub async fn list(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+    let r = super::instances::find(&st, &c, &id).await?;
+    let (_, reply) = call(&st, &r, v1::call::Kind::ListLogs(v1::ListLogs {})).await?;
+    // Tenants see their own (USER) logs; admins every log.
+    let logs: Vec<Value> = reply
+        .logs
+        .iter()
+        .filter(|l| c.admin || l.r#type == "USER")
+        .map(log_json)
+        .collect();
+    ok(json!({ "logs": logs }))
+}
+
+pub async fn action(
+    st: AppState,
+    c: Caller,
+    Path((_p, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let b = parse_body(&body)?;
+    for k in b.keys() {
+        if !["name", "enable", "disable", "publish", "discard"].contains(&k.as_str()) {
+            return Err(ApiError::validation(format!(
+                "Additional properties are not allowed ('{k}' was unexpected)"
+            )));
+        }
+    }
+    let name = match b.get("name") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => return Err(ApiError::validation("'name' is a required property")),
+    };
+    let flag = |k: &str| -> Result<bool, ApiError> {
+        match b.get(k) {
+            None => Ok(false),
+            Some(v) if v == 0 => Ok(false),
+            Some(v) if v == 1 => Ok(true),
+            Some(v) => Err(ApiError::validation(format!(
+                "'{k}' {v} is not one of [0, 1]"
+            ))),
+        }
+    };
+    let (enable, disable, publish, discard) = (
+        flag("enable")?,
+        flag("disable")?,
+        flag("publish")?,
+        flag("discard")?,
+    );
+    if enable && disable {
+        return Err(ApiError::bad_request(
+            "Cannot enable and disable a log at the same time.",
+        ));
+    }
+    let r = super::instances::find(&st, &c, &id).await?;
+    let (_, all) = call(&st, &r, v1::call::Kind::ListLogs(v1::ListLogs {})).await?;
+    let Some(log) = all.logs.iter().find(|l| l.name == name) else {
+        return Err(ApiError::not_found(format!("Log {name} does not exist.")));
+    };
+    if log.r#type != "USER" && !c.admin {
+        return Err(ApiError::forbidden(format!(
+            "Log {name} is a system log: only an administrator may act on it."
+        )));
+    }
+    let mut actions = Vec::new();
+    if enable {
+        actions.push("enable");
+    }
+    if disable {
+        actions.push("disable");
+    }
+    if discard {
+        actions.push("discard");
+    }
+    if publish {
+        actions.push("publish");
+    }
+    if actions.is_empty() {
+        actions.push("show");
+    }
+    let mut last = None;
+    for a in actions {
+        let (_, reply) = call(
+            &st,
+            &r,
+            v1::call::Kind::LogAction(v1::LogAction {
+                name: name.clone(),
+                action: a.into(),
+            }),
+        )
+        .await
+        .map_err(|e| {
+            if e.status == axum::http::StatusCode::NOT_IMPLEMENTED {
+                ApiError::new(
+                    axum::http::StatusCode::NOT_IMPLEMENTED,
+                    "notImplemented",
+                    format!("Logs are not available: {}", e.message),
+                )
+            } else {
+                e
+            }
+        })?;
+        last = reply.logs.into_iter().next();
+    }
+    let l = last.ok_or_else(|| anyhow::anyhow!("the agent answered no log"))?;
+    ok(json!({ "log": log_json(&l) }))
+}
+
+#[derive(serde::Deserialize)]
+pub struct TailQuery {
+    lines: Option<String>,
+}
+
+pub async fn tail(
+    st: AppState,
+    c: Caller,
+    Path((_p, id, name)): Path<(String, String, String)>,
+    Query(q): Query<TailQuery>,
+) -> ApiResult {
+    let r = super::instances::find(&st, &c, &id).await?;
+    let n: usize = match &q.lines {
+        None => 20,
+        Some(s) => s
+            .parse()
+            .ok()
+            .filter(|n| *n > 0 && *n <= 100_000)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("lines must be 1 to 100000, not '{s}'."))
+            })?,
+    };
+    let (_, all) = call(&st, &r, v1::call::Kind::ListLogs(v1::ListLogs {})).await?;
+    let Some(log) = all.logs.iter().find(|l| l.name == name) else {
+        return Err(ApiError::not_found(format!("Log {name} does not exist.")));
+    };
+    if log.r#type != "USER" && !c.admin {
+        return Err(ApiError::forbidden(format!(
+            "Log {name} is a system log: only an administrator may read it."
+        )));
+    }
+    if log.prefix == "None" {
+        return ok(json!({"name": name, "lines": []}));
+    }
+    let cfg = st.cfg.backup.clone().ok_or_else(|| {
+        ApiError::not_implemented("Logs are not available: no storage is configured.")
+    })?;
+    let prefix = format!("{}/{}", log.container, log.prefix);
+    let client = st.client.clone();
+    let lines = tokio::task::spawn_blocking(move || {
+        let storage = cfg.storage.build(Some(&client))?;
+        coffer_strategies::logs::tail(storage.as_ref(), &prefix, n)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("reading the log: {e}"))?
+    .map_err(|e| anyhow::anyhow!("reading the log: {e}"))?;
+    ok(json!({"name": name, "lines": lines}))
+}
