@@ -348,6 +348,24 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
                 Err(e) => from_ds(e),
             }
         }
+        Kind::ApplyModules(a) => CallReply {
+            ok: true,
+            modules: crate::modules::apply(ctx, a.modules),
+            ..Default::default()
+        },
+        Kind::ListModules(_) => CallReply {
+            ok: true,
+            modules: crate::modules::list(ctx),
+            ..Default::default()
+        },
+        Kind::RemoveModule(r) => match crate::modules::remove(ctx, &r.id) {
+            Ok(m) => CallReply {
+                ok: true,
+                modules: vec![m],
+                ..Default::default()
+            },
+            Err((kind, e)) => fail(kind, e),
+        },
         Kind::ListLogs(_) => CallReply {
             ok: true,
             logs: crate::logs::list(ctx),

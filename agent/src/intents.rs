@@ -552,6 +552,15 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
             String::from_utf8(root).map_err(|_| "the root password is not UTF-8".to_string())?;
         ds.enable_root(&root).await.map_err(|e| e.to_string())?;
     }
+    if !p.modules.is_empty() {
+        progress(ctx, id, "prepare", 90, "applying modules").await;
+        // A module that fails is recorded as such; it never fails the instance.
+        for r in crate::modules::apply(ctx, p.modules.clone()) {
+            if r.status != "OK" {
+                tracing::warn!(module = ?r.module.map(|m| m.name), message = %r.message, "module failed");
+            }
+        }
+    }
     let mut desired = desired;
     desired.prepared = true;
     ctx.state.set_desired(&desired).map_err(|e| e.to_string())?;

@@ -18,6 +18,7 @@ pub mod configure;
 pub mod heartbeat;
 pub mod intents;
 pub mod logs;
+pub mod modules;
 pub mod replication;
 pub mod state;
 pub mod supervisor;

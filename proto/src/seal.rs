@@ -157,6 +157,16 @@ pub fn kept_replication_context(source: &str) -> String {
     format!("coffer/v1/{source}/replication/kept")
 }
 
+/// The context string of a module's contents as sealed to an instance's agent.
+pub fn module_contents_context(instance: &str, module: &str) -> String {
+    format!("coffer/v1/{instance}/module/{module}")
+}
+
+/// The context string of a module's contents kept by the controller (sealed to its own key).
+pub fn kept_module_context(module: &str) -> String {
+    format!("coffer/v1/module/{module}/kept")
+}
+
 /// The context string of a secret in the reply to call `call_id` of an instance.
 pub fn reply_context(instance: &str, call_id: &str) -> String {
     format!("coffer/v1/{instance}/reply/{call_id}")

@@ -14,6 +14,7 @@ pub mod backup;
 pub mod config_rules;
 pub mod datastore;
 pub mod logs;
+pub mod modules;
 pub mod pipeline;
 pub mod storage;
 

@@ -61,6 +61,14 @@ out["logs"] = sorted(l.name for l in c.instances.log_list(inst.id))
 out["log_enabled"] = c.instances.log_action(inst.id, "general", enable=True).status
 out["log_published"] = c.instances.log_action(inst.id, "general", publish=True).published
 out["log_shown"] = c.instances.log_show(inst.id, "general").status
+mod = c.modules.create("tcmod", "ping", "message=hello from troveclient\n")
+applied = c.instances.module_apply(inst.id, [mod.id])
+out["mod_applied"] = [(m.name, m.status, m.message) for m in applied]
+out["mod_listed"] = [m.name for m in c.instances.modules(inst.id)]
+c.instances.module_remove(inst.id, mod.id)
+out["mod_after"] = [m.name for m in c.instances.modules(inst.id)]
+c.modules.delete(mod.id)
+out["mods_left"] = [m.name for m in c.modules.list()]
 c.configurations.delete(cfg.id)
 out["cfg_after"] = [x.name for x in c.configurations.list()]
 c.instances.delete(inst.id)
@@ -148,6 +156,14 @@ async fn troveclient_lists_creates_shows_and_deletes() {
         "{v}"
     );
     assert!(v["log_published"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(
+        v["mod_applied"],
+        serde_json::json!([["tcmod", "OK", "hello from troveclient"]]),
+        "{v}"
+    );
+    assert_eq!(v["mod_listed"], serde_json::json!(["tcmod"]), "{v}");
+    assert_eq!(v["mod_after"], serde_json::json!([]), "{v}");
+    assert_eq!(v["mods_left"], serde_json::json!([]), "{v}");
     // The general log keeps growing (the agent's own queries land in it too).
     assert!(
         ["Published", "Partial"].contains(&v["log_shown"].as_str().unwrap()),

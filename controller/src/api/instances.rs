@@ -29,7 +29,7 @@ const CREATE_KEYS: &[&str] = &[
     "region_name",
     "access",
 ];
-const NOT_YET: &[&str] = &["modules"];
+const NOT_YET: &[&str] = &[];
 
 /// Deadline for an intent of `kind`, from now.
 fn deadline(app: &App, kind: &str) -> i64 {
@@ -108,6 +108,7 @@ struct CreateReq {
     users: Vec<v1::User>,
     restore_from: Option<String>,
     configuration: Option<String>,
+    modules: Vec<String>,
 }
 
 /// A create with `replica_of`: replicas inherit flavor, volume and version from the source.
@@ -411,7 +412,25 @@ fn parse_create(body: &Map<String, Value>) -> Result<CreateReq, ApiError> {
             ))
         })?),
     };
+    let modules = match inst.get("modules") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.get("id")
+                    .and_then(id_of)
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| ApiError::validation("instance['modules'] items need an 'id'"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(v) => {
+            return Err(ApiError::validation(format!(
+                "instance['modules'] {v} is not of type 'array'"
+            )))
+        }
+    };
     Ok(CreateReq {
+        modules,
         configuration,
         restore_from,
         name,
@@ -531,6 +550,14 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         }
         None => vec![],
     };
+    let modules = super::modules::for_create(
+        &app,
+        &c,
+        &req.modules,
+        &version.datastore_name,
+        &version.name,
+    )
+    .await?;
     // Quota: a cheap check before placing anything; the binding one runs in the transaction.
     {
         let mut tx = app.store.begin().await?;
@@ -568,6 +595,15 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         .map_err(|e| anyhow::anyhow!("sealing the root password: {e}"))?,
         None => vec![],
     };
+    let module_specs = modules
+        .iter()
+        .map(|m| super::modules::spec_sealed(&app, &id, &placed.public_key, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    for m in &modules {
+        app.store
+            .record_instance_module(&id, &m.id, &m.md5, "PENDING", "", false)
+            .await?;
+    }
     let ts = store::now();
     let stored: Result<(), ApiError> = async {
         let mut tx = app.store.begin().await?;
@@ -617,6 +653,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
                 .map(|backup_id| v1::RestoreFrom { backup_id }),
             overrides,
             replica_of: None,
+            modules: module_specs,
         });
         let payload = intent_payload(&app, &id, &intent_id, prepare);
         Store::enqueue(&mut tx, &intent_id, &id, "prepare", &payload).await?;

@@ -9,6 +9,7 @@ mod catalog;
 mod configurations;
 mod instances;
 mod logs;
+mod modules;
 mod quotas;
 pub mod replicas;
 
@@ -375,6 +376,28 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             &format!("{p}/instances/{{id}}/log"),
             get(logs::list).post(logs::action),
+        )
+        .route(
+            &format!("{p}/modules"),
+            get(modules::list).post(modules::create),
+        )
+        .route(
+            &format!("{p}/modules/{{id}}"),
+            get(modules::show)
+                .put(modules::update)
+                .delete(modules::delete),
+        )
+        .route(
+            &format!("{p}/modules/{{id}}/instances"),
+            get(modules::instances),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}/modules"),
+            get(modules::instance_list).post(modules::instance_apply),
+        )
+        .route(
+            &format!("{p}/instances/{{id}}/modules/{{mid}}"),
+            delete(modules::instance_remove),
         )
         .route(
             &format!("{p}/instances/{{id}}/log/{{name}}/tail"),

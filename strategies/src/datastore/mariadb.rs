@@ -105,6 +105,9 @@ impl Mariadb {
     fn logs_dir(&self) -> PathBuf {
         self.layout.root.join("logs")
     }
+    fn confd(&self) -> PathBuf {
+        self.layout.root.join("conf.d")
+    }
 
     fn write_role(&self, read_only: bool) -> Result<(), DatastoreError> {
         use std::io::Write;
@@ -238,7 +241,12 @@ impl Mariadb {
         sizing: &Sizing,
         fresh: bool,
     ) -> Result<String, DatastoreError> {
-        for d in [self.layout.root.clone(), self.tmp_dir(), self.logs_dir()] {
+        for d in [
+            self.layout.root.clone(),
+            self.tmp_dir(),
+            self.logs_dir(),
+            self.confd(),
+        ] {
             tokio::fs::create_dir_all(&d)
                 .await
                 .map_err(|e| DatastoreError::io(&d, e))?;
@@ -493,11 +501,14 @@ impl Datastore for Mariadb {
              sync_binlog = 1\n\
              # Configuration group values (written by coffer-agent), last so they win.\n\
              !include {overrides}\n\
+             # Config modules' drop-ins.\n\
+             !includedir {confd}\n\
              # Guest logs switched on through the API.\n\
              !include {logs}\n\
              # The replication role (read_only on replicas and fenced sources).\n\
              !include {role}\n",
             logs = self.logs_file().display(),
+            confd = self.confd().display(),
             overrides = self.overrides_file().display(),
             role = self.role_file().display(),
             user = os_user(),
@@ -537,6 +548,10 @@ impl Datastore for Mariadb {
             .await
             .map_err(|e| DatastoreError::io(&marker, e))?;
         Ok(())
+    }
+
+    fn confd_dir(&self) -> PathBuf {
+        self.confd()
     }
 
     fn log_definitions(&self) -> Vec<crate::logs::LogDef> {

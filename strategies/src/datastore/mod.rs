@@ -197,6 +197,8 @@ pub trait Datastore: Send + Sync {
     async fn kill_tenant_connections(&self) -> Result<u32, DatastoreError>;
     /// Sets `read_only` live and for every later start.
     async fn set_read_only_persistent(&self, read_only: bool) -> Result<(), DatastoreError>;
+    /// The directory of configuration drop-ins (config modules) the server reads.
+    fn confd_dir(&self) -> PathBuf;
     /// The datastore's logs (the agent adds its own).
     fn log_definitions(&self) -> Vec<crate::logs::LogDef>;
     /// Writes the log settings the server reads at every start (the enabled logs' variables).

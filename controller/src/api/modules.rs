@@ -1,0 +1,500 @@
+//! Modules (`/modules`) and instance modules (`/instances/{id}/modules`). Contents arrive
+//! base64-encoded (as troveclient sends them), are checked by the type's driver (a `config`
+//! module also against the version's configuration parameters), kept sealed to the controller's
+//! own key, and reach an agent sealed to its key.
+
+use axum::body::Bytes;
+use axum::extract::Path;
+use coffer_proto::{seal, v1};
+use serde_json::{json, Map, Value};
+
+use super::access::call;
+use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
+use crate::store::{InstanceRow, ModuleRow};
+use crate::App;
+
+fn b64(s: &str) -> Option<Vec<u8>> {
+    data_encoding::BASE64
+        .decode(s.trim().as_bytes())
+        .ok()
+        .or_else(|| data_encoding::BASE64_NOPAD.decode(s.trim().as_bytes()).ok())
+}
+
+fn module_json(m: &ModuleRow) -> Value {
+    json!({
+        "id": m.id, "name": m.name, "type": m.kind, "description": m.description,
+        "tenant_id": m.project_id, "tenant": m.project_id.clone().unwrap_or_else(|| "all".into()),
+        "datastore_id": null, "datastore": m.datastore.clone().unwrap_or_else(|| "all".into()),
+        "datastore_version_id": null,
+        "datastore_version": m.datastore_version.clone().unwrap_or_else(|| "all".into()),
+        "auto_apply": m.auto_apply, "priority_apply": m.priority_apply,
+        "apply_order": m.apply_order, "is_admin": m.is_admin, "md5": m.md5,
+        "visible": m.visible, "live_update": m.live_update,
+        "created": m.created, "updated": m.updated,
+    })
+}
+
+async fn find(app: &App, c: &Caller, id: &str) -> Result<ModuleRow, ApiError> {
+    match app.store.module(id).await? {
+        Some(m)
+            if c.admin || m.project_id.is_none() || m.project_id.as_deref() == Some(&c.project) =>
+        {
+            Ok(m)
+        }
+        _ => Err(ApiError::not_found(format!("Module {id} cannot be found."))),
+    }
+}
+
+fn int_flag(b: &Map<String, Value>, k: &str) -> Result<Option<bool>, ApiError> {
+    match b.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) if v == 0 => Ok(Some(false)),
+        Some(v) if v == 1 => Ok(Some(true)),
+        Some(v) => Err(ApiError::validation(format!(
+            "module['{k}'] {v} is not one of [0, 1]"
+        ))),
+    }
+}
+
+/// Applies a create/update body onto `m`; checks admin-only options and the contents.
+async fn fill(
+    app: &App,
+    c: &Caller,
+    m: &mut ModuleRow,
+    b: &Map<String, Value>,
+    creating: bool,
+) -> Result<(), ApiError> {
+    const KEYS: &[&str] = &[
+        "name",
+        "module_type",
+        "type",
+        "contents",
+        "description",
+        "datastore",
+        "auto_apply",
+        "all_tenants",
+        "visible",
+        "live_update",
+        "priority_apply",
+        "full_access",
+        "apply_order",
+        "all_datastores",
+        "all_datastore_versions",
+    ];
+    for k in b.keys() {
+        if !KEYS.contains(&k.as_str()) {
+            return Err(ApiError::validation(format!(
+                "module Additional properties are not allowed ('{k}' was unexpected)"
+            )));
+        }
+    }
+    if let Some(n) = b.get("name") {
+        let n = n
+            .as_str()
+            .filter(|s| !s.trim().is_empty() && s.len() <= 255)
+            .ok_or_else(|| ApiError::validation("module['name'] must be a non-empty string"))?;
+        m.name = n.to_string();
+    } else if creating {
+        return Err(ApiError::validation("'name' is a required property"));
+    }
+    if let Some(t) = b.get("module_type") {
+        let t = t.as_str().unwrap_or_default().to_ascii_lowercase();
+        if coffer_strategies::modules::driver(&t).is_none() {
+            return Err(ApiError::not_found(format!(
+                "Module type '{t}' was not found (known: {}).",
+                coffer_strategies::modules::TYPES.join(", ")
+            )));
+        }
+        m.kind = t;
+    } else if creating {
+        m.kind = "ping".into();
+    }
+    if let Some(d) = b.get("description") {
+        m.description = d.as_str().map(str::to_string);
+    }
+    if let Some(d) = b.get("datastore") {
+        match d {
+            Value::Null => {
+                m.datastore = None;
+                m.datastore_version = None;
+            }
+            Value::Object(o) => {
+                m.datastore = o.get("type").and_then(Value::as_str).map(str::to_string);
+                m.datastore_version = o.get("version").and_then(Value::as_str).map(str::to_string);
+            }
+            _ => {
+                return Err(ApiError::validation(
+                    "module['datastore'] is not of type 'object'",
+                ))
+            }
+        }
+    }
+    if int_flag(b, "all_datastores")? == Some(true) {
+        m.datastore = None;
+        m.datastore_version = None;
+    }
+    if int_flag(b, "all_datastore_versions")? == Some(true) {
+        m.datastore_version = None;
+    }
+    // Admin-only options (Trove's ModuleAccessForbidden).
+    let admin_only = [
+        ("auto_apply", int_flag(b, "auto_apply")? == Some(true)),
+        ("all_tenants", int_flag(b, "all_tenants")? == Some(true)),
+        ("visible", int_flag(b, "visible")? == Some(false)),
+        (
+            "priority_apply",
+            int_flag(b, "priority_apply")? == Some(true),
+        ),
+    ];
+    if let Some((k, _)) = admin_only.iter().find(|(_, used)| *used) {
+        if !c.admin {
+            return Err(ApiError::forbidden(format!(
+                "Module option '{k}' is for administrators only."
+            )));
+        }
+    }
+    if let Some(v) = int_flag(b, "auto_apply")? {
+        m.auto_apply = v;
+    }
+    if let Some(v) = int_flag(b, "visible")? {
+        m.visible = v;
+    }
+    if let Some(v) = int_flag(b, "live_update")? {
+        m.live_update = v;
+    }
+    if let Some(v) = int_flag(b, "priority_apply")? {
+        m.priority_apply = v;
+    }
+    if int_flag(b, "all_tenants")? == Some(true) {
+        m.project_id = None;
+    }
+    if let Some(o) = b.get("apply_order") {
+        m.apply_order = o.as_i64().filter(|n| (0..=9).contains(n)).ok_or_else(|| {
+            ApiError::validation(format!("module['apply_order'] {o} is not 0 to 9"))
+        })?;
+    }
+    m.is_admin = c.admin
+        && (m.project_id.is_none() || !m.visible || m.auto_apply || m.priority_apply)
+        && int_flag(b, "full_access")? != Some(true);
+    if let Some(contents) = b.get("contents") {
+        let text = contents
+            .as_str()
+            .ok_or_else(|| ApiError::validation("module['contents'] is not of type 'string'"))?;
+        let bytes = b64(text).ok_or_else(|| {
+            ApiError::bad_request(
+                "module['contents'] is not valid base64 (send the file base64-encoded).",
+            )
+        })?;
+        let d = coffer_strategies::modules::driver(&m.kind).expect("checked above");
+        d.validate(&bytes).map_err(|e| {
+            ApiError::bad_request(format!("The {} module's contents: {e}.", m.kind))
+        })?;
+        if m.kind == "config" {
+            // Like a configuration group: every value checked against the version's rules.
+            let version = super::instances::resolve_version(
+                app,
+                m.datastore.as_deref(),
+                m.datastore_version.as_deref(),
+            )
+            .await?;
+            let mut values = Map::new();
+            for (k, v) in
+                coffer_strategies::modules::config_values(&bytes).map_err(ApiError::bad_request)?
+            {
+                let j = v
+                    .parse::<i64>()
+                    .map(Value::from)
+                    .or_else(|_| v.parse::<f64>().map(Value::from))
+                    .unwrap_or(Value::String(v));
+                values.insert(k, j);
+            }
+            super::configurations::check_values(app, &version.id, &values).await?;
+        }
+        m.md5 = format!("{:x}", md5_of(text.trim().as_bytes()));
+        let kept = seal::seal(
+            &app.reply_public_key,
+            &seal::kept_module_context(&m.id),
+            &bytes,
+        )
+        .map_err(|e| anyhow::anyhow!("sealing: {e}"))?;
+        m.contents_sealed = seal::to_hex(&kept);
+    } else if creating {
+        return Err(ApiError::validation("'contents' is a required property"));
+    }
+    Ok(())
+}
+
+/// MD5 as Trove reports it (of the base64 text).
+fn md5_of(b: &[u8]) -> u128 {
+    let d = openssl::hash::hash(openssl::hash::MessageDigest::md5(), b).expect("md5");
+    u128::from_be_bytes(d.as_ref().try_into().expect("16 bytes"))
+}
+
+fn body_of(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
+    match parse_body(body)?.get("module") {
+        Some(Value::Object(o)) => Ok(o.clone()),
+        _ => Err(ApiError::validation("'module' is a required property")),
+    }
+}
+
+pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
+    let b = body_of(&body)?;
+    let ts = crate::store::now();
+    let mut m = ModuleRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        project_id: Some(c.project.clone()),
+        name: String::new(),
+        kind: String::new(),
+        description: None,
+        contents_sealed: String::new(),
+        md5: String::new(),
+        datastore: None,
+        datastore_version: None,
+        auto_apply: false,
+        visible: true,
+        live_update: false,
+        priority_apply: false,
+        apply_order: 5,
+        is_admin: false,
+        created: ts.clone(),
+        updated: ts,
+    };
+    fill(&st, &c, &mut m, &b, true).await?;
+    st.store.save_module(&m).await?;
+    let mut j = module_json(&m);
+    j["instance_count"] = json!(0);
+    ok(json!({ "module": j }))
+}
+
+pub async fn list(st: AppState, c: Caller) -> ApiResult {
+    let all = st.store.modules_for(&c.project).await?;
+    let list: Vec<Value> = all
+        .iter()
+        .filter(|m| c.admin || m.visible)
+        .map(module_json)
+        .collect();
+    ok(json!({ "modules": list }))
+}
+
+pub async fn show(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+    let m = find(&st, &c, &id).await?;
+    let mut j = module_json(&m);
+    j["instance_count"] = json!(st.store.module_instances(&m.id).await?.len());
+    ok(json!({ "module": j }))
+}
+
+pub async fn update(
+    st: AppState,
+    c: Caller,
+    Path((_p, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let b = body_of(&body)?;
+    let mut m = find(&st, &c, &id).await?;
+    if m.is_admin && !c.admin {
+        return Err(ApiError::forbidden(
+            "This module is for administrators only.",
+        ));
+    }
+    if !m.live_update
+        && !st.store.module_instances(&m.id).await?.is_empty()
+        && b.contains_key("contents")
+    {
+        return Err(ApiError::bad_request(
+            "The module is applied to instances and is not live_update: remove it from them first.",
+        ));
+    }
+    fill(&st, &c, &mut m, &b, false).await?;
+    m.updated = crate::store::now();
+    st.store.save_module(&m).await?;
+    let mut j = module_json(&m);
+    j["instance_count"] = json!(st.store.module_instances(&m.id).await?.len());
+    ok(json!({ "module": j }))
+}
+
+pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+    let m = find(&st, &c, &id).await?;
+    if m.is_admin && !c.admin {
+        return Err(ApiError::forbidden(
+            "This module is for administrators only.",
+        ));
+    }
+    if let Some(i) = st.store.module_instances(&m.id).await?.first() {
+        return Err(ApiError::forbidden(format!(
+            "Module {} is applied to instance {}; remove it there first.",
+            m.id, i.id
+        )));
+    }
+    st.store.delete_module(&m.id).await?;
+    super::empty(axum::http::StatusCode::OK)
+}
+
+pub async fn instances(
+    st: AppState,
+    c: Caller,
+    Path((_p, id)): Path<(String, String)>,
+) -> ApiResult {
+    let m = find(&st, &c, &id).await?;
+    let list: Vec<Value> = st
+        .store
+        .module_instances(&m.id)
+        .await?
+        .iter()
+        .map(|r| json!({"id": r.id, "name": r.name}))
+        .collect();
+    ok(json!({ "instances": list }))
+}
+
+/// A module sealed for one instance's agent.
+pub(super) fn spec_for(
+    app: &App,
+    r: &InstanceRow,
+    m: &ModuleRow,
+) -> Result<v1::ModuleSpec, ApiError> {
+    let key = seal::from_hex(&r.agent_public_key)
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| anyhow::anyhow!("instance {} has no agent key", r.id))?;
+    spec_sealed(app, &r.id, &key, m)
+}
+
+/// A module sealed for the agent of `instance` whose public key is `key`.
+pub(super) fn spec_sealed(
+    app: &App,
+    instance: &str,
+    key: &[u8],
+    m: &ModuleRow,
+) -> Result<v1::ModuleSpec, ApiError> {
+    let kept = seal::from_hex(&m.contents_sealed)
+        .and_then(|b| seal::open(&app.reply_secret_key, &seal::kept_module_context(&m.id), &b).ok())
+        .ok_or_else(|| anyhow::anyhow!("module {} contents do not open", m.id))?;
+    Ok(v1::ModuleSpec {
+        id: m.id.clone(),
+        name: m.name.clone(),
+        r#type: m.kind.clone(),
+        contents_sealed: seal::seal(key, &seal::module_contents_context(instance, &m.id), &kept)
+            .map_err(|e| anyhow::anyhow!("sealing: {e}"))?,
+        md5: m.md5.clone(),
+        priority_apply: m.priority_apply,
+        apply_order: m.apply_order as u32,
+        auto_apply: m.auto_apply,
+        visible: m.visible,
+        is_admin: m.is_admin,
+        tenant: m.project_id.clone().unwrap_or_else(|| "all".into()),
+        datastore: m.datastore.clone().unwrap_or_else(|| "all".into()),
+        datastore_version: m.datastore_version.clone().unwrap_or_else(|| "all".into()),
+    })
+}
+
+/// The modules an instance of `datastore`/`version` gets at create: the requested ones and
+/// every auto_apply module that matches.
+pub(super) async fn for_create(
+    app: &App,
+    c: &Caller,
+    requested: &[String],
+    datastore: &str,
+    version: &str,
+) -> Result<Vec<ModuleRow>, ApiError> {
+    let mut out = Vec::new();
+    for id in requested {
+        out.push(find(app, c, id).await?);
+    }
+    for m in app.store.modules_for(&c.project).await? {
+        let matches = m.datastore.as_deref().is_none_or(|d| d == datastore)
+            && m.datastore_version.as_deref().is_none_or(|v| v == version);
+        if m.auto_apply && matches && !out.iter().any(|x| x.id == m.id) {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+fn guest_json(r: &v1::ModuleResult) -> Value {
+    let m = r.module.clone().unwrap_or_default();
+    json!({
+        "id": m.id, "name": m.name, "type": m.r#type, "md5": m.md5,
+        "datastore": m.datastore, "datastore_version": m.datastore_version, "tenant": m.tenant,
+        "auto_apply": m.auto_apply, "visible": m.visible, "is_admin": m.is_admin,
+        "status": r.status, "message": r.message, "created": r.created, "updated": r.updated,
+        "removed": if r.removed.is_empty() { Value::Null } else { json!(r.removed) },
+        "apply_sequence": r.sequence,
+        "contents": null,
+    })
+}
+
+pub async fn instance_list(
+    st: AppState,
+    c: Caller,
+    Path((_p, id)): Path<(String, String)>,
+) -> ApiResult {
+    let r = super::instances::find(&st, &c, &id).await?;
+    let (_, reply) = call(&st, &r, v1::call::Kind::ListModules(v1::ListModules {})).await?;
+    let list: Vec<Value> = reply
+        .modules
+        .iter()
+        .filter(|x| {
+            x.removed.is_empty() && (c.admin || x.module.as_ref().is_some_and(|m| m.visible))
+        })
+        .map(guest_json)
+        .collect();
+    ok(json!({ "modules": list }))
+}
+
+pub async fn instance_apply(
+    st: AppState,
+    c: Caller,
+    Path((_p, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let r = super::instances::find(&st, &c, &id).await?;
+    let b = parse_body(&body)?;
+    let ids: Vec<String> = match b.get("modules") {
+        Some(Value::Array(a)) if !a.is_empty() => a
+            .iter()
+            .map(|x| {
+                x.get("id")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .ok_or_else(|| ApiError::validation("modules[] items need an 'id'"))
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(ApiError::validation("'modules' must be a non-empty list")),
+    };
+    let mut specs = Vec::new();
+    for mid in &ids {
+        let m = find(&st, &c, mid).await?;
+        specs.push(spec_for(&st, &r, &m)?);
+    }
+    let (_, reply) = call(
+        &st,
+        &r,
+        v1::call::Kind::ApplyModules(v1::ApplyModules { modules: specs }),
+    )
+    .await?;
+    for x in &reply.modules {
+        let m = x.module.clone().unwrap_or_default();
+        st.store
+            .record_instance_module(&r.id, &m.id, &m.md5, &x.status, &x.message, false)
+            .await?;
+    }
+    ok(json!({ "modules": reply.modules.iter().map(guest_json).collect::<Vec<_>>() }))
+}
+
+pub async fn instance_remove(
+    st: AppState,
+    c: Caller,
+    Path((_p, id, mid)): Path<(String, String, String)>,
+) -> ApiResult {
+    let r = super::instances::find(&st, &c, &id).await?;
+    let (_, reply) = call(
+        &st,
+        &r,
+        v1::call::Kind::RemoveModule(v1::RemoveModule { id: mid.clone() }),
+    )
+    .await?;
+    if let Some(x) = reply.modules.first() {
+        st.store
+            .record_instance_module(&r.id, &mid, "", &x.status, &x.message, true)
+            .await?;
+    }
+    super::empty(axum::http::StatusCode::OK)
+}

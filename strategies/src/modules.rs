@@ -1,0 +1,207 @@
+//! Module drivers: what applying and removing a module of each type does. A driver is one type
+//! implementing [`ModuleDriver`] and one entry in [`driver`].
+//!
+//! - `ping`: no side effect; the result's message is the contents' `message=` line.
+//! - `license`: the contents go to a 0600 file named after the module; removal deletes it
+//!   (Trove's new_relic_license driver reduced to what it really does).
+//! - `config`: `key = value` lines (checked like configuration-group values) become a drop-in
+//!   the server reads after its configuration; the change needs a restart.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use crate::config_rules::{safe_name, safe_value};
+
+/// Where drivers may write.
+pub struct ModuleEnv {
+    /// The module's own directory (licenses go here).
+    pub dir: PathBuf,
+    /// The datastore's drop-in directory for configuration.
+    pub confd: PathBuf,
+    /// Created when a change waits for a restart.
+    pub restart_marker: PathBuf,
+}
+
+pub trait ModuleDriver: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Checks contents before anything is stored (the API refuses bad ones).
+    fn validate(&self, contents: &[u8]) -> Result<(), String>;
+    /// Applies; the message is the result's.
+    fn apply(
+        &self,
+        env: &ModuleEnv,
+        id: &str,
+        name: &str,
+        contents: &[u8],
+    ) -> Result<String, String>;
+    fn remove(&self, env: &ModuleEnv, id: &str, name: &str) -> Result<String, String>;
+}
+
+/// Types of module this release knows.
+pub const TYPES: &[&str] = &["ping", "license", "config"];
+
+pub fn driver(kind: &str) -> Option<Box<dyn ModuleDriver>> {
+    match kind {
+        "ping" => Some(Box::new(Ping)),
+        "license" => Some(Box::new(License)),
+        "config" => Some(Box::new(Config)),
+        _ => None,
+    }
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+struct Ping;
+
+impl ModuleDriver for Ping {
+    fn name(&self) -> &'static str {
+        "ping"
+    }
+    fn validate(&self, _contents: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn apply(
+        &self,
+        _env: &ModuleEnv,
+        _id: &str,
+        _name: &str,
+        contents: &[u8],
+    ) -> Result<String, String> {
+        String::from_utf8_lossy(contents)
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("message=").map(str::to_string))
+            .ok_or_else(|| "Message not found in contents file".to_string())
+    }
+    fn remove(&self, _env: &ModuleEnv, _id: &str, _name: &str) -> Result<String, String> {
+        Ok(String::new())
+    }
+}
+
+struct License;
+
+impl License {
+    fn path(env: &ModuleEnv) -> PathBuf {
+        env.dir.join("license")
+    }
+}
+
+impl ModuleDriver for License {
+    fn name(&self) -> &'static str {
+        "license"
+    }
+    fn validate(&self, contents: &[u8]) -> Result<(), String> {
+        if contents.is_empty() {
+            return Err("a license module needs contents".into());
+        }
+        Ok(())
+    }
+    fn apply(
+        &self,
+        env: &ModuleEnv,
+        _id: &str,
+        name: &str,
+        contents: &[u8],
+    ) -> Result<String, String> {
+        write_private(&Self::path(env), contents)?;
+        Ok(format!("license {name} installed"))
+    }
+    fn remove(&self, env: &ModuleEnv, _id: &str, name: &str) -> Result<String, String> {
+        match std::fs::remove_file(Self::path(env)) {
+            Ok(()) => Ok(format!("license {name} removed")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+struct Config;
+
+/// `key = value` lines (blank lines and `#` comments skipped).
+pub fn config_values(contents: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let text = std::str::from_utf8(contents)
+        .map_err(|_| "config module contents are not UTF-8".to_string())?;
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| format!("'{line}' is not key = value"))?;
+        out.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    if out.is_empty() {
+        return Err("a config module needs at least one key = value line".into());
+    }
+    Ok(out)
+}
+
+impl Config {
+    fn path(env: &ModuleEnv, id: &str) -> PathBuf {
+        env.confd.join(format!("module-{id}.cnf"))
+    }
+}
+
+impl ModuleDriver for Config {
+    fn name(&self) -> &'static str {
+        "config"
+    }
+    fn validate(&self, contents: &[u8]) -> Result<(), String> {
+        for (k, v) in config_values(contents)? {
+            if !safe_name(&k) || !safe_value(&v) {
+                return Err(format!("'{k} = {v}' has characters that are not allowed"));
+            }
+        }
+        Ok(())
+    }
+    fn apply(
+        &self,
+        env: &ModuleEnv,
+        id: &str,
+        name: &str,
+        contents: &[u8],
+    ) -> Result<String, String> {
+        self.validate(contents)?;
+        let mut text = format!("# Module {name} ({id}), written by coffer-agent.\n[mysqld]\n");
+        for (k, v) in config_values(contents)? {
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+        // Readable by the server's OS user, like the rest of its configuration.
+        let path = Self::path(env, id);
+        std::fs::create_dir_all(&env.confd).map_err(|e| format!("{}: {e}", env.confd.display()))?;
+        std::fs::write(&path, text.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+        let _ = std::fs::write(&env.restart_marker, format!("module {name}"));
+        Ok(format!(
+            "configuration from {name} in effect after a restart"
+        ))
+    }
+    fn remove(&self, env: &ModuleEnv, id: &str, name: &str) -> Result<String, String> {
+        match std::fs::remove_file(Self::path(env, id)) {
+            Ok(()) => {
+                let _ = std::fs::write(&env.restart_marker, format!("module {name}"));
+                Ok(format!(
+                    "configuration from {name} removed; restart to drop it"
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
