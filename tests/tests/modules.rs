@@ -164,20 +164,34 @@ async fn modules_apply_in_order_remove_and_auto_apply() {
         admin.clone(),
     )
     .await;
-    let fresh = env.create("fresh").await;
+    // Asked for at create (zz-ping) and auto_apply (auto): both applied by the prepare.
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(
+                json!({"instance": {"name": "fresh", "flavorRef": "1", "volume": {"size": 1},
+                "modules": [{"id": ping}]}}),
+            ),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let fresh = v["instance"]["id"].as_str().unwrap().to_string();
     env.wait_status(&fresh, "ACTIVE", Duration::from_secs(120))
         .await;
     let (_, l) = env
         .call("GET", &format!("/instances/{fresh}/modules"), None)
         .await;
-    assert!(
-        l["modules"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["id"] == auto.as_str() && m["status"] == "OK"),
-        "{l}"
-    );
+    for want in [&auto, &ping] {
+        assert!(
+            l["modules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["id"] == want.as_str() && m["status"] == "OK"),
+            "{want}: {l}"
+        );
+    }
     let (_, m) = env.call("GET", &format!("/modules/{auto}"), None).await;
     assert_eq!(m["module"]["auto_apply"], true);
 }
