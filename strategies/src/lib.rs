@@ -13,6 +13,7 @@
 pub mod backup;
 pub mod config_rules;
 pub mod datastore;
+pub mod fsutil;
 pub mod logs;
 pub mod modules;
 pub mod pipeline;

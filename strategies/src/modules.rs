@@ -7,7 +7,6 @@
 //! - `config`: `key = value` lines (checked like configuration-group values) become a drop-in
 //!   the server reads after its configuration; the change needs a restart.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use crate::config_rules::{safe_name, safe_value};
@@ -50,22 +49,7 @@ pub fn driver(kind: &str) -> Option<Box<dyn ModuleDriver>> {
 }
 
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    crate::fsutil::write_atomic(path, bytes, 0o600).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 struct Ping;

@@ -798,6 +798,20 @@ impl Env {
 }
 
 impl Env {
+    /// SIGKILLs an instance's agent and waits until the controller has started a new one.
+    pub async fn replace_agent(&self, id: &str) {
+        let agent = self.agent_pid(id).expect("the agent runs");
+        kill(Pid::from_raw(agent), Signal::SIGKILL).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self
+            .agent_pid(id)
+            .is_none_or(|p| p == agent || !pid_alive(p))
+        {
+            assert!(Instant::now() < deadline, "no new agent for {id}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The agent's own admin session on an instance's server (through its socket): for tests
     /// that must reach into replication.
     pub async fn admin_connect(&self, id: &str) -> sqlx::MySqlConnection {

@@ -329,16 +329,7 @@ async fn overrides_survive_agent_and_database_restarts() {
     assert_eq!(view["configuration"]["id"], gid.as_str());
 
     // The agent dies and is replaced: the database and its overrides carry on.
-    let agent = env.agent_pid(&id).unwrap();
-    kill(Pid::from_raw(agent), Signal::SIGKILL).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while env
-        .agent_pid(&id)
-        .is_none_or(|p| p == agent || !coffer_tests::pid_alive(p))
-    {
-        assert!(Instant::now() < deadline, "no new agent");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    env.replace_agent(&id).await;
     env.wait_status(&id, "ACTIVE", Duration::from_secs(30))
         .await;
     assert_eq!(global(&env, &view, "wait_timeout").await, "250");

@@ -122,20 +122,7 @@ async fn slow_query_log_publishes_new_bytes_across_rotation() {
     assert!(p.iter().any(|x| x.contains("marker-one")), "{p:?}");
 
     // The agent is replaced: what was published stays published.
-    let agent = env.agent_pid(&id).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while env
-        .agent_pid(&id)
-        .is_none_or(|p| p == agent || !coffer_tests::pid_alive(p))
-    {
-        assert!(Instant::now() < deadline, "no new agent");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    env.replace_agent(&id).await;
     env.wait_status(&id, "ACTIVE", Duration::from_secs(30))
         .await;
     wait_log_status(&env, &id, "slow_query", "Published").await;

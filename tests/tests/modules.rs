@@ -101,20 +101,7 @@ async fn modules_apply_in_order_remove_and_auto_apply() {
         .await;
 
     // Listed, also after the agent is replaced.
-    let agent = env.agent_pid(&id).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while env
-        .agent_pid(&id)
-        .is_none_or(|p| p == agent || !coffer_tests::pid_alive(p))
-    {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    env.replace_agent(&id).await;
     env.wait_status(&id, "RESTART_REQUIRED", Duration::from_secs(30))
         .await;
     let (_, l) = env

@@ -129,7 +129,8 @@ async fn replica_creation(strategy: &'static str) {
     let r = loop {
         // The replication view comes with the next heartbeat.
         let r = show(&env, &rep).await;
-        if r["replication"]["role"] == "replica" {
+        let x = &r["replication"];
+        if x["role"] == "replica" && x["io_running"] == true && x["sql_running"] == true {
             break r;
         }
         assert!(Instant::now() < deadline, "{r}\n{}", env.logs(&rep));

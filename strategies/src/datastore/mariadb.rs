@@ -110,18 +110,11 @@ impl Mariadb {
     }
 
     fn write_role(&self, read_only: bool) -> Result<(), DatastoreError> {
-        use std::io::Write;
-        let p = self.role_file();
-        let tmp = p.with_extension("tmp");
         let text = format!(
             "# The instance's replication role, written by coffer-agent (do not edit).\n[mysqld]\nread_only = {}\n",
             if read_only { "ON" } else { "OFF" }
         );
-        let mut f = std::fs::File::create(&tmp).map_err(|e| DatastoreError::io(&tmp, e))?;
-        f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| DatastoreError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &p).map_err(|e| DatastoreError::io(&p, e))
+        write_option_file(&self.role_file(), &text)
     }
     fn init_file(&self) -> PathBuf {
         self.layout.root.join("init.sql")
@@ -410,20 +403,14 @@ fn sql_value(v: &str) -> String {
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<(), DatastoreError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| DatastoreError::io(&tmp, e))?;
-    f.write_all(contents.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| DatastoreError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| DatastoreError::io(path, e))
+    crate::fsutil::write_atomic(path, contents.as_bytes(), 0o600)
+        .map_err(|e| DatastoreError::io(path, e))
+}
+
+/// Writes an option file the server reads (readable by its OS user).
+fn write_option_file(path: &Path, contents: &str) -> Result<(), DatastoreError> {
+    crate::fsutil::write_atomic(path, contents.as_bytes(), 0o644)
+        .map_err(|e| DatastoreError::io(path, e))
 }
 
 fn generate_password() -> String {
@@ -586,7 +573,6 @@ impl Datastore for Mariadb {
     }
 
     fn write_log_settings(&self, vars: &[(String, String)]) -> Result<(), DatastoreError> {
-        use std::io::Write;
         let mut text = String::from(
             "# Guest logs switched on through the API, written by coffer-agent (do not edit).\n[mysqld]\n",
         );
@@ -596,13 +582,7 @@ impl Datastore for Mariadb {
             }
             text.push_str(&format!("{k} = {v}\n"));
         }
-        let p = self.logs_file();
-        let tmp = p.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(|e| DatastoreError::io(&tmp, e))?;
-        f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| DatastoreError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &p).map_err(|e| DatastoreError::io(&p, e))
+        write_option_file(&self.logs_file(), &text)
     }
 
     fn overrides(&self) -> Result<BTreeMap<String, String>, DatastoreError> {
@@ -615,7 +595,6 @@ impl Datastore for Mariadb {
     }
 
     fn write_overrides(&self, values: &BTreeMap<String, String>) -> Result<(), DatastoreError> {
-        use std::io::Write;
         let mut text = String::from(
             "# Configuration group values, written by coffer-agent (do not edit).\n[mysqld]\n",
         );
@@ -627,15 +606,7 @@ impl Datastore for Mariadb {
             }
             text.push_str(&format!("{k} = {v}\n"));
         }
-        let p = self.overrides_file();
-        std::fs::create_dir_all(&self.layout.root)
-            .map_err(|e| DatastoreError::io(&self.layout.root, e))?;
-        let tmp = p.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(|e| DatastoreError::io(&tmp, e))?;
-        f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| DatastoreError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &p).map_err(|e| DatastoreError::io(&p, e))
+        write_option_file(&self.overrides_file(), &text)
     }
 
     async fn is_dynamic(&self, name: &str) -> Result<bool, DatastoreError> {
