@@ -798,6 +798,22 @@ impl Env {
 }
 
 impl Env {
+    /// The `i` column of table `shop.t`, in order, read as the app user (see
+    /// [`Env::active_with_rows`]).
+    pub async fn rows(&self, view: &Value) -> Vec<i32> {
+        use sqlx::{Connection, Row};
+        let mut c = self.connect(view, "app", "s3cret-Pw", "shop").await;
+        let v = sqlx::query("SELECT i FROM t ORDER BY i")
+            .fetch_all(&mut c)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        c.close().await.unwrap();
+        v
+    }
+
     /// SIGKILLs an instance's agent and waits until the controller has started a new one.
     pub async fn replace_agent(&self, id: &str) {
         let agent = self.agent_pid(id).expect("the agent runs");

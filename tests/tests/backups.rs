@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use coffer_tests::{BackupStorage, Env, Opts, StatusCode};
 use serde_json::{json, Value};
-use sqlx::{Connection, Row};
+use sqlx::Connection;
 
 async fn wait_backup(env: &Env, id: &str, want: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -36,16 +36,7 @@ async fn post_backup(env: &Env, body: Value) -> String {
 }
 
 async fn rows(env: &Env, view: &Value) -> Vec<i32> {
-    let mut c = env.connect(view, "app", "s3cret-Pw", "shop").await;
-    let v = sqlx::query("SELECT i FROM t ORDER BY i")
-        .fetch_all(&mut c)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    c.close().await.unwrap();
-    v
+    env.rows(view).await
 }
 
 async fn restore(env: &Env, backup: &str, name: &str) -> (StatusCode, Value) {

@@ -11,16 +11,7 @@ use serde_json::{json, Value};
 use sqlx::{Connection, Row};
 
 async fn rows(env: &Env, view: &Value) -> Vec<i32> {
-    let mut c = env.connect(view, "app", "s3cret-Pw", "shop").await;
-    let v = sqlx::query("SELECT i FROM t ORDER BY i")
-        .fetch_all(&mut c)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    c.close().await.unwrap();
-    v
+    env.rows(view).await
 }
 
 async fn insert(env: &Env, view: &Value, i: i32) -> Result<(), sqlx::Error> {

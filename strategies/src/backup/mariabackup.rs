@@ -22,12 +22,6 @@ impl Default for Mariabackup {
     }
 }
 
-fn tail(path: &Path) -> String {
-    let t = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = t.lines().collect();
-    lines[lines.len().saturating_sub(4)..].join(" | ")
-}
-
 /// Parses the position mariabackup logs, e.g. `MySQL binlog position: filename 'mysql-bin.000002',
 /// position '1234', GTID of the last change '0-1-5'` and `The latest check point (for
 /// incremental): '12345'`.
@@ -107,7 +101,7 @@ impl BackupStrategy for Mariabackup {
         if !status.success() {
             return Err(BackupError::Tool {
                 tool: "mariabackup --backup".into(),
-                detail: format!("{status}: {}", tail(&log)),
+                detail: format!("{status}: {}", super::log_tail(&log)),
             });
         }
         Ok(parse_position(
@@ -177,7 +171,7 @@ impl Mariabackup {
         if !status.success() {
             return Err(BackupError::Tool {
                 tool: "mbstream -x".into(),
-                detail: format!("{status}: {}", tail(&log)),
+                detail: format!("{status}: {}", super::log_tail(&log)),
             });
         }
         Ok(())
@@ -201,7 +195,7 @@ impl Mariabackup {
         if !status.success() {
             return Err(BackupError::Tool {
                 tool: "mariabackup --prepare".into(),
-                detail: format!("{status}: {}", tail(&log)),
+                detail: format!("{status}: {}", super::log_tail(&log)),
             });
         }
         Ok(())

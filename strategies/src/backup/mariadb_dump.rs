@@ -34,12 +34,6 @@ fn tool_err(tool: &str, detail: impl std::fmt::Display) -> BackupError {
     }
 }
 
-fn tail(path: &Path) -> String {
-    let t = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(3)..].join(" | ")
-}
-
 /// Watches a dump stream go by and keeps the position comments `--master-data=2 --gtid` writes:
 /// `-- CHANGE MASTER TO MASTER_LOG_FILE='mysql-bin.000002', MASTER_LOG_POS=1234;` near the top
 /// and `-- SET GLOBAL gtid_slave_pos='0-1-5';` at the end. Only lines that start with `-- ` are
@@ -216,7 +210,7 @@ impl BackupStrategy for MariadbDump {
             if !status.success() {
                 return Err(tool_err(
                     "mariadb-dump",
-                    format!("{status}: {}", tail(&log)),
+                    format!("{status}: {}", super::log_tail(&log)),
                 ));
             }
             Ok(scanned.scanner.position)
@@ -285,7 +279,7 @@ impl BackupStrategy for MariadbDump {
             if !status.success() {
                 return Err(tool_err(
                     "mariadb (loading the dump)",
-                    format!("{status}: {}", tail(&log)),
+                    format!("{status}: {}", super::log_tail(&log)),
                 ));
             }
             Ok(())

@@ -244,6 +244,13 @@ pub fn write_defaults(
     Ok(p)
 }
 
+/// The last lines of a tool's log (blank lines skipped), for an error message.
+pub fn log_tail(path: &Path) -> String {
+    let t = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(4)..].join(" | ")
+}
+
 /// Gives a pipe to or from a tool a 1 MiB buffer (the default 64 KiB makes the tool and the
 /// pipeline take turns instead of running side by side). Best effort.
 pub fn widen_pipe(fd: &impl std::os::fd::AsRawFd) {
