@@ -6,6 +6,8 @@
 //! - `cargo xtask bench backup [--size-mb N]`: backup and restore against mariabackup | zstd.
 //! - `cargo xtask bench replication [--size-mb N]`: replica creation against its floor by hand,
 //!   switchover write gap, failover time.
+//! - `cargo xtask dist [--out DIR]`: release binaries packaged as coffer-agent and
+//!   coffer-controller .deb files (units, default configs, maintainer scripts) in `target/dist/`.
 //! - `cargo xtask gen-rules`: regenerates the committed MariaDB configuration-parameter rules
 //!   (`strategies/rules/`) from the installed server (review the diff, then commit).
 //! - `cargo xtask tls-ca DIR`: a local CA and a certificate for 127.0.0.1 (`ca.pem`,
@@ -18,6 +20,7 @@ mod bench;
 mod bench_backup;
 mod bench_replication;
 mod demo;
+mod dist;
 mod env;
 
 use anyhow::bail;
@@ -38,6 +41,7 @@ fn real_main() -> anyhow::Result<()> {
     match cmd.as_str() {
         "demo" => demo::run(rest),
         "test" => test(rest),
+        "dist" => dist::run(rest),
         "gen-rules" => {
             std::env::set_var("COFFER_UPDATE_RULES", "1");
             test(&[
