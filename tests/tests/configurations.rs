@@ -9,8 +9,23 @@ use serde_json::{json, Value};
 use sqlx::{Connection, Row};
 
 /// `@@global.<name>` as text, read by a client.
-async fn global(env: &Env, view: &Value, name: &str) -> String {
-    let mut c = env.connect(view, "app", "s3cret-Pw", "shop").await;
+async fn global(_env: &Env, view: &Value, name: &str) -> String {
+    // Right after a restart the server may not listen yet: try for a while.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut c = loop {
+        use sqlx::ConnectOptions;
+        let o = sqlx::mysql::MySqlConnectOptions::new()
+            .host(view["ip"][0].as_str().unwrap())
+            .port(view["port"].as_u64().unwrap() as u16)
+            .username("app")
+            .password("s3cret-Pw")
+            .database("shop");
+        match o.connect().await {
+            Ok(c) => break c,
+            Err(e) => assert!(Instant::now() < deadline, "connecting: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let v: String = sqlx::query(&format!("SELECT CAST(@@global.{name} AS CHAR)"))
         .fetch_one(&mut c)
         .await

@@ -22,7 +22,7 @@ fn dist_builds_debs_with_units_configs_and_scripts() {
     let out = dir.path().join("dist");
     let bins = coffer_tests::bin_dir();
     run(Command::new(bins.join("xtask"))
-        .args(["dist", "--prebuilt"])
+        .args(["dist", "--no-compress", "--prebuilt"])
         .arg(&bins)
         .arg("--out")
         .arg(&out));

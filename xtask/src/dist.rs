@@ -1,4 +1,4 @@
-//! `cargo xtask dist [--out DIR] [--prebuilt BIN_DIR]`: release binaries packaged as
+//! `cargo xtask dist [--out DIR] [--prebuilt BIN_DIR] [--no-compress]`: release binaries packaged as
 //! `coffer-agent` and `coffer-controller` .deb files (dpkg-deb, no extra tool): the binary, the
 //! hardened systemd unit from `packaging/systemd/`, a commented default config under
 //! `/etc/coffer/` (a conffile, kept on upgrade) and maintainer scripts that create the `coffer`
@@ -43,12 +43,17 @@ const PKGS: &[Pkg] = &[
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut out: Option<PathBuf> = None;
     let mut prebuilt: Option<PathBuf> = None;
+    let mut compression = "xz";
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--out" => out = Some(it.next().context("--out DIR")?.into()),
             "--prebuilt" => prebuilt = Some(it.next().context("--prebuilt BIN_DIR")?.into()),
-            other => bail!("unknown dist option '{other}' (known: --out DIR, --prebuilt BIN_DIR)"),
+            // Packages for a quick look (the test suite): not compressed.
+            "--no-compress" => compression = "none",
+            other => bail!(
+                "unknown dist option '{other}' (known: --out DIR, --prebuilt BIN_DIR, --no-compress)"
+            ),
         }
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -74,13 +79,19 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let out = out.unwrap_or_else(|| repo.join("target/dist"));
     std::fs::create_dir_all(&out)?;
     for p in PKGS {
-        let deb = build_deb(&repo, &bins, &out, p)?;
+        let deb = build_deb(&repo, &bins, &out, p, compression)?;
         println!("{}", deb.display());
     }
     Ok(())
 }
 
-fn build_deb(repo: &Path, bins: &Path, out: &Path, p: &Pkg) -> anyhow::Result<PathBuf> {
+fn build_deb(
+    repo: &Path,
+    bins: &Path,
+    out: &Path,
+    p: &Pkg,
+    compression: &str,
+) -> anyhow::Result<PathBuf> {
     let version = env!("CARGO_PKG_VERSION");
     let root = out.join(format!("{}-root", p.name));
     let _ = std::fs::remove_dir_all(&root);
@@ -134,7 +145,7 @@ fn build_deb(repo: &Path, bins: &Path, out: &Path, p: &Pkg) -> anyhow::Result<Pa
     )?;
     let deb = out.join(format!("{}_{version}_amd64.deb", p.name));
     let st = Command::new("dpkg-deb")
-        .args(["--root-owner-group", "-Zxz", "--build"])
+        .args(["--root-owner-group", &format!("-Z{compression}"), "--build"])
         .arg(&root)
         .arg(&deb)
         .stdout(std::process::Stdio::null())
