@@ -97,7 +97,8 @@ pub(super) async fn call(
     )
 }
 
-fn agent_key(r: &InstanceRow) -> Result<Vec<u8>, ApiError> {
+/// The instance agent's X25519 public key, to seal secrets to.
+pub(super) fn agent_key(r: &InstanceRow) -> Result<Vec<u8>, ApiError> {
     seal::from_hex(&r.agent_public_key)
         .filter(|k| k.len() == 32)
         .ok_or_else(|| anyhow::anyhow!("instance {} has no agent key", r.id).into())

@@ -351,10 +351,7 @@ pub(super) fn spec_for(
     r: &InstanceRow,
     m: &ModuleRow,
 ) -> Result<v1::ModuleSpec, ApiError> {
-    let key = seal::from_hex(&r.agent_public_key)
-        .filter(|k| k.len() == 32)
-        .ok_or_else(|| anyhow::anyhow!("instance {} has no agent key", r.id))?;
-    spec_sealed(app, &r.id, &key, m)
+    spec_sealed(app, &r.id, &super::access::agent_key(r)?, m)
 }
 
 /// A module sealed for the agent of `instance` whose public key is `key`.

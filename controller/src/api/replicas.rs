@@ -15,7 +15,7 @@ use coffer_strategies::datastore::{gtid_behind, gtid_covers};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use super::access::call;
+use super::access::{agent_key, call};
 use super::{ok, ApiError, ApiResult, Caller};
 use crate::status::task;
 use crate::store::{InstanceRow, Store};
@@ -38,12 +38,6 @@ fn busy(r: &InstanceRow, what: &str) -> ApiError {
 
 fn ready(app: &App, r: &InstanceRow) -> bool {
     r.task == task::NONE && app.fresh(&r.id) && r.service_status == "running"
-}
-
-fn agent_key(r: &InstanceRow) -> Result<Vec<u8>, ApiError> {
-    seal::from_hex(&r.agent_public_key)
-        .filter(|k| k.len() == 32)
-        .ok_or_else(|| anyhow::anyhow!("instance {} has no agent key", r.id).into())
 }
 
 /// The source's replication user and password, created on the source the first time.
