@@ -83,23 +83,39 @@ impl Drop for Killer {
     }
 }
 
-/// One floor run: returns seconds from install-db start until SELECT 1 answers.
-fn floor_run(cnf_template: &str, instance_root: &str, dir: &Path) -> anyhow::Result<f64> {
-    std::fs::create_dir_all(dir.join("tmp"))?;
-    let port = free_port();
-    let cnf = cnf_template
+/// A floor server's my.cnf from the one Coffer rendered for an instance at `instance_root`:
+/// paths moved to `dir`, Coffer's includes (groups, logs, role, modules) dropped, and the
+/// `key = value` lines of `set` replaced.
+pub(crate) fn floor_cnf(
+    rendered: &str,
+    instance_root: &str,
+    dir: &Path,
+    set: &[(&str, String)],
+) -> String {
+    rendered
         .replace(instance_root, &dir.display().to_string())
         .lines()
         .filter(|l| !l.starts_with("!include"))
         .map(|l| {
-            if l.starts_with("port = ") {
-                format!("port = {port}")
-            } else {
-                l.to_string()
-            }
+            set.iter()
+                .find(|(k, _)| l.starts_with(&format!("{k} = ")))
+                .map(|(k, v)| format!("{k} = {v}"))
+                .unwrap_or_else(|| l.to_string())
         })
         .collect::<Vec<_>>()
-        .join("\n");
+        .join("\n")
+}
+
+/// One floor run: returns seconds from install-db start until SELECT 1 answers.
+fn floor_run(cnf_template: &str, instance_root: &str, dir: &Path) -> anyhow::Result<f64> {
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    let port = free_port();
+    let cnf = floor_cnf(
+        cnf_template,
+        instance_root,
+        dir,
+        &[("port", port.to_string())],
+    );
     let cnf_path = dir.join("my.cnf");
     std::fs::write(&cnf_path, cnf)?;
     let sock = dir.join("mysqld.sock");

@@ -186,21 +186,15 @@ fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::R
         rdir.join("data").display()
     ))?;
     let port = free_port();
-    let cnf = std::fs::read_to_string(root.join("my.cnf"))?
-        .replace(&root.display().to_string(), &rdir.display().to_string())
-        .lines()
-        .filter(|l| !l.starts_with("!include"))
-        .map(|l| {
-            if l.starts_with("port = ") {
-                format!("port = {port}")
-            } else if l.starts_with("socket = ") {
-                format!("socket = {}", rdir.join("s.sock").display())
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    let cnf = crate::bench::floor_cnf(
+        &std::fs::read_to_string(root.join("my.cnf"))?,
+        &root.display().to_string(),
+        &rdir,
+        &[
+            ("port", port.to_string()),
+            ("socket", rdir.join("s.sock").display().to_string()),
+        ],
+    );
     std::fs::create_dir_all(rdir.join("tmp"))?;
     std::fs::write(rdir.join("my.cnf"), cnf)?;
     let child = Command::new("/usr/sbin/mariadbd")

@@ -218,22 +218,16 @@ fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::R
         bail!("the floor's backup/prepare failed");
     }
     let fport = free_port();
-    let cnf = std::fs::read_to_string(sroot.join("my.cnf"))?
-        .lines()
-        .filter(|l| !l.starts_with("!include"))
-        .map(|l| {
-            if l.starts_with("port = ") {
-                format!("port = {fport}")
-            } else if l.starts_with("server_id = ") {
-                "server_id = 999".to_string()
-            } else if l.starts_with("socket = ") {
-                format!("socket = {}", fdir.join("s.sock").display())
-            } else {
-                l.replace(&sroot.display().to_string(), &fdir.display().to_string())
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    let cnf = crate::bench::floor_cnf(
+        &std::fs::read_to_string(sroot.join("my.cnf"))?,
+        &sroot.display().to_string(),
+        &fdir,
+        &[
+            ("port", fport.to_string()),
+            ("server_id", "999".into()),
+            ("socket", fdir.join("s.sock").display().to_string()),
+        ],
+    );
     std::fs::write(fdir.join("my.cnf"), cnf)?;
     let child = Command::new("/usr/sbin/mariadbd")
         .arg(format!("--defaults-file={}", fdir.join("my.cnf").display()))
