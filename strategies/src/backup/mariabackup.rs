@@ -73,37 +73,22 @@ impl BackupStrategy for Mariabackup {
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)?;
         let log = ctx.tmp_dir.join("mariabackup-backup.log");
-        let mut child = Command::new(&self.binary)
-            .arg(format!("--defaults-file={}", defaults.display()))
-            .arg("--backup")
-            .arg("--stream=xbstream")
-            .arg(format!("--datadir={}", ctx.data_dir.display()))
-            .arg(format!("--target-dir={}", work.display()))
-            .args(parent.map(|p| format!("--incremental-lsn={}", p.lsn)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .map_err(|e| BackupError::Tool {
-                tool: "mariabackup".into(),
-                detail: format!("cannot start: {e}"),
-            })?;
-        let mut out = child.stdout.take().expect("piped");
-        super::widen_pipe(&out);
-        let pumped = pump(&mut out, sink, progress);
-        if pumped.is_err() {
-            let _ = child.kill();
-        }
-        let status = child.wait()?;
+        let streamed = super::stream_from_tool(
+            Command::new(&self.binary)
+                .arg(format!("--defaults-file={}", defaults.display()))
+                .arg("--backup")
+                .arg("--stream=xbstream")
+                .arg(format!("--datadir={}", ctx.data_dir.display()))
+                .arg(format!("--target-dir={}", work.display()))
+                .args(parent.map(|p| format!("--incremental-lsn={}", p.lsn))),
+            "mariabackup --backup",
+            &log,
+            sink,
+            progress,
+        );
         let _ = std::fs::remove_file(&defaults);
         let _ = std::fs::remove_dir_all(&work);
-        pumped?;
-        if !status.success() {
-            return Err(BackupError::Tool {
-                tool: "mariabackup --backup".into(),
-                detail: format!("{status}: {}", super::log_tail(&log)),
-            });
-        }
+        streamed?;
         Ok(parse_position(
             &std::fs::read_to_string(&log).unwrap_or_default(),
         ))
@@ -147,34 +132,12 @@ impl Mariabackup {
         std::fs::create_dir_all(dir)?;
         std::fs::create_dir_all(scratch)?;
         let log = scratch.join("mbstream.log");
-        let mut child = Command::new(&self.mbstream)
-            .arg("-x")
-            .arg("-C")
-            .arg(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .map_err(|e| BackupError::Tool {
-                tool: "mbstream".into(),
-                detail: format!("cannot start: {e}"),
-            })?;
-        let mut stdin = child.stdin.take().expect("piped");
-        super::widen_pipe(&stdin);
-        let pumped = pump(source, &mut stdin, progress);
-        drop(stdin);
-        if pumped.is_err() {
-            let _ = child.kill();
-        }
-        let status = child.wait()?;
-        pumped?;
-        if !status.success() {
-            return Err(BackupError::Tool {
-                tool: "mbstream -x".into(),
-                detail: format!("{status}: {}", super::log_tail(&log)),
-            });
-        }
-        Ok(())
+        super::stream_to_tool(
+            Command::new(&self.mbstream).arg("-x").arg("-C").arg(dir),
+            "mbstream -x",
+            &log,
+            &mut |stdin| pump(source, stdin, progress).map(|_| ()),
+        )
     }
 
     fn prepare(
@@ -192,12 +155,7 @@ impl Mariabackup {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .status()?;
-        if !status.success() {
-            return Err(BackupError::Tool {
-                tool: "mariabackup --prepare".into(),
-                detail: format!("{status}: {}", super::log_tail(&log)),
-            });
-        }
+        super::exited(status, "mariabackup --prepare", &log)?;
         Ok(())
     }
 }

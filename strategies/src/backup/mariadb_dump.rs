@@ -189,30 +189,11 @@ impl BackupStrategy for MariadbDump {
             if !dbs.is_empty() {
                 cmd.arg("--databases").args(&dbs);
             }
-            let mut child = cmd
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(std::fs::File::create(&log)?)
-                .spawn()
-                .map_err(|e| tool_err("mariadb-dump", format!("cannot start: {e}")))?;
-            let mut out = child.stdout.take().expect("piped");
-            super::widen_pipe(&out);
             let mut scanned = Scanned {
                 inner: sink,
                 scanner: PositionScanner::new(),
             };
-            let pumped = pump(&mut out, &mut scanned, progress);
-            if pumped.is_err() {
-                let _ = child.kill();
-            }
-            let status = child.wait()?;
-            pumped?;
-            if !status.success() {
-                return Err(tool_err(
-                    "mariadb-dump",
-                    format!("{status}: {}", super::log_tail(&log)),
-                ));
-            }
+            super::stream_from_tool(&mut cmd, "mariadb-dump", &log, &mut scanned, progress)?;
             Ok(scanned.scanner.position)
         })();
         let _ = std::fs::remove_file(&defaults);
@@ -255,33 +236,19 @@ impl BackupStrategy for MariadbDump {
         let defaults = super::write_defaults(ctx, "mariadb-load.cnf", "client")?;
         let result = (|| {
             let log = ctx.tmp_dir.join("mariadb-load.log");
-            let mut child = Command::new(&self.client)
-                .arg(format!("--defaults-file={}", defaults.display()))
-                .args(["--binary-mode", "--max-allowed-packet=1G", "--batch"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log)?)
-                .spawn()
-                .map_err(|e| tool_err("mariadb", format!("cannot start: {e}")))?;
-            let mut stdin = child.stdin.take().expect("piped");
-            super::widen_pipe(&stdin);
-            // The load is not replicated history of this server: keep it out of the binlog.
-            let fed = stdin
-                .write_all(b"SET SESSION sql_log_bin=0;\n")
-                .and_then(|_| pump(source, &mut stdin, progress))
-                .and_then(|_| stdin.write_all(format!("\n{epilogue}\n").as_bytes()));
-            drop(stdin);
-            if fed.is_err() {
-                let _ = child.kill();
-            }
-            let status = child.wait()?;
-            fed?;
-            if !status.success() {
-                return Err(tool_err(
-                    "mariadb (loading the dump)",
-                    format!("{status}: {}", super::log_tail(&log)),
-                ));
-            }
+            super::stream_to_tool(
+                Command::new(&self.client)
+                    .arg(format!("--defaults-file={}", defaults.display()))
+                    .args(["--binary-mode", "--max-allowed-packet=1G", "--batch"]),
+                "mariadb (loading the dump)",
+                &log,
+                // The load is not replicated history of this server: keep it out of the binlog.
+                &mut |stdin| {
+                    stdin.write_all(b"SET SESSION sql_log_bin=0;\n")?;
+                    pump(source, stdin, progress)?;
+                    stdin.write_all(format!("\n{epilogue}\n").as_bytes())
+                },
+            )?;
             Ok(())
         })();
         let _ = std::fs::remove_file(&defaults);

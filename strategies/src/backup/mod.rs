@@ -244,6 +244,80 @@ pub fn write_defaults(
     Ok(p)
 }
 
+/// Runs a tool whose standard output is the archive and streams it into `sink` (through a wide
+/// pipe), stderr to `log`. The tool is killed if the sink fails; a failed exit is reported as
+/// `what` with the tail of its log.
+pub fn stream_from_tool(
+    cmd: &mut std::process::Command,
+    what: &str,
+    log: &Path,
+    sink: &mut dyn Write,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), BackupError> {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .map_err(|e| cannot_start(cmd, e))?;
+    let mut out = child.stdout.take().expect("piped");
+    widen_pipe(&out);
+    let pumped = pump(&mut out, sink, progress);
+    if pumped.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait()?;
+    pumped?;
+    exited(status, what, log)
+}
+
+/// Runs a tool that reads the archive on its standard input; `feed` writes it there (through
+/// a wide pipe). The tool is killed if feeding fails; a failed exit is reported as `what`.
+pub fn stream_to_tool(
+    cmd: &mut std::process::Command,
+    what: &str,
+    log: &Path,
+    feed: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(), BackupError> {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .map_err(|e| cannot_start(cmd, e))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    widen_pipe(&stdin);
+    let fed = feed(&mut stdin);
+    drop(stdin);
+    if fed.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait()?;
+    fed?;
+    exited(status, what, log)
+}
+
+fn cannot_start(cmd: &std::process::Command, e: std::io::Error) -> BackupError {
+    BackupError::Tool {
+        tool: cmd.get_program().to_string_lossy().into_owned(),
+        detail: format!("cannot start: {e}"),
+    }
+}
+
+/// A tool's exit: failure reported as `what` with the tail of its log.
+pub fn exited(status: std::process::ExitStatus, what: &str, log: &Path) -> Result<(), BackupError> {
+    if status.success() {
+        Ok(())
+    } else {
+        Err(BackupError::Tool {
+            tool: what.into(),
+            detail: format!("{status}: {}", log_tail(log)),
+        })
+    }
+}
+
 /// The last lines of a tool's log (blank lines skipped), for an error message.
 pub fn log_tail(path: &Path) -> String {
     let t = std::fs::read_to_string(path).unwrap_or_default();
