@@ -41,7 +41,29 @@ pub struct AgentConfig {
     /// Backup storage, keys and strategy (none: backups are refused with a clear error).
     #[serde(default)]
     pub backup: Option<coffer_strategies::backup::BackupConfig>,
+    /// Enrolment of a host the controller did not provision: `run` enrols first when the host
+    /// has no instance yet (see `coffer-agent enroll`).
+    #[serde(default)]
+    pub enrol: Option<EnrolConfig>,
 }
+
+/// `[enrol]`: where to enrol and with which one-time token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolConfig {
+    /// The controller's API, e.g. `http://controller.example:8779`.
+    pub controller_url: String,
+    /// A file holding the one-time token (kept out of process arguments and of this file).
+    pub token_file: PathBuf,
+    /// CA certificate (PEM) to verify an `https` controller with.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Where an installed agent keeps its state unless told otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/coffer/agent";
+/// The file enrolment writes into the state dir: the identity the controller assigned.
+pub const ENROLMENT_FILE: &str = "enrolment.toml";
 
 /// Network placement of the database.
 #[derive(Debug, Clone, Deserialize)]
@@ -66,13 +88,60 @@ fn default_ack_wait() -> u64 {
     30
 }
 
+/// Reads a config file as a table, with the installed defaults (state dir, `[listen]` on
+/// 0.0.0.0:3306) and, after enrolment, the identity in `<state_dir>/enrolment.toml` filled in
+/// where the file itself says nothing. A missing file is an empty one (a host about to enrol).
+pub fn effective_table(path: &Path) -> anyhow::Result<toml::Table> {
+    let mut t: toml::Table = match std::fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text)
+            .with_context(|| format!("parsing agent config {}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading agent config {}", path.display()))
+        }
+    };
+    t.entry("state_dir")
+        .or_insert_with(|| toml::Value::String(DEFAULT_STATE_DIR.into()));
+    t.entry("listen").or_insert_with(|| {
+        let mut l = toml::Table::new();
+        l.insert("bind_address".into(), "0.0.0.0".into());
+        l.insert("port".into(), 3306.into());
+        toml::Value::Table(l)
+    });
+    let state_dir = PathBuf::from(
+        t["state_dir"]
+            .as_str()
+            .context("state_dir is not a string")?,
+    );
+    let enrolled = state_dir.join(ENROLMENT_FILE);
+    if let Ok(text) = std::fs::read_to_string(&enrolled) {
+        let e: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parsing {}", enrolled.display()))?;
+        for (k, v) in e {
+            t.entry(k).or_insert(v);
+        }
+    }
+    Ok(t)
+}
+
 impl AgentConfig {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file (with [`effective_table`]'s defaults and enrolment).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading agent config {}", path.display()))?;
-        let cfg: AgentConfig = toml::from_str(&text)
-            .with_context(|| format!("parsing agent config {}", path.display()))?;
+        let t = effective_table(path)?;
+        if !t.contains_key("instance_id") {
+            bail!(
+                "{} names no instance_id and this host is not enrolled: run `coffer-agent enroll \
+                 --controller URL --token-file FILE` with a token from the controller's \
+                 administrator, or add an [enrol] section",
+                path.display()
+            );
+        }
+        Self::from_table(t).with_context(|| format!("agent config {}", path.display()))
+    }
+
+    /// Deserializes and validates an effective table.
+    pub fn from_table(t: toml::Table) -> anyhow::Result<Self> {
+        let cfg: AgentConfig = t.try_into()?;
         cfg.validate()?;
         Ok(cfg)
     }

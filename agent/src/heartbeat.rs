@@ -48,7 +48,12 @@ pub async fn snapshot(ctx: &Ctx) -> v1::Heartbeat {
             .collect(),
         strategies: vec![format!("datastore:{}", ctx.ds.name())],
         fault: obs.fault,
-        host: ctx.cfg.advertise_host().to_string(),
+        // A wildcard bind says nothing about where clients connect: the controller keeps the
+        // address it learnt at placement or enrolment.
+        host: match ctx.cfg.advertise_host() {
+            "0.0.0.0" | "::" => String::new(),
+            h => h.to_string(),
+        },
         port: ctx.cfg.listen.port as u32,
         seq: ctx.seq.fetch_add(1, Ordering::SeqCst),
         boot_id: ctx.boot_id.clone(),

@@ -15,6 +15,7 @@ pub mod backups;
 pub mod calls;
 pub mod config;
 pub mod configure;
+pub mod enrol;
 pub mod heartbeat;
 pub mod intents;
 pub mod logs;

@@ -37,6 +37,52 @@ enum Command {
     CheckConfig,
     /// Create the agent's key pair if needed and print its public key (hex).
     Keygen,
+    /// Enrol this host with a controller using a one-time token from its administrator: the
+    /// database this agent will run becomes an instance in the controller's API. Then start the
+    /// agent (systemctl enable --now coffer-agent).
+    Enroll {
+        /// The controller's API, e.g. http://controller.example:8779.
+        #[arg(long)]
+        controller: String,
+        /// The one-time token (prefer --token-file or COFFER_ENROL_TOKEN: arguments are visible
+        /// to other users of the host until the token is used).
+        #[arg(long, env = "COFFER_ENROL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A file holding the one-time token ('-' reads standard input).
+        #[arg(long, conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// CA certificate (PEM) of an https controller.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Seconds to keep retrying while the controller is unreachable.
+        #[arg(long, default_value_t = 300)]
+        patience_s: u64,
+    },
+}
+
+fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
+    let text = if file == std::path::Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        s
+    } else {
+        std::fs::read_to_string(file)
+            .with_context(|| format!("reading the token file {}", file.display()))?
+    };
+    let t = text.trim().to_string();
+    anyhow::ensure!(!t.is_empty(), "the enrolment token is empty");
+    Ok(t)
+}
+
+fn enrol_blocking(
+    config: &std::path::Path,
+    req: coffer_agent::enrol::Request,
+) -> anyhow::Result<String> {
+    let table = coffer_agent::config::effective_table(config)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(coffer_agent::enrol::enrol(&table, &req))
 }
 
 fn main() {
@@ -60,16 +106,63 @@ fn real_main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let command = cli.command.unwrap_or(Command::Run);
+    if let Command::Enroll {
+        controller,
+        token,
+        token_file,
+        ca_file,
+        patience_s,
+    } = command
+    {
+        let token = match (token, token_file) {
+            (Some(t), _) => t,
+            (None, Some(f)) => read_token(&f)?,
+            (None, None) => anyhow::bail!(
+                "give the enrolment token with --token-file FILE (or COFFER_ENROL_TOKEN)"
+            ),
+        };
+        let id = enrol_blocking(
+            &cli.config,
+            coffer_agent::enrol::Request {
+                controller_url: controller,
+                token,
+                ca_file,
+                patience: Duration::from_secs(patience_s),
+            },
+        )?;
+        println!("enrolled as instance {id}; start the agent: systemctl enable --now coffer-agent");
+        return Ok(());
+    }
+    // `run` on a host with an [enrol] section that has not enrolled yet enrols first.
+    if matches!(command, Command::Run) {
+        let table = coffer_agent::config::effective_table(&cli.config)?;
+        if !table.contains_key("instance_id") {
+            if let Some(e) = table.get("enrol").cloned() {
+                let e: coffer_agent::config::EnrolConfig = e.try_into().context("[enrol]")?;
+                enrol_blocking(
+                    &cli.config,
+                    coffer_agent::enrol::Request {
+                        controller_url: e.controller_url,
+                        token: read_token(&e.token_file)?,
+                        ca_file: e.ca_file,
+                        patience: Duration::from_secs(3600),
+                    },
+                )?;
+            }
+        }
+    }
     let mut cfg = AgentConfig::load(&cli.config)?;
     if let Some(url) = cli.nats_url {
         cfg.nats_url = url;
     }
-    match cli.command.unwrap_or(Command::Run) {
+    match command {
         Command::Keygen => {
             let (_, public) = coffer_agent::state::load_or_create_key(&cfg.state_dir)?;
             println!("{}", coffer_proto::seal::to_hex(&public));
             Ok(())
         }
+        Command::Enroll { .. } => unreachable!("handled above"),
         Command::CheckConfig => {
             println!("config ok: instance {}", cfg.instance_id);
             Ok(())

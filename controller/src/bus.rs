@@ -436,13 +436,16 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
         return;
     }
     let result = async {
-        let nats_user = app
-            .store
-            .instance(id)
-            .await?
-            .map(|r| r.agent_nats_user)
+        let row = app.store.instance(id).await?;
+        let nats_user = row
+            .as_ref()
+            .map(|r| r.agent_nats_user.clone())
             .unwrap_or_default();
-        app.provisioner.destroy(id).await?;
+        // An enrolled host's agent tore its database down on the delete intent; the controller
+        // has no files there to remove.
+        if row.is_none_or(|r| r.placement != "enrolled") {
+            app.provisioner.destroy(id).await?;
+        }
         if let (Some(a), false) = (&app.authority, nats_user.is_empty()) {
             a.revoke(
                 &app.cfg.nats_url,
@@ -480,7 +483,12 @@ pub async fn timers_loop(app: Arc<App>) {
         for r in rows {
             // An agent that died (killed, crashed) is started again; it adopts its database.
             let being_deleted = app.deleting.lock().unwrap().contains(&r.id);
-            if n % 3 == 0 && app.cfg.respawn_agents && r.task != task::DELETING && !being_deleted {
+            if n % 3 == 0
+                && app.cfg.respawn_agents
+                && r.task != task::DELETING
+                && !being_deleted
+                && r.placement != "enrolled"
+            {
                 if let Err(e) = app.provisioner.ensure(&r.id).await {
                     warn!(instance = %r.id, error = %format!("{e:#}"), "could not ensure agent");
                 }

@@ -155,7 +155,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
 
     // Adopt or respawn the agent of every live instance.
     for inst in app.store.live_instances().await? {
-        if inst.task == status::task::DELETING {
+        if inst.task == status::task::DELETING || inst.placement == "enrolled" {
             continue;
         }
         if let Err(e) = app.provisioner.ensure(&inst.id).await {

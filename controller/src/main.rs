@@ -90,6 +90,28 @@ enum Manage {
         version: String,
         flavor: String,
     },
+    /// Create a one-time enrolment token for a host that joins by itself (`coffer-agent enroll`):
+    /// its database becomes a new instance of PROJECT named NAME. Prints the token (shown once).
+    EnrolmentTokenCreate {
+        /// The project (tenant) the instance will belong to.
+        #[arg(long)]
+        project: String,
+        /// The instance's name.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        flavor: String,
+        #[arg(long, default_value = "mariadb")]
+        datastore: String,
+        #[arg(long)]
+        version: String,
+        /// Volume size in GB (what quotas and the API show).
+        #[arg(long, default_value_t = 1)]
+        volume_size: i64,
+        /// Seconds until an unused token expires.
+        #[arg(long, default_value_t = 3600)]
+        ttl: i64,
+    },
     /// Remove a flavor link.
     VersionFlavorDelete {
         datastore: String,
@@ -242,6 +264,41 @@ async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
                 .link_flavor(&datastore, &version, &flavor, true)
                 .await?;
             println!("flavor {flavor} allowed for {datastore} {version}");
+        }
+        Manage::EnrolmentTokenCreate {
+            project,
+            name,
+            flavor,
+            datastore,
+            version,
+            volume_size,
+            ttl,
+        } => {
+            let v = store.named_version(&datastore, &version).await?;
+            store
+                .flavor(&flavor)
+                .await?
+                .with_context(|| format!("flavor '{flavor}' does not exist"))?;
+            anyhow::ensure!(ttl >= 1, "--ttl must be at least 1 second");
+            let t = coffer_controller::api::enrol::create_token(
+                &store,
+                &coffer_controller::api::enrol::TokenSpec {
+                    project,
+                    name,
+                    version_id: v.id,
+                    flavor_id: flavor,
+                    volume_size,
+                    instance_id: None,
+                    ttl_s: ttl,
+                },
+            )
+            .await?;
+            eprintln!(
+                "enrolment token {} (single use, expires in {ttl} s); on the host run:\n  \
+                 coffer-agent enroll --controller URL --token-file FILE_WITH_THE_TOKEN",
+                t.id
+            );
+            println!("{}", t.token);
         }
         Manage::VersionFlavorDelete {
             datastore,

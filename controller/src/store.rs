@@ -66,6 +66,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "modules",
         include_str!("../migrations/0010_modules.sql"),
     ),
+    (
+        11,
+        "enrolment",
+        include_str!("../migrations/0011_enrolment.sql"),
+    ),
 ];
 
 #[derive(Clone)]
@@ -138,6 +143,8 @@ pub struct InstanceRow {
     pub repl_strategy: Option<String>,
     /// An old source taken out by an eject: stays fenced.
     pub ejected: bool,
+    /// `provisioner` (placed by the configured provisioner) or `enrolled` (joined by itself).
+    pub placement: String,
 }
 
 /// A module.
@@ -317,6 +324,7 @@ fn instance_from(r: &sqlx::sqlite::SqliteRow) -> InstanceRow {
         repl_secret: r.get("repl_secret"),
         repl_strategy: r.get("repl_strategy"),
         ejected: r.get::<i64, _>("ejected") != 0,
+        placement: r.get("placement"),
     }
 }
 

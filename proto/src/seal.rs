@@ -167,6 +167,11 @@ pub fn kept_module_context(module: &str) -> String {
     format!("coffer/v1/module/{module}/kept")
 }
 
+/// The context string of the NATS creds the controller seals to an agent at enrolment.
+pub fn enrolment_creds_context(instance: &str) -> String {
+    format!("coffer/v1/{instance}/enrolment/nats-creds")
+}
+
 /// The context string of a secret in the reply to call `call_id` of an instance.
 pub fn reply_context(instance: &str, call_id: &str) -> String {
     format!("coffer/v1/{instance}/reply/{call_id}")

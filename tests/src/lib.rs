@@ -4,6 +4,7 @@
 //! Binaries come from `COFFER_BIN_DIR` (set by `cargo xtask test`) or sit beside the test binary;
 //! nats-server from `COFFER_NATS_SERVER`. Missing ones fail loudly, naming the fix.
 
+pub mod debroot;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};
@@ -217,6 +218,9 @@ pub struct Opts {
     pub respawn_agents: bool,
     /// Agents reach NATS through a [`proxy::NatsProxy`] that can cut one of them off.
     pub nats_proxy: bool,
+    /// Instances are VMs booted from this guest image (the `qemu` provisioner) instead of
+    /// local processes; guests reach the controller and NATS as 10.0.2.2.
+    pub qemu_image: Option<PathBuf>,
 }
 
 /// The backup storage backends, as a test selects them.
@@ -246,6 +250,7 @@ impl Default for Opts {
             auto_failover: false,
             respawn_agents: true,
             nats_proxy: false,
+            qemu_image: None,
         }
     }
 }
@@ -326,8 +331,7 @@ impl Env {
                  {tls_table}[nats_auth]\ndir = {auth:?}\n\n\
                  [replication]\nstrategy = {repl:?}\nauto_failover = {auto}\n\n\
                  [backup]\nkeyring_file = {keyring:?}\nstrategy = {strategy:?}\n[backup.storage]\n{storage}\n\n\
-                 [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
-                 port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\ndatastore_extra = {extra:?}\n",
+                 {provisioner}",
                 data = d.join("controller").display().to_string(),
                 nats = nats_url,
                 creds = d.join("nats-auth/controller.creds").display().to_string(),
@@ -337,8 +341,28 @@ impl Env {
                 respawn = o.respawn_agents,
                 agent_nats = if o.nats_proxy {
                     format!("agent_nats_url = \"nats://127.0.0.1:{proxy_port}\"\n")
+                } else if o.qemu_image.is_some() {
+                    format!("agent_nats_url = \"nats://10.0.2.2:{nats_port}\"\n")
                 } else {
                     String::new()
+                },
+                provisioner = match &o.qemu_image {
+                    None => format!(
+                        "[provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
+                         port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\ndatastore_extra = {extra:?}\n",
+                        agent = bin("coffer-agent").display().to_string(),
+                        inst = d.join("instances").display().to_string(),
+                        hb = o.heartbeat_interval_ms,
+                        extra = o.datastore_extra,
+                    ),
+                    Some(image) => format!(
+                        "[provisioner]\nkind = \"qemu\"\nimage = {image:?}\ninstances_dir = {inst:?}\n\
+                         controller_url = \"http://10.0.2.2:{api_port}\"\n\
+                         port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\n",
+                        image = image.display().to_string(),
+                        inst = d.join("instances").display().to_string(),
+                        hb = o.heartbeat_interval_ms,
+                    ),
                 },
                 repl = o.replication_strategy,
                 auto = o.auto_failover,
@@ -358,10 +382,6 @@ impl Env {
                 exp = o.heartbeat_expiry_s,
                 lease = o.lease_ms,
                 bt = o.build_timeout_s,
-                agent = bin("coffer-agent").display().to_string(),
-                inst = d.join("instances").display().to_string(),
-                hb = o.heartbeat_interval_ms,
-                extra = o.datastore_extra,
             ),
         )
         .unwrap();
@@ -905,6 +925,16 @@ pub fn write_keyring(path: &Path, keys: &[(&str, &str)], current: &str) {
     std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
 }
 
+/// The current UTC time as the API shows it (`2026-11-28T08:15:11`), to compare with
+/// `service_status_updated`.
+pub fn now_rfc3339() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Registers MariaDB (the installed version) and the test flavors.
 pub fn register(config: &Path) {
     let out = Command::new("/usr/sbin/mariadbd")
@@ -965,6 +995,10 @@ impl Drop for Env {
             let pidfile = e.path().join("state/mariadb/mariadbd.pid");
             let pids = [
                 self.db_pid(&id),
+                // A VM (the qemu provisioner).
+                std::fs::read_to_string(e.path().join("qemu.pid"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok()),
                 std::fs::read_to_string(pidfile)
                     .ok()
                     .and_then(|s| s.trim().parse().ok()),

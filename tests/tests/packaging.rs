@@ -1,6 +1,7 @@
 //! `cargo xtask dist` (with the binaries the suite built): the .deb packages carry the binary,
 //! the hardened unit (which `systemd-analyze verify` accepts), the default config as a conffile
-//! and maintainer scripts that parse; the packaged binary runs.
+//! and maintainer scripts that parse; the packaged binary runs. The .rpm files hold the same,
+//! verify (`rpm -K`) and mark the config `%config`.
 
 use std::path::Path;
 use std::process::Command;
@@ -99,5 +100,37 @@ fn dist_builds_debs_with_units_configs_and_scripts() {
             );
         }
         assert!(Path::new(&ctl.join("postinst")).exists());
+
+        // The .rpm: same files, the config marked %config(noreplace), digests that verify,
+        // scripts that make the user and restart on upgrade.
+        let rpm = out.join(format!("{pkg}-{}-1.x86_64.rpm", env!("CARGO_PKG_VERSION")));
+        let files = run(Command::new("rpm").arg("-qlp").arg(&rpm));
+        for f in [
+            format!("/usr/bin/{pkg}"),
+            format!("/usr/lib/systemd/system/{unit}"),
+            format!("/etc/coffer/{config}"),
+        ] {
+            assert!(files.lines().any(|l| l == f), "{f} in {files}");
+        }
+        let configs = run(Command::new("rpm")
+            .arg("-qp")
+            .arg("--configfiles")
+            .arg(&rpm));
+        assert_eq!(configs.trim(), format!("/etc/coffer/{config}"));
+        let check = run(Command::new("rpm").arg("-K").arg(&rpm));
+        assert!(
+            check.contains("digests") && check.trim_end().ends_with("OK"),
+            "{check}"
+        );
+        let info = run(Command::new("rpm").arg("-qip").arg(&rpm));
+        assert!(info.contains(&format!("Name        : {pkg}")), "{info}");
+        let scripts = run(Command::new("rpm").arg("-qp").arg("--scripts").arg(&rpm));
+        assert!(scripts.contains("useradd -r -g coffer"), "{scripts}");
+        assert!(
+            scripts.contains(&format!("try-restart {unit}")),
+            "{scripts}"
+        );
+        let requires = run(Command::new("rpm").arg("-qpR").arg(&rpm));
+        assert!(requires.contains("shadow-utils"), "{requires}");
     }
 }

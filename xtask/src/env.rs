@@ -35,7 +35,7 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn cache_dir() -> PathBuf {
+pub fn cache_dir() -> PathBuf {
     if let Ok(x) = std::env::var("XDG_CACHE_HOME") {
         return PathBuf::from(x).join("coffer");
     }
@@ -76,7 +76,7 @@ pub fn has_nextest() -> bool {
         .unwrap_or(false)
 }
 
-fn have(bin: &str) -> bool {
+pub fn have(bin: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {bin}")])
         .output()
@@ -85,7 +85,7 @@ fn have(bin: &str) -> bool {
         || Path::new("/usr/sbin").join(bin).exists()
 }
 
-fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
+pub fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
     step(&format!("installing {} with apt-get", pkgs.join(" ")));
     let sudo: &[&str] = if nix::unistd::geteuid().is_root() {
         &[]
@@ -127,6 +127,13 @@ pub fn prepare() -> anyhow::Result<Tools> {
     }
     if !have("openssl") {
         missing.push("openssl");
+    }
+    // Packaging: .rpm files, and the fresh Debian root the packages are installed into.
+    if !have("rpmbuild") {
+        missing.push("rpm");
+    }
+    if !have("mmdebstrap") {
+        missing.push("mmdebstrap");
     }
     if Command::new("python3")
         .args(["-c", "import venv, ensurepip"])

@@ -7,7 +7,9 @@
 //! - `cargo xtask bench replication [--size-mb N]`: replica creation against its floor by hand,
 //!   switchover write gap, failover time.
 //! - `cargo xtask dist [--out DIR]`: release binaries packaged as coffer-agent and
-//!   coffer-controller .deb files (units, default configs, maintainer scripts) in `target/dist/`.
+//!   coffer-controller .deb and .rpm files (units, default configs, maintainer scripts) in `target/dist/`.
+//! - `cargo xtask image [--out FILE] [--test]`: the qcow2 guest image (Debian 12, MariaDB,
+//!   cloud-init, the agent package) in `target/dist/`; `--test` boots it to ACTIVE.
 //! - `cargo xtask gen-rules`: regenerates the committed MariaDB configuration-parameter rules
 //!   (`strategies/rules/`) from the installed server (review the diff, then commit).
 //! - `cargo xtask tls-ca DIR`: a local CA and a certificate for 127.0.0.1 (`ca.pem`,
@@ -22,6 +24,7 @@ mod bench_replication;
 mod demo;
 mod dist;
 mod env;
+mod image;
 
 use anyhow::bail;
 
@@ -42,6 +45,7 @@ fn real_main() -> anyhow::Result<()> {
         "demo" => demo::run(rest),
         "test" => test(rest),
         "dist" => dist::run(rest),
+        "image" => image::run(rest),
         "gen-rules" => {
             std::env::set_var("COFFER_UPDATE_RULES", "1");
             test(&[

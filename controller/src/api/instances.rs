@@ -1,5 +1,6 @@
 //! `/instances`: create, list, show, rename, delete and actions.
 
+use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::{Path, Query};
 use coffer_proto::{v1, Message};
@@ -10,6 +11,7 @@ use crate::provisioner::Placement;
 use crate::status::{self, task};
 use crate::store::{self, InstanceRow, Store, VersionRow};
 use crate::App;
+use tracing::warn;
 
 const CREATE_KEYS: &[&str] = &[
     "name",
@@ -572,107 +574,48 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     }
 
     let id = uuid::Uuid::new_v4().to_string();
-    let intent_id = uuid::Uuid::new_v4().to_string();
-    // Place the agent first: its public key seals the secrets before anything is stored.
-    let (placed, nats_user) = place(&app, &id, &version).await?;
-    let mut users = req.users;
-    for u in &mut users {
-        let context = coffer_proto::seal::user_password_context(&id, &u.name, &u.host);
-        u.password_sealed =
-            coffer_proto::seal::seal(&placed.public_key, &context, u.password.as_bytes())
-                .map_err(|e| anyhow::anyhow!("sealing a password: {e}"))?;
-        u.password.clear();
-    }
     let root_password = version
         .root_on_create
         .then(|| uuid::Uuid::new_v4().simple().to_string());
-    let root_password_sealed = match &root_password {
-        Some(pw) => coffer_proto::seal::seal(
-            &placed.public_key,
-            &coffer_proto::seal::root_password_context(&id),
-            pw.as_bytes(),
-        )
-        .map_err(|e| anyhow::anyhow!("sealing the root password: {e}"))?,
-        None => vec![],
+    let n = NewInstance {
+        id: id.clone(),
+        project: c.project.clone(),
+        name: req.name,
+        flavor,
+        version,
+        volume_size: req.volume_size,
+        databases: req.databases,
+        users: req.users,
+        restore_from,
+        overrides,
+        modules,
+        configuration: req.configuration,
+        root_password: root_password.clone(),
     };
-    let module_specs = modules
-        .iter()
-        .map(|m| super::modules::spec_sealed(&app, &id, &placed.public_key, m))
-        .collect::<Result<Vec<_>, _>>()?;
-    for m in &modules {
-        app.store
-            .record_instance_module(&id, &m.id, &m.md5, "PENDING", "", false)
-            .await?;
-    }
-    let ts = store::now();
-    let stored: Result<(), ApiError> = async {
-        let mut tx = app.store.begin().await?;
-        super::quotas::check(&app, &mut tx, &c.project, flavor.ram, req.volume_size).await?;
-        let server_id = Store::next_server_id(&mut tx).await?;
-        let row = InstanceRow {
-            id: id.clone(),
-            project_id: c.project.clone(),
-            name: req.name,
-            flavor_id: flavor.id.clone(),
-            datastore_version_id: version.id.clone(),
-            volume_size: req.volume_size,
-            task: task::BUILDING.into(),
-            task_started: ts.clone(),
-            service_status: "new".into(),
-            fault: None,
-            fault_at: None,
-            server_id,
-            host: Some(placed.host.clone()),
-            port: Some(placed.port as i64),
-            created: ts.clone(),
-            updated: ts,
-            deleted: false,
-            agent_version: String::new(),
-            capabilities: String::new(),
-            agent_public_key: coffer_proto::seal::to_hex(&placed.public_key),
-            agent_nats_user: nats_user.clone(),
-            configuration_id: req.configuration.clone(),
-            replica_of: None,
-            repl_user: None,
-            repl_secret: None,
-            repl_strategy: None,
-            ejected: false,
-        };
-        Store::insert_instance(&mut tx, &row).await?;
-        let prepare = v1::intent::Kind::Prepare(v1::Prepare {
-            memory_mb: flavor.ram as u64,
-            vcpus: flavor.vcpus as u32,
-            volume_gb: req.volume_size as u64,
-            server_id: server_id as u32,
-            databases: req.databases,
-            users,
-            datastore_version: version.version.clone(),
-            root_password_sealed,
-            restore: restore_from
-                .clone()
-                .map(|backup_id| v1::RestoreFrom { backup_id }),
-            overrides,
-            replica_of: None,
-            modules: module_specs,
-        });
-        let payload = intent_payload(&app, &id, &intent_id, prepare);
-        Store::enqueue(&mut tx, &intent_id, &id, "prepare", &payload).await?;
-        if root_password.is_some() {
-            sqlx::query("UPDATE instances SET root_enabled = 1 WHERE id = ?")
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
+    if app.provisioner.key_at_enrolment() {
+        // A VM: its agent makes its key pair at first boot and sends the public half when it
+        // enrols; the secrets are sealed to it then. The instance shows as BUILD meanwhile.
+        store_pending(&app, &n).await?;
+        tokio::spawn(build_vm(app.clone(), n));
+    } else {
+        // Place the agent first: its public key seals the secrets before anything is stored.
+        let (placed, nats_user) = place(&app, &id, &n.version, None).await?;
+        let committed = commit_new(
+            &app,
+            &n,
+            &placed.public_key,
+            &nats_user,
+            (&placed.host, placed.port),
+            Commit::Insert("provisioner"),
+        )
+        .await;
+        if let Err(e) = committed {
+            let _ = app.provisioner.destroy(&id).await;
+            return Err(e);
         }
-        tx.commit().await?;
-        Ok(())
+        app.outbox_wake.notify_one();
+        start_agent(&app, &id).await?;
     }
-    .await;
-    if let Err(e) = stored {
-        let _ = app.provisioner.destroy(&id).await;
-        return Err(e);
-    }
-    app.outbox_wake.notify_one();
-    start_agent(&app, &id).await?;
     let row = app
         .store
         .instance(&id)
@@ -686,14 +629,250 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     ok(json!({ "instance": view }))
 }
 
+/// A new (non-replica) instance, checked and ready to be committed once its agent's key is known.
+pub(super) struct NewInstance {
+    pub id: String,
+    pub project: String,
+    pub name: String,
+    pub flavor: store::FlavorRow,
+    pub version: VersionRow,
+    pub volume_size: i64,
+    pub databases: Vec<v1::Database>,
+    /// Passwords in the clear until [`commit_new`] seals them.
+    pub users: Vec<v1::User>,
+    pub restore_from: Option<String>,
+    pub overrides: Vec<v1::Override>,
+    pub modules: Vec<store::ModuleRow>,
+    pub configuration: Option<String>,
+    pub root_password: Option<String>,
+}
+
+/// How [`commit_new`] stores the instance.
+pub(super) enum Commit<'a> {
+    /// Insert the row, with this placement (`provisioner` or `enrolled`).
+    Insert(&'a str),
+    /// Complete the row [`store_pending`] stored while the VM booted.
+    Complete,
+}
+
+fn row_of(n: &NewInstance, server_id: i64, key: &[u8], nats_user: &str) -> InstanceRow {
+    let ts = store::now();
+    InstanceRow {
+        id: n.id.clone(),
+        project_id: n.project.clone(),
+        name: n.name.clone(),
+        flavor_id: n.flavor.id.clone(),
+        datastore_version_id: n.version.id.clone(),
+        volume_size: n.volume_size,
+        task: task::BUILDING.into(),
+        task_started: ts.clone(),
+        service_status: "new".into(),
+        fault: None,
+        fault_at: None,
+        server_id,
+        host: None,
+        port: None,
+        created: ts.clone(),
+        updated: ts,
+        deleted: false,
+        agent_version: String::new(),
+        capabilities: String::new(),
+        agent_public_key: coffer_proto::seal::to_hex(key),
+        agent_nats_user: nats_user.to_string(),
+        configuration_id: n.configuration.clone(),
+        replica_of: None,
+        repl_user: None,
+        repl_secret: None,
+        repl_strategy: None,
+        ejected: false,
+        placement: "provisioner".into(),
+    }
+}
+
+/// Stores a VM-backed instance before its agent exists (BUILD, no key, no address yet).
+async fn store_pending(app: &App, n: &NewInstance) -> Result<(), ApiError> {
+    let mut tx = app.store.begin().await?;
+    super::quotas::check(app, &mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
+    let server_id = Store::next_server_id(&mut tx).await?;
+    Store::insert_instance(&mut tx, &row_of(n, server_id, &[], "")).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Boots a VM-backed instance: places it (the provisioner boots the VM with an enrolment token),
+/// waits for its agent to enrol, then seals the secrets to the agent's key and queues `prepare`.
+async fn build_vm(app: std::sync::Arc<App>, n: NewInstance) {
+    let id = n.id.clone();
+    let result: anyhow::Result<()> = async {
+        let ttl = app.cfg.build_timeout_s.max(60) as i64;
+        let token = super::enrol::create_token(
+            &app.store,
+            &super::enrol::TokenSpec {
+                project: n.project.clone(),
+                name: n.name.clone(),
+                version_id: n.version.id.clone(),
+                flavor_id: n.flavor.id.clone(),
+                volume_size: n.volume_size,
+                instance_id: Some(id.clone()),
+                ttl_s: ttl,
+            },
+        )
+        .await?;
+        let (placed, _) = place(&app, &id, &n.version, Some(token.token))
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        app.store
+            .set_endpoint(&id, &placed.host, placed.port as i64)
+            .await?;
+        app.provisioner
+            .start(&id)
+            .await
+            .map_err(|e| e.context("booting the VM failed"))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(ttl as u64);
+        let (key, nats_user) = loop {
+            match app.store.instance(&id).await? {
+                None => return Ok(()), // deleted while booting
+                Some(r) if !r.agent_public_key.is_empty() => {
+                    let key = coffer_proto::seal::from_hex(&r.agent_public_key)
+                        .context("the enrolled key is not hex")?;
+                    break (key, r.agent_nats_user);
+                }
+                Some(_) => {}
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "the VM's agent did not enrol within {ttl} s; check the VM's console log \
+                     (console.log in its instance directory) and that it reaches the controller"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        };
+        commit_new(
+            &app,
+            &n,
+            &key,
+            &nats_user,
+            (&placed.host, placed.port),
+            Commit::Complete,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        app.outbox_wake.notify_one();
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        warn!(instance = %id, error = %format!("{e:#}"), "VM build failed");
+        if let Ok(mut tx) = app.store.begin().await {
+            let _ = Store::set_task(&mut tx, &id, task::BUILD_ERROR, Some(&format!("{e:#}"))).await;
+            let _ = tx.commit().await;
+        }
+    }
+}
+
+/// Seals a new instance's secrets to its agent's key, stores it and queues its `prepare` intent,
+/// in one transaction (with the binding quota check).
+pub(super) async fn commit_new(
+    app: &App,
+    n: &NewInstance,
+    key: &[u8],
+    nats_user: &str,
+    (host, port): (&str, u16),
+    how: Commit<'_>,
+) -> Result<(), ApiError> {
+    let id = &n.id;
+    let mut users = n.users.clone();
+    for u in &mut users {
+        let context = coffer_proto::seal::user_password_context(id, &u.name, &u.host);
+        u.password_sealed = coffer_proto::seal::seal(key, &context, u.password.as_bytes())
+            .map_err(|e| anyhow::anyhow!("sealing a password: {e}"))?;
+        u.password.clear();
+    }
+    let root_password_sealed = match &n.root_password {
+        Some(pw) => coffer_proto::seal::seal(
+            key,
+            &coffer_proto::seal::root_password_context(id),
+            pw.as_bytes(),
+        )
+        .map_err(|e| anyhow::anyhow!("sealing the root password: {e}"))?,
+        None => vec![],
+    };
+    let module_specs = n
+        .modules
+        .iter()
+        .map(|m| super::modules::spec_sealed(app, id, key, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    for m in &n.modules {
+        app.store
+            .record_instance_module(id, &m.id, &m.md5, "PENDING", "", false)
+            .await?;
+    }
+    let intent_id = uuid::Uuid::new_v4().to_string();
+    let mut tx = app.store.begin().await?;
+    let server_id = match how {
+        Commit::Insert(placement) => {
+            super::quotas::check(app, &mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
+            let server_id = Store::next_server_id(&mut tx).await?;
+            let mut row = row_of(n, server_id, key, nats_user);
+            row.host = Some(host.to_string());
+            row.port = Some(port as i64);
+            Store::insert_instance(&mut tx, &row).await?;
+            sqlx::query("UPDATE instances SET placement = ? WHERE id = ?")
+                .bind(placement)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            server_id
+        }
+        Commit::Complete => {
+            let r = sqlx::query("SELECT server_id FROM instances WHERE id = ? AND deleted = 0")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("instance {id} was deleted while it built"))?;
+            sqlx::Row::get(&r, "server_id")
+        }
+    };
+    let prepare = v1::intent::Kind::Prepare(v1::Prepare {
+        memory_mb: n.flavor.ram as u64,
+        vcpus: n.flavor.vcpus as u32,
+        volume_gb: n.volume_size as u64,
+        server_id: server_id as u32,
+        databases: n.databases.clone(),
+        users,
+        datastore_version: n.version.version.clone(),
+        root_password_sealed,
+        restore: n
+            .restore_from
+            .clone()
+            .map(|backup_id| v1::RestoreFrom { backup_id }),
+        overrides: n.overrides.clone(),
+        replica_of: None,
+        modules: module_specs,
+    });
+    let payload = intent_payload(app, id, &intent_id, prepare);
+    Store::enqueue(&mut tx, &intent_id, id, "prepare", &payload).await?;
+    if n.root_password.is_some() {
+        sqlx::query("UPDATE instances SET root_enabled = 1 WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Places an instance's agent (its identity and configuration); returns what the provisioner
 /// placed and the agent's NATS user.
 pub(super) async fn place(
     app: &App,
     id: &str,
     version: &VersionRow,
+    enrol_token: Option<String>,
 ) -> Result<(crate::provisioner::Placed, String), ApiError> {
     let (nats_creds, nats_user) = match &app.authority {
+        // An agent that enrols gets its NATS identity then, sealed to its own key.
+        _ if enrol_token.is_some() => (None, String::new()),
         Some(a) => {
             let (creds, user) = a.agent_creds(id)?;
             (Some(creds), user)
@@ -710,21 +889,27 @@ pub(super) async fn place(
             .unwrap_or_else(|| app.cfg.nats_url.clone()),
         nats_creds,
         nats_ca_file: app.cfg.nats_ca_file.clone(),
-        backup_toml: match &app.cfg.backup {
-            Some(b) => {
-                #[derive(serde::Serialize)]
-                struct AgentBackup<'a> {
-                    backup: &'a coffer_strategies::backup::BackupConfig,
-                }
-                Some(toml::to_string(&AgentBackup { backup: b }).map_err(anyhow::Error::from)?)
-            }
-            None => None,
-        },
+        enrol_token,
+        backup_toml: agent_backup_toml(app)?,
     };
     let placed = app.provisioner.prepare(&placement).await.map_err(|e| {
         ApiError::from(e.context("placing the agent failed; check the provisioner configuration"))
     })?;
     Ok((placed, nats_user))
+}
+
+/// The agent's `[backup]` table (TOML), when backups are configured.
+pub(super) fn agent_backup_toml(app: &App) -> Result<Option<String>, ApiError> {
+    #[derive(serde::Serialize)]
+    struct AgentBackup<'a> {
+        backup: &'a coffer_strategies::backup::BackupConfig,
+    }
+    match &app.cfg.backup {
+        Some(b) => Ok(Some(
+            toml::to_string(&AgentBackup { backup: b }).map_err(anyhow::Error::from)?,
+        )),
+        None => Ok(None),
+    }
 }
 
 /// Starts a placed agent; a failure ends the build in ERROR.

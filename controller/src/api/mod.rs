@@ -7,6 +7,7 @@ mod access;
 mod backups;
 mod catalog;
 mod configurations;
+pub mod enrol;
 mod instances;
 mod logs;
 mod modules;
@@ -276,6 +277,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/", get(versions))
         .route("/v1.0", get(version))
         .route("/v1.0/", get(version))
+        .route("/v1.0/agents/enrol", post(enrol::enrol))
+        .route(&format!("{p}/mgmt/enrolment-tokens"), post(enrol::create))
         .route(&format!("{p}/flavors"), get(catalog::list_flavors))
         .route(&format!("{p}/flavors/{{id}}"), get(catalog::show_flavor))
         .route(&format!("{p}/datastores"), get(catalog::list_datastores))

@@ -188,6 +188,12 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
         .clone()
         .unwrap_or_else(|| app.cfg.replication.strategy.clone());
 
+    if app.provisioner.key_at_enrolment() {
+        return Err(ApiError::not_implemented(
+            "Replicas of VM-backed instances are not supported by this Coffer release yet; \
+             create them with the process provisioner or enrol the replica hosts.",
+        ));
+    }
     // Place the replicas (their prepare waits for the snapshot).
     let mut ids = Vec::new();
     for i in 0..req.count {
@@ -197,7 +203,7 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
         } else {
             req.name.clone()
         };
-        let (placed, nats_user) = super::instances::place(&app, &id, &version).await?;
+        let (placed, nats_user) = super::instances::place(&app, &id, &version, None).await?;
         let ts = crate::store::now();
         let stored: Result<(), ApiError> = async {
             let mut tx = app.store.begin().await?;
@@ -231,6 +237,7 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
                 repl_secret: None,
                 repl_strategy: Some(strategy.clone()),
                 ejected: false,
+                placement: "provisioner".into(),
             };
             Store::insert_instance(&mut tx, &row).await?;
             tx.commit().await?;

@@ -675,6 +675,10 @@ impl Datastore for Mariadb {
             .arg(format!("--datadir={}", data.display()))
             .arg("--auth-root-authentication-method=socket")
             .arg("--skip-test-db")
+            // Accounts are the agent's own (by socket or '%'), so the host's name need not
+            // resolve: a fresh VM or host may not have itself in /etc/hosts yet. (`--force`
+            // skips only that DNS check.)
+            .arg("--force")
             .stdin(std::process::Stdio::null())
             .stdout(log_file)
             .stderr(log_err)
