@@ -42,7 +42,7 @@ mmdebstrap --variant=minbase --mode=root --format=directory \
     --customize-hook='chroot "$1" dpkg -i /tmp/'"$(basename "$AGENT_DEB")" \
     --customize-hook='rm -f "$1"/tmp/*.deb' \
     --customize-hook="sync-in $HERE/rootfs /" \
-    --customize-hook='chroot "$1" systemctl mask mariadb.service' \
+    --customize-hook='chroot "$1" systemctl mask mariadb.service mariadb.socket' \
     --customize-hook='chroot "$1" systemctl enable systemd-networkd.service coffer-agent.service' \
     --customize-hook='chroot "$1" sh -c "rm -rf /var/lib/mysql/* /var/lib/coffer/agent /var/lib/cloud/*"' \
     --customize-hook='chroot "$1" passwd -l root' \
@@ -52,6 +52,17 @@ mmdebstrap --variant=minbase --mode=root --format=directory \
     --customize-hook="sync-out /var/cache/apt/archives $CACHE" \
     --customize-hook='rm -rf "$1"/var/cache/apt/* "$1"/var/lib/apt/lists/*' \
     bookworm "$ROOT" "$MIRROR"
+
+step "checking the image's promises"
+fail() { echo "image check failed: $*" >&2; exit 1; }
+[ ! -s "$ROOT/etc/machine-id" ] || fail "/etc/machine-id is not empty"
+for u in mariadb.service mariadb.socket; do
+    [ "$(readlink "$ROOT/etc/systemd/system/$u")" = /dev/null ] || fail "$u is not masked"
+done
+[ ! -e "$ROOT/var/lib/coffer/agent/agent.key" ] || fail "an agent key is in the image"
+[ -z "$(ls -A "$ROOT/var/lib/coffer/agent" 2>/dev/null)" ] || fail "agent state is in the image"
+[ -L "$ROOT/etc/systemd/system/multi-user.target.wants/coffer-agent.service" ] || fail "coffer-agent is not enabled"
+[ -x "$ROOT/usr/bin/coffer-agent" ] || fail "coffer-agent is not installed"
 
 KVER=$(ls "$ROOT/boot" | sed -n 's/^vmlinuz-//p' | sort -V | tail -1)
 [ -n "$KVER" ] || { echo "no kernel in the root" >&2; exit 1; }

@@ -357,7 +357,7 @@ impl Env {
                     ),
                     Some(image) => format!(
                         "[provisioner]\nkind = \"qemu\"\nimage = {image:?}\ninstances_dir = {inst:?}\n\
-                         controller_url = \"http://10.0.2.2:{api_port}\"\n\
+                         controller_url = \"http://10.0.2.2:{api_port}\"\ncpus = 2\nmemory_mb = 1536\n\
                          port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\n",
                         image = image.display().to_string(),
                         inst = d.join("instances").display().to_string(),

@@ -47,8 +47,9 @@ pub struct Config {
     pub memory_mb: u64,
     #[serde(default = "default_cpus")]
     pub cpus: u32,
-    /// `kvm`, `tcg` (software emulation) or `auto`: KVM when it can run a firmware (probed once:
-    /// some hosts have a /dev/kvm that runs only paravirtualized guests), else TCG.
+    /// `kvm`, `tcg` (software emulation) or `auto`: KVM when /dev/kvm opens and the CPU has
+    /// hardware virtualization (some hosts have a /dev/kvm that runs only paravirtualized
+    /// guests), else TCG.
     #[serde(default = "default_accel")]
     pub accel: String,
     /// Extra disk space for the database on top of the image's size.
@@ -84,6 +85,8 @@ fn default_hb() -> u64 {
 pub struct QemuProvisioner {
     cfg: Config,
     alloc: Mutex<()>,
+    /// One boot at a time: `start` and the respawn timer's `ensure` never race to two qemus.
+    booting: Mutex<()>,
     accel: std::sync::OnceLock<&'static str>,
 }
 
@@ -98,6 +101,7 @@ impl QemuProvisioner {
         QemuProvisioner {
             cfg,
             alloc: Mutex::new(()),
+            booting: Mutex::new(()),
             accel: std::sync::OnceLock::new(),
         }
     }
@@ -160,7 +164,7 @@ impl QemuProvisioner {
             "kvm" => "kvm",
             "tcg" => "tcg",
             _ => self.accel.get_or_init(|| {
-                let kvm = kvm_runs_firmware(&self.cfg.qemu_binary);
+                let kvm = kvm_usable();
                 info!(kvm, "qemu acceleration probed");
                 if kvm {
                     "kvm"
@@ -171,7 +175,12 @@ impl QemuProvisioner {
         }
     }
 
+    /// Boots the VM unless it runs; from then on `ensure` keeps it running.
     async fn boot(&self, id: &str) -> anyhow::Result<()> {
+        let _one = self.booting.lock().await;
+        if self.qemu_pid(id).is_some() {
+            return Ok(());
+        }
         let dir = self.dir(id);
         let rec = self.record(id)?;
         let accel = self.accel();
@@ -180,6 +189,7 @@ impl QemuProvisioner {
             .arg(format!("coffer-{id}"))
             .args(["-machine", &format!("q35,accel={accel}")])
             .args(["-cpu", if accel == "kvm" { "host" } else { "max" }])
+            // Software emulation runs one host thread per vCPU (multi-threaded TCG).
             .args(["-m", &self.cfg.memory_mb.to_string()])
             .args(["-smp", &self.cfg.cpus.to_string()]);
         if let Some(fw) = &self.cfg.firmware {
@@ -219,61 +229,29 @@ impl QemuProvisioner {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
+        std::fs::write(dir.join("booted"), b"")?;
         info!(instance = id, accel, port = rec.port, "VM booting");
         Ok(())
     }
 }
 
-/// Whether KVM can run a guest's firmware here: a few seconds of SeaBIOS with nothing to boot.
-fn kvm_runs_firmware(qemu: &std::path::Path) -> bool {
-    if std::fs::OpenOptions::new()
+/// Whether KVM can run an ordinary guest here: /dev/kvm opens and the CPU has hardware
+/// virtualization (vmx or svm). A /dev/kvm without them (e.g. the `kvm_pvm` module, which runs
+/// only paravirtualized guest kernels) fails on the first firmware or boot-loader instruction.
+fn kvm_usable() -> bool {
+    let dev = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .is_err()
-    {
-        return false;
-    }
-    let Ok(mut child) = std::process::Command::new(qemu)
-        .args([
-            "-machine",
-            "q35,accel=kvm",
-            "-cpu",
-            "host",
-            "-m",
-            "64",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-serial",
-            "none",
-            "-no-reboot",
-            "-net",
-            "none",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    else {
-        return false;
-    };
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut exited = false;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            exited = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let Ok(out) = child.wait_with_output() else {
-        return false;
-    };
-    // A KVM that cannot emulate the firmware's first instructions says so and stops the guest.
-    !exited && !String::from_utf8_lossy(&out.stderr).contains("KVM internal error")
+        .is_ok();
+    let hw = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false);
+    dev && hw
 }
 
 async fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
@@ -412,6 +390,10 @@ impl Provisioner for QemuProvisioner {
                 "instance {id} has no VM disk under {}",
                 self.dir(id).display()
             );
+        }
+        if !self.dir(id).join("booted").exists() {
+            // Placed but not started yet: the build starts it.
+            return Ok(());
         }
         if self.qemu_pid(id).is_some() {
             return Ok(());
