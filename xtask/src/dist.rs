@@ -24,6 +24,45 @@ struct Pkg {
     summary: &'static str,
 }
 
+/// What every package of one `dist` run shares.
+struct Job<'a> {
+    repo: &'a Path,
+    bins: &'a Path,
+    out: &'a Path,
+    compression: &'a str,
+    version: &'a str,
+}
+
+impl Job<'_> {
+    /// Copies a package's binary, unit (into `unit_dir`) and default config under `root`.
+    fn stage(&self, p: &Pkg, root: &Path, unit_dir: &str) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        for (from, to, mode) in [
+            (
+                self.bins.join(p.name),
+                format!("/usr/bin/{}", p.name),
+                0o755,
+            ),
+            (
+                self.repo.join("packaging/systemd").join(p.unit),
+                format!("{unit_dir}/{}", p.unit),
+                0o644,
+            ),
+            (
+                self.repo.join("packaging/etc").join(p.config),
+                format!("/etc/coffer/{}", p.config),
+                0o640,
+            ),
+        ] {
+            let dst = root.join(to.trim_start_matches('/'));
+            std::fs::create_dir_all(dst.parent().expect("a parent"))?;
+            std::fs::copy(&from, &dst).with_context(|| format!("copying {}", from.display()))?;
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode))?;
+        }
+        Ok(())
+    }
+}
+
 const PKGS: &[Pkg] = &[
     Pkg {
         name: "coffer-agent",
@@ -64,25 +103,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             ),
         }
     }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("the repository root")?
-        .to_path_buf();
+    let repo = env::root();
     let bins = match prebuilt {
         Some(b) => b,
-        None => {
-            let tools = env::prepare()?;
-            env::step("building release binaries");
-            env::cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "coffer-agent",
-                "-p",
-                "coffer-controller",
-            ])?;
-            tools.target_dir.join("release")
-        }
+        None => env::build_release()?,
     };
     let out = out.unwrap_or_else(|| repo.join("target/dist"));
     std::fs::create_dir_all(&out)?;
@@ -90,10 +114,17 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         env::step("installing rpm (rpmbuild) with apt-get");
         env::apt_install(&["rpm"])?;
     }
+    let job = Job {
+        repo: &repo,
+        bins: &bins,
+        out: &out,
+        compression,
+        version: &version,
+    };
     for p in PKGS {
-        let deb = build_deb(&repo, &bins, &out, p, compression, &version)?;
+        let deb = build_deb(&job, p)?;
         println!("{}", deb.display());
-        let rpm = build_rpm(&repo, &bins, &out, p, compression, &version)?;
+        let rpm = build_rpm(&job, p)?;
         println!("{}", rpm.display());
     }
     Ok(())
@@ -102,32 +133,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 /// An .rpm with the same contents: the config is `%config(noreplace)` (kept on upgrade), the
 /// user is made in `%pre`, the service restarted on upgrade (`%postun`), state kept on erase
 /// (RPM has no purge: remove `/var/lib/coffer` by hand).
-fn build_rpm(
-    repo: &Path,
-    bins: &Path,
-    out: &Path,
-    p: &Pkg,
-    compression: &str,
-    version: &str,
-) -> anyhow::Result<PathBuf> {
+fn build_rpm(job: &Job, p: &Pkg) -> anyhow::Result<PathBuf> {
+    let (out, compression, version) = (job.out, job.compression, job.version);
     let work = out.join(format!("{}-rpmbuild", p.name));
     let _ = std::fs::remove_dir_all(&work);
     let stage = work.join("stage");
-    let put = |from: &Path, to: &str| -> anyhow::Result<()> {
-        let dst = stage.join(to.trim_start_matches('/'));
-        std::fs::create_dir_all(dst.parent().expect("a parent"))?;
-        std::fs::copy(from, &dst).with_context(|| format!("copying {}", from.display()))?;
-        Ok(())
-    };
-    put(&bins.join(p.name), &format!("/usr/bin/{}", p.name))?;
-    put(
-        &repo.join("packaging/systemd").join(p.unit),
-        &format!("/usr/lib/systemd/system/{}", p.unit),
-    )?;
-    put(
-        &repo.join("packaging/etc").join(p.config),
-        &format!("/etc/coffer/{}", p.config),
-    )?;
+    job.stage(p, &stage, "/usr/lib/systemd/system")?;
     std::fs::create_dir_all(stage.join(p.state.trim_start_matches('/')))?;
     let payload = match compression {
         "none" => "w0.ufdio",
@@ -219,35 +230,11 @@ fi
     Ok(rpm)
 }
 
-fn build_deb(
-    repo: &Path,
-    bins: &Path,
-    out: &Path,
-    p: &Pkg,
-    compression: &str,
-    version: &str,
-) -> anyhow::Result<PathBuf> {
+fn build_deb(job: &Job, p: &Pkg) -> anyhow::Result<PathBuf> {
+    let (repo, out, compression, version) = (job.repo, job.out, job.compression, job.version);
     let root = out.join(format!("{}-root", p.name));
     let _ = std::fs::remove_dir_all(&root);
-    let copy = |from: &Path, to: &str, mode: u32| -> anyhow::Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        let dst = root.join(to.trim_start_matches('/'));
-        std::fs::create_dir_all(dst.parent().expect("a parent"))?;
-        std::fs::copy(from, &dst).with_context(|| format!("copying {}", from.display()))?;
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode))?;
-        Ok(())
-    };
-    copy(&bins.join(p.name), &format!("/usr/bin/{}", p.name), 0o755)?;
-    copy(
-        &repo.join("packaging/systemd").join(p.unit),
-        &format!("/lib/systemd/system/{}", p.unit),
-        0o644,
-    )?;
-    copy(
-        &repo.join("packaging/etc").join(p.config),
-        &format!("/etc/coffer/{}", p.config),
-        0o640,
-    )?;
+    job.stage(p, &root, "/lib/systemd/system")?;
     let script = |name: &str| -> anyhow::Result<()> {
         let text = std::fs::read_to_string(repo.join("packaging/deb").join(name))?
             .replace("@UNIT@", p.unit)

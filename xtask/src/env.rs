@@ -113,6 +113,21 @@ pub fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
     run(&args)
 }
 
+/// Builds the release agent and controller; returns the directory holding them.
+pub fn build_release() -> anyhow::Result<PathBuf> {
+    let tools = prepare()?;
+    step("building release binaries");
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "coffer-agent",
+        "-p",
+        "coffer-controller",
+    ])?;
+    Ok(tools.target_dir.join("release"))
+}
+
 /// Installs what is missing and returns the tool paths.
 pub fn prepare() -> anyhow::Result<Tools> {
     let mut missing = vec![];

@@ -96,20 +96,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let out = out.unwrap_or_else(|| repo.join("target/dist/coffer-guest.qcow2"));
     let t0 = Instant::now();
     tools()?;
-    let prepared = env::prepare()?;
-    env::step("building the release agent and its package");
-    env::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "coffer-agent",
-        "-p",
-        "coffer-controller",
-    ])?;
+    let release = env::build_release()?;
     let dist = repo.join("target/dist");
     crate::dist::run(&[
         "--prebuilt".into(),
-        prepared.target_dir.join("release").display().to_string(),
+        release.display().to_string(),
         "--out".into(),
         dist.display().to_string(),
     ])?;
@@ -150,7 +141,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             "--ignored",
             "--nocapture",
         ]);
-        prepared.apply(&mut c);
+        env::prepare()?.apply(&mut c);
         c.env("COFFER_GUEST_IMAGE", &out);
         if !c.status()?.success() {
             bail!("the image boot test failed");
