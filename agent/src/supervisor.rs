@@ -328,6 +328,9 @@ impl Supervisor {
             .stdout(out)
             .stderr(err)
             .kill_on_drop(false);
+        if let Some((uid, gid)) = cmd.run_as {
+            c.uid(uid).gid(gid);
+        }
         new_session(&mut c);
         let child = c
             .spawn()

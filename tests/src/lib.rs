@@ -935,6 +935,54 @@ pub fn now_rfc3339() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Registers PostgreSQL (the newest installed under /usr/lib/postgresql) as datastore
+/// `postgresql`, version label = its major version (e.g. `15`); returns the label.
+pub fn register_postgresql(config: &Path) -> String {
+    let major = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed (cargo xtask test installs it)")
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .max()
+        .expect("a PostgreSQL version");
+    let out = Command::new(format!("/usr/lib/postgresql/{major}/bin/postgres"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let full = text
+        .split("(PostgreSQL) ")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or("")
+        .to_string();
+    let label = major.to_string();
+    for args in [
+        vec!["datastore-update", "postgresql"],
+        vec![
+            "datastore-version-update",
+            "postgresql",
+            &label,
+            "postgresql",
+            &full,
+        ],
+        vec!["datastore-default-version", "postgresql", &label],
+    ] {
+        let out = Command::new(bin("coffer-controller"))
+            .arg("--config")
+            .arg(config)
+            .arg("manage")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "manage {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    label
+}
+
 /// Registers MariaDB (the installed version) and the test flavors.
 pub fn register(config: &Path) {
     let out = Command::new("/usr/sbin/mariadbd")

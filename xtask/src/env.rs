@@ -143,6 +143,9 @@ pub fn prepare() -> anyhow::Result<Tools> {
     if !have("openssl") {
         missing.push("openssl");
     }
+    if !Path::new("/usr/lib/postgresql").exists() {
+        missing.push("postgresql");
+    }
     // Packaging: .rpm files, and the fresh Debian root the packages are installed into.
     if !have("rpmbuild") {
         missing.push("rpm");

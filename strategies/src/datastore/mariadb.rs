@@ -721,6 +721,7 @@ impl Datastore for Mariadb {
             output_file: self.layout.root.join("mariadbd.out"),
             pid_file: self.pid_file(),
             cmdline_marker: format!("--defaults-file={}", cnf.display()),
+            run_as: None,
         }
     }
 

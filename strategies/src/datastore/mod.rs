@@ -1,6 +1,7 @@
 //! The [`Datastore`] trait and the registry of datastore implementations.
 
 pub mod mariadb;
+pub mod postgresql;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -99,6 +100,8 @@ pub struct ServerCommand {
     pub pid_file: PathBuf,
     /// A string that must appear in `/proc/<pid>/cmdline` of a server we adopt.
     pub cmdline_marker: String,
+    /// Run the server as this uid/gid (servers that refuse root, when the agent is root).
+    pub run_as: Option<(u32, u32)>,
 }
 
 /// Result of a health probe.
@@ -305,6 +308,7 @@ pub fn gtid_covers(a: &str, b: &str) -> bool {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum DatastoreKind {
     Mariadb(mariadb::Config),
+    Postgresql(postgresql::Config),
 }
 
 impl DatastoreKind {
@@ -312,6 +316,9 @@ impl DatastoreKind {
     pub fn build(&self, layout: Layout) -> Box<dyn Datastore> {
         match self {
             DatastoreKind::Mariadb(c) => Box::new(mariadb::Mariadb::new(c.clone(), layout)),
+            DatastoreKind::Postgresql(c) => {
+                Box::new(postgresql::Postgresql::new(c.clone(), layout))
+            }
         }
     }
 
@@ -319,6 +326,7 @@ impl DatastoreKind {
     pub fn name(&self) -> &'static str {
         match self {
             DatastoreKind::Mariadb(_) => "mariadb",
+            DatastoreKind::Postgresql(_) => "postgresql",
         }
     }
 }
