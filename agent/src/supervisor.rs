@@ -473,8 +473,13 @@ impl Supervisor {
         }
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
         let want = cmd.program.file_name()?.to_string_lossy().to_string();
+        // The program may be a link to another binary (Debian's redis-server → redis-check-rdb).
+        let want_real = std::fs::canonicalize(&cmd.program)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+            .unwrap_or_else(|| want.clone());
         let have = exe.file_name()?.to_string_lossy().to_string();
-        if !have.starts_with(&want) {
+        if !have.starts_with(&want) && !have.starts_with(&want_real) {
             return None;
         }
         let fd = pidfd(pid)?;

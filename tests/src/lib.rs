@@ -983,6 +983,42 @@ pub fn register_postgresql(config: &Path) -> String {
     label
 }
 
+/// Registers Redis (the installed redis-server) as datastore `redis`, version label = its
+/// major.minor (e.g. `7.0`); returns the label.
+pub fn register_redis(config: &Path) -> String {
+    let out = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .expect("redis-server is installed (cargo xtask test installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let full = text
+        .split("v=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or("")
+        .to_string();
+    let label: String = full.split('.').take(2).collect::<Vec<_>>().join(".");
+    for args in [
+        vec!["datastore-update", "redis"],
+        vec!["datastore-version-update", "redis", &label, "redis", &full],
+        vec!["datastore-default-version", "redis", &label],
+    ] {
+        let out = Command::new(bin("coffer-controller"))
+            .arg("--config")
+            .arg(config)
+            .arg("manage")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "manage {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    label
+}
+
 /// Registers MariaDB (the installed version) and the test flavors.
 pub fn register(config: &Path) {
     let out = Command::new("/usr/sbin/mariadbd")

@@ -104,10 +104,19 @@ async fn modules_apply_in_order_remove_and_auto_apply() {
     env.replace_agent(&id).await;
     env.wait_status(&id, "RESTART_REQUIRED", Duration::from_secs(30))
         .await;
-    let (_, l) = env
-        .call("GET", &format!("/instances/{id}/modules"), None)
-        .await;
-    assert_eq!(l["modules"].as_array().unwrap().len(), 4, "{l}");
+    // The status may still be the old agent's: the list is asked of the new one, which answers
+    // once it has adopted the database.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let l = loop {
+        let (_, l) = env
+            .call("GET", &format!("/instances/{id}/modules"), None)
+            .await;
+        if l["modules"].is_array() || std::time::Instant::now() > deadline {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(l["modules"].as_array().map(Vec::len), Some(4), "{l}");
     // The config module is in effect after the restart.
     let (st, _) = env.restart(&id).await;
     assert_eq!(st, StatusCode::ACCEPTED);

@@ -146,6 +146,9 @@ pub fn prepare() -> anyhow::Result<Tools> {
     if !Path::new("/usr/lib/postgresql").exists() {
         missing.push("postgresql");
     }
+    if !have("redis-server") {
+        missing.push("redis-server");
+    }
     // Packaging: .rpm files, and the fresh Debian root the packages are installed into.
     if !have("rpmbuild") {
         missing.push("rpm");

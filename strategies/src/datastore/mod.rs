@@ -2,6 +2,7 @@
 
 pub mod mariadb;
 pub mod postgresql;
+pub mod redis;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -309,6 +310,7 @@ pub fn gtid_covers(a: &str, b: &str) -> bool {
 pub enum DatastoreKind {
     Mariadb(mariadb::Config),
     Postgresql(postgresql::Config),
+    Redis(redis::Config),
 }
 
 impl DatastoreKind {
@@ -319,6 +321,7 @@ impl DatastoreKind {
             DatastoreKind::Postgresql(c) => {
                 Box::new(postgresql::Postgresql::new(c.clone(), layout))
             }
+            DatastoreKind::Redis(c) => Box::new(redis::Redis::new(c.clone(), layout)),
         }
     }
 
@@ -327,6 +330,7 @@ impl DatastoreKind {
         match self {
             DatastoreKind::Mariadb(_) => "mariadb",
             DatastoreKind::Postgresql(_) => "postgresql",
+            DatastoreKind::Redis(_) => "redis",
         }
     }
 }

@@ -1,0 +1,590 @@
+//! Redis (tested with 7.0 from Debian 12): `redis-server` run by the supervisor with a rendered
+//! config (port, data dir, `maxmemory` from the flavor) and an ACL file. The agent's own user
+//! (`coffer_admin`) reaches it over a Unix socket; the `default` user is off. Tenant users are ACL
+//! users that may run every command but the `@admin` and `@dangerous` ones (CONFIG, SHUTDOWN,
+//! DEBUG, ACL, ... stay the operator's); root is an ACL user with every command.
+//!
+//! Passwords reach the server only as SHA-256 hashes (`#<hex>` in ACL rules). Redis has no
+//! databases in Trove's sense: the database calls answer a clear "not applicable".
+//!
+//! This release covers the lifecycle, users and root; backups, replication and configuration
+//! groups answer "not supported for Redis yet".
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use super::{
+    DatabaseSpec, Datastore, DatastoreError, Health, Layout, ReplicationSource, ReplicationState,
+    ServerCommand, Sizing, UserSpec,
+};
+
+/// The agent's own user.
+pub const ADMIN_USER: &str = "coffer_admin";
+/// The user `root enable` creates.
+pub const ROOT_USER: &str = "root";
+const RESERVED_USERS: &[&str] = &[ADMIN_USER, ROOT_USER, "default"];
+/// What tenant users may run.
+const TENANT_RULES: &str = "~* &* +@all -@admin -@dangerous";
+
+/// Binaries (overridable for packaging or tests).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_server")]
+    pub server_binary: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server_binary: default_server(),
+        }
+    }
+}
+
+fn default_server() -> PathBuf {
+    PathBuf::from("/usr/bin/redis-server")
+}
+
+/// One instance's Redis.
+pub struct Redis {
+    config: Config,
+    layout: Layout,
+    conn: Mutex<Option<redis::aio::MultiplexedConnection>>,
+    version: Mutex<Option<String>>,
+}
+
+fn not_yet(what: &str) -> DatastoreError {
+    DatastoreError::Invalid(format!(
+        "{what} is not supported for Redis by this Coffer release yet"
+    ))
+}
+
+fn no_databases() -> DatastoreError {
+    DatastoreError::Invalid(
+        "Redis has no databases to create, list or grant (use its numbered keyspaces through \
+         the client)."
+            .into(),
+    )
+}
+
+/// The ACL form of a password: its SHA-256, so the config and ACL files hold no clear text.
+fn hashed(password: &str) -> String {
+    format!(
+        "#{}",
+        data_encoding::HEXLOWER.encode(&openssl::sha::sha256(password.as_bytes()))
+    )
+}
+
+fn query_err(e: redis::RedisError) -> DatastoreError {
+    DatastoreError::Query(e.to_string())
+}
+
+impl Redis {
+    pub fn new(config: Config, layout: Layout) -> Self {
+        Redis {
+            config,
+            layout,
+            conn: Mutex::new(None),
+            version: Mutex::new(None),
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.layout.root.join("data")
+    }
+    fn config_file(&self) -> PathBuf {
+        self.layout.root.join("redis.conf")
+    }
+    fn acl_file(&self) -> PathBuf {
+        self.layout.root.join("users.acl")
+    }
+    fn password_file(&self) -> PathBuf {
+        self.layout.root.join("admin.password")
+    }
+    fn pid_file(&self) -> PathBuf {
+        self.layout.root.join("redis.pid")
+    }
+    fn initialized_marker(&self) -> PathBuf {
+        self.layout.root.join(".initialized")
+    }
+    /// Unix socket paths are limited to 107 bytes: a short per-instance path.
+    fn socket(&self) -> PathBuf {
+        let digest = self
+            .layout
+            .root
+            .to_string_lossy()
+            .bytes()
+            .fold(0xcbf29ce484222325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100000001b3)
+            });
+        std::env::temp_dir().join(format!("coffer-redis-{digest:016x}.sock"))
+    }
+
+    async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, DatastoreError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let p = self.password_file();
+        let password = tokio::fs::read_to_string(&p)
+            .await
+            .map_err(|e| DatastoreError::io(&p, e))?;
+        let info = redis::ConnectionInfo {
+            addr: redis::ConnectionAddr::Unix(self.socket()),
+            redis: redis::RedisConnectionInfo {
+                db: 0,
+                username: Some(ADMIN_USER.into()),
+                password: Some(password.trim().to_string()),
+                ..Default::default()
+            },
+        };
+        let client = redis::Client::open(info).map_err(query_err)?;
+        let c = tokio::time::timeout(
+            Duration::from_secs(3),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .map_err(|_| DatastoreError::Query("connecting to redis timed out".into()))?
+        .map_err(query_err)?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> Result<T, DatastoreError> {
+        let mut c = self.conn().await?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        let r = cmd.query_async(&mut c).await;
+        if r.is_err() {
+            // A broken connection is dropped; the next call reconnects.
+            *self.conn.lock().await = None;
+        }
+        r.map_err(query_err)
+    }
+
+    async fn setuser(&self, name: &str, rules: &[&str]) -> Result<(), DatastoreError> {
+        let mut args = vec!["ACL", "SETUSER", name];
+        args.extend_from_slice(rules);
+        self.cmd::<()>(&args).await?;
+        self.cmd::<()>(&["ACL", "SAVE"]).await
+    }
+
+    async fn user_exists(&self, name: &str) -> Result<bool, DatastoreError> {
+        let users: Vec<String> = self.cmd(&["ACL", "USERS"]).await?;
+        Ok(users.iter().any(|u| u == name))
+    }
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), DatastoreError> {
+    crate::fsutil::write_atomic(path, contents.as_bytes(), 0o600)
+        .map_err(|e| DatastoreError::io(path, e))
+}
+
+fn generate_password() -> String {
+    let mut b = [0u8; 24];
+    openssl::rand::rand_bytes(&mut b).expect("random password");
+    data_encoding::HEXLOWER.encode(&b)
+}
+
+/// Extracts `7.0.15` from `Redis server v=7.0.15 sha=...`.
+pub fn parse_version(text: &str) -> Option<String> {
+    Some(
+        text.split("v=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .to_string(),
+    )
+}
+
+#[async_trait]
+impl Datastore for Redis {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn version(&self) -> Result<String, DatastoreError> {
+        if let Some(v) = self.version.lock().await.clone() {
+            return Ok(v);
+        }
+        let out = tokio::process::Command::new(&self.config.server_binary)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|e| DatastoreError::io(&self.config.server_binary, e))?;
+        let v = parse_version(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| {
+            DatastoreError::Tool {
+                tool: "redis-server --version".into(),
+                detail: "no version in its output".into(),
+            }
+        })?;
+        *self.version.lock().await = Some(v.clone());
+        Ok(v)
+    }
+
+    fn is_initialized(&self) -> bool {
+        self.initialized_marker().exists()
+    }
+
+    fn render_config(&self, s: &Sizing) -> String {
+        let maxmemory = (s.memory_mb.max(64) / 2).max(32);
+        format!(
+            "# Rendered by coffer-agent from the flavor ({mem} MB); do not edit.\n\
+             bind {bind}\n\
+             port {port}\n\
+             protected-mode no\n\
+             unixsocket {sock}\n\
+             unixsocketperm 700\n\
+             daemonize no\n\
+             pidfile {pid}\n\
+             logfile \"\"\n\
+             dir {data}\n\
+             dbfilename dump.rdb\n\
+             save 900 1 300 10 60 10000\n\
+             appendonly no\n\
+             maxmemory {maxmemory}mb\n\
+             maxmemory-policy noeviction\n\
+             aclfile {acl}\n",
+            mem = s.memory_mb,
+            bind = self.layout.bind_address,
+            port = self.layout.port,
+            sock = self.socket().display(),
+            pid = self.pid_file().display(),
+            data = self.data_dir().display(),
+            acl = self.acl_file().display(),
+        )
+    }
+
+    async fn initialize(&self, sizing: &Sizing) -> Result<(), DatastoreError> {
+        let root = &self.layout.root;
+        let data = self.data_dir();
+        std::fs::create_dir_all(&data).map_err(|e| DatastoreError::io(&data, e))?;
+        let password = generate_password();
+        write_private(&self.password_file(), &password)?;
+        write_private(
+            &self.acl_file(),
+            &format!(
+                "user default off\nuser {ADMIN_USER} on {} ~* &* +@all\n",
+                hashed(&password)
+            ),
+        )?;
+        write_private(&self.config_file(), &self.render_config(sizing))?;
+        let marker = self.initialized_marker();
+        std::fs::write(&marker, b"").map_err(|e| DatastoreError::io(&marker, e))?;
+        let _ = root;
+        Ok(())
+    }
+
+    fn server_command(&self) -> ServerCommand {
+        let cnf = self.config_file();
+        ServerCommand {
+            program: self.config.server_binary.clone(),
+            args: vec![cnf.display().to_string()],
+            output_file: self.layout.root.join("redis.log"),
+            pid_file: self.pid_file(),
+            cmdline_marker: format!(":{}", self.layout.port),
+            run_as: None,
+        }
+    }
+
+    async fn finish_first_start(&self) -> Result<(), DatastoreError> {
+        Ok(())
+    }
+
+    async fn probe(&self) -> Health {
+        let fut = async {
+            let info: String = self.cmd(&["INFO", "clients"]).await?;
+            let n = info
+                .lines()
+                .find_map(|l| l.strip_prefix("connected_clients:"))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .unwrap_or(0);
+            Ok::<_, DatastoreError>(n.saturating_sub(1))
+        };
+        match tokio::time::timeout(Duration::from_secs(3), fut).await {
+            Ok(Ok(connections)) => Health::Ready { connections },
+            Ok(Err(e)) => {
+                *self.conn.lock().await = None;
+                Health::Down(e.to_string())
+            }
+            Err(_) => {
+                *self.conn.lock().await = None;
+                Health::Down("probe timed out".into())
+            }
+        }
+    }
+
+    async fn disconnect(&self) {
+        *self.conn.lock().await = None;
+    }
+
+    async fn create_database(&self, _db: &DatabaseSpec) -> Result<(), DatastoreError> {
+        Err(no_databases())
+    }
+
+    async fn create_user(&self, user: &UserSpec) -> Result<(), DatastoreError> {
+        self.validate_user(user)?;
+        if !user.databases.is_empty() {
+            return Err(no_databases());
+        }
+        if self.user_exists(&user.name).await? {
+            return Err(DatastoreError::Exists(format!(
+                "User '{}' already exists.",
+                user.name
+            )));
+        }
+        let pw = hashed(&user.password);
+        let mut rules = vec!["reset", "on", pw.as_str()];
+        rules.extend(TENANT_RULES.split(' '));
+        self.setuser(&user.name, &rules).await
+    }
+
+    async fn grant(&self, _u: &str, _h: &str, _d: &str) -> Result<(), DatastoreError> {
+        Err(no_databases())
+    }
+
+    async fn revoke(&self, _u: &str, _h: &str, _d: &str) -> Result<(), DatastoreError> {
+        Err(no_databases())
+    }
+
+    async fn list_databases(&self) -> Result<Vec<DatabaseSpec>, DatastoreError> {
+        Err(no_databases())
+    }
+
+    async fn delete_database(&self, _name: &str) -> Result<(), DatastoreError> {
+        Err(no_databases())
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserSpec>, DatastoreError> {
+        let users: Vec<String> = self.cmd(&["ACL", "USERS"]).await?;
+        Ok(users
+            .into_iter()
+            .filter(|u| !RESERVED_USERS.contains(&u.as_str()))
+            .map(|name| UserSpec {
+                name,
+                password: String::new(),
+                host: "%".into(),
+                databases: vec![],
+            })
+            .collect())
+    }
+
+    async fn delete_user(&self, name: &str, host: &str) -> Result<(), DatastoreError> {
+        self.validate_user(&UserSpec {
+            name: name.into(),
+            password: "x".into(),
+            host: host.into(),
+            databases: vec![],
+        })?;
+        if !self.user_exists(name).await? {
+            return Err(DatastoreError::NotFound(format!(
+                "User '{name}' cannot be found on the instance."
+            )));
+        }
+        self.cmd::<i64>(&["ACL", "DELUSER", name]).await?;
+        self.cmd::<()>(&["ACL", "SAVE"]).await
+    }
+
+    async fn update_user(
+        &self,
+        name: &str,
+        _host: &str,
+        new_name: Option<&str>,
+        new_host: Option<&str>,
+        new_password: Option<&str>,
+    ) -> Result<(), DatastoreError> {
+        if new_name.is_some_and(|n| n != name) {
+            return Err(DatastoreError::Invalid(
+                "Redis cannot rename a user; create a new one and delete this one".into(),
+            ));
+        }
+        if new_host.is_some_and(|h| h != "%" && !h.is_empty()) {
+            return Err(DatastoreError::Invalid(
+                "Redis users have no host part; leave host out or use '%'".into(),
+            ));
+        }
+        if !self.user_exists(name).await? {
+            return Err(DatastoreError::NotFound(format!(
+                "User '{name}' cannot be found on the instance."
+            )));
+        }
+        if let Some(pw) = new_password {
+            let h = hashed(pw);
+            self.setuser(name, &["resetpass", h.as_str()]).await?;
+        }
+        Ok(())
+    }
+
+    async fn enable_root(&self, password: &str) -> Result<(), DatastoreError> {
+        let h = hashed(password);
+        self.setuser(ROOT_USER, &["reset", "on", h.as_str(), "~*", "&*", "+@all"])
+            .await
+    }
+
+    async fn disable_root(&self) -> Result<(), DatastoreError> {
+        if self.user_exists(ROOT_USER).await? {
+            self.setuser(ROOT_USER, &["off"]).await?;
+        }
+        Ok(())
+    }
+
+    async fn set_read_only(&self, _read_only: bool) -> Result<(), DatastoreError> {
+        Err(not_yet("replication"))
+    }
+
+    async fn replication_position(&self) -> Result<String, DatastoreError> {
+        Err(not_yet("replication"))
+    }
+
+    async fn backup_context(&self) -> Result<crate::backup::BackupCtx, DatastoreError> {
+        Err(not_yet("backup"))
+    }
+
+    fn data_path(&self) -> PathBuf {
+        self.data_dir()
+    }
+
+    async fn initialize_restored(&self, _sizing: &Sizing) -> Result<(), DatastoreError> {
+        Err(not_yet("restore"))
+    }
+
+    async fn restore_epilogue(&self) -> Result<String, DatastoreError> {
+        Err(not_yet("restore"))
+    }
+
+    async fn create_replication_user(&self, _u: &str, _p: &str) -> Result<(), DatastoreError> {
+        Err(not_yet("replication"))
+    }
+
+    async fn replication_info(&self) -> Result<ReplicationState, DatastoreError> {
+        Err(not_yet("replication"))
+    }
+
+    async fn attach_replica(&self, _src: &ReplicationSource) -> Result<(), DatastoreError> {
+        Err(not_yet("replication"))
+    }
+
+    async fn detach_replica(&self) -> Result<(), DatastoreError> {
+        Err(not_yet("replication"))
+    }
+
+    async fn wait_for_gtid(&self, _pos: &str, _timeout: Duration) -> Result<bool, DatastoreError> {
+        Err(not_yet("replication"))
+    }
+
+    async fn drain_relay_log(&self, _timeout: Duration) -> Result<(), DatastoreError> {
+        Err(not_yet("replication"))
+    }
+
+    async fn kill_tenant_connections(&self) -> Result<u32, DatastoreError> {
+        Err(not_yet("replication"))
+    }
+
+    async fn set_read_only_persistent(&self, _read_only: bool) -> Result<(), DatastoreError> {
+        Err(not_yet("replication"))
+    }
+
+    fn confd_dir(&self) -> PathBuf {
+        self.layout.root.join("conf.d")
+    }
+
+    fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
+        vec![]
+    }
+
+    fn write_log_settings(&self, vars: &[(String, String)]) -> Result<(), DatastoreError> {
+        if vars.is_empty() {
+            return Ok(());
+        }
+        Err(not_yet("guest logs"))
+    }
+
+    fn overrides(&self) -> Result<BTreeMap<String, String>, DatastoreError> {
+        Ok(BTreeMap::new())
+    }
+
+    fn write_overrides(&self, values: &BTreeMap<String, String>) -> Result<(), DatastoreError> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        Err(not_yet("configuration groups"))
+    }
+
+    async fn is_dynamic(&self, _name: &str) -> Result<bool, DatastoreError> {
+        Err(not_yet("configuration groups"))
+    }
+
+    async fn set_global(&self, _name: &str, _value: Option<&str>) -> Result<(), DatastoreError> {
+        Err(not_yet("configuration groups"))
+    }
+
+    fn default_configuration(&self) -> Result<Vec<(String, String)>, DatastoreError> {
+        let text = std::fs::read_to_string(self.config_file())
+            .map_err(|e| DatastoreError::io(&self.config_file(), e))?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+            .collect())
+    }
+
+    fn validate_database_name(&self, _name: &str) -> Result<(), DatastoreError> {
+        Err(no_databases())
+    }
+
+    fn validate_user(&self, user: &UserSpec) -> Result<(), DatastoreError> {
+        let n = &user.name;
+        if n.is_empty()
+            || n.len() > 64
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return Err(DatastoreError::Invalid(format!(
+                "User name '{n}' must be 1-64 letters, digits, '_', '-' or '.'"
+            )));
+        }
+        if RESERVED_USERS.contains(&n.to_ascii_lowercase().as_str()) {
+            return Err(DatastoreError::Invalid(format!("User '{n}' is reserved.")));
+        }
+        if !user.host.is_empty() && user.host != "%" {
+            return Err(DatastoreError::Invalid(
+                "Redis users have no host part; leave host out or use '%'".into(),
+            ));
+        }
+        if user.password.is_empty() {
+            return Err(DatastoreError::Invalid("A password is required.".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_become_acl_hashes() {
+        assert_eq!(
+            hashed("pw"),
+            "#30c952fab122c3f9759f02a6d95c3758b246b4fee239957b2d4fee46e26170c4"
+        );
+    }
+
+    #[test]
+    fn version_is_parsed() {
+        assert_eq!(
+            parse_version("Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0").as_deref(),
+            Some("7.0.15")
+        );
+    }
+}
