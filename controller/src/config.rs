@@ -61,6 +61,10 @@ pub struct ControllerConfig {
     /// local processes). Off only to simulate hosts that are gone for good.
     #[serde(default = "default_true")]
     pub respawn_agents: bool,
+    /// The datastore a create without `datastore` gets when several are registered (Trove's
+    /// `default_datastore`); with one registered, that one.
+    #[serde(default)]
+    pub default_datastore: Option<String>,
     /// Replicas: strategy, limits, automatic failover.
     #[serde(default)]
     pub replication: ReplicationConfig,

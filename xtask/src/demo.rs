@@ -220,7 +220,8 @@ pub fn make_ca(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Registers MariaDB (installed version) and small flavors; safe to repeat.
+/// Registers MariaDB (installed version), PostgreSQL and Redis when installed, and small
+/// flavors; safe to repeat.
 pub fn register(controller: &Path, config: &Path) -> anyhow::Result<String> {
     let full = mariadb_version()?;
     let label: String = full.split('.').take(2).collect::<Vec<_>>().join(".");
@@ -250,6 +251,50 @@ pub fn register(controller: &Path, config: &Path) -> anyhow::Result<String> {
     ])?;
     manage(&["datastore-default-version", "mariadb", &label])?;
     manage(&["datastore-parameters-load", "mariadb", &label])?;
+    // PostgreSQL and Redis too, when installed (their first parts: lifecycle, users, root).
+    let output = |prog: &str| -> Option<String> {
+        let o = Command::new(prog).arg("--version").output().ok()?;
+        Some(String::from_utf8_lossy(&o.stdout).to_string())
+    };
+    let pg_major = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+                .max()
+        });
+    if let Some(major) = pg_major {
+        if let Some(full) =
+            output(&format!("/usr/lib/postgresql/{major}/bin/postgres")).and_then(|t| {
+                Some(
+                    t.split("(PostgreSQL) ")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .to_string(),
+                )
+            })
+        {
+            let m = major.to_string();
+            manage(&["datastore-update", "postgresql"])?;
+            manage(&[
+                "datastore-version-update",
+                "postgresql",
+                &m,
+                "postgresql",
+                &full,
+            ])?;
+            manage(&["datastore-default-version", "postgresql", &m])?;
+        }
+    }
+    if let Some(full) = output("redis-server")
+        .and_then(|t| Some(t.split("v=").nth(1)?.split_whitespace().next()?.to_string()))
+    {
+        let l: String = full.split('.').take(2).collect::<Vec<_>>().join(".");
+        manage(&["datastore-update", "redis"])?;
+        manage(&["datastore-version-update", "redis", &l, "redis", &full])?;
+        manage(&["datastore-default-version", "redis", &l])?;
+    }
     for (id, name, ram, vcpus, disk) in [
         ("1", "coffer.tiny", "256", "1", "2"),
         ("2", "coffer.small", "512", "1", "5"),
@@ -330,7 +375,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         &config,
         format!(
             "listen = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\nnats_url = \"nats://127.0.0.1:{nats}\"\ntoken_file = {tokens:?}\n\
-             stop_agents_on_exit = true\nnats_creds = {creds:?}\n{ca_line}\n{tls_table}[nats_auth]\ndir = {auth:?}\n\n\
+             stop_agents_on_exit = true\ndefault_datastore = \"mariadb\"\nnats_creds = {creds:?}\n{ca_line}\n{tls_table}[nats_auth]\ndir = {auth:?}\n\n\
              [backup]\nkeyring_file = {keyring:?}\n[backup.storage]\nkind = \"local\"\nroot = {broot:?}\n\n\
              [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
              port_min = 33306\nport_max = 33405\n",

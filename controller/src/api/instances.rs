@@ -457,7 +457,10 @@ pub(super) async fn resolve_version(
             .find(|d| d.name == name || d.id == name)
             .ok_or_else(|| ApiError::not_found(format!("Datastore '{name}' cannot be found.")))?,
         None => {
-            if all.len() == 1 {
+            let default = app.cfg.default_datastore.as_deref();
+            if let Some(d) = default.and_then(|n| all.iter().find(|d| d.name == n)) {
+                d.clone()
+            } else if all.len() == 1 {
                 all.into_iter().next().unwrap()
             } else {
                 return Err(ApiError::bad_request(
