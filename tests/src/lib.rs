@@ -935,6 +935,29 @@ pub fn now_rfc3339() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Registers datastore `name` (manager of the same name) with version `label` = `full` as its
+/// default version.
+fn register_datastore(config: &Path, name: &str, label: &str, full: &str) {
+    for args in [
+        vec!["datastore-update", name],
+        vec!["datastore-version-update", name, label, name, full],
+        vec!["datastore-default-version", name, label],
+    ] {
+        let out = Command::new(bin("coffer-controller"))
+            .arg("--config")
+            .arg(config)
+            .arg("manage")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "manage {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// Registers PostgreSQL (the newest installed under /usr/lib/postgresql) as datastore
 /// `postgresql`, version label = its major version (e.g. `15`); returns the label.
 pub fn register_postgresql(config: &Path) -> String {
@@ -956,30 +979,7 @@ pub fn register_postgresql(config: &Path) -> String {
         .unwrap_or("")
         .to_string();
     let label = major.to_string();
-    for args in [
-        vec!["datastore-update", "postgresql"],
-        vec![
-            "datastore-version-update",
-            "postgresql",
-            &label,
-            "postgresql",
-            &full,
-        ],
-        vec!["datastore-default-version", "postgresql", &label],
-    ] {
-        let out = Command::new(bin("coffer-controller"))
-            .arg("--config")
-            .arg(config)
-            .arg("manage")
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "manage {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    register_datastore(config, "postgresql", &label, &full);
     label
 }
 
@@ -998,24 +998,7 @@ pub fn register_redis(config: &Path) -> String {
         .unwrap_or("")
         .to_string();
     let label: String = full.split('.').take(2).collect::<Vec<_>>().join(".");
-    for args in [
-        vec!["datastore-update", "redis"],
-        vec!["datastore-version-update", "redis", &label, "redis", &full],
-        vec!["datastore-default-version", "redis", &label],
-    ] {
-        let out = Command::new(bin("coffer-controller"))
-            .arg("--config")
-            .arg(config)
-            .arg("manage")
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "manage {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    register_datastore(config, "redis", &label, &full);
     label
 }
 

@@ -89,6 +89,17 @@ async fn postgresql_instance_serves_its_users_and_databases() {
         .await;
     assert_eq!(env.db_pid(&id), Some(pid));
     assert!(coffer_tests::pid_alive(pid));
+    // The status may still be the old agent's: wait until the new one answers calls.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (st, _) = env
+            .call("GET", &format!("/instances/{id}/databases"), None)
+            .await;
+        if st == StatusCode::OK || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Databases and users through the same API.
     let (st, v) = env

@@ -137,15 +137,9 @@ impl Mariadb {
         if p.as_os_str().len() < 100 {
             return p;
         }
-        let digest = self
-            .layout
-            .root
-            .to_string_lossy()
-            .bytes()
-            .fold(0xcbf29ce484222325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100000001b3)
-            });
-        std::env::temp_dir().join(format!("coffer-mariadb-{digest:016x}.sock"))
+        let mut p = super::short_runtime_path(&self.layout.root, "coffer-mariadb");
+        p.set_extension("sock");
+        p
     }
 
     async fn admin_password(&self) -> Result<String, DatastoreError> {

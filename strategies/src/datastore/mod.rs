@@ -42,6 +42,34 @@ impl DatastoreError {
     }
 }
 
+/// The answer of an operation a datastore does not offer (yet).
+pub fn unsupported(datastore: &str, what: &str) -> DatastoreError {
+    DatastoreError::Invalid(format!(
+        "{what} is not supported for {datastore} by this Coffer release yet"
+    ))
+}
+
+/// For datastores whose users have no host part (PostgreSQL, Redis): '%' or nothing.
+pub fn check_no_host(datastore: &str, host: &str) -> Result<(), DatastoreError> {
+    if host.is_empty() || host == "%" {
+        return Ok(());
+    }
+    Err(DatastoreError::Invalid(format!(
+        "{datastore} users have no host part; leave host out or use '%'"
+    )))
+}
+
+/// A short per-instance path under the temp dir (Unix socket paths are limited to 107 bytes).
+pub fn short_runtime_path(root: &Path, prefix: &str) -> PathBuf {
+    let digest = root
+        .to_string_lossy()
+        .bytes()
+        .fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
+    std::env::temp_dir().join(format!("{prefix}-{digest:016x}"))
+}
+
 /// Where one instance's database lives on disk and on the network.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -119,6 +147,10 @@ pub enum Health {
 pub trait Datastore: Send + Sync {
     /// Short name, e.g. `mariadb`.
     fn name(&self) -> &'static str;
+    /// The name people write, e.g. `PostgreSQL` (in messages).
+    fn title(&self) -> &'static str {
+        self.name()
+    }
     /// Installed server version, e.g. `10.11.19`.
     async fn version(&self) -> Result<String, DatastoreError>;
     /// Whether the data directory has been initialised.
@@ -166,59 +198,104 @@ pub trait Datastore: Send + Sync {
     /// Removes the remote superuser.
     async fn disable_root(&self) -> Result<(), DatastoreError>;
     /// Makes the server read-only (or writable).
-    async fn set_read_only(&self, read_only: bool) -> Result<(), DatastoreError>;
+    async fn set_read_only(&self, _read_only: bool) -> Result<(), DatastoreError> {
+        Err(unsupported(self.title(), "replication"))
+    }
     /// The server's replication position (e.g. a GTID set).
-    async fn replication_position(&self) -> Result<String, DatastoreError>;
+    async fn replication_position(&self) -> Result<String, DatastoreError> {
+        Err(unsupported(self.title(), "replication"))
+    }
     /// What a backup strategy needs to reach the running server.
-    async fn backup_context(&self) -> Result<crate::backup::BackupCtx, DatastoreError>;
+    async fn backup_context(&self) -> Result<crate::backup::BackupCtx, DatastoreError> {
+        Err(unsupported(self.title(), "backup"))
+    }
     /// The (empty, for a restore) data directory.
     fn data_path(&self) -> PathBuf;
     /// Like [`Datastore::initialize`], for a data directory a restore has already filled: writes
     /// the configuration and this instance's own admin credentials (reset on first start).
-    async fn initialize_restored(&self, sizing: &Sizing) -> Result<(), DatastoreError>;
+    async fn initialize_restored(&self, _sizing: &Sizing) -> Result<(), DatastoreError> {
+        Err(unsupported(self.title(), "restore"))
+    }
     /// SQL run at the end of a logical load: a dump carries the source's accounts, and this puts
     /// this instance's own admin credentials back.
-    async fn restore_epilogue(&self) -> Result<String, DatastoreError>;
+    async fn restore_epilogue(&self) -> Result<String, DatastoreError> {
+        Err(unsupported(self.title(), "restore"))
+    }
     /// Creates or resets the replication user (REPLICATION SLAVE only). Binlogged, so every
     /// replica has the same user and a promoted replica can serve the others.
     async fn create_replication_user(
         &self,
-        user: &str,
-        password: &str,
-    ) -> Result<(), DatastoreError>;
+        _user: &str,
+        _password: &str,
+    ) -> Result<(), DatastoreError> {
+        Err(unsupported(self.title(), "replication"))
+    }
     /// The server's replication state.
-    async fn replication_info(&self) -> Result<ReplicationState, DatastoreError>;
+    async fn replication_info(&self) -> Result<ReplicationState, DatastoreError> {
+        Err(unsupported(self.title(), "replication"))
+    }
     /// Points the server at a source and starts replicating; the server becomes read-only
     /// (persistently).
-    async fn attach_replica(&self, src: &ReplicationSource) -> Result<(), DatastoreError>;
+    async fn attach_replica(&self, _src: &ReplicationSource) -> Result<(), DatastoreError> {
+        Err(unsupported(self.title(), "replication"))
+    }
     /// Stops replicating and forgets the source; the server becomes writable.
-    async fn detach_replica(&self) -> Result<(), DatastoreError>;
+    async fn detach_replica(&self) -> Result<(), DatastoreError> {
+        Err(unsupported(self.title(), "replication"))
+    }
     /// Waits until `gtid` is applied; `false` on timeout.
-    async fn wait_for_gtid(&self, gtid: &str, timeout: Duration) -> Result<bool, DatastoreError>;
+    async fn wait_for_gtid(&self, _gtid: &str, _timeout: Duration) -> Result<bool, DatastoreError> {
+        Err(unsupported(self.title(), "replication"))
+    }
     /// Failover: stops receiving and applies everything already received.
-    async fn drain_relay_log(&self, timeout: Duration) -> Result<(), DatastoreError>;
+    async fn drain_relay_log(&self, _timeout: Duration) -> Result<(), DatastoreError> {
+        Err(unsupported(self.title(), "replication"))
+    }
     /// Ends every tenant session (not the agent's own, not replication threads).
-    async fn kill_tenant_connections(&self) -> Result<u32, DatastoreError>;
+    async fn kill_tenant_connections(&self) -> Result<u32, DatastoreError> {
+        Err(unsupported(self.title(), "replication"))
+    }
     /// Sets `read_only` live and for every later start.
-    async fn set_read_only_persistent(&self, read_only: bool) -> Result<(), DatastoreError>;
+    async fn set_read_only_persistent(&self, _read_only: bool) -> Result<(), DatastoreError> {
+        Err(unsupported(self.title(), "replication"))
+    }
     /// The directory of configuration drop-ins (config modules) the server reads.
     fn confd_dir(&self) -> PathBuf;
     /// The datastore's logs (the agent adds its own).
-    fn log_definitions(&self) -> Vec<crate::logs::LogDef>;
+    fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
+        vec![]
+    }
     /// Writes the log settings the server reads at every start (the enabled logs' variables).
-    fn write_log_settings(&self, vars: &[(String, String)]) -> Result<(), DatastoreError>;
+    fn write_log_settings(&self, vars: &[(String, String)]) -> Result<(), DatastoreError> {
+        if vars.is_empty() {
+            return Ok(());
+        }
+        Err(unsupported(self.title(), "guest logs"))
+    }
     /// The configuration overrides the server reads at its next start (name → value).
-    fn overrides(&self) -> Result<std::collections::BTreeMap<String, String>, DatastoreError>;
+    fn overrides(&self) -> Result<std::collections::BTreeMap<String, String>, DatastoreError> {
+        Ok(Default::default())
+    }
     /// Replaces the overrides file (atomically); names and values are checked again here.
     fn write_overrides(
         &self,
         values: &std::collections::BTreeMap<String, String>,
-    ) -> Result<(), DatastoreError>;
+    ) -> Result<(), DatastoreError> {
+        // No group: nothing to write.
+        if values.is_empty() {
+            return Ok(());
+        }
+        Err(unsupported(self.title(), "configuration groups"))
+    }
     /// Whether the running server can change `name` without a restart.
-    async fn is_dynamic(&self, name: &str) -> Result<bool, DatastoreError>;
+    async fn is_dynamic(&self, _name: &str) -> Result<bool, DatastoreError> {
+        Err(unsupported(self.title(), "configuration groups"))
+    }
     /// Sets a global variable on the running server; `None` puts back the instance's default
     /// (the rendered configuration's value, else the server's own default).
-    async fn set_global(&self, name: &str, value: Option<&str>) -> Result<(), DatastoreError>;
+    async fn set_global(&self, _name: &str, _value: Option<&str>) -> Result<(), DatastoreError> {
+        Err(unsupported(self.title(), "configuration groups"))
+    }
     /// The server section of the rendered default configuration (groups do not change it).
     fn default_configuration(&self) -> Result<Vec<(String, String)>, DatastoreError>;
     /// Validates a database name before anything is created.

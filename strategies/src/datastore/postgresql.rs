@@ -9,7 +9,6 @@
 //! This release covers the lifecycle, databases, users and root; backups, replication,
 //! configuration groups and guest logs answer "not supported for PostgreSQL yet".
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,8 +20,7 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::Mutex;
 
 use super::{
-    DatabaseSpec, Datastore, DatastoreError, Health, Layout, ReplicationSource, ReplicationState,
-    ServerCommand, Sizing, UserSpec,
+    DatabaseSpec, Datastore, DatastoreError, Health, Layout, ServerCommand, Sizing, UserSpec,
 };
 
 /// The agent's own superuser.
@@ -74,12 +72,6 @@ pub struct Postgresql {
     version: Mutex<Option<String>>,
 }
 
-fn not_yet(what: &str) -> DatastoreError {
-    DatastoreError::Invalid(format!(
-        "{what} is not supported for PostgreSQL by this Coffer release yet"
-    ))
-}
-
 impl Postgresql {
     pub fn new(config: Config, layout: Layout) -> Self {
         let run_as = nix::unistd::geteuid().is_root().then(|| {
@@ -119,15 +111,7 @@ impl Postgresql {
     }
     /// The socket directory: short (Unix socket paths are limited to 107 bytes), per instance.
     fn socket_dir(&self) -> PathBuf {
-        let digest = self
-            .layout
-            .root
-            .to_string_lossy()
-            .bytes()
-            .fold(0xcbf29ce484222325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100000001b3)
-            });
-        std::env::temp_dir().join(format!("coffer-pg-{digest:016x}"))
+        super::short_runtime_path(&self.layout.root, "coffer-pg")
     }
 
     /// Hands a file or directory the server must read or write to the user it runs as.
@@ -355,6 +339,10 @@ pub fn parse_version(text: &str) -> Option<String> {
 
 #[async_trait]
 impl Datastore for Postgresql {
+    fn title(&self) -> &'static str {
+        "PostgreSQL"
+    }
+
     fn name(&self) -> &'static str {
         "postgresql"
     }
@@ -700,11 +688,7 @@ impl Datastore for Postgresql {
         new_host: Option<&str>,
         new_password: Option<&str>,
     ) -> Result<(), DatastoreError> {
-        if new_host.is_some_and(|h| h != "%" && !h.is_empty()) {
-            return Err(DatastoreError::Invalid(
-                "PostgreSQL users have no host part; leave host out or use '%'".into(),
-            ));
-        }
+        super::check_no_host(self.title(), new_host.unwrap_or(""))?;
         if !self.role_exists(name).await? {
             return Err(DatastoreError::NotFound(format!(
                 "User '{name}' cannot be found on the instance."
@@ -763,56 +747,8 @@ impl Datastore for Postgresql {
         Ok(())
     }
 
-    async fn set_read_only(&self, _read_only: bool) -> Result<(), DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn replication_position(&self) -> Result<String, DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn backup_context(&self) -> Result<crate::backup::BackupCtx, DatastoreError> {
-        Err(not_yet("backup"))
-    }
-
     fn data_path(&self) -> PathBuf {
         self.data_dir()
-    }
-
-    async fn initialize_restored(&self, _sizing: &Sizing) -> Result<(), DatastoreError> {
-        Err(not_yet("restore"))
-    }
-
-    async fn restore_epilogue(&self) -> Result<String, DatastoreError> {
-        Err(not_yet("restore"))
-    }
-
-    async fn create_replication_user(
-        &self,
-        _user: &str,
-        _password: &str,
-    ) -> Result<(), DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn replication_info(&self) -> Result<ReplicationState, DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn attach_replica(&self, _src: &ReplicationSource) -> Result<(), DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn detach_replica(&self) -> Result<(), DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn wait_for_gtid(&self, _pos: &str, _timeout: Duration) -> Result<bool, DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn drain_relay_log(&self, _timeout: Duration) -> Result<(), DatastoreError> {
-        Err(not_yet("replication"))
     }
 
     async fn kill_tenant_connections(&self) -> Result<u32, DatastoreError> {
@@ -828,43 +764,8 @@ impl Datastore for Postgresql {
         Ok(n.max(0) as u32)
     }
 
-    async fn set_read_only_persistent(&self, _read_only: bool) -> Result<(), DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
     fn confd_dir(&self) -> PathBuf {
         self.layout.root.join("conf.d")
-    }
-
-    fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
-        vec![]
-    }
-
-    fn write_log_settings(&self, vars: &[(String, String)]) -> Result<(), DatastoreError> {
-        if vars.is_empty() {
-            return Ok(());
-        }
-        Err(not_yet("guest logs"))
-    }
-
-    fn overrides(&self) -> Result<BTreeMap<String, String>, DatastoreError> {
-        Ok(BTreeMap::new())
-    }
-
-    fn write_overrides(&self, values: &BTreeMap<String, String>) -> Result<(), DatastoreError> {
-        // No group: nothing to write (the rendered file includes an empty overrides file).
-        if values.is_empty() {
-            return Ok(());
-        }
-        Err(not_yet("configuration groups"))
-    }
-
-    async fn is_dynamic(&self, _name: &str) -> Result<bool, DatastoreError> {
-        Err(not_yet("configuration groups"))
-    }
-
-    async fn set_global(&self, _name: &str, _value: Option<&str>) -> Result<(), DatastoreError> {
-        Err(not_yet("configuration groups"))
     }
 
     fn default_configuration(&self) -> Result<Vec<(String, String)>, DatastoreError> {
@@ -906,11 +807,7 @@ impl Datastore for Postgresql {
                 user.name
             )));
         }
-        if !user.host.is_empty() && user.host != "%" {
-            return Err(DatastoreError::Invalid(
-                "PostgreSQL users have no host part; leave host out or use '%'".into(),
-            ));
-        }
+        super::check_no_host(self.title(), &user.host)?;
         if user.password.is_empty() {
             return Err(DatastoreError::Invalid("A password is required.".into()));
         }

@@ -10,7 +10,6 @@
 //! This release covers the lifecycle, users and root; backups, replication and configuration
 //! groups answer "not supported for Redis yet".
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -19,8 +18,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 
 use super::{
-    DatabaseSpec, Datastore, DatastoreError, Health, Layout, ReplicationSource, ReplicationState,
-    ServerCommand, Sizing, UserSpec,
+    DatabaseSpec, Datastore, DatastoreError, Health, Layout, ServerCommand, Sizing, UserSpec,
 };
 
 /// The agent's own user.
@@ -57,12 +55,6 @@ pub struct Redis {
     layout: Layout,
     conn: Mutex<Option<redis::aio::MultiplexedConnection>>,
     version: Mutex<Option<String>>,
-}
-
-fn not_yet(what: &str) -> DatastoreError {
-    DatastoreError::Invalid(format!(
-        "{what} is not supported for Redis by this Coffer release yet"
-    ))
 }
 
 fn no_databases() -> DatastoreError {
@@ -115,15 +107,9 @@ impl Redis {
     }
     /// Unix socket paths are limited to 107 bytes: a short per-instance path.
     fn socket(&self) -> PathBuf {
-        let digest = self
-            .layout
-            .root
-            .to_string_lossy()
-            .bytes()
-            .fold(0xcbf29ce484222325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100000001b3)
-            });
-        std::env::temp_dir().join(format!("coffer-redis-{digest:016x}.sock"))
+        let mut p = super::short_runtime_path(&self.layout.root, "coffer-redis");
+        p.set_extension("sock");
+        p
     }
 
     async fn conn(&self) -> Result<redis::aio::MultiplexedConnection, DatastoreError> {
@@ -207,6 +193,10 @@ pub fn parse_version(text: &str) -> Option<String> {
 
 #[async_trait]
 impl Datastore for Redis {
+    fn title(&self) -> &'static str {
+        "Redis"
+    }
+
     fn name(&self) -> &'static str {
         "redis"
     }
@@ -406,11 +396,7 @@ impl Datastore for Redis {
                 "Redis cannot rename a user; create a new one and delete this one".into(),
             ));
         }
-        if new_host.is_some_and(|h| h != "%" && !h.is_empty()) {
-            return Err(DatastoreError::Invalid(
-                "Redis users have no host part; leave host out or use '%'".into(),
-            ));
-        }
+        super::check_no_host(self.title(), new_host.unwrap_or(""))?;
         if !self.user_exists(name).await? {
             return Err(DatastoreError::NotFound(format!(
                 "User '{name}' cannot be found on the instance."
@@ -436,94 +422,12 @@ impl Datastore for Redis {
         Ok(())
     }
 
-    async fn set_read_only(&self, _read_only: bool) -> Result<(), DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn replication_position(&self) -> Result<String, DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn backup_context(&self) -> Result<crate::backup::BackupCtx, DatastoreError> {
-        Err(not_yet("backup"))
-    }
-
     fn data_path(&self) -> PathBuf {
         self.data_dir()
     }
 
-    async fn initialize_restored(&self, _sizing: &Sizing) -> Result<(), DatastoreError> {
-        Err(not_yet("restore"))
-    }
-
-    async fn restore_epilogue(&self) -> Result<String, DatastoreError> {
-        Err(not_yet("restore"))
-    }
-
-    async fn create_replication_user(&self, _u: &str, _p: &str) -> Result<(), DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn replication_info(&self) -> Result<ReplicationState, DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn attach_replica(&self, _src: &ReplicationSource) -> Result<(), DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn detach_replica(&self) -> Result<(), DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn wait_for_gtid(&self, _pos: &str, _timeout: Duration) -> Result<bool, DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn drain_relay_log(&self, _timeout: Duration) -> Result<(), DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn kill_tenant_connections(&self) -> Result<u32, DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
-    async fn set_read_only_persistent(&self, _read_only: bool) -> Result<(), DatastoreError> {
-        Err(not_yet("replication"))
-    }
-
     fn confd_dir(&self) -> PathBuf {
         self.layout.root.join("conf.d")
-    }
-
-    fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
-        vec![]
-    }
-
-    fn write_log_settings(&self, vars: &[(String, String)]) -> Result<(), DatastoreError> {
-        if vars.is_empty() {
-            return Ok(());
-        }
-        Err(not_yet("guest logs"))
-    }
-
-    fn overrides(&self) -> Result<BTreeMap<String, String>, DatastoreError> {
-        Ok(BTreeMap::new())
-    }
-
-    fn write_overrides(&self, values: &BTreeMap<String, String>) -> Result<(), DatastoreError> {
-        if values.is_empty() {
-            return Ok(());
-        }
-        Err(not_yet("configuration groups"))
-    }
-
-    async fn is_dynamic(&self, _name: &str) -> Result<bool, DatastoreError> {
-        Err(not_yet("configuration groups"))
-    }
-
-    async fn set_global(&self, _name: &str, _value: Option<&str>) -> Result<(), DatastoreError> {
-        Err(not_yet("configuration groups"))
     }
 
     fn default_configuration(&self) -> Result<Vec<(String, String)>, DatastoreError> {
@@ -556,11 +460,7 @@ impl Datastore for Redis {
         if RESERVED_USERS.contains(&n.to_ascii_lowercase().as_str()) {
             return Err(DatastoreError::Invalid(format!("User '{n}' is reserved.")));
         }
-        if !user.host.is_empty() && user.host != "%" {
-            return Err(DatastoreError::Invalid(
-                "Redis users have no host part; leave host out or use '%'".into(),
-            ));
-        }
+        super::check_no_host(self.title(), &user.host)?;
         if user.password.is_empty() {
             return Err(DatastoreError::Invalid("A password is required.".into()));
         }
