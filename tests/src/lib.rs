@@ -935,6 +935,52 @@ pub fn now_rfc3339() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A datastore's system log `name`: listed, published by an admin (a tenant is refused) and
+/// its tail holds `expect`.
+pub async fn check_sys_log(env: &Env, id: &str, name: &str, expect: &str) {
+    let base = format!("{}/instances/{id}/log", env.base());
+    let (_, l) = env.call_as(&env.admin_token, "GET", &base, None).await;
+    let listed = l["logs"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| x["name"] == name && x["type"] == "SYS"));
+    assert!(listed, "{name} listed as SYS: {l}");
+    let (st, _) = env
+        .call(
+            "POST",
+            &format!("/instances/{id}/log"),
+            Some(json!({"name": name, "publish": 1})),
+        )
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::FORBIDDEN,
+        "a tenant publishing a system log"
+    );
+    let (st, p) = env
+        .call_as(
+            &env.admin_token,
+            "POST",
+            &base,
+            Some(json!({"name": name, "publish": 1})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{p}");
+    assert!(p["log"]["published"].as_u64().unwrap_or(0) > 0, "{p}");
+    let (st, t) = env
+        .call_as(
+            &env.admin_token,
+            "GET",
+            &format!("{base}/{name}/tail?lines=200"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{t}");
+    let found = t["lines"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| x.as_str().unwrap_or("").contains(expect)));
+    assert!(found, "'{expect}' in the tail of {name}: {t}");
+}
+
 /// Registers datastore `name` (manager of the same name) with version `label` = `full` as its
 /// default version.
 fn register_datastore(config: &Path, name: &str, label: &str, full: &str) {

@@ -164,6 +164,15 @@ async fn postgresql_instance_serves_its_users_and_databases() {
     assert_eq!(su, "on");
     r.close().await.unwrap();
 
+    // The server's log is a system log: listed, published and tailed by an admin.
+    coffer_tests::check_sys_log(
+        &env,
+        &id,
+        "postgresql",
+        "database system is ready to accept connections",
+    )
+    .await;
+
     // Not covered for PostgreSQL yet: a clear refusal, not a crash.
     let (st, v) = env
         .call(

@@ -130,6 +130,9 @@ async fn redis_instance_serves_acl_users_and_keeps_the_operators_commands() {
         .unwrap();
     assert_eq!(cfg[0], "maxmemory");
 
+    // The server's log is a system log: listed, published and tailed by an admin.
+    coffer_tests::check_sys_log(&env, &id, "redis", "Ready to accept connections").await;
+
     // A new agent adopts the running server.
     let pid = env.db_pid(&id).expect("the server's pid");
     env.replace_agent(&id).await;

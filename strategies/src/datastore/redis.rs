@@ -285,6 +285,17 @@ impl Datastore for Redis {
         }
     }
 
+    /// The server's own log (its stderr), a system log: published and tailed by admins.
+    fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
+        vec![crate::logs::LogDef {
+            name: "redis".into(),
+            kind: crate::logs::LogKind::Sys,
+            file: self.layout.root.join("redis.log"),
+            enable: vec![],
+            disable: vec![],
+        }]
+    }
+
     async fn finish_first_start(&self) -> Result<(), DatastoreError> {
         Ok(())
     }
