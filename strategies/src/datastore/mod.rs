@@ -163,7 +163,9 @@ pub trait Datastore: Send + Sync {
     /// The command line that runs the server.
     fn server_command(&self) -> ServerCommand;
     /// Removes first-start-only material (init files) once the server proved ready.
-    async fn finish_first_start(&self) -> Result<(), DatastoreError>;
+    async fn finish_first_start(&self) -> Result<(), DatastoreError> {
+        Ok(())
+    }
     /// Asks the server whether it serves queries.
     async fn probe(&self) -> Health;
     /// Drops pooled connections (before a stop or after a crash).
@@ -262,8 +264,17 @@ pub trait Datastore: Send + Sync {
     /// The directory of configuration drop-ins (config modules) the server reads.
     fn confd_dir(&self) -> PathBuf;
     /// The datastore's logs (the agent adds its own).
+    ///
+    /// By default the server's own output (its [`ServerCommand::output_file`]) is a system log
+    /// named after the datastore: published and tailed by admins.
     fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
-        vec![]
+        vec![crate::logs::LogDef {
+            name: self.name().into(),
+            kind: crate::logs::LogKind::Sys,
+            file: self.server_command().output_file,
+            enable: vec![],
+            disable: vec![],
+        }]
     }
     /// Writes the log settings the server reads at every start (the enabled logs' variables).
     fn write_log_settings(&self, vars: &[(String, String)]) -> Result<(), DatastoreError> {

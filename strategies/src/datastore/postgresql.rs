@@ -477,21 +477,6 @@ impl Datastore for Postgresql {
         }
     }
 
-    /// The server's own log (its stderr), a system log: published and tailed by admins.
-    fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
-        vec![crate::logs::LogDef {
-            name: "postgresql".into(),
-            kind: crate::logs::LogKind::Sys,
-            file: self.layout.root.join("postgres.log"),
-            enable: vec![],
-            disable: vec![],
-        }]
-    }
-
-    async fn finish_first_start(&self) -> Result<(), DatastoreError> {
-        Ok(())
-    }
-
     async fn probe(&self) -> Health {
         let pool = match self.pool().await {
             Ok(p) => p,

@@ -285,21 +285,6 @@ impl Datastore for Redis {
         }
     }
 
-    /// The server's own log (its stderr), a system log: published and tailed by admins.
-    fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
-        vec![crate::logs::LogDef {
-            name: "redis".into(),
-            kind: crate::logs::LogKind::Sys,
-            file: self.layout.root.join("redis.log"),
-            enable: vec![],
-            disable: vec![],
-        }]
-    }
-
-    async fn finish_first_start(&self) -> Result<(), DatastoreError> {
-        Ok(())
-    }
-
     async fn probe(&self) -> Health {
         let fut = async {
             let info: String = self.cmd(&["INFO", "clients"]).await?;
