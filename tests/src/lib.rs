@@ -1017,13 +1017,10 @@ pub fn register_postgresql(config: &Path) -> String {
         .arg("--version")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let full = text
-        .split("(PostgreSQL) ")
-        .nth(1)
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap_or("")
-        .to_string();
+    let full = coffer_strategies::datastore::postgresql::parse_version(&String::from_utf8_lossy(
+        &out.stdout,
+    ))
+    .expect("postgres --version names its version");
     let label = major.to_string();
     register_datastore(config, "postgresql", &label, &full);
     label
@@ -1036,13 +1033,9 @@ pub fn register_redis(config: &Path) -> String {
         .arg("--version")
         .output()
         .expect("redis-server is installed (cargo xtask test installs it)");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let full = text
-        .split("v=")
-        .nth(1)
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap_or("")
-        .to_string();
+    let full =
+        coffer_strategies::datastore::redis::parse_version(&String::from_utf8_lossy(&out.stdout))
+            .expect("redis-server --version names its version");
     let label: String = full.split('.').take(2).collect::<Vec<_>>().join(".");
     register_datastore(config, "redis", &label, &full);
     label
