@@ -54,6 +54,23 @@ pub trait Provisioner: Send + Sync {
     }
 }
 
+/// The first port of `min..=max` that no placed instance holds (`used`) and that `bind` can
+/// listen on; `what` names the placed thing in the error ("database", "VM").
+pub(crate) fn free_port(
+    bind: &str,
+    (min, max): (u16, u16),
+    used: &[u16],
+    what: &str,
+) -> anyhow::Result<u16> {
+    (min..=max)
+        .find(|p| !used.contains(p) && std::net::TcpListener::bind((bind, *p)).is_ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no free port left in {min}..={max} for a new {what}; widen provisioner.port_min/port_max"
+            )
+        })
+}
+
 /// Provisioners selectable in configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]

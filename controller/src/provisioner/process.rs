@@ -88,19 +88,11 @@ impl ProcessProvisioner {
     }
 
     fn pick_port(&self) -> anyhow::Result<u16> {
-        let used = self.used_ports();
-        for p in self.cfg.port_min..=self.cfg.port_max {
-            if used.contains(&p) {
-                continue;
-            }
-            if std::net::TcpListener::bind((self.cfg.bind_address.as_str(), p)).is_ok() {
-                return Ok(p);
-            }
-        }
-        bail!(
-            "no free port left in {}..={} for a new database; widen provisioner.port_min/port_max",
-            self.cfg.port_min,
-            self.cfg.port_max
+        super::free_port(
+            &self.cfg.bind_address,
+            (self.cfg.port_min, self.cfg.port_max),
+            &self.used_ports(),
+            "database",
         )
     }
 
