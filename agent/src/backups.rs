@@ -81,6 +81,8 @@ pub async fn backup(
     let bctx = ctx.ds.backup_context().await.map_err(|e| e.to_string())?;
     let version = ctx.ds.version().await.unwrap_or_default();
     let datastore = ctx.ds.name().to_string();
+    let strategy = BackupKind::for_datastore(&datastore, &cfg.strategy)
+        .ok_or_else(|| format!("no backup strategy backs up {}", ctx.ds.title()))?;
     let instance = ctx.cfg.instance_id.clone();
     let backup_id = b.backup_id.clone();
     let parent_id = b.parent_id.clone();
@@ -89,7 +91,7 @@ pub async fn backup(
     let client = ctx.client.clone();
     let work = tokio::task::spawn_blocking(move || -> Result<v1::BackupResult, String> {
         let storage = cfg.storage.build(Some(&client))?;
-        let strategy = cfg.strategy.build();
+        let strategy = strategy.build();
         let parent = if parent_id.is_empty() {
             None
         } else {
@@ -281,6 +283,7 @@ pub async fn restore(
     let data_dir = ctx.ds.data_path();
     let scratch = ctx.state.root().join("restore-scratch");
     let id = backup_id.to_string();
+    let datastore = ctx.ds.name().to_string();
     let done = Arc::new(AtomicU64::new(0));
     let done2 = done.clone();
     let dd = data_dir.clone();
@@ -296,6 +299,12 @@ pub async fn restore(
             chain.push(read_manifest(storage.as_ref(), &parent)?);
         }
         chain.reverse();
+        if let Some(m) = chain.iter().find(|m| m.datastore != datastore) {
+            return Err(format!(
+                "backup {} is a {} backup; it cannot be restored into a {datastore} instance",
+                m.backup_id, m.datastore
+            ));
+        }
         let strategy = strategy_of(&chain[0])?.build();
         if strategy.restore_mode() == RestoreMode::Load {
             if chain.len() > 1 {

@@ -24,6 +24,10 @@ pub struct ParamRule {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub set: bool,
     pub restart_required: bool,
+    /// The server's built-in value, where the datastore cannot put a default back by itself
+    /// (Redis has no `CONFIG SET ... DEFAULT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
 }
 
 /// A file of rules, as committed and loaded with `manage datastore-parameters-load`.
@@ -45,6 +49,10 @@ pub fn bundled(manager: &str, version: &str) -> Option<&'static str> {
             .as_str(),
     ) {
         ("mariadb", "10.11") => Some(include_str!("../rules/mariadb-10.11.json")),
+        ("postgresql", v) if v.split('.').next() == Some("15") => {
+            Some(include_str!("../rules/postgresql-15.json"))
+        }
+        ("redis", "7.0") => Some(include_str!("../rules/redis-7.0.json")),
         _ => None,
     }
 }
@@ -63,7 +71,7 @@ pub fn safe_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
         && n.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
 fn num_cmp(v: &serde_json::Number, bound: &serde_json::Number) -> std::cmp::Ordering {
@@ -346,6 +354,127 @@ pub fn mariadb_rules(
             allowed_values: allowed,
             set,
             restart_required: v.read_only,
+            default: None,
+        });
+    }
+    Ok(RulesFile { parameters })
+}
+
+/// PostgreSQL parameters tenants may set. Paths, listeners, authentication, replication,
+/// preload libraries and the logging the agent owns (its guest logs) are not among them.
+pub const POSTGRESQL_TENANT_PARAMETERS: &[&str] = &[
+    "autovacuum",
+    "autovacuum_analyze_scale_factor",
+    "autovacuum_max_workers",
+    "autovacuum_naptime",
+    "autovacuum_vacuum_cost_delay",
+    "autovacuum_vacuum_cost_limit",
+    "autovacuum_vacuum_scale_factor",
+    "bgwriter_delay",
+    "bgwriter_lru_maxpages",
+    "checkpoint_completion_target",
+    "checkpoint_timeout",
+    "commit_delay",
+    "cpu_tuple_cost",
+    "datestyle",
+    "deadlock_timeout",
+    "default_statistics_target",
+    "default_transaction_isolation",
+    "effective_cache_size",
+    "effective_io_concurrency",
+    "huge_pages",
+    "idle_in_transaction_session_timeout",
+    "idle_session_timeout",
+    "jit",
+    "lock_timeout",
+    "log_autovacuum_min_duration",
+    "log_connections",
+    "log_disconnections",
+    "log_lock_waits",
+    "log_statement",
+    "log_temp_files",
+    "maintenance_work_mem",
+    "max_connections",
+    "max_locks_per_transaction",
+    "max_parallel_workers",
+    "max_parallel_workers_per_gather",
+    "max_prepared_transactions",
+    "max_wal_size",
+    "max_worker_processes",
+    "min_wal_size",
+    "random_page_cost",
+    "seq_page_cost",
+    "shared_buffers",
+    "statement_timeout",
+    "synchronous_commit",
+    "temp_buffers",
+    "timezone",
+    "track_activity_query_size",
+    "track_io_timing",
+    "wal_buffers",
+    "wal_compression",
+    "work_mem",
+];
+
+/// The query whose rows [`postgresql_rules`] takes (run by any role: `pg_settings` is public).
+pub const POSTGRESQL_RULES_QUERY: &str = "SELECT lower(name), vartype, min_val, max_val, \
+     array_to_string(enumvals, ','), context FROM pg_settings ORDER BY 1";
+
+/// One row of [`POSTGRESQL_RULES_QUERY`].
+#[derive(Debug, Clone)]
+pub struct PgSetting {
+    pub name: String,
+    pub vartype: String,
+    pub min: Option<String>,
+    pub max: Option<String>,
+    pub enumvals: Option<String>,
+    pub context: String,
+}
+
+/// Whether a `pg_settings.context` means the server must restart to take a new value
+/// (`postmaster`); `sighup`, `superuser` and `user` ones change on a reload.
+pub fn pg_context_needs_restart(context: &str) -> bool {
+    context == "postmaster" || context == "internal"
+}
+
+/// Builds the rules of the tenant parameters from PostgreSQL's own `pg_settings`.
+pub fn postgresql_rules(settings: &[PgSetting]) -> Result<RulesFile, String> {
+    let mut parameters = Vec::new();
+    for name in POSTGRESQL_TENANT_PARAMETERS {
+        let s = settings
+            .iter()
+            .find(|s| s.name == *name)
+            .ok_or_else(|| format!("the server has no setting '{name}'"))?;
+        let (kind, min, max, allowed) = match s.vartype.as_str() {
+            "bool" => ("boolean", None, None, None),
+            "integer" => ("integer", number(&s.min), number(&s.max), None),
+            "real" => ("float", number(&s.min), number(&s.max), None),
+            "enum" => {
+                let list: Vec<String> = s
+                    .enumvals
+                    .as_deref()
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter(|x| !x.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if list.is_empty() {
+                    return Err(format!("setting '{name}' is an enum without values"));
+                }
+                ("string", None, None, Some(list))
+            }
+            "string" => ("string", None, None, None),
+            other => return Err(format!("setting '{name}' has type {other}, not handled")),
+        };
+        parameters.push(ParamRule {
+            name: name.to_string(),
+            kind: kind.into(),
+            min,
+            max,
+            allowed_values: allowed,
+            set: false,
+            restart_required: pg_context_needs_restart(&s.context),
+            default: None,
         });
     }
     Ok(RulesFile { parameters })
@@ -365,6 +494,7 @@ mod tests {
             allowed_values: None,
             set: false,
             restart_required: false,
+            default: None,
         }
     }
 
@@ -406,6 +536,22 @@ mod tests {
         assert!(free.check(&json!("a b")).is_err());
         assert!(free.check(&json!("x#y")).is_err());
         assert!(free.check(&json!("it's")).is_err());
+    }
+
+    #[test]
+    fn bundled_postgresql_and_redis_rules_parse() {
+        let pg: RulesFile = serde_json::from_str(bundled("postgresql", "15.14").unwrap()).unwrap();
+        let r = |f: &RulesFile, n: &str| f.parameters.iter().find(|p| p.name == n).cloned();
+        assert!(r(&pg, "max_connections").unwrap().restart_required);
+        assert!(!r(&pg, "work_mem").unwrap().restart_required);
+        let redis: RulesFile = serde_json::from_str(bundled("redis", "7.0.15").unwrap()).unwrap();
+        assert!(!r(&redis, "maxmemory-policy").unwrap().restart_required);
+        assert!(r(&redis, "databases").unwrap().restart_required);
+        for f in [&pg, &redis] {
+            for p in &f.parameters {
+                assert!(safe_name(&p.name), "{}", p.name);
+            }
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod debroot;
 pub mod proxy;
+pub mod scenario;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -988,6 +989,8 @@ fn register_datastore(config: &Path, name: &str, label: &str, full: &str) {
         vec!["datastore-update", name],
         vec!["datastore-version-update", name, label, name, full],
         vec!["datastore-default-version", name, label],
+        // The bundled parameter rules (configuration groups).
+        vec!["datastore-parameters-load", name, label],
     ] {
         let out = Command::new(bin("coffer-controller"))
             .arg("--config")

@@ -1,8 +1,8 @@
 //! PostgreSQL through the same API and agent traits as MariaDB: create with a database and a
 //! user → ACTIVE → the user logs in with its password (a SCRAM verifier made by the agent) and
 //! writes; databases and users list; datastore-specific bad names are refused with 400 and change
-//! nothing; root enable gives a superuser; operations this release does not cover for PostgreSQL
-//! answer a clear error; delete stops the server.
+//! nothing; root enable gives a superuser; delete stops the server. Backups, configuration and
+//! the other scenarios shared with MariaDB and Redis are in `datastores.rs`.
 
 use std::time::Duration;
 
@@ -172,35 +172,6 @@ async fn postgresql_instance_serves_its_users_and_databases() {
         "database system is ready to accept connections",
     )
     .await;
-
-    // Not covered for PostgreSQL yet: a clear refusal, not a crash.
-    let (st, v) = env
-        .call(
-            "POST",
-            "/backups",
-            Some(json!({"backup": {"name": "b", "instance": id}})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
-    let bid = v["backup"]["id"].as_str().unwrap().to_string();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let failed = loop {
-        let (_, b) = env.call("GET", &format!("/backups/{bid}"), None).await;
-        if b["backup"]["status"] == "FAILED" {
-            break b;
-        }
-        assert!(std::time::Instant::now() < deadline, "{b}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(
-        failed["backup"]["fault"]
-            .as_str()
-            .unwrap_or("")
-            .contains("not supported for PostgreSQL"),
-        "{failed}"
-    );
-    let (_, iv) = env.show(&id).await;
-    assert_eq!(iv["instance"]["status"], "ACTIVE", "{iv}");
 
     env.delete_and_wait_gone(&id).await;
     assert!(

@@ -251,7 +251,7 @@ pub fn register(controller: &Path, config: &Path) -> anyhow::Result<String> {
     ])?;
     manage(&["datastore-default-version", "mariadb", &label])?;
     manage(&["datastore-parameters-load", "mariadb", &label])?;
-    // PostgreSQL and Redis too, when installed (their first parts: lifecycle, users, root).
+    // PostgreSQL and Redis too, when installed.
     let output = |prog: &str| -> Option<String> {
         let o = Command::new(prog).arg("--version").output().ok()?;
         Some(String::from_utf8_lossy(&o.stdout).to_string())
@@ -285,6 +285,9 @@ pub fn register(controller: &Path, config: &Path) -> anyhow::Result<String> {
                 &full,
             ])?;
             manage(&["datastore-default-version", "postgresql", &m])?;
+            if manage(&["datastore-parameters-load", "postgresql", &m]).is_err() {
+                eprintln!("xtask: no configuration parameters are bundled for PostgreSQL {full}; its configuration groups stay off");
+            }
         }
     }
     if let Some(full) = output("redis-server")
@@ -294,6 +297,9 @@ pub fn register(controller: &Path, config: &Path) -> anyhow::Result<String> {
         manage(&["datastore-update", "redis"])?;
         manage(&["datastore-version-update", "redis", &l, "redis", &full])?;
         manage(&["datastore-default-version", "redis", &l])?;
+        if manage(&["datastore-parameters-load", "redis", &l]).is_err() {
+            eprintln!("xtask: no configuration parameters are bundled for Redis {full}; its configuration groups stay off");
+        }
     }
     for (id, name, ram, vcpus, disk) in [
         ("1", "coffer.tiny", "256", "1", "2"),

@@ -243,17 +243,28 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             )))
         }
     };
-    if let Some(cfg) = app
-        .cfg
-        .backup
-        .as_ref()
-        .filter(|c| !c.strategy.incremental())
-    {
-        if parent_id.is_some() {
-            return Err(ApiError::bad_request(format!(
-                "The backup strategy of this deployment ({}) takes full backups only; omit parent_id and incremental.",
-                cfg.strategy.build().name()
-            )));
+    if let Some(cfg) = app.cfg.backup.as_ref() {
+        let datastore = app
+            .store
+            .version(&r.datastore_version_id)
+            .await?
+            .map(|v| v.manager)
+            .unwrap_or_default();
+        let strategy =
+            coffer_strategies::backup::BackupKind::for_datastore(&datastore, &cfg.strategy);
+        match strategy {
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "Backups of {datastore} instances are not supported."
+                )))
+            }
+            Some(k) if parent_id.is_some() && !k.incremental() => {
+                return Err(ApiError::bad_request(format!(
+                    "The backup strategy for {datastore} ({}) takes full backups only; omit parent_id and incremental.",
+                    k.build().name()
+                )));
+            }
+            Some(_) => {}
         }
     }
     let mut tx = app.store.begin().await?;

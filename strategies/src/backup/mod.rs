@@ -4,6 +4,8 @@
 
 pub mod mariabackup;
 pub mod mariadb_dump;
+pub mod pg_basebackup;
+pub mod redis_rdb;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,7 +24,11 @@ pub enum BackupError {
 #[derive(Clone)]
 pub struct BackupCtx {
     pub data_dir: PathBuf,
+    /// The server's Unix socket (MariaDB, Redis) or socket directory (PostgreSQL).
     pub socket: PathBuf,
+    pub port: u16,
+    /// Where the datastore's own client tools are (None: on the PATH).
+    pub tools_dir: Option<PathBuf>,
     pub admin_user: String,
     pub admin_password: String,
     /// Scratch space for the tool (never the stream itself).
@@ -103,30 +109,60 @@ pub trait BackupStrategy: Send + Sync {
     }
 }
 
-/// Strategies selectable by name in configuration.
+/// Strategies selectable by name in configuration. Each backs up one datastore; the first of a
+/// datastore's in [`BackupKind::ALL`] is its default.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum BackupKind {
-    /// Physical (full and incremental), the default.
+    /// MariaDB, physical (full and incremental), the default.
     #[default]
     Mariabackup,
-    /// Logical, full only.
+    /// MariaDB, logical, full only.
     MariadbDump,
+    /// PostgreSQL, physical (`pg_basebackup` tar with its WAL), full only.
+    PgBasebackup,
+    /// Redis, an RDB snapshot (BGSAVE), full only.
+    RedisRdb,
 }
 
 impl BackupKind {
+    pub const ALL: [BackupKind; 4] = [
+        BackupKind::Mariabackup,
+        BackupKind::MariadbDump,
+        BackupKind::PgBasebackup,
+        BackupKind::RedisRdb,
+    ];
+
     pub fn build(&self) -> Box<dyn BackupStrategy> {
         match self {
             BackupKind::Mariabackup => Box::new(mariabackup::Mariabackup::default()),
             BackupKind::MariadbDump => Box::new(mariadb_dump::MariadbDump::default()),
+            BackupKind::PgBasebackup => Box::new(pg_basebackup::PgBasebackup),
+            BackupKind::RedisRdb => Box::new(redis_rdb::RedisRdb::default()),
         }
+    }
+
+    /// The datastore (its short name) this strategy backs up.
+    pub fn datastore(&self) -> &'static str {
+        match self {
+            BackupKind::Mariabackup | BackupKind::MariadbDump => "mariadb",
+            BackupKind::PgBasebackup => "postgresql",
+            BackupKind::RedisRdb => "redis",
+        }
+    }
+
+    /// The strategy for `datastore`: the configured one when it is that datastore's, else the
+    /// datastore's default; None for a datastore no strategy backs up.
+    pub fn for_datastore(datastore: &str, configured: &BackupKind) -> Option<BackupKind> {
+        if configured.datastore() == datastore {
+            return Some(configured.clone());
+        }
+        Self::ALL.into_iter().find(|k| k.datastore() == datastore)
     }
 
     /// The strategy a manifest names (restores follow the backup, not the agent's setting).
     pub fn from_name(name: &str) -> Option<BackupKind> {
-        [BackupKind::Mariabackup, BackupKind::MariadbDump]
-            .into_iter()
-            .find(|k| k.build().name() == name)
+        Self::ALL.into_iter().find(|k| k.build().name() == name)
     }
 
     /// Whether the strategy can take incremental backups.
@@ -150,6 +186,8 @@ pub struct BackupConfig {
     /// zstd level (1 is fast and, on database pages, as small as 3).
     #[serde(default = "default_level")]
     pub zstd_level: i32,
+    /// The strategy for its datastore's instances (e.g. `mariadb_dump` for MariaDB); instances
+    /// of the other datastores use their own default strategy.
     #[serde(default)]
     pub strategy: BackupKind,
 }

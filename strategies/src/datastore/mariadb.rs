@@ -509,6 +509,8 @@ impl Datastore for Mariadb {
         Ok(crate::backup::BackupCtx {
             data_dir: self.data_dir(),
             socket: self.socket(),
+            port: self.layout.port,
+            tools_dir: None,
             admin_user: ADMIN_USER.into(),
             admin_password: self.admin_password().await?,
             tmp_dir: self.tmp_dir(),

@@ -6,8 +6,9 @@
 //! Passwords reach the server only as SCRAM verifiers computed here, so no statement the server
 //! could log holds one. Identifiers are double-quoted by construction ([`ident`]).
 //!
-//! This release covers the lifecycle, databases, users and root; backups, replication,
-//! configuration groups and guest logs answer "not supported for PostgreSQL yet".
+//! Backups are `pg_basebackup` tar streams ([`crate::backup::pg_basebackup`]); a restored data
+//! directory's first start trusts the agent's role on the private socket directory only until
+//! its password is reset.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -210,10 +211,67 @@ impl Postgresql {
             > 0)
     }
 
+    /// The first start of a restored data directory: its roles hold the source's passwords, so
+    /// the agent's own role is trusted on the instance's private socket directory (0700, only
+    /// the server's user and root reach it) until [`Datastore::finish_first_start`] resets it.
+    fn reset_marker(&self) -> PathBuf {
+        self.layout.root.join(".reset-admin")
+    }
+
+    /// Reloads the configuration files and waits until this session has read them; an error
+    /// PostgreSQL found in `name`'s line of the overrides file is returned.
+    async fn reload_checked(&self, name: &str) -> Result<(), DatastoreError> {
+        let password = self.admin_password().await?;
+        let one = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(self.options(&password, "postgres"))
+            .await
+            .map_err(|e| DatastoreError::Query(e.to_string()))?;
+        let q = |sql: &'static str| sqlx::query_scalar::<_, String>(sql);
+        let r = async {
+            let before = q("SELECT pg_conf_load_time()::text")
+                .fetch_one(&one)
+                .await?;
+            sqlx::query("SELECT pg_reload_conf()").execute(&one).await?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while q("SELECT pg_conf_load_time()::text")
+                .fetch_one(&one)
+                .await?
+                == before
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sqlx::query_scalar::<_, String>(
+                "SELECT error FROM pg_file_settings WHERE lower(name) = lower($1) \
+                 AND sourcefile = $2 AND error IS NOT NULL",
+            )
+            .bind(name)
+            .bind(self.overrides_file().display().to_string())
+            .fetch_optional(&one)
+            .await
+        }
+        .await;
+        one.close().await;
+        match r.map_err(|e| DatastoreError::Query(e.to_string()))? {
+            Some(err) => Err(DatastoreError::Invalid(format!(
+                "PostgreSQL refused {name}: {err}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn render_hba(&self) -> String {
+        let admin = if self.reset_marker().exists() {
+            "trust"
+        } else {
+            "scram-sha-256"
+        };
         format!(
             "# Written by coffer-agent (do not edit).\n\
-             local all {ADMIN_USER} scram-sha-256\n\
+             local all {ADMIN_USER} {admin}\n\
+             local replication {ADMIN_USER} {admin}\n\
              local all all scram-sha-256\n\
              host all all 0.0.0.0/0 scram-sha-256\n\
              host all all ::/0 scram-sha-256\n"
@@ -231,6 +289,11 @@ impl Postgresql {
         }
         let sock = self.socket_dir();
         std::fs::create_dir_all(&sock).map_err(|e| DatastoreError::io(&sock, e))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| DatastoreError::io(&sock, e))?;
+        }
         for p in [
             self.config_file(),
             self.hba_file(),
@@ -241,6 +304,20 @@ impl Postgresql {
         }
         Ok(())
     }
+}
+
+/// `name = value` lines of a configuration file (quotes taken off, comments skipped).
+fn parse_conf(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| {
+            (
+                k.trim().to_string(),
+                v.trim().trim_matches('\'').to_string(),
+            )
+        })
+        .collect()
 }
 
 /// A double-quoted identifier (any `"` doubled): safe for every name by construction.
@@ -390,6 +467,8 @@ impl Datastore for Postgresql {
              password_encryption = scram-sha-256\n\
              wal_level = replica\n\
              max_wal_senders = 10\n\
+             # Backups (pg_basebackup -X fetch) and replicas need the WAL written meanwhile.\n\
+             wal_keep_size = {wal_keep}MB\n\
              hot_standby = on\n\
              logging_collector = off\n\
              log_destination = stderr\n\
@@ -397,6 +476,7 @@ impl Datastore for Postgresql {
              # Configuration group values (written by coffer-agent), last so they win.\n\
              include_if_exists = {overrides}\n",
             vcpus = s.vcpus,
+            wal_keep = (s.volume_gb * 1024 / 16).clamp(64, 1024),
             data = literal(&self.data_dir().display().to_string()),
             hba = literal(&self.hba_file().display().to_string()),
             ident = literal(&self.data_dir().join("pg_ident.conf").display().to_string()),
@@ -743,6 +823,72 @@ impl Datastore for Postgresql {
         Ok(())
     }
 
+    async fn backup_context(&self) -> Result<crate::backup::BackupCtx, DatastoreError> {
+        Ok(crate::backup::BackupCtx {
+            data_dir: self.data_dir(),
+            socket: self.socket_dir(),
+            port: self.layout.port,
+            tools_dir: Some(self.bin_dir.clone()),
+            admin_user: ADMIN_USER.into(),
+            admin_password: self.admin_password().await?,
+            tmp_dir: self.layout.root.join("tmp"),
+        })
+    }
+
+    async fn initialize_restored(&self, sizing: &Sizing) -> Result<(), DatastoreError> {
+        let root = &self.layout.root;
+        std::fs::create_dir_all(root).map_err(|e| DatastoreError::io(root, e))?;
+        self.own(root)?;
+        // The restored files become the server's.
+        let data = self.data_dir();
+        if let Some((uid, gid)) = self.run_as {
+            let out = std::process::Command::new("chown")
+                .arg("-R")
+                .arg(format!("{uid}:{gid}"))
+                .arg(&data)
+                .output()
+                .map_err(|e| DatastoreError::io(&data, e))?;
+            if !out.status.success() {
+                return Err(DatastoreError::Tool {
+                    tool: "chown".into(),
+                    detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
+            }
+        }
+        // The source's server identity files must not be reused as-is.
+        for stale in ["postmaster.pid", "postmaster.opts"] {
+            let _ = std::fs::remove_file(data.join(stale));
+        }
+        write_private(&self.password_file(), &generate_password())?;
+        std::fs::write(self.reset_marker(), b"")
+            .map_err(|e| DatastoreError::io(&self.reset_marker(), e))?;
+        self.write_config(sizing)?;
+        let marker = self.initialized_marker();
+        std::fs::write(&marker, b"").map_err(|e| DatastoreError::io(&marker, e))?;
+        Ok(())
+    }
+
+    async fn finish_first_start(&self) -> Result<(), DatastoreError> {
+        if !self.reset_marker().exists() {
+            return Ok(());
+        }
+        // A restored directory: this instance's own admin password, then password
+        // authentication for the agent again.
+        let password = self.admin_password().await?;
+        self.exec(&format!(
+            "ALTER ROLE {} PASSWORD {}",
+            ident(ADMIN_USER),
+            literal(&verifier(&password))
+        ))
+        .await?;
+        std::fs::remove_file(self.reset_marker())
+            .map_err(|e| DatastoreError::io(&self.reset_marker(), e))?;
+        write_private(&self.hba_file(), &self.render_hba())?;
+        self.own(&self.hba_file())?;
+        self.exec("SELECT pg_reload_conf()").await?;
+        Ok(())
+    }
+
     fn data_path(&self) -> PathBuf {
         self.data_dir()
     }
@@ -764,19 +910,72 @@ impl Datastore for Postgresql {
         self.layout.root.join("conf.d")
     }
 
+    fn overrides(&self) -> Result<std::collections::BTreeMap<String, String>, DatastoreError> {
+        let p = self.overrides_file();
+        match std::fs::read_to_string(&p) {
+            Ok(t) => Ok(parse_conf(&t).into_iter().collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+            Err(e) => Err(DatastoreError::io(&p, e)),
+        }
+    }
+
+    fn write_overrides(
+        &self,
+        values: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), DatastoreError> {
+        let mut text = String::from("# Configuration group values (written by coffer-agent).\n");
+        for (k, v) in values {
+            if !crate::config_rules::safe_name(k) || !crate::config_rules::safe_value(v) {
+                return Err(DatastoreError::Invalid(format!(
+                    "configuration override '{k}' has characters that are not allowed"
+                )));
+            }
+            text.push_str(&format!("{k} = '{v}'\n"));
+        }
+        write_private(&self.overrides_file(), &text)?;
+        self.own(&self.overrides_file())
+    }
+
+    async fn is_dynamic(&self, name: &str) -> Result<bool, DatastoreError> {
+        let pool = self.pool().await?;
+        let context: Option<String> =
+            sqlx::query_scalar("SELECT context FROM pg_settings WHERE lower(name) = lower($1)")
+                .bind(name)
+                .fetch_optional(&pool)
+                .await
+                .map_err(|e| DatastoreError::Query(e.to_string()))?;
+        match context {
+            Some(c) => Ok(!crate::config_rules::pg_context_needs_restart(&c)),
+            None => Err(DatastoreError::Invalid(format!(
+                "the server has no setting '{name}'"
+            ))),
+        }
+    }
+
+    /// PostgreSQL changes settings by reloading its files: the value goes into the overrides
+    /// file (None takes it out, back to the rendered or built-in value), the server reloads,
+    /// and a value the server refused is taken back out and reported.
+    async fn set_global(&self, name: &str, value: Option<&str>) -> Result<(), DatastoreError> {
+        let mut all = self.overrides()?;
+        let before = all.clone();
+        match value {
+            Some(v) => all.insert(name.to_string(), v.to_string()),
+            None => all.remove(name),
+        };
+        self.write_overrides(&all)?;
+        if let Err(e) = self.reload_checked(name).await {
+            self.write_overrides(&before)?;
+            let _ = self.reload_checked(name).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     fn default_configuration(&self) -> Result<Vec<(String, String)>, DatastoreError> {
         let text = std::fs::read_to_string(self.config_file())
             .map_err(|e| DatastoreError::io(&self.config_file(), e))?;
-        Ok(text
-            .lines()
-            .filter(|l| !l.trim_start().starts_with('#'))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| {
-                (
-                    k.trim().to_string(),
-                    v.trim().trim_matches('\'').to_string(),
-                )
-            })
+        Ok(parse_conf(&text)
+            .into_iter()
             .filter(|(k, _)| k != "include_if_exists")
             .collect())
     }

@@ -7,8 +7,8 @@
 //! Passwords reach the server only as SHA-256 hashes (`#<hex>` in ACL rules). Redis has no
 //! databases in Trove's sense: the database calls answer a clear "not applicable".
 //!
-//! This release covers the lifecycle, users and root; backups, replication and configuration
-//! groups answer "not supported for Redis yet".
+//! Backups are RDB snapshots ([`crate::backup::redis_rdb`]); a restore brings the keys back, not
+//! the source's ACL users (they are not in the snapshot).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -99,6 +99,9 @@ impl Redis {
     fn password_file(&self) -> PathBuf {
         self.layout.root.join("admin.password")
     }
+    fn overrides_file(&self) -> PathBuf {
+        self.layout.root.join("overrides.conf")
+    }
     fn pid_file(&self) -> PathBuf {
         self.layout.root.join("redis.pid")
     }
@@ -167,6 +170,33 @@ impl Redis {
         let users: Vec<String> = self.cmd(&["ACL", "USERS"]).await?;
         Ok(users.iter().any(|u| u == name))
     }
+}
+
+/// Parameters `CONFIG SET` cannot change (Redis 7's immutable ones among those tenants see).
+const IMMUTABLE: &[&str] = &[
+    "databases",
+    "io-threads",
+    "io-threads-do-reads",
+    "daemonize",
+];
+
+/// `name value` lines of a Redis configuration file.
+fn parse_conf(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.trim().split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// The built-in value of a tenant parameter, from the bundled rules.
+fn builtin_default(name: &str) -> Option<String> {
+    let text = crate::config_rules::bundled("redis", "7.0")?;
+    let f: crate::config_rules::RulesFile = serde_json::from_str(text).ok()?;
+    f.parameters
+        .into_iter()
+        .find(|p| p.name == name)
+        .and_then(|p| p.default)
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<(), DatastoreError> {
@@ -242,7 +272,9 @@ impl Datastore for Redis {
              appendonly no\n\
              maxmemory {maxmemory}mb\n\
              maxmemory-policy noeviction\n\
-             aclfile {acl}\n",
+             aclfile {acl}\n\
+             # Configuration group values (written by coffer-agent), last so they win.\n\
+             include {overrides}\n",
             mem = s.memory_mb,
             bind = self.layout.bind_address,
             port = self.layout.port,
@@ -250,6 +282,7 @@ impl Datastore for Redis {
             pid = self.pid_file().display(),
             data = self.data_dir().display(),
             acl = self.acl_file().display(),
+            overrides = self.overrides_file().display(),
         )
     }
 
@@ -267,6 +300,9 @@ impl Datastore for Redis {
             ),
         )?;
         write_private(&self.config_file(), &self.render_config(sizing))?;
+        if !self.overrides_file().exists() {
+            self.write_overrides(&Default::default())?;
+        }
         let marker = self.initialized_marker();
         std::fs::write(&marker, b"").map_err(|e| DatastoreError::io(&marker, e))?;
         let _ = root;
@@ -418,6 +454,28 @@ impl Datastore for Redis {
         Ok(())
     }
 
+    async fn backup_context(&self) -> Result<crate::backup::BackupCtx, DatastoreError> {
+        let p = self.password_file();
+        let password = tokio::fs::read_to_string(&p)
+            .await
+            .map_err(|e| DatastoreError::io(&p, e))?;
+        Ok(crate::backup::BackupCtx {
+            data_dir: self.data_dir(),
+            socket: self.socket(),
+            port: self.layout.port,
+            tools_dir: None,
+            admin_user: ADMIN_USER.into(),
+            admin_password: password.trim().to_string(),
+            tmp_dir: self.layout.root.join("tmp"),
+        })
+    }
+
+    async fn initialize_restored(&self, sizing: &Sizing) -> Result<(), DatastoreError> {
+        // The snapshot holds keys only (users live in the ACL file): this instance gets its
+        // own admin secret and configuration around the restored dump.
+        self.initialize(sizing).await
+    }
+
     fn data_path(&self) -> PathBuf {
         self.data_dir()
     }
@@ -426,14 +484,70 @@ impl Datastore for Redis {
         self.layout.root.join("conf.d")
     }
 
+    fn overrides(&self) -> Result<std::collections::BTreeMap<String, String>, DatastoreError> {
+        let p = self.overrides_file();
+        match std::fs::read_to_string(&p) {
+            Ok(t) => Ok(parse_conf(&t).into_iter().collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+            Err(e) => Err(DatastoreError::io(&p, e)),
+        }
+    }
+
+    fn write_overrides(
+        &self,
+        values: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), DatastoreError> {
+        let mut text = String::from("# Configuration group values (written by coffer-agent).\n");
+        for (k, v) in values {
+            if !crate::config_rules::safe_name(k) || !crate::config_rules::safe_value(v) {
+                return Err(DatastoreError::Invalid(format!(
+                    "configuration override '{k}' has characters that are not allowed"
+                )));
+            }
+            text.push_str(&format!("{k} {v}\n"));
+        }
+        write_private(&self.overrides_file(), &text)
+    }
+
+    async fn is_dynamic(&self, name: &str) -> Result<bool, DatastoreError> {
+        Ok(!IMMUTABLE.contains(&name))
+    }
+
+    async fn set_global(&self, name: &str, value: Option<&str>) -> Result<(), DatastoreError> {
+        if !crate::config_rules::safe_name(name) {
+            return Err(DatastoreError::Invalid(format!(
+                "bad parameter name '{name}'"
+            )));
+        }
+        // None: the rendered configuration's value, else the server's built-in one.
+        let fallback = || -> Result<Option<String>, DatastoreError> {
+            if let Some((_, v)) = self
+                .default_configuration()?
+                .into_iter()
+                .find(|(k, _)| k == name)
+            {
+                return Ok(Some(v));
+            }
+            Ok(builtin_default(name))
+        };
+        let v = match value {
+            Some(v) => v.to_string(),
+            None => fallback()?.ok_or_else(|| {
+                DatastoreError::Invalid(format!(
+                    "no default is known for '{name}'; restart the instance to reset it"
+                ))
+            })?,
+        };
+        let _: () = self.cmd(&["CONFIG", "SET", name, &v]).await?;
+        Ok(())
+    }
+
     fn default_configuration(&self) -> Result<Vec<(String, String)>, DatastoreError> {
         let text = std::fs::read_to_string(self.config_file())
             .map_err(|e| DatastoreError::io(&self.config_file(), e))?;
-        Ok(text
-            .lines()
-            .filter(|l| !l.trim_start().starts_with('#'))
-            .filter_map(|l| l.split_once(' '))
-            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        Ok(parse_conf(&text)
+            .into_iter()
+            .filter(|(k, _)| k != "include")
             .collect())
     }
 
