@@ -501,6 +501,15 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
     };
     ctx.state.set_desired(&desired).map_err(|e| e.to_string())?;
     crate::configure::write_initial(ctx, &p.overrides)?;
+    // A replica some datastores make before its first start (PostgreSQL starts as a standby).
+    let mut attached = false;
+    if let Some(r) = &p.replica_of {
+        let src = crate::replication::source_of(ctx, r)?;
+        attached = ds.prepare_replica(&src).await.map_err(|e| e.to_string())?;
+        if attached {
+            crate::replication::set_role(ctx, "replica");
+        }
+    }
     progress(ctx, id, "prepare", 50, "starting the database server").await;
     ctx.sup.call(Cmd::Start).await?;
     if let Some(m) = pending_load {
@@ -514,7 +523,7 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
         .await;
         crate::backups::load(ctx, id, m).await?;
     }
-    if let Some(r) = &p.replica_of {
+    if let Some(r) = p.replica_of.as_ref().filter(|_| !attached) {
         progress(ctx, id, "prepare", 70, "starting replication").await;
         let mut src = crate::replication::source_of(ctx, r)?;
         // Replication starts where the snapshot was taken.
@@ -524,7 +533,7 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
             src.gtid = src
                 .gtid
                 .or((!pos.gtid.is_empty()).then(|| pos.gtid.clone()));
-        } else if src.binlog_file.is_none() {
+        } else if src.binlog_file.is_none() && r.strategy == "binlog" {
             if pos.binlog_file.is_empty() {
                 return Err("the snapshot recorded no binlog position to replicate from".into());
             }
@@ -532,7 +541,11 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
             src.binlog_pos = pos.binlog_pos;
         }
         crate::replication::set_role(ctx, "replica");
-        ds.attach_replica(&src).await.map_err(|e| e.to_string())?;
+        if ds.attach_replica(&src).await.map_err(|e| e.to_string())?
+            == coffer_strategies::datastore::Applied::Restart
+        {
+            ctx.sup.call(Cmd::Restart).await?;
+        }
     }
     progress(ctx, id, "prepare", 80, "creating databases and users").await;
     for d in &dbs {

@@ -57,7 +57,8 @@ pub fn source_of(ctx: &Ctx, r: &v1::ReplicaOf) -> Result<ReplicationSource, Stri
         String::from_utf8(pw).map_err(|_| "the replication password is not UTF-8".to_string())?;
     let use_gtid = match r.strategy.as_str() {
         "" | "mariadb-gtid" => true,
-        "binlog" => false,
+        // Positions in the datastores' own terms (binlog coordinates, WAL, offsets).
+        "binlog" | "postgresql-streaming" | "redis-replicaof" => false,
         other => return Err(format!("unknown replication strategy '{other}'")),
     };
     Ok(ReplicationSource {
@@ -110,7 +111,7 @@ pub async fn on_reply(ctx: &Arc<Ctx>, role_now: &str, fence: bool) {
         // Leased again and not ejected: the partition healed before anyone took over.
         if ctx.sup.observed.borrow().status == v1::ServiceStatus::Running {
             match ctx.ds.set_read_only_persistent(false).await {
-                Ok(()) => {
+                Ok(_) => {
                     let _ = std::fs::remove_file(fence_path(ctx));
                     info!("lease renewed and not ejected: fence lifted, writable again");
                 }
@@ -126,14 +127,27 @@ async fn do_fence(ctx: &Arc<Ctx>, why: &str) {
     warn!(reason = why, "fencing the database (read-only)");
     let _ = std::fs::write(fence_path(ctx), why);
     let ds = ctx.ds.clone();
+    let sup = ctx.sup.clone();
     let work = async move {
         // Read-only first (no new writes), then end the sessions already open (their open
         // transactions cannot commit).
-        ds.set_read_only_persistent(true).await?;
+        let applied = ds.set_read_only_persistent(true).await?;
+        if applied == coffer_strategies::datastore::Applied::Restart {
+            // Read-only only by starting so (PostgreSQL as a standby): a restart ends every
+            // session too.
+            sup.call(crate::supervisor::Cmd::Restart)
+                .await
+                .map_err(|e| coffer_strategies::DatastoreError::Tool {
+                    tool: "restart".into(),
+                    detail: e,
+                })?;
+            return Ok(());
+        }
         ds.kill_tenant_connections().await?;
         Ok::<(), coffer_strategies::DatastoreError>(())
     };
-    match tokio::time::timeout(Duration::from_secs(2), work).await {
+    // A restart takes longer than a live change; a fence that cannot finish stops the server.
+    match tokio::time::timeout(Duration::from_secs(10), work).await {
         Ok(Ok(())) => info!("fenced: the database is read-only"),
         r => {
             let why = match r {

@@ -397,13 +397,14 @@ impl Supervisor {
         };
         self.ds.disconnect().await;
         let pid = p.pid();
-        info!(pid, "stopping database server");
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        let sig = self.ds.server_command().stop_signal;
+        info!(pid, signal = %sig, "stopping database server");
+        let _ = kill(Pid::from_raw(pid), sig);
         if tokio::time::timeout(self.stop_timeout, p.wait())
             .await
             .is_err()
         {
-            warn!(pid, "database server ignored SIGTERM; killing it");
+            warn!(pid, signal = %sig, "database server ignored its stop signal; killing it");
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             p.wait().await;
         }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use coffer_proto::seal;
 use coffer_proto::v1;
-use coffer_strategies::datastore::{gtid_behind, gtid_covers};
+use coffer_strategies::datastore::{position_behind, position_covers, replication_strategy, repoint_strategy};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
@@ -38,6 +38,16 @@ fn busy(r: &InstanceRow, what: &str) -> ApiError {
 
 fn ready(app: &App, r: &InstanceRow) -> bool {
     r.task == task::NONE && app.fresh(&r.id) && r.service_status == "running"
+}
+
+/// The datastore (manager) of an instance: replication positions and strategies are its own.
+async fn manager(app: &App, r: &InstanceRow) -> Result<String, ApiError> {
+    Ok(app
+        .store
+        .version(&r.datastore_version_id)
+        .await?
+        .map(|v| v.manager)
+        .unwrap_or_default())
 }
 
 /// The source's replication user and password, created on the source the first time.
@@ -77,14 +87,11 @@ async fn ensure_repl_user(app: &App, source: &InstanceRow) -> Result<(String, St
         }),
     )
     .await?;
-    keep_repl_user(
-        app,
-        &source.id,
-        &user,
-        &password,
+    let strategy = replication_strategy(
+        &manager(app, source).await?,
         &app.cfg.replication.strategy,
-    )
-    .await?;
+    );
+    keep_repl_user(app, &source.id, &user, &password, &strategy).await?;
     Ok((user, password))
 }
 
@@ -183,10 +190,9 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
         None => vec![],
     };
     let (user, password) = ensure_repl_user(&app, &source).await?;
-    let strategy = source
-        .repl_strategy
-        .clone()
-        .unwrap_or_else(|| app.cfg.replication.strategy.clone());
+    let strategy = source.repl_strategy.clone().unwrap_or_else(|| {
+        replication_strategy(&version.manager, &app.cfg.replication.strategy)
+    });
 
     if app.provisioner.key_at_enrolment() {
         return Err(ApiError::not_implemented(
@@ -432,7 +438,8 @@ async fn repoint(
     password: &str,
     from_own_binlog: bool,
 ) -> Result<(), ApiError> {
-    let mut spec = replica_of(source, replica, user, password, "mariadb-gtid")?;
+    let strategy = repoint_strategy(&manager(app, source).await?);
+    let mut spec = replica_of(source, replica, user, password, &strategy)?;
     spec.from_own_binlog = from_own_binlog;
     call(
         app,
@@ -656,15 +663,17 @@ async fn failover(
             }
         }
     }
-    // 2. The winner has everything every other survivor has (per domain).
+    // 2. The winner has everything every other survivor has (in the datastore's own terms:
+    // GTIDs per domain, WAL LSN, stream offset).
+    let ds = manager(app, source).await?;
     let winner = positions
         .iter()
-        .find(|(_, p)| positions.iter().all(|(_, q)| gtid_covers(p, q)))
+        .find(|(_, p)| positions.iter().all(|(_, q)| position_covers(&ds, p, q)))
         .or_else(|| {
             positions.iter().min_by_key(|(_, p)| {
                 positions
                     .iter()
-                    .map(|(_, q)| gtid_behind(p, q))
+                    .map(|(_, q)| position_behind(&ds, p, q))
                     .sum::<u64>()
             })
         })
@@ -745,8 +754,15 @@ pub(super) async fn view(
             } else {
                 Value::Null
             };
-            v["lag_transactions"] = match &source_pos {
-                Some(p) => json!(gtid_behind(&m.gtid_slave_pos, p)),
+            let ds = manager(app, r).await?;
+            // Transactions for MariaDB; WAL or stream bytes for PostgreSQL and Redis.
+            let lag_key = if ds == "mariadb" || ds.is_empty() {
+                "lag_transactions"
+            } else {
+                "lag_bytes"
+            };
+            v[lag_key] = match &source_pos {
+                Some(p) => json!(position_behind(&ds, &m.gtid_slave_pos, p)),
                 None => Value::Null,
             };
             v["received_gtid_position"] = json!(m.gtid_io_pos);

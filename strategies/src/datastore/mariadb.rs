@@ -718,6 +718,7 @@ impl Datastore for Mariadb {
             pid_file: self.pid_file(),
             cmdline_marker: format!("--defaults-file={}", cnf.display()),
             run_as: None,
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
         }
     }
 
@@ -1121,7 +1122,10 @@ impl Datastore for Mariadb {
         Ok(st)
     }
 
-    async fn attach_replica(&self, src: &ReplicationSource) -> Result<(), DatastoreError> {
+    async fn attach_replica(
+        &self,
+        src: &ReplicationSource,
+    ) -> Result<super::Applied, DatastoreError> {
         check_word("replication user", &src.user)?;
         if !src
             .host
@@ -1190,13 +1194,14 @@ impl Datastore for Mariadb {
             quote(&src.password)
         ))
         .await?;
-        self.exec("START SLAVE").await
+        self.exec("START SLAVE").await?;
+        Ok(super::Applied::Live)
     }
 
     async fn detach_replica(&self) -> Result<(), DatastoreError> {
         self.exec("STOP SLAVE").await?;
         self.exec("RESET SLAVE ALL").await?;
-        self.set_read_only_persistent(false).await
+        self.set_read_only_persistent(false).await.map(|_| ())
     }
 
     async fn wait_for_gtid(&self, gtid: &str, timeout: Duration) -> Result<bool, DatastoreError> {
@@ -1268,9 +1273,13 @@ impl Datastore for Mariadb {
         Ok(n)
     }
 
-    async fn set_read_only_persistent(&self, read_only: bool) -> Result<(), DatastoreError> {
+    async fn set_read_only_persistent(
+        &self,
+        read_only: bool,
+    ) -> Result<super::Applied, DatastoreError> {
         self.write_role(read_only)?;
-        self.set_read_only(read_only).await
+        self.set_read_only(read_only).await?;
+        Ok(super::Applied::Live)
     }
 
     async fn replication_position(&self) -> Result<String, DatastoreError> {

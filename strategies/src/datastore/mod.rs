@@ -131,6 +131,18 @@ pub struct ServerCommand {
     pub cmdline_marker: String,
     /// Run the server as this uid/gid (servers that refuse root, when the agent is root).
     pub run_as: Option<(u32, u32)>,
+    /// The signal that makes the server stop cleanly without waiting for its clients to leave
+    /// (SIGTERM for most; PostgreSQL's "fast" shutdown is SIGINT).
+    pub stop_signal: nix::sys::signal::Signal,
+}
+
+/// How a change reached the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// In effect now.
+    Live,
+    /// Written for the next start: the agent restarts the server to finish it.
+    Restart,
 }
 
 /// Result of a health probe.
@@ -238,14 +250,21 @@ pub trait Datastore: Send + Sync {
     }
     /// Points the server at a source and starts replicating; the server becomes read-only
     /// (persistently).
-    async fn attach_replica(&self, _src: &ReplicationSource) -> Result<(), DatastoreError> {
+    async fn attach_replica(&self, _src: &ReplicationSource) -> Result<Applied, DatastoreError> {
         Err(unsupported(self.title(), "replication"))
+    }
+    /// A replica restored from its source's snapshot, before its first start: writes what makes
+    /// that start a replica already. `true` when done so (nothing to attach after the start);
+    /// `false` (the default) attaches once the server runs.
+    async fn prepare_replica(&self, _src: &ReplicationSource) -> Result<bool, DatastoreError> {
+        Ok(false)
     }
     /// Stops replicating and forgets the source; the server becomes writable.
     async fn detach_replica(&self) -> Result<(), DatastoreError> {
         Err(unsupported(self.title(), "replication"))
     }
-    /// Waits until `gtid` is applied; `false` on timeout.
+    /// Waits until position `gtid` (the datastore's own encoding, see [`position_covers`]) is
+    /// applied; `false` on timeout.
     async fn wait_for_gtid(&self, _gtid: &str, _timeout: Duration) -> Result<bool, DatastoreError> {
         Err(unsupported(self.title(), "replication"))
     }
@@ -257,8 +276,9 @@ pub trait Datastore: Send + Sync {
     async fn kill_tenant_connections(&self) -> Result<u32, DatastoreError> {
         Err(unsupported(self.title(), "replication"))
     }
-    /// Sets `read_only` live and for every later start.
-    async fn set_read_only_persistent(&self, _read_only: bool) -> Result<(), DatastoreError> {
+    /// Makes the server refuse (or take) tenant writes, now or once restarted, and for every
+    /// later start: the fence of a source that lost its lease, the first step of a switchover.
+    async fn set_read_only_persistent(&self, _read_only: bool) -> Result<Applied, DatastoreError> {
         Err(unsupported(self.title(), "replication"))
     }
     /// The directory of configuration drop-ins (config modules) the server reads.
@@ -390,6 +410,48 @@ pub fn gtid_behind(a: &str, b: &str) -> u64 {
 /// Whether position `a` has everything `b` has (per domain).
 pub fn gtid_covers(a: &str, b: &str) -> bool {
     gtid_behind(a, b) == 0
+}
+
+/// Whether replication position `a` has everything `b` has. Positions are opaque outside
+/// their datastore: GTID sets (MariaDB), WAL LSNs `X/Y` (PostgreSQL), offsets (Redis).
+pub fn position_covers(datastore: &str, a: &str, b: &str) -> bool {
+    position_behind(datastore, a, b) == 0
+}
+
+/// How far `a` is behind `b`: transactions (MariaDB), WAL bytes (PostgreSQL) or stream bytes
+/// (Redis); 0 when `a` covers `b`.
+pub fn position_behind(datastore: &str, a: &str, b: &str) -> u64 {
+    match datastore {
+        "postgresql" => match (postgresql::parse_lsn(a), postgresql::parse_lsn(b)) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            (None, Some(b)) => b.max(1),
+            _ => 0,
+        },
+        "redis" => {
+            let n = |s: &str| s.trim().parse::<u64>().ok();
+            match (n(a), n(b)) {
+                (Some(a), Some(b)) => b.saturating_sub(a),
+                (None, Some(b)) => b.max(1),
+                _ => 0,
+            }
+        }
+        _ => gtid_behind(a, b),
+    }
+}
+
+/// The replication strategy of a datastore's instances: the configured one for MariaDB
+/// (`mariadb-gtid` or `binlog`), the datastore's own for the others.
+pub fn replication_strategy(datastore: &str, configured: &str) -> String {
+    match datastore {
+        "postgresql" => "postgresql-streaming".into(),
+        "redis" => "redis-replicaof".into(),
+        _ => configured.into(),
+    }
+}
+
+/// The strategy a switchover re-points replicas with.
+pub fn repoint_strategy(datastore: &str) -> String {
+    replication_strategy(datastore, "mariadb-gtid")
 }
 
 /// The registry of datastores, selected by name in configuration.

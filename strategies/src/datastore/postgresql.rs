@@ -107,6 +107,17 @@ impl Postgresql {
     fn password_file(&self) -> PathBuf {
         self.layout.root.join("admin.password")
     }
+    /// `primary_conninfo` and the timeline to follow, when a standby (included by the config).
+    fn standby_file(&self) -> PathBuf {
+        self.layout.root.join("standby.conf")
+    }
+    /// The replication user's password for `primary_conninfo` (a libpq passfile, 0600).
+    fn repl_passfile(&self) -> PathBuf {
+        self.layout.root.join("replication.pgpass")
+    }
+    fn standby_signal(&self) -> PathBuf {
+        self.data_dir().join("standby.signal")
+    }
     fn initialized_marker(&self) -> PathBuf {
         self.layout.root.join(".initialized")
     }
@@ -211,11 +222,128 @@ impl Postgresql {
             > 0)
     }
 
-    /// The first start of a restored data directory: its roles hold the source's passwords, so
-    /// the agent's own role is trusted on the instance's private socket directory (0700, only
-    /// the server's user and root reach it) until [`Datastore::finish_first_start`] resets it.
+    /// While this marker exists the agent's own role is trusted on the instance's private socket
+    /// directory (0700: only the server's user and root reach it): a restored data directory
+    /// and a standby hold another server's password for that role (a standby cannot change it).
+    /// The first start of a primary, or a promotion, sets this instance's own password and
+    /// removes the marker.
     fn reset_marker(&self) -> PathBuf {
         self.layout.root.join(".reset-admin")
+    }
+
+    async fn in_recovery(&self) -> Result<bool, DatastoreError> {
+        let pool = self.pool().await?;
+        sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| DatastoreError::Query(e.to_string()))
+    }
+
+    /// Where this server is: its own WAL end on a primary, what it replayed on a standby.
+    async fn own_position(&self) -> Result<String, DatastoreError> {
+        let pool = self.pool().await?;
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text \
+             ELSE pg_current_wal_lsn()::text END",
+        )
+        .fetch_one(&pool)
+        .await
+        .map(Option::unwrap_or_default)
+        .map_err(|e| DatastoreError::Query(e.to_string()))
+    }
+
+    /// Writes the standby settings: following `src` (None: a standby that follows nobody, the
+    /// fence) on the newest timeline.
+    fn write_standby(&self, src: Option<&super::ReplicationSource>) -> Result<(), DatastoreError> {
+        let mut text = String::from(
+            "# The replication role, written by coffer-agent (do not edit).\n\
+             recovery_target_timeline = 'latest'\n",
+        );
+        if let Some(src) = src {
+            check_identifier("Replication user", &src.user)?;
+            if src.host.is_empty()
+                || !src
+                    .host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
+            {
+                return Err(DatastoreError::Invalid(format!(
+                    "bad source host '{}'",
+                    src.host
+                )));
+            }
+            let pass = self.repl_passfile();
+            let field = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
+            write_private(
+                &pass,
+                &format!("*:*:*:{}:{}\n", field(&src.user), field(&src.password)),
+            )?;
+            self.own(&pass)?;
+            let path = pass.display().to_string();
+            if path.contains(['\'', '\\', ' ']) {
+                return Err(DatastoreError::Invalid(format!(
+                    "the instance path {path} has a quote, backslash or space"
+                )));
+            }
+            text.push_str(&format!(
+                "primary_conninfo = 'host={} port={} user={} passfile={path} application_name=coffer connect_timeout=5'\n",
+                src.host, src.port, src.user
+            ));
+        }
+        write_private(&self.standby_file(), &text)?;
+        self.own(&self.standby_file())?;
+        let signal = self.standby_signal();
+        std::fs::write(&signal, b"").map_err(|e| DatastoreError::io(&signal, e))?;
+        self.own(&signal)
+    }
+
+    /// Trusts the agent's role on the private socket (a standby: its password is the
+    /// primary's).
+    fn trust_admin(&self) -> Result<(), DatastoreError> {
+        std::fs::write(self.reset_marker(), b"")
+            .map_err(|e| DatastoreError::io(&self.reset_marker(), e))?;
+        write_private(&self.hba_file(), &self.render_hba())?;
+        self.own(&self.hba_file())
+    }
+
+    /// A primary whose agent role was trusted: this instance's own password, then password
+    /// authentication again.
+    async fn reset_admin(&self) -> Result<(), DatastoreError> {
+        if !self.reset_marker().exists() {
+            return Ok(());
+        }
+        let password = self.admin_password().await?;
+        self.exec(&format!(
+            "ALTER ROLE {} PASSWORD {}",
+            ident(ADMIN_USER),
+            literal(&verifier(&password))
+        ))
+        .await?;
+        std::fs::remove_file(self.reset_marker())
+            .map_err(|e| DatastoreError::io(&self.reset_marker(), e))?;
+        write_private(&self.hba_file(), &self.render_hba())?;
+        self.own(&self.hba_file())?;
+        self.exec("SELECT pg_reload_conf()").await?;
+        Ok(())
+    }
+
+    /// Polls until `done` holds or `timeout` passes.
+    async fn poll_lsn(&self, sql: &str, target: u64, timeout: Duration) -> Result<bool, DatastoreError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let pool = self.pool().await?;
+            let at: Option<String> = sqlx::query_scalar(sql)
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| DatastoreError::Query(e.to_string()))?;
+            if at.as_deref().and_then(parse_lsn).unwrap_or(0) >= target {
+                return Ok(true);
+            }
+            if std::time::Instant::now() > deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Reloads the configuration files and waits until this session has read them; an error
@@ -273,6 +401,8 @@ impl Postgresql {
              local all {ADMIN_USER} {admin}\n\
              local replication {ADMIN_USER} {admin}\n\
              local all all scram-sha-256\n\
+             host replication all 0.0.0.0/0 scram-sha-256\n\
+             host replication all ::/0 scram-sha-256\n\
              host all all 0.0.0.0/0 scram-sha-256\n\
              host all all ::/0 scram-sha-256\n"
         )
@@ -304,6 +434,12 @@ impl Postgresql {
         }
         Ok(())
     }
+}
+
+/// A WAL location (`16/B374D848`) as a number, for ordering.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.trim().split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
 /// `name = value` lines of a configuration file (quotes taken off, comments skipped).
@@ -473,6 +609,8 @@ impl Datastore for Postgresql {
              logging_collector = off\n\
              log_destination = stderr\n\
              dynamic_shared_memory_type = posix\n\
+             # The replication role (written by coffer-agent).\n\
+             include_if_exists = {standby}\n\
              # Configuration group values (written by coffer-agent), last so they win.\n\
              include_if_exists = {overrides}\n",
             vcpus = s.vcpus,
@@ -484,6 +622,7 @@ impl Datastore for Postgresql {
             port = self.layout.port,
             sock = literal(&self.socket_dir().display().to_string()),
             overrides = literal(&self.overrides_file().display().to_string()),
+            standby = literal(&self.standby_file().display().to_string()),
         )
     }
 
@@ -554,6 +693,7 @@ impl Datastore for Postgresql {
             pid_file: self.data_dir().join("postmaster.pid"),
             cmdline_marker: format!("--config-file={}", cnf.display()),
             run_as: self.run_as,
+            stop_signal: nix::sys::signal::Signal::SIGINT,
         }
     }
 
@@ -713,7 +853,8 @@ impl Datastore for Postgresql {
              LEFT JOIN pg_database d ON NOT d.datistemplate AND d.datname <> 'postgres' \
                AND EXISTS (SELECT 1 FROM aclexplode(d.datacl) a WHERE a.grantee = r.oid \
                            AND a.privilege_type = 'CREATE') \
-             WHERE r.rolcanlogin AND r.rolname NOT LIKE 'pg\\_%' AND r.rolname <> ALL($1) \
+             WHERE r.rolcanlogin AND NOT r.rolreplication AND r.rolname NOT LIKE 'pg\\_%' \
+               AND r.rolname <> ALL($1) \
              GROUP BY r.rolname ORDER BY r.rolname",
         )
         .bind(
@@ -869,24 +1010,187 @@ impl Datastore for Postgresql {
     }
 
     async fn finish_first_start(&self) -> Result<(), DatastoreError> {
-        if !self.reset_marker().exists() {
+        if !self.reset_marker().exists() || self.in_recovery().await? {
+            // A standby keeps the primary's password for the agent's role: trusted until
+            // promoted.
             return Ok(());
         }
-        // A restored directory: this instance's own admin password, then password
-        // authentication for the agent again.
-        let password = self.admin_password().await?;
+        self.reset_admin().await
+    }
+
+    async fn create_replication_user(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<(), DatastoreError> {
+        check_identifier("Replication user", user)?;
+        let verb = if self.role_exists(user).await? {
+            "ALTER"
+        } else {
+            "CREATE"
+        };
         self.exec(&format!(
-            "ALTER ROLE {} PASSWORD {}",
-            ident(ADMIN_USER),
-            literal(&verifier(&password))
+            "{verb} ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
+            ident(user),
+            literal(&verifier(password))
         ))
-        .await?;
-        std::fs::remove_file(self.reset_marker())
-            .map_err(|e| DatastoreError::io(&self.reset_marker(), e))?;
-        write_private(&self.hba_file(), &self.render_hba())?;
-        self.own(&self.hba_file())?;
+        .await
+    }
+
+    async fn replication_position(&self) -> Result<String, DatastoreError> {
+        self.own_position().await
+    }
+
+    async fn replication_info(&self) -> Result<super::ReplicationState, DatastoreError> {
+        let pool = self.pool().await?;
+        let r = sqlx::query(
+            "SELECT pg_is_in_recovery() AS rec, \
+               CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END AS cur, \
+               pg_last_wal_replay_lsn()::text AS replay, pg_last_wal_receive_lsn()::text AS recv, \
+               (SELECT status FROM pg_stat_wal_receiver LIMIT 1) AS wr_status, \
+               (SELECT sender_host FROM pg_stat_wal_receiver LIMIT 1) AS wr_host, \
+               (SELECT sender_port FROM pg_stat_wal_receiver LIMIT 1) AS wr_port, \
+               EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::bigint AS lag, \
+               current_setting('primary_conninfo') AS conninfo, \
+               CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END AS paused",
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(|e| DatastoreError::Query(e.to_string()))?;
+        let rec: bool = r.get("rec");
+        let replay: Option<String> = r.get("replay");
+        let recv: Option<String> = r.get("recv");
+        let conninfo: String = r.get("conninfo");
+        let lag: Option<i64> = r.get("lag");
+        let caught_up = replay.is_some() && replay.as_deref().and_then(parse_lsn) >= recv.as_deref().and_then(parse_lsn);
+        Ok(super::ReplicationState {
+            replica: rec && !conninfo.is_empty(),
+            gtid_binlog_pos: if rec {
+                replay.clone().unwrap_or_default()
+            } else {
+                r.get::<Option<String>, _>("cur").unwrap_or_default()
+            },
+            gtid_slave_pos: replay.unwrap_or_default(),
+            gtid_io_pos: recv.unwrap_or_default(),
+            io_running: r.get::<Option<String>, _>("wr_status").as_deref() == Some("streaming"),
+            sql_running: rec && !r.get::<bool, _>("paused"),
+            seconds_behind: if !rec {
+                None
+            } else if caught_up {
+                Some(0)
+            } else {
+                lag
+            },
+            last_error: String::new(),
+            last_sql_error: String::new(),
+            read_only: rec,
+            source_host: r.get::<Option<String>, _>("wr_host").unwrap_or_default(),
+            source_port: r.get::<Option<i32>, _>("wr_port").unwrap_or(0).max(0) as u16,
+        })
+    }
+
+    async fn prepare_replica(&self, src: &super::ReplicationSource) -> Result<bool, DatastoreError> {
+        self.write_standby(Some(src))?;
+        self.trust_admin()?;
+        Ok(true)
+    }
+
+    async fn attach_replica(
+        &self,
+        src: &super::ReplicationSource,
+    ) -> Result<super::Applied, DatastoreError> {
+        self.write_standby(Some(src))?;
+        self.trust_admin()?;
+        if self.in_recovery().await.unwrap_or(false) {
+            // A standby already (fenced, or following another primary): a reload re-points it.
+            self.exec("SELECT pg_reload_conf()").await?;
+            return Ok(super::Applied::Live);
+        }
+        // A primary becomes a standby only by starting as one.
+        Ok(super::Applied::Restart)
+    }
+
+    async fn detach_replica(&self) -> Result<(), DatastoreError> {
+        if self.in_recovery().await? {
+            let pool = self.pool().await?;
+            let promoted: bool = sqlx::query_scalar("SELECT pg_promote(true, 60)")
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| DatastoreError::Query(e.to_string()))?;
+            if !promoted {
+                return Err(DatastoreError::Tool {
+                    tool: "pg_promote".into(),
+                    detail: "the standby did not finish promotion within 60 s".into(),
+                });
+            }
+        }
+        write_private(
+            &self.standby_file(),
+            "# A primary: no replication role (written by coffer-agent).\n",
+        )?;
+        let _ = std::fs::remove_file(self.standby_signal());
+        let _ = std::fs::remove_file(self.repl_passfile());
+        self.reset_admin().await?;
+        self.exec("SELECT pg_reload_conf()").await
+    }
+
+    async fn wait_for_gtid(&self, gtid: &str, timeout: Duration) -> Result<bool, DatastoreError> {
+        let target = parse_lsn(gtid)
+            .ok_or_else(|| DatastoreError::Invalid(format!("bad WAL position '{gtid}'")))?;
+        self.poll_lsn(
+            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text \
+             ELSE pg_current_wal_lsn()::text END",
+            target,
+            timeout,
+        )
+        .await
+    }
+
+    /// Failover: stop receiving (no `primary_conninfo`), then replay everything received.
+    async fn drain_relay_log(&self, timeout: Duration) -> Result<(), DatastoreError> {
+        if !self.in_recovery().await? {
+            return Ok(());
+        }
+        self.write_standby(None)?;
         self.exec("SELECT pg_reload_conf()").await?;
-        Ok(())
+        let pool = self.pool().await?;
+        let recv: Option<String> = sqlx::query_scalar("SELECT pg_last_wal_receive_lsn()::text")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| DatastoreError::Query(e.to_string()))?;
+        let target = recv.as_deref().and_then(parse_lsn).unwrap_or(0);
+        if self
+            .poll_lsn("SELECT pg_last_wal_replay_lsn()::text", target, timeout)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(DatastoreError::Tool {
+                tool: "replay".into(),
+                detail: format!("the received WAL was not replayed within {timeout:?}"),
+            })
+        }
+    }
+
+    /// The fence is a standby that follows nobody: it starts (or stays) in recovery, where no
+    /// session can write and none can undo it. Lifting it promotes.
+    async fn set_read_only_persistent(
+        &self,
+        read_only: bool,
+    ) -> Result<super::Applied, DatastoreError> {
+        let standby = self.in_recovery().await?;
+        if read_only {
+            self.write_standby(None)?;
+            if standby {
+                self.exec("SELECT pg_reload_conf()").await?;
+                return Ok(super::Applied::Live);
+            }
+            return Ok(super::Applied::Restart);
+        }
+        if standby {
+            self.detach_replica().await?;
+        }
+        Ok(super::Applied::Live)
     }
 
     fn data_path(&self) -> PathBuf {

@@ -102,6 +102,14 @@ impl Redis {
     fn overrides_file(&self) -> PathBuf {
         self.layout.root.join("overrides.conf")
     }
+    /// `replicaof`, `masteruser`/`masterauth` and the fence, read at every start.
+    fn role_file(&self) -> PathBuf {
+        self.layout.root.join("role.conf")
+    }
+    /// The replication user's name (hidden from tenants' user lists).
+    fn repl_user_file(&self) -> PathBuf {
+        self.layout.root.join("replication.user")
+    }
     fn pid_file(&self) -> PathBuf {
         self.layout.root.join("redis.pid")
     }
@@ -166,11 +174,63 @@ impl Redis {
         self.cmd::<()>(&["ACL", "SAVE"]).await
     }
 
+    /// Writes the role file: replicating from `src`, and/or fenced (every write refused).
+    fn write_role(
+        &self,
+        src: Option<&super::ReplicationSource>,
+        fenced: bool,
+    ) -> Result<(), DatastoreError> {
+        let mut text = String::from("# The replication role, written by coffer-agent (do not edit).\n");
+        if let Some(s) = src {
+            text.push_str(&format!(
+                "replicaof {} {}\nmasteruser {}\nmasterauth {}\n",
+                s.host, s.port, s.user, s.password
+            ));
+        }
+        if fenced {
+            text.push_str(&format!("min-replicas-to-write {FENCE_REPLICAS}\n"));
+        }
+        write_private(&self.role_file(), &text)
+    }
+
+    fn role_text(&self) -> String {
+        std::fs::read_to_string(self.role_file()).unwrap_or_default()
+    }
+
+    async fn info_replication(&self) -> Result<String, DatastoreError> {
+        self.cmd(&["INFO", "replication"]).await
+    }
+
+    /// The replication user: may only replicate.
+    async fn ensure_repl_user(&self, user: &str, password: &str) -> Result<(), DatastoreError> {
+        self.validate_user(&UserSpec {
+            name: user.into(),
+            password: password.into(),
+            ..Default::default()
+        })?;
+        if !password.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(DatastoreError::Invalid(
+                "the replication password must be letters, digits, '-', '_' or '.'".into(),
+            ));
+        }
+        write_private(&self.repl_user_file(), user)?;
+        let h = hashed(password);
+        self.setuser(
+            user,
+            &["reset", "on", &h, "resetchannels", "-@all", "+psync", "+replconf", "+ping"],
+        )
+        .await
+    }
+
     async fn user_exists(&self, name: &str) -> Result<bool, DatastoreError> {
         let users: Vec<String> = self.cmd(&["ACL", "USERS"]).await?;
         Ok(users.iter().any(|u| u == name))
     }
 }
+
+/// `min-replicas-to-write` of a fenced source: more replicas than can exist, so every write is
+/// refused (`NOREPLICAS`) until the fence is lifted.
+const FENCE_REPLICAS: u32 = 1_000_000;
 
 /// Parameters `CONFIG SET` cannot change (Redis 7's immutable ones among those tenants see).
 const IMMUTABLE: &[&str] = &[
@@ -273,6 +333,8 @@ impl Datastore for Redis {
              maxmemory {maxmemory}mb\n\
              maxmemory-policy noeviction\n\
              aclfile {acl}\n\
+             # The replication role (written by coffer-agent).\n\
+             include {role}\n\
              # Configuration group values (written by coffer-agent), last so they win.\n\
              include {overrides}\n",
             mem = s.memory_mb,
@@ -283,6 +345,7 @@ impl Datastore for Redis {
             data = self.data_dir().display(),
             acl = self.acl_file().display(),
             overrides = self.overrides_file().display(),
+            role = self.role_file().display(),
         )
     }
 
@@ -303,6 +366,9 @@ impl Datastore for Redis {
         if !self.overrides_file().exists() {
             self.write_overrides(&Default::default())?;
         }
+        if !self.role_file().exists() {
+            self.write_role(None, false)?;
+        }
         let marker = self.initialized_marker();
         std::fs::write(&marker, b"").map_err(|e| DatastoreError::io(&marker, e))?;
         let _ = root;
@@ -318,6 +384,7 @@ impl Datastore for Redis {
             pid_file: self.pid_file(),
             cmdline_marker: format!(":{}", self.layout.port),
             run_as: None,
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
         }
     }
 
@@ -387,9 +454,10 @@ impl Datastore for Redis {
 
     async fn list_users(&self) -> Result<Vec<UserSpec>, DatastoreError> {
         let users: Vec<String> = self.cmd(&["ACL", "USERS"]).await?;
+        let repl = std::fs::read_to_string(self.repl_user_file()).unwrap_or_default();
         Ok(users
             .into_iter()
-            .filter(|u| !RESERVED_USERS.contains(&u.as_str()))
+            .filter(|u| !RESERVED_USERS.contains(&u.as_str()) && *u != repl)
             .map(|name| UserSpec {
                 name,
                 password: String::new(),
@@ -482,6 +550,150 @@ impl Datastore for Redis {
 
     fn confd_dir(&self) -> PathBuf {
         self.layout.root.join("conf.d")
+    }
+
+    async fn create_replication_user(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<(), DatastoreError> {
+        self.ensure_repl_user(user, password).await
+    }
+
+    async fn replication_position(&self) -> Result<String, DatastoreError> {
+        let info = self.info_replication().await?;
+        Ok(crate::backup::redis_rdb::info_field(&info, "master_repl_offset").unwrap_or_default())
+    }
+
+    async fn replication_info(&self) -> Result<super::ReplicationState, DatastoreError> {
+        use crate::backup::redis_rdb::info_field;
+        let info = self.info_replication().await?;
+        let f = |k: &str| info_field(&info, k).unwrap_or_default();
+        let replica = f("role") == "slave";
+        let up = f("master_link_status") == "up";
+        let fence: Vec<String> = self
+            .cmd(&["CONFIG", "GET", "min-replicas-to-write"])
+            .await?;
+        let fenced = fence.get(1).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0) >= FENCE_REPLICAS;
+        let applied = if replica { f("slave_repl_offset") } else { String::new() };
+        let received = info_field(&info, "slave_read_repl_offset").unwrap_or_else(|| applied.clone());
+        Ok(super::ReplicationState {
+            replica,
+            gtid_binlog_pos: f("master_repl_offset"),
+            gtid_slave_pos: applied,
+            gtid_io_pos: if replica { received } else { String::new() },
+            io_running: replica && up,
+            sql_running: replica && up,
+            seconds_behind: (replica && up).then_some(0),
+            last_error: String::new(),
+            last_sql_error: String::new(),
+            read_only: replica || fenced,
+            source_host: f("master_host"),
+            source_port: f("master_port").parse().unwrap_or(0),
+        })
+    }
+
+    async fn attach_replica(
+        &self,
+        src: &super::ReplicationSource,
+    ) -> Result<super::Applied, DatastoreError> {
+        if src.host.is_empty()
+            || !src
+                .host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
+        {
+            return Err(DatastoreError::Invalid(format!("bad source host '{}'", src.host)));
+        }
+        // The same replication user here: once promoted, this server serves the others.
+        self.ensure_repl_user(&src.user, &src.password).await?;
+        self.write_role(Some(src), false)?;
+        self.cmd::<()>(&["CONFIG", "SET", "masteruser", &src.user]).await?;
+        self.cmd::<()>(&["CONFIG", "SET", "masterauth", &src.password]).await?;
+        self.cmd::<()>(&["CONFIG", "SET", "min-replicas-to-write", "0"]).await?;
+        let port = src.port.to_string();
+        self.cmd::<()>(&["REPLICAOF", &src.host, &port]).await?;
+        Ok(super::Applied::Live)
+    }
+
+    async fn detach_replica(&self) -> Result<(), DatastoreError> {
+        self.cmd::<()>(&["REPLICAOF", "NO", "ONE"]).await?;
+        self.cmd::<()>(&["CONFIG", "SET", "min-replicas-to-write", "0"]).await?;
+        self.write_role(None, false)
+    }
+
+    async fn wait_for_gtid(&self, gtid: &str, timeout: Duration) -> Result<bool, DatastoreError> {
+        use crate::backup::redis_rdb::info_field;
+        let target: u64 = gtid
+            .trim()
+            .parse()
+            .map_err(|_| DatastoreError::Invalid(format!("bad replication offset '{gtid}'")))?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let info = self.info_replication().await?;
+            let key = if info_field(&info, "role").as_deref() == Some("slave") {
+                "slave_repl_offset"
+            } else {
+                "master_repl_offset"
+            };
+            let at: u64 = info_field(&info, key).and_then(|v| v.parse().ok()).unwrap_or(0);
+            if at >= target {
+                return Ok(true);
+            }
+            if std::time::Instant::now() > deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A replica applies the stream as it reads it: nothing is waiting to be applied.
+    async fn drain_relay_log(&self, _timeout: Duration) -> Result<(), DatastoreError> {
+        Ok(())
+    }
+
+    async fn kill_tenant_connections(&self) -> Result<u32, DatastoreError> {
+        let mut n = 0;
+        for u in self.list_users().await? {
+            n += self.cmd::<u32>(&["CLIENT", "KILL", "USER", &u.name]).await.unwrap_or(0);
+        }
+        if self.user_exists(ROOT_USER).await? {
+            n += self.cmd::<u32>(&["CLIENT", "KILL", "USER", ROOT_USER]).await.unwrap_or(0);
+        }
+        Ok(n)
+    }
+
+    /// The fence: writes paused at once (`CLIENT PAUSE ... WRITE`), then refused for good by a
+    /// `min-replicas-to-write` no source can meet (kept in the role file for every start);
+    /// the pause is lifted, so paused writers get the refusal instead of a hang.
+    async fn set_read_only_persistent(
+        &self,
+        read_only: bool,
+    ) -> Result<super::Applied, DatastoreError> {
+        let replicaof = self
+            .role_text()
+            .lines()
+            .any(|l| l.starts_with("replicaof "));
+        if read_only {
+            self.cmd::<()>(&["CLIENT", "PAUSE", "60000", "WRITE"]).await?;
+            let fenced = async {
+                let n = FENCE_REPLICAS.to_string();
+                self.cmd::<()>(&["CONFIG", "SET", "min-replicas-to-write", &n]).await?;
+                if !replicaof {
+                    self.write_role(None, true)?;
+                }
+                Ok::<(), DatastoreError>(())
+            }
+            .await;
+            self.cmd::<()>(&["CLIENT", "UNPAUSE"]).await?;
+            fenced?;
+        } else {
+            self.cmd::<()>(&["CONFIG", "SET", "min-replicas-to-write", "0"]).await?;
+            if !replicaof {
+                self.write_role(None, false)?;
+            }
+        }
+        Ok(super::Applied::Live)
     }
 
     fn overrides(&self) -> Result<std::collections::BTreeMap<String, String>, DatastoreError> {
