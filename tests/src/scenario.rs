@@ -67,18 +67,13 @@ impl Store {
         json!({ "instance": i })
     }
 
-    /// The body of a restore. Redis users live outside the snapshot: the restore names them
-    /// again; SQL users come back with the data.
+    /// The body of a restore: the users come back with the data.
     pub fn restore_body(self, name: &str, version: &str, backup: &str) -> Value {
-        let mut i = json!({
+        json!({ "instance": {
             "name": name, "flavorRef": "1", "volume": {"size": 1},
             "datastore": self.datastore(version),
             "restorePoint": {"backupRef": backup},
-        });
-        if self == Store::Redis {
-            i["users"] = json!([self.user()]);
-        }
-        json!({ "instance": i })
+        }})
     }
 
     fn addr(view: &Value) -> (String, u16) {
@@ -87,7 +82,7 @@ impl Store {
         (host.to_string(), port)
     }
 
-    async fn redis(view: &Value) -> redis::aio::MultiplexedConnection {
+    async fn redis(view: &Value) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         let (host, port) = Self::addr(view);
         let info = redis::ConnectionInfo {
             addr: redis::ConnectionAddr::Tcp(host.clone(), port),
@@ -98,14 +93,12 @@ impl Store {
                 ..Default::default()
             },
         };
-        redis::Client::open(info)
-            .unwrap()
+        redis::Client::open(info)?
             .get_multiplexed_async_connection()
             .await
-            .unwrap_or_else(|e| panic!("connecting to redis {host}:{port} as {USER}: {e}"))
     }
 
-    async fn pg(view: &Value) -> sqlx::PgConnection {
+    async fn pg(view: &Value) -> Result<sqlx::PgConnection, sqlx::Error> {
         use sqlx::ConnectOptions;
         let (host, port) = Self::addr(view);
         sqlx::postgres::PgConnectOptions::new()
@@ -116,77 +109,129 @@ impl Store {
             .database("shop")
             .connect()
             .await
-            .unwrap_or_else(|e| panic!("connecting to postgresql {host}:{port} as {USER}: {e}"))
     }
 
-    /// Writes `i` as the tenant (a row of `shop.t`, or a member of the Redis set `t`); returns
-    /// once the server acknowledged it.
-    pub async fn write(self, env: &Env, view: &Value, i: i32) {
+    async fn mysql(view: &Value) -> Result<sqlx::MySqlConnection, String> {
+        use sqlx::ConnectOptions;
+        let (host, port) = Self::addr(view);
+        sqlx::mysql::MySqlConnectOptions::new()
+            .host(&host)
+            .port(port)
+            .username(USER)
+            .password(PASSWORD)
+            .database("shop")
+            .connect()
+            .await
+            .map_err(|e| format!("connecting to mariadb {host}:{port} as {USER}: {e}"))
+    }
+
+    /// Writes `i` as the tenant (a row of `shop.t`, or a member of the Redis set `t`); Ok once
+    /// the server acknowledged it.
+    pub async fn try_write(self, view: &Value, i: i32) -> Result<(), String> {
         use sqlx::Connection;
+        let e = |e: &dyn std::fmt::Display| e.to_string();
         match self {
             Store::Mariadb => {
-                let mut c = env.connect(view, USER, PASSWORD, "shop").await;
+                let mut c = Self::mysql(view).await?;
                 sqlx::query("CREATE TABLE IF NOT EXISTS t (i INT PRIMARY KEY)")
                     .execute(&mut c)
                     .await
-                    .unwrap();
-                sqlx::query("INSERT INTO t VALUES (?)")
+                    .map_err(|x| e(&x))?;
+                let r = sqlx::query("INSERT INTO t VALUES (?)")
                     .bind(i)
                     .execute(&mut c)
                     .await
-                    .unwrap();
-                c.close().await.unwrap();
+                    .map_err(|x| e(&x));
+                let _ = c.close().await;
+                r.map(|_| ())
             }
             Store::Postgresql => {
-                let mut c = Self::pg(view).await;
+                let mut c = Self::pg(view).await.map_err(|x| e(&x))?;
                 sqlx::query("CREATE TABLE IF NOT EXISTS t (i INT PRIMARY KEY)")
                     .execute(&mut c)
                     .await
-                    .unwrap();
-                sqlx::query("INSERT INTO t VALUES ($1)")
+                    .map_err(|x| e(&x))?;
+                let r = sqlx::query("INSERT INTO t VALUES ($1)")
                     .bind(i)
                     .execute(&mut c)
                     .await
-                    .unwrap();
-                c.close().await.unwrap();
+                    .map_err(|x| e(&x));
+                let _ = c.close().await;
+                r.map(|_| ())
             }
             Store::Redis => {
-                let mut c = Self::redis(view).await;
-                let _: i64 = redis::cmd("SADD")
+                let mut c = Self::redis(view).await.map_err(|x| e(&x))?;
+                redis::cmd("SADD")
                     .arg("t")
                     .arg(i)
-                    .query_async(&mut c)
+                    .query_async::<i64>(&mut c)
                     .await
-                    .unwrap();
+                    .map(|_| ())
+                    .map_err(|x| e(&x))
             }
         }
     }
 
+    /// Writes `i` as the tenant; panics if the server does not acknowledge it.
+    pub async fn write(self, _env: &Env, view: &Value, i: i32) {
+        if let Err(e) = self.try_write(view, i).await {
+            panic!("writing {i}: {e}");
+        }
+    }
+
     /// What the tenant reads back, sorted.
-    pub async fn read(self, env: &Env, view: &Value) -> Vec<i32> {
+    pub async fn try_read(self, view: &Value) -> Result<Vec<i32>, String> {
         use sqlx::Connection;
+        let e = |e: &dyn std::fmt::Display| e.to_string();
         let mut v: Vec<i32> = match self {
-            Store::Mariadb => env.rows(view).await,
-            Store::Postgresql => {
-                let mut c = Self::pg(view).await;
+            Store::Mariadb => {
+                let mut c = Self::mysql(view).await?;
                 let v = sqlx::query_scalar("SELECT i FROM t")
                     .fetch_all(&mut c)
                     .await
-                    .unwrap();
-                c.close().await.unwrap();
-                v
+                    .map_err(|x| e(&x));
+                let _ = c.close().await;
+                v?
+            }
+            Store::Postgresql => {
+                let mut c = Self::pg(view).await.map_err(|x| e(&x))?;
+                let v = sqlx::query_scalar("SELECT i FROM t")
+                    .fetch_all(&mut c)
+                    .await
+                    .map_err(|x| e(&x));
+                let _ = c.close().await;
+                v?
             }
             Store::Redis => {
-                let mut c = Self::redis(view).await;
+                let mut c = Self::redis(view).await.map_err(|x| e(&x))?;
                 redis::cmd("SMEMBERS")
                     .arg("t")
                     .query_async(&mut c)
                     .await
-                    .unwrap()
+                    .map_err(|x| e(&x))?
             }
         };
         v.sort();
-        v
+        Ok(v)
+    }
+
+    pub async fn read(self, _env: &Env, view: &Value) -> Vec<i32> {
+        self.try_read(view)
+            .await
+            .unwrap_or_else(|e| panic!("reading: {e}"))
+    }
+
+    /// Waits until the tenant reads exactly `want` (a replica catching up).
+    pub async fn wait_read(self, view: &Value, want: &[i32]) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = self.try_read(view).await;
+            if got.as_deref() == Ok(want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "read {got:?}, not {want:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -538,4 +583,371 @@ pub async fn configuration_live_and_restart(env: &Env, store: Store) {
         default_restart
     );
     env.delete_and_wait_gone(&id).await;
+}
+
+async fn instance(env: &Env, id: &str) -> Value {
+    env.show(id).await.1["instance"].clone()
+}
+
+/// Writes as the tenant, round-robin over `views` whenever one refuses, until `stop`; returns
+/// the values the servers acknowledged.
+fn spawn_writer(
+    store: Store,
+    views: Vec<Value>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<i32>> {
+    tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let (mut i, mut cur) = (10_000, 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if store.try_write(&views[cur], i).await.is_ok() {
+                acked.push(i);
+                i += 1;
+            } else {
+                cur = (cur + 1) % views.len();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        acked
+    })
+}
+
+/// Replication: replicas built from a snapshot catch up and refuse tenant writes; a switchover
+/// under a continuous writer loses no acknowledged write and the old source follows the new
+/// one, read-only; after the new source's host dies, eject elects a replica and the survivor
+/// follows it. Needs an environment whose agents are not respawned.
+pub async fn replication(env: &Env, store: Store) {
+    let version = store.register(env);
+    let (src, sview) = create_active(env, store, &version, "scn-src").await;
+    store.write(env, &sview, 1).await;
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(json!({"instance": {"name": "scn-rep", "replica_of": src, "replica_count": 2}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let ids: Vec<String> = instance(env, &src).await["replicas"]
+        .as_array()
+        .expect("the source lists its replicas")
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    let mut views = vec![sview.clone()];
+    for id in &ids {
+        let v = env
+            .wait_status(id, "ACTIVE", Duration::from_secs(180))
+            .await;
+        assert_eq!(v["replica_of"]["id"], src.as_str(), "{v}");
+        views.push(v);
+    }
+    // They catch up, show their role, and refuse tenant writes.
+    store.write(env, &sview, 2).await;
+    for v in &views[1..] {
+        store.wait_read(v, &[1, 2]).await;
+        assert!(
+            store.try_write(v, 3).await.is_err(),
+            "a replica took a tenant write"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = instance(env, &ids[0]).await;
+        if r["replication"]["role"] == "replica" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no replica role shown: {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Switchover under a continuous writer.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = spawn_writer(store, views.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let new = ids[0].clone();
+    let (st, v) = env
+        .call(
+            "POST",
+            &format!("/instances/{new}/action"),
+            Some(json!({"promote_to_replica_source": {}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    // The promotion is running: wait for it to start, then for every member to settle.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n = instance(env, &new).await;
+        if n.get("replica_of").is_none() && n["status"] == "ACTIVE" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the switchover did not finish: {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in [&src, &ids[1]] {
+        env.wait_status(id, "ACTIVE", Duration::from_secs(120))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.await.unwrap();
+    assert!(acked.len() > 10, "the writer wrote only {}", acked.len());
+    let n = instance(env, &new).await;
+    assert_eq!(n["replication"]["role"], "source", "{n}");
+    assert_eq!(instance(env, &src).await["replica_of"]["id"], new.as_str());
+    assert_eq!(
+        instance(env, &ids[1]).await["replica_of"]["id"],
+        new.as_str()
+    );
+    let on_new = store.read(env, &views[1]).await;
+    let lost: Vec<_> = acked.iter().filter(|i| !on_new.contains(i)).collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    // The old source and the other replica follow the new source; the old one is read-only.
+    store.write(env, &views[1], 99_999).await;
+    let want = store.read(env, &views[1]).await;
+    store.wait_read(&sview, &want).await;
+    store.wait_read(&views[2], &want).await;
+    assert!(
+        store.try_write(&sview, 99_998).await.is_err(),
+        "the old source took a tenant write"
+    );
+
+    // The new source's host dies: eject elects a replica; the other follows it.
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let agent = env.agent_pid(&new).expect("the new source's agent");
+    let db = env.db_pid(&new).expect("the new source's server");
+    kill(Pid::from_raw(agent), Signal::SIGKILL).unwrap();
+    kill(Pid::from_raw(db), Signal::SIGKILL).unwrap();
+    env.wait_status(&new, "ERROR", Duration::from_secs(30))
+        .await;
+    let (st, v) = env
+        .call(
+            "POST",
+            &format!("/instances/{new}/action"),
+            Some(json!({"eject_replica_source": {}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let survivors = [
+        (src.clone(), sview.clone()),
+        (ids[1].clone(), views[2].clone()),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (wview, other, oview) = loop {
+        let a = instance(env, &survivors[0].0).await;
+        let b = instance(env, &survivors[1].0).await;
+        let settled = |x: &Value| x["status"] == "ACTIVE";
+        if settled(&a) && settled(&b) {
+            if a.get("replica_of").is_none() && b["replica_of"]["id"] == survivors[0].0.as_str() {
+                break (&survivors[0].1, &survivors[1].0, &survivors[1].1);
+            }
+            if b.get("replica_of").is_none() && a["replica_of"]["id"] == survivors[1].0.as_str() {
+                break (&survivors[1].1, &survivors[0].0, &survivors[0].1);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new source elected:\n{a}\n{b}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let old = instance(env, &new).await;
+    assert!(
+        old["fault"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Ejected"),
+        "{old}"
+    );
+    // Nothing acknowledged before the failure is lost; the winner takes writes and the other
+    // replicates them.
+    let have = store.read(env, wview).await;
+    assert!(
+        want.iter().all(|i| have.contains(i)),
+        "the winner lost writes: {have:?}"
+    );
+    store.write(env, wview, 77_777).await;
+    let want = store.read(env, wview).await;
+    store.wait_read(oview, &want).await;
+    assert!(
+        store.try_write(oview, 77_778).await.is_err(),
+        "{other} took a write"
+    );
+}
+
+impl Store {
+    /// How the server words its refusal of a write on a read-only (fenced) server.
+    fn refusal(self) -> &'static str {
+        match self {
+            Store::Mariadb => "read-only",
+            Store::Postgresql => "read-only transaction",
+            Store::Redis => "NOREPLICAS",
+        }
+    }
+
+    /// A tenant tries to lift the fence from its own session, then to write; Err is the write's
+    /// refusal.
+    async fn undo_fence_and_write(self, view: &Value, i: i32) -> Result<(), String> {
+        use sqlx::Connection;
+        let e = |e: &dyn std::fmt::Display| e.to_string();
+        match self {
+            Store::Mariadb => {
+                let mut c = Self::mysql(view).await?;
+                let _ = sqlx::query("SET GLOBAL read_only = OFF")
+                    .execute(&mut c)
+                    .await;
+                let r = sqlx::query("INSERT INTO t VALUES (?)")
+                    .bind(i)
+                    .execute(&mut c)
+                    .await;
+                let _ = c.close().await;
+                r.map(|_| ()).map_err(|x| e(&x))
+            }
+            Store::Postgresql => {
+                let mut c = Self::pg(view).await.map_err(|x| e(&x))?;
+                let _ = sqlx::query("SET default_transaction_read_only = off")
+                    .execute(&mut c)
+                    .await;
+                let _ = sqlx::query("SET transaction_read_only = off")
+                    .execute(&mut c)
+                    .await;
+                let r = sqlx::query("INSERT INTO t VALUES ($1)")
+                    .bind(i)
+                    .execute(&mut c)
+                    .await;
+                let _ = c.close().await;
+                r.map(|_| ()).map_err(|x| e(&x))
+            }
+            Store::Redis => {
+                let mut c = Self::redis(view).await.map_err(|x| e(&x))?;
+                let _ = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("min-replicas-to-write")
+                    .arg("0")
+                    .query_async::<()>(&mut c)
+                    .await;
+                let _ = redis::cmd("CLIENT")
+                    .arg("UNPAUSE")
+                    .query_async::<()>(&mut c)
+                    .await;
+                redis::cmd("SADD")
+                    .arg("t")
+                    .arg(i)
+                    .query_async::<i64>(&mut c)
+                    .await
+                    .map(|_| ())
+                    .map_err(|x| e(&x))
+            }
+        }
+    }
+
+    /// Waits until a tenant write is refused the way a read-only server refuses it (not merely
+    /// failing to connect, as while a server restarts).
+    async fn wait_refused(self, view: &Value, i: i32) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.undo_fence_and_write(view, i).await {
+                Err(e) if e.contains(self.refusal()) => return,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "a tenant write is not refused as read-only: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Fencing: a source cut off from the controller makes itself read-only before the controller
+/// declares it lost, in a way no tenant session can undo; after the eject the replica is the
+/// only writable server, and the old source stays fenced once the partition heals. Needs an
+/// environment with the NATS proxy and no agent respawns.
+pub async fn fencing(env: &Env, store: Store) {
+    let proxy = env
+        .proxy
+        .as_ref()
+        .expect("an environment with the NATS proxy");
+    let version = store.register(env);
+    let (src, sview) = create_active(env, store, &version, "scn-fence").await;
+    store.write(env, &sview, 1).await;
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(json!({"instance": {"name": "scn-fence-rep", "replica_of": src}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let rid = instance(env, &src).await["replicas"][0]["id"]
+        .as_str()
+        .expect("a replica")
+        .to_string();
+    let rview = env
+        .wait_status(&rid, "ACTIVE", Duration::from_secs(180))
+        .await;
+    store.wait_read(&rview, &[1]).await;
+
+    proxy.cut(&src);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in 1000.. {
+        let lost = instance(env, &src).await["status"] == "ERROR";
+        if store.try_write(&sview, n).await.is_err() {
+            break;
+        }
+        assert!(
+            !lost,
+            "the controller declared the source lost before it fenced itself"
+        );
+        assert!(Instant::now() < deadline, "the source never fenced itself");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Refused as read-only, even after the tenant tries to lift it.
+    store.wait_refused(&sview, 2).await;
+
+    env.wait_status(&src, "ERROR", Duration::from_secs(30))
+        .await;
+    let (st, v) = env
+        .call(
+            "POST",
+            &format!("/instances/{src}/action"),
+            Some(json!({"eject_replica_source": {}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = instance(env, &rid).await;
+        if r.get("replica_of").is_none() && r["status"] == "ACTIVE" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica was not promoted: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.write(env, &rview, 10).await;
+
+    // Healed: the old source reports back fenced and stays so.
+    proxy.heal(&src);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = instance(env, &src).await;
+        if o["replication"]["role"] == "fenced" && o["service_status_updated"].is_string() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old source never reported back: {o}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    store.wait_refused(&sview, 12).await;
+    assert_eq!(instance(env, &src).await["status"], "ERROR");
 }

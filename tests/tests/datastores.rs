@@ -81,3 +81,48 @@ async fn committed_parameter_rules_match_the_server_for_postgresql() {
     );
     env.delete_and_wait_gone(&id).await;
 }
+
+fn no_respawn() -> coffer_tests::Opts {
+    coffer_tests::Opts {
+        respawn_agents: false,
+        ..coffer_tests::Opts::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_replicas_switch_over_and_fail_over() {
+    scenario::replication(&Env::start_with(no_respawn()).await, Store::Postgresql).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_replicas_switch_over_and_fail_over() {
+    scenario::replication(&Env::start_with(no_respawn()).await, Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_replicas_switch_over_and_fail_over() {
+    scenario::replication(&Env::start_with(no_respawn()).await, Store::Mariadb).await;
+}
+
+fn partitionable() -> coffer_tests::Opts {
+    coffer_tests::Opts {
+        nats_proxy: true,
+        respawn_agents: false,
+        ..coffer_tests::Opts::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_partitioned_source_fences_itself() {
+    scenario::fencing(&Env::start_with(partitionable()).await, Store::Postgresql).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_partitioned_source_fences_itself() {
+    scenario::fencing(&Env::start_with(partitionable()).await, Store::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_partitioned_source_fences_itself() {
+    scenario::fencing(&Env::start_with(partitionable()).await, Store::Mariadb).await;
+}

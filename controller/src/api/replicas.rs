@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use coffer_proto::seal;
 use coffer_proto::v1;
-use coffer_strategies::datastore::{position_behind, position_covers, replication_strategy, repoint_strategy};
+use coffer_strategies::datastore::{
+    position_behind, position_covers, replication_strategy, repoint_strategy,
+};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
@@ -87,10 +89,8 @@ async fn ensure_repl_user(app: &App, source: &InstanceRow) -> Result<(String, St
         }),
     )
     .await?;
-    let strategy = replication_strategy(
-        &manager(app, source).await?,
-        &app.cfg.replication.strategy,
-    );
+    let strategy =
+        replication_strategy(&manager(app, source).await?, &app.cfg.replication.strategy);
     keep_repl_user(app, &source.id, &user, &password, &strategy).await?;
     Ok((user, password))
 }
@@ -190,9 +190,10 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
         None => vec![],
     };
     let (user, password) = ensure_repl_user(&app, &source).await?;
-    let strategy = source.repl_strategy.clone().unwrap_or_else(|| {
-        replication_strategy(&version.manager, &app.cfg.replication.strategy)
-    });
+    let strategy = source
+        .repl_strategy
+        .clone()
+        .unwrap_or_else(|| replication_strategy(&version.manager, &app.cfg.replication.strategy));
 
     if app.provisioner.key_at_enrolment() {
         return Err(ApiError::not_implemented(

@@ -1,13 +1,16 @@
 //! Redis RDB snapshots: `BGSAVE`, wait until that save (not an earlier one) has finished and
 //! succeeded, then stream the `dump.rdb` it wrote. The file is opened once the save is done; a
-//! later save replaces it by rename, so the open file stays this snapshot. Restores write the
-//! file into the empty data directory, where the server loads it on its first start.
+//! later save replaces it by rename, so the open file stays this snapshot. Users are not in an
+//! RDB file: the archive is a tar of `dump.rdb` and `users.acl` (the ACL rules of the users who
+//! may run commands: tenants and root, as `ACL LIST` gives them, passwords as hashes). Restores
+//! put the dump into the empty data directory, where the server loads it on its first start,
+//! and the users beside it ([`RESTORED_USERS`]) for the datastore to take in.
 
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{pump, BackupCtx, BackupError, BackupStrategy, EnginePosition};
+use super::{BackupCtx, BackupError, BackupStrategy, EnginePosition};
 
 #[derive(Debug, Clone)]
 pub struct RedisRdb {
@@ -24,6 +27,22 @@ impl Default for RedisRdb {
 }
 
 pub const DUMP_FILE: &str = "dump.rdb";
+const USERS_ENTRY: &str = "users.acl";
+/// Where a restore leaves the backed-up users' ACL rules (in the data directory).
+pub const RESTORED_USERS: &str = "users.acl.restored";
+
+/// The `ACL LIST` lines worth restoring: users that may run commands (tenants, root), not the
+/// agent's own, not `default`, not replication-only users.
+pub fn restorable_users(acl_list: &[String], admin: &str) -> Vec<String> {
+    acl_list
+        .iter()
+        .filter(|l| {
+            let name = l.split_whitespace().nth(1).unwrap_or("");
+            l.starts_with("user ") && name != admin && name != "default" && l.contains("+@all")
+        })
+        .cloned()
+        .collect()
+}
 
 fn err(detail: impl std::fmt::Display) -> BackupError {
     BackupError::Tool {
@@ -136,8 +155,24 @@ impl BackupStrategy for RedisRdb {
         }
         let mut c = Self::connect(ctx)?;
         let offset = self.snapshot(&mut c)?;
+        let acl: Vec<String> = redis::cmd("ACL").arg("LIST").query(&mut c).map_err(err)?;
+        let users = restorable_users(&acl, &ctx.admin_user).join("\n") + "\n";
         let mut f = std::fs::File::open(ctx.data_dir.join(DUMP_FILE))?;
-        pump(&mut f, sink, progress)?;
+        let size = f.metadata()?.len();
+        let mut tar = tar::Builder::new(sink);
+        let mut header = tar::Header::new_gnu();
+        header.set_size(size);
+        header.set_mode(0o600);
+        header.set_cksum();
+        // The file's size is fixed (a later save replaces it by rename): exactly `size` bytes.
+        let mut limited = super::pg_basebackup::counted(&mut f, progress).take(size);
+        tar.append_data(&mut header, DUMP_FILE, &mut limited)?;
+        let mut header = tar::Header::new_gnu();
+        header.set_size(users.len() as u64);
+        header.set_mode(0o600);
+        header.set_cksum();
+        tar.append_data(&mut header, USERS_ENTRY, users.as_bytes())?;
+        tar.into_inner()?.flush()?;
         Ok(EnginePosition {
             lsn: offset,
             ..Default::default()
@@ -152,16 +187,33 @@ impl BackupStrategy for RedisRdb {
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), BackupError> {
         std::fs::create_dir_all(data_dir)?;
-        let path = data_dir.join(DUMP_FILE);
-        let mut f = std::fs::File::create(&path)?;
-        pump(source, &mut f, progress)?;
-        f.sync_all()?;
+        let mut reader = super::pg_basebackup::counted(source, progress);
+        let mut archive = tar::Archive::new(&mut reader);
+        let mut have_dump = false;
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let name = entry.path()?.to_string_lossy().into_owned();
+            let target = match name.as_str() {
+                DUMP_FILE => data_dir.join(DUMP_FILE),
+                USERS_ENTRY => data_dir.join(RESTORED_USERS),
+                _ => continue,
+            };
+            let mut f = std::fs::File::create(&target)?;
+            std::io::copy(&mut entry, &mut f)?;
+            f.sync_all()?;
+            have_dump |= name == DUMP_FILE;
+        }
+        drop(archive);
+        // Read to the end: the stream is only proven whole there.
+        std::io::copy(&mut reader, &mut std::io::sink())?;
         let mut head = [0u8; 5];
-        std::fs::File::open(&path)?.read_exact(&mut head).ok();
+        if have_dump {
+            std::fs::File::open(data_dir.join(DUMP_FILE))?.read_exact(&mut head)?;
+        }
         if &head != b"REDIS" {
             return Err(BackupError::Tool {
                 tool: "redis_rdb restore".into(),
-                detail: "the archive is not a Redis RDB file".into(),
+                detail: "the archive holds no Redis RDB file".into(),
             });
         }
         Ok(())
@@ -183,6 +235,22 @@ impl BackupStrategy for RedisRdb {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_users_that_run_commands_are_restored() {
+        let acl: Vec<String> = [
+            "user app on #ab ~* &* +@all -@admin -@dangerous",
+            "user coffer_admin on #cd ~* &* +@all",
+            "user default off resetchannels -@all",
+            "user repl_1 on #ef resetchannels -@all +psync +replconf +ping",
+            "user root on #01 ~* &* +@all",
+        ]
+        .map(String::from)
+        .to_vec();
+        let kept = restorable_users(&acl, "coffer_admin");
+        assert_eq!(kept.len(), 2);
+        assert!(kept[0].starts_with("user app ") && kept[1].starts_with("user root "));
+    }
 
     #[test]
     fn info_fields_are_read() {

@@ -255,10 +255,10 @@ impl Postgresql {
     /// Writes the standby settings: following `src` (None: a standby that follows nobody, the
     /// fence) on the newest timeline.
     fn write_standby(&self, src: Option<&super::ReplicationSource>) -> Result<(), DatastoreError> {
-        let mut text = String::from(
-            "# The replication role, written by coffer-agent (do not edit).\n\
-             recovery_target_timeline = 'latest'\n",
-        );
+        // recovery_target_timeline is 'latest' by default: a standby follows its primary's
+        // promotions.
+        let mut text =
+            String::from("# The replication role, written by coffer-agent (do not edit).\n");
         if let Some(src) = src {
             check_identifier("Replication user", &src.user)?;
             if src.host.is_empty()
@@ -328,7 +328,12 @@ impl Postgresql {
     }
 
     /// Polls until `done` holds or `timeout` passes.
-    async fn poll_lsn(&self, sql: &str, target: u64, timeout: Duration) -> Result<bool, DatastoreError> {
+    async fn poll_lsn(
+        &self,
+        sql: &str,
+        target: u64,
+        timeout: Duration,
+    ) -> Result<bool, DatastoreError> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let pool = self.pool().await?;
@@ -417,6 +422,9 @@ impl Postgresql {
                 "# Configuration group values (written by coffer-agent).\n",
             )?;
         }
+        if !self.standby_file().exists() {
+            write_private(&self.standby_file(), PRIMARY_ROLE)?;
+        }
         let sock = self.socket_dir();
         std::fs::create_dir_all(&sock).map_err(|e| DatastoreError::io(&sock, e))?;
         {
@@ -428,6 +436,7 @@ impl Postgresql {
             self.config_file(),
             self.hba_file(),
             self.overrides_file(),
+            self.standby_file(),
             sock,
         ] {
             self.own(&p)?;
@@ -435,6 +444,9 @@ impl Postgresql {
         Ok(())
     }
 }
+
+/// The standby settings of a primary: none.
+const PRIMARY_ROLE: &str = "# A primary: no replication role (written by coffer-agent).\n";
 
 /// A WAL location (`16/B374D848`) as a number, for ordering.
 pub fn parse_lsn(s: &str) -> Option<u64> {
@@ -1062,7 +1074,8 @@ impl Datastore for Postgresql {
         let recv: Option<String> = r.get("recv");
         let conninfo: String = r.get("conninfo");
         let lag: Option<i64> = r.get("lag");
-        let caught_up = replay.is_some() && replay.as_deref().and_then(parse_lsn) >= recv.as_deref().and_then(parse_lsn);
+        let caught_up = replay.is_some()
+            && replay.as_deref().and_then(parse_lsn) >= recv.as_deref().and_then(parse_lsn);
         Ok(super::ReplicationState {
             replica: rec && !conninfo.is_empty(),
             gtid_binlog_pos: if rec {
@@ -1089,7 +1102,10 @@ impl Datastore for Postgresql {
         })
     }
 
-    async fn prepare_replica(&self, src: &super::ReplicationSource) -> Result<bool, DatastoreError> {
+    async fn prepare_replica(
+        &self,
+        src: &super::ReplicationSource,
+    ) -> Result<bool, DatastoreError> {
         self.write_standby(Some(src))?;
         self.trust_admin()?;
         Ok(true)
@@ -1124,10 +1140,8 @@ impl Datastore for Postgresql {
                 });
             }
         }
-        write_private(
-            &self.standby_file(),
-            "# A primary: no replication role (written by coffer-agent).\n",
-        )?;
+        write_private(&self.standby_file(), PRIMARY_ROLE)?;
+        self.own(&self.standby_file())?;
         let _ = std::fs::remove_file(self.standby_signal());
         let _ = std::fs::remove_file(self.repl_passfile());
         self.reset_admin().await?;

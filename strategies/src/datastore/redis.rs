@@ -7,8 +7,8 @@
 //! Passwords reach the server only as SHA-256 hashes (`#<hex>` in ACL rules). Redis has no
 //! databases in Trove's sense: the database calls answer a clear "not applicable".
 //!
-//! Backups are RDB snapshots ([`crate::backup::redis_rdb`]); a restore brings the keys back, not
-//! the source's ACL users (they are not in the snapshot).
+//! Backups are RDB snapshots with the users' ACL rules beside them
+//! ([`crate::backup::redis_rdb`]); a restore brings both back around a new admin secret.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -180,7 +180,8 @@ impl Redis {
         src: Option<&super::ReplicationSource>,
         fenced: bool,
     ) -> Result<(), DatastoreError> {
-        let mut text = String::from("# The replication role, written by coffer-agent (do not edit).\n");
+        let mut text =
+            String::from("# The replication role, written by coffer-agent (do not edit).\n");
         if let Some(s) = src {
             text.push_str(&format!(
                 "replicaof {} {}\nmasteruser {}\nmasterauth {}\n",
@@ -208,7 +209,10 @@ impl Redis {
             password: password.into(),
             ..Default::default()
         })?;
-        if !password.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        if !password
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
             return Err(DatastoreError::Invalid(
                 "the replication password must be letters, digits, '-', '_' or '.'".into(),
             ));
@@ -217,7 +221,16 @@ impl Redis {
         let h = hashed(password);
         self.setuser(
             user,
-            &["reset", "on", &h, "resetchannels", "-@all", "+psync", "+replconf", "+ping"],
+            &[
+                "reset",
+                "on",
+                &h,
+                "resetchannels",
+                "-@all",
+                "+psync",
+                "+replconf",
+                "+ping",
+            ],
         )
         .await
     }
@@ -539,9 +552,36 @@ impl Datastore for Redis {
     }
 
     async fn initialize_restored(&self, sizing: &Sizing) -> Result<(), DatastoreError> {
-        // The snapshot holds keys only (users live in the ACL file): this instance gets its
-        // own admin secret and configuration around the restored dump.
-        self.initialize(sizing).await
+        // This instance's own admin secret and configuration around the restored dump, and
+        // the backed-up users (tenants, root) taken into its ACL file.
+        self.initialize(sizing).await?;
+        let restored = self
+            .data_dir()
+            .join(crate::backup::redis_rdb::RESTORED_USERS);
+        let text = match std::fs::read_to_string(&restored) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(DatastoreError::io(&restored, e)),
+        };
+        let mut acl = std::fs::read_to_string(self.acl_file())
+            .map_err(|e| DatastoreError::io(&self.acl_file(), e))?;
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let (Some("user"), Some(name)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let reserved = [ADMIN_USER, "default"].contains(&name);
+            let valid = name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if !reserved && valid && !line.contains(['\r', '\0']) {
+                acl.push_str(line.trim());
+                acl.push('\n');
+            }
+        }
+        write_private(&self.acl_file(), &acl)?;
+        let _ = std::fs::remove_file(&restored);
+        Ok(())
     }
 
     fn data_path(&self) -> PathBuf {
@@ -574,9 +614,18 @@ impl Datastore for Redis {
         let fence: Vec<String> = self
             .cmd(&["CONFIG", "GET", "min-replicas-to-write"])
             .await?;
-        let fenced = fence.get(1).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0) >= FENCE_REPLICAS;
-        let applied = if replica { f("slave_repl_offset") } else { String::new() };
-        let received = info_field(&info, "slave_read_repl_offset").unwrap_or_else(|| applied.clone());
+        let fenced = fence
+            .get(1)
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+            >= FENCE_REPLICAS;
+        let applied = if replica {
+            f("slave_repl_offset")
+        } else {
+            String::new()
+        };
+        let received =
+            info_field(&info, "slave_read_repl_offset").unwrap_or_else(|| applied.clone());
         Ok(super::ReplicationState {
             replica,
             gtid_binlog_pos: f("master_repl_offset"),
@@ -603,14 +652,20 @@ impl Datastore for Redis {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
         {
-            return Err(DatastoreError::Invalid(format!("bad source host '{}'", src.host)));
+            return Err(DatastoreError::Invalid(format!(
+                "bad source host '{}'",
+                src.host
+            )));
         }
         // The same replication user here: once promoted, this server serves the others.
         self.ensure_repl_user(&src.user, &src.password).await?;
         self.write_role(Some(src), false)?;
-        self.cmd::<()>(&["CONFIG", "SET", "masteruser", &src.user]).await?;
-        self.cmd::<()>(&["CONFIG", "SET", "masterauth", &src.password]).await?;
-        self.cmd::<()>(&["CONFIG", "SET", "min-replicas-to-write", "0"]).await?;
+        self.cmd::<()>(&["CONFIG", "SET", "masteruser", &src.user])
+            .await?;
+        self.cmd::<()>(&["CONFIG", "SET", "masterauth", &src.password])
+            .await?;
+        self.cmd::<()>(&["CONFIG", "SET", "min-replicas-to-write", "0"])
+            .await?;
         let port = src.port.to_string();
         self.cmd::<()>(&["REPLICAOF", &src.host, &port]).await?;
         Ok(super::Applied::Live)
@@ -618,7 +673,8 @@ impl Datastore for Redis {
 
     async fn detach_replica(&self) -> Result<(), DatastoreError> {
         self.cmd::<()>(&["REPLICAOF", "NO", "ONE"]).await?;
-        self.cmd::<()>(&["CONFIG", "SET", "min-replicas-to-write", "0"]).await?;
+        self.cmd::<()>(&["CONFIG", "SET", "min-replicas-to-write", "0"])
+            .await?;
         self.write_role(None, false)
     }
 
@@ -636,7 +692,9 @@ impl Datastore for Redis {
             } else {
                 "master_repl_offset"
             };
-            let at: u64 = info_field(&info, key).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let at: u64 = info_field(&info, key)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             if at >= target {
                 return Ok(true);
             }
@@ -655,10 +713,16 @@ impl Datastore for Redis {
     async fn kill_tenant_connections(&self) -> Result<u32, DatastoreError> {
         let mut n = 0;
         for u in self.list_users().await? {
-            n += self.cmd::<u32>(&["CLIENT", "KILL", "USER", &u.name]).await.unwrap_or(0);
+            n += self
+                .cmd::<u32>(&["CLIENT", "KILL", "USER", &u.name])
+                .await
+                .unwrap_or(0);
         }
         if self.user_exists(ROOT_USER).await? {
-            n += self.cmd::<u32>(&["CLIENT", "KILL", "USER", ROOT_USER]).await.unwrap_or(0);
+            n += self
+                .cmd::<u32>(&["CLIENT", "KILL", "USER", ROOT_USER])
+                .await
+                .unwrap_or(0);
         }
         Ok(n)
     }
@@ -675,10 +739,12 @@ impl Datastore for Redis {
             .lines()
             .any(|l| l.starts_with("replicaof "));
         if read_only {
-            self.cmd::<()>(&["CLIENT", "PAUSE", "60000", "WRITE"]).await?;
+            self.cmd::<()>(&["CLIENT", "PAUSE", "60000", "WRITE"])
+                .await?;
             let fenced = async {
                 let n = FENCE_REPLICAS.to_string();
-                self.cmd::<()>(&["CONFIG", "SET", "min-replicas-to-write", &n]).await?;
+                self.cmd::<()>(&["CONFIG", "SET", "min-replicas-to-write", &n])
+                    .await?;
                 if !replicaof {
                     self.write_role(None, true)?;
                 }
@@ -688,7 +754,8 @@ impl Datastore for Redis {
             self.cmd::<()>(&["CLIENT", "UNPAUSE"]).await?;
             fenced?;
         } else {
-            self.cmd::<()>(&["CONFIG", "SET", "min-replicas-to-write", "0"]).await?;
+            self.cmd::<()>(&["CONFIG", "SET", "min-replicas-to-write", "0"])
+                .await?;
             if !replicaof {
                 self.write_role(None, false)?;
             }
