@@ -31,6 +31,7 @@ pub fn definitions(ctx: &Ctx) -> Vec<LogDef> {
             file: f.clone(),
             enable: vec![],
             disable: vec![],
+            records: None,
         });
     }
     defs
@@ -168,13 +169,11 @@ pub async fn action(
             ctx.ds
                 .write_log_settings(&settings(ctx))
                 .map_err(|e| invalid(e.to_string()))?;
-            // MariaDB switches these logs live: no restart needed.
-            for (k, v) in if on { &def.enable } else { &def.disable } {
-                ctx.ds
-                    .set_global(k, Some(v))
-                    .await
-                    .map_err(|e| (v1::CallError::Internal, e.to_string()))?;
-            }
+            // Switched live: no restart needed.
+            ctx.ds
+                .switch_log_live(if on { &def.enable } else { &def.disable })
+                .await
+                .map_err(|e| (v1::CallError::Internal, e.to_string()))?;
             info!(
                 log = name,
                 enabled = on,

@@ -39,6 +39,28 @@ pub struct LogDef {
     /// Server variables that switch it on (live and in the option file); empty for SYS logs.
     pub enable: Vec<(String, String)>,
     pub disable: Vec<(String, String)>,
+    /// A log that is part of a file the server shares with other output: only the records
+    /// whose first line contains this (with their indented continuation lines) are published.
+    pub records: Option<String>,
+}
+
+/// The records of `text` (whole lines) whose first line contains `needle`, each with the
+/// continuation lines that follow it (starting with a tab or a space).
+pub fn select_records(text: &[u8], needle: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut keep = false;
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        let continuation = matches!(line.first(), Some(b'\t') | Some(b' '));
+        if !continuation {
+            keep = line
+                .windows(needle.len().max(1))
+                .any(|w| w == needle.as_bytes());
+        }
+        if keep {
+            out.extend_from_slice(line);
+        }
+    }
+    out
 }
 
 /// What has been published of one log (persisted by the agent after every piece).
@@ -118,7 +140,7 @@ pub fn publish(
     if st.inode != 0 && st.inode != ino {
         if let Some(old) = find_by_inode(&def.file, st.inode) {
             let old_size = stat(&old).map(|(_, s)| s).unwrap_or(0);
-            sent += publish_range(&old, st, old_size, storage, prefix, save)?;
+            sent += publish_range(def, &old, st, old_size, storage, prefix, save)?;
         }
         st.inode = ino;
         st.offset = 0;
@@ -129,11 +151,12 @@ pub fn publish(
         st.inode = ino;
         st.offset = 0;
     }
-    sent += publish_range(&def.file, st, size, storage, prefix, save)?;
+    sent += publish_range(def, &def.file, st, size, storage, prefix, save)?;
     Ok(sent)
 }
 
 fn publish_range(
+    def: &LogDef,
     path: &Path,
     st: &mut LogState,
     end: u64,
@@ -156,15 +179,25 @@ fn publish_range(
             None if want == PIECE => buf.len(),
             None => break,
         };
-        let key = format!("{prefix}log-{:08}", st.seq);
-        let mut w = storage.create(&key).map_err(|e| e.to_string())?;
-        w.write_all(&buf[..cut])
-            .map_err(|e| format!("writing {key}: {e}"))?;
-        w.commit().map_err(|e| e.to_string())?;
+        let selected;
+        let piece = match &def.records {
+            Some(needle) => {
+                selected = select_records(&buf[..cut], needle);
+                &selected[..]
+            }
+            None => &buf[..cut],
+        };
         st.offset += cut as u64;
-        st.published += cut as u64;
-        st.seq += 1;
-        sent += cut as u64;
+        if !piece.is_empty() {
+            let key = format!("{prefix}log-{:08}", st.seq);
+            let mut w = storage.create(&key).map_err(|e| e.to_string())?;
+            w.write_all(piece)
+                .map_err(|e| format!("writing {key}: {e}"))?;
+            w.commit().map_err(|e| e.to_string())?;
+            st.published += piece.len() as u64;
+            st.seq += 1;
+            sent += piece.len() as u64;
+        }
         save(st);
     }
     Ok(sent)
@@ -206,6 +239,19 @@ mod tests {
     use crate::storage::StorageKind;
 
     #[test]
+    fn records_keep_their_continuation_lines() {
+        let log = b"t [1] LOG:  duration: 1002 ms  statement: SELECT\n\t1\n\
+                    t [2] LOG:  checkpoint starting\n\
+                    t [3] LOG:  duration: 5 ms  statement: SELECT 2\n";
+        let got = String::from_utf8(select_records(log, "duration:")).unwrap();
+        assert_eq!(
+            got,
+            "t [1] LOG:  duration: 1002 ms  statement: SELECT\n\t1\n\
+             t [3] LOG:  duration: 5 ms  statement: SELECT 2\n"
+        );
+    }
+
+    #[test]
     fn publishes_only_new_bytes_and_survives_rotation() {
         let dir = tempfile::tempdir().unwrap();
         let storage = StorageKind::Local {
@@ -220,6 +266,7 @@ mod tests {
             file: file.clone(),
             enable: vec![],
             disable: vec![],
+            records: None,
         };
         let mut st = LogState {
             enabled: true,

@@ -1,7 +1,8 @@
 //! PostgreSQL through the same API and agent traits as MariaDB: create with a database and a
 //! user → ACTIVE → the user logs in with its password (a SCRAM verifier made by the agent) and
 //! writes; databases and users list; datastore-specific bad names are refused with 400 and change
-//! nothing; root enable gives a superuser; delete stops the server. Backups, configuration and
+//! nothing; root enable gives a superuser; the slow_query guest log holds only slow statements;
+//! delete stops the server. Backups, configuration and
 //! the other scenarios shared with MariaDB and Redis are in `datastores.rs`.
 
 use std::time::Duration;
@@ -172,6 +173,62 @@ async fn postgresql_instance_serves_its_users_and_databases() {
         "database system is ready to accept connections",
     )
     .await;
+
+    // The slow_query log: the tenant enables it; only statements over the threshold are in it.
+    let log_path = format!("/instances/{id}/log");
+    let log = |body: Value| env.call("POST", &log_path, Some(body));
+    let (st, v) = log(json!({"name": "slow_query", "enable": 1})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["log"]["type"], "USER", "{v}");
+    let mut c = connect(&view, "app", "s3cret-Pw'\"", "shop").await;
+    sqlx::query("SELECT pg_sleep(1.2), 'slow-one'")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 'fast-one'")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let (st, v) = log(json!({"name": "slow_query", "publish": 1})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let tail = || async {
+        let (st, t) = env
+            .call(
+                "GET",
+                &format!("/instances/{id}/log/slow_query/tail?lines=100"),
+                None,
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{t}");
+        t["lines"].as_array().cloned().unwrap_or_default()
+    };
+    let lines = tail().await;
+    let has = |lines: &[Value], s: &str| lines.iter().any(|l| l.as_str().unwrap_or("").contains(s));
+    assert!(
+        has(&lines, "slow-one") && has(&lines, "duration:"),
+        "{lines:?}"
+    );
+    assert!(
+        !has(&lines, "fast-one"),
+        "a fast statement in slow_query: {lines:?}"
+    );
+    assert!(
+        !has(&lines, "ready to accept connections"),
+        "server messages in slow_query: {lines:?}"
+    );
+    // Disabled: slow statements are no longer logged.
+    let (st, v) = log(json!({"name": "slow_query", "disable": 1})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    sqlx::query("SELECT pg_sleep(1.2), 'slow-two'")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+    let (st, _) = log(json!({"name": "slow_query", "enable": 1})).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, v) = log(json!({"name": "slow_query", "publish": 1})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(!has(&tail().await, "slow-two"), "logged while disabled");
 
     env.delete_and_wait_gone(&id).await;
     assert!(

@@ -552,6 +552,7 @@ impl Datastore for Mariadb {
                     (switch.into(), "ON".into()),
                 ],
                 disable: vec![(switch.into(), "OFF".into())],
+                records: None,
                 file,
             }
         };
@@ -564,6 +565,7 @@ impl Datastore for Mariadb {
                 file: self.layout.root.join("mariadbd.err"),
                 enable: vec![],
                 disable: vec![],
+                records: None,
             },
         ]
     }

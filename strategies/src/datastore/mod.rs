@@ -294,6 +294,7 @@ pub trait Datastore: Send + Sync {
             file: self.server_command().output_file,
             enable: vec![],
             disable: vec![],
+            records: None,
         }]
     }
     /// Writes the log settings the server reads at every start (the enabled logs' variables).
@@ -302,6 +303,15 @@ pub trait Datastore: Send + Sync {
             return Ok(());
         }
         Err(unsupported(self.title(), "guest logs"))
+    }
+    /// Switches a guest log live once [`Datastore::write_log_settings`] wrote the settings for
+    /// later starts: `vars` are its enable (or disable) variables. By default each is set as a
+    /// global variable.
+    async fn switch_log_live(&self, vars: &[(String, String)]) -> Result<(), DatastoreError> {
+        for (k, v) in vars {
+            self.set_global(k, Some(v)).await?;
+        }
+        Ok(())
     }
     /// The configuration overrides the server reads at its next start (name → value).
     fn overrides(&self) -> Result<std::collections::BTreeMap<String, String>, DatastoreError> {
@@ -482,5 +492,33 @@ impl DatastoreKind {
             DatastoreKind::Postgresql(_) => "postgresql",
             DatastoreKind::Redis(_) => "redis",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_are_ordered_by_their_datastore() {
+        // WAL LSNs: hexadecimal high/low words.
+        assert!(position_covers("postgresql", "1/0", "0/FFFFFFFF"));
+        assert!(!position_covers("postgresql", "0/3000000", "0/3000060"));
+        assert_eq!(
+            position_behind("postgresql", "0/3000000", "0/3000060"),
+            0x60
+        );
+        assert!(!position_covers("postgresql", "", "0/1"));
+        // Redis offsets: decimal.
+        assert!(position_covers("redis", "1000", "999"));
+        assert_eq!(position_behind("redis", "90", "100"), 10);
+        // MariaDB GTIDs, per domain.
+        assert!(position_covers("mariadb", "0-1-5,1-2-9", "0-1-4"));
+        assert!(!position_covers("mariadb", "0-1-5", "0-1-5,1-2-1"));
+        assert_eq!(replication_strategy("mariadb", "binlog"), "binlog");
+        assert_eq!(
+            replication_strategy("postgresql", "binlog"),
+            "postgresql-streaming"
+        );
     }
 }

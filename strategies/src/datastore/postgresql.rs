@@ -115,6 +115,9 @@ impl Postgresql {
     fn repl_passfile(&self) -> PathBuf {
         self.layout.root.join("replication.pgpass")
     }
+    fn logs_file(&self) -> PathBuf {
+        self.layout.root.join("logs.conf")
+    }
     fn standby_signal(&self) -> PathBuf {
         self.data_dir().join("standby.signal")
     }
@@ -425,6 +428,9 @@ impl Postgresql {
         if !self.standby_file().exists() {
             write_private(&self.standby_file(), PRIMARY_ROLE)?;
         }
+        if !self.logs_file().exists() {
+            self.write_log_settings(&[])?;
+        }
         let sock = self.socket_dir();
         std::fs::create_dir_all(&sock).map_err(|e| DatastoreError::io(&sock, e))?;
         {
@@ -444,6 +450,9 @@ impl Postgresql {
         Ok(())
     }
 }
+
+/// Statements slower than this (ms) are the `slow_query` log (Trove's default threshold).
+pub const SLOW_QUERY_MS: u32 = 1000;
 
 /// The standby settings of a primary: none.
 const PRIMARY_ROLE: &str = "# A primary: no replication role (written by coffer-agent).\n";
@@ -623,6 +632,8 @@ impl Datastore for Postgresql {
              dynamic_shared_memory_type = posix\n\
              # The replication role (written by coffer-agent).\n\
              include_if_exists = {standby}\n\
+             # Guest log switches (written by coffer-agent).\n\
+             include_if_exists = {logs}\n\
              # Configuration group values (written by coffer-agent), last so they win.\n\
              include_if_exists = {overrides}\n",
             vcpus = s.vcpus,
@@ -635,6 +646,7 @@ impl Datastore for Postgresql {
             sock = literal(&self.socket_dir().display().to_string()),
             overrides = literal(&self.overrides_file().display().to_string()),
             standby = literal(&self.standby_file().display().to_string()),
+            logs = literal(&self.logs_file().display().to_string()),
         )
     }
 
@@ -1028,6 +1040,56 @@ impl Datastore for Postgresql {
             return Ok(());
         }
         self.reset_admin().await
+    }
+
+    /// The server log (SYS), and `slow_query` (USER): the statements that ran longer than
+    /// [`SLOW_QUERY_MS`], which PostgreSQL writes into the same output
+    /// (`log_min_duration_statement`): published are only those records.
+    fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
+        use crate::logs::{LogDef, LogKind};
+        let file = self.server_command().output_file;
+        vec![
+            LogDef {
+                name: self.name().into(),
+                kind: LogKind::Sys,
+                file: file.clone(),
+                enable: vec![],
+                disable: vec![],
+                records: None,
+            },
+            LogDef {
+                name: "slow_query".into(),
+                kind: LogKind::User,
+                file,
+                enable: vec![(
+                    "log_min_duration_statement".into(),
+                    SLOW_QUERY_MS.to_string(),
+                )],
+                disable: vec![("log_min_duration_statement".into(), "-1".into())],
+                records: Some("duration:".into()),
+            },
+        ]
+    }
+
+    fn write_log_settings(&self, vars: &[(String, String)]) -> Result<(), DatastoreError> {
+        let mut text =
+            String::from("# Guest log switches, written by coffer-agent (do not edit).\n");
+        for (k, v) in vars {
+            if !crate::config_rules::safe_name(k) || !crate::config_rules::safe_value(v) {
+                return Err(DatastoreError::Invalid(format!("bad log setting '{k}'")));
+            }
+            text.push_str(&format!("{k} = '{v}'\n"));
+        }
+        write_private(&self.logs_file(), &text)?;
+        self.own(&self.logs_file())
+    }
+
+    /// The settings file is already written: a reload switches the log.
+    async fn switch_log_live(&self, vars: &[(String, String)]) -> Result<(), DatastoreError> {
+        match vars.first() {
+            Some((name, _)) => self.reload_checked(name).await,
+            None => Ok(()),
+        }
     }
 
     async fn create_replication_user(
