@@ -1,8 +1,14 @@
-//! `cargo xtask bench backup [--size-mb N]`: on a generated dataset (default 1 GiB), side by side:
-//! the floor (`mariabackup --stream | zstd -1 > file`), Trove's historical pipeline
-//! (`| gzip | openssl enc -aes-256-cbc`), and Coffer's backup through the agent to local storage;
-//! then restore: the floor (decompress + extract + prepare + start) against Coffer's restore into a
-//! new instance. Prints MB/s, ratios and the agent's peak RSS. Figures, not assertions.
+//! `cargo xtask bench backup [--size-mb N] [--datastore mariadb|postgresql|redis|all]`: on a
+//! generated dataset (default 1 GiB; Redis at most half the flavor's memory), side by side:
+//! - MariaDB: the floor (`mariabackup --stream | zstd -1 > file`), Trove's historical pipeline
+//!   (`| gzip | openssl enc -aes-256-cbc`), Coffer's backup through the agent to local storage;
+//!   then restore: the floor (decompress + extract + prepare + start) against Coffer's restore
+//!   into a new instance.
+//! - PostgreSQL: the floor (`pg_basebackup -Ft -X fetch | zstd -1 > file`), pgBackRest (Debian's
+//!   package, a local repository, zstd 1 and AES-256 like Coffer) as a peer, Coffer's backup and
+//!   its restore to ACTIVE.
+//! - Redis: the floor (`BGSAVE`, wait, copy `dump.rdb`), Coffer's backup and its restore.
+//! Prints MB/s, ratios and the agent's peak RSS. Figures, not assertions.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -51,16 +57,401 @@ fn peak_rss_kb(pid: i32) -> u64 {
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut size_mb = 1024u64;
+    let mut which = "all".to_string();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--size-mb" => size_mb = it.next().context("--size-mb N")?.parse()?,
-            other => bail!("unknown bench backup option '{other}' (known: --size-mb N)"),
+            "--datastore" => which = it.next().context("--datastore NAME")?.clone(),
+            other => bail!(
+                "unknown bench backup option '{other}' (known: --size-mb N, --datastore mariadb|postgresql|redis|all)"
+            ),
         }
     }
+    if !["all", "mariadb", "postgresql", "redis"].contains(&which.as_str()) {
+        bail!("--datastore takes mariadb, postgresql, redis or all");
+    }
     with_release("coffer-bench-backup", |tools, bins, tmp| {
-        bench(tools, bins, tmp, size_mb)
+        let run = |name: &str| which == "all" || which == name;
+        if run("mariadb") {
+            let dir = tmp.join("mariadb");
+            std::fs::create_dir_all(&dir)?;
+            bench(tools, bins, &dir, size_mb)?;
+        }
+        if run("postgresql") {
+            let dir = tmp.join("postgresql");
+            std::fs::create_dir_all(&dir)?;
+            bench_postgresql(tools, bins, &dir, size_mb)?;
+        }
+        if run("redis") {
+            let dir = tmp.join("redis");
+            std::fs::create_dir_all(&dir)?;
+            bench_redis(tools, bins, &dir, size_mb)?;
+        }
+        Ok(())
     })
+}
+
+/// A keyring file and the `[backup]` section for a benchmark's controller.
+fn backup_config(tmp: &Path) -> anyhow::Result<(String, String)> {
+    let keyring = tmp.join("keyring.toml");
+    let key: String = (0..32)
+        .map(|i| format!("{:02x}", (i * 37 + 11) as u8))
+        .collect();
+    std::fs::write(
+        &keyring,
+        format!("current = \"k1\"\n[keys]\nk1 = \"{key}\"\n"),
+    )?;
+    let extra = format!(
+        "[backup]\nkeyring_file = {:?}\n[backup.storage]\nkind = \"local\"\nroot = {:?}\n",
+        keyring.display().to_string(),
+        tmp.join("backups").display().to_string()
+    );
+    Ok((key, extra))
+}
+
+/// Coffer's backup of `id` through the agent: (seconds, stored MB, backup id).
+fn coffer_backup(coffer: &Bench, id: &str) -> anyhow::Result<(f64, f64, String)> {
+    let t0 = Instant::now();
+    let (st, v) = http(
+        coffer.api_port,
+        "POST",
+        "/v1.0/bench/backups",
+        coffer.token,
+        Some(&json!({"backup": {"name": "b", "instance": id}})),
+    )?;
+    if st != 202 {
+        bail!("backup create failed: {st} {v}");
+    }
+    let bid = v["backup"]["id"].as_str().unwrap_or_default().to_string();
+    loop {
+        let (_, v) = http(
+            coffer.api_port,
+            "GET",
+            &format!("/v1.0/bench/backups/{bid}"),
+            coffer.token,
+            None,
+        )?;
+        match v["backup"]["status"].as_str() {
+            Some("COMPLETED") => {
+                let gb = v["backup"]["size"].as_f64().unwrap_or(0.0);
+                return Ok((t0.elapsed().as_secs_f64(), gb * 1024.0, bid));
+            }
+            Some("FAILED") => bail!("backup failed: {v}"),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn agent_pid(tmp: &Path, id: &str) -> anyhow::Result<i32> {
+    Ok(
+        std::fs::read_to_string(tmp.join("instances").join(id).join("state/agent.pid"))?
+            .trim()
+            .parse()?,
+    )
+}
+
+fn bench_postgresql(
+    tools: &env::Tools,
+    bins: &Path,
+    tmp: &Path,
+    size_mb: u64,
+) -> anyhow::Result<()> {
+    let (_, extra) = backup_config(tmp)?;
+    let coffer = Bench::start(tools, bins, tmp, &extra)?;
+    let (id, _) = coffer.create(json!({"instance": {"name": "pg", "flavorRef": "3",
+        "volume": {"size": 20}, "datastore": {"type": "postgresql"}}}))?;
+    let root = tmp.join("instances").join(&id).join("state/postgresql");
+    let data = root.join("data");
+    let password = std::fs::read_to_string(root.join("admin.password"))?
+        .trim()
+        .to_string();
+    let conf = std::fs::read_to_string(root.join("postgresql.conf"))?;
+    let setting = |name: &str| -> String {
+        conf.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = ")))
+            .unwrap_or("")
+            .trim_matches('\'')
+            .to_string()
+    };
+    let port = setting("port");
+    let socket_dir = setting("unix_socket_directories");
+    let pg_bin = std::fs::read_dir("/usr/lib/postgresql")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .max()
+        .map(|v| format!("/usr/lib/postgresql/{v}/bin"))
+        .context("PostgreSQL is installed")?;
+    // The admin's password reaches the tools through the environment of these commands.
+    let psql = |sql: &str| -> anyhow::Result<()> {
+        let st = Command::new(format!("{pg_bin}/psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "coffer_admin",
+                "-d",
+                "postgres",
+            ])
+            .args(["-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .env("PGPASSWORD", &password)
+            .stdout(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("psql -c failed: {sql}");
+        }
+        Ok(())
+    };
+    env::step(&format!("generating about {size_mb} MB of data"));
+    psql("CREATE TABLE t (id bigserial PRIMARY KEY, a text, b text)")?;
+    while du(&data) < size_mb << 20 {
+        // Hex digests: about as compressible as real rows (2:1), unlike repeated strings.
+        psql(
+            "INSERT INTO t (a, b) SELECT md5(random()::text), md5(random()::text) || md5(random()::text) \
+             || md5(random()::text) || md5(random()::text) || md5(random()::text) || md5(random()::text) \
+             || md5(random()::text) || md5(random()::text) FROM generate_series(1, 300000)",
+        )?;
+    }
+    psql("CHECKPOINT")?;
+    let bytes = du(&data);
+    let mb = bytes as f64 / (1 << 20) as f64;
+    eprintln!("  data directory: {mb:.0} MB");
+
+    env::step("floor: pg_basebackup -Ft -X fetch | zstd -1 > file");
+    let floor_file = tmp.join("floor.tar.zst");
+    let t0 = Instant::now();
+    let st = Command::new("bash")
+        .args(["-o", "pipefail", "-c"])
+        .arg(format!(
+            "{pg_bin}/pg_basebackup -h 127.0.0.1 -p {port} -U coffer_admin -D - -Ft -X fetch --checkpoint=fast | zstd -1 -q > {}",
+            floor_file.display()
+        ))
+        .env("PGPASSWORD", &password)
+        .status()?;
+    if !st.success() {
+        bail!("the pg_basebackup floor failed");
+    }
+    let floor = t0.elapsed().as_secs_f64();
+    let floor_size = std::fs::metadata(&floor_file)?.len() as f64 / (1 << 20) as f64;
+
+    let pgbr = pgbackrest(tmp, &data, &port, &socket_dir, &password);
+    if let Err(e) = &pgbr {
+        eprintln!("  pgBackRest peer skipped: {e:#}");
+    }
+
+    env::step("Coffer: POST /backups until COMPLETED");
+    let agent = agent_pid(tmp, &id)?;
+    let (cb, stored, bid) = coffer_backup(&coffer, &id)?;
+    let agent_peak = peak_rss_kb(agent);
+    env::step("Coffer restore: POST /instances with restorePoint until ACTIVE");
+    let (_, cr) = coffer.create(json!({"instance": {"name": "restored", "flavorRef": "3",
+        "volume": {"size": 20}, "datastore": {"type": "postgresql"}, "restorePoint": {"backupRef": bid}}}))?;
+
+    println!("\nbench backup (data directory {mb:.0} MB, PostgreSQL, release build, one run each)");
+    println!("  floor  pg_basebackup -Ft | zstd -1     : {floor:.2} s  {:.0} MB/s  ({floor_size:.0} MB stored)", mb / floor);
+    if let Ok((t, size)) = pgbr {
+        println!(
+            "  peer   pgBackRest (zst 1, aes-256-cbc): {t:.2} s  {:.0} MB/s  ({size:.0} MB stored)",
+            mb / t
+        );
+        println!("  ratio coffer / pgBackRest throughput  : {:.2}", t / cb);
+    }
+    println!("  coffer backup through the agent       : {cb:.2} s  {:.0} MB/s  ({stored:.0} MB stored, encrypted)", mb / cb);
+    println!(
+        "  ratio coffer / floor throughput       : {:.2}  (target >= 0.9)",
+        floor / cb
+    );
+    println!(
+        "  coffer restore to ACTIVE              : {cr:.2} s  {:.0} MB/s",
+        mb / cr
+    );
+    println!(
+        "  agent peak RSS (whole life)           : {:.1} MB",
+        agent_peak as f64 / 1024.0
+    );
+    coffer.stop();
+    Ok(())
+}
+
+/// pgBackRest (installed from Debian's packages when missing) backing the instance up into a
+/// local repository, as the server's user: (seconds, stored MB).
+fn pgbackrest(
+    tmp: &Path,
+    data: &Path,
+    port: &str,
+    socket_dir: &str,
+    password: &str,
+) -> anyhow::Result<(f64, f64)> {
+    if !env::have("pgbackrest") {
+        env::apt_install(&["pgbackrest"])?;
+    }
+    let dir = tmp.join("pgbackrest");
+    for d in ["repo", "log", "lock", "spool"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    let conf = dir.join("pgbackrest.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[global]\nrepo1-path={repo}\nrepo1-retention-full=1\nrepo1-cipher-type=aes-256-cbc\n\
+             repo1-cipher-pass=bench-cipher-pass\ncompress-type=zst\ncompress-level=1\nstart-fast=y\n\
+             archive-check=n\nlog-level-console=warn\nlog-path={log}\nlock-path={lock}\nspool-path={spool}\n\
+             [bench]\npg1-path={data}\npg1-port={port}\npg1-socket-path={socket_dir}\npg1-user=coffer_admin\n",
+            repo = dir.join("repo").display(),
+            log = dir.join("log").display(),
+            lock = dir.join("lock").display(),
+            spool = dir.join("spool").display(),
+            data = data.display(),
+        ),
+    )?;
+    Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&dir)
+        .status()?;
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let st = Command::new("runuser")
+            .args(["-u", "postgres", "--", "pgbackrest"])
+            .arg(format!("--config={}", conf.display()))
+            .arg("--stanza=bench")
+            .args(args)
+            .env("PGPASSWORD", password)
+            .status()?;
+        if !st.success() {
+            bail!("pgbackrest {} failed", args.join(" "));
+        }
+        Ok(())
+    };
+    env::step("peer: pgBackRest stanza-create, backup --type=full");
+    run(&["stanza-create"])?;
+    let t0 = Instant::now();
+    run(&["backup", "--type=full"])?;
+    let t = t0.elapsed().as_secs_f64();
+    Ok((t, du(&dir.join("repo")) as f64 / (1 << 20) as f64))
+}
+
+fn bench_redis(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::Result<()> {
+    let (_, extra) = backup_config(tmp)?;
+    let coffer = Bench::start(tools, bins, tmp, &extra)?;
+    let (id, _) = coffer.create(json!({"instance": {"name": "redis", "flavorRef": "3",
+        "volume": {"size": 20}, "datastore": {"type": "redis"}}}))?;
+    let root = tmp.join("instances").join(&id).join("state/redis");
+    let password = std::fs::read_to_string(root.join("admin.password"))?
+        .trim()
+        .to_string();
+    let conf = std::fs::read_to_string(root.join("redis.conf"))?;
+    let port = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("port "))
+        .context("the rendered port")?
+        .trim()
+        .to_string();
+    let maxmemory_mb: u64 = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("maxmemory "))
+        .and_then(|v| v.trim().trim_end_matches("mb").parse().ok())
+        .unwrap_or(512);
+    let cli = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new("redis-cli")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "--user",
+                "coffer_admin",
+                "--no-auth-warning",
+            ])
+            .args(args)
+            .env("REDISCLI_AUTH", &password)
+            .output()?;
+        if !out.status.success() {
+            bail!("redis-cli {} failed", args.join(" "));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // Keys and their overhead must fit the flavor's maxmemory (noeviction).
+    let target_mb = size_mb.min(maxmemory_mb * 6 / 10);
+    env::step(&format!("generating about {target_mb} MB of keys"));
+    let per_batch = 100_000u64;
+    let value_len = 320u64;
+    let batches = (target_mb << 20) / (per_batch * value_len);
+    for b in 0..batches.max(1) {
+        // Hex digests: about as compressible as real values.
+        cli(&[
+            "EVAL",
+            "for i = 1, tonumber(ARGV[2]) do local k = ARGV[1] .. ':' .. i; \
+             local h = redis.sha1hex(k); \
+             redis.call('SET', k, string.rep(h, 4) .. redis.sha1hex(h) .. redis.sha1hex(h .. 'x') .. \
+             redis.sha1hex(h .. 'y') .. redis.sha1hex(h .. 'z')) end return 1",
+            "0",
+            &format!("b{b}"),
+            &per_batch.to_string(),
+        ])?;
+    }
+    let info = cli(&["INFO", "memory"])?;
+    let used: f64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+        / (1 << 20) as f64;
+    eprintln!("  dataset: {used:.0} MB in memory");
+
+    env::step("floor: BGSAVE, wait, cp dump.rdb");
+    let saves = |s: &str| -> u64 {
+        s.lines()
+            .find_map(|l| l.strip_prefix("rdb_saves:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = saves(&cli(&["INFO", "persistence"])?);
+    let t0 = Instant::now();
+    cli(&["BGSAVE"])?;
+    loop {
+        let p = cli(&["INFO", "persistence"])?;
+        if saves(&p) > before && p.contains("rdb_bgsave_in_progress:0") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sh(&format!(
+        "cp {} {}",
+        root.join("data/dump.rdb").display(),
+        tmp.join("floor.rdb").display()
+    ))?;
+    let floor = t0.elapsed().as_secs_f64();
+    let rdb_mb = std::fs::metadata(tmp.join("floor.rdb"))?.len() as f64 / (1 << 20) as f64;
+
+    env::step("Coffer: POST /backups until COMPLETED");
+    let agent = agent_pid(tmp, &id)?;
+    let (cb, stored, bid) = coffer_backup(&coffer, &id)?;
+    let agent_peak = peak_rss_kb(agent);
+    env::step("Coffer restore: POST /instances with restorePoint until ACTIVE");
+    let (_, cr) = coffer.create(json!({"instance": {"name": "restored", "flavorRef": "3",
+        "volume": {"size": 20}, "datastore": {"type": "redis"}, "restorePoint": {"backupRef": bid}}}))?;
+
+    println!("\nbench backup (dataset {used:.0} MB in memory, RDB {rdb_mb:.0} MB, Redis, release build, one run each)");
+    println!(
+        "  floor  BGSAVE + cp dump.rdb           : {floor:.2} s  {:.0} MB/s (of RDB)",
+        rdb_mb / floor
+    );
+    println!("  coffer backup through the agent       : {cb:.2} s  {:.0} MB/s  ({stored:.0} MB stored, encrypted)", rdb_mb / cb);
+    println!(
+        "  ratio coffer / floor throughput       : {:.2}  (target >= 0.9)",
+        floor / cb
+    );
+    println!(
+        "  coffer restore to ACTIVE              : {cr:.2} s  {:.0} MB/s (of RDB)",
+        rdb_mb / cr
+    );
+    println!(
+        "  agent peak RSS (whole life)           : {:.1} MB",
+        agent_peak as f64 / 1024.0
+    );
+    coffer.stop();
+    Ok(())
 }
 
 fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::Result<()> {
