@@ -126,38 +126,36 @@ pub async fn on_reply(ctx: &Arc<Ctx>, role_now: &str, fence: bool) {
 async fn do_fence(ctx: &Arc<Ctx>, why: &str) {
     warn!(reason = why, "fencing the database (read-only)");
     let _ = std::fs::write(fence_path(ctx), why);
+    use coffer_strategies::datastore::Applied;
     let ds = ctx.ds.clone();
-    let sup = ctx.sup.clone();
     let work = async move {
         // Read-only first (no new writes), then end the sessions already open (their open
         // transactions cannot commit).
         let applied = ds.set_read_only_persistent(true).await?;
-        if applied == coffer_strategies::datastore::Applied::Restart {
-            // Read-only only by starting so (PostgreSQL as a standby): a restart ends every
-            // session too.
-            sup.call(crate::supervisor::Cmd::Restart)
-                .await
-                .map_err(|e| coffer_strategies::DatastoreError::Tool {
-                    tool: "restart".into(),
-                    detail: e,
-                })?;
-            return Ok(());
+        if applied == Applied::Live {
+            ds.kill_tenant_connections().await?;
         }
-        ds.kill_tenant_connections().await?;
-        Ok::<(), coffer_strategies::DatastoreError>(())
+        Ok::<Applied, coffer_strategies::DatastoreError>(applied)
     };
-    // A restart takes longer than a live change; a fence that cannot finish stops the server.
-    match tokio::time::timeout(Duration::from_secs(10), work).await {
-        Ok(Ok(())) => info!("fenced: the database is read-only"),
-        r => {
-            let why = match r {
-                Ok(Err(e)) => e.to_string(),
-                _ => "timed out".into(),
-            };
-            warn!(error = %why, "could not fence in time; shutting the database down");
-            let _ = ctx.sup.call(crate::supervisor::Cmd::Stop).await;
+    let why = match tokio::time::timeout(Duration::from_secs(2), work).await {
+        Ok(Ok(Applied::Live)) => {
+            info!("fenced: the database is read-only");
+            return;
         }
-    }
+        // Read-only only by starting so (PostgreSQL as a standby): the restart stops the
+        // server first, which ends every session and every write.
+        Ok(Ok(Applied::Restart)) => match ctx.sup.call(crate::supervisor::Cmd::Restart).await {
+            Ok(()) => {
+                info!("fenced: the database restarted read-only");
+                return;
+            }
+            Err(e) => e,
+        },
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".into(),
+    };
+    warn!(error = %why, "could not fence in time; shutting the database down");
+    let _ = ctx.sup.call(crate::supervisor::Cmd::Stop).await;
 }
 
 /// Watches the lease: a source (in the controller's last word) whose lease has run out fences

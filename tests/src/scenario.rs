@@ -589,6 +589,34 @@ async fn instance(env: &Env, id: &str) -> Value {
     env.show(id).await.1["instance"].clone()
 }
 
+/// `POST /instances/{id}/action` with `{name: {}}`, expecting 202.
+async fn action(env: &Env, id: &str, name: &str) {
+    let (st, v) = env
+        .call(
+            "POST",
+            &format!("/instances/{id}/action"),
+            Some(json!({ name: {} })),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{name}: {v}");
+}
+
+/// Waits until `id` is a source (no `replica_of`) and ACTIVE.
+async fn wait_source(env: &Env, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let n = instance(env, id).await;
+        if n.get("replica_of").is_none() && n["status"] == "ACTIVE" {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} did not become the source: {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Writes as the tenant, round-robin over `views` whenever one refuses, until `stop`; returns
 /// the values the servers acknowledged.
 fn spawn_writer(
@@ -667,27 +695,8 @@ pub async fn replication(env: &Env, store: Store) {
     let writer = spawn_writer(store, views.clone(), stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let new = ids[0].clone();
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/instances/{new}/action"),
-            Some(json!({"promote_to_replica_source": {}})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
-    // The promotion is running: wait for it to start, then for every member to settle.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let n = instance(env, &new).await;
-        if n.get("replica_of").is_none() && n["status"] == "ACTIVE" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the switchover did not finish: {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    action(env, &new, "promote_to_replica_source").await;
+    wait_source(env, &new).await;
     for id in [&src, &ids[1]] {
         env.wait_status(id, "ACTIVE", Duration::from_secs(120))
             .await;
@@ -725,14 +734,7 @@ pub async fn replication(env: &Env, store: Store) {
     kill(Pid::from_raw(db), Signal::SIGKILL).unwrap();
     env.wait_status(&new, "ERROR", Duration::from_secs(30))
         .await;
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/instances/{new}/action"),
-            Some(json!({"eject_replica_source": {}})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    action(env, &new, "eject_replica_source").await;
     let survivors = [
         (src.clone(), sview.clone()),
         (ids[1].clone(), views[2].clone()),
@@ -911,26 +913,8 @@ pub async fn fencing(env: &Env, store: Store) {
 
     env.wait_status(&src, "ERROR", Duration::from_secs(30))
         .await;
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/instances/{src}/action"),
-            Some(json!({"eject_replica_source": {}})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let r = instance(env, &rid).await;
-        if r.get("replica_of").is_none() && r["status"] == "ACTIVE" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the replica was not promoted: {r}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    action(env, &src, "eject_replica_source").await;
+    wait_source(env, &rid).await;
     store.write(env, &rview, 10).await;
 
     // Healed: the old source reports back fenced and stays so.

@@ -455,19 +455,7 @@ fn bench_redis(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> any
 }
 
 fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::Result<()> {
-    let keyring = tmp.join("keyring.toml");
-    let key: String = (0..32)
-        .map(|i| format!("{:02x}", (i * 37 + 11) as u8))
-        .collect();
-    std::fs::write(
-        &keyring,
-        format!("current = \"k1\"\n[keys]\nk1 = \"{key}\"\n"),
-    )?;
-    let extra = format!(
-        "[backup]\nkeyring_file = {:?}\n[backup.storage]\nkind = \"local\"\nroot = {:?}\n",
-        keyring.display().to_string(),
-        tmp.join("backups").display().to_string()
-    );
+    let (key, extra) = backup_config(tmp)?;
     let coffer = Bench::start(tools, bins, tmp, &extra)?;
     let (id, _) = coffer
         .create(json!({"instance": {"name": "big", "flavorRef": "3", "volume": {"size": 20}}}))?;
@@ -533,37 +521,8 @@ fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::R
     let _ = std::fs::remove_file(tmp.join("trove.xb.gz.enc"));
 
     env::step("Coffer: POST /backups until COMPLETED");
-    let agent: i32 =
-        std::fs::read_to_string(tmp.join("instances").join(&id).join("state/agent.pid"))?
-            .trim()
-            .parse()?;
-    let t0 = Instant::now();
-    let (st, v) = http(
-        coffer.api_port,
-        "POST",
-        "/v1.0/bench/backups",
-        coffer.token,
-        Some(&json!({"backup": {"name": "b", "instance": id}})),
-    )?;
-    if st != 202 {
-        bail!("backup create failed: {st} {v}");
-    }
-    let bid = v["backup"]["id"].as_str().unwrap_or_default().to_string();
-    let stored = loop {
-        let (_, v) = http(
-            coffer.api_port,
-            "GET",
-            &format!("/v1.0/bench/backups/{bid}"),
-            coffer.token,
-            None,
-        )?;
-        match v["backup"]["status"].as_str() {
-            Some("COMPLETED") => break v["backup"]["size"].as_f64().unwrap_or(0.0),
-            Some("FAILED") => bail!("backup failed: {v}"),
-            _ => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
-    let coffer_backup = t0.elapsed().as_secs_f64();
+    let agent = agent_pid(tmp, &id)?;
+    let (coffer_backup, stored, bid) = self::coffer_backup(&coffer, &id)?;
     let agent_peak = peak_rss_kb(agent);
 
     env::step("floor restore: zstd -d | mbstream -x, mariabackup --prepare, start until SELECT 1");
@@ -611,7 +570,7 @@ fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::R
         "  trove  mariabackup | gzip | openssl   : {trove:.2} s  {:.0} MB/s",
         mb / trove
     );
-    println!("  coffer backup through the agent       : {coffer_backup:.2} s  {:.0} MB/s  ({:.0} MB stored, encrypted)", mb / coffer_backup, stored * 1024.0);
+    println!("  coffer backup through the agent       : {coffer_backup:.2} s  {:.0} MB/s  ({stored:.0} MB stored, encrypted)", mb / coffer_backup);
     println!(
         "  ratio coffer / floor throughput       : {:.2}  (target >= 0.9)",
         floor / coffer_backup

@@ -1129,16 +1129,7 @@ impl Datastore for Mariadb {
         src: &ReplicationSource,
     ) -> Result<super::Applied, DatastoreError> {
         check_word("replication user", &src.user)?;
-        if !src
-            .host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
-        {
-            return Err(DatastoreError::Invalid(format!(
-                "bad source host '{}'",
-                src.host
-            )));
-        }
+        super::check_host(&src.host)?;
         self.set_read_only_persistent(true).await?;
         self.exec("STOP SLAVE").await?;
         if let Some(state) = &src.binlog_state {

@@ -59,6 +59,51 @@ pub fn check_no_host(datastore: &str, host: &str) -> Result<(), DatastoreError> 
     )))
 }
 
+/// A replication source's host as a config file or statement may hold it: letters, digits,
+/// `.`, `-` and `:` only.
+pub fn check_host(host: &str) -> Result<(), DatastoreError> {
+    if !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
+    {
+        return Ok(());
+    }
+    Err(DatastoreError::Invalid(format!("bad source host '{host}'")))
+}
+
+/// Reads a file of `name value` settings with the datastore's `parse` (missing = none).
+pub fn read_settings(
+    path: &Path,
+    parse: fn(&str) -> Vec<(String, String)>,
+) -> Result<std::collections::BTreeMap<String, String>, DatastoreError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(parse(&t).into_iter().collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(DatastoreError::io(path, e)),
+    }
+}
+
+/// Renders settings under a `header` comment, one `line(name, value)` each, after checking
+/// that names and values hold only what [`crate::config_rules`] allows.
+pub fn render_settings<'a>(
+    header: &str,
+    values: impl IntoIterator<Item = (&'a String, &'a String)>,
+    line: fn(&str, &str) -> String,
+) -> Result<String, DatastoreError> {
+    let mut text = format!("# {header} (written by coffer-agent, do not edit).\n");
+    for (k, v) in values {
+        if !crate::config_rules::safe_name(k) || !crate::config_rules::safe_value(v) {
+            return Err(DatastoreError::Invalid(format!(
+                "setting '{k}' has characters that are not allowed"
+            )));
+        }
+        text.push_str(&line(k, v));
+        text.push('\n');
+    }
+    Ok(text)
+}
+
 /// A short per-instance path under the temp dir (Unix socket paths are limited to 107 bytes).
 pub fn short_runtime_path(root: &Path, prefix: &str) -> PathBuf {
     let digest = root

@@ -264,17 +264,7 @@ impl Postgresql {
             String::from("# The replication role, written by coffer-agent (do not edit).\n");
         if let Some(src) = src {
             check_identifier("Replication user", &src.user)?;
-            if src.host.is_empty()
-                || !src
-                    .host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
-            {
-                return Err(DatastoreError::Invalid(format!(
-                    "bad source host '{}'",
-                    src.host
-                )));
-            }
+            super::check_host(&src.host)?;
             let pass = self.repl_passfile();
             let field = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
             write_private(
@@ -461,6 +451,11 @@ const PRIMARY_ROLE: &str = "# A primary: no replication role (written by coffer-
 pub fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.trim().split_once('/')?;
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// One `postgresql.conf` line (values single-quoted: right for every type).
+fn conf_line(k: &str, v: &str) -> String {
+    format!("{k} = '{v}'")
 }
 
 /// `name = value` lines of a configuration file (quotes taken off, comments skipped).
@@ -1072,14 +1067,11 @@ impl Datastore for Postgresql {
     }
 
     fn write_log_settings(&self, vars: &[(String, String)]) -> Result<(), DatastoreError> {
-        let mut text =
-            String::from("# Guest log switches, written by coffer-agent (do not edit).\n");
-        for (k, v) in vars {
-            if !crate::config_rules::safe_name(k) || !crate::config_rules::safe_value(v) {
-                return Err(DatastoreError::Invalid(format!("bad log setting '{k}'")));
-            }
-            text.push_str(&format!("{k} = '{v}'\n"));
-        }
+        let text = super::render_settings(
+            "Guest log switches",
+            vars.iter().map(|(k, v)| (k, v)),
+            conf_line,
+        )?;
         write_private(&self.logs_file(), &text)?;
         self.own(&self.logs_file())
     }
@@ -1291,27 +1283,14 @@ impl Datastore for Postgresql {
     }
 
     fn overrides(&self) -> Result<std::collections::BTreeMap<String, String>, DatastoreError> {
-        let p = self.overrides_file();
-        match std::fs::read_to_string(&p) {
-            Ok(t) => Ok(parse_conf(&t).into_iter().collect()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
-            Err(e) => Err(DatastoreError::io(&p, e)),
-        }
+        super::read_settings(&self.overrides_file(), parse_conf)
     }
 
     fn write_overrides(
         &self,
         values: &std::collections::BTreeMap<String, String>,
     ) -> Result<(), DatastoreError> {
-        let mut text = String::from("# Configuration group values (written by coffer-agent).\n");
-        for (k, v) in values {
-            if !crate::config_rules::safe_name(k) || !crate::config_rules::safe_value(v) {
-                return Err(DatastoreError::Invalid(format!(
-                    "configuration override '{k}' has characters that are not allowed"
-                )));
-            }
-            text.push_str(&format!("{k} = '{v}'\n"));
-        }
+        let text = super::render_settings("Configuration group values", values, conf_line)?;
         write_private(&self.overrides_file(), &text)?;
         self.own(&self.overrides_file())
     }

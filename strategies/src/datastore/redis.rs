@@ -646,17 +646,7 @@ impl Datastore for Redis {
         &self,
         src: &super::ReplicationSource,
     ) -> Result<super::Applied, DatastoreError> {
-        if src.host.is_empty()
-            || !src
-                .host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
-        {
-            return Err(DatastoreError::Invalid(format!(
-                "bad source host '{}'",
-                src.host
-            )));
-        }
+        super::check_host(&src.host)?;
         // The same replication user here: once promoted, this server serves the others.
         self.ensure_repl_user(&src.user, &src.password).await?;
         self.write_role(Some(src), false)?;
@@ -764,27 +754,16 @@ impl Datastore for Redis {
     }
 
     fn overrides(&self) -> Result<std::collections::BTreeMap<String, String>, DatastoreError> {
-        let p = self.overrides_file();
-        match std::fs::read_to_string(&p) {
-            Ok(t) => Ok(parse_conf(&t).into_iter().collect()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
-            Err(e) => Err(DatastoreError::io(&p, e)),
-        }
+        super::read_settings(&self.overrides_file(), parse_conf)
     }
 
     fn write_overrides(
         &self,
         values: &std::collections::BTreeMap<String, String>,
     ) -> Result<(), DatastoreError> {
-        let mut text = String::from("# Configuration group values (written by coffer-agent).\n");
-        for (k, v) in values {
-            if !crate::config_rules::safe_name(k) || !crate::config_rules::safe_value(v) {
-                return Err(DatastoreError::Invalid(format!(
-                    "configuration override '{k}' has characters that are not allowed"
-                )));
-            }
-            text.push_str(&format!("{k} {v}\n"));
-        }
+        let text = super::render_settings("Configuration group values", values, |k, v| {
+            format!("{k} {v}")
+        })?;
         write_private(&self.overrides_file(), &text)
     }
 
