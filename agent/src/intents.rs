@@ -533,7 +533,9 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
             src.gtid = src
                 .gtid
                 .or((!pos.gtid.is_empty()).then(|| pos.gtid.clone()));
-        } else if src.binlog_file.is_none() && r.strategy == "binlog" {
+        } else if src.binlog_file.is_none()
+            && coffer_strategies::datastore::strategy_starts_at_binlog_position(&r.strategy)
+        {
             if pos.binlog_file.is_empty() {
                 return Err("the snapshot recorded no binlog position to replicate from".into());
             }

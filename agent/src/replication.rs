@@ -55,12 +55,7 @@ pub fn source_of(ctx: &Ctx, r: &v1::ReplicaOf) -> Result<ReplicationSource, Stri
     .map_err(|e| format!("the replication password: {e}"))?;
     let password =
         String::from_utf8(pw).map_err(|_| "the replication password is not UTF-8".to_string())?;
-    let use_gtid = match r.strategy.as_str() {
-        "" | "mariadb-gtid" => true,
-        // Positions in the datastores' own terms (binlog coordinates, WAL, offsets).
-        "binlog" | "postgresql-streaming" | "redis-replicaof" => false,
-        other => return Err(format!("unknown replication strategy '{other}'")),
-    };
+    let use_gtid = coffer_strategies::datastore::strategy_uses_gtid(&r.strategy)?;
     Ok(ReplicationSource {
         host: r.host.clone(),
         port: r.port as u16,

@@ -757,12 +757,8 @@ pub(super) async fn view(
             };
             let ds = manager(app, r).await?;
             // Transactions for MariaDB; WAL or stream bytes for PostgreSQL and Redis.
-            let lag_key = if ds == "mariadb" || ds.is_empty() {
-                "lag_transactions"
-            } else {
-                "lag_bytes"
-            };
-            v[lag_key] = match &source_pos {
+            let lag_key = format!("lag_{}", coffer_strategies::datastore::lag_unit(&ds));
+            v[lag_key.as_str()] = match &source_pos {
                 Some(p) => json!(position_behind(&ds, &m.gtid_slave_pos, p)),
                 None => Value::Null,
             };

@@ -504,6 +504,29 @@ pub fn replication_strategy(datastore: &str, configured: &str) -> String {
     }
 }
 
+/// Whether a replication strategy positions by GTID (`Ok(true)`), by the datastore's own
+/// coordinates (`Ok(false)`), or is unknown.
+pub fn strategy_uses_gtid(strategy: &str) -> Result<bool, String> {
+    match strategy {
+        "" | "mariadb-gtid" => Ok(true),
+        "binlog" | "postgresql-streaming" | "redis-replicaof" => Ok(false),
+        other => Err(format!("unknown replication strategy '{other}'")),
+    }
+}
+
+/// Whether a new replica of this strategy starts from the snapshot's binlog file and position.
+pub fn strategy_starts_at_binlog_position(strategy: &str) -> bool {
+    strategy == "binlog"
+}
+
+/// What a replica's lag behind its source is counted in, for the API (`lag_<unit>`).
+pub fn lag_unit(datastore: &str) -> &'static str {
+    match datastore {
+        "postgresql" | "redis" => "bytes",
+        _ => "transactions",
+    }
+}
+
 /// The strategy a switchover re-points replicas with.
 pub fn repoint_strategy(datastore: &str) -> String {
     replication_strategy(datastore, "mariadb-gtid")

@@ -403,7 +403,13 @@ impl Datastore for Redis {
 
     async fn probe(&self) -> Health {
         let fut = async {
-            let info: String = self.cmd(&["INFO", "clients"]).await?;
+            let info: String = self.cmd(&["INFO", "clients", "persistence"]).await?;
+            // Redis answers INFO while it loads its dataset, and refuses everything else.
+            if info.lines().any(|l| l.trim() == "loading:1") {
+                return Err(DatastoreError::Query(
+                    "loading the dataset into memory".into(),
+                ));
+            }
             let n = info
                 .lines()
                 .find_map(|l| l.strip_prefix("connected_clients:"))
