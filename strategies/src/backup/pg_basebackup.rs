@@ -118,7 +118,6 @@ impl BackupStrategy for PgBasebackup {
         archive.set_preserve_permissions(true);
         archive.set_overwrite(false);
         archive.unpack(data_dir)?;
-        drop(archive);
         // Read to the end (the tar's padding): the stream is only proven whole there.
         std::io::copy(&mut reader, &mut std::io::sink())?;
         if !data_dir.join("PG_VERSION").exists() || !data_dir.join("backup_label").exists() {

@@ -204,7 +204,6 @@ impl BackupStrategy for RedisRdb {
             f.sync_all()?;
             have_dump |= name == DUMP_FILE;
         }
-        drop(archive);
         // Read to the end: the stream is only proven whole there.
         std::io::copy(&mut reader, &mut std::io::sink())?;
         let mut head = [0u8; 5];
