@@ -303,7 +303,7 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
                 Ok::<_, DatastoreError>(applied)
             };
             match done.await {
-                Ok(applied) => match crate::replication::finish(ctx, applied).await {
+                Ok(applied) => match finish(ctx, applied).await {
                     Ok(()) => replication_reply(ctx).await,
                     Err(e) => fail(CallError::Internal, e),
                 },
@@ -332,7 +332,7 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
             let _ = std::fs::remove_file(ctx.state.root().join("fenced"));
             crate::replication::set_role(ctx, "replica");
             match ds.attach_replica(&src).await {
-                Ok(applied) => match crate::replication::finish(ctx, applied).await {
+                Ok(applied) => match finish(ctx, applied).await {
                     Ok(()) => replication_reply(ctx).await,
                     Err(e) => fail(CallError::Internal, e),
                 },
@@ -397,4 +397,16 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
             Err(e) => from_ds(e),
         },
     }
+}
+
+/// Finishes a change the datastore wrote for the next start: restarts the server.
+async fn finish(ctx: &Ctx, applied: coffer_strategies::datastore::Applied) -> Result<(), String> {
+    if applied == coffer_strategies::datastore::Applied::Restart {
+        tracing::info!("restarting the database server to apply its new replication role");
+        ctx.sup
+            .call(crate::supervisor::Cmd::Restart)
+            .await
+            .map_err(|e| format!("restarting the server for its new role: {e}"))?;
+    }
+    Ok(())
 }

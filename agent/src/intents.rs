@@ -543,8 +543,11 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
             src.binlog_pos = pos.binlog_pos;
         }
         crate::replication::set_role(ctx, "replica");
-        let applied = ds.attach_replica(&src).await.map_err(|e| e.to_string())?;
-        crate::replication::finish(ctx, applied).await?;
+        if ds.attach_replica(&src).await.map_err(|e| e.to_string())?
+            == coffer_strategies::datastore::Applied::Restart
+        {
+            ctx.sup.call(Cmd::Restart).await?;
+        }
     }
     progress(ctx, id, "prepare", 80, "creating databases and users").await;
     for d in &dbs {

@@ -139,7 +139,7 @@ async fn do_fence(ctx: &Arc<Ctx>, why: &str) {
         }
         // Read-only only by starting so (PostgreSQL as a standby): the restart stops the
         // server first, which ends every session and every write.
-        Ok(Ok(Applied::Restart)) => match finish(ctx, Applied::Restart).await {
+        Ok(Ok(Applied::Restart)) => match ctx.sup.call(crate::supervisor::Cmd::Restart).await {
             Ok(()) => {
                 info!("fenced: the database restarted read-only");
                 return;
@@ -189,19 +189,4 @@ pub async fn watchdog(ctx: Arc<Ctx>) {
             .await;
         }
     }
-}
-
-/// Finishes a change the datastore wrote for the next start: restarts the server.
-pub async fn finish(
-    ctx: &Ctx,
-    applied: coffer_strategies::datastore::Applied,
-) -> Result<(), String> {
-    if applied == coffer_strategies::datastore::Applied::Restart {
-        tracing::info!("restarting the database server to apply its new replication role");
-        ctx.sup
-            .call(crate::supervisor::Cmd::Restart)
-            .await
-            .map_err(|e| format!("restarting the server for its new role: {e}"))?;
-    }
-    Ok(())
 }

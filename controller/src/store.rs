@@ -429,15 +429,6 @@ impl Store {
         Ok(rows.iter().map(version_from).collect())
     }
 
-    /// The datastore (manager) of a version, empty if the version is gone.
-    pub async fn manager_of(&self, version_id: &str) -> anyhow::Result<String> {
-        Ok(self
-            .version(version_id)
-            .await?
-            .map(|v| v.manager)
-            .unwrap_or_default())
-    }
-
     pub async fn version(&self, id: &str) -> anyhow::Result<Option<VersionRow>> {
         let row = sqlx::query(&format!("{VERSION_SELECT} WHERE v.id = ?"))
             .bind(id)

@@ -83,21 +83,13 @@ impl Store {
     }
 
     async fn redis(view: &Value) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        Self::redis_as(view, USER, PASSWORD).await
-    }
-
-    async fn redis_as(
-        view: &Value,
-        user: &str,
-        password: &str,
-    ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         let (host, port) = Self::addr(view);
         let info = redis::ConnectionInfo {
-            addr: redis::ConnectionAddr::Tcp(host, port),
+            addr: redis::ConnectionAddr::Tcp(host.clone(), port),
             redis: redis::RedisConnectionInfo {
                 db: 0,
-                username: Some(user.into()),
-                password: Some(password.into()),
+                username: Some(USER.into()),
+                password: Some(PASSWORD.into()),
                 ..Default::default()
             },
         };
@@ -408,7 +400,17 @@ impl Store {
             let got: Result<String, String> = async {
                 match self {
                     Store::Mariadb => {
-                        let mut c = Self::mysql(view).await?;
+                        use sqlx::ConnectOptions;
+                        let (host, port) = Self::addr(view);
+                        let mut c = sqlx::mysql::MySqlConnectOptions::new()
+                            .host(&host)
+                            .port(port)
+                            .username(USER)
+                            .password(PASSWORD)
+                            .database("shop")
+                            .connect()
+                            .await
+                            .map_err(|e| e.to_string())?;
                         let v: String =
                             sqlx::query(&format!("SELECT CAST(@@global.{name} AS CHAR)"))
                                 .fetch_one(&mut c)
@@ -419,7 +421,17 @@ impl Store {
                         Ok(v)
                     }
                     Store::Postgresql => {
-                        let mut c = Self::pg(view).await.map_err(|e| e.to_string())?;
+                        use sqlx::ConnectOptions;
+                        let (host, port) = Self::addr(view);
+                        let mut c = sqlx::postgres::PgConnectOptions::new()
+                            .host(&host)
+                            .port(port)
+                            .username(USER)
+                            .password(PASSWORD)
+                            .database("shop")
+                            .connect()
+                            .await
+                            .map_err(|e| e.to_string())?;
                         let v: String =
                             sqlx::query_scalar("SELECT setting FROM pg_settings WHERE name = $1")
                                 .bind(name)
@@ -430,7 +442,19 @@ impl Store {
                         Ok(v)
                     }
                     Store::Redis => {
-                        let mut c = Self::redis_as(view, "root", root_pw)
+                        let (host, port) = Self::addr(view);
+                        let info = redis::ConnectionInfo {
+                            addr: redis::ConnectionAddr::Tcp(host, port),
+                            redis: redis::RedisConnectionInfo {
+                                db: 0,
+                                username: Some("root".into()),
+                                password: Some(root_pw.into()),
+                                ..Default::default()
+                            },
+                        };
+                        let mut c = redis::Client::open(info)
+                            .map_err(|e| e.to_string())?
+                            .get_multiplexed_async_connection()
                             .await
                             .map_err(|e| e.to_string())?;
                         let v: Vec<String> = redis::cmd("CONFIG")

@@ -244,7 +244,12 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         }
     };
     if let Some(cfg) = app.cfg.backup.as_ref() {
-        let datastore = app.store.manager_of(&r.datastore_version_id).await?;
+        let datastore = app
+            .store
+            .version(&r.datastore_version_id)
+            .await?
+            .map(|v| v.manager)
+            .unwrap_or_default();
         let strategy =
             coffer_strategies::backup::BackupKind::for_datastore(&datastore, &cfg.strategy);
         match strategy {

@@ -530,7 +530,12 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
                     ),
                 ));
             }
-            let of = app.store.manager_of(&backup.datastore_version_id).await?;
+            let of = app
+                .store
+                .version(&backup.datastore_version_id)
+                .await?
+                .map(|v| v.manager)
+                .unwrap_or_default();
             if of != version.manager {
                 return Err(ApiError::bad_request(format!(
                     "Backup {b} is a {of} backup; restore it into a {of} instance, not {}.",

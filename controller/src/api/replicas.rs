@@ -44,7 +44,12 @@ fn ready(app: &App, r: &InstanceRow) -> bool {
 
 /// The datastore (manager) of an instance: replication positions and strategies are its own.
 async fn manager(app: &App, r: &InstanceRow) -> Result<String, ApiError> {
-    Ok(app.store.manager_of(&r.datastore_version_id).await?)
+    Ok(app
+        .store
+        .version(&r.datastore_version_id)
+        .await?
+        .map(|v| v.manager)
+        .unwrap_or_default())
 }
 
 /// The source's replication user and password, created on the source the first time.

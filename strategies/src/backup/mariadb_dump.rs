@@ -213,6 +213,19 @@ impl BackupStrategy for MariadbDump {
         ))
     }
 
+    fn apply_incremental(
+        &self,
+        _data_dir: &Path,
+        _scratch: &Path,
+        _source: &mut dyn Read,
+        _progress: &mut dyn FnMut(u64),
+    ) -> Result<(), BackupError> {
+        Err(tool_err(
+            "mariadb-dump",
+            "logical backups have no incrementals",
+        ))
+    }
+
     fn load(
         &self,
         ctx: &BackupCtx,

@@ -84,22 +84,14 @@ pub trait BackupStrategy: Send + Sync {
         source: &mut dyn Read,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), BackupError>;
-    /// Applies an incremental backup's archive on top of a restored `data_dir`. By default a
-    /// strategy takes full backups only and refuses.
+    /// Applies an incremental backup's archive on top of a restored `data_dir`.
     fn apply_incremental(
         &self,
         data_dir: &Path,
         scratch: &Path,
         source: &mut dyn Read,
         progress: &mut dyn FnMut(u64),
-    ) -> Result<(), BackupError> {
-        let _ = (data_dir, scratch, source, progress);
-        Err(BackupError::Tool {
-            tool: self.name().into(),
-            detail: "this strategy takes full backups only; there is no incremental to apply"
-                .into(),
-        })
-    }
+    ) -> Result<(), BackupError>;
     /// [`RestoreMode::Load`] strategies: loads the archive into the running server reached
     /// through `ctx`, then runs `epilogue` (SQL) in the same session.
     fn load(
@@ -395,30 +387,5 @@ pub fn pump(
         to.write_all(&buf[..n])?;
         total += n as u64;
         progress(total);
-    }
-}
-
-/// A reader that reports running totals.
-struct Counted<'a> {
-    inner: &'a mut dyn Read,
-    n: u64,
-    progress: &'a mut dyn FnMut(u64),
-}
-
-impl Read for Counted<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let k = self.inner.read(buf)?;
-        self.n += k as u64;
-        (self.progress)(self.n);
-        Ok(k)
-    }
-}
-
-/// Counts bytes read for progress, for strategies that unpack in-process.
-pub fn counted<'a>(inner: &'a mut dyn Read, progress: &'a mut dyn FnMut(u64)) -> impl Read + 'a {
-    Counted {
-        inner,
-        n: 0,
-        progress,
     }
 }

@@ -14,8 +14,8 @@ use super::{BackupCtx, BackupError, BackupStrategy, EnginePosition};
 #[derive(Debug, Clone, Default)]
 pub struct PgBasebackup;
 
-/// Escapes a libpq passfile field (`:` and `\`).
-pub(crate) fn pgpass_field(s: &str) -> String {
+/// Escapes a passfile field (`:` and `\`).
+fn pgpass_field(s: &str) -> String {
     s.replace('\\', "\\\\").replace(':', "\\:")
 }
 
@@ -113,7 +113,7 @@ impl BackupStrategy for PgBasebackup {
         std::fs::create_dir_all(data_dir)?;
         // PostgreSQL refuses a data directory others can read.
         std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))?;
-        let mut reader = super::counted(source, progress);
+        let mut reader = counted(source, progress);
         let mut archive = tar::Archive::new(&mut reader);
         archive.set_preserve_permissions(true);
         archive.set_overwrite(false);
@@ -129,6 +129,47 @@ impl BackupStrategy for PgBasebackup {
             });
         }
         Ok(())
+    }
+
+    fn apply_incremental(
+        &self,
+        _data_dir: &Path,
+        _scratch: &Path,
+        _source: &mut dyn Read,
+        _progress: &mut dyn FnMut(u64),
+    ) -> Result<(), BackupError> {
+        Err(BackupError::Tool {
+            tool: "pg_basebackup".into(),
+            detail: "PostgreSQL backups are full backups; there is no incremental to apply".into(),
+        })
+    }
+}
+
+/// A reader that reports running totals.
+struct Counted<'a> {
+    inner: &'a mut dyn Read,
+    n: u64,
+    progress: &'a mut dyn FnMut(u64),
+}
+
+impl Read for Counted<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n += k as u64;
+        (self.progress)(self.n);
+        Ok(k)
+    }
+}
+
+/// Counts bytes read for progress, for strategies that unpack in-process.
+pub(crate) fn counted<'a>(
+    inner: &'a mut dyn Read,
+    progress: &'a mut dyn FnMut(u64),
+) -> impl Read + 'a {
+    Counted {
+        inner,
+        n: 0,
+        progress,
     }
 }
 

@@ -61,11 +61,15 @@ pub fn info_field(info: &str, field: &str) -> Option<String> {
 
 impl RedisRdb {
     fn connect(ctx: &BackupCtx) -> Result<redis::Connection, BackupError> {
-        let info = crate::datastore::redis::socket_connection_info(
-            &ctx.socket,
-            &ctx.admin_user,
-            &ctx.admin_password,
-        );
+        let info = redis::ConnectionInfo {
+            addr: redis::ConnectionAddr::Unix(ctx.socket.clone()),
+            redis: redis::RedisConnectionInfo {
+                db: 0,
+                username: Some(ctx.admin_user.clone()),
+                password: Some(ctx.admin_password.clone()),
+                ..Default::default()
+            },
+        };
         let client = redis::Client::open(info).map_err(err)?;
         let c = client
             .get_connection_with_timeout(Duration::from_secs(5))
@@ -162,7 +166,7 @@ impl BackupStrategy for RedisRdb {
         header.set_mode(0o600);
         header.set_cksum();
         // The file's size is fixed (a later save replaces it by rename): exactly `size` bytes.
-        let mut limited = super::counted(&mut f, progress).take(size);
+        let mut limited = super::pg_basebackup::counted(&mut f, progress).take(size);
         tar.append_data(&mut header, DUMP_FILE, &mut limited)?;
         let mut header = tar::Header::new_gnu();
         header.set_size(users.len() as u64);
@@ -184,7 +188,7 @@ impl BackupStrategy for RedisRdb {
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), BackupError> {
         std::fs::create_dir_all(data_dir)?;
-        let mut reader = super::counted(source, progress);
+        let mut reader = super::pg_basebackup::counted(source, progress);
         let mut archive = tar::Archive::new(&mut reader);
         let mut have_dump = false;
         for entry in archive.entries()? {
@@ -213,6 +217,18 @@ impl BackupStrategy for RedisRdb {
             });
         }
         Ok(())
+    }
+
+    fn apply_incremental(
+        &self,
+        _data_dir: &Path,
+        _scratch: &Path,
+        _source: &mut dyn Read,
+        _progress: &mut dyn FnMut(u64),
+    ) -> Result<(), BackupError> {
+        Err(err(
+            "Redis backups are full snapshots; there is no incremental to apply",
+        ))
     }
 }
 

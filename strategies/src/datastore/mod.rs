@@ -494,17 +494,12 @@ pub fn position_behind(datastore: &str, a: &str, b: &str) -> u64 {
     }
 }
 
-/// PostgreSQL's replication strategy (streaming from a basebackup snapshot).
-pub const PG_STREAMING: &str = "postgresql-streaming";
-/// Redis's replication strategy (`REPLICAOF`).
-pub const REDIS_REPLICAOF: &str = "redis-replicaof";
-
 /// The replication strategy of a datastore's instances: the configured one for MariaDB
 /// (`mariadb-gtid` or `binlog`), the datastore's own for the others.
 pub fn replication_strategy(datastore: &str, configured: &str) -> String {
     match datastore {
-        "postgresql" => PG_STREAMING.into(),
-        "redis" => REDIS_REPLICAOF.into(),
+        "postgresql" => "postgresql-streaming".into(),
+        "redis" => "redis-replicaof".into(),
         _ => configured.into(),
     }
 }
@@ -514,7 +509,7 @@ pub fn replication_strategy(datastore: &str, configured: &str) -> String {
 pub fn strategy_uses_gtid(strategy: &str) -> Result<bool, String> {
     match strategy {
         "" | "mariadb-gtid" => Ok(true),
-        "binlog" | PG_STREAMING | REDIS_REPLICAOF => Ok(false),
+        "binlog" | "postgresql-streaming" | "redis-replicaof" => Ok(false),
         other => Err(format!("unknown replication strategy '{other}'")),
     }
 }

@@ -187,20 +187,15 @@ impl Postgresql {
     }
 
     /// Runs `sql` connected to `database` (grants on a database's schema are made inside it).
-    /// One session of its own, in `database` (a one-connection pool: a bare connection's
-    /// executor does not fit async-trait's bounds). The caller closes it.
-    async fn session(&self, database: &str) -> Result<PgPool, DatastoreError> {
+    async fn exec_in(&self, database: &str, sql: &str) -> Result<(), DatastoreError> {
         let password = self.admin_password().await?;
-        PgPoolOptions::new()
+        // A one-connection pool: a bare connection's executor does not fit async-trait's bounds.
+        let one = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(self.options(&password, database))
             .await
-            .map_err(|e| DatastoreError::Query(e.to_string()))
-    }
-
-    async fn exec_in(&self, database: &str, sql: &str) -> Result<(), DatastoreError> {
-        let one = self.session(database).await?;
+            .map_err(|e| DatastoreError::Query(e.to_string()))?;
         let r = sqlx::raw_sql(sql).execute(&one).await;
         one.close().await;
         r.map_err(|e| DatastoreError::Query(e.to_string()))?;
@@ -271,7 +266,7 @@ impl Postgresql {
             check_identifier("Replication user", &src.user)?;
             super::check_host(&src.host)?;
             let pass = self.repl_passfile();
-            let field = crate::backup::pg_basebackup::pgpass_field;
+            let field = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
             write_private(
                 &pass,
                 &format!("*:*:*:{}:{}\n", field(&src.user), field(&src.password)),
@@ -352,8 +347,13 @@ impl Postgresql {
     /// Reloads the configuration files and waits until this session has read them; an error
     /// PostgreSQL found in `name`'s line of the overrides file is returned.
     async fn reload_checked(&self, name: &str) -> Result<(), DatastoreError> {
-        // Its own session: the load time it compares is per session.
-        let one = self.session("postgres").await?;
+        let password = self.admin_password().await?;
+        let one = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(self.options(&password, "postgres"))
+            .await
+            .map_err(|e| DatastoreError::Query(e.to_string()))?;
         let q = |sql: &'static str| sqlx::query_scalar::<_, String>(sql);
         let r = async {
             let before = q("SELECT pg_conf_load_time()::text")

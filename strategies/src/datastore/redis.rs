@@ -65,19 +65,6 @@ fn no_databases() -> DatastoreError {
     )
 }
 
-/// How a user reaches the server over its Unix socket.
-pub fn socket_connection_info(socket: &Path, user: &str, password: &str) -> redis::ConnectionInfo {
-    redis::ConnectionInfo {
-        addr: redis::ConnectionAddr::Unix(socket.to_path_buf()),
-        redis: redis::RedisConnectionInfo {
-            db: 0,
-            username: Some(user.into()),
-            password: Some(password.into()),
-            ..Default::default()
-        },
-    }
-}
-
 /// The ACL form of a password: its SHA-256, so the config and ACL files hold no clear text.
 fn hashed(password: &str) -> String {
     format!(
@@ -145,7 +132,15 @@ impl Redis {
         let password = tokio::fs::read_to_string(&p)
             .await
             .map_err(|e| DatastoreError::io(&p, e))?;
-        let info = socket_connection_info(&self.socket(), ADMIN_USER, password.trim());
+        let info = redis::ConnectionInfo {
+            addr: redis::ConnectionAddr::Unix(self.socket()),
+            redis: redis::RedisConnectionInfo {
+                db: 0,
+                username: Some(ADMIN_USER.into()),
+                password: Some(password.trim().to_string()),
+                ..Default::default()
+            },
+        };
         let client = redis::Client::open(info).map_err(query_err)?;
         let c = tokio::time::timeout(
             Duration::from_secs(3),
@@ -407,17 +402,18 @@ impl Datastore for Redis {
     }
 
     async fn probe(&self) -> Health {
-        use crate::backup::redis_rdb::info_field;
         let fut = async {
             let info: String = self.cmd(&["INFO", "clients", "persistence"]).await?;
             // Redis answers INFO while it loads its dataset, and refuses everything else.
-            if info_field(&info, "loading").as_deref() == Some("1") {
+            if info.lines().any(|l| l.trim() == "loading:1") {
                 return Err(DatastoreError::Query(
                     "loading the dataset into memory".into(),
                 ));
             }
-            let n = info_field(&info, "connected_clients")
-                .and_then(|v| v.parse::<u32>().ok())
+            let n = info
+                .lines()
+                .find_map(|l| l.strip_prefix("connected_clients:"))
+                .and_then(|v| v.trim().parse::<u32>().ok())
                 .unwrap_or(0);
             Ok::<_, DatastoreError>(n.saturating_sub(1))
         };
