@@ -58,6 +58,9 @@ pub struct EnrolConfig {
     /// CA certificate (PEM) to verify an `https` controller with.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Allow an `http://` controller (the token then crosses the network in the clear).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// Where an installed agent keeps its state unless told otherwise.

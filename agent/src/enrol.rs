@@ -25,14 +25,18 @@ pub struct Request {
     pub ca_file: Option<PathBuf>,
     /// How long to keep retrying while the controller is unreachable.
     pub patience: Duration,
+    /// Whether a plain-http controller is allowed.
+    pub insecure: bool,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Answer {
     enrolment: Enrolment,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Enrolment {
     instance_id: String,
     nats_url: String,
@@ -69,6 +73,7 @@ pub async fn enrol(table: &toml::Table, req: &Request) -> anyhow::Result<String>
         info!(instance = %id, "already enrolled");
         return Ok(id);
     }
+    check_scheme(&req.controller_url, req.insecure)?;
     let listen = table.get("listen").and_then(|v| v.as_table());
     let bind = listen
         .and_then(|l| l.get("bind_address"))
@@ -191,9 +196,13 @@ pub async fn enrol(table: &toml::Table, req: &Request) -> anyhow::Result<String>
         out.insert("datastore".into(), toml::Value::Table(ds));
     }
     if let Some(b) = &e.backup_toml {
-        let b: toml::Table = toml::from_str(b).context("the controller's [backup] table")?;
-        for (k, v) in b {
-            out.insert(k, v);
+        // Only the [backup] table: nothing else the answer holds reaches the agent's config.
+        let mut b: toml::Table = toml::from_str(b).context("the controller's [backup] table")?;
+        if let Some(extra) = b.keys().find(|k| *k != "backup") {
+            bail!("the controller's answer sets '{extra}', which enrolment does not apply");
+        }
+        if let Some(v) = b.remove("backup") {
+            out.insert("backup".into(), v);
         }
     }
     let text = format!(
@@ -210,6 +219,22 @@ pub async fn enrol(table: &toml::Table, req: &Request) -> anyhow::Result<String>
     hand_over(&state_dir)?;
     info!(instance = %e.instance_id, "enrolled");
     Ok(e.instance_id)
+}
+
+/// An `https` controller, or `http` only when allowed.
+fn check_scheme(url: &str, insecure: bool) -> anyhow::Result<()> {
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("https://") || (insecure && lower.starts_with("http://")) {
+        return Ok(());
+    }
+    if lower.starts_with("http://") {
+        bail!(
+            "the controller {url} is plain http: the one-time token would cross the network in \
+             the clear. Use its https address (with --ca-file for a private CA), or pass \
+             --insecure (insecure = true in [enrol]) for a controller on this host or a private link"
+        );
+    }
+    bail!("the controller URL {url} must start with https:// (or http:// with --insecure)")
 }
 
 /// Run as root (an administrator's `coffer-agent enroll`), the files go to the service's user:
@@ -277,4 +302,21 @@ fn fault_message(text: &str) -> String {
             })
         })
         .unwrap_or_else(|| text.chars().take(300).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_http_controller_needs_insecure() {
+        assert!(check_scheme("https://c.example:8779", false).is_ok());
+        let err = check_scheme("http://c.example:8779", false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--insecure"), "{err}");
+        assert!(check_scheme("http://127.0.0.1:8779", true).is_ok());
+        assert!(check_scheme("ftp://c.example", true).is_err());
+        assert!(check_scheme("HTTPS://C.EXAMPLE", false).is_ok());
+    }
 }

@@ -6,14 +6,50 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coffer_proto::{subjects, v1, Message};
+use futures::FutureExt;
 use tracing::debug;
 
 use crate::Ctx;
 
+/// What a heartbeat last learnt from the database server.
+#[derive(Default)]
+pub struct Cache {
+    version: String,
+    replication: Option<v1::ReplicationInfo>,
+}
+
+/// How long a heartbeat waits for the server's answers before it goes out with the last ones:
+/// half the interval, so a busy server (a checkpoint, a backup) never delays the lease.
+fn server_budget(ctx: &Ctx) -> Duration {
+    Duration::from_millis((ctx.cfg.heartbeat_interval_ms / 2).max(50))
+}
+
 /// Builds a heartbeat from what the supervisor observes and the process metrics.
 pub async fn snapshot(ctx: &Ctx) -> v1::Heartbeat {
     let obs = ctx.sup.observed.borrow().clone();
-    let version = ctx.ds.version().await.unwrap_or_default();
+    let budget = server_budget(ctx);
+    let version = match tokio::time::timeout(budget, ctx.ds.version()).await {
+        Ok(Ok(v)) => {
+            if let Ok(mut c) = ctx.hb_cache.lock() {
+                c.version.clone_from(&v);
+            }
+            v
+        }
+        _ => ctx
+            .hb_cache
+            .lock()
+            .map(|c| c.version.clone())
+            .unwrap_or_default(),
+    };
+    let replication = match tokio::time::timeout(budget, crate::replication::info(ctx)).await {
+        Ok(r) => {
+            if let Ok(mut c) = ctx.hb_cache.lock() {
+                c.replication.clone_from(&r);
+            }
+            r
+        }
+        Err(_) => ctx.hb_cache.lock().ok().and_then(|c| c.replication.clone()),
+    };
     let lease_age_ms = ctx
         .lease_renewed
         .lock()
@@ -60,7 +96,7 @@ pub async fn snapshot(ctx: &Ctx) -> v1::Heartbeat {
         db_pid: obs.pid,
         lease_age_ms,
         public_key: ctx.public_key.clone(),
-        replication: crate::replication::info(ctx).await,
+        replication,
     }
 }
 
@@ -69,6 +105,7 @@ struct Metrics {
     sys: sysinfo::System,
     volume: (u64, u64),
     volume_at: Option<Instant>,
+    volume_job: Option<tokio::task::JoinHandle<(u64, u64)>>,
 }
 
 impl Metrics {
@@ -87,15 +124,21 @@ impl Metrics {
                 hb.memory_bytes = p.memory();
             }
         }
-        if self
-            .volume_at
-            .map(|t| t.elapsed() > Duration::from_secs(10))
-            .unwrap_or(true)
+        // Walking the data directory can take long: it runs on its own, and heartbeats carry
+        // the last figure meanwhile.
+        if self.volume_job.as_ref().is_some_and(|j| j.is_finished()) {
+            if let Some(Ok(v)) = self.volume_job.take().and_then(|j| j.now_or_never()) {
+                self.volume = v;
+            }
+        }
+        if self.volume_job.is_none()
+            && self
+                .volume_at
+                .map(|t| t.elapsed() > Duration::from_secs(10))
+                .unwrap_or(true)
         {
             let root = ctx.state.datastore_root(ctx.ds.name());
-            self.volume = tokio::task::spawn_blocking(move || volume_usage(&root))
-                .await
-                .unwrap_or((0, 0));
+            self.volume_job = Some(tokio::task::spawn_blocking(move || volume_usage(&root)));
             self.volume_at = Some(Instant::now());
         }
         hb.volume_used_bytes = self.volume.0;
@@ -132,6 +175,7 @@ pub async fn run(ctx: Arc<Ctx>) -> anyhow::Result<()> {
         sys: sysinfo::System::new(),
         volume: (0, 0),
         volume_at: None,
+        volume_job: None,
     };
     let mut last_status = None;
     loop {
@@ -159,7 +203,10 @@ pub async fn run(ctx: Arc<Ctx>) -> anyhow::Result<()> {
             let c = ctx.clone();
             tokio::spawn(async move { c.publish_event(id, ev).await });
         }
-        send(&ctx, hb).await;
+        // Not awaited: a slow answer must not hold back the next heartbeat (the lease is renewed
+        // by whichever answer comes, from the time its heartbeat was sent).
+        let c = ctx.clone();
+        tokio::spawn(async move { send(&c, hb).await });
     }
 }
 
@@ -169,6 +216,10 @@ async fn send(ctx: &Arc<Ctx>, hb: v1::Heartbeat) {
         &ctx.cfg.instance_id,
         v1::envelope::Body::Heartbeat(hb),
     );
+    // The lease runs from when this heartbeat was sent, not from when its reply arrives: the
+    // controller's expiry runs from when it received the heartbeat, which is never earlier, so a
+    // slow reply (a busy controller, a loaded machine) cannot stretch the lease past the expiry.
+    let sent = Instant::now();
     let req = ctx.client.request(
         subjects::heartbeat(&ctx.cfg.instance_id),
         env.encode_to_vec().into(),
@@ -177,11 +228,19 @@ async fn send(ctx: &Arc<Ctx>, hb: v1::Heartbeat) {
         Ok(Ok(reply)) => {
             if let Ok(v1::Envelope {
                 body: Some(v1::envelope::Body::HeartbeatReply(r)),
+                instance_id,
                 ..
             }) = coffer_proto::decode(&reply.payload)
             {
+                if instance_id != ctx.cfg.instance_id {
+                    debug!(claimed = %instance_id, "a heartbeat reply names another instance; ignored");
+                    return;
+                }
                 if let Ok(mut l) = ctx.lease_renewed.lock() {
-                    *l = Some(Instant::now());
+                    // Replies can overtake each other: only a later send renews.
+                    if l.is_none_or(|t| t < sent) {
+                        *l = Some(sent);
+                    }
                 }
                 ctx.lease_ms
                     .store(r.lease_ms, std::sync::atomic::Ordering::Relaxed);

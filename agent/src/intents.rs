@@ -145,6 +145,12 @@ async fn handle(ctx: &Arc<Ctx>, msg: async_nats::jetstream::Message) {
     } else {
         env.id.clone()
     };
+    if env.instance_id != ctx.cfg.instance_id {
+        // Never run, never recorded as this instance's: only dropped and logged.
+        warn!(intent_id = %id, claimed = %env.instance_id, "an intent names another instance; terminating it");
+        let _ = msg.ack_with(AckKind::Term).await;
+        return;
+    }
     let intent = match env.body {
         Some(v1::envelope::Body::Intent(i)) => i,
         _ => {

@@ -56,6 +56,9 @@ pub struct Ctx {
     pub lease_renewed: Mutex<Option<Instant>>,
     /// The lease length the controller last granted (ms; 0 until the first reply).
     pub lease_ms: AtomicU64,
+    /// What the last heartbeat learnt from the server, sent again when the server is slow to
+    /// answer, so heartbeats (and the lease) keep their pace.
+    pub hb_cache: Mutex<heartbeat::Cache>,
     pub shutdown: CancellationToken,
 }
 
@@ -159,6 +162,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         public_key,
         lease_renewed: Mutex::new(None),
         lease_ms: AtomicU64::new(0),
+        hb_cache: Mutex::new(Default::default()),
         shutdown: shutdown.clone(),
     });
     info!(instance = %ctx.cfg.instance_id, "coffer-agent started");
@@ -218,7 +222,20 @@ async fn calls(ctx: Arc<Ctx>) -> anyhow::Result<()> {
         let Some(reply) = msg.reply.clone() else {
             continue;
         };
-        let answer = match coffer_proto::decode(&msg.payload) {
+        let decoded = match coffer_proto::decode(&msg.payload) {
+            // Only calls about this agent's own instance are carried out, whatever reached the
+            // subject (a misrouted or replayed call names another instance).
+            Ok(env) if env.instance_id != ctx.cfg.instance_id => {
+                warn!(claimed = %env.instance_id, "a call names another instance; refused");
+                Err(format!(
+                    "this call is for instance {}, and this agent serves {}",
+                    env.instance_id, ctx.cfg.instance_id
+                ))
+            }
+            Ok(env) => Ok(env),
+            Err(e) => Err(format!("undecodable call: {e}")),
+        };
+        let answer = match decoded {
             Ok(v1::Envelope {
                 body:
                     Some(v1::envelope::Body::Call(v1::Call {
@@ -293,7 +310,8 @@ async fn calls(ctx: Arc<Ctx>) -> anyhow::Result<()> {
             },
             Err(e) => v1::CallReply {
                 ok: false,
-                error: format!("undecodable call: {e}"),
+                error: e,
+                error_kind: v1::CallError::Invalid as i32,
                 kind: None,
                 ..Default::default()
             },

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::Ctx;
 
-pub const CONTAINER: &str = "database_logs";
+pub use coffer_strategies::logs::CONTAINER;
 
 fn sizes() -> &'static Mutex<HashMap<PathBuf, Option<(u64, u64)>>> {
     static S: OnceLock<Mutex<HashMap<PathBuf, Option<(u64, u64)>>>> = OnceLock::new();

@@ -57,6 +57,11 @@ enum Command {
         /// Seconds to keep retrying while the controller is unreachable.
         #[arg(long, default_value_t = 300)]
         patience_s: u64,
+        /// Allow a plain-http controller: the one-time token then crosses the network in the
+        /// clear (the NATS creds stay sealed to this host's key). For a controller on this host
+        /// or a private link only.
+        #[arg(long)]
+        insecure: bool,
     },
 }
 
@@ -113,6 +118,7 @@ fn real_main() -> anyhow::Result<()> {
         token_file,
         ca_file,
         patience_s,
+        insecure,
     } = command
     {
         let token = match (token, token_file) {
@@ -129,6 +135,7 @@ fn real_main() -> anyhow::Result<()> {
                 token,
                 ca_file,
                 patience: Duration::from_secs(patience_s),
+                insecure,
             },
         )?;
         println!("enrolled as instance {id}; start the agent: systemctl enable --now coffer-agent");
@@ -147,6 +154,7 @@ fn real_main() -> anyhow::Result<()> {
                         token: read_token(&e.token_file)?,
                         ca_file: e.ca_file,
                         patience: Duration::from_secs(3600),
+                        insecure: e.insecure,
                     },
                 )?;
             }

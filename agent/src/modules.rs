@@ -74,6 +74,20 @@ pub fn apply(ctx: &Ctx, mut specs: Vec<v1::ModuleSpec>) -> Vec<v1::ModuleResult>
     });
     let mut out = Vec::new();
     for m in specs {
+        // A module id names a directory under the state dir: nothing but one plain token.
+        if !coffer_proto::subjects::valid_token(&m.id) {
+            warn!(module = %m.name, "a module id that is not a plain token; refused");
+            out.push(v1::ModuleResult {
+                module: Some(v1::ModuleSpec {
+                    contents_sealed: vec![],
+                    ..m
+                }),
+                status: "ERROR".into(),
+                message: "the module id is not a plain token ([A-Za-z0-9_-])".into(),
+                ..Default::default()
+            });
+            continue;
+        }
         let seq = next_sequence(ctx);
         let created = load(ctx, &m.id)
             .filter(|r| r.removed.is_empty())
@@ -115,6 +129,12 @@ pub fn apply(ctx: &Ctx, mut specs: Vec<v1::ModuleSpec>) -> Vec<v1::ModuleResult>
 
 /// Removes an applied module (its driver undoes what it did); the record stays, marked removed.
 pub fn remove(ctx: &Ctx, id: &str) -> Result<v1::ModuleResult, (v1::CallError, String)> {
+    if !coffer_proto::subjects::valid_token(id) {
+        return Err((
+            v1::CallError::Invalid,
+            "the module id is not a plain token ([A-Za-z0-9_-])".into(),
+        ));
+    }
     let mut r = load(ctx, id)
         .filter(|r| r.removed.is_empty())
         .ok_or_else(|| {

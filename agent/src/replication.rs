@@ -132,7 +132,9 @@ async fn do_fence(ctx: &Arc<Ctx>, why: &str) {
         }
         Ok::<Applied, coffer_strategies::DatastoreError>(applied)
     };
-    let why = match tokio::time::timeout(Duration::from_secs(2), work).await {
+    let why = match tokio::time::timeout(Duration::from_millis(coffer_proto::FENCE_BOUND_MS), work)
+        .await
+    {
         Ok(Ok(Applied::Live)) => {
             info!("fenced: the database is read-only");
             return;
@@ -157,7 +159,7 @@ async fn do_fence(ctx: &Arc<Ctx>, why: &str) {
 /// itself, well before the controller's heartbeat expiry lets anyone eject it.
 pub async fn watchdog(ctx: Arc<Ctx>) {
     let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(Duration::from_millis(coffer_proto::FENCE_WATCH_MS));
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,

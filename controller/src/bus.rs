@@ -48,10 +48,20 @@ pub async fn ensure_streams(js: &jetstream::Context) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long an intent may keep failing to publish while others publish fine before it is failed
+/// with a fault instead of retried.
+const OUTBOX_GIVE_UP: Duration = Duration::from_secs(300);
+
 /// Publishes queued intents until JetStream acknowledges each one; `Nats-Msg-Id` = intent id
 /// makes a publish repeated after a crash harmless.
+///
+/// Intents of one instance go out in order; one instance's stuck intent never holds back
+/// another's. An intent NATS can never take (larger than the server's `max_payload`) or that
+/// keeps failing for [`OUTBOX_GIVE_UP`] while others go out fails with a fault, as if its agent
+/// had failed it.
 pub async fn outbox_loop(app: Arc<App>) {
     let mut delay = Duration::from_millis(100);
+    let mut failing: std::collections::HashMap<i64, Instant> = Default::default();
     loop {
         let rows = match app.store.outbox().await {
             Ok(r) => r,
@@ -60,8 +70,21 @@ pub async fn outbox_loop(app: Arc<App>) {
                 vec![]
             }
         };
-        let mut failed = false;
+        let mut held: std::collections::HashSet<String> = Default::default();
+        let (mut sent, mut errors) = (0usize, 0usize);
+        let max_payload = app.client.server_info().max_payload;
         for row in rows {
+            if held.contains(&row.instance_id) {
+                continue;
+            }
+            if max_payload > 0 && row.payload.len() + 512 > max_payload {
+                let why = format!(
+                    "the intent is {} bytes and NATS takes at most {max_payload}",
+                    row.payload.len()
+                );
+                give_up(&app, &row, &why).await;
+                continue;
+            }
             let publish = jetstream::message::PublishMessage::build()
                 .payload(row.payload.clone().into())
                 .message_id(row.intent_id.as_str());
@@ -79,18 +102,31 @@ pub async fn outbox_loop(app: Arc<App>) {
             .await;
             match r {
                 Ok(_) => {
+                    sent += 1;
+                    failing.remove(&row.seq);
                     if let Err(e) = app.store.published(row.seq, &row.intent_id).await {
                         warn!(error = %e, "marking intent published failed");
                     }
                 }
                 Err(e) => {
                     warn!(intent_id = %row.intent_id, error = %e, "publishing intent failed; will retry");
-                    failed = true;
-                    break;
+                    errors += 1;
+                    held.insert(row.instance_id.clone());
+                    let since = *failing.entry(row.seq).or_insert_with(Instant::now);
+                    // Only while others go out is this row's failure its own, not NATS's.
+                    if sent > 0 && since.elapsed() > OUTBOX_GIVE_UP {
+                        failing.remove(&row.seq);
+                        give_up(&app, &row, &e).await;
+                    }
+                    // Two failures in a row with nothing sent: NATS itself is away; wait.
+                    if sent == 0 && errors >= 2 {
+                        failing.clear();
+                        break;
+                    }
                 }
             }
         }
-        if failed {
+        if errors > 0 {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
             continue;
@@ -100,6 +136,27 @@ pub async fn outbox_loop(app: Arc<App>) {
             _ = app.outbox_wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
+    }
+}
+
+/// Takes an intent that cannot be published out of the outbox and fails it with a fault, the
+/// same way an agent's `failed` event would.
+async fn give_up(app: &Arc<App>, row: &store::OutboxRow, why: &str) {
+    warn!(intent_id = %row.intent_id, instance = %row.instance_id, reason = why, "intent cannot be published; failing it");
+    if let Err(e) = app.store.published(row.seq, &row.intent_id).await {
+        warn!(error = %e, "removing the intent from the outbox failed");
+        return;
+    }
+    let ev = v1::Event {
+        intent_id: row.intent_id.clone(),
+        intent_kind: String::new(),
+        kind: Some(v1::event::Kind::Failed(v1::Failed {
+            code: 0,
+            message: format!("the controller could not send this intent: {why}"),
+        })),
+    };
+    if let Err(e) = handle_event(app, &row.instance_id, "", ev).await {
+        warn!(error = %format!("{e:#}"), "recording the failed intent failed");
     }
 }
 

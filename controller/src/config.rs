@@ -1,6 +1,5 @@
 //! Controller configuration (TOML, unknown keys rejected) and the token file.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -134,6 +133,12 @@ impl ControllerConfig {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.nats_auth.is_none() {
+            bail!(
+                "[nats_auth] is required: every agent gets its own NATS identity (set dir = \
+                 \"<controller data dir>/nats-auth\", then run `coffer-controller manage nats-setup`)"
+            );
+        }
         let interval = self.provisioner.heartbeat_interval_ms();
         if self.lease_ms + 2 * interval >= self.heartbeat_expiry_s * 1000 {
             bail!(
@@ -141,6 +146,25 @@ impl ControllerConfig {
                 self.heartbeat_expiry_s,
                 self.lease_ms,
                 interval
+            );
+        }
+        // Fencing: a source's lease runs from when it sent its last answered heartbeat, which is
+        // never later than when the controller received it, so the source is read-only by
+        // lease + watchdog tick + fence bound after the controller's last sight of it; the
+        // controller may only declare it lost a margin after that.
+        let fenced_by = self.lease_ms
+            + coffer_proto::FENCE_WATCH_MS
+            + coffer_proto::FENCE_BOUND_MS
+            + coffer_proto::FENCE_MARGIN_MS;
+        if fenced_by > self.heartbeat_expiry_s * 1000 {
+            bail!(
+                "heartbeat_expiry_s ({} s) must be at least lease_ms ({} ms) + the agents' fence bound ({} ms) + watchdog tick ({} ms) + margin ({} ms) = {} ms, so that a cut-off source is read-only before it is declared lost",
+                self.heartbeat_expiry_s,
+                self.lease_ms,
+                coffer_proto::FENCE_BOUND_MS,
+                coffer_proto::FENCE_WATCH_MS,
+                coffer_proto::FENCE_MARGIN_MS,
+                fenced_by
             );
         }
         if !["mariadb-gtid", "binlog"].contains(&self.replication.strategy.as_str()) {
@@ -170,35 +194,85 @@ struct TokenFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokenEntry {
-    token: String,
+    token: toml::Spanned<String>,
     project: String,
     #[serde(default)]
     admin: bool,
 }
 
-/// Loads tokens (token → principal).
-pub fn load_tokens(path: &Path) -> anyhow::Result<HashMap<String, Principal>> {
+/// The API's tokens, kept as SHA-256 digests and compared in constant time (a lookup's duration
+/// says nothing about how much of a guessed token was right).
+pub struct Tokens {
+    entries: Vec<([u8; 32], Principal)>,
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    openssl::sha::sha256(token.as_bytes())
+}
+
+impl Tokens {
+    /// The principal a token belongs to. Every entry is compared, whatever matched.
+    pub fn lookup(&self, token: &str) -> Option<&Principal> {
+        let d = digest(token);
+        let mut found = None;
+        for (h, p) in &self.entries {
+            if openssl::memcmp::eq(h, &d) {
+                found = Some(p);
+            }
+        }
+        found
+    }
+
+    /// Tokens from the text of a token file; an entry that is malformed, too short, or repeats an
+    /// earlier token is an error naming its line.
+    pub fn parse(text: &str) -> anyhow::Result<Tokens> {
+        let f: TokenFile = toml::from_str(text)?;
+        let line_of = |at: usize| text[..at.min(text.len())].matches('\n').count() + 1;
+        let mut entries: Vec<([u8; 32], Principal)> = vec![];
+        let mut lines: Vec<usize> = vec![];
+        for t in f.token {
+            let line = line_of(t.token.span().start);
+            let token = t.token.into_inner();
+            if token.len() < 16 {
+                bail!(
+                    "line {line}: the token for project {} is shorter than 16 characters",
+                    t.project
+                );
+            }
+            if token.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                bail!("line {line}: a token may not hold white space or control characters");
+            }
+            if t.project.is_empty() || !coffer_proto::subjects::valid_token(&t.project) {
+                bail!(
+                    "line {line}: project '{}' is not a valid project id",
+                    t.project
+                );
+            }
+            let d = digest(&token);
+            if let Some(i) = entries.iter().position(|(h, _)| *h == d) {
+                bail!(
+                    "line {line}: this token repeats the one on line {}; every token must be unique",
+                    lines[i]
+                );
+            }
+            entries.push((
+                d,
+                Principal {
+                    project: t.project,
+                    admin: t.admin,
+                },
+            ));
+            lines.push(line);
+        }
+        Ok(Tokens { entries })
+    }
+}
+
+/// Loads the token file; any malformed or repeated entry stops the controller with its line.
+pub fn load_tokens(path: &Path) -> anyhow::Result<Tokens> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading token file {}", path.display()))?;
-    let f: TokenFile =
-        toml::from_str(&text).with_context(|| format!("parsing token file {}", path.display()))?;
-    let mut m = HashMap::new();
-    for t in f.token {
-        if t.token.len() < 16 {
-            bail!(
-                "a token for project {} is shorter than 16 characters",
-                t.project
-            );
-        }
-        m.insert(
-            t.token,
-            Principal {
-                project: t.project,
-                admin: t.admin,
-            },
-        );
-    }
-    Ok(m)
+    Tokens::parse(&text).with_context(|| format!("token file {}", path.display()))
 }
 
 #[cfg(test)]
@@ -208,7 +282,7 @@ mod tests {
     fn cfg(expiry: u64, lease: u64, hb: u64) -> String {
         format!(
             "listen = \"127.0.0.1:1\"\ndata_dir = \"/x\"\nnats_url = \"nats://x\"\ntoken_file = \"/t\"\n\
-             heartbeat_expiry_s = {expiry}\nlease_ms = {lease}\n[provisioner]\nkind = \"process\"\n\
+             heartbeat_expiry_s = {expiry}\nlease_ms = {lease}\n[nats_auth]\ndir = \"/n\"\n[provisioner]\nkind = \"process\"\n\
              agent_binary = \"/a\"\ninstances_dir = \"/i\"\nport_min = 1\nport_max = 2\nheartbeat_interval_ms = {hb}\n"
         )
     }
@@ -220,6 +294,41 @@ mod tests {
         let bad: ControllerConfig = toml::from_str(&cfg(10, 6000, 2000)).unwrap();
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains("heartbeat_expiry_s"), "{err}");
+    }
+
+    #[test]
+    fn expiry_leaves_room_for_the_fence() {
+        // The test kit's settings: 1000 + 50 + 2000 + 500 <= 4000.
+        let ok: ControllerConfig = toml::from_str(&cfg(4, 1000, 500)).unwrap();
+        ok.validate().unwrap();
+        // 3 s passes the interval rule (1000 + 2 x 500 < 3000) but not the fence's.
+        let bad: ControllerConfig = toml::from_str(&cfg(3, 1000, 500)).unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("fence bound") && err.contains("3550 ms"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn token_files_are_checked_line_by_line() {
+        let good = "[[token]]\ntoken = \"aaaaaaaaaaaaaaaa1\"\nproject = \"p1\"\n\n\
+                    [[token]]\ntoken = \"bbbbbbbbbbbbbbbb2\"\nproject = \"p2\"\nadmin = true\n";
+        let t = Tokens::parse(good).unwrap();
+        assert_eq!(t.lookup("aaaaaaaaaaaaaaaa1").unwrap().project, "p1");
+        assert!(t.lookup("bbbbbbbbbbbbbbbb2").unwrap().admin);
+        assert!(t.lookup("aaaaaaaaaaaaaaaa").is_none());
+        let dup = format!("{good}\n[[token]]\ntoken = \"aaaaaaaaaaaaaaaa1\"\nproject = \"p3\"\n");
+        let err = format!("{:#}", Tokens::parse(&dup).err().unwrap());
+        assert!(err.contains("line 11") && err.contains("line 2"), "{err}");
+        let short = "[[token]]\ntoken = \"short\"\nproject = \"p\"\n";
+        let err = format!("{:#}", Tokens::parse(short).err().unwrap());
+        assert!(err.contains("line 2") && err.contains("shorter"), "{err}");
+        let malformed = "[[token]]\ntoken = \"aaaaaaaaaaaaaaaa1\"\nproject = p\n";
+        let err = format!("{:#}", Tokens::parse(malformed).err().unwrap());
+        assert!(err.contains("line 3"), "{err}");
+        let bad_project = "[[token]]\ntoken = \"aaaaaaaaaaaaaaaa1\"\nproject = \"a/b\"\n";
+        assert!(Tokens::parse(bad_project).is_err());
     }
 
     #[test]

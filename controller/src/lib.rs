@@ -32,7 +32,7 @@ pub use config::ControllerConfig;
 pub struct App {
     pub cfg: ControllerConfig,
     pub store: store::Store,
-    pub tokens: HashMap<String, config::Principal>,
+    pub tokens: config::Tokens,
     pub client: async_nats::Client,
     pub js: async_nats::jetstream::Context,
     pub live: Mutex<HashMap<String, bus::Live>>,
@@ -124,6 +124,16 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
             }
         }
     }
+    // NATS authorization is always on: a server that lets anyone in would let a tenant's agent
+    // act as any other agent or as the controller.
+    if !client.server_info().auth_required {
+        anyhow::bail!(
+            "the NATS server at {} does not require authentication; run \
+             `coffer-controller manage nats-setup` and include the server-auth.conf it writes \
+             in the server's configuration (Coffer never runs with NATS open)",
+            cfg.nats_url
+        );
+    }
     let provisioner = cfg.provisioner.build();
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -178,10 +188,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
     let s = shutdown.clone();
     match &app.cfg.tls {
         Some(t) => {
-            let tls = tls::TlsListener {
-                tcp: listener,
-                acceptor: tls::acceptor(t)?,
-            };
+            let tls = tls::TlsListener::new(listener, tls::acceptor(t)?)?;
             axum::serve(tls, router)
                 .with_graceful_shutdown(async move { s.cancelled().await })
                 .await

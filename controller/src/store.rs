@@ -279,6 +279,18 @@ fn migrator(upto: usize) -> Migrator {
 }
 
 /// Current UTC time in Trove's format (`2019-12-23T20:58:35`).
+/// The largest intent the controller queues: well inside NATS's default `max_payload` (1 MiB),
+/// with room for headers.
+pub const MAX_INTENT_BYTES: usize = 512 * 1024;
+
+/// An intent too large to send: the request that made it is refused (413) with nothing stored.
+#[derive(Debug, thiserror::Error)]
+#[error("the {kind} intent this request makes would be {bytes} bytes, more than the {MAX_INTENT_BYTES} bytes an intent may carry; send less in one request")]
+pub struct IntentTooLarge {
+    pub kind: String,
+    pub bytes: usize,
+}
+
 pub fn now() -> String {
     let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
     time::OffsetDateTime::now_utc()
@@ -934,7 +946,9 @@ impl Store {
 
     // ---- outbox and intents -------------------------------------------------------------------
 
-    /// Queues an intent for publication inside the transaction that changed the state.
+    /// Queues an intent for publication inside the transaction that changed the state. An intent
+    /// larger than [`MAX_INTENT_BYTES`] is refused ([`IntentTooLarge`], a 413 to the caller), so
+    /// the transaction stores nothing and no intent NATS would refuse ever enters the outbox.
     pub async fn enqueue(
         tx: &mut Transaction<'static, Sqlite>,
         intent_id: &str,
@@ -942,6 +956,13 @@ impl Store {
         kind: &str,
         payload: &[u8],
     ) -> anyhow::Result<()> {
+        if payload.len() > MAX_INTENT_BYTES {
+            return Err(IntentTooLarge {
+                kind: kind.to_string(),
+                bytes: payload.len(),
+            }
+            .into());
+        }
         let ts = now();
         sqlx::query("INSERT INTO outbox (intent_id, instance_id, kind, payload, created) VALUES (?, ?, ?, ?, ?)")
             .bind(intent_id)

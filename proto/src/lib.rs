@@ -52,6 +52,15 @@ pub const INTENT_KINDS: &[&str] = &[
 /// calls.
 pub const CAP_USERS: &str = "users";
 
+/// How long a source whose lease ran out may take to become read-only before its agent shuts the
+/// database down instead (the live fence's bound). The controller's settings must leave room for
+/// it: `lease_ms + FENCE_BOUND_MS + FENCE_WATCH_MS + FENCE_MARGIN_MS <= heartbeat_expiry`.
+pub const FENCE_BOUND_MS: u64 = 2000;
+/// How often the agent's watchdog looks at the lease.
+pub const FENCE_WATCH_MS: u64 = 50;
+/// The least time between a fenced source and the controller's declaring it lost.
+pub const FENCE_MARGIN_MS: u64 = 500;
+
 /// Builds an envelope stamped with the schema and software versions and the current time.
 pub fn envelope(id: String, instance_id: &str, body: v1::envelope::Body) -> v1::Envelope {
     v1::Envelope {

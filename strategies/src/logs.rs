@@ -13,6 +13,9 @@ use crate::storage::Storage;
 /// Largest piece published as one object.
 pub const PIECE: u64 = 1_000_000;
 
+/// Where published guest logs live in the storage: `<CONTAINER>/<instance>/<datastore>-<log>/`.
+pub const CONTAINER: &str = "database_logs";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogKind {
     /// The tenant's: can be enabled and disabled.
@@ -212,25 +215,34 @@ pub fn discard(storage: &dyn Storage, prefix: &str, metafile: &str) -> Result<()
 }
 
 /// The last `n` lines of a published log.
-pub fn tail(storage: &dyn Storage, prefix: &str, n: usize) -> Result<Vec<String>, String> {
+/// The last `n` lines published under `prefix`, at most `max_bytes` of them in all (older lines
+/// are left out past either bound); only the newest pieces needed are read.
+pub fn tail(
+    storage: &dyn Storage,
+    prefix: &str,
+    n: usize,
+    max_bytes: usize,
+) -> Result<Vec<String>, String> {
     let keys = storage.list(prefix).map_err(|e| e.to_string())?;
-    let mut lines: Vec<String> = Vec::new();
-    for k in keys.iter().rev() {
+    let mut lines: std::collections::VecDeque<String> = Default::default();
+    let mut bytes = 0usize;
+    'pieces: for k in keys.iter().rev() {
         let mut text = String::new();
         storage
             .open(k)
             .map_err(|e| e.to_string())?
+            .take(PIECE + 1)
             .read_to_string(&mut text)
             .map_err(|e| format!("{k}: {e}"))?;
-        let mut piece: Vec<String> = text.lines().map(str::to_string).collect();
-        piece.append(&mut lines);
-        lines = piece;
-        if lines.len() >= n {
-            break;
+        for line in text.lines().rev() {
+            if lines.len() >= n || bytes + line.len() + 1 > max_bytes {
+                break 'pieces;
+            }
+            bytes += line.len() + 1;
+            lines.push_front(line.to_string());
         }
     }
-    let skip = lines.len().saturating_sub(n);
-    Ok(lines.split_off(skip))
+    Ok(lines.into())
 }
 
 #[cfg(test)]
@@ -295,13 +307,15 @@ mod tests {
         publish(&def, &mut st, storage.as_ref(), "i/x/", &mut |_| {}).unwrap();
         assert_eq!(status(&def, &st, stat(&file)), ("Published", 0));
         assert_eq!(
-            tail(storage.as_ref(), "i/x/", 10).unwrap(),
+            tail(storage.as_ref(), "i/x/", 10, 1 << 20).unwrap(),
             vec!["one", "two", "partial", "three", "four", "five"]
         );
         assert_eq!(
-            tail(storage.as_ref(), "i/x/", 2).unwrap(),
+            tail(storage.as_ref(), "i/x/", 2, 1 << 20).unwrap(),
             vec!["four", "five"]
         );
+        // The byte bound: "four\n" + "five\n" is 10 bytes; 9 leave only the newest line.
+        assert_eq!(tail(storage.as_ref(), "i/x/", 10, 9).unwrap(), vec!["five"]);
         discard(storage.as_ref(), "i/x/", "i/x_metafile").unwrap();
         assert!(storage.list("i/").unwrap().is_empty());
         assert!(saves >= 1);

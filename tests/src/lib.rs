@@ -240,8 +240,9 @@ impl Default for Opts {
     fn default() -> Self {
         Opts {
             heartbeat_interval_ms: 500,
-            lease_ms: 1000,
-            heartbeat_expiry_s: 4,
+            // Three heartbeats per lease; 1500 + 50 + 2000 + 500 <= 5000 (the fence's margin).
+            lease_ms: 1500,
+            heartbeat_expiry_s: 5,
             build_timeout_s: 300,
             datastore_extra: String::new(),
             tls: false,

@@ -290,3 +290,128 @@ async fn catalog_routes_answer_in_trove_shape() {
     let body: Value = root.json().await.unwrap();
     assert_eq!(body["versions"][0]["id"], "v1.0");
 }
+
+/// What a stranger can send that the framework, not a handler, would answer: every answer is
+/// Trove's JSON error, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_trove_errors_and_store_nothing() {
+    let env = Env::start().await;
+    let url = format!("{}/instances", env.base());
+    let send = |ct: Option<&'static str>, body: Vec<u8>| {
+        let mut rb = env
+            .http
+            .post(&url)
+            .header("X-Auth-Token", &env.token)
+            .body(body);
+        if let Some(ct) = ct {
+            rb = rb.header("Content-Type", ct);
+        }
+        async move {
+            let r = rb.send().await.unwrap();
+            let st = r.status();
+            let ct = r
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap_or(Value::Null);
+            (st, ct, v)
+        }
+    };
+    let good = good().to_string().into_bytes();
+    // A body not declared JSON: 415, nothing created.
+    for ct in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let (st, ctype, v) = send(ct, good.clone()).await;
+        assert_fault(
+            st,
+            &v,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupportedMediaType",
+        );
+        assert!(ctype.starts_with("application/json"), "{ctype}");
+    }
+    // JSON with a charset parameter is JSON.
+    let (st, _, v) = send(Some("application/json; charset=utf-8"), b"{}".to_vec()).await;
+    assert_fault(st, &v, StatusCode::BAD_REQUEST, "badRequest");
+    // Past the 1 MiB the API reads: Trove's 413, in JSON.
+    let big = vec![b' '; 2 << 20];
+    let (st, _, v) = send(Some("application/json"), big).await;
+    assert_fault(st, &v, StatusCode::PAYLOAD_TOO_LARGE, "overLimit");
+    // Unknown routes and methods.
+    let (st, v) = env.call("GET", "/no/such/route", None).await;
+    assert_fault(st, &v, StatusCode::NOT_FOUND, "itemNotFound");
+    let (st, v) = env.call("PATCH", "/flavors", None).await;
+    assert_fault(st, &v, StatusCode::NOT_FOUND, "itemNotFound");
+
+    // Names that would read differently from what they are.
+    for name in [
+        "a\u{0}b",
+        "a\nb",
+        "a\u{202E}gpj.exe",
+        "a\u{2066}b",
+        "ab\u{200B}",
+    ] {
+        let (st, v) = env
+            .call(
+                "POST",
+                "/instances",
+                Some(json!({"instance": {"name": name, "flavorRef": "1", "volume": {"size": 1}}})),
+            )
+            .await;
+        assert_fault(st, &v, StatusCode::BAD_REQUEST, "badRequest");
+        assert!(
+            !v.to_string().contains(name),
+            "the refusal echoes the name back: {v}"
+        );
+    }
+    // Too many users in one request: 413 before anything is placed.
+    let users: Vec<Value> = (0..101)
+        .map(|i| json!({"name": format!("u{i}"), "password": "pw-123456"}))
+        .collect();
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(json!({"instance": {"name": "many", "flavorRef": "1", "volume": {"size": 1}, "users": users}})),
+        )
+        .await;
+    assert_fault(st, &v, StatusCode::PAYLOAD_TOO_LARGE, "overLimit");
+    // Within the counts but an intent larger than any agent message: 413, nothing stored.
+    let dbs: Vec<Value> = (0..100)
+        .map(|i| json!({"name": format!("{i:0>64}")}))
+        .collect();
+    let users: Vec<Value> = (0..100)
+        .map(|i| json!({"name": format!("u{i}"), "password": "pw-123456", "databases": dbs}))
+        .collect();
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(
+                json!({"instance": {"name": "huge", "flavorRef": "1", "volume": {"size": 1},
+                        "databases": dbs, "users": users}}),
+            ),
+        )
+        .await;
+    assert_fault(st, &v, StatusCode::PAYLOAD_TOO_LARGE, "overLimit");
+    assert_eq!(count(&env).await, 0, "a refused create stored an instance");
+
+    // A tenant changing quotas: 403 (a valid token without the right), not 401.
+    let (st, v) = env
+        .call(
+            "PUT",
+            &format!("/mgmt/quotas/{}", env.project),
+            Some(json!({"quotas": {"instances": 100}})),
+        )
+        .await;
+    assert_fault(st, &v, StatusCode::FORBIDDEN, "forbidden");
+
+    // After all that, a normal create still reaches ACTIVE.
+    let id = env.create("after").await;
+    env.wait_status(&id, "ACTIVE", Duration::from_secs(120))
+        .await;
+}

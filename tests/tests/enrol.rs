@@ -32,7 +32,7 @@ fn enroll(env: &Env, cfg: &Path, token_file: &Path) -> (bool, String) {
     let out = Command::new(bin("coffer-agent"))
         .arg("--config")
         .arg(cfg)
-        .args(["enroll", "--patience-s", "5", "--controller"])
+        .args(["enroll", "--insecure", "--patience-s", "5", "--controller"])
         .arg(format!("http://127.0.0.1:{}", env.api_port))
         .arg("--token-file")
         .arg(token_file)

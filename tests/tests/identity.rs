@@ -176,3 +176,52 @@ async fn the_controller_ignores_payloads_naming_another_instance() {
     assert_eq!(v["instance"]["status"], "ACTIVE", "{v}");
     assert!(v["instance"].get("fault").is_none(), "{v}");
 }
+
+/// A call that reaches an agent's subject but names another instance is refused by the agent,
+/// whoever managed to send it; the agent's own instance is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_calls_naming_another_instance() {
+    let env = Env::start().await;
+    let a = env.create("alpha").await;
+    env.wait_status(&a, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let client = env.nats_client().await;
+    let ask = |named: String| {
+        let client = client.clone();
+        let subject = subjects::call(&a);
+        async move {
+            let env = coffer_proto::envelope(
+                "c1".into(),
+                &named,
+                v1::envelope::Body::Call(v1::Call {
+                    reply_key: vec![],
+                    kind: Some(v1::call::Kind::ListDatabases(v1::ListDatabases {})),
+                }),
+            );
+            let reply = tokio::time::timeout(
+                Duration::from_secs(20),
+                client.request(subject, env.encode_to_vec().into()),
+            )
+            .await
+            .expect("the agent answers")
+            .expect("a reply");
+            match coffer_proto::decode(&reply.payload).unwrap().body {
+                Some(v1::envelope::Body::CallReply(r)) => r,
+                other => panic!("not a call reply: {other:?}"),
+            }
+        }
+    };
+    let refused = ask("some-other-instance".into()).await;
+    assert!(!refused.ok, "{refused:?}");
+    assert!(
+        refused
+            .error
+            .contains("is for instance some-other-instance"),
+        "{refused:?}"
+    );
+    assert!(refused.databases.is_empty());
+    // The same call naming the agent's own instance is carried out.
+    let own = ask(a.clone()).await;
+    assert!(own.ok, "{own:?}");
+    assert!(own.databases.iter().any(|d| d.name == "shop"), "{own:?}");
+}

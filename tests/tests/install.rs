@@ -175,6 +175,7 @@ async fn the_agent_deb_installs_enrols_upgrades_without_touching_the_database_an
     let out = root.run(&[
         "coffer-agent",
         "enroll",
+        "--insecure",
         "--controller",
         &format!("http://127.0.0.1:{}", env.api_port),
         "--token-file",

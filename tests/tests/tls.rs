@@ -90,6 +90,21 @@ async fn lifecycle_over_tls_and_plain_clients_are_refused() {
     assert!(plain.is_err(), "NATS requires TLS");
     let _ = env.nats_client().await; // with the CA it works
 
+    // Fifty clients open a TCP connection to the HTTPS port and never speak: their handshakes
+    // wait on their own, and a real client is answered at once.
+    let idle: Vec<std::net::TcpStream> = (0..50)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", env.api_port)).unwrap())
+        .collect();
+    let asked = Instant::now();
+    let (code, v) = curl(&env, "GET", &format!("{base}/instances"), None, true);
+    let took = asked.elapsed();
+    assert_eq!(code, 200, "{v}");
+    assert!(
+        took < Duration::from_secs(1),
+        "the API answered only after {took:?} with 50 idle connections open"
+    );
+    drop(idle);
+
     let (code, _) = curl(
         &env,
         "DELETE",

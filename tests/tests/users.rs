@@ -448,7 +448,7 @@ async fn quotas_hold_under_concurrent_creates() {
             Some(json!({"quotas": {"instances": 2}})),
         )
         .await;
-    assert_eq!(st, StatusCode::UNAUTHORIZED, "only admins update: {v}");
+    assert_eq!(st, StatusCode::FORBIDDEN, "only admins update: {v}");
     let (st, v) = env
         .call_as(&admin, "PUT", &q, Some(json!({"quotas": {"instances": 2}})))
         .await;

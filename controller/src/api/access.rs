@@ -144,7 +144,10 @@ fn check_password(p: &str) -> Result<(), ApiError> {
 
 fn list_of<'a>(body: &'a Map<String, Value>, key: &str) -> Result<&'a Vec<Value>, ApiError> {
     match body.get(key) {
-        Some(Value::Array(a)) if !a.is_empty() => Ok(a),
+        Some(Value::Array(a)) if !a.is_empty() => {
+            super::check_count(&format!("'{key}'"), a.len())?;
+            Ok(a)
+        }
         Some(Value::Array(_)) => Err(ApiError::validation(format!("'{key}' must not be empty"))),
         _ => Err(ApiError::validation(format!(
             "'{key}' is a required property"
@@ -163,6 +166,7 @@ fn string_of<'a>(o: &'a Value, key: &str, path: &str) -> Result<Option<&'a str>,
 }
 
 fn db_names(items: &[Value], path: &str) -> Result<Vec<String>, ApiError> {
+    super::check_count(path, items.len())?;
     items
         .iter()
         .map(|d| {

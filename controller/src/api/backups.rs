@@ -155,10 +155,14 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             ))
         }
     };
+    super::check_text("backup['name']", &name, 255)?;
     let description = b
         .get("description")
         .and_then(|v| v.as_str())
         .map(String::from);
+    if let Some(d) = &description {
+        super::check_text("backup['description']", d, 1024)?;
+    }
     let instance = b
         .get("instance")
         .and_then(|v| v.as_str())

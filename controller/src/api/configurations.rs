@@ -288,12 +288,10 @@ fn values_of(b: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
 fn text_field(b: &Map<String, Value>, key: &str, max: usize) -> Result<Option<String>, ApiError> {
     match b.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.len() <= max && !s.chars().any(char::is_control) => {
+        Some(Value::String(s)) => {
+            super::check_text(&format!("configuration['{key}']"), s, max)?;
             Ok(Some(s.clone()))
         }
-        Some(Value::String(s)) => Err(ApiError::validation(format!(
-            "configuration['{key}'] '{s}' is not valid (at most {max} characters, no control characters)"
-        ))),
         Some(_) => Err(ApiError::validation(format!(
             "configuration['{key}'] is not of type 'string'"
         ))),

@@ -207,6 +207,7 @@ fn parse_create(body: &Map<String, Value>) -> Result<CreateReq, ApiError> {
             ))
         }
     };
+    super::check_text("instance['name']", &name, 255)?;
     if name.trim().is_empty() {
         return Err(ApiError::validation(format!(
             "instance['name'] '{name}' is too short"
@@ -288,6 +289,7 @@ fn parse_create(body: &Map<String, Value>) -> Result<CreateReq, ApiError> {
         let arr = v
             .as_array()
             .ok_or_else(|| ApiError::validation("instance['databases'] is not of type 'array'"))?;
+        super::check_count("instance['databases']", arr.len())?;
         for d in arr {
             let o = d.as_object().ok_or_else(|| {
                 ApiError::validation("instance['databases'] item is not of type 'object'")
@@ -322,6 +324,7 @@ fn parse_create(body: &Map<String, Value>) -> Result<CreateReq, ApiError> {
         let arr = v
             .as_array()
             .ok_or_else(|| ApiError::validation("instance['users'] is not of type 'array'"))?;
+        super::check_count("instance['users']", arr.len())?;
         for u in arr {
             let o = u.as_object().ok_or_else(|| {
                 ApiError::validation("instance['users'] item is not of type 'object'")
@@ -357,6 +360,7 @@ fn parse_create(body: &Map<String, Value>) -> Result<CreateReq, ApiError> {
                 let arr = dv.as_array().ok_or_else(|| {
                     ApiError::validation("instance['users']['databases'] is not of type 'array'")
                 })?;
+                super::check_count("instance['users']['databases']", arr.len())?;
                 for d in arr {
                     let n = d.get("name").and_then(|n| n.as_str()).ok_or_else(|| {
                         ApiError::validation(
@@ -1122,6 +1126,7 @@ async fn update_impl(st: AppState, c: Caller, id: String, body: Bytes, patch: bo
         let n = n
             .as_str()
             .ok_or_else(|| ApiError::validation("instance['name'] is not of type 'string'"))?;
+        super::check_text("instance['name']", n, 255)?;
         if n.trim().is_empty() || n.len() > 255 || !n.chars().any(|c| c.is_ascii_alphanumeric()) {
             return Err(ApiError::validation(format!(
                 "instance['name'] '{n}' is not a valid name"

@@ -129,6 +129,9 @@ pub struct TailQuery {
     lines: Option<String>,
 }
 
+/// The most bytes of log text one tail answer carries (older lines are left out past it).
+const TAIL_MAX_BYTES: usize = 1 << 20;
+
 pub async fn tail(
     st: AppState,
     c: Caller,
@@ -141,9 +144,9 @@ pub async fn tail(
         Some(s) => s
             .parse()
             .ok()
-            .filter(|n| *n > 0 && *n <= 100_000)
+            .filter(|n| *n > 0 && *n <= 10_000)
             .ok_or_else(|| {
-                ApiError::bad_request(format!("lines must be 1 to 100000, not '{s}'."))
+                ApiError::bad_request(format!("lines must be 1 to 10000, not '{s}'."))
             })?,
     };
     let (_, all) = call(&st, &r, v1::call::Kind::ListLogs(v1::ListLogs {})).await?;
@@ -161,11 +164,32 @@ pub async fn tail(
     let cfg = st.cfg.backup.clone().ok_or_else(|| {
         ApiError::not_implemented("Logs are not available: no storage is configured.")
     })?;
-    let prefix = format!("{}/{}", log.container, log.prefix);
+    // The storage prefix is the controller's own: this instance's id, its datastore (the
+    // version's manager) and the log's name. What the agent says of it is never used, so no
+    // agent can point the controller at another instance's objects.
+    if !log
+        .name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(ApiError::not_found(format!("Log {name} does not exist.")));
+    }
+    let version = st
+        .store
+        .version(&r.datastore_version_id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the instance's datastore version is gone"))?;
+    let prefix = format!(
+        "{}/{}/{}-{}/",
+        coffer_strategies::logs::CONTAINER,
+        r.id,
+        version.manager,
+        log.name
+    );
     let client = st.client.clone();
     let lines = tokio::task::spawn_blocking(move || {
         let storage = cfg.storage.build(Some(&client))?;
-        coffer_strategies::logs::tail(storage.as_ref(), &prefix, n)
+        coffer_strategies::logs::tail(storage.as_ref(), &prefix, n, TAIL_MAX_BYTES)
     })
     .await
     .map_err(|e| anyhow::anyhow!("reading the log: {e}"))?

@@ -1,6 +1,7 @@
 //! The OpenStack Database API v1.0 (Trove wire format): routes, authentication, errors.
 //!
-//! Errors always use Trove's one-key body (`{"badRequest": {"code": 400, "message": "..."}}`);
+//! Errors always use Trove's one-key body (`{"badRequest": {"code": 400, "message": "..."}}`),
+//! the framework's own included (body too large, unparsable query, a body not declared JSON);
 //! unknown routes and wrong methods are 404 `itemNotFound`, as in Trove.
 
 mod access;
@@ -16,9 +17,10 @@ pub mod replicas;
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -68,6 +70,9 @@ impl ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
+        if let Some(t) = e.downcast_ref::<crate::store::IntentTooLarge>() {
+            return Self::new(StatusCode::PAYLOAD_TOO_LARGE, "overLimit", format!("{t}."));
+        }
         let id = uuid::Uuid::new_v4();
         error!(error_id = %id, error = %format!("{e:#}"), "internal error");
         Self::new(
@@ -143,7 +148,7 @@ impl FromRequestParts<Arc<App>> for Caller {
                     "The request you have made requires authentication: no X-Auth-Token header.",
                 )
             })?;
-        let principal = app.tokens.get(token).ok_or_else(|| {
+        let principal = app.tokens.lookup(token).ok_or_else(|| {
             ApiError::unauthorized(
                 "The request you have made requires authentication: the token is not valid.",
             )
@@ -175,6 +180,140 @@ fn host_of(h: &HeaderMap) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("localhost")
         .to_string()
+}
+
+/// The largest request body the API reads (a larger one is a 413 `overLimit`).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// The most users, databases (or other items) one request may name; more is a 413 before
+/// anything is stored. Everything a request names travels in one intent, which must stay well
+/// inside NATS's message size.
+pub const MAX_ITEMS_PER_REQUEST: usize = 100;
+
+/// Refuses a list longer than [`MAX_ITEMS_PER_REQUEST`].
+pub fn check_count(what: &str, n: usize) -> Result<(), ApiError> {
+    if n > MAX_ITEMS_PER_REQUEST {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "overLimit",
+            format!(
+                "{what} names {n} items; one request may name at most {MAX_ITEMS_PER_REQUEST}. Send them in several requests."
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a header map declares a JSON body (`application/json`, parameters allowed).
+fn declares_json(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Whether a request carries a body at all.
+fn has_body(h: &HeaderMap) -> bool {
+    h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
+}
+
+/// Trove's fault key for a status the handlers do not produce themselves (webob's class name
+/// without `HTTP`, first letter lower-cased).
+fn fault_key(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "badRequest",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 | 405 => "itemNotFound",
+        409 => "conflict",
+        413 => "overLimit",
+        415 => "unsupportedMediaType",
+        422 => "unprocessableEntity",
+        501 => "notImplemented",
+        s if s >= 500 => "instanceFault",
+        _ => "badRequest",
+    }
+}
+
+/// Every request and answer passes here: a body must be declared JSON (415 otherwise, nothing
+/// done), and any error the framework answers by itself (body too large, a query or path it could
+/// not parse) is rewritten into Trove's one-key JSON body, so clients meet one error format.
+async fn trove_errors(req: Request, next: Next) -> Response {
+    if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH)
+        && has_body(req.headers())
+        && !declares_json(req.headers())
+    {
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupportedMediaType",
+            "The request body must be JSON: send it with 'Content-Type: application/json'.",
+        )
+        .into_response();
+    }
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) || declares_json(resp.headers()) {
+        return resp;
+    }
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("The request body is larger than the {MAX_BODY_BYTES} bytes the API accepts.")
+        }
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
+            "The resource could not be found.".to_string()
+        }
+        _ => {
+            let body = axum::body::to_bytes(resp.into_body(), 4096)
+                .await
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&body).trim().to_string();
+            if text.is_empty() {
+                status
+                    .canonical_reason()
+                    .unwrap_or("The request could not be handled.")
+                    .to_string()
+            } else {
+                format!("{text}.")
+            }
+        }
+    };
+    let status = if status == StatusCode::METHOD_NOT_ALLOWED {
+        StatusCode::NOT_FOUND
+    } else {
+        status
+    };
+    ApiError::new(status, fault_key(status), message).into_response()
+}
+
+/// Characters that must not stand in a name or description shown to people: control characters
+/// (NUL, newline, escape, ...), bidirectional overrides, embeddings, isolates and marks (which
+/// make a name read differently from what it is), line/paragraph separators and zero-width ones.
+pub fn hidden_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// Checks a free-text field (instance, backup, configuration or module name or description):
+/// at most `max` bytes and no [`hidden_char`].
+pub fn check_text(what: &str, s: &str, max: usize) -> Result<(), ApiError> {
+    if s.len() > max {
+        return Err(ApiError::validation(format!(
+            "{what} is longer than {max} characters"
+        )));
+    }
+    if let Some(c) = s.chars().find(|c| hidden_char(*c)) {
+        return Err(ApiError::validation(format!(
+            "{what} holds the character U+{:04X}: control and bidirectional-formatting characters are not allowed",
+            c as u32
+        )));
+    }
+    Ok(())
 }
 
 /// Parses a request body as a JSON object.
@@ -439,6 +578,8 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
+        .layer(middleware::from_fn(trove_errors))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
 }
 

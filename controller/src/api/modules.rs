@@ -93,6 +93,7 @@ async fn fill(
             .as_str()
             .filter(|s| !s.trim().is_empty() && s.len() <= 255)
             .ok_or_else(|| ApiError::validation("module['name'] must be a non-empty string"))?;
+        super::check_text("module['name']", n, 255)?;
         m.name = n.to_string();
     } else if creating {
         return Err(ApiError::validation("'name' is a required property"));
@@ -110,6 +111,9 @@ async fn fill(
         m.kind = "ping".into();
     }
     if let Some(d) = b.get("description") {
+        if let Some(d) = d.as_str() {
+            super::check_text("module['description']", d, 1024)?;
+        }
         m.description = d.as_str().map(str::to_string);
     }
     if let Some(d) = b.get("datastore") {
@@ -340,6 +344,8 @@ pub async fn instances(
         .module_instances(&m.id)
         .await?
         .iter()
+        // A public module is shared; the instances it is applied to are not.
+        .filter(|r| c.admin || r.project_id == c.project)
         .map(|r| json!({"id": r.id, "name": r.name}))
         .collect();
     ok(json!({ "instances": list }))
@@ -482,6 +488,11 @@ pub async fn instance_remove(
     Path((_p, id, mid)): Path<(String, String, String)>,
 ) -> ApiResult {
     let r = super::instances::find(&st, &c, &id).await?;
+    if !coffer_proto::subjects::valid_token(&mid) {
+        return Err(ApiError::not_found(format!(
+            "Module {mid} cannot be found."
+        )));
+    }
     let (_, reply) = call(
         &st,
         &r,

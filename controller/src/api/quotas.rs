@@ -22,13 +22,14 @@ pub async fn check(
     let (n, used_ram, used_vol) = Store::usage(tx, project).await?;
     let mut over = vec![];
     for (resource, limit) in &limits {
+        // Checked: a sum that does not fit is over any limit, never a wrapped small number.
         let after = match resource.as_str() {
-            "instances" => n + 1,
-            "ram" => used_ram + ram,
-            "volumes" => used_vol + volume,
+            "instances" => n.checked_add(1),
+            "ram" => used_ram.checked_add(ram),
+            "volumes" => used_vol.checked_add(volume),
             _ => continue,
         };
-        if *limit >= 0 && after > *limit {
+        if *limit >= 0 && after.is_none_or(|a| a > *limit) {
             over.push(format!("'{resource}'"));
         }
     }
@@ -80,8 +81,8 @@ pub async fn update(
     body: Bytes,
 ) -> ApiResult {
     if !c.admin {
-        return Err(ApiError::unauthorized(
-            "User does not have admin privileges.",
+        return Err(ApiError::forbidden(
+            "User does not have admin privileges: changing quotas is an administrator's action.",
         ));
     }
     let body = parse_body(&body)?;

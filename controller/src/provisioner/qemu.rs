@@ -271,10 +271,17 @@ fn user_data(controller_url: &str, token: &str) -> String {
             .collect::<Vec<_>>()
             .join("\n")
     };
+    // The guest reaches the controller through qemu's user-mode network (10.0.2.2 is this
+    // host), so a plain-http controller never leaves the host; anything else must be https.
+    let insecure = if controller_url.starts_with("http://10.0.2.2:") {
+        "insecure = true\n"
+    } else {
+        ""
+    };
     let agent_toml = format!(
         "# Written by cloud-init from the coffer-controller's NoCloud seed.\n\
          [listen]\nbind_address = \"0.0.0.0\"\nport = 3306\n\n\
-         [enrol]\ncontroller_url = {controller_url:?}\ntoken_file = \"/etc/coffer/enrol-token\"\n"
+         [enrol]\ncontroller_url = {controller_url:?}\ntoken_file = \"/etc/coffer/enrol-token\"\n{insecure}"
     );
     format!(
         "#cloud-config\n\
