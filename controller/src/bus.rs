@@ -170,7 +170,39 @@ pub async fn heartbeat_loop(app: Arc<App>) -> anyhow::Result<()> {
         )
         .await
         .context("subscribing to heartbeats")?;
+    // An agent sends one heartbeat per interval (and one more on a status change); more than
+    // that is a flood, dropped here before any decoding or store access, so one agent cannot
+    // delay the others' heartbeats (and make their leases lapse).
+    let min_gap = Duration::from_millis((app.provisioner.heartbeat_interval_ms() / 4).max(20));
+    let mut accepted: std::collections::HashMap<String, Instant> = Default::default();
+    let mut dropped: u64 = 0;
+    let mut last_report = Instant::now();
     while let Some(msg) = sub.next().await {
+        let Some(from) = subjects::instance_of(msg.subject.as_str()) else {
+            continue;
+        };
+        let now = Instant::now();
+        match accepted.get_mut(from) {
+            Some(t) if now.duration_since(*t) < min_gap => {
+                dropped += 1;
+                if last_report.elapsed() > Duration::from_secs(10) {
+                    warn!(
+                        instance = from,
+                        dropped, "heartbeats arriving faster than agents send them; dropped"
+                    );
+                    dropped = 0;
+                    last_report = Instant::now();
+                }
+                continue;
+            }
+            Some(t) => *t = now,
+            None => {
+                accepted.insert(from.to_string(), now);
+            }
+        }
+        if accepted.len() > 100_000 {
+            accepted.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+        }
         let Ok(env) = coffer_proto::decode(&msg.payload) else {
             continue;
         };

@@ -120,6 +120,13 @@ fn creds(jwt: &str, user: &KeyPair) -> anyhow::Result<String> {
     ))
 }
 
+/// The most subscriptions one agent's connection may hold (it needs its call subject, its inbox
+/// and a few consumers' deliveries).
+pub const AGENT_MAX_SUBS: i64 = 64;
+/// The largest message one agent may publish (the server refuses more): a backup's chunks and
+/// the largest call answers fit well inside it.
+pub const AGENT_MAX_PAYLOAD: i64 = 1 << 20;
+
 /// What one agent may publish and subscribe to; with backups in the NATS object store
 /// `bucket`, also that bucket's object-store API (reading any backup is what a restore needs;
 /// the streams are sealed with the operator's key).
@@ -268,7 +275,8 @@ impl Authority {
         let nats = json!({
             "pub": {"allow": publish}, "sub": {"allow": subscribe},
             "resp": {"max": 1, "ttl": 60_000_000_000u64},
-            "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2,
+            "subs": AGENT_MAX_SUBS, "data": -1, "payload": AGENT_MAX_PAYLOAD,
+            "type": "user", "version": 2,
         });
         self.user(&self.account, &format!("agent-{instance}"), nats)
     }

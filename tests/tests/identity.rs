@@ -225,3 +225,80 @@ async fn an_agent_refuses_calls_naming_another_instance() {
     assert!(own.ok, "{own:?}");
     assert!(own.databases.iter().any(|d| d.name == "shop"), "{own:?}");
 }
+
+/// One agent floods its heartbeat subject for 10 s with its own credentials: the controller
+/// drops the excess before doing any work, so no other instance changes status and a source
+/// keeps its lease (never fences).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agents_heartbeat_flood_leaves_the_others_alone() {
+    let env = Env::start().await;
+    let a = env.create("flooder").await;
+    let b = env.create("victim").await;
+    env.wait_status(&a, "ACTIVE", Duration::from_secs(120))
+        .await;
+    env.wait_status(&b, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(serde_json::json!({"instance": {"name": "victim-rep", "replica_of": b}})),
+        )
+        .await;
+    assert!(st.is_success(), "{v}");
+    let rep = v["instance"]["id"].as_str().unwrap().to_string();
+    env.wait_status(&rep, "ACTIVE", Duration::from_secs(180))
+        .await;
+    let creds = env.dir.path().join("flooder.creds");
+    std::fs::copy(env.agent_creds(&a), &creds).unwrap();
+    let (client, _) = connect_as(&env, &creds, &a).await;
+    let hb = coffer_proto::envelope(
+        "flood".into(),
+        &a,
+        v1::envelope::Body::Heartbeat(v1::Heartbeat {
+            status: v1::ServiceStatus::Running as i32,
+            boot_id: "flood".into(),
+            ..Default::default()
+        }),
+    )
+    .encode_to_vec();
+    let flood = tokio::spawn(async move {
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut sent = 0u64;
+        while Instant::now() < until {
+            for _ in 0..500 {
+                let _ = client
+                    .publish(subjects::heartbeat(&a), hb.clone().into())
+                    .await;
+            }
+            let _ = client.flush().await;
+            sent += 500;
+        }
+        sent
+    });
+    let mut checks = 0;
+    while !flood.is_finished() {
+        for id in [&b, &rep] {
+            let v = env.show(id).await.1;
+            assert_eq!(v["instance"]["status"], "ACTIVE", "during the flood: {v}");
+            assert_ne!(
+                v["instance"]["replication"]["role"], "fenced",
+                "a source fenced during another agent's flood: {v}"
+            );
+        }
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let sent = flood.await.unwrap();
+    assert!(sent > 10_000, "the flood was real: {sent} heartbeats");
+    assert!(checks > 10);
+    // For a lease's worth of time past the flood, still the same.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        for id in [&b, &rep] {
+            let v = env.show(id).await.1;
+            assert_eq!(v["instance"]["status"], "ACTIVE", "after the flood: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
