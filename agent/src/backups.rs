@@ -211,7 +211,68 @@ fn read_manifest(
         .map_err(|e| format!("backup {id}: {e}"))?
         .read_to_string(&mut s)
         .map_err(|e| format!("backup {id}: reading the manifest: {e}"))?;
-    serde_json::from_str(&s).map_err(|e| format!("backup {id}: bad manifest: {e}"))
+    let m: Manifest =
+        serde_json::from_str(&s).map_err(|e| format!("backup {id}: bad manifest: {e}"))?;
+    if m.backup_id != id {
+        return Err(format!(
+            "backup {id}: the stored manifest names backup {}; refusing a manifest that was replaced",
+            m.backup_id
+        ));
+    }
+    Ok(m)
+}
+
+/// The chain to restore: exactly the links the controller recorded (full backup first), each
+/// stored manifest checked against them: the instance it came from, the stream digest, its
+/// parent. A restore queued without a recorded chain (by an older controller) follows the
+/// stored parents.
+fn chain_of(
+    storage: &dyn coffer_strategies::storage::Storage,
+    from: &v1::RestoreFrom,
+) -> Result<Vec<Manifest>, String> {
+    let id = &from.backup_id;
+    if from.chain.is_empty() {
+        let mut chain = vec![read_manifest(storage, id)?];
+        while let Some(parent) = chain.last().and_then(|m| m.parent_id.clone()) {
+            if chain.len() > 1000 {
+                return Err(format!("backup {id}: the chain is longer than 1000 links"));
+            }
+            chain.push(read_manifest(storage, &parent)?);
+        }
+        chain.reverse();
+        return Ok(chain);
+    }
+    if from.chain.last().map(|l| &l.backup_id) != Some(id) {
+        return Err(format!(
+            "backup {id}: the recorded chain does not end with it"
+        ));
+    }
+    let mut chain: Vec<Manifest> = vec![];
+    for link in &from.chain {
+        let m = read_manifest(storage, &link.backup_id)?;
+        let bid = &link.backup_id;
+        if m.instance_id != link.instance_id {
+            return Err(format!(
+                "backup {bid}: the stored manifest says it was taken from instance {}, the controller recorded {}; refused",
+                m.instance_id, link.instance_id
+            ));
+        }
+        if !m.sha256.eq_ignore_ascii_case(&link.sha256) {
+            return Err(format!(
+                "backup {bid}: the stored manifest's digest is not the one the controller recorded; the backup was replaced, refused"
+            ));
+        }
+        let parent = chain.last().map(|p| p.backup_id.as_str());
+        if m.parent_id.as_deref() != parent {
+            return Err(format!(
+                "backup {bid}: the stored manifest names parent {}, the controller recorded {}; refused",
+                m.parent_id.as_deref().unwrap_or("none"),
+                parent.unwrap_or("none")
+            ));
+        }
+        chain.push(m);
+    }
+    Ok(chain)
 }
 
 /// What is left to do of a restore once the server runs.
@@ -227,6 +288,7 @@ pub enum Restored {
 fn open_link(
     storage: &dyn coffer_strategies::storage::Storage,
     ring: Option<&Keyring>,
+    encrypted: bool,
     m: &Manifest,
 ) -> Result<Box<dyn Read + Send>, String> {
     let bid = &m.backup_id;
@@ -244,6 +306,17 @@ fn open_link(
         return Err(format!(
             "backup {bid}: the stored stream belongs to backup {}",
             info.backup_id
+        ));
+    }
+    // While backups are encrypted, a plaintext stream is never one of ours.
+    if encrypted && info.key_id.is_none() {
+        return Err(format!(
+            "backup {bid}: the stored stream is not encrypted, and this deployment encrypts every backup; refused"
+        ));
+    }
+    if m.encrypted != info.key_id.is_some() || (m.encrypted && m.key_id != info.key_id) {
+        return Err(format!(
+            "backup {bid}: the stored stream's encryption does not match its manifest; refused"
         ));
     }
     Ok(Box::new(reader))
@@ -275,14 +348,16 @@ fn strategy_of(m: &Manifest) -> Result<BackupKind, String> {
 pub async fn restore(
     ctx: &Arc<Ctx>,
     intent_id: &str,
-    backup_id: &str,
+    from: &v1::RestoreFrom,
     sizing: &Sizing,
 ) -> Result<Restored, String> {
     let cfg = config(ctx)?.clone();
     let ring = keyring(&cfg)?;
+    let encrypted = cfg.encryption;
+    let from = from.clone();
     let data_dir = ctx.ds.data_path();
     let scratch = ctx.state.root().join("restore-scratch");
-    let id = backup_id.to_string();
+    let id = from.backup_id.clone();
     let datastore = ctx.ds.name().to_string();
     let done = Arc::new(AtomicU64::new(0));
     let done2 = done.clone();
@@ -290,15 +365,8 @@ pub async fn restore(
     let client = ctx.client.clone();
     let work = tokio::task::spawn_blocking(move || -> Result<Restored, String> {
         let storage = cfg.storage.build(Some(&client))?;
-        // The chain, full backup first.
-        let mut chain = vec![read_manifest(storage.as_ref(), &id)?];
-        while let Some(parent) = chain.last().and_then(|m| m.parent_id.clone()) {
-            if chain.len() > 1000 {
-                return Err(format!("backup {id}: the chain is longer than 1000 links"));
-            }
-            chain.push(read_manifest(storage.as_ref(), &parent)?);
-        }
-        chain.reverse();
+        // The chain, full backup first, bound to the controller's record.
+        let mut chain = chain_of(storage.as_ref(), &from)?;
         if let Some(m) = chain.iter().find(|m| m.datastore != datastore) {
             return Err(format!(
                 "backup {} is a {} backup; it cannot be restored into a {datastore} instance",
@@ -315,7 +383,7 @@ pub async fn restore(
             }
             // Authenticate the whole stream before anything is initialised, so a wrong key or
             // a damaged stream fails here instead of half-way through the load.
-            let mut reader = open_link(storage.as_ref(), ring.as_ref(), &chain[0])?;
+            let mut reader = open_link(storage.as_ref(), ring.as_ref(), encrypted, &chain[0])?;
             let mut report = |n: u64| done2.store(n, Ordering::Relaxed);
             coffer_strategies::backup::pump(&mut reader, &mut std::io::sink(), &mut report)
                 .map_err(|e| link_error(&chain[0].backup_id, BackupError::Io(e)))?;
@@ -324,7 +392,7 @@ pub async fn restore(
         let _ = std::fs::remove_dir_all(&dd);
         let result = (|| -> Result<(), String> {
             for (i, m) in chain.iter().enumerate() {
-                let mut reader = open_link(storage.as_ref(), ring.as_ref(), m)?;
+                let mut reader = open_link(storage.as_ref(), ring.as_ref(), encrypted, m)?;
                 let mut report = |n: u64| done2.store(n, Ordering::Relaxed);
                 let applied = if i == 0 {
                     strategy.restore(&dd, &scratch, &mut reader, &mut report)
@@ -370,7 +438,7 @@ pub async fn load(ctx: &Arc<Ctx>, intent_id: &str, m: Manifest) -> Result<(), St
     let work = tokio::task::spawn_blocking(move || -> Result<(), String> {
         let storage = cfg.storage.build(Some(&client))?;
         let strategy = strategy_of(&m)?.build();
-        let mut reader = open_link(storage.as_ref(), ring.as_ref(), &m)?;
+        let mut reader = open_link(storage.as_ref(), ring.as_ref(), cfg.encryption, &m)?;
         strategy
             .load(&bctx, &mut reader, &epilogue, &mut |n| {
                 done2.store(n, Ordering::Relaxed)

@@ -485,7 +485,7 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
                     &format!("restoring backup {}", r.backup_id),
                 )
                 .await;
-                match crate::backups::restore(ctx, id, &r.backup_id, &sizing).await? {
+                match crate::backups::restore(ctx, id, r, &sizing).await? {
                     crate::backups::Restored::Load(m) => {
                         restored_at = Some(m.position.clone());
                         pending_load = Some(m);

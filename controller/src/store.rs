@@ -1124,6 +1124,25 @@ impl Store {
         Ok(row.as_ref().map(backup_from))
     }
 
+    /// The chain that restores backup `id`: its full backup first, `id` last (None if a link is
+    /// missing, deleted, or the chain loops).
+    pub async fn backup_chain(&self, id: &str) -> anyhow::Result<Option<Vec<BackupRow>>> {
+        let mut chain = vec![];
+        let mut next = Some(id.to_string());
+        while let Some(b) = next {
+            if chain.len() > 1000 || chain.iter().any(|x: &BackupRow| x.id == b) {
+                return Ok(None);
+            }
+            let Some(row) = self.backup(&b).await? else {
+                return Ok(None);
+            };
+            next = row.parent_id.clone();
+            chain.push(row);
+        }
+        chain.reverse();
+        Ok(Some(chain))
+    }
+
     pub async fn backup_by_intent(&self, intent_id: &str) -> anyhow::Result<Option<BackupRow>> {
         let row = sqlx::query("SELECT * FROM backups WHERE intent_id = ?")
             .bind(intent_id)

@@ -236,6 +236,72 @@ async fn tampered_backups_and_missing_keys_never_restore(storage: BackupStorage)
         .await;
 }
 
+/// A restore follows the controller's record of the backup, not what storage says: a manifest
+/// naming another backup, a stream and manifest swapped in together, and a manifest that claims
+/// another instance are each refused before anything starts, with the reason; the real backup
+/// still restores afterwards.
+async fn restores_are_bound_to_the_controllers_record(storage: BackupStorage) {
+    let env = env_on(storage).await;
+    let (id, _) = env.active_with_rows("src", &[1]).await;
+    let a = post_backup(&env, json!({"backup": {"name": "a", "instance": id}})).await;
+    wait_backup(&env, &a, "COMPLETED").await;
+    let b = post_backup(&env, json!({"backup": {"name": "b", "instance": id}})).await;
+    wait_backup(&env, &b, "COMPLETED").await;
+    let (a_json, b_json) = (
+        env.read_object(&format!("{a}.json")).await,
+        env.read_object(&format!("{b}.json")).await,
+    );
+    let (a_data, b_data) = (
+        env.read_object(&format!("{a}.cfbk")).await,
+        env.read_object(&format!("{b}.cfbk")).await,
+    );
+    let refused = |name: &'static str, needle: &'static str| {
+        let env = &env;
+        let b = b.clone();
+        async move {
+            let (st, v) = restore(env, &b, name).await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+            let rid = v["instance"]["id"].as_str().unwrap().to_string();
+            let e = env
+                .wait_status(&rid, "ERROR", Duration::from_secs(60))
+                .await;
+            let msg = e["fault"]["message"].as_str().unwrap_or_default();
+            assert!(msg.contains(needle), "{name}: {e}");
+            assert!(env.db_pid(&rid).is_none(), "{name}: nothing was started");
+        }
+    };
+
+    // B's manifest replaced by A's.
+    env.write_object(&format!("{b}.json"), &a_json).await;
+    refused("other-manifest", "names backup").await;
+
+    // A's stream and manifest swapped in as B (the manifest renamed to B to fit).
+    let mut forged: Value = serde_json::from_slice(&a_json).unwrap();
+    forged["backup_id"] = json!(b);
+    env.write_object(&format!("{b}.json"), forged.to_string().as_bytes())
+        .await;
+    env.write_object(&format!("{b}.cfbk"), &a_data).await;
+    refused("swapped", "was replaced").await;
+
+    // B as it was, but its manifest claims another instance.
+    env.write_object(&format!("{b}.cfbk"), &b_data).await;
+    let mut foreign: Value = serde_json::from_slice(&b_json).unwrap();
+    foreign["instance_id"] = json!("another-instance");
+    env.write_object(&format!("{b}.json"), foreign.to_string().as_bytes())
+        .await;
+    refused("foreign", "taken from instance another-instance").await;
+
+    // Put back, B restores with its own data.
+    env.write_object(&format!("{b}.json"), &b_json).await;
+    let (st, v) = restore(&env, &b, "good").await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let good = v["instance"]["id"].as_str().unwrap().to_string();
+    let view = env
+        .wait_status(&good, "ACTIVE", Duration::from_secs(120))
+        .await;
+    assert_eq!(rows(&env, &view).await, vec![1]);
+}
+
 async fn key_rotation_keeps_old_backups_restorable(storage: BackupStorage) {
     let env = env_on(storage).await;
     let (id, _) = env.active_with_rows("rot", &[10]).await;
@@ -613,6 +679,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     backup_and_restore_into_a_new_instance,
     tampered_backups_and_missing_keys_never_restore,
+    restores_are_bound_to_the_controllers_record,
     key_rotation_keeps_old_backups_restorable,
     incremental_chains_restore_from_any_link_and_delete_together,
     full_storage_fails_the_backup_and_nothing_else,

@@ -411,3 +411,47 @@ async fn start(
     app.outbox_wake.notify_one();
     Ok(id)
 }
+
+/// What a restore of `backup_id` is bound to: the chain as the controller recorded it (ids,
+/// source instances, stream digests), so the agent refuses storage that says otherwise. Every
+/// link must be COMPLETED with a digest; `project` (None for the controller's own snapshots)
+/// must own each one.
+pub(super) async fn restore_point(
+    app: &crate::App,
+    backup_id: &str,
+    project: Option<&str>,
+) -> Result<v1::RestoreFrom, ApiError> {
+    let chain = app.store.backup_chain(backup_id).await?.ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "conflict",
+            format!("Backup {backup_id} cannot be restored: a backup of its chain is missing or deleted."),
+        )
+    })?;
+    let mut links = vec![];
+    for b in &chain {
+        let sha = b.checksum.clone().filter(|s| !s.is_empty());
+        let owned = project.is_none_or(|p| b.project_id == p);
+        match sha {
+            Some(sha256) if b.status == "COMPLETED" && owned => links.push(v1::ChainLink {
+                backup_id: b.id.clone(),
+                instance_id: b.instance_id.clone(),
+                sha256,
+            }),
+            _ => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::CONFLICT,
+                    "conflict",
+                    format!(
+                        "Backup {backup_id} cannot be restored: backup {} of its chain is not a completed backup of this project.",
+                        b.id
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(v1::RestoreFrom {
+        backup_id: backup_id.to_string(),
+        chain: links,
+    })
+}

@@ -546,7 +546,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
                     version.manager
                 )));
             }
-            Some(backup.id)
+            Some(super::backups::restore_point(&app, &backup.id, Some(&c.project)).await?)
         }
         None => None,
     };
@@ -659,7 +659,8 @@ pub(super) struct NewInstance {
     pub databases: Vec<v1::Database>,
     /// Passwords in the clear until [`commit_new`] seals them.
     pub users: Vec<v1::User>,
-    pub restore_from: Option<String>,
+    /// The backup chain to restore, as the controller recorded it.
+    pub restore_from: Option<v1::RestoreFrom>,
     pub overrides: Vec<v1::Override>,
     pub modules: Vec<store::ModuleRow>,
     pub configuration: Option<String>,
@@ -861,10 +862,7 @@ pub(super) async fn commit_new(
         users,
         datastore_version: n.version.version.clone(),
         root_password_sealed,
-        restore: n
-            .restore_from
-            .clone()
-            .map(|backup_id| v1::RestoreFrom { backup_id }),
+        restore: n.restore_from.clone(),
         overrides: n.overrides.clone(),
         replica_of: None,
         modules: module_specs,

@@ -329,6 +329,7 @@ async fn build(
     }
     let flavor = app.store.flavor(&source.flavor_id).await?;
     let version = app.store.version(&source.datastore_version_id).await?;
+    let restore = super::backups::restore_point(app, snapshot, None).await?;
     for id in ids {
         let Some(r) = app.store.instance(id).await? else {
             continue;
@@ -343,9 +344,7 @@ async fn build(
                 .as_ref()
                 .map(|v| v.version.clone())
                 .unwrap_or_default(),
-            restore: Some(v1::RestoreFrom {
-                backup_id: snapshot.to_string(),
-            }),
+            restore: Some(restore.clone()),
             overrides: overrides.clone(),
             replica_of: Some(replica_of(source, &r, user, password, strategy)?),
             ..Default::default()
