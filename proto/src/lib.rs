@@ -128,6 +128,40 @@ mod tests {
         assert_eq!(back.schema_version, SCHEMA_VERSION);
     }
 
+    proptest::proptest! {
+        /// Whatever reaches a subject, decoding answers a value or an error: no panic, and
+        /// prost's allocations are bounded by the input's own length.
+        #[test]
+        fn arbitrary_bytes_decode_or_fail_cleanly(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+        ) {
+            let _ = decode(&bytes);
+        }
+
+        /// A valid envelope with bytes changed decodes to something or fails; never panics.
+        #[test]
+        fn changed_envelopes_decode_or_fail_cleanly(
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            let env = envelope(
+                "i-1".into(),
+                "inst",
+                v1::envelope::Body::Intent(v1::Intent {
+                    deadline_unix_ms: 5,
+                    kind: Some(v1::intent::Kind::Prepare(v1::Prepare {
+                        databases: vec![v1::Database { name: "d".into(), ..Default::default() }],
+                        ..Default::default()
+                    })),
+                }),
+            );
+            let mut bytes = env.encode_to_vec();
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+            let _ = decode(&bytes);
+        }
+    }
+
     #[test]
     fn every_kind_is_listed() {
         use v1::intent::Kind;

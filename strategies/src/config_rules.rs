@@ -485,6 +485,33 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    proptest::proptest! {
+        /// Whatever a tenant sends as a value, what reaches an option file is a safe string.
+        #[test]
+        fn rendered_values_are_always_safe(
+            kind in proptest::prop_oneof![
+                proptest::strategy::Just("integer"), proptest::strategy::Just("float"),
+                proptest::strategy::Just("string"), proptest::strategy::Just("boolean")],
+            text in ".{0,80}",
+            n in proptest::prelude::any::<i64>(),
+            f in proptest::prelude::any::<f64>(),
+            pick in 0u8..4,
+        ) {
+            let v = match pick {
+                0 => json!(text),
+                1 => json!(n),
+                2 => serde_json::Number::from_f64(f).map(serde_json::Value::Number).unwrap_or(json!(null)),
+                _ => json!(text.len() % 2 == 0),
+            };
+            let mut r = rule(kind);
+            r.min = None;
+            r.max = None;
+            if let Ok(out) = r.check(&v) {
+                proptest::prop_assert!(safe_value(&out), "{kind} {v} rendered as {out:?}");
+            }
+        }
+    }
+
     fn rule(kind: &str) -> ParamRule {
         ParamRule {
             name: "p".into(),

@@ -89,6 +89,10 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     if slow {
         cmd.env("COFFER_SLOW_TESTS", "1");
+        // The property tests' long run (the default run has proptest's 256 cases each).
+        if std::env::var_os("PROPTEST_CASES").is_none() {
+            cmd.env("PROPTEST_CASES", "20000");
+        }
     }
     tools.apply(&mut cmd);
     env::step("running the test suite");

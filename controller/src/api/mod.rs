@@ -585,3 +585,58 @@ pub fn router(app: Arc<App>) -> Router {
 
 /// Shorthand for handlers.
 pub type AppState = State<Arc<App>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A text accepted for a name or description holds no hidden character and fits.
+        #[test]
+        fn accepted_texts_hold_nothing_hidden(s in "\\PC{0,40}|.{0,40}|[\\x00-\\x1f\\u{200b}-\\u{206f}a-z]{0,20}") {
+            match check_text("name", &s, 255) {
+                Ok(()) => prop_assert!(!s.chars().any(hidden_char) && s.len() <= 255),
+                Err(e) => {
+                    prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+                    // The refusal never echoes the text back.
+                    prop_assert!(s.is_empty() || !e.message.contains(&s) || s.chars().all(|c| c.is_ascii_alphanumeric()));
+                }
+            }
+        }
+
+        /// Any hidden character anywhere makes the text refused.
+        #[test]
+        fn a_hidden_character_anywhere_is_refused(
+            before in "[a-z ]{0,10}", after in "[a-z ]{0,10}",
+            hidden in prop_oneof![Just('\u{0}'), Just('\n'), Just('\u{1b}'), Just('\u{202e}'),
+                                  Just('\u{2066}'), Just('\u{200f}'), Just('\u{feff}'), Just('\u{2028}')],
+        ) {
+            let s = format!("{before}{hidden}{after}");
+            prop_assert!(check_text("name", &s, 255).is_err());
+        }
+
+        /// Database and user names the controller accepts use only the plain alphabet.
+        #[test]
+        fn accepted_identifiers_are_plain(s in "\\PC{0,90}|[a-zA-Z0-9_.$-]{0,90}") {
+            if instances::check_name("user", &s, 80).is_ok() {
+                prop_assert!(!s.is_empty() && s.len() <= 80);
+                prop_assert!(s.chars().all(|c| c.is_ascii_alphanumeric() || "_-.$".contains(c)));
+            }
+        }
+    }
+
+    #[test]
+    fn framework_statuses_get_trove_keys() {
+        assert_eq!(fault_key(StatusCode::PAYLOAD_TOO_LARGE), "overLimit");
+        assert_eq!(
+            fault_key(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            "unsupportedMediaType"
+        );
+        assert_eq!(fault_key(StatusCode::METHOD_NOT_ALLOWED), "itemNotFound");
+        assert_eq!(
+            fault_key(StatusCode::INTERNAL_SERVER_ERROR),
+            "instanceFault"
+        );
+    }
+}
