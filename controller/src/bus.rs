@@ -543,6 +543,7 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
             )
             .await?;
         }
+        discard_logs(app, id).await?;
         if let Ok(stream) = app.js.get_stream(subjects::INTENT_STREAM).await {
             let _ = stream.delete_consumer(&subjects::agent_consumer(id)).await;
             let _ = stream.purge().filter(subjects::intent(id)).await;
@@ -557,6 +558,27 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
         Err(e) => warn!(instance = id, error = %format!("{e:#}"), "delete failed; will retry"),
     }
     app.deleting.lock().unwrap().remove(id);
+}
+
+/// Removes an instance's published guest logs from the storage (they go with their instance;
+/// backups outlive it).
+async fn discard_logs(app: &Arc<App>, id: &str) -> anyhow::Result<()> {
+    let Some(cfg) = &app.cfg.backup else {
+        return Ok(());
+    };
+    let kind = cfg.storage.clone();
+    let client = app.client.clone();
+    let prefix = format!("{}/{id}/", coffer_strategies::logs::CONTAINER);
+    tokio::task::spawn_blocking(move || {
+        let storage = kind.build(Some(&client)).map_err(anyhow::Error::msg)?;
+        for key in storage.list(&prefix)? {
+            storage.delete(&key)?;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("removing published logs: {e}"))?
+    .map_err(|e| e.context("removing published logs"))
 }
 
 /// Periodic checks: builds that never finish, deletes whose agent never answered.

@@ -59,11 +59,27 @@ impl App {
     }
 }
 
+/// Sets `path`'s mode (the controller's own files: no access for group or others).
+fn private(path: &std::path::Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("making {} private", path.display()))
+}
+
 /// Runs the controller until `shutdown` fires.
 pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    // The store, the keys and the tokens' users are the controller's alone: nothing a
+    // database server runs (as another user, or through a tenant's FILE/COPY) may read them.
+    private(&cfg.data_dir, 0o700)?;
     let store = store::Store::open(&cfg.data_dir.join("coffer.db")).await?;
+    for f in ["coffer.db", "coffer.db-wal", "coffer.db-shm"] {
+        let p = cfg.data_dir.join(f);
+        if p.exists() {
+            private(&p, 0o600)?;
+        }
+    }
     let tokens = config::load_tokens(&cfg.token_file)?;
     let (reply_secret_key, reply_public_key) = nats_auth::controller_key(&cfg.data_dir)?;
     let authority = match &cfg.nats_auth {

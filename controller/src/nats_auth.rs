@@ -172,6 +172,11 @@ impl Authority {
     pub fn load_or_create(cfg: &NatsAuthConfig) -> anyhow::Result<Authority> {
         std::fs::create_dir_all(&cfg.dir)
             .with_context(|| format!("creating {}", cfg.dir.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&cfg.dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("making {} private", cfg.dir.display()))?;
+        }
         Ok(Authority {
             dir: cfg.dir.clone(),
             operator: load_or_create(&cfg.dir, "operator", KeyPair::new_operator)?,

@@ -262,17 +262,22 @@ async fn one_agents_heartbeat_flood_leaves_the_others_alone() {
         }),
     )
     .encode_to_vec();
+    // 10,000 heartbeats a second (5,000 times an agent's rate) for 10 s. An unpaced flood can
+    // also starve the shared NATS server and controller of CPU on a small machine, which no
+    // per-user limit of NATS prevents (see docs/security.md).
     let flood = tokio::spawn(async move {
         let until = Instant::now() + Duration::from_secs(10);
+        let mut pace = tokio::time::interval(Duration::from_millis(10));
         let mut sent = 0u64;
         while Instant::now() < until {
-            for _ in 0..500 {
+            pace.tick().await;
+            for _ in 0..100 {
                 let _ = client
                     .publish(subjects::heartbeat(&a), hb.clone().into())
                     .await;
             }
             let _ = client.flush().await;
-            sent += 500;
+            sent += 100;
         }
         sent
     });
@@ -290,7 +295,7 @@ async fn one_agents_heartbeat_flood_leaves_the_others_alone() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let sent = flood.await.unwrap();
-    assert!(sent > 10_000, "the flood was real: {sent} heartbeats");
+    assert!(sent > 50_000, "the flood was real: {sent} heartbeats");
     assert!(checks > 10);
     // For a lease's worth of time past the flood, still the same.
     let until = Instant::now() + Duration::from_secs(2);

@@ -193,9 +193,43 @@ async fn slow_query_log_publishes_new_bytes_across_rotation() {
         ))
         .exists());
 
-    // Disable: switched off live.
+    // Published again, and switched off live.
+    slow_query(&env, &view, "marker-five").await;
+    let (st, l) = log(&env, &id, json!({"name": "slow_query", "publish": 1})).await;
+    assert_eq!(st, StatusCode::OK, "{l}");
+    assert!(!pieces(&env, &id, "slow_query").is_empty(), "{l}");
     let (_, l) = log(&env, &id, json!({"name": "slow_query", "disable": 1})).await;
     assert_eq!(l["log"]["status"], "Disabled", "{l}");
+
+    // The instance is deleted: its published logs go with it.
+    let (st, _) = env.call("DELETE", &format!("/instances/{id}"), None).await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let logs_dir = env.dir.path().join(format!("backups/database_logs/{id}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while walk(&logs_dir) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "published logs outlived their instance"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Files below `dir` (0 when it does not exist).
+fn walk(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! PostgreSQL through the same API and agent traits as MariaDB: create with a database and a
 //! user → ACTIVE → the user logs in with its password (a SCRAM verifier made by the agent) and
 //! writes; databases and users list; datastore-specific bad names are refused with 400 and change
-//! nothing; root enable gives a superuser; the slow_query guest log holds only slow statements;
+//! nothing; root enable gives the master user (not a superuser); the slow_query guest log holds only slow statements;
 //! delete stops the server. Backups, configuration and
 //! the other scenarios shared with MariaDB and Redis are in `datastores.rs`.
 
@@ -151,7 +151,8 @@ async fn postgresql_instance_serves_its_users_and_databases() {
         .await;
     assert_eq!(v["users"].as_array().unwrap().len(), 1, "{v}");
 
-    // Root: a superuser with a generated password.
+    // Root: the master user (every table, new databases) with a generated password, but not a
+    // superuser: nothing of the host is reachable through it.
     let (st, v) = env
         .call("POST", &format!("/instances/{id}/root"), None)
         .await;
@@ -162,7 +163,40 @@ async fn postgresql_instance_serves_its_users_and_databases() {
         .fetch_one(&mut r)
         .await
         .unwrap();
-    assert_eq!(su, "on");
+    assert_eq!(su, "off");
+    sqlx::query("CREATE DATABASE root_made")
+        .execute(&mut r)
+        .await
+        .unwrap();
+    let key = env.dir.path().join("controller/controller.key");
+    let out = env.dir.path().join("root-ran-this");
+    for attack in [
+        format!(
+            "COPY (SELECT 1) TO PROGRAM 'cat {} > {}'",
+            key.display(),
+            out.display()
+        ),
+        format!("SELECT pg_read_file('{}')", key.display()),
+        format!(
+            "SELECT pg_read_binary_file('{}')",
+            env.dir.path().join("controller/coffer.db").display()
+        ),
+        "SELECT pg_ls_dir('/')".to_string(),
+        format!("COPY (SELECT 1) TO '{}'", out.display()),
+        "GRANT pg_execute_server_program TO root".to_string(),
+        "CREATE ROLE other LOGIN SUPERUSER".to_string(),
+    ] {
+        let r = sqlx::query(&attack).execute(&mut r).await;
+        assert!(r.is_err(), "root ran {attack}");
+    }
+    assert!(!out.exists(), "root wrote on the host");
+    r.close().await.unwrap();
+    let mut r = connect(&view, "root", &pw, "shop").await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM information_schema.tables")
+        .fetch_one(&mut r)
+        .await
+        .unwrap();
+    assert!(n > 0);
     r.close().await.unwrap();
 
     // The server's log is a system log: listed, published and tailed by an admin.

@@ -129,6 +129,21 @@ async fn redis_instance_serves_acl_users_and_keeps_the_operators_commands() {
         .await
         .unwrap();
     assert_eq!(cfg[0], "maxmemory");
+    // ... but nothing that reaches the host as the server's OS user: moving the dump file
+    // elsewhere, loading a module, debugging.
+    for attack in [
+        vec!["CONFIG", "SET", "dir", "/tmp"],
+        vec!["CONFIG", "SET", "dbfilename", "authorized_keys"],
+        vec!["MODULE", "LOAD", "/tmp/evil.so"],
+        vec!["DEBUG", "SLEEP", "0"],
+    ] {
+        let mut c = redis::cmd(attack[0]);
+        for a in &attack[1..] {
+            c.arg(*a);
+        }
+        let r: redis::RedisResult<redis::Value> = c.query_async(&mut r).await;
+        assert!(r.is_err(), "root ran {attack:?}: {r:?}");
+    }
 
     // The server's log is a system log: listed, published and tailed by an admin.
     coffer_tests::check_sys_log(&env, &id, "redis", "Ready to accept connections").await;

@@ -241,6 +241,28 @@ async fn databases_users_access_and_root() {
         .execute(&mut root)
         .await
         .unwrap();
+    // Root's FILE privilege stays inside its own instance: the controller's store and key,
+    // another instance's files and the host's are out of reach for LOAD_FILE and INTO OUTFILE.
+    for outside in [
+        env.dir.path().join("controller/coffer.db"),
+        env.dir.path().join("controller/controller.key"),
+        std::path::PathBuf::from("/etc/passwd"),
+    ] {
+        let got: Option<Vec<u8>> = sqlx::query_scalar("SELECT LOAD_FILE(?)")
+            .bind(outside.display().to_string())
+            .fetch_one(&mut root)
+            .await
+            .unwrap();
+        assert!(got.is_none(), "root read {}", outside.display());
+    }
+    let out = env.dir.path().join("root-wrote-this");
+    let wrote = sqlx::query(&format!("SELECT 'x' INTO OUTFILE '{}'", out.display()))
+        .execute(&mut root)
+        .await;
+    assert!(
+        wrote.is_err() && !out.exists(),
+        "root wrote outside its instance"
+    );
     // read_only holds against root.
     let mut adm = admin(&env, &id).await;
     sqlx::query("SET GLOBAL read_only = ON")

@@ -131,6 +131,11 @@ impl Mariadb {
     fn tmp_dir(&self) -> PathBuf {
         self.layout.root.join("tmp")
     }
+    /// The only directory the server's FILE privilege reaches (`secure_file_priv`): root's
+    /// `LOAD_FILE` and `INTO OUTFILE` stay inside this instance.
+    fn files_dir(&self) -> PathBuf {
+        self.layout.root.join("files")
+    }
     /// The socket path; moved to the temp dir when the layout path is too long for `sun_path`.
     pub fn socket(&self) -> PathBuf {
         let p = self.layout.root.join("mysqld.sock");
@@ -231,6 +236,7 @@ impl Mariadb {
         for d in [
             self.layout.root.clone(),
             self.tmp_dir(),
+            self.files_dir(),
             self.logs_dir(),
             self.confd(),
         ] {
@@ -459,6 +465,8 @@ impl Datastore for Mariadb {
              socket = {socket}\n\
              pid-file = {pid}\n\
              tmpdir = {tmp}\n\
+             secure_file_priv = {files}\n\
+             local_infile = OFF\n\
              log-error = {errlog}\n\
              bind-address = {bind}\n\
              port = {port}\n\
@@ -497,6 +505,7 @@ impl Datastore for Mariadb {
             socket = self.socket().display(),
             pid = self.pid_file().display(),
             tmp = self.tmp_dir().display(),
+            files = self.files_dir().display(),
             errlog = self.layout.root.join("mariadbd.err").display(),
             bind = self.layout.bind_address,
             port = self.layout.port,

@@ -967,10 +967,19 @@ impl Datastore for Postgresql {
         } else {
             "CREATE"
         };
+        // Not a superuser: a superuser reaches the server's host (COPY ... TO PROGRAM, file
+        // reads) as the server's OS user, which on a shared host is everyone's. Root reads and
+        // writes every table and creates databases, as a cloud's master user does; without
+        // CREATEROLE, which on PostgreSQL 15 could grant it pg_execute_server_program.
         self.exec(&format!(
-            "{verb} ROLE {} LOGIN SUPERUSER CREATEDB CREATEROLE PASSWORD {}",
+            "{verb} ROLE {} LOGIN NOSUPERUSER CREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}",
             ident(ROOT_USER),
             literal(&verifier(password))
+        ))
+        .await?;
+        self.exec(&format!(
+            "GRANT pg_read_all_data, pg_write_all_data, pg_monitor, pg_signal_backend TO {}",
+            ident(ROOT_USER)
         ))
         .await
     }

@@ -346,6 +346,11 @@ impl Datastore for Redis {
              maxmemory {maxmemory}mb\n\
              maxmemory-policy noeviction\n\
              aclfile {acl}\n\
+             # Nobody, root included, may move files (dir, dbfilename), load modules or debug:\n\
+             # those reach the host as the server's OS user.\n\
+             enable-protected-configs no\n\
+             enable-module-command no\n\
+             enable-debug-command no\n\
              # The replication role (written by coffer-agent).\n\
              include {role}\n\
              # Configuration group values (written by coffer-agent), last so they win.\n\
