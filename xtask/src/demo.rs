@@ -315,13 +315,23 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut dir = env::root().join(".coffer");
     let mut build = true;
     let mut tls = false;
+    let mut nats_storage = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--dir" => dir = PathBuf::from(it.next().context("--dir needs a path")?),
             "--no-build" => build = false,
             "--tls" => tls = true,
-            other => bail!("unknown demo option '{other}' (known: --dir DIR, --no-build, --tls)"),
+            "--storage" => match it.next().map(String::as_str) {
+                Some("local") => nats_storage = false,
+                Some("nats") => nats_storage = true,
+                other => bail!(
+                    "--storage takes local (a directory, the default) or nats (the JetStream object store), not {other:?}"
+                ),
+            },
+            other => bail!(
+                "unknown demo option '{other}' (known: --dir DIR, --no-build, --tls, --storage local|nats)"
+            ),
         }
     }
     // Block SIGINT/SIGTERM now; they are awaited below (children get a clean mask from std).
@@ -382,7 +392,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         format!(
             "listen = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\nnats_url = \"nats://127.0.0.1:{nats}\"\ntoken_file = {tokens:?}\n\
              stop_agents_on_exit = true\ndefault_datastore = \"mariadb\"\nnats_creds = {creds:?}\n{ca_line}\n{tls_table}[nats_auth]\ndir = {auth:?}\n\n\
-             [backup]\nkeyring_file = {keyring:?}\n[backup.storage]\nkind = \"local\"\nroot = {broot:?}\n\n\
+             [backup]\nkeyring_file = {keyring:?}\n[backup.storage]\n{storage}\n\n\
              [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
              port_min = 33306\nport_max = 33405\n",
             api = p.api_port,
@@ -394,7 +404,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             agent = agent_bin.display().to_string(),
             inst = dir.join("instances").display().to_string(),
             keyring = dir.join("backup-keyring.toml").display().to_string(),
-            broot = dir.join("backups").display().to_string(),
+            storage = if nats_storage {
+                "kind = \"nats\"\nbucket = \"coffer-backups\"".to_string()
+            } else {
+                format!(
+                    "kind = \"local\"\nroot = {:?}",
+                    dir.join("backups").display().to_string()
+                )
+            },
         ),
     )?;
 

@@ -1,6 +1,7 @@
 //! `cargo xtask`: developer and operator entry points.
 //!
-//! - `cargo xtask demo [--dir DIR]`: Coffer with the embedded defaults, in the foreground.
+//! - `cargo xtask demo [--dir DIR] [--tls] [--storage local|nats]`: Coffer with the embedded
+//!   defaults, in the foreground.
 //! - `cargo xtask test [--slow] [-- FILTER...]`: installs what the suite needs, runs it.
 //! - `cargo xtask bench lifecycle`: create → ACTIVE against the bare-MariaDB floor.
 //! - `cargo xtask bench backup [--size-mb N]`: backup and restore against mariabackup | zstd.
