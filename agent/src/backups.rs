@@ -12,6 +12,7 @@ use coffer_strategies::backup::{
     load_keyring, BackupConfig, BackupError, BackupKind, Manifest, RestoreMode,
 };
 use coffer_strategies::pipeline::{self, Keyring, SealParams};
+use coffer_strategies::storage::{Access, Storage, StorageKind};
 use coffer_strategies::Sizing;
 use tracing::info;
 
@@ -27,6 +28,79 @@ fn keyring(cfg: &BackupConfig) -> Result<Option<Keyring>, String> {
     match &cfg.keyring_file {
         Some(p) => load_keyring(p).map(Some),
         None => Ok(None),
+    }
+}
+
+/// Where a restore reads each link of its chain: this instance's own objects over its own
+/// connection; another instance's (restoring its backup, seeding a replica) through the grant
+/// the controller sent with the intent (NATS), or that instance's directory (local).
+pub struct Sources {
+    kind: StorageKind,
+    own: String,
+    client: async_nats::Client,
+    grant: Option<async_nats::Client>,
+    built: std::sync::Mutex<std::collections::HashMap<String, Arc<dyn Storage>>>,
+}
+
+impl Sources {
+    /// Opens the grant of `from` when a link is another instance's and storage is NATS.
+    async fn new(ctx: &Ctx, cfg: &BackupConfig, from: &v1::RestoreFrom) -> Result<Sources, String> {
+        let own = ctx.cfg.instance_id.clone();
+        let foreign = from.chain.iter().find(|l| l.instance_id != own);
+        let grant = match (&cfg.storage, foreign) {
+            (StorageKind::Nats { .. }, Some(link)) => {
+                if from.grant_sealed.is_empty() {
+                    return Err(format!(
+                        "backup {} belongs to instance {} and the controller sent no grant to read it; upgrade the controller, then retry",
+                        link.backup_id, link.instance_id
+                    ));
+                }
+                let creds = coffer_proto::seal::open(
+                    &ctx.secret_key,
+                    &coffer_proto::seal::restore_grant_context(&own),
+                    &from.grant_sealed,
+                )
+                .map_err(|e| format!("opening the restore grant: {e}"))?;
+                let creds = String::from_utf8(creds)
+                    .map_err(|_| "the restore grant is not a creds file".to_string())?;
+                let mut opts = async_nats::ConnectOptions::with_credentials(&creds)
+                    .map_err(|e| format!("the restore grant: {e}"))?
+                    .custom_inbox_prefix(coffer_proto::subjects::agent_inbox_prefix(&own))
+                    .name(format!("coffer-agent {own} restore"));
+                if let Some(ca) = &ctx.cfg.nats_ca_file {
+                    opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+                }
+                Some(
+                    opts.connect(ctx.cfg.nats_url.as_str())
+                        .await
+                        .map_err(|e| format!("connecting to NATS with the restore grant: {e}"))?,
+                )
+            }
+            _ => None,
+        };
+        Ok(Sources {
+            kind: cfg.storage.clone(),
+            own,
+            client: ctx.client.clone(),
+            grant,
+            built: Default::default(),
+        })
+    }
+
+    /// The storage of `owner`'s objects (built on a thread inside the runtime).
+    fn of(&self, owner: &str) -> Result<Arc<dyn Storage>, String> {
+        let mut built = self.built.lock().unwrap();
+        if let Some(s) = built.get(owner) {
+            return Ok(s.clone());
+        }
+        let client = if owner == self.own {
+            &self.client
+        } else {
+            self.grant.as_ref().unwrap_or(&self.client)
+        };
+        let s: Arc<dyn Storage> = Arc::from(self.kind.build(Some(client), owner, Access::Agent)?);
+        built.insert(owner.to_string(), s.clone());
+        Ok(s)
     }
 }
 
@@ -90,7 +164,7 @@ pub async fn backup(
     let done2 = done.clone();
     let client = ctx.client.clone();
     let work = tokio::task::spawn_blocking(move || -> Result<v1::BackupResult, String> {
-        let storage = cfg.storage.build(Some(&client))?;
+        let storage = cfg.storage.build(Some(&client), &instance, Access::Agent)?;
         let strategy = strategy.build();
         let parent = if parent_id.is_empty() {
             None
@@ -128,7 +202,7 @@ pub async fn backup(
         writer.commit().map_err(|e| e.to_string())?;
         let manifest = Manifest {
             backup_id: backup_id.clone(),
-            instance_id: instance,
+            instance_id: instance.clone(),
             datastore,
             datastore_version: version,
             strategy: strategy.name().into(),
@@ -182,14 +256,16 @@ fn storage_error(what: &str, e: &std::io::Error) -> String {
     }
 }
 
-/// Removes whatever an interrupted backup left (a partial stream, a stream without manifest).
+/// Removes whatever an interrupted backup left (a partial stream, a stream without manifest)
+/// where the agent may (a local directory); NATS storage leaves that to the controller.
 pub async fn discard(ctx: &Arc<Ctx>, backup_id: &str) {
     let Ok(cfg) = config(ctx) else { return };
     let cfg = cfg.clone();
     let client = ctx.client.clone();
     let id = backup_id.to_string();
+    let own = ctx.cfg.instance_id.clone();
     let _ = tokio::task::spawn_blocking(move || {
-        let Ok(storage) = cfg.storage.build(Some(&client)) else {
+        let Ok(storage) = cfg.storage.build(Some(&client), &own, Access::Agent) else {
             return;
         };
         storage.discard_partial(&data_key(&id));
@@ -226,12 +302,11 @@ fn read_manifest(
 /// stored manifest checked against them: the instance it came from, the stream digest, its
 /// parent. A restore queued without a recorded chain (by an older controller) follows the
 /// stored parents.
-fn chain_of(
-    storage: &dyn coffer_strategies::storage::Storage,
-    from: &v1::RestoreFrom,
-) -> Result<Vec<Manifest>, String> {
+fn chain_of(sources: &Sources, from: &v1::RestoreFrom) -> Result<Vec<Manifest>, String> {
     let id = &from.backup_id;
     if from.chain.is_empty() {
+        let own = sources.of(&sources.own)?;
+        let storage = own.as_ref();
         let mut chain = vec![read_manifest(storage, id)?];
         while let Some(parent) = chain.last().and_then(|m| m.parent_id.clone()) {
             if chain.len() > 1000 {
@@ -249,7 +324,7 @@ fn chain_of(
     }
     let mut chain: Vec<Manifest> = vec![];
     for link in &from.chain {
-        let m = read_manifest(storage, &link.backup_id)?;
+        let m = read_manifest(sources.of(&link.instance_id)?.as_ref(), &link.backup_id)?;
         let bid = &link.backup_id;
         if m.instance_id != link.instance_id {
             return Err(format!(
@@ -279,8 +354,8 @@ fn chain_of(
 pub enum Restored {
     /// The data directory holds the backup's files, as of this position.
     Files(coffer_strategies::backup::EnginePosition),
-    /// A logical backup, loaded into the running server by [`load`].
-    Load(Manifest),
+    /// A logical backup, loaded into the running server by [`load`] (from these sources).
+    Load(Manifest, Sources),
 }
 
 /// Opens one stored backup: fetched, authenticated, decrypted and checked against its manifest
@@ -362,11 +437,10 @@ pub async fn restore(
     let done = Arc::new(AtomicU64::new(0));
     let done2 = done.clone();
     let dd = data_dir.clone();
-    let client = ctx.client.clone();
+    let sources = Sources::new(ctx, &cfg, &from).await?;
     let work = tokio::task::spawn_blocking(move || -> Result<Restored, String> {
-        let storage = cfg.storage.build(Some(&client))?;
         // The chain, full backup first, bound to the controller's record.
-        let mut chain = chain_of(storage.as_ref(), &from)?;
+        let mut chain = chain_of(&sources, &from)?;
         if let Some(m) = chain.iter().find(|m| m.datastore != datastore) {
             return Err(format!(
                 "backup {} is a {} backup; it cannot be restored into a {datastore} instance",
@@ -383,15 +457,18 @@ pub async fn restore(
             }
             // Authenticate the whole stream before anything is initialised, so a wrong key or
             // a damaged stream fails here instead of half-way through the load.
+            let storage = sources.of(&chain[0].instance_id)?;
             let mut reader = open_link(storage.as_ref(), ring.as_ref(), encrypted, &chain[0])?;
             let mut report = |n: u64| done2.store(n, Ordering::Relaxed);
             coffer_strategies::backup::pump(&mut reader, &mut std::io::sink(), &mut report)
                 .map_err(|e| link_error(&chain[0].backup_id, BackupError::Io(e)))?;
-            return Ok(Restored::Load(chain.remove(0)));
+            drop(reader);
+            return Ok(Restored::Load(chain.remove(0), sources));
         }
         let _ = std::fs::remove_dir_all(&dd);
         let result = (|| -> Result<(), String> {
             for (i, m) in chain.iter().enumerate() {
+                let storage = sources.of(&m.instance_id)?;
                 let mut reader = open_link(storage.as_ref(), ring.as_ref(), encrypted, m)?;
                 let mut report = |n: u64| done2.store(n, Ordering::Relaxed);
                 let applied = if i == 0 {
@@ -420,23 +497,27 @@ pub async fn restore(
     let restored = with_progress(ctx, intent_id, "prepare", "restore", done, work).await??;
     match &restored {
         Restored::Files(_) => ctx.ds.initialize_restored(sizing).await,
-        Restored::Load(_) => ctx.ds.initialize(sizing).await,
+        Restored::Load(..) => ctx.ds.initialize(sizing).await,
     }
     .map_err(|e| e.to_string())?;
     Ok(restored)
 }
 
 /// Loads a logical backup into the running server (the second half of [`restore`]).
-pub async fn load(ctx: &Arc<Ctx>, intent_id: &str, m: Manifest) -> Result<(), String> {
+pub async fn load(
+    ctx: &Arc<Ctx>,
+    intent_id: &str,
+    m: Manifest,
+    sources: Sources,
+) -> Result<(), String> {
     let cfg = config(ctx)?.clone();
     let ring = keyring(&cfg)?;
     let bctx = ctx.ds.backup_context().await.map_err(|e| e.to_string())?;
     let epilogue = ctx.ds.restore_epilogue().await.map_err(|e| e.to_string())?;
     let done = Arc::new(AtomicU64::new(0));
     let done2 = done.clone();
-    let client = ctx.client.clone();
     let work = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let storage = cfg.storage.build(Some(&client))?;
+        let storage = sources.of(&m.instance_id)?;
         let strategy = strategy_of(&m)?.build();
         let mut reader = open_link(storage.as_ref(), ring.as_ref(), cfg.encryption, &m)?;
         strategy

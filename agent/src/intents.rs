@@ -486,9 +486,9 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
                 )
                 .await;
                 match crate::backups::restore(ctx, id, r, &sizing).await? {
-                    crate::backups::Restored::Load(m) => {
+                    crate::backups::Restored::Load(m, sources) => {
                         restored_at = Some(m.position.clone());
-                        pending_load = Some(m);
+                        pending_load = Some((m, sources));
                     }
                     crate::backups::Restored::Files(pos) => restored_at = Some(pos),
                 }
@@ -518,7 +518,7 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
     }
     progress(ctx, id, "prepare", 50, "starting the database server").await;
     ctx.sup.call(Cmd::Start).await?;
-    if let Some(m) = pending_load {
+    if let Some((m, sources)) = pending_load {
         progress(
             ctx,
             id,
@@ -527,7 +527,7 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
             &format!("loading backup {}", m.backup_id),
         )
         .await;
-        crate::backups::load(ctx, id, m).await?;
+        crate::backups::load(ctx, id, m, sources).await?;
     }
     if let Some(r) = p.replica_of.as_ref().filter(|_| !attached) {
         progress(ctx, id, "prepare", 70, "starting replication").await;

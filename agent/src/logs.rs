@@ -198,10 +198,15 @@ pub async fn action(
                 metafile(ctx, &def),
             );
             let client = ctx.client.clone();
+            let own = ctx.cfg.instance_id.clone();
             let publish = what == "publish";
             let st2 = tokio::task::spawn_blocking(move || -> Result<LogState, String> {
-                let storage = cfg.storage.build(Some(&client))?;
                 if publish {
+                    let storage = cfg.storage.build(
+                        Some(&client),
+                        &own,
+                        coffer_strategies::storage::Access::Agent,
+                    )?;
                     logs::publish(&d, &mut st, storage.as_ref(), &pre, &mut |s| {
                         save_in(&root, &d.name, s)
                     })?;
@@ -209,12 +214,16 @@ pub async fn action(
                         "log_name": d.name, "log_type": d.kind.as_str(),
                         "log_file": d.file, "log_size": st.published, "inode": st.inode,
                     });
-                    let mut w = storage.create(&meta).map_err(|e| e.to_string())?;
-                    std::io::Write::write_all(&mut w, meta_json.to_string().as_bytes())
-                        .map_err(|e| e.to_string())?;
-                    w.commit().map_err(|e| e.to_string())?;
+                    // Stored objects are never replaced: the metafile describes the log as
+                    // first published (until a discard removes it with the pieces).
+                    if !storage.exists(&meta) {
+                        let mut w = storage.create(&meta).map_err(|e| e.to_string())?;
+                        std::io::Write::write_all(&mut w, meta_json.to_string().as_bytes())
+                            .map_err(|e| e.to_string())?;
+                        w.commit().map_err(|e| e.to_string())?;
+                    }
                 } else {
-                    logs::discard(storage.as_ref(), &pre, &meta)?;
+                    // The published pieces are the controller's to delete; this forgets them.
                     st.published = 0;
                     st.offset = 0;
                     st.inode = logs::stat(&d.file).map(|(i, _)| i).unwrap_or(0);

@@ -85,6 +85,13 @@ pub async fn outbox_loop(app: Arc<App>) {
                 give_up(&app, &row, &why).await;
                 continue;
             }
+            // The instance's storage exists before its agent is told to write to it.
+            if let Err(e) = crate::objects::ensure(&app, &row.instance_id).await {
+                warn!(instance = %row.instance_id, error = %format!("{e:#}"), "creating the instance's storage failed; will retry");
+                errors += 1;
+                held.insert(row.instance_id.clone());
+                continue;
+            }
             let publish = jetstream::message::PublishMessage::build()
                 .payload(row.payload.clone().into())
                 .message_id(row.intent_id.as_str());
@@ -429,6 +436,7 @@ async fn handle_event(
         }
         Kind::Failed(f) => {
             if let Some(b) = app.store.backup_by_intent(&ev.intent_id).await? {
+                discard_backup(app, &b).await;
                 app.store
                     .update_backup(&b.id, "FAILED", Some(""), None, Some(&f.message))
                     .await?;
@@ -550,6 +558,10 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
         }
         app.store.mark_deleted(id).await?;
         app.live.lock().unwrap().remove(id);
+        // Its storage goes too, unless backups taken from it are kept (they outlive it).
+        if let Err(e) = crate::objects::forget_if_unused(app, id).await {
+            warn!(instance = id, error = %format!("{e:#}"), "removing the instance's storage failed");
+        }
         anyhow::Ok(())
     }
     .await;
@@ -560,25 +572,21 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
     app.deleting.lock().unwrap().remove(id);
 }
 
+/// Removes what a failed backup wrote (agents cannot delete stored objects).
+async fn discard_backup(app: &App, b: &store::BackupRow) {
+    let keys = vec![format!("{}.cfbk", b.id), format!("{}.json", b.id)];
+    if let Err(e) = crate::objects::delete(app, &b.instance_id, keys).await {
+        warn!(backup = %b.id, error = %format!("{e:#}"), "removing a failed backup's objects failed");
+    }
+}
+
 /// Removes an instance's published guest logs from the storage (they go with their instance;
 /// backups outlive it).
 async fn discard_logs(app: &Arc<App>, id: &str) -> anyhow::Result<()> {
-    let Some(cfg) = &app.cfg.backup else {
-        return Ok(());
-    };
-    let kind = cfg.storage.clone();
-    let client = app.client.clone();
     let prefix = format!("{}/{id}/", coffer_strategies::logs::CONTAINER);
-    tokio::task::spawn_blocking(move || {
-        let storage = kind.build(Some(&client)).map_err(anyhow::Error::msg)?;
-        for key in storage.list(&prefix)? {
-            storage.delete(&key)?;
-        }
-        anyhow::Ok(())
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("removing published logs: {e}"))?
-    .map_err(|e| e.context("removing published logs"))
+    crate::objects::delete_prefix(app, id, &prefix, None)
+        .await
+        .context("removing published logs")
 }
 
 /// Periodic checks: builds that never finish, deletes whose agent never answered.
@@ -649,6 +657,7 @@ pub async fn timers_loop(app: Arc<App>) {
                             .store
                             .update_backup(&b.id, "FAILED", Some(""), None, Some(&msg))
                             .await;
+                        discard_backup(&app, b).await;
                     }
                 }
             }

@@ -12,6 +12,7 @@ pub mod api;
 pub mod bus;
 pub mod config;
 pub mod nats_auth;
+pub mod objects;
 pub mod provisioner;
 pub mod status;
 pub mod store;
@@ -41,6 +42,8 @@ pub struct App {
     pub outbox_wake: Notify,
     pub provisioner: Box<dyn provisioner::Provisioner>,
     pub deleting: Mutex<HashSet<String>>,
+    /// Instances whose storage is known to exist (see [`objects::ensure`]).
+    pub storage_ready: Mutex<HashSet<String>>,
     /// Issues and revokes per-agent NATS identities (when `nats_auth` is configured).
     pub authority: Option<nats_auth::Authority>,
     /// The controller's X25519 key pair: secrets in agents' replies are sealed to it.
@@ -114,18 +117,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
     let mut delay = Duration::from_millis(100);
     loop {
         let ready = match bus::ensure_streams(&js).await {
-            Ok(()) => match cfg.backup.as_ref().map(|b| &b.storage) {
-                Some(coffer_strategies::storage::StorageKind::Nats { bucket, max_bytes }) => {
-                    coffer_strategies::storage::nats::NatsStorage::ensure_bucket(
-                        client.clone(),
-                        bucket,
-                        *max_bytes,
-                    )
-                    .await
-                    .map_err(anyhow::Error::msg)
-                }
-                _ => Ok(()),
-            },
+            Ok(()) => Ok(()),
             Err(e) => Err(e),
         };
         match ready {
@@ -165,6 +157,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         outbox_wake: Notify::new(),
         provisioner,
         deleting: Mutex::new(HashSet::new()),
+        storage_ready: Mutex::new(HashSet::new()),
         authority,
         reply_secret_key,
         reply_public_key,

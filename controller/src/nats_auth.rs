@@ -89,9 +89,20 @@ pub fn controller_key(dir: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
 
 /// Encodes and signs a JWT the way nats-server expects (`ed25519-nkey`).
 fn encode_jwt(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> anyhow::Result<String> {
+    encode_jwt_until(issuer, subject, name, nats, None)
+}
+
+/// [`encode_jwt`], expiring at `exp` (Unix seconds) when given.
+fn encode_jwt_until(
+    issuer: &KeyPair,
+    subject: &str,
+    name: &str,
+    nats: Value,
+    exp: Option<i64>,
+) -> anyhow::Result<String> {
     let b64 = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);
     let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
-    let claims = json!({
+    let mut claims = json!({
         "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
         "iat": now_secs(),
         "iss": issuer.public_key(),
@@ -99,6 +110,9 @@ fn encode_jwt(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> anyho
         "name": name,
         "nats": nats,
     });
+    if let Some(exp) = exp {
+        claims["exp"] = json!(exp);
+    }
     let payload = b64(claims.to_string().as_bytes());
     let signing_input = format!("{header}.{payload}");
     let sig = issuer
@@ -127,9 +141,12 @@ pub const AGENT_MAX_SUBS: i64 = 64;
 /// the largest call answers fit well inside it.
 pub const AGENT_MAX_PAYLOAD: i64 = 1 << 20;
 
-/// What one agent may publish and subscribe to; with backups in the NATS object store
-/// `bucket`, also that bucket's object-store API (reading any backup is what a restore needs;
-/// the streams are sealed with the operator's key).
+/// How long a restore grant lets its holder read the chain it names.
+pub const RESTORE_GRANT_TTL_S: i64 = 6 * 3600;
+
+/// What one agent may publish and subscribe to; with backups in NATS (`bucket`), also its own
+/// instance's stream: publishing its objects and reading them back by subject, nothing else
+/// (no listing, purging, deleting or consumers; another instance's objects need a grant).
 pub fn agent_permissions(instance: &str, bucket: Option<&str>) -> (Vec<String>, Vec<String>) {
     let s = subjects::INTENT_STREAM;
     let c = subjects::agent_consumer(instance);
@@ -147,19 +164,9 @@ pub fn agent_permissions(instance: &str, bucket: Option<&str>) -> (Vec<String>, 
     ];
     let mut publish = publish;
     if let Some(b) = bucket {
-        let o = format!("OBJ_{b}");
-        publish.extend([
-            format!("$O.{b}.>"),
-            format!("$JS.API.STREAM.INFO.{o}"),
-            format!("$JS.API.STREAM.PURGE.{o}"),
-            format!("$JS.API.STREAM.MSG.GET.{o}"),
-            format!("$JS.API.DIRECT.GET.{o}.>"),
-            format!("$JS.API.DIRECT.GET.{o}"),
-            format!("$JS.API.CONSUMER.CREATE.{o}"),
-            format!("$JS.API.CONSUMER.CREATE.{o}.>"),
-            format!("$JS.API.CONSUMER.DELETE.{o}.>"),
-            format!("$JS.FC.{o}.>"),
-        ]);
+        publish.extend(coffer_strategies::storage::nats::agent_publish_permissions(
+            b, instance,
+        ));
     }
     let subscribe = vec![
         subjects::call(instance),
@@ -286,6 +293,41 @@ impl Authority {
         self.user(&self.account, &format!("agent-{instance}"), nats)
     }
 
+    /// Short-lived credentials that may read exactly `objects` (owner, key) of the NATS storage
+    /// `bucket` by direct get, for the agent of `instance` (replies on its inbox prefix): a
+    /// restore's grant to another instance's chain. Expires after [`RESTORE_GRANT_TTL_S`].
+    pub fn restore_grant(
+        &self,
+        instance: &str,
+        bucket: &str,
+        objects: &[(String, String)],
+    ) -> anyhow::Result<String> {
+        if !subjects::valid_token(instance) {
+            bail!("instance id '{instance}' cannot be a subject token");
+        }
+        let publish: Vec<String> = objects
+            .iter()
+            .map(|(owner, key)| {
+                coffer_strategies::storage::nats::object_read_permission(bucket, owner, key)
+            })
+            .collect();
+        let nats = json!({
+            "pub": {"allow": publish},
+            "sub": {"allow": [format!("{}.>", subjects::agent_inbox_prefix(instance))]},
+            "subs": 8, "data": -1, "payload": 4096,
+            "type": "user", "version": 2,
+        });
+        let user = KeyPair::new_user();
+        let jwt = encode_jwt_until(
+            &self.account,
+            &user.public_key(),
+            &format!("restore-grant-{instance}"),
+            nats,
+            Some(now_secs() + RESTORE_GRANT_TTL_S),
+        )?;
+        creds(&jwt, &user)
+    }
+
     /// Writes the server config and the controller's and system's creds into the auth dir.
     pub fn setup(&self) -> anyhow::Result<()> {
         write_private(&self.dir.join("server-auth.conf"), &self.server_config()?)?;
@@ -395,19 +437,59 @@ mod tests {
                 .any(|x| x.contains('*') || x == ">"),
             "no wildcards across instances"
         );
-        // With backups in the object store: that bucket's API and nothing wider.
+        // With backups in NATS: its own instance's stream, and nothing of anyone else's.
         let (p, _) = agent_permissions("inst-77", Some("coffer-backups"));
         let extra: Vec<_> = p
             .iter()
-            .filter(|x| !x.contains("inst-77") && !x.contains("COFFER_INTENTS"))
+            .filter(|x| !x.contains("COFFER_INTENTS"))
             .collect();
-        assert!(!extra.is_empty());
-        assert!(
-            extra.iter().all(|x| x.contains("coffer-backups")),
-            "{extra:?}"
-        );
-        assert!(!p
+        assert!(extra.iter().any(|x| x.contains("coffer-backups")));
+        assert!(extra.iter().all(|x| x.contains("inst-77")), "{extra:?}");
+        assert!(!p.iter().any(|x| x.contains("PURGE")
+            || x.contains("STREAM.DELETE")
+            || x.contains("MSG.DELETE")
+            || x.contains("CONSUMER.CREATE.CFS")
+            || x.contains('*')));
+    }
+
+    #[test]
+    fn a_restore_grant_reads_exactly_its_chain_and_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Authority::load_or_create(&NatsAuthConfig {
+            dir: dir.path().to_path_buf(),
+        })
+        .unwrap();
+        let objects = vec![
+            ("src-1".to_string(), "b1.json".to_string()),
+            ("src-1".to_string(), "b1.cfbk".to_string()),
+        ];
+        let creds = a.restore_grant("dst-2", "bk", &objects).unwrap();
+        let jwt = creds.lines().nth(1).unwrap();
+        let claims: Value = serde_json::from_slice(
+            &data_encoding::BASE64URL_NOPAD
+                .decode(jwt.split('.').nth(1).unwrap().as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
+        let exp = claims["exp"].as_i64().unwrap();
+        assert!(exp > now_secs() && exp <= now_secs() + RESTORE_GRANT_TTL_S);
+        let publish: Vec<&str> = claims["nats"]["pub"]["allow"]
+            .as_array()
+            .unwrap()
             .iter()
-            .any(|x| x.contains("STREAM.DELETE") || x.contains('*')));
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(publish.len(), 2);
+        assert!(
+            publish
+                .iter()
+                .all(|p| p.starts_with("$JS.API.DIRECT.GET.CFS_bk_src-1.cfs.bk.src-1.")),
+            "{publish:?}"
+        );
+        assert_eq!(
+            claims["nats"]["sub"]["allow"],
+            json!([format!("{}.>", subjects::agent_inbox_prefix("dst-2"))])
+        );
+        assert!(a.restore_grant("a.b", "bk", &objects).is_err());
     }
 }

@@ -1116,6 +1116,15 @@ impl Store {
         Ok(rows.iter().map(backup_from).collect())
     }
 
+    /// Whether any backup taken from `instance` is kept.
+    pub async fn has_backups_of(&self, instance: &str) -> anyhow::Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM backups WHERE instance_id = ? AND deleted = 0 LIMIT 1")
+            .bind(instance)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
     pub async fn backup(&self, id: &str) -> anyhow::Result<Option<BackupRow>> {
         let row = sqlx::query("SELECT * FROM backups WHERE id = ? AND deleted = 0")
             .bind(id)

@@ -141,6 +141,11 @@ pub fn user_password_context(instance: &str, user: &str, host: &str) -> String {
     format!("coffer/v1/{instance}/user/{user}@{host}")
 }
 
+/// The context string of a restore's storage grant (`RestoreFrom.grant_sealed`).
+pub fn restore_grant_context(instance: &str) -> String {
+    format!("coffer/v1/{instance}/restore-grant")
+}
+
 /// The context string of a root password sent to an agent.
 pub fn root_password_context(instance: &str) -> String {
     format!("coffer/v1/{instance}/root")

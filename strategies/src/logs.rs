@@ -206,12 +206,16 @@ fn publish_range(
     Ok(sent)
 }
 
-/// Deletes every published piece of a log and its metafile.
-pub fn discard(storage: &dyn Storage, prefix: &str, metafile: &str) -> Result<(), String> {
+/// Deletes every published piece under `prefix` and the `metafile`, if any (the controller's:
+/// agents cannot delete stored objects).
+pub fn discard(storage: &dyn Storage, prefix: &str, metafile: Option<&str>) -> Result<(), String> {
     for k in storage.list(prefix).map_err(|e| e.to_string())? {
         storage.delete(&k).map_err(|e| e.to_string())?;
     }
-    storage.delete(metafile).map_err(|e| e.to_string())
+    match metafile {
+        Some(m) => storage.delete(m).map_err(|e| e.to_string()),
+        None => Ok(()),
+    }
 }
 
 /// The last `n` lines of a published log.
@@ -269,7 +273,7 @@ mod tests {
         let storage = StorageKind::Local {
             root: dir.path().join("store"),
         }
-        .build(None)
+        .build(None, "inst", crate::storage::Access::Controller)
         .unwrap();
         let file = dir.path().join("slow.log");
         let def = LogDef {
@@ -316,7 +320,7 @@ mod tests {
         );
         // The byte bound: "four\n" + "five\n" is 10 bytes; 9 leave only the newest line.
         assert_eq!(tail(storage.as_ref(), "i/x/", 10, 9).unwrap(), vec!["five"]);
-        discard(storage.as_ref(), "i/x/", "i/x_metafile").unwrap();
+        discard(storage.as_ref(), "i/x/", Some("i/x_metafile")).unwrap();
         assert!(storage.list("i/").unwrap().is_empty());
         assert!(saves >= 1);
     }

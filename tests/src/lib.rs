@@ -436,95 +436,129 @@ impl Env {
         env
     }
 
-    /// What the backup storage holds: file names (partial files included) for `local`; for
-    /// `nats`, the names of live objects, plus "tombstone NAME" for deleted ones whose info
-    /// remains and "orphan chunks NUID" for chunks no object refers to.
+    /// What the backup storage holds, as `owner/key`: every file (partial files included) for
+    /// `local`; for `nats`, every committed object, plus `orphan chunks owner/key` for chunks
+    /// no commit record refers to.
     pub async fn stored(&self) -> Vec<String> {
         match self.backup_storage {
-            BackupStorage::Local => std::fs::read_dir(self.dir.path().join("backups"))
-                .map(|rd| {
-                    rd.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default(),
-            BackupStorage::Nats { .. } => {
-                use futures::TryStreamExt;
-                let js = async_nats::jetstream::new(self.nats_client().await);
-                let stream = js
-                    .get_stream(format!("OBJ_{BACKUP_BUCKET}"))
-                    .await
-                    .expect("the backup bucket exists");
-                let subjects: Vec<(String, usize)> = stream
-                    .info_with_subjects(">")
-                    .await
-                    .unwrap()
-                    .try_collect()
-                    .await
-                    .unwrap();
-                let mut names = Vec::new();
-                let mut referenced = std::collections::HashSet::new();
-                let meta = format!("$O.{BACKUP_BUCKET}.M.");
-                for (subject, _) in subjects
-                    .iter()
-                    .filter(|(s, n)| *n > 0 && s.starts_with(&meta))
-                {
-                    let m = stream
-                        .get_last_raw_message_by_subject(subject)
-                        .await
-                        .unwrap();
-                    let info: Value = serde_json::from_slice(&m.payload).unwrap();
-                    let name = info["name"].as_str().unwrap_or_default().to_string();
-                    if info["deleted"].as_bool().unwrap_or(false) {
-                        names.push(format!("tombstone {name}"));
-                    } else {
-                        referenced.insert(info["nuid"].as_str().unwrap_or_default().to_string());
-                        names.push(name);
-                    }
-                }
-                let chunks = format!("$O.{BACKUP_BUCKET}.C.");
-                for (subject, _) in subjects.iter().filter(|(_, n)| *n > 0) {
-                    if let Some(nuid) = subject.strip_prefix(&chunks) {
-                        if !referenced.contains(nuid) {
-                            names.push(format!("orphan chunks {nuid}"));
+            BackupStorage::Local => {
+                fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+                    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                        let p = e.path();
+                        if p.is_dir() {
+                            walk(root, &p, out);
+                        } else if let Ok(rel) = p.strip_prefix(root) {
+                            out.push(rel.to_string_lossy().into_owned());
                         }
                     }
                 }
+                let root = self.dir.path().join("backups");
+                let mut out = vec![];
+                walk(&root, &root, &mut out);
+                out
+            }
+            BackupStorage::Nats { .. } => {
+                use futures::{StreamExt, TryStreamExt};
+                let js = async_nats::jetstream::new(self.nats_client().await);
+                let prefix = format!("CFS_{BACKUP_BUCKET}_");
+                let streams: Vec<String> = js
+                    .stream_names()
+                    .filter_map(|n| async move { n.ok() })
+                    .collect()
+                    .await;
+                let mut names = Vec::new();
+                for name in streams.iter().filter(|n| n.starts_with(&prefix)) {
+                    let owner = &name[prefix.len()..];
+                    let stream = js.get_stream(name).await.unwrap();
+                    let subjects: Vec<(String, usize)> = stream
+                        .info_with_subjects(">")
+                        .await
+                        .unwrap()
+                        .try_collect()
+                        .await
+                        .unwrap();
+                    let key_of = |subject: &str| -> String {
+                        let tok = subject.split('.').nth(3).unwrap_or_default();
+                        String::from_utf8(
+                            data_encoding::BASE64URL_NOPAD
+                                .decode(tok.as_bytes())
+                                .unwrap_or_default(),
+                        )
+                        .unwrap_or_default()
+                    };
+                    let committed: std::collections::HashSet<String> = subjects
+                        .iter()
+                        .filter(|(s, n)| *n > 0 && s.ends_with(".m"))
+                        .map(|(s, _)| key_of(s))
+                        .collect();
+                    let mut orphans = std::collections::BTreeSet::new();
+                    for (s, n) in &subjects {
+                        let k = key_of(s);
+                        if *n > 0 && !s.ends_with(".m") && !committed.contains(&k) {
+                            orphans.insert(k);
+                        }
+                    }
+                    names.extend(committed.iter().map(|k| format!("{owner}/{k}")));
+                    names.extend(orphans.iter().map(|k| format!("orphan chunks {owner}/{k}")));
+                }
+                names.sort();
                 names
             }
         }
     }
 
-    /// Reads a stored object whole.
-    pub async fn read_object(&self, key: &str) -> Vec<u8> {
-        match self.backup_storage {
-            BackupStorage::Local => {
-                std::fs::read(self.dir.path().join("backups").join(key)).unwrap()
-            }
-            BackupStorage::Nats { .. } => {
-                use tokio::io::AsyncReadExt;
-                let js = async_nats::jetstream::new(self.nats_client().await);
-                let store = js.get_object_store(BACKUP_BUCKET).await.unwrap();
-                let mut obj = store.get(key).await.unwrap();
-                let mut v = Vec::new();
-                obj.read_to_end(&mut v).await.unwrap();
-                v
-            }
-        }
+    /// The storage of `owner`'s objects with the controller's rights (on a blocking thread).
+    async fn with_storage<T: Send + 'static>(
+        &self,
+        owner: &str,
+        f: impl FnOnce(&dyn coffer_strategies::storage::Storage) -> T + Send + 'static,
+    ) -> T {
+        let kind = match self.backup_storage {
+            BackupStorage::Local => coffer_strategies::storage::StorageKind::Local {
+                root: self.dir.path().join("backups"),
+            },
+            BackupStorage::Nats { max_bytes } => coffer_strategies::storage::StorageKind::Nats {
+                bucket: BACKUP_BUCKET.into(),
+                max_bytes,
+            },
+        };
+        let client = self.nats_client().await;
+        let owner = owner.to_string();
+        tokio::task::spawn_blocking(move || {
+            let s = kind
+                .build(
+                    Some(&client),
+                    &owner,
+                    coffer_strategies::storage::Access::Controller,
+                )
+                .unwrap();
+            f(s.as_ref())
+        })
+        .await
+        .unwrap()
     }
 
-    /// Replaces a stored object (to damage it).
-    pub async fn write_object(&self, key: &str, bytes: &[u8]) {
-        match self.backup_storage {
-            BackupStorage::Local => {
-                std::fs::write(self.dir.path().join("backups").join(key), bytes).unwrap()
-            }
-            BackupStorage::Nats { .. } => {
-                let js = async_nats::jetstream::new(self.nats_client().await);
-                let store = js.get_object_store(BACKUP_BUCKET).await.unwrap();
-                store.put(key, &mut &bytes[..]).await.unwrap();
-            }
-        }
+    /// Reads `owner`'s stored object whole.
+    pub async fn read_object(&self, owner: &str, key: &str) -> Vec<u8> {
+        let key = key.to_string();
+        self.with_storage(owner, move |s| {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut s.open(&key).unwrap(), &mut v).unwrap();
+            v
+        })
+        .await
+    }
+
+    /// Replaces `owner`'s stored object (to damage it), as only the controller's rights can.
+    pub async fn write_object(&self, owner: &str, key: &str, bytes: &[u8]) {
+        let (key, bytes) = (key.to_string(), bytes.to_vec());
+        self.with_storage(owner, move |s| {
+            s.delete(&key).unwrap();
+            let mut w = s.create(&key).unwrap();
+            std::io::Write::write_all(&mut w, &bytes).unwrap();
+            w.commit().unwrap();
+        })
+        .await
     }
 
     /// A NATS client with the controller's credentials (full rights in the Coffer account).

@@ -96,10 +96,10 @@ async fn backup_and_restore_into_a_new_instance(storage: BackupStorage) {
         .await;
     assert_eq!(list["backups"].as_array().unwrap().len(), 1);
     // The stored object is ciphertext: the table's marker string is not in it.
-    let stored = env.read_object(&format!("{bid}.cfbk")).await;
+    let stored = env.read_object(&id, &format!("{bid}.cfbk")).await;
     assert_eq!(&stored[..4], b"CFBK");
     let manifest: Value =
-        serde_json::from_slice(&env.read_object(&format!("{bid}.json")).await).unwrap();
+        serde_json::from_slice(&env.read_object(&id, &format!("{bid}.json")).await).unwrap();
     assert_eq!(manifest["strategy"], "mariabackup");
     assert_eq!(manifest["encrypted"], true);
     assert_eq!(manifest["key_id"], "k1");
@@ -162,10 +162,10 @@ async fn tampered_backups_and_missing_keys_never_restore(storage: BackupStorage)
 
     // Flip one byte in the middle of the stored stream.
     let key = format!("{bid}.cfbk");
-    let mut bytes = env.read_object(&key).await;
+    let mut bytes = env.read_object(&id, &key).await;
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
-    env.write_object(&key, &bytes).await;
+    env.write_object(&id, &key, &bytes).await;
     let (st, v) = restore(&env, &bid, "bad").await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let bad = v["instance"]["id"].as_str().unwrap().to_string();
@@ -181,7 +181,7 @@ async fn tampered_backups_and_missing_keys_never_restore(storage: BackupStorage)
 
     // Truncate it (cut the final frame off).
     bytes[mid] ^= 0x01;
-    env.write_object(&key, &bytes[..bytes.len() - 20]).await;
+    env.write_object(&id, &key, &bytes[..bytes.len() - 20]).await;
     let (_, v) = restore(&env, &bid, "cut").await;
     let cut = v["instance"]["id"].as_str().unwrap().to_string();
     let e = env
@@ -196,7 +196,7 @@ async fn tampered_backups_and_missing_keys_never_restore(storage: BackupStorage)
     );
 
     // Without the key: a clear error, nothing started.
-    env.write_object(&key, &bytes).await;
+    env.write_object(&id, &key, &bytes).await;
     coffer_tests::write_keyring(
         &env.dir.path().join("keyring.toml"),
         &[("k9", &coffer_tests::random_key_hex())],
@@ -248,12 +248,12 @@ async fn restores_are_bound_to_the_controllers_record(storage: BackupStorage) {
     let b = post_backup(&env, json!({"backup": {"name": "b", "instance": id}})).await;
     wait_backup(&env, &b, "COMPLETED").await;
     let (a_json, b_json) = (
-        env.read_object(&format!("{a}.json")).await,
-        env.read_object(&format!("{b}.json")).await,
+        env.read_object(&id, &format!("{a}.json")).await,
+        env.read_object(&id, &format!("{b}.json")).await,
     );
     let (a_data, b_data) = (
-        env.read_object(&format!("{a}.cfbk")).await,
-        env.read_object(&format!("{b}.cfbk")).await,
+        env.read_object(&id, &format!("{a}.cfbk")).await,
+        env.read_object(&id, &format!("{b}.cfbk")).await,
     );
     let refused = |name: &'static str, needle: &'static str| {
         let env = &env;
@@ -272,27 +272,27 @@ async fn restores_are_bound_to_the_controllers_record(storage: BackupStorage) {
     };
 
     // B's manifest replaced by A's.
-    env.write_object(&format!("{b}.json"), &a_json).await;
+    env.write_object(&id, &format!("{b}.json"), &a_json).await;
     refused("other-manifest", "names backup").await;
 
     // A's stream and manifest swapped in as B (the manifest renamed to B to fit).
     let mut forged: Value = serde_json::from_slice(&a_json).unwrap();
     forged["backup_id"] = json!(b);
-    env.write_object(&format!("{b}.json"), forged.to_string().as_bytes())
+    env.write_object(&id, &format!("{b}.json"), forged.to_string().as_bytes())
         .await;
-    env.write_object(&format!("{b}.cfbk"), &a_data).await;
+    env.write_object(&id, &format!("{b}.cfbk"), &a_data).await;
     refused("swapped", "was replaced").await;
 
     // B as it was, but its manifest claims another instance.
-    env.write_object(&format!("{b}.cfbk"), &b_data).await;
+    env.write_object(&id, &format!("{b}.cfbk"), &b_data).await;
     let mut foreign: Value = serde_json::from_slice(&b_json).unwrap();
     foreign["instance_id"] = json!("another-instance");
-    env.write_object(&format!("{b}.json"), foreign.to_string().as_bytes())
+    env.write_object(&id, &format!("{b}.json"), foreign.to_string().as_bytes())
         .await;
     refused("foreign", "taken from instance another-instance").await;
 
     // Put back, B restores with its own data.
-    env.write_object(&format!("{b}.json"), &b_json).await;
+    env.write_object(&id, &format!("{b}.json"), &b_json).await;
     let (st, v) = restore(&env, &b, "good").await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let good = v["instance"]["id"].as_str().unwrap().to_string();
@@ -325,9 +325,10 @@ async fn key_rotation_keeps_old_backups_restorable(storage: BackupStorage) {
     let new = post_backup(&env, json!({"backup": {"name": "new", "instance": id}})).await;
     wait_backup(&env, &new, "COMPLETED").await;
     let manifest = |b: String| {
-        let env = &env;
+        let (env, id) = (&env, id.clone());
         async move {
-            serde_json::from_slice::<Value>(&env.read_object(&format!("{b}.json")).await).unwrap()
+            serde_json::from_slice::<Value>(&env.read_object(&id, &format!("{b}.json")).await)
+                .unwrap()
         }
     };
     assert_eq!(manifest(old.clone()).await["key_id"], "k1");
@@ -447,7 +448,7 @@ async fn logical_backups_restore_data_and_accounts(storage: BackupStorage) {
         .unwrap();
     c.close().await.unwrap();
     let manifest: Value =
-        serde_json::from_slice(&env.read_object(&format!("{bid}.json")).await).unwrap();
+        serde_json::from_slice(&env.read_object(&id, &format!("{bid}.json")).await).unwrap();
     assert_eq!(manifest["strategy"], "mariadb-dump");
     assert!(
         !manifest["position"]["gtid"].as_str().unwrap().is_empty()
@@ -518,10 +519,10 @@ async fn logical_backups_restore_data_and_accounts(storage: BackupStorage) {
 
     // A damaged dump is refused before anything is loaded or started.
     let key = format!("{bid}.cfbk");
-    let mut bytes = env.read_object(&key).await;
+    let mut bytes = env.read_object(&id, &key).await;
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
-    env.write_object(&key, &bytes).await;
+    env.write_object(&id, &key, &bytes).await;
     let (_, v) = restore(&env, &bid, "bad").await;
     let bad = v["instance"]["id"].as_str().unwrap().to_string();
     let e = env

@@ -307,3 +307,137 @@ async fn one_agents_heartbeat_flood_leaves_the_others_alone() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+async fn backup_of(env: &Env, instance: &str) -> String {
+    let (st, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(serde_json::json!({"backup": {"name": "b", "instance": instance}})),
+        )
+        .await;
+    assert_eq!(st, coffer_tests::StatusCode::ACCEPTED, "{v}");
+    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, v) = env.call("GET", &format!("/backups/{bid}"), None).await;
+        if v["backup"]["status"] == "COMPLETED" {
+            return bid;
+        }
+        assert!(
+            v["backup"]["status"] != "FAILED" && Instant::now() < deadline,
+            "{v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// With backups in NATS, one agent's own credentials (as a tenant with root in its VM has them)
+/// reach nothing of another instance's storage, and cannot purge, list, delete or replace even
+/// its own; the other instance's backup still restores afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_identity_reaches_no_other_instances_storage() {
+    use coffer_strategies::storage::nats::{object_subject, stream_name};
+    use coffer_tests::{BackupStorage, Opts, BACKUP_BUCKET};
+    let env = Env::start_with(Opts {
+        backup_storage: BackupStorage::Nats { max_bytes: None },
+        ..Opts::default()
+    })
+    .await;
+    let a = env.create("alpha").await;
+    let (b, _) = env.active_with_rows("beta", &[7, 8]).await;
+    env.wait_status(&a, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let a_backup = backup_of(&env, &a).await;
+    let b_backup = backup_of(&env, &b).await;
+    let b_stored = env.stored().await;
+    assert!(
+        b_stored.contains(&format!("{b}/{b_backup}.cfbk")),
+        "{b_stored:?}"
+    );
+
+    let creds = env.dir.path().join("alpha.creds");
+    std::fs::copy(env.agent_creds(&a), &creds).unwrap();
+    let (client, seen) = connect_as(&env, &creds, &a).await;
+    let (sa, sb) = (
+        stream_name(BACKUP_BUCKET, &a),
+        stream_name(BACKUP_BUCKET, &b),
+    );
+    let b_meta = format!("{}.m", object_subject(BACKUP_BUCKET, &b, &format!("{b_backup}.json")));
+    let a_meta = format!("{}.m", object_subject(BACKUP_BUCKET, &a, &format!("{a_backup}.json")));
+    // Each refused by the server: purging (B's stream, even its own), listing, reading,
+    // overwriting and deleting B's objects, consumers on either stream (a push consumer could
+    // deliver stored bytes to any subject), speaking to B or reading its intents.
+    let refused = [
+        format!("$JS.API.STREAM.PURGE.{sb}"),
+        format!("$JS.API.STREAM.PURGE.{sa}"),
+        format!("$JS.API.STREAM.INFO.{sb}"),
+        format!("$JS.API.STREAM.INFO.{sa}"),
+        "$JS.API.STREAM.NAMES".to_string(),
+        "$JS.API.STREAM.LIST".to_string(),
+        format!("$JS.API.STREAM.DELETE.{sb}"),
+        format!("$JS.API.STREAM.MSG.DELETE.{sb}"),
+        format!("$JS.API.STREAM.MSG.DELETE.{sa}"),
+        format!("$JS.API.STREAM.MSG.GET.{sb}"),
+        format!("$JS.API.DIRECT.GET.{sb}.{b_meta}"),
+        format!("$JS.API.DIRECT.GET.{sb}"),
+        b_meta.clone(),
+        format!("$JS.API.CONSUMER.CREATE.{sb}"),
+        format!("$JS.API.CONSUMER.CREATE.{sa}"),
+        format!("$JS.API.CONSUMER.CREATE.{sa}.x.{a_meta}"),
+        format!("$JS.API.CONSUMER.DURABLE.CREATE.{sa}.x"),
+        subjects::call(&b),
+        subjects::intent(&b),
+        format!("$O.{BACKUP_BUCKET}.M.x"),
+    ];
+    for subject in &refused {
+        client
+            .publish(subject.clone(), "{}".into())
+            .await
+            .unwrap();
+        wait_event(&seen, &format!("Publish to \"{subject}\"")).await;
+    }
+    let _s = client.subscribe(subjects::intent(&b)).await.unwrap();
+    wait_event(
+        &seen,
+        &format!("Subscription to \"{}\"", subjects::intent(&b)),
+    )
+    .await;
+    // Its own objects: readable by subject, but a committed one is never replaced.
+    let js = async_nats::jetstream::new(client.clone());
+    let own = js.get_stream_no_info(&sa).await.unwrap();
+    let record = own.direct_get_last_for_subject(a_meta.clone()).await;
+    assert!(record.is_ok(), "its own objects read back: {record:?}");
+    let replaced = async {
+        js.publish(a_meta.clone(), "{\"attempt\":\"x\"}".into())
+            .await?
+            .await
+    }
+    .await;
+    assert!(replaced.is_err(), "a committed object cannot be replaced");
+    assert_eq!(
+        own.direct_get_last_for_subject(a_meta.clone())
+            .await
+            .unwrap()
+            .payload,
+        record.unwrap().payload
+    );
+
+    // Everything of B's is where it was, and its backup restores (through the grant the
+    // controller gives the new instance for exactly that chain).
+    assert_eq!(env.stored().await, b_stored);
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(serde_json::json!({"instance": {"name": "copy", "flavorRef": "1",
+                "volume": {"size": 1}, "restorePoint": {"backupRef": b_backup}}})),
+        )
+        .await;
+    assert_eq!(st, coffer_tests::StatusCode::OK, "{v}");
+    let copy = v["instance"]["id"].as_str().unwrap().to_string();
+    let view = env
+        .wait_status(&copy, "ACTIVE", Duration::from_secs(120))
+        .await;
+    assert_eq!(env.rows(&view).await, vec![7, 8]);
+}

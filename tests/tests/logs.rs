@@ -27,7 +27,7 @@ fn pieces(env: &Env, id: &str, log: &str) -> Vec<String> {
     let dir = env
         .dir
         .path()
-        .join(format!("backups/database_logs/{id}/mariadb-{log}"));
+        .join(format!("backups/{id}/database_logs/{id}/mariadb-{log}"));
     let mut names: Vec<_> = std::fs::read_dir(&dir)
         .map(|rd| {
             rd.flatten()
@@ -189,7 +189,7 @@ async fn slow_query_log_publishes_new_bytes_across_rotation() {
         .dir
         .path()
         .join(format!(
-            "backups/database_logs/{id}/mariadb-slow_query_metafile"
+            "backups/{id}/database_logs/{id}/mariadb-slow_query_metafile"
         ))
         .exists());
 
@@ -291,4 +291,79 @@ async fn guest_log_and_errors() {
         )
         .await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "system logs are always on");
+}
+
+/// On NATS storage: a published log tails, a second publish leaves the first metafile in place
+/// (stored objects are never replaced), a discard removes the pieces from the controller's
+/// side (agents cannot delete), publishing works again after it, and the instance's storage
+/// goes with the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_logs_on_nats_tail_discard_and_go_with_the_instance() {
+    let env = Env::start_with(coffer_tests::Opts {
+        backup_storage: coffer_tests::BackupStorage::Nats { max_bytes: None },
+        ..Default::default()
+    })
+    .await;
+    let id = env.create("n").await;
+    env.wait_status(&id, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let admin = env.admin_token.clone();
+    let base = format!("{}/instances/{id}/log", env.base());
+    let publish = || async {
+        let (st, g) = env
+            .call_as(
+                &admin,
+                "POST",
+                &base,
+                Some(json!({"name": "guest", "publish": 1})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{g}");
+        g
+    };
+    let g = publish().await;
+    assert!(g["log"]["published"].as_u64().unwrap() > 0, "{g}");
+    let meta = format!("{id}/database_logs/{id}/mariadb-guest_metafile");
+    let stored = env.stored().await;
+    assert!(stored.contains(&meta), "{stored:?}");
+    assert!(
+        stored
+            .iter()
+            .any(|k| k.starts_with(&format!("{id}/database_logs/{id}/mariadb-guest/log-"))),
+        "{stored:?}"
+    );
+    let tail = format!("{base}/guest/tail?lines=5");
+    let (st, t) = env.call_as(&admin, "GET", &tail, None).await;
+    assert_eq!(st, StatusCode::OK, "{t}");
+    assert!(!t["lines"].as_array().unwrap().is_empty(), "{t}");
+    // More lines, published again: new pieces, the same metafile.
+    env.restart(&id).await;
+    env.wait_status(&id, "ACTIVE", Duration::from_secs(60))
+        .await;
+    let again = publish().await;
+    assert!(
+        again["log"]["published"].as_u64() > g["log"]["published"].as_u64(),
+        "{again}"
+    );
+    // Discard: the controller removes every piece and the metafile.
+    let (st, d) = env
+        .call_as(
+            &admin,
+            "POST",
+            &base,
+            Some(json!({"name": "guest", "discard": 1})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{d}");
+    let left = env.stored().await;
+    assert!(
+        !left.iter().any(|k| k.contains("mariadb-guest")),
+        "{left:?}"
+    );
+    publish().await;
+    assert!(env.stored().await.contains(&meta));
+    // Deleted with its instance: nothing of it stays in storage.
+    env.delete_and_wait_gone(&id).await;
+    let left = env.stored().await;
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -2,6 +2,7 @@
 //! instance's backups. The agent takes the backup (a `backup` intent); storage objects are
 //! deleted from here through the same `Storage` trait, so a backup outlives its instance.
 
+use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::{Path, Query};
 use axum::http::StatusCode;
@@ -330,23 +331,21 @@ pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, Strin
     accepted()
 }
 
-/// Removes a backup's objects through the storage trait, then its record.
+/// Removes a backup's objects through the storage trait, then its record (and the storage of
+/// its deleted instance, when this was the last thing kept there).
 pub(super) async fn remove(app: &App, id: &str) -> anyhow::Result<()> {
-    if let Some(cfg) = &app.cfg.backup {
-        let kind = cfg.storage.clone();
-        let client = app.client.clone();
-        let bid = id.to_string();
-        tokio::task::spawn_blocking(move || {
-            let storage = kind.build(Some(&client)).map_err(anyhow::Error::msg)?;
-            storage.delete(&format!("{bid}.json"))?;
-            storage.delete(&format!("{bid}.cfbk"))?;
-            Ok::<(), anyhow::Error>(())
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("deleting backup objects: {e}"))?
-        .map_err(|e| anyhow::anyhow!("deleting backup objects: {e}"))?;
-    }
-    app.store.mark_backup_deleted(id).await
+    let Some(b) = app.store.backup(id).await? else {
+        return Ok(());
+    };
+    crate::objects::delete(
+        app,
+        &b.instance_id,
+        vec![format!("{id}.json"), format!("{id}.cfbk")],
+    )
+    .await
+    .context("deleting backup objects")?;
+    app.store.mark_backup_deleted(id).await?;
+    crate::objects::forget_if_unused(app, &b.instance_id).await
 }
 
 /// Starts a replication snapshot of `source` (a full backup outside the quota, deleted once
@@ -453,5 +452,7 @@ pub(super) async fn restore_point(
     Ok(v1::RestoreFrom {
         backup_id: backup_id.to_string(),
         chain: links,
+        // Sealed to the restoring agent once its key is known (`objects::seal_grant`).
+        grant_sealed: vec![],
     })
 }

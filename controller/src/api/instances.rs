@@ -853,6 +853,10 @@ pub(super) async fn commit_new(
             sqlx::Row::get(&r, "server_id")
         }
     };
+    let mut restore = n.restore_from.clone();
+    if let Some(r) = restore.as_mut() {
+        crate::objects::seal_grant(app, r, id, key)?;
+    }
     let prepare = v1::intent::Kind::Prepare(v1::Prepare {
         memory_mb: n.flavor.ram as u64,
         vcpus: n.flavor.vcpus as u32,
@@ -862,7 +866,7 @@ pub(super) async fn commit_new(
         users,
         datastore_version: n.version.version.clone(),
         root_password_sealed,
-        restore: n.restore_from.clone(),
+        restore,
         overrides: n.overrides.clone(),
         replica_of: None,
         modules: module_specs,

@@ -98,6 +98,10 @@ pub async fn action(
     }
     let mut last = None;
     for a in actions {
+        if a == "publish" {
+            // The instance's storage exists before its agent writes (older instances included).
+            crate::objects::ensure(&st, &r.id).await?;
+        }
         let (_, reply) = call(
             &st,
             &r,
@@ -118,6 +122,11 @@ pub async fn action(
                 e
             }
         })?;
+        if a == "discard" && st.cfg.backup.is_some() {
+            // Agents cannot delete stored objects: the published pieces go from here.
+            let (prefix, metafile) = storage_keys(&st, &r, &name).await?;
+            crate::objects::delete_prefix(&st, &r.id, &prefix, Some(&metafile)).await?;
+        }
         last = reply.logs.into_iter().next();
     }
     let l = last.ok_or_else(|| anyhow::anyhow!("the agent answered no log"))?;
@@ -164,11 +173,30 @@ pub async fn tail(
     let cfg = st.cfg.backup.clone().ok_or_else(|| {
         ApiError::not_implemented("Logs are not available: no storage is configured.")
     })?;
-    // The storage prefix is the controller's own: this instance's id, its datastore (the
-    // version's manager) and the log's name. What the agent says of it is never used, so no
-    // agent can point the controller at another instance's objects.
-    if !log
-        .name
+    let (prefix, _) = storage_keys(&st, &r, &log.name).await?;
+    let client = st.client.clone();
+    let owner = r.id.clone();
+    let lines = tokio::task::spawn_blocking(move || {
+        let storage = cfg
+            .storage
+            .build(Some(&client), &owner, coffer_strategies::storage::Access::Controller)?;
+        coffer_strategies::logs::tail(storage.as_ref(), &prefix, n, TAIL_MAX_BYTES)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("reading the log: {e}"))?
+    .map_err(|e| anyhow::anyhow!("reading the log: {e}"))?;
+    ok(json!({"name": name, "lines": lines}))
+}
+
+/// Where a log's pieces and metafile are stored: the controller's own derivation (this
+/// instance's id, its datastore — the version's manager — and the log's name). What an agent
+/// says of it is never used, so no agent can point the controller at another instance's objects.
+async fn storage_keys(
+    st: &AppState,
+    r: &crate::store::InstanceRow,
+    name: &str,
+) -> Result<(String, String), ApiError> {
+    if !name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
@@ -179,20 +207,12 @@ pub async fn tail(
         .version(&r.datastore_version_id)
         .await?
         .ok_or_else(|| anyhow::anyhow!("the instance's datastore version is gone"))?;
-    let prefix = format!(
-        "{}/{}/{}-{}/",
+    let base = format!(
+        "{}/{}/{}-{}",
         coffer_strategies::logs::CONTAINER,
         r.id,
         version.manager,
-        log.name
+        name
     );
-    let client = st.client.clone();
-    let lines = tokio::task::spawn_blocking(move || {
-        let storage = cfg.storage.build(Some(&client))?;
-        coffer_strategies::logs::tail(storage.as_ref(), &prefix, n, TAIL_MAX_BYTES)
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("reading the log: {e}"))?
-    .map_err(|e| anyhow::anyhow!("reading the log: {e}"))?;
-    ok(json!({"name": name, "lines": lines}))
+    Ok((format!("{base}/"), format!("{base}_metafile")))
 }

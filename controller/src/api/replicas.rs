@@ -335,6 +335,8 @@ async fn build(
             continue;
         };
         let intent_id = uuid::Uuid::new_v4().to_string();
+        let mut restore = restore.clone();
+        crate::objects::seal_grant(app, &mut restore, id, &agent_key(&r)?)?;
         let prepare = v1::intent::Kind::Prepare(v1::Prepare {
             memory_mb: flavor.as_ref().map(|f| f.ram as u64).unwrap_or(256),
             vcpus: flavor.as_ref().map(|f| f.vcpus as u32).unwrap_or(1),
@@ -344,7 +346,7 @@ async fn build(
                 .as_ref()
                 .map(|v| v.version.clone())
                 .unwrap_or_default(),
-            restore: Some(restore.clone()),
+            restore: Some(restore),
             overrides: overrides.clone(),
             replica_of: Some(replica_of(source, &r, user, password, strategy)?),
             ..Default::default()

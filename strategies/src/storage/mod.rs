@@ -3,6 +3,13 @@
 //!
 //! Invariant: nothing is visible under an object's key until its writer commits, so a failed or
 //! interrupted backup leaves nothing that lists or restores as good.
+//!
+//! Objects belong to an owner (an instance id): a backend is built for one owner and its keys
+//! are that owner's. An agent's backend ([`Access::Agent`]) creates and reads its own owner's
+//! objects and nothing else, never deletes, purges or lists; deletion, retention and clean-up of
+//! what a failed writer left are the controller's ([`Access::Controller`]). The `nats` backend
+//! has the server enforce it (one stream per instance, write-once subjects, per-user subject
+//! permissions); the `local` backend keeps each owner's objects in a directory of its own.
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -33,6 +40,23 @@ pub trait ObjectWriter: Write + Send {
     fn commit(self: Box<Self>) -> Result<(), StorageError>;
 }
 
+/// Who uses a backend: an agent (its own instance's objects, create and read only) or the
+/// controller (any owner's, and deletion).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Agent,
+    Controller,
+}
+
+/// An owner is an instance id: one subject token and one directory name.
+pub fn valid_owner(owner: &str) -> bool {
+    !owner.is_empty()
+        && owner.len() <= 64
+        && owner
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 pub trait Storage: Send + Sync {
     fn name(&self) -> &'static str;
     /// Starts an object; dropping the writer without commit removes what was written.
@@ -54,8 +78,9 @@ pub trait Storage: Send + Sync {
 pub enum StorageKind {
     /// A directory every agent and the controller can reach (the embedded default).
     Local { root: PathBuf },
-    /// A NATS JetStream object store bucket (agents on other hosts and VMs). The controller
-    /// creates it (limited to `max_bytes` when set); agents reach it over their own connection.
+    /// NATS JetStream (agents on other hosts and VMs): one stream per instance named after
+    /// `bucket`, which the controller creates at placement, limited to `max_bytes` per instance
+    /// when set; agents reach their own over their own connection.
     Nats {
         bucket: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,13 +89,29 @@ pub enum StorageKind {
 }
 
 impl StorageKind {
-    /// The backend; `nats` is the caller's connection (needed by the `nats` kind, which must be
-    /// built inside a tokio runtime).
-    pub fn build(&self, nats: Option<&async_nats::Client>) -> Result<Box<dyn Storage>, String> {
+    /// The backend for `owner`'s objects; `nats` is the caller's connection (needed by the
+    /// `nats` kind, which must be built inside a tokio runtime).
+    pub fn build(
+        &self,
+        nats: Option<&async_nats::Client>,
+        owner: &str,
+        access: Access,
+    ) -> Result<Box<dyn Storage>, String> {
+        if !valid_owner(owner) {
+            return Err(format!("'{owner}' cannot own stored objects"));
+        }
         match self {
-            StorageKind::Local { root } => Ok(Box::new(LocalStorage { root: root.clone() })),
+            StorageKind::Local { root } => Ok(Box::new(LocalStorage {
+                root: root.join(owner),
+                shared: root.clone(),
+            })),
             StorageKind::Nats { bucket, .. } => match nats {
-                Some(c) => Ok(Box::new(nats::NatsStorage::new(c.clone(), bucket))),
+                Some(c) => Ok(Box::new(nats::NatsStorage::new(
+                    c.clone(),
+                    bucket,
+                    owner,
+                    access,
+                ))),
                 None => Err(format!(
                     "backup storage is the NATS object store '{bucket}' but there is no NATS connection"
                 )),
@@ -106,8 +147,11 @@ pub(crate) fn check_key(key: &str) -> Result<(), StorageError> {
     }
 }
 
+/// A directory per owner under the configured root. Objects an earlier layout kept directly in
+/// the root (before owners) are still read and deleted there.
 pub struct LocalStorage {
     pub root: PathBuf,
+    shared: PathBuf,
 }
 
 fn io_at(p: &Path) -> impl Fn(io::Error) -> StorageError + '_ {
@@ -218,7 +262,10 @@ impl Storage for LocalStorage {
 
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>, StorageError> {
         check_key(key)?;
-        let p = self.root.join(key);
+        let mut p = self.root.join(key);
+        if !p.exists() && self.shared.join(key).is_file() {
+            p = self.shared.join(key);
+        }
         match std::fs::File::open(&p) {
             Ok(f) => Ok(Box::new(io::BufReader::with_capacity(1 << 20, f))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -230,16 +277,18 @@ impl Storage for LocalStorage {
 
     fn delete(&self, key: &str) -> Result<(), StorageError> {
         check_key(key)?;
-        let p = self.root.join(key);
-        match std::fs::remove_file(&p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_at(&p)(e)),
+        for p in [self.root.join(key), self.shared.join(key)] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_at(&p)(e)),
+            }
         }
+        Ok(())
     }
 
     fn exists(&self, key: &str) -> bool {
-        check_key(key).is_ok() && self.root.join(key).exists()
+        check_key(key).is_ok() && (self.root.join(key).exists() || self.shared.join(key).is_file())
     }
 
     fn location(&self, key: &str) -> String {
@@ -304,7 +353,7 @@ mod tests {
         let s = StorageKind::Local {
             root: dir.path().join("b"),
         }
-        .build(None)
+        .build(None, "i1", Access::Agent)
         .unwrap();
         let mut w = s.create("x1.cfbk").unwrap();
         w.write_all(b"hello").unwrap();
@@ -319,9 +368,20 @@ mod tests {
         w.write_all(b"half").unwrap();
         drop(w);
         assert!(!s.exists("x2.cfbk"));
-        assert_eq!(std::fs::read_dir(dir.path().join("b")).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(dir.path().join("b/i1")).unwrap().count(), 1);
         s.delete("x1.cfbk").unwrap();
         assert!(matches!(s.open("x1.cfbk"), Err(StorageError::NotFound(_))));
         assert!(s.create("../evil").is_err());
+        // Owners are one path segment.
+        let kind = StorageKind::Local {
+            root: dir.path().join("b"),
+        };
+        assert!(kind.build(None, "../x", Access::Agent).is_err());
+        assert!(kind.build(None, "", Access::Agent).is_err());
+        // An object of the flat layout (before owners) still reads.
+        std::fs::write(dir.path().join("b/old.cfbk"), b"old").unwrap();
+        let mut r = String::new();
+        s.open("old.cfbk").unwrap().read_to_string(&mut r).unwrap();
+        assert_eq!(r, "old");
     }
 }

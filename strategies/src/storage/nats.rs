@@ -1,13 +1,19 @@
-//! The NATS JetStream object store, for agents on other hosts and VMs. Objects are written in the
-//! object store's own layout (chunks on `$O.<bucket>.C.<nuid>`, the object's info rolled up on
-//! `$O.<bucket>.M.<base64url name>`), so `nats object get` reads them too.
+//! NATS JetStream storage, for agents on other hosts and VMs, scoped per instance by the server.
 //!
-//! Differences from the client library's `put`, both for the invariants of [`super::Storage`]:
-//! - the chunk subject is derived from the object's name, so whatever an interrupted writer
-//!   published can be found and purged later ([`Storage::discard_partial`]), and an abandoned
-//!   writer purges its chunks at once;
-//! - chunks are published with a window of outstanding acknowledgements instead of one round
-//!   trip per chunk.
+//! Layout: one stream per owner (instance), `CFS_<bucket>_<owner>` on `cfs.<bucket>.<owner>.>`.
+//! An object `key` is
+//! - chunks on `cfs.<bucket>.<owner>.<k>.<attempt>.<n>` (`k` the key in base64url, `attempt` a
+//!   random token per writer, `n` from 0), then
+//! - its commit record on `cfs.<bucket>.<owner>.<k>.m` (JSON: attempt, chunks, size, SHA-256).
+//!
+//! The stream keeps one message per subject and refuses a second (`discard_new_per_subject`),
+//! so a committed object can never be replaced, not even by its own instance's agent. An agent's
+//! NATS user may publish on its own stream's subjects and read them by subject with direct gets
+//! (`$JS.API.DIRECT.GET.<its stream>.>`); it cannot list, purge, delete or create consumers, nor
+//! touch another instance's stream. Reading another instance's backup (a restore, a replica's
+//! seed) takes a grant from the controller: short-lived credentials that may direct-get exactly
+//! that chain's subjects. The controller creates the streams, deletes objects (a purge of the
+//! key's subjects) and removes what a failed writer left.
 //!
 //! The trait is synchronous (strategies run on blocking threads); every call here blocks on the
 //! runtime handle captured when the backend was built.
@@ -17,23 +23,32 @@ use std::future::IntoFuture;
 use std::io::{self, Read, Write};
 
 use async_nats::jetstream::context::PublishAckFuture;
-use async_nats::jetstream::object_store::{ObjectInfo, ObjectOptions};
-use async_nats::HeaderMap;
 use bytes::Bytes;
-use tokio::io::AsyncReadExt;
+use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
-use super::{check_key, ObjectWriter, Storage, StorageError};
+use super::{check_key, Access, ObjectWriter, Storage, StorageError};
 
-/// Chunk size: well under NATS's default 1 MiB payload limit.
+/// Chunk size: well under the 1 MiB payload an agent may publish.
 const CHUNK: usize = 512 * 1024;
-/// Chunks in flight before the writer waits for the oldest acknowledgement.
+/// Chunks in flight (published and not yet acknowledged, or requested and not yet read).
 const WINDOW: usize = 16;
 
 pub struct NatsStorage {
     js: async_nats::jetstream::Context,
     bucket: String,
+    owner: String,
+    access: Access,
     rt: Handle,
+}
+
+/// An object's commit record.
+#[derive(Debug, Serialize, Deserialize)]
+struct Commit {
+    attempt: String,
+    chunks: u64,
+    size: u64,
+    sha256: String,
 }
 
 fn nats_err(what: &str, e: impl std::fmt::Display) -> StorageError {
@@ -49,89 +64,167 @@ fn nats_err(what: &str, e: impl std::fmt::Display) -> StorageError {
     }
 }
 
+/// The stream holding `owner`'s objects.
+pub fn stream_name(bucket: &str, owner: &str) -> String {
+    format!("CFS_{bucket}_{owner}")
+}
+
+/// The subjects of `owner`'s objects (`cfs.<bucket>.<owner>`, without the trailing `.>`).
+pub fn subject_root(bucket: &str, owner: &str) -> String {
+    format!("cfs.{bucket}.{owner}")
+}
+
+fn key_token(key: &str) -> String {
+    data_encoding::BASE64URL_NOPAD.encode(key.as_bytes())
+}
+
+/// The subjects of one object (`<root>.<k>`, without `.>` or `.m`).
+pub fn object_subject(bucket: &str, owner: &str, key: &str) -> String {
+    format!("{}.{}", subject_root(bucket, owner), key_token(key))
+}
+
+/// The direct-get API subjects (a permission pattern) through which one object is read.
+pub fn object_read_permission(bucket: &str, owner: &str, key: &str) -> String {
+    format!(
+        "$JS.API.DIRECT.GET.{}.{}.>",
+        stream_name(bucket, owner),
+        object_subject(bucket, owner, key)
+    )
+}
+
+/// What one instance's agent may publish for its own objects (its stream's subjects and their
+/// direct gets), for the agent's NATS user.
+pub fn agent_publish_permissions(bucket: &str, owner: &str) -> Vec<String> {
+    vec![
+        format!("{}.>", subject_root(bucket, owner)),
+        format!("$JS.API.DIRECT.GET.{}.>", stream_name(bucket, owner)),
+    ]
+}
+
+/// Creates `owner`'s stream when missing (the controller, at placement and at start).
+pub async fn ensure_stream(
+    client: async_nats::Client,
+    bucket: &str,
+    owner: &str,
+    max_bytes: Option<i64>,
+) -> Result<(), String> {
+    if !super::valid_owner(owner) {
+        return Err(format!("'{owner}' cannot own stored objects"));
+    }
+    use async_nats::jetstream::stream::{Config, DiscardPolicy, StorageType};
+    let js = async_nats::jetstream::new(client);
+    let name = stream_name(bucket, owner);
+    let cfg = Config {
+        name: name.clone(),
+        description: Some(format!("Coffer objects of instance {owner}")),
+        subjects: vec![format!("{}.>", subject_root(bucket, owner))],
+        max_bytes: max_bytes.unwrap_or(-1),
+        max_messages_per_subject: 1,
+        discard: DiscardPolicy::New,
+        discard_new_per_subject: true,
+        allow_direct: true,
+        deny_delete: true,
+        storage: StorageType::File,
+        ..Default::default()
+    };
+    let existing = match js.get_stream_no_info(&name).await {
+        Ok(s) => s.get_info().await.ok(),
+        Err(_) => None,
+    };
+    match existing {
+        Some(info) => {
+            // The limit may have changed in the configuration.
+            if info.config.max_bytes != cfg.max_bytes {
+                js.update_stream(cfg)
+                    .await
+                    .map_err(|e| format!("updating the stream {name}: {e}"))?;
+            }
+            Ok(())
+        }
+        None => js
+            .create_stream(cfg)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("creating the stream {name}: {e}")),
+    }
+}
+
+/// Deletes `owner`'s stream and everything in it (the controller, once nothing of the owner is
+/// kept any more).
+pub async fn remove_stream(
+    client: async_nats::Client,
+    bucket: &str,
+    owner: &str,
+) -> Result<(), String> {
+    let js = async_nats::jetstream::new(client);
+    let name = stream_name(bucket, owner);
+    match js.delete_stream(&name).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("not found") => Ok(()),
+        Err(e) => Err(format!("deleting the stream {name}: {e}")),
+    }
+}
+
 impl NatsStorage {
-    /// Must be called inside a tokio runtime; the bucket must exist (the controller creates it).
-    pub fn new(client: async_nats::Client, bucket: &str) -> NatsStorage {
+    /// Must be called inside a tokio runtime; the stream must exist (the controller creates it).
+    pub fn new(client: async_nats::Client, bucket: &str, owner: &str, access: Access) -> Self {
         NatsStorage {
             js: async_nats::jetstream::new(client),
             bucket: bucket.to_string(),
+            owner: owner.to_string(),
+            access,
             rt: Handle::current(),
         }
     }
 
-    /// Creates the bucket when missing (the controller does this at start).
-    pub async fn ensure_bucket(
-        client: async_nats::Client,
-        bucket: &str,
-        max_bytes: Option<i64>,
-    ) -> Result<(), String> {
-        let js = async_nats::jetstream::new(client);
-        if js.get_object_store(bucket).await.is_ok() {
-            return Ok(());
-        }
-        js.create_object_store(async_nats::jetstream::object_store::Config {
-            bucket: bucket.to_string(),
-            description: Some("Coffer backups".into()),
-            max_bytes: max_bytes.unwrap_or(-1),
-            storage: async_nats::jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("creating the object store bucket '{bucket}': {e}"))
+    fn stream(&self) -> String {
+        stream_name(&self.bucket, &self.owner)
     }
 
-    fn stream_name(&self) -> String {
-        format!("OBJ_{}", self.bucket)
+    fn object(&self, key: &str) -> String {
+        object_subject(&self.bucket, &self.owner, key)
     }
 
-    /// The chunk subject's token for `key`: fixed per name, so leftovers can be found.
-    fn nuid(key: &str) -> String {
-        let digest = openssl::sha::sha256(key.as_bytes());
-        format!("cf{}", data_encoding::HEXLOWER.encode(&digest[..12]))
-    }
-
-    fn chunk_subject(&self, key: &str) -> String {
-        format!("$O.{}.C.{}", self.bucket, Self::nuid(key))
-    }
-
-    fn meta_subject(&self, key: &str) -> String {
-        format!(
-            "$O.{}.M.{}",
-            self.bucket,
-            data_encoding::BASE64URL.encode(key.as_bytes())
-        )
-    }
-
-    async fn purge(
+    async fn get(
         js: &async_nats::jetstream::Context,
         stream: &str,
-        subject: &str,
-    ) -> Result<(), StorageError> {
+        subject: String,
+    ) -> Result<Option<Bytes>, StorageError> {
         let s = js
-            .get_stream(stream)
+            .get_stream_no_info(stream)
             .await
             .map_err(|e| nats_err(stream, e))?;
-        s.purge()
-            .filter(subject)
-            .await
-            .map_err(|e| nats_err(subject, e))?;
-        Ok(())
-    }
-
-    async fn info(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
-        let store = self
-            .js
-            .get_object_store(&self.bucket)
-            .await
-            .map_err(|e| nats_err(&self.bucket, e))?;
-        match store.info(key).await {
-            Ok(i) if !i.deleted => Ok(Some(i)),
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == async_nats::jetstream::object_store::InfoErrorKind::NotFound => {
+        match s.direct_get_last_for_subject(subject.clone()).await {
+            Ok(m) => Ok(Some(m.payload)),
+            Err(e)
+                if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound =>
+            {
                 Ok(None)
             }
-            Err(e) => Err(nats_err(key, e)),
+            Err(e) => Err(nats_err(&subject, e)),
+        }
+    }
+
+    async fn commit_record(&self, key: &str) -> Result<Option<Commit>, StorageError> {
+        let Some(body) = Self::get(&self.js, &self.stream(), format!("{}.m", self.object(key))).await?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| nats_err(key, format!("a damaged commit record: {e}")))
+    }
+
+    async fn purge(&self, subject: String) -> Result<(), StorageError> {
+        let s = self
+            .js
+            .get_stream_no_info(self.stream())
+            .await
+            .map_err(|e| nats_err(&self.stream(), e))?;
+        match s.purge().filter(subject.clone()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(nats_err(&subject, e)),
         }
     }
 }
@@ -139,18 +232,15 @@ impl NatsStorage {
 struct NatsWriter {
     js: async_nats::jetstream::Context,
     rt: Handle,
-    bucket: String,
-    stream: String,
     key: String,
-    nuid: String,
-    chunk_subject: String,
-    meta_subject: String,
+    what: String,
+    object: String,
+    attempt: String,
     buf: Vec<u8>,
     pending: VecDeque<PublishAckFuture>,
     sha: openssl::sha::Sha256,
-    size: usize,
-    chunks: usize,
-    done: bool,
+    size: u64,
+    chunks: u64,
 }
 
 fn to_io(e: StorageError) -> io::Error {
@@ -167,12 +257,13 @@ impl NatsWriter {
         }
         let payload = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
         self.sha.update(&payload);
-        self.size += payload.len();
+        self.size += payload.len() as u64;
+        let subject = format!("{}.{}.{}", self.object, self.attempt, self.chunks);
         self.chunks += 1;
         let ack = self
             .rt
-            .block_on(self.js.publish(self.chunk_subject.clone(), payload))
-            .map_err(|e| nats_err(&self.key, e))?;
+            .block_on(self.js.publish(subject, payload))
+            .map_err(|e| nats_err(&self.what, e))?;
         self.pending.push_back(ack);
         while self.pending.len() > WINDOW {
             self.wait_one()?;
@@ -182,12 +273,9 @@ impl NatsWriter {
 
     fn wait_one(&mut self) -> Result<(), StorageError> {
         if let Some(ack) = self.pending.pop_front() {
-            self.rt.block_on(ack.into_future()).map_err(|e| {
-                nats_err(
-                    &format!("object store bucket '{}' ({})", self.bucket, self.key),
-                    e,
-                )
-            })?;
+            self.rt
+                .block_on(ack.into_future())
+                .map_err(|e| nats_err(&self.what, e))?;
         }
         Ok(())
     }
@@ -214,67 +302,125 @@ impl ObjectWriter for NatsWriter {
             self.wait_one()?;
         }
         let digest = std::mem::replace(&mut self.sha, openssl::sha::Sha256::new()).finish();
-        let info = ObjectInfo {
-            name: self.key.clone(),
-            description: None,
-            metadata: Default::default(),
-            headers: None,
-            options: Some(ObjectOptions {
-                link: None,
-                max_chunk_size: Some(CHUNK),
-            }),
-            bucket: self.bucket.clone(),
-            nuid: self.nuid.clone(),
-            size: self.size,
+        let record = Commit {
+            attempt: self.attempt.clone(),
             chunks: self.chunks,
-            modified: Some(time::OffsetDateTime::now_utc()),
-            digest: Some(format!(
-                "SHA-256={}",
-                data_encoding::BASE64URL.encode(&digest)
-            )),
-            deleted: false,
+            size: self.size,
+            sha256: data_encoding::HEXLOWER.encode(&digest),
         };
-        let body = serde_json::to_vec(&info).map_err(|e| nats_err(&self.key, e))?;
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Rollup", "sub");
+        let body = serde_json::to_vec(&record).map_err(|e| nats_err(&self.key, e))?;
         let ack = self
             .rt
-            .block_on(
-                self.js
-                    .publish_with_headers(self.meta_subject.clone(), headers, body.into()),
-            )
-            .map_err(|e| nats_err(&self.key, e))?;
-        self.rt
-            .block_on(ack.into_future())
-            .map_err(|e| nats_err(&self.key, e))?;
-        self.done = true;
+            .block_on(self.js.publish(format!("{}.m", self.object), body.into()))
+            .map_err(|e| nats_err(&self.what, e))?;
+        self.rt.block_on(ack.into_future()).map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("maximum messages per subject") {
+                StorageError::Io {
+                    path: self.what.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "an object of this name is already committed; objects are never replaced",
+                    ),
+                }
+            } else {
+                nats_err(&self.what, e)
+            }
+        })?;
         Ok(())
     }
 }
 
 impl Drop for NatsWriter {
     fn drop(&mut self) {
-        if !self.done {
-            // Abandoned: take back every chunk already published.
-            let _ = self.rt.block_on(async {
-                for ack in self.pending.drain(..) {
-                    let _ = ack.await;
-                }
-                NatsStorage::purge(&self.js, &self.stream, &self.chunk_subject).await
-            });
-        }
+        // Chunks already sent stay until the controller removes them (agents cannot purge);
+        // without a commit record they are never read.
+        let pending: Vec<_> = self.pending.drain(..).collect();
+        let _ = self.rt.block_on(async {
+            for ack in pending {
+                let _ = ack.await;
+            }
+        });
     }
 }
 
-/// A blocking reader over the object store's ordered-consumer reader (which checks the digest).
+/// Reads an object's chunks by subject, `WINDOW` requests ahead, and checks size and digest.
 struct NatsReader {
+    js: async_nats::jetstream::Context,
     rt: Handle,
-    obj: async_nats::jetstream::object_store::Object,
+    stream: String,
+    what: String,
+    prefix: String,
+    record: Commit,
+    next_request: u64,
+    inflight: VecDeque<tokio::task::JoinHandle<Result<Option<Bytes>, StorageError>>>,
+    current: Bytes,
+    read: u64,
+    sha: Option<openssl::sha::Sha256>,
+}
+
+impl NatsReader {
+    fn fill_window(&mut self) {
+        while self.inflight.len() < WINDOW && self.next_request < self.record.chunks {
+            let js = self.js.clone();
+            let stream = self.stream.clone();
+            let subject = format!("{}.{}", self.prefix, self.next_request);
+            self.next_request += 1;
+            self.inflight.push_back(
+                self.rt
+                    .spawn(async move { NatsStorage::get(&js, &stream, subject).await }),
+            );
+        }
+    }
+
+    fn bad(&self, why: String) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {why}", self.what),
+        )
+    }
 }
 
 impl Read for NatsReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.rt.block_on(self.obj.read(buf))
+        while self.current.is_empty() {
+            self.fill_window();
+            let Some(next) = self.inflight.pop_front() else {
+                // Everything read: the size and digest must be the committed ones.
+                if let Some(sha) = self.sha.take() {
+                    let got = data_encoding::HEXLOWER.encode(&sha.finish());
+                    if self.read != self.record.size || got != self.record.sha256 {
+                        return Err(self.bad(
+                            "the stored chunks do not match the object's commit record".into(),
+                        ));
+                    }
+                }
+                return Ok(0);
+            };
+            let chunk = self
+                .rt
+                .block_on(next)
+                .map_err(io::Error::other)?
+                .map_err(to_io)?
+                .ok_or_else(|| self.bad("a chunk is missing".into()))?;
+            if let Some(sha) = self.sha.as_mut() {
+                sha.update(&chunk);
+            }
+            self.read += chunk.len() as u64;
+            self.current = chunk;
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        let _ = self.current.split_to(n);
+        Ok(n)
+    }
+}
+
+impl Drop for NatsReader {
+    fn drop(&mut self) {
+        for h in self.inflight.drain(..) {
+            h.abort();
+        }
     }
 }
 
@@ -285,110 +431,112 @@ impl Storage for NatsStorage {
 
     fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
         check_key(key)?;
-        // Leftovers of an earlier attempt under the same name go first.
-        self.discard_partial(key);
+        let mut nonce = [0u8; 8];
+        openssl::rand::rand_bytes(&mut nonce).map_err(|e| nats_err(key, e))?;
         Ok(Box::new(NatsWriter {
             js: self.js.clone(),
             rt: self.rt.clone(),
-            bucket: self.bucket.clone(),
-            stream: self.stream_name(),
             key: key.to_string(),
-            nuid: Self::nuid(key),
-            chunk_subject: self.chunk_subject(key),
-            meta_subject: self.meta_subject(key),
+            what: self.location(key),
+            object: self.object(key),
+            attempt: format!("a{}", data_encoding::HEXLOWER.encode(&nonce)),
             buf: Vec::with_capacity(CHUNK),
             pending: VecDeque::new(),
             sha: openssl::sha::Sha256::new(),
             size: 0,
             chunks: 0,
-            done: false,
         }))
     }
 
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>, StorageError> {
         check_key(key)?;
-        let obj = self.rt.block_on(async {
-            let store = self
-                .js
-                .get_object_store(&self.bucket)
-                .await
-                .map_err(|e| nats_err(&self.bucket, e))?;
-            store.get(key).await.map_err(|e| {
-                if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound {
-                    StorageError::NotFound(key.to_string())
-                } else {
-                    nats_err(key, e)
-                }
-            })
-        })?;
+        let record = self
+            .rt
+            .block_on(self.commit_record(key))?
+            .ok_or_else(|| StorageError::NotFound(key.to_string()))?;
+        if !record
+            .attempt
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric())
+        {
+            return Err(nats_err(key, "a damaged commit record"));
+        }
         Ok(Box::new(io::BufReader::with_capacity(
             1 << 20,
             NatsReader {
+                js: self.js.clone(),
                 rt: self.rt.clone(),
-                obj,
+                stream: self.stream(),
+                what: self.location(key),
+                prefix: format!("{}.{}", self.object(key), record.attempt),
+                record,
+                next_request: 0,
+                inflight: VecDeque::new(),
+                current: Bytes::new(),
+                read: 0,
+                sha: Some(openssl::sha::Sha256::new()),
             },
         )))
     }
 
+    /// The controller's: every attempt's chunks and the commit record go. An agent cannot.
     fn delete(&self, key: &str) -> Result<(), StorageError> {
         check_key(key)?;
-        self.rt.block_on(async {
-            let stream = self.stream_name();
-            if let Some(info) = self.info(key).await? {
-                Self::purge(
-                    &self.js,
-                    &stream,
-                    &format!("$O.{}.C.{}", self.bucket, info.nuid),
-                )
-                .await?;
-            }
-            // No tombstone either: the name's info goes with the chunks.
-            Self::purge(&self.js, &stream, &self.meta_subject(key)).await?;
-            Self::purge(&self.js, &stream, &self.chunk_subject(key)).await
-        })
+        if self.access == Access::Agent {
+            return Ok(());
+        }
+        self.rt.block_on(self.purge(format!("{}.>", self.object(key))))
     }
 
     fn exists(&self, key: &str) -> bool {
-        check_key(key).is_ok() && matches!(self.rt.block_on(self.info(key)), Ok(Some(_)))
+        check_key(key).is_ok() && matches!(self.rt.block_on(self.commit_record(key)), Ok(Some(_)))
     }
 
     fn location(&self, key: &str) -> String {
-        format!("nats-object-store://{}/{}", self.bucket, key)
+        format!("nats://{}/{}", self.stream(), key)
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        if self.access == Access::Agent {
+            return Err(nats_err(
+                &self.stream(),
+                "an agent cannot list stored objects",
+            ));
+        }
         use futures::TryStreamExt;
-        let mut names: Vec<String> = self.rt.block_on(async {
-            let store = self
-                .js
-                .get_object_store(&self.bucket)
-                .await
-                .map_err(|e| nats_err(&self.bucket, e))?;
-            let list = store.list().await.map_err(|e| nats_err(&self.bucket, e))?;
-            let infos: Vec<ObjectInfo> = list
-                .try_collect()
-                .await
-                .map_err(|e| nats_err(&self.bucket, e))?;
-            Ok::<_, StorageError>(
-                infos
-                    .into_iter()
-                    .filter(|i| !i.deleted && i.name.starts_with(prefix))
-                    .map(|i| i.name)
-                    .collect(),
-            )
+        let filter = format!("{}.*.m", subject_root(&self.bucket, &self.owner));
+        let subjects: Vec<(String, usize)> = self.rt.block_on(async {
+            let s = match self.js.get_stream_no_info(self.stream()).await {
+                Ok(s) => s,
+                Err(e) => return Err(nats_err(&self.stream(), e)),
+            };
+            match s.info_with_subjects(filter).await {
+                Ok(list) => list.try_collect().await.map_err(|e| nats_err(&self.stream(), e)),
+                Err(e) if e.to_string().contains("not found") => Ok(vec![]),
+                Err(e) => Err(nats_err(&self.stream(), e)),
+            }
         })?;
+        let mut names: Vec<String> = subjects
+            .into_iter()
+            .filter_map(|(subject, _)| {
+                let tok = subject.rsplit('.').nth(1)?;
+                let key = data_encoding::BASE64URL_NOPAD.decode(tok.as_bytes()).ok()?;
+                String::from_utf8(key).ok()
+            })
+            .filter(|k| k.starts_with(prefix))
+            .collect();
         names.sort();
         Ok(names)
     }
 
+    /// The controller's: chunks without a commit record are a dead writer's.
     fn discard_partial(&self, key: &str) {
-        if check_key(key).is_err() {
+        if check_key(key).is_err() || self.access == Access::Agent {
             return;
         }
         let _ = self.rt.block_on(async {
-            // A committed object is never touched; chunks without an info are a dead writer's.
-            if let Ok(None) = self.info(key).await {
-                Self::purge(&self.js, &self.stream_name(), &self.chunk_subject(key)).await?;
+            if let Ok(None) = self.commit_record(key).await {
+                self.purge(format!("{}.>", self.object(key))).await?;
             }
             Ok::<(), StorageError>(())
         });

@@ -1,0 +1,134 @@
+//! The controller's side of stored objects (backups, published logs): each instance's storage
+//! exists before its agent writes, deletion and clean-up are done here (agents can only create
+//! and read their own objects), and a restore of another instance's chain carries a grant that
+//! reads exactly that chain. See `coffer_strategies::storage`.
+
+use anyhow::Context;
+use coffer_proto::v1;
+use coffer_strategies::storage::{nats as nats_storage, Access, StorageKind};
+
+use crate::App;
+
+/// Makes sure `instance`'s storage exists (its NATS stream; nothing for a local directory).
+/// Cheap after the first success per controller process.
+pub async fn ensure(app: &App, instance: &str) -> anyhow::Result<()> {
+    let Some(StorageKind::Nats { bucket, max_bytes }) = app.cfg.backup.as_ref().map(|b| &b.storage)
+    else {
+        return Ok(());
+    };
+    if app.storage_ready.lock().unwrap().contains(instance) {
+        return Ok(());
+    }
+    nats_storage::ensure_stream(app.client.clone(), bucket, instance, *max_bytes)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    app.storage_ready
+        .lock()
+        .unwrap()
+        .insert(instance.to_string());
+    Ok(())
+}
+
+/// Deletes `keys` of `owner`'s objects (whatever state they are in: committed, or chunks a
+/// failed writer left).
+pub async fn delete(app: &App, owner: &str, keys: Vec<String>) -> anyhow::Result<()> {
+    let Some(cfg) = &app.cfg.backup else {
+        return Ok(());
+    };
+    let kind = cfg.storage.clone();
+    let client = app.client.clone();
+    let owner = owner.to_string();
+    tokio::task::spawn_blocking(move || {
+        let storage = kind
+            .build(Some(&client), &owner, Access::Controller)
+            .map_err(anyhow::Error::msg)?;
+        for k in &keys {
+            storage
+                .delete(k)
+                .with_context(|| format!("deleting {}", storage.location(k)))?;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .context("deleting stored objects")?
+}
+
+/// Deletes every object of `owner` whose key starts with `prefix`, then `also` (a published
+/// log's pieces and its metafile).
+pub async fn delete_prefix(
+    app: &App,
+    owner: &str,
+    prefix: &str,
+    also: Option<&str>,
+) -> anyhow::Result<()> {
+    let Some(cfg) = &app.cfg.backup else {
+        return Ok(());
+    };
+    let kind = cfg.storage.clone();
+    let client = app.client.clone();
+    let (owner, prefix) = (owner.to_string(), prefix.to_string());
+    let also = also.map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let storage = kind
+            .build(Some(&client), &owner, Access::Controller)
+            .map_err(anyhow::Error::msg)?;
+        coffer_strategies::logs::discard(storage.as_ref(), &prefix, also.as_deref())
+            .map_err(anyhow::Error::msg)
+    })
+    .await
+    .context("deleting stored objects")?
+}
+
+/// Removes `owner`'s storage once its instance is deleted and none of its backups is kept.
+pub async fn forget_if_unused(app: &App, owner: &str) -> anyhow::Result<()> {
+    let Some(StorageKind::Nats { bucket, .. }) = app.cfg.backup.as_ref().map(|b| &b.storage) else {
+        return Ok(());
+    };
+    if app.store.instance(owner).await?.is_some() || app.store.has_backups_of(owner).await? {
+        return Ok(());
+    }
+    nats_storage::remove_stream(app.client.clone(), bucket, owner)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    app.storage_ready.lock().unwrap().remove(owner);
+    Ok(())
+}
+
+/// Seals into `restore` the grant its agent (`target`, public key `key`) needs to read the
+/// links of the chain that are other instances' (NATS storage only; its own it reads anyway).
+pub fn seal_grant(
+    app: &App,
+    restore: &mut v1::RestoreFrom,
+    target: &str,
+    key: &[u8],
+) -> anyhow::Result<()> {
+    let Some(StorageKind::Nats { bucket, .. }) = app.cfg.backup.as_ref().map(|b| &b.storage) else {
+        return Ok(());
+    };
+    let objects: Vec<(String, String)> = restore
+        .chain
+        .iter()
+        .filter(|l| l.instance_id != target)
+        .flat_map(|l| {
+            [
+                (l.instance_id.clone(), format!("{}.json", l.backup_id)),
+                (l.instance_id.clone(), format!("{}.cfbk", l.backup_id)),
+            ]
+        })
+        .collect();
+    if objects.is_empty() {
+        return Ok(());
+    }
+    let authority = app
+        .authority
+        .as_ref()
+        .context("restoring another instance's backup from NATS storage needs [nats_auth]")?;
+    let creds = authority.restore_grant(target, bucket, &objects)?;
+    restore.grant_sealed = coffer_proto::seal::seal(
+        key,
+        &coffer_proto::seal::restore_grant_context(target),
+        creds.as_bytes(),
+    )
+    .map_err(|e| anyhow::anyhow!("sealing the restore grant: {e}"))?;
+    Ok(())
+}
