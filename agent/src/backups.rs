@@ -35,6 +35,9 @@ fn keyring(cfg: &BackupConfig) -> Result<Option<Keyring>, String> {
 /// connection; another instance's (restoring its backup, seeding a replica) through the grant
 /// the controller sent with the intent (NATS), or that instance's directory (local).
 pub struct Sources {
+    /// The chain's keys as the controller issued them (plus a shared keyring the agent may
+    /// still hold from before keys were per instance).
+    ring: Option<Keyring>,
     kind: StorageKind,
     own: String,
     client: async_nats::Client,
@@ -78,7 +81,14 @@ impl Sources {
             }
             _ => None,
         };
+        let mut ring = keyring(cfg)?;
+        for link in from.chain.iter().filter(|l| !l.key_sealed.is_empty()) {
+            let k = open_key(ctx, &link.key_id, &link.key_sealed)?;
+            ring.get_or_insert_with(Keyring::default)
+                .add(&link.key_id, k);
+        }
         Ok(Sources {
+            ring,
             kind: cfg.storage.clone(),
             own,
             client: ctx.client.clone(),
@@ -102,6 +112,18 @@ impl Sources {
         built.insert(owner.to_string(), s.clone());
         Ok(s)
     }
+}
+
+/// Opens a backup key the controller sealed to this agent.
+fn open_key(ctx: &Ctx, key_id: &str, sealed: &[u8]) -> Result<[u8; 32], String> {
+    let k = coffer_proto::seal::open(
+        &ctx.secret_key,
+        &coffer_proto::seal::backup_key_context(&ctx.cfg.instance_id, key_id),
+        sealed,
+    )
+    .map_err(|e| format!("opening the key '{key_id}': {e}"))?;
+    k.try_into()
+        .map_err(|_| format!("the key '{key_id}' is not 32 bytes"))
 }
 
 fn data_key(id: &str) -> String {
@@ -143,8 +165,12 @@ pub async fn backup(
 ) -> Result<v1::BackupResult, String> {
     let cfg = config(ctx)?.clone();
 
-    let key = if cfg.encryption {
-        let ring = keyring(&cfg)?.ok_or("backups are encrypted but no keyring_file is configured; configure one or set encryption = false")?;
+    // The instance's own key, issued with the intent; an agent placed before keys were per
+    // instance may still hold the shared keyring (used only when the controller sent no key).
+    let key = if !b.key_sealed.is_empty() {
+        Some((b.key_id.clone(), open_key(ctx, &b.key_id, &b.key_sealed)?))
+    } else if cfg.encryption {
+        let ring = keyring(&cfg)?.ok_or("backups are encrypted but the controller sent no key with the backup; upgrade the controller, then retry")?;
         let (id, k) = ring
             .current_key()
             .ok_or("the keyring has no current key; set `current` in the keyring file")?;
@@ -337,6 +363,13 @@ fn chain_of(sources: &Sources, from: &v1::RestoreFrom) -> Result<Vec<Manifest>, 
                 "backup {bid}: the stored manifest's digest is not the one the controller recorded; the backup was replaced, refused"
             ));
         }
+        if !link.key_id.is_empty() && m.key_id.as_deref() != Some(link.key_id.as_str()) {
+            return Err(format!(
+                "backup {bid}: the stored manifest names key {}, the controller issued {}; refused",
+                m.key_id.as_deref().unwrap_or("none"),
+                link.key_id
+            ));
+        }
         let parent = chain.last().map(|p| p.backup_id.as_str());
         if m.parent_id.as_deref() != parent {
             return Err(format!(
@@ -367,6 +400,15 @@ fn open_link(
     m: &Manifest,
 ) -> Result<Box<dyn Read + Send>, String> {
     let bid = &m.backup_id;
+    if let (true, Some(k)) = (m.encrypted, m.key_id.as_deref()) {
+        if ring.is_none_or(|r| r.get(k).is_none()) {
+            return Err(if coffer_strategies::backup::split_key_id(k).is_some() {
+                format!("backup {bid} is encrypted with key '{k}', which the controller did not issue for this restore")
+            } else {
+                format!("backup {bid} is encrypted with key '{k}', which is not in the keyring: it was sealed with a shared operator key before keys were per instance, and agents no longer hold the operator's keyring; restore it on an agent configured with that keyring")
+            });
+        }
+    }
     let raw = storage
         .open(&data_key(bid))
         .map_err(|e| format!("backup {bid}: {e}"))?;
@@ -427,7 +469,6 @@ pub async fn restore(
     sizing: &Sizing,
 ) -> Result<Restored, String> {
     let cfg = config(ctx)?.clone();
-    let ring = keyring(&cfg)?;
     let encrypted = cfg.encryption;
     let from = from.clone();
     let data_dir = ctx.ds.data_path();
@@ -458,7 +499,7 @@ pub async fn restore(
             // Authenticate the whole stream before anything is initialised, so a wrong key or
             // a damaged stream fails here instead of half-way through the load.
             let storage = sources.of(&chain[0].instance_id)?;
-            let mut reader = open_link(storage.as_ref(), ring.as_ref(), encrypted, &chain[0])?;
+            let mut reader = open_link(storage.as_ref(), sources.ring.as_ref(), encrypted, &chain[0])?;
             let mut report = |n: u64| done2.store(n, Ordering::Relaxed);
             coffer_strategies::backup::pump(&mut reader, &mut std::io::sink(), &mut report)
                 .map_err(|e| link_error(&chain[0].backup_id, BackupError::Io(e)))?;
@@ -469,7 +510,7 @@ pub async fn restore(
         let result = (|| -> Result<(), String> {
             for (i, m) in chain.iter().enumerate() {
                 let storage = sources.of(&m.instance_id)?;
-                let mut reader = open_link(storage.as_ref(), ring.as_ref(), encrypted, m)?;
+                let mut reader = open_link(storage.as_ref(), sources.ring.as_ref(), encrypted, m)?;
                 let mut report = |n: u64| done2.store(n, Ordering::Relaxed);
                 let applied = if i == 0 {
                     strategy.restore(&dd, &scratch, &mut reader, &mut report)
@@ -511,7 +552,6 @@ pub async fn load(
     sources: Sources,
 ) -> Result<(), String> {
     let cfg = config(ctx)?.clone();
-    let ring = keyring(&cfg)?;
     let bctx = ctx.ds.backup_context().await.map_err(|e| e.to_string())?;
     let epilogue = ctx.ds.restore_epilogue().await.map_err(|e| e.to_string())?;
     let done = Arc::new(AtomicU64::new(0));
@@ -519,7 +559,7 @@ pub async fn load(
     let work = tokio::task::spawn_blocking(move || -> Result<(), String> {
         let storage = sources.of(&m.instance_id)?;
         let strategy = strategy_of(&m)?.build();
-        let mut reader = open_link(storage.as_ref(), ring.as_ref(), cfg.encryption, &m)?;
+        let mut reader = open_link(storage.as_ref(), sources.ring.as_ref(), cfg.encryption, &m)?;
         strategy
             .load(&bctx, &mut reader, &epilogue, &mut |n| {
                 done2.store(n, Ordering::Relaxed)

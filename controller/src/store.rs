@@ -71,6 +71,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "enrolment",
         include_str!("../migrations/0011_enrolment.sql"),
     ),
+    (
+        12,
+        "backup keys",
+        include_str!("../migrations/0012_backup_keys.sql"),
+    ),
 ];
 
 #[derive(Clone)]
@@ -225,6 +230,9 @@ pub struct BackupRow {
     pub progress: String,
     pub fault: Option<String>,
     pub intent_id: Option<String>,
+    /// The key the backup is sealed with (`<operator key id>:<instance>`), as issued; None when
+    /// unencrypted or taken before keys were per instance.
+    pub key_id: Option<String>,
     pub created: String,
     pub updated: String,
 }
@@ -245,6 +253,7 @@ fn backup_from(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
         progress: r.get("progress"),
         fault: r.get("fault"),
         intent_id: r.get("intent_id"),
+        key_id: r.get("key_id"),
         created: r.get("created"),
         updated: r.get("updated"),
     }
@@ -1177,7 +1186,7 @@ impl Store {
     ) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO backups (id, project_id, instance_id, name, description, status, parent_id, datastore_version_id, \
-             intent_id, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             intent_id, key_id, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&b.id)
         .bind(&b.project_id)
@@ -1188,6 +1197,7 @@ impl Store {
         .bind(&b.parent_id)
         .bind(&b.datastore_version_id)
         .bind(&b.intent_id)
+        .bind(&b.key_id)
         .bind(&b.created)
         .bind(&b.updated)
         .execute(&mut **tx)

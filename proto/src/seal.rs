@@ -141,6 +141,12 @@ pub fn user_password_context(instance: &str, user: &str, host: &str) -> String {
     format!("coffer/v1/{instance}/user/{user}@{host}")
 }
 
+/// The context string of a backup key sent to an agent (`Backup.key_sealed`,
+/// `ChainLink.key_sealed`).
+pub fn backup_key_context(instance: &str, key_id: &str) -> String {
+    format!("coffer/v1/{instance}/backup-key/{key_id}")
+}
+
 /// The context string of a restore's storage grant (`RestoreFrom.grant_sealed`).
 pub fn restore_grant_context(instance: &str) -> String {
     format!("coffer/v1/{instance}/restore-grant")

@@ -1156,3 +1156,35 @@ impl Drop for Env {
         }
     }
 }
+
+/// Sends a heartbeat request and waits for the controller's answer, asking again when none
+/// comes: the controller drops an instance's heartbeats that follow its last one within a
+/// quarter interval (flood protection), and the instance's own agent keeps sending too. The
+/// wait (0.7 s) is not a multiple of the agents' interval, so a retry never lands in the same
+/// phase of the agent's heartbeats as the try before it.
+pub const HEARTBEAT_RETRY: Duration = Duration::from_millis(700);
+
+pub async fn heartbeat_request(
+    client: &async_nats::Client,
+    instance: &str,
+    payload: Vec<u8>,
+) -> async_nats::Message {
+    let mut tries = 0;
+    loop {
+        let r = tokio::time::timeout(
+            HEARTBEAT_RETRY,
+            client.request(
+                coffer_proto::subjects::heartbeat(instance),
+                payload.clone().into(),
+            ),
+        )
+        .await;
+        match r {
+            Ok(Ok(reply)) => return reply,
+            other => {
+                tries += 1;
+                assert!(tries < 15, "the controller never answered: {other:?}");
+            }
+        }
+    }
+}

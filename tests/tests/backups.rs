@@ -102,7 +102,8 @@ async fn backup_and_restore_into_a_new_instance(storage: BackupStorage) {
         serde_json::from_slice(&env.read_object(&id, &format!("{bid}.json")).await).unwrap();
     assert_eq!(manifest["strategy"], "mariabackup");
     assert_eq!(manifest["encrypted"], true);
-    assert_eq!(manifest["key_id"], "k1");
+    // Sealed with the instance's own key, derived from the operator's current one.
+    assert_eq!(manifest["key_id"], format!("k1:{id}"));
     assert_eq!(manifest["sha256"], b["checksum"]);
     assert!(
         !manifest["position"]["gtid"].as_str().unwrap().is_empty(),
@@ -195,43 +196,53 @@ async fn tampered_backups_and_missing_keys_never_restore(storage: BackupStorage)
         "{e}"
     );
 
-    // Without the key: a clear error, nothing started.
+    // Without the operator key the backup's key derives from: refused before anything is
+    // stored, saying what to do.
     env.write_object(&id, &key, &bytes).await;
     coffer_tests::write_keyring(
         &env.dir.path().join("keyring.toml"),
         &[("k9", &coffer_tests::random_key_hex())],
         "k9",
     );
-    let (_, v) = restore(&env, &bid, "nokey").await;
-    let nokey = v["instance"]["id"].as_str().unwrap().to_string();
-    let e = env
-        .wait_status(&nokey, "ERROR", Duration::from_secs(60))
-        .await;
+    let (_, before) = env.call("GET", "/instances", None).await;
+    let (st, v) = restore(&env, &bid, "nokey").await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    let msg = v["conflict"]["message"].as_str().unwrap_or_default();
     assert!(
-        e["fault"]["message"]
+        msg.contains("'k1'") && msg.contains("not in the controller's keyring"),
+        "{v}"
+    );
+    let (_, after) = env.call("GET", "/instances", None).await;
+    assert_eq!(before, after, "nothing stored");
+
+    // No keyring at all: a backup is refused (409, nothing stored), not sent without a key.
+    std::fs::remove_file(env.dir.path().join("keyring.toml")).unwrap();
+    let (st, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "nokey", "instance": id}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["conflict"]["message"]
             .as_str()
             .unwrap_or_default()
-            .contains("not in the keyring"),
-        "{e}"
+            .contains("keyring"),
+        "{v}"
     );
-
-    // A backup that failed cannot be restored from (409).
-    std::fs::remove_file(env.dir.path().join("keyring.toml")).unwrap();
-    let failed = post_backup(&env, json!({"backup": {"name": "nokey", "instance": id}})).await;
-    let f = wait_backup(&env, &failed, "FAILED").await;
-    assert!(
-        f["fault"].as_str().unwrap_or_default().contains("keyring"),
-        "{f}"
-    );
+    let (_, list) = env
+        .call("GET", &format!("/instances/{id}/backups"), None)
+        .await;
+    assert_eq!(list["backups"].as_array().unwrap().len(), 1, "{list}");
     let stored = env.stored().await;
     assert!(
         !stored
             .iter()
-            .any(|n| n.contains(&failed) || n.contains("partial") || n.contains("orphan")),
+            .any(|n| n.contains("partial") || n.contains("orphan")),
         "no partial object: {stored:?}"
     );
-    let (st, v) = restore(&env, &failed, "never").await;
-    assert_eq!(st, StatusCode::CONFLICT, "{v}");
     env.wait_status(&id, "ACTIVE", Duration::from_secs(10))
         .await;
 }
@@ -331,8 +342,8 @@ async fn key_rotation_keeps_old_backups_restorable(storage: BackupStorage) {
                 .unwrap()
         }
     };
-    assert_eq!(manifest(old.clone()).await["key_id"], "k1");
-    assert_eq!(manifest(new.clone()).await["key_id"], "k2");
+    assert_eq!(manifest(old.clone()).await["key_id"], format!("k1:{id}"));
+    assert_eq!(manifest(new.clone()).await["key_id"], format!("k2:{id}"));
 
     let (st, v) = restore(&env, &old, "from-old").await;
     assert_eq!(st, StatusCode::OK, "{v}");
@@ -640,6 +651,9 @@ async fn killing_the_agent_mid_backup_fails_it_cleanly(storage: BackupStorage) {
     );
     let left = env.stored().await;
     assert!(left.is_empty(), "no partial object: {left:?}");
+    // A failed backup cannot be restored from.
+    let (st, v) = restore(&env, &bid, "never").await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
     // The database served throughout and still does.
     let view2 = env
         .wait_status(&id, "ACTIVE", Duration::from_secs(30))
@@ -651,6 +665,48 @@ async fn killing_the_agent_mid_backup_fails_it_cleanly(storage: BackupStorage) {
         .await
         .unwrap();
     c.close().await.unwrap();
+}
+
+/// Each instance's backups are sealed with its own key: A's key (as a tenant with root in A's
+/// VM could take it from a backup intent) opens A's backups and not B's, under either key id;
+/// no agent is given the operator's keyring.
+async fn an_instance_key_opens_its_own_backups_only(storage: BackupStorage) {
+    use coffer_strategies::backup::{instance_key, load_keyring};
+    use coffer_strategies::pipeline::{open_prefetched, Keyring};
+    let env = env_on(storage).await;
+    let (a, _) = env.active_with_rows("a", &[1]).await;
+    let (b, _) = env.active_with_rows("b", &[2]).await;
+    let ba = post_backup(&env, json!({"backup": {"name": "a", "instance": a}})).await;
+    wait_backup(&env, &ba, "COMPLETED").await;
+    let bb = post_backup(&env, json!({"backup": {"name": "b", "instance": b}})).await;
+    wait_backup(&env, &bb, "COMPLETED").await;
+    let ring = load_keyring(&env.dir.path().join("keyring.toml")).unwrap();
+    let (a_id, a_key) = instance_key(&ring, "k1", &a).unwrap();
+    let open = |bytes: Vec<u8>, ring: Keyring| -> Result<Vec<u8>, String> {
+        let (_, mut r) = open_prefetched(std::io::Cursor::new(bytes), Some(&ring), None)
+            .map_err(|e| e.to_string())?;
+        let mut out = vec![];
+        std::io::Read::read_to_end(&mut r, &mut out).map_err(|e| e.to_string())?;
+        Ok(out)
+    };
+    let mut leaked = Keyring::default();
+    leaked.add(&a_id, a_key);
+    let a_stream = env.read_object(&a, &format!("{ba}.cfbk")).await;
+    assert!(
+        open(a_stream, leaked.clone()).is_ok(),
+        "A's key opens A's backup"
+    );
+    let b_stream = env.read_object(&b, &format!("{bb}.cfbk")).await;
+    let e = open(b_stream.clone(), leaked).unwrap_err();
+    assert!(e.contains(&format!("k1:{b}")) && e.contains("not in the keyring"), "{e}");
+    let mut forged = Keyring::default();
+    forged.add(&format!("k1:{b}"), a_key);
+    let e = open(b_stream, forged).unwrap_err();
+    assert!(e.contains("does not open"), "{e}");
+    for id in [&a, &b] {
+        let cfg = std::fs::read_to_string(env.instance_dir(id).join("agent.toml")).unwrap();
+        assert!(!cfg.contains("keyring"), "{cfg}");
+    }
 }
 
 /// Each scenario above, once per storage backend.
@@ -686,4 +742,5 @@ on_both_backends!(
     full_storage_fails_the_backup_and_nothing_else,
     killing_the_agent_mid_backup_fails_it_cleanly,
     logical_backups_restore_data_and_accounts,
+    an_instance_key_opens_its_own_backups_only,
 );

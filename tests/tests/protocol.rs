@@ -168,23 +168,7 @@ async fn action_the_agent_does_not_support_is_refused() {
     let mut env_msg =
         coffer_proto::envelope("hb-old".into(), &id, v1::envelope::Body::Heartbeat(hb));
     env_msg.software_version = "0.0.1".into();
-    // The controller drops an instance's heartbeats that follow its last one within a quarter
-    // interval (flood protection): ask until one is answered.
-    let mut tries = 0;
-    let reply = loop {
-        let r = tokio::time::timeout(
-            Duration::from_secs(1),
-            client.request(subjects::heartbeat(&id), env_msg.encode_to_vec().into()),
-        )
-        .await;
-        match r {
-            Ok(Ok(reply)) => break reply,
-            other => {
-                tries += 1;
-                assert!(tries < 10, "the controller never answered: {other:?}");
-            }
-        }
-    };
+    let reply = coffer_tests::heartbeat_request(&client, &id, env_msg.encode_to_vec()).await;
     assert!(
         !reply.payload.is_empty(),
         "the controller answered the heartbeat"

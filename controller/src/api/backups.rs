@@ -374,6 +374,7 @@ async fn start(
     let id = uuid::Uuid::new_v4().to_string();
     let intent_id = uuid::Uuid::new_v4().to_string();
     let ts = store::now();
+    let key = super::keys::issue(app, &r.id, &super::access::agent_key(r)?)?;
     let row = BackupRow {
         id: id.clone(),
         project_id: r.project_id.clone(),
@@ -389,6 +390,7 @@ async fn start(
         progress: String::new(),
         fault: None,
         intent_id: Some(intent_id.clone()),
+        key_id: key.as_ref().map(|k| k.0.clone()),
         created: ts.clone(),
         updated: ts,
     };
@@ -401,6 +403,8 @@ async fn start(
             kind: Some(v1::intent::Kind::Backup(v1::Backup {
                 backup_id: id.clone(),
                 parent_id: parent_id.unwrap_or_default(),
+                key_id: key.as_ref().map(|k| k.0.clone()).unwrap_or_default(),
+                key_sealed: key.map(|k| k.1).unwrap_or_default(),
             })),
         }),
     )
@@ -436,6 +440,9 @@ pub(super) async fn restore_point(
                 backup_id: b.id.clone(),
                 instance_id: b.instance_id.clone(),
                 sha256,
+                key_id: b.key_id.clone().unwrap_or_default(),
+                // Sealed to the restoring agent with the grant (`keys::seal_chain`).
+                key_sealed: vec![],
             }),
             _ => {
                 return Err(ApiError::new(
@@ -449,6 +456,7 @@ pub(super) async fn restore_point(
             }
         }
     }
+    super::keys::check_chain(app, &chain)?;
     Ok(v1::RestoreFrom {
         backup_id: backup_id.to_string(),
         chain: links,

@@ -856,6 +856,7 @@ pub(super) async fn commit_new(
     let mut restore = n.restore_from.clone();
     if let Some(r) = restore.as_mut() {
         crate::objects::seal_grant(app, r, id, key)?;
+        super::keys::seal_chain(app, r, id, key)?;
     }
     let prepare = v1::intent::Kind::Prepare(v1::Prepare {
         memory_mb: n.flavor.ram as u64,
@@ -926,9 +927,16 @@ pub(super) fn agent_backup_toml(app: &App) -> Result<Option<String>, ApiError> {
         backup: &'a coffer_strategies::backup::BackupConfig,
     }
     match &app.cfg.backup {
-        Some(b) => Ok(Some(
-            toml::to_string(&AgentBackup { backup: b }).map_err(anyhow::Error::from)?,
-        )),
+        Some(b) => {
+            // The operator's keyring stays here: agents get per-instance keys with each intent.
+            let b = coffer_strategies::backup::BackupConfig {
+                keyring_file: None,
+                ..b.clone()
+            };
+            Ok(Some(
+                toml::to_string(&AgentBackup { backup: &b }).map_err(anyhow::Error::from)?,
+            ))
+        }
         None => Ok(None),
     }
 }

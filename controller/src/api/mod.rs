@@ -10,6 +10,7 @@ mod catalog;
 mod configurations;
 pub mod enrol;
 mod instances;
+mod keys;
 mod logs;
 mod modules;
 mod quotas;

@@ -180,7 +180,9 @@ pub struct BackupConfig {
     /// Operator keys (TOML: `current = "id"` and a `[keys]` table of id = 64 hex chars), 0600.
     #[serde(default)]
     pub keyring_file: Option<PathBuf>,
-    /// Encrypt backups (default). Turning it off must be explicit.
+    /// Encrypt backups (default). Turning it off must be explicit. Agents get no keyring: the
+    /// controller issues each backup the instance's own key ([`instance_key`]) and a restore
+    /// exactly the keys of its chain.
     #[serde(default = "default_true")]
     pub encryption: bool,
     /// zstd level (1 is fast and, on database pages, as small as 3).
@@ -234,6 +236,37 @@ pub fn load_keyring(path: &Path) -> Result<crate::pipeline::Keyring, String> {
         ring.set_current(c);
     }
     Ok(ring)
+}
+
+/// The key one instance's backups are sealed with under operator key `master_id` of `ring`:
+/// `(<master_id>:<instance>, HMAC-SHA256(master, context ‖ instance))`. A leaked instance key
+/// opens that instance's backups and nothing else; the operator's keyring never leaves the
+/// controller.
+pub fn instance_key(
+    ring: &crate::pipeline::Keyring,
+    master_id: &str,
+    instance: &str,
+) -> Result<(String, [u8; 32]), String> {
+    let master = ring
+        .get(master_id)
+        .ok_or_else(|| format!("the operator key '{master_id}' is not in the keyring"))?;
+    let derive = || -> Result<Vec<u8>, openssl::error::ErrorStack> {
+        let pkey = openssl::pkey::PKey::hmac(master)?;
+        let mut s = openssl::sign::Signer::new(openssl::hash::MessageDigest::sha256(), &pkey)?;
+        s.update(b"coffer instance backup key v1\0")?;
+        s.update(instance.as_bytes())?;
+        s.sign_to_vec()
+    };
+    let k = derive().map_err(|e| format!("deriving an instance key: {e}"))?;
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&k[..32]);
+    Ok((format!("{master_id}:{instance}"), key))
+}
+
+/// The operator key and instance of a key id [`instance_key`] made (None for an operator key
+/// used directly, as backups were sealed before keys were per instance).
+pub fn split_key_id(key_id: &str) -> Option<(&str, &str)> {
+    key_id.split_once(':')
 }
 
 /// The manifest stored beside each backup (`<id>.json`).
@@ -387,5 +420,26 @@ pub fn pump(
         to.write_all(&buf[..n])?;
         total += n as u64;
         progress(total);
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn instance_keys_are_per_instance_and_per_operator_key() {
+        let mut ring = crate::pipeline::Keyring::default();
+        ring.add("k1", [7u8; 32]);
+        ring.add("k2", [9u8; 32]);
+        let (id, a) = instance_key(&ring, "k1", "inst-a").unwrap();
+        assert_eq!(id, "k1:inst-a");
+        assert_eq!(split_key_id(&id), Some(("k1", "inst-a")));
+        assert_eq!(instance_key(&ring, "k1", "inst-a").unwrap().1, a, "deterministic");
+        assert_ne!(instance_key(&ring, "k1", "inst-b").unwrap().1, a);
+        assert_ne!(instance_key(&ring, "k2", "inst-a").unwrap().1, a);
+        assert_ne!(a, [7u8; 32], "never the operator key itself");
+        assert!(instance_key(&ring, "k9", "inst-a").is_err());
+        assert_eq!(split_key_id("k1"), None);
     }
 }
