@@ -374,6 +374,11 @@ async fn execute(
             if ctx.sup.observed.borrow().status != v1::ServiceStatus::Running {
                 return Err("cannot back up: the database is not running".into());
             }
+            if b.replication_snapshot && crate::replication::role(ctx) != "replica" {
+                // A replica can exist once this snapshot is done: from now on this server
+                // fences itself when its lease runs out, whatever the next reply says.
+                crate::replication::set_role(ctx, "source");
+            }
             let r = crate::backups::backup(ctx, id, b).await?;
             let rec = crate::state::BackupRecord {
                 backup_id: r.backup_id.clone(),

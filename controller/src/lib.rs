@@ -142,7 +142,11 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
             cfg.nats_url
         );
     }
-    let provisioner = cfg.provisioner.build();
+    let local_backup_root = match cfg.backup.as_ref().map(|b| &b.storage) {
+        Some(coffer_strategies::storage::StorageKind::Local { root }) => Some(root.clone()),
+        _ => None,
+    };
+    let provisioner = cfg.provisioner.build(local_backup_root)?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("binding the API to {}", cfg.listen))?;

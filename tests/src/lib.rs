@@ -295,8 +295,19 @@ impl Env {
         let admin_token = "tok-admin-0123456789abcdef".to_string();
         let other_token = "tok-other-0123456789abcdef".to_string();
         let d = dir.path();
-        std::fs::write(
-            d.join("tokens.toml"),
+        // Instances run as users of their own (the kit runs as root): they must reach their
+        // directories and the agent binary (a link beside them, outside root's home), and
+        // nothing else here (the kit's own files are 0600).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
+            std::fs::create_dir_all(d.join("bin")).unwrap();
+            if std::fs::hard_link(bin("coffer-agent"), d.join("bin/coffer-agent")).is_err() {
+                std::fs::copy(bin("coffer-agent"), d.join("bin/coffer-agent")).unwrap();
+            }
+        }
+        write_private(
+            &d.join("tokens.toml"),
             format!(
                 "[[token]]\ntoken = \"{token}\"\nproject = \"{project}\"\n\n[[token]]\ntoken = \"{admin_token}\"\nproject = \"{project}\"\nadmin = true\n\n\
                  [[token]]\ntoken = \"{other_token}\"\nproject = \"otherproject\"\n"
@@ -323,7 +334,7 @@ impl Env {
         };
         write_keyring(&d.join("keyring.toml"), &[("k1", &random_key_hex())], "k1");
         let config = d.join("controller.toml");
-        std::fs::write(
+        write_private(
             &config,
             format!(
                 "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {data:?}\nnats_url = {nats:?}\ntoken_file = {tokens:?}\n\
@@ -352,7 +363,7 @@ impl Env {
                     None => format!(
                         "[provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
                          port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\ndatastore_extra = {extra:?}\n",
-                        agent = bin("coffer-agent").display().to_string(),
+                        agent = d.join("bin/coffer-agent").display().to_string(),
                         inst = d.join("instances").display().to_string(),
                         hb = o.heartbeat_interval_ms,
                         extra = o.datastore_extra,
@@ -942,6 +953,18 @@ pub fn random_key_hex() -> String {
         .read_exact(&mut b)
         .unwrap();
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Writes a file only its owner may read (0600).
+pub fn write_private(path: &Path, text: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut f, text.as_ref())
 }
 
 /// Writes a backup keyring file (0600).

@@ -897,13 +897,15 @@ pub async fn fencing(env: &Env, store: Store) {
     proxy.cut(&src);
     let deadline = Instant::now() + Duration::from_secs(30);
     for n in 1000.. {
-        let lost = instance(env, &src).await["status"] == "ERROR";
+        let seen = instance(env, &src).await;
+        let lost = seen["status"] == "ERROR";
         if store.try_write(&sview, n).await.is_err() {
             break;
         }
         assert!(
             !lost,
-            "the controller declared the source lost before it fenced itself"
+            "the controller declared the source lost before it fenced itself: {seen}\n--- the source's agent log ---\n{}",
+            env.logs(&src)
         );
         assert!(Instant::now() < deadline, "the source never fenced itself");
         tokio::time::sleep(Duration::from_millis(20)).await;

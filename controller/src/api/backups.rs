@@ -288,7 +288,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             "Quota exceeded for resources: ['backups'].",
         ));
     }
-    let id = start(&app, tx, &r, name, description, parent_id).await?;
+    let id = start(&app, tx, &r, name, description, parent_id, false).await?;
     let b = app
         .store
         .backup(&id)
@@ -357,7 +357,7 @@ pub(super) async fn snapshot(
 ) -> anyhow::Result<String> {
     let tx = app.store.begin().await?;
     let name = format!("Replication snapshot for {for_what}");
-    start(app, tx, source, name, None, None)
+    start(app, tx, source, name, None, None, true)
         .await
         .map_err(|e| anyhow::anyhow!(e.message))
 }
@@ -370,6 +370,7 @@ async fn start(
     name: String,
     description: Option<String>,
     parent_id: Option<String>,
+    replication_snapshot: bool,
 ) -> Result<String, ApiError> {
     let id = uuid::Uuid::new_v4().to_string();
     let intent_id = uuid::Uuid::new_v4().to_string();
@@ -405,6 +406,7 @@ async fn start(
                 parent_id: parent_id.unwrap_or_default(),
                 key_id: key.as_ref().map(|k| k.0.clone()).unwrap_or_default(),
                 key_sealed: key.map(|k| k.1).unwrap_or_default(),
+                replication_snapshot,
             })),
         }),
     )

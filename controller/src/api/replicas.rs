@@ -210,7 +210,8 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
         } else {
             req.name.clone()
         };
-        let (placed, nats_user) = super::instances::place(&app, &id, &version, None).await?;
+        let (placed, nats_user) =
+            super::instances::place(&app, &id, &c.project, &version, None).await?;
         let ts = crate::store::now();
         let stored: Result<(), ApiError> = async {
             let mut tx = app.store.begin().await?;

@@ -11,6 +11,8 @@ use serde::Deserialize;
 #[derive(Debug, Clone)]
 pub struct Placement {
     pub instance_id: String,
+    /// The project that owns the instance.
+    pub project_id: String,
     /// The datastore manager the agent runs (from the datastore version).
     pub manager: String,
     pub nats_url: String,
@@ -80,11 +82,19 @@ pub enum ProvisionerConfig {
 }
 
 impl ProvisionerConfig {
-    pub fn build(&self) -> Box<dyn Provisioner> {
-        match self {
-            ProvisionerConfig::Process(c) => Box::new(process::ProcessProvisioner::new(c.clone())),
+    /// The provisioner; `local_backup_root` is the `local` backup storage's root, when backups
+    /// go there (a process provisioner gives each instance its own directory in it).
+    pub fn build(
+        &self,
+        local_backup_root: Option<std::path::PathBuf>,
+    ) -> anyhow::Result<Box<dyn Provisioner>> {
+        Ok(match self {
+            ProvisionerConfig::Process(c) => Box::new(process::ProcessProvisioner::new(
+                c.clone(),
+                local_backup_root,
+            )?),
             ProvisionerConfig::Qemu(c) => Box::new(qemu::QemuProvisioner::new(c.clone())),
-        }
+        })
     }
 
     pub fn heartbeat_interval_ms(&self) -> u64 {

@@ -1,6 +1,13 @@
 //! The `process` provisioner: every instance's agent runs as a local process in its own session,
 //! with its own directory (`<instances_dir>/<id>/`) and a port persisted in its config, so that
 //! restarting the controller stops neither agents nor databases.
+//!
+//! Unix identities (`unix_users`, on by default when the controller runs as root): each
+//! instance's agent, and so its database, runs as a user of its own (`coffer-<12 hex>`, with a
+//! group of the same name), created at placement and removed at delete; its directory is 0700
+//! and its own. Its supplementary group is its project's (`coffer-p-<12 hex>`), which may read
+//! the project's `local` backups (a restore into another instance of the project); another
+//! project's instance can read nothing of it. The controller's files stay its own (0700/0600).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -35,6 +42,10 @@ pub struct Config {
     /// Extra TOML appended to each agent's `[datastore]` table (e.g. binary paths).
     #[serde(default)]
     pub datastore_extra: String,
+    /// Run each instance under its own Unix user (needs root; the default when the controller
+    /// runs as root). `false` runs every agent as the controller's own user.
+    #[serde(default)]
+    pub unix_users: Option<bool>,
 }
 
 fn default_bind() -> String {
@@ -47,6 +58,93 @@ fn default_hb() -> u64 {
 pub struct ProcessProvisioner {
     cfg: Config,
     alloc: Mutex<()>,
+    /// Whether instances get Unix users of their own.
+    users: bool,
+    /// The `local` backup storage's root, when backups go there.
+    local_backup_root: Option<PathBuf>,
+}
+
+/// An instance's Unix identity.
+#[derive(Debug, Clone, Copy)]
+struct Identity {
+    uid: u32,
+    gid: u32,
+    /// Its project's group (reads the project's `local` backups).
+    project_gid: u32,
+}
+
+fn short_hash(s: &str) -> String {
+    data_encoding::HEXLOWER.encode(&openssl::sha::sha256(s.as_bytes()))[..12].to_string()
+}
+
+/// The Unix user (and group) of an instance.
+pub fn user_name(instance: &str) -> String {
+    format!("coffer-{}", short_hash(instance))
+}
+
+/// The Unix group of a project's instances.
+pub fn project_group(project: &str) -> String {
+    format!("coffer-p-{}", short_hash(project))
+}
+
+/// Runs a shadow-utils command, again while another holds the password files' lock.
+async fn shadow(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = tokio::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .await
+            .with_context(|| format!("running {cmd}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        // 10 (useradd/userdel/groupadd): the files are locked by a concurrent change.
+        if out.status.code() == Some(10) || err.contains("lock") {
+            if Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        }
+        bail!("{cmd} {}: {err}", args.join(" "));
+    }
+}
+
+/// Whether a path and every directory above it let other users reach it (and, for `exec`, run
+/// it).
+fn reachable_by_others(path: &Path, exec: bool) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(abs) = std::path::absolute(path) else {
+        return false;
+    };
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode()).ok();
+    if exec && mode(&abs).is_none_or(|m| m & 0o005 != 0o005) {
+        return false;
+    }
+    abs.ancestors()
+        .skip(1)
+        .all(|d| mode(d).is_some_and(|m| m & 0o001 != 0))
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: Option<u32>) -> anyhow::Result<()> {
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        std::os::unix::fs::lchown(&p, Some(uid), gid)
+            .with_context(|| format!("changing the owner of {}", p.display()))?;
+        if p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            for e in std::fs::read_dir(&p)?.flatten() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn chmod(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))
 }
 
 #[derive(Deserialize)]
@@ -59,11 +157,121 @@ struct ListenToml {
 }
 
 impl ProcessProvisioner {
-    pub fn new(cfg: Config) -> Self {
-        ProcessProvisioner {
+    pub fn new(cfg: Config, local_backup_root: Option<PathBuf>) -> anyhow::Result<Self> {
+        let root = nix::unistd::geteuid().is_root();
+        let reachable = reachable_by_others(&cfg.agent_binary, true)
+            && std::fs::create_dir_all(&cfg.instances_dir).is_ok()
+            && reachable_by_others(&cfg.instances_dir.join("x"), false);
+        let users = match cfg.unix_users {
+            Some(true) if !root => bail!(
+                "[provisioner] unix_users = true needs the controller to run as root"
+            ),
+            Some(true) if !reachable => bail!(
+                "[provisioner] unix_users = true, but other users cannot reach {} or run {} (every directory above them needs o+x); move them or set unix_users = false",
+                cfg.instances_dir.display(),
+                cfg.agent_binary.display()
+            ),
+            Some(u) => u,
+            None if root && !reachable => {
+                warn!(
+                    instances_dir = %cfg.instances_dir.display(),
+                    agent_binary = %cfg.agent_binary.display(),
+                    "instances run as the controller's own user: other users cannot reach the instances directory or the agent binary (every directory above them needs o+x); move them to give each instance its own Unix user"
+                );
+                false
+            }
+            None => root,
+        };
+        if users {
+            chmod(&cfg.instances_dir, 0o711)?;
+        }
+        Ok(ProcessProvisioner {
             cfg,
             alloc: Mutex::new(()),
+            users,
+            local_backup_root,
+        })
+    }
+
+    /// The Unix identity of an instance placed with its own user (None: the controller's).
+    fn identity(&self, id: &str) -> anyhow::Result<Option<Identity>> {
+        if !self.users {
+            return Ok(None);
         }
+        let name = user_name(id);
+        let u = nix::unistd::User::from_name(&name)?
+            .with_context(|| format!("instance {id} has no Unix user {name}"))?;
+        let cname = std::ffi::CString::new(name.clone())?;
+        let groups = nix::unistd::getgrouplist(&cname, u.gid)?;
+        let project_gid = groups
+            .iter()
+            .find(|g| **g != u.gid)
+            .map(|g| g.as_raw())
+            .unwrap_or(u.gid.as_raw());
+        Ok(Some(Identity {
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+            project_gid,
+        }))
+    }
+
+    /// Creates the instance's user (and its project's group) if missing.
+    async fn create_identity(&self, id: &str, project: &str) -> anyhow::Result<Identity> {
+        let group = project_group(project);
+        if nix::unistd::Group::from_name(&group)?.is_none() {
+            if let Err(e) = shadow("groupadd", &["--system", &group]).await {
+                // Made meanwhile by a concurrent placement of the same project.
+                if nix::unistd::Group::from_name(&group)?.is_none() {
+                    return Err(e);
+                }
+            }
+        }
+        let name = user_name(id);
+        if nix::unistd::User::from_name(&name)?.is_none() {
+            shadow(
+                "useradd",
+                &[
+                    "--system",
+                    "--user-group",
+                    "--no-create-home",
+                    "--home-dir",
+                    "/nonexistent",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    "--groups",
+                    &group,
+                    "--comment",
+                    &format!("Coffer instance {id}"),
+                    &name,
+                ],
+            )
+            .await?;
+        }
+        self.identity(id)?
+            .context("the instance's user vanished after it was made")
+    }
+
+    /// The command for the agent, as the instance's user when it has one.
+    #[allow(unsafe_code)]
+    fn agent_command(&self, id: &str) -> anyhow::Result<tokio::process::Command> {
+        let mut cmd = tokio::process::Command::new(&self.cfg.agent_binary);
+        cmd.arg("--config").arg(self.config_path(id));
+        if let Some(who) = self.identity(id)? {
+            let dir = self.dir(id);
+            cmd.env("HOME", &dir).current_dir(&dir);
+            // SAFETY: only async-signal-safe system calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+                    setgroups(&[Gid::from_raw(who.project_gid)])?;
+                    setgid(Gid::from_raw(who.gid))?;
+                    setuid(Uid::from_raw(who.uid))?;
+                    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
+                    Ok(())
+                });
+            }
+        }
+        Ok(cmd)
     }
 
     fn dir(&self, id: &str) -> PathBuf {
@@ -127,10 +335,8 @@ impl ProcessProvisioner {
             .append(true)
             .open(dir.join("agent.log"))
             .context("opening agent.log")?;
-        let mut cmd = tokio::process::Command::new(&self.cfg.agent_binary);
-        cmd.arg("--config")
-            .arg(self.config_path(id))
-            .stdin(std::process::Stdio::null())
+        let mut cmd = self.agent_command(id)?;
+        cmd.stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0)
@@ -195,10 +401,24 @@ impl Provisioner for ProcessProvisioner {
                 .unwrap_or_default(),
         );
         write_private(&self.config_path(&p.instance_id), &toml)?;
+        if self.users {
+            let who = self.create_identity(&p.instance_id, &p.project_id).await?;
+            chown_tree(&dir, who.uid, Some(who.gid))?;
+            chmod(&dir, 0o700)?;
+            // Its own directory in local backup storage: its own to write, its project's to
+            // read (new files keep the project's group), nobody else's.
+            if let Some(root) = &self.local_backup_root {
+                let own = root.join(&p.instance_id);
+                std::fs::create_dir_all(&own)
+                    .with_context(|| format!("creating {}", own.display()))?;
+                chmod(root, 0o711)?;
+                chown_tree(&own, who.uid, Some(who.project_gid))?;
+                chmod(&own, 0o2750)?;
+            }
+        }
         // The agent makes its own key pair; we learn only the public half.
-        let out = tokio::process::Command::new(&self.cfg.agent_binary)
-            .arg("--config")
-            .arg(self.config_path(&p.instance_id))
+        let out = self
+            .agent_command(&p.instance_id)?
             .arg("keygen")
             .output()
             .await
@@ -257,23 +477,71 @@ impl Provisioner for ProcessProvisioner {
             }
         }
         // The agent normally stopped the database already; this catches one it never reached.
-        let out = tokio::process::Command::new(&self.cfg.agent_binary)
-            .arg("--config")
-            .arg(self.config_path(id))
-            .arg("teardown")
-            .output()
-            .await;
-        if let Ok(o) = out {
-            if !o.status.success() {
-                warn!(instance = id, stderr = %String::from_utf8_lossy(&o.stderr), "agent teardown failed");
+        let who = self.identity(id).ok().flatten();
+        if let Ok(mut cmd) = self.agent_command(id) {
+            if let Ok(o) = cmd.arg("teardown").output().await {
+                if !o.status.success() {
+                    warn!(instance = id, stderr = %String::from_utf8_lossy(&o.stderr), "agent teardown failed");
+                }
             }
         }
-        remove_tree(&dir).await
+        remove_tree(&dir).await?;
+        if let Some(who) = who {
+            self.remove_identity(id, who).await?;
+        }
+        Ok(())
     }
 
     fn heartbeat_interval_ms(&self) -> u64 {
         self.cfg.heartbeat_interval_ms
     }
+}
+
+impl ProcessProvisioner {
+    /// Ends whatever still runs as the instance's user, hands what it leaves in local backup
+    /// storage to root (its project's group still reads it: backups outlive their instance,
+    /// and a later user given the same uid must not own them), and removes the user.
+    async fn remove_identity(&self, id: &str, who: Identity) -> anyhow::Result<()> {
+        let name = user_name(id);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = processes_of(who.uid);
+            if left.is_empty() {
+                break;
+            }
+            for pid in left {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            if Instant::now() > deadline {
+                bail!("processes of {name} survive SIGKILL");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(root) = &self.local_backup_root {
+            let own = root.join(id);
+            if own.exists() {
+                chown_tree(&own, 0, None)?;
+            }
+        }
+        if nix::unistd::User::from_name(&name)?.is_some() {
+            shadow("userdel", &[&name]).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Processes running as `uid`.
+fn processes_of(uid: u32) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            (e.metadata().ok()?.uid() == uid).then_some(pid)
+        })
+        .collect()
 }
 
 pub(super) fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {

@@ -681,6 +681,9 @@ impl Datastore for Mariadb {
             .arg(format!("--defaults-file={}", cnf.display()))
             .arg(format!("--datadir={}", data.display()))
             .arg("--auth-root-authentication-method=socket")
+            // The second socket-authenticated root account is named `mysql` (reserved, never
+            // listed), whatever OS user the server runs as (an instance's own user).
+            .arg("--auth-root-socket-user=mysql")
             .arg("--skip-test-db")
             // Accounts are the agent's own (by socket or '%'), so the host's name need not
             // resolve: a fresh VM or host may not have itself in /etc/hosts yet. (`--force`
