@@ -155,6 +155,21 @@ async fn demo_stops_cleanly_and_resumes_with_the_data() {
         .to_string();
     let url = format!("{endpoint}/instances/{id}");
     let v = wait_active(&http, &url, &token).await;
+    // The demo runs as root; its database does not (each instance has a Unix user of its own).
+    let inst_dir = dir.join("instances").join(&id).display().to_string();
+    let server_uid = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find_map(|e| {
+            use std::os::unix::fs::MetadataExt;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.contains("mariadbd") && cmd.contains(&inst_dir))
+                .then(|| e.metadata().ok().map(|m| m.uid()))
+                .flatten()
+        })
+        .expect("the demo instance's mariadbd runs");
+    assert_ne!(server_uid, 0, "the demo's mariadbd runs as its instance's user");
     let mut c = connect(&v).await;
     sqlx::query("CREATE TABLE t (s VARCHAR(10))")
         .execute(&mut c)

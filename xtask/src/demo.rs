@@ -217,6 +217,11 @@ pub fn make_ca(dir: &Path) -> anyhow::Result<()> {
         "-extfile",
         "san.ext",
     ])?;
+    // The private keys are the operator's alone (instances run as other users).
+    for key in ["ca.key", "server.key"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join(key), std::fs::Permissions::from_mode(0o600))?;
+    }
     Ok(())
 }
 
@@ -351,7 +356,21 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let dir = dir.canonicalize()?;
     let p = load_or_create(&dir)?;
     let controller_bin = tools.bin_dir.join("coffer-controller");
-    let agent_bin = tools.bin_dir.join("coffer-agent");
+    // Each instance runs as a Unix user of its own (when this runs as root): the agent binary
+    // goes beside the instances, where those users can run it, and the directory lets them
+    // through to their own instance (its files are 0600; the controller's data dir is 0700).
+    let agent_bin = dir.join("bin/coffer-agent");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir.join("bin"))?;
+        let _ = std::fs::remove_file(&agent_bin);
+        let built = tools.bin_dir.join("coffer-agent");
+        if std::fs::hard_link(&built, &agent_bin).is_err() {
+            std::fs::copy(&built, &agent_bin)
+                .with_context(|| format!("copying {}", built.display()))?;
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+    }
 
     write_private(
         &dir.join("tokens.toml"),
@@ -387,9 +406,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         )?;
     }
     let config = dir.join("controller.toml");
-    std::fs::write(
+    write_private(
         &config,
-        format!(
+        &format!(
             "listen = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\nnats_url = \"nats://127.0.0.1:{nats}\"\ntoken_file = {tokens:?}\n\
              stop_agents_on_exit = true\ndefault_datastore = \"mariadb\"\nnats_creds = {creds:?}\n{ca_line}\n{tls_table}[nats_auth]\ndir = {auth:?}\n\n\
              [backup]\nkeyring_file = {keyring:?}\n[backup.storage]\n{storage}\n\n\
