@@ -385,6 +385,17 @@ async fn handle_event(
 ) -> anyhow::Result<()> {
     use v1::event::Kind;
     let Some(kind) = ev.kind else { return Ok(()) };
+    // An event about an intent speaks only for the instance the intent was sent to.
+    if !matches!(kind, Kind::Status(_)) {
+        match app.store.intent_instance(&ev.intent_id).await? {
+            Some(owner) if owner == instance_id => {}
+            Some(owner) => {
+                warn!(instance = instance_id, intent_id = %ev.intent_id, owner = %owner, "event about another instance's intent; ignored");
+                return Ok(());
+            }
+            None => {}
+        }
+    }
     match kind {
         Kind::Status(hb) => {
             observe(app, instance_id, agent_version, hb).await;

@@ -1031,6 +1031,15 @@ impl Store {
 
     /// Records an event about an intent; returns the intent's kind and whether this was the first
     /// time its final state was recorded.
+    /// The instance an intent was sent to.
+    pub async fn intent_instance(&self, id: &str) -> anyhow::Result<Option<String>> {
+        let row = sqlx::query("SELECT instance_id FROM intents WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get("instance_id")))
+    }
+
     pub async fn intent_event(
         &self,
         id: &str,

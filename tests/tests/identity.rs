@@ -176,6 +176,64 @@ async fn the_controller_ignores_payloads_naming_another_instance() {
     let v = env.show(&b).await.1;
     assert_eq!(v["instance"]["status"], "ACTIVE", "{v}");
     assert!(v["instance"].get("fault").is_none(), "{v}");
+
+    // An event on A's subject, naming A, about B's pending backup intent: dropped.
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let b_agent = Pid::from_raw(env.agent_pid(&b).unwrap());
+    kill(b_agent, Signal::SIGSTOP).unwrap();
+    let (st, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(serde_json::json!({"backup": {"name": "pending", "instance": b}})),
+        )
+        .await;
+    assert_eq!(st, coffer_tests::StatusCode::ACCEPTED, "{v}");
+    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    let intent_id: String = {
+        use sqlx::Connection;
+        let mut db = sqlx::SqliteConnection::connect(&format!(
+            "sqlite://{}?mode=ro",
+            env.dir.path().join("controller/coffer.db").display()
+        ))
+        .await
+        .unwrap();
+        sqlx::query_scalar("SELECT intent_id FROM backups WHERE id = ?")
+            .bind(&bid)
+            .fetch_one(&mut db)
+            .await
+            .unwrap()
+    };
+    let forged = coffer_proto::envelope(
+        "forged-event".into(),
+        &a,
+        v1::envelope::Body::Event(v1::Event {
+            intent_id: intent_id.clone(),
+            intent_kind: "backup".into(),
+            kind: Some(v1::event::Kind::Failed(v1::Failed {
+                message: "forged by A".into(),
+                ..Default::default()
+            })),
+        }),
+    );
+    client
+        .publish(subjects::event(&a), forged.encode_to_vec().into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    kill(b_agent, Signal::SIGCONT).unwrap();
+    loop {
+        let (_, v) = env.call("GET", &format!("/backups/{bid}"), None).await;
+        let s = v["backup"]["status"].as_str().unwrap_or_default().to_string();
+        assert_ne!(s, "FAILED", "A's event failed B's backup: {v}");
+        if s == "COMPLETED" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A call that reaches an agent's subject but names another instance is refused by the agent,
