@@ -108,7 +108,14 @@ impl Sources {
         } else {
             self.grant.as_ref().unwrap_or(&self.client)
         };
-        let s: Arc<dyn Storage> = Arc::from(self.kind.build(Some(client), owner, Access::Agent)?);
+        // Another instance's local objects: the links the controller made for this restore.
+        let kind = match &self.kind {
+            StorageKind::Local { root } if owner != self.own => StorageKind::Local {
+                root: root.join(&self.own).join("granted"),
+            },
+            k => k.clone(),
+        };
+        let s: Arc<dyn Storage> = Arc::from(kind.build(Some(client), owner, Access::Agent)?);
         built.insert(owner.to_string(), s.clone());
         Ok(s)
     }

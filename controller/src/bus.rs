@@ -424,6 +424,8 @@ async fn handle_event(
             if let (Some(b), Some(r)) =
                 (app.store.backup_by_intent(&ev.intent_id).await?, &d.backup)
             {
+                // Committed: from now on the agent can neither replace nor delete it.
+                crate::objects::seal_committed(app, &b.instance_id, &b.id);
                 app.store
                     .update_backup(
                         &b.id,
@@ -480,6 +482,10 @@ async fn finished(
         ok = failure.is_none(),
         "intent finished"
     );
+    if kind == "prepare" {
+        // A restore's grant ends with it.
+        crate::objects::drop_local_grants(app, instance_id);
+    }
     match kind {
         "prepare" if row.task == task::BUILDING => {
             let mut tx = app.store.begin().await?;
@@ -563,6 +569,7 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
             .await?;
         }
         discard_logs(app, id).await?;
+        crate::objects::drop_local_grants(app, id);
         if let Ok(stream) = app.js.get_stream(subjects::INTENT_STREAM).await {
             let _ = stream.delete_consumer(&subjects::agent_consumer(id)).await;
             let _ = stream.purge().filter(subjects::intent(id)).await;

@@ -94,6 +94,65 @@ pub async fn forget_if_unused(app: &App, owner: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn local_root(app: &App) -> Option<&std::path::Path> {
+    match app.cfg.backup.as_ref().map(|b| &b.storage) {
+        Some(StorageKind::Local { root }) => Some(root),
+        _ => None,
+    }
+}
+
+/// Makes a committed local backup the controller's: owned by root and not writable, in the
+/// instance's sticky directory, so its agent (running as its own user) can read it but neither
+/// replace nor delete it. (The `nats` backend's subjects are write-once by themselves.)
+pub fn seal_committed(app: &App, owner: &str, backup_id: &str) {
+    let Some(root) = local_root(app) else { return };
+    for key in [format!("{backup_id}.cfbk"), format!("{backup_id}.json")] {
+        let p = root.join(owner).join(&key);
+        if nix::unistd::geteuid().is_root() {
+            if let Err(e) = std::os::unix::fs::lchown(&p, Some(0), Some(0)) {
+                tracing::warn!(path = %p.display(), error = %e, "could not take over a committed backup");
+                continue;
+            }
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644));
+    }
+}
+
+/// The directory of `target` where the controller links the objects a restore may read from
+/// other instances (`local` storage): `<root>/<target>/granted/<source>/<key>`.
+pub fn local_grants_dir(root: &std::path::Path, target: &str) -> std::path::PathBuf {
+    root.join(target).join("granted")
+}
+
+/// Links into the restoring instance's grant directory exactly the objects of the chain that
+/// are other instances' (`local` storage: the same grant as the NATS one, made by hard links;
+/// other instances' directories stay closed to it).
+pub fn grant_local(app: &App, restore: &v1::RestoreFrom, target: &str) -> anyhow::Result<()> {
+    let Some(root) = local_root(app) else {
+        return Ok(());
+    };
+    let grants = local_grants_dir(root, target);
+    for l in restore.chain.iter().filter(|l| l.instance_id != target) {
+        let dir = grants.join(&l.instance_id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for key in [format!("{}.cfbk", l.backup_id), format!("{}.json", l.backup_id)] {
+            let (from, to) = (root.join(&l.instance_id).join(&key), dir.join(&key));
+            let _ = std::fs::remove_file(&to);
+            std::fs::hard_link(&from, &to)
+                .with_context(|| format!("granting {} to instance {target}", from.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a restore's grant links (after the restore, or with the instance).
+pub fn drop_local_grants(app: &App, target: &str) {
+    if let Some(root) = local_root(app) {
+        let _ = std::fs::remove_dir_all(local_grants_dir(root, target));
+    }
+}
+
 /// Seals into `restore` the grant its agent (`target`, public key `key`) needs to read the
 /// links of the chain that are other instances' (NATS storage only; its own it reads anyway).
 pub fn seal_grant(

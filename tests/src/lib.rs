@@ -691,7 +691,12 @@ impl Env {
                 }})),
             )
             .await;
-        assert_eq!(st, StatusCode::OK, "create failed: {v}");
+        assert_eq!(
+            st,
+            StatusCode::OK,
+            "create failed: {v}\n--- controller.log ---\n{}",
+            std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default()
+        );
         assert_eq!(v["instance"]["status"], "BUILD", "{v}");
         v["instance"]["id"].as_str().unwrap().to_string()
     }
@@ -1156,6 +1161,37 @@ impl Drop for Env {
         };
         for e in rd.flatten() {
             let id = e.file_name().to_string_lossy().to_string();
+            // An instance with a Unix user of its own: everything it runs goes (a Redis server
+            // renames itself, so it cannot be found by its command line), then the user.
+            use std::os::unix::fs::MetadataExt;
+            if let Some(uid) = e.metadata().ok().map(|m| m.uid()).filter(|u| *u != 0) {
+                for _ in 0..100 {
+                    let left: Vec<i32> = std::fs::read_dir("/proc")
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .filter_map(|p| {
+                            let pid: i32 = p.file_name().to_str()?.parse().ok()?;
+                            let stat = std::fs::read_to_string(p.path().join("stat")).ok()?;
+                            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+                            (p.metadata().ok()?.uid() == uid && state != 'Z').then_some(pid)
+                        })
+                        .collect();
+                    if left.is_empty() {
+                        break;
+                    }
+                    for p in left {
+                        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if let Ok(Some(u)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+                    if u.name.starts_with("coffer-") {
+                        let _ = Command::new("userdel").arg(&u.name).status();
+                    }
+                }
+                continue;
+            }
             if let Some(p) = self.agent_pid(&id) {
                 let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
             }

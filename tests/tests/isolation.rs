@@ -1,7 +1,9 @@
 //! OS isolation with the process provisioner (the suite runs as root, so each instance gets a
 //! Unix user of its own): distinct uids for each instance's agent and database, read from
 //! /proc; an instance's uid reads nothing of another instance's or of the controller's files;
-//! `local` backups are readable by the project's instances only; the user goes with its instance.
+//! in `local` storage it can neither replace nor delete its own committed backups, and no other
+//! instance reaches them (a restore elsewhere reads them through the grant); the user goes with
+//! its instance.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -24,16 +26,21 @@ fn uid_of(pid: i32) -> u32 {
 }
 
 /// Whether `uid` (with its groups, as its agent runs) can read `path`.
-#[allow(unsafe_code)]
 fn can_read(uid: u32, path: &Path) -> bool {
+    run_as(uid, &["cat", &path.display().to_string()])
+}
+
+/// Whether a command run as `uid` (with its groups, as its agent runs) succeeds.
+#[allow(unsafe_code)]
+fn run_as(uid: u32, argv: &[&str]) -> bool {
     let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
         .unwrap()
         .unwrap();
     let name = std::ffi::CString::new(user.name.clone()).unwrap();
     let groups = nix::unistd::getgrouplist(&name, user.gid).unwrap();
     let gid = user.gid;
-    let mut cmd = std::process::Command::new("cat");
-    cmd.arg(path)
+    let mut cmd = std::process::Command::new(argv[0]);
+    cmd.args(&argv[1..])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     // SAFETY: only system calls between fork and exec.
@@ -116,7 +123,7 @@ async fn instances_run_as_their_own_unix_users() {
         assert!(!can_read(ua, &p), "A's uid reads {}", p.display());
     }
 
-    // Local backups: readable by the project's instances, not by another project's.
+    // Local backups: its own to read, not to replace or delete; nobody else's to read.
     let (st, v) = env
         .call(
             "POST",
@@ -136,12 +143,49 @@ async fn instances_run_as_their_own_unix_users() {
         assert!(Instant::now() < deadline, "{v}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(can_read(ub, &stream), "the project's other instance reads it");
+    assert!(can_read(ua, &stream), "its own backup reads");
+    assert!(!can_read(ub, &stream), "the project's other instance does not reach it");
     assert!(!can_read(uc, &stream), "another project's instance does not");
+    let before = std::fs::read(&stream).unwrap();
+    for args in [
+        vec!["rm", "-f"],
+        vec!["truncate", "-s", "0"],
+        vec!["mv", "-f"],
+    ] {
+        let mut cmd = args.clone();
+        let target = stream.display().to_string();
+        let moved = format!("{target}.moved");
+        cmd.push(&target);
+        if args[0] == "mv" {
+            cmd.push(&moved);
+        }
+        assert!(!run_as(ua, &cmd), "A's uid could {cmd:?}");
+    }
+    assert_eq!(std::fs::read(&stream).unwrap(), before, "the backup is unchanged");
+    // A restore into another instance reads it through the controller's grant.
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(json!({"instance": {"name": "copy", "flavorRef": "1", "volume": {"size": 1},
+                "restorePoint": {"backupRef": bid}}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let copy = v["instance"]["id"].as_str().unwrap().to_string();
+    env.wait_status(&copy, "ACTIVE", Duration::from_secs(120))
+        .await;
+    assert!(
+        !d.join(format!("backups/{copy}/granted")).exists(),
+        "the grant ends with the restore"
+    );
 
-    // The user goes with its instance; the backup it leaves is root's, still the project's.
+    // The user goes with its instance; what it leaves in storage is root's.
     env.delete_and_wait_gone(&a).await;
     assert!(nix::unistd::User::from_name(&user_a).unwrap().is_none());
     assert_eq!(std::fs::metadata(&stream).unwrap().uid(), 0);
-    assert!(can_read(ub, &stream));
+    assert_eq!(
+        std::fs::metadata(d.join(format!("backups/{a}"))).unwrap().gid(),
+        0
+    );
 }

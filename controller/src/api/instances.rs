@@ -618,7 +618,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         tokio::spawn(build_vm(app.clone(), n));
     } else {
         // Place the agent first: its public key seals the secrets before anything is stored.
-        let (placed, nats_user) = place(&app, &id, &n.project, &n.version, None).await?;
+        let (placed, nats_user) = place(&app, &id, &n.version, None).await?;
         let committed = commit_new(
             &app,
             &n,
@@ -738,7 +738,7 @@ async fn build_vm(app: std::sync::Arc<App>, n: NewInstance) {
             },
         )
         .await?;
-        let (placed, _) = place(&app, &id, &n.project, &n.version, Some(token.token))
+        let (placed, _) = place(&app, &id, &n.version, Some(token.token))
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         app.store
@@ -856,6 +856,7 @@ pub(super) async fn commit_new(
     let mut restore = n.restore_from.clone();
     if let Some(r) = restore.as_mut() {
         crate::objects::seal_grant(app, r, id, key)?;
+        crate::objects::grant_local(app, r, id)?;
         super::keys::seal_chain(app, r, id, key)?;
     }
     let prepare = v1::intent::Kind::Prepare(v1::Prepare {
@@ -889,7 +890,6 @@ pub(super) async fn commit_new(
 pub(super) async fn place(
     app: &App,
     id: &str,
-    project: &str,
     version: &VersionRow,
     enrol_token: Option<String>,
 ) -> Result<(crate::provisioner::Placed, String), ApiError> {
@@ -904,7 +904,6 @@ pub(super) async fn place(
     };
     let placement = Placement {
         instance_id: id.to_string(),
-        project_id: project.to_string(),
         manager: version.manager.clone(),
         nats_url: app
             .cfg

@@ -210,8 +210,7 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
         } else {
             req.name.clone()
         };
-        let (placed, nats_user) =
-            super::instances::place(&app, &id, &c.project, &version, None).await?;
+        let (placed, nats_user) = super::instances::place(&app, &id, &version, None).await?;
         let ts = crate::store::now();
         let stored: Result<(), ApiError> = async {
             let mut tx = app.store.begin().await?;
@@ -338,6 +337,7 @@ async fn build(
         let intent_id = uuid::Uuid::new_v4().to_string();
         let mut restore = restore.clone();
         crate::objects::seal_grant(app, &mut restore, id, &agent_key(&r)?)?;
+        crate::objects::grant_local(app, &restore, id)?;
         super::keys::seal_chain(app, &mut restore, id, &agent_key(&r)?)?;
         let prepare = v1::intent::Kind::Prepare(v1::Prepare {
             memory_mb: flavor.as_ref().map(|f| f.ram as u64).unwrap_or(256),

@@ -11,8 +11,6 @@ use serde::Deserialize;
 #[derive(Debug, Clone)]
 pub struct Placement {
     pub instance_id: String,
-    /// The project that owns the instance.
-    pub project_id: String,
     /// The datastore manager the agent runs (from the datastore version).
     pub manager: String,
     pub nats_url: String,

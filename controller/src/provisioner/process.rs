@@ -4,10 +4,11 @@
 //!
 //! Unix identities (`unix_users`, on by default when the controller runs as root): each
 //! instance's agent, and so its database, runs as a user of its own (`coffer-<12 hex>`, with a
-//! group of the same name), created at placement and removed at delete; its directory is 0700
-//! and its own. Its supplementary group is its project's (`coffer-p-<12 hex>`), which may read
-//! the project's `local` backups (a restore into another instance of the project); another
-//! project's instance can read nothing of it. The controller's files stay its own (0700/0600).
+//! group of the same name and no other), created at placement and removed at delete; its
+//! directory is 0700 and its own. Its directory in `local` backup storage is root's, sticky and
+//! writable by its group (1770): it creates objects there, the controller takes each committed
+//! backup over (root, 0644), so the agent reads but can neither replace nor delete it, and no
+//! other instance can reach it. The controller's files stay its own (0700/0600).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -69,8 +70,6 @@ pub struct ProcessProvisioner {
 struct Identity {
     uid: u32,
     gid: u32,
-    /// Its project's group (reads the project's `local` backups).
-    project_gid: u32,
 }
 
 fn short_hash(s: &str) -> String {
@@ -80,11 +79,6 @@ fn short_hash(s: &str) -> String {
 /// The Unix user (and group) of an instance.
 pub fn user_name(instance: &str) -> String {
     format!("coffer-{}", short_hash(instance))
-}
-
-/// The Unix group of a project's instances.
-pub fn project_group(project: &str) -> String {
-    format!("coffer-p-{}", short_hash(project))
 }
 
 /// Runs a shadow-utils command, again while another holds the password files' lock.
@@ -201,45 +195,36 @@ impl ProcessProvisioner {
         let name = user_name(id);
         let u = nix::unistd::User::from_name(&name)?
             .with_context(|| format!("instance {id} has no Unix user {name}"))?;
-        let cname = std::ffi::CString::new(name.clone())?;
-        let groups = nix::unistd::getgrouplist(&cname, u.gid)?;
-        let project_gid = groups
-            .iter()
-            .find(|g| **g != u.gid)
-            .map(|g| g.as_raw())
-            .unwrap_or(u.gid.as_raw());
         Ok(Some(Identity {
             uid: u.uid.as_raw(),
             gid: u.gid.as_raw(),
-            project_gid,
         }))
     }
 
-    /// Creates the instance's user (and its project's group) if missing.
-    async fn create_identity(&self, id: &str, project: &str) -> anyhow::Result<Identity> {
-        let group = project_group(project);
-        if nix::unistd::Group::from_name(&group)?.is_none() {
-            if let Err(e) = shadow("groupadd", &["--system", &group]).await {
-                // Made meanwhile by a concurrent placement of the same project.
-                if nix::unistd::Group::from_name(&group)?.is_none() {
-                    return Err(e);
-                }
-            }
-        }
+    /// Creates the instance's user if missing.
+    async fn create_identity(&self, id: &str) -> anyhow::Result<Identity> {
         let name = user_name(id);
         if nix::unistd::User::from_name(&name)?.is_none() {
+            // A range of its own: the usual system range (100-999) is too small for a host
+            // of instances, and these ids never meet a person's or a package's.
             shadow(
                 "useradd",
                 &[
                     "--system",
+                    "-K",
+                    "SYS_UID_MIN=500000",
+                    "-K",
+                    "SYS_UID_MAX=599999",
+                    "-K",
+                    "SYS_GID_MIN=500000",
+                    "-K",
+                    "SYS_GID_MAX=599999",
                     "--user-group",
                     "--no-create-home",
                     "--home-dir",
                     "/nonexistent",
                     "--shell",
                     "/usr/sbin/nologin",
-                    "--groups",
-                    &group,
                     "--comment",
                     &format!("Coffer instance {id}"),
                     &name,
@@ -263,7 +248,7 @@ impl ProcessProvisioner {
             unsafe {
                 cmd.pre_exec(move || {
                     use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
-                    setgroups(&[Gid::from_raw(who.project_gid)])?;
+                    setgroups(&[])?;
                     setgid(Gid::from_raw(who.gid))?;
                     setuid(Uid::from_raw(who.uid))?;
                     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
@@ -402,18 +387,19 @@ impl Provisioner for ProcessProvisioner {
         );
         write_private(&self.config_path(&p.instance_id), &toml)?;
         if self.users {
-            let who = self.create_identity(&p.instance_id, &p.project_id).await?;
+            let who = self.create_identity(&p.instance_id).await?;
             chown_tree(&dir, who.uid, Some(who.gid))?;
             chmod(&dir, 0o700)?;
-            // Its own directory in local backup storage: its own to write, its project's to
-            // read (new files keep the project's group), nobody else's.
+            // Its directory in local backup storage: root's, sticky, its group may create
+            // there (committed backups are then taken over by the controller); nobody else's.
             if let Some(root) = &self.local_backup_root {
                 let own = root.join(&p.instance_id);
                 std::fs::create_dir_all(&own)
                     .with_context(|| format!("creating {}", own.display()))?;
                 chmod(root, 0o711)?;
-                chown_tree(&own, who.uid, Some(who.project_gid))?;
-                chmod(&own, 0o2750)?;
+                std::os::unix::fs::lchown(&own, Some(0), Some(who.gid))
+                    .with_context(|| format!("changing the owner of {}", own.display()))?;
+                chmod(&own, 0o1770)?;
             }
         }
         // The agent makes its own key pair; we learn only the public half.
@@ -499,8 +485,8 @@ impl Provisioner for ProcessProvisioner {
 
 impl ProcessProvisioner {
     /// Ends whatever still runs as the instance's user, hands what it leaves in local backup
-    /// storage to root (its project's group still reads it: backups outlive their instance,
-    /// and a later user given the same uid must not own them), and removes the user.
+    /// storage to root (backups outlive their instance, and a later user or group given the
+    /// same id must not own them), and removes the user.
     async fn remove_identity(&self, id: &str, who: Identity) -> anyhow::Result<()> {
         let name = user_name(id);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -520,7 +506,7 @@ impl ProcessProvisioner {
         if let Some(root) = &self.local_backup_root {
             let own = root.join(id);
             if own.exists() {
-                chown_tree(&own, 0, None)?;
+                chown_tree(&own, 0, Some(0))?;
             }
         }
         if nix::unistd::User::from_name(&name)?.is_some() {
@@ -530,7 +516,7 @@ impl ProcessProvisioner {
     }
 }
 
-/// Processes running as `uid`.
+/// Processes running as `uid` (not zombies: those are gone but for their parent's wait).
 fn processes_of(uid: u32) -> Vec<i32> {
     use std::os::unix::fs::MetadataExt;
     std::fs::read_dir("/proc")
@@ -539,7 +525,9 @@ fn processes_of(uid: u32) -> Vec<i32> {
         .flatten()
         .filter_map(|e| {
             let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            (e.metadata().ok()?.uid() == uid).then_some(pid)
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            (e.metadata().ok()?.uid() == uid && state != 'Z').then_some(pid)
         })
         .collect()
 }
