@@ -842,6 +842,7 @@ impl Env {
             tail(self.dir.path().join("controller.log")),
             tail(self.instance_dir(id).join("agent.log")),
             tail(self.instance_dir(id).join("state/mariadb/mariadbd.err")),
+            tail(self.instance_dir(id).join("state/mariadb/mariadbd.out")),
         ]
         .join("\n")
     }

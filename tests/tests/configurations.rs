@@ -288,8 +288,17 @@ async fn bad_values_are_refused_and_change_nothing() {
         .call("GET", &format!("/configurations/{gid}"), None)
         .await;
     assert_eq!(g["configuration"]["values"], json!({"wait_timeout": 300}));
-    let cnf =
-        std::fs::read_to_string(env.instance_dir(&id).join("state/mariadb/overrides.cnf")).unwrap();
+    // The agent applies a value live first and then keeps it in the option file: wait for
+    // the file too.
+    let cnf_path = env.instance_dir(&id).join("state/mariadb/overrides.cnf");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let cnf = loop {
+        let cnf = std::fs::read_to_string(&cnf_path).unwrap();
+        if cnf.contains("wait_timeout = 300") || Instant::now() > deadline {
+            break cnf;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         cnf.contains("wait_timeout = 300") && !cnf.contains("secure_file_priv"),
         "{cnf}"
@@ -357,7 +366,11 @@ async fn overrides_survive_agent_and_database_restarts() {
         .db_pid(&id)
         .is_none_or(|p| p == db || !coffer_tests::pid_alive(p))
     {
-        assert!(Instant::now() < deadline, "database not restarted");
+        assert!(
+            Instant::now() < deadline,
+            "database not restarted\n{}",
+            env.logs(&id)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     env.wait_status(&id, "ACTIVE", Duration::from_secs(60))
