@@ -208,6 +208,13 @@ impl Supervisor {
                 self.proc = Some(p);
                 if let Err(e) = self.wait_ready().await {
                     warn!(error = %e, "adopted server did not answer");
+                    // It died while being adopted (killed, crashed): started again like any
+                    // crash, not left down.
+                    if self.proc.is_none() && desired.running {
+                        self.crashed(format!(
+                            "the database server stopped while this agent adopted it: {e}"
+                        ));
+                    }
                 }
             } else if desired.running {
                 if let Err(e) = self.start().await {

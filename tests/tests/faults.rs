@@ -65,6 +65,36 @@ async fn killed_agent_leaves_the_database_running_and_is_replaced() {
     c.close().await.unwrap();
 }
 
+/// The database dies while a new agent is adopting it (the agent was replaced, the server
+/// could not answer yet): it is started again like any crash, not left down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_dies_while_being_adopted_is_started_again() {
+    let env = Env::start().await;
+    let (id, _) = env.active_with_rows("adopt-dies", &[5]).await;
+    let db = env.db_pid(&id).unwrap();
+    let agent = env.agent_pid(&id).unwrap();
+    // The server hangs (it cannot answer the new agent's probes) and the agent dies.
+    kill(Pid::from_raw(db), Signal::SIGSTOP).unwrap();
+    kill(Pid::from_raw(agent), Signal::SIGKILL).unwrap();
+    let log = env.instance_dir(&id).join("agent.log");
+    wait_until("a new agent adopting the server", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("adopted running database server")
+    })
+    .await;
+    // While it adopts, the server dies.
+    kill(Pid::from_raw(db), Signal::SIGKILL).unwrap();
+    wait_until("a new database server", Duration::from_secs(60), || {
+        env.db_pid(&id).is_some_and(|p| p != db && pid_alive(p))
+    })
+    .await;
+    let view = env
+        .wait_status(&id, "ACTIVE", Duration::from_secs(60))
+        .await;
+    assert_eq!(env.rows(&view).await, vec![5]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_database_is_reported_and_restarted() {
     let env = Env::start().await;
