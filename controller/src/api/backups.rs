@@ -417,6 +417,20 @@ async fn start(
     Ok(id)
 }
 
+/// Gives the restoring agent (`target`, public key `key`) what it needs to read `restore`'s
+/// chain, and nothing more: a NATS grant for other instances' links, the same through links in
+/// local storage, and each link's key sealed to it.
+pub(super) fn grant_restore(
+    app: &App,
+    restore: &mut v1::RestoreFrom,
+    target: &str,
+    key: &[u8],
+) -> Result<(), ApiError> {
+    crate::objects::seal_grant(app, restore, target, key)?;
+    crate::objects::grant_local(app, restore, target)?;
+    super::keys::seal_chain(app, restore, target, key)
+}
+
 /// What a restore of `backup_id` is bound to: the chain as the controller recorded it (ids,
 /// source instances, stream digests), so the agent refuses storage that says otherwise. Every
 /// link must be COMPLETED with a digest; `project` (None for the controller's own snapshots)
@@ -443,7 +457,7 @@ pub(super) async fn restore_point(
                 instance_id: b.instance_id.clone(),
                 sha256,
                 key_id: b.key_id.clone().unwrap_or_default(),
-                // Sealed to the restoring agent with the grant (`keys::seal_chain`).
+                // Sealed to the restoring agent by `grant_restore`.
                 key_sealed: vec![],
             }),
             _ => {
@@ -462,7 +476,7 @@ pub(super) async fn restore_point(
     Ok(v1::RestoreFrom {
         backup_id: backup_id.to_string(),
         chain: links,
-        // Sealed to the restoring agent once its key is known (`objects::seal_grant`).
+        // Sealed to the restoring agent once its key is known (`grant_restore`).
         grant_sealed: vec![],
     })
 }

@@ -855,9 +855,7 @@ pub(super) async fn commit_new(
     };
     let mut restore = n.restore_from.clone();
     if let Some(r) = restore.as_mut() {
-        crate::objects::seal_grant(app, r, id, key)?;
-        crate::objects::grant_local(app, r, id)?;
-        super::keys::seal_chain(app, r, id, key)?;
+        super::backups::grant_restore(app, r, id, key)?;
     }
     let prepare = v1::intent::Kind::Prepare(v1::Prepare {
         memory_mb: n.flavor.ram as u64,

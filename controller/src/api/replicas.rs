@@ -336,9 +336,7 @@ async fn build(
         };
         let intent_id = uuid::Uuid::new_v4().to_string();
         let mut restore = restore.clone();
-        crate::objects::seal_grant(app, &mut restore, id, &agent_key(&r)?)?;
-        crate::objects::grant_local(app, &restore, id)?;
-        super::keys::seal_chain(app, &mut restore, id, &agent_key(&r)?)?;
+        super::backups::grant_restore(app, &mut restore, id, &agent_key(&r)?)?;
         let prepare = v1::intent::Kind::Prepare(v1::Prepare {
             memory_mb: flavor.as_ref().map(|f| f.ram as u64).unwrap_or(256),
             vcpus: flavor.as_ref().map(|f| f.vcpus as u32).unwrap_or(1),
