@@ -506,7 +506,12 @@ pub async fn restore(
             // Authenticate the whole stream before anything is initialised, so a wrong key or
             // a damaged stream fails here instead of half-way through the load.
             let storage = sources.of(&chain[0].instance_id)?;
-            let mut reader = open_link(storage.as_ref(), sources.ring.as_ref(), encrypted, &chain[0])?;
+            let mut reader = open_link(
+                storage.as_ref(),
+                sources.ring.as_ref(),
+                encrypted,
+                &chain[0],
+            )?;
             let mut report = |n: u64| done2.store(n, Ordering::Relaxed);
             coffer_strategies::backup::pump(&mut reader, &mut std::io::sink(), &mut report)
                 .map_err(|e| link_error(&chain[0].backup_id, BackupError::Io(e)))?;

@@ -439,10 +439,7 @@ mod tests {
         );
         // With backups in NATS: its own instance's stream, and nothing of anyone else's.
         let (p, _) = agent_permissions("inst-77", Some("coffer-backups"));
-        let extra: Vec<_> = p
-            .iter()
-            .filter(|x| !x.contains("COFFER_INTENTS"))
-            .collect();
+        let extra: Vec<_> = p.iter().filter(|x| !x.contains("COFFER_INTENTS")).collect();
         assert!(extra.iter().any(|x| x.contains("coffer-backups")));
         assert!(extra.iter().all(|x| x.contains("inst-77")), "{extra:?}");
         assert!(!p.iter().any(|x| x.contains("PURGE")

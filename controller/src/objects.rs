@@ -136,7 +136,10 @@ pub fn grant_local(app: &App, restore: &v1::RestoreFrom, target: &str) -> anyhow
     for l in restore.chain.iter().filter(|l| l.instance_id != target) {
         let dir = grants.join(&l.instance_id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        for key in [format!("{}.cfbk", l.backup_id), format!("{}.json", l.backup_id)] {
+        for key in [
+            format!("{}.cfbk", l.backup_id),
+            format!("{}.json", l.backup_id),
+        ] {
             let (from, to) = (root.join(&l.instance_id).join(&key), dir.join(&key));
             let _ = std::fs::remove_file(&to);
             std::fs::hard_link(&from, &to)

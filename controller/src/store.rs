@@ -1136,10 +1136,11 @@ impl Store {
 
     /// Whether any backup taken from `instance` is kept.
     pub async fn has_backups_of(&self, instance: &str) -> anyhow::Result<bool> {
-        let row = sqlx::query("SELECT 1 FROM backups WHERE instance_id = ? AND deleted = 0 LIMIT 1")
-            .bind(instance)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT 1 FROM backups WHERE instance_id = ? AND deleted = 0 LIMIT 1")
+                .bind(instance)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.is_some())
     }
 

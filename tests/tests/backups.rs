@@ -182,7 +182,8 @@ async fn tampered_backups_and_missing_keys_never_restore(storage: BackupStorage)
 
     // Truncate it (cut the final frame off).
     bytes[mid] ^= 0x01;
-    env.write_object(&id, &key, &bytes[..bytes.len() - 20]).await;
+    env.write_object(&id, &key, &bytes[..bytes.len() - 20])
+        .await;
     let (_, v) = restore(&env, &bid, "cut").await;
     let cut = v["instance"]["id"].as_str().unwrap().to_string();
     let e = env
@@ -698,7 +699,10 @@ async fn an_instance_key_opens_its_own_backups_only(storage: BackupStorage) {
     );
     let b_stream = env.read_object(&b, &format!("{bb}.cfbk")).await;
     let e = open(b_stream.clone(), leaked).unwrap_err();
-    assert!(e.contains(&format!("k1:{b}")) && e.contains("not in the keyring"), "{e}");
+    assert!(
+        e.contains(&format!("k1:{b}")) && e.contains("not in the keyring"),
+        "{e}"
+    );
     let mut forged = Keyring::default();
     forged.add(&format!("k1:{b}"), a_key);
     let e = open(b_stream, forged).unwrap_err();

@@ -167,7 +167,10 @@ async fn demo_stops_cleanly_and_resumes_with_the_data() {
                 .flatten()
         })
         .expect("the demo instance's mariadbd runs");
-    assert_ne!(server_uid, 0, "the demo's mariadbd runs as its instance's user");
+    assert_ne!(
+        server_uid, 0,
+        "the demo's mariadbd runs as its instance's user"
+    );
     let mut c = connect(&v).await;
     sqlx::query("CREATE TABLE t (s VARCHAR(10))")
         .execute(&mut c)

@@ -77,11 +77,15 @@ async fn a_database_that_dies_while_being_adopted_is_started_again() {
     kill(Pid::from_raw(db), Signal::SIGSTOP).unwrap();
     kill(Pid::from_raw(agent), Signal::SIGKILL).unwrap();
     let log = env.instance_dir(&id).join("agent.log");
-    wait_until("a new agent adopting the server", Duration::from_secs(60), || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("adopted running database server")
-    })
+    wait_until(
+        "a new agent adopting the server",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("adopted running database server")
+        },
+    )
     .await;
     // While it adopts, the server dies.
     kill(Pid::from_raw(db), Signal::SIGKILL).unwrap();

@@ -226,7 +226,10 @@ async fn the_controller_ignores_payloads_naming_another_instance() {
     kill(b_agent, Signal::SIGCONT).unwrap();
     loop {
         let (_, v) = env.call("GET", &format!("/backups/{bid}"), None).await;
-        let s = v["backup"]["status"].as_str().unwrap_or_default().to_string();
+        let s = v["backup"]["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         assert_ne!(s, "FAILED", "A's event failed B's backup: {v}");
         if s == "COMPLETED" {
             break;
@@ -422,8 +425,14 @@ async fn an_agent_identity_reaches_no_other_instances_storage() {
         stream_name(BACKUP_BUCKET, &a),
         stream_name(BACKUP_BUCKET, &b),
     );
-    let b_meta = format!("{}.m", object_subject(BACKUP_BUCKET, &b, &format!("{b_backup}.json")));
-    let a_meta = format!("{}.m", object_subject(BACKUP_BUCKET, &a, &format!("{a_backup}.json")));
+    let b_meta = format!(
+        "{}.m",
+        object_subject(BACKUP_BUCKET, &b, &format!("{b_backup}.json"))
+    );
+    let a_meta = format!(
+        "{}.m",
+        object_subject(BACKUP_BUCKET, &a, &format!("{a_backup}.json"))
+    );
     // Each refused by the server: purging (B's stream, even its own), listing, reading,
     // overwriting and deleting B's objects, consumers on either stream (a push consumer could
     // deliver stored bytes to any subject), speaking to B or reading its intents.
@@ -450,10 +459,7 @@ async fn an_agent_identity_reaches_no_other_instances_storage() {
         format!("$O.{BACKUP_BUCKET}.M.x"),
     ];
     for subject in &refused {
-        client
-            .publish(subject.clone(), "{}".into())
-            .await
-            .unwrap();
+        client.publish(subject.clone(), "{}".into()).await.unwrap();
         wait_event(&seen, &format!("Publish to \"{subject}\"")).await;
     }
     let _s = client.subscribe(subjects::intent(&b)).await.unwrap();
@@ -489,8 +495,10 @@ async fn an_agent_identity_reaches_no_other_instances_storage() {
         .call(
             "POST",
             "/instances",
-            Some(serde_json::json!({"instance": {"name": "copy", "flavorRef": "1",
-                "volume": {"size": 1}, "restorePoint": {"backupRef": b_backup}}})),
+            Some(
+                serde_json::json!({"instance": {"name": "copy", "flavorRef": "1",
+                "volume": {"size": 1}, "restorePoint": {"backupRef": b_backup}}}),
+            ),
         )
         .await;
     assert_eq!(st, coffer_tests::StatusCode::OK, "{v}");

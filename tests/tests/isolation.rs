@@ -79,7 +79,12 @@ async fn instances_run_as_their_own_unix_users() {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let (_, v) = env
-            .call_as(&env.other_token, "GET", &format!("{other}/instances/{c}"), None)
+            .call_as(
+                &env.other_token,
+                "GET",
+                &format!("{other}/instances/{c}"),
+                None,
+            )
             .await;
         if v["instance"]["status"] == "ACTIVE" {
             break;
@@ -144,8 +149,14 @@ async fn instances_run_as_their_own_unix_users() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(can_read(ua, &stream), "its own backup reads");
-    assert!(!can_read(ub, &stream), "the project's other instance does not reach it");
-    assert!(!can_read(uc, &stream), "another project's instance does not");
+    assert!(
+        !can_read(ub, &stream),
+        "the project's other instance does not reach it"
+    );
+    assert!(
+        !can_read(uc, &stream),
+        "another project's instance does not"
+    );
     let before = std::fs::read(&stream).unwrap();
     for args in [
         vec!["rm", "-f"],
@@ -161,14 +172,20 @@ async fn instances_run_as_their_own_unix_users() {
         }
         assert!(!run_as(ua, &cmd), "A's uid could {cmd:?}");
     }
-    assert_eq!(std::fs::read(&stream).unwrap(), before, "the backup is unchanged");
+    assert_eq!(
+        std::fs::read(&stream).unwrap(),
+        before,
+        "the backup is unchanged"
+    );
     // A restore into another instance reads it through the controller's grant.
     let (st, v) = env
         .call(
             "POST",
             "/instances",
-            Some(json!({"instance": {"name": "copy", "flavorRef": "1", "volume": {"size": 1},
-                "restorePoint": {"backupRef": bid}}})),
+            Some(
+                json!({"instance": {"name": "copy", "flavorRef": "1", "volume": {"size": 1},
+                "restorePoint": {"backupRef": bid}}}),
+            ),
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
@@ -185,7 +202,9 @@ async fn instances_run_as_their_own_unix_users() {
     assert!(nix::unistd::User::from_name(&user_a).unwrap().is_none());
     assert_eq!(std::fs::metadata(&stream).unwrap().uid(), 0);
     assert_eq!(
-        std::fs::metadata(d.join(format!("backups/{a}"))).unwrap().gid(),
+        std::fs::metadata(d.join(format!("backups/{a}")))
+            .unwrap()
+            .gid(),
         0
     );
 }

@@ -177,9 +177,11 @@ pub async fn tail(
     let client = st.client.clone();
     let owner = r.id.clone();
     let lines = tokio::task::spawn_blocking(move || {
-        let storage = cfg
-            .storage
-            .build(Some(&client), &owner, coffer_strategies::storage::Access::Controller)?;
+        let storage = cfg.storage.build(
+            Some(&client),
+            &owner,
+            coffer_strategies::storage::Access::Controller,
+        )?;
         coffer_strategies::logs::tail(storage.as_ref(), &prefix, n, TAIL_MAX_BYTES)
     })
     .await

@@ -435,7 +435,11 @@ mod key_tests {
         let (id, a) = instance_key(&ring, "k1", "inst-a").unwrap();
         assert_eq!(id, "k1:inst-a");
         assert_eq!(split_key_id(&id), Some(("k1", "inst-a")));
-        assert_eq!(instance_key(&ring, "k1", "inst-a").unwrap().1, a, "deterministic");
+        assert_eq!(
+            instance_key(&ring, "k1", "inst-a").unwrap().1,
+            a,
+            "deterministic"
+        );
         assert_ne!(instance_key(&ring, "k1", "inst-b").unwrap().1, a);
         assert_ne!(instance_key(&ring, "k2", "inst-a").unwrap().1, a);
         assert_ne!(a, [7u8; 32], "never the operator key itself");

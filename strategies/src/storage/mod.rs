@@ -368,7 +368,10 @@ mod tests {
         w.write_all(b"half").unwrap();
         drop(w);
         assert!(!s.exists("x2.cfbk"));
-        assert_eq!(std::fs::read_dir(dir.path().join("b/i1")).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("b/i1")).unwrap().count(),
+            1
+        );
         s.delete("x1.cfbk").unwrap();
         assert!(matches!(s.open("x1.cfbk"), Err(StorageError::NotFound(_))));
         assert!(s.create("../evil").is_err());

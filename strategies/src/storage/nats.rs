@@ -196,9 +196,7 @@ impl NatsStorage {
             .map_err(|e| nats_err(stream, e))?;
         match s.direct_get_last_for_subject(subject.clone()).await {
             Ok(m) => Ok(Some(m.payload)),
-            Err(e)
-                if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound =>
-            {
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
                 Ok(None)
             }
             Err(e) => Err(nats_err(&subject, e)),
@@ -206,7 +204,8 @@ impl NatsStorage {
     }
 
     async fn commit_record(&self, key: &str) -> Result<Option<Commit>, StorageError> {
-        let Some(body) = Self::get(&self.js, &self.stream(), format!("{}.m", self.object(key))).await?
+        let Some(body) =
+            Self::get(&self.js, &self.stream(), format!("{}.m", self.object(key))).await?
         else {
             return Ok(None);
         };
@@ -374,10 +373,7 @@ impl NatsReader {
     }
 
     fn bad(&self, why: String) -> io::Error {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {why}", self.what),
-        )
+        io::Error::new(io::ErrorKind::InvalidData, format!("{}: {why}", self.what))
     }
 }
 
@@ -454,11 +450,7 @@ impl Storage for NatsStorage {
             .rt
             .block_on(self.commit_record(key))?
             .ok_or_else(|| StorageError::NotFound(key.to_string()))?;
-        if !record
-            .attempt
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric())
-        {
+        if !record.attempt.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Err(nats_err(key, "a damaged commit record"));
         }
         Ok(Box::new(io::BufReader::with_capacity(
@@ -485,7 +477,8 @@ impl Storage for NatsStorage {
         if self.access == Access::Agent {
             return Ok(());
         }
-        self.rt.block_on(self.purge(format!("{}.>", self.object(key))))
+        self.rt
+            .block_on(self.purge(format!("{}.>", self.object(key))))
     }
 
     fn exists(&self, key: &str) -> bool {
@@ -511,7 +504,10 @@ impl Storage for NatsStorage {
                 Err(e) => return Err(nats_err(&self.stream(), e)),
             };
             match s.info_with_subjects(filter).await {
-                Ok(list) => list.try_collect().await.map_err(|e| nats_err(&self.stream(), e)),
+                Ok(list) => list
+                    .try_collect()
+                    .await
+                    .map_err(|e| nats_err(&self.stream(), e)),
                 Err(e) if e.to_string().contains("not found") => Ok(vec![]),
                 Err(e) => Err(nats_err(&self.stream(), e)),
             }
