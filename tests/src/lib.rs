@@ -659,6 +659,14 @@ impl Env {
         } else {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
+        if status.is_server_error() {
+            // The controller logs the cause under the error id the body carries; a failing test
+            // shows both (its output is printed only when it fails).
+            println!(
+                "{method} {url} answered {status}: {v}\n{}",
+                self.controller_log()
+            );
+        }
         (status, v)
     }
 
@@ -825,6 +833,16 @@ impl Env {
             .filter_map(|e| std::fs::read_to_string(e.path()).ok())
             .filter(|t| t.contains(&format!("\"kind\":\"{kind}\"")))
             .count()
+    }
+
+    /// The last lines of the controller's log, for failure messages.
+    pub fn controller_log(&self) -> String {
+        let t = std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        format!(
+            "--- controller.log ---\n{}",
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
     }
 
     /// Tails of the logs, for failure messages.

@@ -5,6 +5,7 @@ use std::time::Duration;
 use coffer_tests::{Env, StatusCode};
 use serde_json::{json, Value};
 
+#[track_caller]
 fn assert_fault(status: StatusCode, body: &Value, want: StatusCode, key: &str) {
     assert_eq!(status, want, "body: {body}");
     let inner = &body[key];

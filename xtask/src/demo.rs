@@ -413,7 +413,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
              stop_agents_on_exit = true\ndefault_datastore = \"mariadb\"\nnats_creds = {creds:?}\n{ca_line}\n{tls_table}[nats_auth]\ndir = {auth:?}\n\n\
              [backup]\nkeyring_file = {keyring:?}\n[backup.storage]\n{storage}\n\n\
              [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
-             port_min = 33306\nport_max = 33405\n",
+             port_min = 13306\nport_max = 13405\n",
             api = p.api_port,
             data = dir.join("controller").display().to_string(),
             nats = p.nats_port,

@@ -611,6 +611,8 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         configuration: req.configuration,
         root_password: root_password.clone(),
     };
+    // An intent too large to send is refused before anything is placed (a Unix user, a VM).
+    check_prepare_size(&app, &n)?;
     if app.provisioner.key_at_enrolment() {
         // A VM: its agent makes its key pair at first boot and sends the public half when it
         // enrols; the secrets are sealed to it then. The instance shows as BUILD meanwhile.
@@ -646,6 +648,35 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         view["password"] = json!(pw);
     }
     ok(json!({ "instance": view }))
+}
+
+/// Refuses (413) a create whose prepare intent could never be sent. The estimate carries the
+/// passwords in the clear, which is smaller than sealed, so what passes here may still be refused
+/// by [`Store::enqueue`] once sealed; what fails here would fail there, after placing an agent.
+fn check_prepare_size(app: &App, n: &NewInstance) -> Result<(), ApiError> {
+    let estimate = v1::intent::Kind::Prepare(v1::Prepare {
+        memory_mb: n.flavor.ram as u64,
+        vcpus: n.flavor.vcpus as u32,
+        volume_gb: n.volume_size as u64,
+        server_id: 0,
+        databases: n.databases.clone(),
+        users: n.users.clone(),
+        datastore_version: n.version.version.clone(),
+        root_password_sealed: vec![],
+        restore: n.restore_from.clone(),
+        overrides: n.overrides.clone(),
+        replica_of: None,
+        modules: vec![],
+    });
+    let bytes = intent_payload(app, &n.id, &n.id, estimate).len();
+    if bytes > store::MAX_INTENT_BYTES {
+        return Err(anyhow::Error::from(store::IntentTooLarge {
+            kind: "prepare".into(),
+            bytes,
+        })
+        .into());
+    }
+    Ok(())
 }
 
 /// A new (non-replica) instance, checked and ready to be committed once its agent's key is known.

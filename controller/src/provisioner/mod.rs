@@ -71,6 +71,25 @@ pub(crate) fn free_port(
         })
 }
 
+/// Warns when `min..=max` overlaps the kernel's ephemeral port range: a port the provisioner
+/// picks there can be taken by any outgoing connection before the database listens on it.
+pub(crate) fn warn_if_ephemeral((min, max): (u16, u16)) {
+    let Ok(r) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let mut it = r.split_whitespace().filter_map(|x| x.parse::<u16>().ok());
+    if let (Some(lo), Some(hi)) = (it.next(), it.next()) {
+        if min <= hi && lo <= max {
+            tracing::warn!(
+                port_min = min,
+                port_max = max,
+                ephemeral = %format!("{lo}-{hi}"),
+                "provisioner ports overlap the kernel's ephemeral port range: an outgoing connection can take a port before its database listens on it; move port_min/port_max below {lo} or above {hi}"
+            );
+        }
+    }
+}
+
 /// Provisioners selectable in configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]

@@ -179,6 +179,7 @@ impl ProcessProvisioner {
         if users {
             chmod(&cfg.instances_dir, 0o711)?;
         }
+        super::warn_if_ephemeral((cfg.port_min, cfg.port_max));
         Ok(ProcessProvisioner {
             cfg,
             alloc: Mutex::new(()),

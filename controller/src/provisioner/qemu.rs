@@ -98,6 +98,7 @@ struct VmRecord {
 
 impl QemuProvisioner {
     pub fn new(cfg: Config) -> Self {
+        super::warn_if_ephemeral((cfg.port_min, cfg.port_max));
         QemuProvisioner {
             cfg,
             alloc: Mutex::new(()),
