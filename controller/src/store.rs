@@ -415,6 +415,11 @@ impl Store {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
+    /// A read-only transaction: one consistent snapshot, no write lock taken.
+    pub async fn begin_read(&self) -> anyhow::Result<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin().await?)
+    }
+
     // ---- datastores, versions, flavors -------------------------------------------------------
 
     pub async fn datastores(&self) -> anyhow::Result<Vec<DatastoreRow>> {
@@ -1267,9 +1272,18 @@ impl Store {
 
     /// A project's limits (defaults where none is set), in Trove's resource order.
     pub async fn quota_limits(&self, project: &str) -> anyhow::Result<Vec<(String, i64)>> {
+        Self::quota_limits_with(&self.pool, project).await
+    }
+
+    /// A project's limits read through `ex`: a transaction reads them on its own connection
+    /// (asking the pool for a second one while holding a write lock starves the pool).
+    pub async fn quota_limits_with<'e, E: sqlx::SqliteExecutor<'e>>(
+        ex: E,
+        project: &str,
+    ) -> anyhow::Result<Vec<(String, i64)>> {
         let rows = sqlx::query("SELECT resource, hard_limit FROM quotas WHERE project_id = ?")
             .bind(project)
-            .fetch_all(&self.pool)
+            .fetch_all(ex)
             .await?;
         Ok(QUOTA_DEFAULTS
             .iter()

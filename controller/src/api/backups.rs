@@ -273,9 +273,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         }
     }
     let mut tx = app.store.begin().await?;
-    let limit = app
-        .store
-        .quota_limits(&c.project)
+    let limit = Store::quota_limits_with(&mut *tx, &c.project)
         .await?
         .into_iter()
         .find(|(k, _)| k == "backups")

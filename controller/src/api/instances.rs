@@ -581,8 +581,8 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     .await?;
     // Quota: a cheap check before placing anything; the binding one runs in the transaction.
     {
-        let mut tx = app.store.begin().await?;
-        super::quotas::check(&app, &mut tx, &c.project, flavor.ram, req.volume_size).await?;
+        let mut tx = app.store.begin_read().await?;
+        super::quotas::check(&mut tx, &c.project, flavor.ram, req.volume_size).await?;
     }
     let linked = app.store.version_flavors(&version.id).await?;
     if !linked.is_empty() && !linked.contains(&flavor.id) {
@@ -743,7 +743,7 @@ fn row_of(n: &NewInstance, server_id: i64, key: &[u8], nats_user: &str) -> Insta
 /// Stores a VM-backed instance before its agent exists (BUILD, no key, no address yet).
 async fn store_pending(app: &App, n: &NewInstance) -> Result<(), ApiError> {
     let mut tx = app.store.begin().await?;
-    super::quotas::check(app, &mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
+    super::quotas::check(&mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
     let server_id = Store::next_server_id(&mut tx).await?;
     Store::insert_instance(&mut tx, &row_of(n, server_id, &[], "")).await?;
     tx.commit().await?;
@@ -862,7 +862,7 @@ pub(super) async fn commit_new(
     let mut tx = app.store.begin().await?;
     let server_id = match how {
         Commit::Insert(placement) => {
-            super::quotas::check(app, &mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
+            super::quotas::check(&mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
             let server_id = Store::next_server_id(&mut tx).await?;
             let mut row = row_of(n, server_id, key, nats_user);
             row.host = Some(host.to_string());

@@ -7,18 +7,16 @@ use sqlx::{Sqlite, Transaction};
 
 use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
 use crate::store::{Store, QUOTA_DEFAULTS};
-use crate::App;
 
 /// Refuses (413) a create that would take a project past a limit. Runs inside the create's
 /// `BEGIN IMMEDIATE` transaction, so two concurrent creates cannot both pass.
 pub async fn check(
-    app: &App,
     tx: &mut Transaction<'static, Sqlite>,
     project: &str,
     ram: i64,
     volume: i64,
 ) -> Result<(), ApiError> {
-    let limits = app.store.quota_limits(project).await?;
+    let limits = Store::quota_limits_with(&mut **tx, project).await?;
     let (n, used_ram, used_vol) = Store::usage(tx, project).await?;
     let mut over = vec![];
     for (resource, limit) in &limits {
@@ -56,7 +54,7 @@ pub async fn show(
         )));
     }
     let limits = st.store.quota_limits(&project).await?;
-    let mut tx = st.store.begin().await?;
+    let mut tx = st.store.begin_read().await?;
     let (n, ram, vol) = Store::usage(&mut tx, &project).await?;
     tx.rollback().await.map_err(anyhow::Error::from)?;
     let quotas: Vec<Value> = limits

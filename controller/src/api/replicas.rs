@@ -214,7 +214,7 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
         let ts = crate::store::now();
         let stored: Result<(), ApiError> = async {
             let mut tx = app.store.begin().await?;
-            super::quotas::check(&app, &mut tx, &c.project, flavor.ram, source.volume_size).await?;
+            super::quotas::check(&mut tx, &c.project, flavor.ram, source.volume_size).await?;
             let server_id = Store::next_server_id(&mut tx).await?;
             let row = InstanceRow {
                 id: id.clone(),
