@@ -640,7 +640,11 @@ pub async fn timers_loop(app: Arc<App>) {
                 if let Ok(replicas) = app.store.replicas_of(&r.id).await {
                     if !replicas.is_empty() {
                         warn!(source = %r.id, "source lost: automatic failover");
-                        crate::api::replicas::start_eject(app.clone(), r.clone(), replicas).await;
+                        if let Err(e) =
+                            crate::workflow::replication::start_failover(&app, &r, &replicas).await
+                        {
+                            warn!(source = %r.id, error = %e.message, "automatic failover did not start");
+                        }
                         continue;
                     }
                 }

@@ -8,15 +8,18 @@
 //! Invariants: no SQL of any datastore and no datastore names in code (the datastore a version runs
 //! is data: its `manager`); the controller never touches database files or processes.
 
+pub mod agents;
 pub mod api;
 pub mod bus;
 pub mod config;
+pub mod error;
 pub mod nats_auth;
 pub mod objects;
 pub mod provisioner;
 pub mod status;
 pub mod store;
 pub mod tls;
+pub mod workflow;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -147,9 +150,6 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         _ => None,
     };
     let provisioner = cfg.provisioner.build(local_backup_root)?;
-    let listener = tokio::net::TcpListener::bind(&cfg.listen)
-        .await
-        .with_context(|| format!("binding the API to {}", cfg.listen))?;
     let app = Arc::new(App {
         cfg,
         store,
@@ -185,6 +185,15 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
             warn!(instance = %inst.id, error = %format!("{e:#}"), "could not ensure agent");
         }
     }
+
+    // Operations a previous controller left half done carry on from their last step.
+    workflow::resume_all(&app).await?;
+
+    // The API listens once the controller is ready: agents ensured, workflows resumed (a
+    // client that reaches it sees a controller that has taken over).
+    let listener = tokio::net::TcpListener::bind(&app.cfg.listen)
+        .await
+        .with_context(|| format!("binding the API to {}", app.cfg.listen))?;
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(bus::outbox_loop(app.clone()));

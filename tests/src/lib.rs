@@ -596,6 +596,12 @@ impl Env {
     }
 
     pub fn start_controller(&mut self) {
+        self.start_controller_with(&[]);
+    }
+
+    /// Starts the controller with extra environment (a test hook such as
+    /// `COFFER_TEST_FAILPOINT`).
+    pub fn start_controller_with(&mut self, vars: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -605,6 +611,7 @@ impl Env {
             .arg("--config")
             .arg(&self.config)
             .arg("serve")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -612,6 +619,25 @@ impl Env {
             .expect("starting coffer-controller");
         self.controller = Some(child);
         wait_tcp(self.api_port, Duration::from_secs(30));
+    }
+
+    /// Waits for the controller to exit by itself (a failpoint aborted it); panics after
+    /// `timeout`.
+    pub async fn wait_controller_exit(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let c = self.controller.as_mut().expect("a controller runs");
+        loop {
+            if c.try_wait().expect("waiting for the controller").is_some() {
+                self.controller = None;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the controller did not exit within {timeout:?}\n{}",
+                self.controller_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stops the controller with SIGTERM (agents and databases keep running).

@@ -2,13 +2,11 @@
 //! instance's agent through request/reply calls. Lists are read from the server every time.
 //! Passwords go to the agent sealed to its key; root's password comes back sealed to ours.
 
-use std::time::Duration;
-
 use axum::body::Bytes;
 use axum::extract::{Path, Query};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use coffer_proto::{seal, subjects, v1, Message};
+use coffer_proto::{seal, v1};
 use serde_json::{json, Map, Value};
 
 use super::instances::{check_name, find};
@@ -16,8 +14,6 @@ use super::{accepted, ok, parse_body, with_next, ApiError, ApiResult, AppState, 
 use crate::status;
 use crate::store::InstanceRow;
 use crate::App;
-
-const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The instance, if it is ACTIVE and its agent answers these calls; 404 / 422 otherwise.
 async fn ready(app: &App, c: &Caller, id: &str) -> Result<InstanceRow, ApiError> {
@@ -41,68 +37,7 @@ async fn ready(app: &App, c: &Caller, id: &str) -> Result<InstanceRow, ApiError>
     Ok(r)
 }
 
-/// Sends a call to the instance's agent and maps its answer to Trove's errors.
-pub(super) async fn call(
-    app: &App,
-    r: &InstanceRow,
-    kind: v1::call::Kind,
-) -> Result<(String, v1::CallReply), ApiError> {
-    let call_id = uuid::Uuid::new_v4().to_string();
-    let env = coffer_proto::envelope(
-        call_id.clone(),
-        &r.id,
-        v1::envelope::Body::Call(v1::Call {
-            reply_key: app.reply_public_key.clone(),
-            kind: Some(kind),
-        }),
-    );
-    let req = app
-        .client
-        .request(subjects::call(&r.id), env.encode_to_vec().into());
-    let msg = match tokio::time::timeout(CALL_TIMEOUT, req).await {
-        Ok(Ok(m)) => m,
-        _ => {
-            return Err(ApiError::unprocessable(format!(
-            "The agent of instance {} did not answer within {} s; check that it runs, then retry.",
-            r.id,
-            CALL_TIMEOUT.as_secs()
-        )))
-        }
-    };
-    let reply = match coffer_proto::decode(&msg.payload) {
-        Ok(v1::Envelope {
-            body: Some(v1::envelope::Body::CallReply(rep)),
-            ..
-        }) => rep,
-        _ => return Err(anyhow::anyhow!("undecodable reply from the agent of {}", r.id).into()),
-    };
-    if reply.ok {
-        return Ok((call_id, reply));
-    }
-    let e = reply.error.clone();
-    Err(
-        match v1::CallError::try_from(reply.error_kind).unwrap_or(v1::CallError::Unspecified) {
-            v1::CallError::Invalid | v1::CallError::Exists => ApiError::bad_request(e),
-            v1::CallError::NotFound => ApiError::not_found(e),
-            v1::CallError::NotRunning => {
-                ApiError::unprocessable(format!("Instance {} is not ready: {e}.", r.id))
-            }
-            v1::CallError::Unsupported => ApiError::not_implemented(e),
-            _ => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "serverError",
-                format!("The agent failed: {e}"),
-            ),
-        },
-    )
-}
-
-/// The instance agent's X25519 public key, to seal secrets to.
-pub(super) fn agent_key(r: &InstanceRow) -> Result<Vec<u8>, ApiError> {
-    seal::from_hex(&r.agent_public_key)
-        .filter(|k| k.len() == 32)
-        .ok_or_else(|| anyhow::anyhow!("instance {} has no agent key", r.id).into())
-}
+pub(super) use crate::agents::{agent_key, call};
 
 fn sealed(key: &[u8], context: &str, secret: &str) -> Result<Vec<u8>, ApiError> {
     seal::seal(key, context, secret.as_bytes()).map_err(|e| anyhow::anyhow!("sealing: {e}").into())

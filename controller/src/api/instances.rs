@@ -1249,6 +1249,11 @@ pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, Strin
             "Instance {id} is not ready. (Status is BUILD)."
         )));
     }
+    if let Some(w) = Store::owner_in(&mut *tx, &id).await? {
+        return Err(ApiError::unprocessable(format!(
+            "Instance {id} is busy with another operation (workflow {w}); retry once it ends."
+        )));
+    }
     Store::set_task(&mut tx, &id, task::DELETING, None).await?;
     let payload = intent_payload(
         &app,
@@ -1284,6 +1289,12 @@ pub async fn action(
                 return Err(ApiError::forbidden(
                     "Policy doesn't allow instance:reset_status to be performed.",
                 ));
+            }
+            // A workflow's members are released (and its fences lifted) by the workflow
+            // alone: ask it to stop where it safely can.
+            if let Some(w) = app.store.workflow_owning(&id).await? {
+                app.store.cancel_workflow(&w).await?;
+                return accepted();
             }
             let mut tx = app.store.begin().await?;
             Store::set_task(&mut tx, &id, task::NONE, None).await?;

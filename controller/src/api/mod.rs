@@ -26,69 +26,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tracing::error;
 
 use crate::App;
 
-/// An API error in Trove's format.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub key: &'static str,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, key: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            key,
-            message: message.into(),
-        }
-    }
-    pub fn bad_request(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "badRequest", m)
-    }
-    pub fn not_found(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "itemNotFound", m)
-    }
-    pub fn unauthorized(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m)
-    }
-    pub fn forbidden(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", m)
-    }
-    pub fn unprocessable(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "unprocessableEntity", m)
-    }
-    pub fn not_implemented(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_IMPLEMENTED, "notImplemented", m)
-    }
-    pub fn validation(m: impl std::fmt::Display) -> Self {
-        Self::bad_request(format!("Validation error: {m}"))
-    }
-}
-
-impl From<anyhow::Error> for ApiError {
-    fn from(e: anyhow::Error) -> Self {
-        if let Some(t) = e.downcast_ref::<crate::store::IntentTooLarge>() {
-            return Self::new(StatusCode::PAYLOAD_TOO_LARGE, "overLimit", format!("{t}."));
-        }
-        let id = uuid::Uuid::new_v4();
-        error!(error_id = %id, error = %format!("{e:#}"), "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "instanceFault",
-            format!("Internal Server Error. Please keep this ID to help us figure out what went wrong: ({id})."),
-        )
-    }
-}
-
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
-        anyhow::Error::from(e).into()
-    }
-}
+pub use crate::error::ApiError;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

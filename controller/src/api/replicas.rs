@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use coffer_proto::seal;
 use coffer_proto::v1;
-use coffer_strategies::datastore::{
-    position_behind, position_covers, replication_strategy, repoint_strategy,
-};
+use coffer_strategies::datastore::{position_behind, replication_strategy};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
@@ -21,6 +19,9 @@ use super::access::{agent_key, call};
 use super::{ok, ApiError, ApiResult, Caller};
 use crate::status::task;
 use crate::store::{InstanceRow, Store};
+use crate::workflow::replication::{
+    ensure_repl_user, manager, reload, replica_of, start_failover, start_switchover,
+};
 use crate::App;
 
 /// What a replica create asked for (beyond `replica_of`).
@@ -40,101 +41,6 @@ fn busy(r: &InstanceRow, what: &str) -> ApiError {
 
 fn ready(app: &App, r: &InstanceRow) -> bool {
     r.task == task::NONE && app.fresh(&r.id) && r.service_status == "running"
-}
-
-/// The datastore (manager) of an instance: replication positions and strategies are its own.
-async fn manager(app: &App, r: &InstanceRow) -> Result<String, ApiError> {
-    Ok(app
-        .store
-        .version(&r.datastore_version_id)
-        .await?
-        .map(|v| v.manager)
-        .unwrap_or_default())
-}
-
-/// The source's replication user and password, created on the source the first time.
-async fn ensure_repl_user(app: &App, source: &InstanceRow) -> Result<(String, String), ApiError> {
-    if let (Some(u), Some(secret)) = (&source.repl_user, &source.repl_secret) {
-        let bytes = seal::from_hex(secret)
-            .and_then(|b| {
-                seal::open(
-                    &app.reply_secret_key,
-                    &seal::kept_replication_context(&source.id),
-                    &b,
-                )
-                .ok()
-            })
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "the kept replication password of {} does not open",
-                    source.id
-                )
-            })?;
-        return Ok((u.clone(), String::from_utf8_lossy(&bytes).into_owned()));
-    }
-    let user = format!("repl_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let password = uuid::Uuid::new_v4().simple().to_string();
-    let sealed = seal::seal(
-        &agent_key(source)?,
-        &seal::replication_password_context(&source.id),
-        password.as_bytes(),
-    )
-    .map_err(|e| anyhow::anyhow!("sealing: {e}"))?;
-    call(
-        app,
-        source,
-        v1::call::Kind::CreateReplicationUser(v1::CreateReplicationUser {
-            user: user.clone(),
-            password_sealed: sealed,
-        }),
-    )
-    .await?;
-    let strategy =
-        replication_strategy(&manager(app, source).await?, &app.cfg.replication.strategy);
-    keep_repl_user(app, &source.id, &user, &password, &strategy).await?;
-    Ok((user, password))
-}
-
-async fn keep_repl_user(
-    app: &App,
-    source: &str,
-    user: &str,
-    password: &str,
-    strategy: &str,
-) -> Result<(), ApiError> {
-    let kept = seal::seal(
-        &app.reply_public_key,
-        &seal::kept_replication_context(source),
-        password.as_bytes(),
-    )
-    .map_err(|e| anyhow::anyhow!("sealing: {e}"))?;
-    app.store
-        .set_replication_user(source, user, &seal::to_hex(&kept), strategy)
-        .await?;
-    Ok(())
-}
-
-/// How `replica` reaches `source`, its password sealed for `replica`'s agent.
-fn replica_of(
-    source: &InstanceRow,
-    replica: &InstanceRow,
-    user: &str,
-    password: &str,
-    strategy: &str,
-) -> Result<v1::ReplicaOf, ApiError> {
-    Ok(v1::ReplicaOf {
-        host: source.host.clone().unwrap_or_default(),
-        port: source.port.unwrap_or_default() as u32,
-        user: user.to_string(),
-        password_sealed: seal::seal(
-            &agent_key(replica)?,
-            &seal::replication_password_context(&replica.id),
-            password.as_bytes(),
-        )
-        .map_err(|e| anyhow::anyhow!("sealing: {e}"))?,
-        strategy: strategy.to_string(),
-        ..Default::default()
-    })
 }
 
 /// `POST /instances` with `replica_of`.
@@ -401,60 +307,6 @@ async fn set_tasks(app: &App, ids: &[String], t: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn fault(app: &App, id: &str, t: &str, message: &str) {
-    if let Ok(mut tx) = app.store.begin().await {
-        let m = (!message.is_empty()).then_some(message);
-        let _ = Store::set_task(&mut tx, id, t, m).await;
-        let _ = tx.commit().await;
-    }
-}
-
-async fn reload(app: &App, id: &str) -> Result<InstanceRow, ApiError> {
-    app.store
-        .instance(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("Instance {id} is gone.")))
-}
-
-/// Moves the replication user's kept password from `from` to `to` (the new source).
-async fn hand_over_user(
-    app: &App,
-    from: &InstanceRow,
-    to: &str,
-    user: &str,
-    password: &str,
-) -> Result<(), ApiError> {
-    let strategy = from
-        .repl_strategy
-        .clone()
-        .unwrap_or_else(|| app.cfg.replication.strategy.clone());
-    keep_repl_user(app, to, user, password, &strategy).await
-}
-
-/// Re-points `replica` at `source` by GTID (its own applied position).
-async fn repoint(
-    app: &App,
-    source: &InstanceRow,
-    replica: &InstanceRow,
-    user: &str,
-    password: &str,
-    from_own_binlog: bool,
-) -> Result<(), ApiError> {
-    let strategy = repoint_strategy(&manager(app, source).await?);
-    let mut spec = replica_of(source, replica, user, password, &strategy)?;
-    spec.from_own_binlog = from_own_binlog;
-    call(
-        app,
-        replica,
-        v1::call::Kind::AttachReplica(v1::AttachReplica { source: Some(spec) }),
-    )
-    .await?;
-    app.store
-        .set_replica_of(&replica.id, Some(&source.id))
-        .await?;
-    Ok(())
-}
-
 /// `promote_to_replica_source` on a replica: a planned switchover without losing a commit.
 pub(super) async fn promote(app: Arc<App>, candidate: &InstanceRow) -> ApiResult {
     let Some(source_id) = candidate.replica_of.clone() else {
@@ -470,96 +322,8 @@ pub(super) async fn promote(app: Arc<App>, candidate: &InstanceRow) -> ApiResult
         return Err(busy(r, "a switchover"));
     }
     let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
-    set_tasks(&app, &ids, task::PROMOTING).await?;
-    let cand = candidate.id.clone();
-    tokio::spawn(async move {
-        let r = switchover(&app, &source, &cand, &members).await;
-        for id in &ids {
-            match &r {
-                Ok(()) => fault(&app, id, task::NONE, "").await,
-                Err(e) => {
-                    fault(
-                        &app,
-                        id,
-                        task::NONE,
-                        &format!("promote_to_replica_source failed: {}", e.message),
-                    )
-                    .await
-                }
-            }
-        }
-        match r {
-            Ok(()) => info!(new_source = %cand, "switchover done"),
-            Err(e) => warn!(error = %e.message, "switchover failed"),
-        }
-    });
+    start_switchover(&app, &source, &candidate.id, ids).await?;
     super::accepted()
-}
-
-async fn switchover(
-    app: &App,
-    source: &InstanceRow,
-    candidate: &str,
-    members: &[InstanceRow],
-) -> Result<(), ApiError> {
-    let (user, password) = ensure_repl_user(app, source).await?;
-    // 1. The old source stops taking writes; its position is what the candidate must reach.
-    let (_, rep) = call(
-        app,
-        source,
-        v1::call::Kind::SetReadOnly(v1::SetReadOnly {
-            read_only: true,
-            kill_connections: false,
-        }),
-    )
-    .await?;
-    let target = rep
-        .replication
-        .map(|r| r.gtid_binlog_pos)
-        .unwrap_or_default();
-    let cand = reload(app, candidate).await?;
-    // 2. The candidate applies everything up to it.
-    let caught_up = call(
-        app,
-        &cand,
-        v1::call::Kind::WaitForGtid(v1::WaitForGtid {
-            gtid: target.clone(),
-            timeout_s: 15,
-        }),
-    )
-    .await;
-    if let Err(e) = caught_up {
-        // Give the old source its writes back: nothing has moved yet.
-        let _ = call(
-            app,
-            source,
-            v1::call::Kind::SetReadOnly(v1::SetReadOnly {
-                read_only: false,
-                kill_connections: false,
-            }),
-        )
-        .await;
-        return Err(e);
-    }
-    // 3. The candidate becomes the source.
-    call(
-        app,
-        &cand,
-        v1::call::Kind::DetachReplica(v1::DetachReplica {}),
-    )
-    .await?;
-    app.store.set_replica_of(&cand.id, None).await?;
-    hand_over_user(app, source, &cand.id, &user, &password).await?;
-    // 4. The other replicas, then the old source, follow it.
-    for m in members
-        .iter()
-        .filter(|m| m.id != cand.id && m.id != source.id)
-    {
-        repoint(app, &cand, m, &user, &password, false).await?;
-    }
-    repoint(app, &cand, source, &user, &password, true).await?;
-    info!(old = %source.id, new = %cand.id, position = %target, "switched over");
-    Ok(())
 }
 
 /// `eject_replica_source` on a source whose heartbeat has expired: elect the most advanced
@@ -581,131 +345,8 @@ pub(super) async fn eject(app: Arc<App>, source: &InstanceRow) -> ApiResult {
     if matches!(source.task.as_str(), task::EJECTING | task::PROMOTING) {
         return Err(busy(source, "an eject"));
     }
-    start_eject(app, source.clone(), replicas).await;
+    start_failover(&app, source, &replicas).await?;
     super::accepted()
-}
-
-/// Runs an eject in the background (the API's and the automatic failover's).
-pub async fn start_eject(app: Arc<App>, source: InstanceRow, replicas: Vec<InstanceRow>) {
-    let mut ids = vec![source.id.clone()];
-    ids.extend(replicas.iter().map(|r| r.id.clone()));
-    if set_tasks(&app, &ids, task::EJECTING).await.is_err() {
-        return;
-    }
-    tokio::spawn(async move {
-        let r = failover(&app, &source, &replicas).await;
-        for id in ids.iter().filter(|i| **i != source.id) {
-            match &r {
-                Ok(_) => fault(&app, id, task::NONE, "").await,
-                Err(e) => {
-                    fault(
-                        &app,
-                        id,
-                        task::NONE,
-                        &format!("eject_replica_source failed: {}", e.message),
-                    )
-                    .await
-                }
-            }
-        }
-        match r {
-            Ok(winner) => {
-                let _ = app.store.set_ejected(&source.id, true).await;
-                let _ = app.store.set_replica_of(&source.id, None).await;
-                fault(
-                    &app,
-                    &source.id,
-                    task::EJECTED,
-                    &format!(
-                        "Ejected as replica source; {winner} is the source now. This instance stays fenced (read-only): delete it."
-                    ),
-                )
-                .await;
-                info!(old = %source.id, new = %winner, "failover done");
-            }
-            Err(e) => {
-                fault(
-                    &app,
-                    &source.id,
-                    task::NONE,
-                    &format!("eject_replica_source failed: {}", e.message),
-                )
-                .await;
-                warn!(error = %e.message, "failover failed");
-            }
-        }
-    });
-}
-
-async fn failover(
-    app: &App,
-    source: &InstanceRow,
-    replicas: &[InstanceRow],
-) -> Result<String, ApiError> {
-    let (user, password) = ensure_repl_user(app, source).await?;
-    // 1. Every reachable replica stops receiving and applies what it has.
-    let mut positions: Vec<(InstanceRow, String)> = Vec::new();
-    for r in replicas.iter().filter(|r| app.fresh(&r.id)) {
-        match call(
-            app,
-            r,
-            v1::call::Kind::DrainRelayLog(v1::DrainRelayLog { timeout_s: 15 }),
-        )
-        .await
-        {
-            Ok((_, rep)) => {
-                let pos = rep
-                    .replication
-                    .map(|x| x.gtid_slave_pos)
-                    .unwrap_or_default();
-                positions.push((r.clone(), pos));
-            }
-            Err(e) => {
-                warn!(replica = %r.id, error = %e.message, "replica could not drain; left out")
-            }
-        }
-    }
-    // 2. The winner has everything every other survivor has (in the datastore's own terms:
-    // GTIDs per domain, WAL LSN, stream offset).
-    let ds = manager(app, source).await?;
-    let winner = positions
-        .iter()
-        .find(|(_, p)| positions.iter().all(|(_, q)| position_covers(&ds, p, q)))
-        .or_else(|| {
-            positions.iter().min_by_key(|(_, p)| {
-                positions
-                    .iter()
-                    .map(|(_, q)| position_behind(&ds, p, q))
-                    .sum::<u64>()
-            })
-        })
-        .cloned()
-        .ok_or_else(|| ApiError::unprocessable("no replica of the source is reachable"))?;
-    info!(winner = %winner.0.id, position = %winner.1, "elected the most advanced replica");
-    // 3. Promote it; 4. the others follow it.
-    call(
-        app,
-        &winner.0,
-        v1::call::Kind::DetachReplica(v1::DetachReplica {}),
-    )
-    .await?;
-    app.store.set_replica_of(&winner.0.id, None).await?;
-    hand_over_user(app, source, &winner.0.id, &user, &password).await?;
-    let new_source = reload(app, &winner.0.id).await?;
-    for (r, _) in positions.iter().filter(|(r, _)| r.id != winner.0.id) {
-        repoint(app, &new_source, r, &user, &password, false).await?;
-    }
-    // Replicas that could not be reached follow the new source in the controller's view; their
-    // agents are re-pointed when they return (not automatic yet: they show a fault).
-    for r in replicas
-        .iter()
-        .filter(|r| !positions.iter().any(|(p, _)| p.id == r.id))
-    {
-        app.store
-            .set_replica_of(&r.id, Some(&new_source.id))
-            .await?;
-    }
-    Ok(new_source.id)
 }
 
 /// The replication view of an instance for `GET /instances/{id}`.

@@ -14,6 +14,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 
+mod workflows;
+pub use workflows::{Owned, WorkflowRow};
+
 /// Trove's quota resources and default limits (-1 = unlimited).
 pub const QUOTA_DEFAULTS: &[(&str, i64)] = &[
     ("instances", 10),
@@ -24,57 +27,66 @@ pub const QUOTA_DEFAULTS: &[(&str, i64)] = &[
 
 /// Migrations in order; a new one is appended, never edited.
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (1, "core", include_str!("../migrations/0001_core.sql")),
+    (1, "core", include_str!("../../migrations/0001_core.sql")),
     (
         2,
         "intents and agents",
-        include_str!("../migrations/0002_intents_and_agents.sql"),
+        include_str!("../../migrations/0002_intents_and_agents.sql"),
     ),
     (
         3,
         "agent keys",
-        include_str!("../migrations/0003_agent_keys.sql"),
+        include_str!("../../migrations/0003_agent_keys.sql"),
     ),
     (
         4,
         "agent nats users",
-        include_str!("../migrations/0004_agent_nats_user.sql"),
+        include_str!("../../migrations/0004_agent_nats_user.sql"),
     ),
     (
         5,
         "root and quotas",
-        include_str!("../migrations/0005_root_and_quotas.sql"),
+        include_str!("../../migrations/0005_root_and_quotas.sql"),
     ),
     (
         6,
         "root on create",
-        include_str!("../migrations/0006_root_on_create.sql"),
+        include_str!("../../migrations/0006_root_on_create.sql"),
     ),
-    (7, "backups", include_str!("../migrations/0007_backups.sql")),
+    (
+        7,
+        "backups",
+        include_str!("../../migrations/0007_backups.sql"),
+    ),
     (
         8,
         "configurations",
-        include_str!("../migrations/0008_configurations.sql"),
+        include_str!("../../migrations/0008_configurations.sql"),
     ),
     (
         9,
         "replication",
-        include_str!("../migrations/0009_replication.sql"),
+        include_str!("../../migrations/0009_replication.sql"),
     ),
     (
         10,
         "modules",
-        include_str!("../migrations/0010_modules.sql"),
+        include_str!("../../migrations/0010_modules.sql"),
     ),
     (
         11,
         "enrolment",
-        include_str!("../migrations/0011_enrolment.sql"),
+        include_str!("../../migrations/0011_enrolment.sql"),
     ),
     (
         12,
         "backup keys",
-        include_str!("../migrations/0012_backup_keys.sql"),
+        include_str!("../../migrations/0012_backup_keys.sql"),
+    ),
+    (
+        13,
+        "workflows",
+        include_str!("../../migrations/0013_workflows.sql"),
     ),
 ];
 

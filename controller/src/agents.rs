@@ -1,0 +1,76 @@
+//! Talking to agents: request/reply calls on an instance's call subject.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use coffer_proto::{seal, subjects, v1, Message};
+
+use crate::error::ApiError;
+use crate::store::InstanceRow;
+use crate::App;
+
+/// How long a call waits for the agent's answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Sends a call to the instance's agent and maps its answer to Trove's errors.
+pub async fn call(
+    app: &App,
+    r: &InstanceRow,
+    kind: v1::call::Kind,
+) -> Result<(String, v1::CallReply), ApiError> {
+    let call_id = uuid::Uuid::new_v4().to_string();
+    let env = coffer_proto::envelope(
+        call_id.clone(),
+        &r.id,
+        v1::envelope::Body::Call(v1::Call {
+            reply_key: app.reply_public_key.clone(),
+            kind: Some(kind),
+        }),
+    );
+    let req = app
+        .client
+        .request(subjects::call(&r.id), env.encode_to_vec().into());
+    let msg = match tokio::time::timeout(CALL_TIMEOUT, req).await {
+        Ok(Ok(m)) => m,
+        _ => {
+            return Err(ApiError::unprocessable(format!(
+            "The agent of instance {} did not answer within {} s; check that it runs, then retry.",
+            r.id,
+            CALL_TIMEOUT.as_secs()
+        )))
+        }
+    };
+    let reply = match coffer_proto::decode(&msg.payload) {
+        Ok(v1::Envelope {
+            body: Some(v1::envelope::Body::CallReply(rep)),
+            ..
+        }) => rep,
+        _ => return Err(anyhow::anyhow!("undecodable reply from the agent of {}", r.id).into()),
+    };
+    if reply.ok {
+        return Ok((call_id, reply));
+    }
+    let e = reply.error.clone();
+    Err(
+        match v1::CallError::try_from(reply.error_kind).unwrap_or(v1::CallError::Unspecified) {
+            v1::CallError::Invalid | v1::CallError::Exists => ApiError::bad_request(e),
+            v1::CallError::NotFound => ApiError::not_found(e),
+            v1::CallError::NotRunning => {
+                ApiError::unprocessable(format!("Instance {} is not ready: {e}.", r.id))
+            }
+            v1::CallError::Unsupported => ApiError::not_implemented(e),
+            _ => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "serverError",
+                format!("The agent failed: {e}"),
+            ),
+        },
+    )
+}
+
+/// The instance agent's X25519 public key, to seal secrets to.
+pub fn agent_key(r: &InstanceRow) -> Result<Vec<u8>, ApiError> {
+    seal::from_hex(&r.agent_public_key)
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| anyhow::anyhow!("instance {} has no agent key", r.id).into())
+}

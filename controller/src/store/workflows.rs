@@ -1,0 +1,155 @@
+//! Durable workflows (see [`crate::workflow`]): one row per workflow, its state as JSON, and the
+//! instances it owns while it runs.
+
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{now, Store};
+
+/// A stored workflow.
+#[derive(Debug, Clone)]
+pub struct WorkflowRow {
+    pub id: String,
+    pub kind: String,
+    pub state: String,
+    pub done: bool,
+    pub cancel: bool,
+}
+
+fn row(r: &sqlx::sqlite::SqliteRow) -> WorkflowRow {
+    WorkflowRow {
+        id: r.get("id"),
+        kind: r.get("kind"),
+        state: r.get("state"),
+        done: r.get::<i64, _>("done") != 0,
+        cancel: r.get::<i64, _>("cancel") != 0,
+    }
+}
+
+/// Another workflow already owns an instance the new one needs.
+#[derive(Debug, thiserror::Error)]
+#[error("instance {instance} is owned by workflow {workflow}")]
+pub struct Owned {
+    pub instance: String,
+    pub workflow: String,
+}
+
+impl Store {
+    /// Records a new workflow owning `members`, inside the transaction that sets their tasks.
+    /// Fails with [`Owned`] when one of them already belongs to a running workflow.
+    pub async fn insert_workflow(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+        kind: &str,
+        state: &str,
+        members: &[String],
+    ) -> anyhow::Result<()> {
+        for m in members {
+            if let Some(w) = Self::owner_in(&mut **tx, m).await? {
+                return Err(Owned {
+                    instance: m.clone(),
+                    workflow: w,
+                }
+                .into());
+            }
+        }
+        let ts = now();
+        sqlx::query(
+            "INSERT INTO workflows (id, kind, state, created, updated) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(kind)
+        .bind(state)
+        .bind(&ts)
+        .bind(&ts)
+        .execute(&mut **tx)
+        .await?;
+        for m in members {
+            sqlx::query("INSERT INTO workflow_members (instance_id, workflow_id) VALUES (?, ?)")
+                .bind(m)
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The running workflow that owns `instance`, read through `ex` (a transaction's own).
+    pub async fn owner_in<'e, E: sqlx::SqliteExecutor<'e>>(
+        ex: E,
+        instance: &str,
+    ) -> anyhow::Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT workflow_id FROM workflow_members WHERE instance_id = ?")
+                .bind(instance)
+                .fetch_optional(ex)
+                .await?,
+        )
+    }
+
+    /// The running workflow that owns `instance`, if any.
+    pub async fn workflow_owning(&self, instance: &str) -> anyhow::Result<Option<String>> {
+        Self::owner_in(&self.pool, instance).await
+    }
+
+    pub async fn workflow(&self, id: &str) -> anyhow::Result<Option<WorkflowRow>> {
+        Ok(sqlx::query("SELECT * FROM workflows WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(row))
+    }
+
+    /// Workflows that have not finished (resumed at start).
+    pub async fn running_workflows(&self) -> anyhow::Result<Vec<WorkflowRow>> {
+        Ok(
+            sqlx::query("SELECT * FROM workflows WHERE done = 0 ORDER BY created")
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(row)
+                .collect(),
+        )
+    }
+
+    /// Records a workflow's next state.
+    pub async fn save_workflow(&self, id: &str, state: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE workflows SET state = ?, updated = ? WHERE id = ?")
+            .bind(state)
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Ends a workflow inside `tx` (the one that releases its members' tasks): it owns nothing
+    /// any more.
+    pub async fn finish_workflow(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+        state: &str,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE workflows SET state = ?, done = 1, updated = ? WHERE id = ?")
+            .bind(state)
+            .bind(now())
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("DELETE FROM workflow_members WHERE workflow_id = ?")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Asks a running workflow to stop where it safely can (an administrator's reset_status).
+    pub async fn cancel_workflow(&self, id: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE workflows SET cancel = 1, updated = ? WHERE id = ? AND done = 0")
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,181 @@
+//! Durable workflows: operations of several steps (a switchover, a failover) kept in the store
+//! step by step, so a controller that stops in the middle resumes them when it starts again.
+//!
+//! A workflow is a [`Flow`]: plain data naming its step. [`drive`] loops read → step → write:
+//! each step acts (calls to agents, store writes) and returns the next state, which is written
+//! before the next step runs. Every step is idempotent, so a step interrupted after it acted but
+//! before its result was written simply runs again on resume. A workflow owns its member
+//! instances while it runs (`workflow_members`): a second operation on one of them is refused
+//! (422), and only the workflow itself releases their tasks, and lifts the fences it set, when it
+//! ends — completed, or rolled back to a safe state with a fault that says what happened.
+//!
+//! A test hook, `COFFER_TEST_FAILPOINT=<kind>:<step>`, aborts the controller right after that
+//! step acted and before its result is written: the worst moment to die.
+
+pub mod replication;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::error::ApiError;
+use crate::store::{Owned, Store};
+use crate::App;
+
+/// Every kind of workflow, with its state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Flow {
+    Switchover(replication::Switchover),
+    Failover(replication::Failover),
+}
+
+impl Flow {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Flow::Switchover(_) => "switchover",
+            Flow::Failover(_) => "failover",
+        }
+    }
+
+    fn step_name(&self) -> &'static str {
+        match self {
+            Flow::Switchover(s) => s.step.name(),
+            Flow::Failover(f) => f.step.name(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        match self {
+            Flow::Switchover(s) => s.step == replication::SwitchoverStep::Done,
+            Flow::Failover(f) => f.step == replication::FailoverStep::Done,
+        }
+    }
+
+    /// Runs the current step and moves to the next; `cancel` asks it to stop where it safely
+    /// can.
+    async fn step(&mut self, app: &App, cancel: bool) {
+        match self {
+            Flow::Switchover(s) => s.step(app, cancel).await,
+            Flow::Failover(f) => f.step(app, cancel).await,
+        }
+    }
+
+    /// The last step: releases the members (tasks, faults) inside the transaction that ends the
+    /// workflow.
+    async fn release(
+        &self,
+        app: &App,
+        tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    ) -> anyhow::Result<()> {
+        match self {
+            Flow::Switchover(s) => s.release(tx).await,
+            Flow::Failover(f) => f.release(app, tx).await,
+        }
+    }
+}
+
+/// Starts a workflow owning `members`, whose tasks become `task` in the same transaction;
+/// 422 when one of them belongs to a running workflow already.
+pub async fn start(
+    app: &Arc<App>,
+    flow: Flow,
+    members: &[String],
+    task: &str,
+) -> Result<String, ApiError> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let state = serde_json::to_string(&flow).map_err(anyhow::Error::from)?;
+    let mut tx = app.store.begin().await?;
+    if let Err(e) = Store::insert_workflow(&mut tx, &id, flow.kind(), &state, members).await {
+        return Err(match e.downcast_ref::<Owned>() {
+            Some(o) => ApiError::unprocessable(format!(
+                "Instance {} is busy with another operation (workflow {}); retry once it ends.",
+                o.instance, o.workflow
+            )),
+            None => e.into(),
+        });
+    }
+    for m in members {
+        Store::set_task(&mut tx, m, task, None).await?;
+    }
+    tx.commit().await?;
+    info!(workflow = %id, kind = flow.kind(), members = ?members, "workflow started");
+    tokio::spawn(drive(app.clone(), id.clone()));
+    Ok(id)
+}
+
+/// Resumes every workflow a previous controller left running.
+pub async fn resume_all(app: &Arc<App>) -> anyhow::Result<()> {
+    for w in app.store.running_workflows().await? {
+        info!(workflow = %w.id, kind = %w.kind, "resuming workflow");
+        tokio::spawn(drive(app.clone(), w.id));
+    }
+    Ok(())
+}
+
+fn failpoint(kind: &str, step: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("COFFER_TEST_FAILPOINT").ok());
+    if at.as_deref() == Some(&format!("{kind}:{step}")) {
+        warn!(kind, step, "failpoint reached: aborting");
+        std::process::abort();
+    }
+}
+
+/// Runs a workflow to its end. Store errors are retried (the step runs again: it is
+/// idempotent); the workflow's own failures are states it handles.
+async fn drive(app: Arc<App>, id: String) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let row = match app.store.workflow(&id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(workflow = %id, error = %format!("{e:#}"), "reading the workflow failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if row.done {
+            return;
+        }
+        let mut flow: Flow = match serde_json::from_str(&row.state) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(workflow = %id, error = %e, "unreadable workflow state; left for an operator");
+                return;
+            }
+        };
+        let step = flow.step_name();
+        flow.step(&app, row.cancel).await;
+        failpoint(flow.kind(), step);
+        let saved = async {
+            let state = serde_json::to_string(&flow)?;
+            if flow.done() {
+                let mut tx = app.store.begin().await?;
+                flow.release(&app, &mut tx).await?;
+                Store::finish_workflow(&mut tx, &id, &state).await?;
+                tx.commit().await?;
+            } else {
+                app.store.save_workflow(&id, &state).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        match saved {
+            Ok(()) if flow.done() => {
+                info!(workflow = %id, kind = flow.kind(), "workflow ended");
+                return;
+            }
+            Ok(()) => delay = Duration::from_millis(200),
+            Err(e) => {
+                warn!(workflow = %id, error = %format!("{e:#}"), "recording the workflow's step failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,588 @@
+//! Replication workflows: switchover (`promote_to_replica_source`) and failover
+//! (`eject_replica_source`, and the automatic one), plus what the replication API shares with
+//! them (the replication user, re-pointing a replica).
+//!
+//! The source's replication user is created once, on the source, with the binlog on, so every
+//! replica has it too and a promoted replica serves the others with the same credentials. Its
+//! password is kept sealed to the controller's own key and sealed again to each agent.
+
+use std::sync::Arc;
+
+use coffer_proto::seal;
+use coffer_proto::v1;
+use coffer_strategies::datastore::{
+    position_behind, position_covers, replication_strategy, repoint_strategy,
+};
+use serde::{Deserialize, Serialize};
+use sqlx::{Sqlite, Transaction};
+use tracing::{info, warn};
+
+use super::Flow;
+use crate::agents::{agent_key, call};
+use crate::error::ApiError;
+use crate::status::task;
+use crate::store::{InstanceRow, Store};
+use crate::App;
+
+/// The datastore (manager) of an instance: replication positions and strategies are its own.
+pub async fn manager(app: &App, r: &InstanceRow) -> Result<String, ApiError> {
+    Ok(app
+        .store
+        .version(&r.datastore_version_id)
+        .await?
+        .map(|v| v.manager)
+        .unwrap_or_default())
+}
+
+pub async fn reload(app: &App, id: &str) -> Result<InstanceRow, ApiError> {
+    app.store
+        .instance(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Instance {id} is gone.")))
+}
+
+/// The source's replication user and password, created on the source the first time.
+pub async fn ensure_repl_user(
+    app: &App,
+    source: &InstanceRow,
+) -> Result<(String, String), ApiError> {
+    if let (Some(u), Some(secret)) = (&source.repl_user, &source.repl_secret) {
+        let bytes = seal::from_hex(secret)
+            .and_then(|b| {
+                seal::open(
+                    &app.reply_secret_key,
+                    &seal::kept_replication_context(&source.id),
+                    &b,
+                )
+                .ok()
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the kept replication password of {} does not open",
+                    source.id
+                )
+            })?;
+        return Ok((u.clone(), String::from_utf8_lossy(&bytes).into_owned()));
+    }
+    let user = format!("repl_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let sealed = seal::seal(
+        &agent_key(source)?,
+        &seal::replication_password_context(&source.id),
+        password.as_bytes(),
+    )
+    .map_err(|e| anyhow::anyhow!("sealing: {e}"))?;
+    call(
+        app,
+        source,
+        v1::call::Kind::CreateReplicationUser(v1::CreateReplicationUser {
+            user: user.clone(),
+            password_sealed: sealed,
+        }),
+    )
+    .await?;
+    let strategy =
+        replication_strategy(&manager(app, source).await?, &app.cfg.replication.strategy);
+    keep_repl_user(app, &source.id, &user, &password, &strategy).await?;
+    Ok((user, password))
+}
+
+async fn keep_repl_user(
+    app: &App,
+    source: &str,
+    user: &str,
+    password: &str,
+    strategy: &str,
+) -> Result<(), ApiError> {
+    let kept = seal::seal(
+        &app.reply_public_key,
+        &seal::kept_replication_context(source),
+        password.as_bytes(),
+    )
+    .map_err(|e| anyhow::anyhow!("sealing: {e}"))?;
+    app.store
+        .set_replication_user(source, user, &seal::to_hex(&kept), strategy)
+        .await?;
+    Ok(())
+}
+
+/// How `replica` reaches `source`, its password sealed for `replica`'s agent.
+pub fn replica_of(
+    source: &InstanceRow,
+    replica: &InstanceRow,
+    user: &str,
+    password: &str,
+    strategy: &str,
+) -> Result<v1::ReplicaOf, ApiError> {
+    Ok(v1::ReplicaOf {
+        host: source.host.clone().unwrap_or_default(),
+        port: source.port.unwrap_or_default() as u32,
+        user: user.to_string(),
+        password_sealed: seal::seal(
+            &agent_key(replica)?,
+            &seal::replication_password_context(&replica.id),
+            password.as_bytes(),
+        )
+        .map_err(|e| anyhow::anyhow!("sealing: {e}"))?,
+        strategy: strategy.to_string(),
+        ..Default::default()
+    })
+}
+
+/// Moves the replication user's kept password from `from` to `to` (the new source).
+async fn hand_over_user(
+    app: &App,
+    from: &InstanceRow,
+    to: &str,
+    user: &str,
+    password: &str,
+) -> Result<(), ApiError> {
+    let strategy = from
+        .repl_strategy
+        .clone()
+        .unwrap_or_else(|| app.cfg.replication.strategy.clone());
+    keep_repl_user(app, to, user, password, &strategy).await
+}
+
+/// Re-points `replica` at `source` by its own applied position.
+async fn repoint(
+    app: &App,
+    source: &InstanceRow,
+    replica: &InstanceRow,
+    user: &str,
+    password: &str,
+    from_own_binlog: bool,
+) -> Result<(), ApiError> {
+    let strategy = repoint_strategy(&manager(app, source).await?);
+    let mut spec = replica_of(source, replica, user, password, &strategy)?;
+    spec.from_own_binlog = from_own_binlog;
+    call(
+        app,
+        replica,
+        v1::call::Kind::AttachReplica(v1::AttachReplica { source: Some(spec) }),
+    )
+    .await?;
+    app.store
+        .set_replica_of(&replica.id, Some(&source.id))
+        .await?;
+    Ok(())
+}
+
+/// The steps of a switchover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SwitchoverStep {
+    /// The old source stops taking writes; its position is the target.
+    Fence,
+    /// The candidate applies everything up to the target.
+    CatchUp,
+    /// The candidate becomes the writable source.
+    Promote,
+    /// The other replicas, then the old source, follow it (one per step).
+    Repoint,
+    /// Nothing moved: the old source gets its writes back.
+    RollBack,
+    Done,
+}
+
+impl SwitchoverStep {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fence => "fence",
+            Self::CatchUp => "catch_up",
+            Self::Promote => "promote",
+            Self::Repoint => "repoint",
+            Self::RollBack => "roll_back",
+            Self::Done => "done",
+        }
+    }
+}
+
+/// A planned switchover to `candidate` that loses no commit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Switchover {
+    pub step: SwitchoverStep,
+    pub source: String,
+    pub candidate: String,
+    pub members: Vec<String>,
+    /// The old source's position once fenced.
+    pub target: Option<String>,
+    /// Members already following the candidate.
+    pub repointed: Vec<String>,
+    pub error: Option<String>,
+}
+
+impl Switchover {
+    pub(super) async fn step(&mut self, app: &App, cancel: bool) {
+        use SwitchoverStep::*;
+        if cancel && matches!(self.step, Fence | CatchUp) {
+            self.error = Some("cancelled by reset_status".into());
+            self.step = RollBack;
+            return;
+        }
+        let r = match self.step {
+            Fence => self.fence(app).await,
+            CatchUp => self.catch_up(app).await,
+            Promote => self.promote(app).await,
+            Repoint => self.repoint_next(app).await,
+            RollBack => {
+                self.roll_back(app).await;
+                Ok(())
+            }
+            Done => Ok(()),
+        };
+        if let Err(e) = r {
+            warn!(step = self.step.name(), error = %e.message, "switchover step failed");
+            self.error = Some(e.message);
+            // Before the candidate is promoted nothing has moved: undo the fence. After, the
+            // candidate is the source and going back would lose its writes: stop with a fault.
+            self.step = if matches!(self.step, Fence | CatchUp) {
+                RollBack
+            } else {
+                Done
+            };
+        }
+    }
+
+    async fn fence(&mut self, app: &App) -> Result<(), ApiError> {
+        let source = reload(app, &self.source).await?;
+        let (_, rep) = call(
+            app,
+            &source,
+            v1::call::Kind::SetReadOnly(v1::SetReadOnly {
+                read_only: true,
+                kill_connections: false,
+            }),
+        )
+        .await?;
+        self.target = Some(
+            rep.replication
+                .map(|r| r.gtid_binlog_pos)
+                .unwrap_or_default(),
+        );
+        self.step = SwitchoverStep::CatchUp;
+        Ok(())
+    }
+
+    async fn catch_up(&mut self, app: &App) -> Result<(), ApiError> {
+        let cand = reload(app, &self.candidate).await?;
+        call(
+            app,
+            &cand,
+            v1::call::Kind::WaitForGtid(v1::WaitForGtid {
+                gtid: self.target.clone().unwrap_or_default(),
+                timeout_s: 15,
+            }),
+        )
+        .await?;
+        self.step = SwitchoverStep::Promote;
+        Ok(())
+    }
+
+    async fn promote(&mut self, app: &App) -> Result<(), ApiError> {
+        let source = reload(app, &self.source).await?;
+        let (user, password) = ensure_repl_user(app, &source).await?;
+        let cand = reload(app, &self.candidate).await?;
+        call(
+            app,
+            &cand,
+            v1::call::Kind::DetachReplica(v1::DetachReplica {}),
+        )
+        .await?;
+        app.store.set_replica_of(&cand.id, None).await?;
+        hand_over_user(app, &source, &cand.id, &user, &password).await?;
+        self.step = SwitchoverStep::Repoint;
+        Ok(())
+    }
+
+    /// Re-points one member: the other replicas first, the old source (from its own binlog)
+    /// last.
+    async fn repoint_next(&mut self, app: &App) -> Result<(), ApiError> {
+        let mut order: Vec<&String> = self
+            .members
+            .iter()
+            .filter(|m| **m != self.candidate && **m != self.source)
+            .collect();
+        order.push(&self.source);
+        let Some(next) = order
+            .into_iter()
+            .find(|m| !self.repointed.contains(m))
+            .cloned()
+        else {
+            info!(old = %self.source, new = %self.candidate, position = ?self.target, "switched over");
+            self.step = SwitchoverStep::Done;
+            return Ok(());
+        };
+        let cand = reload(app, &self.candidate).await?;
+        let (user, password) = ensure_repl_user(app, &cand).await?;
+        let member = reload(app, &next).await?;
+        repoint(app, &cand, &member, &user, &password, next == self.source).await?;
+        self.repointed.push(next);
+        Ok(())
+    }
+
+    async fn roll_back(&mut self, app: &App) {
+        let lifted = async {
+            let source = reload(app, &self.source).await?;
+            call(
+                app,
+                &source,
+                v1::call::Kind::SetReadOnly(v1::SetReadOnly {
+                    read_only: false,
+                    kill_connections: false,
+                }),
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = lifted {
+            let was = self.error.take().unwrap_or_default();
+            self.error = Some(format!(
+                "{was}; the old source {} stays read-only ({}): retry the switchover or detach its replicas",
+                self.source, e.message
+            ));
+        }
+        self.step = SwitchoverStep::Done;
+    }
+
+    pub(super) async fn release(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+    ) -> anyhow::Result<()> {
+        let fault = self
+            .error
+            .as_ref()
+            .map(|e| format!("promote_to_replica_source failed: {e}"));
+        for id in &self.members {
+            Store::set_task(tx, id, task::NONE, fault.as_deref()).await?;
+        }
+        Ok(())
+    }
+}
+
+/// `promote_to_replica_source`: starts a switchover to `candidate` among `members` (the source
+/// and all its replicas).
+pub async fn start_switchover(
+    app: &Arc<App>,
+    source: &InstanceRow,
+    candidate: &str,
+    members: Vec<String>,
+) -> Result<String, ApiError> {
+    let flow = Flow::Switchover(Switchover {
+        step: SwitchoverStep::Fence,
+        source: source.id.clone(),
+        candidate: candidate.to_string(),
+        members: members.clone(),
+        target: None,
+        repointed: vec![],
+        error: None,
+    });
+    super::start(app, flow, &members, task::PROMOTING).await
+}
+
+/// The steps of a failover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverStep {
+    /// Every reachable replica stops receiving and applies what it has; the most advanced wins.
+    Drain,
+    /// The winner becomes the writable source.
+    Promote,
+    /// The other drained replicas follow it (one per step).
+    Repoint,
+    Done,
+}
+
+impl FailoverStep {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Drain => "drain",
+            Self::Promote => "promote",
+            Self::Repoint => "repoint",
+            Self::Done => "done",
+        }
+    }
+}
+
+/// Ejecting a source whose heartbeat expired: the most advanced replica becomes the source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Failover {
+    pub step: FailoverStep,
+    pub source: String,
+    pub replicas: Vec<String>,
+    /// The drained replicas and their positions.
+    pub positions: Vec<(String, String)>,
+    pub winner: Option<String>,
+    pub repointed: Vec<String>,
+    pub error: Option<String>,
+}
+
+impl Failover {
+    pub(super) async fn step(&mut self, app: &App, cancel: bool) {
+        use FailoverStep::*;
+        if cancel && self.step == Drain {
+            self.error = Some("cancelled by reset_status".into());
+            self.step = Done;
+            return;
+        }
+        let r = match self.step {
+            Drain => self.drain(app).await,
+            Promote => self.promote(app).await,
+            Repoint => self.repoint_next(app).await,
+            Done => Ok(()),
+        };
+        if let Err(e) = r {
+            warn!(step = self.step.name(), error = %e.message, "failover step failed");
+            self.error = Some(e.message);
+            self.step = Done;
+        }
+    }
+
+    async fn drain(&mut self, app: &App) -> Result<(), ApiError> {
+        let mut positions: Vec<(String, String)> = Vec::new();
+        for id in &self.replicas {
+            if !app.fresh(id) {
+                continue;
+            }
+            let r = reload(app, id).await?;
+            match call(
+                app,
+                &r,
+                v1::call::Kind::DrainRelayLog(v1::DrainRelayLog { timeout_s: 15 }),
+            )
+            .await
+            {
+                Ok((_, rep)) => {
+                    let pos = rep
+                        .replication
+                        .map(|x| x.gtid_slave_pos)
+                        .unwrap_or_default();
+                    positions.push((r.id.clone(), pos));
+                }
+                Err(e) => {
+                    warn!(replica = %r.id, error = %e.message, "replica could not drain; left out")
+                }
+            }
+        }
+        // The winner has everything every other survivor has (in the datastore's own terms:
+        // GTIDs per domain, WAL LSN, stream offset).
+        let source = reload(app, &self.source).await?;
+        let ds = manager(app, &source).await?;
+        let winner = positions
+            .iter()
+            .find(|(_, p)| positions.iter().all(|(_, q)| position_covers(&ds, p, q)))
+            .or_else(|| {
+                positions.iter().min_by_key(|(_, p)| {
+                    positions
+                        .iter()
+                        .map(|(_, q)| position_behind(&ds, p, q))
+                        .sum::<u64>()
+                })
+            })
+            .cloned()
+            .ok_or_else(|| ApiError::unprocessable("no replica of the source is reachable"))?;
+        info!(winner = %winner.0, position = %winner.1, "elected the most advanced replica");
+        self.winner = Some(winner.0);
+        self.positions = positions;
+        self.step = FailoverStep::Promote;
+        Ok(())
+    }
+
+    async fn promote(&mut self, app: &App) -> Result<(), ApiError> {
+        let winner = reload(app, self.winner.as_deref().unwrap_or_default()).await?;
+        let source = reload(app, &self.source).await?;
+        let (user, password) = ensure_repl_user(app, &source).await?;
+        call(
+            app,
+            &winner,
+            v1::call::Kind::DetachReplica(v1::DetachReplica {}),
+        )
+        .await?;
+        app.store.set_replica_of(&winner.id, None).await?;
+        hand_over_user(app, &source, &winner.id, &user, &password).await?;
+        self.step = FailoverStep::Repoint;
+        Ok(())
+    }
+
+    async fn repoint_next(&mut self, app: &App) -> Result<(), ApiError> {
+        let winner = self.winner.clone().unwrap_or_default();
+        let next = self
+            .positions
+            .iter()
+            .map(|(id, _)| id)
+            .find(|id| **id != winner && !self.repointed.contains(id))
+            .cloned();
+        let new_source = reload(app, &winner).await?;
+        let Some(next) = next else {
+            // Replicas that could not be reached follow the new source in the controller's
+            // view; their agents are re-pointed when they return (not automatic yet: they
+            // show a fault).
+            for r in self
+                .replicas
+                .iter()
+                .filter(|r| !self.positions.iter().any(|(p, _)| p == *r))
+            {
+                app.store.set_replica_of(r, Some(&winner)).await?;
+            }
+            app.store.set_ejected(&self.source, true).await?;
+            app.store.set_replica_of(&self.source, None).await?;
+            info!(old = %self.source, new = %winner, "failover done");
+            self.step = FailoverStep::Done;
+            return Ok(());
+        };
+        let (user, password) = ensure_repl_user(app, &new_source).await?;
+        let member = reload(app, &next).await?;
+        repoint(app, &new_source, &member, &user, &password, false).await?;
+        self.repointed.push(next);
+        Ok(())
+    }
+
+    pub(super) async fn release(
+        &self,
+        _app: &App,
+        tx: &mut Transaction<'static, Sqlite>,
+    ) -> anyhow::Result<()> {
+        let fault = self
+            .error
+            .as_ref()
+            .map(|e| format!("eject_replica_source failed: {e}"));
+        for id in &self.replicas {
+            Store::set_task(tx, id, task::NONE, fault.as_deref()).await?;
+        }
+        match (&fault, &self.winner) {
+            (None, Some(winner)) => {
+                Store::set_task(
+                    tx,
+                    &self.source,
+                    task::EJECTED,
+                    Some(&format!(
+                        "Ejected as replica source; {winner} is the source now. This instance stays fenced (read-only): delete it."
+                    )),
+                )
+                .await?
+            }
+            _ => Store::set_task(tx, &self.source, task::NONE, fault.as_deref()).await?,
+        }
+        Ok(())
+    }
+}
+
+/// Starts a failover away from `source` (the API's eject and the automatic failover).
+pub async fn start_failover(
+    app: &Arc<App>,
+    source: &InstanceRow,
+    replicas: &[InstanceRow],
+) -> Result<String, ApiError> {
+    let mut members = vec![source.id.clone()];
+    members.extend(replicas.iter().map(|r| r.id.clone()));
+    let flow = Flow::Failover(Failover {
+        step: FailoverStep::Drain,
+        source: source.id.clone(),
+        replicas: replicas.iter().map(|r| r.id.clone()).collect(),
+        positions: vec![],
+        winner: None,
+        repointed: vec![],
+        error: None,
+    });
+    super::start(app, flow, &members, task::EJECTING).await
+}

@@ -1,0 +1,284 @@
+//! Durable workflows against real MariaDB processes: the controller dies (aborts, as a SIGKILL
+//! would leave it) at every step of a switchover under a continuous writer; started again, it
+//! finishes the switchover, every member is released, and no acknowledged write is lost.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coffer_tests::{Env, StatusCode};
+use serde_json::{json, Value};
+use sqlx::Connection;
+
+async fn show(env: &Env, id: &str) -> Value {
+    env.show(id).await.1["instance"].clone()
+}
+
+async fn insert(env: &Env, view: &Value, i: i32) -> Result<(), sqlx::Error> {
+    let mut c = env.connect(view, "app", "s3cret-Pw", "shop").await;
+    let r = sqlx::query("INSERT INTO t VALUES (?)")
+        .bind(i)
+        .execute(&mut c)
+        .await
+        .map(|_| ());
+    let _ = c.close().await;
+    r
+}
+
+/// Writes ascending rows to the server at `view`'s address until `stop`, a new connection per
+/// row as a failing-over application would; returns the rows the server acknowledged.
+fn spawn_writer(
+    view: &Value,
+    first: i32,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<i32>> {
+    use sqlx::ConnectOptions;
+    let opts = sqlx::mysql::MySqlConnectOptions::new()
+        .host(view["ip"][0].as_str().unwrap())
+        .port(view["port"].as_u64().unwrap() as u16)
+        .username("app")
+        .password("s3cret-Pw")
+        .database("shop");
+    tokio::spawn(async move {
+        let mut acked = vec![];
+        let mut i = first;
+        while !stop.load(Ordering::Relaxed) {
+            let ok = match opts.connect().await {
+                Ok(mut c) => {
+                    let r = sqlx::query("INSERT INTO t VALUES (?)")
+                        .bind(i)
+                        .execute(&mut c)
+                        .await;
+                    let _ = c.close().await;
+                    r.is_ok()
+                }
+                Err(_) => false,
+            };
+            if ok {
+                acked.push(i);
+            } else {
+                // Fenced: the application keeps trying.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            i += 1;
+        }
+        acked
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switchover_survives_the_controller_dying_at_every_step() {
+    let env = Env::start().await;
+    let (src, _) = env.active_with_rows("src", &[1]).await;
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(json!({"instance": {"name": "rep", "replica_of": src, "replica_count": 2}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let replicas: Vec<String> = show(&env, &src).await["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    for r in &replicas {
+        env.wait_status(r, "ACTIVE", Duration::from_secs(180)).await;
+    }
+    let mut env = env;
+    let mut members = vec![src.clone()];
+    members.extend(replicas);
+    let mut source = src;
+    for (round, step) in ["fence", "catch_up", "promote", "repoint"]
+        .into_iter()
+        .enumerate()
+    {
+        let candidate = members.iter().find(|m| **m != source).unwrap().clone();
+        env.stop_controller();
+        env.start_controller_with(&[("COFFER_TEST_FAILPOINT", &format!("switchover:{step}"))]);
+        for m in &members {
+            env.wait_status(m, "ACTIVE", Duration::from_secs(60)).await;
+        }
+        let sview = show(&env, &source).await;
+        let before = env.rows(&sview).await.len();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = spawn_writer(&sview, 1000 * (round as i32 + 1), stop.clone());
+        // The writer is writing before the switchover starts.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while env.rows(&sview).await.len() <= before + 3 {
+            assert!(Instant::now() < deadline, "the writer wrote nothing");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (st, v) = env
+            .call(
+                "POST",
+                &format!("/instances/{candidate}/action"),
+                Some(json!({"promote_to_replica_source": {}})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        env.wait_controller_exit(Duration::from_secs(120)).await;
+        env.start_controller();
+        // Started again, the switchover completes and releases every member.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let views = all(&env, &members).await;
+            let done = views.iter().all(|v| v["status"] == "ACTIVE")
+                && views.iter().all(|v| {
+                    (v["id"] == candidate.as_str() && v.get("replica_of").is_none())
+                        || v["replica_of"]["id"] == candidate.as_str()
+                });
+            if done {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after the {step} failpoint the switchover did not complete: {views:?}\n{}",
+                env.controller_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let acked = writer.await.unwrap();
+        assert!(!acked.is_empty(), "the writer wrote nothing");
+        let cview = show(&env, &candidate).await;
+        // The new source takes writes (nothing left it fenced) and has every acknowledged one.
+        insert(&env, &cview, 900_000 + round as i32)
+            .await
+            .expect("the new source takes writes");
+        let on_new = env.rows(&cview).await;
+        let lost: Vec<_> = acked.iter().filter(|i| !on_new.contains(i)).collect();
+        assert!(
+            lost.is_empty(),
+            "after the {step} failpoint acknowledged writes were lost: {lost:?}"
+        );
+        // The old source follows the new one and refuses tenant writes.
+        let oview = show(&env, &source).await;
+        assert!(
+            insert(&env, &oview, 800_000 + round as i32).await.is_err(),
+            "the old source took a write after the {step} failpoint"
+        );
+        source = candidate;
+    }
+}
+
+async fn all(env: &Env, ids: &[String]) -> Vec<Value> {
+    let mut out = vec![];
+    for id in ids {
+        out.push(show(env, id).await);
+    }
+    out
+}
+
+/// A source with two replicas, its host killed, ejected with the controller dying at `step`.
+async fn eject_survives_the_controller_dying_at(step: &str) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let mut env = Env::start_with(coffer_tests::Opts {
+        respawn_agents: false,
+        ..coffer_tests::Opts::default()
+    })
+    .await;
+    let (src, sview) = env.active_with_rows("src", &[1]).await;
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(json!({"instance": {"name": "rep", "replica_of": src, "replica_count": 2}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let replicas: Vec<String> = show(&env, &src).await["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    for r in &replicas {
+        env.wait_status(r, "ACTIVE", Duration::from_secs(180)).await;
+    }
+    for i in 2..20 {
+        insert(&env, &sview, i).await.unwrap();
+    }
+    let acked = env.rows(&sview).await;
+    for r in &replicas {
+        let view = show(&env, r).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while env.rows(&view).await != acked {
+            assert!(Instant::now() < deadline, "replica {r} did not catch up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    env.stop_controller();
+    env.start_controller_with(&[("COFFER_TEST_FAILPOINT", &format!("failover:{step}"))]);
+    let agent = env.agent_pid(&src).expect("the source's agent");
+    let db = env.db_pid(&src).expect("the source's server");
+    kill(Pid::from_raw(agent), Signal::SIGKILL).unwrap();
+    kill(Pid::from_raw(db), Signal::SIGKILL).unwrap();
+    env.wait_status(&src, "ERROR", Duration::from_secs(30))
+        .await;
+    let (st, v) = env
+        .call(
+            "POST",
+            &format!("/instances/{src}/action"),
+            Some(json!({"eject_replica_source": {}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    env.wait_controller_exit(Duration::from_secs(120)).await;
+    env.start_controller();
+    // Started again, the failover completes: one replica is the source, the other follows it,
+    // both are released, and the old source is ejected.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let winner = loop {
+        let views = all(&env, &replicas).await;
+        let winner = views
+            .iter()
+            .find(|v| v.get("replica_of").is_none())
+            .map(|v| v["id"].as_str().unwrap().to_string());
+        if let Some(w) = &winner {
+            if views.iter().all(|v| v["status"] == "ACTIVE")
+                && views
+                    .iter()
+                    .all(|v| v["id"] == w.as_str() || v["replica_of"]["id"] == w.as_str())
+            {
+                break w.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the {step} failpoint the failover did not complete: {views:?}\n{}",
+            env.controller_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let old = show(&env, &src).await;
+    assert!(
+        old["fault"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Ejected")),
+        "{old}"
+    );
+    let wview = show(&env, &winner).await;
+    assert_eq!(env.rows(&wview).await, acked, "the new source lost writes");
+    insert(&env, &wview, 500)
+        .await
+        .expect("the new source takes writes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_eject_survives_the_controller_dying_after_the_drain() {
+    eject_survives_the_controller_dying_at("drain").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_eject_survives_the_controller_dying_after_the_promotion() {
+    eject_survives_the_controller_dying_at("promote").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_eject_survives_the_controller_dying_after_a_repoint() {
+    eject_survives_the_controller_dying_at("repoint").await;
+}
