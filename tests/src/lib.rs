@@ -266,6 +266,8 @@ pub struct Env {
     pub token: String,
     pub admin_token: String,
     pub other_token: String,
+    /// A third project's token (`thirdproject`).
+    pub third_token: String,
     pub http: reqwest::Client,
     controller: Option<Child>,
     config: PathBuf,
@@ -294,6 +296,7 @@ impl Env {
         let token = "tok-user-0123456789abcdef".to_string();
         let admin_token = "tok-admin-0123456789abcdef".to_string();
         let other_token = "tok-other-0123456789abcdef".to_string();
+        let third_token = "tok-third-0123456789abcdef".to_string();
         let d = dir.path();
         // Instances run as users of their own (the kit runs as root): they must reach their
         // directories and the agent binary (a link beside them, outside root's home), and
@@ -310,7 +313,8 @@ impl Env {
             &d.join("tokens.toml"),
             format!(
                 "[[token]]\ntoken = \"{token}\"\nproject = \"{project}\"\n\n[[token]]\ntoken = \"{admin_token}\"\nproject = \"{project}\"\nadmin = true\n\n\
-                 [[token]]\ntoken = \"{other_token}\"\nproject = \"otherproject\"\n"
+                 [[token]]\ntoken = \"{other_token}\"\nproject = \"otherproject\"\n\n\
+                 [[token]]\ntoken = \"{third_token}\"\nproject = \"thirdproject\"\n"
             ),
         )
         .unwrap();
@@ -435,6 +439,7 @@ impl Env {
             token,
             admin_token,
             other_token,
+            third_token,
             http: reqwest::Client::new(),
             controller: None,
             config,
@@ -817,6 +822,11 @@ impl Env {
 
     /// Deletes the instance and waits until the API answers 404.
     pub async fn delete_and_wait_gone(&self, id: &str) {
+        use std::os::unix::fs::MetadataExt;
+        let uid = std::fs::metadata(self.instance_dir(id))
+            .ok()
+            .map(|m| m.uid())
+            .filter(|u| *u != 0);
         let (st, v) = self.call("DELETE", &format!("/instances/{id}"), None).await;
         assert_eq!(st, StatusCode::ACCEPTED, "delete: {v}");
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -827,6 +837,25 @@ impl Env {
                 self.logs(id)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Nothing of it runs on: not the agent, not the server, whatever it did with SIGTERM.
+        if let Some(uid) = uid {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let left = processes_of(uid);
+                if left.is_empty() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "instance {id}'s processes outlived its delete: {:?}",
+                    left.iter()
+                        .map(|p| std::fs::read_to_string(format!("/proc/{p}/comm"))
+                            .unwrap_or_default())
+                        .collect::<Vec<_>>()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 
@@ -1201,27 +1230,17 @@ impl Drop for Env {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let Ok(rd) = std::fs::read_dir(self.dir.path().join("instances")) else {
-            return;
-        };
-        for e in rd.flatten() {
+        let mut uids = vec![];
+        let rd = std::fs::read_dir(self.dir.path().join("instances"));
+        for e in rd.into_iter().flatten().flatten() {
             let id = e.file_name().to_string_lossy().to_string();
             // An instance with a Unix user of its own: everything it runs goes (a Redis server
             // renames itself, so it cannot be found by its command line), then the user.
             use std::os::unix::fs::MetadataExt;
             if let Some(uid) = e.metadata().ok().map(|m| m.uid()).filter(|u| *u != 0) {
+                uids.push(uid);
                 for _ in 0..100 {
-                    let left: Vec<i32> = std::fs::read_dir("/proc")
-                        .into_iter()
-                        .flatten()
-                        .flatten()
-                        .filter_map(|p| {
-                            let pid: i32 = p.file_name().to_str()?.parse().ok()?;
-                            let stat = std::fs::read_to_string(p.path().join("stat")).ok()?;
-                            let state = stat.rsplit_once(") ")?.1.chars().next()?;
-                            (p.metadata().ok()?.uid() == uid && state != 'Z').then_some(pid)
-                        })
-                        .collect();
+                    let left = processes_of(uid);
                     if left.is_empty() {
                         break;
                     }
@@ -1258,7 +1277,65 @@ impl Drop for Env {
                 }
             }
         }
+        // Nothing the test started runs on: no instance's process, nothing from its directory.
+        if let Some(mut c) = self.nats.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let dir = self.dir.path().to_string_lossy().to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let left = loop {
+            let left: Vec<i32> = uids
+                .iter()
+                .flat_map(|u| processes_of(*u))
+                .chain(processes_mentioning(&dir))
+                .collect();
+            if left.is_empty() || Instant::now() > deadline {
+                break left;
+            }
+            for p in &left {
+                let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if !left.is_empty() && !std::thread::panicking() {
+            panic!("processes the test started outlived it: {left:?}");
+        }
     }
+}
+
+/// Live processes (not zombies) running as `uid`.
+pub fn processes_of(uid: u32) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|p| {
+            let pid: i32 = p.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(p.path().join("stat")).ok()?;
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            (p.metadata().ok()?.uid() == uid && state != 'Z').then_some(pid)
+        })
+        .collect()
+}
+
+/// Live processes whose command line mentions `text` (a test's directory).
+fn processes_mentioning(text: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|p| {
+            let pid: i32 = p.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(p.path().join("stat")).ok()?;
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            let cmd = std::fs::read(p.path().join("cmdline")).ok()?;
+            (pid != me && state != 'Z' && String::from_utf8_lossy(&cmd).contains(text))
+                .then_some(pid)
+        })
+        .collect()
 }
 
 /// Sends a heartbeat request and waits for the controller's answer, asking again when none

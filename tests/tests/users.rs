@@ -635,3 +635,139 @@ async fn root_on_create_returns_the_password_once() {
         true
     );
 }
+
+/// What users do at once: thirty creates across three projects with room for two each, while
+/// other clients list and show. No 5xx, every refused create a 413, the quotas exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_concurrent_creates_across_projects_keep_the_api_answering() {
+    let env = Env::start().await;
+    let projects = [
+        (env.project.clone(), env.token.clone()),
+        ("otherproject".to_string(), env.other_token.clone()),
+        ("thirdproject".to_string(), env.third_token.clone()),
+    ];
+    for (p, _) in &projects {
+        let (st, v) = env
+            .call_as(
+                &env.admin_token,
+                "PUT",
+                &format!("{}/mgmt/quotas/{p}", env.base()),
+                Some(json!({"quotas": {"instances": 2}})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+    }
+    let base = |p: &str| format!("http://127.0.0.1:{}/v1.0/{p}", env.api_port);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Readers: list and show, all the while.
+    let readers: Vec<_> = projects
+        .iter()
+        .map(|(p, tok)| {
+            let (http, url, tok, stop) = (
+                env.http.clone(),
+                format!("{}/instances", base(p)),
+                tok.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut took = vec![];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = std::time::Instant::now();
+                    let r = http
+                        .get(&url)
+                        .header("X-Auth-Token", &tok)
+                        .send()
+                        .await
+                        .expect("list");
+                    let st = r.status();
+                    let body = r.text().await.unwrap_or_default();
+                    assert!(st == StatusCode::OK, "a list answered {st}: {body}");
+                    took.push(t.elapsed());
+                }
+                took
+            })
+        })
+        .collect();
+    let body = json!({"instance": {"name": "c", "flavorRef": "1", "volume": {"size": 1}}});
+    let creates: Vec<_> = (0..30)
+        .map(|i| {
+            let (p, tok) = projects[i % 3].clone();
+            let url = format!("{}/instances", base(&p));
+            let env_http = env.http.clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let t = std::time::Instant::now();
+                let r = env_http
+                    .post(&url)
+                    .header("X-Auth-Token", &tok)
+                    .header("Content-Type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .expect("create");
+                let st = r.status();
+                let v: Value = r.json().await.unwrap_or(Value::Null);
+                (p, st, v, t.elapsed())
+            })
+        })
+        .collect();
+    let mut results = vec![];
+    for c in creates {
+        results.push(c.await.unwrap());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut lists = vec![];
+    for r in readers {
+        lists.extend(r.await.unwrap());
+    }
+    for (p, _) in &projects {
+        let mine: Vec<_> = results.iter().filter(|r| &r.0 == p).collect();
+        let ok = mine.iter().filter(|r| r.1 == StatusCode::OK).count();
+        assert_eq!(
+            ok,
+            2,
+            "{p}: {:?}",
+            mine.iter().map(|r| (r.1, &r.2)).collect::<Vec<_>>()
+        );
+        for r in mine.iter().filter(|r| r.1 != StatusCode::OK) {
+            assert_eq!(r.1, StatusCode::PAYLOAD_TOO_LARGE, "{p}: {}", r.2);
+            assert!(
+                r.2["overLimit"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("instances")),
+                "{}",
+                r.2
+            );
+        }
+        let (_, v) = env
+            .call_as(
+                &env.admin_token,
+                "GET",
+                &format!("{}/mgmt/quotas/{p}", env.base()),
+                None,
+            )
+            .await;
+        let in_use = v["quotas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["resource"] == "instances")
+            .unwrap()["in_use"]
+            .clone();
+        assert_eq!(in_use, 2, "{p}: {v}");
+    }
+    lists.sort();
+    let refused: Vec<_> = results
+        .iter()
+        .filter(|r| r.1 != StatusCode::OK)
+        .map(|r| r.3)
+        .collect();
+    // Figures for the reader (the bench measures; tests do not time).
+    println!(
+        "lists: {} p50 {:?} p99 {:?}; slowest refusal {:?}",
+        lists.len(),
+        lists[lists.len() / 2],
+        lists[lists.len() * 99 / 100],
+        refused.iter().max()
+    );
+}

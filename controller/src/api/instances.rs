@@ -619,19 +619,26 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         store_pending(&app, &n).await?;
         tokio::spawn(build_vm(app.clone(), n));
     } else {
-        // Place the agent first: its public key seals the secrets before anything is stored.
-        let (placed, nats_user) = place(&app, &id, &n.version, None).await?;
-        let committed = commit_new(
-            &app,
-            &n,
-            &placed.public_key,
-            &nats_user,
-            (&placed.host, placed.port),
-            Commit::Insert("provisioner"),
-        )
+        // The row first, with the binding quota check: concurrent creates past the quota are
+        // refused before any of them places an agent (a Unix user, a port). Then the agent,
+        // whose public key seals the secrets, and the prepare intent.
+        store_pending(&app, &n).await?;
+        let committed = async {
+            let (placed, nats_user) = place(&app, &id, &n.version, None).await?;
+            commit_new(
+                &app,
+                &n,
+                &placed.public_key,
+                &nats_user,
+                (&placed.host, placed.port),
+                Commit::Placed("provisioner"),
+            )
+            .await
+        }
         .await;
         if let Err(e) = committed {
             let _ = app.provisioner.destroy(&id).await;
+            app.store.forget_instance(&id).await?;
             return Err(e);
         }
         app.outbox_wake.notify_one();
@@ -704,6 +711,9 @@ pub(super) enum Commit<'a> {
     Insert(&'a str),
     /// Complete the row [`store_pending`] stored while the VM booted.
     Complete,
+    /// Complete the row [`store_pending`] reserved, with the placed agent's key and address
+    /// and this placement.
+    Placed(&'a str),
 }
 
 fn row_of(n: &NewInstance, server_id: i64, key: &[u8], nats_user: &str) -> InstanceRow {
@@ -740,7 +750,8 @@ fn row_of(n: &NewInstance, server_id: i64, key: &[u8], nats_user: &str) -> Insta
     }
 }
 
-/// Stores a VM-backed instance before its agent exists (BUILD, no key, no address yet).
+/// Stores a new instance before its agent exists (BUILD, no key, no address yet), with the
+/// binding quota check: the reservation a create holds while its agent is placed.
 async fn store_pending(app: &App, n: &NewInstance) -> Result<(), ApiError> {
     let mut tx = app.store.begin().await?;
     super::quotas::check(&mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
@@ -873,6 +884,12 @@ pub(super) async fn commit_new(
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
+            server_id
+        }
+        Commit::Placed(placement) => {
+            let server_id =
+                Store::complete_placement(&mut tx, id, key, nats_user, host, port, placement)
+                    .await?;
             server_id
         }
         Commit::Complete => {

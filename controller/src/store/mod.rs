@@ -407,7 +407,7 @@ impl Store {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(16)
             .connect_with(opts)
             .await
             .with_context(|| format!("opening store {}", path.display()))?;
@@ -657,6 +657,50 @@ impl Store {
             .bind(id)
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    /// Completes a reserved instance row with its placed agent (key, NATS user, address,
+    /// placement); returns its server id. Fails when the row is gone (deleted meanwhile).
+    pub async fn complete_placement(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+        key: &[u8],
+        nats_user: &str,
+        host: &str,
+        port: u16,
+        placement: &str,
+    ) -> anyhow::Result<i64> {
+        let server_id: Option<i64> = sqlx::query_scalar(
+            "UPDATE instances SET agent_public_key = ?, agent_nats_user = ?, host = ?, port = ?, \
+             placement = ?, updated = ? WHERE id = ? AND deleted = 0 RETURNING server_id",
+        )
+        .bind(coffer_proto::seal::to_hex(key))
+        .bind(nats_user)
+        .bind(host)
+        .bind(port as i64)
+        .bind(placement)
+        .bind(now())
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        server_id.with_context(|| format!("instance {id} was deleted while it was placed"))
+    }
+
+    /// Removes a create that did not complete (its placement failed): nothing of it stays.
+    pub async fn forget_instance(&self, id: &str) -> anyhow::Result<()> {
+        let mut tx = self.begin().await?;
+        let gone = sqlx::query("DELETE FROM instances WHERE id = ? AND agent_public_key = ''")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if gone.rows_affected() > 0 {
+            sqlx::query("DELETE FROM instance_modules WHERE instance_id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
