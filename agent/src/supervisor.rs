@@ -146,8 +146,11 @@ pub fn spawn(
     stop_timeout: Duration,
     shutdown: CancellationToken,
 ) -> (Handle, tokio::task::JoinHandle<()>) {
+    // A prepared instance's server may well be running: until the supervisor has looked
+    // (adopted it, or started it), its status is unknown, and heartbeats say so rather than
+    // report a shutdown that is not one (the controller keeps the status it had).
     let initial = if state.desired().prepared {
-        ServiceStatus::Shutdown
+        ServiceStatus::Unknown
     } else {
         ServiceStatus::New
     };
@@ -221,6 +224,10 @@ impl Supervisor {
                     self.crashed(format!("start failed: {e}"));
                 }
             }
+        }
+        // Looked: a server neither adopted nor started is down.
+        if self.obs.borrow().status == ServiceStatus::Unknown {
+            self.set(ServiceStatus::Shutdown, String::new());
         }
         let mut probe = tokio::time::interval(PROBE_EVERY);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

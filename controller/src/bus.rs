@@ -257,7 +257,11 @@ pub async fn observe(
         Ok(Some(r)) => r,
         _ => return None,
     };
-    let status = coffer_proto::service_status_name(hb.status()).to_string();
+    // "unknown": a new agent has not looked at its server yet; the status stays what it was.
+    let status = match coffer_proto::service_status_name(hb.status()) {
+        "unknown" => row.service_status.clone(),
+        s => s.to_string(),
+    };
     let persisted;
     {
         let mut live = app.live.lock().unwrap();
@@ -362,8 +366,10 @@ async fn consume_events(app: &Arc<App>) -> anyhow::Result<()> {
             if from != Some(env.instance_id.as_str()) {
                 warn!(subject = %msg.subject, claimed = %env.instance_id, "event names another instance; ignored");
             } else if let Some(v1::envelope::Body::Event(ev)) = env.body {
-                if let Err(e) = handle_event(app, &env.instance_id, &env.software_version, ev).await
-                {
+                let handled = handle_event(app, &env.instance_id, &env.software_version, ev).await;
+                // Workflows waiting on an agent (a snapshot, a build) look again.
+                app.workflow_wake.notify_waiters();
+                if let Err(e) = handled {
                     warn!(error = %format!("{e:#}"), "handling event failed; it will be redelivered");
                     let _ = msg
                         .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))

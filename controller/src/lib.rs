@@ -43,6 +43,8 @@ pub struct App {
     /// Controller start (monotonic): agents get a full expiry period after it to report in.
     pub started: Instant,
     pub outbox_wake: Notify,
+    /// Woken when an agent event was handled: workflows waiting on one look again.
+    pub workflow_wake: Notify,
     pub provisioner: Box<dyn provisioner::Provisioner>,
     pub deleting: Mutex<HashSet<String>>,
     /// Instances whose storage is known to exist (see [`objects::ensure`]).
@@ -159,6 +161,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         live: Mutex::new(HashMap::new()),
         started: Instant::now(),
         outbox_wake: Notify::new(),
+        workflow_wake: Notify::new(),
         provisioner,
         deleting: Mutex::new(HashSet::new()),
         storage_ready: Mutex::new(HashSet::new()),

@@ -282,3 +282,82 @@ async fn an_eject_survives_the_controller_dying_after_the_promotion() {
 async fn an_eject_survives_the_controller_dying_after_a_repoint() {
     eject_survives_the_controller_dying_at("repoint").await;
 }
+
+/// Replicas built while the controller dies at each step of the build: started again, it
+/// finishes, the replicas follow the source with its data, and the snapshot is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_build_survives_the_controller_dying_at_every_step() {
+    let mut env = Env::start().await;
+    let (src, sview) = env.active_with_rows("src", &[1]).await;
+    for (round, step) in [
+        "snapshot",
+        "wait_snapshot",
+        "prepare",
+        "wait_built",
+        "cleanup",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        insert(&env, &sview, 10 + round as i32).await.unwrap();
+        let want = env.rows(&sview).await;
+        env.stop_controller();
+        env.start_controller_with(&[("COFFER_TEST_FAILPOINT", &format!("replica_build:{step}"))]);
+        let before: Vec<String> = show(&env, &src).await["replicas"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|r| r["id"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (st, v) = env
+            .call(
+                "POST",
+                "/instances",
+                Some(json!({"instance": {"name": format!("rep{round}"), "replica_of": src}})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let id = v["instance"]["id"].as_str().unwrap().to_string();
+        assert!(!before.contains(&id));
+        env.wait_controller_exit(Duration::from_secs(120)).await;
+        env.start_controller();
+        let view = env
+            .wait_status(&id, "ACTIVE", Duration::from_secs(120))
+            .await;
+        assert_eq!(view["replica_of"]["id"], src.as_str(), "{view}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while env.rows(&view).await != want {
+            assert!(
+                Instant::now() < deadline,
+                "after the {step} failpoint the replica lacks the source's rows"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The snapshot goes once the build is over.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, b) = env.call("GET", "/backups", None).await;
+            let left = b["backups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| {
+                    x["name"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("Replication snapshot")
+                })
+                .count();
+            if left == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after the {step} failpoint a snapshot stayed: {b}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -286,7 +286,17 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             "Quota exceeded for resources: ['backups'].",
         ));
     }
-    let id = start(&app, tx, &r, name, description, parent_id, false).await?;
+    let id = start(
+        &app,
+        tx,
+        &r,
+        uuid::Uuid::new_v4().to_string(),
+        name,
+        description,
+        parent_id,
+        false,
+    )
+    .await?;
     let b = app
         .store
         .backup(&id)
@@ -331,7 +341,7 @@ pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, Strin
 
 /// Removes a backup's objects through the storage trait, then its record (and the storage of
 /// its deleted instance, when this was the last thing kept there).
-pub(super) async fn remove(app: &App, id: &str) -> anyhow::Result<()> {
+pub(crate) async fn remove(app: &App, id: &str) -> anyhow::Result<()> {
     let Some(b) = app.store.backup(id).await? else {
         return Ok(());
     };
@@ -348,29 +358,35 @@ pub(super) async fn remove(app: &App, id: &str) -> anyhow::Result<()> {
 
 /// Starts a replication snapshot of `source` (a full backup outside the quota, deleted once
 /// its replicas are built).
-pub(super) async fn snapshot(
+pub(crate) async fn snapshot(
     app: &App,
     source: &InstanceRow,
     for_what: &str,
+    id: &str,
 ) -> anyhow::Result<String> {
+    if app.store.backup(id).await?.is_some() {
+        // Started already (a workflow running this step again).
+        return Ok(id.to_string());
+    }
     let tx = app.store.begin().await?;
     let name = format!("Replication snapshot for {for_what}");
-    start(app, tx, source, name, None, None, true)
+    start(app, tx, source, id.to_string(), name, None, None, true)
         .await
         .map_err(|e| anyhow::anyhow!(e.message))
 }
 
 /// Records a NEW backup of `r` and queues its intent, inside `tx` (committed here).
+#[allow(clippy::too_many_arguments)]
 async fn start(
     app: &App,
     mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
     r: &InstanceRow,
+    id: String,
     name: String,
     description: Option<String>,
     parent_id: Option<String>,
     replication_snapshot: bool,
 ) -> Result<String, ApiError> {
-    let id = uuid::Uuid::new_v4().to_string();
     let intent_id = uuid::Uuid::new_v4().to_string();
     let ts = store::now();
     let key = super::keys::issue(app, &r.id, &super::access::agent_key(r)?)?;
@@ -418,7 +434,7 @@ async fn start(
 /// Gives the restoring agent (`target`, public key `key`) what it needs to read `restore`'s
 /// chain, and nothing more: a NATS grant for other instances' links, the same through links in
 /// local storage, and each link's key sealed to it.
-pub(super) fn grant_restore(
+pub(crate) fn grant_restore(
     app: &App,
     restore: &mut v1::RestoreFrom,
     target: &str,
@@ -433,7 +449,7 @@ pub(super) fn grant_restore(
 /// source instances, stream digests), so the agent refuses storage that says otherwise. Every
 /// link must be COMPLETED with a digest; `project` (None for the controller's own snapshots)
 /// must own each one.
-pub(super) async fn restore_point(
+pub(crate) async fn restore_point(
     app: &crate::App,
     backup_id: &str,
     project: Option<&str>,

@@ -93,7 +93,7 @@ pub async fn show_param_by_id(
 }
 
 /// Checks every value against the version's rules; all problems in one 422.
-pub(super) async fn check_values(
+pub(crate) async fn check_values(
     app: &App,
     version_id: &str,
     values: &Map<String, Value>,

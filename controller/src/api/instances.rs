@@ -42,7 +42,7 @@ fn deadline(app: &App, kind: &str) -> i64 {
     coffer_proto::now_unix_ms() + secs * 1000
 }
 
-pub(super) fn intent_payload(
+pub(crate) fn intent_payload(
     app: &App,
     instance_id: &str,
     intent_id: &str,

@@ -5,11 +5,11 @@
 //! unknown routes and wrong methods are 404 `itemNotFound`, as in Trove.
 
 mod access;
-mod backups;
+pub(crate) mod backups;
 mod catalog;
-mod configurations;
+pub(crate) mod configurations;
 pub mod enrol;
-mod instances;
+pub(crate) mod instances;
 mod keys;
 mod logs;
 mod modules;

@@ -1,26 +1,24 @@
-//! Replication, orchestrated by the controller and carried out by the agents (calls):
-//! replicas built from a snapshot of the source, detach, switchover
-//! (`promote_to_replica_source`) and failover (`eject_replica_source`).
+//! The replication API: replica creation (placed here, built by the `replica_build` workflow),
+//! detach, and the actions that start the switchover (`promote_to_replica_source`) and
+//! failover (`eject_replica_source`) workflows (`crate::workflow::replication`).
 //!
 //! The source's replication user is created once, on the source, with the binlog on, so every
 //! replica has it too and a promoted replica serves the others with the same credentials. Its
 //! password is kept sealed to the controller's own key and sealed again to each agent.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use coffer_proto::seal;
 use coffer_proto::v1;
 use coffer_strategies::datastore::{position_behind, replication_strategy};
 use serde_json::{json, Value};
-use tracing::{info, warn};
 
-use super::access::{agent_key, call};
+use super::access::call;
 use super::{ok, ApiError, ApiResult, Caller};
 use crate::status::task;
 use crate::store::{InstanceRow, Store};
 use crate::workflow::replication::{
-    ensure_repl_user, manager, reload, replica_of, start_failover, start_switchover,
+    ensure_repl_user, manager, reload, start_failover, start_switchover,
 };
 use crate::App;
 
@@ -81,7 +79,8 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
         .configuration
         .clone()
         .or(source.configuration_id.clone());
-    let overrides = match &configuration {
+    // The group must be the project's and its values must still check (the build applies it).
+    match &configuration {
         Some(g) => match app.store.configuration(g).await? {
             Some(cfg) if cfg.project_id == c.project => {
                 super::configurations::check_values(&app, &cfg.datastore_version_id, &cfg.values)
@@ -95,7 +94,8 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
         },
         None => vec![],
     };
-    let (user, password) = ensure_repl_user(&app, &source).await?;
+    // Created before the snapshot, so every replica restores it.
+    ensure_repl_user(&app, &source).await?;
     let strategy = source
         .repl_strategy
         .clone()
@@ -164,118 +164,14 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
         super::instances::start_agent(&app, &id).await?;
         ids.push(id);
     }
-    let snapshot = super::backups::snapshot(&app, &source, &ids.join(", ")).await?;
-    info!(source = %source.id, replicas = ?ids, snapshot = %snapshot, "building replicas");
-    let builder = app.clone();
-    let build_ids = ids.clone();
-    tokio::spawn(async move {
-        if let Err(e) = build(
-            &builder, &snapshot, &source, &build_ids, &user, &password, &strategy, overrides,
-        )
-        .await
-        {
-            warn!(error = %e.message, "building replicas failed");
-            for id in &build_ids {
-                if let Ok(mut tx) = builder.store.begin().await {
-                    let _ = Store::set_task(
-                        &mut tx,
-                        id,
-                        task::BUILD_ERROR,
-                        Some(&format!("building the replica failed: {}", e.message)),
-                    )
-                    .await;
-                    let _ = tx.commit().await;
-                }
-            }
-        }
-        if let Err(e) = super::backups::remove(&builder, &snapshot).await {
-            warn!(error = %e, snapshot = %snapshot, "could not delete the replication snapshot");
-        }
-    });
+    // The build (snapshot, prepares, cleanup) is a workflow: it survives a controller restart.
+    crate::workflow::replication::start_replica_build(&app, &source, &ids, configuration).await?;
     let last = app
         .store
         .instance(ids.last().expect("at least one replica"))
         .await?
         .ok_or_else(|| anyhow::anyhow!("replica vanished"))?;
     ok(json!({"instance": super::instances::render(&app, c, &last, true, false).await?}))
-}
-
-/// Waits for the snapshot, then prepares every replica from it and waits for them to finish.
-#[allow(clippy::too_many_arguments)]
-async fn build(
-    app: &App,
-    snapshot: &str,
-    source: &InstanceRow,
-    ids: &[String],
-    user: &str,
-    password: &str,
-    strategy: &str,
-    overrides: Vec<v1::Override>,
-) -> Result<(), ApiError> {
-    let deadline = Instant::now() + Duration::from_secs(app.cfg.build_timeout_s);
-    loop {
-        let b = app.store.backup(snapshot).await?;
-        match b.as_ref().map(|b| b.status.as_str()) {
-            Some("COMPLETED") => break,
-            Some("FAILED") | None => {
-                return Err(ApiError::unprocessable(format!(
-                    "the snapshot of {} failed: {}",
-                    source.id,
-                    b.and_then(|b| b.fault).unwrap_or_default()
-                )))
-            }
-            _ => {}
-        }
-        if Instant::now() > deadline {
-            return Err(ApiError::unprocessable(
-                "the snapshot did not finish in time",
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let flavor = app.store.flavor(&source.flavor_id).await?;
-    let version = app.store.version(&source.datastore_version_id).await?;
-    let restore = super::backups::restore_point(app, snapshot, None).await?;
-    for id in ids {
-        let Some(r) = app.store.instance(id).await? else {
-            continue;
-        };
-        let intent_id = uuid::Uuid::new_v4().to_string();
-        let mut restore = restore.clone();
-        super::backups::grant_restore(app, &mut restore, id, &agent_key(&r)?)?;
-        let prepare = v1::intent::Kind::Prepare(v1::Prepare {
-            memory_mb: flavor.as_ref().map(|f| f.ram as u64).unwrap_or(256),
-            vcpus: flavor.as_ref().map(|f| f.vcpus as u32).unwrap_or(1),
-            volume_gb: r.volume_size as u64,
-            server_id: r.server_id as u32,
-            datastore_version: version
-                .as_ref()
-                .map(|v| v.version.clone())
-                .unwrap_or_default(),
-            restore: Some(restore),
-            overrides: overrides.clone(),
-            replica_of: Some(replica_of(source, &r, user, password, strategy)?),
-            ..Default::default()
-        });
-        let payload = super::instances::intent_payload(app, id, &intent_id, prepare);
-        let mut tx = app.store.begin().await?;
-        Store::enqueue(&mut tx, &intent_id, id, "prepare", &payload).await?;
-        tx.commit().await?;
-        app.outbox_wake.notify_one();
-    }
-    // The snapshot is deleted once every replica has restored it (or given up).
-    loop {
-        let mut building = false;
-        for id in ids {
-            if let Some(r) = app.store.instance(id).await? {
-                building |= r.task == task::BUILDING;
-            }
-        }
-        if !building || Instant::now() > deadline {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// `PUT /instances/{id}` with `replica_of: null`: a standalone, writable instance.

@@ -143,6 +143,30 @@ impl Store {
         Ok(())
     }
 
+    /// Whether an intent with this id was ever queued.
+    pub async fn intent_exists(&self, id: &str) -> anyhow::Result<bool> {
+        Ok(
+            sqlx::query_scalar::<_, i64>("SELECT 1 FROM intents WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some(),
+        )
+    }
+
+    /// An instance's task, read through `ex`.
+    pub async fn task_in<'e, E: sqlx::SqliteExecutor<'e>>(
+        ex: E,
+        id: &str,
+    ) -> anyhow::Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT task FROM instances WHERE id = ?")
+                .bind(id)
+                .fetch_optional(ex)
+                .await?,
+        )
+    }
+
     /// Asks a running workflow to stop where it safely can (an administrator's reset_status).
     pub async fn cancel_workflow(&self, id: &str) -> anyhow::Result<()> {
         sqlx::query("UPDATE workflows SET cancel = 1, updated = ? WHERE id = ? AND done = 0")

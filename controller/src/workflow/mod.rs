@@ -30,6 +30,17 @@ use crate::App;
 pub enum Flow {
     Switchover(replication::Switchover),
     Failover(replication::Failover),
+    ReplicaBuild(replication::ReplicaBuild),
+}
+
+/// What a step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Moved on (the new state is written before the next step).
+    Moved,
+    /// Waits on an agent: nothing to write; look again after the next agent event (or a
+    /// short requeue).
+    Wait,
 }
 
 impl Flow {
@@ -37,6 +48,7 @@ impl Flow {
         match self {
             Flow::Switchover(_) => "switchover",
             Flow::Failover(_) => "failover",
+            Flow::ReplicaBuild(_) => "replica_build",
         }
     }
 
@@ -44,6 +56,7 @@ impl Flow {
         match self {
             Flow::Switchover(s) => s.step.name(),
             Flow::Failover(f) => f.step.name(),
+            Flow::ReplicaBuild(b) => b.step.name(),
         }
     }
 
@@ -51,16 +64,19 @@ impl Flow {
         match self {
             Flow::Switchover(s) => s.step == replication::SwitchoverStep::Done,
             Flow::Failover(f) => f.step == replication::FailoverStep::Done,
+            Flow::ReplicaBuild(b) => b.step == replication::BuildStep::Done,
         }
     }
 
     /// Runs the current step and moves to the next; `cancel` asks it to stop where it safely
     /// can.
-    async fn step(&mut self, app: &App, cancel: bool) {
+    async fn step(&mut self, app: &App, cancel: bool) -> Progress {
         match self {
             Flow::Switchover(s) => s.step(app, cancel).await,
             Flow::Failover(f) => f.step(app, cancel).await,
+            Flow::ReplicaBuild(b) => return b.step(app, cancel).await,
         }
+        Progress::Moved
     }
 
     /// The last step: releases the members (tasks, faults) inside the transaction that ends the
@@ -73,19 +89,31 @@ impl Flow {
         match self {
             Flow::Switchover(s) => s.release(tx).await,
             Flow::Failover(f) => f.release(app, tx).await,
+            Flow::ReplicaBuild(b) => b.release(tx).await,
         }
     }
 }
 
-/// Starts a workflow owning `members`, whose tasks become `task` in the same transaction;
-/// 422 when one of them belongs to a running workflow already.
+/// Starts a workflow owning `members`, whose tasks become `task` (when given) in the same
+/// transaction; 422 when one of them belongs to a running workflow already.
 pub async fn start(
     app: &Arc<App>,
     flow: Flow,
     members: &[String],
-    task: &str,
+    task: Option<&str>,
 ) -> Result<String, ApiError> {
-    let id = uuid::Uuid::new_v4().to_string();
+    start_as(app, &uuid::Uuid::new_v4().to_string(), flow, members, task).await
+}
+
+/// [`start`] with the workflow's id chosen by the caller (a step derives ids from it).
+pub async fn start_as(
+    app: &Arc<App>,
+    id: &str,
+    flow: Flow,
+    members: &[String],
+    task: Option<&str>,
+) -> Result<String, ApiError> {
+    let id = id.to_string();
     let state = serde_json::to_string(&flow).map_err(anyhow::Error::from)?;
     let mut tx = app.store.begin().await?;
     if let Err(e) = Store::insert_workflow(&mut tx, &id, flow.kind(), &state, members).await {
@@ -97,8 +125,10 @@ pub async fn start(
             None => e.into(),
         });
     }
-    for m in members {
-        Store::set_task(&mut tx, m, task, None).await?;
+    if let Some(task) = task {
+        for m in members {
+            Store::set_task(&mut tx, m, task, None).await?;
+        }
     }
     tx.commit().await?;
     info!(workflow = %id, kind = flow.kind(), members = ?members, "workflow started");
@@ -122,6 +152,15 @@ fn failpoint(kind: &str, step: &str) {
         warn!(kind, step, "failpoint reached: aborting");
         std::process::abort();
     }
+}
+
+/// An id derived from a workflow's id and a name (a snapshot, an intent): a step that runs
+/// again finds what it made the first time instead of making it twice.
+pub fn derived_id(workflow: &str, what: &str) -> String {
+    let d = openssl::sha::sha256(format!("{workflow}/{what}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    uuid::Builder::from_random_bytes(b).into_uuid().to_string()
 }
 
 /// Runs a workflow to its end. Store errors are retried (the step runs again: it is
@@ -150,7 +189,12 @@ async fn drive(app: Arc<App>, id: String) {
             }
         };
         let step = flow.step_name();
-        flow.step(&app, row.cancel).await;
+        // Made before the step looks: an event handled while it looks still wakes it.
+        let woken = app.workflow_wake.notified();
+        if flow.step(&app, row.cancel).await == Progress::Wait {
+            let _ = tokio::time::timeout(Duration::from_secs(2), woken).await;
+            continue;
+        }
         failpoint(flow.kind(), step);
         let saved = async {
             let state = serde_json::to_string(&flow)?;

@@ -377,7 +377,7 @@ pub async fn start_switchover(
         repointed: vec![],
         error: None,
     });
-    super::start(app, flow, &members, task::PROMOTING).await
+    super::start(app, flow, &members, Some(task::PROMOTING)).await
 }
 
 /// The steps of a failover.
@@ -584,5 +584,252 @@ pub async fn start_failover(
         repointed: vec![],
         error: None,
     });
-    super::start(app, flow, &members, task::EJECTING).await
+    super::start(app, flow, &members, Some(task::EJECTING)).await
+}
+
+/// The steps of building replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildStep {
+    /// The source takes a snapshot (a backup that also makes it a source).
+    Snapshot,
+    /// Until the snapshot is COMPLETED.
+    WaitSnapshot,
+    /// Each replica is sent its prepare (restore the snapshot, then follow the source).
+    Prepare,
+    /// Until no replica is building any more.
+    WaitBuilt,
+    /// The snapshot is deleted.
+    Cleanup,
+    Done,
+}
+
+impl BuildStep {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Snapshot => "snapshot",
+            Self::WaitSnapshot => "wait_snapshot",
+            Self::Prepare => "prepare",
+            Self::WaitBuilt => "wait_built",
+            Self::Cleanup => "cleanup",
+            Self::Done => "done",
+        }
+    }
+}
+
+/// Replicas placed by `POST /instances` with `replica_of`, built from a snapshot of the source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaBuild {
+    pub step: BuildStep,
+    /// The workflow's own id: the snapshot's and the intents' ids derive from it.
+    pub id: String,
+    pub source: String,
+    pub replicas: Vec<String>,
+    pub configuration: Option<String>,
+    /// Replicas whose prepare is queued.
+    pub prepared: Vec<String>,
+    /// Unix seconds after which building replicas are left to the build timeout.
+    pub deadline: i64,
+    pub error: Option<String>,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl ReplicaBuild {
+    fn snapshot_id(&self) -> String {
+        super::derived_id(&self.id, "snapshot")
+    }
+
+    pub(super) async fn step(&mut self, app: &App, cancel: bool) -> super::Progress {
+        use BuildStep::*;
+        if cancel && matches!(self.step, Snapshot | WaitSnapshot | Prepare) {
+            self.error = Some("cancelled by reset_status".into());
+            self.step = Cleanup;
+            return super::Progress::Moved;
+        }
+        let r = match self.step {
+            Snapshot => self.snapshot(app).await,
+            WaitSnapshot => self.wait_snapshot(app).await,
+            Prepare => self.prepare(app).await,
+            WaitBuilt => self.wait_built(app).await,
+            Cleanup => self.cleanup(app).await,
+            Done => Ok(super::Progress::Moved),
+        };
+        match r {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(step = self.step.name(), error = %e.message, "replica build step failed");
+                self.error = Some(e.message);
+                self.step = if self.step == Cleanup { Done } else { Cleanup };
+                super::Progress::Moved
+            }
+        }
+    }
+
+    async fn snapshot(&mut self, app: &App) -> Result<super::Progress, ApiError> {
+        let source = reload(app, &self.source).await?;
+        crate::api::backups::snapshot(app, &source, &self.replicas.join(", "), &self.snapshot_id())
+            .await?;
+        info!(source = %self.source, replicas = ?self.replicas, "building replicas");
+        self.step = BuildStep::WaitSnapshot;
+        Ok(super::Progress::Moved)
+    }
+
+    async fn wait_snapshot(&mut self, app: &App) -> Result<super::Progress, ApiError> {
+        let b = app.store.backup(&self.snapshot_id()).await?;
+        match b.as_ref().map(|b| b.status.as_str()) {
+            Some("COMPLETED") => {
+                self.step = BuildStep::Prepare;
+                Ok(super::Progress::Moved)
+            }
+            Some("FAILED") | None => Err(ApiError::unprocessable(format!(
+                "the snapshot of {} failed: {}",
+                self.source,
+                b.and_then(|b| b.fault).unwrap_or_default()
+            ))),
+            _ if unix_now() > self.deadline => Err(ApiError::unprocessable(
+                "the snapshot did not finish in time",
+            )),
+            _ => Ok(super::Progress::Wait),
+        }
+    }
+
+    /// Queues one replica's prepare (the intent's id derives from the workflow: a second run
+    /// of this step finds it queued).
+    async fn prepare(&mut self, app: &App) -> Result<super::Progress, ApiError> {
+        let Some(id) = self
+            .replicas
+            .iter()
+            .find(|r| !self.prepared.contains(r))
+            .cloned()
+        else {
+            self.step = BuildStep::WaitBuilt;
+            return Ok(super::Progress::Moved);
+        };
+        let intent_id = super::derived_id(&self.id, &format!("prepare/{id}"));
+        if let Some(r) = app.store.instance(&id).await? {
+            if !app.store.intent_exists(&intent_id).await? {
+                let source = reload(app, &self.source).await?;
+                let (user, password) = ensure_repl_user(app, &source).await?;
+                let strategy = r.repl_strategy.clone().unwrap_or_else(|| {
+                    source
+                        .repl_strategy
+                        .clone()
+                        .unwrap_or_else(|| app.cfg.replication.strategy.clone())
+                });
+                let overrides = match &self.configuration {
+                    Some(g) => match app.store.configuration(g).await? {
+                        Some(cfg) => {
+                            crate::api::configurations::check_values(
+                                app,
+                                &cfg.datastore_version_id,
+                                &cfg.values,
+                            )
+                            .await?
+                        }
+                        None => vec![],
+                    },
+                    None => vec![],
+                };
+                let flavor = app.store.flavor(&source.flavor_id).await?;
+                let version = app.store.version(&source.datastore_version_id).await?;
+                let mut restore =
+                    crate::api::backups::restore_point(app, &self.snapshot_id(), None).await?;
+                crate::api::backups::grant_restore(app, &mut restore, &id, &agent_key(&r)?)?;
+                let prepare = v1::intent::Kind::Prepare(v1::Prepare {
+                    memory_mb: flavor.as_ref().map(|f| f.ram as u64).unwrap_or(256),
+                    vcpus: flavor.as_ref().map(|f| f.vcpus as u32).unwrap_or(1),
+                    volume_gb: r.volume_size as u64,
+                    server_id: r.server_id as u32,
+                    datastore_version: version
+                        .as_ref()
+                        .map(|v| v.version.clone())
+                        .unwrap_or_default(),
+                    restore: Some(restore),
+                    overrides,
+                    replica_of: Some(replica_of(&source, &r, &user, &password, &strategy)?),
+                    ..Default::default()
+                });
+                let payload = crate::api::instances::intent_payload(app, &id, &intent_id, prepare);
+                let mut tx = app.store.begin().await?;
+                Store::enqueue(&mut tx, &intent_id, &id, "prepare", &payload).await?;
+                tx.commit().await?;
+                app.outbox_wake.notify_one();
+            }
+        }
+        self.prepared.push(id);
+        Ok(super::Progress::Moved)
+    }
+
+    async fn wait_built(&mut self, app: &App) -> Result<super::Progress, ApiError> {
+        let mut building = false;
+        for id in &self.replicas {
+            if let Some(r) = app.store.instance(id).await? {
+                building |= r.task == task::BUILDING;
+            }
+        }
+        if building && unix_now() <= self.deadline {
+            return Ok(super::Progress::Wait);
+        }
+        self.step = BuildStep::Cleanup;
+        Ok(super::Progress::Moved)
+    }
+
+    /// The snapshot is deleted once every replica has restored it (or given up).
+    async fn cleanup(&mut self, app: &App) -> Result<super::Progress, ApiError> {
+        let snapshot = self.snapshot_id();
+        if let Err(e) = crate::api::backups::remove(app, &snapshot).await {
+            warn!(error = %format!("{e:#}"), snapshot = %snapshot, "could not delete the replication snapshot");
+        }
+        self.step = BuildStep::Done;
+        Ok(super::Progress::Moved)
+    }
+
+    /// Replicas still building when the build failed show why; the others' status is their
+    /// prepare's own.
+    pub(super) async fn release(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+    ) -> anyhow::Result<()> {
+        if let Some(e) = &self.error {
+            for id in &self.replicas {
+                if Store::task_in(&mut **tx, id).await?.as_deref() == Some(task::BUILDING) {
+                    Store::set_task(
+                        tx,
+                        id,
+                        task::BUILD_ERROR,
+                        Some(&format!("building the replica failed: {e}")),
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts building `replicas` (placed, BUILDING) of `source`.
+pub async fn start_replica_build(
+    app: &Arc<App>,
+    source: &InstanceRow,
+    replicas: &[String],
+    configuration: Option<String>,
+) -> Result<String, ApiError> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let flow = Flow::ReplicaBuild(ReplicaBuild {
+        step: BuildStep::Snapshot,
+        id: id.clone(),
+        source: source.id.clone(),
+        replicas: replicas.to_vec(),
+        configuration,
+        prepared: vec![],
+        deadline: unix_now() + app.cfg.build_timeout_s as i64,
+        error: None,
+    });
+    super::start_as(app, &id, flow, replicas, None).await
 }
