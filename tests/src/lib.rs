@@ -1307,22 +1307,21 @@ impl Drop for Env {
 /// Live processes (not zombies) running as `uid`.
 pub fn processes_of(uid: u32) -> Vec<i32> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|p| {
-            let pid: i32 = p.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(p.path().join("stat")).ok()?;
-            let state = stat.rsplit_once(") ")?.1.chars().next()?;
-            (p.metadata().ok()?.uid() == uid && state != 'Z').then_some(pid)
-        })
-        .collect()
+    live_processes(|p| p.metadata().is_ok_and(|m| m.uid() == uid))
 }
 
 /// Live processes whose command line mentions `text` (a test's directory).
 fn processes_mentioning(text: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
+    let me = std::process::id().to_string();
+    live_processes(|p| {
+        p.file_name() != me.as_str()
+            && std::fs::read(p.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(text))
+    })
+}
+
+/// The pids of live processes (not zombies) whose `/proc` entry passes `keep`.
+fn live_processes(keep: impl Fn(&std::fs::DirEntry) -> bool) -> Vec<i32> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -1331,9 +1330,7 @@ fn processes_mentioning(text: &str) -> Vec<i32> {
             let pid: i32 = p.file_name().to_str()?.parse().ok()?;
             let stat = std::fs::read_to_string(p.path().join("stat")).ok()?;
             let state = stat.rsplit_once(") ")?.1.chars().next()?;
-            let cmd = std::fs::read(p.path().join("cmdline")).ok()?;
-            (pid != me && state != 'Z' && String::from_utf8_lossy(&cmd).contains(text))
-                .then_some(pid)
+            (state != 'Z' && keep(&p)).then_some(pid)
         })
         .collect()
 }

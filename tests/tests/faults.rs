@@ -48,7 +48,17 @@ async fn killed_agent_leaves_the_database_running_and_is_replaced() {
             .unwrap_or(false)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // It has looked at the server: adopted it (the first agent started it, never adopted).
+    let log = env.instance_dir(&id).join("agent.log");
+    wait_until(
+        "the new agent to adopt the server",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|l| l.contains("adopted running database server"))
+        },
+    )
+    .await;
     env.wait_status(&id, "ACTIVE", Duration::from_secs(30))
         .await;
     assert_eq!(

@@ -66,10 +66,8 @@ fn spawn_writer(
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_switchover_survives_the_controller_dying_at_every_step() {
-    let env = Env::start().await;
-    let (src, _) = env.active_with_rows("src", &[1]).await;
+/// Two replicas of `src`, ACTIVE.
+async fn two_active_replicas(env: &Env, src: &str) -> Vec<String> {
     let (st, v) = env
         .call(
             "POST",
@@ -78,7 +76,7 @@ async fn a_switchover_survives_the_controller_dying_at_every_step() {
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    let replicas: Vec<String> = show(&env, &src).await["replicas"]
+    let replicas: Vec<String> = show(env, src).await["replicas"]
         .as_array()
         .unwrap()
         .iter()
@@ -87,6 +85,14 @@ async fn a_switchover_survives_the_controller_dying_at_every_step() {
     for r in &replicas {
         env.wait_status(r, "ACTIVE", Duration::from_secs(180)).await;
     }
+    replicas
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switchover_survives_the_controller_dying_at_every_step() {
+    let env = Env::start().await;
+    let (src, _) = env.active_with_rows("src", &[1]).await;
+    let replicas = two_active_replicas(&env, &src).await;
     let mut env = env;
     let mut members = vec![src.clone()];
     members.extend(replicas);
@@ -182,23 +188,7 @@ async fn eject_survives_the_controller_dying_at(step: &str) {
     })
     .await;
     let (src, sview) = env.active_with_rows("src", &[1]).await;
-    let (st, v) = env
-        .call(
-            "POST",
-            "/instances",
-            Some(json!({"instance": {"name": "rep", "replica_of": src, "replica_count": 2}})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    let replicas: Vec<String> = show(&env, &src).await["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
-    for r in &replicas {
-        env.wait_status(r, "ACTIVE", Duration::from_secs(180)).await;
-    }
+    let replicas = two_active_replicas(&env, &src).await;
     for i in 2..20 {
         insert(&env, &sview, i).await.unwrap();
     }
