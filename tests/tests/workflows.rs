@@ -66,6 +66,23 @@ fn spawn_writer(
     })
 }
 
+/// POSTs `body` to `path` while a failpoint is set: the workflow's first step may abort the
+/// controller before the answer is sent, and the client then sees the connection drop, as for
+/// any controller killed mid-request. Returns the answer's status, if one came.
+async fn post_racing_the_abort(env: &Env, path: &str, body: Value) -> Option<(StatusCode, String)> {
+    let r = env
+        .http
+        .post(format!("{}{path}", env.base()))
+        .header("X-Auth-Token", &env.token)
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .ok()?;
+    let st = r.status();
+    Some((st, r.text().await.ok()?))
+}
+
 /// Two replicas of `src`, ACTIVE.
 async fn two_active_replicas(env: &Env, src: &str) -> Vec<String> {
     let (st, v) = env
@@ -117,14 +134,11 @@ async fn a_switchover_survives_the_controller_dying_at_every_step() {
             assert!(Instant::now() < deadline, "the writer wrote nothing");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (st, v) = env
-            .call(
-                "POST",
-                &format!("/instances/{candidate}/action"),
-                Some(json!({"promote_to_replica_source": {}})),
-            )
-            .await;
-        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        let path = format!("/instances/{candidate}/action");
+        let body = json!({"promote_to_replica_source": {}});
+        if let Some((st, text)) = post_racing_the_abort(&env, &path, body).await {
+            assert_eq!(st, StatusCode::ACCEPTED, "{text}");
+        }
         env.wait_controller_exit(Duration::from_secs(120)).await;
         env.start_controller();
         // Started again, the switchover completes and releases every member.
@@ -209,14 +223,11 @@ async fn eject_survives_the_controller_dying_at(step: &str) {
     kill(Pid::from_raw(db), Signal::SIGKILL).unwrap();
     env.wait_status(&src, "ERROR", Duration::from_secs(30))
         .await;
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/instances/{src}/action"),
-            Some(json!({"eject_replica_source": {}})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let path = format!("/instances/{src}/action");
+    let body = json!({"eject_replica_source": {}});
+    if let Some((st, text)) = post_racing_the_abort(&env, &path, body).await {
+        assert_eq!(st, StatusCode::ACCEPTED, "{text}");
+    }
     env.wait_controller_exit(Duration::from_secs(120)).await;
     env.start_controller();
     // Started again, the failover completes: one replica is the source, the other follows it,
@@ -301,18 +312,28 @@ async fn a_replica_build_survives_the_controller_dying_at_every_step() {
                     .collect()
             })
             .unwrap_or_default();
-        let (st, v) = env
-            .call(
-                "POST",
-                "/instances",
-                Some(json!({"instance": {"name": format!("rep{round}"), "replica_of": src}})),
-            )
-            .await;
-        assert_eq!(st, StatusCode::OK, "{v}");
-        let id = v["instance"]["id"].as_str().unwrap().to_string();
-        assert!(!before.contains(&id));
+        // Without an answer (the controller died first) the replica is found by listing.
+        let body = json!({"instance": {"name": format!("rep{round}"), "replica_of": src}});
+        if let Some((st, text)) = post_racing_the_abort(&env, "/instances", body).await {
+            assert_eq!(st, StatusCode::OK, "{text}");
+        }
         env.wait_controller_exit(Duration::from_secs(120)).await;
         env.start_controller();
+        let now: Vec<String> = show(&env, &src).await["replicas"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|r| r["id"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let new: Vec<&String> = now.iter().filter(|r| !before.contains(r)).collect();
+        assert_eq!(
+            new.len(),
+            1,
+            "one new replica: {now:?} (before: {before:?})"
+        );
+        let id = new[0].clone();
         let view = env
             .wait_status(&id, "ACTIVE", Duration::from_secs(120))
             .await;
