@@ -165,7 +165,9 @@ pub fn load_or_create_key(root: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
     }
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let (secret, public) = coffer_proto::seal::generate()?;
-    let tmp = root.join("agent.key.tmp");
+    // A temp file of this process's own, linked into place only if no key is there yet: two
+    // processes making the key at once end with the same one (the first), never two.
+    let tmp = root.join(format!("agent.key.{}.tmp", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -175,8 +177,20 @@ pub fn load_or_create_key(root: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
         .with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(coffer_proto::seal::to_hex(&secret).as_bytes())?;
     f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    Ok((secret, public))
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok((secret, public)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let secret = coffer_proto::seal::from_hex(text.trim())
+                .with_context(|| format!("{} is not a hex key", path.display()))?;
+            let public = coffer_proto::seal::public_of(&secret)?;
+            Ok((secret, public))
+        }
+        Err(e) => Err(e).with_context(|| format!("writing {}", path.display())),
+    }
 }
 
 /// Writes a file atomically and durably (temp file, fsync, rename).

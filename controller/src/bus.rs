@@ -631,6 +631,8 @@ pub async fn timers_loop(app: Arc<App>) {
                 && r.task != task::DELETING
                 && !being_deleted
                 && r.placement != "enrolled"
+                // Not placed yet (a create holds the row while it places the agent).
+                && !r.agent_public_key.is_empty()
             {
                 if let Err(e) = app.provisioner.ensure(&r.id).await {
                     warn!(instance = %r.id, error = %format!("{e:#}"), "could not ensure agent");

@@ -181,7 +181,10 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
 
     // Adopt or respawn the agent of every live instance.
     for inst in app.store.live_instances().await? {
-        if inst.task == status::task::DELETING || inst.placement == "enrolled" {
+        if inst.task == status::task::DELETING
+            || inst.placement == "enrolled"
+            || inst.agent_public_key.is_empty()
+        {
             continue;
         }
         if let Err(e) = app.provisioner.ensure(&inst.id).await {
