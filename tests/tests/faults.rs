@@ -69,7 +69,9 @@ async fn killed_agent_leaves_the_database_running_and_is_replaced() {
     assert!(pid_alive(db_pid));
     // The connection opened before still works, and the server kept running all along.
     let up_after = uptime(&mut c).await;
-    assert!(up_after > up_before, "uptime {up_before} -> {up_after}");
+    // Not reset (a restarted server counts from 0 again); it need not have grown a whole
+    // second since, the test no longer sleeps.
+    assert!(up_after >= up_before, "uptime {up_before} -> {up_after}");
     let log = std::fs::read_to_string(env.instance_dir(&id).join("agent.log")).unwrap();
     assert!(log.contains("adopted running database server"), "{log}");
     c.close().await.unwrap();
