@@ -900,6 +900,25 @@ impl Env {
         )
     }
 
+    /// The controller's log and every instance's agent log, tails, for a failed test.
+    fn failure_logs(&self) -> String {
+        let tail = |p: PathBuf, n: usize| {
+            let t = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = t.lines().collect();
+            format!(
+                "--- {} (last {n} lines) ---\n{}",
+                p.display(),
+                lines[lines.len().saturating_sub(n)..].join("\n")
+            )
+        };
+        let mut out = vec![tail(self.dir.path().join("controller.log"), 80)];
+        let rd = std::fs::read_dir(self.dir.path().join("instances"));
+        for e in rd.into_iter().flatten().flatten() {
+            out.push(tail(e.path().join("agent.log"), 40));
+        }
+        out.join("\n")
+    }
+
     /// Tails of the logs, for failure messages.
     pub fn logs(&self, id: &str) -> String {
         let tail = |p: PathBuf| {
@@ -1226,6 +1245,11 @@ pub fn register(config: &Path) {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // A failing test shows what every process said last: the cause of a wait that ran out
+        // is in a log, and CI keeps only the test's output.
+        if std::thread::panicking() {
+            eprintln!("{}", self.failure_logs());
+        }
         if let Some(mut c) = self.controller.take() {
             let _ = c.kill();
             let _ = c.wait();
