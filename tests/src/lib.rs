@@ -820,13 +820,16 @@ impl Env {
         .await
     }
 
-    /// Deletes the instance and waits until the API answers 404.
+    /// Deletes the instance and waits until the API answers 404, its processes are gone
+    /// (whatever the server did with SIGTERM) and so is its Unix user.
     pub async fn delete_and_wait_gone(&self, id: &str) {
-        use std::os::unix::fs::MetadataExt;
-        let uid = std::fs::metadata(self.instance_dir(id))
-            .ok()
-            .map(|m| m.uid())
-            .filter(|u| *u != 0);
+        // Its processes now, by the user's name: once the user is removed its uid may be
+        // given to another test's instance, so the uid alone does not say whose a process is.
+        let user = instance_user(id);
+        let before = user
+            .as_ref()
+            .map(|(_, uid)| processes_of(*uid))
+            .unwrap_or_default();
         let (st, v) = self.call("DELETE", &format!("/instances/{id}"), None).await;
         assert_eq!(st, StatusCode::ACCEPTED, "delete: {v}");
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -838,24 +841,28 @@ impl Env {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // Nothing of it runs on: not the agent, not the server, whatever it did with SIGTERM.
-        if let Some(uid) = uid {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let left = processes_of(uid);
-                if left.is_empty() {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "instance {id}'s processes outlived its delete: {:?}",
-                    left.iter()
-                        .map(|p| std::fs::read_to_string(format!("/proc/{p}/comm"))
-                            .unwrap_or_default())
-                        .collect::<Vec<_>>()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let Some((name, uid)) = user else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let exists = nix::unistd::User::from_name(&name).ok().flatten().is_some();
+            let mut left: Vec<i32> = processes_of(uid)
+                .into_iter()
+                .filter(|p| exists || before.contains(p))
+                .collect();
+            left.dedup();
+            if left.is_empty() && !exists {
+                break;
             }
+            assert!(
+                Instant::now() < deadline,
+                "instance {id}'s processes or user {name} outlived its delete: {:?}",
+                left.iter()
+                    .map(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default())
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -1254,15 +1261,17 @@ impl Drop for Env {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let mut uids = vec![];
+        // Instances with a Unix user of their own, found by the user's name (a uid another
+        // test's instance was given after this one's user went is not this test's): everything
+        // they run goes (a Redis server renames itself, so it cannot be found by its command
+        // line). Their users are removed last, so no uid is handed out again while this
+        // teardown still kills by it.
+        let mut users = vec![];
         let rd = std::fs::read_dir(self.dir.path().join("instances"));
         for e in rd.into_iter().flatten().flatten() {
             let id = e.file_name().to_string_lossy().to_string();
-            // An instance with a Unix user of its own: everything it runs goes (a Redis server
-            // renames itself, so it cannot be found by its command line), then the user.
-            use std::os::unix::fs::MetadataExt;
-            if let Some(uid) = e.metadata().ok().map(|m| m.uid()).filter(|u| *u != 0) {
-                uids.push(uid);
+            if let Some((name, uid)) = instance_user(&id) {
+                users.push((name, uid));
                 for _ in 0..100 {
                     let left = processes_of(uid);
                     if left.is_empty() {
@@ -1272,11 +1281,6 @@ impl Drop for Env {
                         let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
                     }
                     std::thread::sleep(Duration::from_millis(20));
-                }
-                if let Ok(Some(u)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-                    if u.name.starts_with("coffer-") {
-                        let _ = Command::new("userdel").arg(&u.name).status();
-                    }
                 }
                 continue;
             }
@@ -1309,9 +1313,9 @@ impl Drop for Env {
         let dir = self.dir.path().to_string_lossy().to_string();
         let deadline = Instant::now() + Duration::from_secs(10);
         let left = loop {
-            let left: Vec<i32> = uids
+            let left: Vec<i32> = users
                 .iter()
-                .flat_map(|u| processes_of(*u))
+                .flat_map(|(_, u)| processes_of(*u))
                 .chain(processes_mentioning(&dir))
                 .collect();
             if left.is_empty() || Instant::now() > deadline {
@@ -1322,10 +1326,21 @@ impl Drop for Env {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        for (name, _) in &users {
+            let _ = Command::new("userdel").arg(name).status();
+        }
         if !left.is_empty() && !std::thread::panicking() {
             panic!("processes the test started outlived it: {left:?}");
         }
     }
+}
+
+/// The Unix user the controller made for an instance (name and uid), if it exists.
+pub fn instance_user(id: &str) -> Option<(String, u32)> {
+    let hash = data_encoding::HEXLOWER.encode(&openssl::sha::sha256(id.as_bytes()));
+    let name = format!("coffer-{}", &hash[..12]);
+    let u = nix::unistd::User::from_name(&name).ok()??;
+    Some((name, u.uid.as_raw()))
 }
 
 /// Live processes (not zombies) running as `uid`.
