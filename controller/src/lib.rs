@@ -179,6 +179,9 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         }
     }
 
+    // Creates cut short by the previous controller's end are undone before anything else.
+    workflow::undo_unfinished_creates(&app).await?;
+
     // Adopt or respawn the agent of every live instance.
     for inst in app.store.live_instances().await? {
         if inst.task == status::task::DELETING

@@ -823,15 +823,37 @@ impl Env {
     /// Deletes the instance and waits until the API answers 404, its processes are gone
     /// (whatever the server did with SIGTERM) and so is its Unix user.
     pub async fn delete_and_wait_gone(&self, id: &str) {
-        // Its processes now, by the user's name: once the user is removed its uid may be
-        // given to another test's instance, so the uid alone does not say whose a process is.
+        let gone = self.running_of(id);
+        let (st, v) = self.call("DELETE", &format!("/instances/{id}"), None).await;
+        assert_eq!(st, StatusCode::ACCEPTED, "delete: {v}");
+        self.wait_gone(gone).await;
+    }
+
+    /// An instance's Unix user and its processes now, for [`Env::wait_gone`] after a delete:
+    /// once the user is removed its uid may be given to another test's instance, so the uid
+    /// alone does not say whose a process is.
+    pub fn running_of(&self, id: &str) -> Running {
         let user = instance_user(id);
-        let before = user
+        let pids = user
             .as_ref()
             .map(|(_, uid)| processes_of(*uid))
             .unwrap_or_default();
-        let (st, v) = self.call("DELETE", &format!("/instances/{id}"), None).await;
-        assert_eq!(st, StatusCode::ACCEPTED, "delete: {v}");
+        Running {
+            id: id.to_string(),
+            user,
+            pids,
+        }
+    }
+
+    /// Waits until a deleted instance answers 404, none of its processes runs (whatever the
+    /// server did with SIGTERM) and its Unix user is gone.
+    pub async fn wait_gone(&self, running: Running) {
+        let Running {
+            id,
+            user,
+            pids: before,
+        } = running;
+        let id = id.as_str();
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.show(id).await.0 != StatusCode::NOT_FOUND {
             assert!(
@@ -847,17 +869,17 @@ impl Env {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let exists = nix::unistd::User::from_name(&name).ok().flatten().is_some();
-            let mut left: Vec<i32> = processes_of(uid)
+            let left: Vec<i32> = processes_of(uid)
                 .into_iter()
                 .filter(|p| exists || before.contains(p))
                 .collect();
-            left.dedup();
-            if left.is_empty() && !exists {
+            let dir = self.instance_dir(id).exists();
+            if left.is_empty() && !exists && !dir {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "instance {id}'s processes or user {name} outlived its delete: {:?}",
+                "instance {id}'s processes, user {name} or directory (still there: {dir}) outlived its delete: {:?}",
                 left.iter()
                     .map(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default())
                     .collect::<Vec<_>>()
@@ -1333,6 +1355,13 @@ impl Drop for Env {
             panic!("processes the test started outlived it: {left:?}");
         }
     }
+}
+
+/// What of an instance runs, taken before it is deleted ([`Env::running_of`]).
+pub struct Running {
+    id: String,
+    user: Option<(String, u32)>,
+    pids: Vec<i32>,
 }
 
 /// The Unix user the controller made for an instance (name and uid), if it exists.

@@ -66,21 +66,31 @@ fn spawn_writer(
     })
 }
 
-/// POSTs `body` to `path` while a failpoint is set: the workflow's first step may abort the
+/// Sends a request while a failpoint is set: the operation's first step may abort the
 /// controller before the answer is sent, and the client then sees the connection drop, as for
 /// any controller killed mid-request. Returns the answer's status, if one came.
-async fn post_racing_the_abort(env: &Env, path: &str, body: Value) -> Option<(StatusCode, String)> {
-    let r = env
+async fn send_racing_the_abort(
+    env: &Env,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Option<(StatusCode, String)> {
+    let mut req = env
         .http
-        .post(format!("{}{path}", env.base()))
-        .header("X-Auth-Token", &env.token)
-        .header("Content-Type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .ok()?;
+        .request(method, format!("{}{path}", env.base()))
+        .header("X-Auth-Token", &env.token);
+    if let Some(b) = body {
+        req = req
+            .header("Content-Type", "application/json")
+            .body(b.to_string());
+    }
+    let r = req.send().await.ok()?;
     let st = r.status();
     Some((st, r.text().await.ok()?))
+}
+
+async fn post_racing_the_abort(env: &Env, path: &str, body: Value) -> Option<(StatusCode, String)> {
+    send_racing_the_abort(env, reqwest::Method::POST, path, Some(body)).await
 }
 
 /// Two replicas of `src`, ACTIVE.
@@ -370,5 +380,249 @@ async fn a_replica_build_survives_the_controller_dying_at_every_step() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Restarts the controller with a failpoint at `kind:step`.
+fn arm(env: &mut Env, kind: &str, step: &str) {
+    env.stop_controller();
+    env.start_controller_with(&[("COFFER_TEST_FAILPOINT", &format!("{kind}:{step}"))]);
+}
+
+/// The instances the project lists, by name.
+async fn names(env: &Env) -> Vec<String> {
+    let (st, v) = env.call("GET", "/instances", None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A create the controller dies in the middle of (after reserving the row, after placing the
+/// agent) was never answered: the next controller undoes it, leaving no row, no directory, no
+/// Unix user and no quota held (with room for one instance, each next create fits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_cut_short_by_the_controllers_end_is_undone() {
+    let mut env = Env::start().await;
+    // Room for one instance: each create below fits only if the one before was undone.
+    let q = format!("{}/mgmt/quotas/{}", env.base(), env.project);
+    let admin = env.admin_token.clone();
+    let (st, v) = env
+        .call_as(&admin, "PUT", &q, Some(json!({"quotas": {"instances": 1}})))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let create = |name: &str| {
+        json!({"instance": {"name": name, "flavorRef": "1", "volume": {"size": 1},
+            "databases": [{"name": "shop"}],
+            "users": [{"name": "app", "password": "s3cret-Pw", "databases": [{"name": "shop"}]}]}})
+    };
+    for step in ["reserved", "placed"] {
+        arm(&mut env, "create", step);
+        let answer =
+            post_racing_the_abort(&env, "/instances", create(&format!("cut-{step}"))).await;
+        assert!(answer.is_none(), "the create was answered: {answer:?}");
+        env.wait_controller_exit(Duration::from_secs(60)).await;
+        // What the dead controller left: its row, and after placing, a directory and a user.
+        let left: Vec<String> = std::fs::read_dir(env.dir.path().join("instances"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(left.len(), usize::from(step == "placed"), "{left:?}");
+        let users: Vec<_> = left
+            .iter()
+            .filter_map(|id| coffer_tests::instance_user(id))
+            .collect();
+        assert_eq!(users.len(), left.len(), "{left:?}");
+        env.start_controller();
+        assert!(
+            names(&env).await.is_empty(),
+            "after {step}: {:?}",
+            names(&env).await
+        );
+        for id in &left {
+            assert!(
+                !env.instance_dir(id).exists(),
+                "after {step}: {id}'s directory stayed"
+            );
+            assert!(
+                coffer_tests::instance_user(id).is_none(),
+                "after {step}: {id}'s Unix user stayed"
+            );
+        }
+    }
+    // Nothing is held: the one instance the quota allows is created and serves.
+    let id = env.create("after").await;
+    env.wait_status(&id, "ACTIVE", Duration::from_secs(120))
+        .await;
+    assert_eq!(names(&env).await, vec!["after".to_string()]);
+}
+
+/// A delete the controller dies in the middle of (after recording it, after removing the
+/// instance's files) finishes once the controller is back: 404, no process, no user, no files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delete_survives_the_controller_dying_at_every_step() {
+    let mut env = Env::start().await;
+    for step in ["requested", "destroyed"] {
+        let (id, _) = env.active_with_rows(&format!("del-{step}"), &[1]).await;
+        let running = env.running_of(&id);
+        arm(&mut env, "delete", step);
+        let path = format!("/instances/{id}");
+        if let Some((st, text)) =
+            send_racing_the_abort(&env, reqwest::Method::DELETE, &path, None).await
+        {
+            assert_eq!(st, StatusCode::ACCEPTED, "{text}");
+        }
+        env.wait_controller_exit(Duration::from_secs(60)).await;
+        env.start_controller();
+        env.wait_gone(running).await;
+    }
+}
+
+/// A backup the controller dies in the middle of (after recording it, when the agent reports
+/// it done) completes once the controller is back, and restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_survives_the_controller_dying_at_every_step() {
+    let mut env = Env::start().await;
+    let (id, view) = env.active_with_rows("src", &[1, 2]).await;
+    let mut last = String::new();
+    for step in ["requested", "done"] {
+        arm(&mut env, "backup", step);
+        let name = format!("b-{step}");
+        let body = json!({"backup": {"name": name, "instance": id}});
+        if let Some((st, text)) = post_racing_the_abort(&env, "/backups", body).await {
+            assert_eq!(st, StatusCode::ACCEPTED, "{text}");
+        }
+        env.wait_controller_exit(Duration::from_secs(60)).await;
+        env.start_controller();
+        let (_, list) = env.call("GET", "/backups", None).await;
+        let bid = list["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("after {step} the backup is not listed: {list}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        // The agent's report, unacknowledged by the dead controller, comes again (JetStream
+        // redelivers it once its ack wait has run out).
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let (_, b) = env.call("GET", &format!("/backups/{bid}"), None).await;
+            match b["backup"]["status"].as_str() {
+                Some("COMPLETED") => break,
+                Some("FAILED") => panic!("after {step} the backup failed: {b}"),
+                _ => {}
+            }
+            assert!(Instant::now() < deadline, "after {step}: {b}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        last = bid;
+    }
+    let body = json!({"instance": {"name": "restored", "flavorRef": "1", "volume": {"size": 1},
+        "restorePoint": {"backupRef": last}}});
+    let (st, v) = env.call("POST", "/instances", Some(body)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let rid = v["instance"]["id"].as_str().unwrap().to_string();
+    let rview = env
+        .wait_status(&rid, "ACTIVE", Duration::from_secs(120))
+        .await;
+    assert_eq!(env.rows(&rview).await, env.rows(&view).await);
+}
+
+/// Exactly one of two answers accepted, the other refused with 422; returns whether the first
+/// won.
+fn one_wins(what: &str, a: &(StatusCode, Value), b: &(StatusCode, Value)) -> bool {
+    let ok = |s: StatusCode| s == StatusCode::ACCEPTED;
+    match (ok(a.0), ok(b.0)) {
+        (true, false) => assert_eq!(b.0, StatusCode::UNPROCESSABLE_ENTITY, "{what}: {}", b.1),
+        (false, true) => assert_eq!(a.0, StatusCode::UNPROCESSABLE_ENTITY, "{what}: {}", a.1),
+        _ => panic!("{what}: both or neither accepted: {a:?} / {b:?}"),
+    }
+    ok(a.0)
+}
+
+/// Two calls racing on one instance: one wins, the other gets 422, and the state is the
+/// winner's alone. A backup against a restart (three rounds, sent together); a switchover
+/// against a delete of the replica it promotes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_calls_on_one_instance_one_wins_the_other_gets_422() {
+    let env = Env::start().await;
+    let (src, sview) = env.active_with_rows("src", &[1]).await;
+    for round in 0..3 {
+        let body = json!({"backup": {"name": format!("race{round}"), "instance": src}});
+        let (b, r) = tokio::join!(env.call("POST", "/backups", Some(body)), env.restart(&src));
+        if one_wins("backup vs restart", &b, &r) {
+            let bid = b.1["backup"]["id"].as_str().unwrap().to_string();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let (_, v) = env.call("GET", &format!("/backups/{bid}"), None).await;
+                if v["backup"]["status"] == "COMPLETED" {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{v}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        } else {
+            let (_, list) = env.call("GET", "/backups", None).await;
+            assert!(
+                !list.to_string().contains(&format!("race{round}")),
+                "a refused backup left a record: {list}"
+            );
+        }
+        env.wait_status(&src, "ACTIVE", Duration::from_secs(60))
+            .await;
+    }
+    assert_eq!(env.rows(&sview).await, vec![1]);
+
+    let replicas = two_active_replicas(&env, &src).await;
+    let cand = &replicas[0];
+    let (action, path) = (
+        format!("/instances/{cand}/action"),
+        format!("/instances/{cand}"),
+    );
+    let (p, d) = tokio::join!(
+        env.call(
+            "POST",
+            &action,
+            Some(json!({"promote_to_replica_source": {}}))
+        ),
+        env.call("DELETE", &path, None)
+    );
+    if one_wins("switchover vs delete", &p, &d) {
+        // The candidate became the source and the others follow it.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let v = show(&env, cand).await;
+            if v["status"] == "ACTIVE" && v["replica_of"].is_null() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for id in [&src, &replicas[1]] {
+            let v = env.wait_status(id, "ACTIVE", Duration::from_secs(60)).await;
+            assert_eq!(v["replica_of"]["id"], cand.as_str(), "{v}");
+        }
+    } else {
+        // The replica goes; the source and the other replica are untouched.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while env.show(cand).await.0 != StatusCode::NOT_FOUND {
+            assert!(Instant::now() < deadline, "the deleted replica stayed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let v = env
+            .wait_status(&src, "ACTIVE", Duration::from_secs(60))
+            .await;
+        assert!(v["replica_of"].is_null(), "{v}");
+        let v = env
+            .wait_status(&replicas[1], "ACTIVE", Duration::from_secs(60))
+            .await;
+        assert_eq!(v["replica_of"]["id"], src.as_str(), "{v}");
     }
 }

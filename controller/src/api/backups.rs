@@ -273,6 +273,23 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         }
     }
     let mut tx = app.store.begin().await?;
+    // Again under the write lock: a restart, a switchover or another backup that started since
+    // the first look wins, and this one is refused.
+    let task_now = Store::task_in(&mut *tx, &r.id).await?.unwrap_or_default();
+    if task_now != task::NONE
+        || Store::owner_in(&mut *tx, &r.id).await?.is_some()
+        || Store::backup_running_in(&mut *tx, &r.id).await?
+    {
+        let shown = if task_now == task::NONE {
+            "BACKUP".to_string()
+        } else {
+            task_now.to_uppercase()
+        };
+        return Err(ApiError::unprocessable(format!(
+            "Instance {} is not currently available for an action to be performed (task status was {shown}).",
+            r.id
+        )));
+    }
     let limit = Store::quota_limits_with(&mut *tx, &c.project)
         .await?
         .into_iter()
@@ -427,6 +444,7 @@ async fn start(
     .encode_to_vec();
     Store::enqueue(&mut tx, &intent_id, &r.id, "backup", &payload).await?;
     tx.commit().await?;
+    crate::workflow::failpoint("backup", "requested");
     app.outbox_wake.notify_one();
     Ok(id)
 }

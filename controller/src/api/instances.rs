@@ -623,8 +623,10 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         // refused before any of them places an agent (a Unix user, a port). Then the agent,
         // whose public key seals the secrets, and the prepare intent.
         store_pending(&app, &n).await?;
+        crate::workflow::failpoint("create", "reserved");
         let committed = async {
             let (placed, nats_user) = place(&app, &id, &n.version, None).await?;
+            crate::workflow::failpoint("create", "placed");
             commit_new(
                 &app,
                 &n,
@@ -1280,6 +1282,7 @@ pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, Strin
     );
     Store::enqueue(&mut tx, &intent_id, &id, "delete", &payload).await?;
     tx.commit().await?;
+    crate::workflow::failpoint("delete", "requested");
     app.outbox_wake.notify_one();
     accepted()
 }
@@ -1345,8 +1348,17 @@ async fn restart(app: &App, r: &InstanceRow) -> ApiResult {
             r.task.to_uppercase()
         ))
     };
+    let backing_up = || {
+        ApiError::unprocessable(format!(
+            "Instance {} is not currently available for an action to be performed (status was BACKUP); retry once its backup ends.",
+            r.id
+        ))
+    };
     if r.task != task::NONE {
         return Err(busy());
+    }
+    if app.store.backup_running(&r.id).await? {
+        return Err(backing_up());
     }
     if !app.fresh(&r.id) || !status::action_allowed(&r.service_status) {
         return Err(ApiError::unprocessable(format!(
@@ -1370,6 +1382,9 @@ async fn restart(app: &App, r: &InstanceRow) -> ApiResult {
         .map_err(anyhow::Error::from)?;
     if cur != task::NONE {
         return Err(busy());
+    }
+    if Store::backup_running_in(&mut *tx, &r.id).await? {
+        return Err(backing_up());
     }
     Store::set_task(&mut tx, &r.id, task::REBOOTING, None).await?;
     Store::clear_fault(&mut tx, &r.id).await?;

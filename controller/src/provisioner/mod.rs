@@ -47,11 +47,25 @@ pub trait Provisioner: Send + Sync {
     async fn destroy(&self, instance_id: &str) -> anyhow::Result<()>;
     /// Heartbeat interval the placed agents use.
     fn heartbeat_interval_ms(&self) -> u64;
+    /// The instances this provisioner holds a placement for (files, a user, a VM), whatever
+    /// the store says: a controller that died between placing and storing leaves one behind.
+    fn placed(&self) -> Vec<String>;
     /// Whether the agent makes its key pair after `start` (a VM at first boot) and enrols with
     /// the token in its [`Placement`], rather than during `prepare`.
     fn key_at_enrolment(&self) -> bool {
         false
     }
+}
+
+/// The names of the directories in `root` (one per placed instance).
+pub(crate) fn dirs_in(root: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .collect()
 }
 
 /// The first port of `min..=max` that no placed instance holds (`used`) and that `bind` can

@@ -425,6 +425,10 @@ impl Provisioner for QemuProvisioner {
         }
     }
 
+    fn placed(&self) -> Vec<String> {
+        super::dirs_in(&self.cfg.instances_dir)
+    }
+
     fn heartbeat_interval_ms(&self) -> u64 {
         self.cfg.heartbeat_interval_ms
     }

@@ -1242,11 +1242,20 @@ impl Store {
 
     /// Whether a backup of the instance is NEW or BUILDING.
     pub async fn backup_running(&self, instance_id: &str) -> anyhow::Result<bool> {
+        Self::backup_running_in(&self.pool, instance_id).await
+    }
+
+    /// [`Store::backup_running`] read through `ex` (a transaction's own, for a check that
+    /// must hold when the transaction commits).
+    pub async fn backup_running_in<'e, E: sqlx::SqliteExecutor<'e>>(
+        ex: E,
+        instance_id: &str,
+    ) -> anyhow::Result<bool> {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM backups WHERE instance_id = ? AND deleted = 0 AND status IN ('NEW', 'BUILDING')",
         )
         .bind(instance_id)
-        .fetch_one(&self.pool)
+        .fetch_one(ex)
         .await?;
         Ok(n > 0)
     }

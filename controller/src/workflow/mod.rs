@@ -10,7 +10,9 @@
 //! ends — completed, or rolled back to a safe state with a fault that says what happened.
 //!
 //! A test hook, `COFFER_TEST_FAILPOINT=<kind>:<step>`, aborts the controller right after that
-//! step acted and before its result is written: the worst moment to die.
+//! step acted and before its result is written: the worst moment to die. The single-intent
+//! operations (create, delete, backup) name their steps the same way (`create:reserved`,
+//! `create:placed`, `delete:requested`, `delete:destroyed`, `backup:requested`, `backup:done`).
 
 pub mod replication;
 
@@ -126,6 +128,21 @@ pub async fn start_as(
         });
     }
     if let Some(task) = task {
+        // Again under the write lock: a delete, a restart or another operation that started
+        // since the caller looked wins, and this workflow is refused.
+        use crate::status::task::*;
+        for m in members {
+            let now = Store::task_in(&mut *tx, m).await?.unwrap_or_default();
+            let in_flight = [
+                BUILDING, REBOOTING, DELETING, PROMOTING, EJECTING, DETACHING,
+            ];
+            if in_flight.contains(&now.as_str()) {
+                return Err(ApiError::unprocessable(format!(
+                    "Instance {m} is not currently available for an action to be performed (task status was {}).",
+                    now.to_uppercase()
+                )));
+            }
+        }
         for m in members {
             Store::set_task(&mut tx, m, task, None).await?;
         }
@@ -134,6 +151,55 @@ pub async fn start_as(
     info!(workflow = %id, kind = flow.kind(), members = ?members, "workflow started");
     tokio::spawn(drive(app.clone(), id.clone()));
     Ok(id)
+}
+
+/// Undoes the creates a previous controller died in the middle of. A create the provisioner
+/// places answers only once its row holds the agent's key, so a row without one was never
+/// answered: its placement goes, and the row with its quota reservation. A VM's secrets lived
+/// only in the dead controller's memory: its build ends in error, saying so. A placement with
+/// no live instance (a replica placed before its row was stored, a delete cut short) goes.
+pub async fn undo_unfinished_creates(app: &Arc<App>) -> anyhow::Result<()> {
+    use crate::status::task;
+    let live = app.store.live_instances().await?;
+    for r in live
+        .iter()
+        .filter(|r| r.agent_public_key.is_empty() && r.placement != "enrolled")
+    {
+        if !app.provisioner.key_at_enrolment() {
+            warn!(instance = %r.id, "undoing a create the previous controller never answered");
+            match app.provisioner.destroy(&r.id).await {
+                Ok(()) => app.store.forget_instance(&r.id).await?,
+                // Kept (and counted in the quota) until the next start removes it.
+                Err(e) => {
+                    warn!(instance = %r.id, error = %format!("{e:#}"), "could not remove its placement")
+                }
+            }
+        } else if r.task == task::BUILDING {
+            warn!(instance = %r.id, "a VM build was cut short by a controller restart");
+            let mut tx = app.store.begin().await?;
+            Store::set_task(
+                &mut tx,
+                &r.id,
+                task::BUILD_ERROR,
+                Some(
+                    "the controller restarted while this VM was building, before its users' \
+                     passwords were sealed to it; delete it and create it again",
+                ),
+            )
+            .await?;
+            tx.commit().await?;
+        }
+    }
+    let live: std::collections::HashSet<&str> = live.iter().map(|r| r.id.as_str()).collect();
+    for id in app.provisioner.placed() {
+        if !live.contains(id.as_str()) {
+            warn!(instance = %id, "removing a placement that has no instance");
+            if let Err(e) = app.provisioner.destroy(&id).await {
+                warn!(instance = %id, error = %format!("{e:#}"), "could not remove the placement");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Resumes every workflow a previous controller left running.
@@ -145,7 +211,7 @@ pub async fn resume_all(app: &Arc<App>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn failpoint(kind: &str, step: &str) {
+pub(crate) fn failpoint(kind: &str, step: &str) {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let at = AT.get_or_init(|| std::env::var("COFFER_TEST_FAILPOINT").ok());
     if at.as_deref() == Some(&format!("{kind}:{step}")) {
