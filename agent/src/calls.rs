@@ -310,13 +310,13 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
                 Err(e) => from_ds(e),
             }
         }
-        Kind::WaitForGtid(w) => {
+        Kind::WaitForPosition(w) => {
             let t = std::time::Duration::from_secs(w.timeout_s.clamp(1, 15) as u64);
-            match ds.wait_for_gtid(&w.gtid, t).await {
+            match ds.wait_for_position(&w.position, t).await {
                 Ok(true) => replication_reply(ctx).await,
                 Ok(false) => fail(
                     CallError::Internal,
-                    format!("position {} was not reached within {t:?}", w.gtid),
+                    format!("position {} was not reached within {t:?}", w.position),
                 ),
                 Err(e) => from_ds(e),
             }

@@ -182,7 +182,10 @@ impl AgentConfig {
 mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
+    /// A good config for the default datastore.
+    fn good() -> String {
+        format!(
+            r#"
 instance_id = "abc-1"
 state_dir = "/tmp/x"
 nats_url = "nats://127.0.0.1:4222"
@@ -190,29 +193,33 @@ nats_url = "nats://127.0.0.1:4222"
 bind_address = "127.0.0.1"
 port = 3307
 [datastore]
-kind = "mariadb"
-"#;
+kind = "{}"
+"#,
+            coffer_proto::Datastore::DEFAULT.id()
+        )
+    }
 
     #[test]
     fn parses_and_defaults() {
-        let c: AgentConfig = toml::from_str(GOOD).unwrap();
+        let c: AgentConfig = toml::from_str(&good()).unwrap();
         c.validate().unwrap();
         assert_eq!(c.heartbeat_interval_ms, 2000);
         assert_eq!(c.advertise_host(), "127.0.0.1");
-        assert_eq!(c.datastore.name(), "mariadb");
+        assert_eq!(c.datastore.datastore(), coffer_proto::Datastore::DEFAULT);
     }
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let bad = GOOD.replace("[listen]", "colour = \"red\"\n[listen]");
+        let bad = good().replace("[listen]", "colour = \"red\"\n[listen]");
         assert!(toml::from_str::<AgentConfig>(&bad).is_err());
-        let bad = GOOD.replace("kind = \"mariadb\"", "kind = \"mariadb\"\nfoo = 1");
+        let kind = format!("kind = \"{}\"", coffer_proto::Datastore::DEFAULT.id());
+        let bad = good().replace(&kind, &format!("{kind}\nfoo = 1"));
         assert!(toml::from_str::<AgentConfig>(&bad).is_err());
     }
 
     #[test]
     fn bad_instance_id_is_rejected() {
-        let c: AgentConfig = toml::from_str(&GOOD.replace("abc-1", "a.b")).unwrap();
+        let c: AgentConfig = toml::from_str(&good().replace("abc-1", "a.b")).unwrap();
         assert!(c.validate().is_err());
     }
 }

@@ -96,8 +96,8 @@ pub async fn enrol(table: &toml::Table, req: &Request) -> anyhow::Result<String>
         if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
             bail!(
                 "port {port} on this host already has a server listening (a database not run by \
-                 Coffer?). Coffer's agent runs its own database: stop that server (for MariaDB: \
-                 systemctl disable --now mariadb) or set [listen] port to a free port, then enrol \
+                 Coffer?). Coffer's agent runs its own database: stop that server (systemctl \
+                 disable --now <its service>) or set [listen] port to a free port, then enrol \
                  again"
             );
         }
@@ -191,7 +191,9 @@ pub async fn enrol(table: &toml::Table, req: &Request) -> anyhow::Result<String>
         let mut ds = toml::Table::new();
         ds.insert(
             "kind".into(),
-            e.datastore.unwrap_or_else(|| "mariadb".into()).into(),
+            e.datastore
+                .unwrap_or_else(|| coffer_proto::Datastore::DEFAULT.id().into())
+                .into(),
         );
         out.insert("datastore".into(), toml::Value::Table(ds));
     }

@@ -512,7 +512,7 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
     };
     ctx.state.set_desired(&desired).map_err(|e| e.to_string())?;
     crate::configure::write_initial(ctx, &p.overrides)?;
-    // A replica some datastores make before its first start (PostgreSQL starts as a standby).
+    // A replica some datastores make before its first start (one that starts as a standby).
     let mut attached = false;
     if let Some(r) = &p.replica_of {
         let src = crate::replication::source_of(ctx, r)?;
@@ -538,21 +538,7 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
         progress(ctx, id, "prepare", 70, "starting replication").await;
         let mut src = crate::replication::source_of(ctx, r)?;
         // Replication starts where the snapshot was taken.
-        let pos = restored_at.unwrap_or_default();
-        src.binlog_state = (!pos.gtid.is_empty()).then(|| pos.gtid.clone());
-        if src.use_gtid {
-            src.gtid = src
-                .gtid
-                .or((!pos.gtid.is_empty()).then(|| pos.gtid.clone()));
-        } else if src.binlog_file.is_none()
-            && coffer_strategies::datastore::strategy_starts_at_binlog_position(&r.strategy)
-        {
-            if pos.binlog_file.is_empty() {
-                return Err("the snapshot recorded no binlog position to replicate from".into());
-            }
-            src.binlog_file = Some(pos.binlog_file.clone());
-            src.binlog_pos = pos.binlog_pos;
-        }
+        src.start_at_snapshot(&r.strategy, &restored_at.unwrap_or_default())?;
         crate::replication::set_role(ctx, "replica");
         if ds.attach_replica(&src).await.map_err(|e| e.to_string())?
             == coffer_strategies::datastore::Applied::Restart

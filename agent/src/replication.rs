@@ -30,19 +30,7 @@ pub fn to_proto(ctx: &Ctx, st: &ReplicationState) -> v1::ReplicationInfo {
     } else {
         "source"
     };
-    v1::ReplicationInfo {
-        role: role.into(),
-        gtid_binlog_pos: st.gtid_binlog_pos.clone(),
-        gtid_slave_pos: st.gtid_slave_pos.clone(),
-        gtid_io_pos: st.gtid_io_pos.clone(),
-        io_running: st.io_running,
-        sql_running: st.sql_running,
-        seconds_behind: st.seconds_behind.unwrap_or(-1),
-        last_error: st.last_error.clone(),
-        read_only: st.read_only,
-        source_host: st.source_host.clone(),
-        source_port: st.source_port as u32,
-    }
+    st.to_info(role)
 }
 
 /// Opens a `ReplicaOf` sealed for this agent into what the datastore takes.
@@ -55,19 +43,7 @@ pub fn source_of(ctx: &Ctx, r: &v1::ReplicaOf) -> Result<ReplicationSource, Stri
     .map_err(|e| format!("the replication password: {e}"))?;
     let password =
         String::from_utf8(pw).map_err(|_| "the replication password is not UTF-8".to_string())?;
-    let use_gtid = coffer_strategies::datastore::strategy_uses_gtid(&r.strategy)?;
-    Ok(ReplicationSource {
-        host: r.host.clone(),
-        port: r.port as u16,
-        user: r.user.clone(),
-        password,
-        use_gtid,
-        gtid: (!r.gtid.is_empty()).then(|| r.gtid.clone()),
-        binlog_file: (!r.binlog_file.is_empty()).then(|| r.binlog_file.clone()),
-        binlog_pos: r.binlog_pos,
-        from_own_binlog: r.from_own_binlog,
-        binlog_state: None,
-    })
+    ReplicationSource::from_spec(r, password)
 }
 
 fn role_path(ctx: &Ctx) -> std::path::PathBuf {
@@ -139,7 +115,7 @@ async fn do_fence(ctx: &Arc<Ctx>, why: &str) {
             info!("fenced: the database is read-only");
             return;
         }
-        // Read-only only by starting so (PostgreSQL as a standby): the restart stops the
+        // Read-only only by starting so (a datastore whose replicas start as standbys): the restart stops the
         // server first, which ends every session and every write.
         Ok(Ok(Applied::Restart)) => match ctx.sup.call(crate::supervisor::Cmd::Restart).await {
             Ok(()) => {

@@ -488,7 +488,8 @@ impl Supervisor {
         }
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
         let want = cmd.program.file_name()?.to_string_lossy().to_string();
-        // The program may be a link to another binary (Debian's redis-server → redis-check-rdb).
+        // The program may be a link to another binary (a packaged server linked to its
+        // checker tool).
         let want_real = std::fs::canonicalize(&cmd.program)
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))

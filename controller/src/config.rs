@@ -75,7 +75,8 @@ pub struct ControllerConfig {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
-    /// `mariadb-gtid` (default) or `binlog` (file and position) for new replicas.
+    /// One of `Datastore::CONFIGURABLE_REPLICATION` (the first is the default), for new
+    /// replicas of datastores that have a choice.
     #[serde(default = "default_repl_strategy")]
     pub strategy: String,
     /// Most replicas one create may ask for (`replica_count`).
@@ -100,7 +101,7 @@ fn default_true() -> bool {
     true
 }
 fn default_repl_strategy() -> String {
-    "mariadb-gtid".into()
+    coffer_proto::Datastore::CONFIGURABLE_REPLICATION[0].into()
 }
 fn default_max_replicas() -> u32 {
     3
@@ -167,10 +168,12 @@ impl ControllerConfig {
                 fenced_by
             );
         }
-        if !["mariadb-gtid", "binlog"].contains(&self.replication.strategy.as_str()) {
+        let choices = coffer_proto::Datastore::CONFIGURABLE_REPLICATION;
+        if !choices.contains(&self.replication.strategy.as_str()) {
             bail!(
-                "replication.strategy '{}' is not one of mariadb-gtid, binlog",
-                self.replication.strategy
+                "replication.strategy '{}' is not one of {}",
+                self.replication.strategy,
+                choices.join(", ")
             );
         }
         Ok(())

@@ -53,7 +53,7 @@ enum Manage {
         datastore: String,
         /// The operator's label, e.g. `10.11`.
         name: String,
-        /// The datastore implementation the agent runs (e.g. `mariadb`).
+        /// The datastore implementation the agent runs (one of `coffer_proto::Datastore`'s ids).
         manager: String,
         /// The version number, e.g. `10.11.19`.
         version: String,
@@ -101,7 +101,7 @@ enum Manage {
         name: String,
         #[arg(long)]
         flavor: String,
-        #[arg(long, default_value = "mariadb")]
+        #[arg(long, default_value_t = coffer_proto::Datastore::DEFAULT.id().to_string())]
         datastore: String,
         #[arg(long)]
         version: String,

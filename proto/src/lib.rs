@@ -6,8 +6,11 @@
 //!
 //! Invariant: this crate does no I/O and has no async runtime dependency.
 
+pub mod datastore;
 pub mod seal;
 pub mod subjects;
+
+pub use datastore::Datastore;
 
 /// Generated protobuf types of package `coffer.agent.v1`.
 pub mod v1 {

@@ -35,6 +35,51 @@ async fn client(
 async fn redis_instance_serves_acl_users_and_keeps_the_operators_commands() {
     let env = Env::start().await;
     let version = register_redis(env.config_path());
+    // Named databases, which Redis does not have, are refused up front: nothing is placed.
+    for body in [
+        json!({"databases": [{"name": "shop"}], "users": [{"name": "app", "password": "s3cret-Pw"}]}),
+        json!({"users": [{"name": "app", "password": "s3cret-Pw", "databases": [{"name": "shop"}]}]}),
+    ] {
+        let mut inst = json!({"name": "redis-db", "flavorRef": "1", "volume": {"size": 1},
+            "datastore": {"type": "redis", "version": version}});
+        inst.as_object_mut()
+            .unwrap()
+            .extend(body.as_object().unwrap().clone());
+        let (st, v) = env
+            .call("POST", "/instances", Some(json!({ "instance": inst })))
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    }
+    let (_, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(
+                json!({"instance": {"name": "redis-db", "flavorRef": "1", "volume": {"size": 1},
+                "datastore": {"type": "redis", "version": version},
+                "databases": [{"name": "shop"}]}}),
+            ),
+        )
+        .await;
+    assert!(
+        v["badRequest"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("redis instances have no named databases"),
+        "{v}"
+    );
+    let (_, listed) = env.call("GET", "/instances", None).await;
+    assert_eq!(
+        listed["instances"],
+        json!([]),
+        "a refused create left an instance"
+    );
+    assert!(
+        std::fs::read_dir(env.dir.path().join("instances"))
+            .map(|d| d.count() == 0)
+            .unwrap_or(true),
+        "a refused create placed an agent"
+    );
     let (st, v) = env
         .call(
             "POST",

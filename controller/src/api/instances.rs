@@ -512,6 +512,21 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     }
     let req = parse_create(&body)?;
     let version = resolve_version(&app, req.datastore.as_deref(), req.version.as_deref()).await?;
+    // What the datastore cannot honor is refused before anything is placed.
+    let datastore: coffer_proto::Datastore =
+        version
+            .manager
+            .parse()
+            .map_err(|e: coffer_proto::datastore::UnknownDatastore| {
+                ApiError::bad_request(e.to_string())
+            })?;
+    if !datastore.has_named_databases()
+        && (!req.databases.is_empty() || req.users.iter().any(|u| !u.databases.is_empty()))
+    {
+        return Err(ApiError::bad_request(format!(
+            "{datastore} instances have no named databases; create the instance without 'databases' and without databases in its users."
+        )));
+    }
     let flavor = app.store.flavor(&req.flavor_id).await?.ok_or_else(|| {
         ApiError::bad_request(format!("Flavor '{}' could not be found.", req.flavor_id))
     })?;

@@ -2,15 +2,14 @@
 //! detach, and the actions that start the switchover (`promote_to_replica_source`) and
 //! failover (`eject_replica_source`) workflows (`crate::workflow::replication`).
 //!
-//! The source's replication user is created once, on the source, with the binlog on, so every
-//! replica has it too and a promoted replica serves the others with the same credentials. Its
+//! The source's replication user is created once, on the source, written to its replication
+//! stream so every replica has it too and a promoted replica serves the others with the same credentials. Its
 //! password is kept sealed to the controller's own key and sealed again to each agent.
 
 use std::sync::Arc;
 
 use coffer_proto::seal;
 use coffer_proto::v1;
-use coffer_strategies::datastore::{position_behind, replication_strategy};
 use serde_json::{json, Value};
 
 use super::access::call;
@@ -18,7 +17,7 @@ use super::{ok, ApiError, ApiResult, Caller};
 use crate::status::task;
 use crate::store::{InstanceRow, Store};
 use crate::workflow::replication::{
-    ensure_repl_user, manager, reload, start_failover, start_switchover,
+    datastore, ensure_repl_user, reload, start_failover, start_switchover,
 };
 use crate::App;
 
@@ -96,10 +95,12 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
     };
     // Created before the snapshot, so every replica restores it.
     ensure_repl_user(&app, &source).await?;
-    let strategy = source
-        .repl_strategy
-        .clone()
-        .unwrap_or_else(|| replication_strategy(&version.manager, &app.cfg.replication.strategy));
+    let strategy = match source.repl_strategy.clone() {
+        Some(s) => s,
+        None => datastore(&app, &source)
+            .await?
+            .replication_strategy(&app.cfg.replication.strategy),
+    };
 
     if app.provisioner.key_at_enrolment() {
         return Err(ApiError::not_implemented(
@@ -271,18 +272,18 @@ pub(super) async fn view(
             .replica_of
             .as_ref()
             .and_then(|s| live.get(s))
-            .and_then(|l| l.hb.replication.as_ref().map(|x| x.gtid_binlog_pos.clone()));
+            .and_then(|l| l.hb.replication.as_ref().map(|x| x.position.clone()));
         (mine, source_pos)
     };
     if let Some(m) = mine {
         let applied = if m.role == "replica" {
-            m.gtid_slave_pos.clone()
+            m.applied_position.clone()
         } else {
-            m.gtid_binlog_pos.clone()
+            m.position.clone()
         };
         let mut v = json!({
             "role": m.role,
-            "gtid_position": applied,
+            "position": applied,
             "read_only": m.read_only,
         });
         if m.role == "replica" {
@@ -293,14 +294,14 @@ pub(super) async fn view(
             } else {
                 Value::Null
             };
-            let ds = manager(app, r).await?;
-            // Transactions for MariaDB; WAL or stream bytes for PostgreSQL and Redis.
-            let lag_key = format!("lag_{}", coffer_strategies::datastore::lag_unit(&ds));
+            let ds = datastore(app, r).await?;
+            // In the datastore's own unit (`lag_transactions`, `lag_bytes`).
+            let lag_key = format!("lag_{}", ds.lag_unit());
             v[lag_key.as_str()] = match &source_pos {
-                Some(p) => json!(position_behind(&ds, &m.gtid_slave_pos, p)),
+                Some(p) => json!(ds.position_behind(&m.applied_position, p)),
                 None => Value::Null,
             };
-            v["received_gtid_position"] = json!(m.gtid_io_pos);
+            v["received_position"] = json!(m.received_position);
             if !m.last_error.is_empty() {
                 v["last_error"] = json!(m.last_error);
             }

@@ -123,6 +123,26 @@ impl Store {
         Ok(())
     }
 
+    /// Records a workflow's next state inside `tx` and frees its members (it runs on without
+    /// them).
+    pub async fn release_members(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+        state: &str,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE workflows SET state = ?, updated = ? WHERE id = ?")
+            .bind(state)
+            .bind(now())
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query("DELETE FROM workflow_members WHERE workflow_id = ?")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     /// Ends a workflow inside `tx` (the one that releases its members' tasks): it owns nothing
     /// any more.
     pub async fn finish_workflow(

@@ -62,6 +62,15 @@ impl Flow {
         }
     }
 
+    /// Whether the members are free before the workflow ends: a replica build's replicas
+    /// serve (and may be switched over or deleted) while the snapshot is cleaned up.
+    fn members_released(&self) -> bool {
+        match self {
+            Flow::Switchover(_) | Flow::Failover(_) => false,
+            Flow::ReplicaBuild(b) => b.step == replication::BuildStep::Cleanup,
+        }
+    }
+
     fn done(&self) -> bool {
         match self {
             Flow::Switchover(s) => s.step == replication::SwitchoverStep::Done,
@@ -268,6 +277,11 @@ async fn drive(app: Arc<App>, id: String) {
                 let mut tx = app.store.begin().await?;
                 flow.release(&app, &mut tx).await?;
                 Store::finish_workflow(&mut tx, &id, &state).await?;
+                tx.commit().await?;
+            } else if flow.members_released() {
+                let mut tx = app.store.begin().await?;
+                flow.release(&app, &mut tx).await?;
+                Store::release_members(&mut tx, &id, &state).await?;
                 tx.commit().await?;
             } else {
                 app.store.save_workflow(&id, &state).await?;

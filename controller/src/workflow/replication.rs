@@ -2,17 +2,15 @@
 //! (`eject_replica_source`, and the automatic one), plus what the replication API shares with
 //! them (the replication user, re-pointing a replica).
 //!
-//! The source's replication user is created once, on the source, with the binlog on, so every
-//! replica has it too and a promoted replica serves the others with the same credentials. Its
+//! The source's replication user is created once, on the source, written to its replication
+//! stream so every replica has it too and a promoted replica serves the others with the same credentials. Its
 //! password is kept sealed to the controller's own key and sealed again to each agent.
 
 use std::sync::Arc;
 
 use coffer_proto::seal;
 use coffer_proto::v1;
-use coffer_strategies::datastore::{
-    position_behind, position_covers, replication_strategy, repoint_strategy,
-};
+use coffer_proto::Datastore;
 use serde::{Deserialize, Serialize};
 use sqlx::{Sqlite, Transaction};
 use tracing::{info, warn};
@@ -25,13 +23,15 @@ use crate::store::{InstanceRow, Store};
 use crate::App;
 
 /// The datastore (manager) of an instance: replication positions and strategies are its own.
-pub async fn manager(app: &App, r: &InstanceRow) -> Result<String, ApiError> {
-    Ok(app
+/// The datastore an instance runs.
+pub async fn datastore(app: &App, r: &InstanceRow) -> Result<Datastore, ApiError> {
+    let manager = app
         .store
         .version(&r.datastore_version_id)
         .await?
         .map(|v| v.manager)
-        .unwrap_or_default())
+        .unwrap_or_default();
+    Ok(manager.parse::<Datastore>().map_err(anyhow::Error::from)?)
 }
 
 pub async fn reload(app: &App, id: &str) -> Result<InstanceRow, ApiError> {
@@ -81,8 +81,9 @@ pub async fn ensure_repl_user(
         }),
     )
     .await?;
-    let strategy =
-        replication_strategy(&manager(app, source).await?, &app.cfg.replication.strategy);
+    let strategy = datastore(app, source)
+        .await?
+        .replication_strategy(&app.cfg.replication.strategy);
     keep_repl_user(app, &source.id, &user, &password, &strategy).await?;
     Ok((user, password))
 }
@@ -151,11 +152,11 @@ async fn repoint(
     replica: &InstanceRow,
     user: &str,
     password: &str,
-    from_own_binlog: bool,
+    from_own_position: bool,
 ) -> Result<(), ApiError> {
-    let strategy = repoint_strategy(&manager(app, source).await?);
+    let strategy = datastore(app, source).await?.repoint_strategy();
     let mut spec = replica_of(source, replica, user, password, &strategy)?;
-    spec.from_own_binlog = from_own_binlog;
+    spec.from_own_position = from_own_position;
     call(
         app,
         replica,
@@ -255,11 +256,7 @@ impl Switchover {
             }),
         )
         .await?;
-        self.target = Some(
-            rep.replication
-                .map(|r| r.gtid_binlog_pos)
-                .unwrap_or_default(),
-        );
+        self.target = Some(rep.replication.map(|r| r.position).unwrap_or_default());
         self.step = SwitchoverStep::CatchUp;
         Ok(())
     }
@@ -269,8 +266,8 @@ impl Switchover {
         call(
             app,
             &cand,
-            v1::call::Kind::WaitForGtid(v1::WaitForGtid {
-                gtid: self.target.clone().unwrap_or_default(),
+            v1::call::Kind::WaitForPosition(v1::WaitForPosition {
+                position: self.target.clone().unwrap_or_default(),
                 timeout_s: 15,
             }),
         )
@@ -295,8 +292,8 @@ impl Switchover {
         Ok(())
     }
 
-    /// Re-points one member: the other replicas first, the old source (from its own binlog)
-    /// last.
+    /// Re-points one member: the other replicas first, the old source (from its own written
+    /// position) last.
     async fn repoint_next(&mut self, app: &App) -> Result<(), ApiError> {
         let mut order: Vec<&String> = self
             .members
@@ -455,7 +452,7 @@ impl Failover {
                 Ok((_, rep)) => {
                     let pos = rep
                         .replication
-                        .map(|x| x.gtid_slave_pos)
+                        .map(|x| x.applied_position)
                         .unwrap_or_default();
                     positions.push((r.id.clone(), pos));
                 }
@@ -464,18 +461,18 @@ impl Failover {
                 }
             }
         }
-        // The winner has everything every other survivor has (in the datastore's own terms:
-        // GTIDs per domain, WAL LSN, stream offset).
+        // The winner has everything every other survivor has (in the datastore's own terms,
+        // `Datastore::position_covers`).
         let source = reload(app, &self.source).await?;
-        let ds = manager(app, &source).await?;
+        let ds = datastore(app, &source).await?;
         let winner = positions
             .iter()
-            .find(|(_, p)| positions.iter().all(|(_, q)| position_covers(&ds, p, q)))
+            .find(|(_, p)| positions.iter().all(|(_, q)| ds.position_covers(p, q)))
             .or_else(|| {
                 positions.iter().min_by_key(|(_, p)| {
                     positions
                         .iter()
-                        .map(|(_, q)| position_behind(&ds, p, q))
+                        .map(|(_, q)| ds.position_behind(p, q))
                         .sum::<u64>()
                 })
             })

@@ -1209,7 +1209,11 @@ impl Datastore for Mariadb {
         self.set_read_only_persistent(false).await.map(|_| ())
     }
 
-    async fn wait_for_gtid(&self, gtid: &str, timeout: Duration) -> Result<bool, DatastoreError> {
+    async fn wait_for_position(
+        &self,
+        gtid: &str,
+        timeout: Duration,
+    ) -> Result<bool, DatastoreError> {
         if !gtid.chars().all(|c| c.is_ascii_digit() || ",-".contains(c)) {
             return Err(DatastoreError::Invalid(format!(
                 "bad GTID position '{gtid}'"

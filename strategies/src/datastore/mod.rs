@@ -308,9 +308,13 @@ pub trait Datastore: Send + Sync {
     async fn detach_replica(&self) -> Result<(), DatastoreError> {
         Err(unsupported(self.title(), "replication"))
     }
-    /// Waits until position `gtid` (the datastore's own encoding, see [`position_covers`]) is
-    /// applied; `false` on timeout.
-    async fn wait_for_gtid(&self, _gtid: &str, _timeout: Duration) -> Result<bool, DatastoreError> {
+    /// Waits until position `gtid` (the datastore's own encoding, see
+    /// [`coffer_proto::Datastore::position_covers`]) is applied; `false` on timeout.
+    async fn wait_for_position(
+        &self,
+        _gtid: &str,
+        _timeout: Duration,
+    ) -> Result<bool, DatastoreError> {
         Err(unsupported(self.title(), "replication"))
     }
     /// Failover: stops receiving and applies everything already received.
@@ -410,6 +414,48 @@ pub struct ReplicationSource {
     pub binlog_state: Option<String>,
 }
 
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+impl ReplicationSource {
+    /// What the datastore takes from the controller's `ReplicaOf` (its password opened).
+    pub fn from_spec(r: &coffer_proto::v1::ReplicaOf, password: String) -> Result<Self, String> {
+        Ok(ReplicationSource {
+            host: r.host.clone(),
+            port: r.port as u16,
+            user: r.user.clone(),
+            password,
+            use_gtid: strategy_uses_gtid(&r.strategy)?,
+            gtid: non_empty(&r.start_position),
+            binlog_file: non_empty(&r.start_file),
+            binlog_pos: r.start_offset,
+            from_own_binlog: r.from_own_position,
+            binlog_state: None,
+        })
+    }
+
+    /// A new replica starts where the snapshot it restored was taken (`at`, from the
+    /// backup's manifest), unless the controller named a start.
+    pub fn start_at_snapshot(
+        &mut self,
+        strategy: &str,
+        at: &crate::backup::EnginePosition,
+    ) -> Result<(), String> {
+        self.binlog_state = non_empty(&at.gtid);
+        if self.use_gtid {
+            self.gtid = self.gtid.take().or_else(|| non_empty(&at.gtid));
+        } else if self.binlog_file.is_none() && strategy_starts_at_binlog_position(strategy) {
+            if at.binlog_file.is_empty() {
+                return Err("the snapshot recorded no binlog position to replicate from".into());
+            }
+            self.binlog_file = Some(at.binlog_file.clone());
+            self.binlog_pos = at.binlog_pos;
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for ReplicationSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicationSource")
@@ -418,6 +464,25 @@ impl std::fmt::Debug for ReplicationSource {
             .field("user", &self.user)
             .field("password", &"***")
             .finish()
+    }
+}
+
+impl ReplicationState {
+    /// The state as the agent reports it, with the role it holds.
+    pub fn to_info(&self, role: &str) -> coffer_proto::v1::ReplicationInfo {
+        coffer_proto::v1::ReplicationInfo {
+            role: role.into(),
+            position: self.gtid_binlog_pos.clone(),
+            applied_position: self.gtid_slave_pos.clone(),
+            received_position: self.gtid_io_pos.clone(),
+            io_running: self.io_running,
+            sql_running: self.sql_running,
+            seconds_behind: self.seconds_behind.unwrap_or(-1),
+            last_error: self.last_error.clone(),
+            read_only: self.read_only,
+            source_host: self.source_host.clone(),
+            source_port: self.source_port as u32,
+        }
     }
 }
 
@@ -440,68 +505,11 @@ pub struct ReplicationState {
     pub source_port: u16,
 }
 
-/// Parses a GTID position (`0-1-5,1-2-9`) into (domain → (server, seq)).
-pub fn parse_gtids(pos: &str) -> std::collections::BTreeMap<u32, (u32, u64)> {
-    pos.split(',')
-        .filter_map(|g| {
-            let mut it = g.trim().split('-');
-            let d = it.next()?.parse().ok()?;
-            let s = it.next()?.parse().ok()?;
-            let n = it.next()?.parse().ok()?;
-            Some((d, (s, n)))
-        })
-        .collect()
-}
+pub use coffer_proto::datastore::{gtid_behind, parse_gtids};
 
-/// Transactions `a` is behind `b`, summed over domains.
-pub fn gtid_behind(a: &str, b: &str) -> u64 {
-    let a = parse_gtids(a);
-    parse_gtids(b)
-        .iter()
-        .map(|(d, (_, n))| n.saturating_sub(a.get(d).map(|x| x.1).unwrap_or(0)))
-        .sum()
-}
-
-/// Whether position `a` has everything `b` has (per domain).
+/// Whether GTID position `a` has everything `b` has (per domain).
 pub fn gtid_covers(a: &str, b: &str) -> bool {
     gtid_behind(a, b) == 0
-}
-
-/// Whether replication position `a` has everything `b` has. Positions are opaque outside
-/// their datastore: GTID sets (MariaDB), WAL LSNs `X/Y` (PostgreSQL), offsets (Redis).
-pub fn position_covers(datastore: &str, a: &str, b: &str) -> bool {
-    position_behind(datastore, a, b) == 0
-}
-
-/// How far `a` is behind `b`: transactions (MariaDB), WAL bytes (PostgreSQL) or stream bytes
-/// (Redis); 0 when `a` covers `b`.
-pub fn position_behind(datastore: &str, a: &str, b: &str) -> u64 {
-    match datastore {
-        "postgresql" => match (postgresql::parse_lsn(a), postgresql::parse_lsn(b)) {
-            (Some(a), Some(b)) => b.saturating_sub(a),
-            (None, Some(b)) => b.max(1),
-            _ => 0,
-        },
-        "redis" => {
-            let n = |s: &str| s.trim().parse::<u64>().ok();
-            match (n(a), n(b)) {
-                (Some(a), Some(b)) => b.saturating_sub(a),
-                (None, Some(b)) => b.max(1),
-                _ => 0,
-            }
-        }
-        _ => gtid_behind(a, b),
-    }
-}
-
-/// The replication strategy of a datastore's instances: the configured one for MariaDB
-/// (`mariadb-gtid` or `binlog`), the datastore's own for the others.
-pub fn replication_strategy(datastore: &str, configured: &str) -> String {
-    match datastore {
-        "postgresql" => "postgresql-streaming".into(),
-        "redis" => "redis-replicaof".into(),
-        _ => configured.into(),
-    }
 }
 
 /// Whether a replication strategy positions by GTID (`Ok(true)`), by the datastore's own
@@ -517,19 +525,6 @@ pub fn strategy_uses_gtid(strategy: &str) -> Result<bool, String> {
 /// Whether a new replica of this strategy starts from the snapshot's binlog file and position.
 pub fn strategy_starts_at_binlog_position(strategy: &str) -> bool {
     strategy == "binlog"
-}
-
-/// What a replica's lag behind its source is counted in, for the API (`lag_<unit>`).
-pub fn lag_unit(datastore: &str) -> &'static str {
-    match datastore {
-        "postgresql" | "redis" => "bytes",
-        _ => "transactions",
-    }
-}
-
-/// The strategy a switchover re-points replicas with.
-pub fn repoint_strategy(datastore: &str) -> String {
-    replication_strategy(datastore, "mariadb-gtid")
 }
 
 /// The registry of datastores, selected by name in configuration.
@@ -553,40 +548,18 @@ impl DatastoreKind {
         }
     }
 
-    /// Short name of the datastore.
-    pub fn name(&self) -> &'static str {
+    /// Which datastore this is.
+    pub fn datastore(&self) -> coffer_proto::Datastore {
+        use coffer_proto::Datastore as D;
         match self {
-            DatastoreKind::Mariadb(_) => "mariadb",
-            DatastoreKind::Postgresql(_) => "postgresql",
-            DatastoreKind::Redis(_) => "redis",
+            DatastoreKind::Mariadb(_) => D::Mariadb,
+            DatastoreKind::Postgresql(_) => D::Postgresql,
+            DatastoreKind::Redis(_) => D::Redis,
         }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn positions_are_ordered_by_their_datastore() {
-        // WAL LSNs: hexadecimal high/low words.
-        assert!(position_covers("postgresql", "1/0", "0/FFFFFFFF"));
-        assert!(!position_covers("postgresql", "0/3000000", "0/3000060"));
-        assert_eq!(
-            position_behind("postgresql", "0/3000000", "0/3000060"),
-            0x60
-        );
-        assert!(!position_covers("postgresql", "", "0/1"));
-        // Redis offsets: decimal.
-        assert!(position_covers("redis", "1000", "999"));
-        assert_eq!(position_behind("redis", "90", "100"), 10);
-        // MariaDB GTIDs, per domain.
-        assert!(position_covers("mariadb", "0-1-5,1-2-9", "0-1-4"));
-        assert!(!position_covers("mariadb", "0-1-5", "0-1-5,1-2-1"));
-        assert_eq!(replication_strategy("mariadb", "binlog"), "binlog");
-        assert_eq!(
-            replication_strategy("postgresql", "binlog"),
-            "postgresql-streaming"
-        );
+    /// Short name of the datastore.
+    pub fn name(&self) -> &'static str {
+        self.datastore().id()
     }
 }

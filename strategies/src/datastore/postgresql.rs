@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use coffer_proto::datastore::parse_lsn;
 use serde::Deserialize;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Row};
@@ -446,12 +447,6 @@ pub const SLOW_QUERY_MS: u32 = 1000;
 
 /// The standby settings of a primary: none.
 const PRIMARY_ROLE: &str = "# A primary: no replication role (written by coffer-agent).\n";
-
-/// A WAL location (`16/B374D848`) as a number, for ordering.
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.trim().split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
-}
 
 /// One `postgresql.conf` line (values single-quoted: right for every type).
 fn conf_line(k: &str, v: &str) -> String {
@@ -1211,7 +1206,11 @@ impl Datastore for Postgresql {
         self.exec("SELECT pg_reload_conf()").await
     }
 
-    async fn wait_for_gtid(&self, gtid: &str, timeout: Duration) -> Result<bool, DatastoreError> {
+    async fn wait_for_position(
+        &self,
+        gtid: &str,
+        timeout: Duration,
+    ) -> Result<bool, DatastoreError> {
         let target = parse_lsn(gtid)
             .ok_or_else(|| DatastoreError::Invalid(format!("bad WAL position '{gtid}'")))?;
         self.poll_lsn(

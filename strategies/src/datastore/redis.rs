@@ -679,7 +679,11 @@ impl Datastore for Redis {
         self.write_role(None, false)
     }
 
-    async fn wait_for_gtid(&self, gtid: &str, timeout: Duration) -> Result<bool, DatastoreError> {
+    async fn wait_for_position(
+        &self,
+        gtid: &str,
+        timeout: Duration,
+    ) -> Result<bool, DatastoreError> {
         use crate::backup::redis_rdb::info_field;
         let target: u64 = gtid
             .trim()

@@ -1,0 +1,62 @@
+//! The datastores are one closed type (`coffer_proto::Datastore`, in `proto/src/datastore.rs`):
+//! no other file of the agent, the controller or the wire crate names a datastore or a term of
+//! one, so a datastore is added in that description and in `strategies/`, nowhere else.
+
+use std::path::{Path, PathBuf};
+
+const TERMS: &[&str] = &["mariadb", "mysql", "postgres", "redis", "gtid", "binlog"];
+
+fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        if p.is_dir() {
+            if name != "target" && !name.starts_with('.') {
+                files(&p, out);
+            }
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn no_datastore_is_named_outside_its_description() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let allowed = [
+        root.join("proto/src/datastore.rs"),
+        root.join("proto/tests/datastore_terms.rs"),
+    ];
+    let mut all = vec![];
+    for d in ["agent", "controller", "proto"] {
+        files(&root.join(d), &mut all);
+    }
+    assert!(
+        all.len() > 20,
+        "the tree was not found under {}",
+        root.display()
+    );
+    let mut hits = vec![];
+    for f in all.iter().filter(|f| !allowed.contains(f)) {
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
+        for (n, line) in text.lines().enumerate() {
+            let lower = line.to_lowercase();
+            if let Some(t) = TERMS.iter().find(|t| lower.contains(*t)) {
+                hits.push(format!(
+                    "{}:{}: '{t}': {}",
+                    f.strip_prefix(root).unwrap().display(),
+                    n + 1,
+                    line.trim()
+                ));
+            }
+        }
+    }
+    assert!(
+        hits.is_empty(),
+        "datastore terms outside proto/src/datastore.rs (describe the datastore there, or \
+         move the code into strategies/):\n{}",
+        hits.join("\n")
+    );
+}
