@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coffer_proto::v1;
 use coffer_strategies::backup::{
-    load_keyring, BackupConfig, BackupError, BackupKind, Manifest, RestoreMode,
+    load_keyring, BackupConfig, BackupError, BackupKind, Build, Manifest, RestoreMode,
 };
 use coffer_strategies::pipeline::{self, Keyring, SealParams};
 use coffer_strategies::storage::{Access, Storage, StorageKind};
@@ -188,7 +188,7 @@ pub async fn backup(
     let bctx = ctx.ds.backup_context().await.map_err(|e| e.to_string())?;
     let version = ctx.ds.version().await.unwrap_or_default();
     let datastore = ctx.ds.name().to_string();
-    let strategy = BackupKind::for_datastore(&datastore, &cfg.strategy)
+    let strategy = BackupKind::for_datastore(ctx.cfg.datastore.datastore(), cfg.strategy)
         .ok_or_else(|| format!("no backup strategy backs up {}", ctx.ds.title()))?;
     let instance = ctx.cfg.instance_id.clone();
     let backup_id = b.backup_id.clone();

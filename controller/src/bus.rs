@@ -609,7 +609,7 @@ async fn discard_backup(app: &App, b: &store::BackupRow) {
 /// Removes an instance's published guest logs from the storage (they go with their instance;
 /// backups outlive it).
 async fn discard_logs(app: &Arc<App>, id: &str) -> anyhow::Result<()> {
-    let prefix = format!("{}/{id}/", coffer_strategies::logs::CONTAINER);
+    let prefix = format!("{}/{id}/", coffer_common::logs::CONTAINER);
     crate::objects::delete_prefix(app, id, &prefix, None)
         .await
         .context("removing published logs")
@@ -634,7 +634,7 @@ pub async fn timers_loop(app: Arc<App>) {
                 && !being_deleted
                 && r.placement != "enrolled"
                 // Not placed yet (a create holds the row while it places the agent).
-                && !r.agent_public_key.is_empty()
+                && r.has_agent()
             {
                 if let Err(e) = app.provisioner.ensure(&r.id).await {
                     warn!(instance = %r.id, error = %format!("{e:#}"), "could not ensure agent");

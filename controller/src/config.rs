@@ -55,7 +55,7 @@ pub struct ControllerConfig {
     pub stop_agents_on_exit: bool,
     /// Backup storage, keys and strategy, handed to every agent (none: backups are refused).
     #[serde(default)]
-    pub backup: Option<coffer_strategies::backup::BackupConfig>,
+    pub backup: Option<coffer_common::backup::BackupConfig>,
     /// Start an instance's agent again when it has died (the process provisioner's agents are
     /// local processes). Off only to simulate hosts that are gone for good.
     #[serde(default = "default_true")]

@@ -59,6 +59,15 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+impl From<crate::store::Owned> for ApiError {
+    fn from(o: crate::store::Owned) -> Self {
+        ApiError::unprocessable(format!(
+            "Instance {} is busy with another operation (workflow {}); retry once it ends.",
+            o.instance, o.workflow
+        ))
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         anyhow::Error::from(e).into()

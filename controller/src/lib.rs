@@ -148,7 +148,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         );
     }
     let local_backup_root = match cfg.backup.as_ref().map(|b| &b.storage) {
-        Some(coffer_strategies::storage::StorageKind::Local { root }) => Some(root.clone()),
+        Some(coffer_common::storage::StorageKind::Local { root }) => Some(root.clone()),
         _ => None,
     };
     let provisioner = cfg.provisioner.build(local_backup_root)?;
@@ -184,9 +184,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
 
     // Adopt or respawn the agent of every live instance.
     for inst in app.store.live_instances().await? {
-        if inst.task == status::task::DELETING
-            || inst.placement == "enrolled"
-            || inst.agent_public_key.is_empty()
+        if inst.task == status::task::DELETING || inst.placement == "enrolled" || !inst.has_agent()
         {
             continue;
         }

@@ -220,7 +220,11 @@ async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
             let text = match &file {
                 Some(p) => std::fs::read_to_string(p)
                     .with_context(|| format!("reading {}", p.display()))?,
-                None => coffer_strategies::config_rules::bundled(&v.manager, &v.version)
+                None => v
+                    .manager
+                    .parse::<coffer_proto::Datastore>()
+                    .ok()
+                    .and_then(|d| d.bundled_rules(&v.version))
                     .with_context(|| {
                         format!(
                             "no bundled parameters for {} {}; pass --file",
@@ -229,7 +233,7 @@ async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
                     })?
                     .to_string(),
             };
-            let rules: coffer_strategies::config_rules::RulesFile =
+            let rules: coffer_common::config_rules::RulesFile =
                 serde_json::from_str(&text).context("parsing the parameters file")?;
             store.load_params(&v.id, &rules.parameters).await?;
             println!(

@@ -164,7 +164,7 @@ pub fn agent_permissions(instance: &str, bucket: Option<&str>) -> (Vec<String>, 
     ];
     let mut publish = publish;
     if let Some(b) = bucket {
-        publish.extend(coffer_strategies::storage::nats::agent_publish_permissions(
+        publish.extend(coffer_common::storage::nats::agent_publish_permissions(
             b, instance,
         ));
     }
@@ -308,7 +308,7 @@ impl Authority {
         let publish: Vec<String> = objects
             .iter()
             .map(|(owner, key)| {
-                coffer_strategies::storage::nats::object_read_permission(bucket, owner, key)
+                coffer_common::storage::nats::object_read_permission(bucket, owner, key)
             })
             .collect();
         let nats = json!({

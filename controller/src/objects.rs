@@ -1,11 +1,11 @@
 //! The controller's side of stored objects (backups, published logs): each instance's storage
 //! exists before its agent writes, deletion and clean-up are done here (agents can only create
 //! and read their own objects), and a restore of another instance's chain carries a grant that
-//! reads exactly that chain. See `coffer_strategies::storage`.
+//! reads exactly that chain. See `coffer_common::storage`.
 
 use anyhow::Context;
+use coffer_common::storage::{nats as nats_storage, Access, StorageKind};
 use coffer_proto::v1;
-use coffer_strategies::storage::{nats as nats_storage, Access, StorageKind};
 
 use crate::App;
 
@@ -72,7 +72,7 @@ pub async fn delete_prefix(
         let storage = kind
             .build(Some(&client), &owner, Access::Controller)
             .map_err(anyhow::Error::msg)?;
-        coffer_strategies::logs::discard(storage.as_ref(), &prefix, also.as_deref())
+        coffer_common::logs::discard(storage.as_ref(), &prefix, also.as_deref())
             .map_err(anyhow::Error::msg)
     })
     .await

@@ -93,12 +93,93 @@ impl Datastore {
         }
     }
 
+    /// The configuration-group rules bundled for a version of the datastore (Trove's
+    /// `validation-rules.json` format, `coffer_common::config_rules::RulesFile`), if any.
+    pub fn bundled_rules(self, version: &str) -> Option<&'static str> {
+        let mut parts = version.split('.');
+        let (major, minor) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        match (self, major, minor) {
+            (Datastore::Mariadb, "10", "11") => Some(include_str!("../rules/mariadb-10.11.json")),
+            (Datastore::Postgresql, "15", _) => Some(include_str!("../rules/postgresql-15.json")),
+            (Datastore::Redis, "7", "0") => Some(include_str!("../rules/redis-7.0.json")),
+            _ => None,
+        }
+    }
+
     /// Whether the datastore has named databases a create, a user's grants or
     /// `POST /databases` can name (Redis has numbered keyspaces only).
     pub fn has_named_databases(self) -> bool {
         match self {
             Datastore::Mariadb | Datastore::Postgresql => true,
             Datastore::Redis => false,
+        }
+    }
+}
+
+/// Backup methods, selectable by name in configuration (`[backup] strategy`, snake_case). Each
+/// backs up one datastore; the first of a datastore's in [`BackupMethod::ALL`] is its default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupMethod {
+    /// MariaDB, physical (full and incremental), the default.
+    #[default]
+    Mariabackup,
+    /// MariaDB, logical, full only.
+    MariadbDump,
+    /// PostgreSQL, physical (`pg_basebackup` tar with its WAL), full only.
+    PgBasebackup,
+    /// Redis, an RDB snapshot (BGSAVE), full only.
+    RedisRdb,
+}
+
+impl BackupMethod {
+    pub const ALL: [BackupMethod; 4] = [
+        BackupMethod::Mariabackup,
+        BackupMethod::MariadbDump,
+        BackupMethod::PgBasebackup,
+        BackupMethod::RedisRdb,
+    ];
+
+    /// The datastore this method backs up.
+    pub fn datastore(self) -> Datastore {
+        match self {
+            BackupMethod::Mariabackup | BackupMethod::MariadbDump => Datastore::Mariadb,
+            BackupMethod::PgBasebackup => Datastore::Postgresql,
+            BackupMethod::RedisRdb => Datastore::Redis,
+        }
+    }
+
+    /// The name a backup's manifest records (restores follow the backup, not the setting).
+    pub fn name(self) -> &'static str {
+        match self {
+            BackupMethod::Mariabackup => "mariabackup",
+            BackupMethod::MariadbDump => "mariadb-dump",
+            BackupMethod::PgBasebackup => "pg_basebackup",
+            BackupMethod::RedisRdb => "redis_rdb",
+        }
+    }
+
+    /// The method a manifest names.
+    pub fn from_name(name: &str) -> Option<BackupMethod> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The method for `datastore`: the configured one when it is that datastore's, else the
+    /// datastore's default; None for a datastore no method backs up.
+    pub fn for_datastore(datastore: Datastore, configured: BackupMethod) -> Option<BackupMethod> {
+        if configured.datastore() == datastore {
+            return Some(configured);
+        }
+        Self::ALL.into_iter().find(|k| k.datastore() == datastore)
+    }
+
+    /// Whether the method takes incremental backups.
+    pub fn incremental(self) -> bool {
+        match self {
+            BackupMethod::Mariabackup => true,
+            BackupMethod::MariadbDump | BackupMethod::PgBasebackup | BackupMethod::RedisRdb => {
+                false
+            }
         }
     }
 }
@@ -187,5 +268,14 @@ mod tests {
             "postgresql-streaming"
         );
         assert!(!Redis.has_named_databases());
+        for d in Datastore::ALL {
+            let m = BackupMethod::for_datastore(d, BackupMethod::default()).unwrap();
+            assert_eq!(m.datastore(), d);
+            assert_eq!(BackupMethod::from_name(m.name()), Some(m));
+        }
+        assert!(Mariadb.bundled_rules("10.11.19").is_some());
+        assert!(Postgresql.bundled_rules("15.14").is_some());
+        assert!(Redis.bundled_rules("7.0.15").is_some());
+        assert!(Redis.bundled_rules("6.2").is_none());
     }
 }

@@ -4,7 +4,7 @@
 //! configuration, start it, probe it and manage its users is datastore knowledge and lives here,
 //! behind the [`Datastore`] trait. The agent only calls the trait.
 //!
-//! Invariants: this crate knows nothing about NATS, HTTP or the controller; operations are typed
+//! Invariants: this crate knows nothing about HTTP or the controller; operations are typed
 //! (`create_database`, `create_user`, ...), never SQL strings handed in from outside.
 //!
 //! Adding a datastore: a module under `datastore/` implementing [`Datastore`], one variant in
@@ -13,11 +13,11 @@
 pub mod backup;
 pub mod config_rules;
 pub mod datastore;
-pub mod fsutil;
-pub mod logs;
 pub mod modules;
-pub mod pipeline;
-pub mod storage;
+
+/// The shared, datastore-free parts (storage, the sealed stream, published logs), here under
+/// their old paths.
+pub use coffer_common::{fsutil, logs, pipeline, storage};
 
 pub use datastore::{
     DatabaseSpec, Datastore, DatastoreError, DatastoreKind, Health, Layout, ServerCommand, Sizing,

@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use crate::config_rules::{safe_name, safe_value};
+pub use coffer_common::modules::{config_values, TYPES};
 
 /// Where drivers may write.
 pub struct ModuleEnv {
@@ -36,9 +36,6 @@ pub trait ModuleDriver: Send + Sync {
     fn remove(&self, env: &ModuleEnv, id: &str, name: &str) -> Result<String, String>;
 }
 
-/// Types of module this release knows.
-pub const TYPES: &[&str] = &["ping", "license", "config"];
-
 pub fn driver(kind: &str) -> Option<Box<dyn ModuleDriver>> {
     match kind {
         "ping" => Some(Box::new(Ping)),
@@ -49,7 +46,8 @@ pub fn driver(kind: &str) -> Option<Box<dyn ModuleDriver>> {
 }
 
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
-    crate::fsutil::write_atomic(path, bytes, 0o600).map_err(|e| format!("{}: {e}", path.display()))
+    coffer_common::fsutil::write_atomic(path, bytes, 0o600)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 struct Ping;
@@ -58,8 +56,8 @@ impl ModuleDriver for Ping {
     fn name(&self) -> &'static str {
         "ping"
     }
-    fn validate(&self, _contents: &[u8]) -> Result<(), String> {
-        Ok(())
+    fn validate(&self, contents: &[u8]) -> Result<(), String> {
+        coffer_common::modules::validate(self.name(), contents)
     }
     fn apply(
         &self,
@@ -91,10 +89,7 @@ impl ModuleDriver for License {
         "license"
     }
     fn validate(&self, contents: &[u8]) -> Result<(), String> {
-        if contents.is_empty() {
-            return Err("a license module needs contents".into());
-        }
-        Ok(())
+        coffer_common::modules::validate(self.name(), contents)
     }
     fn apply(
         &self,
@@ -117,26 +112,6 @@ impl ModuleDriver for License {
 
 struct Config;
 
-/// `key = value` lines (blank lines and `#` comments skipped).
-pub fn config_values(contents: &[u8]) -> Result<Vec<(String, String)>, String> {
-    let text = std::str::from_utf8(contents)
-        .map_err(|_| "config module contents are not UTF-8".to_string())?;
-    let mut out = Vec::new();
-    for line in text.lines().map(str::trim) {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (k, v) = line
-            .split_once('=')
-            .ok_or_else(|| format!("'{line}' is not key = value"))?;
-        out.push((k.trim().to_string(), v.trim().to_string()));
-    }
-    if out.is_empty() {
-        return Err("a config module needs at least one key = value line".into());
-    }
-    Ok(out)
-}
-
 impl Config {
     fn path(env: &ModuleEnv, id: &str) -> PathBuf {
         env.confd.join(format!("module-{id}.cnf"))
@@ -148,12 +123,7 @@ impl ModuleDriver for Config {
         "config"
     }
     fn validate(&self, contents: &[u8]) -> Result<(), String> {
-        for (k, v) in config_values(contents)? {
-            if !safe_name(&k) || !safe_value(&v) {
-                return Err(format!("'{k} = {v}' has characters that are not allowed"));
-            }
-        }
-        Ok(())
+        coffer_common::modules::validate(self.name(), contents)
     }
     fn apply(
         &self,

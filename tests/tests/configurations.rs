@@ -419,8 +419,8 @@ async fn committed_parameter_rules_match_the_server() {
     c.close().await.unwrap();
     let rules = mariadb_rules(&vars, charsets, collations).unwrap();
     let text = serde_json::to_string_pretty(&rules).unwrap() + "\n";
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../strategies/rules/mariadb-10.11.json");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/rules/mariadb-10.11.json");
     if std::env::var("COFFER_UPDATE_RULES").as_deref() == Ok("1") {
         std::fs::write(&path, &text).unwrap();
     }

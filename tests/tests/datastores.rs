@@ -69,7 +69,7 @@ async fn committed_parameter_rules_match_the_server_for_postgresql() {
     c.close().await.unwrap();
     let text = serde_json::to_string_pretty(&postgresql_rules(&settings).unwrap()).unwrap() + "\n";
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("../strategies/rules/postgresql-{version}.json"));
+        .join(format!("../proto/rules/postgresql-{version}.json"));
     if std::env::var("COFFER_UPDATE_RULES").as_deref() == Ok("1") {
         std::fs::write(&path, &text).unwrap();
     }

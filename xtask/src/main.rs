@@ -12,7 +12,7 @@
 //! - `cargo xtask image [--out FILE] [--test]`: the qcow2 guest image (Debian 12, MariaDB,
 //!   cloud-init, the agent package) in `target/dist/`; `--test` boots it to ACTIVE.
 //! - `cargo xtask gen-rules`: regenerates the committed MariaDB configuration-parameter rules
-//!   (`strategies/rules/`) from the installed server (review the diff, then commit).
+//!   (`proto/rules/`) from the installed server (review the diff, then commit).
 //! - `cargo xtask tls-ca DIR`: a local CA and a certificate for 127.0.0.1 (`ca.pem`,
 //!   `server.pem`, `server.key`), as `demo --tls` and the TLS tests use.
 //!

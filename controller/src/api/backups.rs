@@ -249,14 +249,9 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         }
     };
     if let Some(cfg) = app.cfg.backup.as_ref() {
-        let datastore = app
-            .store
-            .version(&r.datastore_version_id)
-            .await?
-            .map(|v| v.manager)
-            .unwrap_or_default();
+        let datastore = crate::workflow::replication::datastore(&app, &r).await?;
         let strategy =
-            coffer_strategies::backup::BackupKind::for_datastore(&datastore, &cfg.strategy);
+            coffer_proto::datastore::BackupMethod::for_datastore(datastore, cfg.strategy);
         match strategy {
             None => {
                 return Err(ApiError::bad_request(format!(
@@ -266,7 +261,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             Some(k) if parent_id.is_some() && !k.incremental() => {
                 return Err(ApiError::bad_request(format!(
                     "The backup strategy for {datastore} ({}) takes full backups only; omit parent_id and incremental.",
-                    k.build().name()
+                    k.name()
                 )));
             }
             Some(_) => {}

@@ -4,8 +4,8 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query};
+use coffer_common::config_rules::ParamRule;
 use coffer_proto::v1;
-use coffer_strategies::config_rules::ParamRule;
 use serde_json::{json, Map, Value};
 
 use super::{accepted, ok, parse_body, with_next, ApiError, ApiResult, AppState, Caller, Page};

@@ -811,7 +811,7 @@ async fn build_vm(app: std::sync::Arc<App>, n: NewInstance) {
         let (key, nats_user) = loop {
             match app.store.instance(&id).await? {
                 None => return Ok(()), // deleted while booting
-                Some(r) if !r.agent_public_key.is_empty() => {
+                Some(r) if r.has_agent() => {
                     let key = coffer_proto::seal::from_hex(&r.agent_public_key)
                         .context("the enrolled key is not hex")?;
                     break (key, r.agent_nats_user);
@@ -988,12 +988,12 @@ pub(super) async fn place(
 pub(super) fn agent_backup_toml(app: &App) -> Result<Option<String>, ApiError> {
     #[derive(serde::Serialize)]
     struct AgentBackup<'a> {
-        backup: &'a coffer_strategies::backup::BackupConfig,
+        backup: &'a coffer_common::backup::BackupConfig,
     }
     match &app.cfg.backup {
         Some(b) => {
             // The operator's keyring stays here: agents get per-instance keys with each intent.
-            let b = coffer_strategies::backup::BackupConfig {
+            let b = coffer_common::backup::BackupConfig {
                 keyring_file: None,
                 ..b.clone()
             };
@@ -1283,10 +1283,12 @@ pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, Strin
             "Instance {id} is not ready. (Status is BUILD)."
         )));
     }
-    if let Some(w) = Store::owner_in(&mut *tx, &id).await? {
-        return Err(ApiError::unprocessable(format!(
-            "Instance {id} is busy with another operation (workflow {w}); retry once it ends."
-        )));
+    if let Some(workflow) = Store::owner_in(&mut *tx, &id).await? {
+        return Err(crate::store::Owned {
+            instance: id,
+            workflow,
+        }
+        .into());
     }
     Store::set_task(&mut tx, &id, task::DELETING, None).await?;
     let payload = intent_payload(
@@ -1413,4 +1415,133 @@ async fn restart(app: &App, r: &InstanceRow) -> ApiResult {
     tx.commit().await?;
     app.outbox_wake.notify_one();
     accepted()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    fn create(body: Value) -> Result<CreateReq, ApiError> {
+        parse_create(body.as_object().expect("a JSON object"))
+    }
+
+    /// Trove create bodies and the exact answer each gets: the error's status and text, or
+    /// what was parsed.
+    #[test]
+    fn create_bodies_are_parsed_or_refused_with_troves_texts() {
+        let ok = json!({"instance": {"name": "db-1", "flavorRef": "1", "volume": {"size": 2},
+            "datastore": {"type": "any-store", "version": "1.0"},
+            "databases": [{"name": "shop"}],
+            "users": [{"name": "app", "password": "pw", "databases": [{"name": "shop"}]}]}});
+        let r = create(ok).unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.flavor_id.as_str(), r.volume_size),
+            ("db-1", "1", 2)
+        );
+        assert_eq!(r.databases.len(), 1);
+        assert_eq!(r.users[0].host, "%");
+        assert_eq!(r.users[0].databases, vec!["shop".to_string()]);
+        // A numeric flavorRef and a string size, as python-troveclient sends them.
+        let r = create(json!({"instance": {"name": "n", "flavorRef": 7, "volume": {"size": "3"}}}))
+            .unwrap();
+        assert_eq!((r.flavor_id.as_str(), r.volume_size), ("7", 3));
+
+        let bad = |body: Value| create(body).map(|_| ()).unwrap_err();
+        let v = "Validation error: ";
+        let table: Vec<(Value, StatusCode, String)> = vec![
+            (json!({}), StatusCode::BAD_REQUEST, format!("{v}'instance' is a required property")),
+            (json!({"instance": []}), StatusCode::BAD_REQUEST, format!("{v}instance is not of type 'object'")),
+            (
+                json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 1}, "colour": 1}}),
+                StatusCode::BAD_REQUEST,
+                format!("{v}instance Additional properties are not allowed ('colour' was unexpected)"),
+            ),
+            (
+                json!({"instance": {"flavorRef": "1", "volume": {"size": 1}}}),
+                StatusCode::BAD_REQUEST,
+                format!("{v}instance 'name' is a required property"),
+            ),
+            (
+                json!({"instance": {"name": 5, "flavorRef": "1", "volume": {"size": 1}}}),
+                StatusCode::BAD_REQUEST,
+                format!("{v}instance['name'] is not of type 'string'"),
+            ),
+            (
+                json!({"instance": {"name": "--", "flavorRef": "1", "volume": {"size": 1}}}),
+                StatusCode::BAD_REQUEST,
+                format!("{v}instance['name'] '--' does not match '^.*[0-9a-zA-Z]+.*$'"),
+            ),
+            (
+                json!({"instance": {"name": "n", "volume": {"size": 1}}}),
+                StatusCode::BAD_REQUEST,
+                format!("{v}instance 'flavorRef' is a required property"),
+            ),
+            (
+                json!({"instance": {"name": "n", "flavorRef": "1"}}),
+                StatusCode::BAD_REQUEST,
+                format!("{v}instance 'volume' is a required property"),
+            ),
+            (
+                json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 0}}}),
+                StatusCode::BAD_REQUEST,
+                format!("{v}instance['volume']['size'] 0 is not a positive integer"),
+            ),
+            (
+                json!({"instance": {"name": "n", "flavorRef": "1", "volume": {}}}),
+                StatusCode::BAD_REQUEST,
+                format!("{v}instance['volume'] 'size' is a required property"),
+            ),
+            (
+                json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 1},
+                    "datastore": {"type": "any-store", "colour": "x"}}}),
+                StatusCode::BAD_REQUEST,
+                format!("{v}instance['datastore'] Additional properties are not allowed ('colour' was unexpected)"),
+            ),
+            (
+                json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 1},
+                    "databases": [{"name": "a"}, {"name": "a"}]}}),
+                StatusCode::BAD_REQUEST,
+                "Database 'a' is listed twice.".into(),
+            ),
+            (
+                json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 1},
+                    "users": [{"name": "u"}]}}),
+                StatusCode::BAD_REQUEST,
+                format!("{v}instance['users'] 'password' is a required property"),
+            ),
+            (
+                json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 1},
+                    "users": [{"name": "u", "password": ""}]}}),
+                StatusCode::BAD_REQUEST,
+                format!("{v}instance['users'] password must be 1 to 128 characters without control characters"),
+            ),
+            (
+                json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 1},
+                    "users": [{"name": "u", "password": "p", "host": "a b"}]}}),
+                StatusCode::BAD_REQUEST,
+                format!("{v}instance['users'] host 'a b' is not valid"),
+            ),
+            (
+                json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 1},
+                    "users": [{"name": "u", "password": "p", "databases": [{"name": "x"}]}]}}),
+                StatusCode::BAD_REQUEST,
+                "Database 'x' of user 'u' is not in the instance's 'databases'.".into(),
+            ),
+            (
+                json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 1},
+                    "users": [{"name": "u", "password": "p"}, {"name": "u", "password": "q"}]}}),
+                StatusCode::BAD_REQUEST,
+                "User 'u'@'%' is listed twice.".into(),
+            ),
+        ];
+        for (body, status, message) in table {
+            let e = bad(body.clone());
+            assert_eq!(
+                (e.status, e.message.as_str()),
+                (status, message.as_str()),
+                "{body}"
+            );
+        }
+    }
 }

@@ -1,12 +1,12 @@
 //! Backup keys. The operator's keyring (`[backup] keyring_file`) stays with the controller;
-//! each backup is sealed with its instance's own key (`coffer_strategies::backup::instance_key`),
+//! each backup is sealed with its instance's own key (`coffer_common::backup::instance_key`),
 //! issued sealed to the agent with the backup intent, and a restore gets exactly the keys of its
 //! chain, sealed to the restoring agent. A leaked agent key opens that instance's backups only.
 
 use axum::http::StatusCode;
+use coffer_common::backup::{instance_key, load_keyring, split_key_id};
+use coffer_common::pipeline::Keyring;
 use coffer_proto::{seal, v1};
-use coffer_strategies::backup::{instance_key, load_keyring, split_key_id};
-use coffer_strategies::pipeline::Keyring;
 
 use super::ApiError;
 use crate::store::BackupRow;

@@ -180,9 +180,9 @@ pub async fn tail(
         let storage = cfg.storage.build(
             Some(&client),
             &owner,
-            coffer_strategies::storage::Access::Controller,
+            coffer_common::storage::Access::Controller,
         )?;
-        coffer_strategies::logs::tail(storage.as_ref(), &prefix, n, TAIL_MAX_BYTES)
+        coffer_common::logs::tail(storage.as_ref(), &prefix, n, TAIL_MAX_BYTES)
     })
     .await
     .map_err(|e| anyhow::anyhow!("reading the log: {e}"))?
@@ -211,7 +211,7 @@ async fn storage_keys(
         .ok_or_else(|| anyhow::anyhow!("the instance's datastore version is gone"))?;
     let base = format!(
         "{}/{}/{}-{}",
-        coffer_strategies::logs::CONTAINER,
+        coffer_common::logs::CONTAINER,
         r.id,
         version.manager,
         name

@@ -100,10 +100,10 @@ async fn fill(
     }
     if let Some(t) = b.get("module_type") {
         let t = t.as_str().unwrap_or_default().to_ascii_lowercase();
-        if coffer_strategies::modules::driver(&t).is_none() {
+        if !coffer_common::modules::TYPES.contains(&t.as_str()) {
             return Err(ApiError::not_found(format!(
                 "Module type '{t}' was not found (known: {}).",
-                coffer_strategies::modules::TYPES.join(", ")
+                coffer_common::modules::TYPES.join(", ")
             )));
         }
         m.kind = t;
@@ -189,8 +189,7 @@ async fn fill(
                 "module['contents'] is not valid base64 (send the file base64-encoded).",
             )
         })?;
-        let d = coffer_strategies::modules::driver(&m.kind).expect("checked above");
-        d.validate(&bytes).map_err(|e| {
+        coffer_common::modules::validate(&m.kind, &bytes).map_err(|e| {
             ApiError::bad_request(format!("The {} module's contents: {e}.", m.kind))
         })?;
         if m.kind == "config" {
@@ -203,7 +202,7 @@ async fn fill(
             .await?;
             let mut values = Map::new();
             for (k, v) in
-                coffer_strategies::modules::config_values(&bytes).map_err(ApiError::bad_request)?
+                coffer_common::modules::config_values(&bytes).map_err(ApiError::bad_request)?
             {
                 let j = v
                     .parse::<i64>()

@@ -164,6 +164,14 @@ pub struct InstanceRow {
     pub placement: String,
 }
 
+impl InstanceRow {
+    /// Whether its agent exists: a create holds its row keyless while it places the agent,
+    /// and a VM's agent sends its key when it enrols.
+    pub fn has_agent(&self) -> bool {
+        !self.agent_public_key.is_empty()
+    }
+}
+
 /// A module.
 #[derive(Debug, Clone)]
 pub struct ModuleRow {
@@ -718,7 +726,7 @@ impl Store {
     pub async fn load_params(
         &self,
         version_id: &str,
-        rules: &[coffer_strategies::config_rules::ParamRule],
+        rules: &[coffer_common::config_rules::ParamRule],
     ) -> anyhow::Result<()> {
         let mut tx = self.begin().await?;
         sqlx::query("DELETE FROM config_params WHERE version_id = ?")
@@ -740,7 +748,7 @@ impl Store {
     pub async fn params(
         &self,
         version_id: &str,
-    ) -> anyhow::Result<Vec<coffer_strategies::config_rules::ParamRule>> {
+    ) -> anyhow::Result<Vec<coffer_common::config_rules::ParamRule>> {
         let rows = sqlx::query("SELECT rule FROM config_params WHERE version_id = ? ORDER BY name")
             .bind(version_id)
             .fetch_all(&self.pool)

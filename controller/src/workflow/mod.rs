@@ -128,12 +128,9 @@ pub async fn start_as(
     let state = serde_json::to_string(&flow).map_err(anyhow::Error::from)?;
     let mut tx = app.store.begin().await?;
     if let Err(e) = Store::insert_workflow(&mut tx, &id, flow.kind(), &state, members).await {
-        return Err(match e.downcast_ref::<Owned>() {
-            Some(o) => ApiError::unprocessable(format!(
-                "Instance {} is busy with another operation (workflow {}); retry once it ends.",
-                o.instance, o.workflow
-            )),
-            None => e.into(),
+        return Err(match e.downcast::<Owned>() {
+            Ok(o) => o.into(),
+            Err(e) => e.into(),
         });
     }
     if let Some(task) = task {
@@ -172,7 +169,7 @@ pub async fn undo_unfinished_creates(app: &Arc<App>) -> anyhow::Result<()> {
     let live = app.store.live_instances().await?;
     for r in live
         .iter()
-        .filter(|r| r.agent_public_key.is_empty() && r.placement != "enrolled")
+        .filter(|r| !r.has_agent() && r.placement != "enrolled")
     {
         if !app.provisioner.key_at_enrolment() {
             warn!(instance = %r.id, "undoing a create the previous controller never answered");
