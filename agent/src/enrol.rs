@@ -131,7 +131,8 @@ pub async fn enrol(table: &toml::Table, req: &Request) -> anyhow::Result<String>
         "port": port,
     });
     let deadline = Instant::now() + req.patience;
-    let mut wait = Duration::from_secs(1);
+    let mut backoff =
+        coffer_common::retry::backoff(Duration::from_secs(1), Duration::from_secs(10));
     let answer: Answer = loop {
         let outcome = client.post(&url).json(&body).send().await;
         let retry_why = match outcome {
@@ -149,15 +150,15 @@ pub async fn enrol(table: &toml::Table, req: &Request) -> anyhow::Result<String>
             Ok(r) => format!("the controller answered {}", r.status()),
             Err(e) => format!("the controller is unreachable: {e}"),
         };
+        let wait = coffer_common::retry::next(&mut backoff);
         if Instant::now() + wait > deadline {
             bail!(
                 "{retry_why} (tried for {} s); check --controller and the network",
                 req.patience.as_secs()
             );
         }
-        warn!(url = %url, "{retry_why}; retrying in {} s", wait.as_secs());
+        warn!(url = %url, "{retry_why}; retrying in {:.1} s", wait.as_secs_f64());
         tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(10));
     };
     let e = answer.enrolment;
     if !coffer_proto::subjects::valid_token(&e.instance_id) {

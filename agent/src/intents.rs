@@ -23,7 +23,8 @@ const RESUMABLE: &[&str] = &["restart", "stop", "start", "delete"];
 
 /// Runs the consumer until shutdown, re-creating it after NATS trouble.
 pub async fn run(ctx: Arc<Ctx>) -> anyhow::Result<()> {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff =
+        coffer_common::retry::backoff(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match consume(&ctx).await {
             Ok(()) => return Ok(()),
@@ -33,9 +34,8 @@ pub async fn run(ctx: Arc<Ctx>) -> anyhow::Result<()> {
         }
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(coffer_common::retry::next(&mut backoff)) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

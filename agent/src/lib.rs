@@ -85,7 +85,8 @@ impl Ctx {
         );
         let payload: bytes::Bytes = env.encode_to_vec().into();
         let subject = subjects::event(&self.cfg.instance_id);
-        let mut delay = Duration::from_millis(100);
+        let mut backoff =
+            coffer_common::retry::backoff(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let publish = async_nats::jetstream::message::PublishMessage::build()
                 .payload(payload.clone())
@@ -105,9 +106,8 @@ impl Ctx {
                     warn!(error = %e, "event publish failed; retrying");
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(coffer_common::retry::next(&mut backoff)) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }

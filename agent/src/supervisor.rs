@@ -167,7 +167,7 @@ pub fn spawn(
         stop_timeout,
         obs: obs_tx,
         proc: None,
-        backoff: Duration::ZERO,
+        crash_delays: crash_backoff(),
         restart_at: None,
         running_since: None,
         probe_failures: 0,
@@ -188,7 +188,8 @@ struct Supervisor {
     stop_timeout: Duration,
     obs: watch::Sender<Observed>,
     proc: Option<Proc>,
-    backoff: Duration,
+    /// Delays before restarting a crashed server (reset once it has run a minute).
+    crash_delays: Box<dyn Iterator<Item = Duration> + Send>,
     restart_at: Option<tokio::time::Instant>,
     running_since: Option<Instant>,
     probe_failures: u32,
@@ -196,7 +197,13 @@ struct Supervisor {
 
 const START_TIMEOUT: Duration = Duration::from_secs(300);
 const PROBE_EVERY: Duration = Duration::from_secs(5);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+fn crash_backoff() -> Box<dyn Iterator<Item = Duration> + Send> {
+    Box::new(coffer_common::retry::backoff(
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+    ))
+}
 
 impl Supervisor {
     async fn run(
@@ -288,17 +295,13 @@ impl Supervisor {
             .map(|t| t.elapsed() > Duration::from_secs(60))
             .unwrap_or(false)
         {
-            self.backoff = Duration::ZERO;
+            self.crash_delays = crash_backoff();
         }
         self.running_since = None;
-        self.backoff = if self.backoff.is_zero() {
-            Duration::from_millis(500)
-        } else {
-            (self.backoff * 2).min(MAX_BACKOFF)
-        };
+        let delay = coffer_common::retry::next(&mut self.crash_delays);
         self.set(ServiceStatus::Crashed, why);
         if self.state.desired().running {
-            self.restart_at = Some(tokio::time::Instant::now() + self.backoff);
+            self.restart_at = Some(tokio::time::Instant::now() + delay);
         }
     }
 

@@ -14,4 +14,5 @@ pub mod fsutil;
 pub mod logs;
 pub mod modules;
 pub mod pipeline;
+pub mod retry;
 pub mod storage;

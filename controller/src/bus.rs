@@ -60,7 +60,9 @@ const OUTBOX_GIVE_UP: Duration = Duration::from_secs(300);
 /// keeps failing for [`OUTBOX_GIVE_UP`] while others go out fails with a fault, as if its agent
 /// had failed it.
 pub async fn outbox_loop(app: Arc<App>) {
-    let mut delay = Duration::from_millis(100);
+    let backoff =
+        || coffer_common::retry::backoff(Duration::from_millis(100), Duration::from_secs(5));
+    let mut delay = backoff();
     let mut failing: std::collections::HashMap<i64, Instant> = Default::default();
     loop {
         let rows = match app.store.outbox().await {
@@ -134,11 +136,10 @@ pub async fn outbox_loop(app: Arc<App>) {
             }
         }
         if errors > 0 {
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+            tokio::time::sleep(coffer_common::retry::next(&mut delay)).await;
             continue;
         }
-        delay = Duration::from_millis(100);
+        delay = backoff();
         tokio::select! {
             _ = app.outbox_wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -334,13 +335,13 @@ pub async fn observe(
 
 /// Consumes agent events from the event stream.
 pub async fn event_loop(app: Arc<App>) {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff =
+        coffer_common::retry::backoff(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         if let Err(e) = consume_events(&app).await {
             warn!(error = %format!("{e:#}"), "event consumer interrupted; re-creating it");
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(coffer_common::retry::next(&mut backoff)).await;
     }
 }
 

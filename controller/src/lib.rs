@@ -119,22 +119,13 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
     let js = async_nats::jetstream::new(client.clone());
     // Streams are needed before anything else; wait for NATS if it is not up yet.
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let ready = match bus::ensure_streams(&js).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(e),
-        };
-        match ready {
-            Ok(()) => break,
-            Err(e) => {
-                warn!(error = %format!("{e:#}"), "JetStream not ready; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(3));
-            }
+    let mut backoff =
+        coffer_common::retry::backoff(Duration::from_millis(100), Duration::from_secs(3));
+    while let Err(e) = bus::ensure_streams(&js).await {
+        warn!(error = %format!("{e:#}"), "JetStream not ready; retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(coffer_common::retry::next(&mut backoff)) => {}
         }
     }
     // NATS authorization is always on: a server that lets anyone in would let a tenant's agent

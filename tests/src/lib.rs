@@ -786,6 +786,26 @@ impl Env {
         );
     }
 
+    /// Polls a backup until its status is `want` (a FAILED one fails the test unless wanted);
+    /// returns its view.
+    pub async fn wait_backup(&self, id: &str, want: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (st, v) = self.call("GET", &format!("/backups/{id}"), None).await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+            let s = v["backup"]["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if s == want {
+                return v["backup"].clone();
+            }
+            assert!(s != "FAILED" || want == "FAILED", "backup failed: {v}");
+            assert!(Instant::now() < deadline, "backup {id} not {want}: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Polls until `pred` holds for the instance view.
     pub async fn wait_for(
         &self,

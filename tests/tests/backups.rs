@@ -9,24 +9,6 @@ use coffer_tests::{BackupStorage, Env, Opts, StatusCode};
 use serde_json::{json, Value};
 use sqlx::Connection;
 
-async fn wait_backup(env: &Env, id: &str, want: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (st, v) = env.call("GET", &format!("/backups/{id}"), None).await;
-        assert_eq!(st, StatusCode::OK, "{v}");
-        let s = v["backup"]["status"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        if s == want {
-            return v["backup"].clone();
-        }
-        assert!(s != "FAILED" || want == "FAILED", "backup failed: {v}");
-        assert!(Instant::now() < deadline, "backup {id} not {want}: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// `POST /backups` with `body` (the `backup` object wrapped), expecting 202 and NEW; returns the id.
 async fn post_backup(env: &Env, body: Value) -> String {
     let (st, v) = env.call("POST", "/backups", Some(body)).await;
@@ -76,7 +58,7 @@ async fn backup_and_restore_into_a_new_instance(storage: BackupStorage) {
         .execute(&mut c)
         .await
         .unwrap();
-    let b = wait_backup(&env, &bid, "COMPLETED").await;
+    let b = env.wait_backup(&bid, "COMPLETED").await;
     assert!(b["size"].as_f64().unwrap() > 0.0, "{b}");
     assert_eq!(b["checksum"].as_str().unwrap().len(), 64);
     assert!(b["locationRef"]
@@ -159,7 +141,7 @@ async fn tampered_backups_and_missing_keys_never_restore(storage: BackupStorage)
     let env = env_on(storage).await;
     let (id, _) = env.active_with_rows("src", &[]).await;
     let bid = post_backup(&env, json!({"backup": {"name": "b", "instance": id}})).await;
-    wait_backup(&env, &bid, "COMPLETED").await;
+    env.wait_backup(&bid, "COMPLETED").await;
 
     // Flip one byte in the middle of the stored stream.
     let key = format!("{bid}.cfbk");
@@ -256,9 +238,9 @@ async fn restores_are_bound_to_the_controllers_record(storage: BackupStorage) {
     let env = env_on(storage).await;
     let (id, _) = env.active_with_rows("src", &[1]).await;
     let a = post_backup(&env, json!({"backup": {"name": "a", "instance": id}})).await;
-    wait_backup(&env, &a, "COMPLETED").await;
+    env.wait_backup(&a, "COMPLETED").await;
     let b = post_backup(&env, json!({"backup": {"name": "b", "instance": id}})).await;
-    wait_backup(&env, &b, "COMPLETED").await;
+    env.wait_backup(&b, "COMPLETED").await;
     let (a_json, b_json) = (
         env.read_object(&id, &format!("{a}.json")).await,
         env.read_object(&id, &format!("{b}.json")).await,
@@ -318,7 +300,7 @@ async fn key_rotation_keeps_old_backups_restorable(storage: BackupStorage) {
     let env = env_on(storage).await;
     let (id, _) = env.active_with_rows("rot", &[10]).await;
     let old = post_backup(&env, json!({"backup": {"name": "old", "instance": id}})).await;
-    wait_backup(&env, &old, "COMPLETED").await;
+    env.wait_backup(&old, "COMPLETED").await;
 
     // Rotate: k2 becomes current, k1 stays in the ring as a retired key.
     let ring_path = env.dir.path().join("keyring.toml");
@@ -335,7 +317,7 @@ async fn key_rotation_keeps_old_backups_restorable(storage: BackupStorage) {
         "k2",
     );
     let new = post_backup(&env, json!({"backup": {"name": "new", "instance": id}})).await;
-    wait_backup(&env, &new, "COMPLETED").await;
+    env.wait_backup(&new, "COMPLETED").await;
     let manifest = |b: String| {
         let (env, id) = (&env, id.clone());
         async move {
@@ -363,7 +345,7 @@ async fn incremental_chains_restore_from_any_link_and_delete_together(storage: B
         let env = &env;
         async move {
             let bid = post_backup(env, json!({ "backup": body })).await;
-            wait_backup(env, &bid, "COMPLETED").await;
+            env.wait_backup(&bid, "COMPLETED").await;
             bid
         }
     };
@@ -453,7 +435,7 @@ async fn logical_backups_restore_data_and_accounts(storage: BackupStorage) {
         .execute(&mut c)
         .await
         .unwrap();
-    wait_backup(&env, &bid, "COMPLETED").await;
+    env.wait_backup(&bid, "COMPLETED").await;
     sqlx::query("INSERT INTO t VALUES (4)")
         .execute(&mut c)
         .await
@@ -586,7 +568,7 @@ async fn full_storage_fails_the_backup_and_nothing_else(storage: BackupStorage) 
         None
     };
     let bid = post_backup(&env, json!({"backup": {"name": "nospace", "instance": id}})).await;
-    let f = wait_backup(&env, &bid, "FAILED").await;
+    let f = env.wait_backup(&bid, "FAILED").await;
     assert!(
         f["fault"]
             .as_str()
@@ -642,7 +624,7 @@ async fn killing_the_agent_mid_backup_fails_it_cleanly(storage: BackupStorage) {
     kill(Pid::from_raw(agent), Signal::SIGKILL).unwrap();
     let _ = kill(Pid::from_raw(tool), Signal::SIGKILL);
     // The controller starts a new agent; the redelivered intent is reported interrupted.
-    let f = wait_backup(&env, &bid, "FAILED").await;
+    let f = env.wait_backup(&bid, "FAILED").await;
     assert!(
         f["fault"]
             .as_str()
@@ -678,9 +660,9 @@ async fn an_instance_key_opens_its_own_backups_only(storage: BackupStorage) {
     let (a, _) = env.active_with_rows("a", &[1]).await;
     let (b, _) = env.active_with_rows("b", &[2]).await;
     let ba = post_backup(&env, json!({"backup": {"name": "a", "instance": a}})).await;
-    wait_backup(&env, &ba, "COMPLETED").await;
+    env.wait_backup(&ba, "COMPLETED").await;
     let bb = post_backup(&env, json!({"backup": {"name": "b", "instance": b}})).await;
-    wait_backup(&env, &bb, "COMPLETED").await;
+    env.wait_backup(&bb, "COMPLETED").await;
     let ring = load_keyring(&env.dir.path().join("keyring.toml")).unwrap();
     let (a_id, a_key) = instance_key(&ring, "k1", &a).unwrap();
     let open = |bytes: Vec<u8>, ring: Keyring| -> Result<Vec<u8>, String> {

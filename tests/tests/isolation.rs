@@ -139,15 +139,7 @@ async fn instances_run_as_their_own_unix_users() {
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     let bid = v["backup"]["id"].as_str().unwrap().to_string();
     let stream = d.join(format!("backups/{a}/{bid}.cfbk"));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (_, v) = env.call("GET", &format!("/backups/{bid}"), None).await;
-        if v["backup"]["status"] == "COMPLETED" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    env.wait_backup(&bid, "COMPLETED").await;
     assert!(can_read(ua, &stream), "its own backup reads");
     assert!(
         !can_read(ub, &stream),

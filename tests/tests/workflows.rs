@@ -511,17 +511,7 @@ async fn a_backup_survives_the_controller_dying_at_every_step() {
             .to_string();
         // The agent's report, unacknowledged by the dead controller, comes again (JetStream
         // redelivers it once its ack wait has run out).
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let (_, b) = env.call("GET", &format!("/backups/{bid}"), None).await;
-            match b["backup"]["status"].as_str() {
-                Some("COMPLETED") => break,
-                Some("FAILED") => panic!("after {step} the backup failed: {b}"),
-                _ => {}
-            }
-            assert!(Instant::now() < deadline, "after {step}: {b}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        env.wait_backup(&bid, "COMPLETED").await;
         last = bid;
     }
     let body = json!({"instance": {"name": "restored", "flavorRef": "1", "volume": {"size": 1},
@@ -559,15 +549,7 @@ async fn racing_calls_on_one_instance_one_wins_the_other_gets_422() {
         let (b, r) = tokio::join!(env.call("POST", "/backups", Some(body)), env.restart(&src));
         if one_wins("backup vs restart", &b, &r) {
             let bid = b.1["backup"]["id"].as_str().unwrap().to_string();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let (_, v) = env.call("GET", &format!("/backups/{bid}"), None).await;
-                if v["backup"]["status"] == "COMPLETED" {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "{v}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            env.wait_backup(&bid, "COMPLETED").await;
         } else {
             let (_, list) = env.call("GET", "/backups", None).await;
             assert!(

@@ -130,17 +130,7 @@ impl Store {
         id: &str,
         state: &str,
     ) -> anyhow::Result<()> {
-        sqlx::query("UPDATE workflows SET state = ?, updated = ? WHERE id = ?")
-            .bind(state)
-            .bind(now())
-            .bind(id)
-            .execute(&mut **tx)
-            .await?;
-        sqlx::query("DELETE FROM workflow_members WHERE workflow_id = ?")
-            .bind(id)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
+        Self::free_members(tx, id, state, false).await
     }
 
     /// Ends a workflow inside `tx` (the one that releases its members' tasks): it owns nothing
@@ -150,8 +140,18 @@ impl Store {
         id: &str,
         state: &str,
     ) -> anyhow::Result<()> {
-        sqlx::query("UPDATE workflows SET state = ?, done = 1, updated = ? WHERE id = ?")
+        Self::free_members(tx, id, state, true).await
+    }
+
+    async fn free_members(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+        state: &str,
+        done: bool,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE workflows SET state = ?, done = done OR ?, updated = ? WHERE id = ?")
             .bind(state)
+            .bind(done)
             .bind(now())
             .bind(id)
             .execute(&mut **tx)

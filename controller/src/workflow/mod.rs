@@ -238,15 +238,16 @@ pub fn derived_id(workflow: &str, what: &str) -> String {
 /// Runs a workflow to its end. Store errors are retried (the step runs again: it is
 /// idempotent); the workflow's own failures are states it handles.
 async fn drive(app: Arc<App>, id: String) {
-    let mut delay = Duration::from_millis(200);
+    let backoff =
+        || coffer_common::retry::backoff(Duration::from_millis(200), Duration::from_secs(5));
+    let mut delay = backoff();
     loop {
         let row = match app.store.workflow(&id).await {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
                 warn!(workflow = %id, error = %format!("{e:#}"), "reading the workflow failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(coffer_common::retry::next(&mut delay)).await;
                 continue;
             }
         };
@@ -291,11 +292,10 @@ async fn drive(app: Arc<App>, id: String) {
                 info!(workflow = %id, kind = flow.kind(), "workflow ended");
                 return;
             }
-            Ok(()) => delay = Duration::from_millis(200),
+            Ok(()) => delay = backoff(),
             Err(e) => {
                 warn!(workflow = %id, error = %format!("{e:#}"), "recording the workflow's step failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(coffer_common::retry::next(&mut delay)).await;
             }
         }
     }
