@@ -608,3 +608,63 @@ async fn racing_calls_on_one_instance_one_wins_the_other_gets_422() {
         assert_eq!(v["replica_of"]["id"], src.as_str(), "{v}");
     }
 }
+
+/// Waits until no replication snapshot is left (the replica build has ended).
+async fn wait_build_over(env: &Env) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, b) = env.call("GET", "/backups", None).await;
+        let left = b["backups"].as_array().unwrap().iter().any(|x| {
+            x["name"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Replication snapshot")
+        });
+        if !left {
+            return;
+        }
+        assert!(Instant::now() < deadline, "a snapshot stayed: {b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A detach the controller dies in the middle of (the replica detached, nothing recorded yet)
+/// finishes when the controller is back: the replica is standalone and takes writes, and the
+/// source lists no replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_detach_survives_the_controller_dying_after_the_detach() {
+    let mut env = Env::start().await;
+    let (src, _) = env.active_with_rows("src", &[1]).await;
+    let body = json!({"instance": {"name": "rep", "replica_of": src}});
+    let (st, v) = env.call("POST", "/instances", Some(body)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let rep = v["instance"]["id"].as_str().unwrap().to_string();
+    let rview = env
+        .wait_status(&rep, "ACTIVE", Duration::from_secs(180))
+        .await;
+    wait_build_over(&env).await;
+    assert!(
+        insert(&env, &rview, 50).await.is_err(),
+        "a replica takes no writes"
+    );
+
+    arm(&mut env, "detach", "detach");
+    let path = format!("/instances/{rep}");
+    let body = json!({"instance": {"replica_of": null}});
+    if let Some((st, text)) =
+        send_racing_the_abort(&env, reqwest::Method::PUT, &path, Some(body)).await
+    {
+        assert_eq!(st, StatusCode::ACCEPTED, "{text}");
+    }
+    env.wait_controller_exit(Duration::from_secs(60)).await;
+    env.start_controller();
+    let v = env
+        .wait_for(&rep, "detached and ACTIVE", Duration::from_secs(60), |i| {
+            i["status"] == "ACTIVE" && i.get("replica_of").is_none()
+        })
+        .await;
+    assert!(v.get("fault").is_none_or(|f| f.is_null()), "{v}");
+    insert(&env, &rview, 51).await.unwrap();
+    let s = show(&env, &src).await;
+    assert!(s.get("replicas").is_none(), "{s}");
+}

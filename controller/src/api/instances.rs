@@ -1210,7 +1210,7 @@ async fn update_impl(st: AppState, c: Caller, id: String, body: Bytes, patch: bo
     }
     // `replica_of` / `slave_of` (any value: the key's presence counts): detach from the source.
     if inst.contains_key("replica_of") || inst.contains_key("slave_of") {
-        super::replicas::detach(&st, &r).await?;
+        super::replicas::detach(&st.0, &r).await?;
         return accepted();
     }
     // `configuration`: attach (an id or href), detach (null); `{"instance": {}}` also detaches.

@@ -9,15 +9,13 @@
 use std::sync::Arc;
 
 use coffer_proto::seal;
-use coffer_proto::v1;
 use serde_json::{json, Value};
 
-use super::access::call;
 use super::{ok, ApiError, ApiResult, Caller};
 use crate::status::task;
 use crate::store::{InstanceRow, Store};
 use crate::workflow::replication::{
-    datastore, ensure_repl_user, reload, start_failover, start_switchover,
+    datastore, ensure_repl_user, reload, start_detach, start_failover, start_switchover,
 };
 use crate::App;
 
@@ -176,7 +174,7 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
 }
 
 /// `PUT /instances/{id}` with `replica_of: null`: a standalone, writable instance.
-pub(super) async fn detach(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
+pub(super) async fn detach(app: &Arc<App>, r: &InstanceRow) -> Result<(), ApiError> {
     if r.replica_of.is_none() {
         return Err(ApiError::bad_request(format!(
             "Instance {} is not a replica.",
@@ -186,22 +184,8 @@ pub(super) async fn detach(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
     if !ready(app, r) {
         return Err(busy(r, "detaching"));
     }
-    set_tasks(app, &[r.id.clone()], task::DETACHING).await?;
-    let done = call(app, r, v1::call::Kind::DetachReplica(v1::DetachReplica {})).await;
-    if done.is_ok() {
-        app.store.set_replica_of(&r.id, None).await?;
-    }
-    set_tasks(app, &[r.id.clone()], task::NONE).await?;
-    done.map(|_| ())
-}
-
-async fn set_tasks(app: &App, ids: &[String], t: &str) -> Result<(), ApiError> {
-    let mut tx = app.store.begin().await?;
-    for id in ids {
-        Store::set_task(&mut tx, id, t, None).await?;
-    }
-    tx.commit().await?;
-    Ok(())
+    // A workflow: a controller that dies in the middle finishes it when it starts again.
+    start_detach(app, r).await.map(|_| ())
 }
 
 /// `promote_to_replica_source` on a replica: a planned switchover without losing a commit.

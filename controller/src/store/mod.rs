@@ -958,11 +958,20 @@ impl Store {
     }
 
     pub async fn set_replica_of(&self, id: &str, source: Option<&str>) -> anyhow::Result<()> {
+        Self::set_replica_of_in(&self.pool, id, source).await
+    }
+
+    /// [`Store::set_replica_of`] through `ex` (a transaction's own).
+    pub async fn set_replica_of_in<'e, E: sqlx::SqliteExecutor<'e>>(
+        ex: E,
+        id: &str,
+        source: Option<&str>,
+    ) -> anyhow::Result<()> {
         sqlx::query("UPDATE instances SET replica_of = ?, updated = ? WHERE id = ?")
             .bind(source)
             .bind(now())
             .bind(id)
-            .execute(&self.pool)
+            .execute(ex)
             .await?;
         Ok(())
     }

@@ -33,6 +33,7 @@ pub enum Flow {
     Switchover(replication::Switchover),
     Failover(replication::Failover),
     ReplicaBuild(replication::ReplicaBuild),
+    Detach(replication::Detach),
 }
 
 /// What a step did.
@@ -51,6 +52,7 @@ impl Flow {
             Flow::Switchover(_) => "switchover",
             Flow::Failover(_) => "failover",
             Flow::ReplicaBuild(_) => "replica_build",
+            Flow::Detach(_) => "detach",
         }
     }
 
@@ -59,6 +61,7 @@ impl Flow {
             Flow::Switchover(s) => s.step.name(),
             Flow::Failover(f) => f.step.name(),
             Flow::ReplicaBuild(b) => b.step.name(),
+            Flow::Detach(d) => d.step.name(),
         }
     }
 
@@ -66,7 +69,7 @@ impl Flow {
     /// serve (and may be switched over or deleted) while the snapshot is cleaned up.
     fn members_released(&self) -> bool {
         match self {
-            Flow::Switchover(_) | Flow::Failover(_) => false,
+            Flow::Switchover(_) | Flow::Failover(_) | Flow::Detach(_) => false,
             Flow::ReplicaBuild(b) => b.step == replication::BuildStep::Cleanup,
         }
     }
@@ -76,6 +79,7 @@ impl Flow {
             Flow::Switchover(s) => s.step == replication::SwitchoverStep::Done,
             Flow::Failover(f) => f.step == replication::FailoverStep::Done,
             Flow::ReplicaBuild(b) => b.step == replication::BuildStep::Done,
+            Flow::Detach(d) => d.step == replication::DetachStep::Done,
         }
     }
 
@@ -86,6 +90,7 @@ impl Flow {
             Flow::Switchover(s) => s.step(app, cancel).await,
             Flow::Failover(f) => f.step(app, cancel).await,
             Flow::ReplicaBuild(b) => return b.step(app, cancel).await,
+            Flow::Detach(d) => d.step(app, cancel).await,
         }
         Progress::Moved
     }
@@ -101,6 +106,7 @@ impl Flow {
             Flow::Switchover(s) => s.release(tx).await,
             Flow::Failover(f) => f.release(app, tx).await,
             Flow::ReplicaBuild(b) => b.release(tx).await,
+            Flow::Detach(d) => d.release(tx).await,
         }
     }
 }

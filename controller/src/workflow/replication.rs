@@ -465,18 +465,7 @@ impl Failover {
         // `Datastore::position_covers`).
         let source = reload(app, &self.source).await?;
         let ds = datastore(app, &source).await?;
-        let winner = positions
-            .iter()
-            .find(|(_, p)| positions.iter().all(|(_, q)| ds.position_covers(p, q)))
-            .or_else(|| {
-                positions.iter().min_by_key(|(_, p)| {
-                    positions
-                        .iter()
-                        .map(|(_, q)| ds.position_behind(p, q))
-                        .sum::<u64>()
-                })
-            })
-            .cloned()
+        let winner = elect(ds, &positions)
             .ok_or_else(|| ApiError::unprocessable("no replica of the source is reachable"))?;
         info!(winner = %winner.0, position = %winner.1, "elected the most advanced replica");
         self.winner = Some(winner.0);
@@ -829,4 +818,138 @@ pub async fn start_replica_build(
         error: None,
     });
     super::start_as(app, &id, flow, replicas, None).await
+}
+
+/// The steps of a detach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DetachStep {
+    /// The replica stops replicating and becomes writable (the datastore's detach, which is
+    /// idempotent: run again after a controller restart it finds the work done).
+    Detach,
+    Done,
+}
+
+impl DetachStep {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Detach => "detach",
+            Self::Done => "done",
+        }
+    }
+}
+
+/// A replica detached from its source (`replica_of` removed by an update): standalone and
+/// writable once it ends; the instance's record forgets the source in the same transaction that
+/// releases its task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Detach {
+    pub step: DetachStep,
+    pub replica: String,
+    pub detached: bool,
+    pub error: Option<String>,
+}
+
+impl Detach {
+    pub(super) async fn step(&mut self, app: &App, cancel: bool) {
+        if cancel {
+            self.error = Some("cancelled by reset_status".into());
+        } else {
+            let done = match reload(app, &self.replica).await {
+                Ok(r) => call(app, &r, v1::call::Kind::DetachReplica(v1::DetachReplica {}))
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match done {
+                Ok(()) => self.detached = true,
+                Err(e) => self.error = Some(e.message),
+            }
+        }
+        self.step = DetachStep::Done;
+    }
+
+    pub(super) async fn release(
+        &self,
+        tx: &mut Transaction<'static, Sqlite>,
+    ) -> anyhow::Result<()> {
+        if self.detached {
+            Store::set_replica_of_in(&mut **tx, &self.replica, None).await?;
+        }
+        let fault = self
+            .error
+            .as_ref()
+            .map(|e| format!("detaching failed: {e}"));
+        Store::set_task(tx, &self.replica, task::NONE, fault.as_deref()).await
+    }
+}
+
+/// Starts detaching `replica` from its source.
+pub async fn start_detach(app: &Arc<App>, replica: &InstanceRow) -> Result<String, ApiError> {
+    let flow = Flow::Detach(Detach {
+        step: DetachStep::Detach,
+        replica: replica.id.clone(),
+        detached: false,
+        error: None,
+    });
+    super::start(
+        app,
+        flow,
+        std::slice::from_ref(&replica.id),
+        Some(task::DETACHING),
+    )
+    .await
+}
+
+/// The failover's decision: among the drained replicas' positions, the one that has everything
+/// every other has; when none does (diverged histories), the one least behind the others in
+/// total. None when no replica answered.
+pub fn elect(ds: Datastore, positions: &[(String, String)]) -> Option<(String, String)> {
+    positions
+        .iter()
+        .find(|(_, p)| positions.iter().all(|(_, q)| ds.position_covers(p, q)))
+        .or_else(|| {
+            positions.iter().min_by_key(|(_, p)| {
+                positions
+                    .iter()
+                    .map(|(_, q)| ds.position_behind(p, q))
+                    .sum::<u64>()
+            })
+        })
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_failover_elects_the_replica_that_has_everything() {
+        let d = Datastore::ALL[0];
+        // Transactions per domain: b has everything a and c have.
+        let got = elect(d, &at(&[("a", "0-1-5"), ("b", "0-1-9"), ("c", "0-1-7")]));
+        assert_eq!(got.unwrap().0, "b");
+        // Diverged (each has what the other lacks): the least behind in total.
+        let got = elect(
+            d,
+            &at(&[("a", "0-1-9,1-2-1"), ("b", "0-1-5,1-2-2"), ("c", "0-1-1")]),
+        );
+        assert_eq!(got.unwrap().0, "a");
+        // Every datastore's positions (whichever of these forms it reads) elect the same way.
+        for d in Datastore::ALL {
+            let (lo, hi) = [("10", "20"), ("0/10", "0/20"), ("0-1-10", "0-1-20")]
+                .into_iter()
+                .find(|(lo, hi)| d.position_behind(lo, hi) > 0 && d.position_covers(hi, lo))
+                .unwrap_or_else(|| panic!("no position form for {d}"));
+            let got = elect(d, &at(&[("a", lo), ("b", hi), ("c", lo)]));
+            assert_eq!(got.unwrap().0, "b", "{d}");
+        }
+        assert_eq!(elect(d, &[]), None);
+    }
 }
