@@ -431,7 +431,7 @@ async fn handle_event(
             if let (Some(b), Some(r)) =
                 (app.store.backup_by_intent(&ev.intent_id).await?, &d.backup)
             {
-                crate::workflow::failpoint("backup", "done");
+                crate::failpoint::hit("backup", "done");
                 // Committed: from now on the agent can neither replace nor delete it.
                 crate::objects::seal_committed(app, &b.instance_id, &b.id);
                 app.store
@@ -568,7 +568,7 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
         if row.is_none_or(|r| r.placement != "enrolled") {
             app.provisioner.destroy(id).await?;
         }
-        crate::workflow::failpoint("delete", "destroyed");
+        crate::failpoint::hit("delete", "destroyed");
         if let (Some(a), false) = (&app.authority, nats_user.is_empty()) {
             a.revoke(
                 &app.cfg.nats_url,

@@ -9,6 +9,7 @@ use coffer_proto::v1;
 use serde_json::{json, Map, Value};
 
 use super::{accepted, ok, parse_body, with_next, ApiError, ApiResult, AppState, Caller, Page};
+use crate::ops::configurations::check_values;
 use crate::status::task;
 use crate::store::{ConfigurationRow, InstanceRow, Store, VersionRow};
 use crate::App;
@@ -92,45 +93,10 @@ pub async fn show_param_by_id(
     param_show(&st, &v, &name).await
 }
 
-/// Checks every value against the version's rules; all problems in one 422.
-pub(crate) async fn check_values(
-    app: &App,
-    version_id: &str,
-    values: &Map<String, Value>,
-) -> Result<Vec<v1::Override>, ApiError> {
-    let rules = app.store.params(version_id).await?;
-    if rules.is_empty() {
-        return Err(ApiError::unprocessable(
-            "Configuration groups are not supported for this datastore (no parameters are loaded for its version).",
-        ));
-    }
-    let mut out = Vec::new();
-    let mut bad = Vec::new();
-    for (k, v) in values {
-        match rules.iter().find(|r| r.name.eq_ignore_ascii_case(k)) {
-            None => bad.push(format!(
-                "The configuration parameter {k} is not supported for this datastore."
-            )),
-            Some(r) => match r.check(v) {
-                Ok(value) => out.push(v1::Override {
-                    name: r.name.clone(),
-                    value,
-                }),
-                Err(e) => bad.push(e),
-            },
-        }
-    }
-    if !bad.is_empty() {
-        return Err(ApiError::unprocessable(bad.join(" ")));
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
-}
-
 /// Sends an instance its whole set of overrides.
 async fn push(app: &App, r: &InstanceRow, overrides: Vec<v1::Override>) -> Result<(), ApiError> {
     let intent_id = uuid::Uuid::new_v4().to_string();
-    let payload = super::instances::intent_payload(
+    let payload = crate::ops::intents::intent_payload(
         app,
         &r.id,
         &intent_id,

@@ -3,10 +3,11 @@
 use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::{Path, Query};
-use coffer_proto::{v1, Message};
+use coffer_proto::v1;
 use serde_json::{json, Map, Value};
 
 use super::{accepted, ok, parse_body, with_next, ApiError, ApiResult, AppState, Caller, Page};
+use crate::ops::intents::intent_payload;
 use crate::provisioner::Placement;
 use crate::status::{self, task};
 use crate::store::{self, InstanceRow, Store, VersionRow};
@@ -32,33 +33,6 @@ const CREATE_KEYS: &[&str] = &[
     "access",
 ];
 const NOT_YET: &[&str] = &[];
-
-/// Deadline for an intent of `kind`, from now.
-fn deadline(app: &App, kind: &str) -> i64 {
-    let secs = match kind {
-        "prepare" => app.cfg.build_timeout_s as i64,
-        _ => 600,
-    };
-    coffer_proto::now_unix_ms() + secs * 1000
-}
-
-pub(crate) fn intent_payload(
-    app: &App,
-    instance_id: &str,
-    intent_id: &str,
-    kind: v1::intent::Kind,
-) -> Vec<u8> {
-    let name = coffer_proto::intent_kind_name(&kind);
-    coffer_proto::envelope(
-        intent_id.to_string(),
-        instance_id,
-        v1::envelope::Body::Intent(v1::Intent {
-            deadline_unix_ms: deadline(app, name),
-            kind: Some(kind),
-        }),
-    )
-    .encode_to_vec()
-}
 
 /// Last path segment of an id-or-href, as Trove takes it.
 fn id_of(v: &Value) -> Option<String> {
@@ -561,7 +535,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
                     version.manager
                 )));
             }
-            Some(super::backups::restore_point(&app, &backup.id, Some(&c.project)).await?)
+            Some(crate::ops::backups::restore_point(&app, &backup.id, Some(&c.project)).await?)
         }
         None => None,
     };
@@ -581,7 +555,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
                     "The configuration group {g} is for another datastore version."
                 )));
             }
-            super::configurations::check_values(&app, &cfg.datastore_version_id, &cfg.values)
+            crate::ops::configurations::check_values(&app, &cfg.datastore_version_id, &cfg.values)
                 .await?
         }
         None => vec![],
@@ -638,10 +612,10 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         // refused before any of them places an agent (a Unix user, a port). Then the agent,
         // whose public key seals the secrets, and the prepare intent.
         store_pending(&app, &n).await?;
-        crate::workflow::failpoint("create", "reserved");
+        crate::failpoint::hit("create", "reserved");
         let committed = async {
             let (placed, nats_user) = place(&app, &id, &n.version, None).await?;
-            crate::workflow::failpoint("create", "placed");
+            crate::failpoint::hit("create", "placed");
             commit_new(
                 &app,
                 &n,
@@ -920,7 +894,7 @@ pub(super) async fn commit_new(
     };
     let mut restore = n.restore_from.clone();
     if let Some(r) = restore.as_mut() {
-        super::backups::grant_restore(app, r, id, key)?;
+        crate::ops::backups::grant_restore(app, r, id, key)?;
     }
     let prepare = v1::intent::Kind::Prepare(v1::Prepare {
         memory_mb: n.flavor.ram as u64,
@@ -1299,7 +1273,7 @@ pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, Strin
     );
     Store::enqueue(&mut tx, &intent_id, &id, "delete", &payload).await?;
     tx.commit().await?;
-    crate::workflow::failpoint("delete", "requested");
+    crate::failpoint::hit("delete", "requested");
     app.outbox_wake.notify_one();
     accepted()
 }

@@ -10,7 +10,6 @@ mod catalog;
 pub(crate) mod configurations;
 pub mod enrol;
 pub(crate) mod instances;
-mod keys;
 mod logs;
 mod modules;
 mod quotas;

@@ -211,7 +211,7 @@ async fn fill(
                     .unwrap_or(Value::String(v));
                 values.insert(k, j);
             }
-            super::configurations::check_values(app, &version.id, &values).await?;
+            crate::ops::configurations::check_values(app, &version.id, &values).await?;
         }
         m.md5 = format!("{:x}", md5_of(text.trim().as_bytes()));
         let kept = seal::seal(

@@ -80,8 +80,12 @@ pub(super) async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> ApiRes
     match &configuration {
         Some(g) => match app.store.configuration(g).await? {
             Some(cfg) if cfg.project_id == c.project => {
-                super::configurations::check_values(&app, &cfg.datastore_version_id, &cfg.values)
-                    .await?
+                crate::ops::configurations::check_values(
+                    &app,
+                    &cfg.datastore_version_id,
+                    &cfg.values,
+                )
+                .await?
             }
             _ => {
                 return Err(ApiError::not_found(format!(

@@ -223,15 +223,6 @@ pub async fn resume_all(app: &Arc<App>) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn failpoint(kind: &str, step: &str) {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let at = AT.get_or_init(|| std::env::var("COFFER_TEST_FAILPOINT").ok());
-    if at.as_deref() == Some(&format!("{kind}:{step}")) {
-        warn!(kind, step, "failpoint reached: aborting");
-        std::process::abort();
-    }
-}
-
 /// An id derived from a workflow's id and a name (a snapshot, an intent): a step that runs
 /// again finds what it made the first time instead of making it twice.
 pub fn derived_id(workflow: &str, what: &str) -> String {
@@ -274,7 +265,7 @@ async fn drive(app: Arc<App>, id: String) {
             let _ = tokio::time::timeout(Duration::from_secs(2), woken).await;
             continue;
         }
-        failpoint(flow.kind(), step);
+        crate::failpoint::hit(flow.kind(), step);
         let saved = async {
             let state = serde_json::to_string(&flow)?;
             if flow.done() {

@@ -659,7 +659,7 @@ impl ReplicaBuild {
 
     async fn snapshot(&mut self, app: &App) -> Result<super::Progress, ApiError> {
         let source = reload(app, &self.source).await?;
-        crate::api::backups::snapshot(app, &source, &self.replicas.join(", "), &self.snapshot_id())
+        crate::ops::backups::snapshot(app, &source, &self.replicas.join(", "), &self.snapshot_id())
             .await?;
         info!(source = %self.source, replicas = ?self.replicas, "building replicas");
         self.step = BuildStep::WaitSnapshot;
@@ -711,7 +711,7 @@ impl ReplicaBuild {
                 let overrides = match &self.configuration {
                     Some(g) => match app.store.configuration(g).await? {
                         Some(cfg) => {
-                            crate::api::configurations::check_values(
+                            crate::ops::configurations::check_values(
                                 app,
                                 &cfg.datastore_version_id,
                                 &cfg.values,
@@ -725,8 +725,8 @@ impl ReplicaBuild {
                 let flavor = app.store.flavor(&source.flavor_id).await?;
                 let version = app.store.version(&source.datastore_version_id).await?;
                 let mut restore =
-                    crate::api::backups::restore_point(app, &self.snapshot_id(), None).await?;
-                crate::api::backups::grant_restore(app, &mut restore, &id, &agent_key(&r)?)?;
+                    crate::ops::backups::restore_point(app, &self.snapshot_id(), None).await?;
+                crate::ops::backups::grant_restore(app, &mut restore, &id, &agent_key(&r)?)?;
                 let prepare = v1::intent::Kind::Prepare(v1::Prepare {
                     memory_mb: flavor.as_ref().map(|f| f.ram as u64).unwrap_or(256),
                     vcpus: flavor.as_ref().map(|f| f.vcpus as u32).unwrap_or(1),
@@ -741,7 +741,7 @@ impl ReplicaBuild {
                     replica_of: Some(replica_of(&source, &r, &user, &password, &strategy)?),
                     ..Default::default()
                 });
-                let payload = crate::api::instances::intent_payload(app, &id, &intent_id, prepare);
+                let payload = crate::ops::intents::intent_payload(app, &id, &intent_id, prepare);
                 let mut tx = app.store.begin().await?;
                 Store::enqueue(&mut tx, &intent_id, &id, "prepare", &payload).await?;
                 tx.commit().await?;
@@ -769,7 +769,7 @@ impl ReplicaBuild {
     /// The snapshot is deleted once every replica has restored it (or given up).
     async fn cleanup(&mut self, app: &App) -> Result<super::Progress, ApiError> {
         let snapshot = self.snapshot_id();
-        if let Err(e) = crate::api::backups::remove(app, &snapshot).await {
+        if let Err(e) = crate::ops::backups::remove(app, &snapshot).await {
             warn!(error = %format!("{e:#}"), snapshot = %snapshot, "could not delete the replication snapshot");
         }
         self.step = BuildStep::Done;

@@ -8,7 +8,7 @@ use coffer_common::backup::{instance_key, load_keyring, split_key_id};
 use coffer_common::pipeline::Keyring;
 use coffer_proto::{seal, v1};
 
-use super::ApiError;
+use crate::error::ApiError;
 use crate::store::BackupRow;
 use crate::App;
 
@@ -34,7 +34,7 @@ fn ring(app: &App) -> Result<Option<Keyring>, ApiError> {
 
 /// The key a new backup of `instance` is sealed with: `(key id, key sealed to its agent)`, or
 /// None when backups are not encrypted.
-pub(super) fn issue(
+pub fn issue(
     app: &App,
     instance: &str,
     agent_key: &[u8],
@@ -55,7 +55,7 @@ pub(super) fn issue(
 }
 
 /// Checks that every link's key can be issued (before anything is stored for a restore).
-pub(super) fn check_chain(app: &App, chain: &[BackupRow]) -> Result<(), ApiError> {
+pub fn check_chain(app: &App, chain: &[BackupRow]) -> Result<(), ApiError> {
     let Some(ring) = ring(app)? else {
         return Ok(());
     };
@@ -75,7 +75,7 @@ pub(super) fn check_chain(app: &App, chain: &[BackupRow]) -> Result<(), ApiError
 /// Seals into `restore` each link's key for the restoring agent (`target`, public key `key`).
 /// Links without a key id (unencrypted, or sealed with a shared key before keys were per
 /// instance) get none.
-pub(super) fn seal_chain(
+pub fn seal_chain(
     app: &App,
     restore: &mut v1::RestoreFrom,
     target: &str,

@@ -1,0 +1,167 @@
+//! Backups as the domain sees them, for the API and the workflows alike: starting one (row and
+//! intent in one transaction), a replication snapshot, removing one, and what a restore is
+//! bound to and granted.
+
+use anyhow::Context;
+use coffer_proto::{v1, Message};
+
+use crate::error::ApiError;
+use crate::store::{self, BackupRow, InstanceRow, Store};
+use crate::App;
+
+/// Removes a backup's objects through the storage trait, then its record (and the storage of
+/// its deleted instance, when this was the last thing kept there).
+pub async fn remove(app: &App, id: &str) -> anyhow::Result<()> {
+    let Some(b) = app.store.backup(id).await? else {
+        return Ok(());
+    };
+    crate::objects::delete(
+        app,
+        &b.instance_id,
+        vec![format!("{id}.json"), format!("{id}.cfbk")],
+    )
+    .await
+    .context("deleting backup objects")?;
+    app.store.mark_backup_deleted(id).await?;
+    crate::objects::forget_if_unused(app, &b.instance_id).await
+}
+
+/// Starts a replication snapshot of `source` (a full backup outside the quota, deleted once
+/// its replicas are built).
+pub async fn snapshot(
+    app: &App,
+    source: &InstanceRow,
+    for_what: &str,
+    id: &str,
+) -> anyhow::Result<String> {
+    if app.store.backup(id).await?.is_some() {
+        // Started already (a workflow running this step again).
+        return Ok(id.to_string());
+    }
+    let tx = app.store.begin().await?;
+    let name = format!("Replication snapshot for {for_what}");
+    start(app, tx, source, id.to_string(), name, None, None, true)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))
+}
+
+/// Records a NEW backup of `r` and queues its intent, inside `tx` (committed here).
+#[allow(clippy::too_many_arguments)]
+pub async fn start(
+    app: &App,
+    mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    r: &InstanceRow,
+    id: String,
+    name: String,
+    description: Option<String>,
+    parent_id: Option<String>,
+    replication_snapshot: bool,
+) -> Result<String, ApiError> {
+    let intent_id = uuid::Uuid::new_v4().to_string();
+    let ts = store::now();
+    let key = super::keys::issue(app, &r.id, &crate::agents::agent_key(r)?)?;
+    let row = BackupRow {
+        id: id.clone(),
+        project_id: r.project_id.clone(),
+        instance_id: r.id.clone(),
+        name,
+        description,
+        status: "NEW".into(),
+        parent_id: parent_id.clone(),
+        datastore_version_id: r.datastore_version_id.clone(),
+        size_bytes: None,
+        checksum: None,
+        location: None,
+        progress: String::new(),
+        fault: None,
+        intent_id: Some(intent_id.clone()),
+        key_id: key.as_ref().map(|k| k.0.clone()),
+        created: ts.clone(),
+        updated: ts,
+    };
+    Store::insert_backup(&mut tx, &row).await?;
+    let payload = coffer_proto::envelope(
+        intent_id.clone(),
+        &r.id,
+        v1::envelope::Body::Intent(v1::Intent {
+            deadline_unix_ms: coffer_proto::now_unix_ms() + 600_000,
+            kind: Some(v1::intent::Kind::Backup(v1::Backup {
+                backup_id: id.clone(),
+                parent_id: parent_id.unwrap_or_default(),
+                key_id: key.as_ref().map(|k| k.0.clone()).unwrap_or_default(),
+                key_sealed: key.map(|k| k.1).unwrap_or_default(),
+                replication_snapshot,
+            })),
+        }),
+    )
+    .encode_to_vec();
+    Store::enqueue(&mut tx, &intent_id, &r.id, "backup", &payload).await?;
+    tx.commit().await?;
+    crate::failpoint::hit("backup", "requested");
+    app.outbox_wake.notify_one();
+    Ok(id)
+}
+
+/// Gives the restoring agent (`target`, public key `key`) what it needs to read `restore`'s
+/// chain, and nothing more: a NATS grant for other instances' links, the same through links in
+/// local storage, and each link's key sealed to it.
+pub fn grant_restore(
+    app: &App,
+    restore: &mut v1::RestoreFrom,
+    target: &str,
+    key: &[u8],
+) -> Result<(), ApiError> {
+    crate::objects::seal_grant(app, restore, target, key)?;
+    crate::objects::grant_local(app, restore, target)?;
+    super::keys::seal_chain(app, restore, target, key)
+}
+
+/// What a restore of `backup_id` is bound to: the chain as the controller recorded it (ids,
+/// source instances, stream digests), so the agent refuses storage that says otherwise. Every
+/// link must be COMPLETED with a digest; `project` (None for the controller's own snapshots)
+/// must own each one.
+pub async fn restore_point(
+    app: &crate::App,
+    backup_id: &str,
+    project: Option<&str>,
+) -> Result<v1::RestoreFrom, ApiError> {
+    let chain = app.store.backup_chain(backup_id).await?.ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "conflict",
+            format!("Backup {backup_id} cannot be restored: a backup of its chain is missing or deleted."),
+        )
+    })?;
+    let mut links = vec![];
+    for b in &chain {
+        let sha = b.checksum.clone().filter(|s| !s.is_empty());
+        let owned = project.is_none_or(|p| b.project_id == p);
+        match sha {
+            Some(sha256) if b.status == "COMPLETED" && owned => links.push(v1::ChainLink {
+                backup_id: b.id.clone(),
+                instance_id: b.instance_id.clone(),
+                sha256,
+                key_id: b.key_id.clone().unwrap_or_default(),
+                // Sealed to the restoring agent by `grant_restore`.
+                key_sealed: vec![],
+            }),
+            _ => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::CONFLICT,
+                    "conflict",
+                    format!(
+                        "Backup {backup_id} cannot be restored: backup {} of its chain is not a completed backup of this project.",
+                        b.id
+                    ),
+                ))
+            }
+        }
+    }
+    super::keys::check_chain(app, &chain)?;
+    Ok(v1::RestoreFrom {
+        backup_id: backup_id.to_string(),
+        chain: links,
+        // Sealed to the restoring agent once its key is known (`grant_restore`).
+        grant_sealed: vec![],
+    })
+}
