@@ -221,8 +221,7 @@ async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
                 Some(p) => std::fs::read_to_string(p)
                     .with_context(|| format!("reading {}", p.display()))?,
                 None => v
-                    .manager
-                    .parse::<coffer_proto::Datastore>()
+                    .datastore()
                     .ok()
                     .and_then(|d| d.bundled_rules(&v.version))
                     .with_context(|| {

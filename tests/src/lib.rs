@@ -941,50 +941,30 @@ impl Env {
 
     /// The last lines of the controller's log, for failure messages.
     pub fn controller_log(&self) -> String {
-        let t = std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default();
-        let lines: Vec<&str> = t.lines().collect();
-        format!(
-            "--- controller.log ---\n{}",
-            lines[lines.len().saturating_sub(30)..].join("\n")
-        )
+        tail_of(&self.dir.path().join("controller.log"), 30)
     }
 
     /// The controller's log and every instance's agent log, tails, for a failed test.
     fn failure_logs(&self) -> String {
-        let tail = |p: PathBuf, n: usize| {
-            let t = std::fs::read_to_string(&p).unwrap_or_default();
-            let lines: Vec<&str> = t.lines().collect();
-            format!(
-                "--- {} (last {n} lines) ---\n{}",
-                p.display(),
-                lines[lines.len().saturating_sub(n)..].join("\n")
-            )
-        };
-        let mut out = vec![tail(self.dir.path().join("controller.log"), 80)];
+        let mut out = vec![tail_of(&self.dir.path().join("controller.log"), 80)];
         let rd = std::fs::read_dir(self.dir.path().join("instances"));
         for e in rd.into_iter().flatten().flatten() {
-            out.push(tail(e.path().join("agent.log"), 40));
+            out.push(tail_of(&e.path().join("agent.log"), 40));
         }
         out.join("\n")
     }
 
     /// Tails of the logs, for failure messages.
     pub fn logs(&self, id: &str) -> String {
-        let tail = |p: PathBuf| {
-            let t = std::fs::read_to_string(&p).unwrap_or_default();
-            let lines: Vec<&str> = t.lines().collect();
-            format!(
-                "--- {} ---\n{}",
-                p.display(),
-                lines[lines.len().saturating_sub(15)..].join("\n")
-            )
-        };
         [
-            tail(self.dir.path().join("controller.log")),
-            tail(self.instance_dir(id).join("agent.log")),
-            tail(self.instance_dir(id).join("state/mariadb/mariadbd.err")),
-            tail(self.instance_dir(id).join("state/mariadb/mariadbd.out")),
+            self.dir.path().join("controller.log"),
+            self.instance_dir(id).join("agent.log"),
+            self.instance_dir(id).join("state/mariadb/mariadbd.err"),
+            self.instance_dir(id).join("state/mariadb/mariadbd.out"),
         ]
+        .iter()
+        .map(|p| tail_of(p, 15))
+        .collect::<Vec<_>>()
         .join("\n")
     }
 
@@ -1375,6 +1355,17 @@ impl Drop for Env {
             panic!("processes the test started outlived it: {left:?}");
         }
     }
+}
+
+/// The last `n` lines of a log file under a header naming it, for failure messages.
+fn tail_of(path: &Path, n: usize) -> String {
+    let t = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = t.lines().collect();
+    format!(
+        "--- {} (last {n} lines) ---\n{}",
+        path.display(),
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    )
 }
 
 /// What of an instance runs, taken before it is deleted ([`Env::running_of`]).

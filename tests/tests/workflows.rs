@@ -93,6 +93,18 @@ async fn post_racing_the_abort(env: &Env, path: &str, body: Value) -> Option<(St
     send_racing_the_abort(env, reqwest::Method::POST, path, Some(body)).await
 }
 
+/// The ids of the replicas `src` lists (none when it lists none).
+async fn replica_ids(env: &Env, src: &str) -> Vec<String> {
+    show(env, src).await["replicas"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| r["id"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Two replicas of `src`, ACTIVE.
 async fn two_active_replicas(env: &Env, src: &str) -> Vec<String> {
     let (st, v) = env
@@ -103,12 +115,11 @@ async fn two_active_replicas(env: &Env, src: &str) -> Vec<String> {
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    let replicas: Vec<String> = show(env, src).await["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
+    let replicas = replica_ids(env, src).await;
+    assert!(
+        !replicas.is_empty(),
+        "no replica listed after the create: {v}"
+    );
     for r in &replicas {
         env.wait_status(r, "ACTIVE", Duration::from_secs(180)).await;
     }
@@ -314,14 +325,7 @@ async fn a_replica_build_survives_the_controller_dying_at_every_step() {
         let want = env.rows(&sview).await;
         env.stop_controller();
         env.start_controller_with(&[("COFFER_TEST_FAILPOINT", &format!("replica_build:{step}"))]);
-        let before: Vec<String> = show(&env, &src).await["replicas"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|r| r["id"].as_str().unwrap().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let before = replica_ids(&env, &src).await;
         // Without an answer (the controller died first) the replica is found by listing.
         let body = json!({"instance": {"name": format!("rep{round}"), "replica_of": src}});
         if let Some((st, text)) = post_racing_the_abort(&env, "/instances", body).await {
@@ -329,14 +333,7 @@ async fn a_replica_build_survives_the_controller_dying_at_every_step() {
         }
         env.wait_controller_exit(Duration::from_secs(120)).await;
         env.start_controller();
-        let now: Vec<String> = show(&env, &src).await["replicas"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|r| r["id"].as_str().unwrap().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let now = replica_ids(&env, &src).await;
         let new: Vec<&String> = now.iter().filter(|r| !before.contains(r)).collect();
         assert_eq!(
             new.len(),
@@ -357,29 +354,7 @@ async fn a_replica_build_survives_the_controller_dying_at_every_step() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // The snapshot goes once the build is over.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (_, b) = env.call("GET", "/backups", None).await;
-            let left = b["backups"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|x| {
-                    x["name"]
-                        .as_str()
-                        .unwrap_or("")
-                        .contains("Replication snapshot")
-                })
-                .count();
-            if left == 0 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "after the {step} failpoint a snapshot stayed: {b}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_build_over(&env, &format!("after the {step} failpoint")).await;
     }
 }
 
@@ -609,8 +584,9 @@ async fn racing_calls_on_one_instance_one_wins_the_other_gets_422() {
     }
 }
 
-/// Waits until no replication snapshot is left (the replica build has ended).
-async fn wait_build_over(env: &Env) {
+/// Waits until no replication snapshot is left (the replica build has ended); `what` says
+/// when, in the failure.
+async fn wait_build_over(env: &Env, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, b) = env.call("GET", "/backups", None).await;
@@ -623,7 +599,7 @@ async fn wait_build_over(env: &Env) {
         if !left {
             return;
         }
-        assert!(Instant::now() < deadline, "a snapshot stayed: {b}");
+        assert!(Instant::now() < deadline, "{what} a snapshot stayed: {b}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -642,7 +618,7 @@ async fn a_detach_survives_the_controller_dying_after_the_detach() {
     let rview = env
         .wait_status(&rep, "ACTIVE", Duration::from_secs(180))
         .await;
-    wait_build_over(&env).await;
+    wait_build_over(&env, "after the build").await;
     assert!(
         insert(&env, &rview, 50).await.is_err(),
         "a replica takes no writes"

@@ -248,7 +248,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         }
     };
     if let Some(cfg) = app.cfg.backup.as_ref() {
-        let datastore = crate::workflow::replication::datastore(&app, &r).await?;
+        let datastore = crate::ops::datastore(&app, &r).await?;
         let strategy =
             coffer_proto::datastore::BackupMethod::for_datastore(datastore, cfg.strategy);
         match strategy {

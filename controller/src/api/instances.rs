@@ -487,13 +487,9 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     let req = parse_create(&body)?;
     let version = resolve_version(&app, req.datastore.as_deref(), req.version.as_deref()).await?;
     // What the datastore cannot honor is refused before anything is placed.
-    let datastore: coffer_proto::Datastore =
-        version
-            .manager
-            .parse()
-            .map_err(|e: coffer_proto::datastore::UnknownDatastore| {
-                ApiError::bad_request(e.to_string())
-            })?;
+    let datastore = version
+        .datastore()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     if !datastore.has_named_databases()
         && (!req.databases.is_empty() || req.users.iter().any(|u| !u.databases.is_empty()))
     {

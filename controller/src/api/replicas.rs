@@ -3,8 +3,9 @@
 //! failover (`eject_replica_source`) workflows (`crate::workflow::replication`).
 //!
 //! The source's replication user is created once, on the source, written to its replication
-//! stream so every replica has it too and a promoted replica serves the others with the same credentials. Its
-//! password is kept sealed to the controller's own key and sealed again to each agent.
+//! stream so every replica has it too and a promoted replica serves the others with the same
+//! credentials. Its password is kept sealed to the controller's own key and sealed again to
+//! each agent.
 
 use std::sync::Arc;
 
@@ -12,10 +13,11 @@ use coffer_proto::seal;
 use serde_json::{json, Value};
 
 use super::{ok, ApiError, ApiResult, Caller};
+use crate::ops::datastore;
 use crate::status::task;
 use crate::store::{InstanceRow, Store};
 use crate::workflow::replication::{
-    datastore, ensure_repl_user, reload, start_detach, start_failover, start_switchover,
+    ensure_repl_user, reload, start_detach, start_failover, start_switchover,
 };
 use crate::App;
 

@@ -3,7 +3,7 @@
 //! bound to and granted.
 
 use anyhow::Context;
-use coffer_proto::{v1, Message};
+use coffer_proto::v1;
 
 use crate::error::ApiError;
 use crate::store::{self, BackupRow, InstanceRow, Store};
@@ -80,21 +80,18 @@ pub async fn start(
         updated: ts,
     };
     Store::insert_backup(&mut tx, &row).await?;
-    let payload = coffer_proto::envelope(
-        intent_id.clone(),
+    let payload = super::intents::intent_payload(
+        app,
         &r.id,
-        v1::envelope::Body::Intent(v1::Intent {
-            deadline_unix_ms: coffer_proto::now_unix_ms() + 600_000,
-            kind: Some(v1::intent::Kind::Backup(v1::Backup {
-                backup_id: id.clone(),
-                parent_id: parent_id.unwrap_or_default(),
-                key_id: key.as_ref().map(|k| k.0.clone()).unwrap_or_default(),
-                key_sealed: key.map(|k| k.1).unwrap_or_default(),
-                replication_snapshot,
-            })),
+        &intent_id,
+        v1::intent::Kind::Backup(v1::Backup {
+            backup_id: id.clone(),
+            parent_id: parent_id.unwrap_or_default(),
+            key_id: key.as_ref().map(|k| k.0.clone()).unwrap_or_default(),
+            key_sealed: key.map(|k| k.1).unwrap_or_default(),
+            replication_snapshot,
         }),
-    )
-    .encode_to_vec();
+    );
     Store::enqueue(&mut tx, &intent_id, &r.id, "backup", &payload).await?;
     tx.commit().await?;
     crate::failpoint::hit("backup", "requested");

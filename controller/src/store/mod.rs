@@ -109,6 +109,15 @@ pub struct VersionRow {
     pub root_on_create: bool,
 }
 
+impl VersionRow {
+    /// The datastore the version's `manager` names.
+    pub fn datastore(
+        &self,
+    ) -> Result<coffer_proto::Datastore, coffer_proto::datastore::UnknownDatastore> {
+        self.manager.parse()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DatastoreRow {
     pub id: String,

@@ -3,8 +3,9 @@
 //! them (the replication user, re-pointing a replica).
 //!
 //! The source's replication user is created once, on the source, written to its replication
-//! stream so every replica has it too and a promoted replica serves the others with the same credentials. Its
-//! password is kept sealed to the controller's own key and sealed again to each agent.
+//! stream so every replica has it too and a promoted replica serves the others with the same
+//! credentials. Its password is kept sealed to the controller's own key and sealed again to
+//! each agent.
 
 use std::sync::Arc;
 
@@ -18,21 +19,10 @@ use tracing::{info, warn};
 use super::Flow;
 use crate::agents::{agent_key, call};
 use crate::error::ApiError;
+use crate::ops::datastore;
 use crate::status::task;
 use crate::store::{InstanceRow, Store};
 use crate::App;
-
-/// The datastore (manager) of an instance: replication positions and strategies are its own.
-/// The datastore an instance runs.
-pub async fn datastore(app: &App, r: &InstanceRow) -> Result<Datastore, ApiError> {
-    let manager = app
-        .store
-        .version(&r.datastore_version_id)
-        .await?
-        .map(|v| v.manager)
-        .unwrap_or_default();
-    Ok(manager.parse::<Datastore>().map_err(anyhow::Error::from)?)
-}
 
 pub async fn reload(app: &App, id: &str) -> Result<InstanceRow, ApiError> {
     app.store
