@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -25,70 +25,9 @@ pub const QUOTA_DEFAULTS: &[(&str, i64)] = &[
     ("backups", 50),
 ];
 
-/// Migrations in order; a new one is appended, never edited.
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (1, "core", include_str!("../../migrations/0001_core.sql")),
-    (
-        2,
-        "intents and agents",
-        include_str!("../../migrations/0002_intents_and_agents.sql"),
-    ),
-    (
-        3,
-        "agent keys",
-        include_str!("../../migrations/0003_agent_keys.sql"),
-    ),
-    (
-        4,
-        "agent nats users",
-        include_str!("../../migrations/0004_agent_nats_user.sql"),
-    ),
-    (
-        5,
-        "root and quotas",
-        include_str!("../../migrations/0005_root_and_quotas.sql"),
-    ),
-    (
-        6,
-        "root on create",
-        include_str!("../../migrations/0006_root_on_create.sql"),
-    ),
-    (
-        7,
-        "backups",
-        include_str!("../../migrations/0007_backups.sql"),
-    ),
-    (
-        8,
-        "configurations",
-        include_str!("../../migrations/0008_configurations.sql"),
-    ),
-    (
-        9,
-        "replication",
-        include_str!("../../migrations/0009_replication.sql"),
-    ),
-    (
-        10,
-        "modules",
-        include_str!("../../migrations/0010_modules.sql"),
-    ),
-    (
-        11,
-        "enrolment",
-        include_str!("../../migrations/0011_enrolment.sql"),
-    ),
-    (
-        12,
-        "backup keys",
-        include_str!("../../migrations/0012_backup_keys.sql"),
-    ),
-    (
-        13,
-        "workflows",
-        include_str!("../../migrations/0013_workflows.sql"),
-    ),
-];
+/// The store's migrations (`migrations/sqlite/`), embedded at build time; a new one is added as
+/// the next numbered file, never edited.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 #[derive(Clone)]
 pub struct Store {
@@ -298,20 +237,8 @@ pub struct OutboxRow {
 }
 
 fn migrator(upto: usize) -> Migrator {
-    let migrations: Vec<Migration> = MIGRATIONS[..upto]
-        .iter()
-        .map(|(v, d, sql)| {
-            Migration::new(
-                *v,
-                Cow::Borrowed(*d),
-                MigrationType::Simple,
-                Cow::Borrowed(*sql),
-                false,
-            )
-        })
-        .collect();
     Migrator {
-        migrations: Cow::Owned(migrations),
+        migrations: Cow::Owned(MIGRATOR.migrations[..upto].to_vec()),
         ..Migrator::DEFAULT
     }
 }
@@ -411,7 +338,7 @@ impl Store {
     /// Opens (creating if needed) the store at `path` and applies all migrations.
     pub async fn open(path: &Path) -> anyhow::Result<Store> {
         let s = Self::open_unmigrated(path).await?;
-        s.migrate(MIGRATIONS.len()).await?;
+        s.migrate(MIGRATOR.migrations.len()).await?;
         Ok(s)
     }
 
@@ -1558,7 +1485,7 @@ mod tests {
         let path = dir.path().join("c.db");
         {
             let s = Store::open_unmigrated(&path).await.unwrap();
-            s.migrate(MIGRATIONS.len() - 1).await.unwrap();
+            s.migrate(MIGRATOR.migrations.len() - 1).await.unwrap();
             sqlx::query(
                 "INSERT INTO instances (id, project_id, name, flavor_id, datastore_version_id, volume_size, task, \
                  task_started, service_status, server_id, created, updated) \
