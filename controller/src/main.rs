@@ -283,9 +283,9 @@ async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
                 .await?
                 .with_context(|| format!("flavor '{flavor}' does not exist"))?;
             anyhow::ensure!(ttl >= 1, "--ttl must be at least 1 second");
-            let t = coffer_controller::api::enrol::create_token(
+            let t = coffer_controller::ops::enrol::create_token(
                 &store,
-                &coffer_controller::api::enrol::TokenSpec {
+                &coffer_controller::ops::enrol::TokenSpec {
                     project,
                     name,
                     version_id: v.id,

@@ -290,7 +290,8 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
             ))
         }
     };
-    let version = super::instances::resolve_version(&st, ds.as_deref(), ver.as_deref()).await?;
+    let version =
+        crate::ops::instances::resolve_version(&st, ds.as_deref(), ver.as_deref()).await?;
     check_values(&st, &version.id, &values).await?;
     let ts = crate::store::now();
     let row = ConfigurationRow {

@@ -54,14 +54,7 @@ pub fn empty(status: StatusCode) -> ApiResult {
     Ok((status, [(header::CONTENT_TYPE, "application/json")], "").into_response())
 }
 
-/// The authenticated caller of a `/v1.0/{project}/...` route.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub project: String,
-    pub admin: bool,
-    /// Request host, for links.
-    pub host: String,
-}
+pub use crate::ops::Caller;
 
 impl Caller {
     /// `https://HOST/v1.0/{p}/{resource}/{id}` and the bookmark form, as Trove renders them.

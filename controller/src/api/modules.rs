@@ -10,7 +10,8 @@ use serde_json::{json, Map, Value};
 
 use super::access::call;
 use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
-use crate::store::{InstanceRow, ModuleRow};
+use crate::ops::modules::{find, spec_for};
+use crate::store::ModuleRow;
 use crate::App;
 
 fn b64(s: &str) -> Option<Vec<u8>> {
@@ -32,17 +33,6 @@ fn module_json(m: &ModuleRow) -> Value {
         "visible": m.visible, "live_update": m.live_update,
         "created": m.created, "updated": m.updated,
     })
-}
-
-async fn find(app: &App, c: &Caller, id: &str) -> Result<ModuleRow, ApiError> {
-    match app.store.module(id).await? {
-        Some(m)
-            if c.admin || m.project_id.is_none() || m.project_id.as_deref() == Some(&c.project) =>
-        {
-            Ok(m)
-        }
-        _ => Err(ApiError::not_found(format!("Module {id} cannot be found."))),
-    }
 }
 
 fn int_flag(b: &Map<String, Value>, k: &str) -> Result<Option<bool>, ApiError> {
@@ -194,7 +184,7 @@ async fn fill(
         })?;
         if m.kind == "config" {
             // Like a configuration group: every value checked against the version's rules.
-            let version = super::instances::resolve_version(
+            let version = crate::ops::instances::resolve_version(
                 app,
                 m.datastore.as_deref(),
                 m.datastore_version.as_deref(),
@@ -348,66 +338,6 @@ pub async fn instances(
         .map(|r| json!({"id": r.id, "name": r.name}))
         .collect();
     ok(json!({ "instances": list }))
-}
-
-/// A module sealed for one instance's agent.
-pub(super) fn spec_for(
-    app: &App,
-    r: &InstanceRow,
-    m: &ModuleRow,
-) -> Result<v1::ModuleSpec, ApiError> {
-    spec_sealed(app, &r.id, &super::access::agent_key(r)?, m)
-}
-
-/// A module sealed for the agent of `instance` whose public key is `key`.
-pub(super) fn spec_sealed(
-    app: &App,
-    instance: &str,
-    key: &[u8],
-    m: &ModuleRow,
-) -> Result<v1::ModuleSpec, ApiError> {
-    let kept = seal::from_hex(&m.contents_sealed)
-        .and_then(|b| seal::open(&app.reply_secret_key, &seal::kept_module_context(&m.id), &b).ok())
-        .ok_or_else(|| anyhow::anyhow!("module {} contents do not open", m.id))?;
-    Ok(v1::ModuleSpec {
-        id: m.id.clone(),
-        name: m.name.clone(),
-        r#type: m.kind.clone(),
-        contents_sealed: seal::seal(key, &seal::module_contents_context(instance, &m.id), &kept)
-            .map_err(|e| anyhow::anyhow!("sealing: {e}"))?,
-        md5: m.md5.clone(),
-        priority_apply: m.priority_apply,
-        apply_order: m.apply_order as u32,
-        auto_apply: m.auto_apply,
-        visible: m.visible,
-        is_admin: m.is_admin,
-        tenant: m.project_id.clone().unwrap_or_else(|| "all".into()),
-        datastore: m.datastore.clone().unwrap_or_else(|| "all".into()),
-        datastore_version: m.datastore_version.clone().unwrap_or_else(|| "all".into()),
-    })
-}
-
-/// The modules an instance of `datastore`/`version` gets at create: the requested ones and
-/// every auto_apply module that matches.
-pub(super) async fn for_create(
-    app: &App,
-    c: &Caller,
-    requested: &[String],
-    datastore: &str,
-    version: &str,
-) -> Result<Vec<ModuleRow>, ApiError> {
-    let mut out = Vec::new();
-    for id in requested {
-        out.push(find(app, c, id).await?);
-    }
-    for m in app.store.modules_for(&c.project).await? {
-        let matches = m.datastore.as_deref().is_none_or(|d| d == datastore)
-            && m.datastore_version.as_deref().is_none_or(|v| v == version);
-        if m.auto_apply && matches && !out.iter().any(|x| x.id == m.id) {
-            out.push(m);
-        }
-    }
-    Ok(out)
 }
 
 fn guest_json(r: &v1::ModuleResult) -> Value {

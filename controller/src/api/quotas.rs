@@ -3,44 +3,9 @@
 use axum::body::Bytes;
 use axum::extract::Path;
 use serde_json::{json, Value};
-use sqlx::{Sqlite, Transaction};
 
 use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
 use crate::store::{Store, QUOTA_DEFAULTS};
-
-/// Refuses (413) a create that would take a project past a limit. Runs inside the create's
-/// `BEGIN IMMEDIATE` transaction, so two concurrent creates cannot both pass.
-pub async fn check(
-    tx: &mut Transaction<'static, Sqlite>,
-    project: &str,
-    ram: i64,
-    volume: i64,
-) -> Result<(), ApiError> {
-    let limits = Store::quota_limits_with(&mut **tx, project).await?;
-    let (n, used_ram, used_vol) = Store::usage(tx, project).await?;
-    let mut over = vec![];
-    for (resource, limit) in &limits {
-        // Checked: a sum that does not fit is over any limit, never a wrapped small number.
-        let after = match resource.as_str() {
-            "instances" => n.checked_add(1),
-            "ram" => used_ram.checked_add(ram),
-            "volumes" => used_vol.checked_add(volume),
-            _ => continue,
-        };
-        if *limit >= 0 && after.is_none_or(|a| a > *limit) {
-            over.push(format!("'{resource}'"));
-        }
-    }
-    if over.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "overLimit",
-            format!("Quota exceeded for resources: [{}].", over.join(", ")),
-        ))
-    }
-}
 
 pub async fn show(
     st: AppState,

@@ -10,8 +10,31 @@ use crate::App;
 
 pub mod backups;
 pub mod configurations;
+pub mod enrol;
+pub mod instances;
 pub mod intents;
 pub mod keys;
+pub mod modules;
+pub mod quotas;
+
+/// Who a request acts for: a project, with or without the admin role.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub project: String,
+    pub admin: bool,
+    /// Request host, for the links the API renders.
+    pub host: String,
+}
+
+/// An instance of the caller's project (any project for an admin), or 404.
+pub async fn find_instance(app: &App, c: &Caller, id: &str) -> Result<InstanceRow, ApiError> {
+    match app.store.instance(id).await? {
+        Some(r) if r.project_id == c.project || c.admin => Ok(r),
+        _ => Err(ApiError::not_found(format!(
+            "Instance {id} could not be found."
+        ))),
+    }
+}
 
 /// The datastore an instance runs (its version's `manager`).
 pub async fn datastore(app: &App, r: &InstanceRow) -> Result<Datastore, ApiError> {

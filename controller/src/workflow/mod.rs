@@ -14,6 +14,7 @@
 //! operations (create, delete, backup) name their steps the same way (`create:reserved`,
 //! `create:placed`, `delete:requested`, `delete:destroyed`, `backup:requested`, `backup:done`).
 
+pub mod replicas;
 pub mod replication;
 
 use std::sync::Arc;

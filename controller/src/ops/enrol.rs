@@ -1,0 +1,331 @@
+//! Enrolment: a host the controller did not provision (a deb/rpm install on an existing machine)
+//! or a VM booted from the guest image joins with a one-time token.
+//!
+//! An administrator creates the token (`coffer-controller manage enrolment-token-create` or
+//! `POST /v1.0/{project}/mgmt/enrolment-tokens`); only its SHA-256 is stored. The agent makes its
+//! key pair first, then calls `POST /v1.0/agents/enrol` with the token and its public key: the
+//! first use binds the token to that key, creates the instance (a host) or completes it (a VM),
+//! and answers with the instance id and the agent's NATS identity sealed to the agent's key. A
+//! retry with the same key gets the same answer; another key, or an expired token, is refused.
+
+use coffer_proto::seal;
+use serde::{Deserialize, Serialize};
+
+use super::instances::{commit_new, Commit, NewInstance};
+use crate::error::ApiError;
+use crate::store::{Store, TokenRow};
+use crate::App;
+
+/// What an enrolled agent is told: its instance, where NATS is, and its creds sealed to its key.
+#[derive(Debug, Serialize)]
+pub struct Enrolment {
+    pub instance_id: String,
+    pub nats_url: String,
+    pub nats_creds_sealed: Option<String>,
+    pub nats_ca: Option<String>,
+    pub heartbeat_interval_ms: u64,
+    pub datastore: Option<String>,
+    pub backup_toml: Option<String>,
+}
+
+/// Tokens are `coffer-enrol-` + 32 random bytes in hex.
+pub const TOKEN_PREFIX: &str = "coffer-enrol-";
+
+/// What a token enrols into.
+#[derive(Debug, Clone)]
+pub struct TokenSpec {
+    pub project: String,
+    pub name: String,
+    pub version_id: String,
+    pub flavor_id: String,
+    pub volume_size: i64,
+    /// The instance being placed (a VM); `None` for a host, whose instance is made at first use.
+    pub instance_id: Option<String>,
+    pub ttl_s: i64,
+}
+
+/// A token as created: the secret is shown once.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub id: String,
+    pub token: String,
+    pub expires_unix: i64,
+}
+
+fn hash(token: &str) -> String {
+    seal::to_hex(&openssl::sha::sha256(token.as_bytes()))
+}
+
+/// A Unix time in RFC 3339, as the API shows expiries.
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn now_unix() -> i64 {
+    coffer_proto::now_unix_ms() / 1000
+}
+
+/// Creates a one-time token.
+pub async fn create_token(store: &Store, spec: &TokenSpec) -> anyhow::Result<NewToken> {
+    let mut secret = [0u8; 32];
+    openssl::rand::rand_bytes(&mut secret)?;
+    let token = format!("{TOKEN_PREFIX}{}", seal::to_hex(&secret));
+    let id = uuid::Uuid::new_v4().to_string();
+    let expires_unix = now_unix() + spec.ttl_s;
+    let row = TokenRow {
+        id: id.clone(),
+        project: spec.project.clone(),
+        name: spec.name.clone(),
+        version_id: spec.version_id.clone(),
+        flavor_id: spec.flavor_id.clone(),
+        volume_size: spec.volume_size,
+        instance_id: spec.instance_id.clone(),
+        public_key: None,
+        creds_sealed: None,
+        expires_unix,
+    };
+    store.insert_token(&row, &hash(&token)).await?;
+    Ok(NewToken {
+        id,
+        token,
+        expires_unix,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolReq {
+    pub token: String,
+    pub public_key: String,
+    /// Where clients reach the database (the host's address as the agent sees it).
+    pub host: String,
+    pub port: u16,
+}
+
+async fn token_row(app: &App, token: &str) -> anyhow::Result<Option<TokenRow>> {
+    app.store.token_by_hash(&hash(token)).await
+}
+
+fn creds_context(token_id: &str) -> String {
+    format!("coffer enrolment creds v1 token={token_id}")
+}
+
+/// `POST /v1.0/agents/enrol`: the token is the authorisation.
+pub async fn enrol(app: &App, req: EnrolReq) -> Result<Enrolment, ApiError> {
+    let key = seal::from_hex(&req.public_key)
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| ApiError::bad_request("public_key must be 64 hex digits (X25519)."))?;
+    if req.port == 0 || req.host.is_empty() || req.host.len() > 255 {
+        return Err(ApiError::bad_request(
+            "host and port must name where clients reach the database.",
+        ));
+    }
+    let unknown = || {
+        ApiError::unauthorized(
+            "This enrolment token is not known. Ask an administrator for a new one \
+             (coffer-controller manage enrolment-token-create).",
+        )
+    };
+    if !req.token.starts_with(TOKEN_PREFIX) {
+        return Err(unknown());
+    }
+    let row = token_row(app, &req.token).await?.ok_or_else(unknown)?;
+    match &row.public_key {
+        Some(bound) if *bound != req.public_key => {
+            return Err(ApiError::forbidden(
+                "This enrolment token was already used by another host (tokens are single-use). \
+                 Ask an administrator for a new one.",
+            ))
+        }
+        Some(_) => return answer(app, &row, &key).await,
+        None => {}
+    }
+    if row.expires_unix < now_unix() {
+        return Err(ApiError::unauthorized(format!(
+            "This enrolment token expired at {}. Ask an administrator for a new one.",
+            rfc3339(row.expires_unix)
+        )));
+    }
+    // Claim the token for this key (one winner among concurrent first uses).
+    let claimed = app.store.claim_token(&row.id, &req.public_key).await?;
+    if !claimed {
+        // Lost a race: answer as a retry would (or refuse another key).
+        let again = token_row(app, &req.token).await?.ok_or_else(unknown)?;
+        if again.public_key.as_deref() != Some(req.public_key.as_str()) {
+            return Err(ApiError::forbidden(
+                "This enrolment token was already used by another host (tokens are single-use).",
+            ));
+        }
+        return wait_answer(app, &req.token, &key).await;
+    }
+    match bind(app, &row, &req, &key).await {
+        Ok(()) => {
+            let row = token_row(app, &req.token).await?.ok_or_else(unknown)?;
+            answer(app, &row, &key).await
+        }
+        Err(e) => {
+            // Release the claim: the same host may retry.
+            let _ = app
+                .store
+                .release_token(&row.id, row.instance_id.as_deref())
+                .await;
+            Err(e)
+        }
+    }
+}
+
+/// First use: issues the agent's NATS identity and creates (host) or completes (VM) the instance.
+async fn bind(app: &App, row: &TokenRow, req: &EnrolReq, key: &[u8]) -> Result<(), ApiError> {
+    let id = row
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let (creds, nats_user) = match &app.authority {
+        Some(a) => {
+            let (c, u) = a.agent_creds(&id)?;
+            (Some(c), u)
+        }
+        None => (None, String::new()),
+    };
+    let creds_sealed = match &creds {
+        Some(c) => Some(
+            seal::seal(&app.reply_public_key, &creds_context(&row.id), c.as_bytes())
+                .map_err(|e| anyhow::anyhow!("sealing the creds: {e}"))?,
+        ),
+        None => None,
+    };
+    if row.instance_id.is_some() {
+        // A VM the controller booted: its build waits for this key.
+        let done = app
+            .store
+            .set_enrolled_agent(&id, &seal::to_hex(key), &nats_user)
+            .await?;
+        if !done {
+            return Err(ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "conflict",
+                format!("Instance {id} is gone or already enrolled."),
+            ));
+        }
+    } else {
+        if let Some(other) = app.store.live_instances().await?.into_iter().find(|r| {
+            r.host.as_deref() == Some(req.host.as_str()) && r.port == Some(req.port as i64)
+        }) {
+            return Err(ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "{}:{} is already instance {}; delete it first or enrol with another [listen] port.",
+                    req.host, req.port, other.id
+                ),
+            ));
+        }
+        let version = app
+            .store
+            .version(&row.version_id)
+            .await?
+            .ok_or_else(|| ApiError::bad_request("The token's datastore version is gone."))?;
+        let flavor = app
+            .store
+            .flavor(&row.flavor_id)
+            .await?
+            .ok_or_else(|| ApiError::bad_request("The token's flavor is gone."))?;
+        let n = NewInstance {
+            id: id.clone(),
+            project: row.project.clone(),
+            name: row.name.clone(),
+            flavor,
+            volume_size: row.volume_size,
+            databases: vec![],
+            users: vec![],
+            restore_from: None,
+            overrides: vec![],
+            modules: vec![],
+            configuration: None,
+            // An enrolled host's root stays disabled until someone enables it (the password
+            // could not be shown to anyone).
+            root_password: None,
+            version,
+        };
+        commit_new(
+            app,
+            &n,
+            key,
+            &nats_user,
+            (&req.host, req.port),
+            Commit::Insert("enrolled"),
+        )
+        .await?;
+        app.outbox_wake.notify_one();
+    }
+    app.store
+        .set_token_enrolled(&row.id, &id, creds_sealed.as_deref())
+        .await?;
+    Ok(())
+}
+
+/// A retry that raced the first use: waits briefly for it to finish.
+async fn wait_answer(app: &App, token: &str, key: &[u8]) -> Result<Enrolment, ApiError> {
+    for _ in 0..50 {
+        if let Some(r) = token_row(app, token).await? {
+            if r.instance_id.is_some() && (r.creds_sealed.is_some() || app.authority.is_none()) {
+                return answer(app, &r, key).await;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Err(ApiError::new(
+        axum::http::StatusCode::CONFLICT,
+        "conflict",
+        "This token's enrolment is still in progress; retry in a few seconds.",
+    ))
+}
+
+/// The enrolment answer: the instance, where NATS is, and the agent's creds sealed to its key.
+async fn answer(app: &App, row: &TokenRow, key: &[u8]) -> Result<Enrolment, ApiError> {
+    let Some(id) = &row.instance_id else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "conflict",
+            "This token's enrolment is still in progress; retry in a few seconds.",
+        ));
+    };
+    let creds_sealed = match &row.creds_sealed {
+        Some(c) => {
+            let creds = seal::open(&app.reply_secret_key, &creds_context(&row.id), c)
+                .map_err(|e| anyhow::anyhow!("opening the kept creds: {e}"))?;
+            Some(seal::to_hex(
+                &seal::seal(key, &seal::enrolment_creds_context(id), &creds)
+                    .map_err(|e| anyhow::anyhow!("sealing the creds: {e}"))?,
+            ))
+        }
+        None => None,
+    };
+    let version = app.store.version(&row.version_id).await?;
+    let nats_ca = match &app.cfg.nats_ca_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("reading the NATS CA {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Enrolment {
+        instance_id: id.clone(),
+        nats_url: app
+            .cfg
+            .agent_nats_url
+            .clone()
+            .unwrap_or_else(|| app.cfg.nats_url.clone()),
+        nats_creds_sealed: creds_sealed,
+        nats_ca,
+        heartbeat_interval_ms: app.provisioner.heartbeat_interval_ms(),
+        datastore: version.map(|v| v.manager),
+        backup_toml: super::instances::agent_backup_toml(app)?,
+    })
+}

@@ -1,0 +1,700 @@
+//! Instances: create (process, VM and enrolled placements), delete, restart and reset.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use coffer_proto::v1;
+use tracing::warn;
+
+use super::intents::intent_payload;
+use super::Caller;
+use crate::error::ApiError;
+use crate::provisioner::Placement;
+use crate::status::{self, task};
+use crate::store::{self, InstanceRow, Store, VersionRow};
+use crate::App;
+
+/// A create request as the API parsed it.
+pub struct CreateSpec {
+    pub name: String,
+    pub flavor_id: String,
+    pub volume_size: i64,
+    pub datastore: Option<String>,
+    pub version: Option<String>,
+    pub databases: Vec<v1::Database>,
+    pub users: Vec<v1::User>,
+    pub restore_from: Option<String>,
+    pub configuration: Option<String>,
+    pub modules: Vec<String>,
+}
+
+/// `reset_status` (admin): a workflow's members are released (and its fences lifted) by the
+/// workflow alone, which is asked to stop where it safely can; any other instance's task is
+/// cleared and its status is taken from the next heartbeat.
+pub async fn reset_status(app: &App, id: &str) -> Result<(), ApiError> {
+    if let Some(w) = app.store.workflow_owning(id).await? {
+        app.store.cancel_workflow(&w).await?;
+        return Ok(());
+    }
+    let mut tx = app.store.begin().await?;
+    Store::set_task(&mut tx, id, task::NONE, None).await?;
+    Store::forget_service_status_in(&mut tx, id).await?;
+    tx.commit().await?;
+    if let Some(l) = app.live.lock().unwrap().get_mut(id) {
+        l.persisted = None;
+    }
+    Ok(())
+}
+
+pub async fn resolve_version(
+    app: &App,
+    ds: Option<&str>,
+    v: Option<&str>,
+) -> Result<VersionRow, ApiError> {
+    let all = app.store.datastores().await?;
+    let d = match ds {
+        Some(name) => all
+            .into_iter()
+            .find(|d| d.name == name || d.id == name)
+            .ok_or_else(|| ApiError::not_found(format!("Datastore '{name}' cannot be found.")))?,
+        None => {
+            let default = app.cfg.default_datastore.as_deref();
+            if let Some(d) = default.and_then(|n| all.iter().find(|d| d.name == n)) {
+                d.clone()
+            } else if all.len() == 1 {
+                all.into_iter().next().unwrap()
+            } else {
+                return Err(ApiError::bad_request(
+                    "Please specify datastore. Default datastore cannot be found.",
+                ));
+            }
+        }
+    };
+    let versions: Vec<VersionRow> = app
+        .store
+        .versions_of(&d.id)
+        .await?
+        .into_iter()
+        .filter(|x| x.active)
+        .collect();
+    match v {
+        Some(name) => versions
+            .into_iter()
+            .find(|x| x.name == name || x.id == name)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("Datastore version '{name}' cannot be found."))
+            }),
+        None => {
+            let dv = d.default_version_id.clone().ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Default version for datastore '{}' not found.",
+                    d.name
+                ))
+            })?;
+            versions.into_iter().find(|x| x.id == dv).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Default version for datastore '{}' not found.",
+                    d.name
+                ))
+            })
+        }
+    }
+}
+
+/// Creates an instance: every check first (nothing is placed for a refused create), then the row
+/// with the binding quota check, the agent, and its `prepare` intent. Returns the new instance's
+/// id and root's password when the version enables root on create (shown once).
+pub async fn create(
+    app: &Arc<App>,
+    c: &Caller,
+    req: CreateSpec,
+) -> Result<(String, Option<String>), ApiError> {
+    let app = app.clone();
+    let project = c.project.as_str();
+    let version = resolve_version(&app, req.datastore.as_deref(), req.version.as_deref()).await?;
+    // What the datastore cannot honor is refused before anything is placed.
+    let datastore = version
+        .datastore()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if !datastore.has_named_databases()
+        && (!req.databases.is_empty() || req.users.iter().any(|u| !u.databases.is_empty()))
+    {
+        return Err(ApiError::bad_request(format!(
+            "{datastore} instances have no named databases; create the instance without 'databases' and without databases in its users."
+        )));
+    }
+    let flavor = app.store.flavor(&req.flavor_id).await?.ok_or_else(|| {
+        ApiError::bad_request(format!("Flavor '{}' could not be found.", req.flavor_id))
+    })?;
+    // restorePoint: a COMPLETED backup of this project.
+    let restore_from = match &req.restore_from {
+        Some(b) => {
+            let backup = app
+                .store
+                .backup(b)
+                .await?
+                .filter(|x| x.project_id == project)
+                .ok_or_else(|| ApiError::not_found(format!("Backup {b} could not be found.")))?;
+            if backup.status != "COMPLETED" {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::CONFLICT,
+                    "conflict",
+                    format!(
+                        "Backup {b} is not completed (status {}); restore from a completed backup.",
+                        backup.status
+                    ),
+                ));
+            }
+            let of = app
+                .store
+                .version(&backup.datastore_version_id)
+                .await?
+                .map(|v| v.manager)
+                .unwrap_or_default();
+            if of != version.manager {
+                return Err(ApiError::bad_request(format!(
+                    "Backup {b} is a {of} backup; restore it into a {of} instance, not {}.",
+                    version.manager
+                )));
+            }
+            Some(crate::ops::backups::restore_point(&app, &backup.id, Some(project)).await?)
+        }
+        None => None,
+    };
+    // A configuration group: the project's, for this version, with values that still check.
+    let overrides = match &req.configuration {
+        Some(g) => {
+            let cfg = app
+                .store
+                .configuration(g)
+                .await?
+                .filter(|x| x.project_id == project)
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("Configuration group {g} cannot be found."))
+                })?;
+            if cfg.datastore_version_id != version.id {
+                return Err(ApiError::bad_request(format!(
+                    "The configuration group {g} is for another datastore version."
+                )));
+            }
+            crate::ops::configurations::check_values(&app, &cfg.datastore_version_id, &cfg.values)
+                .await?
+        }
+        None => vec![],
+    };
+    let modules = super::modules::for_create(
+        &app,
+        c,
+        &req.modules,
+        &version.datastore_name,
+        &version.name,
+    )
+    .await?;
+    // Quota: a cheap check before placing anything; the binding one runs in the transaction.
+    {
+        let mut tx = app.store.begin_read().await?;
+        super::quotas::check(&mut tx, project, flavor.ram, req.volume_size).await?;
+    }
+    let linked = app.store.version_flavors(&version.id).await?;
+    if !linked.is_empty() && !linked.contains(&flavor.id) {
+        return Err(ApiError::bad_request(format!(
+            "Flavor '{}' is not supported for datastore version '{}' of '{}'.",
+            flavor.id, version.name, version.datastore_name
+        )));
+    }
+
+    let id = uuid::Uuid::new_v4().to_string();
+    let root_password = version
+        .root_on_create
+        .then(|| uuid::Uuid::new_v4().simple().to_string());
+    let n = NewInstance {
+        id: id.clone(),
+        project: project.to_string(),
+        name: req.name,
+        flavor,
+        version,
+        volume_size: req.volume_size,
+        databases: req.databases,
+        users: req.users,
+        restore_from,
+        overrides,
+        modules,
+        configuration: req.configuration,
+        root_password: root_password.clone(),
+    };
+    // An intent too large to send is refused before anything is placed (a Unix user, a VM).
+    check_prepare_size(&app, &n)?;
+    if app.provisioner.key_at_enrolment() {
+        // A VM: its agent makes its key pair at first boot and sends the public half when it
+        // enrols; the secrets are sealed to it then. The instance shows as BUILD meanwhile.
+        store_pending(&app, &n).await?;
+        tokio::spawn(build_vm(app.clone(), n));
+    } else {
+        // The row first, with the binding quota check: concurrent creates past the quota are
+        // refused before any of them places an agent (a Unix user, a port). Then the agent,
+        // whose public key seals the secrets, and the prepare intent.
+        store_pending(&app, &n).await?;
+        crate::failpoint::hit("create", "reserved");
+        let committed = async {
+            let (placed, nats_user) = place(&app, &id, &n.version, None).await?;
+            crate::failpoint::hit("create", "placed");
+            commit_new(
+                &app,
+                &n,
+                &placed.public_key,
+                &nats_user,
+                (&placed.host, placed.port),
+                Commit::Placed("provisioner"),
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = committed {
+            let _ = app.provisioner.destroy(&id).await;
+            app.store.forget_instance(&id).await?;
+            return Err(e);
+        }
+        app.outbox_wake.notify_one();
+        start_agent(&app, &id).await?;
+    }
+    Ok((id, root_password))
+}
+
+/// Refuses (413) a create whose prepare intent could never be sent. The estimate carries the
+/// passwords in the clear, which is smaller than sealed, so what passes here may still be refused
+/// by [`Store::enqueue`] once sealed; what fails here would fail there, after placing an agent.
+fn check_prepare_size(app: &App, n: &NewInstance) -> Result<(), ApiError> {
+    let estimate = v1::intent::Kind::Prepare(v1::Prepare {
+        memory_mb: n.flavor.ram as u64,
+        vcpus: n.flavor.vcpus as u32,
+        volume_gb: n.volume_size as u64,
+        server_id: 0,
+        databases: n.databases.clone(),
+        users: n.users.clone(),
+        datastore_version: n.version.version.clone(),
+        root_password_sealed: vec![],
+        restore: n.restore_from.clone(),
+        overrides: n.overrides.clone(),
+        replica_of: None,
+        modules: vec![],
+    });
+    let bytes = intent_payload(app, &n.id, &n.id, estimate).len();
+    if bytes > store::MAX_INTENT_BYTES {
+        return Err(anyhow::Error::from(store::IntentTooLarge {
+            kind: "prepare".into(),
+            bytes,
+        })
+        .into());
+    }
+    Ok(())
+}
+
+/// A new (non-replica) instance, checked and ready to be committed once its agent's key is known.
+pub struct NewInstance {
+    pub id: String,
+    pub project: String,
+    pub name: String,
+    pub flavor: store::FlavorRow,
+    pub version: VersionRow,
+    pub volume_size: i64,
+    pub databases: Vec<v1::Database>,
+    /// Passwords in the clear until [`commit_new`] seals them.
+    pub users: Vec<v1::User>,
+    /// The backup chain to restore, as the controller recorded it.
+    pub restore_from: Option<v1::RestoreFrom>,
+    pub overrides: Vec<v1::Override>,
+    pub modules: Vec<store::ModuleRow>,
+    pub configuration: Option<String>,
+    pub root_password: Option<String>,
+}
+
+/// How [`commit_new`] stores the instance.
+pub enum Commit<'a> {
+    /// Insert the row, with this placement (`provisioner` or `enrolled`).
+    Insert(&'a str),
+    /// Complete the row [`store_pending`] stored while the VM booted.
+    Complete,
+    /// Complete the row [`store_pending`] reserved, with the placed agent's key and address
+    /// and this placement.
+    Placed(&'a str),
+}
+
+fn row_of(n: &NewInstance, server_id: i64, key: &[u8], nats_user: &str) -> InstanceRow {
+    let ts = store::now();
+    InstanceRow {
+        id: n.id.clone(),
+        project_id: n.project.clone(),
+        name: n.name.clone(),
+        flavor_id: n.flavor.id.clone(),
+        datastore_version_id: n.version.id.clone(),
+        volume_size: n.volume_size,
+        task: task::BUILDING.into(),
+        task_started: ts.clone(),
+        service_status: "new".into(),
+        fault: None,
+        fault_at: None,
+        server_id,
+        host: None,
+        port: None,
+        created: ts.clone(),
+        updated: ts,
+        deleted: false,
+        agent_version: String::new(),
+        capabilities: String::new(),
+        agent_public_key: coffer_proto::seal::to_hex(key),
+        agent_nats_user: nats_user.to_string(),
+        configuration_id: n.configuration.clone(),
+        replica_of: None,
+        repl_user: None,
+        repl_secret: None,
+        repl_strategy: None,
+        ejected: false,
+        placement: "provisioner".into(),
+    }
+}
+
+/// Stores a new instance before its agent exists (BUILD, no key, no address yet), with the
+/// binding quota check: the reservation a create holds while its agent is placed.
+async fn store_pending(app: &App, n: &NewInstance) -> Result<(), ApiError> {
+    let mut tx = app.store.begin().await?;
+    super::quotas::check(&mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
+    let server_id = Store::next_server_id(&mut tx).await?;
+    Store::insert_instance(&mut tx, &row_of(n, server_id, &[], "")).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Boots a VM-backed instance: places it (the provisioner boots the VM with an enrolment token),
+/// waits for its agent to enrol, then seals the secrets to the agent's key and queues `prepare`.
+async fn build_vm(app: std::sync::Arc<App>, n: NewInstance) {
+    let id = n.id.clone();
+    let result: anyhow::Result<()> = async {
+        let ttl = app.cfg.build_timeout_s.max(60) as i64;
+        let token = super::enrol::create_token(
+            &app.store,
+            &super::enrol::TokenSpec {
+                project: n.project.clone(),
+                name: n.name.clone(),
+                version_id: n.version.id.clone(),
+                flavor_id: n.flavor.id.clone(),
+                volume_size: n.volume_size,
+                instance_id: Some(id.clone()),
+                ttl_s: ttl,
+            },
+        )
+        .await?;
+        let (placed, _) = place(&app, &id, &n.version, Some(token.token))
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        app.store
+            .set_endpoint(&id, &placed.host, placed.port as i64)
+            .await?;
+        app.provisioner
+            .start(&id)
+            .await
+            .map_err(|e| e.context("booting the VM failed"))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(ttl as u64);
+        let (key, nats_user) = loop {
+            match app.store.instance(&id).await? {
+                None => return Ok(()), // deleted while booting
+                Some(r) if r.has_agent() => {
+                    let key = coffer_proto::seal::from_hex(&r.agent_public_key)
+                        .context("the enrolled key is not hex")?;
+                    break (key, r.agent_nats_user);
+                }
+                Some(_) => {}
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "the VM's agent did not enrol within {ttl} s; check the VM's console log \
+                     (console.log in its instance directory) and that it reaches the controller"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        };
+        commit_new(
+            &app,
+            &n,
+            &key,
+            &nats_user,
+            (&placed.host, placed.port),
+            Commit::Complete,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        app.outbox_wake.notify_one();
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        warn!(instance = %id, error = %format!("{e:#}"), "VM build failed");
+        if let Ok(mut tx) = app.store.begin().await {
+            let _ = Store::set_task(&mut tx, &id, task::BUILD_ERROR, Some(&format!("{e:#}"))).await;
+            let _ = tx.commit().await;
+        }
+    }
+}
+
+/// Seals a new instance's secrets to its agent's key, stores it and queues its `prepare` intent,
+/// in one transaction (with the binding quota check).
+pub async fn commit_new(
+    app: &App,
+    n: &NewInstance,
+    key: &[u8],
+    nats_user: &str,
+    (host, port): (&str, u16),
+    how: Commit<'_>,
+) -> Result<(), ApiError> {
+    let id = &n.id;
+    let mut users = n.users.clone();
+    for u in &mut users {
+        let context = coffer_proto::seal::user_password_context(id, &u.name, &u.host);
+        u.password_sealed = coffer_proto::seal::seal(key, &context, u.password.as_bytes())
+            .map_err(|e| anyhow::anyhow!("sealing a password: {e}"))?;
+        u.password.clear();
+    }
+    let root_password_sealed = match &n.root_password {
+        Some(pw) => coffer_proto::seal::seal(
+            key,
+            &coffer_proto::seal::root_password_context(id),
+            pw.as_bytes(),
+        )
+        .map_err(|e| anyhow::anyhow!("sealing the root password: {e}"))?,
+        None => vec![],
+    };
+    let module_specs = n
+        .modules
+        .iter()
+        .map(|m| super::modules::spec_sealed(app, id, key, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    for m in &n.modules {
+        app.store
+            .record_instance_module(id, &m.id, &m.md5, "PENDING", "", false)
+            .await?;
+    }
+    let intent_id = uuid::Uuid::new_v4().to_string();
+    let mut tx = app.store.begin().await?;
+    let server_id = match how {
+        Commit::Insert(placement) => {
+            super::quotas::check(&mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
+            let server_id = Store::next_server_id(&mut tx).await?;
+            let mut row = row_of(n, server_id, key, nats_user);
+            row.host = Some(host.to_string());
+            row.port = Some(port as i64);
+            row.placement = placement.to_string();
+            Store::insert_instance(&mut tx, &row).await?;
+            server_id
+        }
+        Commit::Placed(placement) => {
+            let server_id =
+                Store::complete_placement(&mut tx, id, key, nats_user, host, port, placement)
+                    .await?;
+            server_id
+        }
+        Commit::Complete => Store::server_id_in(&mut tx, id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("instance {id} was deleted while it built"))?,
+    };
+    let mut restore = n.restore_from.clone();
+    if let Some(r) = restore.as_mut() {
+        crate::ops::backups::grant_restore(app, r, id, key)?;
+    }
+    let prepare = v1::intent::Kind::Prepare(v1::Prepare {
+        memory_mb: n.flavor.ram as u64,
+        vcpus: n.flavor.vcpus as u32,
+        volume_gb: n.volume_size as u64,
+        server_id: server_id as u32,
+        databases: n.databases.clone(),
+        users,
+        datastore_version: n.version.version.clone(),
+        root_password_sealed,
+        restore,
+        overrides: n.overrides.clone(),
+        replica_of: None,
+        modules: module_specs,
+    });
+    let payload = intent_payload(app, id, &intent_id, prepare);
+    Store::enqueue(&mut tx, &intent_id, id, "prepare", &payload).await?;
+    if n.root_password.is_some() {
+        Store::set_root_enabled_in(&mut tx, id).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Places an instance's agent (its identity and configuration); returns what the provisioner
+/// placed and the agent's NATS user.
+pub async fn place(
+    app: &App,
+    id: &str,
+    version: &VersionRow,
+    enrol_token: Option<String>,
+) -> Result<(crate::provisioner::Placed, String), ApiError> {
+    let (nats_creds, nats_user) = match &app.authority {
+        // An agent that enrols gets its NATS identity then, sealed to its own key.
+        _ if enrol_token.is_some() => (None, String::new()),
+        Some(a) => {
+            let (creds, user) = a.agent_creds(id)?;
+            (Some(creds), user)
+        }
+        None => (None, String::new()),
+    };
+    let placement = Placement {
+        instance_id: id.to_string(),
+        manager: version.manager.clone(),
+        nats_url: app
+            .cfg
+            .agent_nats_url
+            .clone()
+            .unwrap_or_else(|| app.cfg.nats_url.clone()),
+        nats_creds,
+        nats_ca_file: app.cfg.nats_ca_file.clone(),
+        enrol_token,
+        backup_toml: agent_backup_toml(app)?,
+    };
+    let placed = app.provisioner.prepare(&placement).await.map_err(|e| {
+        ApiError::from(e.context("placing the agent failed; check the provisioner configuration"))
+    })?;
+    Ok((placed, nats_user))
+}
+
+/// The agent's `[backup]` table (TOML), when backups are configured.
+pub fn agent_backup_toml(app: &App) -> Result<Option<String>, ApiError> {
+    #[derive(serde::Serialize)]
+    struct AgentBackup<'a> {
+        backup: &'a coffer_common::backup::BackupConfig,
+    }
+    match &app.cfg.backup {
+        Some(b) => {
+            // The operator's keyring stays here: agents get per-instance keys with each intent.
+            let b = coffer_common::backup::BackupConfig {
+                keyring_file: None,
+                ..b.clone()
+            };
+            Ok(Some(
+                toml::to_string(&AgentBackup { backup: &b }).map_err(anyhow::Error::from)?,
+            ))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Starts a placed agent; a failure ends the build in ERROR.
+pub async fn start_agent(app: &App, id: &str) -> Result<(), ApiError> {
+    if let Err(e) = app.provisioner.start(id).await {
+        let mut tx = app.store.begin().await?;
+        Store::set_task(
+            &mut tx,
+            id,
+            task::BUILD_ERROR,
+            Some(&format!("starting the agent failed: {e:#}")),
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+/// Restarts the database (`restart` action).
+pub async fn restart(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
+    let busy = || {
+        ApiError::unprocessable(format!(
+            "Instance {} is not currently available for an action to be performed (task status was {}).",
+            r.id,
+            r.task.to_uppercase()
+        ))
+    };
+    let backing_up = || {
+        ApiError::unprocessable(format!(
+            "Instance {} is not currently available for an action to be performed (status was BACKUP); retry once its backup ends.",
+            r.id
+        ))
+    };
+    if r.task != task::NONE {
+        return Err(busy());
+    }
+    if app.store.backup_running(&r.id).await? {
+        return Err(backing_up());
+    }
+    if !app.fresh(&r.id) || !status::action_allowed(&r.service_status) {
+        return Err(ApiError::unprocessable(format!(
+            "Instance {} is not currently available for an action to be performed (status was {}).",
+            r.id,
+            status::derive(&r.task, &r.service_status, app.fresh(&r.id)).0
+        )));
+    }
+    if !r.capabilities.split(',').any(|k| k == "restart") {
+        return Err(ApiError::unprocessable(format!(
+            "The agent of instance {} (version '{}') does not support 'restart'; upgrade coffer-agent on it.",
+            r.id, r.agent_version
+        )));
+    }
+    let intent_id = uuid::Uuid::new_v4().to_string();
+    let mut tx = app.store.begin().await?;
+    let cur = Store::task_in(&mut *tx, &r.id).await?.unwrap_or_default();
+    if cur != task::NONE {
+        return Err(busy());
+    }
+    if Store::backup_running_in(&mut *tx, &r.id).await? {
+        return Err(backing_up());
+    }
+    Store::set_task(&mut tx, &r.id, task::REBOOTING, None).await?;
+    Store::clear_fault(&mut tx, &r.id).await?;
+    let payload = intent_payload(
+        app,
+        &r.id,
+        &intent_id,
+        v1::intent::Kind::Restart(v1::Restart {}),
+    );
+    Store::enqueue(&mut tx, &intent_id, &r.id, "restart", &payload).await?;
+    tx.commit().await?;
+    app.outbox_wake.notify_one();
+    Ok(())
+}
+
+/// Deletes an instance: the agent stops and removes its database, then the controller removes
+/// the agent (see the `delete` workflow's steps in `bus.rs`).
+pub async fn delete(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
+    let id = r.id.clone();
+    if r.task == task::BUILDING {
+        return Err(ApiError::unprocessable(format!(
+            "Instance {id} is not ready. (Status is BUILD)."
+        )));
+    }
+    if r.task == task::DELETING {
+        return Ok(());
+    }
+    if app.store.has_replicas(&r.id).await? {
+        return Err(ApiError::forbidden(
+            "Detach replicas before deleting replica source.",
+        ));
+    }
+    let intent_id = uuid::Uuid::new_v4().to_string();
+    let mut tx = app.store.begin().await?;
+    // Re-check inside the write lock.
+    let cur = Store::task_in(&mut *tx, &id).await?.unwrap_or_default();
+    if cur == task::BUILDING {
+        return Err(ApiError::unprocessable(format!(
+            "Instance {id} is not ready. (Status is BUILD)."
+        )));
+    }
+    if let Some(workflow) = Store::owner_in(&mut *tx, &id).await? {
+        return Err(crate::store::Owned {
+            instance: id,
+            workflow,
+        }
+        .into());
+    }
+    Store::set_task(&mut tx, &id, task::DELETING, None).await?;
+    let payload = intent_payload(
+        app,
+        &id,
+        &intent_id,
+        v1::intent::Kind::Delete(v1::Delete {}),
+    );
+    Store::enqueue(&mut tx, &intent_id, &id, "delete", &payload).await?;
+    tx.commit().await?;
+    crate::failpoint::hit("delete", "requested");
+    app.outbox_wake.notify_one();
+    Ok(())
+}

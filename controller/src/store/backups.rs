@@ -1,0 +1,197 @@
+//! Backups and their chains.
+
+use super::*;
+
+/// A backup's record.
+#[derive(Debug, Clone)]
+pub struct BackupRow {
+    pub id: String,
+    pub project_id: String,
+    pub instance_id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub status: String,
+    pub parent_id: Option<String>,
+    pub datastore_version_id: String,
+    pub size_bytes: Option<i64>,
+    pub checksum: Option<String>,
+    pub location: Option<String>,
+    pub progress: String,
+    pub fault: Option<String>,
+    pub intent_id: Option<String>,
+    /// The key the backup is sealed with (`<operator key id>:<instance>`), as issued; None when
+    /// unencrypted or taken before keys were per instance.
+    pub key_id: Option<String>,
+    pub created: String,
+    pub updated: String,
+}
+
+fn backup_from(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
+    BackupRow {
+        id: r.get("id"),
+        project_id: r.get("project_id"),
+        instance_id: r.get("instance_id"),
+        name: r.get("name"),
+        description: r.get("description"),
+        status: r.get("status"),
+        parent_id: r.get("parent_id"),
+        datastore_version_id: r.get("datastore_version_id"),
+        size_bytes: r.get("size_bytes"),
+        checksum: r.get("checksum"),
+        location: r.get("location"),
+        progress: r.get("progress"),
+        fault: r.get("fault"),
+        intent_id: r.get("intent_id"),
+        key_id: r.get("key_id"),
+        created: r.get("created"),
+        updated: r.get("updated"),
+    }
+}
+
+impl Store {
+    pub async fn backups_of(&self, project: &str) -> anyhow::Result<Vec<BackupRow>> {
+        let rows = sqlx::query("SELECT * FROM backups WHERE project_id = ? AND deleted = 0 ORDER BY created DESC, rowid DESC")
+            .bind(project)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(backup_from).collect())
+    }
+
+    /// Whether any backup taken from `instance` is kept.
+    pub async fn has_backups_of(&self, instance: &str) -> anyhow::Result<bool> {
+        let row =
+            sqlx::query("SELECT 1 FROM backups WHERE instance_id = ? AND deleted = 0 LIMIT 1")
+                .bind(instance)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.is_some())
+    }
+
+    pub async fn backup(&self, id: &str) -> anyhow::Result<Option<BackupRow>> {
+        let row = sqlx::query("SELECT * FROM backups WHERE id = ? AND deleted = 0")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(backup_from))
+    }
+
+    /// The chain that restores backup `id`: its full backup first, `id` last (None if a link is
+    /// missing, deleted, or the chain loops).
+    pub async fn backup_chain(&self, id: &str) -> anyhow::Result<Option<Vec<BackupRow>>> {
+        let mut chain = vec![];
+        let mut next = Some(id.to_string());
+        while let Some(b) = next {
+            if chain.len() > 1000 || chain.iter().any(|x: &BackupRow| x.id == b) {
+                return Ok(None);
+            }
+            let Some(row) = self.backup(&b).await? else {
+                return Ok(None);
+            };
+            next = row.parent_id.clone();
+            chain.push(row);
+        }
+        chain.reverse();
+        Ok(Some(chain))
+    }
+
+    pub async fn backup_by_intent(&self, intent_id: &str) -> anyhow::Result<Option<BackupRow>> {
+        let row = sqlx::query("SELECT * FROM backups WHERE intent_id = ?")
+            .bind(intent_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(backup_from))
+    }
+
+    /// Whether a backup of the instance is NEW or BUILDING.
+    pub async fn backup_running(&self, instance_id: &str) -> anyhow::Result<bool> {
+        Self::backup_running_in(&self.pool, instance_id).await
+    }
+
+    /// [`Store::backup_running`] read through `ex` (a transaction's own, for a check that
+    /// must hold when the transaction commits).
+    pub async fn backup_running_in<'e, E: sqlx::SqliteExecutor<'e>>(
+        ex: E,
+        instance_id: &str,
+    ) -> anyhow::Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM backups WHERE instance_id = ? AND deleted = 0 AND status IN ('NEW', 'BUILDING')",
+        )
+        .bind(instance_id)
+        .fetch_one(ex)
+        .await?;
+        Ok(n > 0)
+    }
+
+    pub async fn insert_backup(
+        tx: &mut Transaction<'static, Sqlite>,
+        b: &BackupRow,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO backups (id, project_id, instance_id, name, description, status, parent_id, datastore_version_id, \
+             intent_id, key_id, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&b.id)
+        .bind(&b.project_id)
+        .bind(&b.instance_id)
+        .bind(&b.name)
+        .bind(&b.description)
+        .bind(&b.status)
+        .bind(&b.parent_id)
+        .bind(&b.datastore_version_id)
+        .bind(&b.intent_id)
+        .bind(&b.key_id)
+        .bind(&b.created)
+        .bind(&b.updated)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a backup's progress or outcome.
+    pub async fn update_backup(
+        &self,
+        id: &str,
+        status: &str,
+        progress: Option<&str>,
+        result: Option<(i64, &str, &str)>,
+        fault: Option<&str>,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE backups SET status = ?, progress = COALESCE(?, progress), size_bytes = COALESCE(?, size_bytes), \
+             checksum = COALESCE(?, checksum), location = COALESCE(?, location), fault = COALESCE(?, fault), updated = ? \
+             WHERE id = ? AND status NOT IN ('COMPLETED', 'FAILED')",
+        )
+        .bind(status)
+        .bind(progress)
+        .bind(result.map(|r| r.0))
+        .bind(result.map(|r| r.1))
+        .bind(result.map(|r| r.2))
+        .bind(fault)
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn mark_backup_deleted(&self, id: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE backups SET deleted = 1, updated = ? WHERE id = ?")
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn count_backups(
+        tx: &mut Transaction<'static, Sqlite>,
+        project: &str,
+    ) -> anyhow::Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM backups WHERE project_id = ? AND deleted = 0")
+                .bind(project)
+                .fetch_one(&mut **tx)
+                .await?,
+        )
+    }
+}

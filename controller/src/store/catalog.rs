@@ -1,0 +1,294 @@
+//! Datastores, their versions and configuration parameters, and flavors (the operator's catalog).
+
+use super::*;
+
+/// A datastore version with its datastore.
+#[derive(Debug, Clone)]
+pub struct VersionRow {
+    pub id: String,
+    pub datastore_id: String,
+    pub datastore_name: String,
+    pub name: String,
+    pub version: String,
+    pub manager: String,
+    pub active: bool,
+    /// Enable root at create and return its password.
+    pub root_on_create: bool,
+}
+
+impl VersionRow {
+    /// The datastore the version's `manager` names.
+    pub fn datastore(
+        &self,
+    ) -> Result<coffer_proto::Datastore, coffer_proto::datastore::UnknownDatastore> {
+        self.manager.parse()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DatastoreRow {
+    pub id: String,
+    pub name: String,
+    pub default_version_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FlavorRow {
+    pub id: String,
+    pub name: String,
+    pub ram: i64,
+    pub vcpus: i64,
+    pub disk: i64,
+}
+
+fn version_from(r: &sqlx::sqlite::SqliteRow) -> VersionRow {
+    VersionRow {
+        id: r.get("id"),
+        datastore_id: r.get("datastore_id"),
+        datastore_name: r.get("datastore_name"),
+        name: r.get("name"),
+        version: r.get("version"),
+        manager: r.get("manager"),
+        active: r.get::<i64, _>("active") != 0,
+        root_on_create: r.get::<i64, _>("root_on_create") != 0,
+    }
+}
+
+const VERSION_SELECT: &str = "SELECT v.id, v.datastore_id, d.name AS datastore_name, v.name, v.version, v.manager, v.active, v.root_on_create \
+     FROM datastore_versions v JOIN datastores d ON d.id = v.datastore_id";
+
+impl Store {
+    pub async fn datastores(&self) -> anyhow::Result<Vec<DatastoreRow>> {
+        let rows = sqlx::query("SELECT id, name, default_version_id FROM datastores ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DatastoreRow {
+                id: r.get("id"),
+                name: r.get("name"),
+                default_version_id: r.get("default_version_id"),
+            })
+            .collect())
+    }
+
+    /// Finds a datastore by id or name.
+    pub async fn datastore(&self, id_or_name: &str) -> anyhow::Result<Option<DatastoreRow>> {
+        Ok(self
+            .datastores()
+            .await?
+            .into_iter()
+            .find(|d| d.id == id_or_name || d.name == id_or_name))
+    }
+
+    pub async fn versions_of(&self, datastore_id: &str) -> anyhow::Result<Vec<VersionRow>> {
+        let rows = sqlx::query(&format!(
+            "{VERSION_SELECT} WHERE v.datastore_id = ? ORDER BY v.name"
+        ))
+        .bind(datastore_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(version_from).collect())
+    }
+
+    pub async fn version(&self, id: &str) -> anyhow::Result<Option<VersionRow>> {
+        let row = sqlx::query(&format!("{VERSION_SELECT} WHERE v.id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(version_from))
+    }
+
+    pub async fn flavors(&self) -> anyhow::Result<Vec<FlavorRow>> {
+        let rows = sqlx::query("SELECT id, name, ram, vcpus, disk FROM flavors")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut v: Vec<FlavorRow> = rows
+            .iter()
+            .map(|r| FlavorRow {
+                id: r.get("id"),
+                name: r.get("name"),
+                ram: r.get("ram"),
+                vcpus: r.get("vcpus"),
+                disk: r.get("disk"),
+            })
+            .collect();
+        v.sort_by(|a, b| (a.id.len(), &a.id).cmp(&(b.id.len(), &b.id)));
+        Ok(v)
+    }
+
+    pub async fn flavor(&self, id: &str) -> anyhow::Result<Option<FlavorRow>> {
+        Ok(self.flavors().await?.into_iter().find(|f| f.id == id))
+    }
+
+    /// Flavors linked to a version (empty = every flavor is allowed).
+    pub async fn version_flavors(&self, version_id: &str) -> anyhow::Result<Vec<String>> {
+        let rows = sqlx::query("SELECT flavor_id FROM version_flavors WHERE version_id = ?")
+            .bind(version_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.get("flavor_id")).collect())
+    }
+
+    /// Replaces the parameters of a datastore version (`manage datastore-parameters-load`).
+    pub async fn load_params(
+        &self,
+        version_id: &str,
+        rules: &[coffer_common::config_rules::ParamRule],
+    ) -> anyhow::Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM config_params WHERE version_id = ?")
+            .bind(version_id)
+            .execute(&mut *tx)
+            .await?;
+        for r in rules {
+            sqlx::query("INSERT INTO config_params (version_id, name, rule) VALUES (?, ?, ?)")
+                .bind(version_id)
+                .bind(&r.name)
+                .bind(serde_json::to_string(r)?)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn params(
+        &self,
+        version_id: &str,
+    ) -> anyhow::Result<Vec<coffer_common::config_rules::ParamRule>> {
+        let rows = sqlx::query("SELECT rule FROM config_params WHERE version_id = ? ORDER BY name")
+            .bind(version_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(serde_json::from_str(r.get::<&str, _>("rule"))?))
+            .collect()
+    }
+
+    pub async fn upsert_datastore(&self, name: &str) -> anyhow::Result<String> {
+        if let Some(d) = self.datastore(name).await? {
+            return Ok(d.id);
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        sqlx::query("INSERT INTO datastores (id, name) VALUES (?, ?)")
+            .bind(&id)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(id)
+    }
+
+    pub async fn upsert_version(
+        &self,
+        datastore: &str,
+        name: &str,
+        manager: &str,
+        version: &str,
+        active: bool,
+        root_on_create: bool,
+    ) -> anyhow::Result<String> {
+        let ds = self.datastore(datastore).await?.with_context(|| {
+            format!("datastore '{datastore}' does not exist; add it with datastore-update first")
+        })?;
+        let existing = self
+            .versions_of(&ds.id)
+            .await?
+            .into_iter()
+            .find(|v| v.name == name);
+        if let Some(v) = existing {
+            sqlx::query(
+                "UPDATE datastore_versions SET manager = ?, version = ?, active = ?, root_on_create = ? WHERE id = ?",
+            )
+            .bind(manager)
+            .bind(version)
+            .bind(active as i64)
+            .bind(root_on_create as i64)
+            .bind(&v.id)
+            .execute(&self.pool)
+            .await?;
+            return Ok(v.id);
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        sqlx::query(
+            "INSERT INTO datastore_versions (id, datastore_id, name, version, manager, active, root_on_create) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(&ds.id)
+        .bind(name)
+        .bind(version)
+        .bind(manager)
+        .bind(active as i64)
+        .bind(root_on_create as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// A version of a datastore by name or id (admin commands).
+    pub async fn named_version(
+        &self,
+        datastore: &str,
+        version: &str,
+    ) -> anyhow::Result<VersionRow> {
+        let ds = self
+            .datastore(datastore)
+            .await?
+            .with_context(|| format!("datastore '{datastore}' does not exist"))?;
+        self.versions_of(&ds.id)
+            .await?
+            .into_iter()
+            .find(|v| v.name == version || v.id == version)
+            .with_context(|| format!("datastore '{datastore}' has no version '{version}'"))
+    }
+
+    pub async fn set_default_version(&self, datastore: &str, version: &str) -> anyhow::Result<()> {
+        let v = self.named_version(datastore, version).await?;
+        sqlx::query("UPDATE datastores SET default_version_id = ? WHERE id = ?")
+            .bind(&v.id)
+            .bind(&v.datastore_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn upsert_flavor(&self, f: &FlavorRow) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO flavors (id, name, ram, vcpus, disk) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, ram = excluded.ram, vcpus = excluded.vcpus, disk = excluded.disk",
+        )
+        .bind(&f.id)
+        .bind(&f.name)
+        .bind(f.ram)
+        .bind(f.vcpus)
+        .bind(f.disk)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn link_flavor(
+        &self,
+        datastore: &str,
+        version: &str,
+        flavor: &str,
+        link: bool,
+    ) -> anyhow::Result<()> {
+        let v = self.named_version(datastore, version).await?;
+        self.flavor(flavor)
+            .await?
+            .with_context(|| format!("flavor '{flavor}' does not exist"))?;
+        let sql = if link {
+            "INSERT OR IGNORE INTO version_flavors (version_id, flavor_id) VALUES (?, ?)"
+        } else {
+            "DELETE FROM version_flavors WHERE version_id = ? AND flavor_id = ?"
+        };
+        sqlx::query(sql)
+            .bind(&v.id)
+            .bind(flavor)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,100 @@
+//! Enrolment tokens: only a token's SHA-256 is stored; its first use binds it to a key.
+
+use super::*;
+
+/// A stored enrolment token.
+pub struct TokenRow {
+    pub id: String,
+    pub project: String,
+    pub name: String,
+    pub version_id: String,
+    pub flavor_id: String,
+    pub volume_size: i64,
+    /// The instance being placed (a VM), or the one made at first use (a host).
+    pub instance_id: Option<String>,
+    pub public_key: Option<String>,
+    pub creds_sealed: Option<Vec<u8>>,
+    pub expires_unix: i64,
+}
+
+impl Store {
+    pub async fn insert_token(&self, t: &TokenRow, token_hash: &str) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO enrolment_tokens (id, token_hash, project_id, name, datastore_version_id, \
+             flavor_id, volume_size, instance_id, created, expires_unix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.id)
+        .bind(token_hash)
+        .bind(&t.project)
+        .bind(&t.name)
+        .bind(&t.version_id)
+        .bind(&t.flavor_id)
+        .bind(t.volume_size)
+        .bind(&t.instance_id)
+        .bind(now())
+        .bind(t.expires_unix)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn token_by_hash(&self, token_hash: &str) -> anyhow::Result<Option<TokenRow>> {
+        let r = sqlx::query("SELECT * FROM enrolment_tokens WHERE token_hash = ?")
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(r.map(|r| TokenRow {
+            id: r.get("id"),
+            project: r.get("project_id"),
+            name: r.get("name"),
+            version_id: r.get("datastore_version_id"),
+            flavor_id: r.get("flavor_id"),
+            volume_size: r.get("volume_size"),
+            instance_id: r.get("instance_id"),
+            public_key: r.get("public_key"),
+            creds_sealed: r.get("creds_sealed"),
+            expires_unix: r.get("expires_unix"),
+        }))
+    }
+
+    /// Binds an unused token to `public_key`; false when another use claimed it first.
+    pub async fn claim_token(&self, id: &str, public_key: &str) -> anyhow::Result<bool> {
+        let r = sqlx::query(
+            "UPDATE enrolment_tokens SET public_key = ?, used_at = ? WHERE id = ? AND public_key IS NULL",
+        )
+        .bind(public_key)
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Undoes [`Store::claim_token`] after a first use that failed: the same host may retry.
+    pub async fn release_token(&self, id: &str, instance_id: Option<&str>) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE enrolment_tokens SET public_key = NULL, used_at = NULL, instance_id = ? WHERE id = ?",
+        )
+        .bind(instance_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records the instance a token enrolled and the agent's creds kept for a retry.
+    pub async fn set_token_enrolled(
+        &self,
+        id: &str,
+        instance_id: &str,
+        creds_sealed: Option<&[u8]>,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE enrolment_tokens SET instance_id = ?, creds_sealed = ? WHERE id = ?")
+            .bind(instance_id)
+            .bind(creds_sealed)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

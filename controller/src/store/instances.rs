@@ -1,0 +1,461 @@
+//! Instances: their rows, tasks and service status, placement, replication links.
+
+use super::*;
+
+#[derive(Debug, Clone)]
+pub struct InstanceRow {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub flavor_id: String,
+    pub datastore_version_id: String,
+    pub volume_size: i64,
+    pub task: String,
+    pub task_started: String,
+    pub service_status: String,
+    pub fault: Option<String>,
+    pub fault_at: Option<String>,
+    pub server_id: i64,
+    pub host: Option<String>,
+    pub port: Option<i64>,
+    pub created: String,
+    pub updated: String,
+    pub deleted: bool,
+    pub agent_version: String,
+    pub capabilities: String,
+    /// Hex X25519 public key of the instance's agent.
+    pub agent_public_key: String,
+    /// Public key of the agent's NATS user (empty without per-agent identities).
+    pub agent_nats_user: String,
+    /// The attached configuration group.
+    pub configuration_id: Option<String>,
+    /// The source this instance replicates from.
+    pub replica_of: Option<String>,
+    /// On a source: its replication user, and that user's password sealed to the controller.
+    pub repl_user: Option<String>,
+    pub repl_secret: Option<String>,
+    pub repl_strategy: Option<String>,
+    /// An old source taken out by an eject: stays fenced.
+    pub ejected: bool,
+    /// `provisioner` (placed by the configured provisioner) or `enrolled` (joined by itself).
+    pub placement: String,
+}
+
+impl InstanceRow {
+    /// Whether its agent exists: a create holds its row keyless while it places the agent,
+    /// and a VM's agent sends its key when it enrols.
+    pub fn has_agent(&self) -> bool {
+        !self.agent_public_key.is_empty()
+    }
+}
+
+pub(super) fn instance_from(r: &sqlx::sqlite::SqliteRow) -> InstanceRow {
+    InstanceRow {
+        id: r.get("id"),
+        project_id: r.get("project_id"),
+        name: r.get("name"),
+        flavor_id: r.get("flavor_id"),
+        datastore_version_id: r.get("datastore_version_id"),
+        volume_size: r.get("volume_size"),
+        task: r.get("task"),
+        task_started: r.get("task_started"),
+        service_status: r.get("service_status"),
+        fault: r.get("fault"),
+        fault_at: r.get("fault_at"),
+        server_id: r.get("server_id"),
+        host: r.get("host"),
+        port: r.get("port"),
+        created: r.get("created"),
+        updated: r.get("updated"),
+        deleted: r.get::<i64, _>("deleted") != 0,
+        agent_version: r.get("agent_version"),
+        capabilities: r.get("capabilities"),
+        agent_public_key: r.get("agent_public_key"),
+        agent_nats_user: r.get("agent_nats_user"),
+        configuration_id: r.get("configuration_id"),
+        replica_of: r.get("replica_of"),
+        repl_user: r.get("repl_user"),
+        repl_secret: r.get("repl_secret"),
+        repl_strategy: r.get("repl_strategy"),
+        ejected: r.get::<i64, _>("ejected") != 0,
+        placement: r.get("placement"),
+    }
+}
+
+impl Store {
+    pub async fn instance(&self, id: &str) -> anyhow::Result<Option<InstanceRow>> {
+        let row = sqlx::query("SELECT * FROM instances WHERE id = ? AND deleted = 0")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(instance_from))
+    }
+
+    /// A project's live instances, newest first.
+    pub async fn instances_of(&self, project: &str) -> anyhow::Result<Vec<InstanceRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM instances WHERE project_id = ? AND deleted = 0 ORDER BY created DESC, rowid DESC",
+        )
+        .bind(project)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(instance_from).collect())
+    }
+
+    /// Every live instance (for provisioner reconciliation and timers).
+    pub async fn live_instances(&self) -> anyhow::Result<Vec<InstanceRow>> {
+        let rows = sqlx::query("SELECT * FROM instances WHERE deleted = 0")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(instance_from).collect())
+    }
+
+    /// Allocates the next server id (never reused) inside `tx`.
+    pub async fn next_server_id(tx: &mut Transaction<'static, Sqlite>) -> anyhow::Result<i64> {
+        let v: i64 = sqlx::query_scalar(
+            "UPDATE counters SET value = value + 1 WHERE name = 'server_id' RETURNING value",
+        )
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(v)
+    }
+
+    pub async fn insert_instance(
+        tx: &mut Transaction<'static, Sqlite>,
+        i: &InstanceRow,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO instances (id, project_id, name, flavor_id, datastore_version_id, volume_size, task, \
+             task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted, agent_public_key, agent_nats_user, configuration_id, replica_of, repl_strategy, placement) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&i.id)
+        .bind(&i.project_id)
+        .bind(&i.name)
+        .bind(&i.flavor_id)
+        .bind(&i.datastore_version_id)
+        .bind(i.volume_size)
+        .bind(&i.task)
+        .bind(&i.task_started)
+        .bind(&i.service_status)
+        .bind(&i.fault)
+        .bind(&i.fault_at)
+        .bind(i.server_id)
+        .bind(&i.host)
+        .bind(i.port)
+        .bind(&i.created)
+        .bind(&i.updated)
+        .bind(&i.agent_public_key)
+        .bind(&i.agent_nats_user)
+        .bind(&i.configuration_id)
+        .bind(&i.replica_of)
+        .bind(&i.repl_strategy)
+        .bind(&i.placement)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Sets an instance's task (and clears or sets its fault) inside `tx`.
+    pub async fn set_task(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+        task: &str,
+        fault: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let ts = now();
+        sqlx::query(
+            "UPDATE instances SET task = ?, task_started = ?, updated = ?, \
+             fault = COALESCE(?, fault), fault_at = CASE WHEN ? IS NULL THEN fault_at ELSE ? END WHERE id = ?",
+        )
+        .bind(task)
+        .bind(&ts)
+        .bind(&ts)
+        .bind(fault)
+        .bind(fault)
+        .bind(&ts)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn clear_fault(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET fault = NULL, fault_at = NULL WHERE id = ?")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_service_status(
+        &self,
+        id: &str,
+        status: &str,
+        fault: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let ts = now();
+        // A database that runs again clears a fault its agent reported (a crash); the fault of a
+        // failed build stays with the building_error task, whatever arrives after it.
+        sqlx::query(
+            "UPDATE instances SET service_status = ?, updated = ?, \
+             fault = CASE WHEN ? = 'running' AND task = 'none' THEN NULL \
+                          WHEN task = 'building_error' THEN fault ELSE COALESCE(?, fault) END, \
+             fault_at = CASE WHEN ? = 'running' AND task = 'none' THEN NULL \
+                             WHEN task = 'building_error' OR ? IS NULL THEN fault_at ELSE ? END \
+             WHERE id = ?",
+        )
+        .bind(status)
+        .bind(&ts)
+        .bind(status)
+        .bind(fault)
+        .bind(status)
+        .bind(fault)
+        .bind(&ts)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_agent_info(
+        &self,
+        id: &str,
+        version: &str,
+        capabilities: &str,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET agent_version = ?, capabilities = ? WHERE id = ?")
+            .bind(version)
+            .bind(capabilities)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Completes a reserved instance row with its placed agent (key, NATS user, address,
+    /// placement); returns its server id. Fails when the row is gone (deleted meanwhile).
+    pub async fn complete_placement(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+        key: &[u8],
+        nats_user: &str,
+        host: &str,
+        port: u16,
+        placement: &str,
+    ) -> anyhow::Result<i64> {
+        let server_id: Option<i64> = sqlx::query_scalar(
+            "UPDATE instances SET agent_public_key = ?, agent_nats_user = ?, host = ?, port = ?, \
+             placement = ?, updated = ? WHERE id = ? AND deleted = 0 RETURNING server_id",
+        )
+        .bind(coffer_proto::seal::to_hex(key))
+        .bind(nats_user)
+        .bind(host)
+        .bind(port as i64)
+        .bind(placement)
+        .bind(now())
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+        server_id.with_context(|| format!("instance {id} was deleted while it was placed"))
+    }
+
+    /// Removes a create that did not complete (its placement failed): nothing of it stays.
+    pub async fn forget_instance(&self, id: &str) -> anyhow::Result<()> {
+        let mut tx = self.begin().await?;
+        let gone = sqlx::query("DELETE FROM instances WHERE id = ? AND agent_public_key = ''")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if gone.rows_affected() > 0 {
+            sqlx::query("DELETE FROM instance_modules WHERE instance_id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn set_endpoint(&self, id: &str, host: &str, port: i64) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET host = ?, port = ? WHERE id = ?")
+            .bind(host)
+            .bind(port)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Live replicas of a source.
+    pub async fn replicas_of(&self, source: &str) -> anyhow::Result<Vec<InstanceRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM instances WHERE replica_of = ? AND deleted = 0 ORDER BY created, rowid",
+        )
+        .bind(source)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(instance_from).collect())
+    }
+
+    pub async fn has_replicas(&self, source: &str) -> anyhow::Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM instances WHERE replica_of = ? AND deleted = 0",
+        )
+        .bind(source)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n > 0)
+    }
+
+    pub async fn set_replica_of(&self, id: &str, source: Option<&str>) -> anyhow::Result<()> {
+        Self::set_replica_of_in(&self.pool, id, source).await
+    }
+
+    /// [`Store::set_replica_of`] through `ex` (a transaction's own).
+    pub async fn set_replica_of_in<'e, E: sqlx::SqliteExecutor<'e>>(
+        ex: E,
+        id: &str,
+        source: Option<&str>,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET replica_of = ?, updated = ? WHERE id = ?")
+            .bind(source)
+            .bind(now())
+            .bind(id)
+            .execute(ex)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_replication_user(
+        &self,
+        id: &str,
+        user: &str,
+        secret: &str,
+        strategy: &str,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE instances SET repl_user = ?, repl_secret = ?, repl_strategy = ?, updated = ? WHERE id = ?",
+        )
+        .bind(user)
+        .bind(secret)
+        .bind(strategy)
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_ejected(&self, id: &str, ejected: bool) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET ejected = ?, updated = ? WHERE id = ?")
+            .bind(ejected as i64)
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn rename(&self, id: &str, name: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET name = ?, updated = ? WHERE id = ?")
+            .bind(name)
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn mark_deleted(&self, id: &str) -> anyhow::Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE instances SET deleted = 1, task = 'none', updated = ? WHERE id = ?")
+            .bind(now())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM outbox WHERE instance_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn root_enabled(&self, id: &str) -> anyhow::Result<bool> {
+        let v: i64 = sqlx::query_scalar("SELECT root_enabled FROM instances WHERE id = ?")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v != 0)
+    }
+
+    pub async fn set_root_enabled(&self, id: &str, enabled: bool) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET root_enabled = ? WHERE id = ?")
+            .bind(enabled as i64)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A live instance's server id, inside `tx`.
+    pub async fn server_id_in(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+    ) -> anyhow::Result<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT server_id FROM instances WHERE id = ? AND deleted = 0")
+                .bind(id)
+                .fetch_optional(&mut **tx)
+                .await?,
+        )
+    }
+
+    pub async fn set_root_enabled_in(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET root_enabled = 1 WHERE id = ?")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets the service status (`reset_status`): the next heartbeat sets it.
+    pub async fn forget_service_status_in(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: &str,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE instances SET service_status = 'unknown' WHERE id = ?")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// A VM's agent enrolled: records its key and NATS user; false when the instance is gone
+    /// or already has an agent.
+    pub async fn set_enrolled_agent(
+        &self,
+        id: &str,
+        key_hex: &str,
+        nats_user: &str,
+    ) -> anyhow::Result<bool> {
+        let r = sqlx::query(
+            "UPDATE instances SET agent_public_key = ?, agent_nats_user = ?, updated = ? \
+             WHERE id = ? AND deleted = 0 AND agent_public_key = ''",
+        )
+        .bind(key_hex)
+        .bind(nats_user)
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+}

@@ -1,0 +1,147 @@
+//! Modules and which instances have them.
+
+use super::instances::instance_from;
+use super::*;
+
+/// A module.
+#[derive(Debug, Clone)]
+pub struct ModuleRow {
+    pub id: String,
+    /// None: all tenants.
+    pub project_id: Option<String>,
+    pub name: String,
+    pub kind: String,
+    pub description: Option<String>,
+    /// Hex, sealed to the controller's key (`kept_module_context`).
+    pub contents_sealed: String,
+    pub md5: String,
+    pub datastore: Option<String>,
+    pub datastore_version: Option<String>,
+    pub auto_apply: bool,
+    pub visible: bool,
+    pub live_update: bool,
+    pub priority_apply: bool,
+    pub apply_order: i64,
+    pub is_admin: bool,
+    pub created: String,
+    pub updated: String,
+}
+
+fn module_from(r: &sqlx::sqlite::SqliteRow) -> ModuleRow {
+    let b = |c: &str| r.get::<i64, _>(c) != 0;
+    ModuleRow {
+        id: r.get("id"),
+        project_id: r.get("project_id"),
+        name: r.get("name"),
+        kind: r.get("type"),
+        description: r.get("description"),
+        contents_sealed: r.get("contents_sealed"),
+        md5: r.get("md5"),
+        datastore: r.get("datastore"),
+        datastore_version: r.get("datastore_version"),
+        auto_apply: b("auto_apply"),
+        visible: b("visible"),
+        live_update: b("live_update"),
+        priority_apply: b("priority_apply"),
+        apply_order: r.get("apply_order"),
+        is_admin: b("is_admin"),
+        created: r.get("created"),
+        updated: r.get("updated"),
+    }
+}
+
+impl Store {
+    /// Inserts or replaces a module.
+    pub async fn save_module(&self, m: &ModuleRow) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO modules (id, project_id, name, type, description, contents_sealed, md5, datastore, \
+             datastore_version, auto_apply, visible, live_update, priority_apply, apply_order, is_admin, created, updated) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&m.id)
+        .bind(&m.project_id)
+        .bind(&m.name)
+        .bind(&m.kind)
+        .bind(&m.description)
+        .bind(&m.contents_sealed)
+        .bind(&m.md5)
+        .bind(&m.datastore)
+        .bind(&m.datastore_version)
+        .bind(m.auto_apply as i64)
+        .bind(m.visible as i64)
+        .bind(m.live_update as i64)
+        .bind(m.priority_apply as i64)
+        .bind(m.apply_order)
+        .bind(m.is_admin as i64)
+        .bind(&m.created)
+        .bind(&m.updated)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Modules a project can see: its own and the all-tenant ones.
+    pub async fn modules_for(&self, project: &str) -> anyhow::Result<Vec<ModuleRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM modules WHERE deleted = 0 AND (project_id = ? OR project_id IS NULL) ORDER BY created, rowid",
+        )
+        .bind(project)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(module_from).collect())
+    }
+
+    pub async fn module(&self, id: &str) -> anyhow::Result<Option<ModuleRow>> {
+        let row = sqlx::query("SELECT * FROM modules WHERE id = ? AND deleted = 0")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(module_from))
+    }
+
+    pub async fn delete_module(&self, id: &str) -> anyhow::Result<()> {
+        sqlx::query("UPDATE modules SET deleted = 1, updated = ? WHERE id = ?")
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn record_instance_module(
+        &self,
+        instance: &str,
+        module: &str,
+        md5: &str,
+        status: &str,
+        message: &str,
+        removed: bool,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO instance_modules (instance_id, module_id, md5, status, message, updated, removed) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(instance)
+        .bind(module)
+        .bind(md5)
+        .bind(status)
+        .bind(message)
+        .bind(now())
+        .bind(removed as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Live instances that have the module applied.
+    pub async fn module_instances(&self, module: &str) -> anyhow::Result<Vec<InstanceRow>> {
+        let rows = sqlx::query(
+            "SELECT i.* FROM instances i JOIN instance_modules m ON m.instance_id = i.id \
+             WHERE m.module_id = ? AND m.removed = 0 AND i.deleted = 0 ORDER BY i.created",
+        )
+        .bind(module)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(instance_from).collect())
+    }
+}
