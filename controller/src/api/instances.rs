@@ -3,8 +3,11 @@
 use axum::body::Bytes;
 use axum::extract::{Path, Query};
 use coffer_proto::v1;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::parse::{present, typed, Id, IdRef, NameRef, Positive};
 use super::{accepted, ok, parse_body, with_next, ApiError, ApiResult, AppState, Caller, Page};
 use crate::ops::instances::{self as ops, CreateSpec};
 use crate::status::{self, task};
@@ -12,33 +15,78 @@ use crate::store::InstanceRow;
 use crate::workflow::replicas;
 use crate::App;
 
-const CREATE_KEYS: &[&str] = &[
-    "name",
-    "flavorRef",
-    "volume",
-    "datastore",
-    "nics",
-    "databases",
-    "users",
-    "restorePoint",
-    "availability_zone",
-    "configuration",
-    "replica_of",
-    "replica_count",
-    "modules",
-    "locality",
-    "region_name",
-    "access",
-];
-const NOT_YET: &[&str] = &[];
+/// `POST /instances`: Trove's create body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    instance: CreateInstance,
+}
 
-/// Last path segment of an id-or-href, as Trove takes it.
-fn id_of(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.rsplit('/').next().unwrap_or(s).to_string()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateInstance {
+    name: String,
+    #[serde(rename = "flavorRef")]
+    flavor_ref: Option<Id>,
+    volume: Option<Volume>,
+    datastore: Option<DatastoreRef>,
+    #[serde(default)]
+    databases: Option<Vec<DatabaseReq>>,
+    #[serde(default)]
+    users: Option<Vec<UserReq>>,
+    #[serde(rename = "restorePoint")]
+    restore_point: Option<RestorePoint>,
+    configuration: Option<Id>,
+    replica_of: Option<Id>,
+    replica_count: Option<Positive>,
+    modules: Option<Vec<IdRef>>,
+    // Accepted and not used: one network, one zone, one region.
+    #[allow(dead_code)]
+    nics: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    availability_zone: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    locality: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    region_name: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    access: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct Volume {
+    size: Positive,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatastoreRef {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    version: Option<String>,
+    #[allow(dead_code)]
+    version_number: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct DatabaseReq {
+    name: String,
+    character_set: Option<String>,
+    collate: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UserReq {
+    name: String,
+    password: String,
+    host: Option<String>,
+    databases: Option<Vec<NameRef>>,
+}
+
+#[derive(Deserialize)]
+struct RestorePoint {
+    #[serde(rename = "backupRef")]
+    backup_ref: Id,
 }
 
 pub(super) fn check_name(kind: &str, name: &str, max: usize) -> Result<(), ApiError> {
@@ -58,354 +106,160 @@ pub(super) fn check_name(kind: &str, name: &str, max: usize) -> Result<(), ApiEr
     Ok(())
 }
 
-fn str_field<'a>(
-    o: &'a Map<String, Value>,
-    path: &str,
-    key: &str,
-) -> Result<Option<&'a str>, ApiError> {
-    match o.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(ApiError::validation(format!(
-            "{path}['{key}'] {other} is not of type 'string'"
-        ))),
-    }
-}
-
-/// A create with `replica_of`: replicas inherit flavor, volume and version from the source.
-fn parse_replica(
-    body: &Map<String, Value>,
-) -> Result<Option<crate::workflow::replicas::ReplicaReq>, ApiError> {
-    let Some(Value::Object(inst)) = body.get("instance") else {
-        return Ok(None);
-    };
-    let source = match inst.get("replica_of") {
-        None | Some(Value::Null) => {
-            if inst.get("replica_count").is_some_and(|v| !v.is_null()) {
-                return Err(ApiError::bad_request(
-                    "replica_count is only allowed with replica_of.",
-                ));
-            }
-            return Ok(None);
-        }
-        Some(v) => id_of(v).filter(|s| !s.is_empty()).ok_or_else(|| {
-            ApiError::validation(format!("instance['replica_of'] {v} is not an instance id"))
-        })?,
-    };
-    for k in inst.keys() {
-        if !CREATE_KEYS.contains(&k.as_str()) {
-            return Err(ApiError::validation(format!(
-                "instance Additional properties are not allowed ('{k}' was unexpected)"
-            )));
-        }
-        if ["databases", "users", "restorePoint", "datastore"].contains(&k.as_str())
-            && !inst[k].is_null()
-        {
-            return Err(ApiError::bad_request(format!(
-                "'{k}' cannot be given for a replica (it comes from the source)."
-            )));
-        }
-    }
-    let name = match inst.get("name") {
-        Some(Value::String(s)) => s.clone(),
-        _ => return Err(ApiError::validation("'name' is a required property")),
-    };
-    check_name("instance", &name, 255)?;
-    let count = match inst.get("replica_count") {
-        None | Some(Value::Null) => 1,
-        Some(v) => v.as_u64().filter(|n| *n >= 1).ok_or_else(|| {
-            ApiError::validation(format!(
-                "instance['replica_count'] {v} is not a positive integer"
-            ))
-        })? as u32,
-    };
-    let configuration = match inst.get("configuration") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(id_of(v).filter(|s| !s.is_empty()).ok_or_else(|| {
-            ApiError::validation(format!(
-                "instance['configuration'] {v} is not a configuration id or href"
-            ))
-        })?),
-    };
-    Ok(Some(replicas::ReplicaReq {
-        name,
-        source,
-        count,
-        configuration,
-    }))
-}
-
-fn parse_create(body: &Map<String, Value>) -> Result<CreateSpec, ApiError> {
-    let inst = match body.get("instance") {
-        Some(Value::Object(o)) => o,
-        Some(_) => return Err(ApiError::validation("instance is not of type 'object'")),
-        None => return Err(ApiError::validation("'instance' is a required property")),
-    };
-    for k in inst.keys() {
-        if !CREATE_KEYS.contains(&k.as_str()) {
-            return Err(ApiError::validation(format!(
-                "instance Additional properties are not allowed ('{k}' was unexpected)"
-            )));
-        }
-        if NOT_YET.contains(&k.as_str()) && !inst[k].is_null() {
-            return Err(ApiError::not_implemented(format!(
-                "'{k}' is not supported by this Coffer release yet."
-            )));
-        }
-    }
-    let name = match inst.get("name") {
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => {
-            return Err(ApiError::validation(
-                "instance['name'] is not of type 'string'",
-            ))
-        }
-        None => {
-            return Err(ApiError::validation(
-                "instance 'name' is a required property",
-            ))
-        }
-    };
-    super::check_text("instance['name']", &name, 255)?;
+/// An instance's name as Trove checks it.
+fn check_instance_name(name: &str) -> Result<(), ApiError> {
+    super::check_text("instance['name']", name, 255)?;
     if name.trim().is_empty() {
         return Err(ApiError::validation(format!(
             "instance['name'] '{name}' is too short"
         )));
-    }
-    if name.len() > 255 {
-        return Err(ApiError::validation("instance['name'] is too long"));
     }
     if !name.chars().any(|c| c.is_ascii_alphanumeric()) {
         return Err(ApiError::validation(format!(
             "instance['name'] '{name}' does not match '^.*[0-9a-zA-Z]+.*$'"
         )));
     }
-    let flavor_id = match inst.get("flavorRef") {
-        None => {
-            return Err(ApiError::validation(
-                "instance 'flavorRef' is a required property",
-            ))
+    Ok(())
+}
+
+/// A create body: a replica (`replica_of`, which inherits flavor, volume and version from its
+/// source) or a new instance.
+enum Create {
+    Replica(replicas::ReplicaReq),
+    Instance(CreateSpec),
+}
+
+fn parse_create(body: &Map<String, Value>) -> Result<Create, ApiError> {
+    let i = typed::<CreateBody>(body)?.instance;
+    check_instance_name(&i.name)?;
+    let configuration = i.configuration.map(|x| x.0);
+    if let Some(source) = i.replica_of {
+        let inherited = [
+            ("databases", i.databases.is_some()),
+            ("users", i.users.is_some()),
+            ("restorePoint", i.restore_point.is_some()),
+            ("datastore", i.datastore.is_some()),
+        ];
+        if let Some((k, _)) = inherited.iter().find(|(_, given)| *given) {
+            return Err(ApiError::bad_request(format!(
+                "'{k}' cannot be given for a replica (it comes from the source)."
+            )));
         }
-        Some(v) => id_of(v).filter(|s| !s.is_empty()).ok_or_else(|| {
-            ApiError::validation(format!(
-                "instance['flavorRef'] {v} is not of type 'string', 'integer'"
-            ))
-        })?,
-    };
-    let volume_size = match inst.get("volume") {
-        None => {
-            return Err(ApiError::validation(
-                "instance 'volume' is a required property",
-            ))
-        }
-        Some(Value::Object(v)) => match v.get("size") {
-            Some(Value::Number(n)) if n.as_i64().map(|x| x >= 1).unwrap_or(false) => {
-                n.as_i64().unwrap()
-            }
-            Some(Value::String(s)) if s.parse::<i64>().map(|x| x >= 1).unwrap_or(false) => {
-                s.parse().unwrap()
-            }
-            Some(other) => {
-                return Err(ApiError::validation(format!(
-                    "instance['volume']['size'] {other} is not a positive integer"
-                )))
-            }
-            None => {
-                return Err(ApiError::validation(
-                    "instance['volume'] 'size' is a required property",
-                ))
-            }
-        },
-        Some(other) => {
-            return Err(ApiError::validation(format!(
-                "instance['volume'] {other} is not of type 'object'"
-            )))
-        }
-    };
-    let (datastore, version) = match inst.get("datastore") {
-        None | Some(Value::Null) => (None, None),
-        Some(Value::Object(d)) => {
-            for k in d.keys() {
-                if !["type", "version", "version_number"].contains(&k.as_str()) {
-                    return Err(ApiError::validation(format!(
-                        "instance['datastore'] Additional properties are not allowed ('{k}' was unexpected)"
-                    )));
-                }
-            }
-            (
-                str_field(d, "instance['datastore']", "type")?.map(String::from),
-                str_field(d, "instance['datastore']", "version")?.map(String::from),
-            )
-        }
-        Some(other) => {
-            return Err(ApiError::validation(format!(
-                "instance['datastore'] {other} is not of type 'object'"
-            )))
-        }
-    };
-    let mut databases = vec![];
-    if let Some(v) = inst.get("databases") {
-        let arr = v
-            .as_array()
-            .ok_or_else(|| ApiError::validation("instance['databases'] is not of type 'array'"))?;
-        super::check_count("instance['databases']", arr.len())?;
-        for d in arr {
-            let o = d.as_object().ok_or_else(|| {
-                ApiError::validation("instance['databases'] item is not of type 'object'")
-            })?;
-            let name = str_field(o, "instance['databases']", "name")?.ok_or_else(|| {
-                ApiError::validation("instance['databases'] 'name' is a required property")
-            })?;
-            check_name("database", name, 64)?;
-            let cs = str_field(o, "instance['databases']", "character_set")?.unwrap_or("");
-            let co = str_field(o, "instance['databases']", "collate")?.unwrap_or("");
-            for (what, s) in [("character_set", cs), ("collate", co)] {
-                if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || s.len() > 64 {
-                    return Err(ApiError::validation(format!(
-                        "instance['databases'] {what} '{s}' is not valid"
-                    )));
-                }
-            }
-            if databases.iter().any(|x: &v1::Database| x.name == name) {
-                return Err(ApiError::bad_request(format!(
-                    "Database '{name}' is listed twice."
-                )));
-            }
-            databases.push(v1::Database {
-                name: name.into(),
-                character_set: cs.into(),
-                collate: co.into(),
-            });
-        }
+        return Ok(Create::Replica(replicas::ReplicaReq {
+            name: i.name,
+            source: source.0,
+            count: i
+                .replica_count
+                .map_or(1, |n| n.0.min(u32::MAX as i64) as u32),
+            configuration,
+        }));
     }
-    let mut users = vec![];
-    if let Some(v) = inst.get("users") {
-        let arr = v
-            .as_array()
-            .ok_or_else(|| ApiError::validation("instance['users'] is not of type 'array'"))?;
-        super::check_count("instance['users']", arr.len())?;
-        for u in arr {
-            let o = u.as_object().ok_or_else(|| {
-                ApiError::validation("instance['users'] item is not of type 'object'")
-            })?;
-            let name = str_field(o, "instance['users']", "name")?.ok_or_else(|| {
-                ApiError::validation("instance['users'] 'name' is a required property")
-            })?;
-            check_name("user", name, 80)?;
-            let password = str_field(o, "instance['users']", "password")?.ok_or_else(|| {
-                ApiError::validation("instance['users'] 'password' is a required property")
-            })?;
-            if password.is_empty()
-                || password.len() > 128
-                || password.chars().any(|c| c.is_control())
-            {
-                return Err(ApiError::validation(
-                    "instance['users'] password must be 1 to 128 characters without control characters",
-                ));
-            }
-            let host = str_field(o, "instance['users']", "host")?.unwrap_or("%");
-            if host.is_empty()
-                || host.len() > 255
-                || !host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || ".%_:-/".contains(c))
-            {
-                return Err(ApiError::validation(format!(
-                    "instance['users'] host '{host}' is not valid"
-                )));
-            }
-            let mut dbs = vec![];
-            if let Some(dv) = o.get("databases") {
-                let arr = dv.as_array().ok_or_else(|| {
-                    ApiError::validation("instance['users']['databases'] is not of type 'array'")
-                })?;
-                super::check_count("instance['users']['databases']", arr.len())?;
-                for d in arr {
-                    let n = d.get("name").and_then(|n| n.as_str()).ok_or_else(|| {
-                        ApiError::validation(
-                            "instance['users']['databases'] 'name' is a required property",
-                        )
-                    })?;
-                    if !databases.iter().any(|x| x.name == n) {
-                        return Err(ApiError::bad_request(format!(
-                            "Database '{n}' of user '{name}' is not in the instance's 'databases'."
-                        )));
-                    }
-                    dbs.push(n.to_string());
-                }
-            }
-            if users
-                .iter()
-                .any(|x: &v1::User| x.name == name && x.host == host)
-            {
-                return Err(ApiError::bad_request(format!(
-                    "User '{name}'@'{host}' is listed twice."
-                )));
-            }
-            users.push(v1::User {
-                name: name.into(),
-                password: password.into(),
-                host: host.into(),
-                databases: dbs,
-                password_sealed: Vec::new(),
-            });
-        }
+    if i.replica_count.is_some() {
+        return Err(ApiError::bad_request(
+            "replica_count is only allowed with replica_of.",
+        ));
     }
-    let restore_from = match inst.get("restorePoint") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(o)) => Some(
-            o.get("backupRef")
-                .and_then(id_of)
-                .filter(|s| !s.is_empty())
-                .ok_or_else(|| {
-                    ApiError::validation(
-                        "instance['restorePoint'] 'backupRef' is a required property",
-                    )
-                })?,
-        ),
-        Some(v) => {
-            return Err(ApiError::validation(format!(
-                "instance['restorePoint'] {v} is not of type 'object'"
-            )))
+    let required = |k: &str| ApiError::validation(format!("instance '{k}' is a required property"));
+    let flavor_id = i.flavor_ref.ok_or_else(|| required("flavorRef"))?.0;
+    let volume_size = i.volume.ok_or_else(|| required("volume"))?.size.0;
+    let (datastore, version) = i.datastore.map_or((None, None), |d| (d.kind, d.version));
+    let dbs = i.databases.unwrap_or_default();
+    super::check_count("instance['databases']", dbs.len())?;
+    let mut databases: Vec<v1::Database> = vec![];
+    for d in dbs {
+        check_name("database", &d.name, 64)?;
+        let cs = d.character_set.unwrap_or_default();
+        let co = d.collate.unwrap_or_default();
+        for (what, s) in [("character_set", &cs), ("collate", &co)] {
+            if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || s.len() > 64 {
+                return Err(ApiError::validation(format!(
+                    "instance['databases'] {what} '{s}' is not valid"
+                )));
+            }
         }
-    };
-    let configuration = match inst.get("configuration") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(id_of(v).filter(|s| !s.is_empty()).ok_or_else(|| {
-            ApiError::validation(format!(
-                "instance['configuration'] {v} is not a configuration id or href"
-            ))
-        })?),
-    };
-    let modules = match inst.get("modules") {
-        None | Some(Value::Null) => vec![],
-        Some(Value::Array(a)) => a
+        if databases.iter().any(|x| x.name == d.name) {
+            return Err(ApiError::bad_request(format!(
+                "Database '{}' is listed twice.",
+                d.name
+            )));
+        }
+        databases.push(v1::Database {
+            name: d.name,
+            character_set: cs,
+            collate: co,
+        });
+    }
+    let reqs = i.users.unwrap_or_default();
+    super::check_count("instance['users']", reqs.len())?;
+    let mut users: Vec<v1::User> = vec![];
+    for u in reqs {
+        check_name("user", &u.name, 80)?;
+        if u.password.is_empty()
+            || u.password.len() > 128
+            || u.password.chars().any(|c| c.is_control())
+        {
+            return Err(ApiError::validation(
+                "instance['users'] password must be 1 to 128 characters without control characters",
+            ));
+        }
+        let host = u.host.unwrap_or_else(|| "%".into());
+        if host.is_empty()
+            || host.len() > 255
+            || !host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".%_:-/".contains(c))
+        {
+            return Err(ApiError::validation(format!(
+                "instance['users'] host '{host}' is not valid"
+            )));
+        }
+        let dbs: Vec<String> = u
+            .databases
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| d.name)
+            .collect();
+        super::check_count("instance['users']['databases']", dbs.len())?;
+        if let Some(n) = dbs
             .iter()
-            .map(|x| {
-                x.get("id")
-                    .and_then(id_of)
-                    .filter(|s| !s.is_empty())
-                    .ok_or_else(|| ApiError::validation("instance['modules'] items need an 'id'"))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(v) => {
-            return Err(ApiError::validation(format!(
-                "instance['modules'] {v} is not of type 'array'"
-            )))
+            .find(|n| !databases.iter().any(|x| &x.name == *n))
+        {
+            return Err(ApiError::bad_request(format!(
+                "Database '{n}' of user '{}' is not in the instance's 'databases'.",
+                u.name
+            )));
         }
-    };
-    Ok(CreateSpec {
-        modules,
-        configuration,
-        restore_from,
-        name,
+        if users.iter().any(|x| x.name == u.name && x.host == host) {
+            return Err(ApiError::bad_request(format!(
+                "User '{}'@'{host}' is listed twice.",
+                u.name
+            )));
+        }
+        users.push(v1::User {
+            name: u.name,
+            password: u.password,
+            host,
+            databases: dbs,
+            password_sealed: Vec::new(),
+        });
+    }
+    Ok(Create::Instance(CreateSpec {
+        name: i.name,
         flavor_id,
         volume_size,
         datastore,
         version,
         databases,
         users,
-    })
+        restore_from: i.restore_point.map(|r| r.backup_ref.0),
+        configuration,
+        modules: i
+            .modules
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| m.id.0)
+            .collect(),
+    }))
 }
 
 /// Renders an instance in Trove's list or detail form.
@@ -505,9 +359,9 @@ pub(super) use crate::ops::find_instance as find;
 
 pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     let body = parse_body(&body)?;
-    let (id, root_password) = match parse_replica(&body)? {
-        Some(r) => (replicas::create(st.0.clone(), &c, r).await?, None),
-        None => ops::create(&st.0, &c, parse_create(&body)?).await?,
+    let (id, root_password) = match parse_create(&body)? {
+        Create::Replica(r) => (replicas::create(st.0.clone(), &c, r).await?, None),
+        Create::Instance(spec) => ops::create(&st.0, &c, spec).await?,
     };
     let row = st
         .store
@@ -556,85 +410,86 @@ pub async fn show(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)
     ok(json!({"instance": render(&st, &c, &r, true, true).await?}))
 }
 
+/// `PUT`/`PATCH /instances/{id}`: a rename, and one of attach/detach a configuration group or
+/// detach from the source (`replica_of`, `slave_of`: the key's presence counts, whatever value).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateBody {
+    instance: UpdateInstance,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateInstance {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    configuration: Option<Option<Id>>,
+    #[serde(default, deserialize_with = "present")]
+    replica_of: Option<IgnoredAny>,
+    #[serde(default, deserialize_with = "present")]
+    slave_of: Option<IgnoredAny>,
+    #[serde(default, deserialize_with = "present")]
+    datastore_version: Option<IgnoredAny>,
+    #[serde(default, deserialize_with = "present")]
+    access: Option<IgnoredAny>,
+}
+
 async fn update_impl(st: AppState, c: Caller, id: String, body: Bytes, patch: bool) -> ApiResult {
     let body = parse_body(&body)?;
     let r = find(&st, &c, &id).await?;
-    let inst = match body.get("instance") {
-        Some(Value::Object(o)) => o,
-        _ => return Err(ApiError::validation("'instance' is a required property")),
-    };
-    let allowed: &[&str] = if patch {
-        &[
-            "name",
-            "configuration",
-            "replica_of",
-            "slave_of",
-            "datastore_version",
-        ]
+    let i = typed::<UpdateBody>(&body)?.instance;
+    // PUT takes `access`, PATCH takes `slave_of`, as Trove's two schemas do.
+    let only_other = if patch {
+        ("access", i.access.is_some())
     } else {
-        &[
-            "name",
-            "configuration",
-            "replica_of",
-            "datastore_version",
-            "access",
-        ]
+        ("slave_of", i.slave_of.is_some())
     };
-    for k in inst.keys() {
-        if !allowed.contains(&k.as_str()) {
-            return Err(ApiError::validation(format!(
-                "instance Additional properties are not allowed ('{k}' was unexpected)"
-            )));
-        }
+    if only_other.1 {
+        return Err(ApiError::validation(format!(
+            "instance Additional properties are not allowed ('{}' was unexpected)",
+            only_other.0
+        )));
     }
-    let others: Vec<&String> = inst.keys().filter(|k| *k != "name").collect();
-    if others.len() > 1 {
+    let others = [
+        ("configuration", i.configuration.is_some()),
+        ("replica_of", i.replica_of.is_some() || i.slave_of.is_some()),
+        ("datastore_version", i.datastore_version.is_some()),
+        ("access", i.access.is_some()),
+    ];
+    let mut given = others.iter().filter(|(_, g)| *g).map(|(k, _)| *k);
+    let (first, more) = (given.next(), given.next());
+    if more.is_some() {
         return Err(ApiError::bad_request(
             "Only one attribute (except 'name') is allowed to update.",
         ));
     }
-    if let Some(k) = others.first() {
-        if !["configuration", "replica_of", "slave_of"].contains(&k.as_str()) {
-            return Err(ApiError::not_implemented(format!(
-                "Updating '{k}' is not supported by this Coffer release yet."
-            )));
-        }
+    if let Some(k @ ("datastore_version" | "access")) = first {
+        return Err(ApiError::not_implemented(format!(
+            "Updating '{k}' is not supported by this Coffer release yet."
+        )));
     }
-    if let Some(n) = inst.get("name") {
-        let n = n
-            .as_str()
-            .ok_or_else(|| ApiError::validation("instance['name'] is not of type 'string'"))?;
+    if let Some(n) = &i.name {
         super::check_text("instance['name']", n, 255)?;
-        if n.trim().is_empty() || n.len() > 255 || !n.chars().any(|c| c.is_ascii_alphanumeric()) {
+        if n.trim().is_empty() || !n.chars().any(|c| c.is_ascii_alphanumeric()) {
             return Err(ApiError::validation(format!(
                 "instance['name'] '{n}' is not a valid name"
             )));
         }
         st.store.rename(&r.id, n).await?;
     }
-    // `replica_of` / `slave_of` (any value: the key's presence counts): detach from the source.
-    if inst.contains_key("replica_of") || inst.contains_key("slave_of") {
+    if first == Some("replica_of") {
         replicas::detach(&st.0, &r).await?;
         return accepted();
     }
     // `configuration`: attach (an id or href), detach (null); `{"instance": {}}` also detaches.
-    match inst.get("configuration") {
-        Some(Value::Null) => {
-            if r.configuration_id.is_some() {
-                super::configurations::attach(&st, &c, &r, None).await?;
-            }
-        }
-        Some(v) => {
-            let g = id_of(v).filter(|s| !s.is_empty()).ok_or_else(|| {
-                ApiError::validation(format!(
-                    "instance['configuration'] {v} is not a configuration id or href"
-                ))
-            })?;
-            super::configurations::attach(&st, &c, &r, Some(g)).await?;
-        }
-        None if inst.is_empty() && r.configuration_id.is_some() => {
-            super::configurations::attach(&st, &c, &r, None).await?;
-        }
+    let group = match i.configuration {
+        Some(g) => Some(g.map(|g| g.0)),
+        None if i.name.is_none() => Some(None),
+        None => None,
+    };
+    match group {
+        Some(None) if r.configuration_id.is_none() => {}
+        Some(g) => super::configurations::attach(&st, &c, &r, g).await?,
         None => {}
     }
     accepted()
@@ -707,11 +562,79 @@ mod tests {
     use axum::http::StatusCode;
 
     fn create(body: Value) -> Result<CreateSpec, ApiError> {
-        parse_create(body.as_object().expect("a JSON object"))
+        match parse_create(body.as_object().expect("a JSON object"))? {
+            Create::Instance(spec) => Ok(spec),
+            Create::Replica(_) => panic!("a replica create"),
+        }
     }
 
     /// Trove create bodies and the exact answer each gets: the error's status and text, or
     /// what was parsed.
+    /// Replica creates and instance updates: what each body becomes, or its exact refusal.
+    #[test]
+    fn replica_and_update_bodies_are_typed_or_refused_with_troves_texts() {
+        let parse = |body: Value| parse_create(body.as_object().unwrap());
+        match parse(
+            json!({"instance": {"name": "r", "replica_of": "https://h/v1.0/p/instances/abc", "replica_count": "2"}}),
+        ) {
+            Ok(Create::Replica(r)) => {
+                assert_eq!(
+                    (r.source.as_str(), r.count, r.name.as_str()),
+                    ("abc", 2, "r")
+                )
+            }
+            _ => panic!("not a replica"),
+        }
+        let v = "Validation error: ";
+        let table: Vec<(Value, String)> = vec![
+            (
+                json!({"instance": {"name": "r", "replica_of": "a", "databases": []}}),
+                "'databases' cannot be given for a replica (it comes from the source).".into(),
+            ),
+            (
+                json!({"instance": {"name": "r", "flavorRef": "1", "volume": {"size": 1}, "replica_count": 2}}),
+                "replica_count is only allowed with replica_of.".into(),
+            ),
+            (
+                json!({"instance": {"name": "r", "replica_of": "a", "replica_count": 0}}),
+                format!("{v}instance['replica_count'] 0 is not a positive integer"),
+            ),
+            (
+                json!({"instance": {"name": "n", "flavorRef": [], "volume": {"size": 1}}}),
+                format!("{v}instance['flavorRef'] is not of type 'string', 'integer'"),
+            ),
+            (
+                json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 1}, "restorePoint": {}}}),
+                format!("{v}instance['restorePoint'] 'backupRef' is a required property"),
+            ),
+            (
+                json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 1}, "modules": [{"name": "m"}]}}),
+                format!("{v}instance['modules'] 'id' is a required property"),
+            ),
+        ];
+        for (body, message) in table {
+            let e = parse(body.clone()).map(|_| ()).unwrap_err();
+            assert_eq!(e.message, message, "{body}");
+        }
+
+        let update =
+            |body: Value| typed::<UpdateBody>(body.as_object().unwrap()).map(|b| b.instance);
+        let u = update(json!({"instance": {"configuration": null}})).unwrap();
+        assert!(matches!(u.configuration, Some(None)), "null detaches");
+        let u = update(json!({"instance": {"configuration": "https://h/v1.0/p/configurations/g"}}))
+            .unwrap();
+        assert!(matches!(u.configuration, Some(Some(Id(ref g))) if g == "g"));
+        let u = update(json!({"instance": {"replica_of": null}})).unwrap();
+        assert!(u.replica_of.is_some(), "the key's presence detaches");
+        let e = update(json!({"instance": {"colour": 1}}))
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(
+            e.message,
+            format!("{v}instance Additional properties are not allowed ('colour' was unexpected)")
+        );
+    }
+
     #[test]
     fn create_bodies_are_parsed_or_refused_with_troves_texts() {
         let ok = json!({"instance": {"name": "db-1", "flavorRef": "1", "volume": {"size": 2},

@@ -12,6 +12,7 @@ pub mod enrol;
 pub(crate) mod instances;
 mod logs;
 mod modules;
+mod parse;
 mod quotas;
 pub mod replicas;
 

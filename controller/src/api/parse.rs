@@ -1,0 +1,164 @@
+//! Typed request bodies: serde types (unknown keys refused where Trove refuses them) read through
+//! `serde_path_to_error`, whose errors are rewritten into Trove's jsonschema texts
+//! (`instance['volume'] 'size' is a required property`), and the value types Trove's bodies use.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use serde_path_to_error::{Path, Segment};
+
+use super::ApiError;
+
+/// Reads a request body (already checked to be a JSON object) as `T`.
+pub fn typed<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(Value::Object(body.clone()))
+        .map_err(|e| ApiError::validation(trove_text(e.path(), &e.inner().to_string())))
+}
+
+/// `instance['volume']['size']`: the path as Trove's messages show it (list indexes left out).
+fn show(path: &Path) -> String {
+    let mut out = String::new();
+    for seg in path.iter() {
+        if let Segment::Map { key } | Segment::Enum { variant: key } = seg {
+            if out.is_empty() {
+                out.push_str(key);
+            } else {
+                out.push_str(&format!("['{key}']"));
+            }
+        }
+    }
+    out
+}
+
+/// One of serde's messages in Trove's words.
+fn trove_text(path: &Path, msg: &str) -> String {
+    let at = show(path);
+    let prefix = if at.is_empty() {
+        String::new()
+    } else {
+        format!("{at} ")
+    };
+    let quoted = |m: &str| m.split('`').nth(1).unwrap_or_default().to_string();
+    if msg.starts_with("unknown field") {
+        // The path ends at the unexpected key itself; Trove names the object that holds it.
+        let key = quoted(msg);
+        let holder = at
+            .strip_suffix(&format!("['{key}']"))
+            .or_else(|| at.strip_suffix(key.as_str()))
+            .unwrap_or(&at);
+        let holder = if holder.is_empty() {
+            String::new()
+        } else {
+            format!("{holder} ")
+        };
+        return format!("{holder}Additional properties are not allowed ('{key}' was unexpected)");
+    }
+    if msg.starts_with("invalid length") && msg.contains("expected struct") {
+        return format!("{at} is not of type 'object'");
+    }
+    if msg.starts_with("missing field") {
+        return format!("{prefix}'{}' is a required property", quoted(msg));
+    }
+    if let Some(rest) = msg.strip_prefix("invalid type: ") {
+        let expected = rest.split(", expected ").nth(1).unwrap_or_default();
+        let kind = match expected {
+            e if e.starts_with('\'') => e.to_string(),
+            "a string" => "'string'".into(),
+            "a sequence" => "'array'".into(),
+            "a boolean" => "'boolean'".into(),
+            e if e.starts_with("struct") || e.starts_with("a map") => "'object'".into(),
+            e if e.starts_with('i') || e.starts_with('u') => "'integer'".into(),
+            e => format!("'{e}'"),
+        };
+        return format!("{at} is not of type {kind}");
+    }
+    format!("{prefix}{msg}")
+}
+
+/// An id, or an href whose last segment is the id; a number is taken as its digits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Id(pub String);
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Id;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("'string', 'integer'")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Id, E> {
+                match s.rsplit('/').next().unwrap_or(s) {
+                    "" => Err(E::custom(format!("'{s}' is not an id or an href"))),
+                    id => Ok(Id(id.to_string())),
+                }
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Id, E> {
+                Ok(Id(n.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Id, E> {
+                Ok(Id(n.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A positive integer, given as a number or as its digits (python-troveclient sends both).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Positive(pub i64);
+
+impl<'de> Deserialize<'de> for Positive {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Positive;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("'integer'")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Positive, E> {
+                if n >= 1 {
+                    Ok(Positive(n))
+                } else {
+                    Err(E::custom(format!("{n} is not a positive integer")))
+                }
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Positive, E> {
+                i64::try_from(n)
+                    .map_err(|_| E::custom(format!("{n} is not a positive integer")))
+                    .and_then(|n| self.visit_i64(n))
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Positive, E> {
+                Err(E::custom(format!("{n} is not a positive integer")))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Positive, E> {
+                s.parse::<i64>()
+                    .map_err(|_| E::custom(format!("'{s}' is not a positive integer")))
+                    .and_then(|n| self.visit_i64(n))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `{"name": ...}` items (a user's databases).
+#[derive(Debug, Deserialize)]
+pub struct NameRef {
+    pub name: String,
+}
+
+/// `{"id": ...}` items (an instance's modules).
+#[derive(Debug, Deserialize)]
+pub struct IdRef {
+    pub id: Id,
+}
+
+/// For `#[serde(default, deserialize_with = "present")]`: `Some` whenever the key is given, even
+/// as `null` (with `T = Option<_>`, `null` is `Some(None)` and a missing key `None`).
+pub fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
