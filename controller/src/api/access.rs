@@ -7,9 +7,12 @@ use axum::extract::{Path, Query};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use coffer_proto::{seal, v1};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
-use super::instances::{check_name, find};
+use super::instances::find;
+use super::parse::{
+    self, check_host, check_name, check_password, some_of, typed, DatabaseReq, NameRef, UserReq,
+};
 use super::{accepted, ok, parse_body, with_next, ApiError, ApiResult, AppState, Caller, Page};
 use crate::status;
 use crate::store::InstanceRow;
@@ -54,64 +57,38 @@ fn user_ref(s: &str) -> Result<(String, String), ApiError> {
     Ok((name, host))
 }
 
-fn check_host(host: &str) -> Result<(), ApiError> {
-    if host.is_empty()
-        || host.len() > 255
-        || !host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || ".%_:-/".contains(c))
-    {
-        return Err(ApiError::validation(format!(
-            "host '{host}' is not a host name, address or pattern"
-        )));
-    }
-    Ok(())
+#[derive(serde::Deserialize)]
+struct Databases {
+    databases: Vec<DatabaseReq>,
 }
 
-fn check_password(p: &str) -> Result<(), ApiError> {
-    if p.is_empty() || p.len() > 128 || p.chars().any(|c| c.is_control()) {
-        return Err(ApiError::validation(
-            "password must be 1 to 128 characters without control characters",
-        ));
-    }
-    Ok(())
+#[derive(serde::Deserialize)]
+struct DatabaseNames {
+    databases: Vec<NameRef>,
 }
 
-fn list_of<'a>(body: &'a Map<String, Value>, key: &str) -> Result<&'a Vec<Value>, ApiError> {
-    match body.get(key) {
-        Some(Value::Array(a)) if !a.is_empty() => {
-            super::check_count(&format!("'{key}'"), a.len())?;
-            Ok(a)
-        }
-        Some(Value::Array(_)) => Err(ApiError::validation(format!("'{key}' must not be empty"))),
-        _ => Err(ApiError::validation(format!(
-            "'{key}' is a required property"
-        ))),
-    }
+#[derive(serde::Deserialize)]
+struct Users {
+    users: Vec<UserReq>,
 }
 
-fn string_of<'a>(o: &'a Value, key: &str, path: &str) -> Result<Option<&'a str>, ApiError> {
-    match o.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(v) => Err(ApiError::validation(format!(
-            "{path}['{key}'] {v} is not of type 'string'"
-        ))),
-    }
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserChangeBody {
+    user: UserChange,
 }
 
-fn db_names(items: &[Value], path: &str) -> Result<Vec<String>, ApiError> {
-    super::check_count(path, items.len())?;
-    items
-        .iter()
-        .map(|d| {
-            let n = string_of(d, "name", path)?.ok_or_else(|| {
-                ApiError::validation(format!("{path} 'name' is a required property"))
-            })?;
-            check_name("database", n, 64)?;
-            Ok(n.to_string())
-        })
-        .collect()
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserChange {
+    name: Option<String>,
+    password: Option<String>,
+    host: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct RootBody {
+    password: Option<String>,
 }
 
 // ---- databases ----------------------------------------------------------------------------------
@@ -142,28 +119,13 @@ pub async fn create_databases(
     Path((_p, id)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    let body = parse_body(&body)?;
-    let items = list_of(&body, "databases")?;
-    let mut dbs = vec![];
-    for d in items {
-        let name = string_of(d, "name", "databases")?
-            .ok_or_else(|| ApiError::validation("databases 'name' is a required property"))?;
-        check_name("database", name, 64)?;
-        let cs = string_of(d, "character_set", "databases")?.unwrap_or("");
-        let co = string_of(d, "collate", "databases")?.unwrap_or("");
-        for (what, v) in [("character_set", cs), ("collate", co)] {
-            if v.len() > 64 || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(ApiError::validation(format!(
-                    "databases {what} '{v}' is not valid"
-                )));
-            }
-        }
-        dbs.push(v1::Database {
-            name: name.into(),
-            character_set: cs.into(),
-            collate: co.into(),
-        });
-    }
+    let dbs = some_of(
+        "databases",
+        typed::<Databases>(&parse_body(&body)?)?.databases,
+    )?
+    .into_iter()
+    .map(|d| parse::database(d, "databases"))
+    .collect::<Result<Vec<_>, _>>()?;
     let r = ready(&st, &c, &id).await?;
     call(
         &st,
@@ -228,57 +190,23 @@ pub async fn list_users(
     ))
 }
 
-/// Name, password and host (default `%`) of one item of a `users` list, checked.
-fn user_entry(u: &Value) -> Result<(String, String, String), ApiError> {
-    let name = string_of(u, "name", "users")?
-        .ok_or_else(|| ApiError::validation("users 'name' is a required property"))?;
-    check_name("user", name, 80)?;
-    let password = string_of(u, "password", "users")?
-        .ok_or_else(|| ApiError::validation("users 'password' is a required property"))?;
-    check_password(password)?;
-    let host = string_of(u, "host", "users")?.unwrap_or("%");
-    check_host(host)?;
-    Ok((name.to_string(), password.to_string(), host.to_string()))
-}
-
 pub async fn create_users(
     st: AppState,
     c: Caller,
     Path((_p, id)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    let body = parse_body(&body)?;
-    let items = list_of(&body, "users")?;
-    let mut parsed = vec![];
-    for u in items {
-        let (name, password, host) = user_entry(u)?;
-        let dbs = match u.get("databases") {
-            Some(Value::Array(a)) => db_names(a, "users['databases']")?,
-            None | Some(Value::Null) => vec![],
-            Some(_) => {
-                return Err(ApiError::validation(
-                    "users['databases'] is not of type 'array'",
-                ))
-            }
-        };
-        parsed.push((name, password, host, dbs));
-    }
+    let parsed = some_of("users", typed::<Users>(&parse_body(&body)?)?.users)?
+        .into_iter()
+        .map(parse::user)
+        .collect::<Result<Vec<_>, _>>()?;
     let r = ready(&st, &c, &id).await?;
     let key = agent_key(&r)?;
     let mut users = vec![];
-    for (name, password, host, databases) in parsed {
-        let sealed_pw = sealed(
-            &key,
-            &seal::user_password_context(&id, &name, &host),
-            &password,
-        )?;
-        users.push(v1::User {
-            name,
-            password: String::new(),
-            host,
-            databases,
-            password_sealed: sealed_pw,
-        });
+    for mut u in parsed {
+        let context = seal::user_password_context(&id, &u.name, &u.host);
+        u.password_sealed = sealed(&key, &context, &std::mem::take(&mut u.password))?;
+        users.push(u);
     }
     call(
         &st,
@@ -296,12 +224,10 @@ pub async fn change_passwords(
     Path((_p, id)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    let body = parse_body(&body)?;
-    let items = list_of(&body, "users")?;
     let mut changes = vec![];
-    for u in items {
-        let (name, password, host) = user_entry(u)?;
-        changes.push((name, host, password));
+    for u in some_of("users", typed::<Users>(&parse_body(&body)?)?.users)? {
+        let u = parse::user(u)?;
+        changes.push((u.name, u.host, u.password));
     }
     let r = ready(&st, &c, &id).await?;
     let key = agent_key(&r)?;
@@ -354,31 +280,20 @@ pub async fn update_user(
     body: Bytes,
 ) -> ApiResult {
     let (name, host) = user_ref(&user)?;
-    let body = parse_body(&body)?;
-    let u = match body.get("user") {
-        Some(v @ Value::Object(o)) if !o.is_empty() => v,
-        _ => {
-            return Err(ApiError::validation(
-                "'user' must be an object with at least one of name, password, host",
-            ))
-        }
-    };
-    for k in u.as_object().unwrap().keys() {
-        if !["name", "password", "host"].contains(&k.as_str()) {
-            return Err(ApiError::validation(format!(
-                "user Additional properties are not allowed ('{k}' was unexpected)"
-            )));
-        }
+    let u = typed::<UserChangeBody>(&parse_body(&body)?)?.user;
+    let (new_name, new_host, password) =
+        (u.name.as_deref(), u.host.as_deref(), u.password.as_deref());
+    if new_name.is_none() && new_host.is_none() && password.is_none() {
+        return Err(ApiError::validation(
+            "'user' must be an object with at least one of name, password, host",
+        ));
     }
-    let new_name = string_of(u, "name", "user")?;
     if let Some(n) = new_name {
         check_name("user", n, 80)?;
     }
-    let new_host = string_of(u, "host", "user")?;
     if let Some(h) = new_host {
         check_host(h)?;
     }
-    let password = string_of(u, "password", "user")?;
     if let Some(p) = password {
         check_password(p)?;
     }
@@ -439,8 +354,13 @@ pub async fn grant_access(
     body: Bytes,
 ) -> ApiResult {
     let (name, host) = user_ref(&user)?;
-    let body = parse_body(&body)?;
-    let databases = db_names(list_of(&body, "databases")?, "databases")?;
+    let databases: Vec<String> = some_of(
+        "databases",
+        typed::<DatabaseNames>(&parse_body(&body)?)?.databases,
+    )?
+    .into_iter()
+    .map(|d| check_name("database", &d.name, 64).map(|_| d.name))
+    .collect::<Result<_, _>>()?;
     let r = ready(&st, &c, &id).await?;
     call(
         &st,
@@ -496,15 +416,11 @@ pub async fn root_enable(
     let given = if body.is_empty() {
         None
     } else {
-        let b = parse_body(&body)?;
-        match b.get("password") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(p)) => {
-                check_password(p)?;
-                Some(p.clone())
-            }
-            Some(_) => return Err(ApiError::validation("'password' is not of type 'string'")),
+        let p = typed::<RootBody>(&parse_body(&body)?)?.password;
+        if let Some(p) = &p {
+            check_password(p)?;
         }
+        p
     };
     let r = ready(&st, &c, &id).await?;
     let password_sealed = match &given {

@@ -8,11 +8,13 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde_json::{json, Value};
 
+use serde::de::IgnoredAny;
+
 use super::instances::find;
+use super::parse::{present, typed, Id, ZeroOne};
 use super::{accepted, ok, parse_body, ApiError, ApiResult, AppState, Caller};
-use crate::ops::backups::{remove, start};
-use crate::status::{self, task};
-use crate::store::{BackupRow, Store};
+use crate::ops::backups::{find_backup, remove, BackupSpec};
+use crate::store::BackupRow;
 use crate::App;
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -109,213 +111,66 @@ pub async fn list_for_instance(
     list_filtered(&st, &c, &q, Some(&r.id)).await
 }
 
-async fn find_backup(app: &App, c: &Caller, id: &str) -> Result<BackupRow, ApiError> {
-    match app.store.backup(id).await? {
-        Some(b) if b.project_id == c.project || c.admin => Ok(b),
-        _ => Err(ApiError::not_found(format!(
-            "Backup {id} could not be found."
-        ))),
-    }
-}
-
 pub async fn show(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
     let b = find_backup(&st, &c, &id).await?;
     ok(json!({"backup": backup_json(&st, &b).await?}))
 }
 
+/// `POST /backups`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    backup: CreateBackup,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBackup {
+    name: String,
+    instance: Id,
+    description: Option<String>,
+    parent_id: Option<String>,
+    incremental: Option<ZeroOne>,
+    #[allow(dead_code)]
+    swift_container: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    storage_driver: Option<IgnoredAny>,
+    #[serde(default, deserialize_with = "present")]
+    restore_from: Option<IgnoredAny>,
+}
+
 pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
-    let app = st.0.clone();
-    let body = parse_body(&body)?;
-    let Some(Value::Object(b)) = body.get("backup") else {
-        return Err(ApiError::validation("'backup' is a required property"));
-    };
-    for k in b.keys() {
-        if ![
-            "name",
-            "instance",
-            "description",
-            "parent_id",
-            "incremental",
-            "swift_container",
-            "storage_driver",
-            "restore_from",
-        ]
-        .contains(&k.as_str())
-        {
-            return Err(ApiError::validation(format!(
-                "backup Additional properties are not allowed ('{k}' was unexpected)"
-            )));
-        }
+    let b = typed::<CreateBody>(&parse_body(&body)?)?.backup;
+    if b.name.trim().is_empty() {
+        return Err(ApiError::validation(
+            "backup 'name' is a required property (1 to 255 characters)",
+        ));
     }
-    let name = match b.get("name") {
-        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 255 => s.clone(),
-        _ => {
-            return Err(ApiError::validation(
-                "backup 'name' is a required property (1 to 255 characters)",
-            ))
-        }
-    };
-    super::check_text("backup['name']", &name, 255)?;
-    let description = b
-        .get("description")
-        .and_then(|v| v.as_str())
-        .map(String::from);
-    if let Some(d) = &description {
+    super::check_text("backup['name']", &b.name, 255)?;
+    if let Some(d) = &b.description {
         super::check_text("backup['description']", d, 1024)?;
     }
-    let instance = b
-        .get("instance")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| ApiError::validation("backup 'instance' is a required property"))?;
-    let incremental = match b.get("incremental") {
-        None | Some(Value::Null) => false,
-        Some(Value::Number(n)) if n.as_i64() == Some(0) => false,
-        Some(Value::Number(n)) if n.as_i64() == Some(1) => true,
-        Some(v) => {
-            return Err(ApiError::validation(format!(
-                "backup['incremental'] {v} is not one of [0, 1]"
-            )))
-        }
-    };
-
-    if b.contains_key("restore_from") {
+    if b.restore_from.is_some() {
         return Err(ApiError::not_implemented(
             "Importing external backups is not supported.",
         ));
     }
-    if app.cfg.backup.is_none() {
-        return Err(ApiError::unprocessable(
-            "Backups are not configured on this deployment ([backup] in the controller config).",
-        ));
-    }
-    let r = find(&app, &c, instance).await?;
-    let fresh = app.fresh(&r.id);
-    let (st_now, _) = status::derive(&r.task, &r.service_status, fresh);
-    if r.task != task::NONE || st_now != "ACTIVE" || app.store.backup_running(&r.id).await? {
-        return Err(ApiError::unprocessable(format!(
-            "Instance {} is not currently available for an action to be performed (status was {st_now}).",
-            r.id
-        )));
-    }
-    if !r.capabilities.split(',').any(|k| k == "backup") {
-        return Err(ApiError::unprocessable(format!(
-            "The agent of instance {} (version '{}') does not support 'backup'; upgrade coffer-agent on it.",
-            r.id, r.agent_version
-        )));
-    }
-    // Incremental: on top of the given parent, or of the instance's latest completed backup.
-    let parent_id = match b.get("parent_id") {
-        None | Some(Value::Null) if !incremental => None,
-        None | Some(Value::Null) => {
-            let latest = app
-                .store
-                .backups_of(&c.project)
-                .await?
-                .into_iter()
-                .find(|x| x.instance_id == r.id && x.status == "COMPLETED");
-            Some(
-                latest
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "Instance {} has no completed backup to build an incremental on.",
-                            r.id
-                        ))
-                    })?
-                    .id,
-            )
-        }
-        Some(Value::String(p)) => {
-            let parent = find_backup(&app, &c, p).await?;
-            if parent.instance_id != r.id {
-                return Err(ApiError::bad_request(format!(
-                    "Backup {p} is not a backup of instance {}.",
-                    r.id
-                )));
-            }
-            if parent.status != "COMPLETED" {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "conflict",
-                    format!("Backup {p} is not completed."),
-                ));
-            }
-            Some(parent.id)
-        }
-        Some(v) => {
-            return Err(ApiError::validation(format!(
-                "backup['parent_id'] {v} is not of type 'string'"
-            )))
-        }
+    let spec = BackupSpec {
+        name: b.name,
+        description: b.description,
+        instance: b.instance.0,
+        incremental: b.incremental.is_some_and(|x| x.0),
+        parent_id: b.parent_id,
     };
-    if let Some(cfg) = app.cfg.backup.as_ref() {
-        let datastore = crate::ops::datastore(&app, &r).await?;
-        let strategy =
-            coffer_proto::datastore::BackupMethod::for_datastore(datastore, cfg.strategy);
-        match strategy {
-            None => {
-                return Err(ApiError::bad_request(format!(
-                    "Backups of {datastore} instances are not supported."
-                )))
-            }
-            Some(k) if parent_id.is_some() && !k.incremental() => {
-                return Err(ApiError::bad_request(format!(
-                    "The backup strategy for {datastore} ({}) takes full backups only; omit parent_id and incremental.",
-                    k.name()
-                )));
-            }
-            Some(_) => {}
-        }
-    }
-    let mut tx = app.store.begin().await?;
-    // Again under the write lock: a restart, a switchover or another backup that started since
-    // the first look wins, and this one is refused.
-    let task_now = Store::task_in(&mut *tx, &r.id).await?.unwrap_or_default();
-    if task_now != task::NONE
-        || Store::owner_in(&mut *tx, &r.id).await?.is_some()
-        || Store::backup_running_in(&mut *tx, &r.id).await?
-    {
-        let shown = if task_now == task::NONE {
-            "BACKUP".to_string()
-        } else {
-            task_now.to_uppercase()
-        };
-        return Err(ApiError::unprocessable(format!(
-            "Instance {} is not currently available for an action to be performed (task status was {shown}).",
-            r.id
-        )));
-    }
-    let limit = Store::quota_limits_with(&mut *tx, &c.project)
-        .await?
-        .into_iter()
-        .find(|(k, _)| k == "backups")
-        .map(|(_, l)| l)
-        .unwrap_or(-1);
-    if limit >= 0 && Store::count_backups(&mut tx, &c.project).await? + 1 > limit {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "overLimit",
-            "Quota exceeded for resources: ['backups'].",
-        ));
-    }
-    let id = start(
-        &app,
-        tx,
-        &r,
-        uuid::Uuid::new_v4().to_string(),
-        name,
-        description,
-        parent_id,
-        false,
-    )
-    .await?;
-    let b = app
+    let id = crate::ops::backups::create(&st, &c, spec).await?;
+    let b = st
         .store
         .backup(&id)
         .await?
         .ok_or_else(|| anyhow::anyhow!("backup vanished"))?;
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(json!({"backup": backup_json(&app, &b).await?})),
+        axum::Json(json!({"backup": backup_json(&st, &b).await?})),
     )
         .into_response())
 }

@@ -8,6 +8,7 @@ use coffer_common::config_rules::ParamRule;
 use coffer_proto::v1;
 use serde_json::{json, Map, Value};
 
+use super::parse::{present, typed};
 use super::{accepted, ok, parse_body, with_next, ApiError, ApiResult, AppState, Caller, Page};
 use crate::ops::configurations::check_values;
 use crate::status::task;
@@ -228,77 +229,68 @@ pub async fn instances(
     ))
 }
 
-fn body_of(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
-    let b = parse_body(body)?;
-    match b.get("configuration") {
-        Some(Value::Object(o)) => Ok(o.clone()),
-        Some(_) => Err(ApiError::validation(
-            "configuration is not of type 'object'",
-        )),
-        None => Err(ApiError::validation(
-            "'configuration' is a required property",
-        )),
-    }
+/// `POST /configurations`, and `PUT`/`PATCH` (which take fewer keys).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupBody {
+    configuration: GroupReq,
 }
 
-fn values_of(b: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
-    match b.get("values") {
-        Some(Value::Object(o)) => Ok(o.clone()),
-        Some(_) => Err(ApiError::validation(
-            "configuration['values'] is not of type 'object'",
-        )),
-        None => Err(ApiError::validation("'values' is a required property")),
-    }
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupReq {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    description: Option<Option<String>>,
+    values: Map<String, Value>,
+    datastore: Option<GroupDatastore>,
 }
 
-fn text_field(b: &Map<String, Value>, key: &str, max: usize) -> Result<Option<String>, ApiError> {
-    match b.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => {
-            super::check_text(&format!("configuration['{key}']"), s, max)?;
-            Ok(Some(s.clone()))
-        }
-        Some(_) => Err(ApiError::validation(format!(
-            "configuration['{key}'] is not of type 'string'"
-        ))),
+#[derive(serde::Deserialize)]
+struct GroupDatastore {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    version: Option<String>,
+}
+
+fn group_of(body: &Bytes, allowed: &[&str]) -> Result<GroupReq, ApiError> {
+    let g = typed::<GroupBody>(&parse_body(body)?)?.configuration;
+    let given = [
+        ("name", g.name.is_some()),
+        ("description", g.description.is_some()),
+        ("datastore", g.datastore.is_some()),
+    ];
+    if let Some((k, _)) = given.iter().find(|(k, on)| *on && !allowed.contains(k)) {
+        return Err(ApiError::validation(format!(
+            "configuration Additional properties are not allowed ('{k}' was unexpected)"
+        )));
     }
+    if let Some(n) = &g.name {
+        super::check_text("configuration['name']", n, 255)?;
+    }
+    if let Some(Some(d)) = &g.description {
+        super::check_text("configuration['description']", d, 255)?;
+    }
+    Ok(g)
 }
 
 pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
-    let b = body_of(&body)?;
-    for k in b.keys() {
-        if !["name", "description", "values", "datastore"].contains(&k.as_str()) {
-            return Err(ApiError::validation(format!(
-                "configuration Additional properties are not allowed ('{k}' was unexpected)"
-            )));
-        }
-    }
-    let name = text_field(&b, "name", 255)?
+    let g = group_of(&body, &["name", "description", "datastore"])?;
+    let name = g
+        .name
         .filter(|n| !n.trim().is_empty())
-        .ok_or_else(|| ApiError::validation("'name' is a required property"))?;
-    let description = text_field(&b, "description", 255)?;
-    let values = values_of(&b)?;
-    let (ds, ver) = match b.get("datastore") {
-        None | Some(Value::Null) => (None, None),
-        Some(Value::Object(d)) => (
-            d.get("type").and_then(Value::as_str).map(str::to_string),
-            d.get("version").and_then(Value::as_str).map(str::to_string),
-        ),
-        Some(_) => {
-            return Err(ApiError::validation(
-                "configuration['datastore'] is not of type 'object'",
-            ))
-        }
-    };
+        .ok_or_else(|| ApiError::validation("configuration 'name' is a required property"))?;
+    let (ds, ver) = g.datastore.map_or((None, None), |d| (d.kind, d.version));
     let version =
         crate::ops::instances::resolve_version(&st, ds.as_deref(), ver.as_deref()).await?;
+    let values = g.values;
     check_values(&st, &version.id, &values).await?;
     let ts = crate::store::now();
     let row = ConfigurationRow {
         id: uuid::Uuid::new_v4().to_string(),
         project_id: c.project.clone(),
         name,
-        description,
+        description: g.description.flatten(),
         datastore_version_id: version.id.clone(),
         values,
         created: ts.clone(),
@@ -311,21 +303,9 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
 /// PUT replaces the values (202), PATCH merges them (200, empty); both reach every attached
 /// instance.
 async fn change(st: AppState, c: Caller, id: String, body: Bytes, merge: bool) -> ApiResult {
-    let b = body_of(&body)?;
-    let allowed: &[&str] = if merge {
-        &["values"]
-    } else {
-        &["values", "name", "description"]
-    };
-    for k in b.keys() {
-        if !allowed.contains(&k.as_str()) {
-            return Err(ApiError::validation(format!(
-                "configuration Additional properties are not allowed ('{k}' was unexpected)"
-            )));
-        }
-    }
+    let g = group_of(&body, if merge { &[] } else { &["name", "description"] })?;
     let mut x = find(&st, &c, &id).await?;
-    let values = values_of(&b)?;
+    let values = g.values;
     if merge {
         for (k, v) in values {
             // The stored key keeps one spelling per parameter.
@@ -341,11 +321,11 @@ async fn change(st: AppState, c: Caller, id: String, body: Bytes, merge: bool) -
         }
     } else {
         x.values = values;
-        if let Some(n) = text_field(&b, "name", 255)? {
+        if let Some(n) = g.name {
             x.name = n;
         }
-        if b.contains_key("description") {
-            x.description = text_field(&b, "description", 255)?;
+        if let Some(d) = g.description {
+            x.description = d;
         }
     }
     let overrides = check_values(&st, &x.datastore_version_id, &x.values).await?;

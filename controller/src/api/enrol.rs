@@ -2,10 +2,41 @@
 
 use axum::body::Bytes;
 use axum::extract::Path;
-use serde_json::{json, Value};
+use serde_json::json;
 
+use super::parse::{typed, Id, Positive};
 use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
 use crate::ops::enrol::{create_token, rfc3339, EnrolReq, TokenSpec};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    enrolment_token: TokenReq,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenReq {
+    name: String,
+    #[serde(rename = "flavorRef")]
+    flavor_ref: Id,
+    volume: Option<TokenVolume>,
+    datastore: Option<TokenDatastore>,
+    ttl: Option<Positive>,
+    project_id: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct TokenVolume {
+    size: Positive,
+}
+
+#[derive(serde::Deserialize)]
+struct TokenDatastore {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    version: Option<String>,
+}
 
 /// `POST /v1.0/{project}/mgmt/enrolment-tokens` (admin):
 /// `{"enrolment_token": {"name", "flavorRef", "volume": {"size"}, "datastore": {"type", "version"}, "ttl"}}`.
@@ -15,77 +46,28 @@ pub async fn create(st: AppState, c: Caller, Path(_p): Path<String>, body: Bytes
             "Creating enrolment tokens is an administrator's action (admin role required).",
         ));
     }
-    let body = parse_body(&body)?;
-    let t = match body.get("enrolment_token") {
-        Some(Value::Object(o)) => o,
-        _ => {
-            return Err(ApiError::validation(
-                "'enrolment_token' is a required property",
-            ))
-        }
-    };
-    const KEYS: &[&str] = &[
-        "name",
-        "flavorRef",
-        "volume",
-        "datastore",
-        "ttl",
-        "project_id",
-    ];
-    if let Some(k) = t.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(ApiError::validation(format!(
-            "enrolment_token Additional properties are not allowed ('{k}' was unexpected)"
-        )));
-    }
-    let name = match t.get("name") {
-        Some(Value::String(s)) => s.clone(),
-        _ => {
-            return Err(ApiError::validation(
-                "enrolment_token['name'] is a required string",
-            ))
-        }
-    };
-    super::instances::check_name("Instance name", &name, 255)?;
-    let flavor = match t.get("flavorRef") {
-        Some(Value::String(s)) => Some(s.rsplit('/').next().unwrap_or(s).to_string()),
-        Some(Value::Number(n)) => Some(n.to_string()),
-        _ => None,
-    }
-    .ok_or_else(|| ApiError::validation("enrolment_token['flavorRef'] is required"))?;
-    let flavor =
-        st.store.flavor(&flavor).await?.ok_or_else(|| {
-            ApiError::bad_request(format!("Flavor '{flavor}' could not be found."))
-        })?;
-    let volume_size = t
-        .get("volume")
-        .and_then(|v| v.get("size"))
-        .and_then(Value::as_i64)
-        .unwrap_or(1);
-    if !(1..=10_000).contains(&volume_size) {
+    let t = typed::<TokenBody>(&parse_body(&body)?)?.enrolment_token;
+    let name = t.name;
+    super::parse::check_name("Instance name", &name, 255)?;
+    let flavor = st.store.flavor(&t.flavor_ref.0).await?.ok_or_else(|| {
+        ApiError::bad_request(format!("Flavor '{}' could not be found.", t.flavor_ref.0))
+    })?;
+    let volume_size = t.volume.map_or(1, |v| v.size.0);
+    if volume_size > 10_000 {
         return Err(ApiError::validation(
             "enrolment_token['volume']['size'] must be 1-10000",
         ));
     }
-    let ds = t.get("datastore");
-    let version = crate::ops::instances::resolve_version(
-        &st,
-        ds.and_then(|d| d.get("type")).and_then(Value::as_str),
-        ds.and_then(|d| d.get("version")).and_then(Value::as_str),
-    )
-    .await?;
-    let ttl = match t.get("ttl") {
-        None | Some(Value::Null) => 3600,
-        Some(v) => v
-            .as_i64()
-            .filter(|n| (60..=7 * 86_400).contains(n))
-            .ok_or_else(|| {
-                ApiError::validation("enrolment_token['ttl'] must be 60-604800 seconds")
-            })?,
-    };
-    let project = match t.get("project_id") {
-        Some(Value::String(p)) => p.clone(),
-        _ => c.project.clone(),
-    };
+    let (ds, ver) = t.datastore.map_or((None, None), |d| (d.kind, d.version));
+    let version =
+        crate::ops::instances::resolve_version(&st, ds.as_deref(), ver.as_deref()).await?;
+    let ttl = t.ttl.map_or(3600, |t| t.0);
+    if !(60..=7 * 86_400).contains(&ttl) {
+        return Err(ApiError::validation(
+            "enrolment_token['ttl'] must be 60-604800 seconds",
+        ));
+    }
+    let project = t.project_id.unwrap_or_else(|| c.project.clone());
     let spec = TokenSpec {
         project,
         name: name.clone(),

@@ -7,7 +7,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::parse::{present, typed, Id, IdRef, NameRef, Positive};
+use super::parse::{self, present, typed, DatabaseReq, Id, IdRef, Positive, UserReq};
 use super::{accepted, ok, parse_body, with_next, ApiError, ApiResult, AppState, Caller, Page};
 use crate::ops::instances::{self as ops, CreateSpec};
 use crate::status::{self, task};
@@ -69,41 +69,9 @@ struct DatastoreRef {
 }
 
 #[derive(Deserialize)]
-struct DatabaseReq {
-    name: String,
-    character_set: Option<String>,
-    collate: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct UserReq {
-    name: String,
-    password: String,
-    host: Option<String>,
-    databases: Option<Vec<NameRef>>,
-}
-
-#[derive(Deserialize)]
 struct RestorePoint {
     #[serde(rename = "backupRef")]
     backup_ref: Id,
-}
-
-pub(super) fn check_name(kind: &str, name: &str, max: usize) -> Result<(), ApiError> {
-    if name.is_empty() || name.len() > max {
-        return Err(ApiError::validation(format!(
-            "{kind} name '{name}' must be 1 to {max} characters"
-        )));
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "_-.$".contains(c))
-    {
-        return Err(ApiError::validation(format!(
-            "{kind} name '{name}' may only contain letters, digits, '_', '-', '.' and '$'"
-        )));
-    }
-    Ok(())
 }
 
 /// An instance's name as Trove checks it.
@@ -163,64 +131,26 @@ fn parse_create(body: &Map<String, Value>) -> Result<Create, ApiError> {
     let flavor_id = i.flavor_ref.ok_or_else(|| required("flavorRef"))?.0;
     let volume_size = i.volume.ok_or_else(|| required("volume"))?.size.0;
     let (datastore, version) = i.datastore.map_or((None, None), |d| (d.kind, d.version));
-    let dbs = i.databases.unwrap_or_default();
-    super::check_count("instance['databases']", dbs.len())?;
+    let reqs = i.databases.unwrap_or_default();
+    super::check_count("instance['databases']", reqs.len())?;
     let mut databases: Vec<v1::Database> = vec![];
-    for d in dbs {
-        check_name("database", &d.name, 64)?;
-        let cs = d.character_set.unwrap_or_default();
-        let co = d.collate.unwrap_or_default();
-        for (what, s) in [("character_set", &cs), ("collate", &co)] {
-            if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || s.len() > 64 {
-                return Err(ApiError::validation(format!(
-                    "instance['databases'] {what} '{s}' is not valid"
-                )));
-            }
-        }
+    for d in reqs {
+        let d = parse::database(d, "instance['databases']")?;
         if databases.iter().any(|x| x.name == d.name) {
             return Err(ApiError::bad_request(format!(
                 "Database '{}' is listed twice.",
                 d.name
             )));
         }
-        databases.push(v1::Database {
-            name: d.name,
-            character_set: cs,
-            collate: co,
-        });
+        databases.push(d);
     }
     let reqs = i.users.unwrap_or_default();
     super::check_count("instance['users']", reqs.len())?;
     let mut users: Vec<v1::User> = vec![];
     for u in reqs {
-        check_name("user", &u.name, 80)?;
-        if u.password.is_empty()
-            || u.password.len() > 128
-            || u.password.chars().any(|c| c.is_control())
-        {
-            return Err(ApiError::validation(
-                "instance['users'] password must be 1 to 128 characters without control characters",
-            ));
-        }
-        let host = u.host.unwrap_or_else(|| "%".into());
-        if host.is_empty()
-            || host.len() > 255
-            || !host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || ".%_:-/".contains(c))
-        {
-            return Err(ApiError::validation(format!(
-                "instance['users'] host '{host}' is not valid"
-            )));
-        }
-        let dbs: Vec<String> = u
+        let u = parse::user(u)?;
+        if let Some(n) = u
             .databases
-            .unwrap_or_default()
-            .into_iter()
-            .map(|d| d.name)
-            .collect();
-        super::check_count("instance['users']['databases']", dbs.len())?;
-        if let Some(n) = dbs
             .iter()
             .find(|n| !databases.iter().any(|x| &x.name == *n))
         {
@@ -229,19 +159,13 @@ fn parse_create(body: &Map<String, Value>) -> Result<Create, ApiError> {
                 u.name
             )));
         }
-        if users.iter().any(|x| x.name == u.name && x.host == host) {
+        if users.iter().any(|x| x.name == u.name && x.host == u.host) {
             return Err(ApiError::bad_request(format!(
-                "User '{}'@'{host}' is listed twice.",
-                u.name
+                "User '{}'@'{}' is listed twice.",
+                u.name, u.host
             )));
         }
-        users.push(v1::User {
-            name: u.name,
-            password: u.password,
-            host,
-            databases: dbs,
-            password_sealed: Vec::new(),
-        });
+        users.push(u);
     }
     Ok(Create::Instance(CreateSpec {
         name: i.name,
@@ -721,13 +645,13 @@ mod tests {
                 json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 1},
                     "users": [{"name": "u", "password": ""}]}}),
                 StatusCode::BAD_REQUEST,
-                format!("{v}instance['users'] password must be 1 to 128 characters without control characters"),
+                format!("{v}password must be 1 to 128 characters without control characters"),
             ),
             (
                 json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 1},
                     "users": [{"name": "u", "password": "p", "host": "a b"}]}}),
                 StatusCode::BAD_REQUEST,
-                format!("{v}instance['users'] host 'a b' is not valid"),
+                format!("{v}host 'a b' is not a host name, address or pattern"),
             ),
             (
                 json!({"instance": {"name": "n", "flavorRef": "1", "volume": {"size": 1},

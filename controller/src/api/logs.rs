@@ -8,6 +8,7 @@ use coffer_proto::v1;
 use serde_json::{json, Value};
 
 use super::access::call;
+use super::parse::{typed, ZeroOne};
 use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
 
 fn log_json(l: &v1::LogInfo) -> Value {
@@ -37,34 +38,23 @@ pub async fn action(
     Path((_p, id)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    let b = parse_body(&body)?;
-    for k in b.keys() {
-        if !["name", "enable", "disable", "publish", "discard"].contains(&k.as_str()) {
-            return Err(ApiError::validation(format!(
-                "Additional properties are not allowed ('{k}' was unexpected)"
-            )));
-        }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct LogAction {
+        name: String,
+        enable: Option<ZeroOne>,
+        disable: Option<ZeroOne>,
+        publish: Option<ZeroOne>,
+        discard: Option<ZeroOne>,
     }
-    let name = match b.get("name") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        _ => return Err(ApiError::validation("'name' is a required property")),
-    };
-    let flag = |k: &str| -> Result<bool, ApiError> {
-        match b.get(k) {
-            None => Ok(false),
-            Some(v) if v == 0 => Ok(false),
-            Some(v) if v == 1 => Ok(true),
-            Some(v) => Err(ApiError::validation(format!(
-                "'{k}' {v} is not one of [0, 1]"
-            ))),
-        }
-    };
-    let (enable, disable, publish, discard) = (
-        flag("enable")?,
-        flag("disable")?,
-        flag("publish")?,
-        flag("discard")?,
-    );
+    let b = typed::<LogAction>(&parse_body(&body)?)?;
+    if b.name.is_empty() {
+        return Err(ApiError::validation("'name' is a required property"));
+    }
+    let name = b.name;
+    let on = |f: Option<ZeroOne>| f.is_some_and(|x| x.0);
+    let (enable, disable, publish, discard) =
+        (on(b.enable), on(b.disable), on(b.publish), on(b.discard));
     if enable && disable {
         return Err(ApiError::bad_request(
             "Cannot enable and disable a log at the same time.",

@@ -554,7 +554,7 @@ mod tests {
         /// Database and user names the controller accepts use only the plain alphabet.
         #[test]
         fn accepted_identifiers_are_plain(s in "\\PC{0,90}|[a-zA-Z0-9_.$-]{0,90}") {
-            if instances::check_name("user", &s, 80).is_ok() {
+            if parse::check_name("user", &s, 80).is_ok() {
                 prop_assert!(!s.is_empty() && s.len() <= 80);
                 prop_assert!(s.chars().all(|c| c.is_ascii_alphanumeric() || "_-.$".contains(c)));
             }

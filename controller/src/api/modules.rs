@@ -9,6 +9,9 @@ use coffer_proto::{seal, v1};
 use serde_json::{json, Map, Value};
 
 use super::access::call;
+use serde::de::IgnoredAny;
+
+use super::parse::{present, some_of, typed, IdRef, ZeroOne};
 use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
 use crate::ops::modules::{find, spec_for};
 use crate::store::ModuleRow;
@@ -35,61 +38,70 @@ fn module_json(m: &ModuleRow) -> Value {
     })
 }
 
-fn int_flag(b: &Map<String, Value>, k: &str) -> Result<Option<bool>, ApiError> {
-    match b.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) if v == 0 => Ok(Some(false)),
-        Some(v) if v == 1 => Ok(Some(true)),
-        Some(v) => Err(ApiError::validation(format!(
-            "module['{k}'] {v} is not one of [0, 1]"
-        ))),
-    }
+/// `POST`/`PUT /modules`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModuleBody {
+    module: ModuleReq,
 }
 
-/// Applies a create/update body onto `m`; checks admin-only options and the contents.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModuleReq {
+    name: Option<String>,
+    module_type: Option<String>,
+    #[allow(dead_code)]
+    #[serde(rename = "type")]
+    kind: Option<IgnoredAny>,
+    contents: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    datastore: Option<Option<ModuleDatastore>>,
+    auto_apply: Option<ZeroOne>,
+    all_tenants: Option<ZeroOne>,
+    visible: Option<ZeroOne>,
+    live_update: Option<ZeroOne>,
+    priority_apply: Option<ZeroOne>,
+    full_access: Option<ZeroOne>,
+    all_datastores: Option<ZeroOne>,
+    all_datastore_versions: Option<ZeroOne>,
+    apply_order: Option<i64>,
+}
+
+#[derive(serde::Deserialize)]
+struct ModuleDatastore {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    version: Option<String>,
+}
+
+fn body_of(body: &Bytes) -> Result<ModuleReq, ApiError> {
+    Ok(typed::<ModuleBody>(&parse_body(body)?)?.module)
+}
+
+/// Applies a create/update request onto `m`; checks admin-only options and the contents.
 async fn fill(
     app: &App,
     c: &Caller,
     m: &mut ModuleRow,
-    b: &Map<String, Value>,
+    b: ModuleReq,
     creating: bool,
 ) -> Result<(), ApiError> {
-    const KEYS: &[&str] = &[
-        "name",
-        "module_type",
-        "type",
-        "contents",
-        "description",
-        "datastore",
-        "auto_apply",
-        "all_tenants",
-        "visible",
-        "live_update",
-        "priority_apply",
-        "full_access",
-        "apply_order",
-        "all_datastores",
-        "all_datastore_versions",
-    ];
-    for k in b.keys() {
-        if !KEYS.contains(&k.as_str()) {
-            return Err(ApiError::validation(format!(
-                "module Additional properties are not allowed ('{k}' was unexpected)"
-            )));
+    let flag = |f: Option<ZeroOne>| f.map(|x| x.0);
+    if let Some(n) = &b.name {
+        if n.trim().is_empty() {
+            return Err(ApiError::validation(
+                "module['name'] must be a non-empty string",
+            ));
         }
-    }
-    if let Some(n) = b.get("name") {
-        let n = n
-            .as_str()
-            .filter(|s| !s.trim().is_empty() && s.len() <= 255)
-            .ok_or_else(|| ApiError::validation("module['name'] must be a non-empty string"))?;
         super::check_text("module['name']", n, 255)?;
-        m.name = n.to_string();
+        m.name = n.clone();
     } else if creating {
-        return Err(ApiError::validation("'name' is a required property"));
+        return Err(ApiError::validation("module 'name' is a required property"));
     }
-    if let Some(t) = b.get("module_type") {
-        let t = t.as_str().unwrap_or_default().to_ascii_lowercase();
+    if let Some(t) = &b.module_type {
+        let t = t.to_ascii_lowercase();
         if !coffer_common::modules::TYPES.contains(&t.as_str()) {
             return Err(ApiError::not_found(format!(
                 "Module type '{t}' was not found (known: {}).",
@@ -100,45 +112,28 @@ async fn fill(
     } else if creating {
         m.kind = "ping".into();
     }
-    if let Some(d) = b.get("description") {
-        if let Some(d) = d.as_str() {
+    if let Some(d) = b.description {
+        if let Some(d) = &d {
             super::check_text("module['description']", d, 1024)?;
         }
-        m.description = d.as_str().map(str::to_string);
+        m.description = d;
     }
-    if let Some(d) = b.get("datastore") {
-        match d {
-            Value::Null => {
-                m.datastore = None;
-                m.datastore_version = None;
-            }
-            Value::Object(o) => {
-                m.datastore = o.get("type").and_then(Value::as_str).map(str::to_string);
-                m.datastore_version = o.get("version").and_then(Value::as_str).map(str::to_string);
-            }
-            _ => {
-                return Err(ApiError::validation(
-                    "module['datastore'] is not of type 'object'",
-                ))
-            }
-        }
+    if let Some(d) = b.datastore {
+        (m.datastore, m.datastore_version) = d.map_or((None, None), |d| (d.kind, d.version));
     }
-    if int_flag(b, "all_datastores")? == Some(true) {
+    if flag(b.all_datastores) == Some(true) {
         m.datastore = None;
         m.datastore_version = None;
     }
-    if int_flag(b, "all_datastore_versions")? == Some(true) {
+    if flag(b.all_datastore_versions) == Some(true) {
         m.datastore_version = None;
     }
     // Admin-only options (Trove's ModuleAccessForbidden).
     let admin_only = [
-        ("auto_apply", int_flag(b, "auto_apply")? == Some(true)),
-        ("all_tenants", int_flag(b, "all_tenants")? == Some(true)),
-        ("visible", int_flag(b, "visible")? == Some(false)),
-        (
-            "priority_apply",
-            int_flag(b, "priority_apply")? == Some(true),
-        ),
+        ("auto_apply", flag(b.auto_apply) == Some(true)),
+        ("all_tenants", flag(b.all_tenants) == Some(true)),
+        ("visible", flag(b.visible) == Some(false)),
+        ("priority_apply", flag(b.priority_apply) == Some(true)),
     ];
     if let Some((k, _)) = admin_only.iter().find(|(_, used)| *used) {
         if !c.admin {
@@ -147,33 +142,33 @@ async fn fill(
             )));
         }
     }
-    if let Some(v) = int_flag(b, "auto_apply")? {
+    if let Some(v) = flag(b.auto_apply) {
         m.auto_apply = v;
     }
-    if let Some(v) = int_flag(b, "visible")? {
+    if let Some(v) = flag(b.visible) {
         m.visible = v;
     }
-    if let Some(v) = int_flag(b, "live_update")? {
+    if let Some(v) = flag(b.live_update) {
         m.live_update = v;
     }
-    if let Some(v) = int_flag(b, "priority_apply")? {
+    if let Some(v) = flag(b.priority_apply) {
         m.priority_apply = v;
     }
-    if int_flag(b, "all_tenants")? == Some(true) {
+    if flag(b.all_tenants) == Some(true) {
         m.project_id = None;
     }
-    if let Some(o) = b.get("apply_order") {
-        m.apply_order = o.as_i64().filter(|n| (0..=9).contains(n)).ok_or_else(|| {
-            ApiError::validation(format!("module['apply_order'] {o} is not 0 to 9"))
-        })?;
+    if let Some(o) = b.apply_order {
+        if !(0..=9).contains(&o) {
+            return Err(ApiError::validation(format!(
+                "module['apply_order'] {o} is not 0 to 9"
+            )));
+        }
+        m.apply_order = o;
     }
     m.is_admin = c.admin
         && (m.project_id.is_none() || !m.visible || m.auto_apply || m.priority_apply)
-        && int_flag(b, "full_access")? != Some(true);
-    if let Some(contents) = b.get("contents") {
-        let text = contents
-            .as_str()
-            .ok_or_else(|| ApiError::validation("module['contents'] is not of type 'string'"))?;
+        && flag(b.full_access) != Some(true);
+    if let Some(text) = &b.contents {
         let bytes = b64(text).ok_or_else(|| {
             ApiError::bad_request(
                 "module['contents'] is not valid base64 (send the file base64-encoded).",
@@ -212,7 +207,9 @@ async fn fill(
         .map_err(|e| anyhow::anyhow!("sealing: {e}"))?;
         m.contents_sealed = seal::to_hex(&kept);
     } else if creating {
-        return Err(ApiError::validation("'contents' is a required property"));
+        return Err(ApiError::validation(
+            "module 'contents' is a required property",
+        ));
     }
     Ok(())
 }
@@ -221,13 +218,6 @@ async fn fill(
 fn md5_of(b: &[u8]) -> u128 {
     let d = openssl::hash::hash(openssl::hash::MessageDigest::md5(), b).expect("md5");
     u128::from_be_bytes(d.as_ref().try_into().expect("16 bytes"))
-}
-
-fn body_of(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
-    match parse_body(body)?.get("module") {
-        Some(Value::Object(o)) => Ok(o.clone()),
-        _ => Err(ApiError::validation("'module' is a required property")),
-    }
 }
 
 pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
@@ -252,7 +242,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         created: ts.clone(),
         updated: ts,
     };
-    fill(&st, &c, &mut m, &b, true).await?;
+    fill(&st, &c, &mut m, b, true).await?;
     st.store.save_module(&m).await?;
     let mut j = module_json(&m);
     j["instance_count"] = json!(0);
@@ -289,15 +279,13 @@ pub async fn update(
             "This module is for administrators only.",
         ));
     }
-    if !m.live_update
-        && !st.store.module_instances(&m.id).await?.is_empty()
-        && b.contains_key("contents")
+    if !m.live_update && !st.store.module_instances(&m.id).await?.is_empty() && b.contents.is_some()
     {
         return Err(ApiError::bad_request(
             "The module is applied to instances and is not live_update: remove it from them first.",
         ));
     }
-    fill(&st, &c, &mut m, &b, false).await?;
+    fill(&st, &c, &mut m, b, false).await?;
     m.updated = crate::store::now();
     st.store.save_module(&m).await?;
     let mut j = module_json(&m);
@@ -378,19 +366,14 @@ pub async fn instance_apply(
     body: Bytes,
 ) -> ApiResult {
     let r = super::instances::find(&st, &c, &id).await?;
-    let b = parse_body(&body)?;
-    let ids: Vec<String> = match b.get("modules") {
-        Some(Value::Array(a)) if !a.is_empty() => a
-            .iter()
-            .map(|x| {
-                x.get("id")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-                    .ok_or_else(|| ApiError::validation("modules[] items need an 'id'"))
-            })
-            .collect::<Result<_, _>>()?,
-        _ => return Err(ApiError::validation("'modules' must be a non-empty list")),
-    };
+    #[derive(serde::Deserialize)]
+    struct Apply {
+        modules: Vec<IdRef>,
+    }
+    let ids: Vec<String> = some_of("modules", typed::<Apply>(&parse_body(&body)?)?.modules)?
+        .into_iter()
+        .map(|m| m.id.0)
+        .collect();
     let mut specs = Vec::new();
     for mid in &ids {
         let m = find(&st, &c, mid).await?;

@@ -9,6 +9,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use serde_path_to_error::{Path, Segment};
 
+use coffer_proto::v1;
+
 use super::ApiError;
 
 /// Reads a request body (already checked to be a JSON object) as `T`.
@@ -143,6 +145,22 @@ impl<'de> Deserialize<'de> for Positive {
     }
 }
 
+/// Trove's `0`/`1` flags (`incremental`, a log's `enable`): integers, as Trove's schemas have
+/// them (`true` is refused).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ZeroOne(pub bool);
+
+impl<'de> Deserialize<'de> for ZeroOne {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(ZeroOne(false)),
+            Value::Number(n) if n.as_u64() == Some(0) => Ok(ZeroOne(false)),
+            Value::Number(n) if n.as_u64() == Some(1) => Ok(ZeroOne(true)),
+            v => Err(de::Error::custom(format!("{v} is not one of [0, 1]"))),
+        }
+    }
+}
+
 /// `{"name": ...}` items (a user's databases).
 #[derive(Debug, Deserialize)]
 pub struct NameRef {
@@ -161,4 +179,115 @@ pub fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     d: D,
 ) -> Result<Option<T>, D::Error> {
     T::deserialize(d).map(Some)
+}
+
+/// A database of a `databases` list.
+#[derive(Debug, Deserialize)]
+pub struct DatabaseReq {
+    pub name: String,
+    pub character_set: Option<String>,
+    pub collate: Option<String>,
+}
+
+/// A user of a `users` list.
+#[derive(Debug, Deserialize)]
+pub struct UserReq {
+    pub name: String,
+    pub password: String,
+    pub host: Option<String>,
+    pub databases: Option<Vec<NameRef>>,
+}
+
+/// A database or user name as the agents take it.
+pub fn check_name(kind: &str, name: &str, max: usize) -> Result<(), ApiError> {
+    if name.is_empty() || name.len() > max {
+        return Err(ApiError::validation(format!(
+            "{kind} name '{name}' must be 1 to {max} characters"
+        )));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_-.$".contains(c))
+    {
+        return Err(ApiError::validation(format!(
+            "{kind} name '{name}' may only contain letters, digits, '_', '-', '.' and '$'"
+        )));
+    }
+    Ok(())
+}
+
+pub fn check_host(host: &str) -> Result<(), ApiError> {
+    if host.is_empty()
+        || host.len() > 255
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".%_:-/".contains(c))
+    {
+        return Err(ApiError::validation(format!(
+            "host '{host}' is not a host name, address or pattern"
+        )));
+    }
+    Ok(())
+}
+
+pub fn check_password(p: &str) -> Result<(), ApiError> {
+    if p.is_empty() || p.len() > 128 || p.chars().any(|c| c.is_control()) {
+        return Err(ApiError::validation(
+            "password must be 1 to 128 characters without control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// A list that must hold 1 to [`super::MAX_ITEMS_PER_REQUEST`] items.
+pub fn some_of<T>(what: &str, items: Vec<T>) -> Result<Vec<T>, ApiError> {
+    if items.is_empty() {
+        return Err(ApiError::validation(format!("'{what}' must not be empty")));
+    }
+    super::check_count(&format!("'{what}'"), items.len())?;
+    Ok(items)
+}
+
+/// A checked database (`path` names the list in errors).
+pub fn database(d: DatabaseReq, path: &str) -> Result<v1::Database, ApiError> {
+    check_name("database", &d.name, 64)?;
+    let cs = d.character_set.unwrap_or_default();
+    let co = d.collate.unwrap_or_default();
+    for (what, v) in [("character_set", &cs), ("collate", &co)] {
+        if v.len() > 64 || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(ApiError::validation(format!(
+                "{path} {what} '{v}' is not valid"
+            )));
+        }
+    }
+    Ok(v1::Database {
+        name: d.name,
+        character_set: cs,
+        collate: co,
+    })
+}
+
+/// A checked user, its password still in the clear (host `%` unless given).
+pub fn user(u: UserReq) -> Result<v1::User, ApiError> {
+    check_name("user", &u.name, 80)?;
+    check_password(&u.password)?;
+    let host = u.host.unwrap_or_else(|| "%".into());
+    check_host(&host)?;
+    let databases: Vec<String> = u
+        .databases
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    super::check_count("users['databases']", databases.len())?;
+    for d in &databases {
+        check_name("database", d, 64)?;
+    }
+    Ok(v1::User {
+        name: u.name,
+        password: u.password,
+        host,
+        databases,
+        password_sealed: Vec::new(),
+    })
 }

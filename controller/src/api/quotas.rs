@@ -4,6 +4,7 @@ use axum::body::Bytes;
 use axum::extract::Path;
 use serde_json::{json, Value};
 
+use super::parse::typed;
 use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
 use crate::store::{Store, QUOTA_DEFAULTS};
 
@@ -48,12 +49,13 @@ pub async fn update(
             "User does not have admin privileges: changing quotas is an administrator's action.",
         ));
     }
-    let body = parse_body(&body)?;
-    let Some(Value::Object(q)) = body.get("quotas") else {
-        return Err(ApiError::validation("'quotas' is a required property"));
-    };
+    #[derive(serde::Deserialize)]
+    struct QuotaBody {
+        quotas: serde_json::Map<String, Value>,
+    }
+    let q = typed::<QuotaBody>(&parse_body(&body)?)?.quotas;
     let mut updates = vec![];
-    for (k, v) in q {
+    for (k, v) in &q {
         if !QUOTA_DEFAULTS.iter().any(|(r, _)| r == k) {
             return Err(ApiError::not_found(format!(
                 "Quota resource {k} cannot be found."

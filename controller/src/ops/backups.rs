@@ -5,7 +5,11 @@
 use anyhow::Context;
 use coffer_proto::v1;
 
+use axum::http::StatusCode;
+
+use super::Caller;
 use crate::error::ApiError;
+use crate::status::{self, task};
 use crate::store::{self, BackupRow, InstanceRow, Store};
 use crate::App;
 
@@ -161,4 +165,148 @@ pub async fn restore_point(
         // Sealed to the restoring agent once its key is known (`grant_restore`).
         grant_sealed: vec![],
     })
+}
+
+/// A backup request as the API parsed it.
+pub struct BackupSpec {
+    pub name: String,
+    pub description: Option<String>,
+    pub instance: String,
+    pub incremental: bool,
+    pub parent_id: Option<String>,
+}
+
+/// A project's backup by id (404 for another project's).
+pub async fn find_backup(app: &App, c: &Caller, id: &str) -> Result<BackupRow, ApiError> {
+    match app.store.backup(id).await? {
+        Some(b) if b.project_id == c.project || c.admin => Ok(b),
+        _ => Err(ApiError::not_found(format!(
+            "Backup {id} could not be found."
+        ))),
+    }
+}
+
+/// Starts a backup (`POST /backups`): every check, then the row and the `backup` intent in one
+/// transaction that re-checks what a concurrent request could have changed. Returns its id.
+pub async fn create(app: &App, c: &Caller, req: BackupSpec) -> Result<String, ApiError> {
+    if app.cfg.backup.is_none() {
+        return Err(ApiError::unprocessable(
+            "Backups are not configured on this deployment ([backup] in the controller config).",
+        ));
+    }
+    let r = super::find_instance(app, c, &req.instance).await?;
+    let fresh = app.fresh(&r.id);
+    let (st_now, _) = status::derive(&r.task, &r.service_status, fresh);
+    if r.task != task::NONE || st_now != "ACTIVE" || app.store.backup_running(&r.id).await? {
+        return Err(ApiError::unprocessable(format!(
+            "Instance {} is not currently available for an action to be performed (status was {st_now}).",
+            r.id
+        )));
+    }
+    if !r.capabilities.split(',').any(|k| k == "backup") {
+        return Err(ApiError::unprocessable(format!(
+            "The agent of instance {} (version '{}') does not support 'backup'; upgrade coffer-agent on it.",
+            r.id, r.agent_version
+        )));
+    }
+    // Incremental: on top of the given parent, or of the instance's latest completed backup.
+    let parent_id = match req.parent_id {
+        None if !req.incremental => None,
+        None => {
+            let latest = app
+                .store
+                .backups_of(&c.project)
+                .await?
+                .into_iter()
+                .find(|x| x.instance_id == r.id && x.status == "COMPLETED");
+            Some(
+                latest
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "Instance {} has no completed backup to build an incremental on.",
+                            r.id
+                        ))
+                    })?
+                    .id,
+            )
+        }
+        Some(p) => {
+            let parent = find_backup(app, c, &p).await?;
+            if parent.instance_id != r.id {
+                return Err(ApiError::bad_request(format!(
+                    "Backup {p} is not a backup of instance {}.",
+                    r.id
+                )));
+            }
+            if parent.status != "COMPLETED" {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!("Backup {p} is not completed."),
+                ));
+            }
+            Some(parent.id)
+        }
+    };
+    if let Some(cfg) = app.cfg.backup.as_ref() {
+        let datastore = super::datastore(app, &r).await?;
+        let strategy =
+            coffer_proto::datastore::BackupMethod::for_datastore(datastore, cfg.strategy);
+        match strategy {
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "Backups of {datastore} instances are not supported."
+                )))
+            }
+            Some(k) if parent_id.is_some() && !k.incremental() => {
+                return Err(ApiError::bad_request(format!(
+                    "The backup strategy for {datastore} ({}) takes full backups only; omit parent_id and incremental.",
+                    k.name()
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    let mut tx = app.store.begin().await?;
+    // Again under the write lock: a restart, a switchover or another backup that started since
+    // the first look wins, and this one is refused.
+    let task_now = Store::task_in(&mut *tx, &r.id).await?.unwrap_or_default();
+    if task_now != task::NONE
+        || Store::owner_in(&mut *tx, &r.id).await?.is_some()
+        || Store::backup_running_in(&mut *tx, &r.id).await?
+    {
+        let shown = if task_now == task::NONE {
+            "BACKUP".to_string()
+        } else {
+            task_now.to_uppercase()
+        };
+        return Err(ApiError::unprocessable(format!(
+            "Instance {} is not currently available for an action to be performed (task status was {shown}).",
+            r.id
+        )));
+    }
+    let limit = Store::quota_limits_with(&mut *tx, &c.project)
+        .await?
+        .into_iter()
+        .find(|(k, _)| k == "backups")
+        .map(|(_, l)| l)
+        .unwrap_or(-1);
+    if limit >= 0 && Store::count_backups(&mut tx, &c.project).await? + 1 > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "overLimit",
+            "Quota exceeded for resources: ['backups'].",
+        ));
+    }
+    start(
+        app,
+        tx,
+        &r,
+        uuid::Uuid::new_v4().to_string(),
+        req.name,
+        req.description,
+        parent_id,
+        false,
+    )
+    .await
 }
