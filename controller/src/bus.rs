@@ -526,7 +526,7 @@ async fn finished(
                     Store::set_task(
                         &mut tx,
                         instance_id,
-                        &row.task,
+                        row.task,
                         Some(&format!("configuration failed: {m}")),
                     )
                     .await?
@@ -565,7 +565,7 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
             .unwrap_or_default();
         // An enrolled host's agent tore its database down on the delete intent; the controller
         // has no files there to remove.
-        if row.is_none_or(|r| r.placement != "enrolled") {
+        if row.is_none_or(|r| r.placement != crate::status::PlacedBy::Enrolled) {
             app.provisioner.destroy(id).await?;
         }
         crate::failpoint::hit("delete", "destroyed");
@@ -633,7 +633,7 @@ pub async fn timers_loop(app: Arc<App>) {
                 && app.cfg.respawn_agents
                 && r.task != task::DELETING
                 && !being_deleted
-                && r.placement != "enrolled"
+                && r.placement != crate::status::PlacedBy::Enrolled
                 // Not placed yet (a create holds the row while it places the agent).
                 && r.has_agent()
             {

@@ -177,7 +177,9 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
 
     // Adopt or respawn the agent of every live instance.
     for inst in app.store.live_instances().await? {
-        if inst.task == status::task::DELETING || inst.placement == "enrolled" || !inst.has_agent()
+        if inst.task == status::task::DELETING
+            || inst.placement == crate::status::PlacedBy::Enrolled
+            || !inst.has_agent()
         {
             continue;
         }

@@ -1,23 +1,76 @@
 //! Derivation of the API `status` and `operating_status` from the controller's task, the agent's
 //! reported service status and heartbeat freshness. The only place these are computed.
 
-/// Controller-side tasks (what the controller is doing to an instance).
-pub mod task {
-    pub const NONE: &str = "none";
-    pub const BUILDING: &str = "building";
-    pub const BUILD_ERROR: &str = "building_error";
-    pub const REBOOTING: &str = "rebooting";
-    pub const DELETING: &str = "deleting";
-    pub const PROMOTING: &str = "promoting";
-    pub const EJECTING: &str = "ejecting";
-    pub const DETACHING: &str = "detaching";
+/// What the controller is doing to an instance (the `task` column).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::Type, serde::Serialize, serde::Deserialize,
+)]
+#[sqlx(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    #[default]
+    None,
+    Building,
+    BuildingError,
+    Rebooting,
+    Deleting,
+    Promoting,
+    Ejecting,
+    Detaching,
     /// An old source taken out by an eject (fenced; needs the operator).
-    pub const EJECTED: &str = "ejected";
+    Ejected,
+}
+
+impl Task {
+    /// The task as stored, and as error texts show it upper-cased.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::None => "none",
+            Task::Building => "building",
+            Task::BuildingError => "building_error",
+            Task::Rebooting => "rebooting",
+            Task::Deleting => "deleting",
+            Task::Promoting => "promoting",
+            Task::Ejecting => "ejecting",
+            Task::Detaching => "detaching",
+            Task::Ejected => "ejected",
+        }
+    }
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The tasks by their old names, for readable comparisons (`r.task == task::BUILDING`).
+pub mod task {
+    use super::Task;
+    pub const NONE: Task = Task::None;
+    pub const BUILDING: Task = Task::Building;
+    pub const BUILD_ERROR: Task = Task::BuildingError;
+    pub const REBOOTING: Task = Task::Rebooting;
+    pub const DELETING: Task = Task::Deleting;
+    pub const PROMOTING: Task = Task::Promoting;
+    pub const EJECTING: Task = Task::Ejecting;
+    pub const DETACHING: Task = Task::Detaching;
+    pub const EJECTED: Task = Task::Ejected;
+}
+
+/// Who placed an instance's agent (the `placement` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(rename_all = "snake_case")]
+pub enum PlacedBy {
+    /// The controller's provisioner (a local process or a VM): it also removes it.
+    Provisioner,
+    /// An agent that enrolled with a token on a host of its own: nothing to remove.
+    Enrolled,
 }
 
 /// Returns `(status, operating_status)`. `service` is the agent's lower-case service status;
 /// `fresh` is false once the heartbeat is older than the expiry.
-pub fn derive(task: &str, service: &str, fresh: bool) -> (&'static str, &'static str) {
+pub fn derive(task: Task, service: &str, fresh: bool) -> (&'static str, &'static str) {
     match task {
         task::BUILD_ERROR => return ("ERROR", ""),
         task::BUILDING => return ("BUILD", ""),
@@ -105,7 +158,7 @@ mod tests {
             "UNKNOWN",
         ];
         for (t, s, f, want_status, want_op) in table {
-            let (st, op) = derive(t, s, *f);
+            let (st, op) = derive(serde_json::from_value(serde_json::json!(t)).unwrap(), s, *f);
             assert_eq!(
                 (st, op),
                 (*want_status, *want_op),

@@ -21,7 +21,7 @@ use crate::App;
 /// The instance, if it is ACTIVE and its agent answers these calls; 404 / 422 otherwise.
 async fn ready(app: &App, c: &Caller, id: &str) -> Result<InstanceRow, ApiError> {
     let r = find(app, c, id).await?;
-    let (st, _) = status::derive(&r.task, &r.service_status, app.fresh(&r.id));
+    let (st, _) = status::derive(r.task, &r.service_status, app.fresh(&r.id));
     if st != "ACTIVE" {
         return Err(ApiError::unprocessable(format!(
             "Instance {id} is not ready, status: {st}."

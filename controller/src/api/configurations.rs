@@ -117,7 +117,7 @@ pub(super) async fn attach(
     r: &InstanceRow,
     group: Option<String>,
 ) -> Result<(), ApiError> {
-    let (status, _) = crate::status::derive(&r.task, &r.service_status, app.fresh(&r.id));
+    let (status, _) = crate::status::derive(r.task, &r.service_status, app.fresh(&r.id));
     if r.task != task::NONE || !matches!(status, "ACTIVE" | "RESTART_REQUIRED") {
         return Err(ApiError::bad_request(format!(
             "Instance {} is not in a state that allows a configuration change (status was {status}).",

@@ -195,7 +195,7 @@ pub(super) async fn render(
     with_usage: bool,
 ) -> Result<Value, ApiError> {
     let fresh = app.fresh(&r.id);
-    let (mut status, mut op) = status::derive(&r.task, &r.service_status, fresh);
+    let (mut status, mut op) = status::derive(r.task, &r.service_status, fresh);
     if status == "ACTIVE" && app.store.backup_running(&r.id).await? {
         // Trove: a running backup shows as BACKUP (the database stays online).
         (status, op) = ("BACKUP", "");

@@ -196,7 +196,7 @@ pub async fn create(app: &App, c: &Caller, req: BackupSpec) -> Result<String, Ap
     }
     let r = super::find_instance(app, c, &req.instance).await?;
     let fresh = app.fresh(&r.id);
-    let (st_now, _) = status::derive(&r.task, &r.service_status, fresh);
+    let (st_now, _) = status::derive(r.task, &r.service_status, fresh);
     if r.task != task::NONE || st_now != "ACTIVE" || app.store.backup_running(&r.id).await? {
         return Err(ApiError::unprocessable(format!(
             "Instance {} is not currently available for an action to be performed (status was {st_now}).",
@@ -278,7 +278,7 @@ pub async fn create(app: &App, c: &Caller, req: BackupSpec) -> Result<String, Ap
         let shown = if task_now == task::NONE {
             "BACKUP".to_string()
         } else {
-            task_now.to_uppercase()
+            task_now.as_str().to_uppercase()
         };
         return Err(ApiError::unprocessable(format!(
             "Instance {} is not currently available for an action to be performed (task status was {shown}).",

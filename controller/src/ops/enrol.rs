@@ -259,7 +259,7 @@ async fn bind(app: &App, row: &TokenRow, req: &EnrolReq, key: &[u8]) -> Result<(
             key,
             &nats_user,
             (&req.host, req.port),
-            Commit::Insert("enrolled"),
+            Commit::Insert(crate::status::PlacedBy::Enrolled),
         )
         .await?;
         app.outbox_wake.notify_one();

@@ -10,7 +10,7 @@ use super::intents::intent_payload;
 use super::Caller;
 use crate::error::ApiError;
 use crate::provisioner::Placement;
-use crate::status::{self, task};
+use crate::status::{self, task, PlacedBy};
 use crate::store::{self, InstanceRow, Store, VersionRow};
 use crate::App;
 
@@ -244,7 +244,7 @@ pub async fn create(
                 &placed.public_key,
                 &nats_user,
                 (&placed.host, placed.port),
-                Commit::Placed("provisioner"),
+                Commit::Placed(PlacedBy::Provisioner),
             )
             .await
         }
@@ -309,14 +309,14 @@ pub struct NewInstance {
 }
 
 /// How [`commit_new`] stores the instance.
-pub enum Commit<'a> {
+pub enum Commit {
     /// Insert the row, with this placement (`provisioner` or `enrolled`).
-    Insert(&'a str),
+    Insert(PlacedBy),
     /// Complete the row [`store_pending`] stored while the VM booted.
     Complete,
     /// Complete the row [`store_pending`] reserved, with the placed agent's key and address
     /// and this placement.
-    Placed(&'a str),
+    Placed(PlacedBy),
 }
 
 fn row_of(n: &NewInstance, server_id: i64, key: &[u8], nats_user: &str) -> InstanceRow {
@@ -349,7 +349,7 @@ fn row_of(n: &NewInstance, server_id: i64, key: &[u8], nats_user: &str) -> Insta
         repl_secret: None,
         repl_strategy: None,
         ejected: false,
-        placement: "provisioner".into(),
+        placement: crate::status::PlacedBy::Provisioner,
     }
 }
 
@@ -443,7 +443,7 @@ pub async fn commit_new(
     key: &[u8],
     nats_user: &str,
     (host, port): (&str, u16),
-    how: Commit<'_>,
+    how: Commit,
 ) -> Result<(), ApiError> {
     let id = &n.id;
     let mut users = n.users.clone();
@@ -481,7 +481,7 @@ pub async fn commit_new(
             let mut row = row_of(n, server_id, key, nats_user);
             row.host = Some(host.to_string());
             row.port = Some(port as i64);
-            row.placement = placement.to_string();
+            row.placement = placement;
             Store::insert_instance(&mut tx, &row).await?;
             server_id
         }
@@ -601,7 +601,7 @@ pub async fn restart(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
         ApiError::unprocessable(format!(
             "Instance {} is not currently available for an action to be performed (task status was {}).",
             r.id,
-            r.task.to_uppercase()
+            r.task.as_str().to_uppercase()
         ))
     };
     let backing_up = || {
@@ -620,7 +620,7 @@ pub async fn restart(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
         return Err(ApiError::unprocessable(format!(
             "Instance {} is not currently available for an action to be performed (status was {}).",
             r.id,
-            status::derive(&r.task, &r.service_status, app.fresh(&r.id)).0
+            status::derive(r.task, &r.service_status, app.fresh(&r.id)).0
         )));
     }
     if !r.capabilities.split(',').any(|k| k == "restart") {

@@ -1,6 +1,7 @@
 //! Instances: their rows, tasks and service status, placement, replication links.
 
 use super::*;
+use crate::status::{PlacedBy, Task};
 
 #[derive(Debug, Clone)]
 pub struct InstanceRow {
@@ -10,7 +11,7 @@ pub struct InstanceRow {
     pub flavor_id: String,
     pub datastore_version_id: String,
     pub volume_size: i64,
-    pub task: String,
+    pub task: Task,
     pub task_started: String,
     pub service_status: String,
     pub fault: Option<String>,
@@ -38,7 +39,7 @@ pub struct InstanceRow {
     /// An old source taken out by an eject: stays fenced.
     pub ejected: bool,
     /// `provisioner` (placed by the configured provisioner) or `enrolled` (joined by itself).
-    pub placement: String,
+    pub placement: PlacedBy,
 }
 
 impl InstanceRow {
@@ -135,7 +136,7 @@ impl Store {
         .bind(&i.flavor_id)
         .bind(&i.datastore_version_id)
         .bind(i.volume_size)
-        .bind(&i.task)
+        .bind(i.task)
         .bind(&i.task_started)
         .bind(&i.service_status)
         .bind(&i.fault)
@@ -150,7 +151,7 @@ impl Store {
         .bind(&i.configuration_id)
         .bind(&i.replica_of)
         .bind(&i.repl_strategy)
-        .bind(&i.placement)
+        .bind(i.placement)
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -160,7 +161,7 @@ impl Store {
     pub async fn set_task(
         tx: &mut Transaction<'static, Sqlite>,
         id: &str,
-        task: &str,
+        task: Task,
         fault: Option<&str>,
     ) -> anyhow::Result<()> {
         let ts = now();
@@ -245,7 +246,7 @@ impl Store {
         nats_user: &str,
         host: &str,
         port: u16,
-        placement: &str,
+        placement: PlacedBy,
     ) -> anyhow::Result<i64> {
         let server_id: Option<i64> = sqlx::query_scalar(
             "UPDATE instances SET agent_public_key = ?, agent_nats_user = ?, host = ?, port = ?, \

@@ -178,7 +178,7 @@ impl Store {
     pub async fn task_in<'e, E: sqlx::SqliteExecutor<'e>>(
         ex: E,
         id: &str,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> anyhow::Result<Option<crate::status::Task>> {
         Ok(
             sqlx::query_scalar("SELECT task FROM instances WHERE id = ?")
                 .bind(id)

@@ -118,7 +118,7 @@ pub async fn start(
     app: &Arc<App>,
     flow: Flow,
     members: &[String],
-    task: Option<&str>,
+    task: Option<crate::status::Task>,
 ) -> Result<String, ApiError> {
     start_as(app, &uuid::Uuid::new_v4().to_string(), flow, members, task).await
 }
@@ -129,7 +129,7 @@ pub async fn start_as(
     id: &str,
     flow: Flow,
     members: &[String],
-    task: Option<&str>,
+    task: Option<crate::status::Task>,
 ) -> Result<String, ApiError> {
     let id = id.to_string();
     let state = serde_json::to_string(&flow).map_err(anyhow::Error::from)?;
@@ -149,10 +149,10 @@ pub async fn start_as(
             let in_flight = [
                 BUILDING, REBOOTING, DELETING, PROMOTING, EJECTING, DETACHING,
             ];
-            if in_flight.contains(&now.as_str()) {
+            if in_flight.contains(&now) {
                 return Err(ApiError::unprocessable(format!(
                     "Instance {m} is not currently available for an action to be performed (task status was {}).",
-                    now.to_uppercase()
+                    now.as_str().to_uppercase()
                 )));
             }
         }
@@ -176,7 +176,7 @@ pub async fn undo_unfinished_creates(app: &Arc<App>) -> anyhow::Result<()> {
     let live = app.store.live_instances().await?;
     for r in live
         .iter()
-        .filter(|r| !r.has_agent() && r.placement != "enrolled")
+        .filter(|r| !r.has_agent() && r.placement != crate::status::PlacedBy::Enrolled)
     {
         if !app.provisioner.key_at_enrolment() {
             warn!(instance = %r.id, "undoing a create the previous controller never answered");

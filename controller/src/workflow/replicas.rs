@@ -156,7 +156,7 @@ pub async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> Result<String
                 repl_secret: None,
                 repl_strategy: Some(strategy.clone()),
                 ejected: false,
-                placement: "provisioner".into(),
+                placement: crate::status::PlacedBy::Provisioner,
             };
             Store::insert_instance(&mut tx, &row).await?;
             tx.commit().await?;
@@ -225,7 +225,7 @@ pub async fn eject(app: Arc<App>, source: &InstanceRow) -> Result<(), ApiError> 
             source.id
         )));
     }
-    if matches!(source.task.as_str(), task::EJECTING | task::PROMOTING) {
+    if matches!(source.task, task::EJECTING | task::PROMOTING) {
         return Err(busy(source, "an eject"));
     }
     start_failover(&app, source, &replicas).await?;

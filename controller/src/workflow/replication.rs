@@ -774,7 +774,7 @@ impl ReplicaBuild {
     ) -> anyhow::Result<()> {
         if let Some(e) = &self.error {
             for id in &self.replicas {
-                if Store::task_in(&mut **tx, id).await?.as_deref() == Some(task::BUILDING) {
+                if Store::task_in(&mut **tx, id).await? == Some(task::BUILDING) {
                     Store::set_task(
                         tx,
                         id,
