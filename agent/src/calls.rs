@@ -339,14 +339,30 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
                 Err(e) => from_ds(e),
             }
         }
-        Kind::DetachReplica(_) => match ds.detach_replica().await {
-            Ok(()) => {
-                let _ = std::fs::remove_file(ctx.state.root().join("fenced"));
-                crate::replication::set_role(ctx, "");
-                replication_reply(ctx).await
+        Kind::DetachReplica(d) => {
+            let replica = crate::replication::role(ctx) == "replica";
+            if replica && !d.catch_up_to.is_empty() {
+                let t = std::time::Duration::from_secs(d.timeout_s.clamp(1, 15) as u64);
+                match ds.wait_for_position(&d.catch_up_to, t).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return fail(
+                            CallError::Internal,
+                            format!("position {} was not reached within {t:?}", d.catch_up_to),
+                        )
+                    }
+                    Err(e) => return from_ds(e),
+                }
             }
-            Err(e) => from_ds(e),
-        },
+            match ds.detach_replica().await {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(ctx.state.root().join("fenced"));
+                    crate::replication::set_role(ctx, "");
+                    replication_reply(ctx).await
+                }
+                Err(e) => from_ds(e),
+            }
+        }
         Kind::DrainRelayLog(d) => {
             let t = std::time::Duration::from_secs(d.timeout_s.clamp(1, 15) as u64);
             match ds.drain_relay_log(t).await {

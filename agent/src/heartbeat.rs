@@ -79,7 +79,7 @@ pub async fn snapshot(ctx: &Ctx) -> v1::Heartbeat {
         connections: obs.connections,
         intent_kinds: coffer_proto::INTENT_KINDS
             .iter()
-            .chain(std::iter::once(&coffer_proto::CAP_USERS))
+            .chain([&coffer_proto::CAP_USERS, &coffer_proto::CAP_CATCH_UP_DETACH])
             .map(|s| s.to_string())
             .collect(),
         strategies: vec![format!("datastore:{}", ctx.ds.name())],

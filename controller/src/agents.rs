@@ -27,10 +27,14 @@ pub async fn call(
             kind: Some(kind),
         }),
     );
-    let req = app
-        .client
-        .request(subjects::call(&r.id), env.encode_to_vec().into());
-    let msg = match tokio::time::timeout(CALL_TIMEOUT, req).await {
+    // The client's own request timeout (10 s by default) would end a call first.
+    let req = app.client.send_request(
+        subjects::call(&r.id),
+        async_nats::Request::new()
+            .payload(env.encode_to_vec().into())
+            .timeout(Some(CALL_TIMEOUT)),
+    );
+    let msg = match tokio::time::timeout(CALL_TIMEOUT + Duration::from_secs(1), req).await {
         Ok(Ok(m)) => m,
         _ => {
             return Err(ApiError::unprocessable(format!(

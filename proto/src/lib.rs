@@ -55,6 +55,9 @@ pub const INTENT_KINDS: &[&str] = &[
 /// calls.
 pub const CAP_USERS: &str = "users";
 
+/// Capability of an agent whose `DetachReplica` takes `catch_up_to` (a switchover's promotion).
+pub const CAP_CATCH_UP_DETACH: &str = "catch_up_detach";
+
 /// How long a source whose lease ran out may take to become read-only before its agent shuts the
 /// database down instead (the live fence's bound). The controller's settings must leave room for
 /// it: `lease_ms + FENCE_BOUND_MS + FENCE_WATCH_MS + FENCE_MARGIN_MS <= heartbeat_expiry`.

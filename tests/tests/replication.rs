@@ -494,3 +494,52 @@ async fn automatic_failover_promotes_a_replica_when_on() {
     }
     insert(&env, &rview, 2).await.unwrap();
 }
+
+/// A switchover to a replica that cannot catch up (its applier is stopped) moves nothing: the
+/// candidate stays a replica, the old source gets its writes back, and the fault says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_to_a_replica_that_cannot_catch_up_rolls_back() {
+    let env = Env::start().await;
+    let (src, sview) = env.active_with_rows("src", &[1]).await;
+    let ids = create_replicas(&env, &src, "rep", 1).await;
+    let rview = env
+        .wait_status(&ids[0], "ACTIVE", Duration::from_secs(120))
+        .await;
+    wait_rows(&env, &rview, &[1]).await;
+    let mut rc = env.admin_connect(&ids[0]).await;
+    sqlx::query("STOP SLAVE SQL_THREAD")
+        .execute(&mut rc)
+        .await
+        .unwrap();
+    insert(&env, &sview, 2).await.unwrap();
+    let (st, v) = env
+        .call(
+            "POST",
+            &format!("/instances/{}/action", ids[0]),
+            Some(json!({"promote_to_replica_source": {}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let sv = loop {
+        let v = show(&env, &src).await;
+        if v["status"] == "ACTIVE" && !v["fault"].is_null() {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the switchover did not end: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let fault = sv["fault"]["message"].as_str().unwrap_or_default();
+    assert!(fault.contains("was not reached"), "{fault}");
+    // Nothing moved: the source takes writes again and the candidate still follows it.
+    insert(&env, &sview, 3)
+        .await
+        .expect("the old source is writable again");
+    let rv = show(&env, &ids[0]).await;
+    assert_eq!(rv["replica_of"]["id"], src, "{rv}");
+    sqlx::query("START SLAVE SQL_THREAD")
+        .execute(&mut rc)
+        .await
+        .unwrap();
+    wait_rows(&env, &rview, &[1, 2, 3]).await;
+}

@@ -204,6 +204,16 @@ pub async fn promote(app: Arc<App>, candidate: &InstanceRow) -> Result<(), ApiEr
     if let Some(r) = members.iter().find(|m| !ready(&app, m)) {
         return Err(busy(r, "a switchover"));
     }
+    if !candidate
+        .capabilities
+        .split(',')
+        .any(|k| k == coffer_proto::CAP_CATCH_UP_DETACH)
+    {
+        return Err(ApiError::unprocessable(format!(
+            "The agent of instance {} (version '{}') cannot be promoted by this controller; upgrade coffer-agent on it.",
+            candidate.id, candidate.agent_version
+        )));
+    }
     let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
     start_switchover(&app, &source, &candidate.id, ids).await?;
     Ok(())

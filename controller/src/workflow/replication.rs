@@ -165,9 +165,10 @@ async fn repoint(
 pub enum SwitchoverStep {
     /// The old source stops taking writes; its position is the target.
     Fence,
-    /// The candidate applies everything up to the target.
-    CatchUp,
-    /// The candidate becomes the writable source.
+    /// The candidate applies everything up to the target, then becomes the writable source: one
+    /// call, the datastore's own action (a state saved as `catch_up` by an older controller
+    /// resumes here).
+    #[serde(alias = "catch_up")]
     Promote,
     /// The other replicas, then the old source, follow it (one per step).
     Repoint,
@@ -180,7 +181,6 @@ impl SwitchoverStep {
     pub fn name(self) -> &'static str {
         match self {
             Self::Fence => "fence",
-            Self::CatchUp => "catch_up",
             Self::Promote => "promote",
             Self::Repoint => "repoint",
             Self::RollBack => "roll_back",
@@ -206,14 +206,13 @@ pub struct Switchover {
 impl Switchover {
     pub(super) async fn step(&mut self, app: &App, cancel: bool) {
         use SwitchoverStep::*;
-        if cancel && matches!(self.step, Fence | CatchUp) {
+        if cancel && self.step == Fence {
             self.error = Some("cancelled by reset_status".into());
             self.step = RollBack;
             return;
         }
         let r = match self.step {
             Fence => self.fence(app).await,
-            CatchUp => self.catch_up(app).await,
             Promote => self.promote(app).await,
             Repoint => self.repoint_next(app).await,
             RollBack => {
@@ -227,11 +226,26 @@ impl Switchover {
             self.error = Some(e.message);
             // Before the candidate is promoted nothing has moved: undo the fence. After, the
             // candidate is the source and going back would lose its writes: stop with a fault.
-            self.step = if matches!(self.step, Fence | CatchUp) {
-                RollBack
-            } else {
-                Done
+            // A promotion that failed moved nothing if the candidate still replicates (it did
+            // not catch up in time): ask it.
+            let moved = match self.step {
+                Fence => false,
+                Promote => !self.still_replica(app).await,
+                _ => true,
             };
+            self.step = if moved { Done } else { RollBack };
+        }
+    }
+
+    /// Whether the candidate is still a replica (asked after a promotion that failed).
+    async fn still_replica(&self, app: &App) -> bool {
+        let Ok(cand) = reload(app, &self.candidate).await else {
+            return false;
+        };
+        let status = v1::call::Kind::ReplicationStatus(v1::ReplicationStatus {});
+        match call(app, &cand, status).await {
+            Ok((_, rep)) => rep.replication.is_some_and(|r| r.role == "replica"),
+            Err(_) => false,
         }
     }
 
@@ -247,21 +261,6 @@ impl Switchover {
         )
         .await?;
         self.target = Some(rep.replication.map(|r| r.position).unwrap_or_default());
-        self.step = SwitchoverStep::CatchUp;
-        Ok(())
-    }
-
-    async fn catch_up(&mut self, app: &App) -> Result<(), ApiError> {
-        let cand = reload(app, &self.candidate).await?;
-        call(
-            app,
-            &cand,
-            v1::call::Kind::WaitForPosition(v1::WaitForPosition {
-                position: self.target.clone().unwrap_or_default(),
-                timeout_s: 15,
-            }),
-        )
-        .await?;
         self.step = SwitchoverStep::Promote;
         Ok(())
     }
@@ -270,12 +269,11 @@ impl Switchover {
         let source = reload(app, &self.source).await?;
         let (user, password) = ensure_repl_user(app, &source).await?;
         let cand = reload(app, &self.candidate).await?;
-        call(
-            app,
-            &cand,
-            v1::call::Kind::DetachReplica(v1::DetachReplica {}),
-        )
-        .await?;
+        let detach = v1::DetachReplica {
+            catch_up_to: self.target.clone().unwrap_or_default(),
+            timeout_s: 15,
+        };
+        call(app, &cand, v1::call::Kind::DetachReplica(detach)).await?;
         app.store.set_replica_of(&cand.id, None).await?;
         hand_over_user(app, &source, &cand.id, &user, &password).await?;
         self.step = SwitchoverStep::Repoint;
@@ -471,7 +469,7 @@ impl Failover {
         call(
             app,
             &winner,
-            v1::call::Kind::DetachReplica(v1::DetachReplica {}),
+            v1::call::Kind::DetachReplica(v1::DetachReplica::default()),
         )
         .await?;
         app.store.set_replica_of(&winner.id, None).await?;
@@ -846,9 +844,13 @@ impl Detach {
             self.error = Some("cancelled by reset_status".into());
         } else {
             let done = match reload(app, &self.replica).await {
-                Ok(r) => call(app, &r, v1::call::Kind::DetachReplica(v1::DetachReplica {}))
-                    .await
-                    .map(|_| ()),
+                Ok(r) => call(
+                    app,
+                    &r,
+                    v1::call::Kind::DetachReplica(v1::DetachReplica::default()),
+                )
+                .await
+                .map(|_| ()),
                 Err(e) => Err(e),
             };
             match done {
