@@ -72,6 +72,37 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// Every process whose command line names `dir` (what a fake VM runs from its directory).
+pub fn processes_in(dir: &Path) -> Vec<i32> {
+    let needle = dir.to_string_lossy().to_string();
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A tiny qcow2 for the fake VMs (the provisioner reads its size and overlays it).
+fn fake_image(dir: &Path) -> PathBuf {
+    let p = dir.join("fake-guest.qcow2");
+    if !p.exists() {
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&p)
+            .arg("64M")
+            .status()
+            .expect("qemu-img (qemu-utils) is installed by `cargo xtask test`");
+        assert!(st.success(), "qemu-img create failed");
+    }
+    p
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
@@ -222,6 +253,10 @@ pub struct Opts {
     /// Instances are VMs booted from this guest image (the `qemu` provisioner) instead of
     /// local processes; guests reach the controller and NATS as 10.0.2.2.
     pub qemu_image: Option<PathBuf>,
+    /// Instances are "VMs" of the qemu provisioner run by `coffer-fake-qemu` (the agent and its
+    /// database as local processes, enrolled from the seed the provisioner wrote): the VM path
+    /// without virtualization.
+    pub fake_vm: bool,
 }
 
 /// The backup storage backends, as a test selects them.
@@ -253,6 +288,7 @@ impl Default for Opts {
             respawn_agents: true,
             nats_proxy: false,
             qemu_image: None,
+            fake_vm: false,
         }
     }
 }
@@ -364,6 +400,15 @@ impl Env {
                     String::new()
                 },
                 provisioner = match &o.qemu_image {
+                    None if o.fake_vm => format!(
+                        "[provisioner]\nkind = \"qemu\"\nimage = {image:?}\ninstances_dir = {inst:?}\n\
+                         qemu_binary = {qemu:?}\ncontroller_url = \"http://127.0.0.1:{api_port}\"\n\
+                         port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\n",
+                        image = fake_image(&d).display().to_string(),
+                        qemu = bin("coffer-fake-qemu").display().to_string(),
+                        inst = d.join("instances").display().to_string(),
+                        hb = o.heartbeat_interval_ms,
+                    ),
                     None => format!(
                         "[provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
                          port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\ndatastore_extra = {extra:?}\n",

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coffer_tests::{Env, StatusCode};
+use coffer_tests::{Env, Opts, StatusCode};
 use serde_json::{json, Value};
 use sqlx::Connection;
 
@@ -640,4 +640,63 @@ async fn a_detach_survives_the_controller_dying_after_the_detach() {
     insert(&env, &rview, 51).await.unwrap();
     let s = show(&env, &src).await;
     assert!(s.get("replicas").is_none(), "{s}");
+}
+
+/// A VM build (the qemu provisioner, its VMs run by `coffer-fake-qemu`) the controller dies in
+/// at every step: started again, the build resumes and the instance becomes ACTIVE with the
+/// create's database and user, whose password waited sealed to the controller's key; a delete
+/// then powers the VM off and leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vm_build_survives_the_controller_dying_at_every_step() {
+    let mut env = Env::start_with(Opts {
+        fake_vm: true,
+        ..Opts::default()
+    })
+    .await;
+    for step in ["place", "boot", "enrol", "commit"] {
+        arm(&mut env, "vm_build", step);
+        let name = format!("vm-{step}");
+        let body = json!({"instance": {"name": name, "flavorRef": "1", "volume": {"size": 1},
+            "databases": [{"name": "shop"}],
+            "users": [{"name": "app", "password": "s3cret-Pw", "databases": [{"name": "shop"}]}]}});
+        // The create answers before the build's first step ends: it may or may not get out.
+        if let Some((st, text)) = post_racing_the_abort(&env, "/instances", body).await {
+            assert_eq!(st, StatusCode::OK, "{text}");
+        }
+        env.wait_controller_exit(Duration::from_secs(120)).await;
+        env.start_controller();
+        let (st, v) = env.call("GET", "/instances", None).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let id = v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("after {step}: no instance {name}: {v}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let view = env
+            .wait_status(&id, "ACTIVE", Duration::from_secs(120))
+            .await;
+        // The user the create asked for, with its password, on its database.
+        let c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
+        c.close().await.unwrap();
+        // Delete powers the VM off: nothing runs from its directory, which goes.
+        env.delete_and_wait_gone(&id).await;
+        let dir = env.instance_dir(&id);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = coffer_tests::processes_in(&dir);
+            if left.is_empty() && !dir.exists() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after {step}: the deleted VM left {left:?} (directory there: {})",
+                dir.exists()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

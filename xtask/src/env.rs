@@ -149,6 +149,16 @@ pub fn prepare() -> anyhow::Result<Tools> {
     if !have("redis-server") {
         missing.push("redis-server");
     }
+    // The qemu provisioner's tools (its VMs run under a stand-in in tests).
+    for (tool, pkg) in [
+        ("qemu-img", "qemu-utils"),
+        ("mkfs.vfat", "dosfstools"),
+        ("mcopy", "mtools"),
+    ] {
+        if !have(tool) {
+            missing.push(pkg);
+        }
+    }
     // Packaging: .rpm files, and the fresh Debian root the packages are installed into.
     if !have("rpmbuild") {
         missing.push("rpm");

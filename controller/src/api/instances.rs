@@ -285,7 +285,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     let body = parse_body(&body)?;
     let (id, root_password) = match parse_create(&body)? {
         Create::Replica(r) => (replicas::create(st.0.clone(), &c, r).await?, None),
-        Create::Instance(spec) => ops::create(&st.0, &c, spec).await?,
+        Create::Instance(spec) => crate::workflow::create::create(&st.0, &c, spec).await?,
     };
     let row = st
         .store

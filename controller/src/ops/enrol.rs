@@ -11,7 +11,7 @@
 use coffer_proto::seal;
 use serde::{Deserialize, Serialize};
 
-use super::instances::{commit_new, Commit, NewInstance};
+use super::instances::{commit_new, Commit, NewInstance, TokenBinding};
 use crate::error::ApiError;
 use crate::store::{Store, TokenRow};
 use crate::App;
@@ -143,7 +143,12 @@ pub async fn enrol(app: &App, req: EnrolReq) -> Result<Enrolment, ApiError> {
                  Ask an administrator for a new one.",
             ))
         }
-        Some(_) => return answer(app, &row, &key).await,
+        Some(_) if bound_to(app, &row, &req.public_key).await? => {
+            return answer(app, &row, &key).await
+        }
+        // Claimed by this key, but the first use was cut short (the controller died before
+        // its binding committed): this retry finishes it.
+        Some(_) => return finish(app, &row, &req, &key).await,
         None => {}
     }
     if row.expires_unix < now_unix() {
@@ -164,11 +169,8 @@ pub async fn enrol(app: &App, req: EnrolReq) -> Result<Enrolment, ApiError> {
         }
         return wait_answer(app, &req.token, &key).await;
     }
-    match bind(app, &row, &req, &key).await {
-        Ok(()) => {
-            let row = token_row(app, &req.token).await?.ok_or_else(unknown)?;
-            answer(app, &row, &key).await
-        }
+    match finish(app, &row, &req, &key).await {
+        Ok(e) => Ok(e),
         Err(e) => {
             // Release the claim: the same host may retry.
             let _ = app
@@ -180,7 +182,35 @@ pub async fn enrol(app: &App, req: EnrolReq) -> Result<Enrolment, ApiError> {
     }
 }
 
-/// First use: issues the agent's NATS identity and creates (host) or completes (VM) the instance.
+/// Whether the token's instance holds this agent's key: the binding committed (the key and
+/// the token's record of it are written in one transaction).
+async fn bound_to(app: &App, row: &TokenRow, public_key: &str) -> Result<bool, ApiError> {
+    Ok(match &row.instance_id {
+        Some(id) => app
+            .store
+            .instance(id)
+            .await?
+            .is_some_and(|r| r.agent_public_key == public_key),
+        None => false,
+    })
+}
+
+/// Binds a claimed token and answers.
+async fn finish(
+    app: &App,
+    row: &TokenRow,
+    req: &EnrolReq,
+    key: &[u8],
+) -> Result<Enrolment, ApiError> {
+    bind(app, row, req, key).await?;
+    let row = token_row(app, &req.token)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the enrolment token vanished"))?;
+    answer(app, &row, key).await
+}
+
+/// First use: issues the agent's NATS identity and creates (host) or completes (VM) the
+/// instance, with the token's record of it in the same transaction.
 async fn bind(app: &App, row: &TokenRow, req: &EnrolReq, key: &[u8]) -> Result<(), ApiError> {
     let id = row
         .instance_id
@@ -200,17 +230,28 @@ async fn bind(app: &App, row: &TokenRow, req: &EnrolReq, key: &[u8]) -> Result<(
         ),
         None => None,
     };
+    let binding = TokenBinding {
+        token_id: row.id.clone(),
+        creds_sealed: creds_sealed.clone(),
+    };
     if row.instance_id.is_some() {
-        // A VM the controller booted: its build waits for this key.
+        // A VM the controller booted: its build (the `vm_build` workflow) waits for this key.
         let done = app
             .store
-            .set_enrolled_agent(&id, &seal::to_hex(key), &nats_user)
+            .enrol_vm(
+                &id,
+                &seal::to_hex(key),
+                &nats_user,
+                &binding.token_id,
+                binding.creds_sealed.as_deref(),
+            )
             .await?;
+        app.workflow_wake.notify_waiters();
         if !done {
             return Err(ApiError::new(
                 axum::http::StatusCode::CONFLICT,
                 "conflict",
-                format!("Instance {id} is gone or already enrolled."),
+                format!("Instance {id} is gone or enrolled by another agent."),
             ));
         }
     } else {
@@ -259,14 +300,11 @@ async fn bind(app: &App, row: &TokenRow, req: &EnrolReq, key: &[u8]) -> Result<(
             key,
             &nats_user,
             (&req.host, req.port),
-            Commit::Insert(crate::status::PlacedBy::Enrolled),
+            Commit::Insert(crate::status::PlacedBy::Enrolled, Some(binding)),
         )
         .await?;
         app.outbox_wake.notify_one();
     }
-    app.store
-        .set_token_enrolled(&row.id, &id, creds_sealed.as_deref())
-        .await?;
     Ok(())
 }
 
@@ -274,7 +312,7 @@ async fn bind(app: &App, row: &TokenRow, req: &EnrolReq, key: &[u8]) -> Result<(
 async fn wait_answer(app: &App, token: &str, key: &[u8]) -> Result<Enrolment, ApiError> {
     for _ in 0..50 {
         if let Some(r) = token_row(app, token).await? {
-            if r.instance_id.is_some() && (r.creds_sealed.is_some() || app.authority.is_none()) {
+            if bound_to(app, &r, &seal::to_hex(key)).await? {
                 return answer(app, &r, key).await;
             }
         }

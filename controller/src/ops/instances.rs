@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use anyhow::Context;
 use coffer_proto::v1;
-use tracing::warn;
 
 use super::intents::intent_payload;
 use super::Caller;
@@ -101,14 +99,13 @@ pub async fn resolve_version(
     }
 }
 
-/// Creates an instance: every check first (nothing is placed for a refused create), then the row
-/// with the binding quota check, the agent, and its `prepare` intent. Returns the new instance's
-/// id and root's password when the version enables root on create (shown once).
-pub async fn create(
+/// Checks a create (nothing is placed for a refused one) and makes the new instance it describes,
+/// with root's password when the version enables root on create.
+pub async fn check_new(
     app: &Arc<App>,
     c: &Caller,
     req: CreateSpec,
-) -> Result<(String, Option<String>), ApiError> {
+) -> Result<NewInstance, ApiError> {
     let app = app.clone();
     let project = c.project.as_str();
     let version = resolve_version(&app, req.datastore.as_deref(), req.version.as_deref()).await?;
@@ -220,44 +217,42 @@ pub async fn create(
         overrides,
         modules,
         configuration: req.configuration,
-        root_password: root_password.clone(),
+        root_password,
     };
     // An intent too large to send is refused before anything is placed (a Unix user, a VM).
     check_prepare_size(&app, &n)?;
-    if app.provisioner.key_at_enrolment() {
-        // A VM: its agent makes its key pair at first boot and sends the public half when it
-        // enrols; the secrets are sealed to it then. The instance shows as BUILD meanwhile.
-        store_pending(&app, &n).await?;
-        tokio::spawn(build_vm(app.clone(), n));
-    } else {
-        // The row first, with the binding quota check: concurrent creates past the quota are
-        // refused before any of them places an agent (a Unix user, a port). Then the agent,
-        // whose public key seals the secrets, and the prepare intent.
-        store_pending(&app, &n).await?;
-        crate::failpoint::hit("create", "reserved");
-        let committed = async {
-            let (placed, nats_user) = place(&app, &id, &n.version, None).await?;
-            crate::failpoint::hit("create", "placed");
-            commit_new(
-                &app,
-                &n,
-                &placed.public_key,
-                &nats_user,
-                (&placed.host, placed.port),
-                Commit::Placed(PlacedBy::Provisioner),
-            )
-            .await
-        }
-        .await;
-        if let Err(e) = committed {
-            let _ = app.provisioner.destroy(&id).await;
-            app.store.forget_instance(&id).await?;
-            return Err(e);
-        }
-        app.outbox_wake.notify_one();
-        start_agent(&app, &id).await?;
+    Ok(n)
+}
+
+/// Creates an instance the provisioner places at once (a local process): the row with the
+/// binding quota check first, so concurrent creates past the quota are refused before any of
+/// them places an agent (a Unix user, a port); then the agent, whose public key seals the
+/// secrets, and the prepare intent.
+pub async fn create_placed(app: &App, n: &NewInstance) -> Result<(), ApiError> {
+    let id = &n.id;
+    store_pending(app, n).await?;
+    crate::failpoint::hit("create", "reserved");
+    let committed = async {
+        let (placed, nats_user) = place(app, id, &n.version, None).await?;
+        crate::failpoint::hit("create", "placed");
+        commit_new(
+            app,
+            n,
+            &placed.public_key,
+            &nats_user,
+            (&placed.host, placed.port),
+            Commit::Placed(PlacedBy::Provisioner),
+        )
+        .await
     }
-    Ok((id, root_password))
+    .await;
+    if let Err(e) = committed {
+        let _ = app.provisioner.destroy(id).await;
+        app.store.forget_instance(id).await?;
+        return Err(e);
+    }
+    app.outbox_wake.notify_one();
+    start_agent(app, id).await
 }
 
 /// Refuses (413) a create whose prepare intent could never be sent. The estimate carries the
@@ -308,10 +303,18 @@ pub struct NewInstance {
     pub root_password: Option<String>,
 }
 
+/// The enrolment token an instance is made by, written with the instance.
+pub struct TokenBinding {
+    pub token_id: String,
+    /// The agent's NATS creds, sealed to the controller's key, for a retry's answer.
+    pub creds_sealed: Option<Vec<u8>>,
+}
+
 /// How [`commit_new`] stores the instance.
 pub enum Commit {
-    /// Insert the row, with this placement (`provisioner` or `enrolled`).
-    Insert(PlacedBy),
+    /// Insert the row, with this placement (`provisioner` or `enrolled`), and record it on the
+    /// enrolment token that made it.
+    Insert(PlacedBy, Option<TokenBinding>),
     /// Complete the row [`store_pending`] stored while the VM booted.
     Complete,
     /// Complete the row [`store_pending`] reserved, with the placed agent's key and address
@@ -328,7 +331,7 @@ fn row_of(n: &NewInstance, server_id: i64, key: &[u8], nats_user: &str) -> Insta
         flavor_id: n.flavor.id.clone(),
         datastore_version_id: n.version.id.clone(),
         volume_size: n.volume_size,
-        task: task::BUILDING.into(),
+        task: task::BUILDING,
         task_started: ts.clone(),
         service_status: "new".into(),
         fault: None,
@@ -355,84 +358,13 @@ fn row_of(n: &NewInstance, server_id: i64, key: &[u8], nats_user: &str) -> Insta
 
 /// Stores a new instance before its agent exists (BUILD, no key, no address yet), with the
 /// binding quota check: the reservation a create holds while its agent is placed.
-async fn store_pending(app: &App, n: &NewInstance) -> Result<(), ApiError> {
+pub async fn store_pending(app: &App, n: &NewInstance) -> Result<(), ApiError> {
     let mut tx = app.store.begin().await?;
     super::quotas::check(&mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
     let server_id = Store::next_server_id(&mut tx).await?;
     Store::insert_instance(&mut tx, &row_of(n, server_id, &[], "")).await?;
     tx.commit().await?;
     Ok(())
-}
-
-/// Boots a VM-backed instance: places it (the provisioner boots the VM with an enrolment token),
-/// waits for its agent to enrol, then seals the secrets to the agent's key and queues `prepare`.
-async fn build_vm(app: std::sync::Arc<App>, n: NewInstance) {
-    let id = n.id.clone();
-    let result: anyhow::Result<()> = async {
-        let ttl = app.cfg.build_timeout_s.max(60) as i64;
-        let token = super::enrol::create_token(
-            &app.store,
-            &super::enrol::TokenSpec {
-                project: n.project.clone(),
-                name: n.name.clone(),
-                version_id: n.version.id.clone(),
-                flavor_id: n.flavor.id.clone(),
-                volume_size: n.volume_size,
-                instance_id: Some(id.clone()),
-                ttl_s: ttl,
-            },
-        )
-        .await?;
-        let (placed, _) = place(&app, &id, &n.version, Some(token.token))
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        app.store
-            .set_endpoint(&id, &placed.host, placed.port as i64)
-            .await?;
-        app.provisioner
-            .start(&id)
-            .await
-            .map_err(|e| e.context("booting the VM failed"))?;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(ttl as u64);
-        let (key, nats_user) = loop {
-            match app.store.instance(&id).await? {
-                None => return Ok(()), // deleted while booting
-                Some(r) if r.has_agent() => {
-                    let key = coffer_proto::seal::from_hex(&r.agent_public_key)
-                        .context("the enrolled key is not hex")?;
-                    break (key, r.agent_nats_user);
-                }
-                Some(_) => {}
-            }
-            if std::time::Instant::now() > deadline {
-                anyhow::bail!(
-                    "the VM's agent did not enrol within {ttl} s; check the VM's console log \
-                     (console.log in its instance directory) and that it reaches the controller"
-                );
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        };
-        commit_new(
-            &app,
-            &n,
-            &key,
-            &nats_user,
-            (&placed.host, placed.port),
-            Commit::Complete,
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        app.outbox_wake.notify_one();
-        Ok(())
-    }
-    .await;
-    if let Err(e) = result {
-        warn!(instance = %id, error = %format!("{e:#}"), "VM build failed");
-        if let Ok(mut tx) = app.store.begin().await {
-            let _ = Store::set_task(&mut tx, &id, task::BUILD_ERROR, Some(&format!("{e:#}"))).await;
-            let _ = tx.commit().await;
-        }
-    }
 }
 
 /// Seals a new instance's secrets to its agent's key, stores it and queues its `prepare` intent,
@@ -475,7 +407,7 @@ pub async fn commit_new(
     let intent_id = uuid::Uuid::new_v4().to_string();
     let mut tx = app.store.begin().await?;
     let server_id = match how {
-        Commit::Insert(placement) => {
+        Commit::Insert(placement, ref token) => {
             super::quotas::check(&mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
             let server_id = Store::next_server_id(&mut tx).await?;
             let mut row = row_of(n, server_id, key, nats_user);
@@ -483,6 +415,22 @@ pub async fn commit_new(
             row.port = Some(port as i64);
             row.placement = placement;
             Store::insert_instance(&mut tx, &row).await?;
+            if let Some(t) = token {
+                if !Store::set_token_enrolled_in(
+                    &mut tx,
+                    &t.token_id,
+                    id,
+                    t.creds_sealed.as_deref(),
+                )
+                .await?
+                {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::CONFLICT,
+                        "conflict",
+                        "This token's enrolment is already complete; retry to get its answer.",
+                    ));
+                }
+            }
             server_id
         }
         Commit::Placed(placement) => {

@@ -82,19 +82,56 @@ impl Store {
         Ok(())
     }
 
-    /// Records the instance a token enrolled and the agent's creds kept for a retry.
-    pub async fn set_token_enrolled(
-        &self,
+    /// Records, inside `tx`, the instance a token enrolled and the agent's creds kept for a
+    /// retry; false when the token already records another instance.
+    pub async fn set_token_enrolled_in(
+        tx: &mut Transaction<'static, Sqlite>,
         id: &str,
         instance_id: &str,
         creds_sealed: Option<&[u8]>,
-    ) -> anyhow::Result<()> {
-        sqlx::query("UPDATE enrolment_tokens SET instance_id = ?, creds_sealed = ? WHERE id = ?")
-            .bind(instance_id)
-            .bind(creds_sealed)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    ) -> anyhow::Result<bool> {
+        let r = sqlx::query(
+            "UPDATE enrolment_tokens SET instance_id = ?, creds_sealed = ? \
+             WHERE id = ? AND (instance_id IS NULL OR instance_id = ?)",
+        )
+        .bind(instance_id)
+        .bind(creds_sealed)
+        .bind(id)
+        .bind(instance_id)
+        .execute(&mut **tx)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// A VM's agent enrolled: its key and NATS user on the instance, and the token's record of
+    /// it, in one transaction. Idempotent for the same key; false when the instance is gone or
+    /// holds another agent's key.
+    pub async fn enrol_vm(
+        &self,
+        instance_id: &str,
+        key_hex: &str,
+        nats_user: &str,
+        token_id: &str,
+        creds_sealed: Option<&[u8]>,
+    ) -> anyhow::Result<bool> {
+        let mut tx = self.begin().await?;
+        let r = sqlx::query(
+            "UPDATE instances SET agent_public_key = ?, agent_nats_user = ?, updated = ? \
+             WHERE id = ? AND deleted = 0 AND (agent_public_key = '' OR agent_public_key = ?)",
+        )
+        .bind(key_hex)
+        .bind(nats_user)
+        .bind(now())
+        .bind(instance_id)
+        .bind(key_hex)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() != 1
+            || !Self::set_token_enrolled_in(&mut tx, token_id, instance_id, creds_sealed).await?
+        {
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 }

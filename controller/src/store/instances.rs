@@ -438,25 +438,4 @@ impl Store {
             .await?;
         Ok(())
     }
-
-    /// A VM's agent enrolled: records its key and NATS user; false when the instance is gone
-    /// or already has an agent.
-    pub async fn set_enrolled_agent(
-        &self,
-        id: &str,
-        key_hex: &str,
-        nats_user: &str,
-    ) -> anyhow::Result<bool> {
-        let r = sqlx::query(
-            "UPDATE instances SET agent_public_key = ?, agent_nats_user = ?, updated = ? \
-             WHERE id = ? AND deleted = 0 AND agent_public_key = ''",
-        )
-        .bind(key_hex)
-        .bind(nats_user)
-        .bind(now())
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() == 1)
-    }
 }

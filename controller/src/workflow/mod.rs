@@ -14,6 +14,7 @@
 //! operations (create, delete, backup) name their steps the same way (`create:reserved`,
 //! `create:placed`, `delete:requested`, `delete:destroyed`, `backup:requested`, `backup:done`).
 
+pub mod create;
 pub mod replicas;
 pub mod replication;
 
@@ -35,6 +36,7 @@ pub enum Flow {
     Failover(replication::Failover),
     ReplicaBuild(replication::ReplicaBuild),
     Detach(replication::Detach),
+    VmBuild(create::VmBuild),
 }
 
 /// What a step did.
@@ -54,6 +56,7 @@ impl Flow {
             Flow::Failover(_) => "failover",
             Flow::ReplicaBuild(_) => "replica_build",
             Flow::Detach(_) => "detach",
+            Flow::VmBuild(_) => "vm_build",
         }
     }
 
@@ -63,6 +66,7 @@ impl Flow {
             Flow::Failover(f) => f.step.name(),
             Flow::ReplicaBuild(b) => b.step.name(),
             Flow::Detach(d) => d.step.name(),
+            Flow::VmBuild(b) => b.step.name(),
         }
     }
 
@@ -70,7 +74,7 @@ impl Flow {
     /// serve (and may be switched over or deleted) while the snapshot is cleaned up.
     fn members_released(&self) -> bool {
         match self {
-            Flow::Switchover(_) | Flow::Failover(_) | Flow::Detach(_) => false,
+            Flow::Switchover(_) | Flow::Failover(_) | Flow::Detach(_) | Flow::VmBuild(_) => false,
             Flow::ReplicaBuild(b) => b.step == replication::BuildStep::Cleanup,
         }
     }
@@ -81,6 +85,7 @@ impl Flow {
             Flow::Failover(f) => f.step == replication::FailoverStep::Done,
             Flow::ReplicaBuild(b) => b.step == replication::BuildStep::Done,
             Flow::Detach(d) => d.step == replication::DetachStep::Done,
+            Flow::VmBuild(b) => b.step == create::VmBuildStep::Done,
         }
     }
 
@@ -91,6 +96,7 @@ impl Flow {
             Flow::Switchover(s) => s.step(app, cancel).await,
             Flow::Failover(f) => f.step(app, cancel).await,
             Flow::ReplicaBuild(b) => return b.step(app, cancel).await,
+            Flow::VmBuild(b) => return b.step(app, cancel).await,
             Flow::Detach(d) => d.step(app, cancel).await,
         }
         Progress::Moved
@@ -108,6 +114,7 @@ impl Flow {
             Flow::Failover(f) => f.release(app, tx).await,
             Flow::ReplicaBuild(b) => b.release(tx).await,
             Flow::Detach(d) => d.release(tx).await,
+            Flow::VmBuild(b) => b.release(tx).await,
         }
     }
 }
@@ -168,8 +175,9 @@ pub async fn start_as(
 
 /// Undoes the creates a previous controller died in the middle of. A create the provisioner
 /// places answers only once its row holds the agent's key, so a row without one was never
-/// answered: its placement goes, and the row with its quota reservation. A VM's secrets lived
-/// only in the dead controller's memory: its build ends in error, saying so. A placement with
+/// answered: its placement goes, and the row with its quota reservation. A VM's build is a
+/// workflow that resumes; a VM row that no workflow owns (left by an older controller, which
+/// kept the secrets in memory) ends in error, saying so. A placement with
 /// no live instance (a replica placed before its row was stored, a delete cut short) goes.
 pub async fn undo_unfinished_creates(app: &Arc<App>) -> anyhow::Result<()> {
     use crate::status::task;
@@ -187,7 +195,7 @@ pub async fn undo_unfinished_creates(app: &Arc<App>) -> anyhow::Result<()> {
                     warn!(instance = %r.id, error = %format!("{e:#}"), "could not remove its placement")
                 }
             }
-        } else if r.task == task::BUILDING {
+        } else if r.task == task::BUILDING && app.store.workflow_owning(&r.id).await?.is_none() {
             warn!(instance = %r.id, "a VM build was cut short by a controller restart");
             let mut tx = app.store.begin().await?;
             Store::set_task(

@@ -135,7 +135,7 @@ pub async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> Result<String
                 flavor_id: flavor.id.clone(),
                 datastore_version_id: version.id.clone(),
                 volume_size: source.volume_size,
-                task: task::BUILDING.into(),
+                task: task::BUILDING,
                 task_started: ts.clone(),
                 service_status: "new".into(),
                 fault: None,

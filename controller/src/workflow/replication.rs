@@ -145,7 +145,7 @@ async fn repoint(
     from_own_position: bool,
 ) -> Result<(), ApiError> {
     let strategy = datastore(app, source).await?.repoint_strategy();
-    let mut spec = replica_of(source, replica, user, password, &strategy)?;
+    let mut spec = replica_of(source, replica, user, password, strategy)?;
     spec.from_own_position = from_own_position;
     call(
         app,
