@@ -404,7 +404,7 @@ impl Env {
                         "[provisioner]\nkind = \"qemu\"\nimage = {image:?}\ninstances_dir = {inst:?}\n\
                          qemu_binary = {qemu:?}\ncontroller_url = \"http://127.0.0.1:{api_port}\"\n\
                          port_min = {inst_min}\nport_max = {inst_max}\nheartbeat_interval_ms = {hb}\n",
-                        image = fake_image(&d).display().to_string(),
+                        image = fake_image(d).display().to_string(),
                         qemu = bin("coffer-fake-qemu").display().to_string(),
                         inst = d.join("instances").display().to_string(),
                         hb = o.heartbeat_interval_ms,

@@ -66,6 +66,18 @@ async fn create_replicas(env: &Env, source: &str, name: &str, count: u32) -> Vec
     ids
 }
 
+/// A source with row 1 and one ACTIVE replica that has it: (source, its view, [replica], the
+/// replica's view).
+async fn source_with_a_replica(env: &Env) -> (String, Value, Vec<String>, Value) {
+    let (src, sview) = env.active_with_rows("src", &[1]).await;
+    let ids = create_replicas(env, &src, "rep", 1).await;
+    let rview = env
+        .wait_status(&ids[0], "ACTIVE", Duration::from_secs(120))
+        .await;
+    wait_rows(env, &rview, &[1]).await;
+    (src, sview, ids, rview)
+}
+
 async fn show(env: &Env, id: &str) -> Value {
     env.show(id).await.1["instance"].clone()
 }
@@ -227,8 +239,6 @@ async fn replicas_by_binlog_position_follow_the_source_and_detach() {
     replica_creation("binlog").await;
 }
 
-/// A client writing every 10 ms to whichever member takes writes; returns what was acknowledged.
-
 async fn slave_status(c: &mut sqlx::MySqlConnection, col: &str) -> String {
     let r = sqlx::query("SHOW SLAVE STATUS")
         .fetch_one(&mut *c)
@@ -365,12 +375,7 @@ async fn a_partitioned_source_fences_itself_and_stays_fenced() {
     })
     .await;
     let proxy = env.proxy.as_ref().unwrap();
-    let (src, sview) = env.active_with_rows("src", &[1]).await;
-    let ids = create_replicas(&env, &src, "rep", 1).await;
-    let rview = env
-        .wait_status(&ids[0], "ACTIVE", Duration::from_secs(120))
-        .await;
-    wait_rows(&env, &rview, &[1]).await;
+    let (src, sview, ids, rview) = source_with_a_replica(&env).await;
     let (st, root) = env
         .call("POST", &format!("/instances/{src}/root"), None)
         .await;
@@ -500,12 +505,7 @@ async fn automatic_failover_promotes_a_replica_when_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_to_a_replica_that_cannot_catch_up_rolls_back() {
     let env = Env::start().await;
-    let (src, sview) = env.active_with_rows("src", &[1]).await;
-    let ids = create_replicas(&env, &src, "rep", 1).await;
-    let rview = env
-        .wait_status(&ids[0], "ACTIVE", Duration::from_secs(120))
-        .await;
-    wait_rows(&env, &rview, &[1]).await;
+    let (src, sview, ids, rview) = source_with_a_replica(&env).await;
     let mut rc = env.admin_connect(&ids[0]).await;
     sqlx::query("STOP SLAVE SQL_THREAD")
         .execute(&mut rc)

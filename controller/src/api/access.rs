@@ -27,16 +27,11 @@ async fn ready(app: &App, c: &Caller, id: &str) -> Result<InstanceRow, ApiError>
             "Instance {id} is not ready, status: {st}."
         )));
     }
-    if !r
-        .capabilities
-        .split(',')
-        .any(|k| k == coffer_proto::CAP_USERS)
-    {
-        return Err(ApiError::unprocessable(format!(
-            "The agent of instance {id} (version '{}') does not manage databases and users; upgrade coffer-agent on it.",
-            r.agent_version
-        )));
-    }
+    crate::ops::require(
+        &r,
+        coffer_proto::CAP_USERS,
+        "does not manage databases and users",
+    )?;
     Ok(r)
 }
 

@@ -124,12 +124,7 @@ pub(super) async fn attach(
             r.id
         )));
     }
-    if !r.capabilities.split(',').any(|k| k == "configure") {
-        return Err(ApiError::unprocessable(format!(
-            "The agent of instance {} (version '{}') does not support configuration groups; upgrade coffer-agent on it.",
-            r.id, r.agent_version
-        )));
-    }
+    crate::ops::require(r, "configure", "does not support configuration groups")?;
     let overrides = match &group {
         Some(g) => {
             if let Some(cur) = &r.configuration_id {

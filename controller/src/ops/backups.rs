@@ -203,12 +203,7 @@ pub async fn create(app: &App, c: &Caller, req: BackupSpec) -> Result<String, Ap
             r.id
         )));
     }
-    if !r.capabilities.split(',').any(|k| k == "backup") {
-        return Err(ApiError::unprocessable(format!(
-            "The agent of instance {} (version '{}') does not support 'backup'; upgrade coffer-agent on it.",
-            r.id, r.agent_version
-        )));
-    }
+    super::require(&r, "backup", "does not support 'backup'")?;
     // Incremental: on top of the given parent, or of the instance's latest completed backup.
     let parent_id = match req.parent_id {
         None if !req.incremental => None,

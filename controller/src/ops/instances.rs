@@ -323,36 +323,19 @@ pub enum Commit {
 }
 
 fn row_of(n: &NewInstance, server_id: i64, key: &[u8], nats_user: &str) -> InstanceRow {
-    let ts = store::now();
     InstanceRow {
-        id: n.id.clone(),
-        project_id: n.project.clone(),
-        name: n.name.clone(),
-        flavor_id: n.flavor.id.clone(),
-        datastore_version_id: n.version.id.clone(),
-        volume_size: n.volume_size,
-        task: task::BUILDING,
-        task_started: ts.clone(),
-        service_status: "new".into(),
-        fault: None,
-        fault_at: None,
-        server_id,
-        host: None,
-        port: None,
-        created: ts.clone(),
-        updated: ts,
-        deleted: false,
-        agent_version: String::new(),
-        capabilities: String::new(),
         agent_public_key: coffer_proto::seal::to_hex(key),
         agent_nats_user: nats_user.to_string(),
         configuration_id: n.configuration.clone(),
-        replica_of: None,
-        repl_user: None,
-        repl_secret: None,
-        repl_strategy: None,
-        ejected: false,
-        placement: crate::status::PlacedBy::Provisioner,
+        ..InstanceRow::building(store::NewRow {
+            id: &n.id,
+            project: &n.project,
+            name: &n.name,
+            flavor_id: &n.flavor.id,
+            version_id: &n.version.id,
+            volume_size: n.volume_size,
+            server_id,
+        })
     }
 }
 
@@ -571,12 +554,7 @@ pub async fn restart(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
             status::derive(r.task, &r.service_status, app.fresh(&r.id)).0
         )));
     }
-    if !r.capabilities.split(',').any(|k| k == "restart") {
-        return Err(ApiError::unprocessable(format!(
-            "The agent of instance {} (version '{}') does not support 'restart'; upgrade coffer-agent on it.",
-            r.id, r.agent_version
-        )));
-    }
+    super::require(r, "restart", "does not support 'restart'")?;
     let intent_id = uuid::Uuid::new_v4().to_string();
     let mut tx = app.store.begin().await?;
     let cur = Store::task_in(&mut *tx, &r.id).await?.unwrap_or_default();

@@ -45,3 +45,15 @@ pub async fn datastore(app: &App, r: &InstanceRow) -> Result<Datastore, ApiError
         .ok_or_else(|| anyhow::anyhow!("instance {} has no datastore version", r.id))?;
     Ok(version.datastore().map_err(anyhow::Error::from)?)
 }
+
+/// Refuses (422) an action the instance's agent does not list among its capabilities: `what`
+/// says what it would have done ("does not support 'restart'").
+pub fn require(r: &InstanceRow, capability: &str, what: &str) -> Result<(), ApiError> {
+    if r.capabilities.split(',').any(|k| k == capability) {
+        return Ok(());
+    }
+    Err(ApiError::unprocessable(format!(
+        "The agent of instance {} (version '{}') {what}; upgrade coffer-agent on it.",
+        r.id, r.agent_version
+    )))
+}

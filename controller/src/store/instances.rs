@@ -42,7 +42,54 @@ pub struct InstanceRow {
     pub placement: PlacedBy,
 }
 
+/// What a create knows of a new instance; [`InstanceRow::building`] makes its row.
+pub struct NewRow<'a> {
+    pub id: &'a str,
+    pub project: &'a str,
+    pub name: &'a str,
+    pub flavor_id: &'a str,
+    pub version_id: &'a str,
+    pub volume_size: i64,
+    pub server_id: i64,
+}
+
 impl InstanceRow {
+    /// A new instance's row: BUILD, no agent, no address yet (the create fills in what it
+    /// knows with `..`).
+    pub fn building(n: NewRow<'_>) -> InstanceRow {
+        let ts = now();
+        InstanceRow {
+            id: n.id.to_string(),
+            project_id: n.project.to_string(),
+            name: n.name.to_string(),
+            flavor_id: n.flavor_id.to_string(),
+            datastore_version_id: n.version_id.to_string(),
+            volume_size: n.volume_size,
+            task: Task::Building,
+            task_started: ts.clone(),
+            service_status: "new".into(),
+            fault: None,
+            fault_at: None,
+            server_id: n.server_id,
+            host: None,
+            port: None,
+            created: ts.clone(),
+            updated: ts,
+            deleted: false,
+            agent_version: String::new(),
+            capabilities: String::new(),
+            agent_public_key: String::new(),
+            agent_nats_user: String::new(),
+            configuration_id: None,
+            replica_of: None,
+            repl_user: None,
+            repl_secret: None,
+            repl_strategy: None,
+            ejected: false,
+            placement: PlacedBy::Provisioner,
+        }
+    }
+
     /// Whether its agent exists: a create holds its row keyless while it places the agent,
     /// and a VM's agent sends its key when it enrols.
     pub fn has_agent(&self) -> bool {

@@ -27,7 +27,7 @@ pub use backups::BackupRow;
 pub use catalog::{DatastoreRow, FlavorRow, VersionRow};
 pub use configurations::ConfigurationRow;
 pub use enrolment::TokenRow;
-pub use instances::InstanceRow;
+pub use instances::{InstanceRow, NewRow};
 pub use intents::{IntentTooLarge, OutboxRow, MAX_INTENT_BYTES};
 pub use modules::ModuleRow;
 pub use quotas::QUOTA_DEFAULTS;

@@ -18,7 +18,7 @@ use super::replication::{
 use crate::error::ApiError;
 use crate::ops::{self, datastore, Caller};
 use crate::status::task;
-use crate::store::{InstanceRow, Store};
+use crate::store::{InstanceRow, NewRow, Store};
 use crate::App;
 
 /// What a replica create asked for (beyond `replica_of`).
@@ -123,40 +123,27 @@ pub async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> Result<String
             req.name.clone()
         };
         let (placed, nats_user) = ops::instances::place(&app, &id, &version, None).await?;
-        let ts = crate::store::now();
         let stored: Result<(), ApiError> = async {
             let mut tx = app.store.begin().await?;
             ops::quotas::check(&mut tx, &c.project, flavor.ram, source.volume_size).await?;
             let server_id = Store::next_server_id(&mut tx).await?;
             let row = InstanceRow {
-                id: id.clone(),
-                project_id: c.project.clone(),
-                name,
-                flavor_id: flavor.id.clone(),
-                datastore_version_id: version.id.clone(),
-                volume_size: source.volume_size,
-                task: task::BUILDING,
-                task_started: ts.clone(),
-                service_status: "new".into(),
-                fault: None,
-                fault_at: None,
-                server_id,
                 host: Some(placed.host.clone()),
                 port: Some(placed.port as i64),
-                created: ts.clone(),
-                updated: ts,
-                deleted: false,
-                agent_version: String::new(),
-                capabilities: String::new(),
                 agent_public_key: seal::to_hex(&placed.public_key),
                 agent_nats_user: nats_user,
                 configuration_id: configuration.clone(),
                 replica_of: Some(source.id.clone()),
-                repl_user: None,
-                repl_secret: None,
                 repl_strategy: Some(strategy.clone()),
-                ejected: false,
-                placement: crate::status::PlacedBy::Provisioner,
+                ..InstanceRow::building(NewRow {
+                    id: &id,
+                    project: &c.project,
+                    name: &name,
+                    flavor_id: &flavor.id,
+                    version_id: &version.id,
+                    volume_size: source.volume_size,
+                    server_id,
+                })
             };
             Store::insert_instance(&mut tx, &row).await?;
             tx.commit().await?;
@@ -204,16 +191,11 @@ pub async fn promote(app: Arc<App>, candidate: &InstanceRow) -> Result<(), ApiEr
     if let Some(r) = members.iter().find(|m| !ready(&app, m)) {
         return Err(busy(r, "a switchover"));
     }
-    if !candidate
-        .capabilities
-        .split(',')
-        .any(|k| k == coffer_proto::CAP_CATCH_UP_DETACH)
-    {
-        return Err(ApiError::unprocessable(format!(
-            "The agent of instance {} (version '{}') cannot be promoted by this controller; upgrade coffer-agent on it.",
-            candidate.id, candidate.agent_version
-        )));
-    }
+    ops::require(
+        candidate,
+        coffer_proto::CAP_CATCH_UP_DETACH,
+        "cannot be promoted by this controller",
+    )?;
     let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
     start_switchover(&app, &source, &candidate.id, ids).await?;
     Ok(())
