@@ -22,7 +22,7 @@ pub use reqwest::StatusCode;
 const PORT_MIN: u16 = 20000;
 const PORT_MAX: u16 = 32000;
 
-/// Hands out `n` free ports; a lock file makes it safe across test processes.
+/// Hands out `n` free ports in ascending order; a lock file makes it safe across test processes.
 pub fn alloc_ports(n: usize) -> Vec<u16> {
     let tmp = std::env::temp_dir();
     let lock = std::fs::OpenOptions::new()
@@ -52,6 +52,11 @@ pub fn alloc_ports(n: usize) -> Vec<u16> {
         } else {
             next + 1
         };
+        if p < out.last().copied().unwrap_or(0) {
+            // Wrapped around: start again, so the ports handed out always ascend (a test
+            // takes a range of them for its instances).
+            out.clear();
+        }
         if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
             out.push(p);
         }

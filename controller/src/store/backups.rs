@@ -3,7 +3,7 @@
 use super::*;
 
 /// A backup's record.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct BackupRow {
     pub id: String,
     pub project_id: String,
@@ -27,25 +27,7 @@ pub struct BackupRow {
 }
 
 fn backup_from(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
-    BackupRow {
-        id: r.get("id"),
-        project_id: r.get("project_id"),
-        instance_id: r.get("instance_id"),
-        name: r.get("name"),
-        description: r.get("description"),
-        status: r.get("status"),
-        parent_id: r.get("parent_id"),
-        datastore_version_id: r.get("datastore_version_id"),
-        size_bytes: r.get("size_bytes"),
-        checksum: r.get("checksum"),
-        location: r.get("location"),
-        progress: r.get("progress"),
-        fault: r.get("fault"),
-        intent_id: r.get("intent_id"),
-        key_id: r.get("key_id"),
-        created: r.get("created"),
-        updated: r.get("updated"),
-    }
+    sqlx::FromRow::from_row(r).expect("a row of the current schema")
 }
 
 impl Store {

@@ -3,7 +3,7 @@
 use super::*;
 
 /// A datastore version with its datastore.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct VersionRow {
     pub id: String,
     pub datastore_id: String,
@@ -42,16 +42,7 @@ pub struct FlavorRow {
 }
 
 fn version_from(r: &sqlx::sqlite::SqliteRow) -> VersionRow {
-    VersionRow {
-        id: r.get("id"),
-        datastore_id: r.get("datastore_id"),
-        datastore_name: r.get("datastore_name"),
-        name: r.get("name"),
-        version: r.get("version"),
-        manager: r.get("manager"),
-        active: r.get::<i64, _>("active") != 0,
-        root_on_create: r.get::<i64, _>("root_on_create") != 0,
-    }
+    sqlx::FromRow::from_row(r).expect("a row of the current schema")
 }
 
 const VERSION_SELECT: &str = "SELECT v.id, v.datastore_id, d.name AS datastore_name, v.name, v.version, v.manager, v.active, v.root_on_create \

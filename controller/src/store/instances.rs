@@ -3,7 +3,7 @@
 use super::*;
 use crate::status::{PlacedBy, Task};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct InstanceRow {
     pub id: String,
     pub project_id: String,
@@ -98,36 +98,7 @@ impl InstanceRow {
 }
 
 pub(super) fn instance_from(r: &sqlx::sqlite::SqliteRow) -> InstanceRow {
-    InstanceRow {
-        id: r.get("id"),
-        project_id: r.get("project_id"),
-        name: r.get("name"),
-        flavor_id: r.get("flavor_id"),
-        datastore_version_id: r.get("datastore_version_id"),
-        volume_size: r.get("volume_size"),
-        task: r.get("task"),
-        task_started: r.get("task_started"),
-        service_status: r.get("service_status"),
-        fault: r.get("fault"),
-        fault_at: r.get("fault_at"),
-        server_id: r.get("server_id"),
-        host: r.get("host"),
-        port: r.get("port"),
-        created: r.get("created"),
-        updated: r.get("updated"),
-        deleted: r.get::<i64, _>("deleted") != 0,
-        agent_version: r.get("agent_version"),
-        capabilities: r.get("capabilities"),
-        agent_public_key: r.get("agent_public_key"),
-        agent_nats_user: r.get("agent_nats_user"),
-        configuration_id: r.get("configuration_id"),
-        replica_of: r.get("replica_of"),
-        repl_user: r.get("repl_user"),
-        repl_secret: r.get("repl_secret"),
-        repl_strategy: r.get("repl_strategy"),
-        ejected: r.get::<i64, _>("ejected") != 0,
-        placement: r.get("placement"),
-    }
+    sqlx::FromRow::from_row(r).expect("a row of the current schema")
 }
 
 impl Store {

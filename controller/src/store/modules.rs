@@ -4,12 +4,13 @@ use super::instances::instance_from;
 use super::*;
 
 /// A module.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ModuleRow {
     pub id: String,
     /// None: all tenants.
     pub project_id: Option<String>,
     pub name: String,
+    #[sqlx(rename = "type")]
     pub kind: String,
     pub description: Option<String>,
     /// Hex, sealed to the controller's key (`kept_module_context`).
@@ -28,26 +29,7 @@ pub struct ModuleRow {
 }
 
 fn module_from(r: &sqlx::sqlite::SqliteRow) -> ModuleRow {
-    let b = |c: &str| r.get::<i64, _>(c) != 0;
-    ModuleRow {
-        id: r.get("id"),
-        project_id: r.get("project_id"),
-        name: r.get("name"),
-        kind: r.get("type"),
-        description: r.get("description"),
-        contents_sealed: r.get("contents_sealed"),
-        md5: r.get("md5"),
-        datastore: r.get("datastore"),
-        datastore_version: r.get("datastore_version"),
-        auto_apply: b("auto_apply"),
-        visible: b("visible"),
-        live_update: b("live_update"),
-        priority_apply: b("priority_apply"),
-        apply_order: r.get("apply_order"),
-        is_admin: b("is_admin"),
-        created: r.get("created"),
-        updated: r.get("updated"),
-    }
+    sqlx::FromRow::from_row(r).expect("a row of the current schema")
 }
 
 impl Store {

@@ -1,12 +1,12 @@
 //! Durable workflows (see [`crate::workflow`]): one row per workflow, its state as JSON, and the
 //! instances it owns while it runs.
 
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Sqlite, Transaction};
 
 use super::{now, Store};
 
 /// A stored workflow.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct WorkflowRow {
     pub id: String,
     pub kind: String,
@@ -16,13 +16,7 @@ pub struct WorkflowRow {
 }
 
 fn row(r: &sqlx::sqlite::SqliteRow) -> WorkflowRow {
-    WorkflowRow {
-        id: r.get("id"),
-        kind: r.get("kind"),
-        state: r.get("state"),
-        done: r.get::<i64, _>("done") != 0,
-        cancel: r.get::<i64, _>("cancel") != 0,
-    }
+    sqlx::FromRow::from_row(r).expect("a row of the current schema")
 }
 
 /// Another workflow already owns an instance the new one needs.
