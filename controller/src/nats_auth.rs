@@ -339,10 +339,6 @@ impl Authority {
         Ok(())
     }
 
-    pub fn controller_creds_path(&self) -> PathBuf {
-        self.dir.join("controller.creds")
-    }
-
     /// Revokes an agent's user and pushes the account JWT to the server.
     pub async fn revoke(
         &self,

@@ -915,6 +915,22 @@ pub fn elect(ds: Datastore, positions: &[(String, String)]) -> Option<(String, S
 mod tests {
     use super::*;
 
+    /// A switchover an older controller saved between its fence and its separate catch-up
+    /// step resumes at the promotion, which catches up first.
+    #[test]
+    fn a_switchover_saved_at_the_old_catch_up_step_resumes_at_the_promotion() {
+        let saved = serde_json::json!({"kind": "switchover", "step": "catch_up", "source": "s",
+            "candidate": "c", "members": ["s", "c"], "target": "0-1-9", "repointed": [],
+            "error": null});
+        match serde_json::from_value::<Flow>(saved).unwrap() {
+            Flow::Switchover(s) => {
+                assert_eq!(s.step, SwitchoverStep::Promote);
+                assert_eq!(s.target.as_deref(), Some("0-1-9"));
+            }
+            other => panic!("not a switchover: {other:?}"),
+        }
+    }
+
     fn at(list: &[(&str, &str)]) -> Vec<(String, String)> {
         list.iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
