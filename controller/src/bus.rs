@@ -10,7 +10,7 @@ use coffer_proto::{subjects, v1, Message};
 use futures::StreamExt;
 use tracing::{info, warn};
 
-use crate::status::task;
+use crate::status::{task, BackupStatus};
 use crate::store::{self, Store};
 use crate::App;
 
@@ -413,14 +413,14 @@ async fn handle_event(
                 .await?;
             if let Some(b) = app.store.backup_by_intent(&ev.intent_id).await? {
                 app.store
-                    .update_backup(&b.id, "BUILDING", None, None, None)
+                    .update_backup(&b.id, BackupStatus::Building, None, None, None)
                     .await?;
             }
         }
         Kind::Progress(p) => {
             if let Some(b) = app.store.backup_by_intent(&ev.intent_id).await? {
                 app.store
-                    .update_backup(&b.id, "BUILDING", Some(&p.message), None, None)
+                    .update_backup(&b.id, BackupStatus::Building, Some(&p.message), None, None)
                     .await?;
             }
             app.store
@@ -437,7 +437,7 @@ async fn handle_event(
                 app.store
                     .update_backup(
                         &b.id,
-                        "COMPLETED",
+                        BackupStatus::Completed,
                         Some(""),
                         Some((r.stored_bytes as i64, &r.sha256, &r.location)),
                         None,
@@ -459,7 +459,13 @@ async fn handle_event(
             if let Some(b) = app.store.backup_by_intent(&ev.intent_id).await? {
                 discard_backup(app, &b).await;
                 app.store
-                    .update_backup(&b.id, "FAILED", Some(""), None, Some(&f.message))
+                    .update_backup(
+                        &b.id,
+                        BackupStatus::Failed,
+                        Some(""),
+                        None,
+                        Some(&f.message),
+                    )
                     .await?;
             }
             let rec = app
@@ -679,7 +685,7 @@ pub async fn timers_loop(app: Arc<App>) {
                 if let Ok(backups) = app.store.backups_of(&r.project_id).await {
                     for b in backups.iter().filter(|b| {
                         b.instance_id == r.id
-                            && (b.status == "NEW" || b.status == "BUILDING")
+                            && b.status.running()
                             && store::age_secs(&b.updated) > app.cfg.backup_timeout_s as i64
                     }) {
                         let msg = format!(
@@ -688,7 +694,7 @@ pub async fn timers_loop(app: Arc<App>) {
                         );
                         let _ = app
                             .store
-                            .update_backup(&b.id, "FAILED", Some(""), None, Some(&msg))
+                            .update_backup(&b.id, BackupStatus::Failed, Some(""), None, Some(&msg))
                             .await;
                         discard_backup(&app, b).await;
                     }

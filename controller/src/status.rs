@@ -68,6 +68,35 @@ pub enum PlacedBy {
     Enrolled,
 }
 
+/// A backup's status (the `status` column), as Trove shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize, serde::Deserialize)]
+#[sqlx(rename_all = "UPPERCASE")]
+#[serde(rename_all = "UPPERCASE")]
+pub enum BackupStatus {
+    New,
+    Building,
+    Completed,
+    Failed,
+}
+
+impl BackupStatus {
+    /// Still being taken (neither completed nor failed).
+    pub fn running(self) -> bool {
+        matches!(self, BackupStatus::New | BackupStatus::Building)
+    }
+}
+
+impl std::fmt::Display for BackupStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackupStatus::New => "NEW",
+            BackupStatus::Building => "BUILDING",
+            BackupStatus::Completed => "COMPLETED",
+            BackupStatus::Failed => "FAILED",
+        })
+    }
+}
+
 /// Returns `(status, operating_status)`. `service` is the agent's lower-case service status;
 /// `fresh` is false once the heartbeat is older than the expiry.
 pub fn derive(task: Task, service: &str, fresh: bool) -> (&'static str, &'static str) {

@@ -190,10 +190,7 @@ pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, Strin
         );
         i += 1;
     }
-    if let Some(running) = doomed
-        .iter()
-        .find(|x| x.status == "NEW" || x.status == "BUILDING")
-    {
+    if let Some(running) = doomed.iter().find(|x| x.status.running()) {
         return Err(ApiError::unprocessable(format!(
             "Backup {} is running; delete when it has finished.",
             running.id

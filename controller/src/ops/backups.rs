@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 
 use super::Caller;
 use crate::error::ApiError;
-use crate::status::{self, task};
+use crate::status::{self, task, BackupStatus};
 use crate::store::{self, BackupRow, InstanceRow, Store};
 use crate::App;
 
@@ -70,7 +70,7 @@ pub async fn start(
         instance_id: r.id.clone(),
         name,
         description,
-        status: "NEW".into(),
+        status: BackupStatus::New,
         parent_id: parent_id.clone(),
         datastore_version_id: r.datastore_version_id.clone(),
         size_bytes: None,
@@ -138,7 +138,7 @@ pub async fn restore_point(
         let sha = b.checksum.clone().filter(|s| !s.is_empty());
         let owned = project.is_none_or(|p| b.project_id == p);
         match sha {
-            Some(sha256) if b.status == "COMPLETED" && owned => links.push(v1::ChainLink {
+            Some(sha256) if b.status == BackupStatus::Completed && owned => links.push(v1::ChainLink {
                 backup_id: b.id.clone(),
                 instance_id: b.instance_id.clone(),
                 sha256,
@@ -213,7 +213,7 @@ pub async fn create(app: &App, c: &Caller, req: BackupSpec) -> Result<String, Ap
                 .backups_of(&c.project)
                 .await?
                 .into_iter()
-                .find(|x| x.instance_id == r.id && x.status == "COMPLETED");
+                .find(|x| x.instance_id == r.id && x.status == BackupStatus::Completed);
             Some(
                 latest
                     .ok_or_else(|| {
@@ -233,7 +233,7 @@ pub async fn create(app: &App, c: &Caller, req: BackupSpec) -> Result<String, Ap
                     r.id
                 )));
             }
-            if parent.status != "COMPLETED" {
+            if parent.status != BackupStatus::Completed {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     "conflict",

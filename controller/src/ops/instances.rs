@@ -8,7 +8,7 @@ use super::intents::intent_payload;
 use super::Caller;
 use crate::error::ApiError;
 use crate::provisioner::Placement;
-use crate::status::{self, task, PlacedBy};
+use crate::status::{self, task, BackupStatus, PlacedBy};
 use crate::store::{self, InstanceRow, Store, VersionRow};
 use crate::App;
 
@@ -132,7 +132,7 @@ pub async fn check_new(
                 .await?
                 .filter(|x| x.project_id == project)
                 .ok_or_else(|| ApiError::not_found(format!("Backup {b} could not be found.")))?;
-            if backup.status != "COMPLETED" {
+            if backup.status != BackupStatus::Completed {
                 return Err(ApiError::new(
                     axum::http::StatusCode::CONFLICT,
                     "conflict",

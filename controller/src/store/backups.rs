@@ -10,7 +10,7 @@ pub struct BackupRow {
     pub instance_id: String,
     pub name: String,
     pub description: Option<String>,
-    pub status: String,
+    pub status: crate::status::BackupStatus,
     pub parent_id: Option<String>,
     pub datastore_version_id: String,
     pub size_bytes: Option<i64>,
@@ -117,7 +117,7 @@ impl Store {
         .bind(&b.instance_id)
         .bind(&b.name)
         .bind(&b.description)
-        .bind(&b.status)
+        .bind(b.status)
         .bind(&b.parent_id)
         .bind(&b.datastore_version_id)
         .bind(&b.intent_id)
@@ -133,7 +133,7 @@ impl Store {
     pub async fn update_backup(
         &self,
         id: &str,
-        status: &str,
+        status: crate::status::BackupStatus,
         progress: Option<&str>,
         result: Option<(i64, &str, &str)>,
         fault: Option<&str>,

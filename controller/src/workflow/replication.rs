@@ -20,7 +20,7 @@ use super::Flow;
 use crate::agents::{agent_key, call};
 use crate::error::ApiError;
 use crate::ops::datastore;
-use crate::status::task;
+use crate::status::{task, BackupStatus};
 use crate::store::{InstanceRow, Store};
 use crate::App;
 
@@ -656,12 +656,12 @@ impl ReplicaBuild {
 
     async fn wait_snapshot(&mut self, app: &App) -> Result<super::Progress, ApiError> {
         let b = app.store.backup(&self.snapshot_id()).await?;
-        match b.as_ref().map(|b| b.status.as_str()) {
-            Some("COMPLETED") => {
+        match b.as_ref().map(|b| b.status) {
+            Some(BackupStatus::Completed) => {
                 self.step = BuildStep::Prepare;
                 Ok(super::Progress::Moved)
             }
-            Some("FAILED") | None => Err(ApiError::unprocessable(format!(
+            Some(BackupStatus::Failed) | None => Err(ApiError::unprocessable(format!(
                 "the snapshot of {} failed: {}",
                 self.source,
                 b.and_then(|b| b.fault).unwrap_or_default()
