@@ -237,3 +237,33 @@ async fn bad_modules_are_refused() {
     let (_, l) = env.call("GET", "/modules", None).await;
     assert_eq!(l["modules"], json!([]), "nothing was created");
 }
+
+/// An update as python-troveclient sends it (`type`, not `module_type`): the name, the type
+/// and the contents change; a type that does not exist is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_update_changes_what_it_names() {
+    let env = Env::start().await;
+    let token = env.token.clone();
+    let (st, v) = create_module(
+        &env,
+        &token,
+        json!({"name": "m1", "module_type": "ping", "contents": b64("message=one\n")}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let id = v["module"]["id"].as_str().unwrap().to_string();
+    let md5 = v["module"]["md5"].clone();
+    let url = format!("{}/modules/{id}", env.base());
+    let put = |body: Value| env.call_as(&token, "PUT", &url, Some(json!({ "module": body })));
+    let (st, v) = put(json!({"name": "m2", "type": "license", "contents": b64("KEY-2")})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (st, v) = env.call_as(&token, "GET", &url, None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["module"]["name"], "m2", "{v}");
+    assert_eq!(v["module"]["type"], "license", "{v}");
+    assert_ne!(v["module"]["md5"], md5, "the contents changed: {v}");
+    let (st, e) = put(json!({"type": "no-such-type"})).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{e}");
+    let (_, after) = env.call_as(&token, "GET", &url, None).await;
+    assert_eq!(after["module"]["type"], "license", "{after}");
+}

@@ -9,8 +9,6 @@ use coffer_proto::{seal, v1};
 use serde_json::{json, Map, Value};
 
 use super::access::call;
-use serde::de::IgnoredAny;
-
 use super::parse::{present, some_of, typed, IdRef, ZeroOne};
 use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
 use crate::ops::modules::{find, spec_for};
@@ -49,10 +47,9 @@ struct ModuleBody {
 #[serde(deny_unknown_fields)]
 struct ModuleReq {
     name: Option<String>,
+    /// A create names it `module_type`, an update `type` (as python-troveclient sends them).
+    #[serde(alias = "type")]
     module_type: Option<String>,
-    #[allow(dead_code)]
-    #[serde(rename = "type")]
-    kind: Option<IgnoredAny>,
     contents: Option<String>,
     #[serde(default, deserialize_with = "present")]
     description: Option<Option<String>>,
