@@ -11,9 +11,9 @@ use serde_json::{json, Value};
 
 use super::instances::find;
 use super::parse::{
-    self, check_host, check_name, check_password, some_of, typed, DatabaseReq, NameRef, UserReq,
+    self, body_as, check_host, check_name, check_password, some_of, DatabaseReq, NameRef, UserReq,
 };
-use super::{accepted, ok, parse_body, with_next, ApiError, ApiResult, AppState, Caller, Page};
+use super::{accepted, ok, with_next, ApiError, ApiResult, AppState, Caller, Page};
 use crate::status;
 use crate::store::InstanceRow;
 use crate::App;
@@ -114,13 +114,10 @@ pub async fn create_databases(
     Path((_p, id)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    let dbs = some_of(
-        "databases",
-        typed::<Databases>(&parse_body(&body)?)?.databases,
-    )?
-    .into_iter()
-    .map(|d| parse::database(d, "databases"))
-    .collect::<Result<Vec<_>, _>>()?;
+    let dbs = some_of("databases", body_as::<Databases>(&body)?.databases)?
+        .into_iter()
+        .map(|d| parse::database(d, "databases"))
+        .collect::<Result<Vec<_>, _>>()?;
     let r = ready(&st, &c, &id).await?;
     call(
         &st,
@@ -191,7 +188,7 @@ pub async fn create_users(
     Path((_p, id)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    let parsed = some_of("users", typed::<Users>(&parse_body(&body)?)?.users)?
+    let parsed = some_of("users", body_as::<Users>(&body)?.users)?
         .into_iter()
         .map(parse::user)
         .collect::<Result<Vec<_>, _>>()?;
@@ -220,7 +217,7 @@ pub async fn change_passwords(
     body: Bytes,
 ) -> ApiResult {
     let mut changes = vec![];
-    for u in some_of("users", typed::<Users>(&parse_body(&body)?)?.users)? {
+    for u in some_of("users", body_as::<Users>(&body)?.users)? {
         let u = parse::user(u)?;
         changes.push((u.name, u.host, u.password));
     }
@@ -275,7 +272,7 @@ pub async fn update_user(
     body: Bytes,
 ) -> ApiResult {
     let (name, host) = user_ref(&user)?;
-    let u = typed::<UserChangeBody>(&parse_body(&body)?)?.user;
+    let u = body_as::<UserChangeBody>(&body)?.user;
     let (new_name, new_host, password) =
         (u.name.as_deref(), u.host.as_deref(), u.password.as_deref());
     if new_name.is_none() && new_host.is_none() && password.is_none() {
@@ -349,13 +346,10 @@ pub async fn grant_access(
     body: Bytes,
 ) -> ApiResult {
     let (name, host) = user_ref(&user)?;
-    let databases: Vec<String> = some_of(
-        "databases",
-        typed::<DatabaseNames>(&parse_body(&body)?)?.databases,
-    )?
-    .into_iter()
-    .map(|d| check_name("database", &d.name, 64).map(|_| d.name))
-    .collect::<Result<_, _>>()?;
+    let databases: Vec<String> = some_of("databases", body_as::<DatabaseNames>(&body)?.databases)?
+        .into_iter()
+        .map(|d| check_name("database", &d.name, 64).map(|_| d.name))
+        .collect::<Result<_, _>>()?;
     let r = ready(&st, &c, &id).await?;
     call(
         &st,
@@ -411,7 +405,7 @@ pub async fn root_enable(
     let given = if body.is_empty() {
         None
     } else {
-        let p = typed::<RootBody>(&parse_body(&body)?)?.password;
+        let p = body_as::<RootBody>(&body)?.password;
         if let Some(p) = &p {
             check_password(p)?;
         }

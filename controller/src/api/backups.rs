@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use serde::de::IgnoredAny;
 
 use super::instances::find;
-use super::parse::{present, typed, Id, ZeroOne};
-use super::{accepted, ok, parse_body, ApiError, ApiResult, AppState, Caller};
+use super::parse::{body_as, present, Id, ZeroOne};
+use super::{accepted, ok, ApiError, ApiResult, AppState, Caller};
 use crate::ops::backups::{find_backup, remove, BackupSpec};
 use crate::store::BackupRow;
 use crate::App;
@@ -140,7 +140,7 @@ struct CreateBackup {
 }
 
 pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
-    let b = typed::<CreateBody>(&parse_body(&body)?)?.backup;
+    let b = body_as::<CreateBody>(&body)?.backup;
     if b.name.trim().is_empty() {
         return Err(ApiError::validation(
             "backup 'name' is a required property (1 to 255 characters)",

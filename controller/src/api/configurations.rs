@@ -8,8 +8,8 @@ use coffer_common::config_rules::ParamRule;
 use coffer_proto::v1;
 use serde_json::{json, Map, Value};
 
-use super::parse::{present, typed};
-use super::{accepted, ok, parse_body, with_next, ApiError, ApiResult, AppState, Caller, Page};
+use super::parse::{body_as, present};
+use super::{accepted, ok, with_next, ApiError, ApiResult, AppState, Caller, Page};
 use crate::ops::configurations::check_values;
 use crate::status::task;
 use crate::store::{ConfigurationRow, InstanceRow, Store, VersionRow};
@@ -249,7 +249,7 @@ struct GroupDatastore {
 }
 
 fn group_of(body: &Bytes, allowed: &[&str]) -> Result<GroupReq, ApiError> {
-    let g = typed::<GroupBody>(&parse_body(body)?)?.configuration;
+    let g = body_as::<GroupBody>(body)?.configuration;
     let given = [
         ("name", g.name.is_some()),
         ("description", g.description.is_some()),

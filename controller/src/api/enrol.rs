@@ -4,8 +4,8 @@ use axum::body::Bytes;
 use axum::extract::Path;
 use serde_json::json;
 
-use super::parse::{typed, Id, Positive};
-use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
+use super::parse::{body_as, Id, Positive};
+use super::{ok, ApiError, ApiResult, AppState, Caller};
 use crate::ops::enrol::{create_token, rfc3339, EnrolReq, TokenSpec};
 
 #[derive(serde::Deserialize)]
@@ -46,7 +46,7 @@ pub async fn create(st: AppState, c: Caller, Path(_p): Path<String>, body: Bytes
             "Creating enrolment tokens is an administrator's action (admin role required).",
         ));
     }
-    let t = typed::<TokenBody>(&parse_body(&body)?)?.enrolment_token;
+    let t = body_as::<TokenBody>(&body)?.enrolment_token;
     let name = t.name;
     super::parse::check_name("Instance name", &name, 255)?;
     let flavor = st.store.flavor(&t.flavor_ref.0).await?.ok_or_else(|| {

@@ -97,7 +97,7 @@ enum Create {
     Instance(CreateSpec),
 }
 
-fn parse_create(body: &Map<String, Value>) -> Result<Create, ApiError> {
+fn parse_create(body: Map<String, Value>) -> Result<Create, ApiError> {
     let i = typed::<CreateBody>(body)?.instance;
     check_instance_name(&i.name)?;
     let configuration = i.configuration.map(|x| x.0);
@@ -282,8 +282,7 @@ pub(super) async fn render(
 pub(super) use crate::ops::find_instance as find;
 
 pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
-    let body = parse_body(&body)?;
-    let (id, root_password) = match parse_create(&body)? {
+    let (id, root_password) = match parse_create(parse_body(&body)?)? {
         Create::Replica(r) => (replicas::create(st.0.clone(), &c, r).await?, None),
         Create::Instance(spec) => crate::workflow::create::create(&st.0, &c, spec).await?,
     };
@@ -361,7 +360,7 @@ struct UpdateInstance {
 async fn update_impl(st: AppState, c: Caller, id: String, body: Bytes, patch: bool) -> ApiResult {
     let body = parse_body(&body)?;
     let r = find(&st, &c, &id).await?;
-    let i = typed::<UpdateBody>(&body)?.instance;
+    let i = typed::<UpdateBody>(body)?.instance;
     // PUT takes `access`, PATCH takes `slave_of`, as Trove's two schemas do.
     let only_other = if patch {
         ("access", i.access.is_some())
@@ -486,7 +485,7 @@ mod tests {
     use axum::http::StatusCode;
 
     fn create(body: Value) -> Result<CreateSpec, ApiError> {
-        match parse_create(body.as_object().expect("a JSON object"))? {
+        match parse_create(body.as_object().expect("a JSON object").clone())? {
             Create::Instance(spec) => Ok(spec),
             Create::Replica(_) => panic!("a replica create"),
         }
@@ -497,7 +496,7 @@ mod tests {
     /// Replica creates and instance updates: what each body becomes, or its exact refusal.
     #[test]
     fn replica_and_update_bodies_are_typed_or_refused_with_troves_texts() {
-        let parse = |body: Value| parse_create(body.as_object().unwrap());
+        let parse = |body: Value| parse_create(body.as_object().unwrap().clone());
         match parse(
             json!({"instance": {"name": "r", "replica_of": "https://h/v1.0/p/instances/abc", "replica_count": "2"}}),
         ) {
@@ -541,8 +540,9 @@ mod tests {
             assert_eq!(e.message, message, "{body}");
         }
 
-        let update =
-            |body: Value| typed::<UpdateBody>(body.as_object().unwrap()).map(|b| b.instance);
+        let update = |body: Value| {
+            typed::<UpdateBody>(body.as_object().unwrap().clone()).map(|b| b.instance)
+        };
         let u = update(json!({"instance": {"configuration": null}})).unwrap();
         assert!(matches!(u.configuration, Some(None)), "null detaches");
         let u = update(json!({"instance": {"configuration": "https://h/v1.0/p/configurations/g"}}))

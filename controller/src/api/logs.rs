@@ -8,8 +8,8 @@ use coffer_proto::v1;
 use serde_json::{json, Value};
 
 use super::access::call;
-use super::parse::{typed, ZeroOne};
-use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
+use super::parse::{body_as, ZeroOne};
+use super::{ok, ApiError, ApiResult, AppState, Caller};
 
 fn log_json(l: &v1::LogInfo) -> Value {
     json!({
@@ -47,7 +47,7 @@ pub async fn action(
         publish: Option<ZeroOne>,
         discard: Option<ZeroOne>,
     }
-    let b = typed::<LogAction>(&parse_body(&body)?)?;
+    let b = body_as::<LogAction>(&body)?;
     if b.name.is_empty() {
         return Err(ApiError::validation("'name' is a required property"));
     }

@@ -9,8 +9,8 @@ use coffer_proto::{seal, v1};
 use serde_json::{json, Map, Value};
 
 use super::access::call;
-use super::parse::{present, some_of, typed, IdRef, ZeroOne};
-use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
+use super::parse::{body_as, present, some_of, IdRef, ZeroOne};
+use super::{ok, ApiError, ApiResult, AppState, Caller};
 use crate::ops::modules::{find, spec_for};
 use crate::store::ModuleRow;
 use crate::App;
@@ -74,7 +74,7 @@ struct ModuleDatastore {
 }
 
 fn body_of(body: &Bytes) -> Result<ModuleReq, ApiError> {
-    Ok(typed::<ModuleBody>(&parse_body(body)?)?.module)
+    Ok(body_as::<ModuleBody>(body)?.module)
 }
 
 /// Applies a create/update request onto `m`; checks admin-only options and the contents.
@@ -367,7 +367,7 @@ pub async fn instance_apply(
     struct Apply {
         modules: Vec<IdRef>,
     }
-    let ids: Vec<String> = some_of("modules", typed::<Apply>(&parse_body(&body)?)?.modules)?
+    let ids: Vec<String> = some_of("modules", body_as::<Apply>(&body)?.modules)?
         .into_iter()
         .map(|m| m.id.0)
         .collect();

@@ -14,9 +14,14 @@ use coffer_proto::v1;
 use super::ApiError;
 
 /// Reads a request body (already checked to be a JSON object) as `T`.
-pub fn typed<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(Value::Object(body.clone()))
+pub fn typed<T: DeserializeOwned>(body: Map<String, Value>) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(Value::Object(body))
         .map_err(|e| ApiError::validation(trove_text(e.path(), &e.inner().to_string())))
+}
+
+/// Reads a request's bytes (a JSON object, [`super::parse_body`]) as `T`.
+pub fn body_as<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    typed(super::parse_body(bytes)?)
 }
 
 /// `instance['volume']['size']`: the path as Trove's messages show it (list indexes left out).

@@ -4,8 +4,8 @@ use axum::body::Bytes;
 use axum::extract::Path;
 use serde_json::{json, Value};
 
-use super::parse::typed;
-use super::{ok, parse_body, ApiError, ApiResult, AppState, Caller};
+use super::parse::body_as;
+use super::{ok, ApiError, ApiResult, AppState, Caller};
 use crate::store::{Store, QUOTA_DEFAULTS};
 
 pub async fn show(
@@ -53,7 +53,7 @@ pub async fn update(
     struct QuotaBody {
         quotas: serde_json::Map<String, Value>,
     }
-    let q = typed::<QuotaBody>(&parse_body(&body)?)?.quotas;
+    let q = body_as::<QuotaBody>(&body)?.quotas;
     let mut updates = vec![];
     for (k, v) in &q {
         if !QUOTA_DEFAULTS.iter().any(|(r, _)| r == k) {
