@@ -77,22 +77,6 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Every process whose command line names `dir` (what a fake VM runs from its directory).
-pub fn processes_in(dir: &Path) -> Vec<i32> {
-    let needle = dir.to_string_lossy().to_string();
-    let mut out = vec![];
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmd).contains(&needle) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 /// A tiny qcow2 for the fake VMs (the provisioner reads its size and overlays it).
 fn fake_image(dir: &Path) -> PathBuf {
     let p = dir.join("fake-guest.qcow2");
@@ -1439,8 +1423,9 @@ pub fn processes_of(uid: u32) -> Vec<i32> {
     live_processes(|p| p.metadata().is_ok_and(|m| m.uid() == uid))
 }
 
-/// Live processes whose command line mentions `text` (a test's directory).
-fn processes_mentioning(text: &str) -> Vec<i32> {
+/// Live processes but this one whose command line mentions `text` (a test's directory, a fake
+/// VM's).
+pub fn processes_mentioning(text: &str) -> Vec<i32> {
     let me = std::process::id().to_string();
     live_processes(|p| {
         p.file_name() != me.as_str()

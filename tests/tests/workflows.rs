@@ -687,7 +687,7 @@ async fn a_vm_build_survives_the_controller_dying_at_every_step() {
         let dir = env.instance_dir(&id);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let left = coffer_tests::processes_in(&dir);
+            let left = coffer_tests::processes_mentioning(&dir.to_string_lossy());
             if left.is_empty() && !dir.exists() {
                 break;
             }

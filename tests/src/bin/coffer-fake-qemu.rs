@@ -15,31 +15,11 @@ fn arg_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
         .collect()
 }
 
-/// Every process (but this one) whose command line names `dir`.
-fn processes_in(dir: &Path) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let needle = dir.to_string_lossy().to_string();
-    let mut out = vec![];
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmd).contains(&needle) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 fn power_off(dir: &Path) {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     for _ in 0..50 {
-        let left = processes_in(dir);
+        let left = coffer_tests::processes_mentioning(&dir.to_string_lossy());
         if left.is_empty() {
             return;
         }
