@@ -38,10 +38,6 @@ pub struct Authority {
     backup_bucket: Option<String>,
 }
 
-fn now_secs() -> i64 {
-    coffer_proto::now_unix_ms() / 1000
-}
-
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -104,7 +100,7 @@ fn encode_jwt_until(
     let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
     let mut claims = json!({
         "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
-        "iat": now_secs(),
+        "iat": coffer_proto::now_unix_s(),
         "iss": issuer.public_key(),
         "sub": subject,
         "name": name,
@@ -323,7 +319,7 @@ impl Authority {
             &user.public_key(),
             &format!("restore-grant-{instance}"),
             nats,
-            Some(now_secs() + RESTORE_GRANT_TTL_S),
+            Some(coffer_proto::now_unix_s() + RESTORE_GRANT_TTL_S),
         )?;
         creds(&jwt, &user)
     }
@@ -347,7 +343,7 @@ impl Authority {
         user_public_key: &str,
     ) -> anyhow::Result<()> {
         let mut rev = self.revocations();
-        rev.insert(user_public_key.to_string(), now_secs());
+        rev.insert(user_public_key.to_string(), coffer_proto::now_unix_s());
         write_private(&self.revocations_path(), &serde_json::to_string(&rev)?)?;
         self.push_account(nats_url, ca).await
     }
@@ -465,7 +461,10 @@ mod tests {
         )
         .unwrap();
         let exp = claims["exp"].as_i64().unwrap();
-        assert!(exp > now_secs() && exp <= now_secs() + RESTORE_GRANT_TTL_S);
+        assert!(
+            exp > coffer_proto::now_unix_s()
+                && exp <= coffer_proto::now_unix_s() + RESTORE_GRANT_TTL_S
+        );
         let publish: Vec<&str> = claims["nats"]["pub"]["allow"]
             .as_array()
             .unwrap()

@@ -87,6 +87,11 @@ pub fn now_unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Seconds since the Unix epoch (wall clock: expiries and deadlines kept across restarts).
+pub fn now_unix_s() -> i64 {
+    now_unix_ms() / 1000
+}
+
 /// Decodes an envelope from bytes.
 pub fn decode(bytes: &[u8]) -> Result<v1::Envelope, prost::DecodeError> {
     v1::Envelope::decode(bytes)

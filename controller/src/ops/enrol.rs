@@ -67,17 +67,13 @@ pub fn rfc3339(unix: i64) -> String {
         .unwrap_or_default()
 }
 
-fn now_unix() -> i64 {
-    coffer_proto::now_unix_ms() / 1000
-}
-
 /// Creates a one-time token.
 pub async fn create_token(store: &Store, spec: &TokenSpec) -> anyhow::Result<NewToken> {
     let mut secret = [0u8; 32];
     openssl::rand::rand_bytes(&mut secret)?;
     let token = format!("{TOKEN_PREFIX}{}", seal::to_hex(&secret));
     let id = uuid::Uuid::new_v4().to_string();
-    let expires_unix = now_unix() + spec.ttl_s;
+    let expires_unix = coffer_proto::now_unix_s() + spec.ttl_s;
     let row = TokenRow {
         id: id.clone(),
         project: spec.project.clone(),
@@ -151,7 +147,7 @@ pub async fn enrol(app: &App, req: EnrolReq) -> Result<Enrolment, ApiError> {
         Some(_) => return finish(app, &row, &req, &key).await,
         None => {}
     }
-    if row.expires_unix < now_unix() {
+    if row.expires_unix < coffer_proto::now_unix_s() {
         return Err(ApiError::unauthorized(format!(
             "This enrolment token expired at {}. Ask an administrator for a new one.",
             rfc3339(row.expires_unix)

@@ -84,10 +84,6 @@ fn secrets_context(instance: &str) -> String {
     format!("coffer vm build secrets v1 instance={instance}")
 }
 
-fn unix_now() -> i64 {
-    coffer_proto::now_unix_ms() / 1000
-}
-
 async fn start_vm_build(app: &Arc<App>, n: &NewInstance) -> Result<String, ApiError> {
     let kept = v1::Prepare {
         databases: n.databases.clone(),
@@ -108,7 +104,7 @@ async fn start_vm_build(app: &Arc<App>, n: &NewInstance) -> Result<String, ApiEr
         instance: n.id.clone(),
         sealed: seal::to_hex(&sealed),
         modules: n.modules.iter().map(|m| m.id.clone()).collect(),
-        deadline_unix: unix_now() + app.cfg.build_timeout_s.max(60) as i64,
+        deadline_unix: coffer_proto::now_unix_s() + app.cfg.build_timeout_s.max(60) as i64,
         error: None,
     });
     super::start(app, flow, std::slice::from_ref(&n.id), None).await
@@ -167,7 +163,7 @@ impl VmBuild {
                 flavor_id: r.flavor_id.clone(),
                 volume_size: r.volume_size,
                 instance_id: Some(r.id.clone()),
-                ttl_s: (self.deadline_unix - unix_now()).max(60),
+                ttl_s: (self.deadline_unix - coffer_proto::now_unix_s()).max(60),
             },
         )
         .await?;
@@ -200,7 +196,7 @@ impl VmBuild {
             self.step = VmBuildStep::Commit;
             return Ok(true);
         }
-        if unix_now() > self.deadline_unix {
+        if coffer_proto::now_unix_s() > self.deadline_unix {
             return Err(ApiError::unprocessable(format!(
                 "the VM's agent did not enrol within {} s; check the VM's console log \
                  (console.log in its instance directory) and that it reaches the controller",

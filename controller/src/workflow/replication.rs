@@ -607,13 +607,6 @@ pub struct ReplicaBuild {
     pub error: Option<String>,
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 impl ReplicaBuild {
     fn snapshot_id(&self) -> String {
         super::derived_id(&self.id, "snapshot")
@@ -666,7 +659,7 @@ impl ReplicaBuild {
                 self.source,
                 b.and_then(|b| b.fault).unwrap_or_default()
             ))),
-            _ if unix_now() > self.deadline => Err(ApiError::unprocessable(
+            _ if coffer_proto::now_unix_s() > self.deadline => Err(ApiError::unprocessable(
                 "the snapshot did not finish in time",
             )),
             _ => Ok(super::Progress::Wait),
@@ -747,7 +740,7 @@ impl ReplicaBuild {
                 building |= r.task == task::BUILDING;
             }
         }
-        if building && unix_now() <= self.deadline {
+        if building && coffer_proto::now_unix_s() <= self.deadline {
             return Ok(super::Progress::Wait);
         }
         self.step = BuildStep::Cleanup;
@@ -802,7 +795,7 @@ pub async fn start_replica_build(
         replicas: replicas.to_vec(),
         configuration,
         prepared: vec![],
-        deadline: unix_now() + app.cfg.build_timeout_s as i64,
+        deadline: coffer_proto::now_unix_s() + app.cfg.build_timeout_s as i64,
         error: None,
     });
     super::start_as(app, &id, flow, replicas, None).await
