@@ -17,6 +17,19 @@ fn fail(kind: CallError, error: impl Into<String>) -> CallReply {
     }
 }
 
+/// Waits until this server has applied `position` (1 to 15 s); the call's failure otherwise.
+async fn reach(ctx: &Ctx, position: &str, timeout_s: u32) -> Result<(), CallReply> {
+    let t = std::time::Duration::from_secs(timeout_s.clamp(1, 15) as u64);
+    match ctx.ds.wait_for_position(position, t).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(fail(
+            CallError::Internal,
+            format!("position {position} was not reached within {t:?}"),
+        )),
+        Err(e) => Err(from_ds(e)),
+    }
+}
+
 fn from_ds(e: DatastoreError) -> CallReply {
     let kind = match &e {
         DatastoreError::Invalid(_) => CallError::Invalid,
@@ -310,17 +323,10 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
                 Err(e) => from_ds(e),
             }
         }
-        Kind::WaitForPosition(w) => {
-            let t = std::time::Duration::from_secs(w.timeout_s.clamp(1, 15) as u64);
-            match ds.wait_for_position(&w.position, t).await {
-                Ok(true) => replication_reply(ctx).await,
-                Ok(false) => fail(
-                    CallError::Internal,
-                    format!("position {} was not reached within {t:?}", w.position),
-                ),
-                Err(e) => from_ds(e),
-            }
-        }
+        Kind::WaitForPosition(w) => match reach(ctx, &w.position, w.timeout_s).await {
+            Ok(()) => replication_reply(ctx).await,
+            Err(failed) => failed,
+        },
         Kind::AttachReplica(a) => {
             let Some(src) = a.source else {
                 return fail(CallError::Invalid, "no source given");
@@ -342,16 +348,8 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
         Kind::DetachReplica(d) => {
             let replica = crate::replication::role(ctx) == "replica";
             if replica && !d.catch_up_to.is_empty() {
-                let t = std::time::Duration::from_secs(d.timeout_s.clamp(1, 15) as u64);
-                match ds.wait_for_position(&d.catch_up_to, t).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        return fail(
-                            CallError::Internal,
-                            format!("position {} was not reached within {t:?}", d.catch_up_to),
-                        )
-                    }
-                    Err(e) => return from_ds(e),
+                if let Err(failed) = reach(ctx, &d.catch_up_to, d.timeout_s).await {
+                    return failed;
                 }
             }
             match ds.detach_replica().await {
