@@ -78,3 +78,8 @@ pub fn agent_key(r: &InstanceRow) -> Result<Vec<u8>, ApiError> {
         .filter(|k| k.len() == 32)
         .ok_or_else(|| anyhow::anyhow!("instance {} has no agent key", r.id).into())
 }
+
+/// Opens a secret the controller kept sealed to its own key (hex), or None.
+pub fn open_kept(app: &App, hex: &str, context: &str) -> Option<Vec<u8>> {
+    seal::from_hex(hex).and_then(|b| seal::open(&app.reply_secret_key, context, &b).ok())
+}

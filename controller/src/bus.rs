@@ -10,7 +10,7 @@ use coffer_proto::{subjects, v1, Message};
 use futures::StreamExt;
 use tracing::{info, warn};
 
-use crate::status::{task, BackupStatus};
+use crate::status::{BackupStatus, Task};
 use crate::store::{self, Store};
 use crate::App;
 
@@ -65,13 +65,10 @@ pub async fn outbox_loop(app: Arc<App>) {
     let mut delay = backoff();
     let mut failing: std::collections::HashMap<i64, Instant> = Default::default();
     loop {
-        let rows = match app.store.outbox().await {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(error = %e, "reading outbox failed");
-                vec![]
-            }
-        };
+        let rows = app.store.outbox().await.unwrap_or_else(|e| {
+            warn!(error = %e, "reading outbox failed");
+            vec![]
+        });
         let mut held: std::collections::HashSet<String> = Default::default();
         let (mut sent, mut errors) = (0usize, 0usize);
         let max_payload = app.client.server_info().max_payload;
@@ -226,7 +223,12 @@ pub async fn heartbeat_loop(app: Arc<App>) -> anyhow::Result<()> {
         if let (Some(row), Some(reply)) = (known, msg.reply) {
             let role = if row.replica_of.is_some() {
                 "replica"
-            } else if app.store.has_replicas(&row.id).await.unwrap_or(false) {
+            } else if app
+                .store
+                .replicas_of(&row.id)
+                .await
+                .is_ok_and(|r| !r.is_empty())
+            {
                 "source"
             } else {
                 ""
@@ -254,9 +256,8 @@ pub async fn observe(
     agent_version: &str,
     hb: v1::Heartbeat,
 ) -> Option<store::InstanceRow> {
-    let row = match app.store.instance(instance_id).await {
-        Ok(Some(r)) => r,
-        _ => return None,
+    let Ok(Some(row)) = app.store.instance(instance_id).await else {
+        return None;
     };
     // "unknown": a new agent has not looked at its server yet; the status stays what it was.
     let status = match coffer_proto::service_status_name(hb.status()) {
@@ -290,14 +291,10 @@ pub async fn observe(
         );
     }
     let now_state = (status.clone(), hb.fault.clone());
-    let row_state = (row.service_status.clone(), String::new());
     if persisted.as_ref() != Some(&now_state) {
-        if row.service_status != status || persisted.is_none() || !hb.fault.is_empty() {
-            let fault = if hb.fault.is_empty() {
-                None
-            } else {
-                Some(hb.fault.as_str())
-            };
+        let changed = row.service_status != status;
+        if changed || persisted.is_none() || !hb.fault.is_empty() {
+            let fault = (!hb.fault.is_empty()).then_some(hb.fault.as_str());
             if let Err(e) = app
                 .store
                 .set_service_status(instance_id, &status, fault)
@@ -306,7 +303,7 @@ pub async fn observe(
                 warn!(error = %e, "persisting service status failed");
                 return Some(row);
             }
-            if row_state.0 != status {
+            if changed {
                 info!(instance = instance_id, from = %row.service_status, to = %status, "service status changed");
             }
         }
@@ -500,62 +497,34 @@ async fn finished(
         // A restore's grant ends with it.
         crate::objects::drop_local_grants(app, instance_id);
     }
-    match kind {
-        "prepare" if row.task == task::BUILDING => {
-            let mut tx = app.store.begin().await?;
-            match &failure {
-                None => Store::set_task(&mut tx, instance_id, task::NONE, None).await?,
-                Some(m) => {
-                    Store::set_task(
-                        &mut tx,
-                        instance_id,
-                        task::BUILD_ERROR,
-                        Some(&format!("prepare failed: {m}")),
-                    )
-                    .await?
-                }
-            }
-            tx.commit().await?;
-        }
-        "restart" if row.task == task::REBOOTING => {
-            let mut tx = app.store.begin().await?;
-            let fault = failure.as_ref().map(|m| format!("restart failed: {m}"));
-            Store::set_task(&mut tx, instance_id, task::NONE, fault.as_deref()).await?;
-            tx.commit().await?;
-        }
-        "configure" => {
-            // The instance keeps serving; a configuration it could not take is its fault until
-            // the next successful change.
-            let mut tx = app.store.begin().await?;
-            match &failure {
-                Some(m) => {
-                    Store::set_task(
-                        &mut tx,
-                        instance_id,
-                        row.task,
-                        Some(&format!("configuration failed: {m}")),
-                    )
-                    .await?
-                }
-                None if row
-                    .fault
-                    .as_deref()
-                    .is_some_and(|f| f.starts_with("configuration failed")) =>
-                {
-                    Store::clear_fault(&mut tx, instance_id).await?
-                }
-                None => {}
-            }
-            tx.commit().await?;
-        }
+    let failed = |what: &str| failure.as_ref().map(|m| format!("{what} failed: {m}"));
+    let (new_task, fault) = match kind {
+        "prepare" if row.task == Task::Building => match failure {
+            Some(_) => (Task::BuildingError, failed("prepare")),
+            None => (Task::None, None),
+        },
+        "restart" if row.task == Task::Rebooting => (Task::None, failed("restart")),
+        // The instance keeps serving; a configuration it could not take is its fault until the
+        // next successful change.
+        "configure" => (row.task, failed("configuration")),
         "delete" => {
-            let app = app.clone();
-            let id = instance_id.to_string();
+            let (app, id) = (app.clone(), instance_id.to_string());
             tokio::spawn(async move { finalize_delete(&app, &id).await });
+            return Ok(());
         }
-        _ => {}
+        _ => return Ok(()),
+    };
+    let mut tx = app.store.begin().await?;
+    if kind != "configure" || fault.is_some() {
+        Store::set_task(&mut tx, instance_id, new_task, fault.as_deref()).await?;
+    } else if row
+        .fault
+        .as_deref()
+        .is_some_and(|f| f.starts_with("configuration failed"))
+    {
+        Store::clear_fault(&mut tx, instance_id).await?;
     }
-    Ok(())
+    Ok(tx.commit().await?)
 }
 
 /// Tears an instance down and forgets it (idempotent, concurrent calls collapse).
@@ -622,6 +591,13 @@ async fn discard_logs(app: &Arc<App>, id: &str) -> anyhow::Result<()> {
         .context("removing published logs")
 }
 
+/// Sets an instance's task and fault in a transaction of its own.
+async fn set_task_alone(app: &App, id: &str, t: Task, fault: &str) -> anyhow::Result<()> {
+    let mut tx = app.store.begin().await?;
+    Store::set_task(&mut tx, id, t, Some(fault)).await?;
+    Ok(tx.commit().await?)
+}
+
 /// Periodic checks: builds that never finish, deletes whose agent never answered.
 pub async fn timers_loop(app: Arc<App>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -635,9 +611,9 @@ pub async fn timers_loop(app: Arc<App>) {
         for r in rows {
             // An agent that died (killed, crashed) is started again; it adopts its database.
             let being_deleted = app.deleting.lock().unwrap().contains(&r.id);
-            if n % 3 == 0
+            if n.is_multiple_of(3)
                 && app.cfg.respawn_agents
-                && r.task != task::DELETING
+                && r.task != Task::Deleting
                 && !being_deleted
                 && r.placement != crate::status::PlacedBy::Enrolled
                 // Not placed yet (a create holds the row while it places the agent).
@@ -649,7 +625,7 @@ pub async fn timers_loop(app: Arc<App>) {
             }
             // Automatic failover (off by default): a source whose heartbeat expired is ejected.
             if app.cfg.replication.auto_failover
-                && r.task == task::NONE
+                && r.task == Task::None
                 && r.replica_of.is_none()
                 && !r.ejected
                 && !app.fresh(&r.id)
@@ -667,21 +643,14 @@ pub async fn timers_loop(app: Arc<App>) {
                 }
             }
             let age = store::age_secs(&r.task_started);
-            if r.task == task::BUILDING && age > app.cfg.build_timeout_s as i64 {
-                if let Ok(mut tx) = app.store.begin().await {
-                    let msg = format!(
-                        "build did not complete within {} s; check the agent log, then reset_status and delete",
-                        app.cfg.build_timeout_s
-                    );
-                    if Store::set_task(&mut tx, &r.id, task::BUILD_ERROR, Some(&msg))
-                        .await
-                        .is_ok()
-                    {
-                        let _ = tx.commit().await;
-                    }
-                }
+            if r.task == Task::Building && age > app.cfg.build_timeout_s as i64 {
+                let msg = format!(
+                    "build did not complete within {} s; check the agent log, then reset_status and delete",
+                    app.cfg.build_timeout_s
+                );
+                let _ = set_task_alone(&app, &r.id, Task::BuildingError, &msg).await;
             }
-            if n % 5 == 0 && !app.fresh(&r.id) {
+            if n.is_multiple_of(5) && !app.fresh(&r.id) {
                 if let Ok(backups) = app.store.backups_of(&r.project_id).await {
                     for b in backups.iter().filter(|b| {
                         b.instance_id == r.id
@@ -700,12 +669,11 @@ pub async fn timers_loop(app: Arc<App>) {
                     }
                 }
             }
-            if r.task == task::DELETING {
+            if r.task == Task::Deleting {
                 let agent_lost = !app.fresh(&r.id);
                 if age > app.cfg.delete_grace_s as i64 || (agent_lost && age > 2) {
-                    let app2 = app.clone();
-                    let id = r.id.clone();
-                    tokio::spawn(async move { finalize_delete(&app2, &id).await });
+                    let (app, id) = (app.clone(), r.id.clone());
+                    tokio::spawn(async move { finalize_delete(&app, &id).await });
                 }
             }
         }

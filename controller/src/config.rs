@@ -16,45 +16,39 @@ pub struct ControllerConfig {
     pub nats_url: String,
     /// The NATS URL handed to agents, when they reach NATS by another address than the
     /// controller (default: `nats_url`).
-    #[serde(default)]
     pub agent_nats_url: Option<String>,
     /// The controller's own NATS credentials (a creds file), when the server requires them.
-    #[serde(default)]
     pub nats_creds: Option<PathBuf>,
     /// CA certificate (PEM) that signed the NATS server's certificate: connect with TLS.
     /// Handed to the agents too.
-    #[serde(default)]
     pub nats_ca_file: Option<PathBuf>,
     /// Serve the API over HTTPS.
-    #[serde(default)]
     pub tls: Option<crate::tls::TlsConfig>,
     /// Issue a NATS identity per agent (decentralized JWT auth); see `manage nats-setup`.
-    #[serde(default)]
     pub nats_auth: Option<crate::nats_auth::NatsAuthConfig>,
     /// Token file (TOML, `[[token]]` entries with `token`, `project`, `admin`).
     pub token_file: PathBuf,
     /// A heartbeat older than this marks the instance's agent lost (ERROR).
-    #[serde(default = "default_expiry")]
+    #[serde(default = "d::<15>")]
     pub heartbeat_expiry_s: u64,
     /// Lease granted by each heartbeat reply.
-    #[serde(default = "default_lease")]
+    #[serde(default = "d::<6000>")]
     pub lease_ms: u64,
     /// A build that has not finished after this long ends in ERROR.
-    #[serde(default = "default_build_timeout")]
+    #[serde(default = "d::<900>")]
     pub build_timeout_s: u64,
     /// A running backup whose agent has been silent (and whose record unchanged) this long ends
     /// FAILED.
-    #[serde(default = "default_backup_timeout")]
+    #[serde(default = "d::<300>")]
     pub backup_timeout_s: u64,
     /// How long a delete waits for the agent before tearing the instance down without it.
-    #[serde(default = "default_delete_grace")]
+    #[serde(default = "d::<30>")]
     pub delete_grace_s: u64,
     /// On exit, ask every agent to stop its database cleanly and exit (the embedded demo does:
     /// its databases must not outlive it). Off by default: a controller restart touches nothing.
     #[serde(default)]
     pub stop_agents_on_exit: bool,
     /// Backup storage, keys and strategy, handed to every agent (none: backups are refused).
-    #[serde(default)]
     pub backup: Option<coffer_common::backup::BackupConfig>,
     /// Start an instance's agent again when it has died (the process provisioner's agents are
     /// local processes). Off only to simulate hosts that are gone for good.
@@ -62,7 +56,6 @@ pub struct ControllerConfig {
     pub respawn_agents: bool,
     /// The datastore a create without `datastore` gets when several are registered (Trove's
     /// `default_datastore`); with one registered, that one.
-    #[serde(default)]
     pub default_datastore: Option<String>,
     /// Replicas: strategy, limits, automatic failover.
     #[serde(default)]
@@ -73,25 +66,22 @@ pub struct ControllerConfig {
 
 /// `[replication]`.
 #[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ReplicationConfig {
     /// One of `Datastore::CONFIGURABLE_REPLICATION` (the first is the default), for new
     /// replicas of datastores that have a choice.
-    #[serde(default = "default_repl_strategy")]
     pub strategy: String,
     /// Most replicas one create may ask for (`replica_count`).
-    #[serde(default = "default_max_replicas")]
     pub max_replicas: u32,
     /// Eject a source by itself when its heartbeat expires and it has replicas.
-    #[serde(default)]
     pub auto_failover: bool,
 }
 
 impl Default for ReplicationConfig {
     fn default() -> Self {
         ReplicationConfig {
-            strategy: default_repl_strategy(),
-            max_replicas: default_max_replicas(),
+            strategy: coffer_proto::Datastore::CONFIGURABLE_REPLICATION[0].into(),
+            max_replicas: 3,
             auto_failover: false,
         }
     }
@@ -100,27 +90,10 @@ impl Default for ReplicationConfig {
 fn default_true() -> bool {
     true
 }
-fn default_repl_strategy() -> String {
-    coffer_proto::Datastore::CONFIGURABLE_REPLICATION[0].into()
-}
-fn default_max_replicas() -> u32 {
-    3
-}
 
-fn default_expiry() -> u64 {
-    15
-}
-fn default_lease() -> u64 {
-    6000
-}
-fn default_build_timeout() -> u64 {
-    900
-}
-fn default_backup_timeout() -> u64 {
-    300
-}
-fn default_delete_grace() -> u64 {
-    30
+/// `N`, for `#[serde(default = "d::<N>")]`.
+fn d<const N: u64>() -> u64 {
+    N
 }
 
 impl ControllerConfig {

@@ -36,6 +36,12 @@ impl ApiError {
     pub fn unprocessable(m: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "unprocessableEntity", m)
     }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", m)
+    }
+    pub fn over_limit(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "overLimit", m)
+    }
     pub fn not_implemented(m: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_IMPLEMENTED, "notImplemented", m)
     }
@@ -47,7 +53,7 @@ impl ApiError {
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         if let Some(t) = e.downcast_ref::<crate::store::IntentTooLarge>() {
-            return Self::new(StatusCode::PAYLOAD_TOO_LARGE, "overLimit", format!("{t}."));
+            return Self::over_limit(format!("{t}."));
         }
         let id = uuid::Uuid::new_v4();
         error!(error_id = %id, error = %format!("{e:#}"), "internal error");

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use config::ControllerConfig;
+use nats_auth::Authority;
 
 /// Shared by the HTTP handlers and the background loops.
 pub struct App {
@@ -52,7 +53,7 @@ pub struct App {
     /// Instances whose storage is known to exist (see [`objects::ensure`]).
     pub storage_ready: Mutex<HashSet<String>>,
     /// Issues and revokes per-agent NATS identities (when `nats_auth` is configured).
-    pub authority: Option<nats_auth::Authority>,
+    pub authority: Option<Authority>,
     /// The controller's X25519 key pair: secrets in agents' replies are sealed to it.
     pub reply_secret_key: Vec<u8>,
     pub reply_public_key: Vec<u8>,
@@ -92,17 +93,11 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
     }
     let tokens = config::load_tokens(&cfg.token_file)?;
     let (reply_secret_key, reply_public_key) = nats_auth::controller_key(&cfg.data_dir)?;
-    let authority = match &cfg.nats_auth {
-        Some(a) => Some(
-            nats_auth::Authority::load_or_create(a)?.with_backup_bucket(
-                cfg.backup
-                    .as_ref()
-                    .and_then(|b| b.storage.nats_bucket())
-                    .map(str::to_string),
-            ),
-        ),
-        None => None,
-    };
+    let bucket = cfg.backup.as_ref().and_then(|b| b.storage.nats_bucket());
+    let authority = cfg.nats_auth.as_ref().map(Authority::load_or_create);
+    let authority = authority
+        .transpose()?
+        .map(|a| a.with_backup_bucket(bucket.map(Into::into)));
     let mut opts = match &cfg.nats_creds {
         Some(p) => async_nats::ConnectOptions::with_credentials_file(p.clone())
             .await
@@ -177,7 +172,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
 
     // Adopt or respawn the agent of every live instance.
     for inst in app.store.live_instances().await? {
-        if inst.task == status::task::DELETING
+        if inst.task == status::Task::Deleting
             || inst.placement == crate::status::PlacedBy::Enrolled
             || !inst.has_agent()
         {

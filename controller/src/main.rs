@@ -85,11 +85,7 @@ enum Manage {
         disk_gb: i64,
     },
     /// Allow a flavor for a datastore version (once any is linked, only linked flavors are allowed).
-    VersionFlavorAdd {
-        datastore: String,
-        version: String,
-        flavor: String,
-    },
+    VersionFlavorAdd(FlavorLink),
     /// Create a one-time enrolment token for a host that joins by itself (`coffer-agent enroll`):
     /// its database becomes a new instance of PROJECT named NAME. Prints the token (shown once).
     EnrolmentTokenCreate {
@@ -113,11 +109,35 @@ enum Manage {
         ttl: i64,
     },
     /// Remove a flavor link.
-    VersionFlavorDelete {
-        datastore: String,
-        version: String,
-        flavor: String,
-    },
+    VersionFlavorDelete(FlavorLink),
+}
+
+// The arguments of `version-flavor-add` and `-delete` (a doc comment here would be their help).
+#[derive(clap::Args)]
+struct FlavorLink {
+    datastore: String,
+    version: String,
+    flavor: String,
+}
+
+impl FlavorLink {
+    /// Links (`linked`) or unlinks the flavor and says so.
+    async fn set(self, store: &Store, linked: bool) -> anyhow::Result<()> {
+        let FlavorLink {
+            datastore,
+            version,
+            flavor,
+        } = self;
+        store
+            .link_flavor(&datastore, &version, &flavor, linked)
+            .await?;
+        if linked {
+            println!("flavor {flavor} allowed for {datastore} {version}");
+        } else {
+            println!("flavor {flavor} no longer linked to {datastore} {version}");
+        }
+        Ok(())
+    }
 }
 
 fn main() {
@@ -258,16 +278,7 @@ async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
                 .await?;
             println!("flavor {id}");
         }
-        Manage::VersionFlavorAdd {
-            datastore,
-            version,
-            flavor,
-        } => {
-            store
-                .link_flavor(&datastore, &version, &flavor, true)
-                .await?;
-            println!("flavor {flavor} allowed for {datastore} {version}");
-        }
+        Manage::VersionFlavorAdd(l) => l.set(&store, true).await?,
         Manage::EnrolmentTokenCreate {
             project,
             name,
@@ -303,16 +314,7 @@ async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
             );
             println!("{}", t.token);
         }
-        Manage::VersionFlavorDelete {
-            datastore,
-            version,
-            flavor,
-        } => {
-            store
-                .link_flavor(&datastore, &version, &flavor, false)
-                .await?;
-            println!("flavor {flavor} no longer linked to {datastore} {version}");
-        }
+        Manage::VersionFlavorDelete(l) => l.set(&store, false).await?,
     }
     Ok(())
 }

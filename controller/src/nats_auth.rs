@@ -83,13 +83,9 @@ pub fn controller_key(dir: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
     Ok((secret, public))
 }
 
-/// Encodes and signs a JWT the way nats-server expects (`ed25519-nkey`).
-fn encode_jwt(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> anyhow::Result<String> {
-    encode_jwt_until(issuer, subject, name, nats, None)
-}
-
-/// [`encode_jwt`], expiring at `exp` (Unix seconds) when given.
-fn encode_jwt_until(
+/// Encodes and signs a JWT the way nats-server expects (`ed25519-nkey`), expiring at `exp` (Unix
+/// seconds) when given.
+fn encode_jwt(
     issuer: &KeyPair,
     subject: &str,
     name: &str,
@@ -146,7 +142,7 @@ pub const RESTORE_GRANT_TTL_S: i64 = 6 * 3600;
 pub fn agent_permissions(instance: &str, bucket: Option<&str>) -> (Vec<String>, Vec<String>) {
     let s = subjects::INTENT_STREAM;
     let c = subjects::agent_consumer(instance);
-    let publish = vec![
+    let mut publish = vec![
         subjects::heartbeat(instance),
         subjects::event(instance),
         format!("$JS.API.STREAM.INFO.{s}"),
@@ -158,7 +154,6 @@ pub fn agent_permissions(instance: &str, bucket: Option<&str>) -> (Vec<String>, 
         format!("$JS.API.CONSUMER.MSG.NEXT.{s}.{c}"),
         format!("$JS.ACK.{s}.{c}.>"),
     ];
-    let mut publish = publish;
     if let Some(b) = bucket {
         publish.extend(coffer_common::storage::nats::agent_publish_permissions(
             b, instance,
@@ -175,11 +170,7 @@ impl Authority {
     pub fn load_or_create(cfg: &NatsAuthConfig) -> anyhow::Result<Authority> {
         std::fs::create_dir_all(&cfg.dir)
             .with_context(|| format!("creating {}", cfg.dir.display()))?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&cfg.dir, std::fs::Permissions::from_mode(0o700))
-                .with_context(|| format!("making {} private", cfg.dir.display()))?;
-        }
+        crate::private(&cfg.dir, 0o700)?;
         Ok(Authority {
             dir: cfg.dir.clone(),
             operator: load_or_create(&cfg.dir, "operator", KeyPair::new_operator)?,
@@ -206,32 +197,32 @@ impl Authority {
             .unwrap_or_default()
     }
 
-    fn limits(jetstream: bool) -> Value {
-        let mut l = json!({"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
-                           "wildcards": true, "conn": -1, "leaf": -1});
+    /// An account's claims (`jetstream`: with JetStream limits).
+    fn account_claims(jetstream: bool) -> Value {
+        let mut limits = json!({"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                                "wildcards": true, "conn": -1, "leaf": -1});
         if jetstream {
             for k in ["mem_storage", "disk_storage", "streams", "consumer"] {
-                l[k] = json!(-1);
+                limits[k] = json!(-1);
             }
         }
-        l
+        json!({"limits": limits, "default_permissions": {"pub": {}, "sub": {}}, "type": "account", "version": 2})
     }
 
     /// The COFFER account JWT, with every revocation so far (always pushed whole).
     pub fn account_jwt(&self) -> anyhow::Result<String> {
-        let mut nats = json!({"limits": Self::limits(true), "default_permissions": {"pub": {}, "sub": {}},
-                              "type": "account", "version": 2});
+        let mut nats = Self::account_claims(true);
         let rev = self.revocations();
         if !rev.is_empty() {
             nats["revocations"] = json!(rev);
         }
-        encode_jwt(&self.operator, &self.account.public_key(), "COFFER", nats)
+        let key = self.account.public_key();
+        encode_jwt(&self.operator, &key, "COFFER", nats, None)
     }
 
     fn system_jwt(&self) -> anyhow::Result<String> {
-        let nats = json!({"limits": Self::limits(false), "default_permissions": {"pub": {}, "sub": {}},
-                          "type": "account", "version": 2});
-        encode_jwt(&self.operator, &self.system.public_key(), "SYS", nats)
+        let nats = Self::account_claims(false);
+        encode_jwt(&self.operator, &self.system.public_key(), "SYS", nats, None)
     }
 
     /// The server's part of the configuration.
@@ -241,6 +232,7 @@ impl Authority {
             &self.operator.public_key(),
             "coffer-operator",
             json!({"system_account": self.system.public_key(), "type": "operator", "version": 2}),
+            None,
         )?;
         Ok(format!(
             "# Written by coffer-controller manage nats-setup.\n\
@@ -256,22 +248,33 @@ impl Authority {
         ))
     }
 
-    fn user(&self, issuer: &KeyPair, name: &str, nats: Value) -> anyhow::Result<(String, String)> {
+    /// A new user `name` of `issuer`'s account: `(creds file text, user public key)`.
+    fn user(
+        &self,
+        issuer: &KeyPair,
+        name: &str,
+        nats: Value,
+        exp: Option<i64>,
+    ) -> anyhow::Result<(String, String)> {
         let user = KeyPair::new_user();
-        let jwt = encode_jwt(issuer, &user.public_key(), name, nats)?;
+        let jwt = encode_jwt(issuer, &user.public_key(), name, nats, exp)?;
         Ok((creds(&jwt, &user)?, user.public_key()))
+    }
+
+    /// Credentials of a user that may do anything within `issuer`'s account.
+    fn plain_user(&self, issuer: &KeyPair, name: &str) -> anyhow::Result<String> {
+        let nats = json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2});
+        Ok(self.user(issuer, name, nats, None)?.0)
     }
 
     /// Credentials of the controller itself (anything within the COFFER account).
     pub fn controller_creds(&self) -> anyhow::Result<String> {
-        let nats = json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2});
-        Ok(self.user(&self.account, "coffer-controller", nats)?.0)
+        self.plain_user(&self.account, "coffer-controller")
     }
 
     /// Credentials in the system account (pushing account JWTs). Only the controller has them.
     pub fn system_creds(&self) -> anyhow::Result<String> {
-        let nats = json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2});
-        Ok(self.user(&self.system, "coffer-system", nats)?.0)
+        self.plain_user(&self.system, "coffer-system")
     }
 
     /// A new identity for one instance's agent: `(creds file text, user public key)`.
@@ -286,7 +289,7 @@ impl Authority {
             "subs": AGENT_MAX_SUBS, "data": -1, "payload": AGENT_MAX_PAYLOAD,
             "type": "user", "version": 2,
         });
-        self.user(&self.account, &format!("agent-{instance}"), nats)
+        self.user(&self.account, &format!("agent-{instance}"), nats, None)
     }
 
     /// Short-lived credentials that may read exactly `objects` (owner, key) of the NATS storage
@@ -313,15 +316,9 @@ impl Authority {
             "subs": 8, "data": -1, "payload": 4096,
             "type": "user", "version": 2,
         });
-        let user = KeyPair::new_user();
-        let jwt = encode_jwt_until(
-            &self.account,
-            &user.public_key(),
-            &format!("restore-grant-{instance}"),
-            nats,
-            Some(coffer_proto::now_unix_s() + RESTORE_GRANT_TTL_S),
-        )?;
-        creds(&jwt, &user)
+        let name = format!("restore-grant-{instance}");
+        let exp = coffer_proto::now_unix_s() + RESTORE_GRANT_TTL_S;
+        Ok(self.user(&self.account, &name, nats, Some(exp))?.0)
     }
 
     /// Writes the server config and the controller's and system's creds into the auth dir.

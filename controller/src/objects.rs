@@ -4,7 +4,7 @@
 //! reads exactly that chain. See `coffer_common::storage`.
 
 use anyhow::Context;
-use coffer_common::storage::{nats as nats_storage, Access, StorageKind};
+use coffer_common::storage::{nats as nats_storage, Access, Storage, StorageKind};
 use coffer_proto::v1;
 
 use crate::App;
@@ -29,28 +29,43 @@ pub async fn ensure(app: &App, instance: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deletes `keys` of `owner`'s objects (whatever state they are in: committed, or chunks a
-/// failed writer left).
-pub async fn delete(app: &App, owner: &str, keys: Vec<String>) -> anyhow::Result<()> {
+/// The objects of a backup: its metafile and its stream.
+pub fn backup_keys(id: &str) -> [String; 2] {
+    [format!("{id}.json"), format!("{id}.cfbk")]
+}
+
+/// Runs `f` on `owner`'s storage, off the async runtime (nothing without backup storage).
+async fn with_storage(
+    app: &App,
+    owner: &str,
+    f: impl FnOnce(&dyn Storage) -> anyhow::Result<()> + Send + 'static,
+) -> anyhow::Result<()> {
     let Some(cfg) = &app.cfg.backup else {
         return Ok(());
     };
-    let kind = cfg.storage.clone();
-    let client = app.client.clone();
-    let owner = owner.to_string();
+    let (kind, client, owner) = (cfg.storage.clone(), app.client.clone(), owner.to_string());
     tokio::task::spawn_blocking(move || {
         let storage = kind
             .build(Some(&client), &owner, Access::Controller)
             .map_err(anyhow::Error::msg)?;
+        f(storage.as_ref())
+    })
+    .await
+    .context("deleting stored objects")?
+}
+
+/// Deletes `keys` of `owner`'s objects (whatever state they are in: committed, or chunks a
+/// failed writer left).
+pub async fn delete(app: &App, owner: &str, keys: Vec<String>) -> anyhow::Result<()> {
+    with_storage(app, owner, move |storage| {
         for k in &keys {
             storage
                 .delete(k)
                 .with_context(|| format!("deleting {}", storage.location(k)))?;
         }
-        anyhow::Ok(())
+        Ok(())
     })
     .await
-    .context("deleting stored objects")?
 }
 
 /// Deletes every object of `owner` whose key starts with `prefix`, then `also` (a published
@@ -61,22 +76,11 @@ pub async fn delete_prefix(
     prefix: &str,
     also: Option<&str>,
 ) -> anyhow::Result<()> {
-    let Some(cfg) = &app.cfg.backup else {
-        return Ok(());
-    };
-    let kind = cfg.storage.clone();
-    let client = app.client.clone();
-    let (owner, prefix) = (owner.to_string(), prefix.to_string());
-    let also = also.map(str::to_string);
-    tokio::task::spawn_blocking(move || {
-        let storage = kind
-            .build(Some(&client), &owner, Access::Controller)
-            .map_err(anyhow::Error::msg)?;
-        coffer_common::logs::discard(storage.as_ref(), &prefix, also.as_deref())
-            .map_err(anyhow::Error::msg)
+    let (prefix, also) = (prefix.to_string(), also.map(str::to_string));
+    with_storage(app, owner, move |storage| {
+        coffer_common::logs::discard(storage, &prefix, also.as_deref()).map_err(anyhow::Error::msg)
     })
     .await
-    .context("deleting stored objects")?
 }
 
 /// Removes `owner`'s storage once its instance is deleted and none of its backups is kept.
@@ -106,7 +110,8 @@ fn local_root(app: &App) -> Option<&std::path::Path> {
 /// replace nor delete it. (The `nats` backend's subjects are write-once by themselves.)
 pub fn seal_committed(app: &App, owner: &str, backup_id: &str) {
     let Some(root) = local_root(app) else { return };
-    for key in [format!("{backup_id}.cfbk"), format!("{backup_id}.json")] {
+    // The stream first, then its metafile.
+    for key in backup_keys(backup_id).into_iter().rev() {
         let p = root.join(owner).join(&key);
         if nix::unistd::geteuid().is_root() {
             if let Err(e) = std::os::unix::fs::lchown(&p, Some(0), Some(0)) {
@@ -136,10 +141,7 @@ pub fn grant_local(app: &App, restore: &v1::RestoreFrom, target: &str) -> anyhow
     for l in restore.chain.iter().filter(|l| l.instance_id != target) {
         let dir = grants.join(&l.instance_id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        for key in [
-            format!("{}.cfbk", l.backup_id),
-            format!("{}.json", l.backup_id),
-        ] {
+        for key in backup_keys(&l.backup_id).into_iter().rev() {
             let (from, to) = (root.join(&l.instance_id).join(&key), dir.join(&key));
             let _ = std::fs::remove_file(&to);
             std::fs::hard_link(&from, &to)
@@ -171,12 +173,7 @@ pub fn seal_grant(
         .chain
         .iter()
         .filter(|l| l.instance_id != target)
-        .flat_map(|l| {
-            [
-                (l.instance_id.clone(), format!("{}.json", l.backup_id)),
-                (l.instance_id.clone(), format!("{}.cfbk", l.backup_id)),
-            ]
-        })
+        .flat_map(|l| backup_keys(&l.backup_id).map(|k| (l.instance_id.clone(), k)))
         .collect();
     if objects.is_empty() {
         return Ok(());

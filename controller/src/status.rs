@@ -21,41 +21,18 @@ pub enum Task {
     Ejected,
 }
 
-impl Task {
-    /// The task as stored, and as error texts show it upper-cased.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Task::None => "none",
-            Task::Building => "building",
-            Task::BuildingError => "building_error",
-            Task::Rebooting => "rebooting",
-            Task::Deleting => "deleting",
-            Task::Promoting => "promoting",
-            Task::Ejecting => "ejecting",
-            Task::Detaching => "detaching",
-            Task::Ejected => "ejected",
-        }
+/// The name serde gives a unit variant (its stored and logged name: `building_error`, `FAILED`).
+pub fn serde_name(v: &impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
     }
 }
 
 impl std::fmt::Display for Task {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(&serde_name(self))
     }
-}
-
-/// The tasks by their old names, for readable comparisons (`r.task == task::BUILDING`).
-pub mod task {
-    use super::Task;
-    pub const NONE: Task = Task::None;
-    pub const BUILDING: Task = Task::Building;
-    pub const BUILD_ERROR: Task = Task::BuildingError;
-    pub const REBOOTING: Task = Task::Rebooting;
-    pub const DELETING: Task = Task::Deleting;
-    pub const PROMOTING: Task = Task::Promoting;
-    pub const EJECTING: Task = Task::Ejecting;
-    pub const DETACHING: Task = Task::Detaching;
-    pub const EJECTED: Task = Task::Ejected;
 }
 
 /// Who placed an instance's agent (the `placement` column).
@@ -88,12 +65,7 @@ impl BackupStatus {
 
 impl std::fmt::Display for BackupStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            BackupStatus::New => "NEW",
-            BackupStatus::Building => "BUILDING",
-            BackupStatus::Completed => "COMPLETED",
-            BackupStatus::Failed => "FAILED",
-        })
+        f.write_str(&serde_name(self))
     }
 }
 
@@ -101,15 +73,14 @@ impl std::fmt::Display for BackupStatus {
 /// `fresh` is false once the heartbeat is older than the expiry.
 pub fn derive(task: Task, service: &str, fresh: bool) -> (&'static str, &'static str) {
     match task {
-        task::BUILD_ERROR => return ("ERROR", ""),
-        task::BUILDING => return ("BUILD", ""),
-        task::REBOOTING => return ("REBOOT", ""),
-        task::DELETING => return ("SHUTDOWN", ""),
-        task::PROMOTING => return ("PROMOTE", ""),
-        task::EJECTING => return ("EJECT", ""),
-        task::DETACHING => return ("DETACH", ""),
-        task::EJECTED => return ("ERROR", ""),
-        _ => {}
+        Task::BuildingError | Task::Ejected => return ("ERROR", ""),
+        Task::Building => return ("BUILD", ""),
+        Task::Rebooting => return ("REBOOT", ""),
+        Task::Deleting => return ("SHUTDOWN", ""),
+        Task::Promoting => return ("PROMOTE", ""),
+        Task::Ejecting => return ("EJECT", ""),
+        Task::Detaching => return ("DETACH", ""),
+        Task::None => {}
     }
     if !fresh {
         return ("ERROR", "ERROR");

@@ -4,8 +4,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query};
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::http::StatusCode;
 use coffer_proto::{seal, v1};
 use serde_json::{json, Value};
 
@@ -13,7 +12,9 @@ use super::instances::find;
 use super::parse::{
     self, body_as, check_host, check_name, check_password, some_of, DatabaseReq, NameRef, UserReq,
 };
-use super::{accepted, ok, with_next, ApiError, ApiResult, AppState, Caller, Page};
+use super::{
+    accepted, ok, ApiError, ApiResult, AppState, Caller, ItemPath, Page, SubPath, SubSubPath,
+};
 use crate::status;
 use crate::store::InstanceRow;
 use crate::App;
@@ -36,6 +37,13 @@ async fn ready(app: &App, c: &Caller, id: &str) -> Result<InstanceRow, ApiError>
 }
 
 pub(super) use crate::agents::{agent_key, call};
+
+/// Has the instance's agent carry out `kind` once the instance is [`ready`]; 202.
+async fn act(app: &App, c: &Caller, id: &str, kind: v1::call::Kind) -> ApiResult {
+    let r = ready(app, c, id).await?;
+    call(app, &r, kind).await?;
+    accepted()
+}
 
 fn sealed(key: &[u8], context: &str, secret: &str) -> Result<Vec<u8>, ApiError> {
     seal::seal(key, context, secret.as_bytes()).map_err(|e| anyhow::anyhow!("sealing: {e}").into())
@@ -91,7 +99,7 @@ struct RootBody {
 pub async fn list_databases(
     st: AppState,
     c: Caller,
-    Path((_p, id)): Path<(String, String)>,
+    Path((_p, id)): ItemPath,
     Query(page): Query<Page>,
 ) -> ApiResult {
     let r = ready(&st, &c, &id).await?;
@@ -99,49 +107,27 @@ pub async fn list_databases(
     let (items, next) = page.apply(rep.databases, |d| d.name.clone())?;
     let body =
         json!({"databases": items.iter().map(|d| json!({"name": d.name})).collect::<Vec<_>>()});
-    ok(with_next(
-        body,
-        &c,
-        &format!("instances/{id}/databases"),
-        &page.limit,
-        next,
-    ))
+    next.wrap(&c, &format!("instances/{id}/databases"), body)
 }
 
 pub async fn create_databases(
     st: AppState,
     c: Caller,
-    Path((_p, id)): Path<(String, String)>,
+    Path((_p, id)): ItemPath,
     body: Bytes,
 ) -> ApiResult {
-    let dbs = some_of("databases", body_as::<Databases>(&body)?.databases)?
+    let databases = some_of("databases", body_as::<Databases>(&body)?.databases)?
         .into_iter()
         .map(|d| parse::database(d, "databases"))
         .collect::<Result<Vec<_>, _>>()?;
-    let r = ready(&st, &c, &id).await?;
-    call(
-        &st,
-        &r,
-        v1::call::Kind::CreateDatabases(v1::CreateDatabases { databases: dbs }),
-    )
-    .await?;
-    accepted()
+    let kind = v1::call::Kind::CreateDatabases(v1::CreateDatabases { databases });
+    act(&st, &c, &id, kind).await
 }
 
-pub async fn delete_database(
-    st: AppState,
-    c: Caller,
-    Path((_p, id, name)): Path<(String, String, String)>,
-) -> ApiResult {
+pub async fn delete_database(st: AppState, c: Caller, Path((_p, id, name)): SubPath) -> ApiResult {
     check_name("database", &name, 64)?;
-    let r = ready(&st, &c, &id).await?;
-    call(
-        &st,
-        &r,
-        v1::call::Kind::DeleteDatabase(v1::DeleteDatabase { name }),
-    )
-    .await?;
-    accepted()
+    let kind = v1::call::Kind::DeleteDatabase(v1::DeleteDatabase { name });
+    act(&st, &c, &id, kind).await
 }
 
 pub async fn show_database() -> ApiResult {
@@ -166,26 +152,20 @@ async fn users_of(app: &App, r: &InstanceRow) -> Result<Vec<v1::UserInfo>, ApiEr
 pub async fn list_users(
     st: AppState,
     c: Caller,
-    Path((_p, id)): Path<(String, String)>,
+    Path((_p, id)): ItemPath,
     Query(page): Query<Page>,
 ) -> ApiResult {
     let r = ready(&st, &c, &id).await?;
     let users = users_of(&st, &r).await?;
     let (items, next) = page.apply(users, |u| u.name.clone())?;
     let body = json!({"users": items.iter().map(user_json).collect::<Vec<_>>()});
-    ok(with_next(
-        body,
-        &c,
-        &format!("instances/{id}/users"),
-        &page.limit,
-        next,
-    ))
+    next.wrap(&c, &format!("instances/{id}/users"), body)
 }
 
 pub async fn create_users(
     st: AppState,
     c: Caller,
-    Path((_p, id)): Path<(String, String)>,
+    Path((_p, id)): ItemPath,
     body: Bytes,
 ) -> ApiResult {
     let parsed = some_of("users", body_as::<Users>(&body)?.users)?
@@ -200,12 +180,8 @@ pub async fn create_users(
         u.password_sealed = sealed(&key, &context, &std::mem::take(&mut u.password))?;
         users.push(u);
     }
-    call(
-        &st,
-        &r,
-        v1::call::Kind::CreateUsers(v1::CreateUsers { users }),
-    )
-    .await?;
+    let kind = v1::call::Kind::CreateUsers(v1::CreateUsers { users });
+    call(&st, &r, kind).await?;
     accepted()
 }
 
@@ -213,7 +189,7 @@ pub async fn create_users(
 pub async fn change_passwords(
     st: AppState,
     c: Caller,
-    Path((_p, id)): Path<(String, String)>,
+    Path((_p, id)): ItemPath,
     body: Bytes,
 ) -> ApiResult {
     let mut changes = vec![];
@@ -224,17 +200,13 @@ pub async fn change_passwords(
     let r = ready(&st, &c, &id).await?;
     let key = agent_key(&r)?;
     for (name, host, password) in changes {
-        let new_password_sealed = sealed(
-            &key,
-            &seal::user_password_context(&id, &name, &host),
-            &password,
-        )?;
+        let context = seal::user_password_context(&id, &name, &host);
+        let new_password_sealed = sealed(&key, &context, &password)?;
         let u = v1::UpdateUser {
             name,
             host,
-            new_name: String::new(),
-            new_host: String::new(),
             new_password_sealed,
+            ..Default::default()
         };
         call(&st, &r, v1::call::Kind::UpdateUser(u)).await?;
     }
@@ -254,11 +226,7 @@ async fn one_user(
         .ok_or_else(|| ApiError::not_found(format!("User {name} cannot be found on the instance.")))
 }
 
-pub async fn show_user(
-    st: AppState,
-    c: Caller,
-    Path((_p, id, user)): Path<(String, String, String)>,
-) -> ApiResult {
+pub async fn show_user(st: AppState, c: Caller, Path((_p, id, user)): SubPath) -> ApiResult {
     let (name, host) = user_ref(&user)?;
     let r = ready(&st, &c, &id).await?;
     let u = one_user(&st, &r, &name, &host).await?;
@@ -268,7 +236,7 @@ pub async fn show_user(
 pub async fn update_user(
     st: AppState,
     c: Caller,
-    Path((_p, id, user)): Path<(String, String, String)>,
+    Path((_p, id, user)): SubPath,
     body: Bytes,
 ) -> ApiResult {
     let (name, host) = user_ref(&user)?;
@@ -312,27 +280,13 @@ pub async fn update_user(
     accepted()
 }
 
-pub async fn delete_user(
-    st: AppState,
-    c: Caller,
-    Path((_p, id, user)): Path<(String, String, String)>,
-) -> ApiResult {
+pub async fn delete_user(st: AppState, c: Caller, Path((_p, id, user)): SubPath) -> ApiResult {
     let (name, host) = user_ref(&user)?;
-    let r = ready(&st, &c, &id).await?;
-    call(
-        &st,
-        &r,
-        v1::call::Kind::DeleteUser(v1::DeleteUser { name, host }),
-    )
-    .await?;
-    accepted()
+    let kind = v1::call::Kind::DeleteUser(v1::DeleteUser { name, host });
+    act(&st, &c, &id, kind).await
 }
 
-pub async fn list_access(
-    st: AppState,
-    c: Caller,
-    Path((_p, id, user)): Path<(String, String, String)>,
-) -> ApiResult {
+pub async fn list_access(st: AppState, c: Caller, Path((_p, id, user)): SubPath) -> ApiResult {
     let (name, host) = user_ref(&user)?;
     let r = ready(&st, &c, &id).await?;
     let u = one_user(&st, &r, &name, &host).await?;
@@ -342,7 +296,7 @@ pub async fn list_access(
 pub async fn grant_access(
     st: AppState,
     c: Caller,
-    Path((_p, id, user)): Path<(String, String, String)>,
+    Path((_p, id, user)): SubPath,
     body: Bytes,
 ) -> ApiResult {
     let (name, host) = user_ref(&user)?;
@@ -350,56 +304,40 @@ pub async fn grant_access(
         .into_iter()
         .map(|d| check_name("database", &d.name, 64).map(|_| d.name))
         .collect::<Result<_, _>>()?;
-    let r = ready(&st, &c, &id).await?;
-    call(
-        &st,
-        &r,
-        v1::call::Kind::GrantAccess(v1::GrantAccess {
-            name,
-            host,
-            databases,
-        }),
-    )
-    .await?;
-    accepted()
+    let kind = v1::call::Kind::GrantAccess(v1::GrantAccess {
+        name,
+        host,
+        databases,
+    });
+    act(&st, &c, &id, kind).await
 }
 
 pub async fn revoke_access(
     st: AppState,
     c: Caller,
-    Path((_p, id, user, db)): Path<(String, String, String, String)>,
+    Path((_p, id, user, database)): SubSubPath,
 ) -> ApiResult {
     let (name, host) = user_ref(&user)?;
-    check_name("database", &db, 64)?;
-    let r = ready(&st, &c, &id).await?;
-    call(
-        &st,
-        &r,
-        v1::call::Kind::RevokeAccess(v1::RevokeAccess {
-            name,
-            host,
-            database: db,
-        }),
-    )
-    .await?;
-    accepted()
+    check_name("database", &database, 64)?;
+    let kind = v1::call::Kind::RevokeAccess(v1::RevokeAccess {
+        name,
+        host,
+        database,
+    });
+    act(&st, &c, &id, kind).await
 }
 
 // ---- root ---------------------------------------------------------------------------------------
 
-pub async fn root_show(
-    st: AppState,
-    c: Caller,
-    Path((_p, id)): Path<(String, String)>,
-) -> ApiResult {
+pub async fn root_show(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
     let r = find(&st, &c, &id).await?;
-    ok(json!({"rootEnabled": st.store.root_enabled(&r.id).await?}))
+    ok(json!({"rootEnabled": r.root_enabled}))
 }
 
 pub async fn root_enable(
     st: AppState,
     c: Caller,
-    Path((_p, id)): Path<(String, String)>,
+    Path((_p, id)): ItemPath,
     body: Bytes,
 ) -> ApiResult {
     let given = if body.is_empty() {
@@ -416,29 +354,18 @@ pub async fn root_enable(
         Some(p) => sealed(&agent_key(&r)?, &seal::root_password_context(&id), p)?,
         None => vec![],
     };
-    let (call_id, rep) = call(
-        &st,
-        &r,
-        v1::call::Kind::EnableRoot(v1::EnableRoot { password_sealed }),
-    )
-    .await?;
-    let password = seal::open(
-        &st.reply_secret_key,
-        &seal::reply_context(&id, &call_id),
-        &rep.sealed_secret,
-    )
-    .map_err(|e| anyhow::anyhow!("opening the root password from the agent: {e}"))?;
+    let kind = v1::call::Kind::EnableRoot(v1::EnableRoot { password_sealed });
+    let (call_id, rep) = call(&st, &r, kind).await?;
+    let context = seal::reply_context(&id, &call_id);
+    let password = seal::open(&st.reply_secret_key, &context, &rep.sealed_secret)
+        .map_err(|e| anyhow::anyhow!("opening the root password from the agent: {e}"))?;
     st.store.set_root_enabled(&r.id, true).await?;
     ok(json!({"user": {"name": "root", "password": String::from_utf8_lossy(&password)}}))
 }
 
-pub async fn root_disable(
-    st: AppState,
-    c: Caller,
-    Path((_p, id)): Path<(String, String)>,
-) -> ApiResult {
+pub async fn root_disable(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
     let r = find(&st, &c, &id).await?;
-    if !st.store.root_enabled(&r.id).await? {
+    if !r.root_enabled {
         return Err(ApiError::not_found(format!(
             "Root was never enabled on instance {id}."
         )));
@@ -446,9 +373,5 @@ pub async fn root_disable(
     let r = ready(&st, &c, &id).await?;
     call(&st, &r, v1::call::Kind::DisableRoot(v1::DisableRoot {})).await?;
     st.store.set_root_enabled(&r.id, false).await?;
-    Ok((
-        StatusCode::NO_CONTENT,
-        [(header::CONTENT_TYPE, "application/json")],
-    )
-        .into_response())
+    super::empty(StatusCode::NO_CONTENT)
 }

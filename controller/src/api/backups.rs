@@ -12,7 +12,7 @@ use serde::de::IgnoredAny;
 
 use super::instances::find;
 use super::parse::{body_as, present, Id, ZeroOne};
-use super::{accepted, ok, ApiError, ApiResult, AppState, Caller};
+use super::{accepted, ok, ApiError, ApiResult, AppState, Caller, ItemPath};
 use crate::ops::backups::{find_backup, remove, BackupSpec};
 use crate::store::BackupRow;
 use crate::App;
@@ -73,12 +73,7 @@ async fn list_filtered(
         rows = keep;
     }
     // Trove pages backups by integer offset.
-    let limit = match &q.limit {
-        None => 20,
-        Some(s) => s.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
-            ApiError::bad_request(format!("limit must be a positive integer, not '{s}'."))
-        })?,
-    };
+    let limit = super::limit_of(q.limit.as_deref())?;
     let offset = match &q.marker {
         None => 0,
         Some(s) => s.parse::<usize>().map_err(|_| {
@@ -104,14 +99,14 @@ pub async fn list(st: AppState, c: Caller, Query(q): Query<BackupQuery>) -> ApiR
 pub async fn list_for_instance(
     st: AppState,
     c: Caller,
-    Path((_p, id)): Path<(String, String)>,
+    Path((_p, id)): ItemPath,
     Query(q): Query<BackupQuery>,
 ) -> ApiResult {
     let r = find(&st, &c, &id).await?;
     list_filtered(&st, &c, &q, Some(&r.id)).await
 }
 
-pub async fn show(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+pub async fn show(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
     let b = find_backup(&st, &c, &id).await?;
     ok(json!({"backup": backup_json(&st, &b).await?}))
 }
@@ -125,15 +120,14 @@ struct CreateBody {
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)]
 struct CreateBackup {
     name: String,
     instance: Id,
     description: Option<String>,
     parent_id: Option<String>,
     incremental: Option<ZeroOne>,
-    #[allow(dead_code)]
     swift_container: Option<IgnoredAny>,
-    #[allow(dead_code)]
     storage_driver: Option<IgnoredAny>,
     #[serde(default, deserialize_with = "present")]
     restore_from: Option<IgnoredAny>,
@@ -175,7 +169,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         .into_response())
 }
 
-pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+pub async fn delete(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
     let b = find_backup(&st, &c, &id).await?;
     // The backup and every backup built on it (Trove deletes child incrementals too).
     let all = st.store.backups_of(&b.project_id).await?;

@@ -2,16 +2,20 @@
 //! instances. Values are validated against the version's rules (all bad values named in one
 //! 422); an instance's whole set of overrides travels to its agent as a `configure` intent.
 
+use std::collections::HashMap;
+
 use axum::body::Bytes;
 use axum::extract::{Path, Query};
+use axum::http::{Method, StatusCode};
 use coffer_common::config_rules::ParamRule;
 use coffer_proto::v1;
 use serde_json::{json, Map, Value};
 
-use super::parse::{body_as, present};
-use super::{accepted, ok, with_next, ApiError, ApiResult, AppState, Caller, Page};
+use super::catalog::{find_version, version_by_id};
+use super::parse::{body_as, present, DatastoreReq};
+use super::{accepted, ok, ApiError, ApiResult, AppState, Caller, ItemPath, Page};
 use crate::ops::configurations::check_values;
-use crate::status::task;
+use crate::status::Task;
 use crate::store::{ConfigurationRow, InstanceRow, Store, VersionRow};
 use crate::App;
 
@@ -34,64 +38,38 @@ fn param_json(version_id: &str, r: &ParamRule) -> Value {
     v
 }
 
-async fn params_list(app: &App, v: &VersionRow) -> ApiResult {
-    let rules = app.store.params(&v.id).await?;
-    ok(
-        json!({"configuration-parameters": rules.iter().map(|r| param_json(&v.id, r)).collect::<Vec<_>>()}),
-    )
+/// The version a parameters route names: `{ds}/versions/{v}` or `versions/{vid}`.
+async fn version_of(st: &AppState, at: &HashMap<String, String>) -> Result<VersionRow, ApiError> {
+    match at.get("vid") {
+        Some(vid) => version_by_id(st, vid).await,
+        None => find_version(st, &at["ds"], &at["v"]).await,
+    }
 }
 
-async fn param_show(app: &App, v: &VersionRow, name: &str) -> ApiResult {
-    let rules = app.store.params(&v.id).await?;
+pub async fn list_params(
+    st: AppState,
+    _c: Caller,
+    Path(at): Path<HashMap<String, String>>,
+) -> ApiResult {
+    let v = version_of(&st, &at).await?;
+    let rules = st.store.params(&v.id).await?;
+    let list: Vec<Value> = rules.iter().map(|r| param_json(&v.id, r)).collect();
+    ok(json!({"configuration-parameters": list}))
+}
+
+pub async fn show_param(
+    st: AppState,
+    _c: Caller,
+    Path(at): Path<HashMap<String, String>>,
+) -> ApiResult {
+    let (v, name) = (version_of(&st, &at).await?, &at["name"]);
+    let rules = st.store.params(&v.id).await?;
     match rules.iter().find(|r| r.name.eq_ignore_ascii_case(name)) {
         Some(r) => ok(param_json(&v.id, r)),
         None => Err(ApiError::not_found(format!(
             "No configuration parameter found by name {name}."
         ))),
     }
-}
-
-async fn version_by_id(app: &App, vid: &str) -> Result<VersionRow, ApiError> {
-    app.store
-        .version(vid)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("Datastore version '{vid}' cannot be found.")))
-}
-
-pub async fn list_params(
-    st: AppState,
-    _c: Caller,
-    Path((_p, ds, v)): Path<(String, String, String)>,
-) -> ApiResult {
-    let v = super::catalog::find_version(&st, &ds, &v).await?;
-    params_list(&st, &v).await
-}
-
-pub async fn show_param(
-    st: AppState,
-    _c: Caller,
-    Path((_p, ds, v, name)): Path<(String, String, String, String)>,
-) -> ApiResult {
-    let v = super::catalog::find_version(&st, &ds, &v).await?;
-    param_show(&st, &v, &name).await
-}
-
-pub async fn list_params_by_id(
-    st: AppState,
-    _c: Caller,
-    Path((_p, vid)): Path<(String, String)>,
-) -> ApiResult {
-    let v = version_by_id(&st, &vid).await?;
-    params_list(&st, &v).await
-}
-
-pub async fn show_param_by_id(
-    st: AppState,
-    _c: Caller,
-    Path((_p, vid, name)): Path<(String, String, String)>,
-) -> ApiResult {
-    let v = version_by_id(&st, &vid).await?;
-    param_show(&st, &v, &name).await
 }
 
 /// Sends an instance its whole set of overrides.
@@ -118,7 +96,7 @@ pub(super) async fn attach(
     group: Option<String>,
 ) -> Result<(), ApiError> {
     let (status, _) = crate::status::derive(r.task, &r.service_status, app.fresh(&r.id));
-    if r.task != task::NONE || !matches!(status, "ACTIVE" | "RESTART_REQUIRED") {
+    if r.task != Task::None || !matches!(status, "ACTIVE" | "RESTART_REQUIRED") {
         return Err(ApiError::bad_request(format!(
             "Instance {} is not in a state that allows a configuration change (status was {status}).",
             r.id
@@ -188,16 +166,10 @@ pub async fn list(st: AppState, c: Caller, Query(page): Query<Page>) -> ApiResul
     for x in &items {
         out.push(config_json(&st, &c, x, false).await?);
     }
-    ok(with_next(
-        json!({"configurations": out}),
-        &c,
-        "configurations",
-        &page.limit,
-        next,
-    ))
+    next.wrap(&c, "configurations", json!({"configurations": out}))
 }
 
-pub async fn show(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+pub async fn show(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
     let x = find(&st, &c, &id).await?;
     ok(json!({"configuration": config_json(&st, &c, &x, true).await?}))
 }
@@ -205,7 +177,7 @@ pub async fn show(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)
 pub async fn instances(
     st: AppState,
     c: Caller,
-    Path((_p, id)): Path<(String, String)>,
+    Path((_p, id)): ItemPath,
     Query(page): Query<Page>,
 ) -> ApiResult {
     let x = find(&st, &c, &id).await?;
@@ -215,13 +187,11 @@ pub async fn instances(
         .iter()
         .map(|r| json!({"id": r.id, "name": r.name}))
         .collect();
-    ok(with_next(
-        json!({"instances": list}),
+    next.wrap(
         &c,
         &format!("configurations/{id}/instances"),
-        &page.limit,
-        next,
-    ))
+        json!({"instances": list}),
+    )
 }
 
 /// `POST /configurations`, and `PUT`/`PATCH` (which take fewer keys).
@@ -238,14 +208,7 @@ struct GroupReq {
     #[serde(default, deserialize_with = "present")]
     description: Option<Option<String>>,
     values: Map<String, Value>,
-    datastore: Option<GroupDatastore>,
-}
-
-#[derive(serde::Deserialize)]
-struct GroupDatastore {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    version: Option<String>,
+    datastore: Option<DatastoreReq>,
 }
 
 fn group_of(body: &Bytes, allowed: &[&str]) -> Result<GroupReq, ApiError> {
@@ -297,7 +260,14 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
 
 /// PUT replaces the values (202), PATCH merges them (200, empty); both reach every attached
 /// instance.
-async fn change(st: AppState, c: Caller, id: String, body: Bytes, merge: bool) -> ApiResult {
+pub async fn update(
+    st: AppState,
+    c: Caller,
+    method: Method,
+    Path((_p, id)): ItemPath,
+    body: Bytes,
+) -> ApiResult {
+    let merge = method == Method::PATCH;
     let g = group_of(&body, if merge { &[] } else { &["name", "description"] })?;
     let mut x = find(&st, &c, &id).await?;
     let values = g.values;
@@ -329,31 +299,13 @@ async fn change(st: AppState, c: Caller, id: String, body: Bytes, merge: bool) -
         push(&st, &r, overrides.clone()).await?;
     }
     if merge {
-        super::empty(axum::http::StatusCode::OK)
+        super::empty(StatusCode::OK)
     } else {
         accepted()
     }
 }
 
-pub async fn update(
-    st: AppState,
-    c: Caller,
-    Path((_p, id)): Path<(String, String)>,
-    body: Bytes,
-) -> ApiResult {
-    change(st, c, id, body, false).await
-}
-
-pub async fn patch(
-    st: AppState,
-    c: Caller,
-    Path((_p, id)): Path<(String, String)>,
-    body: Bytes,
-) -> ApiResult {
-    change(st, c, id, body, true).await
-}
-
-pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+pub async fn delete(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
     let x = find(&st, &c, &id).await?;
     let users = st.store.instances_with_configuration(&x.id).await?;
     if let Some(r) = users.first() {
@@ -362,23 +314,15 @@ pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, Strin
             x.id, r.id
         )));
     }
-    st.store.delete_configuration(&x.id).await?;
+    st.store.soft_delete("configurations", &x.id).await?;
     accepted()
 }
 
 /// `GET /instances/{id}/configuration`: the rendered default configuration, as the agent has it.
-pub async fn instance_default(
-    st: AppState,
-    c: Caller,
-    Path((_p, id)): Path<(String, String)>,
-) -> ApiResult {
+pub async fn instance_default(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
     let r = super::instances::find(&st, &c, &id).await?;
-    let (_, reply) = super::access::call(
-        &st,
-        &r,
-        v1::call::Kind::DefaultConfiguration(v1::DefaultConfiguration {}),
-    )
-    .await?;
+    let kind = v1::call::Kind::DefaultConfiguration(v1::DefaultConfiguration {});
+    let (_, reply) = super::access::call(&st, &r, kind).await?;
     let mut m = Map::new();
     for o in reply.configuration {
         let v = o

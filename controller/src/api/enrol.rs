@@ -4,7 +4,7 @@ use axum::body::Bytes;
 use axum::extract::Path;
 use serde_json::json;
 
-use super::parse::{body_as, Id, Positive};
+use super::parse::{body_as, DatastoreReq, Id, Positive, Volume};
 use super::{ok, ApiError, ApiResult, AppState, Caller};
 use crate::ops::enrol::{create_token, rfc3339, EnrolReq, TokenSpec};
 
@@ -20,22 +20,10 @@ struct TokenReq {
     name: String,
     #[serde(rename = "flavorRef")]
     flavor_ref: Id,
-    volume: Option<TokenVolume>,
-    datastore: Option<TokenDatastore>,
+    volume: Option<Volume>,
+    datastore: Option<DatastoreReq>,
     ttl: Option<Positive>,
     project_id: Option<String>,
-}
-
-#[derive(serde::Deserialize)]
-struct TokenVolume {
-    size: Positive,
-}
-
-#[derive(serde::Deserialize)]
-struct TokenDatastore {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    version: Option<String>,
 }
 
 /// `POST /v1.0/{project}/mgmt/enrolment-tokens` (admin):

@@ -2,15 +2,16 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query};
+use axum::http::{Method, Uri};
 use coffer_proto::v1;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::parse::{self, present, typed, DatabaseReq, Id, IdRef, Positive, UserReq};
-use super::{accepted, ok, parse_body, with_next, ApiError, ApiResult, AppState, Caller, Page};
+use super::parse::{self, present, typed, DatabaseReq, Id, IdRef, Positive, UserReq, Volume};
+use super::{accepted, ok, parse_body, ApiError, ApiResult, AppState, Caller, ItemPath, Page};
 use crate::ops::instances::{self as ops, CreateSpec};
-use crate::status::{self, task};
+use crate::status::{self, Task};
 use crate::store::InstanceRow;
 use crate::workflow::replicas;
 use crate::App;
@@ -24,15 +25,14 @@ struct CreateBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)]
 struct CreateInstance {
     name: String,
     #[serde(rename = "flavorRef")]
     flavor_ref: Option<Id>,
     volume: Option<Volume>,
     datastore: Option<DatastoreRef>,
-    #[serde(default)]
     databases: Option<Vec<DatabaseReq>>,
-    #[serde(default)]
     users: Option<Vec<UserReq>>,
     #[serde(rename = "restorePoint")]
     restore_point: Option<RestorePoint>,
@@ -41,30 +41,20 @@ struct CreateInstance {
     replica_count: Option<Positive>,
     modules: Option<Vec<IdRef>>,
     // Accepted and not used: one network, one zone, one region.
-    #[allow(dead_code)]
     nics: Option<IgnoredAny>,
-    #[allow(dead_code)]
     availability_zone: Option<IgnoredAny>,
-    #[allow(dead_code)]
     locality: Option<IgnoredAny>,
-    #[allow(dead_code)]
     region_name: Option<IgnoredAny>,
-    #[allow(dead_code)]
     access: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
-struct Volume {
-    size: Positive,
-}
-
-#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)]
 struct DatastoreRef {
     #[serde(rename = "type")]
     kind: Option<String>,
     version: Option<String>,
-    #[allow(dead_code)]
     version_number: Option<IgnoredAny>,
 }
 
@@ -177,12 +167,7 @@ fn parse_create(body: Map<String, Value>) -> Result<Create, ApiError> {
         users,
         restore_from: i.restore_point.map(|r| r.backup_ref.0),
         configuration,
-        modules: i
-            .modules
-            .unwrap_or_default()
-            .into_iter()
-            .map(|m| m.id.0)
-            .collect(),
+        modules: i.modules.into_iter().flatten().map(|m| m.id.0).collect(),
     }))
 }
 
@@ -229,12 +214,8 @@ pub(super) async fn render(
     }
     super::replicas::view(app, c, r, &mut j).await?;
     if let Some(cid) = &r.configuration_id {
-        let name = app
-            .store
-            .configuration(cid)
-            .await?
-            .map(|x| x.name)
-            .unwrap_or_default();
+        let group = app.store.configuration(cid).await?;
+        let name = group.map(|x| x.name).unwrap_or_default();
         j["configuration"] =
             json!({"id": cid, "name": name, "links": c.links("configurations", cid)});
     }
@@ -248,7 +229,7 @@ pub(super) async fn render(
         }
         if let Some(f) = &r.fault {
             j["fault"] = json!({"message": f, "created": r.fault_at, "details": null});
-        } else if status == "ERROR" && !fresh && r.task == task::NONE {
+        } else if status == "ERROR" && !fresh && r.task == Task::None {
             j["fault"] = json!({
                 "message": format!(
                     "The guest agent has not reported for more than {} s; check that coffer-agent runs for this instance.",
@@ -270,7 +251,7 @@ pub(super) async fn render(
                     json!(((gb / r.volume_size.max(1) as f64) * 10000.0).round() / 100.0);
             }
         }
-        if r.task == task::BUILDING || r.task == task::REBOOTING || r.task == task::DELETING {
+        if r.task == Task::Building || r.task == Task::Rebooting || r.task == Task::Deleting {
             if let Some((kind, state, progress, message)) = app.store.latest_intent(&r.id).await? {
                 j["progress"] = json!({"action": kind, "state": state, "percent": progress, "message": message});
             }
@@ -299,36 +280,24 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     ok(json!({ "instance": view }))
 }
 
-pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+pub async fn delete(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
     ops::delete(&st, &find(&st, &c, &id).await?).await?;
     accepted()
 }
 
-async fn list_impl(st: AppState, c: Caller, page: Page, detail: bool) -> ApiResult {
+/// `GET /instances` and `GET /instances/detail`.
+pub async fn list(st: AppState, c: Caller, uri: Uri, Query(page): Query<Page>) -> ApiResult {
+    let detail = uri.path().ends_with("/detail");
     let rows = st.store.instances_of(&c.project).await?;
     let (rows, next) = page.apply(rows, |r| r.id.clone())?;
     let mut out = vec![];
     for r in &rows {
         out.push(render(&st, &c, r, detail, false).await?);
     }
-    ok(with_next(
-        json!({"instances": out}),
-        &c,
-        "instances",
-        &page.limit,
-        next,
-    ))
+    next.wrap(&c, "instances", json!({"instances": out}))
 }
 
-pub async fn list(st: AppState, c: Caller, Query(page): Query<Page>) -> ApiResult {
-    list_impl(st, c, page, false).await
-}
-
-pub async fn list_detail(st: AppState, c: Caller, Query(page): Query<Page>) -> ApiResult {
-    list_impl(st, c, page, true).await
-}
-
-pub async fn show(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+pub async fn show(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
     let r = find(&st, &c, &id).await?;
     ok(json!({"instance": render(&st, &c, &r, true, true).await?}))
 }
@@ -357,12 +326,18 @@ struct UpdateInstance {
     access: Option<IgnoredAny>,
 }
 
-async fn update_impl(st: AppState, c: Caller, id: String, body: Bytes, patch: bool) -> ApiResult {
+pub async fn update(
+    st: AppState,
+    c: Caller,
+    method: Method,
+    Path((_p, id)): ItemPath,
+    body: Bytes,
+) -> ApiResult {
     let body = parse_body(&body)?;
     let r = find(&st, &c, &id).await?;
     let i = typed::<UpdateBody>(body)?.instance;
     // PUT takes `access`, PATCH takes `slave_of`, as Trove's two schemas do.
-    let only_other = if patch {
+    let only_other = if method == Method::PATCH {
         ("access", i.access.is_some())
     } else {
         ("slave_of", i.slave_of.is_some())
@@ -418,30 +393,7 @@ async fn update_impl(st: AppState, c: Caller, id: String, body: Bytes, patch: bo
     accepted()
 }
 
-pub async fn update(
-    st: AppState,
-    c: Caller,
-    Path((_p, id)): Path<(String, String)>,
-    body: Bytes,
-) -> ApiResult {
-    update_impl(st, c, id, body, false).await
-}
-
-pub async fn update_patch(
-    st: AppState,
-    c: Caller,
-    Path((_p, id)): Path<(String, String)>,
-    body: Bytes,
-) -> ApiResult {
-    update_impl(st, c, id, body, true).await
-}
-
-pub async fn action(
-    st: AppState,
-    c: Caller,
-    Path((_p, id)): Path<(String, String)>,
-    body: Bytes,
-) -> ApiResult {
+pub async fn action(st: AppState, c: Caller, Path((_p, id)): ItemPath, body: Bytes) -> ApiResult {
     let app = st.0.clone();
     let body = parse_body(&body)?;
     let r = find(&app, &c, &id).await?;
@@ -452,31 +404,27 @@ pub async fn action(
     }
     let (key, _arg) = body.iter().next().unwrap();
     match key.as_str() {
-        "restart" => ops::restart(&app, &r).await.and_then(|_| accepted()),
-        "reset_status" => {
-            if !c.admin {
-                return Err(ApiError::forbidden(
-                    "Policy doesn't allow instance:reset_status to be performed.",
-                ));
-            }
-            ops::reset_status(&app, &id).await?;
-            accepted()
+        "restart" => ops::restart(&app, &r).await?,
+        "reset_status" if !c.admin => {
+            return Err(ApiError::forbidden(
+                "Policy doesn't allow instance:reset_status to be performed.",
+            ))
         }
-        "promote_to_replica_source" => {
-            replicas::promote(app, &r).await?;
-            accepted()
+        "reset_status" => ops::reset_status(&app, &id).await?,
+        "promote_to_replica_source" => replicas::promote(app, &r).await?,
+        "eject_replica_source" => replicas::eject(app, &r).await?,
+        "resize" => {
+            return Err(ApiError::not_implemented(format!(
+                "The '{key}' action is not supported by this Coffer release yet."
+            )))
         }
-        "eject_replica_source" => {
-            replicas::eject(app, &r).await?;
-            accepted()
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "Invalid instance action: '{other}'."
+            )))
         }
-        "resize" => Err(ApiError::not_implemented(format!(
-            "The '{key}' action is not supported by this Coffer release yet."
-        ))),
-        other => Err(ApiError::bad_request(format!(
-            "Invalid instance action: '{other}'."
-        ))),
     }
+    accepted()
 }
 
 #[cfg(test)]

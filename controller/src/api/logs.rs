@@ -4,12 +4,14 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query};
+use axum::http::StatusCode;
 use coffer_proto::v1;
 use serde_json::{json, Value};
 
 use super::access::call;
 use super::parse::{body_as, ZeroOne};
-use super::{ok, ApiError, ApiResult, AppState, Caller};
+use super::{ok, ApiError, ApiResult, AppState, Caller, ItemPath, SubPath};
+use crate::store::InstanceRow;
 
 fn log_json(l: &v1::LogInfo) -> Value {
     json!({
@@ -19,25 +21,35 @@ fn log_json(l: &v1::LogInfo) -> Value {
     })
 }
 
-pub async fn list(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
+/// The instance's log `name`, which the caller may `verb` (a system log only an admin).
+async fn find_log(
+    st: &AppState,
+    r: &InstanceRow,
+    c: &Caller,
+    name: &str,
+    verb: &str,
+) -> Result<v1::LogInfo, ApiError> {
+    let (_, all) = call(st, r, v1::call::Kind::ListLogs(v1::ListLogs {})).await?;
+    let Some(log) = all.logs.into_iter().find(|l| l.name == name) else {
+        return Err(ApiError::not_found(format!("Log {name} does not exist.")));
+    };
+    if log.r#type != "USER" && !c.admin {
+        return Err(ApiError::forbidden(format!(
+            "Log {name} is a system log: only an administrator may {verb}."
+        )));
+    }
+    Ok(log)
+}
+
+pub async fn list(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
     let r = super::instances::find(&st, &c, &id).await?;
     let (_, reply) = call(&st, &r, v1::call::Kind::ListLogs(v1::ListLogs {})).await?;
     // Tenants see their own (USER) logs; admins every log.
-    let logs: Vec<Value> = reply
-        .logs
-        .iter()
-        .filter(|l| c.admin || l.r#type == "USER")
-        .map(log_json)
-        .collect();
-    ok(json!({ "logs": logs }))
+    let shown = reply.logs.iter().filter(|l| c.admin || l.r#type == "USER");
+    ok(json!({ "logs": shown.map(log_json).collect::<Vec<_>>() }))
 }
 
-pub async fn action(
-    st: AppState,
-    c: Caller,
-    Path((_p, id)): Path<(String, String)>,
-    body: Bytes,
-) -> ApiResult {
+pub async fn action(st: AppState, c: Caller, Path((_p, id)): ItemPath, body: Bytes) -> ApiResult {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct LogAction {
@@ -61,28 +73,14 @@ pub async fn action(
         ));
     }
     let r = super::instances::find(&st, &c, &id).await?;
-    let (_, all) = call(&st, &r, v1::call::Kind::ListLogs(v1::ListLogs {})).await?;
-    let Some(log) = all.logs.iter().find(|l| l.name == name) else {
-        return Err(ApiError::not_found(format!("Log {name} does not exist.")));
-    };
-    if log.r#type != "USER" && !c.admin {
-        return Err(ApiError::forbidden(format!(
-            "Log {name} is a system log: only an administrator may act on it."
-        )));
-    }
-    let mut actions = Vec::new();
-    if enable {
-        actions.push("enable");
-    }
-    if disable {
-        actions.push("disable");
-    }
-    if discard {
-        actions.push("discard");
-    }
-    if publish {
-        actions.push("publish");
-    }
+    find_log(&st, &r, &c, &name, "act on it").await?;
+    let chosen = [
+        ("enable", enable),
+        ("disable", disable),
+        ("discard", discard),
+        ("publish", publish),
+    ];
+    let mut actions: Vec<&str> = chosen.iter().filter_map(|x| x.1.then_some(x.0)).collect();
     if actions.is_empty() {
         actions.push("show");
     }
@@ -92,25 +90,15 @@ pub async fn action(
             // The instance's storage exists before its agent writes (older instances included).
             crate::objects::ensure(&st, &r.id).await?;
         }
-        let (_, reply) = call(
-            &st,
-            &r,
-            v1::call::Kind::LogAction(v1::LogAction {
-                name: name.clone(),
-                action: a.into(),
-            }),
-        )
-        .await
-        .map_err(|e| {
-            if e.status == axum::http::StatusCode::NOT_IMPLEMENTED {
-                ApiError::new(
-                    axum::http::StatusCode::NOT_IMPLEMENTED,
-                    "notImplemented",
-                    format!("Logs are not available: {}", e.message),
-                )
-            } else {
-                e
+        let kind = v1::call::Kind::LogAction(v1::LogAction {
+            name: name.clone(),
+            action: a.into(),
+        });
+        let (_, reply) = call(&st, &r, kind).await.map_err(|e| match e.status {
+            StatusCode::NOT_IMPLEMENTED => {
+                ApiError::not_implemented(format!("Logs are not available: {}", e.message))
             }
+            _ => e,
         })?;
         if a == "discard" && st.cfg.backup.is_some() {
             // Agents cannot delete stored objects: the published pieces go from here.
@@ -134,7 +122,7 @@ const TAIL_MAX_BYTES: usize = 1 << 20;
 pub async fn tail(
     st: AppState,
     c: Caller,
-    Path((_p, id, name)): Path<(String, String, String)>,
+    Path((_p, id, name)): SubPath,
     Query(q): Query<TailQuery>,
 ) -> ApiResult {
     let r = super::instances::find(&st, &c, &id).await?;
@@ -148,15 +136,7 @@ pub async fn tail(
                 ApiError::bad_request(format!("lines must be 1 to 10000, not '{s}'."))
             })?,
     };
-    let (_, all) = call(&st, &r, v1::call::Kind::ListLogs(v1::ListLogs {})).await?;
-    let Some(log) = all.logs.iter().find(|l| l.name == name) else {
-        return Err(ApiError::not_found(format!("Log {name} does not exist.")));
-    };
-    if log.r#type != "USER" && !c.admin {
-        return Err(ApiError::forbidden(format!(
-            "Log {name} is a system log: only an administrator may read it."
-        )));
-    }
+    let log = find_log(&st, &r, &c, &name, "read it").await?;
     if log.prefix == "None" {
         return ok(json!({"name": name, "lines": []}));
     }
@@ -185,7 +165,7 @@ pub async fn tail(
 /// says of it is never used, so no agent can point the controller at another instance's objects.
 async fn storage_keys(
     st: &AppState,
-    r: &crate::store::InstanceRow,
+    r: &InstanceRow,
     name: &str,
 ) -> Result<(String, String), ApiError> {
     if !name

@@ -18,7 +18,7 @@ pub mod replicas;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -128,13 +128,9 @@ pub const MAX_ITEMS_PER_REQUEST: usize = 100;
 /// Refuses a list longer than [`MAX_ITEMS_PER_REQUEST`].
 pub fn check_count(what: &str, n: usize) -> Result<(), ApiError> {
     if n > MAX_ITEMS_PER_REQUEST {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "overLimit",
-            format!(
-                "{what} names {n} items; one request may name at most {MAX_ITEMS_PER_REQUEST}. Send them in several requests."
-            ),
-        ));
+        return Err(ApiError::over_limit(format!(
+            "{what} names {n} items; one request may name at most {MAX_ITEMS_PER_REQUEST}. Send them in several requests."
+        )));
     }
     Ok(())
 }
@@ -271,73 +267,71 @@ pub struct Page {
     pub marker: Option<String>,
 }
 
+/// `?limit=` of a list: a positive integer, 20 when not given.
+pub fn limit_of(limit: Option<&str>) -> Result<usize, ApiError> {
+    let Some(s) = limit else { return Ok(20) };
+    s.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
+        ApiError::bad_request(format!("limit must be a positive integer, not '{s}'."))
+    })
+}
+
+/// What a list answer needs for its `next` link: the limit asked and the next marker, if any.
+pub struct NextPage {
+    limit: Option<String>,
+    marker: Option<String>,
+}
+
 impl Page {
-    /// Slices `items` (already ordered) after the marker; returns the page and the next marker.
+    /// Slices `items` (already ordered) after the marker; returns the page and its [`NextPage`].
     pub fn apply<T>(
-        &self,
+        self,
         items: Vec<T>,
         id: impl Fn(&T) -> String,
-    ) -> Result<(Vec<T>, Option<String>), ApiError> {
-        let limit = match &self.limit {
-            None => 20,
-            Some(s) => match s.parse::<usize>() {
-                Ok(n) if n > 0 => n.min(1000),
-                _ => {
-                    return Err(ApiError::bad_request(format!(
-                        "limit must be a positive integer, not '{s}'."
-                    )))
-                }
-            },
-        };
+    ) -> Result<(Vec<T>, NextPage), ApiError> {
+        let limit = limit_of(self.limit.as_deref())?.min(1000);
         let start = match &self.marker {
             None => 0,
             Some(m) => items
                 .iter()
                 .position(|x| id(x) == *m)
-                .map(|p| p + 1)
-                .unwrap_or(items.len()),
+                .map_or(items.len(), |p| p + 1),
         };
         let total = items.len();
         let page: Vec<T> = items.into_iter().skip(start).take(limit).collect();
-        let next = if start + page.len() < total {
-            page.last().map(&id)
-        } else {
-            None
-        };
-        Ok((page, next))
+        let marker = page.last().map(&id).filter(|_| start + page.len() < total);
+        let limit = self.limit;
+        Ok((page, NextPage { limit, marker }))
     }
 }
 
-/// Adds `links: [{rel: next}]` when there is a next page.
-pub fn with_next(
-    mut body: Value,
-    caller: &Caller,
-    resource: &str,
-    limit: &Option<String>,
-    next: Option<String>,
-) -> Value {
-    if let Some(m) = next {
-        let limit = limit.clone().unwrap_or_else(|| "20".into());
-        body["links"] = json!([{
-            "rel": "next",
-            "href": format!("https://{}/v1.0/{}/{}?limit={}&marker={}", caller.host, caller.project, resource, limit, m),
-        }]);
+impl NextPage {
+    /// 200 with `body`, plus `links: [{rel: next}]` when there is a next page.
+    pub fn wrap(self, caller: &Caller, resource: &str, mut body: Value) -> ApiResult {
+        if let Some(m) = self.marker {
+            let limit = self.limit.unwrap_or_else(|| "20".into());
+            body["links"] = json!([{
+                "rel": "next",
+                "href": format!("https://{}/v1.0/{}/{}?limit={}&marker={}", caller.host, caller.project, resource, limit, m),
+            }]);
+        }
+        ok(body)
     }
-    body
+}
+
+/// The v1.0 version document.
+fn v1_doc(h: &HeaderMap) -> Value {
+    json!({
+        "id": "v1.0", "status": "CURRENT", "updated": "2012-08-01T00:00:00Z",
+        "links": [{"rel": "self", "href": format!("http://{}/v1.0/", host_of(h))}],
+    })
 }
 
 async fn versions(headers: HeaderMap) -> Json<Value> {
-    Json(json!({"versions": [{
-        "id": "v1.0", "status": "CURRENT", "updated": "2012-08-01T00:00:00Z",
-        "links": [{"rel": "self", "href": format!("http://{}/v1.0/", host_of(&headers))}],
-    }]}))
+    Json(json!({"versions": [v1_doc(&headers)]}))
 }
 
 async fn version(headers: HeaderMap) -> Json<Value> {
-    Json(json!({"version": {
-        "id": "v1.0", "status": "CURRENT", "updated": "2012-08-01T00:00:00Z",
-        "links": [{"rel": "self", "href": format!("http://{}/v1.0/", host_of(&headers))}],
-    }}))
+    Json(json!({"version": v1_doc(&headers)}))
 }
 
 async fn not_found() -> ApiError {
@@ -346,170 +340,146 @@ async fn not_found() -> ApiError {
 
 /// The whole API.
 pub fn router(app: Arc<App>) -> Router {
-    let p = "/v1.0/{project}";
+    let p = |path: &str| format!("/v1.0/{{project}}{path}");
     Router::new()
         .route("/", get(versions))
         .route("/v1.0", get(version))
         .route("/v1.0/", get(version))
         .route("/v1.0/agents/enrol", post(enrol::enrol))
-        .route(&format!("{p}/mgmt/enrolment-tokens"), post(enrol::create))
-        .route(&format!("{p}/flavors"), get(catalog::list_flavors))
-        .route(&format!("{p}/flavors/{{id}}"), get(catalog::show_flavor))
-        .route(&format!("{p}/datastores"), get(catalog::list_datastores))
+        .route(&p("/mgmt/enrolment-tokens"), post(enrol::create))
+        .route(&p("/flavors"), get(catalog::list_flavors))
+        .route(&p("/flavors/{id}"), get(catalog::show_flavor))
+        .route(&p("/datastores"), get(catalog::list_datastores))
         .route(
-            &format!("{p}/datastores/versions/{{vid}}"),
+            &p("/datastores/versions/{vid}"),
             get(catalog::show_version_by_id),
         )
+        .route(&p("/datastores/{ds}"), get(catalog::show_datastore))
+        .route(&p("/datastores/{ds}/versions"), get(catalog::list_versions))
         .route(
-            &format!("{p}/datastores/{{ds}}"),
-            get(catalog::show_datastore),
-        )
-        .route(
-            &format!("{p}/datastores/{{ds}}/versions"),
-            get(catalog::list_versions),
-        )
-        .route(
-            &format!("{p}/datastores/{{ds}}/versions/{{v}}"),
+            &p("/datastores/{ds}/versions/{v}"),
             get(catalog::show_version),
         )
         .route(
-            &format!("{p}/datastores/{{ds}}/versions/{{v}}/flavors"),
+            &p("/datastores/{ds}/versions/{v}/flavors"),
             get(catalog::version_flavors),
         )
         .route(
-            &format!("{p}/instances"),
+            &p("/instances"),
             get(instances::list).post(instances::create),
         )
+        .route(&p("/instances/detail"), get(instances::list))
         .route(
-            &format!("{p}/instances/detail"),
-            get(instances::list_detail),
-        )
-        .route(
-            &format!("{p}/instances/{{id}}"),
+            &p("/instances/{id}"),
             get(instances::show)
                 .put(instances::update)
-                .patch(instances::update_patch)
+                .patch(instances::update)
                 .delete(instances::delete),
         )
+        .route(&p("/instances/{id}/action"), post(instances::action))
         .route(
-            &format!("{p}/instances/{{id}}/action"),
-            post(instances::action),
-        )
-        .route(
-            &format!("{p}/instances/{{id}}/databases"),
+            &p("/instances/{id}/databases"),
             get(access::list_databases).post(access::create_databases),
         )
         .route(
-            &format!("{p}/instances/{{id}}/databases/{{name}}"),
+            &p("/instances/{id}/databases/{name}"),
             get(access::show_database).delete(access::delete_database),
         )
         .route(
-            &format!("{p}/instances/{{id}}/users"),
+            &p("/instances/{id}/users"),
             get(access::list_users)
                 .post(access::create_users)
                 .put(access::change_passwords),
         )
         .route(
-            &format!("{p}/instances/{{id}}/users/{{user}}"),
+            &p("/instances/{id}/users/{user}"),
             get(access::show_user)
                 .put(access::update_user)
                 .delete(access::delete_user),
         )
         .route(
-            &format!("{p}/instances/{{id}}/users/{{user}}/databases"),
+            &p("/instances/{id}/users/{user}/databases"),
             get(access::list_access).put(access::grant_access),
         )
         .route(
-            &format!("{p}/instances/{{id}}/users/{{user}}/databases/{{db}}"),
+            &p("/instances/{id}/users/{user}/databases/{db}"),
             delete(access::revoke_access),
         )
         .route(
-            &format!("{p}/instances/{{id}}/root"),
+            &p("/instances/{id}/root"),
             get(access::root_show)
                 .post(access::root_enable)
                 .delete(access::root_disable),
         )
         .route(
-            &format!("{p}/mgmt/quotas/{{project_id}}"),
+            &p("/mgmt/quotas/{project_id}"),
             get(quotas::show).put(quotas::update),
         )
-        .route(&format!("{p}/limits"), get(quotas::limits))
+        .route(&p("/limits"), get(quotas::limits))
+        .route(&p("/backups"), get(backups::list).post(backups::create))
         .route(
-            &format!("{p}/backups"),
-            get(backups::list).post(backups::create),
-        )
-        .route(
-            &format!("{p}/backups/{{id}}"),
+            &p("/backups/{id}"),
             get(backups::show).delete(backups::delete),
         )
         .route(
-            &format!("{p}/instances/{{id}}/backups"),
+            &p("/instances/{id}/backups"),
             get(backups::list_for_instance),
         )
         .route(
-            &format!("{p}/instances/{{id}}/configuration"),
+            &p("/instances/{id}/configuration"),
             get(configurations::instance_default),
         )
         .route(
-            &format!("{p}/instances/{{id}}/log"),
+            &p("/instances/{id}/log"),
             get(logs::list).post(logs::action),
         )
+        .route(&p("/modules"), get(modules::list).post(modules::create))
         .route(
-            &format!("{p}/modules"),
-            get(modules::list).post(modules::create),
-        )
-        .route(
-            &format!("{p}/modules/{{id}}"),
+            &p("/modules/{id}"),
             get(modules::show)
                 .put(modules::update)
                 .delete(modules::delete),
         )
+        .route(&p("/modules/{id}/instances"), get(modules::instances))
         .route(
-            &format!("{p}/modules/{{id}}/instances"),
-            get(modules::instances),
-        )
-        .route(
-            &format!("{p}/instances/{{id}}/modules"),
+            &p("/instances/{id}/modules"),
             get(modules::instance_list).post(modules::instance_apply),
         )
         .route(
-            &format!("{p}/instances/{{id}}/modules/{{mid}}"),
+            &p("/instances/{id}/modules/{mid}"),
             delete(modules::instance_remove),
         )
+        .route(&p("/instances/{id}/log/{name}/tail"), get(logs::tail))
         .route(
-            &format!("{p}/instances/{{id}}/log/{{name}}/tail"),
-            get(logs::tail),
-        )
-        .route(
-            &format!("{p}/configurations"),
+            &p("/configurations"),
             get(configurations::list).post(configurations::create),
         )
         .route(
-            &format!("{p}/configurations/{{id}}"),
+            &p("/configurations/{id}"),
             get(configurations::show)
                 .put(configurations::update)
-                .patch(configurations::patch)
+                .patch(configurations::update)
                 .delete(configurations::delete),
         )
         .route(
-            &format!("{p}/configurations/{{id}}/instances"),
+            &p("/configurations/{id}/instances"),
             get(configurations::instances),
         )
         .route(
-            &format!("{p}/datastores/{{ds}}/versions/{{v}}/parameters"),
+            &p("/datastores/{ds}/versions/{v}/parameters"),
             get(configurations::list_params),
         )
         .route(
-            &format!("{p}/datastores/{{ds}}/versions/{{v}}/parameters/{{name}}"),
+            &p("/datastores/{ds}/versions/{v}/parameters/{name}"),
             get(configurations::show_param),
         )
         .route(
-            &format!("{p}/datastores/versions/{{vid}}/parameters"),
-            get(configurations::list_params_by_id),
+            &p("/datastores/versions/{vid}/parameters"),
+            get(configurations::list_params),
         )
         .route(
-            &format!("{p}/datastores/versions/{{vid}}/parameters/{{name}}"),
-            get(configurations::show_param_by_id),
+            &p("/datastores/versions/{vid}/parameters/{name}"),
+            get(configurations::show_param),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
@@ -520,6 +490,12 @@ pub fn router(app: Arc<App>) -> Router {
 
 /// Shorthand for handlers.
 pub type AppState = State<Arc<App>>;
+/// `/v1.0/{project}/{resource}/{id}`: the project and one id.
+pub type ItemPath = Path<(String, String)>;
+/// An item's sub-item (`.../{id}/users/{user}`): the project, the id and the sub-item's.
+pub type SubPath = Path<(String, String, String)>;
+/// A sub-item's sub-item (`.../{id}/users/{user}/databases/{db}`).
+pub type SubSubPath = Path<(String, String, String, String)>;
 
 #[cfg(test)]
 mod tests {

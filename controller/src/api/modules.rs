@@ -5,13 +5,14 @@
 
 use axum::body::Bytes;
 use axum::extract::Path;
+use axum::http::StatusCode;
 use coffer_proto::{seal, v1};
 use serde_json::{json, Map, Value};
 
 use super::access::call;
-use super::parse::{body_as, present, some_of, IdRef, ZeroOne};
-use super::{ok, ApiError, ApiResult, AppState, Caller};
-use crate::ops::modules::{find, spec_for};
+use super::parse::{body_as, present, some_of, DatastoreReq, IdRef, ZeroOne};
+use super::{empty, ok, ApiError, ApiResult, AppState, Caller, ItemPath, SubPath};
+use crate::ops::modules::{find, spec_sealed};
 use crate::store::ModuleRow;
 use crate::App;
 
@@ -54,7 +55,7 @@ struct ModuleReq {
     #[serde(default, deserialize_with = "present")]
     description: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
-    datastore: Option<Option<ModuleDatastore>>,
+    datastore: Option<Option<DatastoreReq>>,
     auto_apply: Option<ZeroOne>,
     all_tenants: Option<ZeroOne>,
     visible: Option<ZeroOne>,
@@ -64,13 +65,6 @@ struct ModuleReq {
     all_datastores: Option<ZeroOne>,
     all_datastore_versions: Option<ZeroOne>,
     apply_order: Option<i64>,
-}
-
-#[derive(serde::Deserialize)]
-struct ModuleDatastore {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    version: Option<String>,
 }
 
 fn body_of(body: &Bytes) -> Result<ModuleReq, ApiError> {
@@ -139,17 +133,15 @@ async fn fill(
             )));
         }
     }
-    if let Some(v) = flag(b.auto_apply) {
-        m.auto_apply = v;
-    }
-    if let Some(v) = flag(b.visible) {
-        m.visible = v;
-    }
-    if let Some(v) = flag(b.live_update) {
-        m.live_update = v;
-    }
-    if let Some(v) = flag(b.priority_apply) {
-        m.priority_apply = v;
+    for (given, field) in [
+        (b.auto_apply, &mut m.auto_apply),
+        (b.visible, &mut m.visible),
+        (b.live_update, &mut m.live_update),
+        (b.priority_apply, &mut m.priority_apply),
+    ] {
+        if let Some(v) = flag(given) {
+            *field = v;
+        }
     }
     if flag(b.all_tenants) == Some(true) {
         m.project_id = None;
@@ -241,41 +233,41 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     };
     fill(&st, &c, &mut m, b, true).await?;
     st.store.save_module(&m).await?;
-    let mut j = module_json(&m);
-    j["instance_count"] = json!(0);
+    counted(&m, 0)
+}
+
+/// `{"module": ...}` with its `instance_count`.
+fn counted(m: &ModuleRow, instance_count: usize) -> ApiResult {
+    let mut j = module_json(m);
+    j["instance_count"] = json!(instance_count);
     ok(json!({ "module": j }))
 }
 
-pub async fn list(st: AppState, c: Caller) -> ApiResult {
-    let all = st.store.modules_for(&c.project).await?;
-    let list: Vec<Value> = all
-        .iter()
-        .filter(|m| c.admin || m.visible)
-        .map(module_json)
-        .collect();
-    ok(json!({ "modules": list }))
-}
-
-pub async fn show(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
-    let m = find(&st, &c, &id).await?;
-    let mut j = module_json(&m);
-    j["instance_count"] = json!(st.store.module_instances(&m.id).await?.len());
-    ok(json!({ "module": j }))
-}
-
-pub async fn update(
-    st: AppState,
-    c: Caller,
-    Path((_p, id)): Path<(String, String)>,
-    body: Bytes,
-) -> ApiResult {
-    let b = body_of(&body)?;
-    let mut m = find(&st, &c, &id).await?;
+/// A module the caller may change (an administrators' module only for an administrator).
+async fn find_editable(app: &App, c: &Caller, id: &str) -> Result<ModuleRow, ApiError> {
+    let m = find(app, c, id).await?;
     if m.is_admin && !c.admin {
         return Err(ApiError::forbidden(
             "This module is for administrators only.",
         ));
     }
+    Ok(m)
+}
+
+pub async fn list(st: AppState, c: Caller) -> ApiResult {
+    let all = st.store.modules_for(&c.project).await?;
+    let shown = all.iter().filter(|m| c.admin || m.visible);
+    ok(json!({ "modules": shown.map(module_json).collect::<Vec<_>>() }))
+}
+
+pub async fn show(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
+    let m = find(&st, &c, &id).await?;
+    counted(&m, st.store.module_instances(&m.id).await?.len())
+}
+
+pub async fn update(st: AppState, c: Caller, Path((_p, id)): ItemPath, body: Bytes) -> ApiResult {
+    let b = body_of(&body)?;
+    let mut m = find_editable(&st, &c, &id).await?;
     if !m.live_update && !st.store.module_instances(&m.id).await?.is_empty() && b.contents.is_some()
     {
         return Err(ApiError::bad_request(
@@ -285,43 +277,27 @@ pub async fn update(
     fill(&st, &c, &mut m, b, false).await?;
     m.updated = crate::store::now();
     st.store.save_module(&m).await?;
-    let mut j = module_json(&m);
-    j["instance_count"] = json!(st.store.module_instances(&m.id).await?.len());
-    ok(json!({ "module": j }))
+    counted(&m, st.store.module_instances(&m.id).await?.len())
 }
 
-pub async fn delete(st: AppState, c: Caller, Path((_p, id)): Path<(String, String)>) -> ApiResult {
-    let m = find(&st, &c, &id).await?;
-    if m.is_admin && !c.admin {
-        return Err(ApiError::forbidden(
-            "This module is for administrators only.",
-        ));
-    }
+pub async fn delete(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
+    let m = find_editable(&st, &c, &id).await?;
     if let Some(i) = st.store.module_instances(&m.id).await?.first() {
         return Err(ApiError::forbidden(format!(
             "Module {} is applied to instance {}; remove it there first.",
             m.id, i.id
         )));
     }
-    st.store.delete_module(&m.id).await?;
-    super::empty(axum::http::StatusCode::OK)
+    st.store.soft_delete("modules", &m.id).await?;
+    empty(StatusCode::OK)
 }
 
-pub async fn instances(
-    st: AppState,
-    c: Caller,
-    Path((_p, id)): Path<(String, String)>,
-) -> ApiResult {
+pub async fn instances(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
     let m = find(&st, &c, &id).await?;
-    let list: Vec<Value> = st
-        .store
-        .module_instances(&m.id)
-        .await?
-        .iter()
-        // A public module is shared; the instances it is applied to are not.
-        .filter(|r| c.admin || r.project_id == c.project)
-        .map(|r| json!({"id": r.id, "name": r.name}))
-        .collect();
+    let all = st.store.module_instances(&m.id).await?;
+    // A public module is shared; the instances it is applied to are not.
+    let shown = all.iter().filter(|r| c.admin || r.project_id == c.project);
+    let list: Vec<Value> = shown.map(|r| json!({"id": r.id, "name": r.name})).collect();
     ok(json!({ "instances": list }))
 }
 
@@ -338,28 +314,20 @@ fn guest_json(r: &v1::ModuleResult) -> Value {
     })
 }
 
-pub async fn instance_list(
-    st: AppState,
-    c: Caller,
-    Path((_p, id)): Path<(String, String)>,
-) -> ApiResult {
+pub async fn instance_list(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
     let r = super::instances::find(&st, &c, &id).await?;
     let (_, reply) = call(&st, &r, v1::call::Kind::ListModules(v1::ListModules {})).await?;
-    let list: Vec<Value> = reply
-        .modules
-        .iter()
-        .filter(|x| {
-            x.removed.is_empty() && (c.admin || x.module.as_ref().is_some_and(|m| m.visible))
-        })
-        .map(guest_json)
-        .collect();
+    let shown = |x: &&v1::ModuleResult| {
+        x.removed.is_empty() && (c.admin || x.module.as_ref().is_some_and(|m| m.visible))
+    };
+    let list: Vec<Value> = reply.modules.iter().filter(shown).map(guest_json).collect();
     ok(json!({ "modules": list }))
 }
 
 pub async fn instance_apply(
     st: AppState,
     c: Caller,
-    Path((_p, id)): Path<(String, String)>,
+    Path((_p, id)): ItemPath,
     body: Bytes,
 ) -> ApiResult {
     let r = super::instances::find(&st, &c, &id).await?;
@@ -374,14 +342,10 @@ pub async fn instance_apply(
     let mut specs = Vec::new();
     for mid in &ids {
         let m = find(&st, &c, mid).await?;
-        specs.push(spec_for(&st, &r, &m)?);
+        specs.push(spec_sealed(&st, &r.id, &crate::agents::agent_key(&r)?, &m)?);
     }
-    let (_, reply) = call(
-        &st,
-        &r,
-        v1::call::Kind::ApplyModules(v1::ApplyModules { modules: specs }),
-    )
-    .await?;
+    let kind = v1::call::Kind::ApplyModules(v1::ApplyModules { modules: specs });
+    let (_, reply) = call(&st, &r, kind).await?;
     for x in &reply.modules {
         let m = x.module.clone().unwrap_or_default();
         st.store
@@ -391,27 +355,19 @@ pub async fn instance_apply(
     ok(json!({ "modules": reply.modules.iter().map(guest_json).collect::<Vec<_>>() }))
 }
 
-pub async fn instance_remove(
-    st: AppState,
-    c: Caller,
-    Path((_p, id, mid)): Path<(String, String, String)>,
-) -> ApiResult {
+pub async fn instance_remove(st: AppState, c: Caller, Path((_p, id, mid)): SubPath) -> ApiResult {
     let r = super::instances::find(&st, &c, &id).await?;
     if !coffer_proto::subjects::valid_token(&mid) {
         return Err(ApiError::not_found(format!(
             "Module {mid} cannot be found."
         )));
     }
-    let (_, reply) = call(
-        &st,
-        &r,
-        v1::call::Kind::RemoveModule(v1::RemoveModule { id: mid.clone() }),
-    )
-    .await?;
+    let kind = v1::call::Kind::RemoveModule(v1::RemoveModule { id: mid.clone() });
+    let (_, reply) = call(&st, &r, kind).await?;
     if let Some(x) = reply.modules.first() {
         st.store
             .record_instance_module(&r.id, &mid, "", &x.status, &x.message, true)
             .await?;
     }
-    super::empty(axum::http::StatusCode::OK)
+    empty(StatusCode::OK)
 }

@@ -178,6 +178,20 @@ pub struct IdRef {
     pub id: Id,
 }
 
+/// `{"size": ...}` (an instance's or enrolment token's volume).
+#[derive(Debug, Deserialize)]
+pub struct Volume {
+    pub size: Positive,
+}
+
+/// `{"type": ..., "version": ...}` (a group's, module's or enrolment token's datastore).
+#[derive(Debug, Deserialize)]
+pub struct DatastoreReq {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub version: Option<String>,
+}
+
 /// For `#[serde(default, deserialize_with = "present")]`: `Some` whenever the key is given, even
 /// as `null` (with `T = Option<_>`, `null` is `Some(None)` and a missing key `None`).
 pub fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(

@@ -5,14 +5,10 @@ use axum::extract::Path;
 use serde_json::{json, Value};
 
 use super::parse::body_as;
-use super::{ok, ApiError, ApiResult, AppState, Caller};
+use super::{ok, ApiError, ApiResult, AppState, Caller, ItemPath};
 use crate::store::{Store, QUOTA_DEFAULTS};
 
-pub async fn show(
-    st: AppState,
-    c: Caller,
-    Path((_p, project)): Path<(String, String)>,
-) -> ApiResult {
+pub async fn show(st: AppState, c: Caller, Path((_p, project)): ItemPath) -> ApiResult {
     if project != c.project && !c.admin {
         return Err(ApiError::forbidden(format!(
             "User with tenant id {} cannot access the quotas of project {project}.",
@@ -41,7 +37,7 @@ pub async fn show(
 pub async fn update(
     st: AppState,
     c: Caller,
-    Path((_p, project)): Path<(String, String)>,
+    Path((_p, project)): ItemPath,
     body: Bytes,
 ) -> ApiResult {
     if !c.admin {
@@ -83,13 +79,7 @@ pub async fn update(
 
 pub async fn limits(st: AppState, c: Caller) -> ApiResult {
     let limits = st.store.quota_limits(&c.project).await?;
-    let get = |r: &str| {
-        limits
-            .iter()
-            .find(|(k, _)| k == r)
-            .map(|(_, v)| *v)
-            .unwrap_or(-1)
-    };
+    let get = |r: &str| limits.iter().find(|(k, _)| k == r).map_or(-1, |(_, v)| *v);
     ok(json!({"limits": [{
         "verb": "ABSOLUTE",
         "max_instances": get("instances"),

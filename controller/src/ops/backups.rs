@@ -5,12 +5,10 @@
 use anyhow::Context;
 use coffer_proto::v1;
 
-use axum::http::StatusCode;
-
 use super::Caller;
 use crate::error::ApiError;
-use crate::status::{self, task, BackupStatus};
-use crate::store::{self, BackupRow, InstanceRow, Store};
+use crate::status::{self, BackupStatus, Task};
+use crate::store::{self, BackupRow, InstanceRow, Store, Tx};
 use crate::App;
 
 /// Removes a backup's objects through the storage trait, then its record (and the storage of
@@ -19,14 +17,10 @@ pub async fn remove(app: &App, id: &str) -> anyhow::Result<()> {
     let Some(b) = app.store.backup(id).await? else {
         return Ok(());
     };
-    crate::objects::delete(
-        app,
-        &b.instance_id,
-        vec![format!("{id}.json"), format!("{id}.cfbk")],
-    )
-    .await
-    .context("deleting backup objects")?;
-    app.store.mark_backup_deleted(id).await?;
+    crate::objects::delete(app, &b.instance_id, crate::objects::backup_keys(id).into())
+        .await
+        .context("deleting backup objects")?;
+    app.store.soft_delete("backups", id).await?;
     crate::objects::forget_if_unused(app, &b.instance_id).await
 }
 
@@ -53,7 +47,7 @@ pub async fn snapshot(
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     app: &App,
-    mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    mut tx: Tx,
     r: &InstanceRow,
     id: String,
     name: String,
@@ -84,19 +78,14 @@ pub async fn start(
         updated: ts,
     };
     Store::insert_backup(&mut tx, &row).await?;
-    let payload = super::intents::intent_payload(
-        app,
-        &r.id,
-        &intent_id,
-        v1::intent::Kind::Backup(v1::Backup {
-            backup_id: id.clone(),
-            parent_id: parent_id.unwrap_or_default(),
-            key_id: key.as_ref().map(|k| k.0.clone()).unwrap_or_default(),
-            key_sealed: key.map(|k| k.1).unwrap_or_default(),
-            replication_snapshot,
-        }),
-    );
-    Store::enqueue(&mut tx, &intent_id, &r.id, "backup", &payload).await?;
+    let backup = v1::intent::Kind::Backup(v1::Backup {
+        backup_id: id.clone(),
+        parent_id: parent_id.unwrap_or_default(),
+        key_id: key.as_ref().map(|k| k.0.clone()).unwrap_or_default(),
+        key_sealed: key.map(|k| k.1).unwrap_or_default(),
+        replication_snapshot,
+    });
+    super::intents::enqueue(app, &mut tx, &r.id, &intent_id, backup).await?;
     tx.commit().await?;
     crate::failpoint::hit("backup", "requested");
     app.outbox_wake.notify_one();
@@ -127,11 +116,9 @@ pub async fn restore_point(
     project: Option<&str>,
 ) -> Result<v1::RestoreFrom, ApiError> {
     let chain = app.store.backup_chain(backup_id).await?.ok_or_else(|| {
-        ApiError::new(
-            axum::http::StatusCode::CONFLICT,
-            "conflict",
-            format!("Backup {backup_id} cannot be restored: a backup of its chain is missing or deleted."),
-        )
+        ApiError::conflict(format!(
+            "Backup {backup_id} cannot be restored: a backup of its chain is missing or deleted."
+        ))
     })?;
     let mut links = vec![];
     for b in &chain {
@@ -147,14 +134,10 @@ pub async fn restore_point(
                 key_sealed: vec![],
             }),
             _ => {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::CONFLICT,
-                    "conflict",
-                    format!(
-                        "Backup {backup_id} cannot be restored: backup {} of its chain is not a completed backup of this project.",
-                        b.id
-                    ),
-                ))
+                return Err(ApiError::conflict(format!(
+                    "Backup {backup_id} cannot be restored: backup {} of its chain is not a completed backup of this project.",
+                    b.id
+                )))
             }
         }
     }
@@ -197,11 +180,8 @@ pub async fn create(app: &App, c: &Caller, req: BackupSpec) -> Result<String, Ap
     let r = super::find_instance(app, c, &req.instance).await?;
     let fresh = app.fresh(&r.id);
     let (st_now, _) = status::derive(r.task, &r.service_status, fresh);
-    if r.task != task::NONE || st_now != "ACTIVE" || app.store.backup_running(&r.id).await? {
-        return Err(ApiError::unprocessable(format!(
-            "Instance {} is not currently available for an action to be performed (status was {st_now}).",
-            r.id
-        )));
+    if r.task != Task::None || st_now != "ACTIVE" || app.store.backup_running(&r.id).await? {
+        return Err(super::unavailable(&r.id, format!("status was {st_now}")));
     }
     super::require(&r, "backup", "does not support 'backup'")?;
     // Incremental: on top of the given parent, or of the instance's latest completed backup.
@@ -234,11 +214,7 @@ pub async fn create(app: &App, c: &Caller, req: BackupSpec) -> Result<String, Ap
                 )));
             }
             if parent.status != BackupStatus::Completed {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "conflict",
-                    format!("Backup {p} is not completed."),
-                ));
+                return Err(ApiError::conflict(format!("Backup {p} is not completed.")));
             }
             Some(parent.id)
         }
@@ -266,19 +242,14 @@ pub async fn create(app: &App, c: &Caller, req: BackupSpec) -> Result<String, Ap
     // Again under the write lock: a restart, a switchover or another backup that started since
     // the first look wins, and this one is refused.
     let task_now = Store::task_in(&mut *tx, &r.id).await?.unwrap_or_default();
-    if task_now != task::NONE
+    if task_now != Task::None
         || Store::owner_in(&mut *tx, &r.id).await?.is_some()
         || Store::backup_running_in(&mut *tx, &r.id).await?
     {
-        let shown = if task_now == task::NONE {
-            "BACKUP".to_string()
-        } else {
-            task_now.as_str().to_uppercase()
-        };
-        return Err(ApiError::unprocessable(format!(
-            "Instance {} is not currently available for an action to be performed (task status was {shown}).",
-            r.id
-        )));
+        return Err(match task_now {
+            Task::None => super::unavailable(&r.id, "task status was BACKUP"),
+            t => super::busy(&r.id, t),
+        });
     }
     let limit = Store::quota_limits_with(&mut *tx, &c.project)
         .await?
@@ -287,9 +258,7 @@ pub async fn create(app: &App, c: &Caller, req: BackupSpec) -> Result<String, Ap
         .map(|(_, l)| l)
         .unwrap_or(-1);
     if limit >= 0 && Store::count_backups(&mut tx, &c.project).await? + 1 > limit {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "overLimit",
+        return Err(ApiError::over_limit(
             "Quota exceeded for resources: ['backups'].",
         ));
     }

@@ -165,17 +165,15 @@ pub async fn enrol(app: &App, req: EnrolReq) -> Result<Enrolment, ApiError> {
         }
         return wait_answer(app, &req.token, &key).await;
     }
-    match finish(app, &row, &req, &key).await {
-        Ok(e) => Ok(e),
-        Err(e) => {
-            // Release the claim: the same host may retry.
-            let _ = app
-                .store
-                .release_token(&row.id, row.instance_id.as_deref())
-                .await;
-            Err(e)
-        }
+    let done = finish(app, &row, &req, &key).await;
+    if done.is_err() {
+        // Release the claim: the same host may retry.
+        let _ = app
+            .store
+            .release_token(&row.id, row.instance_id.as_deref())
+            .await;
     }
+    done
 }
 
 /// Whether the token's instance holds this agent's key: the binding committed (the key and
@@ -212,23 +210,14 @@ async fn bind(app: &App, row: &TokenRow, req: &EnrolReq, key: &[u8]) -> Result<(
         .instance_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let (creds, nats_user) = match &app.authority {
-        Some(a) => {
-            let (c, u) = a.agent_creds(&id)?;
-            (Some(c), u)
-        }
-        None => (None, String::new()),
-    };
-    let creds_sealed = match &creds {
-        Some(c) => Some(
-            seal::seal(&app.reply_public_key, &creds_context(&row.id), c.as_bytes())
-                .map_err(|e| anyhow::anyhow!("sealing the creds: {e}"))?,
-        ),
-        None => None,
-    };
+    let (creds, nats_user) = super::agent_creds(app, &id)?;
+    let creds_sealed = creds
+        .map(|c| seal::seal(&app.reply_public_key, &creds_context(&row.id), c.as_bytes()))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("sealing the creds: {e}"))?;
     let binding = TokenBinding {
         token_id: row.id.clone(),
-        creds_sealed: creds_sealed.clone(),
+        creds_sealed,
     };
     if row.instance_id.is_some() {
         // A VM the controller booted: its build (the `vm_build` workflow) waits for this key.
@@ -244,24 +233,18 @@ async fn bind(app: &App, row: &TokenRow, req: &EnrolReq, key: &[u8]) -> Result<(
             .await?;
         app.workflow_wake.notify_waiters();
         if !done {
-            return Err(ApiError::new(
-                axum::http::StatusCode::CONFLICT,
-                "conflict",
-                format!("Instance {id} is gone or enrolled by another agent."),
-            ));
+            return Err(ApiError::conflict(format!(
+                "Instance {id} is gone or enrolled by another agent."
+            )));
         }
     } else {
         if let Some(other) = app.store.live_instances().await?.into_iter().find(|r| {
             r.host.as_deref() == Some(req.host.as_str()) && r.port == Some(req.port as i64)
         }) {
-            return Err(ApiError::new(
-                axum::http::StatusCode::CONFLICT,
-                "conflict",
-                format!(
-                    "{}:{} is already instance {}; delete it first or enrol with another [listen] port.",
-                    req.host, req.port, other.id
-                ),
-            ));
+            return Err(ApiError::conflict(format!(
+                "{}:{} is already instance {}; delete it first or enrol with another [listen] port.",
+                req.host, req.port, other.id
+            )));
         }
         let version = app
             .store
@@ -314,21 +297,17 @@ async fn wait_answer(app: &App, token: &str, key: &[u8]) -> Result<Enrolment, Ap
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    Err(ApiError::new(
-        axum::http::StatusCode::CONFLICT,
-        "conflict",
-        "This token's enrolment is still in progress; retry in a few seconds.",
-    ))
+    Err(in_progress())
+}
+
+fn in_progress() -> ApiError {
+    ApiError::conflict("This token's enrolment is still in progress; retry in a few seconds.")
 }
 
 /// The enrolment answer: the instance, where NATS is, and the agent's creds sealed to its key.
 async fn answer(app: &App, row: &TokenRow, key: &[u8]) -> Result<Enrolment, ApiError> {
     let Some(id) = &row.instance_id else {
-        return Err(ApiError::new(
-            axum::http::StatusCode::CONFLICT,
-            "conflict",
-            "This token's enrolment is still in progress; retry in a few seconds.",
-        ));
+        return Err(in_progress());
     };
     let creds_sealed = match &row.creds_sealed {
         Some(c) => {
@@ -342,22 +321,15 @@ async fn answer(app: &App, row: &TokenRow, key: &[u8]) -> Result<Enrolment, ApiE
         None => None,
     };
     let version = app.store.version(&row.version_id).await?;
-    let nats_ca = match &app.cfg.nats_ca_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| anyhow::anyhow!("reading the NATS CA {}: {e}", p.display()))?,
-        ),
-        None => None,
-    };
+    let nats_ca = app.cfg.nats_ca_file.as_ref().map(|p| {
+        std::fs::read_to_string(p)
+            .map_err(|e| anyhow::anyhow!("reading the NATS CA {}: {e}", p.display()))
+    });
     Ok(Enrolment {
         instance_id: id.clone(),
-        nats_url: app
-            .cfg
-            .agent_nats_url
-            .clone()
-            .unwrap_or_else(|| app.cfg.nats_url.clone()),
+        nats_url: super::agent_nats_url(app),
         nats_creds_sealed: creds_sealed,
-        nats_ca,
+        nats_ca: nats_ca.transpose()?,
         heartbeat_interval_ms: app.provisioner.heartbeat_interval_ms(),
         datastore: version.map(|v| v.manager),
         backup_toml: super::instances::agent_backup_toml(app)?,

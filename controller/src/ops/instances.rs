@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use coffer_proto::v1;
 
-use super::intents::intent_payload;
+use super::intents::{enqueue, intent_payload};
 use super::Caller;
 use crate::error::ApiError;
 use crate::provisioner::Placement;
-use crate::status::{self, task, BackupStatus, PlacedBy};
+use crate::status::{self, BackupStatus, PlacedBy, Task};
 use crate::store::{self, InstanceRow, Store, VersionRow};
 use crate::App;
 
@@ -35,7 +35,7 @@ pub async fn reset_status(app: &App, id: &str) -> Result<(), ApiError> {
         return Ok(());
     }
     let mut tx = app.store.begin().await?;
-    Store::set_task(&mut tx, id, task::NONE, None).await?;
+    Store::set_task(&mut tx, id, Task::None, None).await?;
     Store::forget_service_status_in(&mut tx, id).await?;
     tx.commit().await?;
     if let Some(l) = app.live.lock().unwrap().get_mut(id) {
@@ -82,20 +82,15 @@ pub async fn resolve_version(
             .ok_or_else(|| {
                 ApiError::bad_request(format!("Datastore version '{name}' cannot be found."))
             }),
-        None => {
-            let dv = d.default_version_id.clone().ok_or_else(|| {
+        None => versions
+            .into_iter()
+            .find(|x| d.default_version_id.as_ref() == Some(&x.id))
+            .ok_or_else(|| {
                 ApiError::bad_request(format!(
                     "Default version for datastore '{}' not found.",
                     d.name
                 ))
-            })?;
-            versions.into_iter().find(|x| x.id == dv).ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "Default version for datastore '{}' not found.",
-                    d.name
-                ))
-            })
-        }
+            }),
     }
 }
 
@@ -106,9 +101,8 @@ pub async fn check_new(
     c: &Caller,
     req: CreateSpec,
 ) -> Result<NewInstance, ApiError> {
-    let app = app.clone();
     let project = c.project.as_str();
-    let version = resolve_version(&app, req.datastore.as_deref(), req.version.as_deref()).await?;
+    let version = resolve_version(app, req.datastore.as_deref(), req.version.as_deref()).await?;
     // What the datastore cannot honor is refused before anything is placed.
     let datastore = version
         .datastore()
@@ -133,14 +127,10 @@ pub async fn check_new(
                 .filter(|x| x.project_id == project)
                 .ok_or_else(|| ApiError::not_found(format!("Backup {b} could not be found.")))?;
             if backup.status != BackupStatus::Completed {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::CONFLICT,
-                    "conflict",
-                    format!(
-                        "Backup {b} is not completed (status {}); restore from a completed backup.",
-                        backup.status
-                    ),
-                ));
+                return Err(ApiError::conflict(format!(
+                    "Backup {b} is not completed (status {}); restore from a completed backup.",
+                    backup.status
+                )));
             }
             let of = app
                 .store
@@ -154,7 +144,7 @@ pub async fn check_new(
                     version.manager
                 )));
             }
-            Some(crate::ops::backups::restore_point(&app, &backup.id, Some(project)).await?)
+            Some(crate::ops::backups::restore_point(app, &backup.id, Some(project)).await?)
         }
         None => None,
     };
@@ -174,19 +164,13 @@ pub async fn check_new(
                     "The configuration group {g} is for another datastore version."
                 )));
             }
-            crate::ops::configurations::check_values(&app, &cfg.datastore_version_id, &cfg.values)
-                .await?
+            super::configurations::check_values(app, &cfg.datastore_version_id, &cfg.values).await?
         }
         None => vec![],
     };
-    let modules = super::modules::for_create(
-        &app,
-        c,
-        &req.modules,
-        &version.datastore_name,
-        &version.name,
-    )
-    .await?;
+    let modules =
+        super::modules::for_create(app, c, &req.modules, &version.datastore_name, &version.name)
+            .await?;
     // Quota: a cheap check before placing anything; the binding one runs in the transaction.
     {
         let mut tx = app.store.begin_read().await?;
@@ -220,7 +204,7 @@ pub async fn check_new(
         root_password,
     };
     // An intent too large to send is refused before anything is placed (a Unix user, a VM).
-    check_prepare_size(&app, &n)?;
+    check_prepare_size(app, &n)?;
     Ok(n)
 }
 
@@ -259,20 +243,7 @@ pub async fn create_placed(app: &App, n: &NewInstance) -> Result<(), ApiError> {
 /// passwords in the clear, which is smaller than sealed, so what passes here may still be refused
 /// by [`Store::enqueue`] once sealed; what fails here would fail there, after placing an agent.
 fn check_prepare_size(app: &App, n: &NewInstance) -> Result<(), ApiError> {
-    let estimate = v1::intent::Kind::Prepare(v1::Prepare {
-        memory_mb: n.flavor.ram as u64,
-        vcpus: n.flavor.vcpus as u32,
-        volume_gb: n.volume_size as u64,
-        server_id: 0,
-        databases: n.databases.clone(),
-        users: n.users.clone(),
-        datastore_version: n.version.version.clone(),
-        root_password_sealed: vec![],
-        restore: n.restore_from.clone(),
-        overrides: n.overrides.clone(),
-        replica_of: None,
-        modules: vec![],
-    });
+    let estimate = v1::intent::Kind::Prepare(prepare_of(n));
     let bytes = intent_payload(app, &n.id, &n.id, estimate).len();
     if bytes > store::MAX_INTENT_BYTES {
         return Err(anyhow::Error::from(store::IntentTooLarge {
@@ -282,6 +253,22 @@ fn check_prepare_size(app: &App, n: &NewInstance) -> Result<(), ApiError> {
         .into());
     }
     Ok(())
+}
+
+/// The `prepare` of a new instance as it describes it: passwords in the clear, no server id,
+/// nothing sealed yet.
+pub fn prepare_of(n: &NewInstance) -> v1::Prepare {
+    v1::Prepare {
+        memory_mb: n.flavor.ram as u64,
+        vcpus: n.flavor.vcpus as u32,
+        volume_gb: n.volume_size as u64,
+        databases: n.databases.clone(),
+        users: n.users.clone(),
+        datastore_version: n.version.version.clone(),
+        restore: n.restore_from.clone(),
+        overrides: n.overrides.clone(),
+        ..Default::default()
+    }
 }
 
 /// A new (non-replica) instance, checked and ready to be committed once its agent's key is known.
@@ -361,23 +348,22 @@ pub async fn commit_new(
     how: Commit,
 ) -> Result<(), ApiError> {
     let id = &n.id;
-    let mut users = n.users.clone();
-    for u in &mut users {
+    let mut prepare = prepare_of(n);
+    for u in &mut prepare.users {
         let context = coffer_proto::seal::user_password_context(id, &u.name, &u.host);
         u.password_sealed = coffer_proto::seal::seal(key, &context, u.password.as_bytes())
             .map_err(|e| anyhow::anyhow!("sealing a password: {e}"))?;
         u.password.clear();
     }
-    let root_password_sealed = match &n.root_password {
-        Some(pw) => coffer_proto::seal::seal(
+    if let Some(pw) = &n.root_password {
+        prepare.root_password_sealed = coffer_proto::seal::seal(
             key,
             &coffer_proto::seal::root_password_context(id),
             pw.as_bytes(),
         )
-        .map_err(|e| anyhow::anyhow!("sealing the root password: {e}"))?,
-        None => vec![],
-    };
-    let module_specs = n
+        .map_err(|e| anyhow::anyhow!("sealing the root password: {e}"))?;
+    }
+    prepare.modules = n
         .modules
         .iter()
         .map(|m| super::modules::spec_sealed(app, id, key, m))
@@ -407,9 +393,7 @@ pub async fn commit_new(
                 )
                 .await?
                 {
-                    return Err(ApiError::new(
-                        axum::http::StatusCode::CONFLICT,
-                        "conflict",
+                    return Err(ApiError::conflict(
                         "This token's enrolment is already complete; retry to get its answer.",
                     ));
                 }
@@ -417,37 +401,26 @@ pub async fn commit_new(
             server_id
         }
         Commit::Placed(placement) => {
-            let server_id =
-                Store::complete_placement(&mut tx, id, key, nats_user, host, port, placement)
-                    .await?;
-            server_id
+            Store::complete_placement(&mut tx, id, key, nats_user, host, port, placement).await?
         }
         Commit::Complete => Store::server_id_in(&mut tx, id)
             .await?
             .ok_or_else(|| anyhow::anyhow!("instance {id} was deleted while it built"))?,
     };
-    let mut restore = n.restore_from.clone();
-    if let Some(r) = restore.as_mut() {
+    prepare.server_id = server_id as u32;
+    if let Some(r) = prepare.restore.as_mut() {
         crate::ops::backups::grant_restore(app, r, id, key)?;
     }
-    let prepare = v1::intent::Kind::Prepare(v1::Prepare {
-        memory_mb: n.flavor.ram as u64,
-        vcpus: n.flavor.vcpus as u32,
-        volume_gb: n.volume_size as u64,
-        server_id: server_id as u32,
-        databases: n.databases.clone(),
-        users,
-        datastore_version: n.version.version.clone(),
-        root_password_sealed,
-        restore,
-        overrides: n.overrides.clone(),
-        replica_of: None,
-        modules: module_specs,
-    });
-    let payload = intent_payload(app, id, &intent_id, prepare);
-    Store::enqueue(&mut tx, &intent_id, id, "prepare", &payload).await?;
+    enqueue(
+        app,
+        &mut tx,
+        id,
+        &intent_id,
+        v1::intent::Kind::Prepare(prepare),
+    )
+    .await?;
     if n.root_password.is_some() {
-        Store::set_root_enabled_in(&mut tx, id).await?;
+        Store::set_root_enabled_in(&mut *tx, id, true).await?;
     }
     tx.commit().await?;
     Ok(())
@@ -461,23 +434,15 @@ pub async fn place(
     version: &VersionRow,
     enrol_token: Option<String>,
 ) -> Result<(crate::provisioner::Placed, String), ApiError> {
-    let (nats_creds, nats_user) = match &app.authority {
+    let (nats_creds, nats_user) = match enrol_token {
         // An agent that enrols gets its NATS identity then, sealed to its own key.
-        _ if enrol_token.is_some() => (None, String::new()),
-        Some(a) => {
-            let (creds, user) = a.agent_creds(id)?;
-            (Some(creds), user)
-        }
-        None => (None, String::new()),
+        Some(_) => (None, String::new()),
+        None => super::agent_creds(app, id)?,
     };
     let placement = Placement {
         instance_id: id.to_string(),
         manager: version.manager.clone(),
-        nats_url: app
-            .cfg
-            .agent_nats_url
-            .clone()
-            .unwrap_or_else(|| app.cfg.nats_url.clone()),
+        nats_url: super::agent_nats_url(app),
         nats_creds,
         nats_ca_file: app.cfg.nats_ca_file.clone(),
         enrol_token,
@@ -517,7 +482,7 @@ pub async fn start_agent(app: &App, id: &str) -> Result<(), ApiError> {
         Store::set_task(
             &mut tx,
             id,
-            task::BUILD_ERROR,
+            Task::BuildingError,
             Some(&format!("starting the agent failed: {e:#}")),
         )
         .await?;
@@ -528,51 +493,37 @@ pub async fn start_agent(app: &App, id: &str) -> Result<(), ApiError> {
 
 /// Restarts the database (`restart` action).
 pub async fn restart(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
-    let busy = || {
-        ApiError::unprocessable(format!(
-            "Instance {} is not currently available for an action to be performed (task status was {}).",
-            r.id,
-            r.task.as_str().to_uppercase()
-        ))
-    };
+    let busy = || super::busy(&r.id, r.task);
     let backing_up = || {
         ApiError::unprocessable(format!(
             "Instance {} is not currently available for an action to be performed (status was BACKUP); retry once its backup ends.",
             r.id
         ))
     };
-    if r.task != task::NONE {
+    if r.task != Task::None {
         return Err(busy());
     }
     if app.store.backup_running(&r.id).await? {
         return Err(backing_up());
     }
     if !app.fresh(&r.id) || !status::action_allowed(&r.service_status) {
-        return Err(ApiError::unprocessable(format!(
-            "Instance {} is not currently available for an action to be performed (status was {}).",
-            r.id,
-            status::derive(r.task, &r.service_status, app.fresh(&r.id)).0
-        )));
+        let (st, _) = status::derive(r.task, &r.service_status, app.fresh(&r.id));
+        return Err(super::unavailable(&r.id, format!("status was {st}")));
     }
     super::require(r, "restart", "does not support 'restart'")?;
     let intent_id = uuid::Uuid::new_v4().to_string();
     let mut tx = app.store.begin().await?;
     let cur = Store::task_in(&mut *tx, &r.id).await?.unwrap_or_default();
-    if cur != task::NONE {
+    if cur != Task::None {
         return Err(busy());
     }
     if Store::backup_running_in(&mut *tx, &r.id).await? {
         return Err(backing_up());
     }
-    Store::set_task(&mut tx, &r.id, task::REBOOTING, None).await?;
+    Store::set_task(&mut tx, &r.id, Task::Rebooting, None).await?;
     Store::clear_fault(&mut tx, &r.id).await?;
-    let payload = intent_payload(
-        app,
-        &r.id,
-        &intent_id,
-        v1::intent::Kind::Restart(v1::Restart {}),
-    );
-    Store::enqueue(&mut tx, &intent_id, &r.id, "restart", &payload).await?;
+    let restart = v1::intent::Kind::Restart(v1::Restart {});
+    enqueue(app, &mut tx, &r.id, &intent_id, restart).await?;
     tx.commit().await?;
     app.outbox_wake.notify_one();
     Ok(())
@@ -582,15 +533,15 @@ pub async fn restart(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
 /// the agent (see the `delete` workflow's steps in `bus.rs`).
 pub async fn delete(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
     let id = r.id.clone();
-    if r.task == task::BUILDING {
-        return Err(ApiError::unprocessable(format!(
-            "Instance {id} is not ready. (Status is BUILD)."
-        )));
+    let building =
+        || ApiError::unprocessable(format!("Instance {id} is not ready. (Status is BUILD)."));
+    if r.task == Task::Building {
+        return Err(building());
     }
-    if r.task == task::DELETING {
+    if r.task == Task::Deleting {
         return Ok(());
     }
-    if app.store.has_replicas(&r.id).await? {
+    if !app.store.replicas_of(&r.id).await?.is_empty() {
         return Err(ApiError::forbidden(
             "Detach replicas before deleting replica source.",
         ));
@@ -599,26 +550,16 @@ pub async fn delete(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
     let mut tx = app.store.begin().await?;
     // Re-check inside the write lock.
     let cur = Store::task_in(&mut *tx, &id).await?.unwrap_or_default();
-    if cur == task::BUILDING {
-        return Err(ApiError::unprocessable(format!(
-            "Instance {id} is not ready. (Status is BUILD)."
-        )));
+    if cur == Task::Building {
+        return Err(building());
     }
     if let Some(workflow) = Store::owner_in(&mut *tx, &id).await? {
-        return Err(crate::store::Owned {
-            instance: id,
-            workflow,
-        }
-        .into());
+        let instance = id.clone();
+        return Err(store::Owned { instance, workflow }.into());
     }
-    Store::set_task(&mut tx, &id, task::DELETING, None).await?;
-    let payload = intent_payload(
-        app,
-        &id,
-        &intent_id,
-        v1::intent::Kind::Delete(v1::Delete {}),
-    );
-    Store::enqueue(&mut tx, &intent_id, &id, "delete", &payload).await?;
+    Store::set_task(&mut tx, &id, Task::Deleting, None).await?;
+    let delete = v1::intent::Kind::Delete(v1::Delete {});
+    enqueue(app, &mut tx, &id, &intent_id, delete).await?;
     tx.commit().await?;
     crate::failpoint::hit("delete", "requested");
     app.outbox_wake.notify_one();

@@ -2,6 +2,7 @@
 
 use coffer_proto::{v1, Message};
 
+use crate::store::{Store, Tx};
 use crate::App;
 
 /// Deadline for an intent of `kind`, from now.
@@ -29,4 +30,17 @@ pub fn intent_payload(
         }),
     )
     .encode_to_vec()
+}
+
+/// Queues intent `intent_id` for `instance` inside `tx` (published once `tx` commits).
+pub async fn enqueue(
+    app: &App,
+    tx: &mut Tx,
+    instance: &str,
+    intent_id: &str,
+    kind: v1::intent::Kind,
+) -> anyhow::Result<()> {
+    let name = coffer_proto::intent_kind_name(&kind);
+    let payload = intent_payload(app, instance, intent_id, kind);
+    Store::enqueue(tx, intent_id, instance, name, &payload).await
 }

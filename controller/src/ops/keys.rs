@@ -3,7 +3,6 @@
 //! issued sealed to the agent with the backup intent, and a restore gets exactly the keys of its
 //! chain, sealed to the restoring agent. A leaked agent key opens that instance's backups only.
 
-use axum::http::StatusCode;
 use coffer_common::backup::{instance_key, load_keyring, split_key_id};
 use coffer_common::pipeline::Keyring;
 use coffer_proto::{seal, v1};
@@ -12,10 +11,6 @@ use crate::error::ApiError;
 use crate::store::BackupRow;
 use crate::App;
 
-fn conflict(m: String) -> ApiError {
-    ApiError::new(StatusCode::CONFLICT, "conflict", m)
-}
-
 /// The operator keyring, when backups are encrypted (read on each use, so a rotation takes
 /// effect without a restart).
 fn ring(app: &App) -> Result<Option<Keyring>, ApiError> {
@@ -23,10 +18,10 @@ fn ring(app: &App) -> Result<Option<Keyring>, ApiError> {
         return Ok(None);
     };
     let path = cfg.keyring_file.as_ref().ok_or_else(|| {
-        conflict("Backups are encrypted but the controller has no keyring: set [backup] keyring_file (or encryption = false), then retry.".into())
+        ApiError::conflict("Backups are encrypted but the controller has no keyring: set [backup] keyring_file (or encryption = false), then retry.")
     })?;
     load_keyring(path).map(Some).map_err(|e| {
-        conflict(format!(
+        ApiError::conflict(format!(
             "Backups are encrypted but the controller's keyring cannot be used ({e}); fix it, then retry."
         ))
     })
@@ -43,12 +38,11 @@ pub fn issue(
         return Ok(None);
     };
     let master = ring.current.clone().ok_or_else(|| {
-        conflict(
-            "The controller's keyring has no current key: set `current` in the keyring file, then retry."
-                .into(),
+        ApiError::conflict(
+            "The controller's keyring has no current key: set `current` in the keyring file, then retry.",
         )
     })?;
-    let (id, key) = instance_key(&ring, &master, instance).map_err(conflict)?;
+    let (id, key) = instance_key(&ring, &master, instance).map_err(ApiError::conflict)?;
     let sealed = seal::seal(agent_key, &seal::backup_key_context(instance, &id), &key)
         .map_err(|e| anyhow::anyhow!("sealing a backup key: {e}"))?;
     Ok(Some((id, sealed)))
@@ -62,7 +56,7 @@ pub fn check_chain(app: &App, chain: &[BackupRow]) -> Result<(), ApiError> {
     for b in chain {
         if let Some((master, owner)) = b.key_id.as_deref().and_then(split_key_id) {
             instance_key(&ring, master, owner).map_err(|_| {
-                conflict(format!(
+                ApiError::conflict(format!(
                     "Backup {} is sealed with operator key '{master}', which is not in the controller's keyring; put it back (a retired key stays in the keyring while backups use it), then retry.",
                     b.id
                 ))
@@ -88,7 +82,7 @@ pub fn seal_chain(
         let Some((master, owner)) = split_key_id(&link.key_id) else {
             continue;
         };
-        let (_, k) = instance_key(&ring, master, owner).map_err(conflict)?;
+        let (_, k) = instance_key(&ring, master, owner).map_err(ApiError::conflict)?;
         link.key_sealed = seal::seal(key, &seal::backup_key_context(target, &link.key_id), &k)
             .map_err(|e| anyhow::anyhow!("sealing a backup key: {e}"))?;
     }

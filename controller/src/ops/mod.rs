@@ -57,3 +57,34 @@ pub fn require(r: &InstanceRow, capability: &str, what: &str) -> Result<(), ApiE
         r.id, r.agent_version
     )))
 }
+
+/// 422: the instance cannot take an action now; `why` says what it is doing ("status was BUILD").
+pub fn unavailable(id: &str, why: impl std::fmt::Display) -> ApiError {
+    ApiError::unprocessable(format!(
+        "Instance {id} is not currently available for an action to be performed ({why})."
+    ))
+}
+
+/// [`unavailable`] because of the instance's task (shown upper-cased).
+pub fn busy(id: &str, task: crate::status::Task) -> ApiError {
+    unavailable(
+        id,
+        format!("task status was {}", task.to_string().to_uppercase()),
+    )
+}
+
+/// An agent's NATS creds and user (none without per-agent identities).
+pub fn agent_creds(app: &App, id: &str) -> anyhow::Result<(Option<String>, String)> {
+    Ok(match &app.authority {
+        Some(a) => a.agent_creds(id).map(|(c, u)| (Some(c), u))?,
+        None => (None, String::new()),
+    })
+}
+
+/// Where agents reach NATS.
+pub fn agent_nats_url(app: &App) -> String {
+    let cfg = &app.cfg;
+    cfg.agent_nats_url
+        .clone()
+        .unwrap_or_else(|| cfg.nats_url.clone())
+}

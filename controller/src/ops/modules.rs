@@ -4,7 +4,7 @@ use coffer_proto::{seal, v1};
 
 use super::Caller;
 use crate::error::ApiError;
-use crate::store::{InstanceRow, ModuleRow};
+use crate::store::ModuleRow;
 use crate::App;
 
 pub async fn find(app: &App, c: &Caller, id: &str) -> Result<ModuleRow, ApiError> {
@@ -18,11 +18,6 @@ pub async fn find(app: &App, c: &Caller, id: &str) -> Result<ModuleRow, ApiError
     }
 }
 
-/// A module sealed for one instance's agent.
-pub fn spec_for(app: &App, r: &InstanceRow, m: &ModuleRow) -> Result<v1::ModuleSpec, ApiError> {
-    spec_sealed(app, &r.id, &crate::agents::agent_key(r)?, m)
-}
-
 /// A module sealed for the agent of `instance` whose public key is `key`.
 pub fn spec_sealed(
     app: &App,
@@ -30,8 +25,8 @@ pub fn spec_sealed(
     key: &[u8],
     m: &ModuleRow,
 ) -> Result<v1::ModuleSpec, ApiError> {
-    let kept = seal::from_hex(&m.contents_sealed)
-        .and_then(|b| seal::open(&app.reply_secret_key, &seal::kept_module_context(&m.id), &b).ok())
+    let context = seal::kept_module_context(&m.id);
+    let kept = crate::agents::open_kept(app, &m.contents_sealed, &context)
         .ok_or_else(|| anyhow::anyhow!("module {} contents do not open", m.id))?;
     Ok(v1::ModuleSpec {
         id: m.id.clone(),

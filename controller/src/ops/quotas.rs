@@ -1,18 +1,11 @@
 //! Quotas: the check every create makes inside its write transaction.
 
-use sqlx::{Sqlite, Transaction};
-
 use crate::error::ApiError;
-use crate::store::Store;
+use crate::store::{Store, Tx};
 
 /// Refuses (413) a create that would take a project past a limit. Runs inside the create's
 /// `BEGIN IMMEDIATE` transaction, so two concurrent creates cannot both pass.
-pub async fn check(
-    tx: &mut Transaction<'static, Sqlite>,
-    project: &str,
-    ram: i64,
-    volume: i64,
-) -> Result<(), ApiError> {
+pub async fn check(tx: &mut Tx, project: &str, ram: i64, volume: i64) -> Result<(), ApiError> {
     let limits = Store::quota_limits_with(&mut **tx, project).await?;
     let (n, used_ram, used_vol) = Store::usage(tx, project).await?;
     let mut over = vec![];
@@ -31,10 +24,9 @@ pub async fn check(
     if over.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::new(
-            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "overLimit",
-            format!("Quota exceeded for resources: [{}].", over.join(", ")),
-        ))
+        Err(ApiError::over_limit(format!(
+            "Quota exceeded for resources: [{}].",
+            over.join(", ")
+        )))
     }
 }

@@ -26,35 +26,32 @@ pub struct BackupRow {
     pub updated: String,
 }
 
-fn backup_from(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
-    sqlx::FromRow::from_row(r).expect("a row of the current schema")
-}
-
 impl Store {
     pub async fn backups_of(&self, project: &str) -> anyhow::Result<Vec<BackupRow>> {
-        let rows = sqlx::query("SELECT * FROM backups WHERE project_id = ? AND deleted = 0 ORDER BY created DESC, rowid DESC")
+        Ok(sqlx::query_as("SELECT * FROM backups WHERE project_id = ? AND deleted = 0 ORDER BY created DESC, rowid DESC")
             .bind(project)
             .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(backup_from).collect())
+            .await?)
     }
 
     /// Whether any backup taken from `instance` is kept.
     pub async fn has_backups_of(&self, instance: &str) -> anyhow::Result<bool> {
-        let row =
-            sqlx::query("SELECT 1 FROM backups WHERE instance_id = ? AND deleted = 0 LIMIT 1")
-                .bind(instance)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM backups WHERE instance_id = ? AND deleted = 0 LIMIT 1",
+        )
+        .bind(instance)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.is_some())
     }
 
     pub async fn backup(&self, id: &str) -> anyhow::Result<Option<BackupRow>> {
-        let row = sqlx::query("SELECT * FROM backups WHERE id = ? AND deleted = 0")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(backup_from))
+        Ok(
+            sqlx::query_as("SELECT * FROM backups WHERE id = ? AND deleted = 0")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// The chain that restores backup `id`: its full backup first, `id` last (None if a link is
@@ -77,11 +74,10 @@ impl Store {
     }
 
     pub async fn backup_by_intent(&self, intent_id: &str) -> anyhow::Result<Option<BackupRow>> {
-        let row = sqlx::query("SELECT * FROM backups WHERE intent_id = ?")
+        Ok(sqlx::query_as("SELECT * FROM backups WHERE intent_id = ?")
             .bind(intent_id)
             .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(backup_from))
+            .await?)
     }
 
     /// Whether a backup of the instance is NEW or BUILDING.
@@ -104,10 +100,7 @@ impl Store {
         Ok(n > 0)
     }
 
-    pub async fn insert_backup(
-        tx: &mut Transaction<'static, Sqlite>,
-        b: &BackupRow,
-    ) -> anyhow::Result<()> {
+    pub async fn insert_backup(tx: &mut Tx, b: &BackupRow) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO backups (id, project_id, instance_id, name, description, status, parent_id, datastore_version_id, \
              intent_id, key_id, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -156,19 +149,7 @@ impl Store {
         Ok(())
     }
 
-    pub async fn mark_backup_deleted(&self, id: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE backups SET deleted = 1, updated = ? WHERE id = ?")
-            .bind(now())
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    pub async fn count_backups(
-        tx: &mut Transaction<'static, Sqlite>,
-        project: &str,
-    ) -> anyhow::Result<i64> {
+    pub async fn count_backups(tx: &mut Tx, project: &str) -> anyhow::Result<i64> {
         Ok(
             sqlx::query_scalar("SELECT COUNT(*) FROM backups WHERE project_id = ? AND deleted = 0")
                 .bind(project)

@@ -25,14 +25,14 @@ impl VersionRow {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DatastoreRow {
     pub id: String,
     pub name: String,
     pub default_version_id: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct FlavorRow {
     pub id: String,
     pub name: String,
@@ -41,26 +41,16 @@ pub struct FlavorRow {
     pub disk: i64,
 }
 
-fn version_from(r: &sqlx::sqlite::SqliteRow) -> VersionRow {
-    sqlx::FromRow::from_row(r).expect("a row of the current schema")
-}
-
 const VERSION_SELECT: &str = "SELECT v.id, v.datastore_id, d.name AS datastore_name, v.name, v.version, v.manager, v.active, v.root_on_create \
      FROM datastore_versions v JOIN datastores d ON d.id = v.datastore_id";
 
 impl Store {
     pub async fn datastores(&self) -> anyhow::Result<Vec<DatastoreRow>> {
-        let rows = sqlx::query("SELECT id, name, default_version_id FROM datastores ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| DatastoreRow {
-                id: r.get("id"),
-                name: r.get("name"),
-                default_version_id: r.get("default_version_id"),
-            })
-            .collect())
+        Ok(
+            sqlx::query_as("SELECT id, name, default_version_id FROM datastores ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// Finds a datastore by id or name.
@@ -73,37 +63,26 @@ impl Store {
     }
 
     pub async fn versions_of(&self, datastore_id: &str) -> anyhow::Result<Vec<VersionRow>> {
-        let rows = sqlx::query(&format!(
+        Ok(sqlx::query_as(&format!(
             "{VERSION_SELECT} WHERE v.datastore_id = ? ORDER BY v.name"
         ))
         .bind(datastore_id)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(version_from).collect())
+        .await?)
     }
 
     pub async fn version(&self, id: &str) -> anyhow::Result<Option<VersionRow>> {
-        let row = sqlx::query(&format!("{VERSION_SELECT} WHERE v.id = ?"))
+        Ok(sqlx::query_as(&format!("{VERSION_SELECT} WHERE v.id = ?"))
             .bind(id)
             .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(version_from))
+            .await?)
     }
 
     pub async fn flavors(&self) -> anyhow::Result<Vec<FlavorRow>> {
-        let rows = sqlx::query("SELECT id, name, ram, vcpus, disk FROM flavors")
-            .fetch_all(&self.pool)
-            .await?;
-        let mut v: Vec<FlavorRow> = rows
-            .iter()
-            .map(|r| FlavorRow {
-                id: r.get("id"),
-                name: r.get("name"),
-                ram: r.get("ram"),
-                vcpus: r.get("vcpus"),
-                disk: r.get("disk"),
-            })
-            .collect();
+        let mut v: Vec<FlavorRow> =
+            sqlx::query_as("SELECT id, name, ram, vcpus, disk FROM flavors")
+                .fetch_all(&self.pool)
+                .await?;
         v.sort_by(|a, b| (a.id.len(), &a.id).cmp(&(b.id.len(), &b.id)));
         Ok(v)
     }
@@ -114,11 +93,12 @@ impl Store {
 
     /// Flavors linked to a version (empty = every flavor is allowed).
     pub async fn version_flavors(&self, version_id: &str) -> anyhow::Result<Vec<String>> {
-        let rows = sqlx::query("SELECT flavor_id FROM version_flavors WHERE version_id = ?")
-            .bind(version_id)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(|r| r.get("flavor_id")).collect())
+        Ok(
+            sqlx::query_scalar("SELECT flavor_id FROM version_flavors WHERE version_id = ?")
+                .bind(version_id)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// Replaces the parameters of a datastore version (`manage datastore-parameters-load`).
@@ -148,13 +128,12 @@ impl Store {
         &self,
         version_id: &str,
     ) -> anyhow::Result<Vec<coffer_common::config_rules::ParamRule>> {
-        let rows = sqlx::query("SELECT rule FROM config_params WHERE version_id = ? ORDER BY name")
-            .bind(version_id)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| Ok(serde_json::from_str(r.get::<&str, _>("rule"))?))
-            .collect()
+        let rules: Vec<String> =
+            sqlx::query_scalar("SELECT rule FROM config_params WHERE version_id = ? ORDER BY name")
+                .bind(version_id)
+                .fetch_all(&self.pool)
+                .await?;
+        rules.iter().map(|r| Ok(serde_json::from_str(r)?)).collect()
     }
 
     pub async fn upsert_datastore(&self, name: &str) -> anyhow::Result<String> {
@@ -182,39 +161,22 @@ impl Store {
         let ds = self.datastore(datastore).await?.with_context(|| {
             format!("datastore '{datastore}' does not exist; add it with datastore-update first")
         })?;
-        let existing = self
-            .versions_of(&ds.id)
-            .await?
-            .into_iter()
-            .find(|v| v.name == name);
-        if let Some(v) = existing {
-            sqlx::query(
-                "UPDATE datastore_versions SET manager = ?, version = ?, active = ?, root_on_create = ? WHERE id = ?",
-            )
-            .bind(manager)
-            .bind(version)
-            .bind(active as i64)
-            .bind(root_on_create as i64)
-            .bind(&v.id)
-            .execute(&self.pool)
-            .await?;
-            return Ok(v.id);
-        }
-        let id = uuid::Uuid::new_v4().to_string();
-        sqlx::query(
+        // A version of that name keeps its id.
+        Ok(sqlx::query_scalar(
             "INSERT INTO datastore_versions (id, datastore_id, name, version, manager, active, root_on_create) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (datastore_id, name) DO UPDATE SET \
+             version = excluded.version, manager = excluded.manager, active = excluded.active, \
+             root_on_create = excluded.root_on_create RETURNING id",
         )
-        .bind(&id)
+        .bind(uuid::Uuid::new_v4().to_string())
         .bind(&ds.id)
         .bind(name)
         .bind(version)
         .bind(manager)
         .bind(active as i64)
         .bind(root_on_create as i64)
-        .execute(&self.pool)
-        .await?;
-        Ok(id)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// A version of a datastore by name or id (admin commands).

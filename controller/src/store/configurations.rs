@@ -1,6 +1,5 @@
 //! Configuration groups.
 
-use super::instances::instance_from;
 use super::*;
 
 /// A configuration group.
@@ -81,24 +80,14 @@ impl Store {
         Ok(row.as_ref().map(configuration_from))
     }
 
-    pub async fn delete_configuration(&self, id: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE configurations SET deleted = 1, updated = ? WHERE id = ?")
-            .bind(now())
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     /// Live instances with the group attached.
     pub async fn instances_with_configuration(&self, id: &str) -> anyhow::Result<Vec<InstanceRow>> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT * FROM instances WHERE configuration_id = ? AND deleted = 0 ORDER BY created, rowid",
         )
         .bind(id)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(instance_from).collect())
+        .await?)
     }
 
     pub async fn set_configuration(

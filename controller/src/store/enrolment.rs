@@ -3,10 +3,13 @@
 use super::*;
 
 /// A stored enrolment token.
+#[derive(sqlx::FromRow)]
 pub struct TokenRow {
     pub id: String,
+    #[sqlx(rename = "project_id")]
     pub project: String,
     pub name: String,
+    #[sqlx(rename = "datastore_version_id")]
     pub version_id: String,
     pub flavor_id: String,
     pub volume_size: i64,
@@ -39,22 +42,12 @@ impl Store {
     }
 
     pub async fn token_by_hash(&self, token_hash: &str) -> anyhow::Result<Option<TokenRow>> {
-        let r = sqlx::query("SELECT * FROM enrolment_tokens WHERE token_hash = ?")
-            .bind(token_hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(r.map(|r| TokenRow {
-            id: r.get("id"),
-            project: r.get("project_id"),
-            name: r.get("name"),
-            version_id: r.get("datastore_version_id"),
-            flavor_id: r.get("flavor_id"),
-            volume_size: r.get("volume_size"),
-            instance_id: r.get("instance_id"),
-            public_key: r.get("public_key"),
-            creds_sealed: r.get("creds_sealed"),
-            expires_unix: r.get("expires_unix"),
-        }))
+        Ok(
+            sqlx::query_as("SELECT * FROM enrolment_tokens WHERE token_hash = ?")
+                .bind(token_hash)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// Binds an unused token to `public_key`; false when another use claimed it first.
@@ -85,19 +78,18 @@ impl Store {
     /// Records, inside `tx`, the instance a token enrolled and the agent's creds kept for a
     /// retry; false when the token already records another instance.
     pub async fn set_token_enrolled_in(
-        tx: &mut Transaction<'static, Sqlite>,
+        tx: &mut Tx,
         id: &str,
         instance_id: &str,
         creds_sealed: Option<&[u8]>,
     ) -> anyhow::Result<bool> {
         let r = sqlx::query(
-            "UPDATE enrolment_tokens SET instance_id = ?, creds_sealed = ? \
-             WHERE id = ? AND (instance_id IS NULL OR instance_id = ?)",
+            "UPDATE enrolment_tokens SET instance_id = ?1, creds_sealed = ?2 \
+             WHERE id = ?3 AND (instance_id IS NULL OR instance_id = ?1)",
         )
         .bind(instance_id)
         .bind(creds_sealed)
         .bind(id)
-        .bind(instance_id)
         .execute(&mut **tx)
         .await?;
         Ok(r.rows_affected() == 1)
@@ -116,14 +108,13 @@ impl Store {
     ) -> anyhow::Result<bool> {
         let mut tx = self.begin().await?;
         let r = sqlx::query(
-            "UPDATE instances SET agent_public_key = ?, agent_nats_user = ?, updated = ? \
-             WHERE id = ? AND deleted = 0 AND (agent_public_key = '' OR agent_public_key = ?)",
+            "UPDATE instances SET agent_public_key = ?1, agent_nats_user = ?2, updated = ?3 \
+             WHERE id = ?4 AND deleted = 0 AND (agent_public_key = '' OR agent_public_key = ?1)",
         )
         .bind(key_hex)
         .bind(nats_user)
         .bind(now())
         .bind(instance_id)
-        .bind(key_hex)
         .execute(&mut *tx)
         .await?;
         if r.rows_affected() != 1

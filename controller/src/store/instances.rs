@@ -40,6 +40,7 @@ pub struct InstanceRow {
     pub ejected: bool,
     /// `provisioner` (placed by the configured provisioner) or `enrolled` (joined by itself).
     pub placement: PlacedBy,
+    pub root_enabled: bool,
 }
 
 /// What a create knows of a new instance; [`InstanceRow::building`] makes its row.
@@ -87,6 +88,7 @@ impl InstanceRow {
             repl_strategy: None,
             ejected: false,
             placement: PlacedBy::Provisioner,
+            root_enabled: false,
         }
     }
 
@@ -97,40 +99,35 @@ impl InstanceRow {
     }
 }
 
-pub(super) fn instance_from(r: &sqlx::sqlite::SqliteRow) -> InstanceRow {
-    sqlx::FromRow::from_row(r).expect("a row of the current schema")
-}
-
 impl Store {
     pub async fn instance(&self, id: &str) -> anyhow::Result<Option<InstanceRow>> {
-        let row = sqlx::query("SELECT * FROM instances WHERE id = ? AND deleted = 0")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(instance_from))
+        Ok(
+            sqlx::query_as("SELECT * FROM instances WHERE id = ? AND deleted = 0")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     /// A project's live instances, newest first.
     pub async fn instances_of(&self, project: &str) -> anyhow::Result<Vec<InstanceRow>> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT * FROM instances WHERE project_id = ? AND deleted = 0 ORDER BY created DESC, rowid DESC",
         )
         .bind(project)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(instance_from).collect())
+        .await?)
     }
 
     /// Every live instance (for provisioner reconciliation and timers).
     pub async fn live_instances(&self) -> anyhow::Result<Vec<InstanceRow>> {
-        let rows = sqlx::query("SELECT * FROM instances WHERE deleted = 0")
+        Ok(sqlx::query_as("SELECT * FROM instances WHERE deleted = 0")
             .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(instance_from).collect())
+            .await?)
     }
 
     /// Allocates the next server id (never reused) inside `tx`.
-    pub async fn next_server_id(tx: &mut Transaction<'static, Sqlite>) -> anyhow::Result<i64> {
+    pub async fn next_server_id(tx: &mut Tx) -> anyhow::Result<i64> {
         let v: i64 = sqlx::query_scalar(
             "UPDATE counters SET value = value + 1 WHERE name = 'server_id' RETURNING value",
         )
@@ -139,10 +136,7 @@ impl Store {
         Ok(v)
     }
 
-    pub async fn insert_instance(
-        tx: &mut Transaction<'static, Sqlite>,
-        i: &InstanceRow,
-    ) -> anyhow::Result<()> {
+    pub async fn insert_instance(tx: &mut Tx, i: &InstanceRow) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO instances (id, project_id, name, flavor_id, datastore_version_id, volume_size, task, \
              task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted, agent_public_key, agent_nats_user, configuration_id, replica_of, repl_strategy, placement) \
@@ -177,32 +171,25 @@ impl Store {
 
     /// Sets an instance's task (and clears or sets its fault) inside `tx`.
     pub async fn set_task(
-        tx: &mut Transaction<'static, Sqlite>,
+        tx: &mut Tx,
         id: &str,
         task: Task,
         fault: Option<&str>,
     ) -> anyhow::Result<()> {
-        let ts = now();
         sqlx::query(
-            "UPDATE instances SET task = ?, task_started = ?, updated = ?, \
-             fault = COALESCE(?, fault), fault_at = CASE WHEN ? IS NULL THEN fault_at ELSE ? END WHERE id = ?",
+            "UPDATE instances SET task = ?1, task_started = ?2, updated = ?2, \
+             fault = COALESCE(?3, fault), fault_at = CASE WHEN ?3 IS NULL THEN fault_at ELSE ?2 END WHERE id = ?4",
         )
         .bind(task)
-        .bind(&ts)
-        .bind(&ts)
+        .bind(now())
         .bind(fault)
-        .bind(fault)
-        .bind(&ts)
         .bind(id)
         .execute(&mut **tx)
         .await?;
         Ok(())
     }
 
-    pub async fn clear_fault(
-        tx: &mut Transaction<'static, Sqlite>,
-        id: &str,
-    ) -> anyhow::Result<()> {
+    pub async fn clear_fault(tx: &mut Tx, id: &str) -> anyhow::Result<()> {
         sqlx::query("UPDATE instances SET fault = NULL, fault_at = NULL WHERE id = ?")
             .bind(id)
             .execute(&mut **tx)
@@ -216,24 +203,19 @@ impl Store {
         status: &str,
         fault: Option<&str>,
     ) -> anyhow::Result<()> {
-        let ts = now();
         // A database that runs again clears a fault its agent reported (a crash); the fault of a
         // failed build stays with the building_error task, whatever arrives after it.
         sqlx::query(
-            "UPDATE instances SET service_status = ?, updated = ?, \
-             fault = CASE WHEN ? = 'running' AND task = 'none' THEN NULL \
-                          WHEN task = 'building_error' THEN fault ELSE COALESCE(?, fault) END, \
-             fault_at = CASE WHEN ? = 'running' AND task = 'none' THEN NULL \
-                             WHEN task = 'building_error' OR ? IS NULL THEN fault_at ELSE ? END \
-             WHERE id = ?",
+            "UPDATE instances SET service_status = ?1, updated = ?2, \
+             fault = CASE WHEN ?1 = 'running' AND task = 'none' THEN NULL \
+                          WHEN task = 'building_error' THEN fault ELSE COALESCE(?3, fault) END, \
+             fault_at = CASE WHEN ?1 = 'running' AND task = 'none' THEN NULL \
+                             WHEN task = 'building_error' OR ?3 IS NULL THEN fault_at ELSE ?2 END \
+             WHERE id = ?4",
         )
         .bind(status)
-        .bind(&ts)
-        .bind(status)
+        .bind(now())
         .bind(fault)
-        .bind(status)
-        .bind(fault)
-        .bind(&ts)
         .bind(id)
         .execute(&self.pool)
         .await?;
@@ -258,7 +240,7 @@ impl Store {
     /// Completes a reserved instance row with its placed agent (key, NATS user, address,
     /// placement); returns its server id. Fails when the row is gone (deleted meanwhile).
     pub async fn complete_placement(
-        tx: &mut Transaction<'static, Sqlite>,
+        tx: &mut Tx,
         id: &str,
         key: &[u8],
         nats_user: &str,
@@ -311,23 +293,12 @@ impl Store {
 
     /// Live replicas of a source.
     pub async fn replicas_of(&self, source: &str) -> anyhow::Result<Vec<InstanceRow>> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT * FROM instances WHERE replica_of = ? AND deleted = 0 ORDER BY created, rowid",
         )
         .bind(source)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(instance_from).collect())
-    }
-
-    pub async fn has_replicas(&self, source: &str) -> anyhow::Result<bool> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM instances WHERE replica_of = ? AND deleted = 0",
-        )
-        .bind(source)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(n > 0)
+        .await?)
     }
 
     pub async fn set_replica_of(&self, id: &str, source: Option<&str>) -> anyhow::Result<()> {
@@ -404,28 +375,26 @@ impl Store {
         Ok(())
     }
 
-    pub async fn root_enabled(&self, id: &str) -> anyhow::Result<bool> {
-        let v: i64 = sqlx::query_scalar("SELECT root_enabled FROM instances WHERE id = ?")
-            .bind(id)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(v != 0)
+    pub async fn set_root_enabled(&self, id: &str, enabled: bool) -> anyhow::Result<()> {
+        Self::set_root_enabled_in(&self.pool, id, enabled).await
     }
 
-    pub async fn set_root_enabled(&self, id: &str, enabled: bool) -> anyhow::Result<()> {
+    /// [`Store::set_root_enabled`] through `ex` (a transaction's own).
+    pub async fn set_root_enabled_in<'e, E: sqlx::SqliteExecutor<'e>>(
+        ex: E,
+        id: &str,
+        enabled: bool,
+    ) -> anyhow::Result<()> {
         sqlx::query("UPDATE instances SET root_enabled = ? WHERE id = ?")
             .bind(enabled as i64)
             .bind(id)
-            .execute(&self.pool)
+            .execute(ex)
             .await?;
         Ok(())
     }
 
     /// A live instance's server id, inside `tx`.
-    pub async fn server_id_in(
-        tx: &mut Transaction<'static, Sqlite>,
-        id: &str,
-    ) -> anyhow::Result<Option<i64>> {
+    pub async fn server_id_in(tx: &mut Tx, id: &str) -> anyhow::Result<Option<i64>> {
         Ok(
             sqlx::query_scalar("SELECT server_id FROM instances WHERE id = ? AND deleted = 0")
                 .bind(id)
@@ -434,22 +403,8 @@ impl Store {
         )
     }
 
-    pub async fn set_root_enabled_in(
-        tx: &mut Transaction<'static, Sqlite>,
-        id: &str,
-    ) -> anyhow::Result<()> {
-        sqlx::query("UPDATE instances SET root_enabled = 1 WHERE id = ?")
-            .bind(id)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-
     /// Forgets the service status (`reset_status`): the next heartbeat sets it.
-    pub async fn forget_service_status_in(
-        tx: &mut Transaction<'static, Sqlite>,
-        id: &str,
-    ) -> anyhow::Result<()> {
+    pub async fn forget_service_status_in(tx: &mut Tx, id: &str) -> anyhow::Result<()> {
         sqlx::query("UPDATE instances SET service_status = 'unknown' WHERE id = ?")
             .bind(id)
             .execute(&mut **tx)

@@ -15,7 +15,7 @@ pub struct IntentTooLarge {
 }
 
 /// An intent waiting to be published.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {
     pub seq: i64,
     pub intent_id: String,
@@ -28,7 +28,7 @@ impl Store {
     /// larger than [`MAX_INTENT_BYTES`] is refused ([`IntentTooLarge`], a 413 to the caller), so
     /// the transaction stores nothing and no intent NATS would refuse ever enters the outbox.
     pub async fn enqueue(
-        tx: &mut Transaction<'static, Sqlite>,
+        tx: &mut Tx,
         intent_id: &str,
         instance_id: &str,
         kind: &str,
@@ -64,20 +64,11 @@ impl Store {
     }
 
     pub async fn outbox(&self) -> anyhow::Result<Vec<OutboxRow>> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT seq, intent_id, instance_id, payload FROM outbox ORDER BY seq LIMIT 100",
         )
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| OutboxRow {
-                seq: r.get("seq"),
-                intent_id: r.get("intent_id"),
-                instance_id: r.get("instance_id"),
-                payload: r.get("payload"),
-            })
-            .collect())
+        .await?)
     }
 
     /// Removes a published intent and marks it sent.
@@ -102,11 +93,12 @@ impl Store {
     /// time its final state was recorded.
     /// The instance an intent was sent to.
     pub async fn intent_instance(&self, id: &str) -> anyhow::Result<Option<String>> {
-        let row = sqlx::query("SELECT instance_id FROM intents WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| r.get("instance_id")))
+        Ok(
+            sqlx::query_scalar("SELECT instance_id FROM intents WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     pub async fn intent_event(
@@ -117,15 +109,14 @@ impl Store {
         message: &str,
     ) -> anyhow::Result<Option<(String, bool)>> {
         let mut tx = self.begin().await?;
-        let row = sqlx::query("SELECT kind, state FROM intents WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else {
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT kind, state FROM intents WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((kind, old)) = row else {
             return Ok(None);
         };
-        let kind: String = row.get("kind");
-        let old: String = row.get("state");
         let old_final = old == "done" || old == "failed";
         if !old_final {
             sqlx::query(
@@ -149,20 +140,12 @@ impl Store {
         &self,
         instance_id: &str,
     ) -> anyhow::Result<Option<(String, String, i64, String)>> {
-        let row = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT kind, state, progress, message FROM intents WHERE instance_id = ? ORDER BY created DESC, rowid DESC LIMIT 1",
         )
         .bind(instance_id)
         .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| {
-            (
-                r.get("kind"),
-                r.get("state"),
-                r.get("progress"),
-                r.get("message"),
-            )
-        }))
+        .await?)
     }
 
     /// How many times an intent kind was recorded for an instance (tests: exactly-once checks).

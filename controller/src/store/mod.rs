@@ -37,6 +37,9 @@ pub use workflows::{Owned, WorkflowRow};
 /// the next numbered file, never edited.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
+/// A transaction on the store.
+pub type Tx = Transaction<'static, Sqlite>;
+
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
@@ -99,13 +102,26 @@ impl Store {
     }
 
     /// Starts a write transaction that takes the write lock at once.
-    pub async fn begin(&self) -> anyhow::Result<Transaction<'static, Sqlite>> {
+    pub async fn begin(&self) -> anyhow::Result<Tx> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
     /// A read-only transaction: one consistent snapshot, no write lock taken.
-    pub async fn begin_read(&self) -> anyhow::Result<Transaction<'static, Sqlite>> {
+    pub async fn begin_read(&self) -> anyhow::Result<Tx> {
         Ok(self.pool.begin().await?)
+    }
+
+    /// Marks a row of `table` (`backups`, `configurations`, `modules`: always one of the
+    /// store's own names, never input) deleted.
+    pub async fn soft_delete(&self, table: &'static str, id: &str) -> anyhow::Result<()> {
+        sqlx::query(&format!(
+            "UPDATE {table} SET deleted = 1, updated = ? WHERE id = ?"
+        ))
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 }
 

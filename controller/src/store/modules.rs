@@ -1,6 +1,5 @@
 //! Modules and which instances have them.
 
-use super::instances::instance_from;
 use super::*;
 
 /// A module.
@@ -26,10 +25,6 @@ pub struct ModuleRow {
     pub is_admin: bool,
     pub created: String,
     pub updated: String,
-}
-
-fn module_from(r: &sqlx::sqlite::SqliteRow) -> ModuleRow {
-    sqlx::FromRow::from_row(r).expect("a row of the current schema")
 }
 
 impl Store {
@@ -64,30 +59,21 @@ impl Store {
 
     /// Modules a project can see: its own and the all-tenant ones.
     pub async fn modules_for(&self, project: &str) -> anyhow::Result<Vec<ModuleRow>> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT * FROM modules WHERE deleted = 0 AND (project_id = ? OR project_id IS NULL) ORDER BY created, rowid",
         )
         .bind(project)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(module_from).collect())
+        .await?)
     }
 
     pub async fn module(&self, id: &str) -> anyhow::Result<Option<ModuleRow>> {
-        let row = sqlx::query("SELECT * FROM modules WHERE id = ? AND deleted = 0")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(module_from))
-    }
-
-    pub async fn delete_module(&self, id: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE modules SET deleted = 1, updated = ? WHERE id = ?")
-            .bind(now())
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        Ok(
+            sqlx::query_as("SELECT * FROM modules WHERE id = ? AND deleted = 0")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     pub async fn record_instance_module(
@@ -117,13 +103,12 @@ impl Store {
 
     /// Live instances that have the module applied.
     pub async fn module_instances(&self, module: &str) -> anyhow::Result<Vec<InstanceRow>> {
-        let rows = sqlx::query(
+        Ok(sqlx::query_as(
             "SELECT i.* FROM instances i JOIN instance_modules m ON m.instance_id = i.id \
              WHERE m.module_id = ? AND m.removed = 0 AND i.deleted = 0 ORDER BY i.created",
         )
         .bind(module)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(instance_from).collect())
+        .await?)
     }
 }

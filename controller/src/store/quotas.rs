@@ -22,20 +22,16 @@ impl Store {
         ex: E,
         project: &str,
     ) -> anyhow::Result<Vec<(String, i64)>> {
-        let rows = sqlx::query("SELECT resource, hard_limit FROM quotas WHERE project_id = ?")
-            .bind(project)
-            .fetch_all(ex)
-            .await?;
+        let set: Vec<(String, i64)> =
+            sqlx::query_as("SELECT resource, hard_limit FROM quotas WHERE project_id = ?")
+                .bind(project)
+                .fetch_all(ex)
+                .await?;
         Ok(QUOTA_DEFAULTS
             .iter()
             .map(|(r, d)| {
-                let set = rows
-                    .iter()
-                    .find(|row| row.get::<String, _>("resource") == *r);
-                (
-                    r.to_string(),
-                    set.map(|row| row.get("hard_limit")).unwrap_or(*d),
-                )
+                let limit = set.iter().find(|(k, _)| k == r).map_or(*d, |(_, l)| *l);
+                (r.to_string(), limit)
             })
             .collect())
     }
@@ -55,17 +51,13 @@ impl Store {
 
     /// What a project uses: (instances, ram MB, volume GB), from its live instances, read inside
     /// `tx` so a check and the insert that follows it cannot interleave with another create.
-    pub async fn usage(
-        tx: &mut Transaction<'static, Sqlite>,
-        project: &str,
-    ) -> anyhow::Result<(i64, i64, i64)> {
-        let row = sqlx::query(
+    pub async fn usage(tx: &mut Tx, project: &str) -> anyhow::Result<(i64, i64, i64)> {
+        Ok(sqlx::query_as(
             "SELECT COUNT(*) AS n, COALESCE(SUM(f.ram), 0) AS ram, COALESCE(SUM(i.volume_size), 0) AS vol \
              FROM instances i LEFT JOIN flavors f ON f.id = i.flavor_id WHERE i.project_id = ? AND i.deleted = 0",
         )
         .bind(project)
         .fetch_one(&mut **tx)
-        .await?;
-        Ok((row.get("n"), row.get("ram"), row.get("vol")))
+        .await?)
     }
 }

@@ -1,9 +1,7 @@
 //! Durable workflows (see [`crate::workflow`]): one row per workflow, its state as JSON, and the
 //! instances it owns while it runs.
 
-use sqlx::{Sqlite, Transaction};
-
-use super::{now, Store};
+use super::{now, Store, Tx};
 
 /// A stored workflow.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -13,10 +11,6 @@ pub struct WorkflowRow {
     pub state: String,
     pub done: bool,
     pub cancel: bool,
-}
-
-fn row(r: &sqlx::sqlite::SqliteRow) -> WorkflowRow {
-    sqlx::FromRow::from_row(r).expect("a row of the current schema")
 }
 
 /// Another workflow already owns an instance the new one needs.
@@ -31,7 +25,7 @@ impl Store {
     /// Records a new workflow owning `members`, inside the transaction that sets their tasks.
     /// Fails with [`Owned`] when one of them already belongs to a running workflow.
     pub async fn insert_workflow(
-        tx: &mut Transaction<'static, Sqlite>,
+        tx: &mut Tx,
         id: &str,
         kind: &str,
         state: &str,
@@ -46,15 +40,13 @@ impl Store {
                 .into());
             }
         }
-        let ts = now();
         sqlx::query(
-            "INSERT INTO workflows (id, kind, state, created, updated) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO workflows (id, kind, state, created, updated) VALUES (?1, ?2, ?3, ?4, ?4)",
         )
         .bind(id)
         .bind(kind)
         .bind(state)
-        .bind(&ts)
-        .bind(&ts)
+        .bind(now())
         .execute(&mut **tx)
         .await?;
         for m in members {
@@ -86,23 +78,18 @@ impl Store {
     }
 
     pub async fn workflow(&self, id: &str) -> anyhow::Result<Option<WorkflowRow>> {
-        Ok(sqlx::query("SELECT * FROM workflows WHERE id = ?")
+        Ok(sqlx::query_as("SELECT * FROM workflows WHERE id = ?")
             .bind(id)
             .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(row))
+            .await?)
     }
 
     /// Workflows that have not finished (resumed at start).
     pub async fn running_workflows(&self) -> anyhow::Result<Vec<WorkflowRow>> {
         Ok(
-            sqlx::query("SELECT * FROM workflows WHERE done = 0 ORDER BY created")
+            sqlx::query_as("SELECT * FROM workflows WHERE done = 0 ORDER BY created")
                 .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(row)
-                .collect(),
+                .await?,
         )
     }
 
@@ -117,28 +104,10 @@ impl Store {
         Ok(())
     }
 
-    /// Records a workflow's next state inside `tx` and frees its members (it runs on without
-    /// them).
-    pub async fn release_members(
-        tx: &mut Transaction<'static, Sqlite>,
-        id: &str,
-        state: &str,
-    ) -> anyhow::Result<()> {
-        Self::free_members(tx, id, state, false).await
-    }
-
-    /// Ends a workflow inside `tx` (the one that releases its members' tasks): it owns nothing
-    /// any more.
-    pub async fn finish_workflow(
-        tx: &mut Transaction<'static, Sqlite>,
-        id: &str,
-        state: &str,
-    ) -> anyhow::Result<()> {
-        Self::free_members(tx, id, state, true).await
-    }
-
-    async fn free_members(
-        tx: &mut Transaction<'static, Sqlite>,
+    /// Records a workflow's next state inside `tx` (the one that releases its members' tasks) and
+    /// frees its members: it runs on without them, or ends (`done`) owning nothing any more.
+    pub async fn free_members(
+        tx: &mut Tx,
         id: &str,
         state: &str,
         done: bool,

@@ -18,8 +18,8 @@ use super::{Flow, Progress};
 use crate::error::ApiError;
 use crate::ops::instances::{self as ops, Commit, CreateSpec, NewInstance};
 use crate::ops::Caller;
-use crate::status::task;
-use crate::store::Store;
+use crate::status::{serde_name, Task};
+use crate::store::{Store, Tx};
 use crate::App;
 
 /// Creates an instance; returns its id and root's password (shown once) when the version
@@ -54,18 +54,6 @@ pub enum VmBuildStep {
     Done,
 }
 
-impl VmBuildStep {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Place => "place",
-            Self::Boot => "boot",
-            Self::Enrol => "enrol",
-            Self::Commit => "commit",
-            Self::Done => "done",
-        }
-    }
-}
-
 /// A VM being built for an instance whose row is stored (BUILD, no agent yet).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmBuild {
@@ -86,12 +74,8 @@ fn secrets_context(instance: &str) -> String {
 
 async fn start_vm_build(app: &Arc<App>, n: &NewInstance) -> Result<String, ApiError> {
     let kept = v1::Prepare {
-        databases: n.databases.clone(),
-        users: n.users.clone(),
-        restore: n.restore_from.clone(),
-        overrides: n.overrides.clone(),
         root_password_sealed: n.root_password.clone().unwrap_or_default().into_bytes(),
-        ..Default::default()
+        ..ops::prepare_of(n)
     };
     let sealed = seal::seal(
         &app.reply_public_key,
@@ -107,7 +91,7 @@ async fn start_vm_build(app: &Arc<App>, n: &NewInstance) -> Result<String, ApiEr
         deadline_unix: coffer_proto::now_unix_s() + app.cfg.build_timeout_s.max(60) as i64,
         error: None,
     });
-    super::start(app, flow, std::slice::from_ref(&n.id), None).await
+    super::start(app, None, flow, std::slice::from_ref(&n.id), None).await
 }
 
 impl VmBuild {
@@ -129,7 +113,7 @@ impl VmBuild {
             Done => Ok(()),
         };
         if let Err(e) = r {
-            warn!(instance = %self.instance, step = self.step.name(), error = %e.message, "VM build failed");
+            warn!(instance = %self.instance, step = serde_name(&self.step), error = %e.message, "VM build failed");
             self.error = Some(e.message);
             self.step = Done;
         }
@@ -212,8 +196,7 @@ impl VmBuild {
         };
         // Once: a commit that ran before the controller died queued its prepare already.
         if app.store.count_intents(&r.id, "prepare").await? == 0 {
-            let kept = seal::from_hex(&self.sealed)
-                .and_then(|b| seal::open(&app.reply_secret_key, &secrets_context(&r.id), &b).ok())
+            let kept = crate::agents::open_kept(app, &self.sealed, &secrets_context(&r.id))
                 .and_then(|b| v1::Prepare::decode(b.as_slice()).ok())
                 .ok_or_else(|| anyhow::anyhow!("the build's sealed secrets do not open"))?;
             let version = app
@@ -266,12 +249,9 @@ impl VmBuild {
     }
 
     /// Ends the build: a failed one leaves the instance in ERROR with what happened.
-    pub(super) async fn release(
-        &self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-    ) -> anyhow::Result<()> {
+    pub(super) async fn release(&self, tx: &mut Tx) -> anyhow::Result<()> {
         if let Some(e) = &self.error {
-            Store::set_task(tx, &self.instance, task::BUILD_ERROR, Some(e)).await?;
+            Store::set_task(tx, &self.instance, Task::BuildingError, Some(e)).await?;
         }
         Ok(())
     }

@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::error::ApiError;
-use crate::store::{Owned, Store};
+use crate::status::Task;
+use crate::store::{Owned, Store, Tx};
 use crate::App;
 
 /// Every kind of workflow, with its state.
@@ -50,43 +51,20 @@ pub enum Progress {
 }
 
 impl Flow {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Flow::Switchover(_) => "switchover",
-            Flow::Failover(_) => "failover",
-            Flow::ReplicaBuild(_) => "replica_build",
-            Flow::Detach(_) => "detach",
-            Flow::VmBuild(_) => "vm_build",
-        }
-    }
-
-    fn step_name(&self) -> &'static str {
-        match self {
-            Flow::Switchover(s) => s.step.name(),
-            Flow::Failover(f) => f.step.name(),
-            Flow::ReplicaBuild(b) => b.step.name(),
-            Flow::Detach(d) => d.step.name(),
-            Flow::VmBuild(b) => b.step.name(),
-        }
+    /// A field of the stored state: `kind` (`switchover`, ...) or `step` (`fence`, ...).
+    fn stored(&self, field: &str) -> String {
+        let state = serde_json::to_value(self).unwrap_or_default();
+        state[field].as_str().unwrap_or_default().to_string()
     }
 
     /// Whether the members are free before the workflow ends: a replica build's replicas
     /// serve (and may be switched over or deleted) while the snapshot is cleaned up.
     fn members_released(&self) -> bool {
-        match self {
-            Flow::Switchover(_) | Flow::Failover(_) | Flow::Detach(_) | Flow::VmBuild(_) => false,
-            Flow::ReplicaBuild(b) => b.step == replication::BuildStep::Cleanup,
-        }
+        matches!(self, Flow::ReplicaBuild(b) if b.step == replication::BuildStep::Cleanup)
     }
 
     fn done(&self) -> bool {
-        match self {
-            Flow::Switchover(s) => s.step == replication::SwitchoverStep::Done,
-            Flow::Failover(f) => f.step == replication::FailoverStep::Done,
-            Flow::ReplicaBuild(b) => b.step == replication::BuildStep::Done,
-            Flow::Detach(d) => d.step == replication::DetachStep::Done,
-            Flow::VmBuild(b) => b.step == create::VmBuildStep::Done,
-        }
+        self.stored("step") == "done"
     }
 
     /// Runs the current step and moves to the next; `cancel` asks it to stop where it safely
@@ -104,14 +82,10 @@ impl Flow {
 
     /// The last step: releases the members (tasks, faults) inside the transaction that ends the
     /// workflow.
-    async fn release(
-        &self,
-        app: &App,
-        tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-    ) -> anyhow::Result<()> {
+    async fn release(&self, tx: &mut Tx) -> anyhow::Result<()> {
         match self {
             Flow::Switchover(s) => s.release(tx).await,
-            Flow::Failover(f) => f.release(app, tx).await,
+            Flow::Failover(f) => f.release(tx).await,
             Flow::ReplicaBuild(b) => b.release(tx).await,
             Flow::Detach(d) => d.release(tx).await,
             Flow::VmBuild(b) => b.release(tx).await,
@@ -120,47 +94,36 @@ impl Flow {
 }
 
 /// Starts a workflow owning `members`, whose tasks become `task` (when given) in the same
-/// transaction; 422 when one of them belongs to a running workflow already.
+/// transaction; 422 when one of them belongs to a running workflow already. Its id is `id` when
+/// the caller chose it (a step derives ids from it), a new one otherwise.
 pub async fn start(
     app: &Arc<App>,
+    id: Option<&str>,
     flow: Flow,
     members: &[String],
-    task: Option<crate::status::Task>,
+    task: Option<Task>,
 ) -> Result<String, ApiError> {
-    start_as(app, &uuid::Uuid::new_v4().to_string(), flow, members, task).await
-}
-
-/// [`start`] with the workflow's id chosen by the caller (a step derives ids from it).
-pub async fn start_as(
-    app: &Arc<App>,
-    id: &str,
-    flow: Flow,
-    members: &[String],
-    task: Option<crate::status::Task>,
-) -> Result<String, ApiError> {
-    let id = id.to_string();
+    let id = id.map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string);
     let state = serde_json::to_string(&flow).map_err(anyhow::Error::from)?;
+    let kind = flow.stored("kind");
     let mut tx = app.store.begin().await?;
-    if let Err(e) = Store::insert_workflow(&mut tx, &id, flow.kind(), &state, members).await {
+    if let Err(e) = Store::insert_workflow(&mut tx, &id, &kind, &state, members).await {
         return Err(match e.downcast::<Owned>() {
             Ok(o) => o.into(),
             Err(e) => e.into(),
         });
     }
     if let Some(task) = task {
+        use Task::{Building, Deleting, Detaching, Ejecting, Promoting, Rebooting};
         // Again under the write lock: a delete, a restart or another operation that started
         // since the caller looked wins, and this workflow is refused.
-        use crate::status::task::*;
         for m in members {
             let now = Store::task_in(&mut *tx, m).await?.unwrap_or_default();
-            let in_flight = [
-                BUILDING, REBOOTING, DELETING, PROMOTING, EJECTING, DETACHING,
-            ];
-            if in_flight.contains(&now) {
-                return Err(ApiError::unprocessable(format!(
-                    "Instance {m} is not currently available for an action to be performed (task status was {}).",
-                    now.as_str().to_uppercase()
-                )));
+            if matches!(
+                now,
+                Building | Rebooting | Deleting | Promoting | Ejecting | Detaching
+            ) {
+                return Err(crate::ops::busy(m, now));
             }
         }
         for m in members {
@@ -168,7 +131,7 @@ pub async fn start_as(
         }
     }
     tx.commit().await?;
-    info!(workflow = %id, kind = flow.kind(), members = ?members, "workflow started");
+    info!(workflow = %id, kind, members = ?members, "workflow started");
     tokio::spawn(drive(app.clone(), id.clone()));
     Ok(id)
 }
@@ -180,7 +143,6 @@ pub async fn start_as(
 /// kept the secrets in memory) ends in error, saying so. A placement with
 /// no live instance (a replica placed before its row was stored, a delete cut short) goes.
 pub async fn undo_unfinished_creates(app: &Arc<App>) -> anyhow::Result<()> {
-    use crate::status::task;
     let live = app.store.live_instances().await?;
     for r in live
         .iter()
@@ -195,13 +157,13 @@ pub async fn undo_unfinished_creates(app: &Arc<App>) -> anyhow::Result<()> {
                     warn!(instance = %r.id, error = %format!("{e:#}"), "could not remove its placement")
                 }
             }
-        } else if r.task == task::BUILDING && app.store.workflow_owning(&r.id).await?.is_none() {
+        } else if r.task == Task::Building && app.store.workflow_owning(&r.id).await?.is_none() {
             warn!(instance = %r.id, "a VM build was cut short by a controller restart");
             let mut tx = app.store.begin().await?;
             Store::set_task(
                 &mut tx,
                 &r.id,
-                task::BUILD_ERROR,
+                Task::BuildingError,
                 Some(
                     "the controller restarted while this VM was building, before its users' \
                      passwords were sealed to it; delete it and create it again",
@@ -267,25 +229,20 @@ async fn drive(app: Arc<App>, id: String) {
                 return;
             }
         };
-        let step = flow.step_name();
+        let (kind, step) = (flow.stored("kind"), flow.stored("step"));
         // Made before the step looks: an event handled while it looks still wakes it.
         let woken = app.workflow_wake.notified();
         if flow.step(&app, row.cancel).await == Progress::Wait {
             let _ = tokio::time::timeout(Duration::from_secs(2), woken).await;
             continue;
         }
-        crate::failpoint::hit(flow.kind(), step);
+        crate::failpoint::hit(&kind, &step);
         let saved = async {
             let state = serde_json::to_string(&flow)?;
-            if flow.done() {
+            if flow.done() || flow.members_released() {
                 let mut tx = app.store.begin().await?;
-                flow.release(&app, &mut tx).await?;
-                Store::finish_workflow(&mut tx, &id, &state).await?;
-                tx.commit().await?;
-            } else if flow.members_released() {
-                let mut tx = app.store.begin().await?;
-                flow.release(&app, &mut tx).await?;
-                Store::release_members(&mut tx, &id, &state).await?;
+                flow.release(&mut tx).await?;
+                Store::free_members(&mut tx, &id, &state, flow.done()).await?;
                 tx.commit().await?;
             } else {
                 app.store.save_workflow(&id, &state).await?;
@@ -295,7 +252,7 @@ async fn drive(app: Arc<App>, id: String) {
         .await;
         match saved {
             Ok(()) if flow.done() => {
-                info!(workflow = %id, kind = flow.kind(), "workflow ended");
+                info!(workflow = %id, kind, "workflow ended");
                 return;
             }
             Ok(()) => delay = backoff(),

@@ -17,7 +17,7 @@ use super::replication::{
 };
 use crate::error::ApiError;
 use crate::ops::{self, datastore, Caller};
-use crate::status::task;
+use crate::status::Task;
 use crate::store::{InstanceRow, NewRow, Store};
 use crate::App;
 
@@ -37,7 +37,7 @@ fn busy(r: &InstanceRow, what: &str) -> ApiError {
 }
 
 fn ready(app: &App, r: &InstanceRow) -> bool {
-    r.task == task::NONE && app.fresh(&r.id) && r.service_status == "running"
+    r.task == Task::None && app.fresh(&r.id) && r.service_status == "running"
 }
 
 /// `POST /instances` with `replica_of`.
@@ -80,24 +80,19 @@ pub async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> Result<String
         .clone()
         .or(source.configuration_id.clone());
     // The group must be the project's and its values must still check (the build applies it).
-    match &configuration {
-        Some(g) => match app.store.configuration(g).await? {
+    if let Some(g) = &configuration {
+        match app.store.configuration(g).await? {
             Some(cfg) if cfg.project_id == c.project => {
-                crate::ops::configurations::check_values(
-                    &app,
-                    &cfg.datastore_version_id,
-                    &cfg.values,
-                )
-                .await?
+                let version = &cfg.datastore_version_id;
+                crate::ops::configurations::check_values(&app, version, &cfg.values).await?;
             }
             _ => {
                 return Err(ApiError::not_found(format!(
                     "Configuration group {g} cannot be found."
                 )))
             }
-        },
-        None => vec![],
-    };
+        }
+    }
     // Created before the snapshot, so every replica restores it.
     ensure_repl_user(&app, &source).await?;
     let strategy = match source.repl_strategy.clone() {
@@ -217,7 +212,7 @@ pub async fn eject(app: Arc<App>, source: &InstanceRow) -> Result<(), ApiError> 
             source.id
         )));
     }
-    if matches!(source.task, task::EJECTING | task::PROMOTING) {
+    if matches!(source.task, Task::Ejecting | Task::Promoting) {
         return Err(busy(source, "an eject"));
     }
     start_failover(&app, source, &replicas).await?;

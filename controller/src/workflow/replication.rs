@@ -13,15 +13,14 @@ use coffer_proto::seal;
 use coffer_proto::v1;
 use coffer_proto::Datastore;
 use serde::{Deserialize, Serialize};
-use sqlx::{Sqlite, Transaction};
 use tracing::{info, warn};
 
 use super::Flow;
 use crate::agents::{agent_key, call};
 use crate::error::ApiError;
 use crate::ops::datastore;
-use crate::status::{task, BackupStatus};
-use crate::store::{InstanceRow, Store};
+use crate::status::{serde_name, BackupStatus, Task};
+use crate::store::{InstanceRow, Store, Tx};
 use crate::App;
 
 pub async fn reload(app: &App, id: &str) -> Result<InstanceRow, ApiError> {
@@ -31,43 +30,43 @@ pub async fn reload(app: &App, id: &str) -> Result<InstanceRow, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("Instance {id} is gone.")))
 }
 
+/// Sends a call to the agent of instance `id` (which must still exist).
+async fn call_at(app: &App, id: &str, kind: v1::call::Kind) -> Result<v1::CallReply, ApiError> {
+    Ok(call(app, &reload(app, id).await?, kind).await?.1)
+}
+
+/// Sets the source `id` read-only (its fence) or writable again.
+async fn fence_source(app: &App, id: &str, read_only: bool) -> Result<v1::CallReply, ApiError> {
+    let set = v1::SetReadOnly {
+        read_only,
+        kill_connections: false,
+    };
+    call_at(app, id, v1::call::Kind::SetReadOnly(set)).await
+}
+
 /// The source's replication user and password, created on the source the first time.
 pub async fn ensure_repl_user(
     app: &App,
     source: &InstanceRow,
 ) -> Result<(String, String), ApiError> {
     if let (Some(u), Some(secret)) = (&source.repl_user, &source.repl_secret) {
-        let bytes = seal::from_hex(secret)
-            .and_then(|b| {
-                seal::open(
-                    &app.reply_secret_key,
-                    &seal::kept_replication_context(&source.id),
-                    &b,
-                )
-                .ok()
-            })
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "the kept replication password of {} does not open",
-                    source.id
-                )
-            })?;
+        let context = seal::kept_replication_context(&source.id);
+        let bytes = crate::agents::open_kept(app, secret, &context).ok_or_else(|| {
+            anyhow::anyhow!(
+                "the kept replication password of {} does not open",
+                source.id
+            )
+        })?;
         return Ok((u.clone(), String::from_utf8_lossy(&bytes).into_owned()));
     }
     let user = format!("repl_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let password = uuid::Uuid::new_v4().simple().to_string();
-    let sealed = seal::seal(
-        &agent_key(source)?,
-        &seal::replication_password_context(&source.id),
-        password.as_bytes(),
-    )
-    .map_err(|e| anyhow::anyhow!("sealing: {e}"))?;
     call(
         app,
         source,
         v1::call::Kind::CreateReplicationUser(v1::CreateReplicationUser {
             user: user.clone(),
-            password_sealed: sealed,
+            password_sealed: sealed_for(source, &password)?,
         }),
     )
     .await?;
@@ -97,6 +96,13 @@ async fn keep_repl_user(
     Ok(())
 }
 
+/// The replication password sealed for `r`'s agent.
+fn sealed_for(r: &InstanceRow, password: &str) -> Result<Vec<u8>, ApiError> {
+    let context = seal::replication_password_context(&r.id);
+    let sealed = seal::seal(&agent_key(r)?, &context, password.as_bytes());
+    Ok(sealed.map_err(|e| anyhow::anyhow!("sealing: {e}"))?)
+}
+
 /// How `replica` reaches `source`, its password sealed for `replica`'s agent.
 pub fn replica_of(
     source: &InstanceRow,
@@ -109,54 +115,54 @@ pub fn replica_of(
         host: source.host.clone().unwrap_or_default(),
         port: source.port.unwrap_or_default() as u32,
         user: user.to_string(),
-        password_sealed: seal::seal(
-            &agent_key(replica)?,
-            &seal::replication_password_context(&replica.id),
-            password.as_bytes(),
-        )
-        .map_err(|e| anyhow::anyhow!("sealing: {e}"))?,
+        password_sealed: sealed_for(replica, password)?,
         strategy: strategy.to_string(),
         ..Default::default()
     })
 }
 
-/// Moves the replication user's kept password from `from` to `to` (the new source).
-async fn hand_over_user(
+/// The replica `new` stops replicating (`detach`) and becomes the source in `old`'s place: the
+/// replication user's kept password moves to it.
+async fn take_over(
     app: &App,
-    from: &InstanceRow,
-    to: &str,
-    user: &str,
-    password: &str,
+    old: &str,
+    new: &str,
+    detach: v1::DetachReplica,
 ) -> Result<(), ApiError> {
-    let strategy = from
-        .repl_strategy
-        .clone()
-        .unwrap_or_else(|| app.cfg.replication.strategy.clone());
-    keep_repl_user(app, to, user, password, &strategy).await
+    let old = reload(app, old).await?;
+    let (user, password) = ensure_repl_user(app, &old).await?;
+    let new = reload(app, new).await?;
+    call(app, &new, v1::call::Kind::DetachReplica(detach)).await?;
+    app.store.set_replica_of(&new.id, None).await?;
+    let strategy = old.repl_strategy.clone();
+    let strategy = strategy.unwrap_or_else(|| app.cfg.replication.strategy.clone());
+    keep_repl_user(app, &new.id, &user, &password, &strategy).await
 }
 
-/// Re-points `replica` at `source` by its own applied position.
+/// Re-points `replica` at `source` (by its own applied position when `from_own_position`).
 async fn repoint(
     app: &App,
-    source: &InstanceRow,
-    replica: &InstanceRow,
-    user: &str,
-    password: &str,
+    source: &str,
+    replica: &str,
     from_own_position: bool,
 ) -> Result<(), ApiError> {
-    let strategy = datastore(app, source).await?.repoint_strategy();
-    let mut spec = replica_of(source, replica, user, password, strategy)?;
+    let source = reload(app, source).await?;
+    let (user, password) = ensure_repl_user(app, &source).await?;
+    let replica = reload(app, replica).await?;
+    let strategy = datastore(app, &source).await?.repoint_strategy();
+    let mut spec = replica_of(&source, &replica, &user, &password, strategy)?;
     spec.from_own_position = from_own_position;
-    call(
-        app,
-        replica,
-        v1::call::Kind::AttachReplica(v1::AttachReplica { source: Some(spec) }),
-    )
-    .await?;
+    let attach = v1::AttachReplica { source: Some(spec) };
+    call(app, &replica, v1::call::Kind::AttachReplica(attach)).await?;
     app.store
         .set_replica_of(&replica.id, Some(&source.id))
         .await?;
     Ok(())
+}
+
+/// The fault a workflow that failed with `error` leaves: "`what` failed: `error`".
+fn failed(what: &str, error: &Option<String>) -> Option<String> {
+    error.as_ref().map(|e| format!("{what} failed: {e}"))
 }
 
 /// The steps of a switchover.
@@ -175,18 +181,6 @@ pub enum SwitchoverStep {
     /// Nothing moved: the old source gets its writes back.
     RollBack,
     Done,
-}
-
-impl SwitchoverStep {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Fence => "fence",
-            Self::Promote => "promote",
-            Self::Repoint => "repoint",
-            Self::RollBack => "roll_back",
-            Self::Done => "done",
-        }
-    }
 }
 
 /// A planned switchover to `candidate` that loses no commit.
@@ -222,7 +216,7 @@ impl Switchover {
             Done => Ok(()),
         };
         if let Err(e) = r {
-            warn!(step = self.step.name(), error = %e.message, "switchover step failed");
+            warn!(step = serde_name(&self.step), error = %e.message, "switchover step failed");
             self.error = Some(e.message);
             // Before the candidate is promoted nothing has moved: undo the fence. After, the
             // candidate is the source and going back would lose its writes: stop with a fault.
@@ -239,43 +233,25 @@ impl Switchover {
 
     /// Whether the candidate is still a replica (asked after a promotion that failed).
     async fn still_replica(&self, app: &App) -> bool {
-        let Ok(cand) = reload(app, &self.candidate).await else {
-            return false;
-        };
         let status = v1::call::Kind::ReplicationStatus(v1::ReplicationStatus {});
-        match call(app, &cand, status).await {
-            Ok((_, rep)) => rep.replication.is_some_and(|r| r.role == "replica"),
-            Err(_) => false,
-        }
+        call_at(app, &self.candidate, status)
+            .await
+            .is_ok_and(|rep| rep.replication.is_some_and(|r| r.role == "replica"))
     }
 
     async fn fence(&mut self, app: &App) -> Result<(), ApiError> {
-        let source = reload(app, &self.source).await?;
-        let (_, rep) = call(
-            app,
-            &source,
-            v1::call::Kind::SetReadOnly(v1::SetReadOnly {
-                read_only: true,
-                kill_connections: false,
-            }),
-        )
-        .await?;
+        let rep = fence_source(app, &self.source, true).await?;
         self.target = Some(rep.replication.map(|r| r.position).unwrap_or_default());
         self.step = SwitchoverStep::Promote;
         Ok(())
     }
 
     async fn promote(&mut self, app: &App) -> Result<(), ApiError> {
-        let source = reload(app, &self.source).await?;
-        let (user, password) = ensure_repl_user(app, &source).await?;
-        let cand = reload(app, &self.candidate).await?;
         let detach = v1::DetachReplica {
             catch_up_to: self.target.clone().unwrap_or_default(),
             timeout_s: 15,
         };
-        call(app, &cand, v1::call::Kind::DetachReplica(detach)).await?;
-        app.store.set_replica_of(&cand.id, None).await?;
-        hand_over_user(app, &source, &cand.id, &user, &password).await?;
+        take_over(app, &self.source, &self.candidate, detach).await?;
         self.step = SwitchoverStep::Repoint;
         Ok(())
     }
@@ -298,29 +274,13 @@ impl Switchover {
             self.step = SwitchoverStep::Done;
             return Ok(());
         };
-        let cand = reload(app, &self.candidate).await?;
-        let (user, password) = ensure_repl_user(app, &cand).await?;
-        let member = reload(app, &next).await?;
-        repoint(app, &cand, &member, &user, &password, next == self.source).await?;
+        repoint(app, &self.candidate, &next, next == self.source).await?;
         self.repointed.push(next);
         Ok(())
     }
 
     async fn roll_back(&mut self, app: &App) {
-        let lifted = async {
-            let source = reload(app, &self.source).await?;
-            call(
-                app,
-                &source,
-                v1::call::Kind::SetReadOnly(v1::SetReadOnly {
-                    read_only: false,
-                    kill_connections: false,
-                }),
-            )
-            .await
-        }
-        .await;
-        if let Err(e) = lifted {
+        if let Err(e) = fence_source(app, &self.source, false).await {
             let was = self.error.take().unwrap_or_default();
             self.error = Some(format!(
                 "{was}; the old source {} stays read-only ({}): retry the switchover or detach its replicas",
@@ -330,16 +290,10 @@ impl Switchover {
         self.step = SwitchoverStep::Done;
     }
 
-    pub(super) async fn release(
-        &self,
-        tx: &mut Transaction<'static, Sqlite>,
-    ) -> anyhow::Result<()> {
-        let fault = self
-            .error
-            .as_ref()
-            .map(|e| format!("promote_to_replica_source failed: {e}"));
+    pub(super) async fn release(&self, tx: &mut Tx) -> anyhow::Result<()> {
+        let fault = failed("promote_to_replica_source", &self.error);
         for id in &self.members {
-            Store::set_task(tx, id, task::NONE, fault.as_deref()).await?;
+            Store::set_task(tx, id, Task::None, fault.as_deref()).await?;
         }
         Ok(())
     }
@@ -362,7 +316,7 @@ pub async fn start_switchover(
         repointed: vec![],
         error: None,
     });
-    super::start(app, flow, &members, Some(task::PROMOTING)).await
+    super::start(app, None, flow, &members, Some(Task::Promoting)).await
 }
 
 /// The steps of a failover.
@@ -376,17 +330,6 @@ pub enum FailoverStep {
     /// The other drained replicas follow it (one per step).
     Repoint,
     Done,
-}
-
-impl FailoverStep {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Drain => "drain",
-            Self::Promote => "promote",
-            Self::Repoint => "repoint",
-            Self::Done => "done",
-        }
-    }
 }
 
 /// Ejecting a source whose heartbeat expired: the most advanced replica becomes the source.
@@ -417,7 +360,7 @@ impl Failover {
             Done => Ok(()),
         };
         if let Err(e) = r {
-            warn!(step = self.step.name(), error = %e.message, "failover step failed");
+            warn!(step = serde_name(&self.step), error = %e.message, "failover step failed");
             self.error = Some(e.message);
             self.step = Done;
         }
@@ -463,17 +406,10 @@ impl Failover {
     }
 
     async fn promote(&mut self, app: &App) -> Result<(), ApiError> {
-        let winner = reload(app, self.winner.as_deref().unwrap_or_default()).await?;
-        let source = reload(app, &self.source).await?;
-        let (user, password) = ensure_repl_user(app, &source).await?;
-        call(
-            app,
-            &winner,
-            v1::call::Kind::DetachReplica(v1::DetachReplica::default()),
-        )
-        .await?;
-        app.store.set_replica_of(&winner.id, None).await?;
-        hand_over_user(app, &source, &winner.id, &user, &password).await?;
+        let winner = self.winner.clone().unwrap_or_default();
+        // A winner that is gone is named before the source.
+        reload(app, &winner).await?;
+        take_over(app, &self.source, &winner, v1::DetachReplica::default()).await?;
         self.step = FailoverStep::Repoint;
         Ok(())
     }
@@ -486,7 +422,7 @@ impl Failover {
             .map(|(id, _)| id)
             .find(|id| **id != winner && !self.repointed.contains(id))
             .cloned();
-        let new_source = reload(app, &winner).await?;
+        reload(app, &winner).await?;
         let Some(next) = next else {
             // Replicas that could not be reached follow the new source in the controller's
             // view; their agents are re-pointed when they return (not automatic yet: they
@@ -504,38 +440,29 @@ impl Failover {
             self.step = FailoverStep::Done;
             return Ok(());
         };
-        let (user, password) = ensure_repl_user(app, &new_source).await?;
-        let member = reload(app, &next).await?;
-        repoint(app, &new_source, &member, &user, &password, false).await?;
+        repoint(app, &winner, &next, false).await?;
         self.repointed.push(next);
         Ok(())
     }
 
-    pub(super) async fn release(
-        &self,
-        _app: &App,
-        tx: &mut Transaction<'static, Sqlite>,
-    ) -> anyhow::Result<()> {
-        let fault = self
-            .error
-            .as_ref()
-            .map(|e| format!("eject_replica_source failed: {e}"));
+    pub(super) async fn release(&self, tx: &mut Tx) -> anyhow::Result<()> {
+        let fault = failed("eject_replica_source", &self.error);
         for id in &self.replicas {
-            Store::set_task(tx, id, task::NONE, fault.as_deref()).await?;
+            Store::set_task(tx, id, Task::None, fault.as_deref()).await?;
         }
         match (&fault, &self.winner) {
             (None, Some(winner)) => {
                 Store::set_task(
                     tx,
                     &self.source,
-                    task::EJECTED,
+                    Task::Ejected,
                     Some(&format!(
                         "Ejected as replica source; {winner} is the source now. This instance stays fenced (read-only): delete it."
                     )),
                 )
                 .await?
             }
-            _ => Store::set_task(tx, &self.source, task::NONE, fault.as_deref()).await?,
+            _ => Store::set_task(tx, &self.source, Task::None, fault.as_deref()).await?,
         }
         Ok(())
     }
@@ -558,7 +485,7 @@ pub async fn start_failover(
         repointed: vec![],
         error: None,
     });
-    super::start(app, flow, &members, Some(task::EJECTING)).await
+    super::start(app, None, flow, &members, Some(Task::Ejecting)).await
 }
 
 /// The steps of building replicas.
@@ -576,19 +503,6 @@ pub enum BuildStep {
     /// The snapshot is deleted.
     Cleanup,
     Done,
-}
-
-impl BuildStep {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Snapshot => "snapshot",
-            Self::WaitSnapshot => "wait_snapshot",
-            Self::Prepare => "prepare",
-            Self::WaitBuilt => "wait_built",
-            Self::Cleanup => "cleanup",
-            Self::Done => "done",
-        }
-    }
 }
 
 /// Replicas placed by `POST /instances` with `replica_of`, built from a snapshot of the source.
@@ -630,7 +544,7 @@ impl ReplicaBuild {
         match r {
             Ok(p) => p,
             Err(e) => {
-                warn!(step = self.step.name(), error = %e.message, "replica build step failed");
+                warn!(step = serde_name(&self.step), error = %e.message, "replica build step failed");
                 self.error = Some(e.message);
                 self.step = if self.step == Cleanup { Done } else { Cleanup };
                 super::Progress::Moved
@@ -679,55 +593,43 @@ impl ReplicaBuild {
             return Ok(super::Progress::Moved);
         };
         let intent_id = super::derived_id(&self.id, &format!("prepare/{id}"));
-        if let Some(r) = app.store.instance(&id).await? {
-            if !app.store.intent_exists(&intent_id).await? {
-                let source = reload(app, &self.source).await?;
-                let (user, password) = ensure_repl_user(app, &source).await?;
-                let strategy = r.repl_strategy.clone().unwrap_or_else(|| {
-                    source
-                        .repl_strategy
-                        .clone()
-                        .unwrap_or_else(|| app.cfg.replication.strategy.clone())
-                });
-                let overrides = match &self.configuration {
-                    Some(g) => match app.store.configuration(g).await? {
-                        Some(cfg) => {
-                            crate::ops::configurations::check_values(
-                                app,
-                                &cfg.datastore_version_id,
-                                &cfg.values,
-                            )
-                            .await?
-                        }
-                        None => vec![],
-                    },
-                    None => vec![],
-                };
-                let flavor = app.store.flavor(&source.flavor_id).await?;
-                let version = app.store.version(&source.datastore_version_id).await?;
-                let mut restore =
-                    crate::ops::backups::restore_point(app, &self.snapshot_id(), None).await?;
-                crate::ops::backups::grant_restore(app, &mut restore, &id, &agent_key(&r)?)?;
-                let prepare = v1::intent::Kind::Prepare(v1::Prepare {
-                    memory_mb: flavor.as_ref().map(|f| f.ram as u64).unwrap_or(256),
-                    vcpus: flavor.as_ref().map(|f| f.vcpus as u32).unwrap_or(1),
-                    volume_gb: r.volume_size as u64,
-                    server_id: r.server_id as u32,
-                    datastore_version: version
-                        .as_ref()
-                        .map(|v| v.version.clone())
-                        .unwrap_or_default(),
-                    restore: Some(restore),
-                    overrides,
-                    replica_of: Some(replica_of(&source, &r, &user, &password, &strategy)?),
-                    ..Default::default()
-                });
-                let payload = crate::ops::intents::intent_payload(app, &id, &intent_id, prepare);
-                let mut tx = app.store.begin().await?;
-                Store::enqueue(&mut tx, &intent_id, &id, "prepare", &payload).await?;
-                tx.commit().await?;
-                app.outbox_wake.notify_one();
-            }
+        let queued = app.store.intent_exists(&intent_id).await?;
+        if let Some(r) = app.store.instance(&id).await?.filter(|_| !queued) {
+            let source = reload(app, &self.source).await?;
+            let (user, password) = ensure_repl_user(app, &source).await?;
+            let strategy = r.repl_strategy.clone().or(source.repl_strategy.clone());
+            let strategy = strategy.unwrap_or_else(|| app.cfg.replication.strategy.clone());
+            let cfg = match &self.configuration {
+                Some(g) => app.store.configuration(g).await?,
+                None => None,
+            };
+            let overrides = match cfg {
+                Some(cfg) => {
+                    let version = &cfg.datastore_version_id;
+                    crate::ops::configurations::check_values(app, version, &cfg.values).await?
+                }
+                None => vec![],
+            };
+            let flavor = app.store.flavor(&source.flavor_id).await?;
+            let version = app.store.version(&source.datastore_version_id).await?;
+            let mut restore =
+                crate::ops::backups::restore_point(app, &self.snapshot_id(), None).await?;
+            crate::ops::backups::grant_restore(app, &mut restore, &id, &agent_key(&r)?)?;
+            let prepare = v1::intent::Kind::Prepare(v1::Prepare {
+                memory_mb: flavor.as_ref().map(|f| f.ram as u64).unwrap_or(256),
+                vcpus: flavor.as_ref().map(|f| f.vcpus as u32).unwrap_or(1),
+                volume_gb: r.volume_size as u64,
+                server_id: r.server_id as u32,
+                datastore_version: version.map(|v| v.version).unwrap_or_default(),
+                restore: Some(restore),
+                overrides,
+                replica_of: Some(replica_of(&source, &r, &user, &password, &strategy)?),
+                ..Default::default()
+            });
+            let mut tx = app.store.begin().await?;
+            crate::ops::intents::enqueue(app, &mut tx, &id, &intent_id, prepare).await?;
+            tx.commit().await?;
+            app.outbox_wake.notify_one();
         }
         self.prepared.push(id);
         Ok(super::Progress::Moved)
@@ -737,7 +639,7 @@ impl ReplicaBuild {
         let mut building = false;
         for id in &self.replicas {
             if let Some(r) = app.store.instance(id).await? {
-                building |= r.task == task::BUILDING;
+                building |= r.task == Task::Building;
             }
         }
         if building && coffer_proto::now_unix_s() <= self.deadline {
@@ -759,17 +661,14 @@ impl ReplicaBuild {
 
     /// Replicas still building when the build failed show why; the others' status is their
     /// prepare's own.
-    pub(super) async fn release(
-        &self,
-        tx: &mut Transaction<'static, Sqlite>,
-    ) -> anyhow::Result<()> {
+    pub(super) async fn release(&self, tx: &mut Tx) -> anyhow::Result<()> {
         if let Some(e) = &self.error {
             for id in &self.replicas {
-                if Store::task_in(&mut **tx, id).await? == Some(task::BUILDING) {
+                if Store::task_in(&mut **tx, id).await? == Some(Task::Building) {
                     Store::set_task(
                         tx,
                         id,
-                        task::BUILD_ERROR,
+                        Task::BuildingError,
                         Some(&format!("building the replica failed: {e}")),
                     )
                     .await?;
@@ -798,7 +697,7 @@ pub async fn start_replica_build(
         deadline: coffer_proto::now_unix_s() + app.cfg.build_timeout_s as i64,
         error: None,
     });
-    super::start_as(app, &id, flow, replicas, None).await
+    super::start(app, Some(&id), flow, replicas, None).await
 }
 
 /// The steps of a detach.
@@ -809,15 +708,6 @@ pub enum DetachStep {
     /// idempotent: run again after a controller restart it finds the work done).
     Detach,
     Done,
-}
-
-impl DetachStep {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Detach => "detach",
-            Self::Done => "done",
-        }
-    }
 }
 
 /// A replica detached from its source (`replica_of` removed by an update): standalone and
@@ -836,36 +726,21 @@ impl Detach {
         if cancel {
             self.error = Some("cancelled by reset_status".into());
         } else {
-            let done = match reload(app, &self.replica).await {
-                Ok(r) => call(
-                    app,
-                    &r,
-                    v1::call::Kind::DetachReplica(v1::DetachReplica::default()),
-                )
-                .await
-                .map(|_| ()),
-                Err(e) => Err(e),
-            };
-            match done {
-                Ok(()) => self.detached = true,
+            let detach = v1::call::Kind::DetachReplica(v1::DetachReplica::default());
+            match call_at(app, &self.replica, detach).await {
+                Ok(_) => self.detached = true,
                 Err(e) => self.error = Some(e.message),
             }
         }
         self.step = DetachStep::Done;
     }
 
-    pub(super) async fn release(
-        &self,
-        tx: &mut Transaction<'static, Sqlite>,
-    ) -> anyhow::Result<()> {
+    pub(super) async fn release(&self, tx: &mut Tx) -> anyhow::Result<()> {
         if self.detached {
             Store::set_replica_of_in(&mut **tx, &self.replica, None).await?;
         }
-        let fault = self
-            .error
-            .as_ref()
-            .map(|e| format!("detaching failed: {e}"));
-        Store::set_task(tx, &self.replica, task::NONE, fault.as_deref()).await
+        let fault = failed("detaching", &self.error);
+        Store::set_task(tx, &self.replica, Task::None, fault.as_deref()).await
     }
 }
 
@@ -877,13 +752,8 @@ pub async fn start_detach(app: &Arc<App>, replica: &InstanceRow) -> Result<Strin
         detached: false,
         error: None,
     });
-    super::start(
-        app,
-        flow,
-        std::slice::from_ref(&replica.id),
-        Some(task::DETACHING),
-    )
-    .await
+    let members = std::slice::from_ref(&replica.id);
+    super::start(app, None, flow, members, Some(Task::Detaching)).await
 }
 
 /// The failover's decision: among the drained replicas' positions, the one that has everything
