@@ -10,8 +10,12 @@ use serde::Deserialize;
 pub struct ControllerConfig {
     /// HTTP listen address, e.g. `127.0.0.1:8779`.
     pub listen: String,
-    /// Directory holding the SQLite store.
+    /// Directory holding the controller's keys (and the SQLite store, unless `[store]` names
+    /// another).
     pub data_dir: PathBuf,
+    /// Where the controller's state lives (default: SQLite in `data_dir`).
+    #[serde(default)]
+    pub store: StoreConfig,
     /// NATS server URL.
     pub nats_url: String,
     /// The NATS URL handed to agents, when they reach NATS by another address than the
@@ -83,6 +87,48 @@ impl Default for ReplicationConfig {
             strategy: coffer_proto::Datastore::CONFIGURABLE_REPLICATION[0].into(),
             max_replicas: 3,
             auto_failover: false,
+        }
+    }
+}
+
+/// `[store]`: `url = "sqlite:///var/lib/coffer/coffer.db"` or a shared server's URL
+/// (`store::dialect`), whose password comes from `password_file` rather than the URL, so it
+/// never sits in a config that is shown or copied.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub url: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+impl ControllerConfig {
+    /// The store's URL, with the password from `password_file` when one is set.
+    pub fn store_url(&self) -> anyhow::Result<String> {
+        let url = match &self.store.url {
+            Some(u) => u.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("coffer.db").display()),
+        };
+        let Some(file) = &self.store.password_file else {
+            return Ok(url);
+        };
+        let password = std::fs::read_to_string(file)
+            .with_context(|| format!("reading the store password file {}", file.display()))?;
+        let enc: String = password
+            .trim_end_matches(['\r', '\n'])
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        match url.split_once("://") {
+            Some((scheme, rest)) if rest.contains('@') && !rest.split('@').next().unwrap_or("").contains(':') => {
+                let (user, host) = rest.split_once('@').unwrap_or_default();
+                Ok(format!("{scheme}://{user}:{enc}@{host}"))
+            }
+            _ => bail!("[store] password_file needs a URL that names its user and no password (scheme://user@host/db)"),
         }
     }
 }

@@ -84,7 +84,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
     // The store, the keys and the tokens' users are the controller's alone: nothing a
     // database server runs (as another user, or through a tenant's FILE/COPY) may read them.
     private(&cfg.data_dir, 0o700)?;
-    let store = store::Store::open(&cfg.data_dir.join("coffer.db")).await?;
+    let store = store::Store::connect(&cfg.store_url()?).await?;
     for f in ["coffer.db", "coffer.db-wal", "coffer.db-shm"] {
         let p = cfg.data_dir.join(f);
         if p.exists() {

@@ -191,7 +191,7 @@ fn real_main() -> anyhow::Result<()> {
 
 async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)?;
-    let store = Store::open(&cfg.data_dir.join("coffer.db")).await?;
+    let store = Store::connect(&cfg.store_url()?).await?;
     match cmd {
         Manage::DbSync => println!("store is up to date"),
         Manage::NatsSetup => {

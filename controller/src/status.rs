@@ -36,8 +36,9 @@ impl std::fmt::Display for Task {
 }
 
 /// Who placed an instance's agent (the `placement` column).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize, serde::Deserialize)]
 #[sqlx(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum PlacedBy {
     /// The controller's provisioner (a local process or a VM): it also removes it.
     Provisioner,

@@ -5,6 +5,7 @@
 //! nats-server from `COFFER_NATS_SERVER`. Missing ones fail loudly, naming the fix.
 
 pub mod debroot;
+pub mod pgstore;
 pub mod proxy;
 pub mod scenario;
 
@@ -246,6 +247,10 @@ pub struct Opts {
     /// database as local processes, enrolled from the seed the provisioner wrote): the VM path
     /// without virtualization.
     pub fake_vm: bool,
+    /// The controller's store is a PostgreSQL database (a [`pgstore::PgStore`] of the test's
+    /// own) instead of SQLite; `COFFER_TEST_STORE=postgres` makes it the default, so the whole
+    /// suite can run on it.
+    pub store_postgres: bool,
 }
 
 /// The backup storage backends, as a test selects them.
@@ -278,6 +283,7 @@ impl Default for Opts {
             nats_proxy: false,
             qemu_image: None,
             fake_vm: false,
+            store_postgres: std::env::var("COFFER_TEST_STORE").is_ok_and(|v| v == "postgres"),
         }
     }
 }
@@ -299,6 +305,9 @@ pub struct Env {
     pub backup_storage: BackupStorage,
     /// The agents' way to NATS, when [`Opts::nats_proxy`] is on.
     pub proxy: Option<proxy::NatsProxy>,
+    /// The controller's PostgreSQL store, when [`Opts::store_postgres`] is on (stopped after the
+    /// controller).
+    pub pg: Option<pgstore::PgStore>,
 }
 
 impl Env {
@@ -362,6 +371,20 @@ impl Env {
             (String::new(), String::new())
         };
         write_keyring(&d.join("keyring.toml"), &[("k1", &random_key_hex())], "k1");
+        let pg = o.store_postgres.then(|| {
+            let pg = pgstore::PgStore::start();
+            pg.create_db("coffer");
+            write_private(&d.join("store.password"), &pg.password).unwrap();
+            pg
+        });
+        let store_table = match &pg {
+            Some(pg) => format!(
+                "[store]\nurl = {:?}\npassword_file = {:?}\n\n",
+                pg.url_without_password("coffer"),
+                d.join("store.password").display().to_string()
+            ),
+            None => String::new(),
+        };
         let config = d.join("controller.toml");
         write_private(
             &config,
@@ -370,7 +393,7 @@ impl Env {
                  nats_creds = {creds:?}\n{nats_ca_line}\
                  heartbeat_expiry_s = {exp}\nlease_ms = {lease}\nbuild_timeout_s = {bt}\ndelete_grace_s = 20\n\
                  respawn_agents = {respawn}\n{agent_nats}\n\
-                 {tls_table}[nats_auth]\ndir = {auth:?}\n\n\
+                 {tls_table}{store_table}[nats_auth]\ndir = {auth:?}\n\n\
                  [replication]\nstrategy = {repl:?}\nauto_failover = {auto}\n\n\
                  [backup]\nkeyring_file = {keyring:?}\nstrategy = {strategy:?}\n[backup.storage]\n{storage}\n\n\
                  {provisioner}",
@@ -481,6 +504,7 @@ impl Env {
             proxy: o
                 .nats_proxy
                 .then(|| proxy::NatsProxy::start(proxy_port, nats_port)),
+            pg,
         };
         env.start_controller();
         env

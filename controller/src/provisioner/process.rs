@@ -95,11 +95,9 @@ async fn shadow(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
         }
         let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
         // 10 (useradd/userdel/groupadd): the files are locked by a concurrent change.
-        if out.status.code() == Some(10) || err.contains("lock") {
-            if Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        if (out.status.code() == Some(10) || err.contains("lock")) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
         }
         bail!("{cmd} {}: {err}", args.join(" "));
     }

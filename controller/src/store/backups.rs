@@ -28,7 +28,7 @@ pub struct BackupRow {
 
 impl Store {
     pub async fn backups_of(&self, project: &str) -> anyhow::Result<Vec<BackupRow>> {
-        Ok(sqlx::query_as("SELECT * FROM backups WHERE project_id = ? AND deleted = 0 ORDER BY created DESC, rowid DESC")
+        Ok(sqlx::query_as("SELECT * FROM backups WHERE project_id = $1 AND deleted = FALSE ORDER BY created DESC, rowid DESC")
             .bind(project)
             .fetch_all(&self.pool)
             .await?)
@@ -37,7 +37,7 @@ impl Store {
     /// Whether any backup taken from `instance` is kept.
     pub async fn has_backups_of(&self, instance: &str) -> anyhow::Result<bool> {
         let row: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM backups WHERE instance_id = ? AND deleted = 0 LIMIT 1",
+            "SELECT 1 FROM backups WHERE instance_id = $1 AND deleted = FALSE LIMIT 1",
         )
         .bind(instance)
         .fetch_optional(&self.pool)
@@ -47,7 +47,7 @@ impl Store {
 
     pub async fn backup(&self, id: &str) -> anyhow::Result<Option<BackupRow>> {
         Ok(
-            sqlx::query_as("SELECT * FROM backups WHERE id = ? AND deleted = 0")
+            sqlx::query_as("SELECT * FROM backups WHERE id = $1 AND deleted = FALSE")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?,
@@ -74,7 +74,7 @@ impl Store {
     }
 
     pub async fn backup_by_intent(&self, intent_id: &str) -> anyhow::Result<Option<BackupRow>> {
-        Ok(sqlx::query_as("SELECT * FROM backups WHERE intent_id = ?")
+        Ok(sqlx::query_as("SELECT * FROM backups WHERE intent_id = $1")
             .bind(intent_id)
             .fetch_optional(&self.pool)
             .await?)
@@ -87,12 +87,12 @@ impl Store {
 
     /// [`Store::backup_running`] read through `ex` (a transaction's own, for a check that
     /// must hold when the transaction commits).
-    pub async fn backup_running_in<'e, E: sqlx::SqliteExecutor<'e>>(
+    pub async fn backup_running_in<'e, E: Exec<'e>>(
         ex: E,
         instance_id: &str,
     ) -> anyhow::Result<bool> {
         let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM backups WHERE instance_id = ? AND deleted = 0 AND status IN ('NEW', 'BUILDING')",
+            "SELECT COUNT(*) FROM backups WHERE instance_id = $1 AND deleted = FALSE AND status IN ('NEW', 'BUILDING')",
         )
         .bind(instance_id)
         .fetch_one(ex)
@@ -103,7 +103,7 @@ impl Store {
     pub async fn insert_backup(tx: &mut Tx, b: &BackupRow) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO backups (id, project_id, instance_id, name, description, status, parent_id, datastore_version_id, \
-             intent_id, key_id, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             intent_id, key_id, created, updated) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(&b.id)
         .bind(&b.project_id)
@@ -132,9 +132,9 @@ impl Store {
         fault: Option<&str>,
     ) -> anyhow::Result<()> {
         sqlx::query(
-            "UPDATE backups SET status = ?, progress = COALESCE(?, progress), size_bytes = COALESCE(?, size_bytes), \
-             checksum = COALESCE(?, checksum), location = COALESCE(?, location), fault = COALESCE(?, fault), updated = ? \
-             WHERE id = ? AND status NOT IN ('COMPLETED', 'FAILED')",
+            "UPDATE backups SET status = $1, progress = COALESCE($2, progress), size_bytes = COALESCE($3, size_bytes), \
+             checksum = COALESCE($4, checksum), location = COALESCE($5, location), fault = COALESCE($6, fault), updated = $7 \
+             WHERE id = $8 AND status NOT IN ('COMPLETED', 'FAILED')",
         )
         .bind(status)
         .bind(progress)
@@ -150,11 +150,11 @@ impl Store {
     }
 
     pub async fn count_backups(tx: &mut Tx, project: &str) -> anyhow::Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT COUNT(*) FROM backups WHERE project_id = ? AND deleted = 0")
-                .bind(project)
-                .fetch_one(&mut **tx)
-                .await?,
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM backups WHERE project_id = $1 AND deleted = FALSE",
         )
+        .bind(project)
+        .fetch_one(&mut **tx)
+        .await?)
     }
 }

@@ -11,8 +11,10 @@ pub struct VersionRow {
     pub name: String,
     pub version: String,
     pub manager: String,
+    #[sqlx(try_from = "Flag")]
     pub active: bool,
     /// Enable root at create and return its password.
+    #[sqlx(try_from = "Flag")]
     pub root_on_create: bool,
 }
 
@@ -64,7 +66,7 @@ impl Store {
 
     pub async fn versions_of(&self, datastore_id: &str) -> anyhow::Result<Vec<VersionRow>> {
         Ok(sqlx::query_as(&format!(
-            "{VERSION_SELECT} WHERE v.datastore_id = ? ORDER BY v.name"
+            "{VERSION_SELECT} WHERE v.datastore_id = $1 ORDER BY v.name"
         ))
         .bind(datastore_id)
         .fetch_all(&self.pool)
@@ -72,7 +74,7 @@ impl Store {
     }
 
     pub async fn version(&self, id: &str) -> anyhow::Result<Option<VersionRow>> {
-        Ok(sqlx::query_as(&format!("{VERSION_SELECT} WHERE v.id = ?"))
+        Ok(sqlx::query_as(&format!("{VERSION_SELECT} WHERE v.id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?)
@@ -94,7 +96,7 @@ impl Store {
     /// Flavors linked to a version (empty = every flavor is allowed).
     pub async fn version_flavors(&self, version_id: &str) -> anyhow::Result<Vec<String>> {
         Ok(
-            sqlx::query_scalar("SELECT flavor_id FROM version_flavors WHERE version_id = ?")
+            sqlx::query_scalar("SELECT flavor_id FROM version_flavors WHERE version_id = $1")
                 .bind(version_id)
                 .fetch_all(&self.pool)
                 .await?,
@@ -108,12 +110,12 @@ impl Store {
         rules: &[coffer_common::config_rules::ParamRule],
     ) -> anyhow::Result<()> {
         let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM config_params WHERE version_id = ?")
+        sqlx::query("DELETE FROM config_params WHERE version_id = $1")
             .bind(version_id)
             .execute(&mut *tx)
             .await?;
         for r in rules {
-            sqlx::query("INSERT INTO config_params (version_id, name, rule) VALUES (?, ?, ?)")
+            sqlx::query("INSERT INTO config_params (version_id, name, rule) VALUES ($1, $2, $3)")
                 .bind(version_id)
                 .bind(&r.name)
                 .bind(serde_json::to_string(r)?)
@@ -128,11 +130,12 @@ impl Store {
         &self,
         version_id: &str,
     ) -> anyhow::Result<Vec<coffer_common::config_rules::ParamRule>> {
-        let rules: Vec<String> =
-            sqlx::query_scalar("SELECT rule FROM config_params WHERE version_id = ? ORDER BY name")
-                .bind(version_id)
-                .fetch_all(&self.pool)
-                .await?;
+        let rules: Vec<String> = sqlx::query_scalar(
+            "SELECT rule FROM config_params WHERE version_id = $1 ORDER BY name",
+        )
+        .bind(version_id)
+        .fetch_all(&self.pool)
+        .await?;
         rules.iter().map(|r| Ok(serde_json::from_str(r)?)).collect()
     }
 
@@ -141,7 +144,7 @@ impl Store {
             return Ok(d.id);
         }
         let id = uuid::Uuid::new_v4().to_string();
-        sqlx::query("INSERT INTO datastores (id, name) VALUES (?, ?)")
+        sqlx::query("INSERT INTO datastores (id, name) VALUES ($1, $2)")
             .bind(&id)
             .bind(name)
             .execute(&self.pool)
@@ -164,7 +167,7 @@ impl Store {
         // A version of that name keeps its id.
         Ok(sqlx::query_scalar(
             "INSERT INTO datastore_versions (id, datastore_id, name, version, manager, active, root_on_create) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (datastore_id, name) DO UPDATE SET \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (datastore_id, name) DO UPDATE SET \
              version = excluded.version, manager = excluded.manager, active = excluded.active, \
              root_on_create = excluded.root_on_create RETURNING id",
         )
@@ -173,8 +176,8 @@ impl Store {
         .bind(name)
         .bind(version)
         .bind(manager)
-        .bind(active as i64)
-        .bind(root_on_create as i64)
+        .bind(active)
+        .bind(root_on_create)
         .fetch_one(&self.pool)
         .await?)
     }
@@ -198,7 +201,7 @@ impl Store {
 
     pub async fn set_default_version(&self, datastore: &str, version: &str) -> anyhow::Result<()> {
         let v = self.named_version(datastore, version).await?;
-        sqlx::query("UPDATE datastores SET default_version_id = ? WHERE id = ?")
+        sqlx::query("UPDATE datastores SET default_version_id = $1 WHERE id = $2")
             .bind(&v.id)
             .bind(&v.datastore_id)
             .execute(&self.pool)
@@ -208,7 +211,7 @@ impl Store {
 
     pub async fn upsert_flavor(&self, f: &FlavorRow) -> anyhow::Result<()> {
         sqlx::query(
-            "INSERT INTO flavors (id, name, ram, vcpus, disk) VALUES (?, ?, ?, ?, ?) \
+            "INSERT INTO flavors (id, name, ram, vcpus, disk) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (id) DO UPDATE SET name = excluded.name, ram = excluded.ram, vcpus = excluded.vcpus, disk = excluded.disk",
         )
         .bind(&f.id)
@@ -233,9 +236,9 @@ impl Store {
             .await?
             .with_context(|| format!("flavor '{flavor}' does not exist"))?;
         let sql = if link {
-            "INSERT OR IGNORE INTO version_flavors (version_id, flavor_id) VALUES (?, ?)"
+            "INSERT INTO version_flavors (version_id, flavor_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
         } else {
-            "DELETE FROM version_flavors WHERE version_id = ? AND flavor_id = ?"
+            "DELETE FROM version_flavors WHERE version_id = $1 AND flavor_id = $2"
         };
         sqlx::query(sql)
             .bind(&v.id)

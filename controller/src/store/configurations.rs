@@ -16,7 +16,7 @@ pub struct ConfigurationRow {
     pub updated: String,
 }
 
-fn configuration_from(r: &sqlx::sqlite::SqliteRow) -> ConfigurationRow {
+fn configuration_from(r: &sqlx::any::AnyRow) -> ConfigurationRow {
     ConfigurationRow {
         id: r.get("id"),
         project_id: r.get("project_id"),
@@ -33,7 +33,7 @@ impl Store {
     pub async fn insert_configuration(&self, c: &ConfigurationRow) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO configurations (id, project_id, name, description, datastore_version_id, config_values, created, updated) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&c.id)
         .bind(&c.project_id)
@@ -50,7 +50,7 @@ impl Store {
 
     pub async fn update_configuration(&self, c: &ConfigurationRow) -> anyhow::Result<()> {
         sqlx::query(
-            "UPDATE configurations SET name = ?, description = ?, config_values = ?, updated = ? WHERE id = ?",
+            "UPDATE configurations SET name = $1, description = $2, config_values = $3, updated = $4 WHERE id = $5",
         )
         .bind(&c.name)
         .bind(&c.description)
@@ -64,7 +64,7 @@ impl Store {
 
     pub async fn configurations_of(&self, project: &str) -> anyhow::Result<Vec<ConfigurationRow>> {
         let rows = sqlx::query(
-            "SELECT * FROM configurations WHERE project_id = ? AND deleted = 0 ORDER BY created, rowid",
+            "SELECT * FROM configurations WHERE project_id = $1 AND deleted = FALSE ORDER BY created, rowid",
         )
         .bind(project)
         .fetch_all(&self.pool)
@@ -73,7 +73,7 @@ impl Store {
     }
 
     pub async fn configuration(&self, id: &str) -> anyhow::Result<Option<ConfigurationRow>> {
-        let row = sqlx::query("SELECT * FROM configurations WHERE id = ? AND deleted = 0")
+        let row = sqlx::query("SELECT * FROM configurations WHERE id = $1 AND deleted = FALSE")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -83,7 +83,7 @@ impl Store {
     /// Live instances with the group attached.
     pub async fn instances_with_configuration(&self, id: &str) -> anyhow::Result<Vec<InstanceRow>> {
         Ok(sqlx::query_as(
-            "SELECT * FROM instances WHERE configuration_id = ? AND deleted = 0 ORDER BY created, rowid",
+            "SELECT * FROM instances WHERE configuration_id = $1 AND deleted = FALSE ORDER BY created, rowid",
         )
         .bind(id)
         .fetch_all(&self.pool)
@@ -95,7 +95,7 @@ impl Store {
         id: &str,
         configuration: Option<&str>,
     ) -> anyhow::Result<()> {
-        sqlx::query("UPDATE instances SET configuration_id = ?, updated = ? WHERE id = ?")
+        sqlx::query("UPDATE instances SET configuration_id = $1, updated = $2 WHERE id = $3")
             .bind(configuration)
             .bind(now())
             .bind(id)

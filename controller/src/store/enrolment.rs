@@ -24,7 +24,7 @@ impl Store {
     pub async fn insert_token(&self, t: &TokenRow, token_hash: &str) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO enrolment_tokens (id, token_hash, project_id, name, datastore_version_id, \
-             flavor_id, volume_size, instance_id, created, expires_unix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             flavor_id, volume_size, instance_id, created, expires_unix) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&t.id)
         .bind(token_hash)
@@ -43,7 +43,7 @@ impl Store {
 
     pub async fn token_by_hash(&self, token_hash: &str) -> anyhow::Result<Option<TokenRow>> {
         Ok(
-            sqlx::query_as("SELECT * FROM enrolment_tokens WHERE token_hash = ?")
+            sqlx::query_as("SELECT * FROM enrolment_tokens WHERE token_hash = $1")
                 .bind(token_hash)
                 .fetch_optional(&self.pool)
                 .await?,
@@ -53,7 +53,7 @@ impl Store {
     /// Binds an unused token to `public_key`; false when another use claimed it first.
     pub async fn claim_token(&self, id: &str, public_key: &str) -> anyhow::Result<bool> {
         let r = sqlx::query(
-            "UPDATE enrolment_tokens SET public_key = ?, used_at = ? WHERE id = ? AND public_key IS NULL",
+            "UPDATE enrolment_tokens SET public_key = $1, used_at = $2 WHERE id = $3 AND public_key IS NULL",
         )
         .bind(public_key)
         .bind(now())
@@ -66,7 +66,7 @@ impl Store {
     /// Undoes [`Store::claim_token`] after a first use that failed: the same host may retry.
     pub async fn release_token(&self, id: &str, instance_id: Option<&str>) -> anyhow::Result<()> {
         sqlx::query(
-            "UPDATE enrolment_tokens SET public_key = NULL, used_at = NULL, instance_id = ? WHERE id = ?",
+            "UPDATE enrolment_tokens SET public_key = NULL, used_at = NULL, instance_id = $1 WHERE id = $2",
         )
         .bind(instance_id)
         .bind(id)
@@ -84,8 +84,8 @@ impl Store {
         creds_sealed: Option<&[u8]>,
     ) -> anyhow::Result<bool> {
         let r = sqlx::query(
-            "UPDATE enrolment_tokens SET instance_id = ?1, creds_sealed = ?2 \
-             WHERE id = ?3 AND (instance_id IS NULL OR instance_id = ?1)",
+            "UPDATE enrolment_tokens SET instance_id = $1, creds_sealed = $2 \
+             WHERE id = $3 AND (instance_id IS NULL OR instance_id = $1)",
         )
         .bind(instance_id)
         .bind(creds_sealed)
@@ -108,8 +108,8 @@ impl Store {
     ) -> anyhow::Result<bool> {
         let mut tx = self.begin().await?;
         let r = sqlx::query(
-            "UPDATE instances SET agent_public_key = ?1, agent_nats_user = ?2, updated = ?3 \
-             WHERE id = ?4 AND deleted = 0 AND (agent_public_key = '' OR agent_public_key = ?1)",
+            "UPDATE instances SET agent_public_key = $1, agent_nats_user = $2, updated = $3 \
+             WHERE id = $4 AND deleted = FALSE AND (agent_public_key = '' OR agent_public_key = $1)",
         )
         .bind(key_hex)
         .bind(nats_user)

@@ -21,6 +21,7 @@ pub struct InstanceRow {
     pub port: Option<i64>,
     pub created: String,
     pub updated: String,
+    #[sqlx(try_from = "Flag")]
     pub deleted: bool,
     pub agent_version: String,
     pub capabilities: String,
@@ -37,9 +38,11 @@ pub struct InstanceRow {
     pub repl_secret: Option<String>,
     pub repl_strategy: Option<String>,
     /// An old source taken out by an eject: stays fenced.
+    #[sqlx(try_from = "Flag")]
     pub ejected: bool,
     /// `provisioner` (placed by the configured provisioner) or `enrolled` (joined by itself).
     pub placement: PlacedBy,
+    #[sqlx(try_from = "Flag")]
     pub root_enabled: bool,
 }
 
@@ -102,7 +105,7 @@ impl InstanceRow {
 impl Store {
     pub async fn instance(&self, id: &str) -> anyhow::Result<Option<InstanceRow>> {
         Ok(
-            sqlx::query_as("SELECT * FROM instances WHERE id = ? AND deleted = 0")
+            sqlx::query_as("SELECT * FROM instances WHERE id = $1 AND deleted = FALSE")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?,
@@ -112,7 +115,7 @@ impl Store {
     /// A project's live instances, newest first.
     pub async fn instances_of(&self, project: &str) -> anyhow::Result<Vec<InstanceRow>> {
         Ok(sqlx::query_as(
-            "SELECT * FROM instances WHERE project_id = ? AND deleted = 0 ORDER BY created DESC, rowid DESC",
+            "SELECT * FROM instances WHERE project_id = $1 AND deleted = FALSE ORDER BY created DESC, rowid DESC",
         )
         .bind(project)
         .fetch_all(&self.pool)
@@ -121,9 +124,11 @@ impl Store {
 
     /// Every live instance (for provisioner reconciliation and timers).
     pub async fn live_instances(&self) -> anyhow::Result<Vec<InstanceRow>> {
-        Ok(sqlx::query_as("SELECT * FROM instances WHERE deleted = 0")
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_as("SELECT * FROM instances WHERE deleted = FALSE")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// Allocates the next server id (never reused) inside `tx`.
@@ -140,7 +145,7 @@ impl Store {
         sqlx::query(
             "INSERT INTO instances (id, project_id, name, flavor_id, datastore_version_id, volume_size, task, \
              task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted, agent_public_key, agent_nats_user, configuration_id, replica_of, repl_strategy, placement) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, FALSE, $17, $18, $19, $20, $21, $22)",
         )
         .bind(&i.id)
         .bind(&i.project_id)
@@ -177,8 +182,8 @@ impl Store {
         fault: Option<&str>,
     ) -> anyhow::Result<()> {
         sqlx::query(
-            "UPDATE instances SET task = ?1, task_started = ?2, updated = ?2, \
-             fault = COALESCE(?3, fault), fault_at = CASE WHEN ?3 IS NULL THEN fault_at ELSE ?2 END WHERE id = ?4",
+            "UPDATE instances SET task = $1, task_started = $2, updated = $2, \
+             fault = COALESCE($3, fault), fault_at = CASE WHEN $3 IS NULL THEN fault_at ELSE $2 END WHERE id = $4",
         )
         .bind(task)
         .bind(now())
@@ -190,7 +195,7 @@ impl Store {
     }
 
     pub async fn clear_fault(tx: &mut Tx, id: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE instances SET fault = NULL, fault_at = NULL WHERE id = ?")
+        sqlx::query("UPDATE instances SET fault = NULL, fault_at = NULL WHERE id = $1")
             .bind(id)
             .execute(&mut **tx)
             .await?;
@@ -206,12 +211,12 @@ impl Store {
         // A database that runs again clears a fault its agent reported (a crash); the fault of a
         // failed build stays with the building_error task, whatever arrives after it.
         sqlx::query(
-            "UPDATE instances SET service_status = ?1, updated = ?2, \
-             fault = CASE WHEN ?1 = 'running' AND task = 'none' THEN NULL \
-                          WHEN task = 'building_error' THEN fault ELSE COALESCE(?3, fault) END, \
-             fault_at = CASE WHEN ?1 = 'running' AND task = 'none' THEN NULL \
-                             WHEN task = 'building_error' OR ?3 IS NULL THEN fault_at ELSE ?2 END \
-             WHERE id = ?4",
+            "UPDATE instances SET service_status = $1, updated = $2, \
+             fault = CASE WHEN $1 = 'running' AND task = 'none' THEN NULL \
+                          WHEN task = 'building_error' THEN fault ELSE COALESCE($3, fault) END, \
+             fault_at = CASE WHEN $1 = 'running' AND task = 'none' THEN NULL \
+                             WHEN task = 'building_error' OR $3 IS NULL THEN fault_at ELSE $2 END \
+             WHERE id = $4",
         )
         .bind(status)
         .bind(now())
@@ -228,7 +233,7 @@ impl Store {
         version: &str,
         capabilities: &str,
     ) -> anyhow::Result<()> {
-        sqlx::query("UPDATE instances SET agent_version = ?, capabilities = ? WHERE id = ?")
+        sqlx::query("UPDATE instances SET agent_version = $1, capabilities = $2 WHERE id = $3")
             .bind(version)
             .bind(capabilities)
             .bind(id)
@@ -249,8 +254,8 @@ impl Store {
         placement: PlacedBy,
     ) -> anyhow::Result<i64> {
         let server_id: Option<i64> = sqlx::query_scalar(
-            "UPDATE instances SET agent_public_key = ?, agent_nats_user = ?, host = ?, port = ?, \
-             placement = ?, updated = ? WHERE id = ? AND deleted = 0 RETURNING server_id",
+            "UPDATE instances SET agent_public_key = $1, agent_nats_user = $2, host = $3, port = $4, \
+             placement = $5, updated = $6 WHERE id = $7 AND deleted = FALSE RETURNING server_id",
         )
         .bind(coffer_proto::seal::to_hex(key))
         .bind(nats_user)
@@ -267,12 +272,12 @@ impl Store {
     /// Removes a create that did not complete (its placement failed): nothing of it stays.
     pub async fn forget_instance(&self, id: &str) -> anyhow::Result<()> {
         let mut tx = self.begin().await?;
-        let gone = sqlx::query("DELETE FROM instances WHERE id = ? AND agent_public_key = ''")
+        let gone = sqlx::query("DELETE FROM instances WHERE id = $1 AND agent_public_key = ''")
             .bind(id)
             .execute(&mut *tx)
             .await?;
         if gone.rows_affected() > 0 {
-            sqlx::query("DELETE FROM instance_modules WHERE instance_id = ?")
+            sqlx::query("DELETE FROM instance_modules WHERE instance_id = $1")
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
@@ -282,7 +287,7 @@ impl Store {
     }
 
     pub async fn set_endpoint(&self, id: &str, host: &str, port: i64) -> anyhow::Result<()> {
-        sqlx::query("UPDATE instances SET host = ?, port = ? WHERE id = ?")
+        sqlx::query("UPDATE instances SET host = $1, port = $2 WHERE id = $3")
             .bind(host)
             .bind(port)
             .bind(id)
@@ -294,7 +299,7 @@ impl Store {
     /// Live replicas of a source.
     pub async fn replicas_of(&self, source: &str) -> anyhow::Result<Vec<InstanceRow>> {
         Ok(sqlx::query_as(
-            "SELECT * FROM instances WHERE replica_of = ? AND deleted = 0 ORDER BY created, rowid",
+            "SELECT * FROM instances WHERE replica_of = $1 AND deleted = FALSE ORDER BY created, rowid",
         )
         .bind(source)
         .fetch_all(&self.pool)
@@ -306,12 +311,12 @@ impl Store {
     }
 
     /// [`Store::set_replica_of`] through `ex` (a transaction's own).
-    pub async fn set_replica_of_in<'e, E: sqlx::SqliteExecutor<'e>>(
+    pub async fn set_replica_of_in<'e, E: Exec<'e>>(
         ex: E,
         id: &str,
         source: Option<&str>,
     ) -> anyhow::Result<()> {
-        sqlx::query("UPDATE instances SET replica_of = ?, updated = ? WHERE id = ?")
+        sqlx::query("UPDATE instances SET replica_of = $1, updated = $2 WHERE id = $3")
             .bind(source)
             .bind(now())
             .bind(id)
@@ -328,7 +333,7 @@ impl Store {
         strategy: &str,
     ) -> anyhow::Result<()> {
         sqlx::query(
-            "UPDATE instances SET repl_user = ?, repl_secret = ?, repl_strategy = ?, updated = ? WHERE id = ?",
+            "UPDATE instances SET repl_user = $1, repl_secret = $2, repl_strategy = $3, updated = $4 WHERE id = $5",
         )
         .bind(user)
         .bind(secret)
@@ -341,8 +346,8 @@ impl Store {
     }
 
     pub async fn set_ejected(&self, id: &str, ejected: bool) -> anyhow::Result<()> {
-        sqlx::query("UPDATE instances SET ejected = ?, updated = ? WHERE id = ?")
-            .bind(ejected as i64)
+        sqlx::query("UPDATE instances SET ejected = $1, updated = $2 WHERE id = $3")
+            .bind(ejected)
             .bind(now())
             .bind(id)
             .execute(&self.pool)
@@ -351,7 +356,7 @@ impl Store {
     }
 
     pub async fn rename(&self, id: &str, name: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE instances SET name = ?, updated = ? WHERE id = ?")
+        sqlx::query("UPDATE instances SET name = $1, updated = $2 WHERE id = $3")
             .bind(name)
             .bind(now())
             .bind(id)
@@ -362,12 +367,14 @@ impl Store {
 
     pub async fn mark_deleted(&self, id: &str) -> anyhow::Result<()> {
         let mut tx = self.begin().await?;
-        sqlx::query("UPDATE instances SET deleted = 1, task = 'none', updated = ? WHERE id = ?")
-            .bind(now())
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM outbox WHERE instance_id = ?")
+        sqlx::query(
+            "UPDATE instances SET deleted = TRUE, task = 'none', updated = $1 WHERE id = $2",
+        )
+        .bind(now())
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM outbox WHERE instance_id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;
@@ -380,13 +387,13 @@ impl Store {
     }
 
     /// [`Store::set_root_enabled`] through `ex` (a transaction's own).
-    pub async fn set_root_enabled_in<'e, E: sqlx::SqliteExecutor<'e>>(
+    pub async fn set_root_enabled_in<'e, E: Exec<'e>>(
         ex: E,
         id: &str,
         enabled: bool,
     ) -> anyhow::Result<()> {
-        sqlx::query("UPDATE instances SET root_enabled = ? WHERE id = ?")
-            .bind(enabled as i64)
+        sqlx::query("UPDATE instances SET root_enabled = $1 WHERE id = $2")
+            .bind(enabled)
             .bind(id)
             .execute(ex)
             .await?;
@@ -396,7 +403,7 @@ impl Store {
     /// A live instance's server id, inside `tx`.
     pub async fn server_id_in(tx: &mut Tx, id: &str) -> anyhow::Result<Option<i64>> {
         Ok(
-            sqlx::query_scalar("SELECT server_id FROM instances WHERE id = ? AND deleted = 0")
+            sqlx::query_scalar("SELECT server_id FROM instances WHERE id = $1 AND deleted = FALSE")
                 .bind(id)
                 .fetch_optional(&mut **tx)
                 .await?,
@@ -405,7 +412,7 @@ impl Store {
 
     /// Forgets the service status (`reset_status`): the next heartbeat sets it.
     pub async fn forget_service_status_in(tx: &mut Tx, id: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE instances SET service_status = 'unknown' WHERE id = ?")
+        sqlx::query("UPDATE instances SET service_status = 'unknown' WHERE id = $1")
             .bind(id)
             .execute(&mut **tx)
             .await?;

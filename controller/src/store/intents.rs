@@ -42,7 +42,7 @@ impl Store {
             .into());
         }
         let ts = now();
-        sqlx::query("INSERT INTO outbox (intent_id, instance_id, kind, payload, created) VALUES (?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO outbox (intent_id, instance_id, kind, payload, created) VALUES ($1, $2, $3, $4, $5)")
             .bind(intent_id)
             .bind(instance_id)
             .bind(kind)
@@ -51,7 +51,7 @@ impl Store {
             .execute(&mut **tx)
             .await?;
         sqlx::query(
-            "INSERT INTO intents (id, instance_id, kind, state, created, updated) VALUES (?, ?, ?, 'queued', ?, ?)",
+            "INSERT INTO intents (id, instance_id, kind, state, created, updated) VALUES ($1, $2, $3, 'queued', $4, $5)",
         )
         .bind(intent_id)
         .bind(instance_id)
@@ -74,12 +74,12 @@ impl Store {
     /// Removes a published intent and marks it sent.
     pub async fn published(&self, seq: i64, intent_id: &str) -> anyhow::Result<()> {
         let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM outbox WHERE seq = ?")
+        sqlx::query("DELETE FROM outbox WHERE seq = $1")
             .bind(seq)
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "UPDATE intents SET state = 'sent', updated = ? WHERE id = ? AND state = 'queued'",
+            "UPDATE intents SET state = 'sent', updated = $1 WHERE id = $2 AND state = 'queued'",
         )
         .bind(now())
         .bind(intent_id)
@@ -94,7 +94,7 @@ impl Store {
     /// The instance an intent was sent to.
     pub async fn intent_instance(&self, id: &str) -> anyhow::Result<Option<String>> {
         Ok(
-            sqlx::query_scalar("SELECT instance_id FROM intents WHERE id = ?")
+            sqlx::query_scalar("SELECT instance_id FROM intents WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?,
@@ -110,7 +110,7 @@ impl Store {
     ) -> anyhow::Result<Option<(String, bool)>> {
         let mut tx = self.begin().await?;
         let row: Option<(String, String)> =
-            sqlx::query_as("SELECT kind, state FROM intents WHERE id = ?")
+            sqlx::query_as("SELECT kind, state FROM intents WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -120,7 +120,7 @@ impl Store {
         let old_final = old == "done" || old == "failed";
         if !old_final {
             sqlx::query(
-                "UPDATE intents SET state = ?, progress = COALESCE(?, progress), message = ?, updated = ? WHERE id = ?",
+                "UPDATE intents SET state = $1, progress = COALESCE($2, progress), message = $3, updated = $4 WHERE id = $5",
             )
             .bind(state)
             .bind(progress)
@@ -141,7 +141,7 @@ impl Store {
         instance_id: &str,
     ) -> anyhow::Result<Option<(String, String, i64, String)>> {
         Ok(sqlx::query_as(
-            "SELECT kind, state, progress, message FROM intents WHERE instance_id = ? ORDER BY created DESC, rowid DESC LIMIT 1",
+            "SELECT kind, state, progress, message FROM intents WHERE instance_id = $1 ORDER BY created DESC, rowid DESC LIMIT 1",
         )
         .bind(instance_id)
         .fetch_optional(&self.pool)
@@ -151,7 +151,7 @@ impl Store {
     /// How many times an intent kind was recorded for an instance (tests: exactly-once checks).
     pub async fn count_intents(&self, instance_id: &str, kind: &str) -> anyhow::Result<i64> {
         Ok(
-            sqlx::query_scalar("SELECT COUNT(*) FROM intents WHERE instance_id = ? AND kind = ?")
+            sqlx::query_scalar("SELECT COUNT(*) FROM intents WHERE instance_id = $1 AND kind = $2")
                 .bind(instance_id)
                 .bind(kind)
                 .fetch_one(&self.pool)

@@ -1,22 +1,19 @@
-//! The controller's state store: SQLite in WAL mode through sqlx, with migrations embedded in the
-//! binary (no database needed at compile time). Check-and-write sequences use `BEGIN IMMEDIATE` so
-//! two requests cannot both pass a check.
-
-use std::borrow::Cow;
-use std::path::Path;
-use std::str::FromStr;
-use std::time::Duration;
+//! The controller's state store through sqlx's `Any` driver: SQLite (the default, in WAL mode) or
+//! a database server that several controllers share, chosen by URL ([`dialect`]), with migrations
+//! embedded in the binary (no database needed at compile time). Check-and-write sequences run in [`Store::begin`]'s transaction, so
+//! two requests cannot both pass a check, on one controller or several.
 
 use anyhow::Context;
+use sqlx::any::{Any, AnyTypeInfo};
+use sqlx::error::BoxDynError;
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::AnyPool;
+use sqlx::{Decode, Row, Transaction, Type};
 
 mod backups;
 mod catalog;
 mod configurations;
+pub mod dialect;
 mod enrolment;
 mod instances;
 mod intents;
@@ -26,6 +23,7 @@ mod workflows;
 pub use backups::BackupRow;
 pub use catalog::{DatastoreRow, FlavorRow, VersionRow};
 pub use configurations::ConfigurationRow;
+pub use dialect::{Dialect, Flag};
 pub use enrolment::TokenRow;
 pub use instances::{InstanceRow, NewRow};
 pub use intents::{IntentTooLarge, OutboxRow, MAX_INTENT_BYTES};
@@ -33,23 +31,42 @@ pub use modules::ModuleRow;
 pub use quotas::QUOTA_DEFAULTS;
 pub use workflows::{Owned, WorkflowRow};
 
-/// The store's migrations (`migrations/sqlite/`), embedded at build time; a new one is added as
-/// the next numbered file, never edited.
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
-
 /// A transaction on the store.
-pub type Tx = Transaction<'static, Sqlite>;
+pub type Tx = Transaction<'static, Any>;
+
+/// Anything a store query runs on: the pool or a transaction.
+pub trait Exec<'e>: sqlx::Executor<'e, Database = Any> {}
+impl<'e, T: sqlx::Executor<'e, Database = Any>> Exec<'e> for T {}
+
+/// Text-valued enums (`sqlx::Type` derived with renamed variants) stored as `TEXT` in both
+/// dialects: the derive encodes for any driver but
+/// types and decodes for each driver but `Any`; decoding goes through their serde names, which
+/// are the same.
+macro_rules! text_type {
+    ($($t:ty),*) => {$(
+        impl Type<Any> for $t {
+            fn type_info() -> AnyTypeInfo {
+                <str as Type<Any>>::type_info()
+            }
+        }
+        impl<'r> Decode<'r, Any> for $t {
+            fn decode(v: <Any as sqlx::Database>::ValueRef<'r>) -> Result<Self, BoxDynError> {
+                let s = <&str as Decode<Any>>::decode(v)?;
+                Ok(serde_json::from_value(serde_json::Value::String(s.into()))?)
+            }
+        }
+    )*};
+}
+text_type!(
+    crate::status::Task,
+    crate::status::PlacedBy,
+    crate::status::BackupStatus
+);
 
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
-}
-
-fn migrator(upto: usize) -> Migrator {
-    Migrator {
-        migrations: Cow::Owned(MIGRATOR.migrations[..upto].to_vec()),
-        ..Migrator::DEFAULT
-    }
+    pool: AnyPool,
+    dialect: Dialect,
 }
 
 /// Current UTC time in Trove's format (`2019-12-23T20:58:35`).
@@ -70,52 +87,55 @@ pub fn age_secs(ts: &str) -> i64 {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `path` and applies all migrations.
-    pub async fn open(path: &Path) -> anyhow::Result<Store> {
-        let s = Self::open_unmigrated(path).await?;
-        s.migrate(MIGRATOR.migrations.len()).await?;
+    /// Opens the store at `url` (`sqlite://PATH`, created if missing, or a server's: [`dialect`]) and
+    /// applies all migrations.
+    pub async fn connect(url: &str) -> anyhow::Result<Store> {
+        let s = Self::connect_unmigrated(url).await?;
+        s.migrate(s.dialect.migrations().migrations.len()).await?;
         Ok(s)
     }
 
     /// Opens without migrating (tests of the migration path).
-    pub async fn open_unmigrated(path: &Path) -> anyhow::Result<Store> {
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(16)
-            .connect_with(opts)
-            .await
-            .with_context(|| format!("opening store {}", path.display()))?;
-        Ok(Store { pool })
+    pub async fn connect_unmigrated(url: &str) -> anyhow::Result<Store> {
+        let dialect = Dialect::of(url)?;
+        let pool = dialect.connect(url).await?;
+        Ok(Store { pool, dialect })
+    }
+
+    /// The SQLite store at `path`.
+    pub async fn open(path: &std::path::Path) -> anyhow::Result<Store> {
+        Self::connect(&format!("sqlite://{}", path.display())).await
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// Applies the first `upto` migrations.
     pub async fn migrate(&self, upto: usize) -> anyhow::Result<()> {
-        migrator(upto)
-            .run(&self.pool)
-            .await
-            .context("migrating the store")
+        let all = self.dialect.migrations();
+        let m = Migrator {
+            migrations: std::borrow::Cow::Owned(all.migrations[..upto].to_vec()),
+            ..Migrator::DEFAULT
+        };
+        m.run(&self.pool).await.context("migrating the store")
     }
 
-    /// Starts a write transaction that takes the write lock at once.
+    /// Starts a check-and-write transaction: it runs alone ([`Dialect::begin`]).
     pub async fn begin(&self) -> anyhow::Result<Tx> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+        self.dialect.begin(&self.pool).await
     }
 
     /// A read-only transaction: one consistent snapshot, no write lock taken.
     pub async fn begin_read(&self) -> anyhow::Result<Tx> {
-        Ok(self.pool.begin().await?)
+        self.dialect.begin_read(&self.pool).await
     }
 
     /// Marks a row of `table` (`backups`, `configurations`, `modules`: always one of the
     /// store's own names, never input) deleted.
     pub async fn soft_delete(&self, table: &'static str, id: &str) -> anyhow::Result<()> {
         sqlx::query(&format!(
-            "UPDATE {table} SET deleted = 1, updated = ? WHERE id = ?"
+            "UPDATE {table} SET deleted = TRUE, updated = $1 WHERE id = $2"
         ))
         .bind(now())
         .bind(id)
@@ -134,8 +154,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
         {
-            let s = Store::open_unmigrated(&path).await.unwrap();
-            s.migrate(MIGRATOR.migrations.len() - 1).await.unwrap();
+            let url = format!("sqlite://{}", path.display());
+            let s = Store::connect_unmigrated(&url).await.unwrap();
+            s.migrate(dialect::SQLITE_MIGRATIONS.migrations.len() - 1)
+                .await
+                .unwrap();
             sqlx::query(
                 "INSERT INTO instances (id, project_id, name, flavor_id, datastore_version_id, volume_size, task, \
                  task_started, service_status, server_id, created, updated) \

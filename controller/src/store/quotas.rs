@@ -18,12 +18,12 @@ impl Store {
 
     /// A project's limits read through `ex`: a transaction reads them on its own connection
     /// (asking the pool for a second one while holding a write lock starves the pool).
-    pub async fn quota_limits_with<'e, E: sqlx::SqliteExecutor<'e>>(
+    pub async fn quota_limits_with<'e, E: Exec<'e>>(
         ex: E,
         project: &str,
     ) -> anyhow::Result<Vec<(String, i64)>> {
         let set: Vec<(String, i64)> =
-            sqlx::query_as("SELECT resource, hard_limit FROM quotas WHERE project_id = ?")
+            sqlx::query_as("SELECT resource, hard_limit FROM quotas WHERE project_id = $1")
                 .bind(project)
                 .fetch_all(ex)
                 .await?;
@@ -38,7 +38,7 @@ impl Store {
 
     pub async fn set_quota(&self, project: &str, resource: &str, limit: i64) -> anyhow::Result<()> {
         sqlx::query(
-            "INSERT INTO quotas (project_id, resource, hard_limit) VALUES (?, ?, ?) \
+            "INSERT INTO quotas (project_id, resource, hard_limit) VALUES ($1, $2, $3) \
              ON CONFLICT (project_id, resource) DO UPDATE SET hard_limit = excluded.hard_limit",
         )
         .bind(project)
@@ -53,8 +53,8 @@ impl Store {
     /// `tx` so a check and the insert that follows it cannot interleave with another create.
     pub async fn usage(tx: &mut Tx, project: &str) -> anyhow::Result<(i64, i64, i64)> {
         Ok(sqlx::query_as(
-            "SELECT COUNT(*) AS n, COALESCE(SUM(f.ram), 0) AS ram, COALESCE(SUM(i.volume_size), 0) AS vol \
-             FROM instances i LEFT JOIN flavors f ON f.id = i.flavor_id WHERE i.project_id = ? AND i.deleted = 0",
+            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(f.ram), 0) AS BIGINT) AS ram, CAST(COALESCE(SUM(i.volume_size), 0) AS BIGINT) AS vol \
+             FROM instances i LEFT JOIN flavors f ON f.id = i.flavor_id WHERE i.project_id = $1 AND i.deleted = FALSE",
         )
         .bind(project)
         .fetch_one(&mut **tx)

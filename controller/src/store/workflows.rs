@@ -1,7 +1,7 @@
 //! Durable workflows (see [`crate::workflow`]): one row per workflow, its state as JSON, and the
 //! instances it owns while it runs.
 
-use super::{now, Store, Tx};
+use super::{now, Exec, Flag, Store, Tx};
 
 /// A stored workflow.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -9,7 +9,9 @@ pub struct WorkflowRow {
     pub id: String,
     pub kind: String,
     pub state: String,
+    #[sqlx(try_from = "Flag")]
     pub done: bool,
+    #[sqlx(try_from = "Flag")]
     pub cancel: bool,
 }
 
@@ -41,7 +43,7 @@ impl Store {
             }
         }
         sqlx::query(
-            "INSERT INTO workflows (id, kind, state, created, updated) VALUES (?1, ?2, ?3, ?4, ?4)",
+            "INSERT INTO workflows (id, kind, state, created, updated) VALUES ($1, $2, $3, $4, $4)",
         )
         .bind(id)
         .bind(kind)
@@ -50,7 +52,7 @@ impl Store {
         .execute(&mut **tx)
         .await?;
         for m in members {
-            sqlx::query("INSERT INTO workflow_members (instance_id, workflow_id) VALUES (?, ?)")
+            sqlx::query("INSERT INTO workflow_members (instance_id, workflow_id) VALUES ($1, $2)")
                 .bind(m)
                 .bind(id)
                 .execute(&mut **tx)
@@ -60,12 +62,12 @@ impl Store {
     }
 
     /// The running workflow that owns `instance`, read through `ex` (a transaction's own).
-    pub async fn owner_in<'e, E: sqlx::SqliteExecutor<'e>>(
+    pub async fn owner_in<'e, E: Exec<'e>>(
         ex: E,
         instance: &str,
     ) -> anyhow::Result<Option<String>> {
         Ok(
-            sqlx::query_scalar("SELECT workflow_id FROM workflow_members WHERE instance_id = ?")
+            sqlx::query_scalar("SELECT workflow_id FROM workflow_members WHERE instance_id = $1")
                 .bind(instance)
                 .fetch_optional(ex)
                 .await?,
@@ -78,7 +80,7 @@ impl Store {
     }
 
     pub async fn workflow(&self, id: &str) -> anyhow::Result<Option<WorkflowRow>> {
-        Ok(sqlx::query_as("SELECT * FROM workflows WHERE id = ?")
+        Ok(sqlx::query_as("SELECT * FROM workflows WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?)
@@ -87,7 +89,7 @@ impl Store {
     /// Workflows that have not finished (resumed at start).
     pub async fn running_workflows(&self) -> anyhow::Result<Vec<WorkflowRow>> {
         Ok(
-            sqlx::query_as("SELECT * FROM workflows WHERE done = 0 ORDER BY created")
+            sqlx::query_as("SELECT * FROM workflows WHERE done = FALSE ORDER BY created")
                 .fetch_all(&self.pool)
                 .await?,
         )
@@ -95,7 +97,7 @@ impl Store {
 
     /// Records a workflow's next state.
     pub async fn save_workflow(&self, id: &str, state: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE workflows SET state = ?, updated = ? WHERE id = ?")
+        sqlx::query("UPDATE workflows SET state = $1, updated = $2 WHERE id = $3")
             .bind(state)
             .bind(now())
             .bind(id)
@@ -112,14 +114,16 @@ impl Store {
         state: &str,
         done: bool,
     ) -> anyhow::Result<()> {
-        sqlx::query("UPDATE workflows SET state = ?, done = done OR ?, updated = ? WHERE id = ?")
-            .bind(state)
-            .bind(done)
-            .bind(now())
-            .bind(id)
-            .execute(&mut **tx)
-            .await?;
-        sqlx::query("DELETE FROM workflow_members WHERE workflow_id = ?")
+        sqlx::query(
+            "UPDATE workflows SET state = $1, done = done OR $2, updated = $3 WHERE id = $4",
+        )
+        .bind(state)
+        .bind(done)
+        .bind(now())
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("DELETE FROM workflow_members WHERE workflow_id = $1")
             .bind(id)
             .execute(&mut **tx)
             .await?;
@@ -129,7 +133,7 @@ impl Store {
     /// Whether an intent with this id was ever queued.
     pub async fn intent_exists(&self, id: &str) -> anyhow::Result<bool> {
         Ok(
-            sqlx::query_scalar::<_, i64>("SELECT 1 FROM intents WHERE id = ?")
+            sqlx::query_scalar::<_, i64>("SELECT 1 FROM intents WHERE id = $1")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?
@@ -138,12 +142,12 @@ impl Store {
     }
 
     /// An instance's task, read through `ex`.
-    pub async fn task_in<'e, E: sqlx::SqliteExecutor<'e>>(
+    pub async fn task_in<'e, E: Exec<'e>>(
         ex: E,
         id: &str,
     ) -> anyhow::Result<Option<crate::status::Task>> {
         Ok(
-            sqlx::query_scalar("SELECT task FROM instances WHERE id = ?")
+            sqlx::query_scalar("SELECT task FROM instances WHERE id = $1")
                 .bind(id)
                 .fetch_optional(ex)
                 .await?,
@@ -152,11 +156,13 @@ impl Store {
 
     /// Asks a running workflow to stop where it safely can (an administrator's reset_status).
     pub async fn cancel_workflow(&self, id: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE workflows SET cancel = 1, updated = ? WHERE id = ? AND done = 0")
-            .bind(now())
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE workflows SET cancel = TRUE, updated = $1 WHERE id = $2 AND done = FALSE",
+        )
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 }
