@@ -65,6 +65,14 @@ pub async fn outbox_loop(app: Arc<App>) {
     let mut delay = backoff();
     let mut failing: std::collections::HashMap<i64, Instant> = Default::default();
     loop {
+        // Only the leader publishes ([`crate::leases`]): an intent goes out once, in order.
+        if !app.leads() {
+            tokio::select! {
+                _ = app.outbox_wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            continue;
+        }
         let rows = app.store.outbox().await.unwrap_or_else(|e| {
             warn!(error = %e, "reading outbox failed");
             vec![]
@@ -248,6 +256,65 @@ pub async fn heartbeat_loop(app: Arc<App>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sees every heartbeat (no queue group), so this controller knows which agents are alive
+/// whichever controller answered them: agent-loss detection runs on its own monotonic clock from
+/// the moment the heartbeat reached NATS's subscribers, wherever it was answered.
+pub async fn liveness_loop(app: Arc<App>) {
+    let mut backoff =
+        coffer_common::retry::backoff(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        match app.client.subscribe(subjects::heartbeat_all()).await {
+            Ok(mut sub) => {
+                while let Some(msg) = sub.next().await {
+                    let Some(from) = subjects::instance_of(msg.subject.as_str()) else {
+                        continue;
+                    };
+                    let Ok(env) = coffer_proto::decode(&msg.payload) else {
+                        continue;
+                    };
+                    if let Some(v1::envelope::Body::Heartbeat(hb)) = env.body {
+                        if env.instance_id == from {
+                            track(&app, from, hb);
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "subscribing to heartbeats for liveness failed"),
+        }
+        tokio::time::sleep(coffer_common::retry::next(&mut backoff)).await;
+    }
+}
+
+/// Records a heartbeat in this controller's view (in memory); false for one older than what it
+/// has (only its freshness counts).
+fn track(app: &App, instance_id: &str, hb: v1::Heartbeat) -> bool {
+    let mut live = app.live.lock().unwrap();
+    if let Some(p) = live.get_mut(instance_id) {
+        if p.boot_id == hb.boot_id && hb.seq < p.seq {
+            p.last_seen = Instant::now();
+            return false;
+        }
+        p.last_seen = Instant::now();
+        p.last_seen_wall = store::now();
+        p.boot_id = hb.boot_id.clone();
+        p.seq = hb.seq;
+        p.hb = hb;
+        return true;
+    }
+    live.insert(
+        instance_id.to_string(),
+        Live {
+            last_seen: Instant::now(),
+            last_seen_wall: store::now(),
+            boot_id: hb.boot_id.clone(),
+            seq: hb.seq,
+            hb,
+            persisted: None,
+        },
+    );
+    true
+}
+
 /// Takes in what an agent reports; persists only transitions. Returns the instance (None for an
 /// unknown one).
 pub async fn observe(
@@ -264,32 +331,16 @@ pub async fn observe(
         "unknown" => row.service_status.clone(),
         s => s.to_string(),
     };
-    let persisted;
-    {
-        let mut live = app.live.lock().unwrap();
-        let prev = live.get(instance_id).cloned();
-        if let Some(p) = &prev {
-            if p.boot_id == hb.boot_id && hb.seq < p.seq {
-                // Older than what we have (an event overtaken by a heartbeat): only freshness counts.
-                if let Some(l) = live.get_mut(instance_id) {
-                    l.last_seen = Instant::now();
-                }
-                return Some(row);
-            }
-        }
-        persisted = prev.and_then(|p| p.persisted);
-        live.insert(
-            instance_id.to_string(),
-            Live {
-                last_seen: Instant::now(),
-                last_seen_wall: store::now(),
-                boot_id: hb.boot_id.clone(),
-                seq: hb.seq,
-                hb: hb.clone(),
-                persisted: persisted.clone(),
-            },
-        );
+    // Older than what we have (an event overtaken by a heartbeat): only freshness counts.
+    if !track(app, instance_id, hb.clone()) {
+        return Some(row);
     }
+    let persisted = app
+        .live
+        .lock()
+        .unwrap()
+        .get(instance_id)
+        .and_then(|l| l.persisted.clone());
     let now_state = (status.clone(), hb.fault.clone());
     if persisted.as_ref() != Some(&now_state) {
         let changed = row.service_status != status;
@@ -604,6 +655,9 @@ pub async fn timers_loop(app: Arc<App>) {
     let mut n: u64 = 0;
     loop {
         tick.tick().await;
+        if !app.leads() {
+            continue;
+        }
         n += 1;
         let Ok(rows) = app.store.live_instances().await else {
             continue;

@@ -13,6 +13,9 @@ pub struct ControllerConfig {
     /// Directory holding the controller's keys (and the SQLite store, unless `[store]` names
     /// another).
     pub data_dir: PathBuf,
+    /// This controller's name among those sharing a store (default: `<hostname>:<listen>`); it
+    /// holds leases under it, so it must be unique and stay the same across restarts.
+    pub controller_id: Option<String>,
     /// Where the controller's state lives (default: SQLite in `data_dir`).
     #[serde(default)]
     pub store: StoreConfig,
@@ -102,6 +105,14 @@ pub struct StoreConfig {
 }
 
 impl ControllerConfig {
+    /// This controller's name ([`ControllerConfig::controller_id`]).
+    pub fn controller_id(&self) -> String {
+        self.controller_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}:{}", host.trim(), self.listen)
+        })
+    }
+
     /// The store's URL, with the password from `password_file` when one is set.
     pub fn store_url(&self) -> anyhow::Result<String> {
         let url = match &self.store.url {

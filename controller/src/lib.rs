@@ -14,6 +14,7 @@ pub mod bus;
 pub mod config;
 pub mod error;
 pub mod failpoint;
+pub mod leases;
 pub mod nats_auth;
 pub mod objects;
 pub mod ops;
@@ -38,6 +39,13 @@ use nats_auth::Authority;
 /// Shared by the HTTP handlers and the background loops.
 pub struct App {
     pub cfg: ControllerConfig,
+    /// This controller's name among those sharing the store ([`ControllerConfig::controller_id`]).
+    pub id: String,
+    /// Until when this controller may act as the holder of the `leader` lease: it alone
+    /// publishes the outbox and runs the timers ([`leases`]).
+    pub leading_until: Mutex<Option<Instant>>,
+    /// Workflows this controller is driving.
+    pub driving: Mutex<HashSet<String>>,
     pub store: store::Store,
     pub tokens: config::Tokens,
     pub client: async_nats::Client,
@@ -60,6 +68,14 @@ pub struct App {
 }
 
 impl App {
+    /// Whether this controller leads now ([`leases::renew`]).
+    pub fn leads(&self) -> bool {
+        self.leading_until
+            .lock()
+            .unwrap()
+            .is_some_and(|t| Instant::now() < t)
+    }
+
     /// Whether the instance's last heartbeat is within the expiry.
     pub fn fresh(&self, id: &str) -> bool {
         let expiry = Duration::from_secs(self.cfg.heartbeat_expiry_s);
@@ -141,6 +157,9 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
     };
     let provisioner = cfg.provisioner.build(local_backup_root)?;
     let app = Arc::new(App {
+        id: cfg.controller_id(),
+        leading_until: Mutex::new(None),
+        driving: Mutex::new(HashSet::new()),
         cfg,
         store,
         tokens,
@@ -167,12 +186,18 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         }
     }
 
-    // Creates cut short by the previous controller's end are undone before anything else.
+    // This controller's leases first: alone on its store, it leads at once.
+    let leads = leases::renew(&app).await;
+
+    // Creates cut short by this controller's previous run (or by a controller that is gone)
+    // are undone before anything else.
     workflow::undo_unfinished_creates(&app).await?;
 
-    // Adopt or respawn the agent of every live instance.
+    // Adopt or respawn the agent of every live instance (the leader's duty: it runs the timers
+    // that respawn them too).
     for inst in app.store.live_instances().await? {
-        if inst.task == status::Task::Deleting
+        if !leads
+            || inst.task == status::Task::Deleting
             || inst.placement == crate::status::PlacedBy::Enrolled
             || !inst.has_agent()
         {
@@ -184,7 +209,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
     }
 
     // Operations a previous controller left half done carry on from their last step.
-    workflow::resume_all(&app).await?;
+    workflow::adopt(&app).await;
 
     // The API listens once the controller is ready: agents ensured, workflows resumed (a
     // client that reaches it sees a controller that has taken over).
@@ -194,6 +219,8 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(bus::outbox_loop(app.clone()));
+    tasks.spawn(leases::leases_loop(app.clone()));
+    tasks.spawn(bus::liveness_loop(app.clone()));
     tasks.spawn(bus::event_loop(app.clone()));
     tasks.spawn(bus::timers_loop(app.clone()));
     let hb = app.clone();
@@ -219,6 +246,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
             .context("serving HTTP")?,
     }
     tasks.shutdown().await;
+    leases::step_down(&app).await;
     if app.cfg.stop_agents_on_exit {
         stop_agents(&app).await;
     }

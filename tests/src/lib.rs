@@ -132,6 +132,35 @@ pub fn nats_server_bin() -> PathBuf {
     p
 }
 
+/// Another controller of an [`Env`] (see [`Env::start_peer_controller`]); killed when dropped.
+pub struct PeerController {
+    pub port: u16,
+    /// `http://127.0.0.1:PORT/v1.0/PROJECT`.
+    pub base: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl PeerController {
+    /// Kills it at once (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for PeerController {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A nats-server with JetStream in a temp dir; can be stopped and started again on the same port
 /// and store.
 pub struct Nats {
@@ -510,6 +539,43 @@ impl Env {
         env
     }
 
+    /// One text value read from the controller's store (`sql` takes one `$1` argument).
+    pub async fn store_text(&self, sql: &str, arg: &str) -> String {
+        use sqlx::Connection;
+        match &self.pg {
+            Some(pg) => {
+                let mut db = sqlx::PgConnection::connect(&pg.url("coffer"))
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql)
+                    .bind(arg)
+                    .fetch_one(&mut db)
+                    .await
+                    .unwrap()
+            }
+            None => {
+                let url = format!(
+                    "sqlite://{}?mode=ro",
+                    self.dir.path().join("controller/coffer.db").display()
+                );
+                let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+                sqlx::query_scalar(sql)
+                    .bind(arg)
+                    .fetch_one(&mut db)
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+
+    /// What gives the controller's store away: the SQLite file, or the PostgreSQL password file.
+    pub fn store_secret_file(&self) -> PathBuf {
+        match self.pg {
+            Some(_) => self.dir.path().join("store.password"),
+            None => self.dir.path().join("controller/coffer.db"),
+        }
+    }
+
     /// What the backup storage holds, as `owner/key`: every file (partial files included) for
     /// `local`; for `nats`, every committed object, plus `orphan chunks owner/key` for chunks
     /// no commit record refers to.
@@ -700,6 +766,45 @@ impl Env {
                 self.controller_log()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts another controller on the same store, NATS and keys (its own API port, its own
+    /// `controller_id`), as an operator runs several; `vars` as for `start_controller_with`.
+    pub fn start_peer_controller(&self, name: &str, vars: &[(&str, &str)]) -> PeerController {
+        let port = alloc_ports(1)[0];
+        let text = std::fs::read_to_string(&self.config).unwrap().replace(
+            &format!("listen = \"127.0.0.1:{}\"", self.api_port),
+            &format!("controller_id = {name:?}\nlisten = \"127.0.0.1:{port}\""),
+        );
+        let config = self.dir.path().join(format!("controller-{name}.toml"));
+        write_private(&config, text).unwrap();
+        let log_path = self.dir.path().join(format!("controller-{name}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(bin("coffer-controller"))
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .envs(vars.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting a peer coffer-controller");
+        wait_tcp(port, Duration::from_secs(30));
+        PeerController {
+            port,
+            base: format!("http://127.0.0.1:{port}/v1.0/{}", self.project),
+            log: log_path,
+            child: Some(child),
+        }
+    }
+
+    /// Kills the controller at once (SIGKILL: a host lost), leaving agents and databases.
+    pub fn kill_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 

@@ -191,20 +191,9 @@ async fn the_controller_ignores_payloads_naming_another_instance() {
         .await;
     assert_eq!(st, coffer_tests::StatusCode::ACCEPTED, "{v}");
     let bid = v["backup"]["id"].as_str().unwrap().to_string();
-    let intent_id: String = {
-        use sqlx::Connection;
-        let mut db = sqlx::SqliteConnection::connect(&format!(
-            "sqlite://{}?mode=ro",
-            env.dir.path().join("controller/coffer.db").display()
-        ))
-        .await
-        .unwrap();
-        sqlx::query_scalar("SELECT intent_id FROM backups WHERE id = ?")
-            .bind(&bid)
-            .fetch_one(&mut db)
-            .await
-            .unwrap()
-    };
+    let intent_id = env
+        .store_text("SELECT intent_id FROM backups WHERE id = $1", &bid)
+        .await;
     let forged = coffer_proto::envelope(
         "forged-event".into(),
         &a,

@@ -117,7 +117,7 @@ async fn instances_run_as_their_own_unix_users() {
     for p in [
         env.agent_creds(&b),
         env.instance_dir(&b).join("agent.toml"),
-        d.join("controller/coffer.db"),
+        env.store_secret_file(),
         d.join("nats-auth/account.nk"),
         d.join("nats-auth/operator.nk"),
         d.join("controller/controller.key"),

@@ -179,7 +179,7 @@ async fn postgresql_instance_serves_its_users_and_databases() {
         format!("SELECT pg_read_file('{}')", key.display()),
         format!(
             "SELECT pg_read_binary_file('{}')",
-            env.dir.path().join("controller/coffer.db").display()
+            env.store_secret_file().display()
         ),
         "SELECT pg_ls_dir('/')".to_string(),
         format!("COPY (SELECT 1) TO '{}'", out.display()),

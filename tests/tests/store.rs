@@ -301,3 +301,63 @@ async fn a_controller_on_postgresql_backs_up_restores_and_switches_over() {
     coffer_tests::scenario::backup_and_restore(&env, store).await;
     coffer_tests::scenario::replication(&env, store).await;
 }
+
+/// Leases: one holder at a time, renewed by it, taken by another once lapsed or given up; a
+/// workflow's claim the same.
+#[tokio::test]
+async fn leases_have_one_holder_until_they_lapse_in_both_dialects() {
+    on_both(|url| async move {
+        let a = Store::connect(&url).await.unwrap();
+        let b = Store::connect(&url).await.unwrap();
+        assert!(a.take_lease("leader", "c1", 60_000).await.unwrap());
+        assert!(
+            a.take_lease("leader", "c1", 60_000).await.unwrap(),
+            "renewed"
+        );
+        assert!(!b.take_lease("leader", "c2", 60_000).await.unwrap(), "held");
+        a.drop_lease("leader", "c2").await.unwrap();
+        assert!(
+            !b.take_lease("leader", "c2", 60_000).await.unwrap(),
+            "not c2's to drop"
+        );
+        a.drop_lease("leader", "c1").await.unwrap();
+        assert!(b.take_lease("leader", "c2", 300).await.unwrap(), "given up");
+        // A short lease lapses unless renewed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !a.take_lease("leader", "c1", 60_000).await.unwrap() {
+            assert!(std::time::Instant::now() < deadline, "never lapsed");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(a.lease_held("leader").await.unwrap());
+        assert!(!a.lease_held("nobody").await.unwrap());
+
+        let mut tx = a.begin().await.unwrap();
+        Store::insert_workflow(&mut tx, "w1", "detach", "{}", &["i1".to_string()])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            b.workflows_to_adopt("c2").await.unwrap(),
+            ["w1"],
+            "unclaimed"
+        );
+        assert!(a.claim_workflow("w1", "c1", 300).await.unwrap());
+        assert!(
+            !b.claim_workflow("w1", "c2", 60_000).await.unwrap(),
+            "c1 drives it"
+        );
+        assert_eq!(a.workflows_to_adopt("c1").await.unwrap(), ["w1"], "its own");
+        while !b.claim_workflow("w1", "c2", 60_000).await.unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the claim never lapsed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            a.workflows_to_adopt("c1").await.unwrap().is_empty(),
+            "c2 drives it now"
+        );
+    })
+    .await;
+}

@@ -244,7 +244,7 @@ async fn databases_users_access_and_root() {
     // Root's FILE privilege stays inside its own instance: the controller's store and key,
     // another instance's files and the host's are out of reach for LOAD_FILE and INTO OUTFILE.
     for outside in [
-        env.dir.path().join("controller/coffer.db"),
+        env.store_secret_file(),
         env.dir.path().join("controller/controller.key"),
         std::path::PathBuf::from("/etc/passwd"),
     ] {

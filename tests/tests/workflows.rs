@@ -700,3 +700,86 @@ async fn a_vm_build_survives_the_controller_dying_at_every_step() {
         }
     }
 }
+
+/// Two controllers on one PostgreSQL store: the one driving a switchover under a writer dies
+/// right after fencing the source; the other adopts the workflow once its claim lapses and
+/// completes it, losing no acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_moves_to_another_controller_when_its_controller_dies() {
+    let mut env = Env::start_with(Opts {
+        store_postgres: true,
+        ..Opts::default()
+    })
+    .await;
+    let (src, _) = env.active_with_rows("src", &[1]).await;
+    let replicas = two_active_replicas(&env, &src).await;
+    let peer = env.start_peer_controller("b", &[]);
+    env.stop_controller();
+    env.start_controller_with(&[("COFFER_TEST_FAILPOINT", "switchover:fence")]);
+    let candidate = replicas[0].clone();
+    let mut members = vec![src.clone()];
+    members.extend(replicas);
+    for m in &members {
+        env.wait_status(m, "ACTIVE", Duration::from_secs(60)).await;
+    }
+    let sview = show(&env, &src).await;
+    // How the candidate is reached (its address does not change; its controller will be gone).
+    let cview = show(&env, &candidate).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(&sview, 1000, stop.clone());
+    let before = env.rows(&sview).await.len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.rows(&sview).await.len() <= before + 3 {
+        assert!(Instant::now() < deadline, "the writer wrote nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let path = format!("/instances/{candidate}/action");
+    let body = json!({"promote_to_replica_source": {}});
+    if let Some((st, text)) = post_racing_the_abort(&env, &path, body).await {
+        assert_eq!(st, StatusCode::ACCEPTED, "{text}");
+    }
+    env.wait_controller_exit(Duration::from_secs(120)).await;
+    // Only the peer runs now: it takes the workflow over and completes it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut views = vec![];
+        for m in &members {
+            let (_, v) = env
+                .call_as(
+                    &env.token.clone(),
+                    "GET",
+                    &format!("{}/instances/{m}", peer.base),
+                    None,
+                )
+                .await;
+            views.push(v["instance"].clone());
+        }
+        let done = views.iter().all(|v| v["status"] == "ACTIVE")
+            && views.iter().all(|v| {
+                (v["id"] == candidate.as_str() && v.get("replica_of").is_none())
+                    || v["replica_of"]["id"] == candidate.as_str()
+            });
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the peer did not complete the switchover: {views:?}\n{}",
+            peer.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        peer.log_text().contains("resuming workflow"),
+        "the peer adopted it"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.await.unwrap();
+    assert!(!acked.is_empty(), "the writer wrote nothing");
+    insert(&env, &cview, 900_000)
+        .await
+        .expect("the new source takes writes");
+    let on_new = env.rows(&cview).await;
+    let lost: Vec<_> = acked.iter().filter(|i| !on_new.contains(i)).collect();
+    assert!(lost.is_empty(), "acknowledged writes were lost: {lost:?}");
+}

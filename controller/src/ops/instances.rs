@@ -332,7 +332,11 @@ pub async fn store_pending(app: &App, n: &NewInstance) -> Result<(), ApiError> {
     let mut tx = app.store.begin().await?;
     super::quotas::check(&mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
     let server_id = Store::next_server_id(&mut tx).await?;
-    Store::insert_instance(&mut tx, &row_of(n, server_id, &[], "")).await?;
+    let row = InstanceRow {
+        placing_by: Some(app.id.clone()),
+        ..row_of(n, server_id, &[], "")
+    };
+    Store::insert_instance(&mut tx, &row).await?;
     tx.commit().await?;
     Ok(())
 }

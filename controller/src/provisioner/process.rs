@@ -341,6 +341,17 @@ impl ProcessProvisioner {
 impl Provisioner for ProcessProvisioner {
     async fn prepare(&self, p: &Placement) -> anyhow::Result<Placed> {
         let _g = self.alloc.lock().await;
+        // Several controllers may place on this host (sharing a store): one placement at a time
+        // across processes too, or two pick the same port.
+        std::fs::create_dir_all(&self.cfg.instances_dir)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.cfg.instances_dir.join(".placing.lock"))
+            .context("opening the placement lock")?;
+        let _placing = Flock::lock(lock, FlockArg::LockExclusive)
+            .map_err(|(_, e)| anyhow::anyhow!("locking the placement lock: {e}"))?;
         let dir = self.dir(&p.instance_id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let port = self.pick_port()?;

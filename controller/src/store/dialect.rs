@@ -46,6 +46,15 @@ impl Dialect {
         }
     }
 
+    /// The store's clock, Unix milliseconds, as an SQL expression (leases run on it, so the
+    /// controllers' own clocks need not agree).
+    pub fn now_ms(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+            Dialect::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+
     pub fn migrations(self) -> &'static Migrator {
         match self {
             Dialect::Sqlite => &SQLITE_MIGRATIONS,

@@ -44,6 +44,8 @@ pub struct InstanceRow {
     pub placement: PlacedBy,
     #[sqlx(try_from = "Flag")]
     pub root_enabled: bool,
+    /// The controller placing it while the create runs (see `workflow::undo_unfinished_creates`).
+    pub placing_by: Option<String>,
 }
 
 /// What a create knows of a new instance; [`InstanceRow::building`] makes its row.
@@ -92,6 +94,7 @@ impl InstanceRow {
             ejected: false,
             placement: PlacedBy::Provisioner,
             root_enabled: false,
+            placing_by: None,
         }
     }
 
@@ -144,8 +147,8 @@ impl Store {
     pub async fn insert_instance(tx: &mut Tx, i: &InstanceRow) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO instances (id, project_id, name, flavor_id, datastore_version_id, volume_size, task, \
-             task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted, agent_public_key, agent_nats_user, configuration_id, replica_of, repl_strategy, placement) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, FALSE, $17, $18, $19, $20, $21, $22)",
+             task_started, service_status, fault, fault_at, server_id, host, port, created, updated, deleted, agent_public_key, agent_nats_user, configuration_id, replica_of, repl_strategy, placement, placing_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, FALSE, $17, $18, $19, $20, $21, $22, $23)",
         )
         .bind(&i.id)
         .bind(&i.project_id)
@@ -169,6 +172,7 @@ impl Store {
         .bind(&i.replica_of)
         .bind(&i.repl_strategy)
         .bind(i.placement)
+        .bind(&i.placing_by)
         .execute(&mut **tx)
         .await?;
         Ok(())

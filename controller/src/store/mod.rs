@@ -17,6 +17,7 @@ pub mod dialect;
 mod enrolment;
 mod instances;
 mod intents;
+mod leases;
 mod modules;
 mod quotas;
 mod workflows;

@@ -132,6 +132,7 @@ pub async fn start(
     }
     tx.commit().await?;
     info!(workflow = %id, kind, members = ?members, "workflow started");
+    app.driving.lock().unwrap().insert(id.clone());
     tokio::spawn(drive(app.clone(), id.clone()));
     Ok(id)
 }
@@ -144,9 +145,24 @@ pub async fn start(
 /// no live instance (a replica placed before its row was stored, a delete cut short) goes.
 pub async fn undo_unfinished_creates(app: &Arc<App>) -> anyhow::Result<()> {
     let live = app.store.live_instances().await?;
+    // Another controller's create in progress is its own; one whose controller is gone is
+    // undone here.
+    let others: Vec<String> = app
+        .store
+        .live_controllers()
+        .await?
+        .into_iter()
+        .filter(|c| *c != app.id)
+        .collect();
+    let ours = |r: &&crate::store::InstanceRow| {
+        r.placing_by
+            .as_ref()
+            .is_none_or(|c| *c == app.id || !others.contains(c))
+    };
     for r in live
         .iter()
         .filter(|r| !r.has_agent() && r.placement != crate::status::PlacedBy::Enrolled)
+        .filter(ours)
     {
         if !app.provisioner.key_at_enrolment() {
             warn!(instance = %r.id, "undoing a create the previous controller never answered");
@@ -173,6 +189,11 @@ pub async fn undo_unfinished_creates(app: &Arc<App>) -> anyhow::Result<()> {
             tx.commit().await?;
         }
     }
+    // A placement with no row may be another controller's create in progress: only a controller
+    // alone on the store removes such placements.
+    if !others.is_empty() {
+        return Ok(());
+    }
     let live: std::collections::HashSet<&str> = live.iter().map(|r| r.id.as_str()).collect();
     for id in app.provisioner.placed() {
         if !live.contains(id.as_str()) {
@@ -185,13 +206,22 @@ pub async fn undo_unfinished_creates(app: &Arc<App>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resumes every workflow a previous controller left running.
-pub async fn resume_all(app: &Arc<App>) -> anyhow::Result<()> {
-    for w in app.store.running_workflows().await? {
-        info!(workflow = %w.id, kind = %w.kind, "resuming workflow");
-        tokio::spawn(drive(app.clone(), w.id));
+/// Drives every running workflow this controller may take: its own (from a previous run),
+/// unclaimed ones, and those whose controller's claim lapsed ([`crate::leases`]).
+pub async fn adopt(app: &Arc<App>) {
+    let ids = match app.store.workflows_to_adopt(&app.id).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "listing workflows to adopt failed");
+            return;
+        }
+    };
+    for id in ids {
+        if app.driving.lock().unwrap().insert(id.clone()) {
+            info!(workflow = %id, "resuming workflow");
+            tokio::spawn(drive(app.clone(), id));
+        }
     }
-    Ok(())
 }
 
 /// An id derived from a workflow's id and a name (a snapshot, an intent): a step that runs
@@ -206,11 +236,16 @@ pub fn derived_id(workflow: &str, what: &str) -> String {
 /// Runs a workflow to its end. Store errors are retried (the step runs again: it is
 /// idempotent); the workflow's own failures are states it handles.
 async fn drive(app: Arc<App>, id: String) {
+    drive_claimed(&app, &id).await;
+    app.driving.lock().unwrap().remove(&id);
+}
+
+async fn drive_claimed(app: &Arc<App>, id: &str) {
     let backoff =
         || coffer_common::retry::backoff(Duration::from_millis(200), Duration::from_secs(5));
     let mut delay = backoff();
     loop {
-        let row = match app.store.workflow(&id).await {
+        let row = match app.store.workflow(id).await {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
@@ -222,6 +257,23 @@ async fn drive(app: Arc<App>, id: String) {
         if row.done {
             return;
         }
+        // Only while this controller holds the workflow's claim (renewed at every step).
+        match app
+            .store
+            .claim_workflow(id, &app.id, crate::leases::WORKFLOW_CLAIM_MS)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                info!(workflow = %id, "another controller drives this workflow");
+                return;
+            }
+            Err(e) => {
+                warn!(workflow = %id, error = %format!("{e:#}"), "claiming the workflow failed; retrying");
+                tokio::time::sleep(coffer_common::retry::next(&mut delay)).await;
+                continue;
+            }
+        }
         let mut flow: Flow = match serde_json::from_str(&row.state) {
             Ok(f) => f,
             Err(e) => {
@@ -232,7 +284,7 @@ async fn drive(app: Arc<App>, id: String) {
         let (kind, step) = (flow.stored("kind"), flow.stored("step"));
         // Made before the step looks: an event handled while it looks still wakes it.
         let woken = app.workflow_wake.notified();
-        if flow.step(&app, row.cancel).await == Progress::Wait {
+        if flow.step(app, row.cancel).await == Progress::Wait {
             let _ = tokio::time::timeout(Duration::from_secs(2), woken).await;
             continue;
         }
@@ -242,10 +294,10 @@ async fn drive(app: Arc<App>, id: String) {
             if flow.done() || flow.members_released() {
                 let mut tx = app.store.begin().await?;
                 flow.release(&mut tx).await?;
-                Store::free_members(&mut tx, &id, &state, flow.done()).await?;
+                Store::free_members(&mut tx, id, &state, flow.done()).await?;
                 tx.commit().await?;
             } else {
-                app.store.save_workflow(&id, &state).await?;
+                app.store.save_workflow(id, &state).await?;
             }
             anyhow::Ok(())
         }
