@@ -132,6 +132,25 @@ pub fn nats_server_bin() -> PathBuf {
     p
 }
 
+/// `coffer-controller serve` with `config`, its output appended to `log`.
+fn spawn_controller(config: &Path, log: &Path, vars: &[(&str, &str)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(bin("coffer-controller"))
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .envs(vars.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting coffer-controller")
+}
+
 /// Another controller of an [`Env`] (see [`Env::start_peer_controller`]); killed when dropped.
 pub struct PeerController {
     pub port: u16,
@@ -731,21 +750,7 @@ impl Env {
     /// Starts the controller with extra environment (a test hook such as
     /// `COFFER_TEST_FAILPOINT`).
     pub fn start_controller_with(&mut self, vars: &[(&str, &str)]) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("controller.log"))
-            .unwrap();
-        let child = Command::new(bin("coffer-controller"))
-            .arg("--config")
-            .arg(&self.config)
-            .arg("serve")
-            .envs(vars.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting coffer-controller");
+        let child = spawn_controller(&self.config, &self.dir.path().join("controller.log"), vars);
         self.controller = Some(child);
         wait_tcp(self.api_port, Duration::from_secs(30));
     }
@@ -780,17 +785,7 @@ impl Env {
         let config = self.dir.path().join(format!("controller-{name}.toml"));
         write_private(&config, text).unwrap();
         let log_path = self.dir.path().join(format!("controller-{name}.log"));
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(bin("coffer-controller"))
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .envs(vars.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting a peer coffer-controller");
+        let child = spawn_controller(&config, &log_path, vars);
         wait_tcp(port, Duration::from_secs(30));
         PeerController {
             port,

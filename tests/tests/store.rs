@@ -7,7 +7,7 @@ use std::future::Future;
 
 use coffer_controller::status::{PlacedBy, Task};
 use coffer_controller::store::dialect::redact;
-use coffer_controller::store::{Dialect, InstanceRow, ModuleRow, NewRow, Owned, Store};
+use coffer_controller::store::{Dialect, InstanceRow, ModuleRow, NewRow, Owned, Store, Tx};
 use coffer_tests::pgstore::PgStore;
 
 /// Runs `check` against a fresh SQLite store and a fresh PostgreSQL database.
@@ -23,9 +23,9 @@ where
     check(pg.url("coffer")).await;
 }
 
-async fn new_instance(s: &Store, project: &str, name: &str) -> InstanceRow {
-    let mut tx = s.begin().await.unwrap();
-    let server_id = Store::next_server_id(&mut tx).await.unwrap();
+/// Inserts a new instance's row inside `tx` (a create's write).
+async fn insert(tx: &mut Tx, project: &str, name: &str) -> InstanceRow {
+    let server_id = Store::next_server_id(tx).await.unwrap();
     let id = uuid::Uuid::new_v4().to_string();
     let row = InstanceRow::building(NewRow {
         id: &id,
@@ -36,7 +36,13 @@ async fn new_instance(s: &Store, project: &str, name: &str) -> InstanceRow {
         volume_size: 1,
         server_id,
     });
-    Store::insert_instance(&mut tx, &row).await.unwrap();
+    Store::insert_instance(tx, &row).await.unwrap();
+    row
+}
+
+async fn new_instance(s: &Store, project: &str, name: &str) -> InstanceRow {
+    let mut tx = s.begin().await.unwrap();
+    let row = insert(&mut tx, project, name).await;
     tx.commit().await.unwrap();
     row
 }
@@ -137,18 +143,7 @@ async fn a_quota_check_admits_exactly_the_limit_across_controllers() {
                 if n >= 5 {
                     return false;
                 }
-                let server_id = Store::next_server_id(&mut tx).await.unwrap();
-                let id = uuid::Uuid::new_v4().to_string();
-                let row = InstanceRow::building(NewRow {
-                    id: &id,
-                    project: "q",
-                    name: "x",
-                    flavor_id: "1",
-                    version_id: "v",
-                    volume_size: 1,
-                    server_id,
-                });
-                Store::insert_instance(&mut tx, &row).await.unwrap();
+                insert(&mut tx, "q", "x").await;
                 tx.commit().await.unwrap();
                 true
             }));

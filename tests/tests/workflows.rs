@@ -163,12 +163,7 @@ async fn a_switchover_survives_the_controller_dying_at_every_step() {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let views = all(&env, &members).await;
-            let done = views.iter().all(|v| v["status"] == "ACTIVE")
-                && views.iter().all(|v| {
-                    (v["id"] == candidate.as_str() && v.get("replica_of").is_none())
-                        || v["replica_of"]["id"] == candidate.as_str()
-                });
-            if done {
+            if switched_over(&views, &candidate) {
                 break;
             }
             assert!(
@@ -200,6 +195,15 @@ async fn a_switchover_survives_the_controller_dying_at_every_step() {
         );
         source = candidate;
     }
+}
+
+/// Every member ACTIVE, `candidate` the source and the others following it.
+fn switched_over(views: &[Value], candidate: &str) -> bool {
+    views.iter().all(|v| v["status"] == "ACTIVE")
+        && views.iter().all(|v| {
+            (v["id"] == candidate && v.get("replica_of").is_none())
+                || v["replica_of"]["id"] == candidate
+        })
 }
 
 async fn all(env: &Env, ids: &[String]) -> Vec<Value> {
@@ -754,12 +758,7 @@ async fn a_switchover_moves_to_another_controller_when_its_controller_dies() {
                 .await;
             views.push(v["instance"].clone());
         }
-        let done = views.iter().all(|v| v["status"] == "ACTIVE")
-            && views.iter().all(|v| {
-                (v["id"] == candidate.as_str() && v.get("replica_of").is_none())
-                    || v["replica_of"]["id"] == candidate.as_str()
-            });
-        if done {
+        if switched_over(&views, &candidate) {
             break;
         }
         assert!(

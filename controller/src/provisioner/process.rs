@@ -343,15 +343,12 @@ impl Provisioner for ProcessProvisioner {
         let _g = self.alloc.lock().await;
         // Several controllers may place on this host (sharing a store): one placement at a time
         // across processes too, or two pick the same port.
+        // The lock is the instances directory's own (no file among the instances').
         std::fs::create_dir_all(&self.cfg.instances_dir)?;
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.cfg.instances_dir.join(".placing.lock"))
-            .context("opening the placement lock")?;
+        let lock = std::fs::File::open(&self.cfg.instances_dir)
+            .context("opening the instances directory")?;
         let _placing = Flock::lock(lock, FlockArg::LockExclusive)
-            .map_err(|(_, e)| anyhow::anyhow!("locking the placement lock: {e}"))?;
+            .map_err(|(_, e)| anyhow::anyhow!("locking the instances directory: {e}"))?;
         let dir = self.dir(&p.instance_id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let port = self.pick_port()?;
