@@ -417,7 +417,7 @@ async fn consume_events(app: &Arc<App>) -> anyhow::Result<()> {
             } else if let Some(v1::envelope::Body::Event(ev)) = env.body {
                 let handled = handle_event(app, &env.instance_id, &env.software_version, ev).await;
                 // Workflows waiting on an agent (a snapshot, a build) look again.
-                app.workflow_wake.notify_waiters();
+                app.wake_workflows();
                 if let Err(e) = handled {
                     warn!(error = %format!("{e:#}"), "handling event failed; it will be redelivered");
                     let _ = msg

@@ -76,3 +76,28 @@ pub async fn step_down(app: &App) {
         let _ = app.store.drop_lease(&name, &app.id).await;
     }
 }
+
+/// Wakes this controller's outbox publisher and workflows when another controller says so
+/// ([`App::wake_outbox`], [`App::wake_workflows`]).
+pub async fn wake_loop(app: Arc<App>) {
+    use futures::StreamExt;
+    loop {
+        match app
+            .client
+            .subscribe(coffer_proto::subjects::controller_wake_all())
+            .await
+        {
+            Ok(mut sub) => {
+                while let Some(msg) = sub.next().await {
+                    if msg.subject.ends_with(".outbox") {
+                        app.outbox_wake.notify_one();
+                    } else {
+                        app.workflow_wake.notify_waiters();
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "subscribing to the controllers' wake-ups failed"),
+        }
+        tokio::time::sleep(RENEW).await;
+    }
+}

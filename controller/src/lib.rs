@@ -76,6 +76,28 @@ impl App {
             .is_some_and(|t| Instant::now() < t)
     }
 
+    /// An intent was queued: the leader's publisher looks now, whichever controller leads.
+    pub fn wake_outbox(&self) {
+        self.outbox_wake.notify_one();
+        self.tell_peers("outbox");
+    }
+
+    /// An agent event was handled: workflows waiting on one look again, on every controller.
+    pub fn wake_workflows(&self) {
+        self.workflow_wake.notify_waiters();
+        self.tell_peers("workflows");
+    }
+
+    fn tell_peers(&self, what: &str) {
+        let (client, subject) = (
+            self.client.clone(),
+            coffer_proto::subjects::controller_wake(what),
+        );
+        tokio::spawn(async move {
+            let _ = client.publish(subject, bytes::Bytes::new()).await;
+        });
+    }
+
     /// Whether the instance's last heartbeat is within the expiry.
     pub fn fresh(&self, id: &str) -> bool {
         let expiry = Duration::from_secs(self.cfg.heartbeat_expiry_s);
@@ -221,6 +243,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
     tasks.spawn(bus::outbox_loop(app.clone()));
     tasks.spawn(leases::leases_loop(app.clone()));
     tasks.spawn(bus::liveness_loop(app.clone()));
+    tasks.spawn(leases::wake_loop(app.clone()));
     tasks.spawn(bus::event_loop(app.clone()));
     tasks.spawn(bus::timers_loop(app.clone()));
     let hb = app.clone();

@@ -25,6 +25,15 @@ pub fn call(instance: &str) -> String {
 pub fn heartbeat(instance: &str) -> String {
     format!("coffer.v1.hb.{instance}")
 }
+/// Controllers sharing a store tell each other there is work: `outbox` (an intent was queued),
+/// `workflows` (an agent event a workflow may wait on was handled). Only controllers may publish
+/// or subscribe here (agents' permissions name their own subjects only).
+pub fn controller_wake(what: &str) -> String {
+    format!("coffer.v1.ctl.wake.{what}")
+}
+pub fn controller_wake_all() -> String {
+    "coffer.v1.ctl.wake.*".to_string()
+}
 /// Every heartbeat subject (what the controllers subscribe to).
 pub fn heartbeat_all() -> String {
     "coffer.v1.hb.*".to_string()

@@ -7,7 +7,9 @@ use std::future::Future;
 
 use coffer_controller::status::{PlacedBy, Task};
 use coffer_controller::store::dialect::redact;
-use coffer_controller::store::{Dialect, InstanceRow, ModuleRow, NewRow, Owned, Store, Tx};
+use coffer_controller::store::{
+    ClaimLost, Dialect, InstanceRow, ModuleRow, NewRow, Owned, Store, Tx,
+};
 use coffer_tests::pgstore::PgStore;
 
 /// Runs `check` against a fresh SQLite store and a fresh PostgreSQL database.
@@ -352,6 +354,17 @@ async fn leases_have_one_holder_until_they_lapse_in_both_dialects() {
         assert!(
             a.workflows_to_adopt("c1").await.unwrap().is_empty(),
             "c2 drives it now"
+        );
+        // The old driver's step result is refused; the new driver's is kept.
+        let lost = a
+            .save_workflow("w1", "c1", "{\"late\":1}")
+            .await
+            .unwrap_err();
+        assert!(lost.is::<ClaimLost>(), "{lost}");
+        b.save_workflow("w1", "c2", "{\"step\":2}").await.unwrap();
+        assert_eq!(
+            a.workflow("w1").await.unwrap().unwrap().state,
+            "{\"step\":2}"
         );
     })
     .await;

@@ -335,7 +335,7 @@ impl Drop for NatsWriter {
         // Chunks already sent stay until the controller removes them (agents cannot purge);
         // without a commit record they are never read.
         let pending: Vec<_> = self.pending.drain(..).collect();
-        let _ = self.rt.block_on(async {
+        self.rt.block_on(async {
             for ack in pending {
                 let _ = ack.await;
             }

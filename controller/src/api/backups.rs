@@ -156,12 +156,8 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         incremental: b.incremental.is_some_and(|x| x.0),
         parent_id: b.parent_id,
     };
-    let id = crate::ops::backups::create(&st, &c, spec).await?;
-    let b = st
-        .store
-        .backup(&id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("backup vanished"))?;
+    // Shown as created (NEW), whatever its agent has done with it since.
+    let b = crate::ops::backups::create(&st, &c, spec).await?;
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(json!({"backup": backup_json(&st, &b).await?})),

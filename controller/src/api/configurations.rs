@@ -84,7 +84,7 @@ async fn push(app: &App, r: &InstanceRow, overrides: Vec<v1::Override>) -> Resul
     let mut tx = app.store.begin().await?;
     Store::enqueue(&mut tx, &intent_id, &r.id, "configure", &payload).await?;
     tx.commit().await?;
-    app.outbox_wake.notify_one();
+    app.wake_outbox();
     Ok(())
 }
 

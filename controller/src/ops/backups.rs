@@ -40,10 +40,12 @@ pub async fn snapshot(
     let name = format!("Replication snapshot for {for_what}");
     start(app, tx, source, id.to_string(), name, None, None, true)
         .await
+        .map(|b| b.id)
         .map_err(|e| anyhow::anyhow!(e.message))
 }
 
-/// Records a NEW backup of `r` and queues its intent, inside `tx` (committed here).
+/// Records a NEW backup of `r` and queues its intent, inside `tx` (committed here); returns the
+/// row as committed (its agent may have moved it on by the time anyone reads it again).
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     app: &App,
@@ -54,7 +56,7 @@ pub async fn start(
     description: Option<String>,
     parent_id: Option<String>,
     replication_snapshot: bool,
-) -> Result<String, ApiError> {
+) -> Result<BackupRow, ApiError> {
     let intent_id = uuid::Uuid::new_v4().to_string();
     let ts = store::now();
     let key = super::keys::issue(app, &r.id, &crate::agents::agent_key(r)?)?;
@@ -88,8 +90,8 @@ pub async fn start(
     super::intents::enqueue(app, &mut tx, &r.id, &intent_id, backup).await?;
     tx.commit().await?;
     crate::failpoint::hit("backup", "requested");
-    app.outbox_wake.notify_one();
-    Ok(id)
+    app.wake_outbox();
+    Ok(row)
 }
 
 /// Gives the restoring agent (`target`, public key `key`) what it needs to read `restore`'s
@@ -171,7 +173,7 @@ pub async fn find_backup(app: &App, c: &Caller, id: &str) -> Result<BackupRow, A
 
 /// Starts a backup (`POST /backups`): every check, then the row and the `backup` intent in one
 /// transaction that re-checks what a concurrent request could have changed. Returns its id.
-pub async fn create(app: &App, c: &Caller, req: BackupSpec) -> Result<String, ApiError> {
+pub async fn create(app: &App, c: &Caller, req: BackupSpec) -> Result<BackupRow, ApiError> {
     if app.cfg.backup.is_none() {
         return Err(ApiError::unprocessable(
             "Backups are not configured on this deployment ([backup] in the controller config).",

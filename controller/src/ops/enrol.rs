@@ -231,7 +231,7 @@ async fn bind(app: &App, row: &TokenRow, req: &EnrolReq, key: &[u8]) -> Result<(
                 binding.creds_sealed.as_deref(),
             )
             .await?;
-        app.workflow_wake.notify_waiters();
+        app.wake_workflows();
         if !done {
             return Err(ApiError::conflict(format!(
                 "Instance {id} is gone or enrolled by another agent."
@@ -282,7 +282,7 @@ async fn bind(app: &App, row: &TokenRow, req: &EnrolReq, key: &[u8]) -> Result<(
             Commit::Insert(crate::status::PlacedBy::Enrolled, Some(binding)),
         )
         .await?;
-        app.outbox_wake.notify_one();
+        app.wake_outbox();
     }
     Ok(())
 }

@@ -235,7 +235,7 @@ pub async fn create_placed(app: &App, n: &NewInstance) -> Result<(), ApiError> {
         app.store.forget_instance(id).await?;
         return Err(e);
     }
-    app.outbox_wake.notify_one();
+    app.wake_outbox();
     start_agent(app, id).await
 }
 
@@ -529,7 +529,7 @@ pub async fn restart(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
     let restart = v1::intent::Kind::Restart(v1::Restart {});
     enqueue(app, &mut tx, &r.id, &intent_id, restart).await?;
     tx.commit().await?;
-    app.outbox_wake.notify_one();
+    app.wake_outbox();
     Ok(())
 }
 
@@ -566,6 +566,6 @@ pub async fn delete(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
     enqueue(app, &mut tx, &id, &intent_id, delete).await?;
     tx.commit().await?;
     crate::failpoint::hit("delete", "requested");
-    app.outbox_wake.notify_one();
+    app.wake_outbox();
     Ok(())
 }

@@ -30,7 +30,7 @@ pub use instances::{InstanceRow, NewRow};
 pub use intents::{IntentTooLarge, OutboxRow, MAX_INTENT_BYTES};
 pub use modules::ModuleRow;
 pub use quotas::QUOTA_DEFAULTS;
-pub use workflows::{Owned, WorkflowRow};
+pub use workflows::{ClaimLost, Owned, WorkflowRow};
 
 /// A transaction on the store.
 pub type Tx = Transaction<'static, Any>;

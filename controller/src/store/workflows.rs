@@ -15,6 +15,12 @@ pub struct WorkflowRow {
     pub cancel: bool,
 }
 
+/// A workflow's claim passed to another controller while this one ran a step: its result is not
+/// recorded, and this controller stops driving it.
+#[derive(Debug, thiserror::Error)]
+#[error("another controller took this workflow over")]
+pub struct ClaimLost;
+
 /// Another workflow already owns an instance the new one needs.
 #[derive(Debug, thiserror::Error)]
 #[error("instance {instance} is owned by workflow {workflow}")]
@@ -96,13 +102,22 @@ impl Store {
     }
 
     /// Records a workflow's next state.
-    pub async fn save_workflow(&self, id: &str, state: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE workflows SET state = $1, updated = $2 WHERE id = $3")
-            .bind(state)
-            .bind(now())
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+    /// Saves a workflow's state, if `owner` still holds its claim ([`ClaimLost`] otherwise: another
+    /// controller adopted it, and this one must stop).
+    pub async fn save_workflow(&self, id: &str, owner: &str, state: &str) -> anyhow::Result<()> {
+        let n = sqlx::query(
+            "UPDATE workflows SET state = $1, updated = $2 WHERE id = $3 AND (owner IS NULL OR owner = $4)",
+        )
+        .bind(state)
+        .bind(now())
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(ClaimLost.into());
+        }
         Ok(())
     }
 
@@ -111,18 +126,25 @@ impl Store {
     pub async fn free_members(
         tx: &mut Tx,
         id: &str,
+        owner: &str,
         state: &str,
         done: bool,
     ) -> anyhow::Result<()> {
-        sqlx::query(
-            "UPDATE workflows SET state = $1, done = done OR $2, updated = $3 WHERE id = $4",
+        let n = sqlx::query(
+            "UPDATE workflows SET state = $1, done = done OR $2, updated = $3 \
+             WHERE id = $4 AND (owner IS NULL OR owner = $5)",
         )
         .bind(state)
         .bind(done)
         .bind(now())
         .bind(id)
+        .bind(owner)
         .execute(&mut **tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(ClaimLost.into());
+        }
         sqlx::query("DELETE FROM workflow_members WHERE workflow_id = $1")
             .bind(id)
             .execute(&mut **tx)

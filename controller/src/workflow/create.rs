@@ -241,7 +241,7 @@ impl VmBuild {
                 Commit::Complete,
             )
             .await?;
-            app.outbox_wake.notify_one();
+            app.wake_outbox();
         }
         info!(instance = %r.id, "VM enrolled; prepare queued");
         self.step = VmBuildStep::Done;

@@ -294,10 +294,10 @@ async fn drive_claimed(app: &Arc<App>, id: &str) {
             if flow.done() || flow.members_released() {
                 let mut tx = app.store.begin().await?;
                 flow.release(&mut tx).await?;
-                Store::free_members(&mut tx, id, &state, flow.done()).await?;
+                Store::free_members(&mut tx, id, &app.id, &state, flow.done()).await?;
                 tx.commit().await?;
             } else {
-                app.store.save_workflow(id, &state).await?;
+                app.store.save_workflow(id, &app.id, &state).await?;
             }
             anyhow::Ok(())
         }
@@ -308,6 +308,10 @@ async fn drive_claimed(app: &Arc<App>, id: &str) {
                 return;
             }
             Ok(()) => delay = backoff(),
+            Err(e) if e.is::<crate::store::ClaimLost>() => {
+                warn!(workflow = %id, "another controller took this workflow over; its step's result is left to it");
+                return;
+            }
             Err(e) => {
                 warn!(workflow = %id, error = %format!("{e:#}"), "recording the workflow's step failed; retrying");
                 tokio::time::sleep(coffer_common::retry::next(&mut delay)).await;

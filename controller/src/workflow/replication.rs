@@ -629,7 +629,7 @@ impl ReplicaBuild {
             let mut tx = app.store.begin().await?;
             crate::ops::intents::enqueue(app, &mut tx, &id, &intent_id, prepare).await?;
             tx.commit().await?;
-            app.outbox_wake.notify_one();
+            app.wake_outbox();
         }
         self.prepared.push(id);
         Ok(super::Progress::Moved)
