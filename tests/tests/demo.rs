@@ -12,6 +12,10 @@ use serde_json::{json, Value};
 use sqlx::{ConnectOptions, Connection, Row};
 
 fn start_demo(dir: &Path) -> Child {
+    start_demo_with(dir, &[])
+}
+
+fn start_demo_with(dir: &Path, extra: &[&str]) -> Child {
     let _ = std::fs::remove_file(dir.join("demo.env"));
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -19,7 +23,9 @@ fn start_demo(dir: &Path) -> Child {
         .open(dir.join("xtask.log"))
         .unwrap();
     let child = Command::new(bin("xtask"))
-        .args(["demo", "--no-build", "--dir"])
+        .args(["demo", "--no-build"])
+        .args(extra)
+        .arg("--dir")
         .arg(dir)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -219,6 +225,67 @@ async fn demo_stops_cleanly_and_resumes_with_the_data() {
             break;
         }
         assert!(Instant::now() < deadline, "the instance was not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_demo(demo, dir);
+}
+
+/// `--store postgres`: the controller's store on a PostgreSQL server the demo runs (as the
+/// postgres user), stopped with it and found again, with its instances, on the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_on_a_postgresql_store_of_its_own() {
+    let tmp = tempfile::Builder::new()
+        .prefix("coffer-demo-pg-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
+    let http = reqwest::Client::new();
+    let demo = start_demo_with(dir, &["--store", "postgres"]);
+    let (endpoint, token) = env_of(dir);
+    let config = std::fs::read_to_string(dir.join("controller.toml")).unwrap();
+    assert!(config.contains("[store]"), "{config}");
+    let password = std::fs::read_to_string(dir.join("store.password")).unwrap();
+    assert!(
+        !config.contains(password.trim()),
+        "the password stays out of the config"
+    );
+    let r = http
+        .post(format!("{endpoint}/instances"))
+        .header("X-Auth-Token", &token)
+        .json(&json!({"instance": {"name": "pgdemo", "flavorRef": "1", "volume": {"size": 1}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let id = r.json::<Value>().await.unwrap()["instance"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!("{endpoint}/instances/{id}");
+    wait_active(&http, &url, &token).await;
+    stop_demo(demo, dir);
+
+    // Started again, the store (and so the instance) is there.
+    let demo = start_demo_with(dir, &["--store", "postgres"]);
+    wait_active(&http, &url, &token).await;
+    let r = http
+        .delete(&url)
+        .header("X-Auth-Token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http
+        .get(&url)
+        .header("X-Auth-Token", &token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != StatusCode::NOT_FOUND
+    {
+        assert!(Instant::now() < deadline, "the delete did not finish");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop_demo(demo, dir);

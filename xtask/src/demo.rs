@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: nats-server (JetStream) + the controller (SQLite, process provisioner) with
-//! MariaDB registered, in the foreground. Ports, tokens and keys persist under `.coffer/`, so a
+//! `cargo xtask demo`: nats-server (JetStream) + the controller (SQLite, or with
+//! `--store postgres` a PostgreSQL server of its own; process provisioner) with MariaDB
+//! registered, in the foreground. Ports, tokens and keys persist under `.coffer/`, so a
 //! second run resumes the same instances with their data.
 
 use std::io::Read;
@@ -321,6 +322,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut build = true;
     let mut tls = false;
     let mut nats_storage = false;
+    let mut pg_store = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -334,8 +336,15 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                     "--storage takes local (a directory, the default) or nats (the JetStream object store), not {other:?}"
                 ),
             },
+            "--store" => match it.next().map(String::as_str) {
+                Some("sqlite") => pg_store = false,
+                Some("postgres") => pg_store = true,
+                other => bail!(
+                    "--store takes sqlite (a file, the default) or postgres (a PostgreSQL server the demo runs), not {other:?}"
+                ),
+            },
             other => bail!(
-                "unknown demo option '{other}' (known: --dir DIR, --no-build, --tls, --storage local|nats)"
+                "unknown demo option '{other}' (known: --dir DIR, --no-build, --tls, --storage local|nats, --store sqlite|postgres)"
             ),
         }
     }
@@ -405,12 +414,29 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             &format!("current = \"k1\"\n[keys]\nk1 = \"{}\"\n", random_hex(32)?),
         )?;
     }
+    // --store postgres: the controller's store on a PostgreSQL server the demo runs.
+    let mut pg = None;
+    let store_table = if pg_store {
+        let (child, port) = start_pg_store(&dir)?;
+        pg = Some(child);
+        format!(
+            "[store]\nurl = \"postgres://coffer@127.0.0.1:{port}/coffer\"\npassword_file = {:?}\n\n",
+            dir.join("store.password").display().to_string()
+        )
+    } else {
+        String::new()
+    };
+    let stop_pg = |pg: &mut Option<Child>| {
+        if let Some(c) = pg.as_mut() {
+            stop(c, "the store's PostgreSQL", Duration::from_secs(30));
+        }
+    };
     let config = dir.join("controller.toml");
     write_private(
         &config,
         &format!(
             "listen = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\nnats_url = \"nats://127.0.0.1:{nats}\"\ntoken_file = {tokens:?}\n\
-             stop_agents_on_exit = true\ndefault_datastore = \"mariadb\"\nnats_creds = {creds:?}\n{ca_line}\n{tls_table}[nats_auth]\ndir = {auth:?}\n\n\
+             stop_agents_on_exit = true\ndefault_datastore = \"mariadb\"\nnats_creds = {creds:?}\n{ca_line}\n{tls_table}{store_table}[nats_auth]\ndir = {auth:?}\n\n\
              [backup]\nkeyring_file = {keyring:?}\n[backup.storage]\n{storage}\n\n\
              [provisioner]\nkind = \"process\"\nagent_binary = {agent:?}\ninstances_dir = {inst:?}\n\
              port_min = 13306\nport_max = 13405\n",
@@ -491,11 +517,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         Ok(c) => c,
         Err(e) => {
             stop(&mut nats, "nats-server", Duration::from_secs(10));
+            stop_pg(&mut pg);
             return Err(e);
         }
     };
     if let Err(e) = wait_port(p.api_port, "coffer-controller", &mut controller, &ctl_log) {
         stop(&mut nats, "nats-server", Duration::from_secs(10));
+        stop_pg(&mut pg);
         return Err(e);
     }
 
@@ -557,5 +585,115 @@ print([(i.name, i.status) for i in c.instances.list()])'
         Duration::from_secs(180),
     );
     stop(&mut nats, "nats-server", Duration::from_secs(30));
+    stop_pg(&mut pg);
     Ok(())
+}
+
+/// The store's PostgreSQL for `--store postgres`: initialised once in DIR/pgstore (the `coffer`
+/// role's password in DIR/store.password, 0600), run as the `postgres` user when the demo runs as
+/// root (the server refuses root), on a port kept in DIR/pgstore.port.
+fn start_pg_store(dir: &Path) -> anyhow::Result<(Child, u16)> {
+    let bin = |name: &str| -> anyhow::Result<PathBuf> {
+        let major = std::fs::read_dir("/usr/lib/postgresql")
+            .context("PostgreSQL is not installed (apt-get install postgresql)")?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .max()
+            .context("no PostgreSQL version under /usr/lib/postgresql")?;
+        Ok(PathBuf::from(format!(
+            "/usr/lib/postgresql/{major}/bin/{name}"
+        )))
+    };
+    let owner = if nix::unistd::geteuid().is_root() {
+        let u = nix::unistd::User::from_name("postgres")?
+            .context("the postgres user is missing (it comes with Debian's postgresql package)")?;
+        Some((u.uid, u.gid))
+    } else {
+        None
+    };
+    let as_owner = |mut c: Command| {
+        if let Some((uid, gid)) = owner {
+            std::os::unix::process::CommandExt::uid(&mut c, uid.as_raw());
+            std::os::unix::process::CommandExt::gid(&mut c, gid.as_raw());
+        }
+        c
+    };
+    let home = dir.join("pgstore");
+    let data = home.join("data");
+    let port_file = home.join("port");
+    let password_file = dir.join("store.password");
+    if !data.exists() {
+        env::step("initialising the store's PostgreSQL (--store postgres)");
+        std::fs::create_dir_all(&home)?;
+        let password = random_hex(24)?;
+        write_private(&password_file, &password)?;
+        let pwfile = home.join("initial.pw");
+        write_private(&pwfile, &password)?;
+        if let Some((uid, gid)) = owner {
+            for p in [&home, &pwfile] {
+                nix::unistd::chown(p.as_path(), Some(uid), Some(gid))?;
+            }
+        }
+        let out = as_owner(Command::new(bin("initdb")?))
+            .args(["-U", "coffer", "--auth=scram-sha-256", "-E", "UTF8"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .arg("-D")
+            .arg(&data)
+            .output()?;
+        let _ = std::fs::remove_file(&pwfile);
+        if !out.status.success() {
+            bail!(
+                "initdb for the store failed (it runs as the postgres user, which must reach {}; \
+                 use a --dir it can reach): {}",
+                home.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        write_private(&port_file, &free_port()?.to_string())?;
+    }
+    let port: u16 = std::fs::read_to_string(&port_file)
+        .with_context(|| format!("reading {}", port_file.display()))?
+        .trim()
+        .parse()?;
+    let mut cmd = as_owner(Command::new(bin("postgres")?));
+    cmd.arg("-D")
+        .arg(&data)
+        .args(["-p", &port.to_string(), "-k"])
+        .arg(&home)
+        .args(["-c", "listen_addresses=127.0.0.1"]);
+    let log = dir.join("pgstore.log");
+    let mut child = spawn_logged(cmd, &log)?;
+    wait_port(port, "the store's PostgreSQL", &mut child, &log)?;
+    let password = std::fs::read_to_string(&password_file)?;
+    let psql = |sql: &str| -> anyhow::Result<String> {
+        let out = Command::new(bin("psql")?)
+            .env("PGPASSWORD", password.trim())
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "coffer"])
+            .args(["-d", "postgres", "-v", "ON_ERROR_STOP=1", "-tAc", sql])
+            .output()?;
+        if !out.status.success() {
+            bail!("psql: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    // The port opens a moment before logins are accepted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exists = loop {
+        match psql("SELECT 1 FROM pg_database WHERE datname = 'coffer'") {
+            Ok(v) => break v == "1",
+            Err(e) if Instant::now() > deadline => {
+                stop(
+                    &mut child,
+                    "the store's PostgreSQL",
+                    Duration::from_secs(10),
+                );
+                return Err(e);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    if !exists {
+        psql("CREATE DATABASE coffer")?;
+    }
+    Ok((child, port))
 }
