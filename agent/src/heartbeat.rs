@@ -161,7 +161,7 @@ fn volume_usage(root: &std::path::Path) -> (u64, u64) {
             .sum()
     }
     let total = nix::sys::statvfs::statvfs(root)
-        .map(|s| s.blocks() as u64 * s.fragment_size() as u64)
+        .map(|s| s.blocks() * s.fragment_size())
         .unwrap_or(0);
     (du(root), total)
 }

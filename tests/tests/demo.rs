@@ -92,6 +92,29 @@ fn env_of(dir: &Path) -> (String, String) {
     (get("COFFER_ENDPOINT"), get("COFFER_TOKEN"))
 }
 
+/// `POST /instances` with `body`: the new instance's id and URL.
+async fn create(
+    http: &reqwest::Client,
+    endpoint: &str,
+    token: &str,
+    body: Value,
+) -> (String, String) {
+    let r = http
+        .post(format!("{endpoint}/instances"))
+        .header("X-Auth-Token", token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let id = r.json::<Value>().await.unwrap()["instance"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!("{endpoint}/instances/{id}");
+    (id, url)
+}
+
 async fn wait_active(http: &reqwest::Client, url: &str, token: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -144,20 +167,8 @@ async fn demo_stops_cleanly_and_resumes_with_the_data() {
         anonymous.is_err(),
         "the demo's NATS refuses clients without credentials"
     );
-    let r = http
-        .post(format!("{endpoint}/instances"))
-        .header("X-Auth-Token", &token)
-        .json(&json!({"instance": {"name": "demo1", "flavorRef": "1", "volume": {"size": 1},
-            "databases": [{"name": "shop"}], "users": [{"name": "app", "password": "pw-demo-1", "databases": [{"name": "shop"}]}]}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let id = r.json::<Value>().await.unwrap()["instance"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let url = format!("{endpoint}/instances/{id}");
+    let (id, url) = create(&http, &endpoint, &token, json!({"instance": {"name": "demo1", "flavorRef": "1", "volume": {"size": 1},
+            "databases": [{"name": "shop"}], "users": [{"name": "app", "password": "pw-demo-1", "databases": [{"name": "shop"}]}]}})).await;
     let v = wait_active(&http, &url, &token).await;
     // The demo runs as root; its database does not (each instance has a Unix user of its own).
     let inst_dir = dir.join("instances").join(&id).display().to_string();
@@ -249,19 +260,13 @@ async fn the_demo_runs_on_a_postgresql_store_of_its_own() {
         !config.contains(password.trim()),
         "the password stays out of the config"
     );
-    let r = http
-        .post(format!("{endpoint}/instances"))
-        .header("X-Auth-Token", &token)
-        .json(&json!({"instance": {"name": "pgdemo", "flavorRef": "1", "volume": {"size": 1}}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let id = r.json::<Value>().await.unwrap()["instance"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let url = format!("{endpoint}/instances/{id}");
+    let (_, url) = create(
+        &http,
+        &endpoint,
+        &token,
+        json!({"instance": {"name": "pgdemo", "flavorRef": "1", "volume": {"size": 1}}}),
+    )
+    .await;
     wait_active(&http, &url, &token).await;
     stop_demo(demo, dir);
 

@@ -143,15 +143,7 @@ async fn a_switchover_survives_the_controller_dying_at_every_step() {
             env.wait_status(m, "ACTIVE", Duration::from_secs(60)).await;
         }
         let sview = show(&env, &source).await;
-        let before = env.rows(&sview).await.len();
-        let stop = Arc::new(AtomicBool::new(false));
-        let writer = spawn_writer(&sview, 1000 * (round as i32 + 1), stop.clone());
-        // The writer is writing before the switchover starts.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while env.rows(&sview).await.len() <= before + 3 {
-            assert!(Instant::now() < deadline, "the writer wrote nothing");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let (writer, stop) = writing(&env, &sview, 1000 * (round as i32 + 1)).await;
         let path = format!("/instances/{candidate}/action");
         let body = json!({"promote_to_replica_source": {}});
         if let Some((st, text)) = post_racing_the_abort(&env, &path, body).await {
@@ -195,6 +187,23 @@ async fn a_switchover_survives_the_controller_dying_at_every_step() {
         );
         source = candidate;
     }
+}
+
+/// A writer on `view` from row `first` on, once it has written a few rows; stop it with the flag.
+async fn writing(
+    env: &Env,
+    view: &Value,
+    first: i32,
+) -> (tokio::task::JoinHandle<Vec<i32>>, Arc<AtomicBool>) {
+    let before = env.rows(view).await.len();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = spawn_writer(view, first, stop.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.rows(view).await.len() <= before + 3 {
+        assert!(Instant::now() < deadline, "the writer wrote nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (writer, stop)
 }
 
 /// Every member ACTIVE, `candidate` the source and the others following it.
@@ -729,14 +738,7 @@ async fn a_switchover_moves_to_another_controller_when_its_controller_dies() {
     let sview = show(&env, &src).await;
     // How the candidate is reached (its address does not change; its controller will be gone).
     let cview = show(&env, &candidate).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = spawn_writer(&sview, 1000, stop.clone());
-    let before = env.rows(&sview).await.len();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while env.rows(&sview).await.len() <= before + 3 {
-        assert!(Instant::now() < deadline, "the writer wrote nothing");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (writer, stop) = writing(&env, &sview, 1000).await;
     let path = format!("/instances/{candidate}/action");
     let body = json!({"promote_to_replica_source": {}});
     if let Some((st, text)) = post_racing_the_abort(&env, &path, body).await {

@@ -3,6 +3,7 @@
 //!   flavor, until `SELECT 1` answers;
 //! - Coffer: create → ACTIVE through the API, polled every 10 ms;
 //! - their ratio (medians), and the agent's idle RSS and CPU over a window.
+//!
 //! Release binaries. Figures, not assertions.
 
 use std::io::{Read, Write};

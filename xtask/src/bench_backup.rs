@@ -8,6 +8,7 @@
 //!   package, a local repository, zstd 1 and AES-256 like Coffer) as a peer, Coffer's backup and
 //!   its restore to ACTIVE.
 //! - Redis: the floor (`BGSAVE`, wait, copy `dump.rdb`), Coffer's backup and its restore.
+//!
 //! Prints MB/s, ratios and the agent's peak RSS. Figures, not assertions.
 
 use std::path::Path;

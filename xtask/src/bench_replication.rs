@@ -4,6 +4,7 @@
 //! - switchover: the longest gap between successful writes of a client writing every 10 ms;
 //! - failover (automatic, 4 s heartbeat expiry: the least the fence bound allows with a 1 s lease): from killing the source's agent and database
 //!   to the first successful write on the new source.
+//!
 //! Release binaries. Figures, not assertions.
 
 use std::path::Path;
