@@ -74,9 +74,12 @@ impl Sources {
                     opts = opts.add_root_certificates(ca.clone()).require_tls(true);
                 }
                 Some(
-                    opts.connect(ctx.cfg.nats_url.as_str())
-                        .await
-                        .map_err(|e| format!("connecting to NATS with the restore grant: {e}"))?,
+                    opts.connect(
+                        coffer_common::nats::servers(&ctx.cfg.nats_url)
+                            .map_err(|e| e.to_string())?,
+                    )
+                    .await
+                    .map_err(|e| format!("connecting to NATS with the restore grant: {e}"))?,
                 )
             }
             _ => None,

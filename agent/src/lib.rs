@@ -139,7 +139,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         .name(format!("coffer-agent {}", cfg.instance_id))
         .retry_on_initial_connect()
         .subscription_capacity(4096)
-        .connect(cfg.nats_url.as_str())
+        .connect(coffer_common::nats::servers(&cfg.nats_url)?)
         .await
         .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
     let js = async_nats::jetstream::new(client.clone());

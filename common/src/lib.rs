@@ -13,6 +13,7 @@ pub mod config_rules;
 pub mod fsutil;
 pub mod logs;
 pub mod modules;
+pub mod nats;
 pub mod pipeline;
 pub mod retry;
 pub mod storage;

@@ -149,7 +149,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         .name("coffer-controller")
         .retry_on_initial_connect()
         .subscription_capacity(65536)
-        .connect(cfg.nats_url.as_str())
+        .connect(coffer_common::nats::servers(&cfg.nats_url)?)
         .await
         .with_context(|| format!("connecting to NATS at {}", cfg.nats_url))?;
     let js = async_nats::jetstream::new(client.clone());

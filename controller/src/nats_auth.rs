@@ -356,7 +356,7 @@ impl Authority {
         }
         let sys = opts
             .name("coffer-controller-system")
-            .connect(nats_url)
+            .connect(coffer_common::nats::servers(nats_url)?)
             .await
             .context("connecting to NATS as the system account")?;
         let subject = format!(
