@@ -231,12 +231,7 @@ pub async fn heartbeat_loop(app: Arc<App>) -> anyhow::Result<()> {
         if let (Some(row), Some(reply)) = (known, msg.reply) {
             let role = if row.replica_of.is_some() {
                 "replica"
-            } else if app
-                .store
-                .replicas_of(&row.id)
-                .await
-                .is_ok_and(|r| !r.is_empty())
-            {
+            } else if app.store.has_replicas(&row.id).await.unwrap_or(false) {
                 "source"
             } else {
                 ""

@@ -89,6 +89,10 @@ pub async fn wake_loop(app: Arc<App>) {
         {
             Ok(mut sub) => {
                 while let Some(msg) = sub.next().await {
+                    // Its own wake-ups it has acted on already.
+                    if msg.payload == app.id.as_bytes() {
+                        continue;
+                    }
                     if msg.subject.ends_with(".outbox") {
                         app.outbox_wake.notify_one();
                     } else {

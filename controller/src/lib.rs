@@ -88,13 +88,15 @@ impl App {
         self.tell_peers("workflows");
     }
 
+    /// Tells the other controllers (the payload names this one, which ignores its own).
     fn tell_peers(&self, what: &str) {
         let (client, subject) = (
             self.client.clone(),
             coffer_proto::subjects::controller_wake(what),
         );
+        let me = bytes::Bytes::from(self.id.clone());
         tokio::spawn(async move {
-            let _ = client.publish(subject, bytes::Bytes::new()).await;
+            let _ = client.publish(subject, me).await;
         });
     }
 

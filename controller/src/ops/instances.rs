@@ -545,7 +545,7 @@ pub async fn delete(app: &App, r: &InstanceRow) -> Result<(), ApiError> {
     if r.task == Task::Deleting {
         return Ok(());
     }
-    if !app.store.replicas_of(&r.id).await?.is_empty() {
+    if app.store.has_replicas(&r.id).await? {
         return Err(ApiError::forbidden(
             "Detach replicas before deleting replica source.",
         ));

@@ -310,6 +310,18 @@ impl Store {
         .await?)
     }
 
+    /// Whether a source has a live replica (asked on every heartbeat of a source, so without
+    /// reading the replicas' rows).
+    pub async fn has_replicas(&self, source: &str) -> anyhow::Result<bool> {
+        let one: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM instances WHERE replica_of = $1 AND deleted = FALSE LIMIT 1",
+        )
+        .bind(source)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(one.is_some())
+    }
+
     pub async fn set_replica_of(&self, id: &str, source: Option<&str>) -> anyhow::Result<()> {
         Self::set_replica_of_in(&self.pool, id, source).await
     }

@@ -92,16 +92,6 @@ impl Store {
             .await?)
     }
 
-    /// Workflows that have not finished (resumed at start).
-    pub async fn running_workflows(&self) -> anyhow::Result<Vec<WorkflowRow>> {
-        Ok(
-            sqlx::query_as("SELECT * FROM workflows WHERE done = FALSE ORDER BY created")
-                .fetch_all(&self.pool)
-                .await?,
-        )
-    }
-
-    /// Records a workflow's next state.
     /// Saves a workflow's state, if `owner` still holds its claim ([`ClaimLost`] otherwise: another
     /// controller adopted it, and this one must stop).
     pub async fn save_workflow(&self, id: &str, owner: &str, state: &str) -> anyhow::Result<()> {
