@@ -1353,13 +1353,8 @@ fn register_datastore(config: &Path, name: &str, label: &str, full: &str) {
 /// Registers PostgreSQL (the newest installed under /usr/lib/postgresql) as datastore
 /// `postgresql`, version label = its major version (e.g. `15`); returns the label.
 pub fn register_postgresql(config: &Path) -> String {
-    let major = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL is installed (cargo xtask test installs it)")
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .max()
-        .expect("a PostgreSQL version");
-    let out = Command::new(format!("/usr/lib/postgresql/{major}/bin/postgres"))
+    let major = pgstore::pg_major();
+    let out = Command::new(pgstore::pg_bin("postgres"))
         .arg("--version")
         .output()
         .unwrap();

@@ -15,15 +15,19 @@ use nix::unistd::Pid;
 /// The user the store's server runs as, when the tests run as root.
 const NOBODY: (u32, u32) = (65534, 65534);
 
-/// The server's binaries (the newest major version installed).
-pub fn pg_bin(name: &str) -> PathBuf {
-    let major = std::fs::read_dir("/usr/lib/postgresql")
+/// The newest PostgreSQL major version installed under `/usr/lib/postgresql`.
+pub fn pg_major() -> u32 {
+    std::fs::read_dir("/usr/lib/postgresql")
         .expect("PostgreSQL is not installed (cargo xtask test installs it)")
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .max()
-        .expect("no PostgreSQL version under /usr/lib/postgresql");
-    PathBuf::from(format!("/usr/lib/postgresql/{major}/bin/{name}"))
+        .expect("no PostgreSQL version under /usr/lib/postgresql")
+}
+
+/// One of its binaries.
+pub fn pg_bin(name: &str) -> PathBuf {
+    PathBuf::from(format!("/usr/lib/postgresql/{}/bin/{name}", pg_major()))
 }
 
 pub struct PgStore {

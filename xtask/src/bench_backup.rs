@@ -177,11 +177,8 @@ fn bench_postgresql(
     };
     let port = setting("port");
     let socket_dir = setting("unix_socket_directories");
-    let pg_bin = std::fs::read_dir("/usr/lib/postgresql")?
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .max()
-        .map(|v| format!("/usr/lib/postgresql/{v}/bin"))
+    let pg_bin = crate::env::postgresql()
+        .map(|(_, bin)| bin.display().to_string())
         .context("PostgreSQL is installed")?;
     // The admin's password reaches the tools through the environment of these commands.
     let psql = |sql: &str| -> anyhow::Result<()> {

@@ -262,25 +262,16 @@ pub fn register(controller: &Path, config: &Path) -> anyhow::Result<String> {
         let o = Command::new(prog).arg("--version").output().ok()?;
         Some(String::from_utf8_lossy(&o.stdout).to_string())
     };
-    let pg_major = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()
-        .and_then(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-                .max()
-        });
-    if let Some(major) = pg_major {
-        if let Some(full) =
-            output(&format!("/usr/lib/postgresql/{major}/bin/postgres")).and_then(|t| {
-                Some(
-                    t.split("(PostgreSQL) ")
-                        .nth(1)?
-                        .split_whitespace()
-                        .next()?
-                        .to_string(),
-                )
-            })
-        {
+    if let Some((major, pg_bin)) = env::postgresql() {
+        if let Some(full) = output(&pg_bin.join("postgres").display().to_string()).and_then(|t| {
+            Some(
+                t.split("(PostgreSQL) ")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .to_string(),
+            )
+        }) {
             let m = major.to_string();
             manage(&["datastore-update", "postgresql"])?;
             manage(&[
@@ -593,17 +584,9 @@ print([(i.name, i.status) for i in c.instances.list()])'
 /// role's password in DIR/store.password, 0600), run as the `postgres` user when the demo runs as
 /// root (the server refuses root), on a port kept in DIR/pgstore.port.
 fn start_pg_store(dir: &Path) -> anyhow::Result<(Child, u16)> {
-    let bin = |name: &str| -> anyhow::Result<PathBuf> {
-        let major = std::fs::read_dir("/usr/lib/postgresql")
-            .context("PostgreSQL is not installed (apt-get install postgresql)")?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .max()
-            .context("no PostgreSQL version under /usr/lib/postgresql")?;
-        Ok(PathBuf::from(format!(
-            "/usr/lib/postgresql/{major}/bin/{name}"
-        )))
-    };
+    let (_, pg_bin) =
+        env::postgresql().context("PostgreSQL is not installed (apt-get install postgresql)")?;
+    let bin = |name: &str| pg_bin.join(name);
     let owner = if nix::unistd::geteuid().is_root() {
         let u = nix::unistd::User::from_name("postgres")?
             .context("the postgres user is missing (it comes with Debian's postgresql package)")?;
@@ -634,7 +617,7 @@ fn start_pg_store(dir: &Path) -> anyhow::Result<(Child, u16)> {
                 nix::unistd::chown(p.as_path(), Some(uid), Some(gid))?;
             }
         }
-        let out = as_owner(Command::new(bin("initdb")?))
+        let out = as_owner(Command::new(bin("initdb")))
             .args(["-U", "coffer", "--auth=scram-sha-256", "-E", "UTF8"])
             .arg(format!("--pwfile={}", pwfile.display()))
             .arg("-D")
@@ -655,7 +638,7 @@ fn start_pg_store(dir: &Path) -> anyhow::Result<(Child, u16)> {
         .with_context(|| format!("reading {}", port_file.display()))?
         .trim()
         .parse()?;
-    let mut cmd = as_owner(Command::new(bin("postgres")?));
+    let mut cmd = as_owner(Command::new(bin("postgres")));
     cmd.arg("-D")
         .arg(&data)
         .args(["-p", &port.to_string(), "-k"])
@@ -666,7 +649,7 @@ fn start_pg_store(dir: &Path) -> anyhow::Result<(Child, u16)> {
     wait_port(port, "the store's PostgreSQL", &mut child, &log)?;
     let password = std::fs::read_to_string(&password_file)?;
     let psql = |sql: &str| -> anyhow::Result<String> {
-        let out = Command::new(bin("psql")?)
+        let out = Command::new(bin("psql"))
             .env("PGPASSWORD", password.trim())
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "coffer"])
             .args(["-d", "postgres", "-v", "ON_ERROR_STOP=1", "-tAc", sql])

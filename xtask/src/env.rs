@@ -85,6 +85,20 @@ pub fn have(bin: &str) -> bool {
         || Path::new("/usr/sbin").join(bin).exists()
 }
 
+/// The newest PostgreSQL installed under `/usr/lib/postgresql` (Debian's layout): its major
+/// version and its `bin` directory.
+pub fn postgresql() -> Option<(u32, PathBuf)> {
+    let major = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .max()?;
+    Some((
+        major,
+        PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
+    ))
+}
+
 pub fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
     step(&format!("installing {} with apt-get", pkgs.join(" ")));
     let sudo: &[&str] = if nix::unistd::geteuid().is_root() {
