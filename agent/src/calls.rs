@@ -317,7 +317,10 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
             };
             match done.await {
                 Ok(applied) => match finish(ctx, applied).await {
-                    Ok(()) => replication_reply(ctx).await,
+                    Ok(()) => {
+                        crate::replication::hold_read_only(ctx, r.read_only);
+                        replication_reply(ctx).await
+                    }
                     Err(e) => fail(CallError::Internal, e),
                 },
                 Err(e) => from_ds(e),
@@ -336,6 +339,7 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
                 Err(e) => return fail(CallError::Invalid, e),
             };
             let _ = std::fs::remove_file(ctx.state.root().join("fenced"));
+            crate::replication::hold_read_only(ctx, false);
             crate::replication::set_role(ctx, "replica");
             match ds.attach_replica(&src).await {
                 Ok(applied) => match finish(ctx, applied).await {
@@ -355,6 +359,7 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
             match ds.detach_replica().await {
                 Ok(()) => {
                     let _ = std::fs::remove_file(ctx.state.root().join("fenced"));
+                    crate::replication::hold_read_only(ctx, false);
                     crate::replication::set_role(ctx, "");
                     replication_reply(ctx).await
                 }

@@ -69,6 +69,31 @@ pub fn fenced(ctx: &Ctx) -> bool {
     fence_path(ctx).exists()
 }
 
+fn held_path(ctx: &Ctx) -> std::path::PathBuf {
+    ctx.state.root().join("read_only_held")
+}
+
+/// Records that the controller made this server read-only by a call (a switchover's fence), or
+/// released it: a lease fence lifted later leaves such a server read-only, as the controller
+/// asked, until the controller itself releases it (roll-back, promotion or repoint).
+pub fn hold_read_only(ctx: &Ctx, held: bool) {
+    let r = if held {
+        std::fs::write(held_path(ctx), b"")
+    } else {
+        match std::fs::remove_file(held_path(ctx)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    };
+    if let Err(e) = r {
+        warn!(error = %e, "could not record the controller's read-only hold");
+    }
+}
+
+fn read_only_held(ctx: &Ctx) -> bool {
+    held_path(ctx).exists()
+}
+
 /// Takes in the controller's view from a heartbeat reply.
 pub async fn on_reply(ctx: &Arc<Ctx>, role_now: &str, fence: bool) {
     if role(ctx) != role_now {
@@ -79,8 +104,13 @@ pub async fn on_reply(ctx: &Arc<Ctx>, role_now: &str, fence: bool) {
     if fence && !fenced(ctx) {
         do_fence(ctx, "the controller says this source was ejected").await;
     } else if !fence && fenced(ctx) && role_now != "replica" {
-        // Leased again and not ejected: the partition healed before anyone took over.
-        if ctx.sup.observed.borrow().status == v1::ServiceStatus::Running {
+        // Leased again and not ejected: the partition healed before anyone took over. A server
+        // the controller itself made read-only (a switchover under way, its controller
+        // restarted) stays so: writes taken now would be lost when the switchover completes.
+        if read_only_held(ctx) {
+            let _ = std::fs::remove_file(fence_path(ctx));
+            info!("lease renewed: fence lifted; read-only stays, as the controller asked");
+        } else if ctx.sup.observed.borrow().status == v1::ServiceStatus::Running {
             match ctx.ds.set_read_only_persistent(false).await {
                 Ok(_) => {
                     let _ = std::fs::remove_file(fence_path(ctx));

@@ -12,3 +12,18 @@ pub fn hit(kind: &str, step: &str) {
         std::process::abort();
     }
 }
+
+/// A test hook: `COFFER_TEST_STEP_DELAY_MS=<ms>` makes every workflow step wait that long before
+/// it acts (a slow or loaded controller), so that tests can meet what happens between steps.
+pub async fn slow_step() {
+    static MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let ms = *MS.get_or_init(|| {
+        std::env::var("COFFER_TEST_STEP_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    if ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}

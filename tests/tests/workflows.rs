@@ -150,7 +150,11 @@ async fn a_switchover_survives_the_controller_dying_at_every_step() {
             assert_eq!(st, StatusCode::ACCEPTED, "{text}");
         }
         env.wait_controller_exit(Duration::from_secs(120)).await;
-        env.start_controller();
+        // A restart slower than the lease: the old source, still a source in the store, fences
+        // itself; the controller's next heartbeat reply lifts that fence while the switchover is
+        // not finished (slow steps widen that window). The old source must stay read-only.
+        wait_self_fenced(&env, &source, round < 2).await;
+        env.start_controller_with(&[("COFFER_TEST_STEP_DELAY_MS", "700")]);
         // Started again, the switchover completes and releases every member.
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -177,7 +181,10 @@ async fn a_switchover_survives_the_controller_dying_at_every_step() {
         let lost: Vec<_> = acked.iter().filter(|i| !on_new.contains(i)).collect();
         assert!(
             lost.is_empty(),
-            "after the {step} failpoint acknowledged writes were lost: {lost:?}"
+            "after the {step} failpoint {} acknowledged writes were lost, from {:?} to {:?}",
+            lost.len(),
+            lost.first(),
+            lost.last()
         );
         // The old source follows the new one and refuses tenant writes.
         let oview = show(&env, &source).await;
@@ -186,6 +193,28 @@ async fn a_switchover_survives_the_controller_dying_at_every_step() {
             "the old source took a write after the {step} failpoint"
         );
         source = candidate;
+    }
+}
+
+/// Waits until the agent of `id` has fenced itself for want of a lease (`must`), or no longer
+/// sees itself as a source (the watchdog then leaves it alone).
+async fn wait_self_fenced(env: &Env, id: &str, must: bool) {
+    let state = env.instance_dir(id).join("state");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if state.join("fenced").exists() {
+            return;
+        }
+        let role = std::fs::read_to_string(state.join("role")).unwrap_or_default();
+        if !must && role != "source" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source {id} (role {role:?}) did not fence itself without its lease\n{}",
+            env.logs(id)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -284,6 +284,7 @@ async fn drive_claimed(app: &Arc<App>, id: &str) {
         let (kind, step) = (flow.stored("kind"), flow.stored("step"));
         // Made before the step looks: an event handled while it looks still wakes it.
         let woken = app.workflow_wake.notified();
+        crate::failpoint::slow_step().await;
         if flow.step(app, row.cancel).await == Progress::Wait {
             let _ = tokio::time::timeout(Duration::from_secs(2), woken).await;
             continue;
