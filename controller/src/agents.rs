@@ -12,6 +12,15 @@ use crate::App;
 /// How long a call waits for the agent's answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// What a call's error says when the agent did not answer (its outcome is unknown).
+const UNANSWERED: &str = "did not answer within";
+
+/// Whether `e` is a call the agent did not answer: it may not have reached the agent, or its
+/// answer may have been lost; an idempotent call can be sent again.
+pub fn unanswered(e: &ApiError) -> bool {
+    e.message.contains(UNANSWERED)
+}
+
 /// Sends a call to the instance's agent and maps its answer to Trove's errors.
 pub async fn call(
     app: &App,
@@ -27,21 +36,37 @@ pub async fn call(
             kind: Some(kind),
         }),
     );
-    // The client's own request timeout (10 s by default) would end a call first.
-    let req = app.client.send_request(
-        subjects::call(&r.id),
-        async_nats::Request::new()
-            .payload(env.encode_to_vec().into())
-            .timeout(Some(CALL_TIMEOUT)),
-    );
-    let msg = match tokio::time::timeout(CALL_TIMEOUT + Duration::from_secs(1), req).await {
-        Ok(Ok(m)) => m,
-        _ => {
-            return Err(ApiError::unprocessable(format!(
-            "The agent of instance {} did not answer within {} s; check that it runs, then retry.",
-            r.id,
-            CALL_TIMEOUT.as_secs()
-        )))
+    let payload: bytes::Bytes = env.encode_to_vec().into();
+    let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+    let mut backoff =
+        coffer_common::retry::backoff(Duration::from_millis(50), Duration::from_millis(500));
+    let msg = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // The client's own request timeout (10 s by default) would end a call first.
+        let req = app.client.send_request(
+            subjects::call(&r.id),
+            async_nats::Request::new()
+                .payload(payload.clone())
+                .timeout(Some(left.max(Duration::from_millis(100)))),
+        );
+        match tokio::time::timeout(left + Duration::from_secs(1), req).await {
+            Ok(Ok(m)) => break m,
+            // Nobody listens on the agent's subject right now (it is moving to another server
+            // of the cluster, or reconnecting): the call reached no one, so sending it again is
+            // safe.
+            Ok(Err(e))
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(coffer_common::retry::next(&mut backoff)).await;
+            }
+            _ => {
+                return Err(ApiError::unprocessable(format!(
+                    "The agent of instance {} {UNANSWERED} {} s; check that it runs, then retry.",
+                    r.id,
+                    CALL_TIMEOUT.as_secs()
+                )))
+            }
         }
     };
     let reply = match coffer_proto::decode(&msg.payload) {

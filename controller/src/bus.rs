@@ -29,21 +29,37 @@ pub struct Live {
 }
 
 /// Creates the streams if they do not exist.
-pub async fn ensure_streams(js: &jetstream::Context) -> anyhow::Result<()> {
+/// Creates the streams if they do not exist, with `replicas` copies (raised on existing ones).
+pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> anyhow::Result<()> {
     for (name, subject) in [
         (subjects::INTENT_STREAM, subjects::intent_all()),
         (subjects::EVENT_STREAM, subjects::event_all()),
     ] {
-        js.get_or_create_stream(stream::Config {
+        let cfg = stream::Config {
             name: name.to_string(),
             subjects: vec![subject],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(120),
+            num_replicas: replicas,
             ..Default::default()
-        })
-        .await
-        .with_context(|| format!("creating stream {name}"))?;
+        };
+        let mut s = js
+            .get_or_create_stream(cfg.clone())
+            .await
+            .with_context(|| format!("creating stream {name}"))?;
+        let have = s.info().await?.config.num_replicas;
+        if have != replicas {
+            info!(
+                stream = name,
+                from = have,
+                to = replicas,
+                "changing the stream's replicas"
+            );
+            js.update_stream(cfg)
+                .await
+                .with_context(|| format!("changing the replicas of stream {name}"))?;
+        }
     }
     Ok(())
 }
@@ -591,12 +607,11 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
         }
         crate::failpoint::hit("delete", "destroyed");
         if let (Some(a), false) = (&app.authority, nats_user.is_empty()) {
-            a.revoke(
-                &app.cfg.nats_url,
-                app.cfg.nats_ca_file.as_deref(),
-                &nats_user,
-            )
-            .await?;
+            let now = coffer_proto::now_unix_s();
+            app.store.add_revocation(&nats_user, now).await?;
+            let rev = app.store.revocations().await?;
+            let (url, ca) = (&app.cfg.nats_url, app.cfg.nats_ca_file.as_deref());
+            a.push_account(url, ca, &rev).await?;
         }
         discard_logs(app, id).await?;
         crate::objects::drop_local_grants(app, id);

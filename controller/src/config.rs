@@ -21,6 +21,11 @@ pub struct ControllerConfig {
     pub store: StoreConfig,
     /// NATS server URL.
     pub nats_url: String,
+    /// Replicas of every JetStream stream Coffer creates (intents, events, each instance's
+    /// objects): 1 on a single server, 3 on a three-node cluster (a stream then survives the
+    /// loss of one node). Raised on existing streams at start.
+    #[serde(default = "d::<1>")]
+    pub nats_replicas: u64,
     /// The NATS URL handed to agents, when they reach NATS by another address than the
     /// controller (default: `nats_url`).
     pub agent_nats_url: Option<String>,
@@ -164,6 +169,12 @@ impl ControllerConfig {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        if !(1..=5).contains(&self.nats_replicas) {
+            bail!(
+                "nats_replicas = {} is out of range: JetStream keeps 1 to 5 replicas of a stream (3 on a three-node cluster)",
+                self.nats_replicas
+            );
+        }
         if self.nats_auth.is_none() {
             bail!(
                 "[nats_auth] is required: every agent gets its own NATS identity (set dir = \

@@ -158,7 +158,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
     // Streams are needed before anything else; wait for NATS if it is not up yet.
     let mut backoff =
         coffer_common::retry::backoff(Duration::from_millis(100), Duration::from_secs(3));
-    while let Err(e) = bus::ensure_streams(&js).await {
+    while let Err(e) = bus::ensure_streams(&js, cfg.nats_replicas as usize).await {
         warn!(error = %format!("{e:#}"), "JetStream not ready; retrying");
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -200,12 +200,22 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         reply_secret_key,
         reply_public_key,
     });
-    // The server may have restarted from an older preload: make sure it has every revocation.
+    // The server may have restarted from an older preload: make sure it has every revocation
+    // (those an older controller kept in its authority directory move into the store first).
     if let Some(a) = &app.authority {
-        if let Err(e) = a
-            .push_account(&app.cfg.nats_url, app.cfg.nats_ca_file.as_deref())
-            .await
-        {
+        let pushed = async {
+            let legacy = a.legacy_revocations();
+            for (key, at) in &legacy {
+                app.store.add_revocation(key, *at).await?;
+            }
+            if !legacy.is_empty() {
+                a.legacy_revocations_moved()?;
+            }
+            let rev = app.store.revocations().await?;
+            a.push_account(&app.cfg.nats_url, app.cfg.nats_ca_file.as_deref(), &rev)
+                .await
+        };
+        if let Err(e) = pushed.await {
             warn!(error = %format!("{e:#}"), "could not push the account JWT");
         }
     }

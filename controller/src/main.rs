@@ -200,7 +200,7 @@ async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
                 .as_ref()
                 .context("nats-setup needs a [nats_auth] section in the controller config")?;
             let auth = coffer_controller::nats_auth::Authority::load_or_create(a)?;
-            auth.setup()?;
+            auth.setup(&store.revocations().await?)?;
             println!("{}", a.dir.join("server-auth.conf").display());
         }
         Manage::DatastoreUpdate { name } => {

@@ -8,9 +8,10 @@
 //! Every placed agent gets its own user JWT that allows only its own subjects: heartbeats and
 //! events for its instance, calls to its instance, its own durable consumer on the intent stream,
 //! and replies on its own inbox prefix `_INBOX.<instance>`. Deleting the instance revokes the user
-//! in the account JWT, which the controller pushes to the server through the system account; the
-//! server then disconnects it and refuses it from then on (the `full` resolver keeps that across
-//! restarts).
+//! in the account JWT (the revocations live in the store, shared by every controller), which the
+//! controller pushes to the server through the system account; the server then disconnects it
+//! and refuses it from then on (the `full` resolver keeps that across restarts, and passes it to
+//! the cluster's other servers).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -186,15 +187,21 @@ impl Authority {
         self
     }
 
-    fn revocations_path(&self) -> PathBuf {
-        self.dir.join("revocations.json")
-    }
-
-    fn revocations(&self) -> BTreeMap<String, i64> {
-        std::fs::read_to_string(self.revocations_path())
+    /// Revocations an older controller kept in the authority directory (`revocations.json`),
+    /// to be moved into the store once.
+    pub fn legacy_revocations(&self) -> BTreeMap<String, i64> {
+        std::fs::read_to_string(self.dir.join("revocations.json"))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default()
+    }
+
+    /// Marks the legacy revocations file as moved into the store.
+    pub fn legacy_revocations_moved(&self) -> std::io::Result<()> {
+        std::fs::rename(
+            self.dir.join("revocations.json"),
+            self.dir.join("revocations.json.in-store"),
+        )
     }
 
     /// An account's claims (`jetstream`: with JetStream limits).
@@ -209,10 +216,10 @@ impl Authority {
         json!({"limits": limits, "default_permissions": {"pub": {}, "sub": {}}, "type": "account", "version": 2})
     }
 
-    /// The COFFER account JWT, with every revocation so far (always pushed whole).
-    pub fn account_jwt(&self) -> anyhow::Result<String> {
+    /// The COFFER account JWT with the revocations `rev` (every one so far, from the store:
+    /// always pushed whole).
+    pub fn account_jwt(&self, rev: &BTreeMap<String, i64>) -> anyhow::Result<String> {
         let mut nats = Self::account_claims(true);
-        let rev = self.revocations();
         if !rev.is_empty() {
             nats["revocations"] = json!(rev);
         }
@@ -225,8 +232,8 @@ impl Authority {
         encode_jwt(&self.operator, &self.system.public_key(), "SYS", nats, None)
     }
 
-    /// The server's part of the configuration.
-    pub fn server_config(&self) -> anyhow::Result<String> {
+    /// The server's part of the configuration (revocations `rev` preloaded).
+    pub fn server_config(&self, rev: &BTreeMap<String, i64>) -> anyhow::Result<String> {
         let op = encode_jwt(
             &self.operator,
             &self.operator.public_key(),
@@ -244,7 +251,7 @@ impl Authority {
             jwt_dir = self.dir.join("jwt").display().to_string(),
             sys_jwt = self.system_jwt()?,
             acc = self.account.public_key(),
-            acc_jwt = self.account_jwt()?,
+            acc_jwt = self.account_jwt(rev)?,
         ))
     }
 
@@ -322,8 +329,11 @@ impl Authority {
     }
 
     /// Writes the server config and the controller's and system's creds into the auth dir.
-    pub fn setup(&self) -> anyhow::Result<()> {
-        write_private(&self.dir.join("server-auth.conf"), &self.server_config()?)?;
+    pub fn setup(&self, rev: &BTreeMap<String, i64>) -> anyhow::Result<()> {
+        write_private(
+            &self.dir.join("server-auth.conf"),
+            &self.server_config(rev)?,
+        )?;
         write_private(
             &self.dir.join("controller.creds"),
             &self.controller_creds()?,
@@ -332,21 +342,14 @@ impl Authority {
         Ok(())
     }
 
-    /// Revokes an agent's user and pushes the account JWT to the server.
-    pub async fn revoke(
+    /// Sends the account JWT with the revocations `rev` to the servers
+    /// (`$SYS.REQ.ACCOUNT.<acc>.CLAIMS.UPDATE`; a cluster's `full` resolvers pass it on).
+    pub async fn push_account(
         &self,
         nats_url: &str,
         ca: Option<&Path>,
-        user_public_key: &str,
+        rev: &BTreeMap<String, i64>,
     ) -> anyhow::Result<()> {
-        let mut rev = self.revocations();
-        rev.insert(user_public_key.to_string(), coffer_proto::now_unix_s());
-        write_private(&self.revocations_path(), &serde_json::to_string(&rev)?)?;
-        self.push_account(nats_url, ca).await
-    }
-
-    /// Sends the current account JWT to the server (`$SYS.REQ.ACCOUNT.<acc>.CLAIMS.UPDATE`).
-    pub async fn push_account(&self, nats_url: &str, ca: Option<&Path>) -> anyhow::Result<()> {
         let mut opts = async_nats::ConnectOptions::with_credentials(&self.system_creds()?)
             .context("reading system creds")?;
         if let Some(ca) = ca {
@@ -364,7 +367,7 @@ impl Authority {
             self.account.public_key()
         );
         let reply = sys
-            .request(subject, self.account_jwt()?.into())
+            .request(subject, self.account_jwt(rev)?.into())
             .await
             .context("pushing the account JWT")?;
         let text = String::from_utf8_lossy(&reply.payload).to_string();
@@ -386,7 +389,7 @@ mod tests {
             dir: dir.path().to_path_buf(),
         })
         .unwrap();
-        let jwt = a.account_jwt().unwrap();
+        let jwt = a.account_jwt(&BTreeMap::new()).unwrap();
         let parts: Vec<&str> = jwt.split('.').collect();
         assert_eq!(parts.len(), 3);
         let sig = data_encoding::BASE64URL_NOPAD

@@ -19,9 +19,15 @@ pub async fn ensure(app: &App, instance: &str) -> anyhow::Result<()> {
     if app.storage_ready.lock().unwrap().contains(instance) {
         return Ok(());
     }
-    nats_storage::ensure_stream(app.client.clone(), bucket, instance, *max_bytes)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    nats_storage::ensure_stream(
+        app.client.clone(),
+        bucket,
+        instance,
+        *max_bytes,
+        app.cfg.nats_replicas as usize,
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     app.storage_ready
         .lock()
         .unwrap()

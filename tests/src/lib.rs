@@ -206,8 +206,33 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Starts the server without waiting for its port (a cluster's nodes start together).
+    fn start_no_wait(dir: &Path, port: u16, config: Option<PathBuf>) -> Nats {
+        let mut n = Nats {
+            port,
+            dir: dir.to_path_buf(),
+            config,
+            child: None,
+        };
+        n.spawn();
+        n
+    }
+
+    /// Kills the server (SIGKILL): a node lost.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Starts the server (again).
     pub fn resume(&mut self) {
+        self.spawn();
+        wait_tcp(self.port, Duration::from_secs(20));
+    }
+
+    fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -233,7 +258,6 @@ impl Nats {
             .spawn()
             .expect("starting nats-server");
         self.child = Some(child);
-        wait_tcp(self.port, Duration::from_secs(20));
     }
 
     /// Stops the server cleanly.
@@ -252,6 +276,44 @@ impl Drop for Nats {
             let _ = c.wait();
         }
     }
+}
+
+/// The configuration of node `i` (0-based) of a three-node cluster whose route ports are
+/// `routes`: its name, its routes to the others, `extra` (TLS), and the NATS authority's server
+/// configuration with a resolver directory of its own (a `full` resolver's directory belongs to
+/// one server).
+fn nats_node_config(d: &Path, dir: &Path, i: usize, routes: &[u16; 3], extra: &str) -> PathBuf {
+    let auth = std::fs::read_to_string(d.join("nats-auth/server-auth.conf")).unwrap();
+    let jwt = d.join("nats-auth/jwt").display().to_string();
+    let own = dir.join("jwt").display().to_string();
+    assert!(
+        auth.contains(&format!("{jwt:?}")),
+        "no resolver dir in {auth}"
+    );
+    let auth_file = dir.join("server-auth.conf");
+    write_private(
+        &auth_file,
+        auth.replace(&format!("{jwt:?}"), &format!("{own:?}")),
+    )
+    .unwrap();
+    let others = routes
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, p)| format!("\"nats-route://127.0.0.1:{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let conf = dir.join("nats-node.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server_name: n{n}\ncluster {{\n  name: coffer\n  listen: \"127.0.0.1:{route}\"\n  routes: [{others}]\n}}\n{extra}include \"server-auth.conf\"\n",
+            n = i + 1,
+            route = routes[i],
+        ),
+    )
+    .unwrap();
+    conf
 }
 
 pub fn wait_tcp(port: u16, timeout: Duration) {
@@ -299,6 +361,9 @@ pub struct Opts {
     /// own) instead of SQLite; `COFFER_TEST_STORE=postgres` makes it the default, so the whole
     /// suite can run on it.
     pub store_postgres: bool,
+    /// NATS is a three-node JetStream cluster (streams with three replicas) instead of one
+    /// server; `COFFER_TEST_NATS=cluster` makes it the default.
+    pub nats_cluster: bool,
 }
 
 /// The backup storage backends, as a test selects them.
@@ -332,6 +397,7 @@ impl Default for Opts {
             qemu_image: None,
             fake_vm: false,
             store_postgres: std::env::var("COFFER_TEST_STORE").is_ok_and(|v| v == "postgres"),
+            nats_cluster: std::env::var("COFFER_TEST_NATS").is_ok_and(|v| v == "cluster"),
         }
     }
 }
@@ -339,7 +405,10 @@ impl Default for Opts {
 /// One Coffer: nats-server + controller (+ the agents and databases it places).
 pub struct Env {
     pub dir: tempfile::TempDir,
+    /// The NATS server (the cluster's first node, with [`Opts::nats_cluster`]).
     pub nats: Nats,
+    /// The cluster's other two nodes, with [`Opts::nats_cluster`].
+    pub nats_peers: Vec<Nats>,
     pub api_port: u16,
     pub project: String,
     pub token: String,
@@ -368,10 +437,21 @@ impl Env {
             .prefix("coffer-test-")
             .tempdir()
             .unwrap();
-        let ports = alloc_ports(3 + 8);
+        let ports = alloc_ports(3 + 8 + 5);
         let proxy_port = ports[10];
         let nats_port = ports[0];
-        let nats_url = format!("nats://127.0.0.1:{nats_port}");
+        // A cluster's nodes: client ports (the first is `nats_port`), then route ports.
+        let node_ports = [nats_port, ports[11], ports[12]];
+        let route_ports = [ports[13], ports[14], ports[15]];
+        let nats_url = if o.nats_cluster {
+            node_ports
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        } else {
+            format!("nats://127.0.0.1:{nats_port}")
+        };
         let api_port = ports[1];
         let (inst_min, inst_max) = (ports[2], ports[9]);
         let project = "a1b2c3d4e5f6".to_string();
@@ -440,7 +520,7 @@ impl Env {
                 "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {data:?}\nnats_url = {nats:?}\ntoken_file = {tokens:?}\n\
                  nats_creds = {creds:?}\n{nats_ca_line}\
                  heartbeat_expiry_s = {exp}\nlease_ms = {lease}\nbuild_timeout_s = {bt}\ndelete_grace_s = 20\n\
-                 respawn_agents = {respawn}\n{agent_nats}\n\
+                 respawn_agents = {respawn}\nnats_replicas = {replicas}\n{agent_nats}\n\
                  {tls_table}{store_table}[nats_auth]\ndir = {auth:?}\n\n\
                  [replication]\nstrategy = {repl:?}\nauto_failover = {auto}\n\n\
                  [backup]\nkeyring_file = {keyring:?}\nstrategy = {strategy:?}\n[backup.storage]\n{storage}\n\n\
@@ -452,6 +532,7 @@ impl Env {
                 keyring = d.join("keyring.toml").display().to_string(),
                 strategy = o.backup_strategy,
                 respawn = o.respawn_agents,
+                replicas = if o.nats_cluster { 3 } else { 1 },
                 agent_nats = if o.nats_proxy {
                     format!("agent_nats_url = \"nats://127.0.0.1:{proxy_port}\"\n")
                 } else if o.qemu_image.is_some() {
@@ -519,26 +600,50 @@ impl Env {
             "nats-setup: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let nats_conf = if o.tls {
+        let tls_block = if o.tls {
+            format!(
+                "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n}}\n",
+                d.join("tls/server.pem").display().to_string(),
+                d.join("tls/server.key").display().to_string()
+            )
+        } else {
+            String::new()
+        };
+        let (nats, nats_peers) = if o.nats_cluster {
+            let mut nodes = (0..3)
+                .map(|i| {
+                    let dir = if i == 0 {
+                        d.to_path_buf()
+                    } else {
+                        d.join(format!("nats-n{}", i + 1))
+                    };
+                    std::fs::create_dir_all(&dir).unwrap();
+                    let conf = nats_node_config(d, &dir, i, &route_ports, &tls_block);
+                    Nats::start_no_wait(&dir, node_ports[i], Some(conf))
+                })
+                .collect::<Vec<_>>();
+            for p in node_ports {
+                wait_tcp(p, Duration::from_secs(20));
+            }
+            let first = nodes.remove(0);
+            (first, nodes)
+        } else if o.tls {
             let conf = d.join("nats-tls.conf");
             std::fs::write(
                 &conf,
-                format!(
-                    "include \"nats-auth/server-auth.conf\"\ntls {{\n  cert_file: {:?}\n  key_file: {:?}\n}}\n",
-                    d.join("tls/server.pem").display().to_string(),
-                    d.join("tls/server.key").display().to_string()
-                ),
+                format!("include \"nats-auth/server-auth.conf\"\n{tls_block}"),
             )
             .unwrap();
-            conf
+            (Nats::start(d, nats_port, Some(conf)), vec![])
         } else {
-            d.join("nats-auth/server-auth.conf")
+            let conf = d.join("nats-auth/server-auth.conf");
+            (Nats::start(d, nats_port, Some(conf)), vec![])
         };
-        let nats = Nats::start(d, nats_port, Some(nats_conf));
         register(&config);
         let mut env = Env {
             dir,
             nats,
+            nats_peers,
             api_port,
             project,
             token,
@@ -721,6 +826,14 @@ impl Env {
     }
 
     /// A NATS client with the controller's credentials (full rights in the Coffer account).
+    /// Every NATS server's URL (one, or the cluster's three).
+    pub fn nats_urls(&self) -> Vec<String> {
+        std::iter::once(&self.nats)
+            .chain(&self.nats_peers)
+            .map(|n| n.url())
+            .collect()
+    }
+
     pub async fn nats_client(&self) -> async_nats::Client {
         let mut o = async_nats::ConnectOptions::with_credentials_file(
             self.dir.path().join("nats-auth/controller.creds"),
@@ -731,7 +844,12 @@ impl Env {
         if ca.exists() {
             o = o.add_root_certificates(ca).require_tls(true);
         }
-        o.connect(self.nats.url()).await.unwrap()
+        let servers: Vec<async_nats::ServerAddr> = self
+            .nats_urls()
+            .iter()
+            .map(|u| u.parse().unwrap())
+            .collect();
+        o.connect(servers).await.unwrap()
     }
 
     /// Path of an instance agent's NATS credentials.
@@ -1103,7 +1221,7 @@ impl Env {
     }
 
     /// The controller's log and every instance's agent log, tails, for a failed test.
-    fn failure_logs(&self) -> String {
+    pub fn failure_logs(&self) -> String {
         let mut out = vec![tail_of(&self.dir.path().join("controller.log"), 80)];
         let rd = std::fs::read_dir(self.dir.path().join("instances"));
         for e in rd.into_iter().flatten().flatten() {

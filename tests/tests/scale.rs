@@ -134,3 +134,216 @@ async fn two_controllers_share_the_work_and_one_carries_on_when_the_other_dies()
         "the survivor took the lead"
     );
 }
+
+/// Polls `path` on every base until `stop`; returns every answer that was not 200.
+fn keep_listing(
+    env: &Env,
+    bases: Vec<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let http = env.http.clone();
+    let token = env.token.clone();
+    tokio::spawn(async move {
+        let mut bad = vec![];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for base in &bases {
+                let r = http
+                    .get(format!("{base}/instances"))
+                    .header("X-Auth-Token", &token)
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == StatusCode::OK => {}
+                    Ok(r) => bad.push(format!("{base}: {}", r.status())),
+                    Err(e) => bad.push(format!("{base}: {e}")),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bad
+    })
+}
+
+/// Waits until `check` holds for what `GET path` through `base` answers.
+async fn wait_for(
+    env: &Env,
+    base: &str,
+    path: &str,
+    what: &str,
+    logs: &dyn Fn(&Env) -> String,
+    check: impl Fn(StatusCode, &Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let (st, v) = call(env, base, "GET", path, None).await;
+        if check(st, &v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {path} answers {st} {v}\n{}",
+            logs(env)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_controllers_and_a_nats_cluster_ride_over_losing_one_of_each() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut env = Env::start_with(Opts {
+        store_postgres: true,
+        nats_cluster: true,
+        backup_storage: coffer_tests::BackupStorage::Nats { max_bytes: None },
+        ..Opts::default()
+    })
+    .await;
+    let b = env.start_peer_controller("b", &[]);
+    let c = env.start_peer_controller("c", &[]);
+    let (bb, cb) = (b.base.clone(), c.base.clone());
+    let a_log = env.dir.path().join("controller.log");
+    let (b_log, c_log) = (b.log.clone(), c.log.clone());
+    let logs = |env: &Env| {
+        let tail = |p: &std::path::Path| {
+            let t = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = t.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        format!(
+            "--- a ---\n{}\n--- b ---\n{}\n--- c ---\n{}\n--- agents ---\n{}",
+            tail(&a_log),
+            tail(&b_log),
+            tail(&c_log),
+            env.failure_logs()
+        )
+    };
+
+    // Before the fault: a source with rows and its replica, and an instance to delete.
+    let (src, _) = env.active_with_rows("src", &[1, 2, 3]).await;
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(json!({"instance": {"name": "rep", "replica_of": src}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let rep = v["instance"]["id"].as_str().unwrap().to_string();
+    env.wait_status(&rep, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let doomed = env.create("doomed").await;
+    env.wait_status(&doomed, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let backups_before = env.agent_intents(&src, "backup");
+
+    // While creates, a backup, a switchover and a delete run through the other two
+    // controllers, the first controller (the leader) and the first NATS node die.
+    let stop = Arc::new(AtomicBool::new(false));
+    let lister = keep_listing(&env, vec![bb.clone(), cb.clone()], stop.clone());
+    let mut made = vec![];
+    for (base, name) in [(&bb, "during-b"), (&cb, "during-c")] {
+        let (st, v) = create(&env, base, name).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        made.push(v["instance"]["id"].as_str().unwrap().to_string());
+    }
+    let body = json!({"backup": {"name": "during", "instance": src}});
+    let (st, v) = call(&env, &cb, "POST", "/backups", Some(body)).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let backup = v["backup"]["id"].as_str().unwrap().to_string();
+    let path = format!("/instances/{rep}/action");
+    let body = json!({"promote_to_replica_source": {}});
+    let (st, v) = call(&env, &bb, "POST", &path, Some(body)).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let (st, v) = call(&env, &cb, "DELETE", &format!("/instances/{doomed}"), None).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    env.kill_controller();
+    env.nats.kill();
+
+    // Every operation completes, through the survivors.
+    for id in &made {
+        wait_for(
+            &env,
+            &bb,
+            &format!("/instances/{id}"),
+            "create",
+            &logs,
+            |st, v| st == StatusCode::OK && v["instance"]["status"] == "ACTIVE",
+        )
+        .await;
+    }
+    let v = wait_for(
+        &env,
+        &cb,
+        &format!("/backups/{backup}"),
+        "backup",
+        &logs,
+        |st, v| {
+            st == StatusCode::OK
+                && ["COMPLETED", "FAILED"].contains(&v["backup"]["status"].as_str().unwrap_or(""))
+        },
+    )
+    .await;
+    assert_eq!(v["backup"]["status"], "COMPLETED", "{v}\n{}", logs(&env));
+    let view = wait_for(
+        &env,
+        &bb,
+        &format!("/instances/{rep}"),
+        "switchover",
+        &logs,
+        |st, v| {
+            st == StatusCode::OK
+                && v["instance"]["status"] == "ACTIVE"
+                && v["instance"].get("replica_of").is_none()
+                && v["instance"]["replicas"][0]["id"] == src
+        },
+    )
+    .await;
+    wait_for(
+        &env,
+        &cb,
+        &format!("/instances/{doomed}"),
+        "delete",
+        &logs,
+        |st, _| st == StatusCode::NOT_FOUND,
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let bad = lister.await.unwrap();
+    assert!(bad.is_empty(), "the API did not answer throughout: {bad:?}");
+
+    // Exactly once: one instance per create, one prepare per agent, one backup intent, no
+    // workflow left behind; the new source holds the old one's rows.
+    let (_, list) = call(&env, &bb, "GET", "/instances", None).await;
+    let names: Vec<&str> = list["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    for name in ["during-b", "during-c"] {
+        let n = names.iter().filter(|n| **n == name).count();
+        assert_eq!(n, 1, "{name} made {n} times: {list}");
+    }
+    for id in &made {
+        assert_eq!(
+            env.agent_intents(id, "prepare"),
+            1,
+            "{id} prepared more than once"
+        );
+    }
+    assert_eq!(
+        env.agent_intents(&src, "backup"),
+        backups_before + 1,
+        "the backup ran more than once, or not at all"
+    );
+    let open = env
+        .store_text(
+            "SELECT CAST(COUNT(*) AS TEXT) FROM workflows WHERE done = FALSE AND id <> $1",
+            "",
+        )
+        .await;
+    assert_eq!(open, "0", "workflows left unfinished\n{}", logs(&env));
+    assert_eq!(env.rows(&view["instance"]).await, vec![1, 2, 3]);
+}

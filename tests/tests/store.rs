@@ -277,6 +277,25 @@ async fn a_module_saved_again_keeps_its_place_in_both_dialects() {
     .await;
 }
 
+#[tokio::test]
+async fn nats_revocations_are_shared_by_every_controller_in_both_dialects() {
+    on_both(|url| async move {
+        // Two handles, as two controllers: what one revokes the other pushes.
+        let (a, b) = (
+            Store::connect(&url).await.unwrap(),
+            Store::connect(&url).await.unwrap(),
+        );
+        a.add_revocation("UKEY1", 100).await.unwrap();
+        b.add_revocation("UKEY2", 200).await.unwrap();
+        // Revoked again (a delete retried): the first time stays.
+        b.add_revocation("UKEY1", 300).await.unwrap();
+        let got = a.revocations().await.unwrap();
+        let want = [("UKEY1".to_string(), 100), ("UKEY2".to_string(), 200)];
+        assert_eq!(got, want.into_iter().collect(), "{}", redact(&url));
+    })
+    .await;
+}
+
 #[test]
 fn store_urls_name_their_dialect() {
     assert_eq!(Dialect::of("sqlite:///x.db").unwrap(), Dialect::Sqlite);

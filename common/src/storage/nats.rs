@@ -22,7 +22,8 @@ use std::collections::VecDeque;
 use std::future::IntoFuture;
 use std::io::{self, Read, Write};
 
-use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage as Publish;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
@@ -33,6 +34,9 @@ use super::{check_key, Access, ObjectWriter, Storage, StorageError};
 const CHUNK: usize = 512 * 1024;
 /// Chunks in flight (published and not yet acknowledged, or requested and not yet read).
 const WINDOW: usize = 16;
+/// How long a publish is tried again while JetStream is briefly unavailable (a cluster electing
+/// a stream's new leader, the client moving to another server).
+const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub struct NatsStorage {
     js: async_nats::jetstream::Context,
@@ -107,6 +111,7 @@ pub async fn ensure_stream(
     bucket: &str,
     owner: &str,
     max_bytes: Option<i64>,
+    replicas: usize,
 ) -> Result<(), String> {
     if !super::valid_owner(owner) {
         return Err(format!("'{owner}' cannot own stored objects"));
@@ -125,6 +130,7 @@ pub async fn ensure_stream(
         allow_direct: true,
         deny_delete: true,
         storage: StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     };
     let existing = match js.get_stream_no_info(&name).await {
@@ -133,8 +139,8 @@ pub async fn ensure_stream(
     };
     match existing {
         Some(info) => {
-            // The limit may have changed in the configuration.
-            if info.config.max_bytes != cfg.max_bytes {
+            // The limit or the replicas may have changed in the configuration.
+            if info.config.max_bytes != cfg.max_bytes || info.config.num_replicas != replicas {
                 js.update_stream(cfg)
                     .await
                     .map_err(|e| format!("updating the stream {name}: {e}"))?;
@@ -236,7 +242,8 @@ struct NatsWriter {
     object: String,
     attempt: String,
     buf: Vec<u8>,
-    pending: VecDeque<PublishAckFuture>,
+    /// Chunks published and not yet acknowledged: subject, payload (to send again) and ack.
+    pending: VecDeque<(String, Bytes, PublishAckFuture)>,
     sha: openssl::sha::Sha256,
     size: u64,
     chunks: u64,
@@ -259,11 +266,18 @@ impl NatsWriter {
         self.size += payload.len() as u64;
         let subject = format!("{}.{}.{}", self.object, self.attempt, self.chunks);
         self.chunks += 1;
-        let ack = self
-            .rt
-            .block_on(self.js.publish(subject, payload))
-            .map_err(|e| nats_err(&self.what, e))?;
-        self.pending.push_back(ack);
+        match self.rt.block_on(
+            self.js.send_publish(
+                subject.clone(),
+                Publish::build()
+                    .payload(payload.clone())
+                    .message_id(&subject),
+            ),
+        ) {
+            Ok(ack) => self.pending.push_back((subject, payload, ack)),
+            Err(e) if passing(&e) => self.publish_again(&subject, payload, e)?,
+            Err(e) => return Err(nats_err(&self.what, e)),
+        }
         while self.pending.len() > WINDOW {
             self.wait_one()?;
         }
@@ -271,12 +285,75 @@ impl NatsWriter {
     }
 
     fn wait_one(&mut self) -> Result<(), StorageError> {
-        if let Some(ack) = self.pending.pop_front() {
-            self.rt
-                .block_on(ack.into_future())
-                .map_err(|e| nats_err(&self.what, e))?;
+        if let Some((subject, payload, ack)) = self.pending.pop_front() {
+            match self.rt.block_on(ack.into_future()) {
+                Ok(_) => {}
+                Err(e) if passing(&e) => self.publish_again(&subject, payload, e)?,
+                Err(e) => return Err(nats_err(&self.what, e)),
+            }
         }
         Ok(())
+    }
+
+    /// Publishes `payload` on `subject` and waits for its ack, again while JetStream is
+    /// unavailable for a moment (`first` is the error that started this), up to [`RETRY_FOR`].
+    /// The message id is the subject: a chunk that was stored and whose ack was lost is
+    /// acknowledged as a duplicate, not stored twice.
+    fn publish_again(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        first: PublishError,
+    ) -> Result<(), StorageError> {
+        publish_until_acked(&self.js, &self.rt, subject, subject, payload, first)
+            .map_err(|e| nats_err(&self.what, e))
+    }
+}
+
+/// Whether a publish failed for a moment only: no stream leader answered (an election, a node
+/// lost), no ack in time, or the connection broke. Limits and permissions are final.
+fn passing(e: &PublishError) -> bool {
+    matches!(
+        e.kind(),
+        PublishErrorKind::StreamNotFound
+            | PublishErrorKind::TimedOut
+            | PublishErrorKind::BrokenPipe
+    )
+}
+
+/// See [`NatsWriter::publish_again`]; `id` is the message id.
+fn publish_until_acked(
+    js: &async_nats::jetstream::Context,
+    rt: &Handle,
+    subject: &str,
+    id: &str,
+    payload: Bytes,
+    first: PublishError,
+) -> Result<(), PublishError> {
+    let deadline = std::time::Instant::now() + RETRY_FOR;
+    let mut backoff = crate::retry::backoff(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(2),
+    );
+    let mut last = first;
+    loop {
+        if std::time::Instant::now() > deadline {
+            return Err(last);
+        }
+        tracing::warn!(subject, error = %last, "publishing again");
+        std::thread::sleep(crate::retry::next(&mut backoff));
+        let sent = rt.block_on(async {
+            let publish = Publish::build().payload(payload.clone()).message_id(id);
+            js.send_publish(subject.to_string(), publish)
+                .await?
+                .into_future()
+                .await
+        });
+        match sent {
+            Ok(_) => return Ok(()),
+            Err(e) if passing(&e) => last = e,
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -307,12 +384,28 @@ impl ObjectWriter for NatsWriter {
             size: self.size,
             sha256: data_encoding::HEXLOWER.encode(&digest),
         };
-        let body = serde_json::to_vec(&record).map_err(|e| nats_err(&self.key, e))?;
-        let ack = self
-            .rt
-            .block_on(self.js.publish(format!("{}.m", self.object), body.into()))
-            .map_err(|e| nats_err(&self.what, e))?;
-        self.rt.block_on(ack.into_future()).map_err(|e| {
+        let body: Bytes = serde_json::to_vec(&record)
+            .map_err(|e| nats_err(&self.key, e))?
+            .into();
+        let subject = format!("{}.m", self.object);
+        // The message id names this attempt: a commit sent again after a lost ack is a
+        // duplicate, another writer's commit of the same name is refused.
+        let id = format!("{subject}.{}", self.attempt);
+        let sent = self.rt.block_on(async {
+            let publish = Publish::build().payload(body.clone()).message_id(&id);
+            self.js
+                .send_publish(subject.clone(), publish)
+                .await?
+                .into_future()
+                .await
+        });
+        let sent = match sent {
+            Err(e) if passing(&e) => {
+                publish_until_acked(&self.js, &self.rt, &subject, &id, body, e)
+            }
+            other => other.map(|_| ()),
+        };
+        sent.map_err(|e| {
             let msg = e.to_string();
             if msg.contains("maximum messages per subject") {
                 StorageError::Io {
@@ -336,7 +429,7 @@ impl Drop for NatsWriter {
         // without a commit record they are never read.
         let pending: Vec<_> = self.pending.drain(..).collect();
         self.rt.block_on(async {
-            for ack in pending {
+            for (_, _, ack) in pending {
                 let _ = ack.await;
             }
         });

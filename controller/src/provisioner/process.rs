@@ -444,7 +444,8 @@ impl Provisioner for ProcessProvisioner {
             );
         }
         if self.agent_running(id) {
-            info!(instance = id, pid = ?self.agent_pid(id), "adopted running agent");
+            // Checked every few seconds by the leader: only a start is news.
+            tracing::debug!(instance = id, pid = ?self.agent_pid(id), "agent runs");
             return Ok(());
         }
         self.spawn_agent(id)

@@ -93,4 +93,26 @@ impl Store {
         );
         Ok(sqlx::query_scalar(&sql).fetch_all(&self.pool).await?)
     }
+
+    /// Adds a revoked NATS user key (once; a second revoke keeps the first time).
+    pub async fn add_revocation(&self, user_key: &str, at_s: i64) -> anyhow::Result<()> {
+        sqlx::query(
+            "INSERT INTO nats_revocations (user_key, revoked_at) VALUES ($1, $2) \
+             ON CONFLICT (user_key) DO NOTHING",
+        )
+        .bind(user_key)
+        .bind(at_s)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every revoked NATS user key, with when (Unix s).
+    pub async fn revocations(&self) -> anyhow::Result<std::collections::BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT user_key, revoked_at FROM nats_revocations")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
 }

@@ -195,7 +195,14 @@ pub struct Switchover {
     /// Members already following the candidate.
     pub repointed: Vec<String>,
     pub error: Option<String>,
+    /// Times the current step was sent again because an agent did not answer.
+    #[serde(default)]
+    pub unanswered: u32,
 }
+
+/// How many times a switchover step is sent again when an agent did not answer while every
+/// member still heartbeats (each try waits up to a call's timeout).
+const UNANSWERED_RETRIES: u32 = 5;
 
 impl Switchover {
     pub(super) async fn step(&mut self, app: &App, cancel: bool) {
@@ -215,7 +222,21 @@ impl Switchover {
             }
             Done => Ok(()),
         };
+        if r.is_ok() {
+            self.unanswered = 0;
+        }
         if let Err(e) = r {
+            // An agent that did not answer while every member still heartbeats (NATS moving it
+            // to another server of the cluster, a loaded host): its outcome is unknown, and the
+            // step is idempotent, so it is sent again rather than judged.
+            if crate::agents::unanswered(&e)
+                && self.unanswered < UNANSWERED_RETRIES
+                && self.members.iter().all(|m| app.fresh(m))
+            {
+                self.unanswered += 1;
+                warn!(step = serde_name(&self.step), error = %e.message, "switchover step got no answer; sending it again");
+                return;
+            }
             warn!(step = serde_name(&self.step), error = %e.message, "switchover step failed");
             self.error = Some(e.message);
             // Before the candidate is promoted nothing has moved: undo the fence. After, the
@@ -315,6 +336,7 @@ pub async fn start_switchover(
         target: None,
         repointed: vec![],
         error: None,
+        unanswered: 0,
     });
     super::start(app, None, flow, &members, Some(Task::Promoting)).await
 }
