@@ -1,6 +1,8 @@
-//! Several controllers on one PostgreSQL store and one NATS: each serves the API, creates made
-//! through any of them are built once, a quota holds across them, and when one dies the other
-//! carries on: it takes over publishing and the timers, and adopts the workflows it drove.
+//! Several controllers on one PostgreSQL store: each serves the API, creates made through any of
+//! them are built once, a quota holds across them, and when one dies the others carry on: they
+//! take over publishing and the timers, and adopt the workflows it drove. Last, three
+//! controllers on a three-node NATS cluster lose one controller and one NATS node while
+//! operations run, and every operation completes exactly once.
 
 use std::time::{Duration, Instant};
 
@@ -55,10 +57,11 @@ async fn wait_status(env: &Env, base: &str, id: &str, status: &str, peer: &PeerC
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_controllers_share_the_work_and_one_carries_on_when_the_other_dies() {
+async fn controllers_share_the_work_and_the_others_carry_on_when_one_dies() {
     let mut env = Env::start_with(opts()).await;
     let peer = env.start_peer_controller("b", &[]);
-    let (a, b) = (env.base(), peer.base.clone());
+    let third = env.start_peer_controller("c", &[]);
+    let (a, b, c) = (env.base(), peer.base.clone(), third.base.clone());
 
     // Creates through either controller are built, and each shows what the other made.
     let (st, v) = create(&env, &a, "via-a").await;
@@ -70,7 +73,7 @@ async fn two_controllers_share_the_work_and_one_carries_on_when_the_other_dies()
     wait_status(&env, &b, &x, "ACTIVE", &peer).await;
     wait_status(&env, &a, &y, "ACTIVE", &peer).await;
 
-    // A quota holds when eight creates are spread over both controllers.
+    // A quota holds when eight creates are spread over three controllers.
     let q = format!("{a}/mgmt/quotas/{}", env.project);
     let (st, v) = env
         .call_as(
@@ -82,7 +85,7 @@ async fn two_controllers_share_the_work_and_one_carries_on_when_the_other_dies()
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let tries = (0..8).map(|i| {
-        let base = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let base = [&a, &b, &c][i % 3].clone();
         let env = &env;
         async move { create(env, &base, &format!("q{i}")).await }
     });
