@@ -8,6 +8,7 @@ pub mod debroot;
 pub mod pgstore;
 pub mod proxy;
 pub mod scenario;
+pub mod sim;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -690,6 +691,22 @@ impl Env {
                     .unwrap()
             }
         }
+    }
+
+    /// The controller's store URL (with the password for PostgreSQL).
+    pub fn store_url(&self) -> String {
+        match &self.pg {
+            Some(pg) => pg.url("coffer"),
+            None => format!(
+                "sqlite://{}",
+                self.dir.path().join("controller/coffer.db").display()
+            ),
+        }
+    }
+
+    /// The controller's process id, while it runs.
+    pub fn controller_pid(&self) -> Option<i32> {
+        self.controller.as_ref().map(|c| c.id() as i32)
     }
 
     /// What gives the controller's store away: the SQLite file, or the PostgreSQL password file.

@@ -350,3 +350,73 @@ async fn three_controllers_and_a_nats_cluster_ride_over_losing_one_of_each() {
     assert_eq!(open, "0", "workflows left unfinished\n{}", logs(&env));
     assert_eq!(env.rows(&view["instance"]).await, vec![1, 2, 3]);
 }
+
+/// The fleet simulator against one controller: its agents are ACTIVE through the API, answer
+/// the controller's calls, and those killed are seen lost while the rest stay ACTIVE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_fleet_is_seen_alive_answers_calls_and_its_lost_agents_are_seen() {
+    let env = Env::start().await;
+    let seeded = coffer_tests::sim::seed(&env, 150).await.unwrap();
+    let fleet = coffer_tests::sim::start(&env, seeded, Duration::from_millis(500))
+        .await
+        .unwrap();
+    let statuses = |list: &Value| -> Vec<(String, String)> {
+        list["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                let id = i["id"].as_str().unwrap().to_string();
+                (id, i["status"].as_str().unwrap().to_string())
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (st, list) = env.call("GET", "/instances?limit=1000", None).await;
+        assert_eq!(st, StatusCode::OK, "{list}");
+        let s = statuses(&list);
+        if s.len() == 150 && s.iter().all(|(_, st)| st == "ACTIVE") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the simulated fleet is not ACTIVE: {s:?}\n{}",
+            env.controller_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A call through the API reaches a simulated agent and its answer comes back.
+    let id = &fleet.ids[7];
+    let (st, v) = env
+        .call("GET", &format!("/instances/{id}/databases"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(fleet.stats.calls.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    // Twenty hosts die at once: they are seen lost, the others stay ACTIVE.
+    let dead = fleet.kill(0..20);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, list) = env.call("GET", "/instances?limit=1000", None).await;
+        let s = statuses(&list);
+        let lost: Vec<_> = s.iter().filter(|(_, st)| st != "ACTIVE").collect();
+        if lost.len() == 20 {
+            assert!(lost
+                .iter()
+                .all(|(id, st)| dead.contains(id) && st == "ERROR"));
+            break;
+        }
+        assert!(
+            lost.len() < 20 || lost.iter().all(|(id, _)| dead.contains(id)),
+            "a live agent was seen lost: {lost:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the killed agents were not seen lost: {lost:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (p50, p99, n) = fleet.stats.take_percentiles();
+    assert!(n > 150, "few heartbeats answered: {n}");
+    println!("heartbeat replies: p50 {p50:.1} ms, p99 {p99:.1} ms over {n}");
+}
