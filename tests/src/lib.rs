@@ -162,6 +162,11 @@ pub struct PeerController {
 }
 
 impl PeerController {
+    /// Its process id (0 once killed).
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
     /// Kills it at once (SIGKILL).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

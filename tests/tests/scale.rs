@@ -420,3 +420,27 @@ async fn a_simulated_fleet_is_seen_alive_answers_calls_and_its_lost_agents_are_s
     assert!(n > 150, "few heartbeats answered: {n}");
     println!("heartbeat replies: p50 {p50:.1} ms, p99 {p99:.1} ms over {n}");
 }
+
+/// `cargo xtask bench scale` in smoke mode (a tiny fleet, one short run per store): a change
+/// that breaks the bench fails here.
+#[test]
+fn the_scale_bench_runs_in_smoke_mode() {
+    let out = std::process::Command::new(coffer_tests::bin("coffer-sim"))
+        .args(["bench", "--smoke"])
+        .env("COFFER_BIN_DIR", coffer_tests::bin_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for setup in ["sqlite x1", "postgres x2"] {
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with("40") && l.contains(setup)),
+            "no figures for {setup}:\n{text}"
+        );
+    }
+}

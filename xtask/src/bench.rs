@@ -218,6 +218,29 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     })
 }
 
+/// `cargo xtask bench scale [options]`: the control plane with a simulated fleet (the test kit's
+/// `coffer-sim bench`, on release binaries; its options pass through, e.g. `--agents 1000,5000`,
+/// `--seconds 20`, `--only sqlite`, `--smoke`).
+pub fn scale(args: &[String]) -> anyhow::Result<()> {
+    let tools = env::prepare()?;
+    env::step("building release binaries");
+    env::cargo(&["build", "--release", "--workspace", "--bins"])?;
+    let bins = tools.target_dir.join("release");
+    env::step("running the fleet simulator");
+    let mut c = Command::new(bins.join("coffer-sim"));
+    tools.apply(&mut c);
+    let status = c
+        .env("COFFER_BIN_DIR", &bins)
+        .arg("bench")
+        .args(args)
+        .status()
+        .context("running coffer-sim")?;
+    if !status.success() {
+        bail!("the scale bench failed ({status})");
+    }
+    Ok(())
+}
+
 /// A Coffer (nats-server + controller with release binaries) in a temp dir, for benchmarks.
 pub(crate) struct Bench {
     pub procs: Killer,

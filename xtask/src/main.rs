@@ -60,6 +60,7 @@ fn real_main() -> anyhow::Result<()> {
         "bench" if rest.first().map(String::as_str) == Some("replication") => {
             bench_replication::run(&rest[1..])
         }
+        "bench" if rest.first().map(String::as_str) == Some("scale") => bench::scale(&rest[1..]),
         "bench" => bench::run(rest),
         "tls-ca" => {
             let dir = rest
