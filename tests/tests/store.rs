@@ -77,13 +77,31 @@ async fn the_schema_round_trips_in_both_dialects() {
         );
         // Newest first; rows created in the same second keep their insertion order.
         let names: Vec<String> = s
-            .instances_of("p")
+            .instances_page("p", None, 100)
             .await
             .unwrap()
             .into_iter()
             .map(|r| r.name)
             .collect();
         assert_eq!(names, ["c", "b", "a"], "{}", redact(&url));
+        // Pages: one after another by marker; an unknown marker gives nothing.
+        let page = |marker: Option<String>, n| {
+            let s = &s;
+            async move {
+                s.instances_page("p", marker.as_deref(), n)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| (r.id, r.name))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let first = page(None, 1).await;
+        assert_eq!(first[0].1, "c", "{}", redact(&url));
+        let rest = page(Some(first[0].0.clone()), 5).await;
+        let rest: Vec<&str> = rest.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(rest, ["b", "a"], "{}", redact(&url));
+        assert!(page(Some("no-such-id".into()), 5).await.is_empty());
         s.mark_deleted(&b.id).await.unwrap();
         assert!(s.instance(&b.id).await.unwrap().is_none());
         let (n, _, vol) = {
@@ -156,7 +174,7 @@ async fn a_quota_check_admits_exactly_the_limit_across_controllers() {
         }
         assert_eq!(admitted, 5, "{}", redact(&url));
         assert_eq!(
-            a.instances_of("q").await.unwrap().len(),
+            a.instances_page("q", None, 100).await.unwrap().len(),
             5,
             "{}",
             redact(&url)

@@ -288,8 +288,11 @@ pub async fn delete(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiRes
 /// `GET /instances` and `GET /instances/detail`.
 pub async fn list(st: AppState, c: Caller, uri: Uri, Query(page): Query<Page>) -> ApiResult {
     let detail = uri.path().ends_with("/detail");
-    let rows = st.store.instances_of(&c.project).await?;
-    let (rows, next) = page.apply(rows, |r| r.id.clone())?;
+    let (store, project) = (&st.store, &c.project);
+    let read = |marker: Option<String>, n| async move {
+        store.instances_page(project, marker.as_deref(), n).await
+    };
+    let (rows, next) = page.fetch(read, |r| r.id.clone()).await?;
     let mut out = vec![];
     for r in &rows {
         out.push(render(&st, &c, r, detail, false).await?);

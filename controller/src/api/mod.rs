@@ -304,6 +304,33 @@ impl Page {
     }
 }
 
+impl Page {
+    /// A page read from the store by `read(marker, n)`, which returns up to `n` items after the
+    /// marker (one more than the limit is asked for, to know whether a next page exists).
+    pub async fn fetch<T, F, Fut>(
+        self,
+        read: F,
+        id: impl Fn(&T) -> String,
+    ) -> Result<(Vec<T>, NextPage), ApiError>
+    where
+        F: FnOnce(Option<String>, usize) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<Vec<T>>>,
+    {
+        let limit = limit_of(self.limit.as_deref())?.min(1000);
+        let mut page = read(self.marker.clone(), limit + 1).await?;
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let marker = page.last().map(&id).filter(|_| more);
+        Ok((
+            page,
+            NextPage {
+                limit: self.limit,
+                marker,
+            },
+        ))
+    }
+}
+
 impl NextPage {
     /// 200 with `body`, plus `links: [{rel: next}]` when there is a next page.
     pub fn wrap(self, caller: &Caller, resource: &str, mut body: Value) -> ApiResult {

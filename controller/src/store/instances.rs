@@ -116,11 +116,24 @@ impl Store {
     }
 
     /// A project's live instances, newest first.
-    pub async fn instances_of(&self, project: &str) -> anyhow::Result<Vec<InstanceRow>> {
+    /// One page of a project's instances, newest first: up to `limit` after the instance
+    /// `marker` (none when the marker is not one of them), read by index rather than whole.
+    pub async fn instances_page(
+        &self,
+        project: &str,
+        marker: Option<&str>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<InstanceRow>> {
         Ok(sqlx::query_as(
-            "SELECT * FROM instances WHERE project_id = $1 AND deleted = FALSE ORDER BY created DESC, rowid DESC",
+            "SELECT * FROM instances WHERE project_id = $1 AND deleted = FALSE \
+             AND (CAST($2 AS TEXT) IS NULL OR (created, rowid) < \
+                  (SELECT created, rowid FROM instances m \
+                   WHERE m.id = $2 AND m.project_id = $1 AND m.deleted = FALSE)) \
+             ORDER BY created DESC, rowid DESC LIMIT $3",
         )
         .bind(project)
+        .bind(marker)
+        .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?)
     }

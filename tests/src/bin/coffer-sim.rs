@@ -242,6 +242,11 @@ async fn run_one(a: &Args, postgres: bool, controllers: usize, n: usize) -> anyh
     let detect = (percentile(&mut seen, 0.5), percentile(&mut seen, 1.0));
     drop(fleet);
     drop(peers);
+    // The next run needs as many connections again: wait for these to close.
+    let closing = Instant::now();
+    while open_fds() > 512 && closing.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(Row {
         agents: n,
         setup: if postgres {
@@ -257,6 +262,10 @@ async fn run_one(a: &Args, postgres: bool, controllers: usize, n: usize) -> anyh
         detect,
         list,
     })
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
 fn loadavg() -> String {
@@ -296,18 +305,8 @@ async fn run() -> anyhow::Result<()> {
         a.seconds,
         loadavg()
     );
-    let mut rows = vec![];
-    for (postgres, controllers) in &a.setups {
-        for n in &a.agents {
-            eprintln!(
-                "run: {n} agents, {} x{controllers}",
-                if *postgres { "postgres" } else { "sqlite" }
-            );
-            rows.push(run_one(&a, *postgres, *controllers, *n).await?);
-        }
-    }
     println!(
-        "\n{:>6}  {:<12} {:>16} {:>16} {:>18} {:>9} {:>24} {:>18} {:>16}",
+        "\n{:>6}  {:<12} {:>16} {:>16} {:>18} {:>9} {:>22} {:>18} {:>16}",
         "agents",
         "store",
         "cpu % per ctl",
@@ -318,25 +317,32 @@ async fn run() -> anyhow::Result<()> {
         "lost seen p50/max s",
         "list p50/p99 ms"
     );
-    for r in &rows {
-        let join = |v: &[f64]| {
-            v.iter()
-                .map(|x| format!("{x:.1}"))
-                .collect::<Vec<_>>()
-                .join("/")
-        };
-        println!(
-            "{:>6}  {:<12} {:>16} {:>16} {:>18} {:>9.0} {:>24} {:>18} {:>16}",
-            r.agents,
-            r.setup,
-            join(&r.cpu),
-            join(&r.rss),
-            format!("{:.1}/{:.1}", r.hb.0, r.hb.1),
-            r.answered,
-            r.writes,
-            format!("{:.2}/{:.2}", r.detect.0, r.detect.1),
-            format!("{:.1}/{:.1}", r.list.0, r.list.1),
-        );
+    for (postgres, controllers) in &a.setups {
+        for n in &a.agents {
+            eprintln!(
+                "run: {n} agents, {} x{controllers}",
+                if *postgres { "postgres" } else { "sqlite" }
+            );
+            let r = run_one(&a, *postgres, *controllers, *n).await?;
+            let join = |v: &[f64]| {
+                v.iter()
+                    .map(|x| format!("{x:.1}"))
+                    .collect::<Vec<_>>()
+                    .join("/")
+            };
+            println!(
+                "{:>6}  {:<12} {:>16} {:>16} {:>18} {:>9.0} {:>22} {:>18} {:>16}",
+                r.agents,
+                r.setup,
+                join(&r.cpu),
+                join(&r.rss),
+                format!("{:.1}/{:.1}", r.hb.0, r.hb.1),
+                r.answered,
+                r.writes,
+                format!("{:.2}/{:.2}", r.detect.0, r.detect.1),
+                format!("{:.1}/{:.1}", r.list.0, r.list.1),
+            );
+        }
     }
     println!(
         "\ntargets per controller: cpu < 50 % of a core at 10,000 agents, reply p99 < 50 ms, \
