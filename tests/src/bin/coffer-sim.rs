@@ -286,7 +286,16 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run())
+        .block_on(async {
+            // Interrupted, the run's servers, controllers and fleet are still dropped (stopped).
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = run() => r,
+                _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+                _ = term.recv() => bail!("terminated"),
+            }
+        })
 }
 
 async fn run() -> anyhow::Result<()> {
