@@ -206,6 +206,7 @@ pub async fn heartbeat_loop(app: Arc<App>) -> anyhow::Result<()> {
     let mut accepted: std::collections::HashMap<String, Instant> = Default::default();
     let mut dropped: u64 = 0;
     let mut last_report = Instant::now();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(HEARTBEATS_IN_FLIGHT));
     while let Some(msg) = sub.next().await {
         let Some(from) = subjects::instance_of(msg.subject.as_str()) else {
             continue;
@@ -243,28 +244,51 @@ pub async fn heartbeat_loop(app: Arc<App>) -> anyhow::Result<()> {
             warn!(subject = %msg.subject, claimed = %env.instance_id, "heartbeat names another instance; ignored");
             continue;
         }
-        let known = observe(&app, &env.instance_id, &env.software_version, hb).await;
-        if let (Some(row), Some(reply)) = (known, msg.reply) {
-            let role = if row.replica_of.is_some() {
-                "replica"
-            } else if app.store.has_replicas(&row.id).await.unwrap_or(false) {
-                "source"
-            } else {
-                ""
-            };
-            let env = coffer_proto::envelope(
-                uuid::Uuid::new_v4().to_string(),
-                &env.instance_id,
-                v1::envelope::Body::HeartbeatReply(v1::HeartbeatReply {
-                    lease_ms: app.cfg.lease_ms,
-                    role: role.into(),
-                    fence: row.ejected,
-                }),
-            );
-            let _ = app.client.publish(reply, env.encode_to_vec().into()).await;
-        }
+        // Answered concurrently (each answer waits on the store), at most HEARTBEATS_IN_FLIGHT
+        // at once: one at a time, the store's round trips capped a controller at a few hundred
+        // heartbeats a second whatever its CPU.
+        let permit = in_flight.clone().acquire_owned().await?;
+        let app = app.clone();
+        tokio::spawn(async move {
+            answer(&app, env.instance_id, env.software_version, hb, msg.reply).await;
+            drop(permit);
+        });
     }
     Ok(())
+}
+
+/// Heartbeats answered at once by one controller.
+const HEARTBEATS_IN_FLIGHT: usize = 64;
+
+/// Takes in one heartbeat and answers it: the lease, the role the store gives the instance and
+/// whether it is fenced.
+async fn answer(
+    app: &App,
+    instance_id: String,
+    software_version: String,
+    hb: v1::Heartbeat,
+    reply: Option<async_nats::Subject>,
+) {
+    let known = observe(app, &instance_id, &software_version, hb).await;
+    if let (Some(row), Some(reply)) = (known, reply) {
+        let role = if row.replica_of.is_some() {
+            "replica"
+        } else if app.store.has_replicas(&row.id).await.unwrap_or(false) {
+            "source"
+        } else {
+            ""
+        };
+        let env = coffer_proto::envelope(
+            uuid::Uuid::new_v4().to_string(),
+            &instance_id,
+            v1::envelope::Body::HeartbeatReply(v1::HeartbeatReply {
+                lease_ms: app.cfg.lease_ms,
+                role: role.into(),
+                fence: row.ejected,
+            }),
+        );
+        let _ = app.client.publish(reply, env.encode_to_vec().into()).await;
+    }
 }
 
 /// Sees every heartbeat (no queue group), so this controller knows which agents are alive

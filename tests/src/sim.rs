@@ -215,6 +215,10 @@ async fn run_agent(
         }
         tokio::select! {
             _ = tick.tick() => {
+                if killed.load(Ordering::SeqCst) {
+                    // Killed while waiting: not one more heartbeat.
+                    continue;
+                }
                 seq += 1;
                 let hb = heartbeat(&s, &boot_id, seq, started, lease);
                 let env = coffer_proto::envelope(
