@@ -28,7 +28,6 @@ pub struct Live {
     pub persisted: Option<(String, String)>,
 }
 
-/// Creates the streams if they do not exist.
 /// Creates the streams if they do not exist, with `replicas` copies (raised on existing ones).
 pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> anyhow::Result<()> {
     for (name, subject) in [
@@ -44,11 +43,11 @@ pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> anyhow:
             num_replicas: replicas,
             ..Default::default()
         };
-        let mut s = js
+        let s = js
             .get_or_create_stream(cfg.clone())
             .await
             .with_context(|| format!("creating stream {name}"))?;
-        let have = s.info().await?.config.num_replicas;
+        let have = s.cached_info().config.num_replicas;
         if have != replicas {
             info!(
                 stream = name,
@@ -630,12 +629,10 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
             app.provisioner.destroy(id).await?;
         }
         crate::failpoint::hit("delete", "destroyed");
-        if let (Some(a), false) = (&app.authority, nats_user.is_empty()) {
+        if let (Some(_), false) = (&app.authority, nats_user.is_empty()) {
             let now = coffer_proto::now_unix_s();
             app.store.add_revocation(&nats_user, now).await?;
-            let rev = app.store.revocations().await?;
-            let (url, ca) = (&app.cfg.nats_url, app.cfg.nats_ca_file.as_deref());
-            a.push_account(url, ca, &rev).await?;
+            app.push_account().await?;
         }
         discard_logs(app, id).await?;
         crate::objects::drop_local_grants(app, id);

@@ -100,6 +100,17 @@ impl App {
         });
     }
 
+    /// Pushes the account JWT with every revocation in the store to the NATS servers (nothing
+    /// without a NATS authority).
+    pub async fn push_account(&self) -> anyhow::Result<()> {
+        let Some(a) = &self.authority else {
+            return Ok(());
+        };
+        let rev = self.store.revocations().await?;
+        a.push_account(&self.cfg.nats_url, self.cfg.nats_ca_file.as_deref(), &rev)
+            .await
+    }
+
     /// Whether the instance's last heartbeat is within the expiry.
     pub fn fresh(&self, id: &str) -> bool {
         let expiry = Duration::from_secs(self.cfg.heartbeat_expiry_s);
@@ -211,9 +222,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
             if !legacy.is_empty() {
                 a.legacy_revocations_moved()?;
             }
-            let rev = app.store.revocations().await?;
-            a.push_account(&app.cfg.nats_url, app.cfg.nats_ca_file.as_deref(), &rev)
-                .await
+            app.push_account().await
         };
         if let Err(e) = pushed.await {
             warn!(error = %format!("{e:#}"), "could not push the account JWT");

@@ -847,7 +847,6 @@ impl Env {
         .await
     }
 
-    /// A NATS client with the controller's credentials (full rights in the Coffer account).
     /// Every NATS server's URL (one, or the cluster's three).
     pub fn nats_urls(&self) -> Vec<String> {
         std::iter::once(&self.nats)
@@ -856,6 +855,7 @@ impl Env {
             .collect()
     }
 
+    /// A NATS client with the controller's credentials (full rights in the Coffer account).
     pub async fn nats_client(&self) -> async_nats::Client {
         let mut o = async_nats::ConnectOptions::with_credentials_file(
             self.dir.path().join("nats-auth/controller.creds"),

@@ -43,14 +43,23 @@ pub struct Stats {
 impl Stats {
     /// Takes the latencies recorded so far (p50, p99 in ms, count).
     pub fn take_percentiles(&self) -> (f64, f64, usize) {
-        let mut v = std::mem::take(&mut *self.latencies_us.lock().unwrap());
-        if v.is_empty() {
-            return (0.0, 0.0, 0);
-        }
-        v.sort_unstable();
-        let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)] as f64 / 1000.0;
-        (at(0.50), at(0.99), v.len())
+        let taken = std::mem::take(&mut *self.latencies_us.lock().unwrap());
+        let mut ms: Vec<f64> = taken.iter().map(|us| *us as f64 / 1000.0).collect();
+        (
+            percentile(&mut ms, 0.50),
+            percentile(&mut ms, 0.99),
+            ms.len(),
+        )
     }
+}
+
+/// The `q` quantile of `v` (sorted here; 0 when empty).
+pub fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
 }
 
 /// The running fleet.

@@ -217,27 +217,7 @@ async fn demo_stops_cleanly_and_resumes_with_the_data() {
     assert_eq!(s, "kept");
     c.close().await.unwrap();
     // Deleted: its Unix user goes with it (nothing of the test stays on the machine).
-    let r = http
-        .delete(&url)
-        .header("X-Auth-Token", &token2)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = http
-            .get(&url)
-            .header("X-Auth-Token", &token2)
-            .send()
-            .await
-            .unwrap();
-        if r.status() == StatusCode::NOT_FOUND {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the instance was not deleted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    delete_and_wait_gone(&http, &url, &token2).await;
     stop_demo(demo, dir);
 }
 
@@ -273,25 +253,31 @@ async fn the_demo_runs_on_a_postgresql_store_of_its_own() {
     // Started again, the store (and so the instance) is there.
     let demo = start_demo_with(dir, &["--store", "postgres"]);
     wait_active(&http, &url, &token).await;
+    delete_and_wait_gone(&http, &url, &token).await;
+    stop_demo(demo, dir);
+}
+
+/// Deletes the instance at `url` (202) and waits until it answers 404.
+async fn delete_and_wait_gone(http: &reqwest::Client, url: &str, token: &str) {
     let r = http
-        .delete(&url)
-        .header("X-Auth-Token", &token)
+        .delete(url)
+        .header("X-Auth-Token", token)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while http
-        .get(&url)
-        .header("X-Auth-Token", &token)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        != StatusCode::NOT_FOUND
-    {
-        assert!(Instant::now() < deadline, "the delete did not finish");
+    loop {
+        let r = http
+            .get(url)
+            .header("X-Auth-Token", token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::NOT_FOUND {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the instance was not deleted");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop_demo(demo, dir);
 }

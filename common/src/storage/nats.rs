@@ -275,7 +275,7 @@ impl NatsWriter {
             ),
         ) {
             Ok(ack) => self.pending.push_back((subject, payload, ack)),
-            Err(e) if passing(&e) => self.publish_again(&subject, payload, e)?,
+            Err(e) if passing(&e) => self.publish_again(&subject, payload)?,
             Err(e) => return Err(nats_err(&self.what, e)),
         }
         while self.pending.len() > WINDOW {
@@ -288,24 +288,18 @@ impl NatsWriter {
         if let Some((subject, payload, ack)) = self.pending.pop_front() {
             match self.rt.block_on(ack.into_future()) {
                 Ok(_) => {}
-                Err(e) if passing(&e) => self.publish_again(&subject, payload, e)?,
+                Err(e) if passing(&e) => self.publish_again(&subject, payload)?,
                 Err(e) => return Err(nats_err(&self.what, e)),
             }
         }
         Ok(())
     }
 
-    /// Publishes `payload` on `subject` and waits for its ack, again while JetStream is
-    /// unavailable for a moment (`first` is the error that started this), up to [`RETRY_FOR`].
-    /// The message id is the subject: a chunk that was stored and whose ack was lost is
-    /// acknowledged as a duplicate, not stored twice.
-    fn publish_again(
-        &self,
-        subject: &str,
-        payload: Bytes,
-        first: PublishError,
-    ) -> Result<(), StorageError> {
-        publish_until_acked(&self.js, &self.rt, subject, subject, payload, first)
+    /// Sends a chunk whose publish or ack failed for a moment again, until acknowledged
+    /// ([`publish_acked`]). The message id is the subject: a chunk that was stored and whose ack
+    /// was lost is acknowledged as a duplicate, not stored twice.
+    fn publish_again(&self, subject: &str, payload: Bytes) -> Result<(), StorageError> {
+        publish_acked(&self.js, &self.rt, subject, subject, payload)
             .map_err(|e| nats_err(&self.what, e))
     }
 }
@@ -321,27 +315,22 @@ fn passing(e: &PublishError) -> bool {
     )
 }
 
-/// See [`NatsWriter::publish_again`]; `id` is the message id.
-fn publish_until_acked(
+/// Publishes `payload` on `subject` with message id `id` and waits for its ack, again while
+/// JetStream is unavailable for a moment (a cluster electing a stream's new leader, the client
+/// moving to another server), up to [`RETRY_FOR`].
+fn publish_acked(
     js: &async_nats::jetstream::Context,
     rt: &Handle,
     subject: &str,
     id: &str,
     payload: Bytes,
-    first: PublishError,
 ) -> Result<(), PublishError> {
     let deadline = std::time::Instant::now() + RETRY_FOR;
     let mut backoff = crate::retry::backoff(
         std::time::Duration::from_millis(100),
         std::time::Duration::from_secs(2),
     );
-    let mut last = first;
     loop {
-        if std::time::Instant::now() > deadline {
-            return Err(last);
-        }
-        tracing::warn!(subject, error = %last, "publishing again");
-        std::thread::sleep(crate::retry::next(&mut backoff));
         let sent = rt.block_on(async {
             let publish = Publish::build().payload(payload.clone()).message_id(id);
             js.send_publish(subject.to_string(), publish)
@@ -351,7 +340,10 @@ fn publish_until_acked(
         });
         match sent {
             Ok(_) => return Ok(()),
-            Err(e) if passing(&e) => last = e,
+            Err(e) if passing(&e) && std::time::Instant::now() < deadline => {
+                tracing::warn!(subject, error = %e, "publishing again");
+                std::thread::sleep(crate::retry::next(&mut backoff));
+            }
             Err(e) => return Err(e),
         }
     }
@@ -391,20 +383,7 @@ impl ObjectWriter for NatsWriter {
         // The message id names this attempt: a commit sent again after a lost ack is a
         // duplicate, another writer's commit of the same name is refused.
         let id = format!("{subject}.{}", self.attempt);
-        let sent = self.rt.block_on(async {
-            let publish = Publish::build().payload(body.clone()).message_id(&id);
-            self.js
-                .send_publish(subject.clone(), publish)
-                .await?
-                .into_future()
-                .await
-        });
-        let sent = match sent {
-            Err(e) if passing(&e) => {
-                publish_until_acked(&self.js, &self.rt, &subject, &id, body, e)
-            }
-            other => other.map(|_| ()),
-        };
+        let sent = publish_acked(&self.js, &self.rt, &subject, &id, body);
         sent.map_err(|e| {
             let msg = e.to_string();
             if msg.contains("maximum messages per subject") {

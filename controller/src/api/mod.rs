@@ -302,9 +302,7 @@ impl Page {
         let limit = self.limit;
         Ok((page, NextPage { limit, marker }))
     }
-}
 
-impl Page {
     /// A page read from the store by `read(marker, n)`, which returns up to `n` items after the
     /// marker (one more than the limit is asked for, to know whether a next page exists).
     pub async fn fetch<T, F, Fut>(

@@ -115,7 +115,6 @@ impl Store {
         )
     }
 
-    /// A project's live instances, newest first.
     /// One page of a project's instances, newest first: up to `limit` after the instance
     /// `marker` (none when the marker is not one of them), read by index rather than whole.
     pub async fn instances_page(

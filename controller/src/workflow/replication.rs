@@ -222,34 +222,33 @@ impl Switchover {
             }
             Done => Ok(()),
         };
-        if r.is_ok() {
+        let Err(e) = r else {
             self.unanswered = 0;
+            return;
+        };
+        // An agent that did not answer while every member still heartbeats (NATS moving it to
+        // another server of the cluster, a loaded host): its outcome is unknown, and the step is
+        // idempotent, so it is sent again rather than judged.
+        if crate::agents::unanswered(&e)
+            && self.unanswered < UNANSWERED_RETRIES
+            && self.members.iter().all(|m| app.fresh(m))
+        {
+            self.unanswered += 1;
+            warn!(step = serde_name(&self.step), error = %e.message, "switchover step got no answer; sending it again");
+            return;
         }
-        if let Err(e) = r {
-            // An agent that did not answer while every member still heartbeats (NATS moving it
-            // to another server of the cluster, a loaded host): its outcome is unknown, and the
-            // step is idempotent, so it is sent again rather than judged.
-            if crate::agents::unanswered(&e)
-                && self.unanswered < UNANSWERED_RETRIES
-                && self.members.iter().all(|m| app.fresh(m))
-            {
-                self.unanswered += 1;
-                warn!(step = serde_name(&self.step), error = %e.message, "switchover step got no answer; sending it again");
-                return;
-            }
-            warn!(step = serde_name(&self.step), error = %e.message, "switchover step failed");
-            self.error = Some(e.message);
-            // Before the candidate is promoted nothing has moved: undo the fence. After, the
-            // candidate is the source and going back would lose its writes: stop with a fault.
-            // A promotion that failed moved nothing if the candidate still replicates (it did
-            // not catch up in time): ask it.
-            let moved = match self.step {
-                Fence => false,
-                Promote => !self.still_replica(app).await,
-                _ => true,
-            };
-            self.step = if moved { Done } else { RollBack };
-        }
+        warn!(step = serde_name(&self.step), error = %e.message, "switchover step failed");
+        self.error = Some(e.message);
+        // Before the candidate is promoted nothing has moved: undo the fence. After, the
+        // candidate is the source and going back would lose its writes: stop with a fault.
+        // A promotion that failed moved nothing if the candidate still replicates (it did
+        // not catch up in time): ask it.
+        let moved = match self.step {
+            Fence => false,
+            Promote => !self.still_replica(app).await,
+            _ => true,
+        };
+        self.step = if moved { Done } else { RollBack };
     }
 
     /// Whether the candidate is still a replica (asked after a promotion that failed).

@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use coffer_tests::sim::percentile;
 use coffer_tests::{Env, Opts, StatusCode};
 
 struct Args {
@@ -102,14 +103,6 @@ async fn pg_rows_written(env: &Env) -> u64 {
         )
         .await;
     v.parse().unwrap_or(0)
-}
-
-fn percentile(v: &mut [f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
 }
 
 struct Row {
