@@ -30,9 +30,17 @@ pub struct Live {
 
 /// Creates the streams if they do not exist, with `replicas` copies (raised on existing ones).
 pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> anyhow::Result<()> {
-    for (name, subject) in [
-        (subjects::INTENT_STREAM, subjects::intent_all()),
-        (subjects::EVENT_STREAM, subjects::event_all()),
+    for (name, subject, max_consumers) in [
+        (
+            subjects::INTENT_STREAM,
+            subjects::intent_all(),
+            INTENT_CONSUMERS,
+        ),
+        (
+            subjects::EVENT_STREAM,
+            subjects::event_all(),
+            EVENT_CONSUMERS,
+        ),
     ] {
         let cfg = stream::Config {
             name: name.to_string(),
@@ -41,27 +49,38 @@ pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> anyhow:
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(120),
             num_replicas: replicas,
+            max_consumers,
             ..Default::default()
         };
         let s = js
             .get_or_create_stream(cfg.clone())
             .await
             .with_context(|| format!("creating stream {name}"))?;
-        let have = s.cached_info().config.num_replicas;
-        if have != replicas {
+        let have = &s.cached_info().config;
+        if have.num_replicas != replicas || have.max_consumers != max_consumers {
             info!(
                 stream = name,
-                from = have,
-                to = replicas,
-                "changing the stream's replicas"
+                replicas_from = have.num_replicas,
+                replicas_to = replicas,
+                max_consumers_from = have.max_consumers,
+                max_consumers_to = max_consumers,
+                "changing the stream's settings"
             );
             js.update_stream(cfg)
                 .await
-                .with_context(|| format!("changing the replicas of stream {name}"))?;
+                .with_context(|| format!("changing the settings of stream {name}"))?;
         }
     }
     Ok(())
 }
+
+/// Consumers the intent stream allows: one durable consumer per agent. Set explicitly because
+/// nats-server (2.15 on) gives a stream that sets none a limit of 1,000 consumers, which would
+/// leave the 1,001st agent without intents (the fleet simulator met it).
+const INTENT_CONSUMERS: i32 = 1_000_000;
+
+/// Consumers the event stream allows: the controllers' one shared consumer, with room to spare.
+const EVENT_CONSUMERS: i32 = 100;
 
 /// How long an intent may keep failing to publish while others publish fine before it is failed
 /// with a fault instead of retried.
@@ -188,7 +207,11 @@ async fn give_up(app: &Arc<App>, row: &store::OutboxRow, why: &str) {
     }
 }
 
-/// Answers heartbeats (queue group, so several controllers share them).
+/// Answers heartbeats (queue group, so several controllers share them), in batches: what
+/// arrives within [`BATCH_WINDOW`] of a batch's first heartbeat (up to [`store::BATCH`]) is
+/// answered with two reads of the store, not two per heartbeat. The window is a few
+/// milliseconds against heartbeat intervals of seconds; at fleet size it makes the store's round
+/// trips, thread hand-offs and row decoding count per batch instead of per agent.
 pub async fn heartbeat_loop(app: Arc<App>) -> anyhow::Result<()> {
     let mut sub = app
         .client
@@ -205,88 +228,133 @@ pub async fn heartbeat_loop(app: Arc<App>) -> anyhow::Result<()> {
     let mut accepted: std::collections::HashMap<String, Instant> = Default::default();
     let mut dropped: u64 = 0;
     let mut last_report = Instant::now();
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(HEARTBEATS_IN_FLIGHT));
-    while let Some(msg) = sub.next().await {
-        let Some(from) = subjects::instance_of(msg.subject.as_str()) else {
-            continue;
-        };
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = sub.next().await {
+        let mut msgs = vec![first];
+        let until = tokio::time::Instant::now() + BATCH_WINDOW;
+        while msgs.len() < store::BATCH {
+            match tokio::time::timeout_at(until, sub.next()).await {
+                Ok(Some(m)) => msgs.push(m),
+                _ => break,
+            }
+        }
         let now = Instant::now();
-        match accepted.get_mut(from) {
-            Some(t) if now.duration_since(*t) < min_gap => {
-                dropped += 1;
-                if last_report.elapsed() > Duration::from_secs(10) {
-                    warn!(
-                        instance = from,
-                        dropped, "heartbeats arriving faster than agents send them; dropped"
-                    );
-                    dropped = 0;
-                    last_report = Instant::now();
+        let mut batch = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            let Some(from) = subjects::instance_of(msg.subject.as_str()) else {
+                continue;
+            };
+            match accepted.get_mut(from) {
+                Some(t) if now.duration_since(*t) < min_gap => {
+                    dropped += 1;
+                    if last_report.elapsed() > Duration::from_secs(10) {
+                        warn!(
+                            instance = from,
+                            dropped, "heartbeats arriving faster than agents send them; dropped"
+                        );
+                        dropped = 0;
+                        last_report = Instant::now();
+                    }
+                    continue;
                 }
+                Some(t) => *t = now,
+                None => {
+                    accepted.insert(from.to_string(), now);
+                }
+            }
+            let Ok(env) = coffer_proto::decode(&msg.payload) else {
+                continue;
+            };
+            let Some(v1::envelope::Body::Heartbeat(hb)) = env.body else {
+                continue;
+            };
+            // An agent may only speak for its own instance: the payload must name the subject's.
+            if from != env.instance_id {
+                warn!(subject = %msg.subject, claimed = %env.instance_id, "heartbeat names another instance; ignored");
                 continue;
             }
-            Some(t) => *t = now,
-            None => {
-                accepted.insert(from.to_string(), now);
-            }
+            batch.push(Beat {
+                instance_id: env.instance_id,
+                agent_version: env.software_version,
+                hb,
+                reply: msg.reply,
+            });
         }
         if accepted.len() > 100_000 {
             accepted.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
         }
-        let Ok(env) = coffer_proto::decode(&msg.payload) else {
-            continue;
-        };
-        let Some(v1::envelope::Body::Heartbeat(hb)) = env.body else {
-            continue;
-        };
-        // An agent may only speak for its own instance: the payload must name the subject's.
-        if subjects::instance_of(msg.subject.as_str()) != Some(env.instance_id.as_str()) {
-            warn!(subject = %msg.subject, claimed = %env.instance_id, "heartbeat names another instance; ignored");
+        if batch.is_empty() {
             continue;
         }
-        // Answered concurrently (each answer waits on the store), at most HEARTBEATS_IN_FLIGHT
-        // at once: one at a time, the store's round trips capped a controller at a few hundred
-        // heartbeats a second whatever its CPU.
+        // Batches are answered concurrently (each waits on the store), a few at once.
         let permit = in_flight.clone().acquire_owned().await?;
         let app = app.clone();
         tokio::spawn(async move {
-            answer(&app, env.instance_id, env.software_version, hb, msg.reply).await;
+            answer(&app, batch).await;
             drop(permit);
         });
     }
     Ok(())
 }
 
-/// Heartbeats answered at once by one controller.
-const HEARTBEATS_IN_FLIGHT: usize = 64;
+/// Heartbeat batches answered at once by one controller.
+const BATCHES_IN_FLIGHT: usize = 16;
 
-/// Takes in one heartbeat and answers it: the lease, the role the store gives the instance and
-/// whether it is fenced.
-async fn answer(
-    app: &App,
+/// How long a heartbeat batch collects after its first heartbeat.
+const BATCH_WINDOW: Duration = Duration::from_millis(5);
+
+/// One heartbeat as it arrived.
+struct Beat {
     instance_id: String,
-    software_version: String,
+    agent_version: String,
     hb: v1::Heartbeat,
     reply: Option<async_nats::Subject>,
-) {
-    let known = observe(app, &instance_id, &software_version, hb).await;
-    if let (Some(row), Some(reply)) = (known, reply) {
-        let role = if row.replica_of.is_some() {
-            "replica"
-        } else if app.store.has_replicas(&row.id).await.unwrap_or(false) {
-            "source"
-        } else {
-            ""
+}
+
+/// Answers a batch of heartbeats (the lease, the role the store gives each instance and whether
+/// it is fenced), then persists what changed. An agent the store does not know is not answered.
+async fn answer(app: &App, batch: Vec<Beat>) {
+    let ids: Vec<&str> = batch.iter().map(|b| b.instance_id.as_str()).collect();
+    let (rows, sources) = match app.store.heartbeat_rows(&ids).await {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(error = %e, heartbeats = ids.len(), "reading instances for heartbeats failed");
+            return;
+        }
+    };
+    let mut rows: std::collections::HashMap<String, store::HeartbeatRow> =
+        rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+    let mut known = Vec::with_capacity(batch.len());
+    for b in batch {
+        let Some(row) = rows.remove(&b.instance_id) else {
+            continue;
         };
-        let env = coffer_proto::envelope(
-            uuid::Uuid::new_v4().to_string(),
-            &instance_id,
-            v1::envelope::Body::HeartbeatReply(v1::HeartbeatReply {
-                lease_ms: app.cfg.lease_ms,
-                role: role.into(),
-                fence: row.ejected,
-            }),
-        );
-        let _ = app.client.publish(reply, env.encode_to_vec().into()).await;
+        let fresh = track(app, &b.instance_id, b.hb.clone());
+        if let Some(reply) = b.reply {
+            let role = if row.replica_of.is_some() {
+                "replica"
+            } else if sources.contains(&row.id) {
+                "source"
+            } else {
+                ""
+            };
+            let env = coffer_proto::envelope(
+                uuid::Uuid::new_v4().to_string(),
+                &b.instance_id,
+                v1::envelope::Body::HeartbeatReply(v1::HeartbeatReply {
+                    lease_ms: app.cfg.lease_ms,
+                    role: role.into(),
+                    fence: row.ejected,
+                }),
+            );
+            let _ = app.client.publish(reply, env.encode_to_vec().into()).await;
+        }
+        if fresh {
+            known.push((row, b.agent_version, b.hb));
+        }
+    }
+    for (row, agent_version, hb) in known {
+        persist(app, &row, &agent_version, &hb).await;
     }
 }
 
@@ -349,8 +417,8 @@ fn track(app: &App, instance_id: &str, hb: v1::Heartbeat) -> bool {
     true
 }
 
-/// Takes in what an agent reports; persists only transitions. Returns the instance (None for an
-/// unknown one).
+/// Takes in what an agent reports (an event's heartbeat); persists only transitions. Returns
+/// the instance (None for an unknown one).
 pub async fn observe(
     app: &App,
     instance_id: &str,
@@ -360,15 +428,22 @@ pub async fn observe(
     let Ok(Some(row)) = app.store.instance(instance_id).await else {
         return None;
     };
+    // Older than what we have (an event overtaken by a heartbeat): only freshness counts.
+    if track(app, instance_id, hb.clone()) {
+        persist(app, &(&row).into(), agent_version, &hb).await;
+    }
+    Some(row)
+}
+
+/// Writes to the store what a (tracked, newest) heartbeat changes of the instance's row: service
+/// status and fault, agent version and capabilities, endpoint. Nothing when nothing changed.
+async fn persist(app: &App, row: &store::HeartbeatRow, agent_version: &str, hb: &v1::Heartbeat) {
+    let instance_id = row.id.as_str();
     // "unknown": a new agent has not looked at its server yet; the status stays what it was.
     let status = match coffer_proto::service_status_name(hb.status()) {
         "unknown" => row.service_status.clone(),
         s => s.to_string(),
     };
-    // Older than what we have (an event overtaken by a heartbeat): only freshness counts.
-    if !track(app, instance_id, hb.clone()) {
-        return Some(row);
-    }
     let persisted = app
         .live
         .lock()
@@ -386,7 +461,7 @@ pub async fn observe(
                 .await
             {
                 warn!(error = %e, "persisting service status failed");
-                return Some(row);
+                return;
             }
             if changed {
                 info!(instance = instance_id, from = %row.service_status, to = %status, "service status changed");
@@ -412,7 +487,6 @@ pub async fn observe(
             .set_endpoint(instance_id, &hb.host, hb.port as i64)
             .await;
     }
-    Some(row)
 }
 
 /// Consumes agent events from the event stream.

@@ -7,8 +7,11 @@
 //! by the controller's NATS authority with the permissions a real agent gets. It sends a
 //! heartbeat request every interval with what a real MariaDB agent reports (status, version,
 //! metrics, replication state, capabilities, lease age), takes the reply as its lease, and answers
-//! every call on its subject as a healthy source would. A killed agent stops at once, like a
-//! host that died.
+//! every call on its subject as a healthy source would. Agents started with an intent consumer
+//! (all of them unless told otherwise) take their intents from the intent stream through a
+//! durable consumer of their own, as a real agent does, and report each accepted and done (a
+//! backup: failed, as there is no data to back up). A killed agent stops at once, like a host
+//! that died.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,15 +38,30 @@ pub struct Seeded {
 pub struct Stats {
     /// Heartbeat request → reply, microseconds.
     latencies_us: Mutex<Vec<u32>>,
+    /// Intent sent by the controller → delivered to its agent, microseconds.
+    intent_latencies_us: Mutex<Vec<u32>>,
     pub sent: AtomicU64,
     pub answered: AtomicU64,
     pub calls: AtomicU64,
+    /// Intents taken and reported done (or failed).
+    pub intents: AtomicU64,
+    /// Agents whose intent consumer is ready.
+    pub consuming: AtomicU64,
 }
 
 impl Stats {
-    /// Takes the latencies recorded so far (p50, p99 in ms, count).
+    /// Takes the heartbeat latencies recorded so far (p50, p99 in ms, count).
     pub fn take_percentiles(&self) -> (f64, f64, usize) {
-        let taken = std::mem::take(&mut *self.latencies_us.lock().unwrap());
+        Self::take(&self.latencies_us)
+    }
+
+    /// Takes the intent delivery latencies recorded so far (p50, p99 in ms, count).
+    pub fn take_intent_percentiles(&self) -> (f64, f64, usize) {
+        Self::take(&self.intent_latencies_us)
+    }
+
+    fn take(v: &Mutex<Vec<u32>>) -> (f64, f64, usize) {
+        let taken = std::mem::take(&mut *v.lock().unwrap());
         let mut ms: Vec<f64> = taken.iter().map(|us| *us as f64 / 1000.0).collect();
         (
             percentile(&mut ms, 0.50),
@@ -143,8 +161,13 @@ pub async fn seed(env: &Env, n: usize) -> anyhow::Result<Vec<Seeded>> {
 }
 
 /// Connects every seeded agent (at most 64 connecting at once) and starts its heartbeats, one
-/// every `interval`, spread over the interval.
-pub async fn start(env: &Env, seeded: Vec<Seeded>, interval: Duration) -> anyhow::Result<Fleet> {
+/// every `interval`, spread over the interval; the first `consumers` of them also take intents.
+pub async fn start(
+    env: &Env,
+    seeded: Vec<Seeded>,
+    interval: Duration,
+    consumers: usize,
+) -> anyhow::Result<Fleet> {
     let servers: Vec<async_nats::ServerAddr> = env
         .nats_urls()
         .iter()
@@ -187,8 +210,8 @@ pub async fn start(env: &Env, seeded: Vec<Seeded>, interval: Duration) -> anyhow
         fleet.tasks.push(tokio::spawn(run_agent(
             s,
             client,
-            interval,
-            offset,
+            Timing { interval, offset },
+            i < consumers,
             killed,
             stats.clone(),
         )));
@@ -196,18 +219,120 @@ pub async fn start(env: &Env, seeded: Vec<Seeded>, interval: Duration) -> anyhow
     Ok(fleet)
 }
 
-/// A simulated agent: answers calls and heartbeats until killed.
+/// When a simulated agent heartbeats: every `interval`, the first after `offset`.
+struct Timing {
+    interval: Duration,
+    offset: Duration,
+}
+
+/// The intents of one agent: its own durable consumer on the intent stream, set up as a real
+/// agent's (explicit acks, one at a time).
+async fn intent_messages(
+    client: &async_nats::Client,
+    id: &str,
+) -> anyhow::Result<async_nats::jetstream::consumer::pull::Stream> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js.get_stream(subjects::INTENT_STREAM).await?;
+    let name = subjects::agent_consumer(id);
+    let consumer: PullConsumer = stream
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: subjects::intent(id),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 1,
+                deliver_policy: DeliverPolicy::All,
+                max_deliver: -1,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(consumer.messages().await?)
+}
+
+/// Takes one intent: reports it accepted, then done (a backup failed: the simulator keeps no
+/// data), and acknowledges it.
+async fn take_intent(
+    s: &Seeded,
+    js: &async_nats::jetstream::Context,
+    msg: async_nats::jetstream::Message,
+    stats: &Stats,
+) {
+    let Ok(env) = coffer_proto::decode(&msg.payload) else {
+        let _ = msg.ack().await;
+        return;
+    };
+    let delivered_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let us = ((delivered_ms - env.sent_unix_ms).max(0) * 1000).min(u32::MAX as i64) as u32;
+    stats.intent_latencies_us.lock().unwrap().push(us);
+    let Some(v1::envelope::Body::Intent(intent)) = env.body else {
+        let _ = msg.ack().await;
+        return;
+    };
+    let kind = intent
+        .kind
+        .as_ref()
+        .map_or("", coffer_proto::intent_kind_name);
+    let result = match intent.kind {
+        Some(v1::intent::Kind::Backup(_)) => v1::event::Kind::Failed(v1::Failed {
+            code: v1::FailureCode::Error as i32,
+            message: "a simulated agent has no data to back up".into(),
+        }),
+        _ => v1::event::Kind::Done(v1::Done::default()),
+    };
+    for (suffix, k) in [
+        ("accepted", v1::event::Kind::Accepted(v1::Accepted {})),
+        ("result", result),
+    ] {
+        let ev = coffer_proto::envelope(
+            format!("{}:{suffix}", env.id),
+            &s.id,
+            v1::envelope::Body::Event(v1::Event {
+                intent_id: env.id.clone(),
+                intent_kind: kind.to_string(),
+                kind: Some(k),
+            }),
+        );
+        let publish = async_nats::jetstream::message::PublishMessage::build()
+            .payload(ev.encode_to_vec().into())
+            .message_id(ev.id.as_str());
+        if let Ok(ack) = js.send_publish(subjects::event(&s.id), publish).await {
+            let _ = ack.await;
+        }
+    }
+    let _ = msg.ack().await;
+    stats.intents.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A simulated agent: answers calls and heartbeats, and takes intents, until killed.
 async fn run_agent(
     s: Seeded,
     client: async_nats::Client,
-    interval: Duration,
-    offset: Duration,
+    timing: Timing,
+    consumes: bool,
     killed: Arc<AtomicBool>,
     stats: Arc<Stats>,
 ) {
+    let Timing { interval, offset } = timing;
     let Ok(mut calls) = client.subscribe(subjects::call(&s.id)).await else {
         return;
     };
+    let js = async_nats::jetstream::new(client.clone());
+    let mut intents = None;
+    if consumes {
+        match intent_messages(&client, &s.id).await {
+            Ok(m) => {
+                intents = Some(m);
+                stats.consuming.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => eprintln!("simulated agent {}: no intent consumer: {e:#}", s.id),
+        }
+    }
     let boot_id = uuid::Uuid::new_v4().to_string();
     let started = Instant::now();
     let mut lease: Option<Instant> = None;
@@ -219,10 +344,22 @@ async fn run_agent(
         if killed.load(Ordering::SeqCst) {
             // A host lost: nothing more from it, not even a goodbye.
             drop(calls);
+            drop(intents);
             drop(client);
             return;
         }
+        let next_intent = async {
+            match intents.as_mut() {
+                Some(m) => m.next().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            Some(Ok(msg)) = next_intent => {
+                if !killed.load(Ordering::SeqCst) {
+                    take_intent(&s, &js, msg, &stats).await;
+                }
+            }
             _ = tick.tick() => {
                 if killed.load(Ordering::SeqCst) {
                     // Killed while waiting: not one more heartbeat.

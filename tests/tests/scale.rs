@@ -357,7 +357,7 @@ async fn three_controllers_and_a_nats_cluster_ride_over_losing_one_of_each() {
 async fn a_simulated_fleet_is_seen_alive_answers_calls_and_its_lost_agents_are_seen() {
     let env = Env::start().await;
     let seeded = coffer_tests::sim::seed(&env, 150).await.unwrap();
-    let fleet = coffer_tests::sim::start(&env, seeded, Duration::from_millis(500))
+    let fleet = coffer_tests::sim::start(&env, seeded, Duration::from_millis(500), 150)
         .await
         .unwrap();
     let statuses = |list: &Value| -> Vec<(String, String)> {
@@ -386,6 +386,14 @@ async fn a_simulated_fleet_is_seen_alive_answers_calls_and_its_lost_agents_are_s
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // ACTIVE comes from the seeded rows and fresh heartbeats; what the agents say they can do
+    // is recorded after their heartbeats are answered.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sql = "SELECT CAST(COUNT(*) AS TEXT) FROM instances WHERE capabilities <> $1";
+    while env.store_text(sql, "").await != "150" {
+        assert!(Instant::now() < deadline, "capabilities not recorded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // A call through the API reaches a simulated agent and its answer comes back.
     let id = &fleet.ids[7];
     let (st, v) = env
@@ -393,6 +401,33 @@ async fn a_simulated_fleet_is_seen_alive_answers_calls_and_its_lost_agents_are_s
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert!(fleet.stats.calls.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    // Intents reach simulated agents through their own consumers and their results come back:
+    // a restart ends ACTIVE, a delete removes the instance.
+    let (a, b) = (&fleet.ids[140], &fleet.ids[141]);
+    let (st, v) = env.restart(a).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    env.delete_and_wait_gone(b).await;
+    env.wait_for(
+        a,
+        "ACTIVE after the restart",
+        Duration::from_secs(30),
+        |i| i["status"] == "ACTIVE",
+    )
+    .await;
+    let done = env
+        .store_text(
+            "SELECT state FROM intents WHERE instance_id = $1 AND kind = 'restart'",
+            a,
+        )
+        .await;
+    assert_eq!(done, "done");
+    assert_eq!(
+        fleet
+            .stats
+            .intents
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
     // Twenty hosts die at once: they are seen lost, the others stay ACTIVE.
     let dead = fleet.kill(0..20);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -442,5 +477,39 @@ fn the_scale_bench_runs_in_smoke_mode() {
                 .any(|l| l.trim_start().starts_with("40") && l.contains(setup)),
             "no figures for {setup}:\n{text}"
         );
+    }
+}
+
+/// The intent stream holds one durable consumer per agent: a stream left by an earlier
+/// controller with nats-server's default limit (1,000 consumers, which would leave the 1,001st
+/// agent without intents) is raised when a controller starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_intent_stream_takes_a_consumer_per_agent_beyond_the_servers_default() {
+    let mut env = Env::start().await;
+    let js = async_nats::jetstream::new(env.nats_client().await);
+    let limit = |js: async_nats::jetstream::Context| async move {
+        let mut s = js
+            .get_stream(coffer_proto::subjects::INTENT_STREAM)
+            .await
+            .unwrap();
+        s.info().await.unwrap().config.max_consumers
+    };
+    assert!(limit(js.clone()).await >= 100_000);
+    env.stop_controller();
+    let mut cfg = js
+        .get_stream(coffer_proto::subjects::INTENT_STREAM)
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    cfg.max_consumers = 1000;
+    js.update_stream(cfg).await.unwrap();
+    assert_eq!(limit(js.clone()).await, 1000);
+    env.start_controller();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while limit(js.clone()).await < 100_000 {
+        assert!(Instant::now() < deadline, "the limit was not raised");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -1,5 +1,7 @@
 //! `/instances`: create, list, show, rename, delete and actions.
 
+use std::collections::{HashMap, HashSet};
+
 use axum::body::Bytes;
 use axum::extract::{Path, Query};
 use axum::http::{Method, Uri};
@@ -12,7 +14,7 @@ use super::parse::{self, present, typed, DatabaseReq, Id, IdRef, Positive, UserR
 use super::{accepted, ok, parse_body, ApiError, ApiResult, AppState, Caller, ItemPath, Page};
 use crate::ops::instances::{self as ops, CreateSpec};
 use crate::status::{self, Task};
-use crate::store::InstanceRow;
+use crate::store::{InstanceRow, VersionRow};
 use crate::workflow::replicas;
 use crate::App;
 
@@ -171,21 +173,59 @@ fn parse_create(body: Map<String, Value>) -> Result<Create, ApiError> {
     }))
 }
 
+/// What rendering instances reads besides their rows, read once for a whole page (a fixed
+/// handful of statements, not several per instance).
+pub(super) struct Seen {
+    versions: HashMap<String, VersionRow>,
+    backing_up: HashSet<String>,
+    replicas: HashMap<String, Vec<String>>,
+    configurations: HashMap<String, String>,
+}
+
+impl Seen {
+    pub(super) async fn of(app: &App, rows: &[InstanceRow]) -> Result<Seen, ApiError> {
+        let mut seen = Seen {
+            versions: app.store.versions_by_id().await?,
+            backing_up: HashSet::new(),
+            replicas: HashMap::new(),
+            configurations: HashMap::new(),
+        };
+        for chunk in rows.chunks(crate::store::BATCH) {
+            let ids: Vec<&str> = chunk.iter().map(|r| r.id.as_str()).collect();
+            seen.backing_up
+                .extend(app.store.backups_running_among(&ids).await?);
+            seen.replicas
+                .extend(app.store.replicas_of_each(&ids).await?);
+        }
+        let groups: HashSet<&String> = rows
+            .iter()
+            .filter_map(|r| r.configuration_id.as_ref())
+            .collect();
+        for id in groups {
+            let name = app.store.configuration(id).await?.map(|g| g.name);
+            seen.configurations
+                .insert(id.clone(), name.unwrap_or_default());
+        }
+        Ok(seen)
+    }
+}
+
 /// Renders an instance in Trove's list or detail form.
 pub(super) async fn render(
     app: &App,
     c: &Caller,
+    seen: &Seen,
     r: &InstanceRow,
     detail: bool,
     with_usage: bool,
 ) -> Result<Value, ApiError> {
     let fresh = app.fresh(&r.id);
     let (mut status, mut op) = status::derive(r.task, &r.service_status, fresh);
-    if status == "ACTIVE" && app.store.backup_running(&r.id).await? {
+    if status == "ACTIVE" && seen.backing_up.contains(&r.id) {
         // Trove: a running backup shows as BACKUP (the database stays online).
         (status, op) = ("BACKUP", "");
     }
-    let version = app.store.version(&r.datastore_version_id).await?;
+    let version = seen.versions.get(&r.datastore_version_id);
     let (ds_type, ds_version, ds_number) = match &version {
         Some(v) => (json!(v.datastore_name), json!(v.name), json!(v.version)),
         None => (Value::Null, Value::Null, Value::Null),
@@ -212,10 +252,14 @@ pub(super) async fn render(
     if c.admin {
         j["tenant_id"] = json!(r.project_id);
     }
-    super::replicas::view(app, c, r, &mut j).await?;
+    let replicas = seen
+        .replicas
+        .get(&r.id)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    super::replicas::view(app, c, r, replicas, version, &mut j)?;
     if let Some(cid) = &r.configuration_id {
-        let group = app.store.configuration(cid).await?;
-        let name = group.map(|x| x.name).unwrap_or_default();
+        let name = seen.configurations.get(cid).cloned().unwrap_or_default();
         j["configuration"] =
             json!({"id": cid, "name": name, "links": c.links("configurations", cid)});
     }
@@ -272,7 +316,8 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         .instance(&id)
         .await?
         .ok_or_else(|| anyhow::anyhow!("instance vanished"))?;
-    let mut view = render(&st, &c, &row, true, false).await?;
+    let seen = Seen::of(&st, std::slice::from_ref(&row)).await?;
+    let mut view = render(&st, &c, &seen, &row, true, false).await?;
     if let Some(pw) = root_password {
         // Trove returns root's password in the create response only (root_on_create).
         view["password"] = json!(pw);
@@ -293,16 +338,18 @@ pub async fn list(st: AppState, c: Caller, uri: Uri, Query(page): Query<Page>) -
         store.instances_page(project, marker.as_deref(), n).await
     };
     let (rows, next) = page.fetch(read, |r| r.id.clone()).await?;
+    let seen = Seen::of(&st, &rows).await?;
     let mut out = vec![];
     for r in &rows {
-        out.push(render(&st, &c, r, detail, false).await?);
+        out.push(render(&st, &c, &seen, r, detail, false).await?);
     }
     next.wrap(&c, "instances", json!({"instances": out}))
 }
 
 pub async fn show(st: AppState, c: Caller, Path((_p, id)): ItemPath) -> ApiResult {
     let r = find(&st, &c, &id).await?;
-    ok(json!({"instance": render(&st, &c, &r, true, true).await?}))
+    let seen = Seen::of(&st, std::slice::from_ref(&r)).await?;
+    ok(json!({"instance": render(&st, &c, &seen, &r, true, true).await?}))
 }
 
 /// `PUT`/`PATCH /instances/{id}`: a rename, and one of attach/detach a configuration group or

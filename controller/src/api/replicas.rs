@@ -3,26 +3,26 @@
 use serde_json::{json, Value};
 
 use super::{ApiError, Caller};
-use crate::ops::datastore;
-use crate::store::InstanceRow;
+use crate::store::{InstanceRow, VersionRow};
 use crate::App;
 
 /// The replication view of an instance for `GET /instances/{id}`.
-pub(super) async fn view(
+pub(super) fn view(
     app: &App,
     c: &Caller,
     r: &InstanceRow,
+    replicas: &[String],
+    version: Option<&VersionRow>,
     j: &mut Value,
 ) -> Result<(), ApiError> {
     if let Some(s) = &r.replica_of {
         j["replica_of"] = json!({"id": s, "links": c.links("instances", s)});
     }
-    let replicas = app.store.replicas_of(&r.id).await?;
     if !replicas.is_empty() {
         j["replicas"] = Value::Array(
             replicas
                 .iter()
-                .map(|x| json!({"id": x.id, "links": c.links("instances", &x.id)}))
+                .map(|id| json!({"id": id, "links": c.links("instances", id)}))
                 .collect(),
         );
     }
@@ -55,7 +55,10 @@ pub(super) async fn view(
             } else {
                 Value::Null
             };
-            let ds = datastore(app, r).await?;
+            let ds = version
+                .ok_or_else(|| anyhow::anyhow!("instance {} has no datastore version", r.id))?
+                .datastore()
+                .map_err(anyhow::Error::from)?;
             // In the datastore's own unit (`lag_transactions`, `lag_bytes`).
             let lag_key = format!("lag_{}", ds.lag_unit());
             v[lag_key.as_str()] = match &source_pos {

@@ -85,6 +85,26 @@ impl Store {
         Self::backup_running_in(&self.pool, instance_id).await
     }
 
+    /// Which of `instances` (up to [`super::BATCH`]) have a backup NEW or BUILDING.
+    pub async fn backups_running_among(
+        &self,
+        instances: &[&str],
+    ) -> anyhow::Result<std::collections::HashSet<String>> {
+        if instances.is_empty() {
+            return Ok(Default::default());
+        }
+        let (marks, ids) = super::padded(instances, 1);
+        let sql = format!(
+            "SELECT DISTINCT instance_id FROM backups WHERE instance_id IN ({marks}) AND deleted = FALSE AND status IN ('NEW', 'BUILDING')"
+        );
+        let mut q = sqlx::query_scalar(&sql);
+        for id in &ids {
+            q = q.bind(*id);
+        }
+        let v: Vec<String> = q.fetch_all(&self.pool).await?;
+        Ok(v.into_iter().collect())
+    }
+
     /// [`Store::backup_running`] read through `ex` (a transaction's own, for a check that
     /// must hold when the transaction commits).
     pub async fn backup_running_in<'e, E: Exec<'e>>(

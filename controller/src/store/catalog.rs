@@ -73,6 +73,12 @@ impl Store {
         .await?)
     }
 
+    /// Every datastore version, by id (a page of instances is rendered with one read of them).
+    pub async fn versions_by_id(&self) -> anyhow::Result<HashMap<String, VersionRow>> {
+        let v: Vec<VersionRow> = sqlx::query_as(VERSION_SELECT).fetch_all(&self.pool).await?;
+        Ok(v.into_iter().map(|v| (v.id.clone(), v)).collect())
+    }
+
     pub async fn version(&self, id: &str) -> anyhow::Result<Option<VersionRow>> {
         Ok(sqlx::query_as(&format!("{VERSION_SELECT} WHERE v.id = $1"))
             .bind(id)

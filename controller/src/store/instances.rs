@@ -48,6 +48,36 @@ pub struct InstanceRow {
     pub placing_by: Option<String>,
 }
 
+/// What answering a heartbeat reads of an instance (a few columns: a batch of whole rows costs
+/// more to decode than to query).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct HeartbeatRow {
+    pub id: String,
+    pub service_status: String,
+    pub host: Option<String>,
+    pub port: Option<i64>,
+    pub agent_version: String,
+    pub capabilities: String,
+    pub replica_of: Option<String>,
+    #[sqlx(try_from = "Flag")]
+    pub ejected: bool,
+}
+
+impl From<&InstanceRow> for HeartbeatRow {
+    fn from(r: &InstanceRow) -> HeartbeatRow {
+        HeartbeatRow {
+            id: r.id.clone(),
+            service_status: r.service_status.clone(),
+            host: r.host.clone(),
+            port: r.port,
+            agent_version: r.agent_version.clone(),
+            capabilities: r.capabilities.clone(),
+            replica_of: r.replica_of.clone(),
+            ejected: r.ejected,
+        }
+    }
+}
+
 /// What a create knows of a new instance; [`InstanceRow::building`] makes its row.
 pub struct NewRow<'a> {
     pub id: &'a str,
@@ -322,8 +352,60 @@ impl Store {
         .await?)
     }
 
-    /// Whether a source has a live replica (asked on every heartbeat of a source, so without
-    /// reading the replicas' rows).
+    /// The live rows of `ids` (up to [`super::BATCH`]) and which of them are sources with a
+    /// live replica: what answering a batch of heartbeats needs, in two statements.
+    pub async fn heartbeat_rows(
+        &self,
+        ids: &[&str],
+    ) -> anyhow::Result<(Vec<HeartbeatRow>, HashSet<String>)> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let (marks, ids) = super::padded(ids, 1);
+        let sql = format!(
+            "SELECT id, service_status, host, port, agent_version, capabilities, replica_of, ejected \
+             FROM instances WHERE id IN ({marks}) AND deleted = FALSE"
+        );
+        let mut q = sqlx::query_as(&sql);
+        for id in &ids {
+            q = q.bind(*id);
+        }
+        let rows: Vec<HeartbeatRow> = q.fetch_all(&self.pool).await?;
+        let sql = format!(
+            "SELECT DISTINCT replica_of FROM instances WHERE replica_of IN ({marks}) AND deleted = FALSE"
+        );
+        let mut q = sqlx::query_scalar(&sql);
+        for id in &ids {
+            q = q.bind(*id);
+        }
+        let sources: Vec<String> = q.fetch_all(&self.pool).await?;
+        Ok((rows, sources.into_iter().collect()))
+    }
+
+    /// The live replicas of each of `sources` (up to [`super::BATCH`]), oldest first.
+    pub async fn replicas_of_each(
+        &self,
+        sources: &[&str],
+    ) -> anyhow::Result<HashMap<String, Vec<String>>> {
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        if sources.is_empty() {
+            return Ok(out);
+        }
+        let (marks, ids) = super::padded(sources, 1);
+        let sql = format!(
+            "SELECT replica_of, id FROM instances WHERE replica_of IN ({marks}) AND deleted = FALSE ORDER BY created, rowid"
+        );
+        let mut q = sqlx::query_as::<_, (String, String)>(&sql);
+        for id in &ids {
+            q = q.bind(*id);
+        }
+        for (source, id) in q.fetch_all(&self.pool).await? {
+            out.entry(source).or_default().push(id);
+        }
+        Ok(out)
+    }
+
+    /// Whether a source has a live replica (without reading the replicas' rows).
     pub async fn has_replicas(&self, source: &str) -> anyhow::Result<bool> {
         let one: Option<i64> = sqlx::query_scalar(
             "SELECT 1 FROM instances WHERE replica_of = $1 AND deleted = FALSE LIMIT 1",

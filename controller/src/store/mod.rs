@@ -3,6 +3,8 @@
 //! embedded in the binary (no database needed at compile time). Check-and-write sequences run in [`Store::begin`]'s transaction, so
 //! two requests cannot both pass a check, on one controller or several.
 
+use std::collections::{HashMap, HashSet};
+
 use anyhow::Context;
 use sqlx::any::{Any, AnyTypeInfo};
 use sqlx::error::BoxDynError;
@@ -26,6 +28,7 @@ pub use catalog::{DatastoreRow, FlavorRow, VersionRow};
 pub use configurations::ConfigurationRow;
 pub use dialect::{Dialect, Flag};
 pub use enrolment::TokenRow;
+pub use instances::HeartbeatRow;
 pub use instances::{InstanceRow, NewRow};
 pub use intents::{IntentTooLarge, OutboxRow, MAX_INTENT_BYTES};
 pub use modules::ModuleRow;
@@ -68,6 +71,24 @@ text_type!(
 pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
+}
+
+/// Ids read in one statement at most (a longer list is read in several).
+pub const BATCH: usize = 256;
+
+/// For reads of many rows by id (heartbeat batches, list pages): the `IN (...)` placeholders
+/// from `$first` on and the ids to bind. The count is rounded up to a power of two by repeating
+/// the last id, so nine statement shapes serve every batch and the prepared-statement caches
+/// hold them all. `ids` must be 1..=[`BATCH`] long.
+pub(crate) fn padded<'a>(ids: &[&'a str], first: usize) -> (String, Vec<&'a str>) {
+    let n = ids.len().next_power_of_two();
+    let mut v = ids.to_vec();
+    v.resize(n, ids[ids.len() - 1]);
+    let marks = (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (marks, v)
 }
 
 /// Current UTC time in Trove's format (`2019-12-23T20:58:35`).

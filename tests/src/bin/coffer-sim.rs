@@ -2,7 +2,9 @@
 //! ([`coffer_tests::sim`]) against one controller on SQLite and two on PostgreSQL. For each fleet
 //! size it prints the controllers' CPU and memory, heartbeat reply latency, store writes, how
 //! long 100 agents killed at once take to be seen lost (against the configured expiry) and the
-//! latency of `GET /instances?limit=100`. `cargo xtask bench scale` runs it on release binaries;
+//! latency of `GET /instances?limit=100`, and how long restarts of 50 instances take through the
+//! API (intent posted, taken by the simulated agent from its own consumer, done → ACTIVE).
+//! `cargo xtask bench scale` runs it on release binaries;
 //! `--smoke` runs a tiny fleet once (the test suite does, so the bench cannot rot).
 
 use std::time::{Duration, Instant};
@@ -16,6 +18,9 @@ struct Args {
     seconds: u64,
     interval_ms: u64,
     kill: usize,
+    /// How many agents take intents (each through a durable consumer of its own); None: all.
+    intents: Option<usize>,
+    restarts: usize,
     setups: Vec<(bool, usize)>,
 }
 
@@ -25,12 +30,14 @@ fn parse() -> anyhow::Result<Args> {
         seconds: 20,
         interval_ms: 2000,
         kill: 100,
+        intents: None,
+        restarts: 50,
         setups: vec![(false, 1), (true, 2)],
     };
     let mut it = std::env::args().skip(1);
     match it.next().as_deref() {
         Some("bench") => {}
-        _ => bail!("usage: coffer-sim bench [--agents 1000,5000,10000] [--seconds S] [--interval-ms MS] [--kill N] [--only sqlite|postgres] [--smoke]"),
+        _ => bail!("usage: coffer-sim bench [--agents 1000,5000,10000] [--seconds S] [--interval-ms MS] [--kill N] [--intents N] [--restarts N] [--only sqlite|postgres] [--smoke]"),
     }
     while let Some(arg) = it.next() {
         let mut val = || it.next().with_context(|| format!("{arg} needs a value"));
@@ -44,6 +51,8 @@ fn parse() -> anyhow::Result<Args> {
             "--seconds" => a.seconds = val()?.parse()?,
             "--interval-ms" => a.interval_ms = val()?.parse()?,
             "--kill" => a.kill = val()?.parse()?,
+            "--intents" => a.intents = Some(val()?.parse()?),
+            "--restarts" => a.restarts = val()?.parse()?,
             "--only" => {
                 let only = val()?;
                 a.setups = match only.as_str() {
@@ -57,6 +66,7 @@ fn parse() -> anyhow::Result<Args> {
                 a.seconds = 2;
                 a.interval_ms = 500;
                 a.kill = 5;
+                a.restarts = 5;
             }
             o => bail!("unknown option {o}"),
         }
@@ -115,6 +125,9 @@ struct Row {
     writes: String,
     detect: (f64, f64),
     list: (f64, f64),
+    /// Intent posted → delivered to its agent (ms), and restart through the API → ACTIVE (s).
+    delivery: (f64, f64),
+    restart: (f64, f64),
 }
 
 async fn run_one(a: &Args, postgres: bool, controllers: usize, n: usize) -> anyhow::Result<Row> {
@@ -137,7 +150,8 @@ async fn run_one(a: &Args, postgres: bool, controllers: usize, n: usize) -> anyh
     );
     let t = Instant::now();
     let interval = Duration::from_millis(a.interval_ms);
-    let fleet = coffer_tests::sim::start(&env, seeded, interval).await?;
+    let consumers = a.intents.unwrap_or(n).min(n);
+    let fleet = coffer_tests::sim::start(&env, seeded, interval, consumers).await?;
     eprintln!(
         "  connected {n} agents in {:.1} s",
         t.elapsed().as_secs_f64()
@@ -206,6 +220,18 @@ async fn run_one(a: &Args, postgres: bool, controllers: usize, n: usize) -> anyh
         list.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let list = (percentile(&mut list, 0.5), percentile(&mut list, 0.99));
+    // Restarts through the API, all at once, of agents that take intents (and are not killed
+    // below): posted → ACTIVE again, as a user polling would see it.
+    let restart = restarts(
+        &env,
+        &fleet.ids[a.kill.min(n)..consumers.max(a.kill.min(n))],
+        a.restarts,
+    )
+    .await?;
+    let delivery = {
+        let (p50, p99, _) = fleet.stats.take_intent_percentiles();
+        (p50, p99)
+    };
     // Hosts lost at once: how long until each shows ERROR.
     let dead = fleet.kill(0..a.kill.min(n));
     let killed_at = Instant::now();
@@ -254,7 +280,43 @@ async fn run_one(a: &Args, postgres: bool, controllers: usize, n: usize) -> anyh
         writes,
         detect,
         list,
+        delivery,
+        restart,
     })
+}
+
+/// Restarts up to `n` of `ids` at once through the API; seconds until each is ACTIVE again
+/// (p50, max), polled every 50 ms.
+async fn restarts(env: &Env, ids: &[String], n: usize) -> anyhow::Result<(f64, f64)> {
+    let ids = &ids[..n.min(ids.len())];
+    let t = Instant::now();
+    for id in ids {
+        let (st, v) = env.restart(id).await;
+        if st != StatusCode::ACCEPTED {
+            bail!("restart of {id} refused: {st} {v}");
+        }
+    }
+    let mut waiting: Vec<&String> = ids.iter().collect();
+    let mut seen = vec![];
+    while !waiting.is_empty() {
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("{} restarts did not finish within 120 s", waiting.len());
+        }
+        let checks = waiting.iter().map(|id| async move {
+            let (_, v) = env.call("GET", &format!("/instances/{id}"), None).await;
+            (*id, v["instance"]["status"] == "ACTIVE")
+        });
+        let results = futures::future::join_all(checks).await;
+        let at = t.elapsed().as_secs_f64();
+        for (id, active) in results {
+            if active {
+                seen.push(at);
+                waiting.retain(|w| *w != id);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((percentile(&mut seen, 0.5), percentile(&mut seen, 1.0)))
 }
 
 fn open_fds() -> usize {
@@ -308,7 +370,7 @@ async fn run() -> anyhow::Result<()> {
         loadavg()
     );
     println!(
-        "\n{:>6}  {:<12} {:>16} {:>16} {:>18} {:>9} {:>22} {:>18} {:>16}",
+        "\n{:>6}  {:<12} {:>16} {:>16} {:>18} {:>9} {:>22} {:>18} {:>16} {:>18} {:>20}",
         "agents",
         "store",
         "cpu % per ctl",
@@ -317,7 +379,9 @@ async fn run() -> anyhow::Result<()> {
         "replies/s",
         "store writes",
         "lost seen p50/max s",
-        "list p50/p99 ms"
+        "list p50/p99 ms",
+        "intent p50/p99 ms",
+        "restart p50/max s"
     );
     for (postgres, controllers) in &a.setups {
         for n in &a.agents {
@@ -333,7 +397,7 @@ async fn run() -> anyhow::Result<()> {
                     .join("/")
             };
             println!(
-                "{:>6}  {:<12} {:>16} {:>16} {:>18} {:>9.0} {:>22} {:>18} {:>16}",
+                "{:>6}  {:<12} {:>16} {:>16} {:>18} {:>9.0} {:>22} {:>18} {:>16} {:>18} {:>20}",
                 r.agents,
                 r.setup,
                 join(&r.cpu),
@@ -343,6 +407,8 @@ async fn run() -> anyhow::Result<()> {
                 r.writes,
                 format!("{:.2}/{:.2}", r.detect.0, r.detect.1),
                 format!("{:.1}/{:.1}", r.list.0, r.list.1),
+                format!("{:.1}/{:.1}", r.delivery.0, r.delivery.1),
+                format!("{:.2}/{:.2}", r.restart.0, r.restart.1),
             );
         }
     }
