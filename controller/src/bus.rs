@@ -764,77 +764,97 @@ pub async fn timers_loop(app: Arc<App>) {
             continue;
         }
         n += 1;
-        let Ok(rows) = app.store.live_instances().await else {
-            continue;
-        };
-        for r in rows {
-            // An agent that died (killed, crashed) is started again; it adopts its database.
-            let being_deleted = app.deleting.lock().unwrap().contains(&r.id);
-            if n.is_multiple_of(3)
-                && app.cfg.respawn_agents
-                && r.task != Task::Deleting
-                && !being_deleted
-                && r.placement != crate::status::PlacedBy::Enrolled
-                // Not placed yet (a create holds the row while it places the agent).
-                && r.has_agent()
-            {
-                if let Err(e) = app.provisioner.ensure(&r.id).await {
-                    warn!(instance = %r.id, error = %format!("{e:#}"), "could not ensure agent");
+        // Each read below is of what may need action (busy instances, sources, running
+        // backups), not of the whole fleet: at fleet size a read of every row each second was
+        // most of the leader's work.
+        if n.is_multiple_of(3) && app.cfg.respawn_agents {
+            respawn_agents(&app).await;
+        }
+        if app.cfg.replication.auto_failover {
+            fail_over_lost_sources(&app).await;
+        }
+        if let Ok(rows) = app.store.busy_instances().await {
+            for r in rows {
+                let age = store::age_secs(&r.task_started);
+                if r.task == Task::Building && age > app.cfg.build_timeout_s as i64 {
+                    let msg = format!(
+                        "build did not complete within {} s; check the agent log, then reset_status and delete",
+                        app.cfg.build_timeout_s
+                    );
+                    let _ = set_task_alone(&app, &r.id, Task::BuildingError, &msg).await;
                 }
-            }
-            // Automatic failover (off by default): a source whose heartbeat expired is ejected.
-            if app.cfg.replication.auto_failover
-                && r.task == Task::None
-                && r.replica_of.is_none()
-                && !r.ejected
-                && !app.fresh(&r.id)
-            {
-                if let Ok(replicas) = app.store.replicas_of(&r.id).await {
-                    if !replicas.is_empty() {
-                        warn!(source = %r.id, "source lost: automatic failover");
-                        if let Err(e) =
-                            crate::workflow::replication::start_failover(&app, &r, &replicas).await
-                        {
-                            warn!(source = %r.id, error = %e.message, "automatic failover did not start");
-                        }
-                        continue;
+                if r.task == Task::Deleting {
+                    let agent_lost = !app.fresh(&r.id);
+                    if age > app.cfg.delete_grace_s as i64 || (agent_lost && age > 2) {
+                        let (app, id) = (app.clone(), r.id.clone());
+                        tokio::spawn(async move { finalize_delete(&app, &id).await });
                     }
-                }
-            }
-            let age = store::age_secs(&r.task_started);
-            if r.task == Task::Building && age > app.cfg.build_timeout_s as i64 {
-                let msg = format!(
-                    "build did not complete within {} s; check the agent log, then reset_status and delete",
-                    app.cfg.build_timeout_s
-                );
-                let _ = set_task_alone(&app, &r.id, Task::BuildingError, &msg).await;
-            }
-            if n.is_multiple_of(5) && !app.fresh(&r.id) {
-                if let Ok(backups) = app.store.backups_of(&r.project_id).await {
-                    for b in backups.iter().filter(|b| {
-                        b.instance_id == r.id
-                            && b.status.running()
-                            && store::age_secs(&b.updated) > app.cfg.backup_timeout_s as i64
-                    }) {
-                        let msg = format!(
-                            "the agent stopped reporting for more than {} s while the backup ran; take a new backup",
-                            app.cfg.backup_timeout_s
-                        );
-                        let _ = app
-                            .store
-                            .update_backup(&b.id, BackupStatus::Failed, Some(""), None, Some(&msg))
-                            .await;
-                        discard_backup(&app, b).await;
-                    }
-                }
-            }
-            if r.task == Task::Deleting {
-                let agent_lost = !app.fresh(&r.id);
-                if age > app.cfg.delete_grace_s as i64 || (agent_lost && age > 2) {
-                    let (app, id) = (app.clone(), r.id.clone());
-                    tokio::spawn(async move { finalize_delete(&app, &id).await });
                 }
             }
         }
+        if n.is_multiple_of(5) {
+            fail_abandoned_backups(&app).await;
+        }
+    }
+}
+
+/// An agent that died (killed, crashed) is started again; it adopts its database.
+async fn respawn_agents(app: &App) {
+    let Ok(placed) = app.store.placed_agents().await else {
+        return;
+    };
+    for (id, task) in placed {
+        if task == Task::Deleting || app.deleting.lock().unwrap().contains(&id) {
+            continue;
+        }
+        if let Err(e) = app.provisioner.ensure(&id).await {
+            warn!(instance = %id, error = %format!("{e:#}"), "could not ensure agent");
+        }
+    }
+}
+
+/// Automatic failover (off by default): a source whose heartbeat expired is ejected.
+async fn fail_over_lost_sources(app: &Arc<App>) {
+    let Ok(sources) = app.store.sources().await else {
+        return;
+    };
+    for id in sources.iter().filter(|id| !app.fresh(id)) {
+        let Ok(Some(r)) = app.store.instance(id).await else {
+            continue;
+        };
+        if r.task != Task::None || r.replica_of.is_some() || r.ejected {
+            continue;
+        }
+        if let Ok(replicas) = app.store.replicas_of(&r.id).await {
+            if !replicas.is_empty() {
+                warn!(source = %r.id, "source lost: automatic failover");
+                if let Err(e) =
+                    crate::workflow::replication::start_failover(app, &r, &replicas).await
+                {
+                    warn!(source = %r.id, error = %e.message, "automatic failover did not start");
+                }
+            }
+        }
+    }
+}
+
+/// A backup whose agent stopped reporting while it ran, for longer than the backup timeout,
+/// fails (its partial objects go).
+async fn fail_abandoned_backups(app: &App) {
+    let Ok(running) = app.store.running_backups().await else {
+        return;
+    };
+    for b in running.iter().filter(|b| {
+        !app.fresh(&b.instance_id) && store::age_secs(&b.updated) > app.cfg.backup_timeout_s as i64
+    }) {
+        let msg = format!(
+            "the agent stopped reporting for more than {} s while the backup ran; take a new backup",
+            app.cfg.backup_timeout_s
+        );
+        let _ = app
+            .store
+            .update_backup(&b.id, BackupStatus::Failed, Some(""), None, Some(&msg))
+            .await;
+        discard_backup(app, b).await;
     }
 }

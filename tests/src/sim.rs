@@ -27,6 +27,7 @@ use futures::StreamExt;
 use crate::Env;
 
 /// One simulated agent's identity.
+#[derive(Clone)]
 pub struct Seeded {
     pub id: String,
     creds: String,
@@ -202,6 +203,8 @@ pub async fn start(
         agents.push(c?);
     }
     agents.sort_by_key(|(i, _, _)| *i);
+    // Consumers are created a few at a time, as a fleet that starts over minutes would.
+    let creating = Arc::new(tokio::sync::Semaphore::new(16));
     for (i, s, client) in agents {
         let killed = Arc::new(AtomicBool::new(false));
         let offset = interval.mul_f64(i as f64 / n as f64);
@@ -211,7 +214,7 @@ pub async fn start(
             s,
             client,
             Timing { interval, offset },
-            i < consumers,
+            (i < consumers).then(|| creating.clone()),
             killed,
             stats.clone(),
         )));
@@ -309,12 +312,58 @@ async fn take_intent(
     stats.intents.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Creates the agent's intent consumer (retried until it exists, as a real agent does: a fleet
+/// starting at once asks for more consumers than the server makes within one request's
+/// timeout), then takes its intents until killed.
+async fn intent_loop(
+    s: &Seeded,
+    client: &async_nats::Client,
+    creating: &tokio::sync::Semaphore,
+    killed: &AtomicBool,
+    stats: &Stats,
+) {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut wait = Duration::from_millis(200);
+    let mut messages = loop {
+        let made = {
+            let _one = creating.acquire().await;
+            intent_messages(client, &s.id).await
+        };
+        match made {
+            Ok(m) => break m,
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    stats.consuming.fetch_add(1, Ordering::Relaxed);
+    while let Some(m) = messages.next().await {
+        if killed.load(Ordering::SeqCst) {
+            return;
+        }
+        // An error is a missed idle heartbeat or the like; the stream carries on.
+        if let Ok(msg) = m {
+            take_intent(s, &js, msg, stats).await;
+        }
+    }
+}
+
 /// A simulated agent: answers calls and heartbeats, and takes intents, until killed.
 async fn run_agent(
     s: Seeded,
     client: async_nats::Client,
     timing: Timing,
-    consumes: bool,
+    consumes: Option<Arc<tokio::sync::Semaphore>>,
     killed: Arc<AtomicBool>,
     stats: Arc<Stats>,
 ) {
@@ -322,17 +371,13 @@ async fn run_agent(
     let Ok(mut calls) = client.subscribe(subjects::call(&s.id)).await else {
         return;
     };
-    let js = async_nats::jetstream::new(client.clone());
-    let mut intents = None;
-    if consumes {
-        match intent_messages(&client, &s.id).await {
-            Ok(m) => {
-                intents = Some(m);
-                stats.consuming.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => eprintln!("simulated agent {}: no intent consumer: {e:#}", s.id),
-        }
-    }
+    // Intents run beside heartbeats and calls, as in a real agent; stopped with this task.
+    let intents = consumes.map(|creating| {
+        let (s, client, killed, stats) = (s.clone(), client.clone(), killed.clone(), stats.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            intent_loop(&s, &client, &creating, &killed, &stats).await
+        }))
+    });
     let boot_id = uuid::Uuid::new_v4().to_string();
     let started = Instant::now();
     let mut lease: Option<Instant> = None;
@@ -348,18 +393,7 @@ async fn run_agent(
             drop(client);
             return;
         }
-        let next_intent = async {
-            match intents.as_mut() {
-                Some(m) => m.next().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            Some(Ok(msg)) = next_intent => {
-                if !killed.load(Ordering::SeqCst) {
-                    take_intent(&s, &js, msg, &stats).await;
-                }
-            }
             _ = tick.tick() => {
                 if killed.load(Ordering::SeqCst) {
                     // Killed while waiting: not one more heartbeat.

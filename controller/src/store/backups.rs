@@ -80,6 +80,15 @@ impl Store {
             .await?)
     }
 
+    /// Every backup NEW or BUILDING, of any instance.
+    pub async fn running_backups(&self) -> anyhow::Result<Vec<BackupRow>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM backups WHERE deleted = FALSE AND status IN ('NEW', 'BUILDING')",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Whether a backup of the instance is NEW or BUILDING.
     pub async fn backup_running(&self, instance_id: &str) -> anyhow::Result<bool> {
         Self::backup_running_in(&self.pool, instance_id).await

@@ -176,6 +176,35 @@ impl Store {
         )
     }
 
+    /// Live instances with a task under way (few at any time: what the timers look at each
+    /// second, without reading the whole fleet).
+    pub async fn busy_instances(&self) -> anyhow::Result<Vec<InstanceRow>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM instances WHERE deleted = FALSE AND task <> 'none'")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The live instances that have a live replica (the sources automatic failover watches).
+    pub async fn sources(&self) -> anyhow::Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT replica_of FROM instances WHERE replica_of IS NOT NULL AND deleted = FALSE",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The live instances whose agent the provisioner placed (and must keep running), with
+    /// their task.
+    pub async fn placed_agents(&self) -> anyhow::Result<Vec<(String, Task)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, task FROM instances WHERE deleted = FALSE AND placement = 'provisioner' AND agent_public_key <> ''",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Allocates the next server id (never reused) inside `tx`.
     pub async fn next_server_id(tx: &mut Tx) -> anyhow::Result<i64> {
         let v: i64 = sqlx::query_scalar(

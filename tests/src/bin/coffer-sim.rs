@@ -156,6 +156,24 @@ async fn run_one(a: &Args, postgres: bool, controllers: usize, n: usize) -> anyh
         "  connected {n} agents in {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    // Every intent consumer made (created a few at a time, with retries, as a fleet that
+    // starts together gets them).
+    let t = Instant::now();
+    while fleet
+        .stats
+        .consuming
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < consumers as u64
+    {
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("intent consumers not all made within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "  {consumers} intent consumers made in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     // Warm up: every agent answered at least twice over.
     let warm = Instant::now();
     while fleet
