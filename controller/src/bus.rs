@@ -82,6 +82,23 @@ const INTENT_CONSUMERS: i32 = 1_000_000;
 /// Consumers the event stream allows: the controllers' one shared consumer, with room to spare.
 const EVENT_CONSUMERS: i32 = 100;
 
+/// Publishes one queued intent and waits for JetStream to store it.
+async fn publish(app: &App, row: &store::OutboxRow) -> Result<(), String> {
+    let publish = jetstream::message::PublishMessage::build()
+        .payload(row.payload.clone().into())
+        .message_id(row.intent_id.as_str());
+    let ack = app
+        .js
+        .send_publish(subjects::intent(&row.instance_id), publish)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(Duration::from_secs(5), ack)
+        .await
+        .map_err(|_| "timed out waiting for JetStream".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// How long an intent may keep failing to publish while others publish fine before it is failed
 /// with a fault instead of retried.
 const OUTBOX_GIVE_UP: Duration = Duration::from_secs(300);
@@ -111,11 +128,15 @@ pub async fn outbox_loop(app: Arc<App>) {
             warn!(error = %e, "reading outbox failed");
             vec![]
         });
-        let mut held: std::collections::HashSet<String> = Default::default();
-        let (mut sent, mut errors) = (0usize, 0usize);
+        // One intent per instance per round, the round's intents in flight at once; an
+        // instance's next intent waits for the next round, after this one is stored, so its
+        // intents reach JetStream in order.
+        let mut taken: std::collections::HashSet<String> = Default::default();
+        let (mut round, mut more, mut errors) = (vec![], false, 0usize);
         let max_payload = app.client.server_info().max_payload;
         for row in rows {
-            if held.contains(&row.instance_id) {
+            if !taken.insert(row.instance_id.clone()) {
+                more = true;
                 continue;
             }
             if max_payload > 0 && row.payload.len() + 512 > max_payload {
@@ -124,33 +145,22 @@ pub async fn outbox_loop(app: Arc<App>) {
                     row.payload.len()
                 );
                 give_up(&app, &row, &why).await;
+                more = true;
                 continue;
             }
             // The instance's storage exists before its agent is told to write to it.
             if let Err(e) = crate::objects::ensure(&app, &row.instance_id).await {
                 warn!(instance = %row.instance_id, error = %format!("{e:#}"), "creating the instance's storage failed; will retry");
                 errors += 1;
-                held.insert(row.instance_id.clone());
                 continue;
             }
-            let publish = jetstream::message::PublishMessage::build()
-                .payload(row.payload.clone().into())
-                .message_id(row.intent_id.as_str());
-            let r = async {
-                let ack = app
-                    .js
-                    .send_publish(subjects::intent(&row.instance_id), publish)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tokio::time::timeout(Duration::from_secs(5), ack)
-                    .await
-                    .map_err(|_| "timed out waiting for JetStream".to_string())?
-                    .map_err(|e| e.to_string())
-            }
-            .await;
+            round.push(row);
+        }
+        let results = futures::future::join_all(round.iter().map(|row| publish(&app, row))).await;
+        let sent = results.iter().filter(|r| r.is_ok()).count();
+        for (row, r) in round.iter().zip(results) {
             match r {
-                Ok(_) => {
-                    sent += 1;
+                Ok(()) => {
                     failing.remove(&row.seq);
                     if let Err(e) = app.store.published(row.seq, &row.intent_id).await {
                         warn!(error = %e, "marking intent published failed");
@@ -159,26 +169,27 @@ pub async fn outbox_loop(app: Arc<App>) {
                 Err(e) => {
                     warn!(intent_id = %row.intent_id, error = %e, "publishing intent failed; will retry");
                     errors += 1;
-                    held.insert(row.instance_id.clone());
                     let since = *failing.entry(row.seq).or_insert_with(Instant::now);
                     // Only while others go out is this row's failure its own, not NATS's.
                     if sent > 0 && since.elapsed() > OUTBOX_GIVE_UP {
                         failing.remove(&row.seq);
-                        give_up(&app, &row, &e).await;
-                    }
-                    // Two failures in a row with nothing sent: NATS itself is away; wait.
-                    if sent == 0 && errors >= 2 {
-                        failing.clear();
-                        break;
+                        give_up(&app, row, &e).await;
                     }
                 }
             }
+        }
+        // Nothing went out: NATS itself is away; forget who failed first.
+        if sent == 0 && errors > 0 {
+            failing.clear();
         }
         if errors > 0 {
             tokio::time::sleep(coffer_common::retry::next(&mut delay)).await;
             continue;
         }
         delay = backoff();
+        if more {
+            continue;
+        }
         tokio::select! {
             _ = app.outbox_wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
