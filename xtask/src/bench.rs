@@ -294,7 +294,7 @@ impl Bench {
             &cfg,
             format!(
                 "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {:?}\nnats_url = \"nats://127.0.0.1:{nats_port}\"\ntoken_file = {:?}\n\
-                 stop_agents_on_exit = true\n{extra_config}\n[provisioner]\nkind = \"process\"\nagent_binary = {:?}\ninstances_dir = {:?}\n\
+                 stop_agents_on_exit = true\ndefault_datastore = \"mariadb\"\n{extra_config}\n[provisioner]\nkind = \"process\"\nagent_binary = {:?}\ninstances_dir = {:?}\n\
                  port_min = 14306\nport_max = 14405\n{provisioner_extra}",
                 tmp.join("controller").display().to_string(),
                 tmp.join("tokens.toml").display().to_string(),
