@@ -803,8 +803,12 @@ pub async fn timers_loop(app: Arc<App>) {
                 }
             }
         }
+        crate::ops::schedules::run_due(&app).await;
         if n.is_multiple_of(5) {
             fail_abandoned_backups(&app).await;
+        }
+        if n.is_multiple_of(3) {
+            crate::ops::schedules::retain(&app).await;
         }
     }
 }

@@ -155,6 +155,7 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         instance: b.instance.0,
         incremental: b.incremental.is_some_and(|x| x.0),
         parent_id: b.parent_id,
+        schedule: None,
     };
     // Shown as created (NEW), whatever its agent has done with it since.
     let b = crate::ops::backups::create(&st, &c, spec).await?;

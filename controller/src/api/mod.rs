@@ -15,6 +15,7 @@ mod modules;
 mod parse;
 mod quotas;
 pub mod replicas;
+mod schedules;
 
 use std::sync::Arc;
 
@@ -442,6 +443,14 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route(&p("/limits"), get(quotas::limits))
         .route(&p("/backups"), get(backups::list).post(backups::create))
+        .route(
+            &p("/backup_schedules"),
+            get(schedules::list).post(schedules::create),
+        )
+        .route(
+            &p("/backup_schedules/{id}"),
+            get(schedules::show).delete(schedules::delete),
+        )
         .route(
             &p("/backups/{id}"),
             get(backups::show).delete(backups::delete),

@@ -159,6 +159,16 @@ pub struct BackupSpec {
     pub instance: String,
     pub incremental: bool,
     pub parent_id: Option<String>,
+    /// Set when a schedule's run asks for it: the run is counted in the transaction that
+    /// starts the backup.
+    pub schedule: Option<ScheduleRun>,
+}
+
+/// A schedule's run: the schedule, when it was due and when it is due next.
+pub struct ScheduleRun {
+    pub id: String,
+    pub due_ms: i64,
+    pub next_ms: i64,
 }
 
 /// A project's backup by id (404 for another project's).
@@ -264,15 +274,23 @@ pub async fn create(app: &App, c: &Caller, req: BackupSpec) -> Result<BackupRow,
             "Quota exceeded for resources: ['backups'].",
         ));
     }
-    start(
-        app,
-        tx,
-        &r,
-        uuid::Uuid::new_v4().to_string(),
-        req.name,
-        req.description,
-        parent_id,
-        false,
-    )
-    .await
+    let id = uuid::Uuid::new_v4().to_string();
+    if let Some(run) = &req.schedule {
+        let moved = Store::advance_schedule_in(
+            &mut *tx,
+            &run.id,
+            run.due_ms,
+            run.next_ms,
+            &format!("started backup {id}"),
+        )
+        .await?;
+        if !moved {
+            return Err(ApiError::conflict(format!(
+                "Schedule {} has run already.",
+                run.id
+            )));
+        }
+        Store::link_scheduled_backup(&mut tx, &id, &run.id).await?;
+    }
+    start(app, tx, &r, id, req.name, req.description, parent_id, false).await
 }

@@ -16,6 +16,7 @@ pub mod intents;
 pub mod keys;
 pub mod modules;
 pub mod quotas;
+pub mod schedules;
 
 /// Who a request acts for: a project, with or without the admin role.
 #[derive(Debug, Clone)]

@@ -22,6 +22,7 @@ mod intents;
 mod leases;
 mod modules;
 mod quotas;
+mod schedules;
 mod workflows;
 pub use backups::BackupRow;
 pub use catalog::{DatastoreRow, FlavorRow, VersionRow};
@@ -33,6 +34,7 @@ pub use instances::{InstanceRow, NewRow};
 pub use intents::{IntentTooLarge, OutboxRow, MAX_INTENT_BYTES};
 pub use modules::ModuleRow;
 pub use quotas::QUOTA_DEFAULTS;
+pub use schedules::ScheduleRow;
 pub use workflows::{ClaimLost, Owned, WorkflowRow};
 
 /// A transaction on the store.
