@@ -398,7 +398,7 @@ pub enum Restored {
     /// The data directory holds the backup's files, as of this position.
     Files(coffer_strategies::backup::EnginePosition),
     /// A logical backup, loaded into the running server by [`load`] (from these sources).
-    Load(Manifest, Sources),
+    Load(Box<(Manifest, Sources)>),
 }
 
 /// Opens one stored backup: fetched, authenticated, decrypted and checked against its manifest
@@ -519,7 +519,7 @@ pub async fn restore(
             coffer_strategies::backup::pump(&mut reader, &mut std::io::sink(), &mut report)
                 .map_err(|e| link_error(&chain[0].backup_id, BackupError::Io(e)))?;
             drop(reader);
-            return Ok(Restored::Load(chain.remove(0), sources));
+            return Ok(Restored::Load(Box::new((chain.remove(0), sources))));
         }
         let _ = std::fs::remove_dir_all(&dd);
         let result = (|| -> Result<(), String> {

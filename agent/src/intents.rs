@@ -491,7 +491,8 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
                 )
                 .await;
                 match crate::backups::restore(ctx, id, r, &sizing).await? {
-                    crate::backups::Restored::Load(m, sources) => {
+                    crate::backups::Restored::Load(load) => {
+                        let (m, sources) = *load;
                         restored_at = Some(m.position.clone());
                         pending_load = Some((m, sources));
                     }

@@ -16,8 +16,11 @@ use crate::Ctx;
 
 pub use coffer_strategies::logs::CONTAINER;
 
-fn sizes() -> &'static Mutex<HashMap<PathBuf, Option<(u64, u64)>>> {
-    static S: OnceLock<Mutex<HashMap<PathBuf, Option<(u64, u64)>>>> = OnceLock::new();
+/// Where each log file was last seen (inode, size; None: absent), by path.
+type Sizes = Mutex<HashMap<PathBuf, Option<(u64, u64)>>>;
+
+fn sizes() -> &'static Sizes {
+    static S: OnceLock<Sizes> = OnceLock::new();
     S.get_or_init(Default::default)
 }
 

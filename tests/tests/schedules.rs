@@ -208,7 +208,7 @@ async fn schedules_run_mix_full_and_incremental_and_retention_keeps_what_kept_ba
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_missed_while_the_controller_was_down_starts_once_when_it_is_back() {
+async fn a_run_missed_while_the_controller_was_killed_starts_once_when_it_is_back() {
     let mut env = Env::start().await;
     let (id, _) = env.active_with_rows("missed", &[1]).await;
     // Due once a minute, a few seconds from now.
@@ -223,7 +223,7 @@ async fn a_run_missed_while_the_controller_was_down_starts_once_when_it_is_back(
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let sid = v["backup_schedule"]["id"].as_str().unwrap().to_string();
-    env.stop_controller();
+    env.kill_controller();
     let runs = "SELECT CAST(runs AS TEXT) FROM backup_schedules WHERE id = $1";
     assert_eq!(
         env.store_text(runs, &sid).await,
