@@ -85,14 +85,17 @@ impl Drop for Killer {
 }
 
 /// A floor server's my.cnf from the one Coffer rendered for an instance at `instance_root`:
-/// paths moved to `dir`, Coffer's includes (groups, logs, role, modules) dropped, and the
-/// `key = value` lines of `set` replaced.
+/// paths moved to `dir`, Coffer's includes (groups, logs, role, modules) dropped, the
+/// `key = value` lines of `set` replaced, and the server's `user` root (the floor runs as the
+/// bench does; the instance's own Unix user is gone with it). Makes `dir/files`, the moved
+/// `secure_file_priv` (the server refuses to start without it).
 pub(crate) fn floor_cnf(
     rendered: &str,
     instance_root: &str,
     dir: &Path,
     set: &[(&str, String)],
 ) -> String {
+    let _ = std::fs::create_dir_all(dir.join("files"));
     rendered
         .replace(instance_root, &dir.display().to_string())
         .lines()
@@ -101,7 +104,10 @@ pub(crate) fn floor_cnf(
             set.iter()
                 .find(|(k, _)| l.starts_with(&format!("{k} = ")))
                 .map(|(k, v)| format!("{k} = {v}"))
-                .unwrap_or_else(|| l.to_string())
+                .unwrap_or_else(|| match l.starts_with("user = ") {
+                    true => "user = root".to_string(),
+                    false => l.to_string(),
+                })
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -125,11 +131,15 @@ fn floor_run(cnf_template: &str, instance_root: &str, dir: &Path) -> anyhow::Res
         .arg(format!("--defaults-file={}", cnf_path.display()))
         .arg(format!("--datadir={}", dir.join("data").display()))
         .args(["--auth-root-authentication-method=socket", "--skip-test-db"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?;
-    if !st.success() {
-        bail!("mariadb-install-db failed in the floor run");
+        .output()?;
+    if !st.status.success() {
+        let err = String::from_utf8_lossy(&st.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(8).collect();
+        bail!(
+            "mariadb-install-db failed in the floor run (my.cnf: {}):\n{}",
+            cnf_path.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
     let child = Command::new("/usr/sbin/mariadbd")
         .arg(format!("--defaults-file={}", cnf_path.display()))
@@ -269,8 +279,54 @@ impl Bench {
         let nats_port = free_port();
         let api_port = free_port();
         let mut procs = Killer(vec![]);
+        // As the demo: each instance runs as a Unix user of its own (as root), so the agent
+        // binary goes where those users can run it, and the directory lets them through.
+        let agent_bin = tmp.join("bin/coffer-agent");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir_all(tmp.join("bin"))?;
+            std::fs::copy(bins.join("coffer-agent"), &agent_bin)
+                .context("copying coffer-agent for the bench")?;
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o711))?;
+        }
+        let token = "bench-token-0123456789";
+        std::fs::write(
+            tmp.join("tokens.toml"),
+            format!("[[token]]\ntoken = \"{token}\"\nproject = \"bench\"\nadmin = true\n"),
+        )?;
+        let cfg = tmp.join("controller.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {:?}\nnats_url = \"nats://127.0.0.1:{nats_port}\"\ntoken_file = {:?}\n\
+                 stop_agents_on_exit = true\ndefault_datastore = \"mariadb\"\nnats_creds = {:?}\n{extra_config}\n\
+                 [nats_auth]\ndir = {:?}\n\n[provisioner]\nkind = \"process\"\nagent_binary = {:?}\ninstances_dir = {:?}\n\
+                 port_min = 14306\nport_max = 14405\n{provisioner_extra}",
+                tmp.join("controller").display().to_string(),
+                tmp.join("tokens.toml").display().to_string(),
+                tmp.join("nats-auth/controller.creds").display().to_string(),
+                tmp.join("nats-auth").display().to_string(),
+                agent_bin.display().to_string(),
+                tmp.join("instances").display().to_string(),
+            ),
+        )?;
+        // Authorization on, as in production: the controller's NATS authority writes the
+        // server's side of it, and gives every agent its own identity.
+        let out = Command::new(bins.join("coffer-controller"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["manage", "nats-setup"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "coffer-controller manage nats-setup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         procs.0.push(
             Command::new(&tools.nats_server)
+                .arg("-c")
+                .arg(tmp.join("nats-auth/server-auth.conf"))
                 .args([
                     "-a",
                     "127.0.0.1",
@@ -284,24 +340,6 @@ impl Bench {
                 .stderr(Stdio::null())
                 .spawn()?,
         );
-        let token = "bench-token-0123456789";
-        std::fs::write(
-            tmp.join("tokens.toml"),
-            format!("[[token]]\ntoken = \"{token}\"\nproject = \"bench\"\nadmin = true\n"),
-        )?;
-        let cfg = tmp.join("controller.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "listen = \"127.0.0.1:{api_port}\"\ndata_dir = {:?}\nnats_url = \"nats://127.0.0.1:{nats_port}\"\ntoken_file = {:?}\n\
-                 stop_agents_on_exit = true\ndefault_datastore = \"mariadb\"\n{extra_config}\n[provisioner]\nkind = \"process\"\nagent_binary = {:?}\ninstances_dir = {:?}\n\
-                 port_min = 14306\nport_max = 14405\n{provisioner_extra}",
-                tmp.join("controller").display().to_string(),
-                tmp.join("tokens.toml").display().to_string(),
-                bins.join("coffer-agent").display().to_string(),
-                tmp.join("instances").display().to_string(),
-            ),
-        )?;
         crate::demo::register(&bins.join("coffer-controller"), &cfg)?;
         procs.0.push(
             Command::new(bins.join("coffer-controller"))
