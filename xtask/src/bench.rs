@@ -172,21 +172,48 @@ pub(crate) fn wait_select1(sock: &Path, t0: Instant, limit: Duration) -> anyhow:
     }
 }
 
-/// Prepares tools, builds release binaries and runs `f` with a fresh temp dir (removed after).
+/// Prepares tools, builds release binaries (or, in smoke mode, takes the debug ones the test
+/// suite just built) and runs `f` with a fresh temp dir (removed after).
 pub(crate) fn with_release(
     name: &str,
+    smoke: bool,
     f: impl FnOnce(&env::Tools, &Path, &Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let tools = env::prepare()?;
-    env::step("building release binaries");
-    env::cargo(&["build", "--release", "--workspace", "--bins"])?;
-    let bins = tools.target_dir.join("release");
+    let bins = if smoke {
+        tools.target_dir.join("debug")
+    } else {
+        env::step("building release binaries");
+        env::cargo(&["build", "--release", "--workspace", "--bins"])?;
+        tools.target_dir.join("release")
+    };
     let tmp = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     let result = f(&tools, &bins, &tmp);
     let _ = std::fs::remove_dir_all(&tmp);
     result
+}
+
+/// What the figures came from: a release build, or the debug one of a smoke run (whose
+/// figures measure nothing).
+pub(crate) fn build_label(bins: &Path) -> &'static str {
+    if bins.ends_with("debug") {
+        "debug build, smoke run: not a measurement"
+    } else {
+        "release build"
+    }
+}
+
+/// Every bench once in smoke mode (tiny data, one run, debug binaries, no targets): what
+/// `cargo xtask test` runs after the suite, so a change that breaks a bench fails CI.
+pub fn smoke_all() -> anyhow::Result<()> {
+    let smoke = ["--smoke".to_string()];
+    run(&["lifecycle".to_string(), smoke[0].clone()])
+        .context("cargo xtask bench lifecycle --smoke")?;
+    crate::bench_backup::run(&smoke).context("cargo xtask bench backup --smoke")?;
+    crate::bench_replication::run(&smoke).context("cargo xtask bench replication --smoke")?;
+    Ok(())
 }
 
 fn proc_rss_kb(pid: i32) -> u64 {
@@ -212,18 +239,22 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut it = args.iter();
     let what = it.next().map(String::as_str).unwrap_or("");
     if what != "lifecycle" {
-        bail!("usage: cargo xtask bench lifecycle [--runs N] [--idle-secs S] | bench backup [--size-mb N]");
+        bail!("usage: cargo xtask bench lifecycle [--runs N] [--idle-secs S] [--smoke] | bench backup [--size-mb N] [--smoke] | bench replication [--size-mb N] [--smoke] | bench scale [--smoke]");
     }
     let mut runs = 5usize;
     let mut idle = 60u64;
+    let mut smoke = false;
     while let Some(a) = it.next() {
         match a.as_str() {
             "--runs" => runs = it.next().context("--runs N")?.parse()?,
             "--idle-secs" => idle = it.next().context("--idle-secs S")?.parse()?,
-            other => bail!("unknown bench option '{other}'"),
+            "--smoke" => (smoke, runs, idle) = (true, 1, 2),
+            other => {
+                bail!("unknown bench option '{other}' (known: --runs N, --idle-secs S, --smoke)")
+            }
         }
     }
-    with_release("coffer-bench", |tools, bins, tmp| {
+    with_release("coffer-bench", smoke, |tools, bins, tmp| {
         bench(tools, bins, tmp, runs, idle)
     })
 }
@@ -498,7 +529,8 @@ fn bench(
 
     let (fm, fmin, fmax) = stats(&mut floor);
     let (cm, cmin, cmax) = stats(&mut coffer);
-    println!("\nbench lifecycle ({runs} runs, flavor coffer.tiny, MariaDB, release build)");
+    let build = crate::bench::build_label(bins);
+    println!("\nbench lifecycle ({runs} runs, flavor coffer.tiny, MariaDB, {build})");
     println!("  floor  install-db + mariadbd -> SELECT 1 : median {fm:.3} s  (min {fmin:.3}, max {fmax:.3})");
     println!("  coffer create -> ACTIVE (10 ms polls)    : median {cm:.3} s  (min {cmin:.3}, max {cmax:.3})");
     println!(

@@ -59,20 +59,22 @@ fn peak_rss_kb(pid: i32) -> u64 {
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut size_mb = 1024u64;
     let mut which = "all".to_string();
+    let mut smoke = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--size-mb" => size_mb = it.next().context("--size-mb N")?.parse()?,
             "--datastore" => which = it.next().context("--datastore NAME")?.clone(),
+            "--smoke" => (smoke, size_mb) = (true, 2),
             other => bail!(
-                "unknown bench backup option '{other}' (known: --size-mb N, --datastore mariadb|postgresql|redis|all)"
+                "unknown bench backup option '{other}' (known: --size-mb N, --datastore mariadb|postgresql|redis|all, --smoke)"
             ),
         }
     }
     if !["all", "mariadb", "postgresql", "redis"].contains(&which.as_str()) {
         bail!("--datastore takes mariadb, postgresql, redis or all");
     }
-    with_release("coffer-bench-backup", |tools, bins, tmp| {
+    with_release("coffer-bench-backup", smoke, |tools, bins, tmp| {
         let run = |name: &str| which == "all" || which == name;
         if run("mariadb") {
             let dir = tmp.join("mariadb");
@@ -247,7 +249,8 @@ fn bench_postgresql(
     let (_, cr) = coffer.create(json!({"instance": {"name": "restored", "flavorRef": "3",
         "volume": {"size": 20}, "datastore": {"type": "postgresql"}, "restorePoint": {"backupRef": bid}}}))?;
 
-    println!("\nbench backup (data directory {mb:.0} MB, PostgreSQL, release build, one run each)");
+    let build = crate::bench::build_label(bins);
+    println!("\nbench backup (data directory {mb:.0} MB, PostgreSQL, {build}, one run each)");
     println!("  floor  pg_basebackup -Ft | zstd -1     : {floor:.2} s  {:.0} MB/s  ({floor_size:.0} MB stored)", mb / floor);
     if let Ok((t, size)) = pgbr {
         println!(
@@ -430,7 +433,8 @@ fn bench_redis(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> any
     let (_, cr) = coffer.create(json!({"instance": {"name": "restored", "flavorRef": "3",
         "volume": {"size": 20}, "datastore": {"type": "redis"}, "restorePoint": {"backupRef": bid}}}))?;
 
-    println!("\nbench backup (dataset {used:.0} MB in memory, RDB {rdb_mb:.0} MB, Redis, release build, one run each)");
+    let build = crate::bench::build_label(bins);
+    println!("\nbench backup (dataset {used:.0} MB in memory, RDB {rdb_mb:.0} MB, Redis, {build}, one run each)");
     println!(
         "  floor  BGSAVE + cp dump.rdb           : {floor:.2} s  {:.0} MB/s (of RDB)",
         rdb_mb / floor
@@ -558,7 +562,8 @@ fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::R
     env::step("Coffer restore: POST /instances with restorePoint until ACTIVE");
     let (_, coffer_restore) = coffer.create(json!({"instance": {"name": "restored", "flavorRef": "3", "volume": {"size": 20}, "restorePoint": {"backupRef": bid}}}))?;
 
-    println!("\nbench backup (data directory {mb:.0} MB, MariaDB, release build, one run each)");
+    let build = crate::bench::build_label(bins);
+    println!("\nbench backup (data directory {mb:.0} MB, MariaDB, {build}, one run each)");
     println!(
         "  floor  mariabackup | zstd -1          : {floor:.2} s  {:.0} MB/s  ({:.0} MB stored)",
         mb / floor,

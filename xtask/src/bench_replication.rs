@@ -21,14 +21,18 @@ use crate::env;
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut size_mb = 256u64;
+    let mut smoke = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--size-mb" => size_mb = it.next().context("--size-mb N")?.parse()?,
-            other => bail!("unknown bench replication option '{other}' (known: --size-mb N)"),
+            "--smoke" => (smoke, size_mb) = (true, 2),
+            other => {
+                bail!("unknown bench replication option '{other}' (known: --size-mb N, --smoke)")
+            }
         }
     }
-    with_release("coffer-bench-replication", |tools, bins, tmp| {
+    with_release("coffer-bench-replication", smoke, |tools, bins, tmp| {
         bench(tools, bins, tmp, size_mb)
     })
 }
@@ -366,7 +370,8 @@ fn bench(tools: &env::Tools, bins: &Path, tmp: &Path, size_mb: u64) -> anyhow::R
     coffer.stop();
 
     println!();
-    println!("bench replication (data directory {mb:.0} MB, MariaDB, release build, one run each)");
+    let build = crate::bench::build_label(bins);
+    println!("bench replication (data directory {mb:.0} MB, MariaDB, {build}, one run each)");
     println!("  floor  replica by hand (backup | extract, prepare, start, catch up) : {floor_replica:.2} s");
     println!("  coffer replica through the API (snapshot, encrypted, restore, catch up) : {coffer_replica:.2} s");
     println!(

@@ -106,5 +106,16 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     if !status.success() {
         bail!("the test suite failed ({status})");
     }
+    // The whole suite (no filter) also runs every bench once in smoke mode, so a change that
+    // breaks a bench fails here (the scale bench's smoke run is a test of its own).
+    if filters.is_empty() {
+        let t = std::time::Instant::now();
+        env::step("running the benches in smoke mode");
+        bench::smoke_all()?;
+        eprintln!(
+            "xtask: benches ran in smoke mode in {:.0} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }
