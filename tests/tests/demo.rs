@@ -11,11 +11,70 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 use sqlx::{ConnectOptions, Connection, Row};
 
-fn start_demo(dir: &Path) -> Child {
+/// A running demo. Dropped while a test panics, it is stopped (SIGINT, then SIGKILL for it and
+/// whatever still runs from its directory), so a failed test leaves no server behind; a test
+/// that gets through stops it with [`stop_demo`], which checks the stop.
+struct Demo {
+    child: Option<Child>,
+    dir: std::path::PathBuf,
+    /// Held while the demo runs: see [`one_demo_at_a_time`].
+    _turn: std::fs::File,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        for (pid, _) in running_from(&self.dir) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The demo gives its instances ports from one fixed range (13306..13405): two demos at once on
+/// one machine can hand the same port to two servers, so the demo tests take turns (a lock on
+/// a file, across test processes).
+fn one_demo_at_a_time() -> std::fs::File {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("coffer-demo-tests.lock"))
+        .unwrap();
+    f.lock().unwrap();
+    f
+}
+
+/// Live processes whose command line names `dir` (pid, command line).
+fn running_from(dir: &Path) -> Vec<(i32, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|p| pid_alive(*p))
+        .filter_map(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .ok()
+                .map(|c| (p, String::from_utf8_lossy(&c).replace('\0', " ")))
+        })
+        .filter(|(_, c)| c.contains(&*dir.to_string_lossy()))
+        .collect()
+}
+
+fn start_demo(dir: &Path) -> Demo {
     start_demo_with(dir, &[])
 }
 
-fn start_demo_with(dir: &Path, extra: &[&str]) -> Child {
+fn start_demo_with(dir: &Path, extra: &[&str]) -> Demo {
+    let turn = one_demo_at_a_time();
     let _ = std::fs::remove_file(dir.join("demo.env"));
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -41,10 +100,15 @@ fn start_demo_with(dir: &Path, extra: &[&str]) -> Child {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    child
+    Demo {
+        child: Some(child),
+        dir: dir.to_path_buf(),
+        _turn: turn,
+    }
 }
 
-fn stop_demo(mut child: Child, dir: &Path) {
+fn stop_demo(mut demo: Demo, dir: &Path) {
+    let mut child = demo.child.take().unwrap();
     kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -56,17 +120,8 @@ fn stop_demo(mut child: Child, dir: &Path) {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Nothing it started is left.
-    let leftovers: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
-        .filter(|p| pid_alive(*p))
-        .filter_map(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .ok()
-                .map(|c| (p, String::from_utf8_lossy(&c).replace('\0', " ")))
-        })
-        .filter(|(_, c)| c.contains(&*dir.to_string_lossy()))
+    let leftovers: Vec<String> = running_from(dir)
+        .into_iter()
         .map(|(p, c)| format!("{p}: {c}"))
         .collect();
     assert!(leftovers.is_empty(), "processes left behind: {leftovers:?}");

@@ -284,9 +284,56 @@ pub fn scale(args: &[String]) -> anyhow::Result<()> {
 
 /// A Coffer (nats-server + controller with release binaries) in a temp dir, for benchmarks.
 pub(crate) struct Bench {
+    /// nats-server, then the controller.
     pub procs: Killer,
     pub api_port: u16,
     pub token: &'static str,
+    /// The bench's directory: what still runs from it at the end is stopped.
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Bench {
+    /// Stops the controller with SIGTERM, so (with `stop_agents_on_exit`) its agents stop their
+    /// databases and exit; then nats-server; then whatever still runs from the bench's
+    /// directory (an agent or database the controller could not reach), so no bench leaves a
+    /// server behind, whether it finished or failed.
+    fn drop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        if let Some(ctl) = self.procs.0.get_mut(1) {
+            let _ = kill(Pid::from_raw(ctl.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while matches!(ctl.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        for c in &mut self.procs.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.procs.0.clear();
+        let dir = format!("{}/", self.dir.display());
+        let left = || -> Vec<i32> {
+            let Ok(rd) = std::fs::read_dir("/proc") else {
+                return vec![];
+            };
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&dir))
+                })
+                .collect()
+        };
+        for pid in left() {
+            eprintln!("xtask: stopping process {pid} the bench left running");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !left().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Bench {
@@ -395,6 +442,7 @@ impl Bench {
             procs,
             api_port,
             token,
+            dir: tmp.to_path_buf(),
         })
     }
 
@@ -432,15 +480,10 @@ impl Bench {
         }
     }
 
-    /// Stops the controller first, so it shuts agents and databases down cleanly.
-    pub fn stop(mut self) {
-        if let Some(mut c) = self.procs.0.pop() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
+    /// Stops everything now (as dropping it does): the controller first, so it shuts agents
+    /// and databases down cleanly.
+    pub fn stop(self) {
+        drop(self)
     }
 }
 
