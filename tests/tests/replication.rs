@@ -415,6 +415,13 @@ async fn a_partitioned_source_fences_itself_and_stays_fenced() {
         assert!(Instant::now() < deadline, "the source never fenced itself");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The fence ends the open sessions right after it makes the server read-only: wait for
+    // that (this session ends), so the next one opens on a server the fence has finished with
+    // (one opened in between is ended too, as it should be).
+    let ended = Instant::now() + Duration::from_secs(10);
+    while sqlx::query("SELECT 1").execute(&mut rc).await.is_ok() && Instant::now() < ended {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // A new root session cannot write either (read_only holds against root).
     let mut rc2 = sqlx::ConnectOptions::connect(&root_at(&sview))
         .await
