@@ -357,16 +357,8 @@ impl Bench {
         let nats_port = free_port();
         let api_port = free_port();
         let mut procs = Killer(vec![]);
-        // As the demo: each instance runs as a Unix user of its own (as root), so the agent
-        // binary goes where those users can run it, and the directory lets them through.
-        let agent_bin = tmp.join("bin/coffer-agent");
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::create_dir_all(tmp.join("bin"))?;
-            std::fs::copy(bins.join("coffer-agent"), &agent_bin)
-                .context("copying coffer-agent for the bench")?;
-            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o711))?;
-        }
+        // As the demo: each instance runs as a Unix user of its own.
+        let agent_bin = crate::demo::place_agent(bins, tmp)?;
         let token = "bench-token-0123456789";
         std::fs::write(
             tmp.join("tokens.toml"),
@@ -388,19 +380,8 @@ impl Bench {
                 tmp.join("instances").display().to_string(),
             ),
         )?;
-        // Authorization on, as in production: the controller's NATS authority writes the
-        // server's side of it, and gives every agent its own identity.
-        let out = Command::new(bins.join("coffer-controller"))
-            .arg("--config")
-            .arg(&cfg)
-            .args(["manage", "nats-setup"])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "coffer-controller manage nats-setup failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        // Authorization on, as in production.
+        crate::demo::nats_setup(&bins.join("coffer-controller"), &cfg)?;
         procs.0.push(
             Command::new(&tools.nats_server)
                 .arg("-c")

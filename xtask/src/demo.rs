@@ -226,6 +226,40 @@ pub fn make_ca(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Each instance runs as a Unix user of its own (when this runs as root): the agent binary goes
+/// into `dir/bin`, where those users can run it, and `dir` lets them through to their own
+/// instance (its files are 0600; the controller's data dir is 0700). Returns its path.
+pub fn place_agent(bin_dir: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let agent_bin = dir.join("bin/coffer-agent");
+    std::fs::create_dir_all(dir.join("bin"))?;
+    let _ = std::fs::remove_file(&agent_bin);
+    let built = bin_dir.join("coffer-agent");
+    if std::fs::hard_link(&built, &agent_bin).is_err() {
+        std::fs::copy(&built, &agent_bin)
+            .with_context(|| format!("copying {}", built.display()))?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+    Ok(agent_bin)
+}
+
+/// Authorization on: the controller holds the NATS authority and gives every agent its own
+/// identity; `manage nats-setup` (idempotent) writes the server's side of it.
+pub fn nats_setup(controller: &Path, config: &Path) -> anyhow::Result<()> {
+    let out = Command::new(controller)
+        .arg("--config")
+        .arg(config)
+        .args(["manage", "nats-setup"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "coffer-controller manage nats-setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// Registers MariaDB (installed version), PostgreSQL and Redis when installed, and small
 /// flavors; safe to repeat.
 pub fn register(controller: &Path, config: &Path) -> anyhow::Result<String> {
@@ -356,21 +390,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let dir = dir.canonicalize()?;
     let p = load_or_create(&dir)?;
     let controller_bin = tools.bin_dir.join("coffer-controller");
-    // Each instance runs as a Unix user of its own (when this runs as root): the agent binary
-    // goes beside the instances, where those users can run it, and the directory lets them
-    // through to their own instance (its files are 0600; the controller's data dir is 0700).
-    let agent_bin = dir.join("bin/coffer-agent");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(dir.join("bin"))?;
-        let _ = std::fs::remove_file(&agent_bin);
-        let built = tools.bin_dir.join("coffer-agent");
-        if std::fs::hard_link(&built, &agent_bin).is_err() {
-            std::fs::copy(&built, &agent_bin)
-                .with_context(|| format!("copying {}", built.display()))?;
-        }
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
-    }
+    let agent_bin = place_agent(&tools.bin_dir, &dir)?;
 
     write_private(
         &dir.join("tokens.toml"),
@@ -453,19 +473,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 
     env::step(&format!("starting nats-server on port {}", p.nats_port));
     let nats_log = dir.join("nats.log");
-    // Authorization on: the controller holds the NATS authority and gives every agent its own
-    // identity; nats-setup (idempotent) writes the server's side of it.
-    let out = Command::new(&controller_bin)
-        .arg("--config")
-        .arg(&config)
-        .args(["manage", "nats-setup"])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "coffer-controller manage nats-setup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    nats_setup(&controller_bin, &config)?;
     let nats_conf = if tls {
         let conf = dir.join("nats-tls.conf");
         std::fs::write(

@@ -102,15 +102,13 @@ impl Store {
         if instances.is_empty() {
             return Ok(Default::default());
         }
-        let (marks, ids) = super::padded(instances, 1);
+        let (marks, args) = super::padded(instances)?;
         let sql = format!(
             "SELECT DISTINCT instance_id FROM backups WHERE instance_id IN ({marks}) AND deleted = FALSE AND status IN ('NEW', 'BUILDING')"
         );
-        let mut q = sqlx::query_scalar(&sql);
-        for id in &ids {
-            q = q.bind(*id);
-        }
-        let v: Vec<String> = q.fetch_all(&self.pool).await?;
+        let v: Vec<String> = sqlx::query_scalar_with(&sql, args)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(v.into_iter().collect())
     }
 

@@ -390,24 +390,21 @@ impl Store {
         if ids.is_empty() {
             return Ok(Default::default());
         }
-        let (marks, ids) = super::padded(ids, 1);
+        let (marks, args) = super::padded(ids)?;
         let sql = format!(
             "SELECT id, service_status, host, port, agent_version, capabilities, replica_of, ejected \
              FROM instances WHERE id IN ({marks}) AND deleted = FALSE"
         );
-        let mut q = sqlx::query_as(&sql);
-        for id in &ids {
-            q = q.bind(*id);
-        }
-        let rows: Vec<HeartbeatRow> = q.fetch_all(&self.pool).await?;
+        let rows: Vec<HeartbeatRow> = sqlx::query_as_with(&sql, args)
+            .fetch_all(&self.pool)
+            .await?;
+        let (_, args) = super::padded(ids)?;
         let sql = format!(
             "SELECT DISTINCT replica_of FROM instances WHERE replica_of IN ({marks}) AND deleted = FALSE"
         );
-        let mut q = sqlx::query_scalar(&sql);
-        for id in &ids {
-            q = q.bind(*id);
-        }
-        let sources: Vec<String> = q.fetch_all(&self.pool).await?;
+        let sources: Vec<String> = sqlx::query_scalar_with(&sql, args)
+            .fetch_all(&self.pool)
+            .await?;
         Ok((rows, sources.into_iter().collect()))
     }
 
@@ -420,15 +417,14 @@ impl Store {
         if sources.is_empty() {
             return Ok(out);
         }
-        let (marks, ids) = super::padded(sources, 1);
+        let (marks, args) = super::padded(sources)?;
         let sql = format!(
             "SELECT replica_of, id FROM instances WHERE replica_of IN ({marks}) AND deleted = FALSE ORDER BY created, rowid"
         );
-        let mut q = sqlx::query_as::<_, (String, String)>(&sql);
-        for id in &ids {
-            q = q.bind(*id);
-        }
-        for (source, id) in q.fetch_all(&self.pool).await? {
+        let pairs: Vec<(String, String)> = sqlx::query_as_with(&sql, args)
+            .fetch_all(&self.pool)
+            .await?;
+        for (source, id) in pairs {
             out.entry(source).or_default().push(id);
         }
         Ok(out)

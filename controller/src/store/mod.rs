@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::Context;
-use sqlx::any::{Any, AnyTypeInfo};
+use sqlx::any::{Any, AnyArguments, AnyTypeInfo};
 use sqlx::error::BoxDynError;
 use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
@@ -79,18 +79,22 @@ pub struct Store {
 pub const BATCH: usize = 256;
 
 /// For reads of many rows by id (heartbeat batches, list pages): the `IN (...)` placeholders
-/// from `$first` on and the ids to bind. The count is rounded up to a power of two by repeating
-/// the last id, so nine statement shapes serve every batch and the prepared-statement caches
-/// hold them all. `ids` must be 1..=[`BATCH`] long.
-pub(crate) fn padded<'a>(ids: &[&'a str], first: usize) -> (String, Vec<&'a str>) {
+/// and the arguments binding the ids to them. The count is rounded up to a power of two by
+/// repeating the last id, so nine statement shapes serve every batch and the prepared-statement
+/// caches hold them all. `ids` must be 1..=[`BATCH`] long.
+pub(crate) fn padded<'q>(ids: &[&'q str]) -> anyhow::Result<(String, AnyArguments<'q>)> {
+    use sqlx::Arguments;
     let n = ids.len().next_power_of_two();
-    let mut v = ids.to_vec();
-    v.resize(n, ids[ids.len() - 1]);
-    let marks = (first..first + n)
+    let mut args = AnyArguments::default();
+    for i in 0..n {
+        args.add(ids[i.min(ids.len() - 1)])
+            .map_err(|e| anyhow::anyhow!(e))?;
+    }
+    let marks = (1..=n)
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()
         .join(", ");
-    (marks, v)
+    Ok((marks, args))
 }
 
 /// Current UTC time in Trove's format (`2019-12-23T20:58:35`).

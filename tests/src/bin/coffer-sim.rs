@@ -253,30 +253,15 @@ async fn run_one(a: &Args, postgres: bool, controllers: usize, n: usize) -> anyh
     // Hosts lost at once: how long until each shows ERROR.
     let dead = fleet.kill(0..a.kill.min(n));
     let killed_at = Instant::now();
-    let mut seen: Vec<f64> = vec![];
-    let mut waiting = dead.clone();
-    while !waiting.is_empty() && killed_at.elapsed() < Duration::from_secs(expiry * 4 + 30) {
-        let checks = waiting.iter().map(|id| {
-            let env = &env;
-            async move {
-                let (_, v) = env.call("GET", &format!("/instances/{id}"), None).await;
-                (id.clone(), v["instance"]["status"] == "ERROR")
-            }
-        });
-        let results = futures::future::join_all(checks).await;
-        let at = killed_at.elapsed().as_secs_f64();
-        for (id, lost) in results {
-            if lost {
-                seen.push(at);
-                waiting.retain(|w| *w != id);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if !waiting.is_empty() {
-        bail!("{} killed agents were never seen lost", waiting.len());
-    }
-    let detect = (percentile(&mut seen, 0.5), percentile(&mut seen, 1.0));
+    let detect = seconds_until_each(
+        &env,
+        &dead,
+        killed_at,
+        Duration::from_secs(expiry * 4 + 30),
+        "seen lost (ERROR)",
+        "ERROR",
+    )
+    .await?;
     drop(fleet);
     drop(peers);
     // The next run needs as many connections again: wait for these to close.
@@ -304,7 +289,7 @@ async fn run_one(a: &Args, postgres: bool, controllers: usize, n: usize) -> anyh
 }
 
 /// Restarts up to `n` of `ids` at once through the API; seconds until each is ACTIVE again
-/// (p50, max), polled every 50 ms.
+/// (p50, max).
 async fn restarts(env: &Env, ids: &[String], n: usize) -> anyhow::Result<(f64, f64)> {
     let ids = &ids[..n.min(ids.len())];
     let t = Instant::now();
@@ -314,20 +299,41 @@ async fn restarts(env: &Env, ids: &[String], n: usize) -> anyhow::Result<(f64, f
             bail!("restart of {id} refused: {st} {v}");
         }
     }
+    seconds_until_each(
+        env,
+        ids,
+        t,
+        Duration::from_secs(120),
+        "ACTIVE after a restart",
+        "ACTIVE",
+    )
+    .await
+}
+
+/// Polls the instances `ids` every 50 ms until each shows `status`; the seconds from `t` at
+/// which they did (p50, max), or an error naming `what` when some did not within `limit`.
+async fn seconds_until_each(
+    env: &Env,
+    ids: &[String],
+    t: Instant,
+    limit: Duration,
+    what: &str,
+    status: &str,
+) -> anyhow::Result<(f64, f64)> {
     let mut waiting: Vec<&String> = ids.iter().collect();
     let mut seen = vec![];
     while !waiting.is_empty() {
-        if t.elapsed() > Duration::from_secs(120) {
-            bail!("{} restarts did not finish within 120 s", waiting.len());
+        if t.elapsed() > limit {
+            bail!("{} instances not {what} within {limit:?}", waiting.len());
         }
         let checks = waiting.iter().map(|id| async move {
             let (_, v) = env.call("GET", &format!("/instances/{id}"), None).await;
-            (*id, v["instance"]["status"] == "ACTIVE")
+            (*id, v["instance"]["status"] == status)
         });
         let results = futures::future::join_all(checks).await;
         let at = t.elapsed().as_secs_f64();
-        for (id, active) in results {
-            if active {
+        for (id, done) in results {
+            if done {
                 seen.push(at);
                 waiting.retain(|w| *w != id);
             }
