@@ -18,7 +18,7 @@ use tracing::info;
 
 use crate::Ctx;
 
-fn config(ctx: &Ctx) -> Result<&BackupConfig, String> {
+pub(crate) fn config(ctx: &Ctx) -> Result<&BackupConfig, String> {
     ctx.cfg.backup.as_ref().ok_or_else(|| {
         "no backup storage is configured for this agent ([backup] in its config)".to_string()
     })
@@ -37,7 +37,7 @@ fn keyring(cfg: &BackupConfig) -> Result<Option<Keyring>, String> {
 pub struct Sources {
     /// The chain's keys as the controller issued them (plus a shared keyring the agent may
     /// still hold from before keys were per instance).
-    ring: Option<Keyring>,
+    pub(crate) ring: Option<Keyring>,
     kind: StorageKind,
     own: String,
     client: async_nats::Client,
@@ -47,7 +47,11 @@ pub struct Sources {
 
 impl Sources {
     /// Opens the grant of `from` when a link is another instance's and storage is NATS.
-    async fn new(ctx: &Ctx, cfg: &BackupConfig, from: &v1::RestoreFrom) -> Result<Sources, String> {
+    pub(crate) async fn new(
+        ctx: &Ctx,
+        cfg: &BackupConfig,
+        from: &v1::RestoreFrom,
+    ) -> Result<Sources, String> {
         let own = ctx.cfg.instance_id.clone();
         let foreign = from.chain.iter().find(|l| l.instance_id != own);
         let grant = match (&cfg.storage, foreign) {
@@ -90,6 +94,12 @@ impl Sources {
             ring.get_or_insert_with(Keyring::default)
                 .add(&link.key_id, k);
         }
+        // The keys of the archived segments a point-in-time restore replays.
+        for k in from.target.iter().flat_map(|t| &t.keys) {
+            let key = open_key(ctx, &k.key_id, &k.key_sealed)?;
+            ring.get_or_insert_with(Keyring::default)
+                .add(&k.key_id, key);
+        }
         Ok(Sources {
             ring,
             kind: cfg.storage.clone(),
@@ -101,7 +111,7 @@ impl Sources {
     }
 
     /// The storage of `owner`'s objects (built on a thread inside the runtime).
-    fn of(&self, owner: &str) -> Result<Arc<dyn Storage>, String> {
+    pub(crate) fn of(&self, owner: &str) -> Result<Arc<dyn Storage>, String> {
         let mut built = self.built.lock().unwrap();
         if let Some(s) = built.get(owner) {
             return Ok(s.clone());
@@ -188,6 +198,9 @@ pub async fn backup(
     } else {
         None
     };
+    // The archive seals its segments with the instance's newest key (and starts with the
+    // instance's first backup, whose position it then covers).
+    crate::archive::remember_key(ctx, &b.key_id, &b.key_sealed);
     let bctx = ctx.ds.backup_context().await.map_err(|e| e.to_string())?;
     let version = ctx.ds.version().await.unwrap_or_default();
     let datastore = ctx.ds.name().to_string();
@@ -276,9 +289,14 @@ pub async fn backup(
             sha256: sealed.sha256,
             location: storage.location(&data_key(&backup_id)),
             manifest_json,
+            archive_since_unix_ms: 0,
         })
     });
-    with_progress(ctx, intent_id, "backup", "backup", done, work).await?
+    let mut result = with_progress(ctx, intent_id, "backup", "backup", done, work).await??;
+    if let Ok(m) = serde_json::from_str::<Manifest>(&result.manifest_json) {
+        result.archive_since_unix_ms = crate::archive::covering_since(ctx, &m.position.binlog_file);
+    }
+    Ok(result)
 }
 
 /// An i/o failure on the way to storage, saying so when the storage is full.

@@ -97,6 +97,7 @@ pub async fn snapshot(ctx: &Ctx) -> v1::Heartbeat {
         lease_age_ms,
         public_key: ctx.public_key.clone(),
         replication,
+        archive: crate::archive::info(ctx),
     }
 }
 

@@ -290,6 +290,7 @@ async fn republish(ctx: &Ctx, id: &str, rec: &IntentRecord) {
             sha256: b.sha256,
             location: b.location,
             manifest_json: b.manifest_json,
+            archive_since_unix_ms: b.archive_since_unix_ms,
         });
         v1::event::Kind::Done(v1::Done {
             message: rec.message.clone(),
@@ -386,6 +387,7 @@ async fn execute(
                 sha256: r.sha256.clone(),
                 location: r.location.clone(),
                 manifest_json: r.manifest_json.clone(),
+                archive_since_unix_ms: r.archive_since_unix_ms,
             };
             ctx.state
                 .record_backup(id, &rec)
@@ -534,6 +536,13 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
         )
         .await;
         crate::backups::load(ctx, id, m, sources).await?;
+    }
+    if let (Some(r), Some(at)) = (
+        p.restore.as_ref().filter(|r| r.target.is_some()),
+        &restored_at,
+    ) {
+        let done = crate::archive::roll_forward(ctx, id, r, at).await?;
+        tracing::info!(intent_id = id, "{done}");
     }
     if let Some(r) = p.replica_of.as_ref().filter(|_| !attached) {
         progress(ctx, id, "prepare", 70, "starting replication").await;

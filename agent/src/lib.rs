@@ -11,6 +11,7 @@
 //! Invariant: no datastore-specific name or query language here; everything about the database
 //! goes through `coffer_strategies::Datastore`.
 
+pub mod archive;
 pub mod backups;
 pub mod calls;
 pub mod config;
@@ -59,6 +60,8 @@ pub struct Ctx {
     /// What the last heartbeat learnt from the server, sent again when the server is slow to
     /// answer, so heartbeats (and the lease) keep their pace.
     pub hb_cache: Mutex<heartbeat::Cache>,
+    /// The continuous archive as the last tick left it (None: not archiving).
+    pub archive: Mutex<Option<v1::ArchiveInfo>>,
     pub shutdown: CancellationToken,
 }
 
@@ -163,6 +166,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
         lease_renewed: Mutex::new(None),
         lease_ms: AtomicU64::new(0),
         hb_cache: Mutex::new(Default::default()),
+        archive: Mutex::new(None),
         shutdown: shutdown.clone(),
     });
     info!(instance = %ctx.cfg.instance_id, "coffer-agent started");
@@ -182,6 +186,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Resul
             logs::watch(c.clone()).await;
             // Without a watcher the sizes are read on demand: keep the set running.
             c.shutdown.cancelled().await;
+            Ok(())
+        }
+    });
+    set.spawn({
+        let c = ctx.clone();
+        async move {
+            archive::run(c).await;
             Ok(())
         }
     });

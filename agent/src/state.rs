@@ -35,6 +35,8 @@ pub struct BackupRecord {
     pub sha256: String,
     pub location: String,
     pub manifest_json: String,
+    #[serde(default)]
+    pub archive_since_unix_ms: i64,
 }
 
 /// What the database should be doing, persisted across agent restarts.

@@ -27,6 +27,18 @@ pub struct BackupConfig {
     /// instances of the other datastores use their own default method.
     #[serde(default)]
     pub strategy: BackupMethod,
+    /// Archive the change stream of sources continuously (point-in-time recovery), where the
+    /// datastore has one.
+    #[serde(default = "default_true")]
+    pub archive: bool,
+    /// While writes go on, ship what the archive gathered at least this often (ms): the
+    /// bound on how far behind the latest restorable time runs.
+    #[serde(default = "default_ship_ms")]
+    pub archive_ship_ms: u64,
+}
+
+fn default_ship_ms() -> u64 {
+    500
 }
 
 fn default_true() -> bool {

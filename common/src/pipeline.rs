@@ -80,6 +80,10 @@ impl Keyring {
     pub fn get(&self, id: &str) -> Option<&[u8; 32]> {
         self.keys.get(id)
     }
+    /// The ids of every key held.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
     /// The key that seals new backups.
     pub fn current_key(&self) -> Option<(&str, &[u8; 32])> {
         let id = self.current.as_deref()?;

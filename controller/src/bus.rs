@@ -482,6 +482,20 @@ async fn persist(app: &App, row: &store::HeartbeatRow, agent_version: &str, hb: 
             l.persisted = Some(now_state);
         }
     }
+    if let Some(a) = &hb.archive {
+        if row.archive_since_ms != Some(a.since_unix_ms)
+            || row.archive_latest_ms != Some(a.latest_unix_ms)
+        {
+            let fault = (!a.fault.is_empty()).then_some(a.fault.as_str());
+            if let Err(e) = app
+                .store
+                .set_archive(instance_id, a.since_unix_ms, a.latest_unix_ms, fault)
+                .await
+            {
+                warn!(error = %e, "persisting the archive's state failed");
+            }
+        }
+    }
     let caps = hb.intent_kinds.join(",");
     if caps != row.capabilities || agent_version != row.agent_version {
         let _ = app
@@ -610,6 +624,13 @@ async fn handle_event(
                         None,
                     )
                     .await?;
+                app.store
+                    .set_backup_archive(
+                        &b.id,
+                        (r.archive_since_unix_ms > 0).then_some(r.archive_since_unix_ms),
+                        coffer_proto::now_unix_ms(),
+                    )
+                    .await?;
             }
             let Some((kind, first)) = app
                 .store
@@ -720,6 +741,10 @@ pub async fn finalize_delete(app: &Arc<App>, id: &str) {
             app.push_account().await?;
         }
         discard_logs(app, id).await?;
+        // Its archive goes with it: a point-in-time restore rolls forward from a live source.
+        crate::objects::delete_prefix(app, id, "archive/", None)
+            .await
+            .context("removing the archived change log")?;
         crate::objects::drop_local_grants(app, id);
         if let Ok(stream) = app.js.get_stream(subjects::INTENT_STREAM).await {
             let _ = stream.delete_consumer(&subjects::agent_consumer(id)).await;

@@ -111,6 +111,18 @@ fn local_root(app: &App) -> Option<&std::path::Path> {
     }
 }
 
+/// Makes a stored object root's and world-readable (local storage).
+fn take_over(p: &std::path::Path) {
+    if nix::unistd::geteuid().is_root() {
+        if let Err(e) = std::os::unix::fs::lchown(p, Some(0), Some(0)) {
+            tracing::warn!(path = %p.display(), error = %e, "could not take over a stored object");
+            return;
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644));
+}
+
 /// Makes a committed local backup the controller's: owned by root and not writable, in the
 /// instance's sticky directory, so its agent (running as its own user) can read it but neither
 /// replace nor delete it. (The `nats` backend's subjects are write-once by themselves.)
@@ -118,15 +130,7 @@ pub fn seal_committed(app: &App, owner: &str, backup_id: &str) {
     let Some(root) = local_root(app) else { return };
     // The stream first, then its metafile.
     for key in backup_keys(backup_id).into_iter().rev() {
-        let p = root.join(owner).join(&key);
-        if nix::unistd::geteuid().is_root() {
-            if let Err(e) = std::os::unix::fs::lchown(&p, Some(0), Some(0)) {
-                tracing::warn!(path = %p.display(), error = %e, "could not take over a committed backup");
-                continue;
-            }
-        }
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644));
+        take_over(&root.join(owner).join(&key));
     }
 }
 
@@ -144,6 +148,22 @@ pub fn grant_local(app: &App, restore: &v1::RestoreFrom, target: &str) -> anyhow
         return Ok(());
     };
     let grants = local_grants_dir(root, target);
+    let segments = restore.target.iter().flat_map(|t| &t.segments);
+    for s in segments.filter(|s| s.instance_id != target) {
+        let (from, to) = (
+            root.join(&s.instance_id).join(&s.key),
+            grants.join(&s.instance_id).join(&s.key),
+        );
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        // The controller's from now on (as a committed backup): readable by the restoring
+        // agent, and neither replaceable nor removable by the one that wrote it.
+        take_over(&from);
+        let _ = std::fs::remove_file(&to);
+        std::fs::hard_link(&from, &to)
+            .with_context(|| format!("granting {} to instance {target}", from.display()))?;
+    }
     for l in restore.chain.iter().filter(|l| l.instance_id != target) {
         let dir = grants.join(&l.instance_id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -180,6 +200,14 @@ pub fn seal_grant(
         .iter()
         .filter(|l| l.instance_id != target)
         .flat_map(|l| backup_keys(&l.backup_id).map(|k| (l.instance_id.clone(), k)))
+        .chain(
+            restore
+                .target
+                .iter()
+                .flat_map(|t| &t.segments)
+                .filter(|s| s.instance_id != target)
+                .map(|s| (s.instance_id.clone(), s.key.clone())),
+        )
         .collect();
     if objects.is_empty() {
         return Ok(());
@@ -196,4 +224,19 @@ pub fn seal_grant(
     )
     .map_err(|e| anyhow::anyhow!("sealing the restore grant: {e}"))?;
     Ok(())
+}
+
+/// The archived segments of `owner` (keys), oldest file first: what a point-in-time restore
+/// may replay.
+pub async fn archive_segments(app: &App, owner: &str) -> anyhow::Result<Vec<String>> {
+    let out = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+    let o = out.clone();
+    with_storage(app, owner, move |storage| {
+        let keys = storage.list("archive/").context("listing the archive")?;
+        *o.lock().unwrap() = keys;
+        Ok(())
+    })
+    .await?;
+    let keys = std::mem::take(&mut *out.lock().unwrap());
+    Ok(keys)
 }

@@ -106,6 +106,24 @@ impl Datastore {
         }
     }
 
+    /// Whether its sources archive their change stream continuously, so a restore can roll a
+    /// backup forward to a time or a position (point-in-time recovery).
+    pub fn archives_changes(self) -> bool {
+        match self {
+            Datastore::Mariadb => true,
+            Datastore::Postgresql | Datastore::Redis => false,
+        }
+    }
+
+    /// What is offered instead of point-in-time recovery, where it is not.
+    pub fn point_in_time_note(self) -> &'static str {
+        match self {
+            Datastore::Mariadb => "",
+            Datastore::Postgresql => "PostgreSQL's WAL is not archived yet; its backups restore to the moment they were taken",
+            Datastore::Redis => "Redis backups are RDB snapshots and no change stream (AOF) is archived; they restore to the moment they were taken",
+        }
+    }
+
     /// Whether the datastore has named databases a create, a user's grants or
     /// `POST /databases` can name (Redis has numbered keyspaces only).
     pub fn has_named_databases(self) -> bool {

@@ -10,6 +10,7 @@
 //! Adding a datastore: a module under `datastore/` implementing [`Datastore`], one variant in
 //! [`DatastoreKind`] and one arm in [`DatastoreKind::build`].
 
+pub mod archive;
 pub mod backup;
 pub mod config_rules;
 pub mod datastore;

@@ -328,6 +328,19 @@ pub async fn backup_and_restore(env: &Env, store: Store) {
         after["instances"].as_array().map(Vec::len)
     );
 
+    // A point in time where no change stream is archived: 400 saying what is offered.
+    if store != Store::Mariadb {
+        let mut body = store.restore_body("scn-pitr", &version, &bid);
+        body["instance"]["restorePoint"]["restore_time"] =
+            json!(format!("{}Z", crate::now_rfc3339()));
+        let (st, v) = env.call("POST", "/instances", Some(body)).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v.to_string()
+                .contains("Point-in-time restore is not available"),
+            "{v}"
+        );
+    }
     let (st, v) = env
         .call(
             "POST",

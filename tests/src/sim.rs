@@ -488,5 +488,6 @@ fn heartbeat(
         lease_age_ms: lease.map_or(u64::MAX, |t| t.elapsed().as_millis() as u64),
         public_key: s.public_key.clone(),
         replication: Some(replication()),
+        archive: None,
     }
 }

@@ -61,9 +61,65 @@ struct DatastoreRef {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RestorePoint {
     #[serde(rename = "backupRef")]
-    backup_ref: Id,
+    backup_ref: Option<Id>,
+    /// Point-in-time (a Coffer extension): the newest backup of this instance before the time.
+    instance: Option<Id>,
+    restore_time: Option<String>,
+    restore_position: Option<String>,
+}
+
+impl RestorePoint {
+    fn parse(self) -> Result<crate::ops::instances::RestoreSpec, ApiError> {
+        use crate::ops::instances::{RestoreBase, RestoreSpec};
+        let base = match (self.backup_ref, self.instance) {
+            (Some(b), None) => RestoreBase::Backup(b.0),
+            (None, Some(i)) => RestoreBase::Instance(i.0),
+            (None, None) => {
+                return Err(ApiError::validation(
+                    "instance['restorePoint'] 'backupRef' is a required property",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "instance['restorePoint'] takes 'backupRef' or 'instance', not both.",
+                ))
+            }
+        };
+        let time_us = match &self.restore_time {
+            Some(t) => Some(
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .map_err(|_| {
+                        ApiError::bad_request(format!(
+                            "instance['restorePoint'] 'restore_time' '{t}' is not an RFC 3339 time (e.g. 2026-12-01T10:30:00.250Z)."
+                        ))
+                    })?
+                    .timestamp_micros(),
+            ),
+            None => None,
+        };
+        let position = self.restore_position.filter(|p| !p.is_empty());
+        if time_us.is_some() && position.is_some() {
+            return Err(ApiError::bad_request(
+                "instance['restorePoint'] takes 'restore_time' or 'restore_position', not both.",
+            ));
+        }
+        if matches!(base, RestoreBase::Instance(_)) && time_us.is_none() {
+            return Err(ApiError::bad_request(
+                "instance['restorePoint'] with 'instance' needs 'restore_time': the newest backup of that instance before the time is restored and rolled forward to it.",
+            ));
+        }
+        if let Some(p) = &position {
+            super::check_text("instance['restorePoint']['restore_position']", p, 255)?;
+        }
+        Ok(RestoreSpec {
+            base,
+            time_us,
+            position,
+        })
+    }
 }
 
 /// An instance's name as Trove checks it.
@@ -167,7 +223,7 @@ fn parse_create(body: Map<String, Value>) -> Result<Create, ApiError> {
         version,
         databases,
         users,
-        restore_from: i.restore_point.map(|r| r.backup_ref.0),
+        restore_from: i.restore_point.map(RestorePoint::parse).transpose()?,
         configuration,
         modules: i.modules.into_iter().flatten().map(|m| m.id.0).collect(),
     }))
@@ -211,6 +267,27 @@ impl Seen {
 }
 
 /// Renders an instance in Trove's list or detail form.
+/// The point-in-time recovery window of an archiving instance (a Coffer extension): from the
+/// first backup its archive covers to the latest time whose writes are all stored.
+async fn recovery(app: &App, r: &InstanceRow) -> Result<Value, ApiError> {
+    let window = app.store.recovery_window(&r.id).await?;
+    let mut v = json!({
+        "earliest": window.map(|w| crate::ops::rfc3339_ms(w.0)),
+        "latest": window.map(|w| crate::ops::rfc3339_ms(w.1)),
+        "archive": {
+            "since": r.archive_since_ms.map(crate::ops::rfc3339_ms),
+            "stored_until": r.archive_latest_ms.map(crate::ops::rfc3339_ms),
+        },
+    });
+    if let Some(f) = &r.archive_fault {
+        v["archive"]["fault"] = json!(f);
+    }
+    if window.is_none() {
+        v["message"] = json!("No backup is covered by the archive yet: the window opens when the next backup completes.");
+    }
+    Ok(v)
+}
+
 pub(super) async fn render(
     app: &App,
     c: &Caller,
@@ -270,6 +347,9 @@ pub(super) async fn render(
         let live = app.live.lock().unwrap().get(&r.id).cloned();
         if let Some(l) = &live {
             j["service_status_updated"] = json!(l.last_seen_wall);
+        }
+        if r.archive_since_ms.is_some() {
+            j["recovery"] = recovery(app, r).await?;
         }
         if let Some(f) = &r.fault {
             j["fault"] = json!({"message": f, "created": r.fault_at, "details": null});

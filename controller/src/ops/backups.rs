@@ -78,6 +78,8 @@ pub async fn start(
         key_id: key.as_ref().map(|k| k.0.clone()),
         created: ts.clone(),
         updated: ts,
+        archive_since_ms: None,
+        completed_ms: None,
     };
     Store::insert_backup(&mut tx, &row).await?;
     let backup = v1::intent::Kind::Backup(v1::Backup {
@@ -105,6 +107,9 @@ pub fn grant_restore(
 ) -> Result<(), ApiError> {
     crate::objects::seal_grant(app, restore, target, key)?;
     crate::objects::grant_local(app, restore, target)?;
+    if let Some(t) = restore.target.as_mut() {
+        super::keys::seal_archive_keys(app, t, target, key)?;
+    }
     super::keys::seal_chain(app, restore, target, key)
 }
 
@@ -149,6 +154,7 @@ pub async fn restore_point(
         chain: links,
         // Sealed to the restoring agent once its key is known (`grant_restore`).
         grant_sealed: vec![],
+        target: None,
     })
 }
 

@@ -21,9 +21,24 @@ pub struct CreateSpec {
     pub version: Option<String>,
     pub databases: Vec<v1::Database>,
     pub users: Vec<v1::User>,
-    pub restore_from: Option<String>,
+    pub restore_from: Option<RestoreSpec>,
     pub configuration: Option<String>,
     pub modules: Vec<String>,
+}
+
+/// What a create restores: a backup, as it is or rolled forward to a time or a position.
+pub struct RestoreSpec {
+    pub base: RestoreBase,
+    /// Roll forward to this time (unix µs).
+    pub time_us: Option<i64>,
+    /// Roll forward to this position (the datastore's, e.g. a GTID).
+    pub position: Option<String>,
+}
+
+pub enum RestoreBase {
+    Backup(String),
+    /// The newest backup of this instance before the target time.
+    Instance(String),
 }
 
 /// `reset_status` (admin): a workflow's members are released (and its fences lifted) by the
@@ -94,6 +109,156 @@ pub async fn resolve_version(
     }
 }
 
+/// What a create's restorePoint restores, checked: a completed backup of the project of the
+/// same datastore; for a point in time, one the source's archive covers and a target inside
+/// its recovery window, with the archived segments the agent may replay.
+async fn restore_from(
+    app: &App,
+    project: &str,
+    spec: &RestoreSpec,
+    manager: &str,
+    datastore: coffer_proto::Datastore,
+) -> Result<v1::RestoreFrom, ApiError> {
+    let pitr = spec.time_us.is_some() || spec.position.is_some();
+    if pitr && !datastore.archives_changes() {
+        return Err(ApiError::bad_request(format!(
+            "Point-in-time restore is not available for {datastore} instances: {}. Restore a backup without 'restore_time' or 'restore_position'.",
+            datastore.point_in_time_note()
+        )));
+    }
+    let backup = match &spec.base {
+        RestoreBase::Backup(b) => app
+            .store
+            .backup(b)
+            .await?
+            .filter(|x| x.project_id == project)
+            .ok_or_else(|| ApiError::not_found(format!("Backup {b} could not be found.")))?,
+        RestoreBase::Instance(i) => {
+            let inst = app
+                .store
+                .instance(i)
+                .await?
+                .filter(|x| x.project_id == project)
+                .ok_or_else(|| ApiError::not_found(format!("Instance {i} could not be found.")))?;
+            let t_ms = spec.time_us.unwrap_or_default().div_euclid(1000);
+            let base = match inst.archive_since_ms {
+                Some(since) => app.store.pitr_base(i, since, t_ms).await?,
+                None => None,
+            };
+            match base {
+                Some(b) => b,
+                None => {
+                    return Err(window_error(
+                        app,
+                        &inst,
+                        "no backup its archive covers completed before that time",
+                    )
+                    .await)
+                }
+            }
+        }
+    };
+    let b = &backup.id;
+    if backup.status != BackupStatus::Completed {
+        return Err(ApiError::conflict(format!(
+            "Backup {b} is not completed (status {}); restore from a completed backup.",
+            backup.status
+        )));
+    }
+    let of = app
+        .store
+        .version(&backup.datastore_version_id)
+        .await?
+        .map(|v| v.manager)
+        .unwrap_or_default();
+    if of != manager {
+        return Err(ApiError::bad_request(format!(
+            "Backup {b} is a {of} backup; restore it into a {of} instance, not {manager}."
+        )));
+    }
+    let mut from = crate::ops::backups::restore_point(app, &backup.id, Some(project)).await?;
+    if !pitr {
+        return Ok(from);
+    }
+    let source = app
+        .store
+        .instance(&backup.instance_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Backup {b} was taken from instance {}, which is deleted: its archive went with it; restore the backup without a time.",
+                backup.instance_id
+            ))
+        })?;
+    if backup.archive_since_ms.is_none() || backup.archive_since_ms != source.archive_since_ms {
+        return Err(window_error(
+            app,
+            &source,
+            &format!("backup {b} is not covered by its continuous archive (taken before the archive started, or before a hole in it); choose a later backup"),
+        )
+        .await);
+    }
+    let latest = app
+        .store
+        .recovery_window(&source.id)
+        .await?
+        .map_or(i64::MIN, |w| w.1);
+    if let Some(t) = spec.time_us {
+        let completed_us = backup.completed_ms.unwrap_or(i64::MAX).saturating_mul(1000);
+        if t < completed_us || t > latest.saturating_mul(1000) {
+            let why = if t < completed_us {
+                format!(
+                    "that is before backup {b} completed ({}); choose an earlier backup or a later time",
+                    fmt_ms(backup.completed_ms.unwrap_or_default())
+                )
+            } else {
+                "that is after the latest restorable time".to_string()
+            };
+            return Err(window_error(app, &source, &why).await);
+        }
+    }
+    let segments = crate::objects::archive_segments(app, &source.id)
+        .await?
+        .into_iter()
+        .map(|key| v1::ArchiveSegment {
+            instance_id: source.id.clone(),
+            key,
+        })
+        .collect();
+    from.target = Some(v1::RestoreTarget {
+        time_unix_us: spec.time_us.unwrap_or_default(),
+        position: spec.position.clone().unwrap_or_default(),
+        segments,
+        keys: vec![],
+    });
+    Ok(from)
+}
+
+fn fmt_ms(ms: i64) -> String {
+    super::rfc3339_ms(ms)
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A point-in-time target the instance cannot give, naming its recovery window.
+async fn window_error(app: &App, inst: &InstanceRow, why: &str) -> ApiError {
+    let window = match app.store.recovery_window(&inst.id).await {
+        Ok(Some((e, l))) => format!(
+            "Its recovery window is {} to {}.",
+            fmt_ms(e),
+            fmt_ms(l)
+        ),
+        Ok(None) if inst.archive_since_ms.is_none() => "Its change stream is not archived (the archive starts with the instance's first backup).".to_string(),
+        Ok(None) => "It has no recovery window yet: it opens when a backup the archive covers completes.".to_string(),
+        Err(e) => return ApiError::from(e),
+    };
+    ApiError::bad_request(format!(
+        "Instance {} cannot be restored to that point: {why}. {window}",
+        inst.id
+    ))
+}
+
 /// Checks a create (nothing is placed for a refused one) and makes the new instance it describes,
 /// with root's password when the version enables root on create.
 pub async fn check_new(
@@ -117,35 +282,10 @@ pub async fn check_new(
     let flavor = app.store.flavor(&req.flavor_id).await?.ok_or_else(|| {
         ApiError::bad_request(format!("Flavor '{}' could not be found.", req.flavor_id))
     })?;
-    // restorePoint: a COMPLETED backup of this project.
+    // restorePoint: a COMPLETED backup of this project (rolled forward when a time or a
+    // position is asked for).
     let restore_from = match &req.restore_from {
-        Some(b) => {
-            let backup = app
-                .store
-                .backup(b)
-                .await?
-                .filter(|x| x.project_id == project)
-                .ok_or_else(|| ApiError::not_found(format!("Backup {b} could not be found.")))?;
-            if backup.status != BackupStatus::Completed {
-                return Err(ApiError::conflict(format!(
-                    "Backup {b} is not completed (status {}); restore from a completed backup.",
-                    backup.status
-                )));
-            }
-            let of = app
-                .store
-                .version(&backup.datastore_version_id)
-                .await?
-                .map(|v| v.manager)
-                .unwrap_or_default();
-            if of != version.manager {
-                return Err(ApiError::bad_request(format!(
-                    "Backup {b} is a {of} backup; restore it into a {of} instance, not {}.",
-                    version.manager
-                )));
-            }
-            Some(crate::ops::backups::restore_point(app, &backup.id, Some(project)).await?)
-        }
+        Some(spec) => Some(restore_from(app, project, spec, &version.manager, datastore).await?),
         None => None,
     };
     // A configuration group: the project's, for this version, with values that still check.

@@ -88,3 +88,36 @@ pub fn seal_chain(
     }
     Ok(())
 }
+
+/// Seals into a point-in-time restore the keys its archived segments may be sealed with: each
+/// segment owner's instance key under every operator key of the keyring (a segment is sealed
+/// with the key of the owner's latest backup when it was shipped).
+pub fn seal_archive_keys(
+    app: &App,
+    target: &mut v1::RestoreTarget,
+    restoring: &str,
+    key: &[u8],
+) -> Result<(), ApiError> {
+    let Some(ring) = ring(app)? else {
+        return Ok(());
+    };
+    let owners: std::collections::BTreeSet<&str> = target
+        .segments
+        .iter()
+        .map(|s| s.instance_id.as_str())
+        .collect();
+    let mut keys = vec![];
+    for owner in owners {
+        for master in ring.ids() {
+            let (id, k) = instance_key(&ring, master, owner).map_err(ApiError::conflict)?;
+            let sealed = seal::seal(key, &seal::backup_key_context(restoring, &id), &k)
+                .map_err(|e| anyhow::anyhow!("sealing a backup key: {e}"))?;
+            keys.push(v1::ArchiveKey {
+                key_id: id,
+                key_sealed: sealed,
+            });
+        }
+    }
+    target.keys = keys;
+    Ok(())
+}

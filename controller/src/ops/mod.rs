@@ -89,3 +89,10 @@ pub fn agent_nats_url(app: &App) -> String {
         .clone()
         .unwrap_or_else(|| cfg.nats_url.clone())
 }
+
+/// RFC 3339 in UTC with milliseconds (null for a time chrono cannot show).
+pub fn rfc3339_ms(ms: i64) -> serde_json::Value {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| serde_json::json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+        .unwrap_or(serde_json::Value::Null)
+}

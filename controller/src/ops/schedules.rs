@@ -326,6 +326,8 @@ mod tests {
             key_id: None,
             created: created.into(),
             updated: created.into(),
+            archive_since_ms: None,
+            completed_ms: None,
         }
     }
 

@@ -24,9 +24,51 @@ pub struct BackupRow {
     pub key_id: Option<String>,
     pub created: String,
     pub updated: String,
+    /// The archive's `since` (Unix ms) when the backup's position was in it: a restore from
+    /// it can roll forward while the instance's archive still has that `since`.
+    #[sqlx(default)]
+    pub archive_since_ms: Option<i64>,
+    /// When it completed (Unix ms).
+    #[sqlx(default)]
+    pub completed_ms: Option<i64>,
 }
 
 impl Store {
+    /// Records when a backup completed and whether the archive covers its position.
+    pub async fn set_backup_archive(
+        &self,
+        id: &str,
+        archive_since_ms: Option<i64>,
+        completed_ms: i64,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE backups SET archive_since_ms = $1, completed_ms = $2 WHERE id = $3")
+            .bind(archive_since_ms)
+            .bind(completed_ms)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The newest completed backup of `instance` that its archive (continuous since
+    /// `since_ms`) covers, completed at or before `at_ms`: where a restore to `at_ms` starts.
+    pub async fn pitr_base(
+        &self,
+        instance: &str,
+        since_ms: i64,
+        at_ms: i64,
+    ) -> anyhow::Result<Option<BackupRow>> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM backups WHERE instance_id = $1 AND status = 'COMPLETED' AND deleted = FALSE \
+             AND archive_since_ms = $2 AND completed_ms <= $3 ORDER BY completed_ms DESC, rowid DESC LIMIT 1",
+        )
+        .bind(instance)
+        .bind(since_ms)
+        .bind(at_ms)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     pub async fn backups_of(&self, project: &str) -> anyhow::Result<Vec<BackupRow>> {
         Ok(sqlx::query_as("SELECT * FROM backups WHERE project_id = $1 AND deleted = FALSE ORDER BY created DESC, rowid DESC")
             .bind(project)

@@ -46,6 +46,14 @@ pub struct InstanceRow {
     pub root_enabled: bool,
     /// The controller placing it while the create runs (see `workflow::undo_unfinished_creates`).
     pub placing_by: Option<String>,
+    /// The agent's continuous archive: continuous since, everything stored until (Unix ms),
+    /// and why it is failing now.
+    #[sqlx(default)]
+    pub archive_since_ms: Option<i64>,
+    #[sqlx(default)]
+    pub archive_latest_ms: Option<i64>,
+    #[sqlx(default)]
+    pub archive_fault: Option<String>,
 }
 
 /// What answering a heartbeat reads of an instance (a few columns: a batch of whole rows costs
@@ -61,6 +69,8 @@ pub struct HeartbeatRow {
     pub replica_of: Option<String>,
     #[sqlx(try_from = "Flag")]
     pub ejected: bool,
+    pub archive_since_ms: Option<i64>,
+    pub archive_latest_ms: Option<i64>,
 }
 
 impl From<&InstanceRow> for HeartbeatRow {
@@ -74,6 +84,8 @@ impl From<&InstanceRow> for HeartbeatRow {
             capabilities: r.capabilities.clone(),
             replica_of: r.replica_of.clone(),
             ejected: r.ejected,
+            archive_since_ms: r.archive_since_ms,
+            archive_latest_ms: r.archive_latest_ms,
         }
     }
 }
@@ -125,6 +137,9 @@ impl InstanceRow {
             placement: PlacedBy::Provisioner,
             root_enabled: false,
             placing_by: None,
+            archive_since_ms: None,
+            archive_latest_ms: None,
+            archive_fault: None,
         }
     }
 
@@ -361,6 +376,41 @@ impl Store {
         Ok(())
     }
 
+    /// What the agent reports of its continuous archive.
+    pub async fn set_archive(
+        &self,
+        id: &str,
+        since_ms: i64,
+        latest_ms: i64,
+        fault: Option<&str>,
+    ) -> anyhow::Result<()> {
+        sqlx::query(
+            "UPDATE instances SET archive_since_ms = $1, archive_latest_ms = $2, archive_fault = $3 WHERE id = $4",
+        )
+        .bind(since_ms)
+        .bind(latest_ms)
+        .bind(fault)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The recovery window of `id`: from the completion of the first backup its archive
+    /// covers to the archive's latest time (Unix ms); None without both.
+    pub async fn recovery_window(&self, id: &str) -> anyhow::Result<Option<(i64, i64)>> {
+        let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT CAST(MIN(b.completed_ms) AS BIGINT), CAST(MAX(i.archive_latest_ms) AS BIGINT)              FROM instances i JOIN backups b ON b.instance_id = i.id              WHERE i.id = $1 AND b.status = 'COMPLETED' AND b.deleted = FALSE              AND b.archive_since_ms = i.archive_since_ms AND b.completed_ms IS NOT NULL",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some((Some(e), Some(l))) if l >= e => Some((e, l)),
+            _ => None,
+        })
+    }
+
     pub async fn set_endpoint(&self, id: &str, host: &str, port: i64) -> anyhow::Result<()> {
         sqlx::query("UPDATE instances SET host = $1, port = $2 WHERE id = $3")
             .bind(host)
@@ -392,7 +442,8 @@ impl Store {
         }
         let (marks, args) = super::padded(ids)?;
         let sql = format!(
-            "SELECT id, service_status, host, port, agent_version, capabilities, replica_of, ejected \
+            "SELECT id, service_status, host, port, agent_version, capabilities, replica_of, ejected, \
+             archive_since_ms, archive_latest_ms \
              FROM instances WHERE id IN ({marks}) AND deleted = FALSE"
         );
         let rows: Vec<HeartbeatRow> = sqlx::query_as_with(&sql, args)

@@ -546,6 +546,17 @@ impl Datastore for Mariadb {
         self.confd()
     }
 
+    fn change_log(&self) -> Option<Box<dyn crate::archive::ChangeLog>> {
+        Some(Box::new(crate::archive::binlog::BinlogLog::new(
+            self.data_dir(),
+            "mysql-bin",
+        )))
+    }
+
+    fn replay(&self) -> Option<Box<dyn crate::archive::Replay>> {
+        Some(Box::new(crate::archive::binlog::BinlogReplay::default()))
+    }
+
     fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
         use crate::logs::{LogDef, LogKind};
         // Their own directory, not the data directory: watching it sees only log writes.

@@ -332,6 +332,15 @@ pub trait Datastore: Send + Sync {
     }
     /// The directory of configuration drop-ins (config modules) the server reads.
     fn confd_dir(&self) -> PathBuf;
+    /// The change log the agent archives continuously while this server is a source (None:
+    /// the datastore offers no point-in-time recovery).
+    fn change_log(&self) -> Option<Box<dyn crate::archive::ChangeLog>> {
+        None
+    }
+    /// How archived change files are replayed on a restored server (None as above).
+    fn replay(&self) -> Option<Box<dyn crate::archive::Replay>> {
+        None
+    }
     /// The datastore's logs (the agent adds its own).
     ///
     /// By default the server's own output (its [`ServerCommand::output_file`]) is a system log

@@ -1,0 +1,382 @@
+//! Continuous archiving: while this server is a source (or standalone) and backup storage is
+//! configured, what it writes to its change log is shipped into storage as sealed segments
+//! (`coffer_strategies::archive`), woken by writes in the data directory, at least every
+//! quarter second. The ledger (`archive.json` in the state directory) survives restarts: an
+//! agent that was down ships what the server wrote meanwhile from where it stopped. Heartbeats
+//! carry the archive's window ([`info`]).
+//!
+//! Segments are sealed with the instance's own backup key, which the controller sends with
+//! each backup intent (kept sealed to this agent in `archive.key`): with encryption on, the
+//! archive starts with the instance's first backup, which is also the first point a restore
+//! can start from.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use coffer_proto::v1;
+use coffer_strategies::archive::{self, Archiver, Ledger, SegmentHeader};
+use coffer_strategies::backup::BackupConfig;
+use coffer_strategies::pipeline::{self, SealParams};
+use coffer_strategies::storage::{Access, Storage};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::Ctx;
+
+/// The key segments are sealed with, as the controller sent it (sealed to this agent).
+#[derive(Serialize, Deserialize)]
+struct StoredKey {
+    key_id: String,
+    key_sealed: Vec<u8>,
+}
+
+fn key_path(ctx: &Ctx) -> std::path::PathBuf {
+    ctx.state.root().join("archive.key")
+}
+fn ledger_path(ctx: &Ctx) -> std::path::PathBuf {
+    ctx.state.root().join("archive.json")
+}
+
+/// Keeps the key of a backup intent for the archive (the newest one wins).
+pub fn remember_key(ctx: &Ctx, key_id: &str, key_sealed: &[u8]) {
+    if key_sealed.is_empty() {
+        return;
+    }
+    let k = StoredKey {
+        key_id: key_id.to_string(),
+        key_sealed: key_sealed.to_vec(),
+    };
+    if let Err(e) =
+        crate::state::write_atomic(&key_path(ctx), &serde_json::to_vec(&k).unwrap_or_default())
+    {
+        warn!(error = %e, "could not keep the archive key");
+    }
+}
+
+/// The key to seal segments with: Ok(None) when backups are not encrypted, Err(()) while the
+/// agent has none yet (no backup taken).
+fn seal_key(ctx: &Ctx, cfg: &BackupConfig) -> Result<Option<(String, [u8; 32])>, ()> {
+    if !cfg.encryption {
+        return Ok(None);
+    }
+    let text = std::fs::read(key_path(ctx)).map_err(|_| ())?;
+    let k: StoredKey = serde_json::from_slice(&text).map_err(|_| ())?;
+    let key = coffer_proto::seal::open(
+        &ctx.secret_key,
+        &coffer_proto::seal::backup_key_context(&ctx.cfg.instance_id, &k.key_id),
+        &k.key_sealed,
+    )
+    .map_err(|_| ())?;
+    Ok(Some((k.key_id, key.try_into().map_err(|_| ())?)))
+}
+
+/// The archive as heartbeats report it (None: not archiving).
+pub fn info(ctx: &Ctx) -> Option<v1::ArchiveInfo> {
+    ctx.archive.lock().ok().and_then(|a| a.clone())
+}
+
+/// When a backup whose position is in `file` is covered by the running archive: the time the
+/// archive has been continuous since (unix ms), else 0.
+pub fn covering_since(ctx: &Ctx, file: &str) -> i64 {
+    let Ok(text) = std::fs::read(ledger_path(ctx)) else {
+        return 0;
+    };
+    let Ok(l) = serde_json::from_slice::<Ledger>(&text) else {
+        return 0;
+    };
+    let Some(replay) = ctx.ds.replay() else {
+        return 0;
+    };
+    if l.since_us == 0 || file.is_empty() || replay.order(file) < replay.order(&l.first_file) {
+        return 0;
+    }
+    l.since_us / 1000
+}
+
+fn ship(
+    storage: &dyn Storage,
+    key: &str,
+    h: &SegmentHeader,
+    bytes: &[u8],
+    seal: &Option<(String, [u8; 32])>,
+    level: i32,
+) -> Result<(), String> {
+    let w = storage.create(key).map_err(|e| e.to_string())?;
+    let params = SealParams {
+        backup_id: key.to_string(),
+        key: seal.clone(),
+        zstd_level: Some(level),
+        chunk_size: pipeline::DEFAULT_CHUNK,
+        fixed: None,
+    };
+    let mut s = pipeline::SealWriter::new(w, &params).map_err(|e| e.to_string())?;
+    archive::write_segment(&mut s, h, bytes).map_err(|e| format!("archiving {key}: {e}"))?;
+    let (mut w, _) = s.finish().map_err(|e| format!("archiving {key}: {e}"))?;
+    w.flush().map_err(|e| format!("archiving {key}: {e}"))?;
+    w.commit().map_err(|e| e.to_string())
+}
+
+/// Whether the archive should run now: the server runs and this instance is not a replica.
+fn active(ctx: &Ctx) -> bool {
+    ctx.sup.observed.borrow().pid != 0 && crate::replication::role(ctx) != "replica"
+}
+
+/// Runs the archive until the agent stops: a look at every write in the data directory (at
+/// least every quarter second), and the segments it cuts stored by a task of their own.
+pub async fn run(ctx: Arc<Ctx>) {
+    let (Some(cfg), Some(log)) = (
+        ctx.cfg.backup.clone().filter(|b| b.archive),
+        ctx.ds.change_log(),
+    ) else {
+        ctx.shutdown.cancelled().await;
+        return;
+    };
+    let ledger: Ledger = std::fs::read(ledger_path(&ctx))
+        .ok()
+        .and_then(|t| serde_json::from_slice(&t).ok())
+        .unwrap_or_default();
+    let archiver = Arc::new(Mutex::new(Archiver::new(
+        log,
+        ledger,
+        Duration::from_millis(cfg.archive_ship_ms),
+    )));
+    // Writes in the data directory wake the archive (one wake-up pending at most); watched
+    // from when the server runs (the directory may not exist before).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut watcher: Option<notify::RecommendedWatcher> = None;
+    let fault = Arc::new(Mutex::new(String::new()));
+    let mut storing: Option<tokio::task::JoinHandle<()>> = None;
+    let mut failing = String::new();
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = rx.recv() => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        if !active(&ctx) {
+            continue;
+        }
+        if watcher.is_none() {
+            use notify::{RecursiveMode, Watcher};
+            let tx = tx.clone();
+            watcher = notify::recommended_watcher(move |_ev: notify::Result<notify::Event>| {
+                let _ = tx.try_send(());
+            })
+            .ok()
+            .and_then(|mut w| {
+                w.watch(&ctx.ds.data_path(), RecursiveMode::NonRecursive)
+                    .ok()
+                    .map(|_| w)
+            });
+        }
+        let Ok(seal) = seal_key(&ctx, &cfg) else {
+            continue;
+        };
+        let a = archiver.clone();
+        let looked = tokio::task::spawn_blocking(move || a.lock().unwrap().observe())
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        match looked {
+            Ok(true) => persist(&ledger_path(&ctx), &archiver.lock().unwrap().ledger),
+            Ok(false) => {}
+            Err(e) => *fault.lock().unwrap() = e,
+        }
+        // Storing runs beside the looks, one segment at a time, in order.
+        if storing.as_ref().is_none_or(|h| h.is_finished())
+            && archiver.lock().unwrap().next_ready().is_some()
+        {
+            let (a, c, kind, own, f, level, path) = (
+                archiver.clone(),
+                ctx.client.clone(),
+                cfg.storage.clone(),
+                ctx.cfg.instance_id.clone(),
+                fault.clone(),
+                cfg.zstd_level,
+                ledger_path(&ctx),
+            );
+            storing = Some(tokio::task::spawn_blocking(move || {
+                let storage = match kind.build(Some(&c), &own, Access::Agent) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        *f.lock().unwrap() = e;
+                        return;
+                    }
+                };
+                loop {
+                    let Some(seg) = a.lock().unwrap().next_ready().cloned() else {
+                        return;
+                    };
+                    if let Err(e) = ship(
+                        storage.as_ref(),
+                        &seg.key,
+                        &seg.header,
+                        &seg.bytes,
+                        &seal,
+                        level,
+                    ) {
+                        *f.lock().unwrap() = e;
+                        return;
+                    }
+                    f.lock().unwrap().clear();
+                    let ledger = {
+                        let mut a = a.lock().unwrap();
+                        a.shipped();
+                        a.ledger.clone()
+                    };
+                    persist(&path, &ledger);
+                }
+            }));
+        }
+        let now_failing = fault.lock().unwrap().clone();
+        if now_failing != failing {
+            if !now_failing.is_empty() {
+                warn!(error = %now_failing, "archiving failed; retrying from where it stopped");
+            }
+            failing = now_failing.clone();
+        }
+        let l = archiver.lock().unwrap().ledger.clone();
+        if l.since_us != 0 {
+            *ctx.archive.lock().unwrap() = Some(v1::ArchiveInfo {
+                since_unix_ms: l.since_us / 1000,
+                latest_unix_ms: l.latest_us / 1000,
+                holes: l.holes,
+                shipped_bytes: l.shipped_bytes,
+                segments: l.segments,
+                fault: now_failing,
+            });
+        }
+        // Writes come in bursts: let a few gather before the next look.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn persist(path: &std::path::Path, ledger: &Ledger) {
+    if let Err(e) =
+        crate::state::write_atomic(path, &serde_json::to_vec(ledger).unwrap_or_default())
+    {
+        warn!(error = %e, "could not record the archive's ledger");
+    }
+}
+
+/// Rolls a restored, running server forward: replays the archived change stream from the
+/// restored backup's position to the restore's target. Returns where it stopped.
+pub async fn roll_forward(
+    ctx: &Arc<Ctx>,
+    intent_id: &str,
+    from: &v1::RestoreFrom,
+    restored_at: &coffer_strategies::backup::EnginePosition,
+) -> Result<String, String> {
+    let Some(target) = from.target.clone() else {
+        return Ok(String::new());
+    };
+    let replay = ctx.ds.replay().ok_or_else(|| {
+        format!(
+            "{} offers no point-in-time restore; restore the backup without a time",
+            ctx.ds.title()
+        )
+    })?;
+    if restored_at.binlog_file.is_empty() {
+        return Err(format!(
+            "backup {} records no change-log position to roll forward from; restore it without a time",
+            from.backup_id
+        ));
+    }
+    let cfg = crate::backups::config(ctx)?.clone();
+    let sources = crate::backups::Sources::new(ctx, &cfg, from).await?;
+    let bctx = ctx.ds.backup_context().await.map_err(|e| e.to_string())?;
+    let dir = ctx.state.root().join("archive-replay");
+    let start_file = restored_at.binlog_file.clone();
+    let start_pos = restored_at.binlog_pos;
+    let encrypted = cfg.encryption;
+    let backup_id = from.backup_id.clone();
+    crate::intents::progress(
+        ctx,
+        intent_id,
+        "prepare",
+        65,
+        "replaying the archived change log",
+    )
+    .await;
+    let work = tokio::task::spawn_blocking(move || -> Result<String, String> {
+        let sources = Arc::new(sources);
+        let mut stored = vec![];
+        for s in &target.segments {
+            let Some((file, start, end)) = archive::parse_segment_key(&s.key) else {
+                continue;
+            };
+            let (sources, owner, key) = (sources.clone(), s.instance_id.clone(), s.key.clone());
+            stored.push(archive::Stored {
+                file,
+                start,
+                end,
+                open: Box::new(move || {
+                    let storage = sources.of(&owner)?;
+                    let raw = storage.open(&key).map_err(|e| format!("{key}: {e}"))?;
+                    let (info, mut r) = pipeline::open_prefetched(raw, sources.ring.as_ref(), None)
+                        .map_err(|e| format!("archived segment {key}: {e}"))?;
+                    if info.backup_id != key {
+                        return Err(format!(
+                            "archived segment {key} holds the stream of {}; refused",
+                            info.backup_id
+                        ));
+                    }
+                    if encrypted && info.key_id.is_none() {
+                        return Err(format!(
+                            "archived segment {key} is not encrypted, and this deployment encrypts every backup; refused"
+                        ));
+                    }
+                    let h = archive::read_segment_header(&mut r)
+                        .map_err(|e| format!("archived segment {key}: {e}"))?;
+                    let r: Box<dyn std::io::Read + Send> = Box::new(r);
+                    Ok((h, r))
+                }),
+            });
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let result = (|| {
+            let order = |f: &str| replay.order(f);
+            let rebuilt = archive::rebuild(&dir, &start_file, stored, &order)?;
+            let stop = if target.time_unix_us > 0 {
+                archive::stop_at_time(
+                    &rebuilt,
+                    (&start_file, start_pos),
+                    target.time_unix_us,
+                    &order,
+                )
+            } else if !target.position.is_empty() {
+                Some(
+                    replay
+                        .stop_at_position(&rebuilt, &dir, &target.position)?
+                        .ok_or_else(|| {
+                            format!(
+                                "the archive after backup {backup_id} holds no transaction {}",
+                                target.position
+                            )
+                        })?,
+                )
+            } else {
+                None
+            };
+            replay
+                .replay(
+                    &bctx,
+                    &dir,
+                    &rebuilt,
+                    (&start_file, start_pos),
+                    stop.clone(),
+                )
+                .map_err(|e| e.to_string())?;
+            Ok(match stop {
+                Some((f, p)) => format!("rolled forward to {f}:{p}"),
+                None if target.time_unix_us > 0 => {
+                    "nothing was written between the backup and the target".into()
+                }
+                None => "rolled forward to the end of the archive".into(),
+            })
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    });
+    work.await.map_err(|e| format!("the replay failed: {e}"))?
+}

@@ -1,0 +1,581 @@
+//! Continuous archiving of a source's change stream (MariaDB: its binary log) into backup
+//! storage, and replaying it on a restored server up to a point in time or a position.
+//!
+//! The archive is a set of *segments*: byte ranges `[start, end)` of one change file, each
+//! starting and ending on a transaction boundary, sealed like a backup (the segment's key is
+//! its stream id) and named by file and range (`archive/<file>/<start>-<end>`). A file is
+//! archived from its first byte, so a restore can rebuild it exactly. Each segment carries the
+//! archiver's *marks*: `(time, position)` pairs saying "everything up to this position was
+//! written before this time". A restore to time T stops at the last mark not later than T.
+//!
+//! The [`Ledger`] is the archiver's own record (kept by the agent across restarts): where the
+//! next byte comes from, since when the archive is continuous, and until when everything
+//! written is stored. What the server purged before it was shipped is a hole: the ledger
+//! starts again, and the window the controller shows starts after it.
+
+pub mod binlog;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backup::{BackupCtx, BackupError};
+
+/// What a segment says of itself (inside its sealed stream, before the bytes).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub file: String,
+    pub start: u64,
+    pub end: u64,
+    /// `(unix µs, position)`, positions increasing: everything up to the position (a
+    /// transaction boundary) was written before that time.
+    pub marks: Vec<(i64, u64)>,
+}
+
+/// The storage key of a segment.
+pub fn segment_key(file: &str, start: u64, end: u64) -> String {
+    format!("archive/{file}/{start:012}-{end:012}")
+}
+
+/// The file and range a segment's key names (None for any other key).
+pub fn parse_segment_key(key: &str) -> Option<(String, u64, u64)> {
+    let rest = key.strip_prefix("archive/")?;
+    let (file, range) = rest.rsplit_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    let (a, b) = (a.parse().ok()?, b.parse().ok()?);
+    (!file.is_empty() && !file.contains('/') && a < b).then(|| (file.to_string(), a, b))
+}
+
+/// Writes a segment's content: a length-prefixed JSON header, then the bytes.
+pub fn write_segment(out: &mut dyn Write, h: &SegmentHeader, bytes: &[u8]) -> std::io::Result<()> {
+    let json = serde_json::to_vec(h).map_err(std::io::Error::other)?;
+    out.write_all(&(json.len() as u32).to_le_bytes())?;
+    out.write_all(&json)?;
+    out.write_all(bytes)
+}
+
+/// Reads a segment's header from its (opened, authenticated) content; the bytes follow.
+pub fn read_segment_header(r: &mut dyn Read) -> std::io::Result<SegmentHeader> {
+    let mut n = [0u8; 4];
+    r.read_exact(&mut n)?;
+    let n = u32::from_le_bytes(n) as usize;
+    if n > 64 << 20 {
+        return Err(std::io::Error::other("segment header too large"));
+    }
+    let mut json = vec![0; n];
+    r.read_exact(&mut json)?;
+    serde_json::from_slice(&json).map_err(std::io::Error::other)
+}
+
+/// The archiver's record, kept by the agent between ticks and across restarts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Ledger {
+    /// The archive is continuous from this time on (unix µs); 0: not started.
+    pub since_us: i64,
+    /// Everything the server wrote before this time is stored (unix µs).
+    pub latest_us: i64,
+    /// The next byte to ship: this file, this offset (a transaction boundary).
+    pub file: String,
+    pub pos: u64,
+    /// Times the archive had to start again because unshipped changes were gone.
+    pub holes: u32,
+    pub shipped_bytes: u64,
+    pub segments: u64,
+    /// The file the archive started with (since the last hole): a backup whose position is
+    /// in it or a later file can be rolled forward.
+    pub first_file: String,
+}
+
+/// A server's change files, as the archiver reads them.
+pub trait ChangeLog: Send {
+    /// The change files the server has, oldest first (the last one is being written).
+    fn files(&self) -> Result<Vec<String>, String>;
+    /// The complete transactions of `file` from `from` (a transaction boundary, 0 for the
+    /// file's start) as the file is now, at most about `max` bytes, with the boundaries
+    /// found (position, the server's own timestamp of that transaction's last event in
+    /// seconds).
+    fn read_complete(&mut self, file: &str, from: u64, max: usize) -> Result<Chunk, String>;
+}
+
+/// Complete transactions read from a change file.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    pub bytes: Vec<u8>,
+    /// `(position, server seconds)` of each transaction boundary in the bytes.
+    pub boundaries: Vec<(u64, u32)>,
+}
+
+/// A segment cut from what was read, waiting to be stored.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub key: String,
+    pub header: SegmentHeader,
+    pub bytes: Vec<u8>,
+}
+
+/// Reads a change log as it grows and cuts it into segments. Reading ([`Archiver::observe`])
+/// never waits on storage, so the marks stay close to when each write happened while earlier
+/// segments are being stored ([`Archiver::next_ready`], [`Archiver::shipped`]).
+pub struct Archiver {
+    log: Box<dyn ChangeLog>,
+    /// What is stored: `file`/`pos` is the next byte to store.
+    pub ledger: Ledger,
+    /// What is read: the next byte to read.
+    read_file: String,
+    read_pos: u64,
+    /// Read and not yet cut, starting at `pending_start` of `read_file`.
+    pending: Vec<u8>,
+    pending_start: u64,
+    marks: Vec<(i64, u64)>,
+    ready: std::collections::VecDeque<Segment>,
+    /// `(time, file, end)` of each look since the last store: everything written before the
+    /// time was read by `end` of `file`.
+    seen: std::collections::VecDeque<(i64, String, u64)>,
+    /// The server's files at the last look, oldest first.
+    files: Vec<String>,
+    last_cut: Instant,
+    /// Cut what is pending at least this often (the archive's RPO while writes go on).
+    pub ship_every: Duration,
+    /// The first look reads what was written while no archiver watched (after a restart).
+    backlog: bool,
+}
+
+/// Pending bytes beyond which a look cuts a segment at once.
+const SHIP_BYTES: usize = 8 << 20;
+
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+impl Archiver {
+    pub fn new(log: Box<dyn ChangeLog>, ledger: Ledger, ship_every: Duration) -> Self {
+        Archiver {
+            log,
+            read_file: ledger.file.clone(),
+            read_pos: ledger.pos,
+            pending_start: ledger.pos,
+            ledger,
+            pending: vec![],
+            marks: vec![],
+            ready: Default::default(),
+            seen: Default::default(),
+            files: vec![],
+            last_cut: Instant::now() - ship_every,
+            ship_every,
+            backlog: true,
+        }
+    }
+
+    fn index_of(&self, file: &str) -> Option<usize> {
+        self.files.iter().position(|f| f == file)
+    }
+
+    /// Reads what the server wrote since the last look and cuts segments when due. Returns
+    /// whether the ledger started again (the caller persists it then).
+    pub fn observe(&mut self) -> Result<bool, String> {
+        let t0 = now_us();
+        self.files = self.log.files()?;
+        let Some(newest) = self.files.last().cloned() else {
+            return Ok(false);
+        };
+        let mut restarted = false;
+        if self.ledger.file.is_empty()
+            || self.index_of(&self.ledger.file).is_none()
+            || self.index_of(&self.read_file).is_none()
+        {
+            if !self.ledger.file.is_empty() {
+                tracing::warn!(
+                    file = %self.ledger.file,
+                    "the server no longer has the change file the archive was storing; the archive starts again (a hole)"
+                );
+                self.ledger.holes += 1;
+            }
+            self.ledger = Ledger {
+                since_us: t0,
+                latest_us: 0,
+                file: newest.clone(),
+                first_file: newest.clone(),
+                pos: 0,
+                ..std::mem::take(&mut self.ledger)
+            };
+            self.read_file = newest;
+            self.read_pos = 0;
+            self.pending_start = 0;
+            self.pending.clear();
+            self.marks.clear();
+            self.ready.clear();
+            self.seen.clear();
+            restarted = true;
+        }
+        // Whether this look read everything the server had written before `t0`.
+        let mut caught_up = false;
+        for _ in 0..64 {
+            let idx = self.index_of(&self.read_file).unwrap();
+            let closed = idx + 1 < self.files.len();
+            let chunk = self
+                .log
+                .read_complete(&self.read_file, self.read_pos, SHIP_BYTES)?;
+            let t1 = now_us();
+            let got = !chunk.bytes.is_empty();
+            if got {
+                // What was written while no archiver watched (a backlog after a restart) is
+                // placed by the server's own clock, which counts whole seconds: a transaction
+                // begun in second S is placed at S + 1 (never later than it was seen).
+                if self.backlog {
+                    for (pos, secs) in &chunk.boundaries {
+                        let t = (*secs as i64 + 1) * 1_000_000;
+                        if t < t1 {
+                            self.marks.push((t, *pos));
+                        }
+                    }
+                }
+                self.read_pos += chunk.bytes.len() as u64;
+                self.marks.push((t1, self.read_pos));
+                self.pending.extend_from_slice(&chunk.bytes);
+            }
+            let due = !self.pending.is_empty()
+                && ((closed && !got)
+                    || self.last_cut.elapsed() >= self.ship_every
+                    || self.pending.len() >= SHIP_BYTES);
+            if due {
+                let header = SegmentHeader {
+                    file: self.read_file.clone(),
+                    start: self.pending_start,
+                    end: self.read_pos,
+                    marks: std::mem::take(&mut self.marks),
+                };
+                self.ready.push_back(Segment {
+                    key: segment_key(&header.file, header.start, header.end),
+                    header,
+                    bytes: std::mem::take(&mut self.pending),
+                });
+                self.pending_start = self.read_pos;
+                self.last_cut = Instant::now();
+            }
+            if closed && !got && self.pending.is_empty() {
+                // A closed file is complete: go on with the next one.
+                self.read_file = self.files[idx + 1].clone();
+                self.read_pos = 0;
+                self.pending_start = 0;
+                continue;
+            }
+            if !got {
+                caught_up = true;
+                break;
+            }
+        }
+        self.backlog = false;
+        if caught_up {
+            self.seen
+                .push_back((t0, self.read_file.clone(), self.read_pos));
+        }
+        self.advance_latest();
+        Ok(restarted)
+    }
+
+    /// The oldest segment waiting to be stored.
+    pub fn next_ready(&self) -> Option<&Segment> {
+        self.ready.front()
+    }
+
+    /// Records that the oldest ready segment is stored.
+    pub fn shipped(&mut self) {
+        let Some(s) = self.ready.pop_front() else {
+            return;
+        };
+        self.ledger.file = s.header.file;
+        self.ledger.pos = s.header.end;
+        self.ledger.shipped_bytes += s.bytes.len() as u64;
+        self.ledger.segments += 1;
+        self.advance_latest();
+    }
+
+    /// Whether everything read is stored.
+    pub fn idle(&self) -> bool {
+        self.ready.is_empty() && self.pending.is_empty()
+    }
+
+    /// Moves the latest restorable time to the last look whose reads are all stored.
+    fn advance_latest(&mut self) {
+        let stored = (self.index_of(&self.ledger.file), self.ledger.pos);
+        let idle = self.idle();
+        while let Some((t, f, end)) = self.seen.front() {
+            let at = (self.index_of(f), *end);
+            if idle || at <= stored {
+                self.ledger.latest_us = self.ledger.latest_us.max(*t);
+                self.seen.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+}
+
+/// Where a replay stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Everything archived.
+    Latest,
+    /// Transactions written up to this time (unix µs).
+    Time(i64),
+    /// Up to and including this transaction (the datastore's position, e.g. a GTID).
+    Position(String),
+}
+
+/// The archive's files rebuilt in a directory, ready to replay.
+#[derive(Debug, Default)]
+pub struct Rebuilt {
+    /// The files in order, each complete from its first byte up to `end`.
+    pub files: Vec<(String, u64)>,
+    pub marks: Vec<(String, i64, u64)>,
+}
+
+/// A stored segment as its key names it, opened only when its turn comes.
+pub struct Stored {
+    pub file: String,
+    pub start: u64,
+    pub end: u64,
+    #[allow(clippy::type_complexity)]
+    pub open: Box<dyn FnOnce() -> Result<(SegmentHeader, Box<dyn Read + Send>), String> + Send>,
+}
+
+/// Rebuilds in `dir` the files of `segments` (in any order) from `from_file` on, refusing a
+/// hole: every file must be complete from its first byte, and each file must follow the
+/// previous one. Each segment's own header must say what its key says.
+pub fn rebuild(
+    dir: &Path,
+    from_file: &str,
+    segments: Vec<Stored>,
+    order: &dyn Fn(&str) -> u64,
+) -> Result<Rebuilt, String> {
+    let mut segs: Vec<Stored> = segments
+        .into_iter()
+        .filter(|s| order(&s.file) >= order(from_file))
+        .collect();
+    segs.sort_by_key(|s| (order(&s.file), s.start));
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut out = Rebuilt::default();
+    let mut current: Option<(String, std::fs::File, u64)> = None;
+    for s in segs {
+        let (h, mut r) = (s.open)()?;
+        if (h.file.as_str(), h.start, h.end) != (s.file.as_str(), s.start, s.end) {
+            return Err(format!(
+                "the archived segment {} says it holds {}; refused",
+                segment_key(&s.file, s.start, s.end),
+                segment_key(&h.file, h.start, h.end)
+            ));
+        }
+        match &mut current {
+            Some((f, _, end)) if *f == h.file => {
+                if h.start != *end {
+                    return Err(format!(
+                        "the archive has a hole in {}: bytes {} to {} are missing",
+                        h.file, end, h.start
+                    ));
+                }
+            }
+            _ => {
+                if let Some((f, _, end)) = current.take() {
+                    out.files.push((f, end));
+                }
+                if h.start != 0 {
+                    return Err(format!(
+                        "the archive has a hole: {} is stored from byte {} only",
+                        h.file, h.start
+                    ));
+                }
+                if let Some((prev, _)) = out.files.last() {
+                    if order(&h.file) != order(prev) + 1 {
+                        return Err(format!(
+                            "the archive has a hole: the files between {prev} and {} are missing",
+                            h.file
+                        ));
+                    }
+                } else if h.file != from_file {
+                    return Err(format!(
+                        "the archive has no copy of {from_file}, where the backup ends; the earliest archived file is {}",
+                        h.file
+                    ));
+                }
+                let p = dir.join(&h.file);
+                let f = std::fs::File::create(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                current = Some((h.file.clone(), f, 0));
+            }
+        }
+        let (_, f, end) = current.as_mut().unwrap();
+        let n = std::io::copy(&mut r, f).map_err(|e| format!("segment of {}: {e}", h.file))?;
+        if n != h.end - h.start {
+            return Err(format!(
+                "segment {} is {} bytes, its header says {}",
+                segment_key(&h.file, h.start, h.end),
+                n,
+                h.end - h.start
+            ));
+        }
+        *end = h.end;
+        out.marks
+            .extend(h.marks.iter().map(|(t, p)| (h.file.clone(), *t, *p)));
+    }
+    if let Some((f, _, end)) = current.take() {
+        out.files.push((f, end));
+    }
+    if out.files.is_empty() {
+        return Err(format!(
+            "the archive has no copy of {from_file}, where the backup ends"
+        ));
+    }
+    Ok(out)
+}
+
+/// Where to stop replaying `rebuilt` (started at `from`) for `Target::Time(t)`: the last mark
+/// at or before `t` (None: nothing after `from` was written by then).
+pub fn stop_at_time(
+    rebuilt: &Rebuilt,
+    from: (&str, u64),
+    t: i64,
+    order: &dyn Fn(&str) -> u64,
+) -> Option<(String, u64)> {
+    let key = |f: &str, p: u64| (order(f), p);
+    let start = key(from.0, from.1);
+    let mut stop = None;
+    for (f, mt, p) in &rebuilt.marks {
+        if key(f, *p) <= start {
+            continue;
+        }
+        if *mt > t {
+            break;
+        }
+        stop = Some((f.clone(), *p));
+    }
+    stop
+}
+
+/// How a datastore replays its archived change files on a restored, running server.
+pub trait Replay: Send + Sync {
+    /// The order of a change file's name (files follow each other by one).
+    fn order(&self, file: &str) -> u64;
+    /// Where to stop for a position target: the boundary after that transaction (None: not
+    /// in the files).
+    fn stop_at_position(
+        &self,
+        rebuilt: &Rebuilt,
+        dir: &Path,
+        position: &str,
+    ) -> Result<Option<(String, u64)>, String>;
+    /// Replays the files from `from` to `stop` (None: to their end) into the server.
+    fn replay(
+        &self,
+        ctx: &BackupCtx,
+        dir: &Path,
+        rebuilt: &Rebuilt,
+        from: (&str, u64),
+        stop: Option<(String, u64)>,
+    ) -> Result<(), BackupError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_keys_round_trip_and_refuse_others() {
+        let k = segment_key("mysql-bin.000003", 4, 1200);
+        assert_eq!(k, "archive/mysql-bin.000003/000000000004-000000001200");
+        assert_eq!(
+            parse_segment_key(&k),
+            Some(("mysql-bin.000003".into(), 4, 1200))
+        );
+        assert_eq!(parse_segment_key("b1.json"), None);
+        assert_eq!(parse_segment_key("archive/x/5-5"), None);
+        assert_eq!(parse_segment_key("archive/a/b/1-2"), None);
+    }
+
+    fn order(f: &str) -> u64 {
+        f.rsplit('.').next().unwrap().parse().unwrap()
+    }
+
+    fn seg(file: &str, start: u64, end: u64, marks: &[(i64, u64)]) -> Stored {
+        let h = SegmentHeader {
+            file: file.into(),
+            start,
+            end,
+            marks: marks.to_vec(),
+        };
+        Stored {
+            file: file.into(),
+            start,
+            end,
+            open: Box::new(move || {
+                let r: Box<dyn Read + Send> =
+                    Box::new(std::io::Cursor::new(vec![7u8; (end - start) as usize]));
+                Ok((h, r))
+            }),
+        }
+    }
+
+    #[test]
+    fn rebuild_refuses_holes_and_finds_the_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = rebuild(
+            dir.path(),
+            "b.000002",
+            vec![
+                seg("b.000003", 0, 50, &[(300, 50)]),
+                seg("b.000002", 100, 200, &[(150, 200)]),
+                seg("b.000002", 0, 100, &[(100, 60), (120, 100)]),
+                seg("b.000001", 0, 10, &[(1, 10)]),
+            ],
+            &order,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.files,
+            vec![("b.000002".into(), 200), ("b.000003".into(), 50)]
+        );
+        assert_eq!(
+            std::fs::metadata(dir.path().join("b.000002"))
+                .unwrap()
+                .len(),
+            200
+        );
+        let at = |t| stop_at_time(&ok, ("b.000002", 60), t, &order);
+        assert_eq!(at(50), None);
+        assert_eq!(at(120), Some(("b.000002".into(), 100)));
+        assert_eq!(at(299), Some(("b.000002".into(), 200)));
+        assert_eq!(at(1000), Some(("b.000003".into(), 50)));
+
+        let hole = rebuild(
+            dir.path(),
+            "b.000002",
+            vec![seg("b.000002", 0, 100, &[]), seg("b.000002", 120, 200, &[])],
+            &order,
+        );
+        assert!(hole.unwrap_err().contains("bytes 100 to 120"));
+        let missing_file = rebuild(
+            dir.path(),
+            "b.000002",
+            vec![seg("b.000002", 0, 100, &[]), seg("b.000004", 0, 200, &[])],
+            &order,
+        );
+        assert!(missing_file
+            .unwrap_err()
+            .contains("between b.000002 and b.000004"));
+        let late = rebuild(
+            dir.path(),
+            "b.000002",
+            vec![seg("b.000003", 0, 1, &[])],
+            &order,
+        );
+        assert!(late.unwrap_err().contains("no copy of b.000002"));
+        let mut lying = seg("b.000002", 0, 100, &[]);
+        lying.end = 90;
+        let lying = rebuild(dir.path(), "b.000002", vec![lying], &order);
+        assert!(lying.unwrap_err().contains("refused"));
+    }
+}

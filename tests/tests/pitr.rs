@@ -1,0 +1,221 @@
+//! Point-in-time recovery (MariaDB): the source's binary log is archived continuously from its
+//! first backup on; a restore to a time holds exactly the writes acknowledged before it and
+//! none begun after it, including what was written while the agent was down (the archive
+//! refills from where it stopped); the instance view shows the recovery window, and a time
+//! outside it is a 400 naming it.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use coffer_tests::{Env, StatusCode};
+use serde_json::{json, Value};
+use sqlx::Connection;
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+fn rfc3339(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn parse_ms(v: &Value) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(v.as_str()?)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// Waits until the instance's recovery window reaches `at_us`; returns the window's
+/// (earliest, latest) in ms.
+async fn window_reaching(env: &Env, id: &str, at_us: i64) -> (i64, i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = env.show(id).await;
+        let r = &v["instance"]["recovery"];
+        if let (Some(e), Some(l)) = (parse_ms(&r["earliest"]), parse_ms(&r["latest"])) {
+            if l * 1000 >= at_us {
+                return (e, l);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the recovery window never reached {}: {v}\n{}",
+            rfc3339(at_us),
+            env.logs(id)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn restore(env: &Env, name: &str, point: Value) -> (StatusCode, Value) {
+    env.call(
+        "POST",
+        "/instances",
+        Some(json!({"instance": {
+            "name": name, "flavorRef": "1", "volume": {"size": 1}, "restorePoint": point,
+        }})),
+    )
+    .await
+}
+
+async fn restored_rows(env: &Env, name: &str, point: Value) -> Vec<i32> {
+    let (st, v) = restore(env, name, point).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let id = v["instance"]["id"].as_str().unwrap().to_string();
+    let view = env
+        .wait_status(&id, "ACTIVE", Duration::from_secs(180))
+        .await;
+    env.rows(&view).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_to_a_time_holds_exactly_the_writes_before_it() {
+    let env = Env::start().await;
+    let (id, view) = env.active_with_rows("pitr", &[1, 2]).await;
+    // No archive before the first backup (it is sealed with the instance's backup key).
+    let (_, v) = env.show(&id).await;
+    assert!(v["instance"]["recovery"]["earliest"].is_null(), "{v}");
+
+    let (st, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "base", "instance": id}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    env.wait_backup(&bid, "COMPLETED").await;
+
+    // A writer: one row at a time, each acknowledged before the next begins; (row, began,
+    // acknowledged) in µs. The agent is killed half-way: what is written meanwhile is archived
+    // when it is back.
+    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
+    let mut writes = vec![];
+    let mut pace = tokio::time::interval(Duration::from_millis(120));
+    for i in 100..140 {
+        pace.tick().await;
+        if i == 120 {
+            let pid = env.agent_pid(&id).expect("the agent runs");
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)
+                .unwrap();
+        }
+        let began = now_us();
+        sqlx::query("INSERT INTO t VALUES (?)")
+            .bind(i)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        writes.push((i, began, now_us()));
+    }
+    c.close().await.unwrap();
+    let last_ack = writes.last().unwrap().2;
+    let (earliest, latest) = window_reaching(&env, &id, last_ack).await;
+
+    // Between two writes while the agent watched: exactly the rows acknowledged before the
+    // time, none begun after it.
+    let between = |k: usize| {
+        let (row, _, acked) = writes[k - 100];
+        (row, acked + (writes[k - 100 + 1].1 - acked) / 2)
+    };
+    let (row, t) = between(110);
+    let got = restored_rows(
+        &env,
+        "pitr-110",
+        json!({"backupRef": bid, "restore_time": rfc3339(t)}),
+    )
+    .await;
+    let want: Vec<i32> = [1, 2].into_iter().chain(100..=row).collect();
+    assert_eq!(
+        got,
+        want,
+        "restored to {} (between rows {row} and {})",
+        rfc3339(t),
+        row + 1
+    );
+
+    // While the agent was down the archive refilled what was written from the server's own
+    // clock, which counts seconds: every row acknowledged a second before the time, none
+    // begun after it, and no hole.
+    let (row, t) = between(125);
+    let got = restored_rows(
+        &env,
+        "pitr-125",
+        json!({"backupRef": bid, "restore_time": rfc3339(t)}),
+    )
+    .await;
+    let last = *got.last().unwrap();
+    let want: Vec<i32> = [1, 2].into_iter().chain(100..=last).collect();
+    assert_eq!(
+        got,
+        want,
+        "restored to {} (near row {row}): a hole",
+        rfc3339(t)
+    );
+    for (r, began, acked) in &writes {
+        if *acked <= t - 1_000_000 {
+            assert!(
+                got.contains(r),
+                "row {r} acknowledged a second before {} is missing: {got:?}",
+                rfc3339(t)
+            );
+        }
+        if *began > t {
+            assert!(
+                !got.contains(r),
+                "row {r} begun after {} was restored: {got:?}",
+                rfc3339(t)
+            );
+        }
+    }
+
+    // The latest restorable time, found from the instance alone: every acknowledged write.
+    let got = restored_rows(
+        &env,
+        "pitr-latest",
+        json!({"instance": id, "restore_time": rfc3339(latest * 1000)}),
+    )
+    .await;
+    let want: Vec<i32> = [1, 2].into_iter().chain(100..140).collect();
+    assert_eq!(got, want);
+
+    // Outside the window, or malformed: a 400 that names the window, and nothing created.
+    let (_, before) = env.call("GET", "/instances", None).await;
+    for (point, says) in [
+        (
+            json!({"backupRef": bid, "restore_time": rfc3339((earliest - 60_000) * 1000)}),
+            "recovery window is",
+        ),
+        (
+            json!({"backupRef": bid, "restore_time": rfc3339(now_us() + 3_600_000_000)}),
+            "after the latest restorable time",
+        ),
+        (
+            json!({"instance": id, "restore_time": rfc3339((earliest - 60_000) * 1000)}),
+            "recovery window is",
+        ),
+        (
+            json!({"backupRef": bid, "restore_time": "yesterday"}),
+            "RFC 3339",
+        ),
+        (json!({"instance": id}), "needs 'restore_time'"),
+        (
+            json!({"backupRef": bid, "instance": id, "restore_time": rfc3339(latest * 1000)}),
+            "not both",
+        ),
+        (
+            json!({"backupRef": bid, "restore_time": rfc3339(latest * 1000), "restore_position": "0-1-5"}),
+            "not both",
+        ),
+    ] {
+        let (st, v) = restore(&env, "pitr-bad", point.clone()).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{point}: {v}");
+        assert!(v.to_string().contains(says), "{point}: {v}");
+    }
+    let (_, after) = env.call("GET", "/instances", None).await;
+    assert_eq!(before["instances"], after["instances"]);
+}
