@@ -276,7 +276,7 @@ pub async fn roll_forward(
             ctx.ds.title()
         )
     })?;
-    if restored_at.binlog_file.is_empty() {
+    if restored_at.log_file().is_empty() {
         return Err(format!(
             "backup {} records no change-log position to roll forward from; restore it without a time",
             from.backup_id
@@ -286,8 +286,8 @@ pub async fn roll_forward(
     let sources = crate::backups::Sources::new(ctx, &cfg, from).await?;
     let bctx = ctx.ds.backup_context().await.map_err(|e| e.to_string())?;
     let dir = ctx.state.root().join("archive-replay");
-    let start_file = restored_at.binlog_file.clone();
-    let start_pos = restored_at.binlog_pos;
+    let start_file = restored_at.log_file().to_string();
+    let start_pos = restored_at.log_offset();
     let encrypted = cfg.encryption;
     let backup_id = from.backup_id.clone();
     crate::intents::progress(
@@ -334,6 +334,7 @@ pub async fn roll_forward(
             });
         }
         let _ = std::fs::remove_dir_all(&dir);
+        let started = std::time::Instant::now();
         let result = (|| {
             let order = |f: &str| replay.order(f);
             let rebuilt = archive::rebuild(&dir, &start_file, stored, &order)?;
@@ -367,12 +368,18 @@ pub async fn roll_forward(
                     stop.clone(),
                 )
                 .map_err(|e| e.to_string())?;
+            let mib = rebuilt.files.iter().map(|(_, end)| end).sum::<u64>() as f64 / 1048576.0;
+            let took = started.elapsed().as_secs_f64();
             Ok(match stop {
-                Some((f, p)) => format!("rolled forward to {f}:{p}"),
+                Some((f, p)) => {
+                    format!("rolled forward to {f}:{p} in {took:.2} s ({mib:.1} MiB of archive)")
+                }
                 None if target.time_unix_us > 0 => {
                     "nothing was written between the backup and the target".into()
                 }
-                None => "rolled forward to the end of the archive".into(),
+                None => format!(
+                    "rolled forward to the end of the archive in {took:.2} s ({mib:.1} MiB of archive)"
+                ),
             })
         })();
         let _ = std::fs::remove_dir_all(&dir);

@@ -294,7 +294,7 @@ pub async fn backup(
     });
     let mut result = with_progress(ctx, intent_id, "backup", "backup", done, work).await??;
     if let Ok(m) = serde_json::from_str::<Manifest>(&result.manifest_json) {
-        result.archive_since_unix_ms = crate::archive::covering_since(ctx, &m.position.binlog_file);
+        result.archive_since_unix_ms = crate::archive::covering_since(ctx, m.position.log_file());
     }
     Ok(result)
 }

@@ -213,10 +213,11 @@ pub fn smoke_all() -> anyhow::Result<()> {
         .context("cargo xtask bench lifecycle --smoke")?;
     crate::bench_backup::run(&smoke).context("cargo xtask bench backup --smoke")?;
     crate::bench_replication::run(&smoke).context("cargo xtask bench replication --smoke")?;
+    crate::bench_pitr::run(&smoke).context("cargo xtask bench pitr --smoke")?;
     Ok(())
 }
 
-fn proc_rss_kb(pid: i32) -> u64 {
+pub(crate) fn proc_rss_kb(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -227,7 +228,7 @@ fn proc_rss_kb(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-fn proc_cpu_ticks(pid: i32) -> u64 {
+pub(crate) fn proc_cpu_ticks(pid: i32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = s.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -239,7 +240,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut it = args.iter();
     let what = it.next().map(String::as_str).unwrap_or("");
     if what != "lifecycle" {
-        bail!("usage: cargo xtask bench lifecycle [--runs N] [--idle-secs S] [--smoke] | bench backup [--size-mb N] [--smoke] | bench replication [--size-mb N] [--smoke] | bench scale [--smoke]");
+        bail!("usage: cargo xtask bench lifecycle [--runs N] [--idle-secs S] [--smoke] | bench backup [--size-mb N] [--smoke] | bench replication [--size-mb N] [--smoke] | bench pitr [--size-mb N] [--seconds S] [--smoke] | bench scale [--smoke]");
     }
     let mut runs = 5usize;
     let mut idle = 60u64;

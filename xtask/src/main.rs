@@ -5,6 +5,8 @@
 //! - `cargo xtask test [--slow] [-- FILTER...]`: installs what the suite needs, runs it.
 //! - `cargo xtask bench lifecycle`: create → ACTIVE against the bare-MariaDB floor.
 //! - `cargo xtask bench backup [--size-mb N]`: backup and restore against mariabackup | zstd.
+//! - `cargo xtask bench pitr [--size-mb N] [--seconds S]`: RPO under a writer, the agent's cost
+//!   while archiving, and a restore to time's replay against `mariadb-binlog | mariadb`.
 //! - `cargo xtask bench replication [--size-mb N]`: replica creation against its floor by hand,
 //!   switchover write gap, failover time.
 //! - `cargo xtask dist [--out DIR]`: release binaries packaged as coffer-agent and
@@ -21,6 +23,7 @@
 
 mod bench;
 mod bench_backup;
+mod bench_pitr;
 mod bench_replication;
 mod demo;
 mod dist;
@@ -60,6 +63,7 @@ fn real_main() -> anyhow::Result<()> {
         "bench" if rest.first().map(String::as_str) == Some("replication") => {
             bench_replication::run(&rest[1..])
         }
+        "bench" if rest.first().map(String::as_str) == Some("pitr") => bench_pitr::run(&rest[1..]),
         "bench" if rest.first().map(String::as_str) == Some("scale") => bench::scale(&rest[1..]),
         "bench" => bench::run(rest),
         "tls-ca" => {

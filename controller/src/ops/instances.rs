@@ -31,7 +31,7 @@ pub struct RestoreSpec {
     pub base: RestoreBase,
     /// Roll forward to this time (unix µs).
     pub time_us: Option<i64>,
-    /// Roll forward to this position (the datastore's, e.g. a GTID).
+    /// Roll forward to this position (in the datastore's own terms).
     pub position: Option<String>,
 }
 

@@ -53,6 +53,17 @@ pub struct EnginePosition {
     pub lsn: String,
 }
 
+impl EnginePosition {
+    /// The change-log file the backup ends in (where archived changes roll it forward from).
+    pub fn log_file(&self) -> &str {
+        &self.binlog_file
+    }
+    /// The offset in [`EnginePosition::log_file`].
+    pub fn log_offset(&self) -> u64 {
+        self.binlog_pos
+    }
+}
+
 /// How a strategy's backups come back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestoreMode {

@@ -1,0 +1,355 @@
+//! `cargo xtask bench pitr [--size-mb N] [--seconds S]`: point-in-time recovery, in one run:
+//! - RPO under a continuous writer: now − the latest restorable time, sampled every 20 ms from
+//!   the agent's ledger (what is stored) and from the API (what the controller shows), p50/p99;
+//! - the agent's CPU and peak RSS while it archives;
+//! - replay: a restore to the latest time replays about N MB of changes (fetched, unsealed,
+//!   rebuilt and replayed by the agent) against the floor, `mariadb-binlog | mariadb` of the
+//!   source's own binary log into a restore of the same backup.
+//!
+//! Release binaries. Figures, not assertions.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use crate::bench::{http, with_release, Bench};
+use crate::env;
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    let mut size_mb = 256u64;
+    let mut seconds = 20u64;
+    let mut smoke = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--size-mb" => size_mb = it.next().context("--size-mb N")?.parse()?,
+            "--seconds" => seconds = it.next().context("--seconds S")?.parse()?,
+            "--smoke" => (smoke, size_mb, seconds) = (true, 2, 3),
+            other => bail!(
+                "unknown bench pitr option '{other}' (known: --size-mb N, --seconds S, --smoke)"
+            ),
+        }
+    }
+    with_release("coffer-bench-pitr", smoke, |tools, bins, tmp| {
+        bench(tools, bins, tmp, size_mb, seconds)
+    })
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// `mariadb --defaults-file=admin.cnf -N -e sql`; returns stdout.
+fn sql(root: &Path, q: &str) -> anyhow::Result<String> {
+    let out = Command::new("mariadb")
+        .arg(format!(
+            "--defaults-file={}",
+            root.join("admin.cnf").display()
+        ))
+        .args(["-N", "-B", "-e", q])
+        .output()?;
+    if !out.status.success() {
+        bail!("{q}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn get(b: &Bench, id: &str) -> anyhow::Result<Value> {
+    Ok(http(
+        b.api_port,
+        "GET",
+        &format!("/v1.0/bench/instances/{id}"),
+        b.token,
+        None,
+    )?
+    .1["instance"]
+        .clone())
+}
+
+fn backup(b: &Bench, id: &str) -> anyhow::Result<String> {
+    let (st, v) = http(
+        b.api_port,
+        "POST",
+        "/v1.0/bench/backups",
+        b.token,
+        Some(&json!({"backup": {"name": "base", "instance": id}})),
+    )?;
+    if st != 202 {
+        bail!("backup failed: {st} {v}");
+    }
+    let bid = v["backup"]["id"].as_str().unwrap_or_default().to_string();
+    loop {
+        let (_, v) = http(
+            b.api_port,
+            "GET",
+            &format!("/v1.0/bench/backups/{bid}"),
+            b.token,
+            None,
+        )?;
+        match v["backup"]["status"].as_str() {
+            Some("COMPLETED") => return Ok(bid),
+            Some("FAILED") => bail!("backup failed: {v}"),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// (p50, p99, max) of samples (zeros when there are none).
+fn percentiles(v: &mut [f64]) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99), v[v.len() - 1])
+}
+
+fn ledger_latest_us(state: &Path) -> i64 {
+    std::fs::read(state.join("archive.json"))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<Value>(&t).ok())
+        .and_then(|v| v["latest_us"].as_i64())
+        .unwrap_or(0)
+}
+
+fn rfc3339_ms(v: &Value) -> Option<i64> {
+    // "2026-12-02T01:23:33.109Z": days from the civil date, then the time of day.
+    let s = v.as_str()?;
+    let (date, time) = s.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, dd) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (y2, m2) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * m2 + 2) / 5 + dd - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    let mut t = time.split(':');
+    let (h, mi, sec) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+    );
+    Some((days * 86400 + h * 3600 + mi * 60) * 1000 + (sec * 1000.0).round() as i64)
+}
+
+fn bench(
+    tools: &env::Tools,
+    bins: &Path,
+    tmp: &Path,
+    size_mb: u64,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let keyring = tmp.join("keyring.toml");
+    let key: String = (0..32)
+        .map(|i| format!("{:02x}", (i * 41 + 3) as u8))
+        .collect();
+    std::fs::write(
+        &keyring,
+        format!("current = \"k1\"\n[keys]\nk1 = \"{key}\"\n"),
+    )?;
+    let extra = format!(
+        "[backup]\nkeyring_file = {:?}\n[backup.storage]\nkind = \"local\"\nroot = {:?}\n",
+        keyring.display().to_string(),
+        tmp.join("backups").display().to_string()
+    );
+    let coffer = Bench::start(tools, bins, tmp, &extra)?;
+    let (src, _) = coffer.create(json!({"instance": {"name": "src", "flavorRef": "3",
+        "volume": {"size": 20}, "databases": [{"name": "shop"}]}}))?;
+    let state = |id: &str| tmp.join("instances").join(id).join("state");
+    let sroot = state(&src).join("mariadb");
+    sql(
+        &sroot,
+        "CREATE TABLE shop.p (id BIGINT AUTO_INCREMENT PRIMARY KEY, at BIGINT, b VARCHAR(200)); \
+                 CREATE TABLE shop.big (id BIGINT AUTO_INCREMENT PRIMARY KEY, b VARCHAR(1000))",
+    )?;
+    let bid = backup(&coffer, &src)?;
+    let agent: i32 = std::fs::read_to_string(state(&src).join("agent.pid"))?
+        .trim()
+        .parse()?;
+
+    // RPO and the agent's cost under a continuous writer (a row every 5 ms, one session).
+    env::step(&format!("a continuous writer for {seconds} s"));
+    let mut w = Command::new("mariadb")
+        .arg(format!(
+            "--defaults-file={}",
+            sroot.join("admin.cnf").display()
+        ))
+        .arg("shop")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let mut stdin = w.stdin.take().context("writer stdin")?;
+    let ticks0 = crate::bench::proc_cpu_ticks(agent);
+    let t0 = Instant::now();
+    let (mut ledger_rpo, mut api_rpo, mut peak_rss) = (vec![], vec![], 0u64);
+    let mut next_write = Instant::now();
+    let mut next_api = Instant::now();
+    let mut next_sample = Instant::now() + Duration::from_secs(1);
+    while t0.elapsed() < Duration::from_secs(seconds) {
+        let now = Instant::now();
+        if now >= next_write {
+            writeln!(
+                stdin,
+                "INSERT INTO p (at, b) VALUES ({}, REPEAT('x', 150));",
+                now_us()
+            )?;
+            stdin.flush()?;
+            next_write += Duration::from_millis(5);
+        }
+        if now >= next_sample {
+            let l = ledger_latest_us(&state(&src));
+            if l > 0 {
+                ledger_rpo.push((now_us() - l) as f64 / 1e6);
+            }
+            peak_rss = peak_rss.max(crate::bench::proc_rss_kb(agent));
+            next_sample += Duration::from_millis(20);
+        }
+        if now >= next_api {
+            if let Some(l) = rfc3339_ms(&get(&coffer, &src)?["recovery"]["latest"]) {
+                api_rpo.push((now_us() / 1000 - l) as f64 / 1e3);
+            }
+            next_api += Duration::from_millis(200);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let busy = t0.elapsed().as_secs_f64();
+    let cpu = (crate::bench::proc_cpu_ticks(agent) - ticks0) as f64 / 100.0 / busy * 100.0;
+    drop(stdin);
+    w.wait()?;
+
+    // About `size_mb` MB of changes, then a restore to the latest time against the floor.
+    env::step(&format!("writing about {size_mb} MB of changes"));
+    let statements = (size_mb * 1_000_000 / 400_000).max(1);
+    let mut gen = String::new();
+    for _ in 0..statements {
+        gen.push_str("INSERT INTO shop.big (b) SELECT CONCAT(SHA2(RAND(), 512), SHA2(RAND(), 512), SHA2(RAND(), 512)) FROM seq_1_to_1000;\n");
+    }
+    let mut g = Command::new("mariadb")
+        .arg(format!(
+            "--defaults-file={}",
+            sroot.join("admin.cnf").display()
+        ))
+        .stdin(Stdio::piped())
+        .spawn()?;
+    g.stdin.take().context("stdin")?.write_all(gen.as_bytes())?;
+    if !g.wait()?.success() {
+        bail!("generating changes failed");
+    }
+    let rows = sql(
+        &sroot,
+        "SELECT (SELECT COUNT(*) FROM shop.big) + (SELECT COUNT(*) FROM shop.p)",
+    )?;
+    let acked = now_us() / 1000;
+    let latest = loop {
+        let v = get(&coffer, &src)?;
+        if rfc3339_ms(&v["recovery"]["latest"]).is_some_and(|l| l >= acked) {
+            break v["recovery"]["latest"].clone();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    env::step("restoring to the latest restorable time");
+    let (pitr, pitr_s) = coffer.create(json!({"instance": {"name": "pitr", "flavorRef": "3",
+        "volume": {"size": 20}, "restorePoint": {"backupRef": bid, "restore_time": latest}}}))?;
+    let log = std::fs::read_to_string(tmp.join("instances").join(&pitr).join("agent.log"))
+        .unwrap_or_default();
+    let line = log
+        .lines()
+        .find(|l| l.contains("rolled forward"))
+        .context("the restore's agent logged no roll-forward")?;
+    let replay_s: f64 = line
+        .split(" in ")
+        .nth(1)
+        .and_then(|x| x.split(' ').next())
+        .and_then(|x| x.parse().ok())
+        .context("no replay time in the agent's log")?;
+    let mib: f64 = line
+        .split('(')
+        .nth(1)
+        .and_then(|x| x.split(' ').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0.0);
+    let prows = sql(
+        &state(&pitr).join("mariadb"),
+        "SELECT (SELECT COUNT(*) FROM shop.big) + (SELECT COUNT(*) FROM shop.p)",
+    )?;
+
+    env::step("the floor: mariadb-binlog | mariadb into a restore of the same backup");
+    let (floor, _) = coffer.create(json!({"instance": {"name": "floor", "flavorRef": "3",
+        "volume": {"size": 20}, "restorePoint": {"backupRef": bid}}}))?;
+    let manifest: Value = serde_json::from_slice(&std::fs::read(
+        tmp.join("backups").join(&src).join(format!("{bid}.json")),
+    )?)?;
+    let (file, pos) = (
+        manifest["position"]["binlog_file"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        manifest["position"]["binlog_pos"].as_u64().unwrap_or(4),
+    );
+    let data = sroot.join("data");
+    let index = std::fs::read_to_string(data.join("mysql-bin.index"))?;
+    let files: Vec<PathBuf> = index
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .filter(|f| *f >= file.as_str())
+        .map(|f| data.join(f))
+        .collect();
+    let froot = state(&floor).join("mariadb");
+    let t = Instant::now();
+    let mut dump = Command::new("mariadb-binlog")
+        .arg(format!("--start-position={pos}"))
+        .args(&files)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let out = dump.stdout.take().context("mariadb-binlog stdout")?;
+    let st = Command::new("mariadb")
+        .arg(format!(
+            "--defaults-file={}",
+            froot.join("admin.cnf").display()
+        ))
+        .args(["--binary-mode", "--max-allowed-packet=1G", "--batch"])
+        .stdin(out)
+        .status()?;
+    dump.wait()?;
+    if !st.success() {
+        bail!("the floor's replay failed");
+    }
+    let floor_s = t.elapsed().as_secs_f64();
+    let frows = sql(
+        &froot,
+        "SELECT (SELECT COUNT(*) FROM shop.big) + (SELECT COUNT(*) FROM shop.p)",
+    )?;
+
+    let (l50, l99, lmax) = percentiles(&mut ledger_rpo);
+    let (a50, a99, amax) = percentiles(&mut api_rpo);
+    println!();
+    println!(
+        "pitr ({}; {:.0} s writer, a row every 5 ms)",
+        crate::bench::build_label(bins),
+        busy
+    );
+    println!("  RPO, stored (agent's ledger):   p50 {l50:.3} s  p99 {l99:.3} s  max {lmax:.3} s  ({} samples; target p99 <= 1 s)", ledger_rpo.len());
+    println!("  RPO, shown (API recovery.latest): p50 {a50:.3} s  p99 {a99:.3} s  max {amax:.3} s  (heartbeats carry it)");
+    println!(
+        "  agent while archiving:          {cpu:.1} % of a core, peak RSS {:.1} MB",
+        peak_rss as f64 / 1024.0
+    );
+    println!(
+        "  replay of {mib:.0} MiB of changes: Coffer {replay_s:.2} s (restore to time, create → ACTIVE {pitr_s:.1} s)  floor {floor_s:.2} s  → {:.2}× the floor's speed (target ≥ 0.9)",
+        floor_s / replay_s.max(1e-6)
+    );
+    println!("  rows: source {rows}, restored to time {prows}, floor {frows}");
+    if rows != prows || rows != frows {
+        bail!("the restores do not hold the source's rows: source {rows}, restored {prows}, floor {frows}");
+    }
+    coffer.stop();
+    Ok(())
+}
