@@ -162,7 +162,7 @@ fn bench(
     );
     let coffer = Bench::start(tools, bins, tmp, &extra)?;
     let (src, _) = coffer.create(json!({"instance": {"name": "src", "flavorRef": "3",
-        "volume": {"size": 20}, "databases": [{"name": "shop"}]}}))?;
+        "volume": {"size": 10}, "databases": [{"name": "shop"}]}}))?;
     let state = |id: &str| tmp.join("instances").join(id).join("state");
     let sroot = state(&src).join("mariadb");
     sql(
@@ -237,6 +237,7 @@ fn bench(
             "--defaults-file={}",
             sroot.join("admin.cnf").display()
         ))
+        .arg("shop")
         .stdin(Stdio::piped())
         .spawn()?;
     g.stdin.take().context("stdin")?.write_all(gen.as_bytes())?;
@@ -257,7 +258,7 @@ fn bench(
     };
     env::step("restoring to the latest restorable time");
     let (pitr, pitr_s) = coffer.create(json!({"instance": {"name": "pitr", "flavorRef": "3",
-        "volume": {"size": 20}, "restorePoint": {"backupRef": bid, "restore_time": latest}}}))?;
+        "volume": {"size": 10}, "restorePoint": {"backupRef": bid, "restore_time": latest}}}))?;
     let log = std::fs::read_to_string(tmp.join("instances").join(&pitr).join("agent.log"))
         .unwrap_or_default();
     let line = log
@@ -283,7 +284,7 @@ fn bench(
 
     env::step("the floor: mariadb-binlog | mariadb into a restore of the same backup");
     let (floor, _) = coffer.create(json!({"instance": {"name": "floor", "flavorRef": "3",
-        "volume": {"size": 20}, "restorePoint": {"backupRef": bid}}}))?;
+        "volume": {"size": 10}, "restorePoint": {"backupRef": bid}}}))?;
     let manifest: Value = serde_json::from_slice(&std::fs::read(
         tmp.join("backups").join(&src).join(format!("{bid}.json")),
     )?)?;
