@@ -160,8 +160,15 @@ pub async fn run(ctx: Arc<Ctx>) {
         if watcher.is_none() {
             use notify::{RecursiveMode, Watcher};
             let tx = tx.clone();
-            watcher = notify::recommended_watcher(move |_ev: notify::Result<notify::Event>| {
-                let _ = tx.try_send(());
+            let filter = ctx.ds.change_log();
+            watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+                let wakes = match (&ev, &filter) {
+                    (Ok(ev), Some(f)) => ev.paths.iter().any(|p| f.is_change_file(p)),
+                    _ => true,
+                };
+                if wakes {
+                    let _ = tx.try_send(());
+                }
             })
             .ok()
             .and_then(|mut w| {

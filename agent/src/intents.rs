@@ -475,6 +475,7 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
     for u in &users {
         ds.validate_user(u).map_err(|e| e.to_string())?;
     }
+    crate::archive::remember_key(ctx, &p.archive_key_id, &p.archive_key_sealed);
     ctx.sup
         .call(Cmd::Report(v1::ServiceStatus::Building, String::new()))
         .await?;

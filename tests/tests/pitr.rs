@@ -219,3 +219,87 @@ async fn a_restore_to_a_time_holds_exactly_the_writes_before_it() {
     let (_, after) = env.call("GET", "/instances", None).await;
     assert_eq!(before["instances"], after["instances"]);
 }
+
+/// A replica promoted by a switchover archives from then on (it was given its key when it was
+/// made): a backup of the new source rolls forward to a time as the old one's did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_replica_archives_and_restores_to_a_time() {
+    let env = Env::start().await;
+    let (src, _) = env.active_with_rows("pitr-src", &[1]).await;
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(json!({"instance": {"name": "pitr-rep", "replica_of": src, "replica_count": 1}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (_, s) = env.show(&src).await;
+    let rep = s["instance"]["replicas"][0]["id"]
+        .as_str()
+        .expect("one replica")
+        .to_string();
+    env.wait_status(&rep, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let (st, v) = env
+        .call(
+            "POST",
+            &format!("/instances/{rep}/action"),
+            Some(json!({"promote_to_replica_source": {}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let view = loop {
+        let (_, v) = env.show(&rep).await;
+        let i = &v["instance"];
+        if i.get("replica_of").is_none()
+            && i["status"] == "ACTIVE"
+            && !i["recovery"]["archive"]["since"].is_null()
+        {
+            break i.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the promoted replica is not an archiving source: {v}\n{}",
+            env.logs(&rep)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let (st, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "new-source", "instance": rep}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    env.wait_backup(&bid, "COMPLETED").await;
+
+    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
+    let mut writes = vec![];
+    let mut pace = tokio::time::interval(Duration::from_millis(120));
+    for i in 200..210 {
+        pace.tick().await;
+        let began = now_us();
+        sqlx::query("INSERT INTO t VALUES (?)")
+            .bind(i)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        writes.push((i, began, now_us()));
+    }
+    c.close().await.unwrap();
+    window_reaching(&env, &rep, writes.last().unwrap().2).await;
+    let (_, _, acked) = writes[4];
+    let t = acked + (writes[5].1 - acked) / 2;
+    let got = restored_rows(
+        &env,
+        "pitr-after-switchover",
+        json!({"backupRef": bid, "restore_time": rfc3339(t)}),
+    )
+    .await;
+    assert_eq!(got, vec![1, 200, 201, 202, 203, 204]);
+}

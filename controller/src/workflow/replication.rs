@@ -636,6 +636,8 @@ impl ReplicaBuild {
             let mut restore =
                 crate::ops::backups::restore_point(app, &self.snapshot_id(), None).await?;
             crate::ops::backups::grant_restore(app, &mut restore, &id, &agent_key(&r)?)?;
+            // Its key, so that it archives its change stream from the moment it is promoted.
+            let archive_key = crate::ops::keys::issue(app, &id, &agent_key(&r)?)?;
             let prepare = v1::intent::Kind::Prepare(v1::Prepare {
                 memory_mb: flavor.as_ref().map(|f| f.ram as u64).unwrap_or(256),
                 vcpus: flavor.as_ref().map(|f| f.vcpus as u32).unwrap_or(1),
@@ -645,6 +647,11 @@ impl ReplicaBuild {
                 restore: Some(restore),
                 overrides,
                 replica_of: Some(replica_of(&source, &r, &user, &password, &strategy)?),
+                archive_key_id: archive_key
+                    .as_ref()
+                    .map(|k| k.0.clone())
+                    .unwrap_or_default(),
+                archive_key_sealed: archive_key.map(|k| k.1).unwrap_or_default(),
                 ..Default::default()
             });
             let mut tx = app.store.begin().await?;

@@ -152,6 +152,12 @@ fn ends_transaction(ev: &[u8], checksum: bool) -> bool {
 }
 
 impl ChangeLog for BinlogLog {
+    fn is_change_file(&self, path: &Path) -> bool {
+        path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            n.starts_with(&self.base) && n.as_bytes().get(self.base.len()) == Some(&b'.')
+        })
+    }
+
     fn files(&self) -> Result<Vec<String>, String> {
         let index = self.dir.join(format!("{}.index", self.base));
         let text = match std::fs::read_to_string(&index) {

@@ -98,6 +98,9 @@ pub trait ChangeLog: Send {
     /// found (position, the server's own timestamp of that transaction's last event in
     /// seconds).
     fn read_complete(&mut self, file: &str, from: u64, max: usize) -> Result<Chunk, String>;
+    /// Whether a write to `path` (in the data directory) may be a change to archive: what
+    /// wakes the archiver.
+    fn is_change_file(&self, path: &Path) -> bool;
 }
 
 /// Complete transactions read from a change file.
