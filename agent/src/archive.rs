@@ -98,7 +98,7 @@ fn ship(
     storage: &dyn Storage,
     key: &str,
     h: &SegmentHeader,
-    bytes: &[u8],
+    bytes: &mut dyn std::io::Read,
     seal: &Option<(String, [u8; 32])>,
     level: i32,
 ) -> Result<(), String> {
@@ -111,7 +111,14 @@ fn ship(
         fixed: None,
     };
     let mut s = pipeline::SealWriter::new(w, &params).map_err(|e| e.to_string())?;
-    archive::write_segment(&mut s, h, bytes).map_err(|e| format!("archiving {key}: {e}"))?;
+    archive::write_segment(&mut s, h, &[]).map_err(|e| format!("archiving {key}: {e}"))?;
+    let n = std::io::copy(bytes, &mut s).map_err(|e| format!("archiving {key}: {e}"))?;
+    if n != h.end - h.start {
+        return Err(format!(
+            "archiving {key}: {n} bytes read, {} expected",
+            h.end - h.start
+        ));
+    }
     let (mut w, _) = s.finish().map_err(|e| format!("archiving {key}: {e}"))?;
     w.flush().map_err(|e| format!("archiving {key}: {e}"))?;
     w.commit().map_err(|e| e.to_string())
@@ -189,6 +196,16 @@ pub async fn run(ctx: Arc<Ctx>) {
             Ok(false) => {}
             Err(e) => *fault.lock().unwrap() = e,
         }
+        // A file stored in many pieces is closed, so that it is stored whole.
+        let rotate = archiver
+            .lock()
+            .unwrap()
+            .wants_rotation(cfg.archive_rotate_segments, cfg.archive_rotate_mb << 20);
+        if rotate {
+            if let Err(e) = ctx.ds.rotate_change_log().await {
+                warn!(error = %e, "could not close the change file being written");
+            }
+        }
         // Storing runs beside the looks, one segment at a time, in order.
         if storing.as_ref().is_none_or(|h| h.is_finished())
             && archiver.lock().unwrap().next_ready().is_some()
@@ -211,17 +228,33 @@ pub async fn run(ctx: Arc<Ctx>) {
                     }
                 };
                 loop {
-                    let Some(seg) = a.lock().unwrap().next_ready().cloned() else {
+                    let Some(job) = a.lock().unwrap().next_ready().cloned() else {
                         return;
                     };
-                    if let Err(e) = ship(
-                        storage.as_ref(),
-                        &seg.key,
-                        &seg.header,
-                        &seg.bytes,
-                        &seal,
-                        level,
-                    ) {
+                    let stored = match &job {
+                        archive::Job::Segment(seg) => ship(
+                            storage.as_ref(),
+                            &seg.key,
+                            &seg.header,
+                            &mut seg.bytes.as_slice(),
+                            &seal,
+                            level,
+                        ),
+                        archive::Job::Whole { key, header, path } => std::fs::File::open(path)
+                            .map_err(|e| format!("{}: {e}", path.display()))
+                            .and_then(|file| {
+                                use std::io::Read;
+                                ship(
+                                    storage.as_ref(),
+                                    key,
+                                    header,
+                                    &mut file.take(header.end),
+                                    &seal,
+                                    level,
+                                )
+                            }),
+                    };
+                    if let Err(e) = stored {
                         *f.lock().unwrap() = e;
                         return;
                     }
@@ -251,6 +284,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                 shipped_bytes: l.shipped_bytes,
                 segments: l.segments,
                 fault: now_failing,
+                compactions: l.compactions,
             });
         }
         // Writes come in bursts: let a few gather before the next look.

@@ -35,6 +35,19 @@ pub struct BackupConfig {
     /// bound on how far behind the latest restorable time runs.
     #[serde(default = "default_ship_ms")]
     pub archive_ship_ms: u64,
+    /// Close the change file being written (and store it whole) once it was stored in this
+    /// many pieces or grew to `archive_rotate_mb`.
+    #[serde(default = "default_rotate_segments")]
+    pub archive_rotate_segments: u32,
+    #[serde(default = "default_rotate_mb")]
+    pub archive_rotate_mb: u64,
+}
+
+fn default_rotate_segments() -> u32 {
+    120
+}
+fn default_rotate_mb() -> u64 {
+    64
 }
 
 fn default_ship_ms() -> u64 {

@@ -8,6 +8,7 @@
 //! Invariant: nothing here names a datastore; what differs per datastore is described in
 //! `coffer_proto::Datastore` or implemented in `coffer-strategies`.
 
+pub mod archive;
 pub mod backup;
 pub mod config_rules;
 pub mod fsutil;

@@ -324,7 +324,7 @@ struct Beat {
 
 /// Answers a batch of heartbeats (the lease, the role the store gives each instance and whether
 /// it is fenced), then persists what changed. An agent the store does not know is not answered.
-async fn answer(app: &App, batch: Vec<Beat>) {
+async fn answer(app: &Arc<App>, batch: Vec<Beat>) {
     let ids: Vec<&str> = batch.iter().map(|b| b.instance_id.as_str()).collect();
     let (rows, sources) = match app.store.heartbeat_rows(&ids).await {
         Ok(x) => x,
@@ -431,7 +431,7 @@ fn track(app: &App, instance_id: &str, hb: v1::Heartbeat) -> bool {
 /// Takes in what an agent reports (an event's heartbeat); persists only transitions. Returns
 /// the instance (None for an unknown one).
 pub async fn observe(
-    app: &App,
+    app: &Arc<App>,
     instance_id: &str,
     agent_version: &str,
     hb: v1::Heartbeat,
@@ -448,7 +448,12 @@ pub async fn observe(
 
 /// Writes to the store what a (tracked, newest) heartbeat changes of the instance's row: service
 /// status and fault, agent version and capabilities, endpoint. Nothing when nothing changed.
-async fn persist(app: &App, row: &store::HeartbeatRow, agent_version: &str, hb: &v1::Heartbeat) {
+async fn persist(
+    app: &Arc<App>,
+    row: &store::HeartbeatRow,
+    agent_version: &str,
+    hb: &v1::Heartbeat,
+) {
     let instance_id = row.id.as_str();
     // "unknown": a new agent has not looked at its server yet; the status stays what it was.
     let status = match coffer_proto::service_status_name(hb.status()) {
@@ -493,6 +498,24 @@ async fn persist(app: &App, row: &store::HeartbeatRow, agent_version: &str, hb: 
                 .await
             {
                 warn!(error = %e, "persisting the archive's state failed");
+            }
+        }
+        if row.archive_compactions.unwrap_or(0) < a.compactions as i64 {
+            match app
+                .store
+                .set_archive_compactions(instance_id, a.compactions as i64)
+                .await
+            {
+                Ok(true) => {
+                    let (app, id) = (app.clone(), instance_id.to_string());
+                    tokio::spawn(async move {
+                        if let Err(e) = crate::objects::remove_compacted(&app, &id).await {
+                            warn!(instance = %id, error = %format!("{e:#}"), "removing compacted archive pieces failed");
+                        }
+                    });
+                }
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "persisting the archive's state failed"),
             }
         }
     }

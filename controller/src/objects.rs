@@ -232,11 +232,29 @@ pub async fn archive_segments(app: &App, owner: &str) -> anyhow::Result<Vec<Stri
     let out = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
     let o = out.clone();
     with_storage(app, owner, move |storage| {
-        let keys = storage.list("archive/").context("listing the archive")?;
+        let keys = storage
+            .list(coffer_common::archive::PREFIX)
+            .context("listing the archive")?;
         *o.lock().unwrap() = keys;
         Ok(())
     })
     .await?;
     let keys = std::mem::take(&mut *out.lock().unwrap());
     Ok(keys)
+}
+
+/// Removes the archived pieces of `owner`'s files that are now stored whole.
+pub async fn remove_compacted(app: &App, owner: &str) -> anyhow::Result<()> {
+    with_storage(app, owner, move |storage| {
+        let keys = storage
+            .list(coffer_common::archive::PREFIX)
+            .context("listing the archive")?;
+        for k in coffer_common::archive::covered(&keys) {
+            storage
+                .delete(&k)
+                .with_context(|| format!("deleting {}", storage.location(&k)))?;
+        }
+        Ok(())
+    })
+    .await
 }

@@ -348,6 +348,8 @@ pub struct Opts {
     pub backup_storage: BackupStorage,
     /// The backup strategy's configuration name.
     pub backup_strategy: &'static str,
+    /// More `[backup]` lines (e.g. the archive's settings).
+    pub backup_extra: &'static str,
     /// `[replication] strategy`.
     pub replication_strategy: &'static str,
     /// `[replication] auto_failover`.
@@ -396,6 +398,7 @@ impl Default for Opts {
             tls: false,
             backup_storage: BackupStorage::Local,
             backup_strategy: "mariabackup",
+            backup_extra: "",
             replication_strategy: "mariadb-gtid",
             auto_failover: false,
             respawn_agents: true,
@@ -529,7 +532,7 @@ impl Env {
                  respawn_agents = {respawn}\nnats_replicas = {replicas}\n{agent_nats}\n\
                  {tls_table}{store_table}[nats_auth]\ndir = {auth:?}\n\n\
                  [replication]\nstrategy = {repl:?}\nauto_failover = {auto}\n\n\
-                 [backup]\nkeyring_file = {keyring:?}\nstrategy = {strategy:?}\n[backup.storage]\n{storage}\n\n\
+                 [backup]\nkeyring_file = {keyring:?}\nstrategy = {strategy:?}\n{backup_extra}\n[backup.storage]\n{storage}\n\n\
                  {provisioner}",
                 data = d.join("controller").display().to_string(),
                 nats = nats_url,
@@ -537,6 +540,7 @@ impl Env {
                 auth = d.join("nats-auth").display().to_string(),
                 keyring = d.join("keyring.toml").display().to_string(),
                 strategy = o.backup_strategy,
+                backup_extra = o.backup_extra,
                 respawn = o.respawn_agents,
                 replicas = if o.nats_cluster { 3 } else { 1 },
                 agent_nats = if o.nats_proxy {

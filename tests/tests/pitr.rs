@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use coffer_tests::{Env, StatusCode};
+use coffer_tests::{Env, Opts, StatusCode};
 use serde_json::{json, Value};
 use sqlx::Connection;
 
@@ -302,4 +302,86 @@ async fn a_promoted_replica_archives_and_restores_to_a_time() {
     )
     .await;
     assert_eq!(got, vec![1, 200, 201, 202, 203, 204]);
+}
+
+/// The change file being written is closed once it was stored in a few pieces, then stored
+/// again whole, and the controller removes the pieces: the archive stays a few objects per
+/// file, and a restore to a time reads the whole files as exactly as the pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_stored_in_pieces_are_stored_whole_and_restore_the_same() {
+    let env = Env::start_with(Opts {
+        backup_extra: "archive_rotate_segments = 3\narchive_ship_ms = 100\n",
+        ..Default::default()
+    })
+    .await;
+    let (id, view) = env.active_with_rows("pitr-compact", &[1]).await;
+    let (st, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": "base", "instance": id}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    env.wait_backup(&bid, "COMPLETED").await;
+    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
+    let mut writes = vec![];
+    let mut pace = tokio::time::interval(Duration::from_millis(150));
+    for i in 100..130 {
+        pace.tick().await;
+        let began = now_us();
+        sqlx::query("INSERT INTO t VALUES (?)")
+            .bind(i)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        writes.push((i, began, now_us()));
+    }
+    c.close().await.unwrap();
+    window_reaching(&env, &id, writes.last().unwrap().2).await;
+
+    // Every file but the one being written: one object, from its first byte.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let files = loop {
+        let keys: Vec<(String, u64)> = env
+            .stored()
+            .await
+            .iter()
+            .filter_map(|k| k.strip_prefix(&format!("{id}/")))
+            .filter_map(coffer_common::archive::parse_segment_key)
+            .map(|(f, a, _)| (f, a))
+            .collect();
+        let mut files: Vec<String> = keys.iter().map(|k| k.0.clone()).collect();
+        files.sort();
+        files.dedup();
+        let closed = &files[..files.len().saturating_sub(1)];
+        let whole = closed.iter().all(|f| {
+            keys.iter()
+                .filter(|k| &k.0 == f)
+                .map(|k| k.1)
+                .collect::<Vec<_>>()
+                == [0]
+        });
+        if closed.len() >= 2 && whole {
+            break files;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed files are not stored whole: {keys:?}\n{}",
+            env.logs(&id)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    let (_, _, acked) = writes[15];
+    let t = acked + (writes[16].1 - acked) / 2;
+    let got = restored_rows(
+        &env,
+        "pitr-compacted",
+        json!({"backupRef": bid, "restore_time": rfc3339(t)}),
+    )
+    .await;
+    let want: Vec<i32> = [1].into_iter().chain(100..=115).collect();
+    assert_eq!(got, want, "restored to {} over files {files:?}", rfc3339(t));
 }

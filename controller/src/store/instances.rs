@@ -54,6 +54,8 @@ pub struct InstanceRow {
     pub archive_latest_ms: Option<i64>,
     #[sqlx(default)]
     pub archive_fault: Option<String>,
+    #[sqlx(default)]
+    pub archive_compactions: Option<i64>,
 }
 
 /// What answering a heartbeat reads of an instance (a few columns: a batch of whole rows costs
@@ -71,6 +73,7 @@ pub struct HeartbeatRow {
     pub ejected: bool,
     pub archive_since_ms: Option<i64>,
     pub archive_latest_ms: Option<i64>,
+    pub archive_compactions: Option<i64>,
 }
 
 impl From<&InstanceRow> for HeartbeatRow {
@@ -86,6 +89,7 @@ impl From<&InstanceRow> for HeartbeatRow {
             ejected: r.ejected,
             archive_since_ms: r.archive_since_ms,
             archive_latest_ms: r.archive_latest_ms,
+            archive_compactions: r.archive_compactions,
         }
     }
 }
@@ -140,6 +144,7 @@ impl InstanceRow {
             archive_since_ms: None,
             archive_latest_ms: None,
             archive_fault: None,
+            archive_compactions: None,
         }
     }
 
@@ -396,6 +401,20 @@ impl Store {
         Ok(())
     }
 
+    /// Records how many files the agent has compacted; true when that is news (the caller
+    /// then removes the pieces).
+    pub async fn set_archive_compactions(&self, id: &str, n: i64) -> anyhow::Result<bool> {
+        let r = sqlx::query(
+            "UPDATE instances SET archive_compactions = $1 WHERE id = $2 \
+             AND (archive_compactions IS NULL OR archive_compactions < $1)",
+        )
+        .bind(n)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// The recovery window of `id`: from the completion of the first backup its archive
     /// covers to the archive's latest time (Unix ms); None without both.
     pub async fn recovery_window(&self, id: &str) -> anyhow::Result<Option<(i64, i64)>> {
@@ -443,7 +462,7 @@ impl Store {
         let (marks, args) = super::padded(ids)?;
         let sql = format!(
             "SELECT id, service_status, host, port, agent_version, capabilities, replica_of, ejected, \
-             archive_since_ms, archive_latest_ms \
+             archive_since_ms, archive_latest_ms, archive_compactions \
              FROM instances WHERE id IN ({marks}) AND deleted = FALSE"
         );
         let rows: Vec<HeartbeatRow> = sqlx::query_as_with(&sql, args)

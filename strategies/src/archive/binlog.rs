@@ -152,6 +152,10 @@ fn ends_transaction(ev: &[u8], checksum: bool) -> bool {
 }
 
 impl ChangeLog for BinlogLog {
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
     fn is_change_file(&self, path: &Path) -> bool {
         path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
             n.starts_with(&self.base) && n.as_bytes().get(self.base.len()) == Some(&b'.')

@@ -34,19 +34,7 @@ pub struct SegmentHeader {
     pub marks: Vec<(i64, u64)>,
 }
 
-/// The storage key of a segment.
-pub fn segment_key(file: &str, start: u64, end: u64) -> String {
-    format!("archive/{file}/{start:012}-{end:012}")
-}
-
-/// The file and range a segment's key names (None for any other key).
-pub fn parse_segment_key(key: &str) -> Option<(String, u64, u64)> {
-    let rest = key.strip_prefix("archive/")?;
-    let (file, range) = rest.rsplit_once('/')?;
-    let (a, b) = range.split_once('-')?;
-    let (a, b) = (a.parse().ok()?, b.parse().ok()?);
-    (!file.is_empty() && !file.contains('/') && a < b).then(|| (file.to_string(), a, b))
-}
+pub use coffer_common::archive::{parse_segment_key, segment_key};
 
 /// Writes a segment's content: a length-prefixed JSON header, then the bytes.
 pub fn write_segment(out: &mut dyn Write, h: &SegmentHeader, bytes: &[u8]) -> std::io::Result<()> {
@@ -84,6 +72,9 @@ pub struct Ledger {
     pub holes: u32,
     pub shipped_bytes: u64,
     pub segments: u64,
+    /// Closed files stored again as one segment each (the controller then removes the
+    /// pieces).
+    pub compactions: u64,
     /// The file the archive started with (since the last hole): a backup whose position is
     /// in it or a later file can be rolled forward.
     pub first_file: String,
@@ -101,6 +92,8 @@ pub trait ChangeLog: Send {
     /// Whether a write to `path` (in the data directory) may be a change to archive: what
     /// wakes the archiver.
     fn is_change_file(&self, path: &Path) -> bool;
+    /// Where a change file is.
+    fn path(&self, file: &str) -> std::path::PathBuf;
 }
 
 /// Complete transactions read from a change file.
@@ -119,6 +112,20 @@ pub struct Segment {
     pub bytes: Vec<u8>,
 }
 
+/// What the storing task does next, in order.
+#[derive(Debug, Clone)]
+pub enum Job {
+    /// Store a segment.
+    Segment(Segment),
+    /// Store a closed file again as one segment `[0, end)` (read from the server's file),
+    /// with every mark of its pieces: fewer objects to keep and to read back.
+    Whole {
+        key: String,
+        header: SegmentHeader,
+        path: std::path::PathBuf,
+    },
+}
+
 /// Reads a change log as it grows and cuts it into segments. Reading ([`Archiver::observe`])
 /// never waits on storage, so the marks stay close to when each write happened while earlier
 /// segments are being stored ([`Archiver::next_ready`], [`Archiver::shipped`]).
@@ -133,7 +140,15 @@ pub struct Archiver {
     pending: Vec<u8>,
     pending_start: u64,
     marks: Vec<(i64, u64)>,
-    ready: std::collections::VecDeque<Segment>,
+    ready: std::collections::VecDeque<Job>,
+    /// Every mark of `read_file` and how many segments were cut from it; `file_whole` says
+    /// whether this archiver read it from its first byte (else its marks are partial and it
+    /// is not compacted).
+    file_marks: Vec<(i64, u64)>,
+    file_segments: u32,
+    file_whole: bool,
+    /// The file a rotation was asked for (once per file).
+    rotation_asked: String,
     /// `(time, file, end)` of each look since the last store: everything written before the
     /// time was read by `end` of `file`.
     seen: std::collections::VecDeque<(i64, String, u64)>,
@@ -158,6 +173,7 @@ pub fn now_us() -> i64 {
 
 impl Archiver {
     pub fn new(log: Box<dyn ChangeLog>, ledger: Ledger, ship_every: Duration) -> Self {
+        let ledger_file_pos = ledger.pos;
         Archiver {
             log,
             read_file: ledger.file.clone(),
@@ -167,6 +183,10 @@ impl Archiver {
             pending: vec![],
             marks: vec![],
             ready: Default::default(),
+            file_marks: vec![],
+            file_segments: 0,
+            file_whole: ledger_file_pos == 0,
+            rotation_asked: String::new(),
             seen: Default::default(),
             files: vec![],
             last_cut: Instant::now() - ship_every,
@@ -214,6 +234,9 @@ impl Archiver {
             self.marks.clear();
             self.ready.clear();
             self.seen.clear();
+            self.file_marks.clear();
+            self.file_segments = 0;
+            self.file_whole = true;
             restarted = true;
         }
         // Whether this look read everything the server had written before `t0`.
@@ -253,16 +276,35 @@ impl Archiver {
                     end: self.read_pos,
                     marks: std::mem::take(&mut self.marks),
                 };
-                self.ready.push_back(Segment {
+                self.file_marks.extend_from_slice(&header.marks);
+                self.file_segments += 1;
+                self.ready.push_back(Job::Segment(Segment {
                     key: segment_key(&header.file, header.start, header.end),
                     header,
                     bytes: std::mem::take(&mut self.pending),
-                });
+                }));
                 self.pending_start = self.read_pos;
                 self.last_cut = Instant::now();
             }
             if closed && !got && self.pending.is_empty() {
-                // A closed file is complete: go on with the next one.
+                // A closed file is complete: store it again as one segment when it was cut
+                // into several, then go on with the next one.
+                if self.file_whole && self.file_segments > 1 {
+                    let header = SegmentHeader {
+                        file: self.read_file.clone(),
+                        start: 0,
+                        end: self.read_pos,
+                        marks: std::mem::take(&mut self.file_marks),
+                    };
+                    self.ready.push_back(Job::Whole {
+                        key: segment_key(&header.file, 0, header.end),
+                        path: self.log.path(&header.file),
+                        header,
+                    });
+                }
+                self.file_marks.clear();
+                self.file_segments = 0;
+                self.file_whole = true;
                 self.read_file = self.files[idx + 1].clone();
                 self.read_pos = 0;
                 self.pending_start = 0;
@@ -282,26 +324,41 @@ impl Archiver {
         Ok(restarted)
     }
 
-    /// The oldest segment waiting to be stored.
-    pub fn next_ready(&self) -> Option<&Segment> {
+    /// The oldest job waiting to be stored.
+    pub fn next_ready(&self) -> Option<&Job> {
         self.ready.front()
     }
 
-    /// Records that the oldest ready segment is stored.
+    /// Records that the oldest ready job is stored.
     pub fn shipped(&mut self) {
-        let Some(s) = self.ready.pop_front() else {
-            return;
-        };
-        self.ledger.file = s.header.file;
-        self.ledger.pos = s.header.end;
-        self.ledger.shipped_bytes += s.bytes.len() as u64;
-        self.ledger.segments += 1;
+        match self.ready.pop_front() {
+            Some(Job::Segment(s)) => {
+                self.ledger.file = s.header.file;
+                self.ledger.pos = s.header.end;
+                self.ledger.shipped_bytes += s.bytes.len() as u64;
+                self.ledger.segments += 1;
+            }
+            Some(Job::Whole { .. }) => self.ledger.compactions += 1,
+            None => return,
+        }
         self.advance_latest();
+    }
+
+    /// Whether the file being written should be closed (rotated) now, so that it can be
+    /// compacted: it was cut into `segments` pieces or grew to `bytes`. Says so once a file.
+    pub fn wants_rotation(&mut self, segments: u32, bytes: u64) -> bool {
+        let due = self.file_segments >= segments || self.read_pos >= bytes;
+        if due && self.rotation_asked != self.read_file && !self.read_file.is_empty() {
+            self.rotation_asked = self.read_file.clone();
+            return true;
+        }
+        false
     }
 
     /// Whether everything read is stored.
     pub fn idle(&self) -> bool {
-        self.ready.is_empty() && self.pending.is_empty()
+        // A compaction waiting does not hold the latest time back.
+        self.pending.is_empty() && self.ready.iter().all(|j| matches!(j, Job::Whole { .. }))
     }
 
     /// Moves the latest restorable time to the last look whose reads are all stored.
@@ -361,11 +418,17 @@ pub fn rebuild(
         .into_iter()
         .filter(|s| order(&s.file) >= order(from_file))
         .collect();
-    segs.sort_by_key(|s| (order(&s.file), s.start));
+    // A compacted file's whole segment first; the pieces it covers are not read.
+    segs.sort_by_key(|s| (order(&s.file), s.start, std::cmp::Reverse(s.end)));
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut out = Rebuilt::default();
     let mut current: Option<(String, std::fs::File, u64)> = None;
     for s in segs {
+        if let Some((f, _, end)) = &current {
+            if *f == s.file && s.end <= *end {
+                continue;
+            }
+        }
         let (h, mut r) = (s.open)()?;
         if (h.file.as_str(), h.start, h.end) != (s.file.as_str(), s.start, s.end) {
             return Err(format!(
@@ -552,6 +615,21 @@ mod tests {
         assert_eq!(at(120), Some(("b.000002".into(), 100)));
         assert_eq!(at(299), Some(("b.000002".into(), 200)));
         assert_eq!(at(1000), Some(("b.000003".into(), 50)));
+
+        // A compacted file: its whole segment, and the pieces it covers are not read.
+        let compacted = rebuild(
+            dir.path(),
+            "b.000002",
+            vec![
+                seg("b.000002", 0, 100, &[(100, 60)]),
+                seg("b.000002", 0, 200, &[(100, 60), (150, 200)]),
+                seg("b.000002", 100, 200, &[(150, 200)]),
+            ],
+            &order,
+        )
+        .unwrap();
+        assert_eq!(compacted.files, vec![("b.000002".into(), 200)]);
+        assert_eq!(compacted.marks.len(), 2);
 
         let hole = rebuild(
             dir.path(),

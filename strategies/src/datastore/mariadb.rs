@@ -557,6 +557,10 @@ impl Datastore for Mariadb {
         Some(Box::new(crate::archive::binlog::BinlogReplay::default()))
     }
 
+    async fn rotate_change_log(&self) -> Result<(), DatastoreError> {
+        self.exec("FLUSH BINARY LOGS").await
+    }
+
     fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
         use crate::logs::{LogDef, LogKind};
         // Their own directory, not the data directory: watching it sees only log writes.

@@ -341,6 +341,11 @@ pub trait Datastore: Send + Sync {
     fn replay(&self) -> Option<Box<dyn crate::archive::Replay>> {
         None
     }
+    /// Closes the change file being written and starts a new one (so the archive can store
+    /// the closed one whole).
+    async fn rotate_change_log(&self) -> Result<(), DatastoreError> {
+        Ok(())
+    }
     /// The datastore's logs (the agent adds its own).
     ///
     /// By default the server's own output (its [`ServerCommand::output_file`]) is a system log
