@@ -287,8 +287,9 @@ pub async fn run(ctx: Arc<Ctx>) {
                 compactions: l.compactions,
             });
         }
-        // Writes come in bursts: let a few gather before the next look.
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // Writes come in bursts: let those of the next 10 ms gather before the next look
+        // (at most 100 looks a second; a mark is then at most that late).
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -26,7 +26,12 @@ pub struct BinlogLog {
     base: String,
     /// Whether each file's events end with a CRC32 (from its format description).
     checksums: HashMap<String, bool>,
+    /// The index as last read, and its modification time and size then.
+    index: std::sync::Mutex<Option<IndexSeen>>,
 }
+
+/// The index file's (modification time, size) and the files it listed.
+type IndexSeen = ((std::time::SystemTime, u64), Vec<String>);
 
 impl BinlogLog {
     pub fn new(dir: PathBuf, base: &str) -> Self {
@@ -34,6 +39,7 @@ impl BinlogLog {
             dir,
             base: base.to_string(),
             checksums: HashMap::new(),
+            index: Default::default(),
         }
     }
 }
@@ -164,17 +170,30 @@ impl ChangeLog for BinlogLog {
 
     fn files(&self) -> Result<Vec<String>, String> {
         let index = self.dir.join(format!("{}.index", self.base));
+        // Read again only when it changed (a look per write would read it each time).
+        let stamp = std::fs::metadata(&index)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        if let (Some(stamp), Some((seen, files))) = (stamp, &*self.index.lock().unwrap()) {
+            if stamp == *seen {
+                return Ok(files.clone());
+            }
+        }
         let text = match std::fs::read_to_string(&index) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
             Err(e) => return Err(format!("{}: {e}", index.display())),
         };
-        Ok(text
+        let files: Vec<String> = text
             .lines()
             .filter_map(|l| l.trim().rsplit('/').next())
             .filter(|f| !f.is_empty())
             .map(str::to_string)
-            .collect())
+            .collect();
+        if let Some(stamp) = stamp {
+            *self.index.lock().unwrap() = Some((stamp, files.clone()));
+        }
+        Ok(files)
     }
 
     fn read_complete(&mut self, file: &str, from: u64, max: usize) -> Result<Chunk, String> {
