@@ -72,6 +72,46 @@ async fn restored_rows(env: &Env, name: &str, point: Value) -> Vec<i32> {
     env.rows(&view).await
 }
 
+/// Takes a backup of `id` and waits until it completed; returns its id.
+async fn backed_up(env: &Env, id: &str, name: &str) -> String {
+    let (st, v) = env
+        .call(
+            "POST",
+            "/backups",
+            Some(json!({"backup": {"name": name, "instance": id}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let bid = v["backup"]["id"].as_str().unwrap().to_string();
+    env.wait_backup(&bid, "COMPLETED").await;
+    bid
+}
+
+/// Writes `rows` into `shop.t` one at a time, each acknowledged before the next begins, every
+/// `pace`; returns (row, began, acknowledged) in µs.
+async fn paced_writes(
+    env: &Env,
+    view: &Value,
+    rows: std::ops::Range<i32>,
+    pace: Duration,
+) -> Vec<(i32, i64, i64)> {
+    let mut c = env.connect(view, "app", "s3cret-Pw", "shop").await;
+    let mut writes = vec![];
+    let mut tick = tokio::time::interval(pace);
+    for i in rows {
+        tick.tick().await;
+        let began = now_us();
+        sqlx::query("INSERT INTO t VALUES (?)")
+            .bind(i)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        writes.push((i, began, now_us()));
+    }
+    c.close().await.unwrap();
+    writes
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_to_a_time_holds_exactly_the_writes_before_it() {
     let env = Env::start().await;
@@ -80,16 +120,7 @@ async fn a_restore_to_a_time_holds_exactly_the_writes_before_it() {
     let (_, v) = env.show(&id).await;
     assert!(v["instance"]["recovery"]["earliest"].is_null(), "{v}");
 
-    let (st, v) = env
-        .call(
-            "POST",
-            "/backups",
-            Some(json!({"backup": {"name": "base", "instance": id}})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
-    let bid = v["backup"]["id"].as_str().unwrap().to_string();
-    env.wait_backup(&bid, "COMPLETED").await;
+    let bid = backed_up(&env, &id, "base").await;
 
     // A writer: one row at a time, each acknowledged before the next begins; (row, began,
     // acknowledged) in µs. The agent is killed half-way: what is written meanwhile is archived
@@ -267,31 +298,8 @@ async fn a_promoted_replica_archives_and_restores_to_a_time() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
-    let (st, v) = env
-        .call(
-            "POST",
-            "/backups",
-            Some(json!({"backup": {"name": "new-source", "instance": rep}})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
-    let bid = v["backup"]["id"].as_str().unwrap().to_string();
-    env.wait_backup(&bid, "COMPLETED").await;
-
-    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
-    let mut writes = vec![];
-    let mut pace = tokio::time::interval(Duration::from_millis(120));
-    for i in 200..210 {
-        pace.tick().await;
-        let began = now_us();
-        sqlx::query("INSERT INTO t VALUES (?)")
-            .bind(i)
-            .execute(&mut c)
-            .await
-            .unwrap();
-        writes.push((i, began, now_us()));
-    }
-    c.close().await.unwrap();
+    let bid = backed_up(&env, &rep, "new-source").await;
+    let writes = paced_writes(&env, &view, 200..210, Duration::from_millis(120)).await;
     window_reaching(&env, &rep, writes.last().unwrap().2).await;
     let (_, _, acked) = writes[4];
     let t = acked + (writes[5].1 - acked) / 2;
@@ -315,30 +323,8 @@ async fn files_stored_in_pieces_are_stored_whole_and_restore_the_same() {
     })
     .await;
     let (id, view) = env.active_with_rows("pitr-compact", &[1]).await;
-    let (st, v) = env
-        .call(
-            "POST",
-            "/backups",
-            Some(json!({"backup": {"name": "base", "instance": id}})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
-    let bid = v["backup"]["id"].as_str().unwrap().to_string();
-    env.wait_backup(&bid, "COMPLETED").await;
-    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
-    let mut writes = vec![];
-    let mut pace = tokio::time::interval(Duration::from_millis(150));
-    for i in 100..130 {
-        pace.tick().await;
-        let began = now_us();
-        sqlx::query("INSERT INTO t VALUES (?)")
-            .bind(i)
-            .execute(&mut c)
-            .await
-            .unwrap();
-        writes.push((i, began, now_us()));
-    }
-    c.close().await.unwrap();
+    let bid = backed_up(&env, &id, "base").await;
+    let writes = paced_writes(&env, &view, 100..130, Duration::from_millis(150)).await;
     window_reaching(&env, &id, writes.last().unwrap().2).await;
 
     // Every file but the one being written: one object, from its first byte.

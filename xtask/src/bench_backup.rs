@@ -114,7 +114,7 @@ fn backup_config(tmp: &Path) -> anyhow::Result<(String, String)> {
 }
 
 /// Coffer's backup of `id` through the agent: (seconds, stored MB, backup id).
-fn coffer_backup(coffer: &Bench, id: &str) -> anyhow::Result<(f64, f64, String)> {
+pub(crate) fn coffer_backup(coffer: &Bench, id: &str) -> anyhow::Result<(f64, f64, String)> {
     let t0 = Instant::now();
     let (st, v) = http(
         coffer.api_port,

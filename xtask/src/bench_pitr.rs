@@ -17,6 +17,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use crate::bench::{http, with_release, Bench};
+use crate::bench_replication::sql;
 use crate::env;
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -46,21 +47,6 @@ fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
-/// `mariadb --defaults-file=admin.cnf -N -e sql`; returns stdout.
-fn sql(root: &Path, q: &str) -> anyhow::Result<String> {
-    let out = Command::new("mariadb")
-        .arg(format!(
-            "--defaults-file={}",
-            root.join("admin.cnf").display()
-        ))
-        .args(["-N", "-B", "-e", q])
-        .output()?;
-    if !out.status.success() {
-        bail!("{q}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 fn get(b: &Bench, id: &str) -> anyhow::Result<Value> {
     Ok(http(
         b.api_port,
@@ -71,34 +57,6 @@ fn get(b: &Bench, id: &str) -> anyhow::Result<Value> {
     )?
     .1["instance"]
         .clone())
-}
-
-fn backup(b: &Bench, id: &str) -> anyhow::Result<String> {
-    let (st, v) = http(
-        b.api_port,
-        "POST",
-        "/v1.0/bench/backups",
-        b.token,
-        Some(&json!({"backup": {"name": "base", "instance": id}})),
-    )?;
-    if st != 202 {
-        bail!("backup failed: {st} {v}");
-    }
-    let bid = v["backup"]["id"].as_str().unwrap_or_default().to_string();
-    loop {
-        let (_, v) = http(
-            b.api_port,
-            "GET",
-            &format!("/v1.0/bench/backups/{bid}"),
-            b.token,
-            None,
-        )?;
-        match v["backup"]["status"].as_str() {
-            Some("COMPLETED") => return Ok(bid),
-            Some("FAILED") => bail!("backup failed: {v}"),
-            _ => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
 }
 
 /// (p50, p99, max) of samples (zeros when there are none).
@@ -170,7 +128,7 @@ fn bench(
         "CREATE TABLE shop.p (id BIGINT AUTO_INCREMENT PRIMARY KEY, at BIGINT, b VARCHAR(200)); \
                  CREATE TABLE shop.big (id BIGINT AUTO_INCREMENT PRIMARY KEY, b VARCHAR(1000))",
     )?;
-    let bid = backup(&coffer, &src)?;
+    let (_, _, bid) = crate::bench_backup::coffer_backup(&coffer, &src)?;
     let agent: i32 = std::fs::read_to_string(state(&src).join("agent.pid"))?
         .trim()
         .parse()?;

@@ -65,7 +65,7 @@ fn wait_for(
 }
 
 /// `mariadb --defaults-file=admin.cnf -N -e sql` on an instance; returns stdout.
-fn sql(root: &Path, q: &str) -> anyhow::Result<String> {
+pub(crate) fn sql(root: &Path, q: &str) -> anyhow::Result<String> {
     let out = Command::new("mariadb")
         .arg(format!(
             "--defaults-file={}",
