@@ -122,28 +122,12 @@ async fn a_restore_to_a_time_holds_exactly_the_writes_before_it() {
 
     let bid = backed_up(&env, &id, "base").await;
 
-    // A writer: one row at a time, each acknowledged before the next begins; (row, began,
-    // acknowledged) in µs. The agent is killed half-way: what is written meanwhile is archived
-    // when it is back.
-    let mut c = env.connect(&view, "app", "s3cret-Pw", "shop").await;
-    let mut writes = vec![];
-    let mut pace = tokio::time::interval(Duration::from_millis(120));
-    for i in 100..140 {
-        pace.tick().await;
-        if i == 120 {
-            let pid = env.agent_pid(&id).expect("the agent runs");
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)
-                .unwrap();
-        }
-        let began = now_us();
-        sqlx::query("INSERT INTO t VALUES (?)")
-            .bind(i)
-            .execute(&mut c)
-            .await
-            .unwrap();
-        writes.push((i, began, now_us()));
-    }
-    c.close().await.unwrap();
+    // A writer: one row at a time, each acknowledged before the next begins. The agent is
+    // killed half-way: what is written meanwhile is archived when it is back.
+    let mut writes = paced_writes(&env, &view, 100..120, Duration::from_millis(120)).await;
+    let pid = env.agent_pid(&id).expect("the agent runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    writes.extend(paced_writes(&env, &view, 120..140, Duration::from_millis(120)).await);
     let last_ack = writes.last().unwrap().2;
     let (earliest, latest) = window_reaching(&env, &id, last_ack).await;
 

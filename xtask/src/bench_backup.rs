@@ -96,7 +96,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// A keyring file and the `[backup]` section for a benchmark's controller.
-fn backup_config(tmp: &Path) -> anyhow::Result<(String, String)> {
+pub(crate) fn backup_config(tmp: &Path) -> anyhow::Result<(String, String)> {
     let keyring = tmp.join("keyring.toml");
     let key: String = (0..32)
         .map(|i| format!("{:02x}", (i * 37 + 11) as u8))

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use crate::bench::{http, with_release, Bench};
-use crate::bench_replication::sql;
+use crate::bench::{with_release, Bench};
+use crate::bench_replication::{get, sql};
 use crate::env;
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
@@ -45,18 +45,6 @@ fn now_us() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
-}
-
-fn get(b: &Bench, id: &str) -> anyhow::Result<Value> {
-    Ok(http(
-        b.api_port,
-        "GET",
-        &format!("/v1.0/bench/instances/{id}"),
-        b.token,
-        None,
-    )?
-    .1["instance"]
-        .clone())
 }
 
 /// (p50, p99, max) of samples (zeros when there are none).
@@ -105,19 +93,7 @@ fn bench(
     size_mb: u64,
     seconds: u64,
 ) -> anyhow::Result<()> {
-    let keyring = tmp.join("keyring.toml");
-    let key: String = (0..32)
-        .map(|i| format!("{:02x}", (i * 41 + 3) as u8))
-        .collect();
-    std::fs::write(
-        &keyring,
-        format!("current = \"k1\"\n[keys]\nk1 = \"{key}\"\n"),
-    )?;
-    let extra = format!(
-        "[backup]\nkeyring_file = {:?}\n[backup.storage]\nkind = \"local\"\nroot = {:?}\n",
-        keyring.display().to_string(),
-        tmp.join("backups").display().to_string()
-    );
+    let (_, extra) = crate::bench_backup::backup_config(tmp)?;
     let coffer = Bench::start(tools, bins, tmp, &extra)?;
     let (src, _) = coffer.create(json!({"instance": {"name": "src", "flavorRef": "3",
         "volume": {"size": 10}, "databases": [{"name": "shop"}]}}))?;

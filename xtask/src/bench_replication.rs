@@ -37,7 +37,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     })
 }
 
-fn get(b: &Bench, id: &str) -> anyhow::Result<Value> {
+pub(crate) fn get(b: &Bench, id: &str) -> anyhow::Result<Value> {
     Ok(http(
         b.api_port,
         "GET",
