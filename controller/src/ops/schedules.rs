@@ -53,9 +53,25 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Whether a schedule's run number `run` (0 = its first) takes a full backup.
-pub fn full_run(full_every: i64, run: i64) -> bool {
-    full_every <= 1 || run % full_every == 0
+/// What a schedule's next run takes, from its own backups (`mine`, newest first): `None` for a
+/// full backup, or the backup an incremental builds on. A full comes first, then `full_every - 1`
+/// incrementals each on the one before, then a full again. Runs that were skipped (the previous
+/// backup still running) and backups that failed do not count, so the mix holds however the runs
+/// fall.
+pub fn next_parent(full_every: i64, mine: &[store::BackupRow]) -> Option<String> {
+    let mut chain = mine.iter().filter(|b| b.status != BackupStatus::Failed);
+    let newest = chain.next()?;
+    if full_every <= 1 || newest.status != BackupStatus::Completed {
+        return None;
+    }
+    // Backups since (and including) the newest full one.
+    let mut taken = 1;
+    let mut b = newest;
+    while b.parent_id.is_some() {
+        taken += 1;
+        b = chain.next()?;
+    }
+    (taken < full_every).then(|| newest.id.clone())
 }
 
 /// Schedules one instance may have.
@@ -163,24 +179,34 @@ async fn run(app: &App, s: &ScheduleRow, next: i64) {
         admin: false,
         host: String::new(),
     };
-    let spec = |incremental: bool| BackupSpec {
+    let spec = |parent_id: Option<String>| BackupSpec {
         name: format!("{} {}", s.name, store::now()),
         description: Some(format!("Taken by backup schedule {}", s.id)),
         instance: s.instance_id.clone(),
-        incremental,
-        parent_id: None,
+        incremental: parent_id.is_some(),
+        parent_id,
         schedule: Some(ScheduleRun {
             id: s.id.clone(),
             due_ms: s.next_run_ms,
             next_ms: next,
         }),
     };
-    let incremental = !full_run(s.full_every, s.runs);
-    let mut started = backups::create(app, &c, spec(incremental)).await;
-    if incremental && matches!(&started, Err(e) if e.status == axum::http::StatusCode::BAD_REQUEST)
+    let mine = match app.store.backups_of_schedule(&s.id).await {
+        Ok(mine) => mine,
+        Err(e) => {
+            warn!(schedule = %s.id, error = %e, "the schedule's backups could not be read; run later");
+            return;
+        }
+    };
+    let parent = next_parent(s.full_every, &mine);
+    let incremental = parent.is_some();
+    let mut started = backups::create(app, &c, spec(parent)).await;
+    if incremental
+        && matches!(&started, Err(e) if e.status == axum::http::StatusCode::BAD_REQUEST
+            || e.status == axum::http::StatusCode::NOT_FOUND)
     {
-        // Nothing to build an incremental on yet (the last full failed): a full one.
-        started = backups::create(app, &c, spec(false)).await;
+        // The parent is gone (deleted by hand since): a full one.
+        started = backups::create(app, &c, spec(None)).await;
     }
     match started {
         Ok(b) => {
@@ -301,10 +327,34 @@ mod tests {
     }
 
     #[test]
-    fn full_runs_come_every_full_every_runs() {
-        assert!((0..5).all(|r| full_run(1, r)));
-        let mix: Vec<bool> = (0..6).map(|r| full_run(3, r)).collect();
-        assert_eq!(mix, [true, false, false, true, false, false]);
+    fn the_mix_follows_the_schedules_own_chain() {
+        let b = |id: &str, parent: Option<&str>, status| store::BackupRow {
+            status,
+            ..backup(id, parent, "2026-01-01T00:00:00")
+        };
+        use BackupStatus::*;
+        // Nothing yet, or only failures: a full.
+        assert_eq!(next_parent(3, &[]), None);
+        assert_eq!(next_parent(3, &[b("x", None, Failed)]), None);
+        // Newest first. After a full: incrementals on the one before, until full_every.
+        let full = [b("f", None, Completed)];
+        assert_eq!(next_parent(3, &full).as_deref(), Some("f"));
+        assert_eq!(next_parent(1, &full), None);
+        let one = [b("i1", Some("f"), Completed), b("f", None, Completed)];
+        assert_eq!(next_parent(3, &one).as_deref(), Some("i1"));
+        assert_eq!(next_parent(2, &one), None);
+        let two = [
+            b("i2", Some("i1"), Completed),
+            b("i1", Some("f"), Completed),
+            b("f", None, Completed),
+        ];
+        assert_eq!(next_parent(3, &two), None);
+        // A failed backup does not count; a running one is waited for (the run is skipped).
+        let failed = [b("x", Some("f"), Failed), b("f", None, Completed)];
+        assert_eq!(next_parent(3, &failed).as_deref(), Some("f"));
+        assert_eq!(next_parent(3, &[b("r", None, Building)]), None);
+        // A chain whose full retention or a user removed: a full.
+        assert_eq!(next_parent(5, &[b("i1", Some("f"), Completed)]), None);
     }
 
     fn backup(id: &str, parent: Option<&str>, created: &str) -> store::BackupRow {
