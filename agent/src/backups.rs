@@ -201,6 +201,8 @@ pub async fn backup(
     // The archive seals its segments with the instance's newest key (and starts with the
     // instance's first backup, whose position it then covers).
     crate::archive::remember_key(ctx, &b.key_id, &b.key_sealed);
+    // What a restore must hold: the tables there both before and after the backup ran.
+    let before = ctx.ds.inventory().await.unwrap_or_default();
     let bctx = ctx.ds.backup_context().await.map_err(|e| e.to_string())?;
     let version = ctx.ds.version().await.unwrap_or_default();
     let datastore = ctx.ds.name().to_string();
@@ -290,9 +292,12 @@ pub async fn backup(
             location: storage.location(&data_key(&backup_id)),
             manifest_json,
             archive_since_unix_ms: 0,
+            inventory: vec![],
         })
     });
     let mut result = with_progress(ctx, intent_id, "backup", "backup", done, work).await??;
+    let after = ctx.ds.inventory().await.unwrap_or_default();
+    result.inventory = before.into_iter().filter(|t| after.contains(t)).collect();
     if let Ok(m) = serde_json::from_str::<Manifest>(&result.manifest_json) {
         result.archive_since_unix_ms = crate::archive::covering_since(ctx, m.position.log_file());
     }

@@ -75,6 +75,51 @@ async fn replication_reply(ctx: &Ctx) -> CallReply {
     }
 }
 
+/// The checks of a Verify: none yet, running, or their outcome (kept until asked for).
+static VERIFY: std::sync::Mutex<Option<Option<CallReply>>> = std::sync::Mutex::new(None);
+
+/// Starts the datastore's checks (they can run for minutes: longer than a call waits) and
+/// replies pending until a later call finds them done.
+fn verify(ctx: &Ctx) -> CallReply {
+    let mut slot = VERIFY.lock().unwrap();
+    match slot.take() {
+        Some(Some(done)) => return done,
+        Some(None) => {
+            *slot = Some(None);
+        }
+        None => {
+            *slot = Some(None);
+            let ds = ctx.ds.clone();
+            tokio::spawn(async move {
+                let checks = ds.verify().await;
+                let inventory = ds.inventory().await;
+                let reply = match (checks, inventory) {
+                    (Ok(checks), Ok(inventory)) => CallReply {
+                        ok: true,
+                        checks: checks
+                            .into_iter()
+                            .map(|c| v1::Check {
+                                name: c.name,
+                                ok: c.ok,
+                                detail: c.detail,
+                            })
+                            .collect(),
+                        inventory,
+                        ..Default::default()
+                    },
+                    (Err(e), _) | (_, Err(e)) => from_ds(e),
+                };
+                *VERIFY.lock().unwrap() = Some(Some(reply));
+            });
+        }
+    }
+    CallReply {
+        ok: true,
+        pending: true,
+        ..Default::default()
+    }
+}
+
 /// Carries out one call.
 pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> CallReply {
     if !matches!(
@@ -88,6 +133,7 @@ pub async fn handle(ctx: &Ctx, call_id: &str, reply_key: &[u8], kind: Kind) -> C
     let instance = ctx.cfg.instance_id.as_str();
     match kind {
         Kind::Ping(_) | Kind::Shutdown(_) => fail(CallError::Unsupported, "handled elsewhere"),
+        Kind::Verify(_) => verify(ctx),
         Kind::ListDatabases(_) => match ds.list_databases().await {
             Ok(dbs) => CallReply {
                 ok: true,

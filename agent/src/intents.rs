@@ -291,6 +291,7 @@ async fn republish(ctx: &Ctx, id: &str, rec: &IntentRecord) {
             location: b.location,
             manifest_json: b.manifest_json,
             archive_since_unix_ms: b.archive_since_unix_ms,
+            inventory: b.inventory,
         });
         v1::event::Kind::Done(v1::Done {
             message: rec.message.clone(),
@@ -388,6 +389,7 @@ async fn execute(
                 location: r.location.clone(),
                 manifest_json: r.manifest_json.clone(),
                 archive_since_unix_ms: r.archive_since_unix_ms,
+                inventory: r.inventory.clone(),
             };
             ctx.state
                 .record_backup(id, &rec)

@@ -37,6 +37,8 @@ pub struct BackupRecord {
     pub manifest_json: String,
     #[serde(default)]
     pub archive_since_unix_ms: i64,
+    #[serde(default)]
+    pub inventory: Vec<String>,
 }
 
 /// What the database should be doing, persisted across agent restarts.

@@ -654,6 +654,9 @@ async fn handle_event(
                         coffer_proto::now_unix_ms(),
                     )
                     .await?;
+                app.store
+                    .set_backup_inventory(&b.id, &serde_json::to_string(&r.inventory)?)
+                    .await?;
             }
             let Some((kind, first)) = app
                 .store
@@ -852,6 +855,7 @@ pub async fn timers_loop(app: Arc<App>) {
             }
         }
         crate::ops::schedules::run_due(&app).await;
+        crate::workflow::drill::run_due(&app).await;
         if n.is_multiple_of(5) {
             fail_abandoned_backups(&app).await;
         }

@@ -65,6 +65,8 @@ pub struct App {
     /// The controller's X25519 key pair: secrets in agents' replies are sealed to it.
     pub reply_secret_key: Vec<u8>,
     pub reply_public_key: Vec<u8>,
+    /// Signs restore drill reports ([`nats_auth::drill_key`]).
+    pub drill_key: nkeys::KeyPair,
 }
 
 impl App {
@@ -144,6 +146,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
     }
     let tokens = config::load_tokens(&cfg.token_file)?;
     let (reply_secret_key, reply_public_key) = nats_auth::controller_key(&cfg.data_dir)?;
+    let drill_key = nats_auth::drill_key(&cfg.data_dir)?;
     let bucket = cfg.backup.as_ref().and_then(|b| b.storage.nats_bucket());
     let authority = cfg.nats_auth.as_ref().map(Authority::load_or_create);
     let authority = authority
@@ -210,6 +213,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         authority,
         reply_secret_key,
         reply_public_key,
+        drill_key,
     });
     // The server may have restarted from an older preload: make sure it has every revocation
     // (those an older controller kept in its authority directory move into the store first).

@@ -37,6 +37,16 @@ enum Command {
         #[command(subcommand)]
         cmd: Manage,
     },
+    /// Check the signature of a restore drill report: FILE holds what
+    /// `GET /v1.0/{project}/restore_drills/{id}` answered (or its `restore_drill` object).
+    /// Exits non-zero unless the report is exactly as the controller signed it.
+    DrillVerify {
+        file: PathBuf,
+        /// The signing key to trust (`manage drill-key` prints it); without it, this
+        /// controller's own key (read through --config).
+        #[arg(long)]
+        signer: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -110,6 +120,9 @@ enum Manage {
     },
     /// Remove a flavor link.
     VersionFlavorDelete(FlavorLink),
+    /// Print the public key that signs restore drill reports (to check them with
+    /// `drill-verify --signer`).
+    DrillKey,
 }
 
 // The arguments of `version-flavor-add` and `-delete` (a doc comment here would be their help).
@@ -161,6 +174,9 @@ fn real_main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Command::DrillVerify { file, signer } = &cli.command {
+        return drill_verify(&cli.config, file, signer.as_deref());
+    }
     let cfg = ControllerConfig::load(&cli.config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -185,8 +201,60 @@ fn real_main() -> anyhow::Result<()> {
                 coffer_controller::run(cfg, shutdown).await
             }
             Command::Manage { cmd } => manage(cfg, cmd).await,
+            Command::DrillVerify { .. } => unreachable!("handled before the runtime starts"),
         }
     })
+}
+
+/// `drill-verify`: checks a drill report's signature against the trusted signing key.
+fn drill_verify(
+    config: &std::path::Path,
+    file: &std::path::Path,
+    signer: Option<&str>,
+) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+    let d = if v.get("restore_drill").is_some() {
+        &v["restore_drill"]
+    } else {
+        &v
+    };
+    let (Some(report), Some(signature), Some(signed_by)) = (
+        d["report_text"].as_str(),
+        d["signature"].as_str(),
+        d["signer"].as_str(),
+    ) else {
+        anyhow::bail!(
+            "{} holds no signed report (report_text, signature, signer): is the drill finished?",
+            file.display()
+        );
+    };
+    let trusted = match signer {
+        Some(s) => s.to_string(),
+        None => {
+            let cfg = ControllerConfig::load(config).with_context(|| {
+                "reading the controller's config for its drill key; or pass --signer <key> \
+                 (printed by `coffer-controller manage drill-key` on the controller)"
+            })?;
+            coffer_controller::nats_auth::drill_key(&cfg.data_dir)?.public_key()
+        }
+    };
+    if signed_by != trusted {
+        anyhow::bail!("the report was signed by {signed_by}, not by the trusted key {trusted}");
+    }
+    coffer_controller::workflow::drill::verify_report(report, signature, &trusted)?;
+    let r: serde_json::Value = serde_json::from_str(report)?;
+    println!(
+        "signature OK: restore drill {} of instance {} {} (backup {}, restored to {}, signed by {trusted})",
+        r["drill_id"].as_str().unwrap_or("?"),
+        r["instance_id"].as_str().unwrap_or("?"),
+        if r["passed"] == serde_json::Value::Bool(true) { "PASSED" } else { "FAILED" },
+        r["backup_id"].as_str().unwrap_or("?"),
+        r["restored_point"].as_str().unwrap_or("?"),
+    );
+    Ok(())
 }
 
 async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
@@ -194,6 +262,10 @@ async fn manage(cfg: ControllerConfig, cmd: Manage) -> anyhow::Result<()> {
     let store = Store::connect(&cfg.store_url()?).await?;
     match cmd {
         Manage::DbSync => println!("store is up to date"),
+        Manage::DrillKey => println!(
+            "{}",
+            coffer_controller::nats_auth::drill_key(&cfg.data_dir)?.public_key()
+        ),
         Manage::NatsSetup => {
             let a = cfg
                 .nats_auth

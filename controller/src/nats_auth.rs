@@ -67,6 +67,13 @@ fn load_or_create(dir: &Path, name: &str, make: fn() -> KeyPair) -> anyhow::Resu
     Ok(kp)
 }
 
+/// The controller's restore drill signing key (Ed25519, `drill.nk` in `dir`, 0600), created on
+/// first use: `coffer-controller manage drill-key` prints its public half, which
+/// `coffer-controller drill-verify` checks reports against.
+pub fn drill_key(dir: &Path) -> anyhow::Result<KeyPair> {
+    load_or_create(dir, "drill", KeyPair::new_account)
+}
+
 /// The controller's X25519 key pair (`controller.key` in `dir`, 0600), created on first use.
 /// Agents seal secrets in their replies to its public half (`Call.reply_key`).
 pub fn controller_key(dir: &Path) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {

@@ -1108,6 +1108,41 @@ impl Env {
         }
     }
 
+    /// Starts a restore drill of `instance` (`POST /restore_drills`, 202); returns its id.
+    pub async fn start_drill(&self, instance: &str) -> String {
+        let (st, v) = self
+            .call(
+                "POST",
+                "/restore_drills",
+                Some(json!({"restore_drill": {"instance": instance}})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+        assert_eq!(v["restore_drill"]["status"], "RUNNING", "{v}");
+        v["restore_drill"]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until restore drill `id` finished (PASSED or FAILED); returns what
+    /// `GET /restore_drills/{id}` answered.
+    pub async fn wait_drill(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        loop {
+            let (st, v) = self
+                .call("GET", &format!("/restore_drills/{id}"), None)
+                .await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+            if v["restore_drill"]["status"] != "RUNNING" {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "restore drill {id} did not finish: {v}\n{}",
+                self.controller_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Polls until `pred` holds for the instance view.
     pub async fn wait_for(
         &self,

@@ -371,6 +371,29 @@ pub async fn backup_and_restore(env: &Env, store: Store) {
         .await;
     assert_eq!(store.read(env, &rview).await, vec![1, 2, 4]);
     env.delete_and_wait_gone(&rid).await;
+
+    // A restore drill of the source restores that backup into a throwaway instance, runs the
+    // datastore's own checks on it and passes.
+    let drill = env.start_drill(&src).await;
+    let v = env.wait_drill(&drill).await;
+    let d = &v["restore_drill"];
+    assert_eq!(d["status"], "PASSED", "{v}");
+    let report = &d["report"];
+    assert_eq!(report["backup_id"], json!(bid), "{v}");
+    assert_eq!(report["failed_checks"], json!([]), "{v}");
+    let checks = report["checks"].as_array().unwrap();
+    let has = |prefix: &str| {
+        checks
+            .iter()
+            .any(|c| c["name"].as_str().unwrap().starts_with(prefix) && c["ok"] == true)
+    };
+    match store {
+        Store::Mariadb => assert!(has("check table"), "{v}"),
+        Store::Postgresql => assert!(has("index ") && has("table "), "{v}"),
+        Store::Redis => assert!(has("dump loaded") && has("keys "), "{v}"),
+    }
+    assert!(has("inventory"), "{v}");
+    assert!(report["rto_seconds"].as_f64().unwrap() > 0.0, "{v}");
     env.delete_and_wait_gone(&src).await;
 }
 

@@ -142,7 +142,7 @@ fn check_instance_name(name: &str) -> Result<(), ApiError> {
 /// source) or a new instance.
 enum Create {
     Replica(replicas::ReplicaReq),
-    Instance(CreateSpec),
+    Instance(Box<CreateSpec>),
 }
 
 fn parse_create(body: Map<String, Value>) -> Result<Create, ApiError> {
@@ -215,7 +215,8 @@ fn parse_create(body: Map<String, Value>) -> Result<Create, ApiError> {
         }
         users.push(u);
     }
-    Ok(Create::Instance(CreateSpec {
+    Ok(Create::Instance(Box::new(CreateSpec {
+        id: None,
         name: i.name,
         flavor_id,
         volume_size,
@@ -226,7 +227,8 @@ fn parse_create(body: Map<String, Value>) -> Result<Create, ApiError> {
         restore_from: i.restore_point.map(RestorePoint::parse).transpose()?,
         configuration,
         modules: i.modules.into_iter().flatten().map(|m| m.id.0).collect(),
-    }))
+        low_priority: false,
+    })))
 }
 
 /// What rendering instances reads besides their rows, read once for a whole page (a fixed
@@ -286,6 +288,22 @@ async fn recovery(app: &App, r: &InstanceRow) -> Result<Value, ApiError> {
         v["message"] = json!("No backup is covered by the archive yet: the window opens when the next backup completes.");
     }
     Ok(v)
+}
+
+/// The latest restore drill, as the instance view shows it (`GET /restore_drills/{id}` has the
+/// whole signed report).
+fn drill_summary(d: &crate::store::DrillRow) -> Value {
+    let report: Value = d
+        .report
+        .as_deref()
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or(Value::Null);
+    json!({
+        "id": d.id, "status": d.status, "created": d.created, "finished": d.finished,
+        "backup_id": report["backup_id"], "restored_point": report["restored_point"],
+        "rto_seconds": report["rto_seconds"], "rpo_seconds": report["rpo_seconds"],
+        "failed_checks": report["failed_checks"],
+    })
 }
 
 pub(super) async fn render(
@@ -351,6 +369,11 @@ pub(super) async fn render(
         if r.archive_since_ms.is_some() {
             j["recovery"] = recovery(app, r).await?;
         }
+        if detail {
+            if let Some(d) = app.store.latest_drill(&r.id).await? {
+                j["recovery"]["drill"] = drill_summary(&d);
+            }
+        }
         if let Some(f) = &r.fault {
             j["fault"] = json!({"message": f, "created": r.fault_at, "details": null});
         } else if status == "ERROR" && !fresh && r.task == Task::None {
@@ -361,6 +384,9 @@ pub(super) async fn render(
                 ),
                 "created": null, "details": null,
             });
+        } else if let Some(f) = &r.drill_fault {
+            // The instance serves; its latest restore drill did not pass.
+            j["fault"] = json!({"message": f, "created": null, "details": null});
         }
         if with_usage
             && ![
@@ -389,7 +415,7 @@ pub(super) use crate::ops::find_instance as find;
 pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     let (id, root_password) = match parse_create(parse_body(&body)?)? {
         Create::Replica(r) => (replicas::create(st.0.clone(), &c, r).await?, None),
-        Create::Instance(spec) => crate::workflow::create::create(&st.0, &c, spec).await?,
+        Create::Instance(spec) => crate::workflow::create::create(&st.0, &c, *spec).await?,
     };
     let row = st
         .store
@@ -564,7 +590,7 @@ mod tests {
 
     fn create(body: Value) -> Result<CreateSpec, ApiError> {
         match parse_create(body.as_object().expect("a JSON object").clone())? {
-            Create::Instance(spec) => Ok(spec),
+            Create::Instance(spec) => Ok(*spec),
             Create::Replica(_) => panic!("a replica create"),
         }
     }

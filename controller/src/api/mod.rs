@@ -8,6 +8,7 @@ mod access;
 pub(crate) mod backups;
 mod catalog;
 pub(crate) mod configurations;
+mod drills;
 pub mod enrol;
 pub(crate) mod instances;
 mod logs;
@@ -447,6 +448,11 @@ pub fn router(app: Arc<App>) -> Router {
             &p("/backup_schedules"),
             get(schedules::list).post(schedules::create),
         )
+        .route(
+            &p("/restore_drills"),
+            get(drills::list).post(drills::create),
+        )
+        .route(&p("/restore_drills/{id}"), get(drills::show))
         .route(
             &p("/backup_schedules/{id}"),
             get(schedules::show).delete(schedules::delete),

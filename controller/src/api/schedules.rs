@@ -23,6 +23,7 @@ fn view(s: &ScheduleRow) -> Value {
         "keep_last": s.keep_last, "keep_days": s.keep_days,
         "next_run": next, "runs": s.runs, "last_run": s.last_run, "last_result": s.last_result,
         "created": s.created,
+        "kind": if s.drills() { "drill" } else { "backup" },
     })
 }
 
@@ -41,6 +42,8 @@ struct CreateSchedule {
     full_every: Option<Positive>,
     keep_last: Option<Positive>,
     keep_days: Option<Positive>,
+    /// `backup` (the default) or `drill`.
+    kind: Option<String>,
 }
 
 pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
@@ -52,7 +55,17 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
     }
     super::check_text("backup_schedule['name']", &b.name, 255)?;
     super::check_text("backup_schedule['pattern']", &b.pattern, 255)?;
+    let drill = match b.kind.as_deref() {
+        None | Some("backup") => false,
+        Some("drill") => true,
+        Some(k) => {
+            return Err(ApiError::bad_request(format!(
+                "backup_schedule 'kind' is 'backup' or 'drill', not '{k}'."
+            )))
+        }
+    };
     let spec = ScheduleSpec {
+        drill,
         instance: b.instance.0,
         name: b.name,
         pattern: b.pattern,

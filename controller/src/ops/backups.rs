@@ -80,6 +80,7 @@ pub async fn start(
         updated: ts,
         archive_since_ms: None,
         completed_ms: None,
+        inventory: None,
     };
     Store::insert_backup(&mut tx, &row).await?;
     let backup = v1::intent::Kind::Backup(v1::Backup {

@@ -14,6 +14,9 @@ use crate::App;
 
 /// A create request as the API parsed it.
 pub struct CreateSpec {
+    /// The new instance's id, when the caller chose it (a workflow step that runs again finds
+    /// what it made the first time); a new one otherwise.
+    pub id: Option<String>,
     pub name: String,
     pub flavor_id: String,
     pub volume_size: i64,
@@ -24,6 +27,9 @@ pub struct CreateSpec {
     pub restore_from: Option<RestoreSpec>,
     pub configuration: Option<String>,
     pub modules: Vec<String>,
+    /// Runs at a low CPU and I/O priority (a restore drill's throwaway instance), so it does
+    /// not starve tenants' instances.
+    pub low_priority: bool,
 }
 
 /// What a create restores: a backup, as it is or rolled forward to a time or a position.
@@ -324,7 +330,7 @@ pub async fn check_new(
         )));
     }
 
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = req.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let root_password = version
         .root_on_create
         .then(|| uuid::Uuid::new_v4().simple().to_string());
@@ -342,6 +348,7 @@ pub async fn check_new(
         modules,
         configuration: req.configuration,
         root_password,
+        low_priority: req.low_priority,
     };
     // An intent too large to send is refused before anything is placed (a Unix user, a VM).
     check_prepare_size(app, &n)?;
@@ -357,7 +364,7 @@ pub async fn create_placed(app: &App, n: &NewInstance) -> Result<(), ApiError> {
     store_pending(app, n).await?;
     crate::failpoint::hit("create", "reserved");
     let committed = async {
-        let (placed, nats_user) = place(app, id, &n.version, None).await?;
+        let (placed, nats_user) = place(app, id, &n.version, None, n.low_priority).await?;
         crate::failpoint::hit("create", "placed");
         commit_new(
             app,
@@ -428,6 +435,7 @@ pub struct NewInstance {
     pub modules: Vec<store::ModuleRow>,
     pub configuration: Option<String>,
     pub root_password: Option<String>,
+    pub low_priority: bool,
 }
 
 /// The enrolment token an instance is made by, written with the instance.
@@ -577,6 +585,7 @@ pub async fn place(
     id: &str,
     version: &VersionRow,
     enrol_token: Option<String>,
+    low_priority: bool,
 ) -> Result<(crate::provisioner::Placed, String), ApiError> {
     let (nats_creds, nats_user) = match enrol_token {
         // An agent that enrols gets its NATS identity then, sealed to its own key.
@@ -591,6 +600,7 @@ pub async fn place(
         nats_ca_file: app.cfg.nats_ca_file.clone(),
         enrol_token,
         backup_toml: agent_backup_toml(app)?,
+        low_priority,
     };
     let placed = app.provisioner.prepare(&placement).await.map_err(|e| {
         ApiError::from(e.context("placing the agent failed; check the provisioner configuration"))

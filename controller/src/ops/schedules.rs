@@ -85,6 +85,8 @@ pub struct ScheduleSpec {
     pub full_every: i64,
     pub keep_last: Option<i64>,
     pub keep_days: Option<i64>,
+    /// Its runs are restore drills (`workflow::drill`) instead of backups.
+    pub drill: bool,
 }
 
 /// Creates a schedule: the instance must be the caller's, the pattern valid, the datastore able
@@ -101,6 +103,12 @@ pub async fn create(app: &App, c: &Caller, spec: ScheduleSpec) -> Result<Schedul
         ApiError::bad_request(format!("pattern '{}' never matches again.", spec.pattern))
     })?;
     let datastore = super::datastore(app, &r).await?;
+    if spec.drill && (spec.full_every != 1 || spec.keep_last.is_some() || spec.keep_days.is_some())
+    {
+        return Err(ApiError::bad_request(
+            "A drill schedule takes no full_every, keep_last or keep_days: it restores the latest backup and keeps nothing.",
+        ));
+    }
     match coffer_proto::datastore::BackupMethod::for_datastore(datastore, cfg.strategy) {
         None => {
             return Err(ApiError::bad_request(format!(
@@ -142,6 +150,7 @@ pub async fn create(app: &App, c: &Caller, spec: ScheduleSpec) -> Result<Schedul
         last_run: None,
         last_result: None,
         created: store::now(),
+        kind: if spec.drill { "drill" } else { "backup" }.into(),
     };
     app.store.insert_schedule(&row).await?;
     Ok(row)
@@ -163,7 +172,8 @@ pub async fn run_due(app: &App) {
     let Ok(due) = app.store.due_schedules(now).await else {
         return;
     };
-    for s in due {
+    // Drill schedules start workflows (`workflow::drill::run_due`).
+    for s in due.into_iter().filter(|s| !s.drills()) {
         // A pattern that never matches again (a date passed) stops the schedule's runs.
         let next = parse(&s.pattern)
             .ok()
@@ -378,6 +388,7 @@ mod tests {
             updated: created.into(),
             archive_since_ms: None,
             completed_ms: None,
+            inventory: None,
         }
     }
 
@@ -396,6 +407,7 @@ mod tests {
             last_run: None,
             last_result: None,
             created: "2026-01-01T00:00:00".into(),
+            kind: "backup".into(),
         }
     }
 

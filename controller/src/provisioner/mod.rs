@@ -23,6 +23,26 @@ pub struct Placement {
     /// A one-time enrolment token, for provisioners whose agent makes its key pair at first boot
     /// and enrols ([`Provisioner::key_at_enrolment`]); it then gets its NATS identity that way.
     pub enrol_token: Option<String>,
+    /// Run at a low CPU and I/O priority (a restore drill's throwaway instance): niceness 10
+    /// and the idle I/O class for the agent and the database it starts.
+    pub low_priority: bool,
+}
+
+/// Lowers the calling process's CPU and I/O priority (inherited by what it starts). Only
+/// async-signal-safe system calls: callable between fork and exec.
+#[allow(unsafe_code)]
+pub(crate) fn lower_priority() -> std::io::Result<()> {
+    // SAFETY: plain system calls on the calling process.
+    unsafe {
+        if nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, 10) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // IOPRIO_WHO_PROCESS (1), this process (0), IOPRIO_CLASS_IDLE (3) << IOPRIO_CLASS_SHIFT.
+        if nix::libc::syscall(nix::libc::SYS_ioprio_set, 1, 0, 3 << 13) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Where clients reach the placed database, and the agent's public key.

@@ -240,6 +240,12 @@ impl ProcessProvisioner {
     fn agent_command(&self, id: &str) -> anyhow::Result<tokio::process::Command> {
         let mut cmd = tokio::process::Command::new(&self.cfg.agent_binary);
         cmd.arg("--config").arg(self.config_path(id));
+        if self.low_priority_marker(id).exists() {
+            // SAFETY: only async-signal-safe system calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(super::lower_priority);
+            }
+        }
         if let Some(who) = self.identity(id)? {
             let dir = self.dir(id);
             cmd.env("HOME", &dir).current_dir(&dir);
@@ -260,6 +266,10 @@ impl ProcessProvisioner {
 
     fn dir(&self, id: &str) -> PathBuf {
         self.cfg.instances_dir.join(id)
+    }
+    /// Present when the instance runs at a low priority ([`Placement::low_priority`]).
+    fn low_priority_marker(&self, id: &str) -> PathBuf {
+        self.cfg.instances_dir.join(format!("{id}.low-priority"))
     }
     fn config_path(&self, id: &str) -> PathBuf {
         self.dir(id).join("agent.toml")
@@ -393,6 +403,10 @@ impl Provisioner for ProcessProvisioner {
                 .unwrap_or_default(),
         );
         write_private(&self.config_path(&p.instance_id), &toml)?;
+        // Beside the instance's directory (which its user owns), so only we can change it.
+        if p.low_priority {
+            write_private(&self.low_priority_marker(&p.instance_id), "")?;
+        }
         if self.users {
             let who = self.create_identity(&p.instance_id).await?;
             chown_tree(&dir, who.uid, Some(who.gid))?;
@@ -480,6 +494,7 @@ impl Provisioner for ProcessProvisioner {
             }
         }
         remove_tree(&dir).await?;
+        let _ = std::fs::remove_file(self.low_priority_marker(id));
         if let Some(who) = who {
             self.remove_identity(id, who).await?;
         }

@@ -94,6 +94,9 @@ pub struct QemuProvisioner {
 #[derive(serde::Serialize, Deserialize)]
 struct VmRecord {
     port: u16,
+    /// A restore drill's throwaway VM: qemu runs at a low CPU and I/O priority.
+    #[serde(default)]
+    low_priority: bool,
 }
 
 impl QemuProvisioner {
@@ -213,6 +216,13 @@ impl QemuProvisioner {
             .arg(dir.join("qemu.pid"))
             .arg("-daemonize")
             .stdin(std::process::Stdio::null());
+        if rec.low_priority {
+            // SAFETY: only async-signal-safe system calls between fork and exec.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(super::lower_priority);
+            }
+        }
         let out = cmd
             .output()
             .await
@@ -316,7 +326,13 @@ impl Provisioner for QemuProvisioner {
         let dir = self.dir(&p.instance_id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let port = self.pick_port()?;
-        std::fs::write(dir.join("vm.toml"), toml::to_string(&VmRecord { port })?)?;
+        std::fs::write(
+            dir.join("vm.toml"),
+            toml::to_string(&VmRecord {
+                port,
+                low_priority: p.low_priority,
+            })?,
+        )?;
         drop(_g);
         // The disk: a copy-on-write overlay of the image, grown by cloud-init's growpart.
         let image_size = {

@@ -31,6 +31,9 @@ pub struct BackupRow {
     /// When it completed (Unix ms).
     #[sqlx(default)]
     pub completed_ms: Option<i64>,
+    /// The tables a restore of it must hold (a JSON list), as its agent recorded them.
+    #[sqlx(default)]
+    pub inventory: Option<String>,
 }
 
 impl Store {

@@ -56,6 +56,9 @@ pub struct InstanceRow {
     pub archive_fault: Option<String>,
     #[sqlx(default)]
     pub archive_compactions: Option<i64>,
+    /// Why the instance's last restore drill failed.
+    #[sqlx(default)]
+    pub drill_fault: Option<String>,
 }
 
 /// What answering a heartbeat reads of an instance (a few columns: a batch of whole rows costs
@@ -145,6 +148,7 @@ impl InstanceRow {
             archive_latest_ms: None,
             archive_fault: None,
             archive_compactions: None,
+            drill_fault: None,
         }
     }
 

@@ -23,13 +23,23 @@ pub struct ScheduleRow {
     /// What the last run did (the backup it started, or why it was skipped).
     pub last_result: Option<String>,
     pub created: String,
+    /// What a run does: `backup` (or empty, for a schedule made before drills) or `drill`.
+    #[sqlx(default)]
+    pub kind: String,
+}
+
+impl ScheduleRow {
+    /// Whether its runs are restore drills rather than backups.
+    pub fn drills(&self) -> bool {
+        self.kind == "drill"
+    }
 }
 
 impl Store {
     pub async fn insert_schedule(&self, s: &ScheduleRow) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO backup_schedules (id, project_id, instance_id, name, pattern, full_every, keep_last, keep_days, \
-             next_run_ms, runs, created) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10)",
+             next_run_ms, runs, created, kind) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11)",
         )
         .bind(&s.id)
         .bind(&s.project_id)
@@ -41,6 +51,7 @@ impl Store {
         .bind(s.keep_days)
         .bind(s.next_run_ms)
         .bind(&s.created)
+        .bind(if s.kind.is_empty() { "backup" } else { &s.kind })
         .execute(&self.pool)
         .await?;
         Ok(())

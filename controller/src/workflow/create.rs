@@ -66,6 +66,9 @@ pub struct VmBuild {
     /// When the agent must have enrolled (Unix seconds).
     pub deadline_unix: i64,
     pub error: Option<String>,
+    /// A restore drill's throwaway VM: low CPU and I/O priority.
+    #[serde(default)]
+    pub low_priority: bool,
 }
 
 fn secrets_context(instance: &str) -> String {
@@ -90,6 +93,7 @@ async fn start_vm_build(app: &Arc<App>, n: &NewInstance) -> Result<String, ApiEr
         modules: n.modules.iter().map(|m| m.id.clone()).collect(),
         deadline_unix: coffer_proto::now_unix_s() + app.cfg.build_timeout_s.max(60) as i64,
         error: None,
+        low_priority: n.low_priority,
     });
     super::start(app, None, flow, std::slice::from_ref(&n.id), None).await
 }
@@ -151,7 +155,8 @@ impl VmBuild {
             },
         )
         .await?;
-        let (placed, _) = ops::place(app, &r.id, &version, Some(token.token)).await?;
+        let (placed, _) =
+            ops::place(app, &r.id, &version, Some(token.token), self.low_priority).await?;
         app.store
             .set_endpoint(&r.id, &placed.host, placed.port as i64)
             .await?;
@@ -228,6 +233,7 @@ impl VmBuild {
                 configuration: r.configuration_id.clone(),
                 root_password: (!kept.root_password_sealed.is_empty())
                     .then(|| String::from_utf8_lossy(&kept.root_password_sealed).into_owned()),
+                low_priority: self.low_priority,
             };
             let key = seal::from_hex(&r.agent_public_key)
                 .ok_or_else(|| anyhow::anyhow!("the enrolled key is not hex"))?;

@@ -15,6 +15,7 @@
 //! `create:placed`, `delete:requested`, `delete:destroyed`, `backup:requested`, `backup:done`).
 
 pub mod create;
+pub mod drill;
 pub mod replicas;
 pub mod replication;
 
@@ -38,6 +39,7 @@ pub enum Flow {
     ReplicaBuild(replication::ReplicaBuild),
     Detach(replication::Detach),
     VmBuild(create::VmBuild),
+    Drill(drill::Drill),
 }
 
 /// What a step did.
@@ -69,8 +71,9 @@ impl Flow {
 
     /// Runs the current step and moves to the next; `cancel` asks it to stop where it safely
     /// can.
-    async fn step(&mut self, app: &App, cancel: bool) -> Progress {
+    async fn step(&mut self, app: &Arc<App>, cancel: bool) -> Progress {
         match self {
+            Flow::Drill(d) => return d.step(app, cancel).await,
             Flow::Switchover(s) => s.step(app, cancel).await,
             Flow::Failover(f) => f.step(app, cancel).await,
             Flow::ReplicaBuild(b) => return b.step(app, cancel).await,
@@ -89,6 +92,7 @@ impl Flow {
             Flow::ReplicaBuild(b) => b.release(tx).await,
             Flow::Detach(d) => d.release(tx).await,
             Flow::VmBuild(b) => b.release(tx).await,
+            Flow::Drill(_) => Ok(()),
         }
     }
 }
@@ -235,9 +239,17 @@ pub fn derived_id(workflow: &str, what: &str) -> String {
 
 /// Runs a workflow to its end. Store errors are retried (the step runs again: it is
 /// idempotent); the workflow's own failures are states it handles.
-async fn drive(app: Arc<App>, id: String) {
-    drive_claimed(&app, &id).await;
-    app.driving.lock().unwrap().remove(&id);
+///
+/// Boxed: a step may start another workflow (a drill creates a VM), whose driver is this
+/// function again; the box names a `Send` future instead of one that contains itself.
+fn drive(
+    app: Arc<App>,
+    id: String,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        drive_claimed(&app, &id).await;
+        app.driving.lock().unwrap().remove(&id);
+    })
 }
 
 async fn drive_claimed(app: &Arc<App>, id: &str) {

@@ -117,7 +117,7 @@ pub async fn create(app: Arc<App>, c: &Caller, req: ReplicaReq) -> Result<String
         } else {
             req.name.clone()
         };
-        let (placed, nats_user) = ops::instances::place(&app, &id, &version, None).await?;
+        let (placed, nats_user) = ops::instances::place(&app, &id, &version, None, false).await?;
         let stored: Result<(), ApiError> = async {
             let mut tx = app.store.begin().await?;
             ops::quotas::check(&mut tx, &c.project, flavor.ram, source.volume_size).await?;

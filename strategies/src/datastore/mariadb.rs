@@ -19,8 +19,8 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::Mutex;
 
 use super::{
-    DatabaseSpec, Datastore, DatastoreError, Health, Layout, ReplicationSource, ReplicationState,
-    ServerCommand, Sizing, UserSpec,
+    Check, DatabaseSpec, Datastore, DatastoreError, Health, Layout, ReplicationSource,
+    ReplicationState, ServerCommand, Sizing, UserSpec,
 };
 
 /// The agent's own administrative account.
@@ -208,6 +208,22 @@ impl Mariadb {
             .map_err(|e| DatastoreError::Query(redact(&e.to_string())))
     }
 
+    /// Every base table outside the server's own schemas, as (schema, table).
+    async fn user_tables(&self) -> Result<Vec<(String, String)>, DatastoreError> {
+        let pool = self.pool().await?;
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT CONVERT(TABLE_SCHEMA USING utf8mb4), CONVERT(TABLE_NAME USING utf8mb4) \
+             FROM information_schema.TABLES WHERE TABLE_TYPE = 'BASE TABLE' ORDER BY 1, 2",
+        )
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| DatastoreError::Query(redact(&e.to_string())))?;
+        Ok(rows
+            .into_iter()
+            .filter(|(db, _)| !RESERVED_DATABASES.contains(&db.as_str()))
+            .collect())
+    }
+
     async fn user_exists(&self, name: &str, host: &str) -> Result<bool, DatastoreError> {
         Ok(self
             .count(
@@ -330,6 +346,16 @@ fn quote(s: &str) -> String {
     }
     out.push('\'');
     out
+}
+
+/// Column `i` of a row as text, whether the server sent it as characters or bytes.
+fn text(row: &sqlx::mysql::MySqlRow, i: usize) -> String {
+    row.try_get::<String, _>(i)
+        .or_else(|_| {
+            row.try_get::<Vec<u8>, _>(i)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+        })
+        .unwrap_or_default()
 }
 
 /// Quotes an identifier with backticks.
@@ -892,6 +918,65 @@ impl Datastore for Mariadb {
             quote(host)
         ))
         .await
+    }
+
+    async fn inventory(&self) -> Result<Vec<String>, DatastoreError> {
+        Ok(self
+            .user_tables()
+            .await?
+            .into_iter()
+            .map(|(db, t)| format!("{db}.{t}"))
+            .collect())
+    }
+
+    /// `CHECK TABLE`, `CHECKSUM TABLE` and a row count for every user table.
+    async fn verify(&self) -> Result<Vec<Check>, DatastoreError> {
+        let pool = self.pool().await?;
+        let q = |e: sqlx::Error| DatastoreError::Query(redact(&e.to_string()));
+        let mut checks = vec![];
+        for (db, t) in self.user_tables().await? {
+            let name = format!("{}.{}", ident(&db), ident(&t));
+            let rows = sqlx::raw_sql(&format!("CHECK TABLE {name}"))
+                .fetch_all(&pool)
+                .await
+                .map_err(q)?;
+            let said: Vec<(String, String)> =
+                rows.iter().map(|r| (text(r, 2), text(r, 3))).collect();
+            let ok = !said
+                .iter()
+                .any(|(kind, _)| kind.eq_ignore_ascii_case("error"))
+                && said
+                    .iter()
+                    .any(|(kind, msg)| kind.eq_ignore_ascii_case("status") && msg == "OK");
+            if !ok {
+                let msg: Vec<String> = said.into_iter().map(|(k, m)| format!("{k}: {m}")).collect();
+                checks.push(Check {
+                    name: format!("check table {name}"),
+                    ok: false,
+                    detail: msg.join("; "),
+                });
+                continue;
+            }
+            let sum: Option<i64> = sqlx::raw_sql(&format!("CHECKSUM TABLE {name}"))
+                .fetch_one(&pool)
+                .await
+                .map_err(q)?
+                .try_get(1)
+                .unwrap_or(None);
+            let rows: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {name}"))
+                .fetch_one(&pool)
+                .await
+                .map_err(q)?;
+            checks.push(Check {
+                name: format!("check table {name}"),
+                ok: true,
+                detail: format!(
+                    "OK; {rows} rows; checksum {}",
+                    sum.map_or("none".into(), |s| s.to_string())
+                ),
+            });
+        }
+        Ok(checks)
     }
 
     async fn list_databases(&self) -> Result<Vec<DatabaseSpec>, DatastoreError> {

@@ -199,6 +199,16 @@ pub enum Health {
     Down(String),
 }
 
+/// One check of the data, as [`Datastore::verify`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// What was checked, e.g. "check table `shop`.`orders`".
+    pub name: String,
+    pub ok: bool,
+    /// What it found: a checksum, a count, or the server's message when it failed.
+    pub detail: String,
+}
+
 /// One datastore implementation. The agent calls only this trait.
 #[async_trait]
 pub trait Datastore: Send + Sync {
@@ -399,6 +409,17 @@ pub trait Datastore: Send + Sync {
     /// (the rendered configuration's value, else the server's own default).
     async fn set_global(&self, _name: &str, _value: Option<&str>) -> Result<(), DatastoreError> {
         Err(unsupported(self.title(), "configuration groups"))
+    }
+    /// The tables (or the datastore's equivalent) the server holds, named so that a restore
+    /// of a backup taken now must hold every one; empty when the datastore has no such notion.
+    async fn inventory(&self) -> Result<Vec<String>, DatastoreError> {
+        Ok(vec![])
+    }
+    /// Runs the datastore's own checks over all its data (a restore drill's throwaway
+    /// instance): one [`Check`] per table, index or keyspace. It may change the server (e.g.
+    /// install a checking extension).
+    async fn verify(&self) -> Result<Vec<Check>, DatastoreError> {
+        Err(unsupported(self.title(), "restore drills"))
     }
     /// The server section of the rendered default configuration (groups do not change it).
     fn default_configuration(&self) -> Result<Vec<(String, String)>, DatastoreError>;

@@ -22,7 +22,7 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::Mutex;
 
 use super::{
-    DatabaseSpec, Datastore, DatastoreError, Health, Layout, ServerCommand, Sizing, UserSpec,
+    Check, DatabaseSpec, Datastore, DatastoreError, Health, Layout, ServerCommand, Sizing, UserSpec,
 };
 
 /// The agent's own superuser.
@@ -201,6 +201,103 @@ impl Postgresql {
         one.close().await;
         r.map_err(|e| DatastoreError::Query(e.to_string()))?;
         Ok(())
+    }
+
+    /// A one-connection pool on `database` (the caller closes it).
+    async fn pool_in(&self, database: &str) -> Result<PgPool, DatastoreError> {
+        let password = self.admin_password().await?;
+        PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(self.options(&password, database))
+            .await
+            .map_err(|e| DatastoreError::Query(e.to_string()))
+    }
+
+    /// Every database that can hold data (all but the templates).
+    async fn data_databases(&self) -> Result<Vec<String>, DatastoreError> {
+        let pool = self.pool().await?;
+        sqlx::query_scalar(
+            "SELECT datname::text FROM pg_database WHERE NOT datistemplate AND datallowconn ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .map_err(|e| DatastoreError::Query(e.to_string()))
+    }
+
+    /// The ordinary tables of the database `pool` is on, as (schema, table).
+    async fn tables_in(pool: &PgPool) -> Result<Vec<(String, String)>, DatastoreError> {
+        sqlx::query_as(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+             AND n.nspname NOT LIKE 'pg\\_toast%' ORDER BY 1, 2",
+        )
+        .fetch_all(pool)
+        .await
+        .map_err(|e| DatastoreError::Query(e.to_string()))
+    }
+
+    /// `amcheck`'s `bt_index_check` (with every heap tuple looked up) on each B-tree index, and
+    /// a row count and checksum of each table, in the database `pool` is on.
+    async fn verify_in(db: &str, pool: &PgPool) -> Result<Vec<Check>, DatastoreError> {
+        let q = |e: sqlx::Error| DatastoreError::Query(e.to_string());
+        let mut checks = vec![];
+        if let Err(e) = sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS amcheck")
+            .execute(pool)
+            .await
+        {
+            checks.push(Check {
+                name: format!("amcheck in {db}"),
+                ok: false,
+                detail: format!("the amcheck extension is not available: {e}"),
+            });
+        } else {
+            let indexes: Vec<String> = sqlx::query_scalar(
+                "SELECT c.oid::regclass::text FROM pg_index i \
+                 JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE a.amname = 'btree' AND i.indisvalid AND i.indisready \
+                 AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                 AND n.nspname NOT LIKE 'pg\\_toast%' ORDER BY 1",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(q)?;
+            for ix in indexes {
+                let r = sqlx::query("SELECT bt_index_check($1::regclass, true)")
+                    .bind(&ix)
+                    .execute(pool)
+                    .await;
+                checks.push(Check {
+                    name: format!("index {db}/{ix}"),
+                    ok: r.is_ok(),
+                    detail: r.map_or_else(|e| e.to_string(), |_| "OK".into()),
+                });
+            }
+        }
+        for (schema, table) in Self::tables_in(pool).await? {
+            let name = format!("{}.{}", ident(&schema), ident(&table));
+            let r: Result<(i64, String), _> = sqlx::query_as(&format!(
+                "SELECT count(*), coalesce(md5(string_agg(md5(t::text), '' ORDER BY md5(t::text))), '') \
+                 FROM {name} t"
+            ))
+            .fetch_one(pool)
+            .await;
+            checks.push(match r {
+                Ok((rows, sum)) => Check {
+                    name: format!("table {db}/{schema}.{table}"),
+                    ok: true,
+                    detail: format!("OK; {rows} rows; checksum {sum}"),
+                },
+                Err(e) => Check {
+                    name: format!("table {db}/{schema}.{table}"),
+                    ok: false,
+                    detail: e.to_string(),
+                },
+            });
+        }
+        Ok(checks)
     }
 
     async fn count(&self, sql: &str, bind: &str) -> Result<i64, DatastoreError> {
@@ -826,6 +923,28 @@ impl Datastore for Postgresql {
             &format!("REVOKE ALL ON SCHEMA public FROM {}", ident(user)),
         )
         .await
+    }
+
+    async fn inventory(&self) -> Result<Vec<String>, DatastoreError> {
+        let mut names = vec![];
+        for db in self.data_databases().await? {
+            let pool = self.pool_in(&db).await?;
+            let tables = Self::tables_in(&pool).await;
+            pool.close().await;
+            names.extend(tables?.into_iter().map(|(s, t)| format!("{db}/{s}.{t}")));
+        }
+        Ok(names)
+    }
+
+    async fn verify(&self) -> Result<Vec<Check>, DatastoreError> {
+        let mut checks = vec![];
+        for db in self.data_databases().await? {
+            let pool = self.pool_in(&db).await?;
+            let r = Self::verify_in(&db, &pool).await;
+            pool.close().await;
+            checks.extend(r?);
+        }
+        Ok(checks)
     }
 
     async fn list_databases(&self) -> Result<Vec<DatabaseSpec>, DatastoreError> {

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 
 use super::{
-    DatabaseSpec, Datastore, DatastoreError, Health, Layout, ServerCommand, Sizing, UserSpec,
+    Check, DatabaseSpec, Datastore, DatastoreError, Health, Layout, ServerCommand, Sizing, UserSpec,
 };
 
 /// The agent's own user.
@@ -196,6 +196,19 @@ impl Redis {
 
     fn role_text(&self) -> String {
         std::fs::read_to_string(self.role_file()).unwrap_or_default()
+    }
+
+    /// Keys per logical database (`INFO keyspace`), for the non-empty ones.
+    async fn keyspace(&self) -> Result<Vec<(String, u64)>, DatastoreError> {
+        let info: String = self.cmd(&["INFO", "keyspace"]).await?;
+        Ok(info
+            .lines()
+            .filter_map(|l| {
+                let (db, rest) = l.trim().split_once(':')?;
+                let keys = rest.split(',').find_map(|kv| kv.strip_prefix("keys="))?;
+                Some((db.to_string(), keys.parse().ok()?))
+            })
+            .collect())
     }
 
     async fn info_replication(&self) -> Result<String, DatastoreError> {
@@ -466,6 +479,59 @@ impl Datastore for Redis {
 
     async fn revoke(&self, _u: &str, _h: &str, _d: &str) -> Result<(), DatastoreError> {
         Err(no_databases())
+    }
+
+    async fn inventory(&self) -> Result<Vec<String>, DatastoreError> {
+        Ok(self
+            .keyspace()
+            .await?
+            .into_iter()
+            .map(|(db, _)| db)
+            .collect())
+    }
+
+    /// Key counts per database, against the keys the server loaded from its dump at start
+    /// (a dump that loaded fewer keys than it holds, or none at all, fails).
+    async fn verify(&self) -> Result<Vec<Check>, DatastoreError> {
+        let info: String = self.cmd(&["INFO", "persistence"]).await?;
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.trim().strip_prefix(k)?.strip_prefix(':'))
+                .map(str::to_string)
+        };
+        let spaces = self.keyspace().await?;
+        let held: u64 = spaces.iter().map(|(_, n)| n).sum();
+        let mut checks: Vec<Check> = spaces
+            .into_iter()
+            .map(|(db, n)| Check {
+                name: format!("keys {db}"),
+                ok: true,
+                detail: format!("{n} keys"),
+            })
+            .collect();
+        let loaded = field("rdb_last_load_keys_loaded").and_then(|v| v.parse::<u64>().ok());
+        let expired = field("rdb_last_load_keys_expired")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        checks.push(match (field("loading").as_deref(), loaded) {
+            (Some("0"), Some(loaded)) => Check {
+                name: "dump loaded".into(),
+                // Keys that expire after loading leave fewer than were loaded, never more.
+                ok: held <= loaded,
+                detail: format!(
+                    "{loaded} keys loaded from the dump ({expired} already expired), {held} held now"
+                ),
+            },
+            (loading, _) => Check {
+                name: "dump loaded".into(),
+                ok: false,
+                detail: format!(
+                    "the server does not report a finished load (loading: {})",
+                    loading.unwrap_or("unknown")
+                ),
+            },
+        });
+        Ok(checks)
     }
 
     async fn list_databases(&self) -> Result<Vec<DatabaseSpec>, DatastoreError> {
