@@ -293,6 +293,7 @@ pub async fn backup(
             manifest_json,
             archive_since_unix_ms: 0,
             inventory: vec![],
+            change_file: String::new(),
         })
     });
     let mut result = with_progress(ctx, intent_id, "backup", "backup", done, work).await??;
@@ -300,6 +301,7 @@ pub async fn backup(
     result.inventory = before.into_iter().filter(|t| after.contains(t)).collect();
     if let Ok(m) = serde_json::from_str::<Manifest>(&result.manifest_json) {
         result.archive_since_unix_ms = crate::archive::covering_since(ctx, m.position.log_file());
+        result.change_file = m.position.log_file().to_string();
     }
     Ok(result)
 }

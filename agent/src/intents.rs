@@ -292,6 +292,7 @@ async fn republish(ctx: &Ctx, id: &str, rec: &IntentRecord) {
             manifest_json: b.manifest_json,
             archive_since_unix_ms: b.archive_since_unix_ms,
             inventory: b.inventory,
+            change_file: b.change_file,
         });
         v1::event::Kind::Done(v1::Done {
             message: rec.message.clone(),
@@ -390,6 +391,7 @@ async fn execute(
                 manifest_json: r.manifest_json.clone(),
                 archive_since_unix_ms: r.archive_since_unix_ms,
                 inventory: r.inventory.clone(),
+                change_file: r.change_file.clone(),
             };
             ctx.state
                 .record_backup(id, &rec)

@@ -39,6 +39,8 @@ pub struct BackupRecord {
     pub archive_since_unix_ms: i64,
     #[serde(default)]
     pub inventory: Vec<String>,
+    #[serde(default)]
+    pub change_file: String,
 }
 
 /// What the database should be doing, persisted across agent restarts.

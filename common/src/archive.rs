@@ -41,9 +41,51 @@ pub fn covered(keys: &[String]) -> Vec<String> {
     out
 }
 
+/// How change files sort: by length, then by name (numbered names grow a digit past
+/// `999999`).
+pub fn file_order(a: &str, b: &str) -> std::cmp::Ordering {
+    (a.len(), a).cmp(&(b.len(), b))
+}
+
+/// The segments of `keys` in files before `file`: what no restore from a backup whose position
+/// is in `file` (or later) reads, left to remove once no kept backup is older.
+pub fn before(keys: &[String], file: &str) -> Vec<String> {
+    keys.iter()
+        .filter(|k| parse_segment_key(k).is_some_and(|(f, _, _)| file_order(&f, file).is_lt()))
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_before_the_oldest_needed_one_are_left_to_remove() {
+        let keys: Vec<String> = [
+            segment_key("b.999999", 0, 100),
+            segment_key("b.1000000", 0, 40),
+            segment_key("b.000007", 0, 100),
+            segment_key("b.000008", 0, 10),
+            segment_key("b.000008", 10, 20),
+            "b1.json".to_string(),
+        ]
+        .into();
+        assert_eq!(
+            before(&keys, "b.000008"),
+            vec![segment_key("b.000007", 0, 100)]
+        );
+        assert_eq!(
+            before(&keys, "b.1000000"),
+            vec![
+                segment_key("b.999999", 0, 100),
+                segment_key("b.000007", 0, 100),
+                segment_key("b.000008", 0, 10),
+                segment_key("b.000008", 10, 20),
+            ]
+        );
+        assert!(before(&keys, "b.000001").is_empty());
+    }
 
     #[test]
     fn only_what_a_whole_file_covers_is_left_to_remove() {

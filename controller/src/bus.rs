@@ -655,7 +655,11 @@ async fn handle_event(
                     )
                     .await?;
                 app.store
-                    .set_backup_inventory(&b.id, &serde_json::to_string(&r.inventory)?)
+                    .set_backup_recorded(
+                        &b.id,
+                        &serde_json::to_string(&r.inventory)?,
+                        &r.change_file,
+                    )
                     .await?;
             }
             let Some((kind, first)) = app

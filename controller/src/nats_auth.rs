@@ -318,12 +318,20 @@ impl Authority {
         if !subjects::valid_token(instance) {
             bail!("instance id '{instance}' cannot be a subject token");
         }
-        let publish: Vec<String> = objects
+        // A point-in-time restore reads its source's archive: one permission for all of it
+        // (its segments are many; a permission each would not fit a connection's first line).
+        let mut publish: Vec<String> = objects
             .iter()
             .map(|(owner, key)| {
-                coffer_common::storage::nats::object_read_permission(bucket, owner, key)
+                if key.starts_with(coffer_common::archive::PREFIX) {
+                    coffer_common::storage::nats::archive_read_permission(bucket, owner)
+                } else {
+                    coffer_common::storage::nats::object_read_permission(bucket, owner, key)
+                }
             })
             .collect();
+        publish.sort();
+        publish.dedup();
         let nats = json!({
             "pub": {"allow": publish},
             "sub": {"allow": [format!("{}.>", subjects::agent_inbox_prefix(instance))]},

@@ -243,6 +243,27 @@ pub async fn archive_segments(app: &App, owner: &str) -> anyhow::Result<Vec<Stri
     Ok(keys)
 }
 
+/// Removes `owner`'s archived files that sort before `file` (no kept backup needs them).
+pub async fn remove_archive_before(app: &App, owner: &str, file: &str) -> anyhow::Result<usize> {
+    let file = file.to_string();
+    let gone = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let g = gone.clone();
+    with_storage(app, owner, move |storage| {
+        let keys = storage
+            .list(coffer_common::archive::PREFIX)
+            .context("listing the archive")?;
+        for k in coffer_common::archive::before(&keys, &file) {
+            storage
+                .delete(&k)
+                .with_context(|| format!("deleting {}", storage.location(&k)))?;
+            g.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(gone.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// Removes the archived pieces of `owner`'s files that are now stored whole.
 pub async fn remove_compacted(app: &App, owner: &str) -> anyhow::Result<()> {
     with_storage(app, owner, move |storage| {

@@ -767,14 +767,21 @@ impl Env {
                         .try_collect()
                         .await
                         .unwrap();
+                    // `cfs.<bucket>.<owner>.<base64 key>...`, or `...<owner>.a.<base64 rest>...`
+                    // for an archived segment `archive/<rest>`.
                     let key_of = |subject: &str| -> String {
-                        let tok = subject.split('.').nth(3).unwrap_or_default();
-                        String::from_utf8(
+                        let toks: Vec<&str> = subject.split('.').collect();
+                        let (prefix, tok) = match toks.get(3) {
+                            Some(&"a") => ("archive/", toks.get(4)),
+                            t => ("", t),
+                        };
+                        let key = String::from_utf8(
                             data_encoding::BASE64URL_NOPAD
-                                .decode(tok.as_bytes())
+                                .decode(tok.unwrap_or(&"").as_bytes())
                                 .unwrap_or_default(),
                         )
-                        .unwrap_or_default()
+                        .unwrap_or_default();
+                        format!("{prefix}{key}")
                     };
                     let committed: std::collections::HashSet<String> = subjects
                         .iter()

@@ -354,4 +354,143 @@ async fn files_stored_in_pieces_are_stored_whole_and_restore_the_same() {
     .await;
     let want: Vec<i32> = [1].into_iter().chain(100..=115).collect();
     assert_eq!(got, want, "restored to {} over files {files:?}", rfc3339(t));
+
+    // Retention: once the first backup is deleted, the archived files before the oldest kept
+    // backup go with it; the window starts at that backup, a time before it is a 400 naming
+    // the window, and a restore after it still holds every write.
+    let second = backed_up(&env, &id, "second").await;
+    let later = paced_writes(&env, &view, 200..206, Duration::from_millis(150)).await;
+    window_reaching(&env, &id, later.last().unwrap().2).await;
+    let (st, v) = env.call("DELETE", &format!("/backups/{bid}"), None).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let left = loop {
+        let left: Vec<String> = env
+            .stored()
+            .await
+            .iter()
+            .filter_map(|k| k.strip_prefix(&format!("{id}/")))
+            .filter_map(coffer_common::archive::parse_segment_key)
+            .map(|(f, _, _)| f)
+            .collect();
+        if !left.contains(&files[0]) {
+            break left;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "archived file {} outlived every backup that needed it: {left:?}\n{}",
+            files[0],
+            env.controller_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        left.contains(files.last().unwrap()),
+        "the file being written went too: {left:?}"
+    );
+    let (_, v) = env.show(&id).await;
+    let earliest = parse_ms(&v["instance"]["recovery"]["earliest"]).unwrap();
+    let (_, b) = env.call("GET", &format!("/backups/{second}"), None).await;
+    assert!(
+        earliest * 1000 > t,
+        "the window still starts before the kept backup: {v} {b}"
+    );
+    let (st, v) = restore(
+        &env,
+        "too-early",
+        json!({"instance": id, "restore_time": rfc3339(t)}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v.to_string().contains("recovery window is"), "{v}");
+    let (_, _, acked) = later[3];
+    let t2 = acked + (later[4].1 - acked) / 2;
+    let got = restored_rows(
+        &env,
+        "pitr-after-retention",
+        json!({"instance": id, "restore_time": rfc3339(t2)}),
+    )
+    .await;
+    let want: Vec<i32> = [1].into_iter().chain(100..130).chain(200..=203).collect();
+    assert_eq!(got, want, "restored to {} after retention", rfc3339(t2));
+}
+
+/// With backups in NATS, an agent cut off from NATS cannot store its archive: it keeps the
+/// changes, stores them when it is back (no hole: the archive is continuous from the same
+/// time), and the controller's latest restorable time never runs ahead of what is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_cut_during_archiving_leaves_no_hole_and_claims_nothing_unstored() {
+    let env = Env::start_with(Opts {
+        backup_storage: coffer_tests::BackupStorage::Nats { max_bytes: None },
+        backup_extra: "archive_ship_ms = 100\n",
+        nats_proxy: true,
+        respawn_agents: false,
+        ..Default::default()
+    })
+    .await;
+    let (id, view) = env.active_with_rows("pitr-cut", &[1]).await;
+    let bid = backed_up(&env, &id, "base").await;
+    let before = paced_writes(&env, &view, 100..105, Duration::from_millis(100)).await;
+    window_reaching(&env, &id, before.last().unwrap().2).await;
+    let (_, v) = env.show(&id).await;
+    let since = v["instance"]["recovery"]["archive"]["since"].clone();
+    assert!(since.is_string(), "{v}");
+
+    // Cut off: the database keeps taking writes; nothing of them is stored meanwhile, so the
+    // controller's latest restorable time stays before the first of them.
+    let proxy = env.proxy.as_ref().unwrap();
+    proxy.cut(&id);
+    let cut = paced_writes(&env, &view, 200..215, Duration::from_millis(100)).await;
+    let (_, v) = env.show(&id).await;
+    let latest = parse_ms(&v["instance"]["recovery"]["latest"]).unwrap();
+    assert!(
+        latest * 1000 < cut[0].1,
+        "the window claims {} while the agent could store nothing after {}: {v}",
+        rfc3339(latest * 1000),
+        rfc3339(cut[0].1)
+    );
+    proxy.heal(&id);
+
+    // Back: the first latest restorable time it claims past the cut restores every write
+    // acknowledged before it, and none begun after it.
+    let (_, claimed) = window_reaching(&env, &id, cut[0].1).await;
+    let got = restored_rows(
+        &env,
+        "pitr-cut-claimed",
+        json!({"backupRef": bid, "restore_time": rfc3339(claimed * 1000)}),
+    )
+    .await;
+    for (r, began, acked) in before.iter().chain(&cut) {
+        if *acked <= claimed * 1000 {
+            assert!(
+                got.contains(r),
+                "row {r} acknowledged before the claimed {} is missing: {got:?}",
+                rfc3339(claimed * 1000)
+            );
+        }
+        if *began > claimed * 1000 {
+            assert!(
+                !got.contains(r),
+                "row {r} begun after {} was restored: {got:?}",
+                rfc3339(claimed * 1000)
+            );
+        }
+    }
+
+    // The backlog is stored, the archive still continuous from the same time.
+    window_reaching(&env, &id, cut.last().unwrap().2).await;
+    let (_, v) = env.show(&id).await;
+    let archive = &v["instance"]["recovery"]["archive"];
+    assert_eq!(archive["since"], since, "a hole: {v}");
+    assert!(archive["fault"].is_null(), "{v}");
+    let (_, _, acked) = cut[9];
+    let t = acked + (cut[10].1 - acked) / 2;
+    let got = restored_rows(
+        &env,
+        "pitr-cut-restored",
+        json!({"backupRef": bid, "restore_time": rfc3339(t)}),
+    )
+    .await;
+    let want: Vec<i32> = [1].into_iter().chain(100..105).chain(200..=209).collect();
+    assert_eq!(got, want, "restored to {} across the cut", rfc3339(t));
 }

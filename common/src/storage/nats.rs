@@ -78,13 +78,53 @@ pub fn subject_root(bucket: &str, owner: &str) -> String {
     format!("cfs.{bucket}.{owner}")
 }
 
+/// The token(s) naming a key in its subjects: the key in base64url; an archived segment's
+/// (`archive/...`) under a token `a` of its own (base64 never gives one character), so one
+/// permission (`<root>.a.>`) grants a whole archive however many segments it has.
 fn key_token(key: &str) -> String {
-    data_encoding::BASE64URL_NOPAD.encode(key.as_bytes())
+    match key.strip_prefix(crate::archive::PREFIX) {
+        Some(rest) => format!(
+            "{ARCHIVE_TOKEN}.{}",
+            data_encoding::BASE64URL_NOPAD.encode(rest.as_bytes())
+        ),
+        None => data_encoding::BASE64URL_NOPAD.encode(key.as_bytes()),
+    }
+}
+
+const ARCHIVE_TOKEN: &str = "a";
+
+/// The key a commit record's subject (`<root>.<token(s)>.m`) names.
+fn key_of_commit_subject(root: &str, subject: &str) -> Option<String> {
+    let toks = subject
+        .strip_prefix(root)?
+        .strip_prefix('.')?
+        .strip_suffix(".m")?;
+    let decode = |t: &str| {
+        let b = data_encoding::BASE64URL_NOPAD.decode(t.as_bytes()).ok()?;
+        String::from_utf8(b).ok()
+    };
+    match toks.split_once('.') {
+        Some((ARCHIVE_TOKEN, rest)) if !rest.contains('.') => {
+            Some(format!("{}{}", crate::archive::PREFIX, decode(rest)?))
+        }
+        Some(_) => None,
+        None => decode(toks),
+    }
 }
 
 /// The subjects of one object (`<root>.<k>`, without `.>` or `.m`).
 pub fn object_subject(bucket: &str, owner: &str, key: &str) -> String {
     format!("{}.{}", subject_root(bucket, owner), key_token(key))
+}
+
+/// The direct-get API subjects (a permission pattern) through which every archived segment of
+/// `owner` is read: a point-in-time restore's grant to its source's archive.
+pub fn archive_read_permission(bucket: &str, owner: &str) -> String {
+    format!(
+        "$JS.API.DIRECT.GET.{}.{}.{ARCHIVE_TOKEN}.>",
+        stream_name(bucket, owner),
+        subject_root(bucket, owner)
+    )
 }
 
 /// The direct-get API subjects (a permission pattern) through which one object is read.
@@ -569,28 +609,36 @@ impl Storage for NatsStorage {
             ));
         }
         use futures::TryStreamExt;
-        let filter = format!("{}.*.m", subject_root(&self.bucket, &self.owner));
-        let subjects: Vec<(String, usize)> = self.rt.block_on(async {
-            let s = match self.js.get_stream_no_info(self.stream()).await {
-                Ok(s) => s,
-                Err(e) => return Err(nats_err(&self.stream(), e)),
-            };
-            match s.info_with_subjects(filter).await {
-                Ok(list) => list
-                    .try_collect()
-                    .await
-                    .map_err(|e| nats_err(&self.stream(), e)),
-                Err(e) if e.to_string().contains("not found") => Ok(vec![]),
-                Err(e) => Err(nats_err(&self.stream(), e)),
-            }
-        })?;
+        let root = subject_root(&self.bucket, &self.owner);
+        let archive = crate::archive::PREFIX;
+        // Commit records only (one subject per object), of the namespaces the prefix reaches.
+        let mut filters = vec![];
+        if !prefix.starts_with(archive) {
+            filters.push(format!("{root}.*.m"));
+        }
+        if prefix.starts_with(archive) || archive.starts_with(prefix) {
+            filters.push(format!("{root}.{ARCHIVE_TOKEN}.*.m"));
+        }
+        let mut subjects: Vec<(String, usize)> = vec![];
+        for filter in filters {
+            subjects.extend(self.rt.block_on(async {
+                let s = match self.js.get_stream_no_info(self.stream()).await {
+                    Ok(s) => s,
+                    Err(e) => return Err(nats_err(&self.stream(), e)),
+                };
+                match s.info_with_subjects(filter).await {
+                    Ok(list) => list
+                        .try_collect::<Vec<_>>()
+                        .await
+                        .map_err(|e| nats_err(&self.stream(), e)),
+                    Err(e) if e.to_string().contains("not found") => Ok(vec![]),
+                    Err(e) => Err(nats_err(&self.stream(), e)),
+                }
+            })?);
+        }
         let mut names: Vec<String> = subjects
             .into_iter()
-            .filter_map(|(subject, _)| {
-                let tok = subject.rsplit('.').nth(1)?;
-                let key = data_encoding::BASE64URL_NOPAD.decode(tok.as_bytes()).ok()?;
-                String::from_utf8(key).ok()
-            })
+            .filter_map(|(subject, _)| key_of_commit_subject(&root, &subject))
             .filter(|k| k.starts_with(prefix))
             .collect();
         names.sort();
@@ -608,5 +656,41 @@ impl Storage for NatsStorage {
             }
             Ok::<(), StorageError>(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_through_their_commit_subjects() {
+        let root = subject_root("b", "owner1");
+        for key in [
+            "1f0c.cfbk",
+            "1f0c.json",
+            &crate::archive::segment_key("mysql-bin.000002", 0, 4096),
+        ] {
+            let subject = format!("{}.m", object_subject("b", "owner1", key));
+            assert_eq!(key_of_commit_subject(&root, &subject).as_deref(), Some(key));
+        }
+        // An archived segment sits under the archive's own token: one permission reads them all
+        // and nothing else.
+        let seg = object_subject("b", "o", &crate::archive::segment_key("f.1", 0, 9));
+        assert!(
+            seg.starts_with(&format!("{}.a.", subject_root("b", "o"))),
+            "{seg}"
+        );
+        let all = archive_read_permission("b", "o");
+        assert!(
+            all.ends_with(&format!("{}.a.>", subject_root("b", "o"))),
+            "{all}"
+        );
+        let backup = object_subject("b", "o", "x.cfbk");
+        assert!(!backup.starts_with(&format!("{}.a.", subject_root("b", "o"))));
+        assert_eq!(
+            key_of_commit_subject(&root, &format!("{root}.a.b.c.m")),
+            None
+        );
     }
 }

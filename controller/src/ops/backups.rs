@@ -21,7 +21,30 @@ pub async fn remove(app: &App, id: &str) -> anyhow::Result<()> {
         .await
         .context("deleting backup objects")?;
     app.store.soft_delete("backups", id).await?;
+    prune_archive(app, &b.instance_id).await?;
     crate::objects::forget_if_unused(app, &b.instance_id).await
+}
+
+/// Removes the instance's archived change files that no point of its recovery window needs:
+/// those before the oldest kept backup the archive covers (its window starts there).
+pub async fn prune_archive(app: &App, instance: &str) -> anyhow::Result<()> {
+    let live = app
+        .store
+        .instance(instance)
+        .await?
+        .is_some_and(|r| r.archive_since_ms.is_some());
+    if !live {
+        return Ok(());
+    }
+    if let Some(file) = app.store.oldest_needed_change_file(instance).await? {
+        let n = crate::objects::remove_archive_before(app, instance, &file)
+            .await
+            .context("removing archived files no backup needs")?;
+        if n > 0 {
+            tracing::info!(instance, before = %file, removed = n, "archived files no kept backup needs removed");
+        }
+    }
+    Ok(())
 }
 
 /// Starts a replication snapshot of `source` (a full backup outside the quota, deleted once
@@ -81,6 +104,7 @@ pub async fn start(
         archive_since_ms: None,
         completed_ms: None,
         inventory: None,
+        change_file: None,
     };
     Store::insert_backup(&mut tx, &row).await?;
     let backup = v1::intent::Kind::Backup(v1::Backup {

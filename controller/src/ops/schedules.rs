@@ -389,6 +389,7 @@ mod tests {
             archive_since_ms: None,
             completed_ms: None,
             inventory: None,
+            change_file: None,
         }
     }
 

@@ -34,6 +34,9 @@ pub struct BackupRow {
     /// The tables a restore of it must hold (a JSON list), as its agent recorded them.
     #[sqlx(default)]
     pub inventory: Option<String>,
+    /// The change-log file its position is in, as its agent reported it.
+    #[sqlx(default)]
+    pub change_file: Option<String>,
 }
 
 impl Store {

@@ -121,13 +121,44 @@ impl Store {
         Ok(())
     }
 
-    /// What the backup's agent recorded a restore must hold (a JSON list).
-    pub async fn set_backup_inventory(&self, id: &str, inventory: &str) -> anyhow::Result<()> {
-        sqlx::query("UPDATE backups SET inventory = $1 WHERE id = $2")
+    /// What the backup's agent recorded: the tables a restore must hold (a JSON list) and the
+    /// change-log file its position is in.
+    pub async fn set_backup_recorded(
+        &self,
+        id: &str,
+        inventory: &str,
+        change_file: &str,
+    ) -> anyhow::Result<()> {
+        sqlx::query("UPDATE backups SET inventory = $1, change_file = $2 WHERE id = $3")
             .bind(inventory)
+            .bind((!change_file.is_empty()).then_some(change_file))
             .bind(id)
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// The change-log file of the oldest kept backup the instance's archive covers: archived
+    /// files before it serve no point of the recovery window. None when there is no such
+    /// backup, or one whose file is not known (taken by an older agent): nothing may go then.
+    pub async fn oldest_needed_change_file(
+        &self,
+        instance: &str,
+    ) -> anyhow::Result<Option<String>> {
+        let files: Vec<(Option<String>,)> = sqlx::query_as(
+            "SELECT b.change_file FROM backups b JOIN instances i ON i.id = b.instance_id \
+             WHERE b.instance_id = $1 AND b.status = 'COMPLETED' AND b.deleted = FALSE \
+             AND b.archive_since_ms = i.archive_since_ms ORDER BY b.completed_ms, b.created",
+        )
+        .bind(instance)
+        .fetch_all(&self.pool)
+        .await?;
+        if files
+            .iter()
+            .any(|(f,)| f.as_deref().unwrap_or_default().is_empty())
+        {
+            return Ok(None);
+        }
+        Ok(files.into_iter().next().and_then(|(f,)| f))
     }
 }

@@ -163,6 +163,8 @@ pub struct Archiver {
 
 /// Pending bytes beyond which a look cuts a segment at once.
 const SHIP_BYTES: usize = 8 << 20;
+/// Read segments waiting to be stored past which reading pauses.
+const READY_LIMIT: usize = 64 << 20;
 
 pub fn now_us() -> i64 {
     std::time::SystemTime::now()
@@ -238,6 +240,19 @@ impl Archiver {
             self.file_segments = 0;
             self.file_whole = true;
             restarted = true;
+        }
+        // Storage that does not keep up (cut off, slow) holds reading back: what is not read
+        // yet stays in the server's own files, not in this process's memory.
+        let waiting: usize = self
+            .ready
+            .iter()
+            .map(|j| match j {
+                Job::Segment(s) => s.bytes.len(),
+                Job::Whole { .. } => 0,
+            })
+            .sum();
+        if !restarted && waiting >= READY_LIMIT {
+            return Ok(false);
         }
         // Whether this look read everything the server had written before `t0`.
         let mut caught_up = false;
