@@ -72,6 +72,11 @@ async fn schedules_run_mix_full_and_incremental_and_retention_keeps_what_kept_ba
             "keep",
         ),
         (
+            json!({"backup_schedule": {"instance": id, "name": "n", "pattern": "* * * * *", "keep_monthly": 0}}),
+            400,
+            "positive",
+        ),
+        (
             json!({"backup_schedule": {"instance": id, "name": " ", "pattern": "* * * * *"}}),
             400,
             "name",
@@ -90,6 +95,27 @@ async fn schedules_run_mix_full_and_incremental_and_retention_keeps_what_kept_ba
     }
     let (_, v) = env.call("GET", "/backup_schedules", None).await;
     assert_eq!(v["backup_schedules"], json!([]));
+
+    // Retention tiers are kept and shown (`ops::schedules::expired`'s unit tests apply them).
+    let (st, v) = env
+        .call(
+            "POST",
+            "/backup_schedules",
+            Some(json!({"backup_schedule": {"instance": id, "name": "tiers", "pattern": "0 3 * * *", "keep_daily": 7, "keep_weekly": 4, "keep_monthly": 12}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let tiers = v["backup_schedule"]["id"].as_str().unwrap().to_string();
+    let got = schedule(&env, &tiers).await;
+    assert_eq!(
+        (&got["keep_daily"], &got["keep_weekly"], &got["keep_monthly"], &got["kind"]),
+        (&json!(7), &json!(4), &json!(12), &json!("backup")),
+        "{got}"
+    );
+    let (st, _) = env
+        .call("DELETE", &format!("/backup_schedules/{tiers}"), None)
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED);
 
     // Every 2 s, every second run full, keeping the newest completed one (and what it builds on).
     let (st, v) = env

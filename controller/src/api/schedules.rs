@@ -21,6 +21,7 @@ fn view(s: &ScheduleRow) -> Value {
         "id": s.id, "name": s.name, "instance_id": s.instance_id, "project_id": s.project_id,
         "pattern": s.pattern, "full_every": s.full_every,
         "keep_last": s.keep_last, "keep_days": s.keep_days,
+        "keep_daily": s.keep_daily, "keep_weekly": s.keep_weekly, "keep_monthly": s.keep_monthly,
         "next_run": next, "runs": s.runs, "last_run": s.last_run, "last_result": s.last_result,
         "created": s.created,
         "kind": if s.drills() { "drill" } else { "backup" },
@@ -42,6 +43,9 @@ struct CreateSchedule {
     full_every: Option<Positive>,
     keep_last: Option<Positive>,
     keep_days: Option<Positive>,
+    keep_daily: Option<Positive>,
+    keep_weekly: Option<Positive>,
+    keep_monthly: Option<Positive>,
     /// `backup` (the default) or `drill`.
     kind: Option<String>,
 }
@@ -72,6 +76,9 @@ pub async fn create(st: AppState, c: Caller, body: Bytes) -> ApiResult {
         full_every: b.full_every.map_or(1, |n| n.0),
         keep_last: b.keep_last.map(|n| n.0),
         keep_days: b.keep_days.map(|n| n.0),
+        keep_daily: b.keep_daily.map(|n| n.0),
+        keep_weekly: b.keep_weekly.map(|n| n.0),
+        keep_monthly: b.keep_monthly.map(|n| n.0),
     };
     let s = ops::create(&st, &c, spec).await?;
     Ok((

@@ -85,6 +85,10 @@ pub struct ScheduleSpec {
     pub full_every: i64,
     pub keep_last: Option<i64>,
     pub keep_days: Option<i64>,
+    /// Tiers: the newest backup of each of the last N days, ISO weeks, months.
+    pub keep_daily: Option<i64>,
+    pub keep_weekly: Option<i64>,
+    pub keep_monthly: Option<i64>,
     /// Its runs are restore drills (`workflow::drill`) instead of backups.
     pub drill: bool,
 }
@@ -103,10 +107,18 @@ pub async fn create(app: &App, c: &Caller, spec: ScheduleSpec) -> Result<Schedul
         ApiError::bad_request(format!("pattern '{}' never matches again.", spec.pattern))
     })?;
     let datastore = super::datastore(app, &r).await?;
-    if spec.drill && (spec.full_every != 1 || spec.keep_last.is_some() || spec.keep_days.is_some())
-    {
+    let retains = [
+        spec.keep_last,
+        spec.keep_days,
+        spec.keep_daily,
+        spec.keep_weekly,
+        spec.keep_monthly,
+    ]
+    .iter()
+    .any(Option::is_some);
+    if spec.drill && (spec.full_every != 1 || retains) {
         return Err(ApiError::bad_request(
-            "A drill schedule takes no full_every, keep_last or keep_days: it restores the latest backup and keeps nothing.",
+            "A drill schedule takes no full_every and no keep_* retention: it restores the latest backup and keeps nothing.",
         ));
     }
     match coffer_proto::datastore::BackupMethod::for_datastore(datastore, cfg.strategy) {
@@ -151,6 +163,9 @@ pub async fn create(app: &App, c: &Caller, spec: ScheduleSpec) -> Result<Schedul
         last_result: None,
         created: store::now(),
         kind: if spec.drill { "drill" } else { "backup" }.into(),
+        keep_daily: spec.keep_daily,
+        keep_weekly: spec.keep_weekly,
+        keep_monthly: spec.keep_monthly,
     };
     app.store.insert_schedule(&row).await?;
     Ok(row)
@@ -243,29 +258,57 @@ async fn run(app: &App, s: &ScheduleRow, next: i64) {
     }
 }
 
-/// Which of a schedule's backups (newest first) retention removes: past `keep_last` and older
-/// than `keep_days`, completed, and built on by no backup that stays (`all`: every live backup
-/// of the instance).
+/// Which of a schedule's backups (newest first) retention removes: completed ones that no rule
+/// keeps — not among the newest `keep_last`, not younger than `keep_days`, not the newest of
+/// one of the last `keep_daily` days, `keep_weekly` ISO weeks or `keep_monthly` months that
+/// have a backup (UTC) — and that no backup staying builds on (`all`: every live backup of the
+/// instance). Nothing goes when no rule is set.
 pub fn expired(
     s: &ScheduleRow,
     mine: &[store::BackupRow],
     all: &[store::BackupRow],
 ) -> Vec<String> {
-    if s.keep_last.is_none() && s.keep_days.is_none() {
+    let tiers = [
+        (s.keep_daily, Period::Day),
+        (s.keep_weekly, Period::Week),
+        (s.keep_monthly, Period::Month),
+    ];
+    if !s.retains() {
         return vec![];
     }
-    let mut gone: HashSet<String> = mine
+    let done: Vec<&store::BackupRow> = mine
         .iter()
         .filter(|b| b.status == BackupStatus::Completed)
-        .enumerate()
-        .filter(|(i, b)| {
-            let past_last = s.keep_last.is_none_or(|n| *i as i64 >= n);
-            let past_days = s
-                .keep_days
-                .is_none_or(|d| store::age_secs(&b.created) > d * 86_400);
-            past_last && past_days
-        })
-        .map(|(_, b)| b.id.clone())
+        .collect();
+    let mut kept: HashSet<&str> = HashSet::new();
+    for (i, b) in done.iter().enumerate() {
+        let by_last = s.keep_last.is_some_and(|n| (i as i64) < n);
+        let by_days = s
+            .keep_days
+            .is_some_and(|d| store::age_secs(&b.created) <= d * 86_400);
+        if by_last || by_days {
+            kept.insert(&b.id);
+        }
+    }
+    // Each tier: newest first, the first backup of each new period, for N periods.
+    for (n, period) in tiers {
+        let Some(n) = n else { continue };
+        let mut seen: Vec<String> = vec![];
+        for b in &done {
+            let p = period.of(&b.created);
+            if !seen.contains(&p) {
+                if seen.len() as i64 >= n {
+                    break;
+                }
+                seen.push(p);
+                kept.insert(&b.id);
+            }
+        }
+    }
+    let mut gone: HashSet<String> = done
+        .iter()
+        .filter(|b| !kept.contains(b.id.as_str()))
+        .map(|b| b.id.clone())
         .collect();
     // A backup that one staying builds on stays too (to a fixpoint: chains are short).
     loop {
@@ -288,13 +331,39 @@ pub fn expired(
         .collect()
 }
 
+/// A retention tier's period.
+#[derive(Clone, Copy)]
+enum Period {
+    Day,
+    Week,
+    Month,
+}
+
+impl Period {
+    /// The period a `created` time (`YYYY-MM-DDTHH:MM:SS`, UTC) falls in.
+    fn of(self, created: &str) -> String {
+        match self {
+            Period::Day => created.get(..10).unwrap_or(created).to_string(),
+            Period::Month => created.get(..7).unwrap_or(created).to_string(),
+            Period::Week => {
+                chrono::NaiveDate::parse_from_str(created.get(..10).unwrap_or(created), "%Y-%m-%d")
+                    .map(|d| {
+                        let w = chrono::Datelike::iso_week(&d);
+                        format!("{}-W{:02}", w.year(), w.week())
+                    })
+                    .unwrap_or_else(|_| created.to_string())
+            }
+        }
+    }
+}
+
 /// Applies every schedule's retention (the leader's timers call this every few seconds).
 pub async fn retain(app: &App) {
     let Ok(schedules) = app.store.all_schedules().await else {
         return;
     };
     for s in schedules {
-        if s.keep_last.is_none() && s.keep_days.is_none() {
+        if !s.retains() {
             continue;
         }
         let Ok(mine) = app.store.backups_of_schedule(&s.id).await else {
@@ -409,7 +478,51 @@ mod tests {
             last_result: None,
             created: "2026-01-01T00:00:00".into(),
             kind: "backup".into(),
+            keep_daily: None,
+            keep_weekly: None,
+            keep_monthly: None,
         }
+    }
+
+    #[test]
+    fn tiers_keep_the_newest_of_each_recent_day_week_and_month() {
+        // Newest first, all full backups.
+        let mine = vec![
+            backup("d3b", None, "2026-03-03T20:00:00"),
+            backup("d3a", None, "2026-03-03T08:00:00"),
+            backup("d2", None, "2026-03-02T08:00:00"), // Monday of ISO week 10
+            backup("d1", None, "2026-03-01T08:00:00"), // Sunday, ISO week 9
+            backup("f20", None, "2026-02-20T08:00:00"),
+            backup("j31", None, "2026-01-31T08:00:00"),
+            backup("j02", None, "2026-01-02T08:00:00"),
+        ];
+        let tiered = |d, w, m| ScheduleRow {
+            keep_daily: d,
+            keep_weekly: w,
+            keep_monthly: m,
+            ..schedule(None, None)
+        };
+        // The newest of each of the last two days with a backup.
+        assert_eq!(
+            expired(&tiered(Some(2), None, None), &mine, &mine),
+            ["d3a", "d1", "f20", "j31", "j02"]
+        );
+        // The newest of each of the last two ISO weeks: d3b (week 10), d1 (week 9).
+        assert_eq!(
+            expired(&tiered(None, Some(2), None), &mine, &mine),
+            ["d3a", "d2", "f20", "j31", "j02"]
+        );
+        // The newest of each of the last three months: d3b, f20, j31.
+        assert_eq!(
+            expired(&tiered(None, None, Some(3)), &mine, &mine),
+            ["d3a", "d2", "d1", "j02"]
+        );
+        // Tiers add up with keep_last: one of each.
+        let both = ScheduleRow {
+            keep_last: Some(2),
+            ..tiered(Some(1), None, Some(2))
+        };
+        assert_eq!(expired(&both, &mine, &mine), ["d2", "d1", "j31", "j02"]);
     }
 
     #[test]

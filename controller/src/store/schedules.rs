@@ -23,6 +23,13 @@ pub struct ScheduleRow {
     /// What the last run did (the backup it started, or why it was skipped).
     pub last_result: Option<String>,
     pub created: String,
+    /// Retention tiers: the newest backup of each of the last N days, ISO weeks, months.
+    #[sqlx(default)]
+    pub keep_daily: Option<i64>,
+    #[sqlx(default)]
+    pub keep_weekly: Option<i64>,
+    #[sqlx(default)]
+    pub keep_monthly: Option<i64>,
     /// What a run does: `backup` (or empty, for a schedule made before drills) or `drill`.
     #[sqlx(default)]
     pub kind: String,
@@ -33,13 +40,27 @@ impl ScheduleRow {
     pub fn drills(&self) -> bool {
         self.kind == "drill"
     }
+
+    /// Whether any retention rule is set (else its backups stay until deleted by hand).
+    pub fn retains(&self) -> bool {
+        [
+            self.keep_last,
+            self.keep_days,
+            self.keep_daily,
+            self.keep_weekly,
+            self.keep_monthly,
+        ]
+        .iter()
+        .any(Option::is_some)
+    }
 }
 
 impl Store {
     pub async fn insert_schedule(&self, s: &ScheduleRow) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO backup_schedules (id, project_id, instance_id, name, pattern, full_every, keep_last, keep_days, \
-             next_run_ms, runs, created, kind) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11)",
+             next_run_ms, runs, created, kind, keep_daily, keep_weekly, keep_monthly) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $12, $13, $14)",
         )
         .bind(&s.id)
         .bind(&s.project_id)
@@ -52,6 +73,9 @@ impl Store {
         .bind(s.next_run_ms)
         .bind(&s.created)
         .bind(if s.kind.is_empty() { "backup" } else { &s.kind })
+        .bind(s.keep_daily)
+        .bind(s.keep_weekly)
+        .bind(s.keep_monthly)
         .execute(&self.pool)
         .await?;
         Ok(())
