@@ -168,6 +168,11 @@ pub async fn run(ctx: Arc<Ctx>) {
             use notify::{RecursiveMode, Watcher};
             let tx = tx.clone();
             let filter = ctx.ds.change_log();
+            // Where the change files are written (the data directory, or a directory in it).
+            let watched = filter
+                .as_ref()
+                .and_then(|f| f.path("x").parent().map(std::path::Path::to_path_buf))
+                .unwrap_or_else(|| ctx.ds.data_path());
             watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
                 let wakes = match (&ev, &filter) {
                     (Ok(ev), Some(f)) => ev.paths.iter().any(|p| f.is_change_file(p)),
@@ -179,7 +184,7 @@ pub async fn run(ctx: Arc<Ctx>) {
             })
             .ok()
             .and_then(|mut w| {
-                w.watch(&ctx.ds.data_path(), RecursiveMode::NonRecursive)
+                w.watch(&watched, RecursiveMode::NonRecursive)
                     .ok()
                     .map(|_| w)
             });
@@ -401,15 +406,20 @@ pub async fn roll_forward(
             } else {
                 None
             };
-            replay
-                .replay(
-                    &bctx,
-                    &dir,
-                    &rebuilt,
-                    (&start_file, start_pos),
-                    stop.clone(),
-                )
-                .map_err(|e| e.to_string())?;
+            // A time before anything was written after the backup: the backup as it is (no
+            // stop would mean the whole archive).
+            let nothing = stop.is_none() && target.time_unix_us > 0;
+            if !nothing {
+                replay
+                    .replay(
+                        &bctx,
+                        &dir,
+                        &rebuilt,
+                        (&start_file, start_pos),
+                        stop.clone(),
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
             let mib = rebuilt.files.iter().map(|(_, end)| end).sum::<u64>() as f64 / 1048576.0;
             let took = started.elapsed().as_secs_f64();
             Ok(match stop {

@@ -529,6 +529,16 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
             crate::replication::set_role(ctx, "replica");
         }
     }
+    // A datastore whose own recovery replays archived changes gets them before it starts.
+    let replays_at_start = ds.replay().is_some_and(|r| r.before_start());
+    if let (Some(r), Some(at), true) = (
+        p.restore.as_ref().filter(|r| r.target.is_some()),
+        &restored_at,
+        replays_at_start,
+    ) {
+        let done = crate::archive::roll_forward(ctx, id, r, at).await?;
+        tracing::info!(intent_id = id, "{done}");
+    }
     progress(ctx, id, "prepare", 50, "starting the database server").await;
     ctx.sup.call(Cmd::Start).await?;
     if let Some((m, sources)) = pending_load {
@@ -542,9 +552,10 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
         .await;
         crate::backups::load(ctx, id, m, sources).await?;
     }
-    if let (Some(r), Some(at)) = (
+    if let (Some(r), Some(at), false) = (
         p.restore.as_ref().filter(|r| r.target.is_some()),
         &restored_at,
+        replays_at_start,
     ) {
         let done = crate::archive::roll_forward(ctx, id, r, at).await?;
         tracing::info!(intent_id = id, "{done}");

@@ -110,16 +110,15 @@ impl Datastore {
     /// backup forward to a time or a position (point-in-time recovery).
     pub fn archives_changes(self) -> bool {
         match self {
-            Datastore::Mariadb => true,
-            Datastore::Postgresql | Datastore::Redis => false,
+            Datastore::Mariadb | Datastore::Postgresql => true,
+            Datastore::Redis => false,
         }
     }
 
     /// What is offered instead of point-in-time recovery, where it is not.
     pub fn point_in_time_note(self) -> &'static str {
         match self {
-            Datastore::Mariadb => "",
-            Datastore::Postgresql => "PostgreSQL's WAL is not archived yet; its backups restore to the moment they were taken",
+            Datastore::Mariadb | Datastore::Postgresql => "",
             Datastore::Redis => "Redis backups are RDB snapshots and no change stream (AOF) is archived; they restore to the moment they were taken",
         }
     }

@@ -329,7 +329,7 @@ pub async fn backup_and_restore(env: &Env, store: Store) {
     );
 
     // A point in time where no change stream is archived: 400 saying what is offered.
-    if store != Store::Mariadb {
+    if store == Store::Redis {
         let mut body = store.restore_body("scn-pitr", &version, &bid);
         body["instance"]["restorePoint"]["restore_time"] =
             json!(format!("{}Z", crate::now_rfc3339()));

@@ -2,7 +2,8 @@
 //! instance (at a low CPU and I/O priority), runs the datastore's checks, deletes the throwaway
 //! and keeps a signed report that `coffer-controller drill-verify` checks; a drill of a tampered
 //! backup fails, says which check failed and puts a fault on the instance until a drill passes;
-//! a drill schedule starts drills. (Every datastore's drill passes in `datastores.rs`.)
+//! a drill schedule starts drills. (Every datastore's drill passes in `datastores.rs`; the
+//! tampered backup's drill runs with backups in NATS, the others in a directory.)
 
 use std::time::{Duration, Instant};
 
@@ -273,7 +274,12 @@ async fn a_drill_restores_the_latest_backup_checks_it_and_signs_its_report() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drill_of_a_tampered_backup_fails_says_why_and_faults_the_instance() {
-    let env = Env::start().await;
+    // Backups in NATS: the throwaway reads its source's backup and archive through a grant.
+    let env = Env::start_with(coffer_tests::Opts {
+        backup_storage: coffer_tests::BackupStorage::Nats { max_bytes: None },
+        ..Default::default()
+    })
+    .await;
     let (id, _) = env.active_with_rows("src", &[1]).await;
     let bid = backed_up(&env, &id).await;
     // Flip one byte in the middle of the stored stream.

@@ -108,7 +108,12 @@ async fn schedules_run_mix_full_and_incremental_and_retention_keeps_what_kept_ba
     let tiers = v["backup_schedule"]["id"].as_str().unwrap().to_string();
     let got = schedule(&env, &tiers).await;
     assert_eq!(
-        (&got["keep_daily"], &got["keep_weekly"], &got["keep_monthly"], &got["kind"]),
+        (
+            &got["keep_daily"],
+            &got["keep_weekly"],
+            &got["keep_monthly"],
+            &got["kind"]
+        ),
         (&json!(7), &json!(4), &json!(12), &json!("backup")),
         "{got}"
     );

@@ -14,6 +14,7 @@
 //! starts again, and the window the controller shows starts after it.
 
 pub mod binlog;
+pub mod wal;
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -549,6 +550,11 @@ pub trait Replay: Send + Sync {
         dir: &Path,
         position: &str,
     ) -> Result<Option<(String, u64)>, String>;
+    /// Whether the replay goes into the restored data directory before the server's first
+    /// start (the server's own recovery replays it), rather than into the running server.
+    fn before_start(&self) -> bool {
+        false
+    }
     /// Replays the files from `from` to `stop` (None: to their end) into the server.
     fn replay(
         &self,

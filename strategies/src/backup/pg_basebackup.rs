@@ -28,6 +28,14 @@ pub fn parse_end_lsn(log: &str) -> Option<String> {
         .find(|s| !s.is_empty())
 }
 
+/// The timeline pg_basebackup reports with `-v`, e.g.
+/// `pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1`.
+pub fn parse_timeline(log: &str) -> Option<u32> {
+    log.lines()
+        .filter_map(|l| l.split("on timeline ").nth(1))
+        .find_map(|r| r.split_whitespace().next()?.parse().ok())
+}
+
 impl BackupStrategy for PgBasebackup {
     fn name(&self) -> &'static str {
         "pg_basebackup"
@@ -96,8 +104,17 @@ impl BackupStrategy for PgBasebackup {
         let _ = std::fs::remove_file(&passfile);
         streamed?;
         let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lsn = parse_end_lsn(&text).unwrap_or_default();
+        // The WAL file the backup ends in: archived WAL rolls it forward from there.
+        let (binlog_file, binlog_pos) = crate::archive::wal::lsn_file(
+            &format!("{:08X}", parse_timeline(&text).unwrap_or(1)),
+            &lsn,
+        )
+        .unwrap_or_default();
         Ok(EnginePosition {
-            lsn: parse_end_lsn(&text).unwrap_or_default(),
+            lsn,
+            binlog_file,
+            binlog_pos,
             ..Default::default()
         })
     }
@@ -184,6 +201,9 @@ mod tests {
                    pg_basebackup: write-ahead log end point: 0/2000100\n";
         assert_eq!(parse_end_lsn(log).as_deref(), Some("0/2000100"));
         assert_eq!(parse_end_lsn("nothing"), None);
+        let log = "pg_basebackup: write-ahead log start point: 0/2000028 on timeline 3\n";
+        assert_eq!(parse_timeline(log), Some(3));
+        assert_eq!(parse_timeline("nothing"), None);
     }
 
     #[test]

@@ -1163,6 +1163,53 @@ impl Datastore for Postgresql {
     /// The server log (SYS), and `slow_query` (USER): the statements that ran longer than
     /// [`SLOW_QUERY_MS`], which PostgreSQL writes into the same output
     /// (`log_min_duration_statement`): published are only those records.
+    /// The WAL in `pg_wal`, each look bounded by the server's flush position (asked on a
+    /// connection of its own, opened at the first look: the server may not run yet).
+    fn change_log(&self) -> Option<Box<dyn crate::archive::ChangeLog>> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        let (password_file, opts) = (self.password_file(), self.options("", "postgres"));
+        let pool: std::sync::Mutex<Option<PgPool>> = std::sync::Mutex::new(None);
+        let flushed = move || -> Result<(String, u64), String> {
+            let pool = {
+                let mut p = pool.lock().unwrap();
+                if p.is_none() {
+                    let pw = std::fs::read_to_string(&password_file)
+                        .map_err(|e| format!("{}: {e}", password_file.display()))?;
+                    *p = Some(
+                        PgPoolOptions::new()
+                            .max_connections(1)
+                            .acquire_timeout(Duration::from_secs(3))
+                            .idle_timeout(Duration::from_secs(60))
+                            .connect_lazy_with(opts.clone().password(pw.trim())),
+                    );
+                }
+                p.clone().unwrap()
+            };
+            let (file, offset): (String, i64) = handle
+                .block_on(
+                    sqlx::query_as(
+                        "SELECT file_name, file_offset::bigint \
+                         FROM pg_walfile_name_offset(pg_current_wal_flush_lsn())",
+                    )
+                    .fetch_one(&pool),
+                )
+                .map_err(|e| format!("asking where the WAL is flushed: {e}"))?;
+            Ok((file, offset.max(0) as u64))
+        };
+        Some(Box::new(crate::archive::wal::WalLog::new(
+            self.data_dir().join("pg_wal"),
+            std::sync::Arc::new(flushed),
+        )))
+    }
+
+    fn replay(&self) -> Option<Box<dyn crate::archive::Replay>> {
+        Some(Box::new(crate::archive::wal::WalReplay))
+    }
+
+    async fn rotate_change_log(&self) -> Result<(), DatastoreError> {
+        self.exec("SELECT pg_switch_wal()").await
+    }
+
     fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
         use crate::logs::{LogDef, LogKind};
         let file = self.server_command().output_file;

@@ -1,0 +1,220 @@
+//! PostgreSQL's write-ahead log as a change log: read where the server writes it (`pg_wal`),
+//! each look bounded by the position the server has flushed (`pg_current_wal_flush_lsn()`:
+//! a committed transaction's commit record is at or before it, and nothing after it is final
+//! yet), and replayed by the server itself: the archived files, cut at the target, go into the
+//! restored data directory's `pg_wal` before its first start, and the recovery that start runs
+//! from the backup's label replays them to their end.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::{ChangeLog, Chunk, Rebuilt, Replay};
+use crate::backup::{BackupCtx, BackupError};
+
+/// The WAL segment size (`initdb`'s default, which the agent keeps).
+pub const SEGMENT: u64 = 16 << 20;
+/// Segments per "log id" (the middle eight hex digits of a file's name).
+const PER_LOG: u64 = 0x1_0000_0000 / SEGMENT;
+
+/// Asks the server where it has flushed its WAL: (file name, offset in it).
+pub type Flushed = Arc<dyn Fn() -> Result<(String, u64), String> + Send + Sync>;
+
+/// Whether `name` is a WAL segment file's name (24 upper-case hex digits).
+pub fn is_wal_name(name: &str) -> bool {
+    name.len() == 24
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+/// A segment's number from its name (timeline aside).
+pub fn segno(name: &str) -> u64 {
+    let part = |r: std::ops::Range<usize>| {
+        name.get(r)
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+            .unwrap_or(0)
+    };
+    part(8..16) * PER_LOG + part(16..24)
+}
+
+/// The file and offset of an LSN (`X/Y`) on timeline `tli` (eight hex digits).
+pub fn lsn_file(tli: &str, lsn: &str) -> Option<(String, u64)> {
+    let (hi, lo) = lsn.trim().split_once('/')?;
+    let v = (u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?;
+    let seg = v / SEGMENT;
+    Some((
+        format!("{tli}{:08X}{:08X}", seg / PER_LOG, seg % PER_LOG),
+        v % SEGMENT,
+    ))
+}
+
+/// The WAL in a data directory's `pg_wal`.
+pub struct WalLog {
+    dir: PathBuf,
+    flushed: Flushed,
+    /// Where the server had flushed at the last [`ChangeLog::files`].
+    now: Mutex<Option<(String, u64)>>,
+}
+
+impl WalLog {
+    pub fn new(pg_wal: PathBuf, flushed: Flushed) -> Self {
+        WalLog {
+            dir: pg_wal,
+            flushed,
+            now: Mutex::new(None),
+        }
+    }
+}
+
+impl ChangeLog for WalLog {
+    /// The files of the current timeline up to the one being written (`pg_wal` also holds
+    /// recycled files named for the future, with old contents: never listed).
+    fn files(&self) -> Result<Vec<String>, String> {
+        let (cur, off) = (self.flushed)()?;
+        *self.now.lock().unwrap() = Some((cur.clone(), off));
+        let rd =
+            std::fs::read_dir(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let mut files: Vec<String> = rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| is_wal_name(n) && n[..8] == cur[..8] && segno(n) <= segno(&cur))
+            .collect();
+        if !files.contains(&cur) {
+            files.push(cur);
+        }
+        files.sort_by_key(|n| segno(n));
+        Ok(files)
+    }
+
+    fn read_complete(&mut self, file: &str, from: u64, max: usize) -> Result<Chunk, String> {
+        let limit = match &*self.now.lock().unwrap() {
+            Some((cur, off)) if cur == file => *off,
+            _ => SEGMENT,
+        };
+        if from >= limit {
+            return Ok(Chunk::default());
+        }
+        let want = (limit - from).min(max as u64);
+        let path = self.dir.join(file);
+        let mut f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        f.seek(SeekFrom::Start(from))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut bytes = Vec::with_capacity(want as usize);
+        f.take(want)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        // No transaction boundaries to report: the server's recovery stops at a record.
+        Ok(Chunk {
+            bytes,
+            boundaries: vec![],
+        })
+    }
+
+    fn is_change_file(&self, path: &Path) -> bool {
+        path.parent() == Some(self.dir.as_path())
+            && path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(is_wal_name)
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+}
+
+/// Puts the archived WAL into a restored data directory, cut at the target: the server's
+/// recovery at its first start replays it.
+pub struct WalReplay;
+
+impl Replay for WalReplay {
+    fn order(&self, file: &str) -> u64 {
+        segno(file)
+    }
+
+    fn stop_at_position(
+        &self,
+        rebuilt: &Rebuilt,
+        _dir: &Path,
+        position: &str,
+    ) -> Result<Option<(String, u64)>, String> {
+        let Some((first, _)) = rebuilt.files.first() else {
+            return Ok(None);
+        };
+        let (file, off) = lsn_file(&first[..8], position)
+            .ok_or_else(|| format!("'{position}' is not a PostgreSQL LSN (e.g. 0/3000148)"))?;
+        Ok(rebuilt
+            .files
+            .iter()
+            .find(|(f, end)| *f == file && off <= *end)
+            .map(|_| (file, off)))
+    }
+
+    fn before_start(&self) -> bool {
+        true
+    }
+
+    fn replay(
+        &self,
+        ctx: &BackupCtx,
+        dir: &Path,
+        rebuilt: &Rebuilt,
+        from: (&str, u64),
+        stop: Option<(String, u64)>,
+    ) -> Result<(), BackupError> {
+        let wal = ctx.data_dir.join("pg_wal");
+        for (file, end) in &rebuilt.files {
+            if segno(file) < segno(from.0) {
+                continue;
+            }
+            let upto = match &stop {
+                Some((f, _)) if segno(file) > segno(f) => break,
+                Some((f, p)) if f == file => (*p).min(*end),
+                _ => *end,
+            };
+            let tmp = wal.join(format!("{file}.coffer"));
+            {
+                let mut out = std::fs::File::create(&tmp)?;
+                let mut src = std::fs::File::open(dir.join(file))?;
+                std::io::copy(&mut (&mut src).take(upto), &mut out)?;
+                // The rest of the segment is zeros: where the replay ends.
+                out.set_len(SEGMENT)?;
+                out.flush()?;
+                out.sync_all()?;
+            }
+            // The server's, as the rest of its WAL (the agent may run as another user).
+            {
+                use std::os::unix::fs::{MetadataExt, PermissionsExt};
+                let m = std::fs::metadata(&wal)?;
+                let _ = std::os::unix::fs::chown(&tmp, Some(m.uid()), Some(m.gid()));
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+            }
+            std::fs::rename(&tmp, wal.join(file))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_numbers_and_lsns_agree() {
+        assert!(is_wal_name("000000010000000000000003"));
+        assert!(!is_wal_name("000000010000000000000003.partial"));
+        assert!(!is_wal_name("00000001000000000000000a"));
+        assert_eq!(segno("000000010000000000000003"), 3);
+        assert_eq!(segno("0000000100000001000000FF"), 256 + 255);
+        assert_eq!(
+            lsn_file("00000001", "0/3000148"),
+            Some(("000000010000000000000003".into(), 0x148))
+        );
+        assert_eq!(
+            lsn_file("00000002", "1/FF000010"),
+            Some(("0000000200000001000000FF".into(), 0x10))
+        );
+        assert_eq!(lsn_file("00000001", "nope"), None);
+    }
+}
