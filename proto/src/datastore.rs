@@ -193,10 +193,8 @@ impl BackupMethod {
     /// Whether the method takes incremental backups.
     pub fn incremental(self) -> bool {
         match self {
-            BackupMethod::Mariabackup => true,
-            BackupMethod::MariadbDump | BackupMethod::PgBasebackup | BackupMethod::RedisRdb => {
-                false
-            }
+            BackupMethod::Mariabackup | BackupMethod::PgBasebackup => true,
+            BackupMethod::MariadbDump | BackupMethod::RedisRdb => false,
         }
     }
 }

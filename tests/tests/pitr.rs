@@ -542,6 +542,14 @@ async fn postgresql_restores_to_a_time_from_its_archived_wal() {
     let want: Vec<i32> = [1].into_iter().chain(100..=row).collect();
     assert_eq!(got, want, "restored to {}", rfc3339(t));
 
+    // Just before the first write after the backup: the backup as it is.
+    let got = restored(
+        "pg-pitr-first",
+        json!({"backupRef": bid, "restore_time": rfc3339(writes[0].1 - 1)}),
+    )
+    .await;
+    assert_eq!(got, [1], "restored to just before the first write");
+
     // The latest restorable time, from the instance alone: every acknowledged write.
     let got = restored(
         "pg-pitr-latest",
@@ -550,4 +558,31 @@ async fn postgresql_restores_to_a_time_from_its_archived_wal() {
     .await;
     let want: Vec<i32> = [1].into_iter().chain(100..120).collect();
     assert_eq!(got, want);
+
+    // Incrementals: the WAL since the parent, restored as a chain.
+    let incremental = |parent: String| {
+        let (env, id) = (&env, &id);
+        async move {
+            let (st, v) = env
+                .call(
+                    "POST",
+                    "/backups",
+                    Some(json!({"backup": {"name": "inc", "instance": id, "parent_id": parent}})),
+                )
+                .await;
+            assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+            let b = v["backup"]["id"].as_str().unwrap().to_string();
+            env.wait_backup(&b, "COMPLETED").await;
+            b
+        }
+    };
+    let inc1 = incremental(bid.clone()).await;
+    pg.write(&env, &view, 200).await;
+    let inc2 = incremental(inc1.clone()).await;
+    pg.write(&env, &view, 201).await;
+    let got = restored("pg-inc1", json!({"backupRef": inc1})).await;
+    assert_eq!(got, want, "the first incremental");
+    let got = restored("pg-inc2", json!({"backupRef": inc2})).await;
+    let want: Vec<i32> = want.into_iter().chain([200]).collect();
+    assert_eq!(got, want, "the second incremental, on the first");
 }

@@ -4,6 +4,12 @@
 //! directory; the server replays the included WAL on its first start (the backup label says
 //! where from). The password reaches the tool through a 0600 passfile, never argv or the
 //! environment's value.
+//!
+//! An incremental (as Trove's `pg_basebackup` strategy has them) is the WAL since its parent:
+//! the agent closes the WAL file being written (`pg_switch_wal()`) and streams, as a tar of
+//! `pg_wal/<file>` entries, every WAL file from the one its parent ended in to the one just
+//! closed. Applied on a restored parent, the files go into `pg_wal` and the server's recovery
+//! at its first start replays them.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -48,11 +54,8 @@ impl BackupStrategy for PgBasebackup {
         sink: &mut dyn Write,
         progress: &mut dyn FnMut(u64),
     ) -> Result<EnginePosition, BackupError> {
-        if parent.is_some() {
-            return Err(BackupError::Tool {
-                tool: "pg_basebackup".into(),
-                detail: "PostgreSQL backups are full backups; omit the parent".into(),
-            });
+        if let Some(parent) = parent {
+            return wal_since(ctx, parent, sink, progress);
         }
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::create_dir_all(&ctx.tmp_dir)?;
@@ -148,17 +151,177 @@ impl BackupStrategy for PgBasebackup {
         Ok(())
     }
 
+    /// Puts the incremental's WAL files into the restored parent's `pg_wal` (replacing the
+    /// shorter copies the parent had of the file it ended in).
     fn apply_incremental(
         &self,
-        _data_dir: &Path,
+        data_dir: &Path,
         _scratch: &Path,
-        _source: &mut dyn Read,
-        _progress: &mut dyn FnMut(u64),
+        source: &mut dyn Read,
+        progress: &mut dyn FnMut(u64),
     ) -> Result<(), BackupError> {
-        Err(BackupError::Tool {
-            tool: "pg_basebackup".into(),
-            detail: "PostgreSQL backups are full backups; there is no incremental to apply".into(),
-        })
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let wal = data_dir.join("pg_wal");
+        let owner = std::fs::metadata(&wal)?;
+        let mut reader = counted(source, progress);
+        let mut archive = tar::Archive::new(&mut reader);
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let path = entry.path()?.into_owned();
+            let name = path
+                .strip_prefix("pg_wal")
+                .ok()
+                .and_then(|p| p.to_str())
+                .filter(|n| crate::archive::wal::is_wal_name(n))
+                .map(str::to_string)
+                .ok_or_else(|| BackupError::Tool {
+                    tool: "pg_basebackup restore".into(),
+                    detail: format!(
+                        "the incremental holds {}, not a WAL file; refused",
+                        path.display()
+                    ),
+                })?;
+            let tmp = wal.join(format!("{name}.coffer"));
+            let mut out = std::fs::File::create(&tmp)?;
+            std::io::copy(&mut entry, &mut out)?;
+            out.sync_all()?;
+            let _ = std::os::unix::fs::chown(&tmp, Some(owner.uid()), Some(owner.gid()));
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::rename(&tmp, wal.join(&name))?;
+        }
+        std::io::copy(&mut reader, &mut std::io::sink())?;
+        Ok(())
+    }
+}
+
+/// Runs one query with `psql` on the server's socket (the password through a 0600 passfile);
+/// returns its unaligned output.
+fn psql(ctx: &BackupCtx, sql: &str) -> Result<String, BackupError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(&ctx.tmp_dir)?;
+    let passfile = ctx.tmp_dir.join("pgpass-psql");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&passfile)?;
+        writeln!(
+            f,
+            "*:*:*:{}:{}",
+            pgpass_field(&ctx.admin_user),
+            pgpass_field(&ctx.admin_password)
+        )?;
+    }
+    let tool = match &ctx.tools_dir {
+        Some(d) => d.join("psql"),
+        None => "psql".into(),
+    };
+    let out = Command::new(tool)
+        .env("PGPASSFILE", &passfile)
+        .env_remove("PGPASSWORD")
+        .arg("-h")
+        .arg(&ctx.socket)
+        .arg("-p")
+        .arg(ctx.port.to_string())
+        .arg("-U")
+        .arg(&ctx.admin_user)
+        .args(["-w", "-X", "-At", "-d", "postgres", "-c", sql])
+        .output();
+    let _ = std::fs::remove_file(&passfile);
+    let out = out?;
+    if !out.status.success() {
+        return Err(BackupError::Tool {
+            tool: "psql".into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// An incremental: closes the WAL file being written and streams every WAL file from the one
+/// `parent` ended in to the one just closed.
+fn wal_since(
+    ctx: &BackupCtx,
+    parent: &EnginePosition,
+    sink: &mut dyn Write,
+    progress: &mut dyn FnMut(u64),
+) -> Result<EnginePosition, BackupError> {
+    use crate::archive::wal::{segno, SEGMENT};
+    let tool_err = |detail: String| BackupError::Tool {
+        tool: "pg_basebackup incremental".into(),
+        detail,
+    };
+    let first = parent.log_file().to_string();
+    if first.is_empty() {
+        return Err(tool_err(
+            "the parent backup records no WAL position; take a full backup".into(),
+        ));
+    }
+    let row = psql(
+        ctx,
+        "SELECT l::text || ' ' || n.file_name || ' ' || n.file_offset \
+         FROM (SELECT pg_switch_wal() AS l) s, pg_walfile_name_offset(s.l) n",
+    )?;
+    let mut it = row.split_whitespace();
+    let (Some(lsn), Some(last), Some(off)) = (it.next(), it.next(), it.next()) else {
+        return Err(tool_err(format!(
+            "unexpected answer from pg_switch_wal(): {row}"
+        )));
+    };
+    let off: u64 = off.parse().unwrap_or(0);
+    if segno(last) < segno(&first) || last[..8] != first[..8] {
+        return Err(tool_err(format!(
+            "the server's WAL ({last}) does not follow the parent's ({first}): the instance was restored or promoted since; take a full backup"
+        )));
+    }
+    let wal = ctx.data_dir.join("pg_wal");
+    let mut tar = tar::Builder::new(CountedWrite {
+        inner: sink,
+        n: 0,
+        progress,
+    });
+    for n in segno(&first)..=segno(last) {
+        let name = format!(
+            "{}{:08X}{:08X}",
+            &first[..8],
+            n / (0x1_0000_0000 / SEGMENT),
+            n % (0x1_0000_0000 / SEGMENT)
+        );
+        let path = wal.join(&name);
+        let mut f = std::fs::File::open(&path).map_err(|_| {
+            tool_err(format!(
+                "WAL file {name}, written since the parent backup, is no longer on the server (recycled after a checkpoint); take a full backup"
+            ))
+        })?;
+        tar.append_file(format!("pg_wal/{name}"), &mut f)?;
+    }
+    tar.into_inner()?.flush()?;
+    Ok(EnginePosition {
+        lsn: lsn.to_string(),
+        binlog_file: last.to_string(),
+        binlog_pos: off,
+        ..Default::default()
+    })
+}
+
+/// A writer that reports running totals.
+struct CountedWrite<'a> {
+    inner: &'a mut dyn Write,
+    n: u64,
+    progress: &'a mut dyn FnMut(u64),
+}
+
+impl Write for CountedWrite<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let k = self.inner.write(buf)?;
+        self.n += k as u64;
+        (self.progress)(self.n);
+        Ok(k)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
