@@ -124,6 +124,17 @@ async fn a_drill_restores_the_latest_backup_checks_it_and_signs_its_report() {
     assert_eq!(v["restore_drills"], json!([]));
 
     let bid = backed_up(&env, &id).await;
+    // A project with no room for another instance is drilled all the same: the throwaway is
+    // outside its quota.
+    let (st, v) = env
+        .call_as(
+            &env.admin_token,
+            "PUT",
+            &format!("{}/mgmt/quotas/{}", env.base(), env.project),
+            Some(json!({"quotas": {"instances": 1}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
     let drill = env.start_drill(&id).await;
     // The throwaway's database runs at a low priority (niceness 10), not the tenants'.
     let (throwaway, nice) = throwaway_nice(&env, &drill).await;
@@ -296,6 +307,10 @@ async fn a_drill_of_a_tampered_backup_fails_says_why_and_faults_the_instance() {
     let r = &d["report"];
     assert_eq!(r["passed"], false);
     assert_eq!(r["failed_checks"], json!(["restore"]), "{v}");
+    assert!(
+        r["rto_seconds"].is_null(),
+        "a failed restore has no RTO: {v}"
+    );
     let restore = &r["checks"][0];
     assert!(
         restore["detail"]

@@ -227,7 +227,7 @@ fn parse_create(body: Map<String, Value>) -> Result<Create, ApiError> {
         restore_from: i.restore_point.map(RestorePoint::parse).transpose()?,
         configuration,
         modules: i.modules.into_iter().flatten().map(|m| m.id.0).collect(),
-        low_priority: false,
+        throwaway: false,
     })))
 }
 

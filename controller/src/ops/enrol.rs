@@ -272,7 +272,7 @@ async fn bind(app: &App, row: &TokenRow, req: &EnrolReq, key: &[u8]) -> Result<(
             // could not be shown to anyone).
             root_password: None,
             version,
-            low_priority: false,
+            throwaway: false,
         };
         commit_new(
             app,

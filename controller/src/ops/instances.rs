@@ -27,9 +27,10 @@ pub struct CreateSpec {
     pub restore_from: Option<RestoreSpec>,
     pub configuration: Option<String>,
     pub modules: Vec<String>,
-    /// Runs at a low CPU and I/O priority (a restore drill's throwaway instance), so it does
-    /// not starve tenants' instances.
-    pub low_priority: bool,
+    /// A restore drill's throwaway instance: it runs at a low CPU and I/O priority, so it does
+    /// not starve tenants' instances, and outside the project's quota (drills run one at a
+    /// time; a full project can still be drilled, and a drill never blocks a tenant's create).
+    pub throwaway: bool,
 }
 
 /// What a create restores: a backup, as it is or rolled forward to a time or a position.
@@ -318,7 +319,7 @@ pub async fn check_new(
         super::modules::for_create(app, c, &req.modules, &version.datastore_name, &version.name)
             .await?;
     // Quota: a cheap check before placing anything; the binding one runs in the transaction.
-    {
+    if !req.throwaway {
         let mut tx = app.store.begin_read().await?;
         super::quotas::check(&mut tx, project, flavor.ram, req.volume_size).await?;
     }
@@ -348,7 +349,7 @@ pub async fn check_new(
         modules,
         configuration: req.configuration,
         root_password,
-        low_priority: req.low_priority,
+        throwaway: req.throwaway,
     };
     // An intent too large to send is refused before anything is placed (a Unix user, a VM).
     check_prepare_size(app, &n)?;
@@ -364,7 +365,7 @@ pub async fn create_placed(app: &App, n: &NewInstance) -> Result<(), ApiError> {
     store_pending(app, n).await?;
     crate::failpoint::hit("create", "reserved");
     let committed = async {
-        let (placed, nats_user) = place(app, id, &n.version, None, n.low_priority).await?;
+        let (placed, nats_user) = place(app, id, &n.version, None, n.throwaway).await?;
         crate::failpoint::hit("create", "placed");
         commit_new(
             app,
@@ -435,7 +436,7 @@ pub struct NewInstance {
     pub modules: Vec<store::ModuleRow>,
     pub configuration: Option<String>,
     pub root_password: Option<String>,
-    pub low_priority: bool,
+    pub throwaway: bool,
 }
 
 /// The enrolment token an instance is made by, written with the instance.
@@ -478,7 +479,9 @@ fn row_of(n: &NewInstance, server_id: i64, key: &[u8], nats_user: &str) -> Insta
 /// binding quota check: the reservation a create holds while its agent is placed.
 pub async fn store_pending(app: &App, n: &NewInstance) -> Result<(), ApiError> {
     let mut tx = app.store.begin().await?;
-    super::quotas::check(&mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
+    if !n.throwaway {
+        super::quotas::check(&mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
+    }
     let server_id = Store::next_server_id(&mut tx).await?;
     let row = InstanceRow {
         placing_by: Some(app.id.clone()),
@@ -529,7 +532,9 @@ pub async fn commit_new(
     let mut tx = app.store.begin().await?;
     let server_id = match how {
         Commit::Insert(placement, ref token) => {
-            super::quotas::check(&mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
+            if !n.throwaway {
+                super::quotas::check(&mut tx, &n.project, n.flavor.ram, n.volume_size).await?;
+            }
             let server_id = Store::next_server_id(&mut tx).await?;
             let mut row = row_of(n, server_id, key, nats_user);
             row.host = Some(host.to_string());

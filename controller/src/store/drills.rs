@@ -29,20 +29,24 @@ pub struct DrillOutcome<'a> {
 }
 
 impl Store {
+    /// Records a RUNNING drill of `instance` and the id its throwaway instance will have
+    /// (outside the project's quota).
     pub async fn insert_drill(
         &self,
         id: &str,
         project: &str,
         instance: &str,
+        throwaway: &str,
     ) -> anyhow::Result<()> {
         sqlx::query(
-            "INSERT INTO restore_drills (id, project_id, instance_id, status, created) \
-             VALUES ($1, $2, $3, 'RUNNING', $4)",
+            "INSERT INTO restore_drills (id, project_id, instance_id, status, created, throwaway_id) \
+             VALUES ($1, $2, $3, 'RUNNING', $4, $5)",
         )
         .bind(id)
         .bind(project)
         .bind(instance)
         .bind(now())
+        .bind(throwaway)
         .execute(&self.pool)
         .await?;
         Ok(())

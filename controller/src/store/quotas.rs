@@ -54,7 +54,8 @@ impl Store {
     pub async fn usage(tx: &mut Tx, project: &str) -> anyhow::Result<(i64, i64, i64)> {
         Ok(sqlx::query_as(
             "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(f.ram), 0) AS BIGINT) AS ram, CAST(COALESCE(SUM(i.volume_size), 0) AS BIGINT) AS vol \
-             FROM instances i LEFT JOIN flavors f ON f.id = i.flavor_id WHERE i.project_id = $1 AND i.deleted = FALSE",
+             FROM instances i LEFT JOIN flavors f ON f.id = i.flavor_id WHERE i.project_id = $1 AND i.deleted = FALSE \
+             AND i.id NOT IN (SELECT throwaway_id FROM restore_drills WHERE project_id = $1 AND throwaway_id IS NOT NULL)",
         )
         .bind(project)
         .fetch_one(&mut **tx)

@@ -93,7 +93,7 @@ async fn start_vm_build(app: &Arc<App>, n: &NewInstance) -> Result<String, ApiEr
         modules: n.modules.iter().map(|m| m.id.clone()).collect(),
         deadline_unix: coffer_proto::now_unix_s() + app.cfg.build_timeout_s.max(60) as i64,
         error: None,
-        low_priority: n.low_priority,
+        low_priority: n.throwaway,
     });
     super::start(app, None, flow, std::slice::from_ref(&n.id), None).await
 }
@@ -233,7 +233,7 @@ impl VmBuild {
                 configuration: r.configuration_id.clone(),
                 root_password: (!kept.root_password_sealed.is_empty())
                     .then(|| String::from_utf8_lossy(&kept.root_password_sealed).into_owned()),
-                low_priority: self.low_priority,
+                throwaway: self.low_priority,
             };
             let key = seal::from_hex(&r.agent_public_key)
                 .ok_or_else(|| anyhow::anyhow!("the enrolled key is not hex"))?;

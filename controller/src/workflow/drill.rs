@@ -149,7 +149,9 @@ pub async fn plan(app: &App, c: &Caller, instance: &str) -> Result<Drill, ApiErr
 /// Starts a planned drill: its row (RUNNING) and its workflow.
 pub async fn launch(app: &Arc<App>, d: Drill) -> Result<DrillRow, ApiError> {
     let id = d.id.clone();
-    app.store.insert_drill(&id, &d.project, &d.instance).await?;
+    app.store
+        .insert_drill(&id, &d.project, &d.instance, &d.throwaway)
+        .await?;
     if let Err(e) = super::start(app, Some(&id), Flow::Drill(d), &[], None).await {
         let _ = app.store.forget_drill(&id).await;
         return Err(e);
@@ -309,7 +311,7 @@ impl Drill {
                 }),
                 configuration: None,
                 modules: vec![],
-                low_priority: true,
+                throwaway: true,
             };
             if let Err(e) = super::create::create(app, &c, spec).await {
                 if e.status.is_server_error() {
@@ -442,10 +444,12 @@ impl Drill {
             .iter()
             .map(|(n, s)| (n.clone(), json!(s)))
             .collect();
+        // A restore that failed recovered nothing: no RTO to report.
+        let restored = !self.checks.iter().any(|c| c.name == "restore" && !c.ok);
         let rto = self
             .phases
             .iter()
-            .find(|(n, _)| n == "restore")
+            .find(|(n, _)| n == "restore" && restored)
             .map(|(_, s)| *s);
         json!({
             "drill_id": self.id,
