@@ -245,6 +245,13 @@ pub async fn run(ctx: Arc<Ctx>) {
                             &seal,
                             level,
                         ),
+                        archive::Job::Whole { path, .. } if !path.exists() => {
+                            // Removed by the server since it closed (purged, recycled): its
+                            // pieces stay stored and serve restores as they did.
+                            warn!(file = %path.display(), "a closed change file went before it was stored whole; its pieces stay");
+                            a.lock().unwrap().skip_compaction();
+                            continue;
+                        }
                         archive::Job::Whole { key, header, path } => std::fs::File::open(path)
                             .map_err(|e| format!("{}: {e}", path.display()))
                             .and_then(|file| {

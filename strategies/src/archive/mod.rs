@@ -360,6 +360,14 @@ impl Archiver {
         self.advance_latest();
     }
 
+    /// Drops the oldest ready job unstored: a compaction whose file the server removed
+    /// meanwhile (its pieces stay stored and keep serving restores).
+    pub fn skip_compaction(&mut self) {
+        if matches!(self.ready.front(), Some(Job::Whole { .. })) {
+            self.ready.pop_front();
+        }
+    }
+
     /// Whether the file being written should be closed (rotated) now, so that it can be
     /// compacted: it was cut into `segments` pieces or grew to `bytes`. Says so once a file.
     pub fn wants_rotation(&mut self, segments: u32, bytes: u64) -> bool {
