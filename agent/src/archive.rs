@@ -155,6 +155,10 @@ pub async fn run(ctx: Arc<Ctx>) {
     let fault = Arc::new(Mutex::new(String::new()));
     let mut storing: Option<tokio::task::JoinHandle<()>> = None;
     let mut failing = String::new();
+    // What the server was last told it may let go of (None: nothing held), and when.
+    let mut held: Option<(String, u64)> = None;
+    let mut held_at = std::time::Instant::now();
+    let mut released = false;
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -162,8 +166,18 @@ pub async fn run(ctx: Arc<Ctx>) {
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
         if !active(&ctx) {
+            // A replica archives nothing: the server keeps nothing for the archive.
+            if !released && ctx.sup.observed.borrow().status == v1::ServiceStatus::Running {
+                // Once per stop (a refusal is not retried every look).
+                if let Err(e) = ctx.ds.hold_change_log(None).await {
+                    warn!(error = %e, "could not tell the server the archive stopped");
+                }
+                released = true;
+                held = None;
+            }
             continue;
         }
+        released = false;
         if watcher.is_none() {
             use notify::{RecursiveMode, Watcher};
             let tx = tx.clone();
@@ -288,6 +302,18 @@ pub async fn run(ctx: Arc<Ctx>) {
             failing = now_failing.clone();
         }
         let l = archiver.lock().unwrap().ledger.clone();
+        // The server keeps what is not stored yet, and lets go of the rest (once a second).
+        let at = (l.file.clone(), l.pos);
+        if !l.file.is_empty()
+            && held.as_ref() != Some(&at)
+            && (held.is_none() || held_at.elapsed() >= Duration::from_secs(1))
+        {
+            match ctx.ds.hold_change_log(Some((&at.0, at.1))).await {
+                Ok(()) => held = Some(at),
+                Err(e) => warn!(error = %e, "could not tell the server what the archive stored"),
+            }
+            held_at = std::time::Instant::now();
+        }
         if l.since_us != 0 {
             *ctx.archive.lock().unwrap() = Some(v1::ArchiveInfo {
                 since_unix_ms: l.since_us / 1000,

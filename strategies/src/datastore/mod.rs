@@ -410,6 +410,14 @@ pub trait Datastore: Send + Sync {
     async fn set_global(&self, _name: &str, _value: Option<&str>) -> Result<(), DatastoreError> {
         Err(unsupported(self.title(), "configuration groups"))
     }
+    /// Keeps the change files the archive has not stored yet from being removed by the server,
+    /// letting go of everything up to `stored` (file, offset); `None` keeps nothing any more
+    /// (the archive stopped: the instance became a replica). Datastores whose change files
+    /// outlive the archive's pace anyway do nothing.
+    async fn hold_change_log(&self, stored: Option<(&str, u64)>) -> Result<(), DatastoreError> {
+        let _ = stored;
+        Ok(())
+    }
     /// The tables (or the datastore's equivalent) the server holds, named so that a restore
     /// of a backup taken now must hold every one; empty when the datastore has no such notion.
     async fn inventory(&self) -> Result<Vec<String>, DatastoreError> {

@@ -1210,6 +1210,42 @@ impl Datastore for Postgresql {
         self.exec("SELECT pg_switch_wal()").await
     }
 
+    /// A physical replication slot (`coffer_archive`) keeps the WAL the archive has not stored
+    /// from being recycled at checkpoints (else a hole); it is advanced as segments are stored
+    /// and dropped when the archive stops.
+    async fn hold_change_log(&self, stored: Option<(&str, u64)>) -> Result<(), DatastoreError> {
+        let pool = self.pool().await?;
+        let q = |e: sqlx::Error| DatastoreError::Query(e.to_string());
+        let Some((file, pos)) = stored else {
+            sqlx::query(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = 'coffer_archive'",
+            )
+            .execute(&pool)
+            .await
+            .map_err(q)?;
+            return Ok(());
+        };
+        sqlx::query(
+            "SELECT pg_create_physical_replication_slot('coffer_archive', true) \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'coffer_archive')",
+        )
+        .execute(&pool)
+        .await
+        .map_err(q)?;
+        let v = crate::archive::wal::segno(file) * crate::archive::wal::SEGMENT + pos;
+        let lsn = format!("{:X}/{:X}", v >> 32, v & 0xFFFF_FFFF);
+        sqlx::query(
+            "SELECT pg_replication_slot_advance('coffer_archive', $1::pg_lsn) FROM pg_replication_slots \
+             WHERE slot_name = 'coffer_archive' AND restart_lsn < $1::pg_lsn",
+        )
+        .bind(&lsn)
+        .execute(&pool)
+        .await
+        .map_err(q)?;
+        Ok(())
+    }
+
     fn log_definitions(&self) -> Vec<crate::logs::LogDef> {
         use crate::logs::{LogDef, LogKind};
         let file = self.server_command().output_file;
