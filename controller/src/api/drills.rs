@@ -11,13 +11,17 @@ use super::parse::{body_as, Id};
 use super::{ok, ApiError, ApiResult, AppState, Caller, ItemPath};
 use crate::store::DrillRow;
 
-/// A drill as the API shows it: its report (parsed, and as signed), signature and signer.
-pub fn view(d: &DrillRow) -> Value {
-    let report: Value = d
-        .report
+/// A finished drill's report, parsed (Null while it runs).
+pub fn report_of(d: &DrillRow) -> Value {
+    d.report
         .as_deref()
         .and_then(|t| serde_json::from_str(t).ok())
-        .unwrap_or(Value::Null);
+        .unwrap_or(Value::Null)
+}
+
+/// A drill as the API shows it: its report (parsed, and as signed), signature and signer.
+pub fn view(d: &DrillRow) -> Value {
+    let report = report_of(d);
     json!({
         "id": d.id, "instance_id": d.instance_id, "project_id": d.project_id,
         "status": d.status, "created": d.created, "finished": d.finished,

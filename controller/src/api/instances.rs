@@ -293,11 +293,7 @@ async fn recovery(app: &App, r: &InstanceRow) -> Result<Value, ApiError> {
 /// The latest restore drill, as the instance view shows it (`GET /restore_drills/{id}` has the
 /// whole signed report).
 fn drill_summary(d: &crate::store::DrillRow) -> Value {
-    let report: Value = d
-        .report
-        .as_deref()
-        .and_then(|t| serde_json::from_str(t).ok())
-        .unwrap_or(Value::Null);
+    let report = super::drills::report_of(d);
     json!({
         "id": d.id, "status": d.status, "created": d.created, "finished": d.finished,
         "backup_id": report["backup_id"], "restored_point": report["restored_point"],

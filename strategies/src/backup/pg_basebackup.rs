@@ -20,6 +20,35 @@ use super::{BackupCtx, BackupError, BackupStrategy, EnginePosition};
 #[derive(Debug, Clone, Default)]
 pub struct PgBasebackup;
 
+/// Writes the admin's passfile (0600) in the scratch directory: the tools read the password
+/// there, never from argv or the environment. The caller removes it.
+fn passfile(ctx: &BackupCtx, name: &str) -> Result<std::path::PathBuf, BackupError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(&ctx.tmp_dir)?;
+    let path = ctx.tmp_dir.join(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    writeln!(
+        f,
+        "*:*:*:{}:{}",
+        pgpass_field(&ctx.admin_user),
+        pgpass_field(&ctx.admin_password)
+    )?;
+    Ok(path)
+}
+
+/// A PostgreSQL client tool, from the server's own directory when known.
+fn tool(ctx: &BackupCtx, name: &str) -> std::path::PathBuf {
+    match &ctx.tools_dir {
+        Some(d) => d.join(name),
+        None => name.into(),
+    }
+}
+
 /// Escapes a passfile field (`:` and `\`).
 fn pgpass_field(s: &str) -> String {
     s.replace('\\', "\\\\").replace(':', "\\:")
@@ -57,27 +86,8 @@ impl BackupStrategy for PgBasebackup {
         if let Some(parent) = parent {
             return wal_since(ctx, parent, sink, progress);
         }
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::create_dir_all(&ctx.tmp_dir)?;
-        let passfile = ctx.tmp_dir.join("pgpass");
-        {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&passfile)?;
-            writeln!(
-                f,
-                "*:*:*:{}:{}",
-                pgpass_field(&ctx.admin_user),
-                pgpass_field(&ctx.admin_password)
-            )?;
-        }
-        let tool = match &ctx.tools_dir {
-            Some(d) => d.join("pg_basebackup"),
-            None => "pg_basebackup".into(),
-        };
+        let passfile = passfile(ctx, "pgpass")?;
+        let tool = tool(ctx, "pg_basebackup");
         let log = ctx.tmp_dir.join("pg_basebackup.log");
         let streamed = super::stream_from_tool(
             Command::new(tool)
@@ -197,28 +207,8 @@ impl BackupStrategy for PgBasebackup {
 /// Runs one query with `psql` on the server's socket (the password through a 0600 passfile);
 /// returns its unaligned output.
 fn psql(ctx: &BackupCtx, sql: &str) -> Result<String, BackupError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(&ctx.tmp_dir)?;
-    let passfile = ctx.tmp_dir.join("pgpass-psql");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&passfile)?;
-        writeln!(
-            f,
-            "*:*:*:{}:{}",
-            pgpass_field(&ctx.admin_user),
-            pgpass_field(&ctx.admin_password)
-        )?;
-    }
-    let tool = match &ctx.tools_dir {
-        Some(d) => d.join("psql"),
-        None => "psql".into(),
-    };
-    let out = Command::new(tool)
+    let passfile = passfile(ctx, "pgpass-psql")?;
+    let out = Command::new(tool(ctx, "psql"))
         .env("PGPASSFILE", &passfile)
         .env_remove("PGPASSWORD")
         .arg("-h")
