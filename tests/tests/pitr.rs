@@ -72,6 +72,12 @@ async fn restored_rows(env: &Env, name: &str, point: Value) -> Vec<i32> {
     env.rows(&view).await
 }
 
+/// A time halfway between write `k`'s acknowledgement and the next write's beginning (µs).
+fn midway(writes: &[(i32, i64, i64)], k: usize) -> i64 {
+    let (_, _, acked) = writes[k];
+    acked + (writes[k + 1].1 - acked) / 2
+}
+
 /// Takes a backup of `id` and waits until it completed; returns its id.
 async fn backed_up(env: &Env, id: &str, name: &str) -> String {
     let (st, v) = env
@@ -133,10 +139,7 @@ async fn a_restore_to_a_time_holds_exactly_the_writes_before_it() {
 
     // Between two writes while the agent watched: exactly the rows acknowledged before the
     // time, none begun after it.
-    let between = |k: usize| {
-        let (row, _, acked) = writes[k - 100];
-        (row, acked + (writes[k - 100 + 1].1 - acked) / 2)
-    };
+    let between = |k: usize| (writes[k - 100].0, midway(&writes, k - 100));
     let (row, t) = between(110);
     let got = restored_rows(
         &env,
@@ -285,8 +288,7 @@ async fn a_promoted_replica_archives_and_restores_to_a_time() {
     let bid = backed_up(&env, &rep, "new-source").await;
     let writes = paced_writes(&env, &view, 200..210, Duration::from_millis(120)).await;
     window_reaching(&env, &rep, writes.last().unwrap().2).await;
-    let (_, _, acked) = writes[4];
-    let t = acked + (writes[5].1 - acked) / 2;
+    let t = midway(&writes, 4);
     let got = restored_rows(
         &env,
         "pitr-after-switchover",
@@ -344,8 +346,7 @@ async fn files_stored_in_pieces_are_stored_whole_and_restore_the_same() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
 
-    let (_, _, acked) = writes[15];
-    let t = acked + (writes[16].1 - acked) / 2;
+    let t = midway(&writes, 15);
     let got = restored_rows(
         &env,
         "pitr-compacted",
@@ -403,8 +404,7 @@ async fn files_stored_in_pieces_are_stored_whole_and_restore_the_same() {
     .await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     assert!(v.to_string().contains("recovery window is"), "{v}");
-    let (_, _, acked) = later[3];
-    let t2 = acked + (later[4].1 - acked) / 2;
+    let t2 = midway(&later, 3);
     let got = restored_rows(
         &env,
         "pitr-after-retention",
@@ -483,8 +483,7 @@ async fn a_network_cut_during_archiving_leaves_no_hole_and_claims_nothing_unstor
     let archive = &v["instance"]["recovery"]["archive"];
     assert_eq!(archive["since"], since, "a hole: {v}");
     assert!(archive["fault"].is_null(), "{v}");
-    let (_, _, acked) = cut[9];
-    let t = acked + (cut[10].1 - acked) / 2;
+    let t = midway(&cut, 9);
     let got = restored_rows(
         &env,
         "pitr-cut-restored",
@@ -574,8 +573,7 @@ async fn postgresql_restores_to_a_time_from_its_archived_wal() {
     };
 
     // Between two writes: exactly the rows acknowledged before the time.
-    let (row, _, acked) = writes[10];
-    let t = acked + (writes[11].1 - acked) / 2;
+    let (row, t) = (writes[10].0, midway(&writes, 10));
     let got = restored(
         "pg-pitr-110",
         json!({"backupRef": bid, "restore_time": rfc3339(t)}),
