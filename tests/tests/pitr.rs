@@ -627,3 +627,72 @@ async fn postgresql_restores_to_a_time_from_its_archived_wal() {
     let want: Vec<i32> = want.into_iter().chain([200]).collect();
     assert_eq!(got, want, "the second incremental, on the first");
 }
+
+/// PostgreSQL with its agent killed mid-stream: the server keeps the WAL the archive has not
+/// stored (the slot), the respawned agent stores it from where it stopped, the archive stays
+/// continuous, and the latest restorable time restores every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_agent_killed_mid_archive_leaves_no_hole() {
+    use coffer_tests::scenario::{self, Store};
+    let env = Env::start().await;
+    let pg = Store::Postgresql;
+    let version = pg.register(&env);
+    let (id, view) = scenario::create_active(&env, pg, &version, "pg-kill").await;
+    pg.write(&env, &view, 1).await;
+    let bid = backed_up(&env, &id, "base").await;
+    let paced = |rows: std::ops::Range<i32>| {
+        let view = &view;
+        async move {
+            let mut writes = vec![];
+            let mut tick = tokio::time::interval(Duration::from_millis(120));
+            for i in rows {
+                tick.tick().await;
+                let began = now_us();
+                pg.try_write(view, i).await.unwrap();
+                writes.push((i, began, now_us()));
+            }
+            writes
+        }
+    };
+    let mut writes = paced(100..110).await;
+    window_reaching(&env, &id, writes.last().unwrap().2).await;
+    let (_, v) = env.show(&id).await;
+    let since = v["instance"]["recovery"]["archive"]["since"].clone();
+    let pid = env.agent_pid(&id).expect("the agent runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    writes.extend(paced(110..120).await);
+    let (_, latest) = window_reaching(&env, &id, writes.last().unwrap().2).await;
+    let (_, v) = env.show(&id).await;
+    let archive = &v["instance"]["recovery"]["archive"];
+    assert_eq!(archive["since"], since, "a hole: {v}");
+    assert!(archive["fault"].is_null(), "{v}");
+    assert_ne!(env.agent_pid(&id), Some(pid), "the agent was respawned");
+
+    let restored = |name: &'static str, point: Value| {
+        let (env, version) = (&env, &version);
+        async move {
+            let mut body = pg.restore_body(name, version, "");
+            body["instance"]["restorePoint"] = point;
+            let (st, v) = env.call("POST", "/instances", Some(body)).await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+            let rid = v["instance"]["id"].as_str().unwrap().to_string();
+            let rview = env
+                .wait_status(&rid, "ACTIVE", Duration::from_secs(180))
+                .await;
+            pg.read(env, &rview).await
+        }
+    };
+    // Before the kill: exact. The latest: every acknowledged write.
+    let got = restored(
+        "pg-kill-105",
+        json!({"backupRef": bid, "restore_time": rfc3339(midway(&writes, 5))}),
+    )
+    .await;
+    assert_eq!(got, [1].into_iter().chain(100..=105).collect::<Vec<i32>>());
+    let got = restored(
+        "pg-kill-latest",
+        json!({"backupRef": bid, "restore_time": rfc3339(latest * 1000)}),
+    )
+    .await;
+    assert_eq!(got, [1].into_iter().chain(100..120).collect::<Vec<i32>>());
+}
