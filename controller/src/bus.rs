@@ -858,8 +858,8 @@ pub async fn timers_loop(app: Arc<App>) {
                 }
             }
         }
-        crate::ops::schedules::run_due(&app).await;
-        crate::workflow::drill::run_due(&app).await;
+        let drills = crate::ops::schedules::run_due(&app).await;
+        crate::workflow::drill::run_due(&app, drills).await;
         if n.is_multiple_of(5) {
             fail_abandoned_backups(&app).await;
         }

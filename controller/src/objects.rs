@@ -243,16 +243,37 @@ pub async fn archive_segments(app: &App, owner: &str) -> anyhow::Result<Vec<Stri
     Ok(keys)
 }
 
-/// Removes `owner`'s archived files that sort before `file` (no kept backup needs them).
+/// Removes `owner`'s archived files that sort before `file` (no kept backup needs them);
+/// returns how many objects went.
 pub async fn remove_archive_before(app: &App, owner: &str, file: &str) -> anyhow::Result<usize> {
     let file = file.to_string();
+    remove_archived(app, owner, move |keys| {
+        coffer_common::archive::before(keys, &file)
+    })
+    .await
+}
+
+/// Removes the archived pieces of `owner`'s files that are now stored whole.
+pub async fn remove_compacted(app: &App, owner: &str) -> anyhow::Result<()> {
+    remove_archived(app, owner, coffer_common::archive::covered)
+        .await
+        .map(|_| ())
+}
+
+/// Removes the archived objects of `owner` that `pick` chooses among its archive's keys;
+/// returns how many went.
+async fn remove_archived(
+    app: &App,
+    owner: &str,
+    pick: impl FnOnce(&[String]) -> Vec<String> + Send + 'static,
+) -> anyhow::Result<usize> {
     let gone = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let g = gone.clone();
     with_storage(app, owner, move |storage| {
         let keys = storage
             .list(coffer_common::archive::PREFIX)
             .context("listing the archive")?;
-        for k in coffer_common::archive::before(&keys, &file) {
+        for k in pick(&keys) {
             storage
                 .delete(&k)
                 .with_context(|| format!("deleting {}", storage.location(&k)))?;
@@ -262,20 +283,4 @@ pub async fn remove_archive_before(app: &App, owner: &str, file: &str) -> anyhow
     })
     .await?;
     Ok(gone.load(std::sync::atomic::Ordering::Relaxed))
-}
-
-/// Removes the archived pieces of `owner`'s files that are now stored whole.
-pub async fn remove_compacted(app: &App, owner: &str) -> anyhow::Result<()> {
-    with_storage(app, owner, move |storage| {
-        let keys = storage
-            .list(coffer_common::archive::PREFIX)
-            .context("listing the archive")?;
-        for k in coffer_common::archive::covered(&keys) {
-            storage
-                .delete(&k)
-                .with_context(|| format!("deleting {}", storage.location(&k)))?;
-        }
-        Ok(())
-    })
-    .await
 }

@@ -27,6 +27,17 @@ pub struct Caller {
     pub host: String,
 }
 
+impl Caller {
+    /// The project itself, acting with no request behind it (a schedule's run, a workflow).
+    pub fn project(project: &str) -> Caller {
+        Caller {
+            project: project.to_string(),
+            admin: false,
+            host: String::new(),
+        }
+    }
+}
+
 /// An instance of the caller's project (any project for an admin), or 404.
 pub async fn find_instance(app: &App, c: &Caller, id: &str) -> Result<InstanceRow, ApiError> {
     match app.store.instance(id).await? {

@@ -107,16 +107,26 @@ pub async fn create(app: &App, c: &Caller, spec: ScheduleSpec) -> Result<Schedul
         ApiError::bad_request(format!("pattern '{}' never matches again.", spec.pattern))
     })?;
     let datastore = super::datastore(app, &r).await?;
-    let retains = [
-        spec.keep_last,
-        spec.keep_days,
-        spec.keep_daily,
-        spec.keep_weekly,
-        spec.keep_monthly,
-    ]
-    .iter()
-    .any(Option::is_some);
-    if spec.drill && (spec.full_every != 1 || retains) {
+    let row = ScheduleRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        project_id: r.project_id.clone(),
+        instance_id: r.id.clone(),
+        name: spec.name,
+        pattern: spec.pattern,
+        full_every: spec.full_every,
+        keep_last: spec.keep_last,
+        keep_days: spec.keep_days,
+        next_run_ms: next,
+        runs: 0,
+        last_run: None,
+        last_result: None,
+        created: store::now(),
+        kind: if spec.drill { "drill" } else { "backup" }.into(),
+        keep_daily: spec.keep_daily,
+        keep_weekly: spec.keep_weekly,
+        keep_monthly: spec.keep_monthly,
+    };
+    if row.drills() && (row.full_every != 1 || row.retains()) {
         return Err(ApiError::bad_request(
             "A drill schedule takes no full_every and no keep_* retention: it restores the latest backup and keeps nothing.",
         ));
@@ -127,7 +137,7 @@ pub async fn create(app: &App, c: &Caller, spec: ScheduleSpec) -> Result<Schedul
                 "Backups of {datastore} instances are not supported."
             )))
         }
-        Some(k) if spec.full_every > 1 && !k.incremental() => {
+        Some(k) if row.full_every > 1 && !k.incremental() => {
             return Err(ApiError::bad_request(format!(
                 "The backup strategy for {datastore} ({}) takes full backups only; omit full_every or set it to 1.",
                 k.name()
@@ -148,25 +158,6 @@ pub async fn create(app: &App, c: &Caller, spec: ScheduleSpec) -> Result<Schedul
             r.id
         )));
     }
-    let row = ScheduleRow {
-        id: uuid::Uuid::new_v4().to_string(),
-        project_id: r.project_id.clone(),
-        instance_id: r.id.clone(),
-        name: spec.name,
-        pattern: spec.pattern,
-        full_every: spec.full_every,
-        keep_last: spec.keep_last,
-        keep_days: spec.keep_days,
-        next_run_ms: next,
-        runs: 0,
-        last_run: None,
-        last_result: None,
-        created: store::now(),
-        kind: if spec.drill { "drill" } else { "backup" }.into(),
-        keep_daily: spec.keep_daily,
-        keep_weekly: spec.keep_weekly,
-        keep_monthly: spec.keep_monthly,
-    };
     app.store.insert_schedule(&row).await?;
     Ok(row)
 }
@@ -182,28 +173,31 @@ pub async fn find(app: &App, c: &Caller, id: &str) -> Result<ScheduleRow, ApiErr
 }
 
 /// Starts the runs that are due (the leader's timers call this every second).
-pub async fn run_due(app: &App) {
+/// Returns the due drill schedules, each with its next run, for the drill workflows
+/// (`workflow::drill::run_due`), which this layer does not start.
+pub async fn run_due(app: &App) -> Vec<(ScheduleRow, i64)> {
     let now = now_ms();
     let Ok(due) = app.store.due_schedules(now).await else {
-        return;
+        return vec![];
     };
-    // Drill schedules start workflows (`workflow::drill::run_due`).
-    for s in due.into_iter().filter(|s| !s.drills()) {
+    let mut drills = vec![];
+    for s in due {
         // A pattern that never matches again (a date passed) stops the schedule's runs.
         let next = parse(&s.pattern)
             .ok()
             .and_then(|c| next_after(&c, now))
             .unwrap_or(i64::MAX);
-        run(app, &s, next).await;
+        if s.drills() {
+            drills.push((s, next));
+        } else {
+            run(app, &s, next).await;
+        }
     }
+    drills
 }
 
 async fn run(app: &App, s: &ScheduleRow, next: i64) {
-    let c = Caller {
-        project: s.project_id.clone(),
-        admin: false,
-        host: String::new(),
-    };
+    let c = Caller::project(&s.project_id);
     let spec = |parent_id: Option<String>| BackupSpec {
         name: format!("{} {}", s.name, store::now()),
         description: Some(format!("Taken by backup schedule {}", s.id)),

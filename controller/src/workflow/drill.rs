@@ -169,25 +169,12 @@ pub async fn start(app: &Arc<App>, c: &Caller, instance: &str) -> Result<DrillRo
     launch(app, d).await
 }
 
-/// Starts the drills of the drill schedules that are due (the leader's timers call this every
-/// second). The schedule moves on first (once, whoever leads); a drill that cannot start is
+/// Starts the drills of the drill schedules that are due, each with its next run (the leader's
+/// timers pass what `ops::schedules::run_due` found, every second). The schedule moves on first (once, whoever leads); a drill that cannot start is
 /// recorded on the schedule as skipped, with the reason.
-pub async fn run_due(app: &Arc<App>) {
-    use crate::ops::schedules as sched;
-    let now = sched::now_ms();
-    let Ok(due) = app.store.due_schedules(now).await else {
-        return;
-    };
-    for s in due.into_iter().filter(|s| s.drills()) {
-        let next = sched::parse(&s.pattern)
-            .ok()
-            .and_then(|c| sched::next_after(&c, now))
-            .unwrap_or(i64::MAX);
-        let c = Caller {
-            project: s.project_id.clone(),
-            admin: false,
-            host: String::new(),
-        };
+pub async fn run_due(app: &Arc<App>, due: Vec<(crate::store::ScheduleRow, i64)>) {
+    for (s, next) in due {
+        let c = Caller::project(&s.project_id);
         let planned = plan(app, &c, &s.instance_id).await;
         let result = match &planned {
             Ok(d) => format!("started restore drill {}", d.id),
@@ -290,11 +277,7 @@ impl Drill {
     /// Creates the throwaway instance from the backup (once).
     async fn restore(&mut self, app: &Arc<App>) -> Result<Progress, ApiError> {
         if app.store.instance(&self.throwaway).await?.is_none() {
-            let c = Caller {
-                project: self.project.clone(),
-                admin: false,
-                host: String::new(),
-            };
+            let c = Caller::project(&self.project);
             let spec = CreateSpec {
                 id: Some(self.throwaway.clone()),
                 name: format!("drill-{}", &self.id[..8]),
