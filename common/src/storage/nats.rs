@@ -619,23 +619,25 @@ impl Storage for NatsStorage {
         if prefix.starts_with(archive) || archive.starts_with(prefix) {
             filters.push(format!("{root}.{ARCHIVE_TOKEN}.*.m"));
         }
-        let mut subjects: Vec<(String, usize)> = vec![];
-        for filter in filters {
-            subjects.extend(self.rt.block_on(async {
-                let s = match self.js.get_stream_no_info(self.stream()).await {
-                    Ok(s) => s,
-                    Err(e) => return Err(nats_err(&self.stream(), e)),
-                };
+        let subjects: Vec<(String, usize)> = self.rt.block_on(async {
+            let s = match self.js.get_stream_no_info(self.stream()).await {
+                Ok(s) => s,
+                Err(e) => return Err(nats_err(&self.stream(), e)),
+            };
+            let mut subjects = vec![];
+            for filter in filters {
                 match s.info_with_subjects(filter).await {
-                    Ok(list) => list
-                        .try_collect::<Vec<_>>()
-                        .await
-                        .map_err(|e| nats_err(&self.stream(), e)),
-                    Err(e) if e.to_string().contains("not found") => Ok(vec![]),
-                    Err(e) => Err(nats_err(&self.stream(), e)),
+                    Ok(list) => subjects.extend(
+                        list.try_collect::<Vec<_>>()
+                            .await
+                            .map_err(|e| nats_err(&self.stream(), e))?,
+                    ),
+                    Err(e) if e.to_string().contains("not found") => {}
+                    Err(e) => return Err(nats_err(&self.stream(), e)),
                 }
-            })?);
-        }
+            }
+            Ok(subjects)
+        })?;
         let mut names: Vec<String> = subjects
             .into_iter()
             .filter_map(|(subject, _)| key_of_commit_subject(&root, &subject))

@@ -41,12 +41,24 @@ fn passfile(ctx: &BackupCtx, name: &str) -> Result<std::path::PathBuf, BackupErr
     Ok(path)
 }
 
-/// A PostgreSQL client tool, from the server's own directory when known.
-fn tool(ctx: &BackupCtx, name: &str) -> std::path::PathBuf {
-    match &ctx.tools_dir {
+/// A PostgreSQL client tool (from the server's own directory when known) connecting as the
+/// admin over the server's socket, with the password from `passfile` only (never prompted).
+fn client(ctx: &BackupCtx, name: &str, passfile: &Path) -> Command {
+    let tool = match &ctx.tools_dir {
         Some(d) => d.join(name),
         None => name.into(),
-    }
+    };
+    let mut cmd = Command::new(tool);
+    cmd.env("PGPASSFILE", passfile)
+        .env_remove("PGPASSWORD")
+        .arg("-h")
+        .arg(&ctx.socket)
+        .arg("-p")
+        .arg(ctx.port.to_string())
+        .arg("-U")
+        .arg(&ctx.admin_user)
+        .arg("-w");
+    cmd
 }
 
 /// Escapes a passfile field (`:` and `\`).
@@ -87,28 +99,17 @@ impl BackupStrategy for PgBasebackup {
             return wal_since(ctx, parent, sink, progress);
         }
         let passfile = passfile(ctx, "pgpass")?;
-        let tool = tool(ctx, "pg_basebackup");
         let log = ctx.tmp_dir.join("pg_basebackup.log");
         let streamed = super::stream_from_tool(
-            Command::new(tool)
-                .env("PGPASSFILE", &passfile)
-                .env_remove("PGPASSWORD")
-                .arg("-h")
-                .arg(&ctx.socket)
-                .arg("-p")
-                .arg(ctx.port.to_string())
-                .arg("-U")
-                .arg(&ctx.admin_user)
-                .args([
-                    "-w",
-                    "-D",
-                    "-",
-                    "-Ft",
-                    "-X",
-                    "fetch",
-                    "--checkpoint=fast",
-                    "-v",
-                ]),
+            client(ctx, "pg_basebackup", &passfile).args([
+                "-D",
+                "-",
+                "-Ft",
+                "-X",
+                "fetch",
+                "--checkpoint=fast",
+                "-v",
+            ]),
             "pg_basebackup",
             &log,
             sink,
@@ -208,16 +209,8 @@ impl BackupStrategy for PgBasebackup {
 /// returns its unaligned output.
 fn psql(ctx: &BackupCtx, sql: &str) -> Result<String, BackupError> {
     let passfile = passfile(ctx, "pgpass-psql")?;
-    let out = Command::new(tool(ctx, "psql"))
-        .env("PGPASSFILE", &passfile)
-        .env_remove("PGPASSWORD")
-        .arg("-h")
-        .arg(&ctx.socket)
-        .arg("-p")
-        .arg(ctx.port.to_string())
-        .arg("-U")
-        .arg(&ctx.admin_user)
-        .args(["-w", "-X", "-At", "-d", "postgres", "-c", sql])
+    let out = client(ctx, "psql", &passfile)
+        .args(["-X", "-At", "-d", "postgres", "-c", sql])
         .output();
     let _ = std::fs::remove_file(&passfile);
     let out = out?;
