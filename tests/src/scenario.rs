@@ -98,7 +98,8 @@ impl Store {
             .await
     }
 
-    async fn pg(view: &Value) -> Result<sqlx::PgConnection, sqlx::Error> {
+    /// The tenant's connection to a PostgreSQL instance's `shop` database.
+    pub async fn pg(view: &Value) -> Result<sqlx::PgConnection, sqlx::Error> {
         use sqlx::ConnectOptions;
         let (host, port) = Self::addr(view);
         sqlx::postgres::PgConnectOptions::new()

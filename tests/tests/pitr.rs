@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use coffer_tests::scenario::{self, Store};
 use coffer_tests::{Env, Opts, StatusCode};
 use serde_json::{json, Value};
 use sqlx::Connection;
@@ -80,17 +81,50 @@ fn midway(writes: &[(i32, i64, i64)], k: usize) -> i64 {
 
 /// Takes a backup of `id` and waits until it completed; returns its id.
 async fn backed_up(env: &Env, id: &str, name: &str) -> String {
-    let (st, v) = env
-        .call(
-            "POST",
-            "/backups",
-            Some(json!({"backup": {"name": name, "instance": id}})),
-        )
-        .await;
+    completed_backup(env, json!({"backup": {"name": name, "instance": id}})).await
+}
+
+/// Posts a backup (`body`) and waits until it completed; returns its id.
+async fn completed_backup(env: &Env, body: Value) -> String {
+    let (st, v) = env.call("POST", "/backups", Some(body)).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     let bid = v["backup"]["id"].as_str().unwrap().to_string();
     env.wait_backup(&bid, "COMPLETED").await;
     bid
+}
+
+/// Writes `rows` through `store` (a connection each) one at a time, each acknowledged before
+/// the next begins, every `pace`; returns (row, began, acknowledged) in µs.
+async fn paced_store_writes(
+    store: Store,
+    view: &Value,
+    rows: std::ops::Range<i32>,
+    pace: Duration,
+) -> Vec<(i32, i64, i64)> {
+    let mut writes = vec![];
+    let mut tick = tokio::time::interval(pace);
+    for i in rows {
+        tick.tick().await;
+        let began = now_us();
+        store.try_write(view, i).await.unwrap();
+        writes.push((i, began, now_us()));
+    }
+    writes
+}
+
+/// Restores a PostgreSQL instance (of `version`) from `point`, waits for ACTIVE and reads its
+/// rows.
+async fn pg_restored(env: &Env, version: &str, name: &str, point: Value) -> Vec<i32> {
+    let pg = Store::Postgresql;
+    let mut body = pg.restore_body(name, version, "");
+    body["instance"]["restorePoint"] = point;
+    let (st, v) = env.call("POST", "/instances", Some(body)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let rid = v["instance"]["id"].as_str().unwrap().to_string();
+    let rview = env
+        .wait_status(&rid, "ACTIVE", Duration::from_secs(180))
+        .await;
+    pg.read(env, &rview).await
 }
 
 /// Writes `rows` into `shop.t` one at a time, each acknowledged before the next begins, every
@@ -499,40 +533,18 @@ async fn a_network_cut_during_archiving_leaves_no_hole_and_claims_nothing_unstor
 /// WAL, cut at the time); to the latest restorable time, every acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_restores_to_a_time_from_its_archived_wal() {
-    use coffer_tests::scenario::{self, Store};
     let env = Env::start().await;
     let pg = Store::Postgresql;
     let version = pg.register(&env);
     let (id, view) = scenario::create_active(&env, pg, &version, "pg-pitr").await;
     pg.write(&env, &view, 1).await;
     let bid = backed_up(&env, &id, "base").await;
-    let mut writes = vec![];
-    let mut tick = tokio::time::interval(Duration::from_millis(150));
-    for i in 100..120 {
-        tick.tick().await;
-        let began = now_us();
-        pg.try_write(&view, i).await.unwrap();
-        writes.push((i, began, now_us()));
-    }
+    let writes = paced_store_writes(pg, &view, 100..120, Duration::from_millis(150)).await;
     let (_, latest) = window_reaching(&env, &id, writes.last().unwrap().2).await;
     // The server keeps the WAL the archive has not stored (a replication slot the archive
     // advances as it stores): the slot's position moves on as the writes are stored.
     let slot = || async {
-        use sqlx::Connection;
-        let (host, port) = (
-            view["ip"][0].as_str().unwrap().to_string(),
-            view["port"].as_u64().unwrap() as u16,
-        );
-        let mut c = sqlx::postgres::PgConnection::connect_with(
-            &sqlx::postgres::PgConnectOptions::new()
-                .host(&host)
-                .port(port)
-                .username(scenario::USER)
-                .password(scenario::PASSWORD)
-                .database("shop"),
-        )
-        .await
-        .unwrap();
+        let mut c = Store::pg(&view).await.unwrap();
         let v: Option<(String, String)> = sqlx::query_as(
             "SELECT restart_lsn::text, pg_current_wal_flush_lsn()::text FROM pg_replication_slots WHERE slot_name = 'coffer_archive'",
         )
@@ -557,20 +569,7 @@ async fn postgresql_restores_to_a_time_from_its_archived_wal() {
         assert!(Instant::now() < deadline, "the slot stays at {first}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let restored = |name: &'static str, point: Value| {
-        let (env, version) = (&env, &version);
-        async move {
-            let mut body = pg.restore_body(name, version, "");
-            body["instance"]["restorePoint"] = point;
-            let (st, v) = env.call("POST", "/instances", Some(body)).await;
-            assert_eq!(st, StatusCode::OK, "{v}");
-            let rid = v["instance"]["id"].as_str().unwrap().to_string();
-            let rview = env
-                .wait_status(&rid, "ACTIVE", Duration::from_secs(180))
-                .await;
-            pg.read(env, &rview).await
-        }
-    };
+    let restored = |name: &'static str, point: Value| pg_restored(&env, &version, name, point);
 
     // Between two writes: exactly the rows acknowledged before the time.
     let (row, t) = (writes[10].0, midway(&writes, 10));
@@ -602,20 +601,10 @@ async fn postgresql_restores_to_a_time_from_its_archived_wal() {
 
     // Incrementals: the WAL since the parent, restored as a chain.
     let incremental = |parent: String| {
-        let (env, id) = (&env, &id);
-        async move {
-            let (st, v) = env
-                .call(
-                    "POST",
-                    "/backups",
-                    Some(json!({"backup": {"name": "inc", "instance": id, "parent_id": parent}})),
-                )
-                .await;
-            assert_eq!(st, StatusCode::ACCEPTED, "{v}");
-            let b = v["backup"]["id"].as_str().unwrap().to_string();
-            env.wait_backup(&b, "COMPLETED").await;
-            b
-        }
+        completed_backup(
+            &env,
+            json!({"backup": {"name": "inc", "instance": id, "parent_id": parent}}),
+        )
     };
     let inc1 = incremental(bid.clone()).await;
     pg.write(&env, &view, 200).await;
@@ -633,27 +622,13 @@ async fn postgresql_restores_to_a_time_from_its_archived_wal() {
 /// continuous, and the latest restorable time restores every acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgresql_agent_killed_mid_archive_leaves_no_hole() {
-    use coffer_tests::scenario::{self, Store};
     let env = Env::start().await;
     let pg = Store::Postgresql;
     let version = pg.register(&env);
     let (id, view) = scenario::create_active(&env, pg, &version, "pg-kill").await;
     pg.write(&env, &view, 1).await;
     let bid = backed_up(&env, &id, "base").await;
-    let paced = |rows: std::ops::Range<i32>| {
-        let view = &view;
-        async move {
-            let mut writes = vec![];
-            let mut tick = tokio::time::interval(Duration::from_millis(120));
-            for i in rows {
-                tick.tick().await;
-                let began = now_us();
-                pg.try_write(view, i).await.unwrap();
-                writes.push((i, began, now_us()));
-            }
-            writes
-        }
-    };
+    let paced = |rows| paced_store_writes(pg, &view, rows, Duration::from_millis(120));
     let mut writes = paced(100..110).await;
     window_reaching(&env, &id, writes.last().unwrap().2).await;
     let (_, v) = env.show(&id).await;
@@ -668,20 +643,7 @@ async fn a_postgresql_agent_killed_mid_archive_leaves_no_hole() {
     assert!(archive["fault"].is_null(), "{v}");
     assert_ne!(env.agent_pid(&id), Some(pid), "the agent was respawned");
 
-    let restored = |name: &'static str, point: Value| {
-        let (env, version) = (&env, &version);
-        async move {
-            let mut body = pg.restore_body(name, version, "");
-            body["instance"]["restorePoint"] = point;
-            let (st, v) = env.call("POST", "/instances", Some(body)).await;
-            assert_eq!(st, StatusCode::OK, "{v}");
-            let rid = v["instance"]["id"].as_str().unwrap().to_string();
-            let rview = env
-                .wait_status(&rid, "ACTIVE", Duration::from_secs(180))
-                .await;
-            pg.read(env, &rview).await
-        }
-    };
+    let restored = |name: &'static str, point: Value| pg_restored(&env, &version, name, point);
     // Before the kill: exact. The latest: every acknowledged write.
     let got = restored(
         "pg-kill-105",
