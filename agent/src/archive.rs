@@ -165,6 +165,20 @@ pub async fn run(ctx: Arc<Ctx>) {
             _ = rx.recv() => {}
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
+        let replica = crate::replication::role(&ctx) == "replica";
+        if replica {
+            // A source that became a replica: what was read is stored; the ledger says the
+            // archive paused (a source again, it goes on from there as a new period; what it
+            // wrote meanwhile is its source's, archived there).
+            if archiver.lock().unwrap().pause() {
+                persist(&ledger_path(&ctx), &archiver.lock().unwrap().ledger);
+            }
+        } else if archiver.lock().unwrap().resume() {
+            persist(&ledger_path(&ctx), &archiver.lock().unwrap().ledger);
+        }
+        let Ok(seal) = seal_key(&ctx, &cfg) else {
+            continue;
+        };
         if !active(&ctx) {
             // A replica archives nothing: the server keeps nothing for the archive.
             if !released && ctx.sup.observed.borrow().status == v1::ServiceStatus::Running {
@@ -175,6 +189,14 @@ pub async fn run(ctx: Arc<Ctx>) {
                 released = true;
                 held = None;
             }
+            // What was read before the stop is still stored.
+            if storing.as_ref().is_none_or(|h| h.is_finished())
+                && archiver.lock().unwrap().next_ready().is_some()
+            {
+                storing = Some(store_ready(&ctx, &cfg, &archiver, &fault, seal));
+            }
+            let l = archiver.lock().unwrap().ledger.clone();
+            report(&ctx, &l, fault.lock().unwrap().clone());
             continue;
         }
         released = false;
@@ -203,9 +225,6 @@ pub async fn run(ctx: Arc<Ctx>) {
                     .map(|_| w)
             });
         }
-        let Ok(seal) = seal_key(&ctx, &cfg) else {
-            continue;
-        };
         let a = archiver.clone();
         let looked = tokio::task::spawn_blocking(move || a.lock().unwrap().observe())
             .await
@@ -229,70 +248,7 @@ pub async fn run(ctx: Arc<Ctx>) {
         if storing.as_ref().is_none_or(|h| h.is_finished())
             && archiver.lock().unwrap().next_ready().is_some()
         {
-            let (a, c, kind, own, f, level, path) = (
-                archiver.clone(),
-                ctx.client.clone(),
-                cfg.storage.clone(),
-                ctx.cfg.instance_id.clone(),
-                fault.clone(),
-                cfg.zstd_level,
-                ledger_path(&ctx),
-            );
-            storing = Some(tokio::task::spawn_blocking(move || {
-                let storage = match kind.build(Some(&c), &own, Access::Agent) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        *f.lock().unwrap() = e;
-                        return;
-                    }
-                };
-                loop {
-                    let Some(job) = a.lock().unwrap().next_ready().cloned() else {
-                        return;
-                    };
-                    let stored = match &job {
-                        archive::Job::Segment(seg) => ship(
-                            storage.as_ref(),
-                            &seg.key,
-                            &seg.header,
-                            &mut seg.bytes.as_slice(),
-                            &seal,
-                            level,
-                        ),
-                        archive::Job::Whole { path, .. } if !path.exists() => {
-                            // Removed by the server since it closed (purged, recycled): its
-                            // pieces stay stored and serve restores as they did.
-                            warn!(file = %path.display(), "a closed change file went before it was stored whole; its pieces stay");
-                            a.lock().unwrap().skip_compaction();
-                            continue;
-                        }
-                        archive::Job::Whole { key, header, path } => std::fs::File::open(path)
-                            .map_err(|e| format!("{}: {e}", path.display()))
-                            .and_then(|file| {
-                                use std::io::Read;
-                                ship(
-                                    storage.as_ref(),
-                                    key,
-                                    header,
-                                    &mut file.take(header.end),
-                                    &seal,
-                                    level,
-                                )
-                            }),
-                    };
-                    if let Err(e) = stored {
-                        *f.lock().unwrap() = e;
-                        return;
-                    }
-                    f.lock().unwrap().clear();
-                    let ledger = {
-                        let mut a = a.lock().unwrap();
-                        a.shipped();
-                        a.ledger.clone()
-                    };
-                    persist(&path, &ledger);
-                }
-            }));
+            storing = Some(store_ready(&ctx, &cfg, &archiver, &fault, seal));
         }
         let now_failing = fault.lock().unwrap().clone();
         if now_failing != failing {
@@ -314,21 +270,102 @@ pub async fn run(ctx: Arc<Ctx>) {
             }
             held_at = std::time::Instant::now();
         }
-        if l.since_us != 0 {
-            *ctx.archive.lock().unwrap() = Some(v1::ArchiveInfo {
-                since_unix_ms: l.since_us / 1000,
-                latest_unix_ms: l.latest_us / 1000,
-                holes: l.holes,
-                shipped_bytes: l.shipped_bytes,
-                segments: l.segments,
-                fault: now_failing,
-                compactions: l.compactions,
-            });
-        }
+        report(&ctx, &l, now_failing);
         // Writes come in bursts: let those of the next 10 ms gather before the next look
         // (at most 100 looks a second; a mark is then at most that late).
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// What heartbeats say of the archive.
+fn report(ctx: &Ctx, l: &Ledger, fault: String) {
+    if l.since_us != 0 {
+        *ctx.archive.lock().unwrap() = Some(v1::ArchiveInfo {
+            since_unix_ms: l.since_us / 1000,
+            latest_unix_ms: l.latest_us / 1000,
+            holes: l.holes,
+            shipped_bytes: l.shipped_bytes,
+            segments: l.segments,
+            fault,
+            compactions: l.compactions,
+            first_position: l.first_position.clone(),
+            last_position: l.last_position.clone(),
+        });
+    }
+}
+
+/// Stores the segments read, one at a time, in order, on a thread of its own.
+fn store_ready(
+    ctx: &Arc<Ctx>,
+    cfg: &BackupConfig,
+    archiver: &Arc<Mutex<Archiver>>,
+    fault: &Arc<Mutex<String>>,
+    seal: Option<(String, [u8; 32])>,
+) -> tokio::task::JoinHandle<()> {
+    let (a, c, kind, own, f, level, path) = (
+        archiver.clone(),
+        ctx.client.clone(),
+        cfg.storage.clone(),
+        ctx.cfg.instance_id.clone(),
+        fault.clone(),
+        cfg.zstd_level,
+        ledger_path(ctx),
+    );
+    tokio::task::spawn_blocking(move || {
+        let storage = match kind.build(Some(&c), &own, Access::Agent) {
+            Ok(s) => s,
+            Err(e) => {
+                *f.lock().unwrap() = e;
+                return;
+            }
+        };
+        loop {
+            let Some(job) = a.lock().unwrap().next_ready().cloned() else {
+                return;
+            };
+            let stored = match &job {
+                archive::Job::Segment(seg) => ship(
+                    storage.as_ref(),
+                    &seg.key,
+                    &seg.header,
+                    &mut seg.bytes.as_slice(),
+                    &seal,
+                    level,
+                ),
+                archive::Job::Whole { path, .. } if !path.exists() => {
+                    // Removed by the server since it closed (purged, recycled): its
+                    // pieces stay stored and serve restores as they did.
+                    warn!(file = %path.display(), "a closed change file went before it was stored whole; its pieces stay");
+                    a.lock().unwrap().skip_compaction();
+                    continue;
+                }
+                archive::Job::Whole { key, header, path } => std::fs::File::open(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+                    .and_then(|file| {
+                        use std::io::Read;
+                        ship(
+                            storage.as_ref(),
+                            key,
+                            header,
+                            &mut file.take(header.end),
+                            &seal,
+                            level,
+                        )
+                    }),
+            };
+            if let Err(e) = stored {
+                *f.lock().unwrap() = e;
+                return;
+            }
+            f.lock().unwrap().clear();
+            let ledger = {
+                let mut a = a.lock().unwrap();
+                a.shipped();
+                a.ledger.clone()
+            };
+            persist(&path, &ledger);
+        }
+    })
 }
 
 fn persist(path: &std::path::Path, ledger: &Ledger) {
@@ -378,92 +415,168 @@ pub async fn roll_forward(
         "replaying the archived change log",
     )
     .await;
+    // The sources in order: the backup's, then each that took over (and where).
+    let mut members = vec![(
+        from.chain
+            .last()
+            .map(|l| l.instance_id.clone())
+            .unwrap_or_default(),
+        String::new(),
+    )];
+    members.extend(
+        target
+            .handovers
+            .iter()
+            .map(|h| (h.instance_id.clone(), h.position.clone())),
+    );
     let work = tokio::task::spawn_blocking(move || -> Result<String, String> {
         let sources = Arc::new(sources);
-        let mut stored = vec![];
-        for s in &target.segments {
-            let Some((file, start, end)) = archive::parse_segment_key(&s.key) else {
-                continue;
-            };
-            let (sources, owner, key) = (sources.clone(), s.instance_id.clone(), s.key.clone());
-            stored.push(archive::Stored {
-                file,
-                start,
-                end,
-                open: Box::new(move || {
-                    let storage = sources.of(&owner)?;
-                    let raw = storage.open(&key).map_err(|e| format!("{key}: {e}"))?;
-                    let (info, mut r) = pipeline::open_prefetched(raw, sources.ring.as_ref(), None)
-                        .map_err(|e| format!("archived segment {key}: {e}"))?;
-                    if info.backup_id != key {
-                        return Err(format!(
-                            "archived segment {key} holds the stream of {}; refused",
-                            info.backup_id
-                        ));
-                    }
-                    if encrypted && info.key_id.is_none() {
-                        return Err(format!(
-                            "archived segment {key} is not encrypted, and this deployment encrypts every backup; refused"
-                        ));
-                    }
-                    let h = archive::read_segment_header(&mut r)
-                        .map_err(|e| format!("archived segment {key}: {e}"))?;
-                    let r: Box<dyn std::io::Read + Send> = Box::new(r);
-                    Ok((h, r))
-                }),
-            });
-        }
+        let stored_of = |owner: &str| -> Vec<archive::Stored> {
+            let mut stored = vec![];
+            for s in target.segments.iter().filter(|s| s.instance_id == owner) {
+                let Some((file, start, end)) = archive::parse_segment_key(&s.key) else {
+                    continue;
+                };
+                let (sources, owner, key) = (sources.clone(), s.instance_id.clone(), s.key.clone());
+                stored.push(archive::Stored {
+                    file,
+                    start,
+                    end,
+                    open: Box::new(move || {
+                        let storage = sources.of(&owner)?;
+                        let raw = storage.open(&key).map_err(|e| format!("{key}: {e}"))?;
+                        let (info, mut r) =
+                            pipeline::open_prefetched(raw, sources.ring.as_ref(), None)
+                                .map_err(|e| format!("archived segment {key}: {e}"))?;
+                        if info.backup_id != key {
+                            return Err(format!(
+                                "archived segment {key} holds the stream of {}; refused",
+                                info.backup_id
+                            ));
+                        }
+                        if encrypted && info.key_id.is_none() {
+                            return Err(format!(
+                                "archived segment {key} is not encrypted, and this deployment encrypts every backup; refused"
+                            ));
+                        }
+                        let h = archive::read_segment_header(&mut r)
+                            .map_err(|e| format!("archived segment {key}: {e}"))?;
+                        let r: Box<dyn std::io::Read + Send> = Box::new(r);
+                        Ok((h, r))
+                    }),
+                });
+            }
+            stored
+        };
         let _ = std::fs::remove_dir_all(&dir);
         let started = std::time::Instant::now();
         let result = (|| {
             let order = |f: &str| replay.order(f);
-            let rebuilt = archive::rebuild(&dir, &start_file, stored, &order)?;
-            let stop = if target.time_unix_us > 0 {
-                archive::stop_at_time(
-                    &rebuilt,
-                    (&start_file, start_pos),
-                    target.time_unix_us,
-                    &order,
-                )
-            } else if !target.position.is_empty() {
-                Some(
-                    replay
-                        .stop_at_position(&rebuilt, &dir, &target.position)?
-                        .ok_or_else(|| {
-                            format!(
-                                "the archive after backup {backup_id} holds no transaction {}",
-                                target.position
-                            )
-                        })?,
-                )
-            } else {
-                None
-            };
-            // A time before anything was written after the backup: the backup as it is (no
-            // stop would mean the whole archive).
-            let nothing = stop.is_none() && target.time_unix_us > 0;
-            if !nothing {
+            let mut mib = 0.0;
+            // The position replayed up to (what the next source's archive goes on after).
+            let mut done: Option<String> = None;
+            let mut last_stop: Option<(String, u64)> = None;
+            for (i, (owner, _)) in members.iter().enumerate() {
+                let last = i + 1 == members.len();
+                let mdir = dir.join(i.to_string());
+                let segs = stored_of(owner);
+                let from_file = if i == 0 {
+                    start_file.clone()
+                } else {
+                    let keys: Vec<(String, u64, u64)> = segs
+                        .iter()
+                        .map(|s| (s.file.clone(), s.start, s.end))
+                        .collect();
+                    archive::contiguous_from(&keys, &order).ok_or_else(|| {
+                        format!("the archive of instance {owner}, which became the source, holds nothing to replay")
+                    })?
+                };
+                let rebuilt = archive::rebuild(&mdir, &from_file, segs, &order)?;
+                mib += rebuilt.files.iter().map(|(_, end)| end).sum::<u64>() as f64 / 1048576.0;
+                let from_at = if i == 0 {
+                    if !last {
+                        done = replay.last_position(
+                            &rebuilt,
+                            &mdir,
+                            Some(&(start_file.clone(), start_pos)),
+                        )?;
+                    }
+                    Some((start_file.clone(), start_pos))
+                } else {
+                    let after = done.clone().unwrap_or_else(|| members[i].1.clone());
+                    replay.resume_after(&rebuilt, &mdir, &after)?
+                };
+                let Some(from_at) = from_at else {
+                    // Nothing after what was replayed: the next source, or the end.
+                    continue;
+                };
+                let stop = if !last {
+                    // Up to where the next source took over; all of it when this archive
+                    // ends before (the next one's archive has the rest, or refuses a hole).
+                    let next_at = &members[i + 1].1;
+                    match replay.stop_at_position(&rebuilt, &mdir, next_at)? {
+                        Some(s) => {
+                            done = Some(next_at.clone());
+                            Some(s)
+                        }
+                        None => {
+                            if let Some(p) = replay.last_position(&rebuilt, &mdir, None)? {
+                                done = Some(p);
+                            }
+                            None
+                        }
+                    }
+                } else if target.time_unix_us > 0 {
+                    let s = archive::stop_at_time(
+                        &rebuilt,
+                        (&from_at.0, from_at.1),
+                        target.time_unix_us,
+                        &order,
+                    );
+                    // A time before anything was written after the start: nothing of this
+                    // archive (no stop would mean all of it).
+                    if s.is_none() {
+                        continue;
+                    }
+                    s
+                } else if !target.position.is_empty() {
+                    Some(
+                        replay
+                            .stop_at_position(&rebuilt, &mdir, &target.position)?
+                            .ok_or_else(|| {
+                                format!(
+                                    "the archive after backup {backup_id} holds no transaction {}",
+                                    target.position
+                                )
+                            })?,
+                    )
+                } else {
+                    None
+                };
                 replay
                     .replay(
                         &bctx,
-                        &dir,
+                        &mdir,
                         &rebuilt,
-                        (&start_file, start_pos),
+                        (&from_at.0, from_at.1),
                         stop.clone(),
                     )
                     .map_err(|e| e.to_string())?;
+                last_stop = stop.or(Some(from_at));
             }
-            let mib = rebuilt.files.iter().map(|(_, end)| end).sum::<u64>() as f64 / 1048576.0;
             let took = started.elapsed().as_secs_f64();
-            Ok(match stop {
-                Some((f, p)) => {
-                    format!("rolled forward to {f}:{p} in {took:.2} s ({mib:.1} MiB of archive)")
-                }
-                None if target.time_unix_us > 0 => {
-                    "nothing was written between the backup and the target".into()
-                }
-                None => format!(
-                    "rolled forward to the end of the archive in {took:.2} s ({mib:.1} MiB of archive)"
+            let across = if members.len() > 1 {
+                format!(" across {} sources", members.len())
+            } else {
+                String::new()
+            };
+            Ok(match last_stop {
+                None => "nothing was written between the backup and the target".into(),
+                Some(_) if target.time_unix_us == 0 && target.position.is_empty() => format!(
+                    "rolled forward to the end of the archive{across} in {took:.2} s ({mib:.1} MiB of archive)"
+                ),
+                Some((f, p)) => format!(
+                    "rolled forward to {f}:{p}{across} in {took:.2} s ({mib:.1} MiB of archive)"
                 ),
             })
         })();

@@ -499,6 +499,16 @@ async fn persist(
             {
                 warn!(error = %e, "persisting the archive's state failed");
             }
+            let period = crate::store::PeriodRow {
+                instance_id: instance_id.to_string(),
+                since_ms: a.since_unix_ms,
+                latest_ms: a.latest_unix_ms,
+                first_position: a.first_position.clone(),
+                last_position: a.last_position.clone(),
+            };
+            if let Err(e) = app.store.set_archive_period(&period).await {
+                warn!(error = %e, "persisting the archive's period failed");
+            }
         }
         if row.archive_compactions.unwrap_or(0) < a.compactions as i64 {
             match app

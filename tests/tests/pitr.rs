@@ -332,6 +332,203 @@ async fn a_promoted_replica_archives_and_restores_to_a_time() {
     assert_eq!(got, vec![1, 200, 201, 202, 203, 204]);
 }
 
+/// Waits until `id` is a writable source (no longer a replica) whose archive runs; returns its
+/// view.
+async fn archiving_source(env: &Env, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (_, v) = env.show(id).await;
+        let i = &v["instance"];
+        if i.get("replica_of").is_none()
+            && i["status"] == "ACTIVE"
+            && !i["recovery"]["archive"]["since"].is_null()
+        {
+            return i.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} is not an archiving source: {v}\n{}",
+            env.logs(id)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `view`'s server holds exactly `want` in `shop.t`.
+async fn holds(env: &Env, view: &Value, want: &[i32]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = env.rows(view).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} holds {got:?}, want {want:?}",
+            view["id"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A source with two replicas is backed up, written to, switched over to one replica, written
+/// to, then that one's host dies and a failover elects another: the recovery window of the
+/// last source starts at the first source's backup and spans both changes, and a restore to a
+/// time in each source's stretch holds exactly the writes acknowledged before it (the backup's
+/// source's archive replayed up to where the next took over, then the next one's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_spanning_a_switchover_and_a_failover_restores_across_the_change_of_source() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let env = Env::start_with(Opts {
+        respawn_agents: false,
+        ..Opts::default()
+    })
+    .await;
+    let (src, sview) = env.active_with_rows("lineage-src", &[1]).await;
+    let (st, v) = env
+        .call(
+            "POST",
+            "/instances",
+            Some(
+                json!({"instance": {"name": "lineage-rep", "replica_of": src, "replica_count": 2}}),
+            ),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (_, s) = env.show(&src).await;
+    let reps: Vec<String> = s["instance"]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(reps.len(), 2, "{s}");
+    for r in &reps {
+        env.wait_status(r, "ACTIVE", Duration::from_secs(120)).await;
+    }
+    let bid = backed_up(&env, &src, "lineage-base").await;
+    let pace = Duration::from_millis(120);
+    let w1 = paced_writes(&env, &sview, 100..106, pace).await;
+    window_reaching(&env, &src, w1.last().unwrap().2).await;
+
+    // Switchover to the first replica.
+    let first = reps[0].clone();
+    let (st, v) = env
+        .call(
+            "POST",
+            &format!("/instances/{first}/action"),
+            Some(json!({"promote_to_replica_source": {}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let fview = archiving_source(&env, &first).await;
+    let w2 = paced_writes(&env, &fview, 200..206, pace).await;
+    window_reaching(&env, &first, w2.last().unwrap().2).await;
+    let all2: Vec<i32> = [1].into_iter().chain(100..106).chain(200..206).collect();
+    // Both survivors have everything before the first one's host dies.
+    for id in [&src, &reps[1]] {
+        let view = env.wait_status(id, "ACTIVE", Duration::from_secs(60)).await;
+        holds(&env, &view, &all2).await;
+    }
+    kill(
+        Pid::from_raw(env.agent_pid(&first).unwrap()),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    kill(Pid::from_raw(env.db_pid(&first).unwrap()), Signal::SIGKILL).unwrap();
+    env.wait_status(&first, "ERROR", Duration::from_secs(30))
+        .await;
+    let (st, v) = env
+        .call(
+            "POST",
+            &format!("/instances/{first}/action"),
+            Some(json!({"eject_replica_source": {}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    // The most advanced survivor wins: either the first source (now a replica) or the other
+    // replica.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let winner = loop {
+        let mut found = None;
+        for id in [&src, &reps[1]] {
+            let (_, v) = env.show(id).await;
+            if v["instance"].get("replica_of").is_none() && v["instance"]["status"] == "ACTIVE" {
+                found = Some(id.clone());
+            }
+        }
+        if let Some(w) = found {
+            break w;
+        }
+        assert!(Instant::now() < deadline, "no survivor became the source");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let wview = archiving_source(&env, &winner).await;
+    let w3 = paced_writes(&env, &wview, 300..306, pace).await;
+    let (earliest, latest) = window_reaching(&env, &winner, w3.last().unwrap().2).await;
+    let (_, b) = env.call("GET", &format!("/backups/{bid}"), None).await;
+    let (_, v) = env.show(&winner).await;
+    let recovery = &v["instance"]["recovery"];
+    assert!(
+        earliest * 1000 < w1[0].1,
+        "the window starts at the first source's backup ({}): {recovery}",
+        b["backup"]
+    );
+    assert_eq!(
+        recovery["sources"],
+        json!([src, first, winner]),
+        "the window spans three sources: {recovery}"
+    );
+
+    // A time in each source's stretch, from the winner (the newest backup before the time that
+    // any source took), and from the first backup by reference.
+    let rows = |upto: &[(i32, i64, i64)], k: usize, before: &[i32]| -> Vec<i32> {
+        before
+            .iter()
+            .copied()
+            .chain(upto[..=k].iter().map(|w| w.0))
+            .collect()
+    };
+    let w1_all: Vec<i32> = [1].into_iter().chain(100..106).collect();
+    let cases = [
+        (midway(&w1, 2), rows(&w1, 2, &[1])),
+        (midway(&w2, 2), rows(&w2, 2, &w1_all)),
+        (midway(&w3, 2), rows(&w3, 2, &all2)),
+    ];
+    for (n, (t, want)) in cases.iter().enumerate() {
+        let got = restored_rows(
+            &env,
+            &format!("lineage-at-{n}"),
+            json!({"instance": winner, "restore_time": rfc3339(*t)}),
+        )
+        .await;
+        assert_eq!(&got, want, "restore to the time in stretch {n}");
+    }
+    let (t, want) = &cases[2];
+    let got = restored_rows(
+        &env,
+        "lineage-by-backup",
+        json!({"backupRef": bid, "restore_time": rfc3339(*t)}),
+    )
+    .await;
+    assert_eq!(
+        &got, want,
+        "the first backup rolled forward across both changes"
+    );
+    let everything: Vec<i32> = all2.iter().copied().chain(300..306).collect();
+    let got = restored_rows(
+        &env,
+        "lineage-latest",
+        json!({"instance": winner, "restore_time": rfc3339(latest * 1000)}),
+    )
+    .await;
+    assert_eq!(
+        got, everything,
+        "the latest restorable time holds every write"
+    );
+}
+
 /// The change file being written is closed once it was stored in a few pieces, then stored
 /// again whole, and the controller removes the pieces: the archive stays a few objects per
 /// file, and a restore to a time reads the whole files as exactly as the pieces.

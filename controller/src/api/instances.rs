@@ -272,7 +272,7 @@ impl Seen {
 /// The point-in-time recovery window of an archiving instance (a Coffer extension): from the
 /// first backup its archive covers to the latest time whose writes are all stored.
 async fn recovery(app: &App, r: &InstanceRow) -> Result<Value, ApiError> {
-    let window = app.store.recovery_window(&r.id).await?;
+    let (window, sources) = crate::ops::lineage::window_and_sources(app, r).await?;
     let mut v = json!({
         "earliest": window.map(|w| crate::ops::rfc3339_ms(w.0)),
         "latest": window.map(|w| crate::ops::rfc3339_ms(w.1)),
@@ -283,6 +283,10 @@ async fn recovery(app: &App, r: &InstanceRow) -> Result<Value, ApiError> {
     });
     if let Some(f) = &r.archive_fault {
         v["archive"]["fault"] = json!(f);
+    }
+    // The window spans a change of source (switchover, failover): the sources in order.
+    if sources.len() > 1 {
+        v["sources"] = json!(sources);
     }
     if window.is_none() {
         v["message"] = json!("No backup is covered by the archive yet: the window opens when the next backup completes.");

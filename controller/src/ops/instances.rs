@@ -133,6 +133,10 @@ async fn restore_from(
             datastore.point_in_time_note()
         )));
     }
+    // With an instance to restore: its lineage (the sources before it, joined), the source
+    // whose archive reaches the time, and the newest backup before the time that any source up
+    // to it took and its archive covers.
+    let mut chosen: Option<(Vec<super::lineage::Member>, InstanceRow)> = None;
     let backup = match &spec.base {
         RestoreBase::Backup(b) => app
             .store
@@ -148,12 +152,24 @@ async fn restore_from(
                 .filter(|x| x.project_id == project)
                 .ok_or_else(|| ApiError::not_found(format!("Instance {i} could not be found.")))?;
             let t_ms = spec.time_us.unwrap_or_default().div_euclid(1000);
-            let base = match inst.archive_since_ms {
-                Some(since) => app.store.pitr_base(i, since, t_ms).await?,
-                None => None,
-            };
+            let members = super::lineage::back(app, &inst, datastore).await?;
+            let reach = members
+                .iter()
+                .position(|m| m.period.latest_ms >= t_ms)
+                .unwrap_or(members.len().saturating_sub(1));
+            let mut base = None;
+            for (k, m) in members.iter().enumerate().take(reach + 1).rev() {
+                let (id, since) = (&m.period.instance_id, m.period.since_ms);
+                if let Some(b) = app.store.pitr_base(id, since, t_ms).await? {
+                    base = Some((k, b));
+                    break;
+                }
+            }
             match base {
-                Some(b) => b,
+                Some((k, b)) => {
+                    chosen = Some((members[k..=reach].to_vec(), inst));
+                    b
+                }
                 None => {
                     return Err(window_error(
                         app,
@@ -197,19 +213,62 @@ async fn restore_from(
                 backup.instance_id
             ))
         })?;
-    if backup.archive_since_ms.is_none() || backup.archive_since_ms != source.archive_since_ms {
-        return Err(window_error(
-            app,
-            &source,
-            &format!("backup {b} is not covered by its continuous archive (taken before the archive started, or before a hole in it); choose a later backup"),
-        )
-        .await);
-    }
-    let latest = app
-        .store
-        .recovery_window(&source.id)
-        .await?
-        .map_or(i64::MIN, |w| w.1);
+    // The archive period that covers the backup, and the sources after it up to the one whose
+    // archive reaches the time (a position is looked for in the backup source's archive).
+    let (members, end) = match chosen {
+        Some(c) => c,
+        None => {
+            let periods = app.store.archive_periods(&source.id).await?;
+            let current = (source.archive_since_ms == backup.archive_since_ms).then(|| {
+                super::lineage::Member {
+                    period: crate::store::PeriodRow {
+                        instance_id: source.id.clone(),
+                        since_ms: source.archive_since_ms.unwrap_or_default(),
+                        latest_ms: source.archive_latest_ms.unwrap_or_default(),
+                        first_position: String::new(),
+                        last_position: String::new(),
+                    },
+                    took_over_at: String::new(),
+                }
+            });
+            // An earlier period of the source serves when it ended by a handover (its files go
+            // on, stored, into the next period); one that ended with a hole does not.
+            let away = app.store.handovers_from(&source.id).await?;
+            let period = backup
+                .archive_since_ms
+                .and_then(|since| periods.into_iter().find(|p| p.since_ms == since))
+                .filter(|p| {
+                    Some(p.since_ms) == source.archive_since_ms
+                        || away.iter().any(|h| h.at_ms >= p.since_ms)
+                });
+            let members = match (period, current) {
+                (Some(p), _) if spec.time_us.is_some() => {
+                    let t_ms = spec.time_us.unwrap_or_default().div_euclid(1000);
+                    super::lineage::forward(app, p, datastore, t_ms).await?
+                }
+                (Some(period), _) => vec![super::lineage::Member {
+                    period,
+                    took_over_at: String::new(),
+                }],
+                (None, Some(m)) => vec![m],
+                (None, None) => {
+                    return Err(window_error(
+                        app,
+                        &source,
+                        &format!("backup {b} is not covered by its continuous archive (taken before the archive started, or before a hole in it); choose a later backup"),
+                    )
+                    .await)
+                }
+            };
+            let last = &members.last().expect("one member at least").period;
+            let end = match app.store.instance(&last.instance_id).await? {
+                Some(r) => r,
+                None => source.clone(),
+            };
+            (members, end)
+        }
+    };
+    let latest = members.last().map_or(i64::MIN, |m| m.period.latest_ms);
     if let Some(t) = spec.time_us {
         let completed_us = backup.completed_ms.unwrap_or(i64::MAX).saturating_mul(1000);
         if t < completed_us || t > latest.saturating_mul(1000) {
@@ -221,22 +280,39 @@ async fn restore_from(
             } else {
                 "that is after the latest restorable time".to_string()
             };
-            return Err(window_error(app, &source, &why).await);
+            return Err(window_error(app, &end, &why).await);
         }
     }
-    let segments = crate::objects::archive_segments(app, &source.id)
-        .await?
-        .into_iter()
-        .map(|key| v1::ArchiveSegment {
-            instance_id: source.id.clone(),
-            key,
-        })
-        .collect();
+    let mut segments = vec![];
+    let mut listed = std::collections::BTreeSet::new();
+    for m in &members {
+        let owner = &m.period.instance_id;
+        if !listed.insert(owner.clone()) {
+            continue;
+        }
+        segments.extend(
+            crate::objects::archive_segments(app, owner)
+                .await?
+                .into_iter()
+                .map(|key| v1::ArchiveSegment {
+                    instance_id: owner.clone(),
+                    key,
+                }),
+        );
+    }
     from.target = Some(v1::RestoreTarget {
         time_unix_us: spec.time_us.unwrap_or_default(),
         position: spec.position.clone().unwrap_or_default(),
         segments,
         keys: vec![],
+        handovers: members
+            .iter()
+            .skip(1)
+            .map(|m| v1::Handover {
+                instance_id: m.period.instance_id.clone(),
+                position: m.took_over_at.clone(),
+            })
+            .collect(),
     });
     Ok(from)
 }
@@ -250,7 +326,7 @@ fn fmt_ms(ms: i64) -> String {
 
 /// A point-in-time target the instance cannot give, naming its recovery window.
 async fn window_error(app: &App, inst: &InstanceRow, why: &str) -> ApiError {
-    let window = match app.store.recovery_window(&inst.id).await {
+    let window = match super::lineage::window(app, inst).await {
         Ok(Some((e, l))) => format!(
             "Its recovery window is {} to {}.",
             fmt_ms(e),

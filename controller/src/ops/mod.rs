@@ -14,6 +14,7 @@ pub mod enrol;
 pub mod instances;
 pub mod intents;
 pub mod keys;
+pub mod lineage;
 pub mod modules;
 pub mod quotas;
 pub mod schedules;

@@ -419,21 +419,6 @@ impl Store {
         Ok(r.rows_affected() > 0)
     }
 
-    /// The recovery window of `id`: from the completion of the first backup its archive
-    /// covers to the archive's latest time (Unix ms); None without both.
-    pub async fn recovery_window(&self, id: &str) -> anyhow::Result<Option<(i64, i64)>> {
-        let row: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
-            "SELECT CAST(MIN(b.completed_ms) AS BIGINT), CAST(MAX(i.archive_latest_ms) AS BIGINT)              FROM instances i JOIN backups b ON b.instance_id = i.id              WHERE i.id = $1 AND b.status = 'COMPLETED' AND b.deleted = FALSE              AND b.archive_since_ms = i.archive_since_ms AND b.completed_ms IS NOT NULL",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(match row {
-            Some((Some(e), Some(l))) if l >= e => Some((e, l)),
-            _ => None,
-        })
-    }
-
     pub async fn set_endpoint(&self, id: &str, host: &str, port: i64) -> anyhow::Result<()> {
         sqlx::query("UPDATE instances SET host = $1, port = $2 WHERE id = $3")
             .bind(host)

@@ -12,6 +12,7 @@ use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
 use sqlx::{Decode, Row, Transaction, Type};
 
+mod archive;
 mod backups;
 mod catalog;
 mod configurations;
@@ -25,6 +26,7 @@ mod modules;
 mod quotas;
 mod schedules;
 mod workflows;
+pub use archive::{HandoverRow, PeriodRow};
 pub use backups::BackupRow;
 pub use catalog::{DatastoreRow, FlavorRow, VersionRow};
 pub use configurations::ConfigurationRow;

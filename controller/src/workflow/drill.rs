@@ -111,9 +111,10 @@ pub async fn plan(app: &App, c: &Caller, instance: &str) -> Result<Drill, ApiErr
         && backup.archive_since_ms.is_some()
         && backup.archive_since_ms == r.archive_since_ms
     {
-        if let (Some((_, latest)), Some(done)) =
-            (app.store.recovery_window(&r.id).await?, backup.completed_ms)
-        {
+        if let (Some((_, latest)), Some(done)) = (
+            crate::ops::lineage::window(app, &r).await?,
+            backup.completed_ms,
+        ) {
             target_ms = (latest >= done).then_some(latest);
         }
     }

@@ -122,17 +122,33 @@ pub fn replica_of(
 }
 
 /// The replica `new` stops replicating (`detach`) and becomes the source in `old`'s place: the
-/// replication user's kept password moves to it.
+/// replication user's kept password moves to it. The handover (`position`: what `new` has of
+/// `old`'s stream; `at_ms`: a time before the promotion) joins their archives.
 async fn take_over(
     app: &App,
     old: &str,
     new: &str,
     detach: v1::DetachReplica,
+    position: &str,
+    at_ms: i64,
 ) -> Result<(), ApiError> {
     let old = reload(app, old).await?;
     let (user, password) = ensure_repl_user(app, &old).await?;
     let new = reload(app, new).await?;
     call(app, &new, v1::call::Kind::DetachReplica(detach)).await?;
+    if !position.is_empty() {
+        let h = crate::store::HandoverRow {
+            instance_id: new.id.clone(),
+            from_instance: old.id.clone(),
+            position: position.to_string(),
+            at_ms: if at_ms > 0 {
+                at_ms
+            } else {
+                crate::ops::schedules::now_ms()
+            },
+        };
+        app.store.record_handover(&h).await?;
+    }
     app.store.set_replica_of(&new.id, None).await?;
     let strategy = old.repl_strategy.clone();
     let strategy = strategy.unwrap_or_else(|| app.cfg.replication.strategy.clone());
@@ -198,6 +214,9 @@ pub struct Switchover {
     /// Times the current step was sent again because an agent did not answer.
     #[serde(default)]
     pub unanswered: u32,
+    /// When the old source was fenced (Unix ms): the handover's time, before the promotion.
+    #[serde(default)]
+    pub handover_at_ms: i64,
 }
 
 /// How many times a switchover step is sent again when an agent did not answer while every
@@ -262,16 +281,19 @@ impl Switchover {
     async fn fence(&mut self, app: &App) -> Result<(), ApiError> {
         let rep = fence_source(app, &self.source, true).await?;
         self.target = Some(rep.replication.map(|r| r.position).unwrap_or_default());
+        self.handover_at_ms = crate::ops::schedules::now_ms();
         self.step = SwitchoverStep::Promote;
         Ok(())
     }
 
     async fn promote(&mut self, app: &App) -> Result<(), ApiError> {
+        let target = self.target.clone().unwrap_or_default();
         let detach = v1::DetachReplica {
-            catch_up_to: self.target.clone().unwrap_or_default(),
+            catch_up_to: target.clone(),
             timeout_s: 15,
         };
-        take_over(app, &self.source, &self.candidate, detach).await?;
+        let at = self.handover_at_ms;
+        take_over(app, &self.source, &self.candidate, detach, &target, at).await?;
         self.step = SwitchoverStep::Repoint;
         Ok(())
     }
@@ -336,6 +358,7 @@ pub async fn start_switchover(
         repointed: vec![],
         error: None,
         unanswered: 0,
+        handover_at_ms: 0,
     });
     super::start(app, None, flow, &members, Some(Task::Promoting)).await
 }
@@ -364,6 +387,9 @@ pub struct Failover {
     pub winner: Option<String>,
     pub repointed: Vec<String>,
     pub error: Option<String>,
+    /// When the replicas were drained (Unix ms): the handover's time, before the promotion.
+    #[serde(default)]
+    pub handover_at_ms: i64,
 }
 
 impl Failover {
@@ -422,6 +448,7 @@ impl Failover {
         info!(winner = %winner.0, position = %winner.1, "elected the most advanced replica");
         self.winner = Some(winner.0);
         self.positions = positions;
+        self.handover_at_ms = crate::ops::schedules::now_ms();
         self.step = FailoverStep::Promote;
         Ok(())
     }
@@ -430,7 +457,14 @@ impl Failover {
         let winner = self.winner.clone().unwrap_or_default();
         // A winner that is gone is named before the source.
         reload(app, &winner).await?;
-        take_over(app, &self.source, &winner, v1::DetachReplica::default()).await?;
+        let position = self
+            .positions
+            .iter()
+            .find(|(id, _)| *id == winner)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_default();
+        let (detach, at) = (v1::DetachReplica::default(), self.handover_at_ms);
+        take_over(app, &self.source, &winner, detach, &position, at).await?;
         self.step = FailoverStep::Repoint;
         Ok(())
     }
@@ -505,6 +539,7 @@ pub async fn start_failover(
         winner: None,
         repointed: vec![],
         error: None,
+        handover_at_ms: 0,
     });
     super::start(app, None, flow, &members, Some(Task::Ejecting)).await
 }

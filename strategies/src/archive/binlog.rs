@@ -81,11 +81,26 @@ enum State {
 }
 
 /// What [`scan`] finds: the end of the last complete transaction, the boundaries, the GTIDs.
-pub(crate) type Scanned = (usize, Vec<(u64, u32)>, Vec<(u32, u64, u64)>);
+pub(crate) type Scanned = (usize, Vec<(u64, u32)>, Vec<Gtid>);
+
+/// A transaction's GTID as [`scan`] finds it, and where its first event starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Gtid {
+    pub domain: u32,
+    pub server: u32,
+    pub seq: u64,
+    pub start: u64,
+}
+
+impl Gtid {
+    fn name(&self) -> String {
+        format!("{}-{}-{}", self.domain, self.server, self.seq)
+    }
+}
 
 /// Scans events in `buf` (starting at file offset `base`, a boundary): returns the end of the
 /// last complete transaction, every boundary with the server's timestamp of its last event,
-/// and each transaction's GTID `(domain, seq, start)` as found.
+/// and each transaction's GTID as found.
 pub(crate) fn scan(buf: &[u8], base: u64, checksum: bool) -> Result<Scanned, String> {
     let mut p = 0usize;
     let mut state = State::Outside;
@@ -119,7 +134,12 @@ pub(crate) fn scan(buf: &[u8], base: u64, checksum: bool) -> Result<Scanned, Str
                 }
                 let seq = u64::from_le_bytes(buf[p + HEADER..p + HEADER + 8].try_into().unwrap());
                 let domain = u32_at(buf, p + HEADER + 8);
-                gtids.push((domain, seq, base + p as u64));
+                gtids.push(Gtid {
+                    domain,
+                    server: u32_at(buf, p + 5),
+                    seq,
+                    start: base + p as u64,
+                });
                 state = if buf[p + HEADER + 12] & FL_STANDALONE != 0 {
                     State::Standalone
                 } else {
@@ -222,12 +242,18 @@ impl ChangeLog for BinlogLog {
             .take(want as u64)
             .read_to_end(&mut buf)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        let (end, boundaries, _) =
+        let (end, boundaries, gtids) =
             scan(&buf, from, checksum).map_err(|e| format!("{file}: {e}"))?;
         buf.truncate(end);
+        let complete: Vec<&Gtid> = gtids
+            .iter()
+            .filter(|g| g.start < from + end as u64)
+            .collect();
         Ok(Chunk {
             bytes: buf,
             boundaries,
+            first_position: complete.first().map(|g| g.name()).unwrap_or_default(),
+            last_position: complete.last().map(|g| g.name()).unwrap_or_default(),
         })
     }
 }
@@ -266,6 +292,26 @@ pub fn parse_gtid(s: &str) -> Option<(u32, u64)> {
     Some((d.parse().ok()?, seq.parse().ok()?))
 }
 
+/// Every complete transaction of the rebuilt files, in order: its file, GTID and end.
+fn transactions(rebuilt: &Rebuilt, dir: &Path) -> Result<Vec<(String, Gtid, u64)>, String> {
+    let mut out = vec![];
+    for (file, end) in &rebuilt.files {
+        let path = dir.join(file);
+        let checksum = checksum_of(&path)
+            .map_err(|e| format!("{file}: {e}"))?
+            .unwrap_or(true);
+        let mut buf = std::fs::read(&path).map_err(|e| format!("{file}: {e}"))?;
+        buf.truncate(*end as usize);
+        let (_, bounds, gtids) = scan(&buf, 0, checksum)?;
+        for g in gtids {
+            if let Some(end) = bounds.iter().map(|(p, _)| *p).find(|p| *p > g.start) {
+                out.push((file.clone(), g, end));
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl Replay for BinlogReplay {
     fn order(&self, file: &str) -> u64 {
         file_order(file)
@@ -280,20 +326,56 @@ impl Replay for BinlogReplay {
         let (domain, seq) = parse_gtid(position).ok_or_else(|| {
             format!("'{position}' is not a GTID (domain-server-sequence, e.g. 0-1-42)")
         })?;
-        for (file, end) in &rebuilt.files {
-            let path = dir.join(file);
-            let checksum = checksum_of(&path)
-                .map_err(|e| format!("{file}: {e}"))?
-                .unwrap_or(true);
-            let mut buf = std::fs::read(&path).map_err(|e| format!("{file}: {e}"))?;
-            buf.truncate(*end as usize);
-            let (_, bounds, gtids) = scan(&buf, 0, checksum)?;
-            if let Some(&(_, _, start)) = gtids.iter().find(|(d, s, _)| *d == domain && *s == seq) {
-                let stop = bounds.iter().map(|(p, _)| *p).find(|p| *p > start);
-                return Ok(stop.map(|p| (file.clone(), p)));
+        Ok(transactions(rebuilt, dir)?
+            .into_iter()
+            .find(|(_, g, _)| g.domain == domain && g.seq == seq)
+            .map(|(file, _, end)| (file, end)))
+    }
+
+    fn resume_after(
+        &self,
+        rebuilt: &Rebuilt,
+        dir: &Path,
+        position: &str,
+    ) -> Result<Option<(String, u64)>, String> {
+        let after = coffer_proto::datastore::parse_gtids(position);
+        if after.is_empty() {
+            return Err(format!(
+                "'{position}' is not a GTID position; the archives cannot be joined there"
+            ));
+        }
+        let txs = transactions(rebuilt, dir)?;
+        // Each domain's first archived transaction must come at most right after the
+        // position: else what came between is in neither archive.
+        let mut seen = std::collections::BTreeSet::new();
+        for (_, g, _) in &txs {
+            if seen.insert(g.domain) {
+                let known = after.get(&g.domain).map_or(0, |x| x.1);
+                if g.seq > known + 1 {
+                    return Err(format!(
+                        "the archive that follows {position} starts at {}: the transactions between are in no archive (a hole at the change of source)",
+                        g.name()
+                    ));
+                }
             }
         }
-        Ok(None)
+        Ok(txs
+            .into_iter()
+            .find(|(_, g, _)| g.seq > after.get(&g.domain).map_or(0, |x| x.1))
+            .map(|(file, g, _)| (file, g.start)))
+    }
+
+    fn last_position(
+        &self,
+        rebuilt: &Rebuilt,
+        dir: &Path,
+        upto: Option<&(String, u64)>,
+    ) -> Result<Option<String>, String> {
+        let key = |f: &str, p: u64| (file_order(f), p);
+        Ok(transactions(rebuilt, dir)?
+            .into_iter()
+            .rfind(|(f, _, end)| upto.is_none_or(|(uf, up)| key(f, *end) <= key(uf, *up)))
+            .map(|(_, g, _)| g.name()))
     }
 
     fn replay(
@@ -309,6 +391,7 @@ impl Replay for BinlogReplay {
             .files
             .iter()
             .map(|(f, _)| f)
+            .filter(|f| file_order(f) >= file_order(from.0))
             .filter(|f| stop_order.is_none_or(|s| file_order(f) <= s))
             .collect();
         if files.is_empty()
@@ -428,7 +511,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            gtids.iter().map(|g| g.1).collect::<Vec<_>>(),
+            gtids.iter().map(|g| g.seq).collect::<Vec<_>>(),
             vec![1, 2, 3, 4]
         );
         // A torn event is not read past, from the middle of the file too.
@@ -436,6 +519,49 @@ mod tests {
         assert_eq!(end, 0);
         let (end, _, _) = scan(&f[after_ddl..after_trx], after_ddl as u64, true).unwrap();
         assert_eq!(end, after_trx - after_ddl);
+    }
+
+    #[test]
+    fn archives_join_after_the_position_a_source_took_over_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |seqs: &[u64]| {
+            let mut f = b"\xfebin".to_vec();
+            f.extend(event(FORMAT_DESCRIPTION_EVENT, 9, &[0; 10], true));
+            let mut starts = vec![];
+            for s in seqs {
+                starts.push(f.len() as u64);
+                f.extend(gtid(*s, true));
+                f.extend(query("CREATE TABLE t (id INT)"));
+            }
+            (f, starts)
+        };
+        let (f, starts) = file(&[4, 5, 6]);
+        std::fs::write(dir.path().join("b.000002"), &f).unwrap();
+        let rebuilt = Rebuilt {
+            files: vec![("b.000002".into(), f.len() as u64)],
+            marks: vec![],
+        };
+        let r = BinlogReplay::default();
+        let at = |p: &str| r.resume_after(&rebuilt, dir.path(), p);
+        assert_eq!(at("0-1-4").unwrap(), Some(("b.000002".into(), starts[1])));
+        assert_eq!(at("0-7-3").unwrap(), Some(("b.000002".into(), starts[0])));
+        assert_eq!(at("0-1-6").unwrap(), None, "nothing after it");
+        let hole = at("0-1-2").unwrap_err();
+        assert!(hole.contains("0-1-4") && hole.contains("hole"), "{hole}");
+        assert!(at("x").is_err());
+        assert_eq!(
+            r.last_position(&rebuilt, dir.path(), None).unwrap(),
+            Some("0-1-6".into())
+        );
+        assert_eq!(
+            r.last_position(&rebuilt, dir.path(), Some(&("b.000002".into(), starts[2])))
+                .unwrap(),
+            Some("0-1-5".into())
+        );
+        assert_eq!(
+            r.stop_at_position(&rebuilt, dir.path(), "0-1-5").unwrap(),
+            Some(("b.000002".into(), starts[2]))
+        );
     }
 
     #[test]

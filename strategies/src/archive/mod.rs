@@ -33,6 +33,12 @@ pub struct SegmentHeader {
     /// `(unix µs, position)`, positions increasing: everything up to the position (a
     /// transaction boundary) was written before that time.
     pub marks: Vec<(i64, u64)>,
+    /// The datastore's positions of the first and the last transaction in the bytes (empty:
+    /// none, or the datastore does not name them).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub first_position: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_position: String,
 }
 
 pub use coffer_common::archive::{parse_segment_key, segment_key};
@@ -79,6 +85,15 @@ pub struct Ledger {
     /// The file the archive started with (since the last hole): a backup whose position is
     /// in it or a later file can be rolled forward.
     pub first_file: String,
+    /// The datastore's positions of the first transaction stored since `since_us` and of the
+    /// last one stored (empty: none yet, or the datastore does not name them): where this
+    /// archive joins the one of the source it took over from.
+    pub first_position: String,
+    pub last_position: String,
+    /// The archive stopped because the instance became a replica; when it is a source again
+    /// it goes on from where it stopped, with a new `since` (what it wrote as a replica is its
+    /// source's, archived there).
+    pub paused: bool,
 }
 
 /// A server's change files, as the archiver reads them.
@@ -103,6 +118,10 @@ pub struct Chunk {
     pub bytes: Vec<u8>,
     /// `(position, server seconds)` of each transaction boundary in the bytes.
     pub boundaries: Vec<(u64, u32)>,
+    /// The datastore's positions of the first and the last complete transaction in the bytes
+    /// (empty: none, or not named).
+    pub first_position: String,
+    pub last_position: String,
 }
 
 /// A segment cut from what was read, waiting to be stored.
@@ -141,6 +160,8 @@ pub struct Archiver {
     pending: Vec<u8>,
     pending_start: u64,
     marks: Vec<(i64, u64)>,
+    /// The first and last transaction positions in `pending`.
+    pending_positions: (String, String),
     ready: std::collections::VecDeque<Job>,
     /// Every mark of `read_file` and how many segments were cut from it; `file_whole` says
     /// whether this archiver read it from its first byte (else its marks are partial and it
@@ -185,6 +206,7 @@ impl Archiver {
             ledger,
             pending: vec![],
             marks: vec![],
+            pending_positions: Default::default(),
             ready: Default::default(),
             file_marks: vec![],
             file_segments: 0,
@@ -228,12 +250,16 @@ impl Archiver {
                 file: newest.clone(),
                 first_file: newest.clone(),
                 pos: 0,
+                first_position: String::new(),
+                last_position: String::new(),
+                paused: false,
                 ..std::mem::take(&mut self.ledger)
             };
             self.read_file = newest;
             self.read_pos = 0;
             self.pending_start = 0;
             self.pending.clear();
+            self.pending_positions = Default::default();
             self.marks.clear();
             self.ready.clear();
             self.seen.clear();
@@ -280,27 +306,19 @@ impl Archiver {
                 self.read_pos += chunk.bytes.len() as u64;
                 self.marks.push((t1, self.read_pos));
                 self.pending.extend_from_slice(&chunk.bytes);
+                if self.pending_positions.0.is_empty() {
+                    self.pending_positions.0 = chunk.first_position;
+                }
+                if !chunk.last_position.is_empty() {
+                    self.pending_positions.1 = chunk.last_position;
+                }
             }
             let due = !self.pending.is_empty()
                 && ((closed && !got)
                     || self.last_cut.elapsed() >= self.ship_every
                     || self.pending.len() >= SHIP_BYTES);
             if due {
-                let header = SegmentHeader {
-                    file: self.read_file.clone(),
-                    start: self.pending_start,
-                    end: self.read_pos,
-                    marks: std::mem::take(&mut self.marks),
-                };
-                self.file_marks.extend_from_slice(&header.marks);
-                self.file_segments += 1;
-                self.ready.push_back(Job::Segment(Segment {
-                    key: segment_key(&header.file, header.start, header.end),
-                    header,
-                    bytes: std::mem::take(&mut self.pending),
-                }));
-                self.pending_start = self.read_pos;
-                self.last_cut = Instant::now();
+                self.cut();
             }
             if closed && !got && self.pending.is_empty() {
                 // A closed file is complete: store it again as one segment when it was cut
@@ -311,6 +329,7 @@ impl Archiver {
                         start: 0,
                         end: self.read_pos,
                         marks: std::mem::take(&mut self.file_marks),
+                        ..Default::default()
                     };
                     self.ready.push_back(Job::Whole {
                         key: segment_key(&header.file, 0, header.end),
@@ -340,6 +359,55 @@ impl Archiver {
         Ok(restarted)
     }
 
+    /// Cuts what is pending into a segment waiting to be stored.
+    fn cut(&mut self) {
+        let (first_position, last_position) = std::mem::take(&mut self.pending_positions);
+        let header = SegmentHeader {
+            file: self.read_file.clone(),
+            start: self.pending_start,
+            end: self.read_pos,
+            marks: std::mem::take(&mut self.marks),
+            first_position,
+            last_position,
+        };
+        self.file_marks.extend_from_slice(&header.marks);
+        self.file_segments += 1;
+        self.ready.push_back(Job::Segment(Segment {
+            key: segment_key(&header.file, header.start, header.end),
+            header,
+            bytes: std::mem::take(&mut self.pending),
+        }));
+        self.pending_start = self.read_pos;
+        self.last_cut = Instant::now();
+    }
+
+    /// The instance stopped being a source: what was read is cut to be stored, and the ledger
+    /// says the archive paused (returns whether that is news, for the caller to persist).
+    pub fn pause(&mut self) -> bool {
+        if !self.pending.is_empty() {
+            self.cut();
+        }
+        let news = !self.ledger.paused && !self.ledger.file.is_empty();
+        self.ledger.paused |= news;
+        news
+    }
+
+    /// The instance is a source again after a pause: the archive goes on from where it stopped
+    /// (its files are continuous), as a new period: since now, and its first transaction is
+    /// the first one read from now on (returns whether that is news).
+    pub fn resume(&mut self) -> bool {
+        if !self.ledger.paused {
+            return false;
+        }
+        self.ledger.paused = false;
+        self.ledger.since_us = now_us();
+        self.ledger.latest_us = 0;
+        self.ledger.first_file = self.read_file.clone();
+        self.ledger.first_position.clear();
+        self.seen.clear();
+        true
+    }
+
     /// The oldest job waiting to be stored.
     pub fn next_ready(&self) -> Option<&Job> {
         self.ready.front()
@@ -349,6 +417,12 @@ impl Archiver {
     pub fn shipped(&mut self) {
         match self.ready.pop_front() {
             Some(Job::Segment(s)) => {
+                if self.ledger.first_position.is_empty() {
+                    self.ledger.first_position = s.header.first_position;
+                }
+                if !s.header.last_position.is_empty() {
+                    self.ledger.last_position = s.header.last_position;
+                }
                 self.ledger.file = s.header.file;
                 self.ledger.pos = s.header.end;
                 self.ledger.shipped_bytes += s.bytes.len() as u64;
@@ -546,6 +620,51 @@ pub fn stop_at_time(
     stop
 }
 
+/// The earliest file from which `segments` (file, start, end) hold every file up to the newest
+/// one complete from its first byte, without a gap: where the archive of a source that took
+/// over from another can be rebuilt from (older files, before a hole, are left out).
+pub fn contiguous_from(
+    segments: &[(String, u64, u64)],
+    order: &dyn Fn(&str) -> u64,
+) -> Option<String> {
+    let mut files: std::collections::BTreeMap<u64, (String, Vec<(u64, u64)>)> = Default::default();
+    for (f, s, e) in segments {
+        files
+            .entry(order(f))
+            .or_insert_with(|| (f.clone(), vec![]))
+            .1
+            .push((*s, *e));
+    }
+    let mut earliest = None;
+    let mut next_order: Option<u64> = None;
+    for (o, (f, mut ranges)) in files.into_iter().rev() {
+        if next_order.is_some_and(|n| n != o + 1) {
+            break;
+        }
+        ranges.sort();
+        let mut end = 0;
+        for (s, e) in ranges {
+            if s > end {
+                break;
+            }
+            end = end.max(e);
+        }
+        // Complete from byte 0 up to its last stored byte: the pieces join.
+        let last = segments
+            .iter()
+            .filter(|(g, _, _)| *g == f)
+            .map(|x| x.2)
+            .max()
+            .unwrap_or(0);
+        if end < last {
+            break;
+        }
+        earliest = Some(f);
+        next_order = Some(o);
+    }
+    earliest
+}
+
 /// How a datastore replays its archived change files on a restored, running server.
 pub trait Replay: Send + Sync {
     /// The order of a change file's name (files follow each other by one).
@@ -558,6 +677,27 @@ pub trait Replay: Send + Sync {
         dir: &Path,
         position: &str,
     ) -> Result<Option<(String, u64)>, String>;
+    /// Where the first transaction after `position` starts (None: the files hold none after
+    /// it): where the archive of a source that took over at `position` is replayed from. An
+    /// error when the files start after it (what came between is in no archive given).
+    fn resume_after(
+        &self,
+        _rebuilt: &Rebuilt,
+        _dir: &Path,
+        _position: &str,
+    ) -> Result<Option<(String, u64)>, String> {
+        Err("a restore across a change of source is not available for this datastore yet; restore to a time before the change, or from a backup taken since".into())
+    }
+    /// The position of the last transaction in the files that ends at or before `upto` (all of
+    /// them when None); None when there is none or the datastore does not name them.
+    fn last_position(
+        &self,
+        _rebuilt: &Rebuilt,
+        _dir: &Path,
+        _upto: Option<&(String, u64)>,
+    ) -> Result<Option<String>, String> {
+        Ok(None)
+    }
     /// Whether the replay goes into the restored data directory before the server's first
     /// start (the server's own recovery replays it), rather than into the running server.
     fn before_start(&self) -> bool {
@@ -601,6 +741,7 @@ mod tests {
             start,
             end,
             marks: marks.to_vec(),
+            ..Default::default()
         };
         Stored {
             file: file.into(),
@@ -687,5 +828,78 @@ mod tests {
         lying.end = 90;
         let lying = rebuild(dir.path(), "b.000002", vec![lying], &order);
         assert!(lying.unwrap_err().contains("refused"));
+    }
+
+    #[test]
+    fn a_taken_over_archive_is_rebuilt_from_its_contiguous_files() {
+        let s = |f: &str, a: u64, b: u64| (f.to_string(), a, b);
+        // b.000002 has a gap: the run that reaches the newest file starts at b.000003.
+        let segs = vec![
+            s("b.000001", 0, 10),
+            s("b.000002", 0, 10),
+            s("b.000002", 20, 30),
+            s("b.000003", 0, 10),
+            s("b.000003", 10, 25),
+            s("b.000004", 0, 5),
+        ];
+        assert_eq!(contiguous_from(&segs, &order).as_deref(), Some("b.000003"));
+        // A file missing breaks the run too.
+        let segs = vec![s("b.000001", 0, 10), s("b.000003", 0, 10)];
+        assert_eq!(contiguous_from(&segs, &order).as_deref(), Some("b.000003"));
+        let segs = vec![s("b.000001", 0, 10), s("b.000002", 0, 10)];
+        assert_eq!(contiguous_from(&segs, &order).as_deref(), Some("b.000001"));
+        // The newest file stored from the middle only: nothing to rebuild from.
+        assert_eq!(contiguous_from(&[s("b.000005", 4, 9)], &order), None);
+        assert_eq!(contiguous_from(&[], &order), None);
+    }
+
+    #[test]
+    fn a_paused_archive_resumes_as_a_new_period_from_where_it_stopped() {
+        struct Grows(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl ChangeLog for Grows {
+            fn files(&self) -> Result<Vec<String>, String> {
+                Ok(vec!["b.000001".into()])
+            }
+            fn read_complete(&mut self, _: &str, from: u64, _: usize) -> Result<Chunk, String> {
+                let all = self.0.lock().unwrap();
+                let bytes = all[from as usize..].to_vec();
+                Ok(Chunk {
+                    boundaries: vec![(all.len() as u64, 0)],
+                    first_position: format!("0-1-{}", from + 1),
+                    last_position: format!("0-1-{}", all.len()),
+                    bytes,
+                })
+            }
+            fn is_change_file(&self, _: &Path) -> bool {
+                true
+            }
+            fn path(&self, f: &str) -> std::path::PathBuf {
+                f.into()
+            }
+        }
+        let log = std::sync::Arc::new(std::sync::Mutex::new(vec![1u8; 4]));
+        let mut a = Archiver::new(
+            Box::new(Grows(log.clone())),
+            Ledger::default(),
+            Duration::from_secs(3600),
+        );
+        a.observe().unwrap();
+        a.shipped();
+        log.lock().unwrap().extend([2u8; 6]);
+        a.observe().unwrap();
+        // Read, not cut yet (the ship interval is long): the pause cuts it to be stored.
+        assert!(a.next_ready().is_none());
+        assert!(a.pause());
+        assert!(!a.pause(), "said once");
+        a.shipped();
+        assert_eq!(a.ledger.pos, 10);
+        assert_eq!(a.ledger.first_position, "0-1-1");
+        assert_eq!(a.ledger.last_position, "0-1-10");
+        let since = a.ledger.since_us;
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(a.resume());
+        assert!(a.ledger.since_us > since);
+        assert_eq!(a.ledger.first_position, "");
+        assert_eq!((a.ledger.file.as_str(), a.ledger.pos), ("b.000001", 10));
     }
 }

@@ -107,7 +107,7 @@ impl ChangeLog for WalLog {
         // No transaction boundaries to report: the server's recovery stops at a record.
         Ok(Chunk {
             bytes,
-            boundaries: vec![],
+            ..Default::default()
         })
     }
 
