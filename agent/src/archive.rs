@@ -431,12 +431,31 @@ pub async fn roll_forward(
     );
     let work = tokio::task::spawn_blocking(move || -> Result<String, String> {
         let sources = Arc::new(sources);
-        let stored_of = |owner: &str| -> Vec<archive::Stored> {
+        // A source's segments of one stream: the backup file's for the first source, the
+        // newest one's for the others (a source's own files are one stream while it is one).
+        let stored_of = |owner: &str, first: bool| -> Vec<archive::Stored> {
+            let mine: Vec<(String, u64, u64, &v1::ArchiveSegment)> = target
+                .segments
+                .iter()
+                .filter(|s| s.instance_id == owner)
+                .filter_map(|s| {
+                    let (f, a, b) = archive::parse_segment_key(&s.key)?;
+                    Some((f, a, b, s))
+                })
+                .collect();
+            let stream = if first {
+                start_file.clone()
+            } else {
+                mine.iter()
+                    .map(|x| x.0.clone())
+                    .max_by_key(|f| replay.order(f))
+                    .unwrap_or_default()
+            };
             let mut stored = vec![];
-            for s in target.segments.iter().filter(|s| s.instance_id == owner) {
-                let Some((file, start, end)) = archive::parse_segment_key(&s.key) else {
+            for (file, start, end, s) in mine {
+                if !replay.same_stream(&file, &stream) {
                     continue;
-                };
+                }
                 let (sources, owner, key) = (sources.clone(), s.instance_id.clone(), s.key.clone());
                 stored.push(archive::Stored {
                     file,
@@ -479,7 +498,7 @@ pub async fn roll_forward(
             for (i, (owner, _)) in members.iter().enumerate() {
                 let last = i + 1 == members.len();
                 let mdir = dir.join(i.to_string());
-                let segs = stored_of(owner);
+                let segs = stored_of(owner, i == 0);
                 let from_file = if i == 0 {
                     start_file.clone()
                 } else {
@@ -493,6 +512,67 @@ pub async fn roll_forward(
                 };
                 let rebuilt = archive::rebuild(&mdir, &from_file, segs, &order)?;
                 mib += rebuilt.files.iter().map(|(_, end)| end).sum::<u64>() as f64 / 1048576.0;
+                if replay.before_start() && members.len() > 1 {
+                    // The server's own recovery follows the change of source: each source's
+                    // files up to the next one's first (which holds the rest of that segment
+                    // as the next source had it); the last one's to the target.
+                    let from_at = if i == 0 {
+                        (start_file.clone(), start_pos)
+                    } else {
+                        (from_file.clone(), 0)
+                    };
+                    let stop = if !last {
+                        let next = stored_of(&members[i + 1].0, false);
+                        let keys: Vec<(String, u64, u64)> = next
+                            .iter()
+                            .map(|s| (s.file.clone(), s.start, s.end))
+                            .collect();
+                        let next_first = archive::contiguous_from(&keys, &order).ok_or_else(|| {
+                            format!("the archive of instance {}, which became the source, holds nothing to replay", members[i + 1].0)
+                        })?;
+                        let reaches = rebuilt.files.last().is_some_and(|(f, end)| {
+                            order(f) >= order(&next_first)
+                                || (order(f) + 1 == order(&next_first)
+                                    && *end >= replay.file_size().unwrap_or(u64::MAX))
+                        });
+                        if !reaches {
+                            return Err(format!(
+                                "the archive of instance {owner} ends before {next_first}, where the next source's begins: a hole at the change of source"
+                            ));
+                        }
+                        Some((next_first, 0))
+                    } else if target.time_unix_us > 0 {
+                        archive::stop_at_time(
+                            &rebuilt,
+                            (&from_at.0, from_at.1),
+                            target.time_unix_us,
+                            &order,
+                        )
+                        .or_else(|| replay.switch_point(&rebuilt))
+                        .or(Some((from_at.0.clone(), from_at.1)))
+                    } else if !target.position.is_empty() {
+                        Some(
+                            replay
+                                .stop_at_position(&rebuilt, &mdir, &target.position)?
+                                .ok_or_else(|| {
+                                    format!("the archive holds no position {}", target.position)
+                                })?,
+                        )
+                    } else {
+                        None
+                    };
+                    replay
+                        .replay(
+                            &bctx,
+                            &mdir,
+                            &rebuilt,
+                            (&from_at.0, from_at.1),
+                            stop.clone(),
+                        )
+                        .map_err(|e| e.to_string())?;
+                    last_stop = stop.or(Some(from_at));
+                    continue;
+                }
                 let from_at = if i == 0 {
                     if !last {
                         done = replay.last_position(

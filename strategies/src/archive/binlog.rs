@@ -539,7 +539,7 @@ mod tests {
         std::fs::write(dir.path().join("b.000002"), &f).unwrap();
         let rebuilt = Rebuilt {
             files: vec![("b.000002".into(), f.len() as u64)],
-            marks: vec![],
+            ..Default::default()
         };
         let r = BinlogReplay::default();
         let at = |p: &str| r.resume_after(&rebuilt, dir.path(), p);

@@ -39,6 +39,10 @@ pub struct SegmentHeader {
     pub first_position: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub last_position: String,
+    /// Small files the datastore needs beside the change files to replay them, `(name,
+    /// content)` (PostgreSQL: the timeline's history), carried by a file's first segment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub companions: Vec<(String, String)>,
 }
 
 pub use coffer_common::archive::{parse_segment_key, segment_key};
@@ -110,6 +114,10 @@ pub trait ChangeLog: Send {
     fn is_change_file(&self, path: &Path) -> bool;
     /// Where a change file is.
     fn path(&self, file: &str) -> std::path::PathBuf;
+    /// The small files a replay of `file` needs beside it, `(name, content)`.
+    fn companions(&self, _file: &str) -> Vec<(String, String)> {
+        vec![]
+    }
 }
 
 /// Complete transactions read from a change file.
@@ -329,6 +337,7 @@ impl Archiver {
                         start: 0,
                         end: self.read_pos,
                         marks: std::mem::take(&mut self.file_marks),
+                        companions: self.log.companions(&self.read_file),
                         ..Default::default()
                     };
                     self.ready.push_back(Job::Whole {
@@ -362,6 +371,11 @@ impl Archiver {
     /// Cuts what is pending into a segment waiting to be stored.
     fn cut(&mut self) {
         let (first_position, last_position) = std::mem::take(&mut self.pending_positions);
+        let companions = if self.pending_start == 0 {
+            self.log.companions(&self.read_file)
+        } else {
+            vec![]
+        };
         let header = SegmentHeader {
             file: self.read_file.clone(),
             start: self.pending_start,
@@ -369,6 +383,7 @@ impl Archiver {
             marks: std::mem::take(&mut self.marks),
             first_position,
             last_position,
+            companions,
         };
         self.file_marks.extend_from_slice(&header.marks);
         self.file_segments += 1;
@@ -492,6 +507,8 @@ pub struct Rebuilt {
     /// The files in order, each complete from its first byte up to `end`.
     pub files: Vec<(String, u64)>,
     pub marks: Vec<(String, i64, u64)>,
+    /// The companions the segments carried, `(name, content)`, each name once.
+    pub companions: Vec<(String, String)>,
 }
 
 /// A stored segment as its key names it, opened only when its turn comes.
@@ -585,6 +602,11 @@ pub fn rebuild(
         *end = h.end;
         out.marks
             .extend(h.marks.iter().map(|(t, p)| (h.file.clone(), *t, *p)));
+        for c in h.companions {
+            if !out.companions.iter().any(|(n, _)| *n == c.0) {
+                out.companions.push(c);
+            }
+        }
     }
     if let Some((f, _, end)) = current.take() {
         out.files.push((f, end));
@@ -697,6 +719,20 @@ pub trait Replay: Send + Sync {
         _upto: Option<&(String, u64)>,
     ) -> Result<Option<String>, String> {
         Ok(None)
+    }
+    /// Where the newest stream of `rebuilt` branched from the one before (None: it did not, or
+    /// the datastore's files do not say): a replay of it holds at least that much.
+    fn switch_point(&self, _rebuilt: &Rebuilt) -> Option<(String, u64)> {
+        None
+    }
+    /// The size every closed change file has (None: they vary).
+    fn file_size(&self) -> Option<u64> {
+        None
+    }
+    /// Whether two change files are of one stream (files of different streams never follow
+    /// each other: PostgreSQL's timelines).
+    fn same_stream(&self, _a: &str, _b: &str) -> bool {
+        true
     }
     /// Whether the replay goes into the restored data directory before the server's first
     /// start (the server's own recovery replays it), rather than into the running server.

@@ -49,6 +49,37 @@ pub fn lsn_file(tli: &str, lsn: &str) -> Option<(String, u64)> {
     ))
 }
 
+/// The LSN (`X/Y`) of `offset` in WAL file `file`.
+pub fn file_lsn(file: &str, offset: u64) -> String {
+    let v = segno(file) * SEGMENT + offset;
+    format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
+}
+
+/// The timeline of a WAL file's name (its first eight hex digits).
+pub fn timeline(file: &str) -> u32 {
+    file.get(..8)
+        .and_then(|t| u32::from_str_radix(t, 16).ok())
+        .unwrap_or(0)
+}
+
+/// The history files recovery needs to follow `newest` (the content of the newest timeline's
+/// history file, `tli`): each timeline's file from 2 up, the older ones being the first lines
+/// of the newest (a history file lists every switch before its timeline).
+pub fn histories(tli: u32, newest: &str) -> Vec<(String, String)> {
+    let lines: Vec<&str> = newest
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .collect();
+    (2..=tli)
+        .map(|t| {
+            let upto = (t as usize - 1).min(lines.len());
+            let mut text = lines[..upto].join("\n");
+            text.push('\n');
+            (format!("{t:08X}.history"), text)
+        })
+        .collect()
+}
+
 /// The WAL in a data directory's `pg_wal`.
 pub struct WalLog {
     dir: PathBuf,
@@ -104,8 +135,12 @@ impl ChangeLog for WalLog {
         f.take(want)
             .read_to_end(&mut bytes)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        // No transaction boundaries to report: the server's recovery stops at a record.
+        // No transaction boundaries to report: the server's recovery stops at a record. The
+        // positions are the LSNs the bytes span.
+        let end = from + bytes.len() as u64;
         Ok(Chunk {
+            first_position: file_lsn(file, from),
+            last_position: file_lsn(file, end),
             bytes,
             ..Default::default()
         })
@@ -121,6 +156,18 @@ impl ChangeLog for WalLog {
 
     fn path(&self, file: &str) -> PathBuf {
         self.dir.join(file)
+    }
+
+    /// A file of a timeline after the first needs its history to be replayed.
+    fn companions(&self, file: &str) -> Vec<(String, String)> {
+        let tli = timeline(file);
+        if tli < 2 {
+            return vec![];
+        }
+        let name = format!("{tli:08X}.history");
+        std::fs::read_to_string(self.dir.join(&name))
+            .map(|text| vec![(name, text)])
+            .unwrap_or_default()
     }
 }
 
@@ -155,6 +202,27 @@ impl Replay for WalReplay {
         true
     }
 
+    fn switch_point(&self, rebuilt: &Rebuilt) -> Option<(String, u64)> {
+        let (first, _) = rebuilt.files.first()?;
+        let tli = timeline(first);
+        let name = format!("{tli:08X}.history");
+        let (_, text) = rebuilt.companions.iter().find(|(n, _)| *n == name)?;
+        // The last line: the parent timeline and the LSN this one branched at.
+        let line = text
+            .lines()
+            .rfind(|l| !l.trim().is_empty() && !l.starts_with('#'))?;
+        let lsn = line.split_whitespace().nth(1)?;
+        lsn_file(&first[..8], lsn)
+    }
+
+    fn file_size(&self) -> Option<u64> {
+        Some(SEGMENT)
+    }
+
+    fn same_stream(&self, a: &str, b: &str) -> bool {
+        timeline(a) == timeline(b)
+    }
+
     fn replay(
         &self,
         ctx: &BackupCtx,
@@ -170,9 +238,13 @@ impl Replay for WalReplay {
             }
             let upto = match &stop {
                 Some((f, _)) if segno(file) > segno(f) => break,
-                Some((f, p)) if f == file => (*p).min(*end),
+                Some((f, p)) if segno(f) == segno(file) => (*p).min(*end),
                 _ => *end,
             };
+            if upto == 0 && file != from.0 {
+                // Cut at its start: the next source's file of that segment follows.
+                break;
+            }
             let tmp = wal.join(format!("{file}.coffer"));
             {
                 let mut out = std::fs::File::create(&tmp)?;
@@ -192,6 +264,47 @@ impl Replay for WalReplay {
             }
             std::fs::rename(&tmp, wal.join(file))?;
         }
+        // Files of a later timeline than the backup's (a restore across a change of source):
+        // the history files, and an archive recovery that follows them to the newest timeline
+        // (a crash recovery stays on the backup's). Nothing comes from an archive: the files
+        // are in pg_wal.
+        let newest = rebuilt
+            .companions
+            .iter()
+            .filter_map(|(n, c)| {
+                let tli = u32::from_str_radix(n.strip_suffix(".history")?, 16).ok()?;
+                Some((tli, c))
+            })
+            .max_by_key(|(t, _)| *t);
+        let started_on = std::fs::read_to_string(ctx.data_dir.join("backup_label"))
+            .ok()
+            .and_then(|l| {
+                l.lines()
+                    .find_map(|x| x.strip_prefix("START TIMELINE:"))
+                    .and_then(|t| t.trim().parse::<u32>().ok())
+            })
+            .unwrap_or_else(|| timeline(from.0));
+        if let Some((tli, text)) = newest.filter(|(t, _)| *t > started_on) {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(&wal)?;
+            for (name, content) in histories(tli, text) {
+                let p = wal.join(&name);
+                if !p.exists() {
+                    std::fs::write(&p, content)?;
+                    let _ = std::os::unix::fs::chown(&p, Some(m.uid()), Some(m.gid()));
+                }
+            }
+            let signal = ctx.data_dir.join("recovery.signal");
+            std::fs::write(&signal, b"")?;
+            let _ = std::os::unix::fs::chown(&signal, Some(m.uid()), Some(m.gid()));
+            let auto = ctx.data_dir.join("postgresql.auto.conf");
+            let mut conf = std::fs::read_to_string(&auto).unwrap_or_default();
+            if !conf.contains("restore_command") {
+                conf.push_str("restore_command = 'false'\n");
+                std::fs::write(&auto, conf)?;
+                let _ = std::os::unix::fs::chown(&auto, Some(m.uid()), Some(m.gid()));
+            }
+        }
         Ok(())
     }
 }
@@ -199,6 +312,19 @@ impl Replay for WalReplay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_timeline_gets_its_history_from_the_newest() {
+        let newest = "1\t0/3000148\tno recovery target specified\n\n2\t0/5000000\tno recovery target specified\n";
+        let h = histories(3, newest);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].0, "00000002.history");
+        assert_eq!(h[0].1, "1\t0/3000148\tno recovery target specified\n");
+        assert_eq!(h[1].0, "00000003.history");
+        assert_eq!(h[1].1.lines().count(), 2);
+        assert_eq!(file_lsn("000000020000000000000005", 0x148), "0/5000148");
+        assert_eq!(timeline("000000020000000000000005"), 2);
+    }
 
     #[test]
     fn names_numbers_and_lsns_agree() {

@@ -1152,6 +1152,20 @@ impl Datastore for Postgresql {
     }
 
     async fn finish_first_start(&self) -> Result<(), DatastoreError> {
+        // A restore across a change of source runs an archive recovery (to the newest
+        // timeline): the server answers read-only meanwhile; it is ready once recovery ended
+        // (the server removes the signal file then).
+        let signal = self.data_dir().join("recovery.signal");
+        let archive_recovery = signal.exists();
+        while signal.exists() {
+            self.in_recovery().await?;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        if archive_recovery {
+            // The restore's placeholder is not this server's setting.
+            self.exec("ALTER SYSTEM RESET restore_command").await?;
+            self.exec("SELECT pg_reload_conf()").await?;
+        }
         if !self.reset_marker().exists() || self.in_recovery().await? {
             // A standby keeps the primary's password for the agent's role: trusted until
             // promoted.
