@@ -24,6 +24,27 @@ async fn backed_up(env: &Env, id: &str) -> String {
     bid
 }
 
+/// `GET /metrics` with `auth` (a header and its value): the status and the text.
+async fn metrics(env: &Env, auth: Option<(&str, String)>) -> (StatusCode, String) {
+    let mut rb = env
+        .http
+        .get(format!("http://127.0.0.1:{}/metrics", env.api_port));
+    if let Some((h, v)) = auth {
+        rb = rb.header(h, v);
+    }
+    let resp = rb.send().await.unwrap();
+    (resp.status(), resp.text().await.unwrap())
+}
+
+/// The value of metric `name` for `instance` in a scrape's text.
+fn metric(text: &str, name: &str, instance: &str) -> Option<f64> {
+    let label = format!("instance=\"{instance}\"");
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// The niceness of process `pid` (field 19 of /proc/<pid>/stat).
 fn nice_of(pid: i32) -> Option<i64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -330,6 +351,30 @@ async fn a_drill_of_a_tampered_backup_fails_says_why_and_faults_the_instance() {
     );
     assert_eq!(i["recovery"]["drill"]["status"], "FAILED");
     assert_eq!(i["recovery"]["drill"]["failed_checks"], json!(["restore"]));
+    // The operator's metrics say so (a Prometheus scrape sends a bearer token); a tenant's
+    // token and no token are refused.
+    let bearer = Some(("Authorization", format!("Bearer {}", env.admin_token)));
+    let (st, text) = metrics(&env, bearer.clone()).await;
+    assert_eq!(st, StatusCode::OK, "{text}");
+    assert_eq!(
+        metric(&text, "coffer_restore_drill_last_passed", &id),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "coffer_restore_drill_last_finished_timestamp_seconds",
+            &id
+        )
+        .is_some(),
+        "{text}"
+    );
+    let (st, text) = metrics(&env, Some(("X-Auth-Token", env.token.clone()))).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{text}");
+    assert!(!text.contains("coffer_"), "{text}");
+    let (st, _) = metrics(&env, None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
     // The report of a failed drill is signed too.
     let file = env.dir.path().join("failed.json");
     std::fs::write(&file, v.to_string()).unwrap();
@@ -343,6 +388,16 @@ async fn a_drill_of_a_tampered_backup_fails_says_why_and_faults_the_instance() {
     assert_eq!(v["restore_drill"]["status"], "PASSED", "{v}");
     let (_, view) = env.show(&id).await;
     assert!(view["instance"]["fault"].is_null(), "{view}");
+    let (_, text) = metrics(&env, bearer).await;
+    assert_eq!(
+        metric(&text, "coffer_restore_drill_last_passed", &id),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        metric(&text, "coffer_restore_drill_last_rto_seconds", &id).is_some_and(|s| s > 0.0),
+        "{text}"
+    );
     // No throwaway is left behind, failed or passed.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

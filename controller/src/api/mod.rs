@@ -12,6 +12,7 @@ mod drills;
 pub mod enrol;
 pub(crate) mod instances;
 mod logs;
+mod metrics;
 mod modules;
 mod parse;
 mod quotas;
@@ -372,6 +373,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/", get(versions))
         .route("/v1.0", get(version))
         .route("/v1.0/", get(version))
+        .route("/metrics", get(metrics::scrape))
         .route("/v1.0/agents/enrol", post(enrol::enrol))
         .route(&p("/mgmt/enrolment-tokens"), post(enrol::create))
         .route(&p("/flavors"), get(catalog::list_flavors))

@@ -87,6 +87,19 @@ impl Store {
         .await?)
     }
 
+    /// The newest finished drill of every live instance that has one.
+    pub async fn latest_finished_drills(&self) -> anyhow::Result<Vec<DrillRow>> {
+        Ok(sqlx::query_as(
+            "SELECT d.* FROM restore_drills d JOIN instances i ON i.id = d.instance_id \
+             WHERE i.deleted = FALSE AND d.status <> 'RUNNING' AND d.finished IS NOT NULL \
+             AND NOT EXISTS (SELECT 1 FROM restore_drills e WHERE e.instance_id = d.instance_id \
+             AND e.status <> 'RUNNING' AND e.finished IS NOT NULL \
+             AND (e.finished > d.finished OR (e.finished = d.finished AND e.id > d.id)))",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Drills running anywhere (drills run one at a time, so they do not starve tenants).
     pub async fn running_drills(&self) -> anyhow::Result<Vec<DrillRow>> {
         Ok(
