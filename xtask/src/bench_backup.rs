@@ -11,7 +11,7 @@
 //!
 //! Prints MB/s, ratios and the agent's peak RSS. Figures, not assertions.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -154,6 +154,69 @@ fn agent_pid(tmp: &Path, id: &str) -> anyhow::Result<i32> {
     )
 }
 
+/// A Coffer PostgreSQL instance's server, reached as its admin with `psql`.
+pub(crate) struct PgAdmin {
+    pub root: PathBuf,
+    pub port: String,
+    pub socket_dir: String,
+    pub password: String,
+    /// The server's tools.
+    pub bin: String,
+}
+
+impl PgAdmin {
+    pub(crate) fn of(tmp: &Path, id: &str) -> anyhow::Result<PgAdmin> {
+        let root = tmp.join("instances").join(id).join("state/postgresql");
+        let password = std::fs::read_to_string(root.join("admin.password"))?
+            .trim()
+            .to_string();
+        let conf = std::fs::read_to_string(root.join("postgresql.conf"))?;
+        let setting = |name: &str| -> String {
+            conf.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} = ")))
+                .unwrap_or("")
+                .trim_matches('\'')
+                .to_string()
+        };
+        let bin = crate::env::postgresql()
+            .map(|(_, bin)| bin.display().to_string())
+            .context("PostgreSQL is installed")?;
+        Ok(PgAdmin {
+            port: setting("port"),
+            socket_dir: setting("unix_socket_directories"),
+            root,
+            password,
+            bin,
+        })
+    }
+
+    /// Runs `sql` as the admin (its password in the command's environment); returns what it
+    /// printed (unaligned, tuples only).
+    pub(crate) fn psql(&self, sql: &str) -> anyhow::Result<String> {
+        let out = Command::new(format!("{}/psql", self.bin))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port,
+                "-U",
+                "coffer_admin",
+                "-d",
+                "postgres",
+            ])
+            .args(["-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .env("PGPASSWORD", &self.password)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "psql -c failed: {sql}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
 fn bench_postgresql(
     tools: &env::Tools,
     bins: &Path,
@@ -164,46 +227,10 @@ fn bench_postgresql(
     let coffer = Bench::start(tools, bins, tmp, &extra)?;
     let (id, _) = coffer.create(json!({"instance": {"name": "pg", "flavorRef": "3",
         "volume": {"size": 20}, "datastore": {"type": "postgresql"}}}))?;
-    let root = tmp.join("instances").join(&id).join("state/postgresql");
-    let data = root.join("data");
-    let password = std::fs::read_to_string(root.join("admin.password"))?
-        .trim()
-        .to_string();
-    let conf = std::fs::read_to_string(root.join("postgresql.conf"))?;
-    let setting = |name: &str| -> String {
-        conf.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} = ")))
-            .unwrap_or("")
-            .trim_matches('\'')
-            .to_string()
-    };
-    let port = setting("port");
-    let socket_dir = setting("unix_socket_directories");
-    let pg_bin = crate::env::postgresql()
-        .map(|(_, bin)| bin.display().to_string())
-        .context("PostgreSQL is installed")?;
-    // The admin's password reaches the tools through the environment of these commands.
-    let psql = |sql: &str| -> anyhow::Result<()> {
-        let st = Command::new(format!("{pg_bin}/psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "coffer_admin",
-                "-d",
-                "postgres",
-            ])
-            .args(["-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .env("PGPASSWORD", &password)
-            .stdout(Stdio::null())
-            .status()?;
-        if !st.success() {
-            bail!("psql -c failed: {sql}");
-        }
-        Ok(())
-    };
+    let pg = PgAdmin::of(tmp, &id)?;
+    let data = pg.root.join("data");
+    let (port, socket_dir, password, pg_bin) = (&pg.port, &pg.socket_dir, &pg.password, &pg.bin);
+    let psql = |sql: &str| pg.psql(sql).map(|_| ());
     env::step(&format!("generating about {size_mb} MB of data"));
     psql("CREATE TABLE t (id bigserial PRIMARY KEY, a text, b text)")?;
     while du(&data) < size_mb << 20 {
@@ -228,7 +255,7 @@ fn bench_postgresql(
             "{pg_bin}/pg_basebackup -h 127.0.0.1 -p {port} -U coffer_admin -D - -Ft -X fetch --checkpoint=fast | zstd -1 -q > {}",
             floor_file.display()
         ))
-        .env("PGPASSWORD", &password)
+        .env("PGPASSWORD", password)
         .status()?;
     if !st.success() {
         bail!("the pg_basebackup floor failed");
@@ -236,7 +263,7 @@ fn bench_postgresql(
     let floor = t0.elapsed().as_secs_f64();
     let floor_size = std::fs::metadata(&floor_file)?.len() as f64 / (1 << 20) as f64;
 
-    let pgbr = pgbackrest(tmp, &data, &port, &socket_dir, &password);
+    let pgbr = pgbackrest(tmp, &data, port, socket_dir, password);
     if let Err(e) = &pgbr {
         eprintln!("  pgBackRest peer skipped: {e:#}");
     }

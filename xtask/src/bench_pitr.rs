@@ -4,7 +4,11 @@
 //! - the agent's CPU and peak RSS while it archives;
 //! - replay: a restore to the latest time replays about N MB of changes (fetched, unsealed,
 //!   rebuilt and replayed by the agent) against the floor, `mariadb-binlog | mariadb` of the
-//!   source's own binary log into a restore of the same backup.
+//!   source's own binary log into a restore of the same backup;
+//! - PostgreSQL's replay: a restore to the latest time over about N MB of WAL (create → ACTIVE,
+//!   less a restore of the same backup without a time) against the floor, the server's own
+//!   recovery of the same WAL (a `pg_basebackup` taken beside the backup, the source's WAL
+//!   files put in its `pg_wal`, started until it answers).
 //!
 //! Release binaries. Figures, not assertions.
 
@@ -36,7 +40,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         }
     }
     with_release("coffer-bench-pitr", smoke, |tools, bins, tmp| {
-        bench(tools, bins, tmp, size_mb, seconds)
+        let dir = tmp.join("mariadb");
+        std::fs::create_dir_all(&dir)?;
+        bench(tools, bins, &dir, size_mb, seconds)?;
+        let dir = tmp.join("postgresql");
+        std::fs::create_dir_all(&dir)?;
+        bench_postgresql(tools, bins, &dir, size_mb)
     })
 }
 
@@ -280,6 +289,187 @@ fn bench(
     println!(
         "  replay of {mib:.0} MiB of changes: Coffer {replay_s:.2} s (restore to time, create → ACTIVE {pitr_s:.1} s)  floor {floor_s:.2} s  → {:.2}× the floor's speed (target ≥ 0.9)",
         floor_s / replay_s.max(1e-6)
+    );
+    println!("  rows: source {rows}, restored to time {prows}, floor {frows}");
+    if rows != prows || rows != frows {
+        bail!("the restores do not hold the source's rows: source {rows}, restored {prows}, floor {frows}");
+    }
+    coffer.stop();
+    Ok(())
+}
+
+/// PostgreSQL: Coffer's restore to the latest time against the server's own recovery of the
+/// same WAL.
+fn bench_postgresql(
+    tools: &env::Tools,
+    bins: &Path,
+    tmp: &Path,
+    size_mb: u64,
+) -> anyhow::Result<()> {
+    use crate::bench_backup::PgAdmin;
+    let (_, extra) = crate::bench_backup::backup_config(tmp)?;
+    let coffer = Bench::start(tools, bins, tmp, &extra)?;
+    let pg_type = json!({"type": "postgresql"});
+    let (src, _) = coffer.create(json!({"instance": {"name": "pg-src", "flavorRef": "3",
+        "volume": {"size": 10}, "datastore": pg_type}}))?;
+    let pg = PgAdmin::of(tmp, &src)?;
+    pg.psql("CREATE TABLE big (id bigserial PRIMARY KEY, b text)")?;
+    env::step(
+        "Coffer backup, and the floor's base beside it (pg_basebackup, a slot keeping the WAL)",
+    );
+    let (_, _, bid) = crate::bench_backup::coffer_backup(&coffer, &src)?;
+    let floor_dir = tmp.join("floor-data");
+    let st = Command::new(format!("{}/pg_basebackup", pg.bin))
+        .args(["-h", "127.0.0.1", "-p", &pg.port, "-U", "coffer_admin"])
+        .arg("-D")
+        .arg(&floor_dir)
+        .args([
+            "-Fp",
+            "-X",
+            "stream",
+            "--checkpoint=fast",
+            "-C",
+            "-S",
+            "bench_floor",
+        ])
+        .env("PGPASSWORD", &pg.password)
+        .status()?;
+    if !st.success() {
+        bail!("the floor's pg_basebackup failed");
+    }
+
+    env::step(&format!("writing about {size_mb} MB of changes"));
+    // About 200 bytes of WAL a row, at most 200,000 rows a statement.
+    let mut left = (size_mb * 1_000_000 / 200).max(1000);
+    while left > 0 {
+        let n = left.min(200_000);
+        pg.psql(&format!(
+            "INSERT INTO big (b) SELECT md5(random()::text) || md5(random()::text) || md5(random()::text) \
+             || md5(random()::text) FROM generate_series(1, {n})"
+        ))?;
+        left -= n;
+    }
+    let rows = pg.psql("SELECT count(*) FROM big")?;
+    let acked = now_us() / 1000;
+    let latest = loop {
+        let v = get(&coffer, &src)?;
+        if rfc3339_ms(&v["recovery"]["latest"]).is_some_and(|l| l >= acked) {
+            break v["recovery"]["latest"].clone();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    env::step("Coffer: a restore of the backup as it is, then one to the latest restorable time");
+    let (_, plain_s) = coffer.create(json!({"instance": {"name": "pg-plain", "flavorRef": "3",
+        "volume": {"size": 10}, "datastore": pg_type, "restorePoint": {"backupRef": bid}}}))?;
+    let (pitr, pitr_s) = coffer.create(json!({"instance": {"name": "pg-pitr", "flavorRef": "3",
+        "volume": {"size": 10}, "datastore": pg_type,
+        "restorePoint": {"backupRef": bid, "restore_time": latest}}}))?;
+    let log = std::fs::read_to_string(tmp.join("instances").join(&pitr).join("agent.log"))
+        .unwrap_or_default();
+    let mib: f64 = log
+        .lines()
+        .find(|l| l.contains("rolled forward"))
+        .and_then(|l| l.split('(').nth(1))
+        .and_then(|x| x.split(' ').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0.0);
+    let prows = PgAdmin::of(tmp, &pitr)?.psql("SELECT count(*) FROM big")?;
+    let replay_s = (pitr_s - plain_s).max(1e-3);
+
+    env::step("the floor: the server's own recovery of the same WAL");
+    let wal = pg.root.join("data").join("pg_wal");
+    let fwal = floor_dir.join("pg_wal");
+    for e in std::fs::read_dir(&wal)?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.len() == 24 && !fwal.join(&name).exists() {
+            std::fs::copy(e.path(), fwal.join(&name))?;
+        }
+    }
+    pg.psql("SELECT pg_drop_replication_slot('bench_floor')")?;
+    let _ = std::fs::remove_file(floor_dir.join("postgresql.auto.conf"));
+    std::fs::write(floor_dir.join("postgresql.conf"), "")?;
+    std::fs::write(floor_dir.join("pg_hba.conf"), "local all all trust\n")?;
+    std::fs::write(floor_dir.join("pg_ident.conf"), "")?;
+    let chown = |p: &Path| {
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(p)
+            .status()
+    };
+    chown(&floor_dir)?;
+    let port = crate::bench::free_port().to_string();
+    let sock = floor_dir.display().to_string();
+    let as_pg = |tool: &str| {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"])
+            .arg(format!("{}/{tool}", pg.bin));
+        c
+    };
+    let t = Instant::now();
+    let mut server = as_pg("postgres")
+        .arg("-D")
+        .arg(&floor_dir)
+        .args([
+            "-c",
+            &format!("port={port}"),
+            "-c",
+            &format!("unix_socket_directories={sock}"),
+        ])
+        .args(["-c", "listen_addresses=", "-c", "max_wal_size=4GB"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(tmp.join("floor-postgres.log"))?)
+        .spawn()?;
+    let floor_s = loop {
+        let ready = as_pg("pg_isready")
+            .args(["-q", "-h", &sock, "-p", &port])
+            .status()?
+            .success();
+        if ready {
+            break t.elapsed().as_secs_f64();
+        }
+        if let Some(st) = server.try_wait()? {
+            bail!("the floor's server ended ({st}); see floor-postgres.log");
+        }
+        if t.elapsed() > Duration::from_secs(1800) {
+            bail!("the floor's recovery did not end in 30 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = as_pg("psql")
+        .args([
+            "-h",
+            &sock,
+            "-p",
+            &port,
+            "-U",
+            "coffer_admin",
+            "-d",
+            "postgres",
+        ])
+        .args(["-A", "-t", "-c"])
+        .arg("SELECT count(*) FROM big")
+        .output()?;
+    let frows = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() {
+        eprintln!(
+            "  counting the floor's rows failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let _ = as_pg("pg_ctl")
+        .arg("-D")
+        .arg(&floor_dir)
+        .args(["-m", "fast", "-w", "stop"])
+        .stdout(Stdio::null())
+        .status();
+    let _ = server.wait();
+
+    println!();
+    println!("pitr, PostgreSQL ({})", crate::bench::build_label(bins));
+    println!(
+        "  replay of {mib:.0} MiB of WAL: Coffer {replay_s:.2} s (restore to time {pitr_s:.1} s − restore as is {plain_s:.1} s)  floor {floor_s:.2} s (its own recovery)  → {:.2}× the floor's speed (target ≥ 0.9)",
+        floor_s / replay_s
     );
     println!("  rows: source {rows}, restored to time {prows}, floor {frows}");
     if rows != prows || rows != frows {
