@@ -76,6 +76,22 @@ pub fn info(ctx: &Ctx) -> Option<v1::ArchiveInfo> {
     ctx.archive.lock().ok().and_then(|a| a.clone())
 }
 
+/// Waits (a few seconds at most) until the archive runs, when it is configured and this
+/// instance is a source: a backup that starts the archive (it brings the key) is then covered
+/// by it, however late a busy host runs the archive's first look.
+pub async fn wait_started(ctx: &Ctx) {
+    let configured = ctx.cfg.backup.as_ref().is_some_and(|b| b.archive)
+        && ctx.cfg.datastore.datastore().archives_changes()
+        && crate::replication::role(ctx) != "replica";
+    if !configured {
+        return;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while info(ctx).is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// When a backup whose position is in `file` is covered by the running archive: the time the
 /// archive has been continuous since (unix ms), else 0.
 pub fn covering_since(ctx: &Ctx, file: &str) -> i64 {
@@ -88,7 +104,12 @@ pub fn covering_since(ctx: &Ctx, file: &str) -> i64 {
     let Some(replay) = ctx.ds.replay() else {
         return 0;
     };
-    if l.since_us == 0 || file.is_empty() || replay.order(file) < replay.order(&l.first_file) {
+    // A paused archive (the instance became a replica) covers nothing taken since.
+    if l.since_us == 0
+        || l.paused
+        || file.is_empty()
+        || replay.order(file) < replay.order(&l.first_file)
+    {
         return 0;
     }
     l.since_us / 1000
@@ -368,6 +389,18 @@ fn store_ready(
     })
 }
 
+/// Refuses a replay to a time after the last mark before a hole (None: to the end), when a
+/// hole cut the rebuilt files short.
+fn refuse_past_hole(rebuilt: &archive::Rebuilt, time_us: Option<i64>) -> Result<(), String> {
+    match (&rebuilt.hole, time_us) {
+        (Some(why), None) => Err(format!("{why}; restore to a time before it")),
+        (Some(why), Some(t)) if t > rebuilt.last_mark() => {
+            Err(format!("{why}; restore to a time before it"))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn persist(path: &std::path::Path, ledger: &Ledger) {
     if let Err(e) =
         crate::state::write_atomic(path, &serde_json::to_vec(ledger).unwrap_or_default())
@@ -542,6 +575,7 @@ pub async fn roll_forward(
                         }
                         Some((next_first, 0))
                     } else if target.time_unix_us > 0 {
+                        refuse_past_hole(&rebuilt, Some(target.time_unix_us))?;
                         archive::stop_at_time(
                             &rebuilt,
                             (&from_at.0, from_at.1),
@@ -559,6 +593,7 @@ pub async fn roll_forward(
                                 })?,
                         )
                     } else {
+                        refuse_past_hole(&rebuilt, None)?;
                         None
                     };
                     replay
@@ -594,19 +629,18 @@ pub async fn roll_forward(
                     // Up to where the next source took over; all of it when this archive
                     // ends before (the next one's archive has the rest, or refuses a hole).
                     let next_at = &members[i + 1].1;
-                    match replay.stop_at_position(&rebuilt, &mdir, next_at)? {
+                    match replay.stop_covered_by(&rebuilt, &mdir, next_at)? {
                         Some(s) => {
-                            done = Some(next_at.clone());
-                            Some(s)
-                        }
-                        None => {
-                            if let Some(p) = replay.last_position(&rebuilt, &mdir, None)? {
+                            if let Some(p) = replay.last_position(&rebuilt, &mdir, Some(&s))? {
                                 done = Some(p);
                             }
-                            None
+                            Some(s)
                         }
+                        // Nothing of it after what was replayed: the next source goes on.
+                        None => continue,
                     }
                 } else if target.time_unix_us > 0 {
+                    refuse_past_hole(&rebuilt, Some(target.time_unix_us))?;
                     let s = archive::stop_at_time(
                         &rebuilt,
                         (&from_at.0, from_at.1),
@@ -631,6 +665,7 @@ pub async fn roll_forward(
                             })?,
                     )
                 } else {
+                    refuse_past_hole(&rebuilt, None)?;
                     None
                 };
                 replay

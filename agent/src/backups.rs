@@ -201,6 +201,7 @@ pub async fn backup(
     // The archive seals its segments with the instance's newest key (and starts with the
     // instance's first backup, whose position it then covers).
     crate::archive::remember_key(ctx, &b.key_id, &b.key_sealed);
+    crate::archive::wait_started(ctx).await;
     // What a restore must hold: the tables there both before and after the backup ran.
     let before = ctx.ds.inventory().await.unwrap_or_default();
     let bctx = ctx.ds.backup_context().await.map_err(|e| e.to_string())?;

@@ -341,16 +341,16 @@ async fn a_promoted_replica_archives_and_restores_to_a_time() {
     assert_eq!(got, vec![1, 200, 201, 202, 203, 204]);
 }
 
-/// Waits until `id` is a writable source (no longer a replica) whose archive runs; returns its
-/// view.
-async fn archiving_source(env: &Env, id: &str) -> Value {
+/// Waits until `id` is a writable source (no longer a replica) whose archive runs since after
+/// `after_ms` (Unix ms); returns its view.
+async fn archiving_source(env: &Env, id: &str, after_ms: i64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let (_, v) = env.show(id).await;
         let i = &v["instance"];
         if i.get("replica_of").is_none()
             && i["status"] == "ACTIVE"
-            && !i["recovery"]["archive"]["since"].is_null()
+            && parse_ms(&i["recovery"]["archive"]["since"]).is_some_and(|s| s > after_ms)
         {
             return i.clone();
         }
@@ -409,6 +409,7 @@ async fn across_sources(store: Store) {
 
     // Switchover to the first replica.
     let first = reps[0].clone();
+    let switched_at = now_us() / 1000;
     let (st, v) = env
         .call(
             "POST",
@@ -417,7 +418,7 @@ async fn across_sources(store: Store) {
         )
         .await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
-    let fview = archiving_source(&env, &first).await;
+    let fview = archiving_source(&env, &first, switched_at).await;
     let w2 = paced_store_writes(store, &fview, 200..206, pace).await;
     window_reaching(&env, &first, w2.last().unwrap().2).await;
     let all2: Vec<i32> = [1].into_iter().chain(100..106).chain(200..206).collect();
@@ -434,6 +435,7 @@ async fn across_sources(store: Store) {
     kill(Pid::from_raw(env.db_pid(&first).unwrap()), Signal::SIGKILL).unwrap();
     env.wait_status(&first, "ERROR", Duration::from_secs(30))
         .await;
+    let failed_over_at = now_us() / 1000;
     let (st, v) = env
         .call(
             "POST",
@@ -459,7 +461,9 @@ async fn across_sources(store: Store) {
         assert!(Instant::now() < deadline, "no survivor became the source");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let wview = archiving_source(&env, &winner).await;
+    // Writes begin once the winner's archive watches (from then on they are placed
+    // precisely; the stretch before is a gap of the window, below).
+    let wview = archiving_source(&env, &winner, failed_over_at).await;
     let w3 = paced_store_writes(store, &wview, 300..306, pace).await;
     let (earliest, latest) = window_reaching(&env, &winner, w3.last().unwrap().2).await;
     let (_, v) = env.show(&winner).await;
@@ -473,6 +477,37 @@ async fn across_sources(store: Store) {
         json!([src, first, winner]),
         "the window spans three sources: {recovery}"
     );
+    // The failover's stretch (the dead source's archive stopped, the winner's began later) is
+    // a gap: a time inside it is refused, naming it.
+    // (A switchover whose old source stopped looking before the new one began leaves a short
+    // one too, before the new source's first write.)
+    let gaps: Vec<(i64, i64)> = recovery["gaps"]
+        .as_array()
+        .map(|g| {
+            g.iter()
+                .map(|x| (parse_ms(&x["from"]).unwrap(), parse_ms(&x["to"]).unwrap()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (from, to) = *gaps.last().expect("the failover leaves a gap");
+    assert!(
+        from * 1000 >= w2.last().unwrap().2 && to * 1000 <= w3[0].1,
+        "the gap lies between the writes of the two sources: {recovery}"
+    );
+    for (a, b) in &gaps[..gaps.len() - 1] {
+        assert!(
+            *a * 1000 >= w1.last().unwrap().2 && *b * 1000 <= w2[0].1,
+            "a switchover's gap lies between the sources' writes: {recovery}"
+        );
+    }
+    if to - from >= 2 {
+        let mut body = store.restore_body("lineage-in-gap", &version, "");
+        body["instance"]["restorePoint"] =
+            json!({"instance": winner, "restore_time": rfc3339((from + 1) * 1000)});
+        let (st, v) = env.call("POST", "/instances", Some(body)).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v.to_string().contains("failover"), "{v}");
+    }
 
     // A time in each source's stretch, from the winner (the newest backup before the time that
     // any source took), and from the first backup by reference.

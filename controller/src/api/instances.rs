@@ -272,7 +272,8 @@ impl Seen {
 /// The point-in-time recovery window of an archiving instance (a Coffer extension): from the
 /// first backup its archive covers to the latest time whose writes are all stored.
 async fn recovery(app: &App, r: &InstanceRow) -> Result<Value, ApiError> {
-    let (window, sources) = crate::ops::lineage::window_and_sources(app, r).await?;
+    let spanned = crate::ops::lineage::window_and_sources(app, r).await?;
+    let (window, sources) = (spanned.window, spanned.sources);
     let mut v = json!({
         "earliest": window.map(|w| crate::ops::rfc3339_ms(w.0)),
         "latest": window.map(|w| crate::ops::rfc3339_ms(w.1)),
@@ -287,6 +288,15 @@ async fn recovery(app: &App, r: &InstanceRow) -> Result<Value, ApiError> {
     // The window spans a change of source (switchover, failover): the sources in order.
     if sources.len() > 1 {
         v["sources"] = json!(sources);
+    }
+    // Stretches no archive places precisely (a failover's): a restore to a time in one is
+    // refused.
+    if !spanned.gaps.is_empty() {
+        v["gaps"] = json!(spanned
+            .gaps
+            .iter()
+            .map(|(a, b)| json!({"from": crate::ops::rfc3339_ms(*a), "to": crate::ops::rfc3339_ms(*b)}))
+            .collect::<Vec<_>>());
     }
     if window.is_none() {
         v["message"] = json!("No backup is covered by the archive yet: the window opens when the next backup completes.");

@@ -100,13 +100,20 @@ pub async fn render(app: &App) -> anyhow::Result<String> {
     let latest = family();
     let lag = family();
     let now = crate::ops::schedules::now_ms() as f64 / 1000.0;
-    for r in &instances {
-        if let (Some(l), Some(labels)) = (r.archive_latest_ms.filter(|l| *l > 0), labels_of(&r.id))
-        {
-            let at = l as f64 / 1000.0;
-            latest.get_or_create(&labels).set(at);
-            lag.get_or_create(&labels).set((now - at).max(0.0));
-        }
+    // Sources only (a replica's archive is paused), with a recovery window (a backup the
+    // archive covers).
+    for r in instances
+        .iter()
+        .filter(|r| r.replica_of.is_none() && r.archive_latest_ms.is_some())
+    {
+        let (Some((_, l)), Some(labels)) =
+            (crate::ops::lineage::window(app, r).await?, labels_of(&r.id))
+        else {
+            continue;
+        };
+        let at = l as f64 / 1000.0;
+        latest.get_or_create(&labels).set(at);
+        lag.get_or_create(&labels).set((now - at).max(0.0));
     }
     reg.register_with_unit(
         "recovery_latest_timestamp",

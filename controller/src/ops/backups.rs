@@ -28,12 +28,16 @@ pub async fn remove(app: &App, id: &str) -> anyhow::Result<()> {
 /// Removes the instance's archived change files that no point of its recovery window needs:
 /// those before the oldest kept backup the archive covers (its window starts there).
 pub async fn prune_archive(app: &App, instance: &str) -> anyhow::Result<()> {
-    let live = app
+    let Some(inst) = app
         .store
         .instance(instance)
         .await?
-        .is_some_and(|r| r.archive_since_ms.is_some());
-    if !live {
+        .filter(|r| r.archive_since_ms.is_some())
+    else {
+        return Ok(());
+    };
+    // Its archive from where it took over serves the backups of the sources before it.
+    if super::lineage::serves_earlier_backups(app, &inst).await? {
         return Ok(());
     }
     if let Some(file) = app.store.oldest_needed_change_file(instance).await? {

@@ -153,14 +153,17 @@ async fn restore_from(
                 .ok_or_else(|| ApiError::not_found(format!("Instance {i} could not be found.")))?;
             let t_ms = spec.time_us.unwrap_or_default().div_euclid(1000);
             let members = super::lineage::back(app, &inst, datastore).await?;
-            let reach = members
+            let covers = super::lineage::covers(&members);
+            let reach = covers
                 .iter()
-                .position(|m| m.period.latest_ms >= t_ms)
+                .position(|c| *c >= t_ms)
                 .unwrap_or(members.len().saturating_sub(1));
             let mut base = None;
             for (k, m) in members.iter().enumerate().take(reach + 1).rev() {
                 let (id, since) = (&m.period.instance_id, m.period.since_ms);
-                if let Some(b) = app.store.pitr_base(id, since, t_ms).await? {
+                // A backup of a source taken before it handed over.
+                let before = if k < reach { covers[k].min(t_ms) } else { t_ms };
+                if let Some(b) = app.store.pitr_base(id, since, before).await? {
                     base = Some((k, b));
                     break;
                 }
@@ -229,6 +232,7 @@ async fn restore_from(
                         last_position: String::new(),
                     },
                     took_over_at: String::new(),
+                    at_ms: 0,
                 }
             });
             // An earlier period of the source serves when it ended by a handover (its files go
@@ -249,6 +253,7 @@ async fn restore_from(
                 (Some(period), _) => vec![super::lineage::Member {
                     period,
                     took_over_at: String::new(),
+                    at_ms: 0,
                 }],
                 (None, Some(m)) => vec![m],
                 (None, None) => {
@@ -269,6 +274,17 @@ async fn restore_from(
         }
     };
     let latest = members.last().map_or(i64::MIN, |m| m.period.latest_ms);
+    // A backup of the first source after it handed over is not in the lineage's stream.
+    if let (Some(next), Some(done)) = (members.get(1), backup.completed_ms) {
+        if done > next.at_ms {
+            return Err(window_error(
+                app,
+                &end,
+                &format!("backup {b} was taken after its instance stopped being the source; restore it without a time, or choose a backup of the source of that time"),
+            )
+            .await);
+        }
+    }
     if let Some(t) = spec.time_us {
         let completed_us = backup.completed_ms.unwrap_or(i64::MAX).saturating_mul(1000);
         if t < completed_us || t > latest.saturating_mul(1000) {
@@ -280,6 +296,18 @@ async fn restore_from(
             } else {
                 "that is after the latest restorable time".to_string()
             };
+            return Err(window_error(app, &end, &why).await);
+        }
+        let t_ms = t.div_euclid(1000);
+        let gap = super::lineage::gaps(&members)
+            .into_iter()
+            .find(|(a, b)| t_ms > *a && t_ms < *b);
+        if let Some((a, b)) = gap {
+            let why = format!(
+                "that is between {} and {}, while the source changed (a failover): no archive places the writes of that stretch; choose a time before or after it",
+                fmt_ms(a),
+                fmt_ms(b)
+            );
             return Err(window_error(app, &end, &why).await);
         }
     }

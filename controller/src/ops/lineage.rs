@@ -17,12 +17,27 @@ use crate::App;
 /// How many sources back a lineage is followed.
 const MAX_SOURCES: usize = 32;
 
-/// One source of a lineage: a period of its archive, and the position it took over at (empty
-/// for the first).
+/// One source of a lineage: a period of its archive, and the position it took over at and
+/// when (empty and 0 for the first).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub period: PeriodRow,
     pub took_over_at: String,
+    pub at_ms: i64,
+}
+
+/// Until when each member's archive places writes (Unix ms): its latest restorable time, and
+/// for all but the last no later than the handover away from it (an old source still looks at
+/// its files, unchanged, until it is re-pointed, while the new one takes the writes).
+pub fn covers(members: &[Member]) -> Vec<i64> {
+    members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| match members.get(i + 1) {
+            Some(next) => m.period.latest_ms.min(next.at_ms),
+            None => m.period.latest_ms,
+        })
+        .collect()
 }
 
 /// The period of `periods` (oldest first) that was running at `t`: the last one begun by then.
@@ -48,7 +63,9 @@ fn opened_by<'a>(
 /// holds of the stream up to the handover's position, then at most the one transaction after
 /// it is where `next` starts.
 pub fn joins(ds: Datastore, prev: &PeriodRow, h: &HandoverRow, next: &PeriodRow) -> bool {
-    if next.first_position.is_empty() || h.position.is_empty() {
+    // A position of several streams (`a,b`) is not joined on: the archives' transactions of
+    // different streams interleave.
+    if next.first_position.is_empty() || h.position.is_empty() || h.position.contains(',') {
         return false;
     }
     let reach = if prev.last_position.is_empty() {
@@ -81,12 +98,36 @@ async fn current(app: &App, inst: &InstanceRow) -> anyhow::Result<Option<PeriodR
     ))
 }
 
+/// The handover away from `period` (the first after it began, while it was the one running).
+async fn handover_out(app: &App, period: &PeriodRow) -> anyhow::Result<Option<HandoverRow>> {
+    let periods = app.store.archive_periods(&period.instance_id).await?;
+    Ok(app
+        .store
+        .handovers_from(&period.instance_id)
+        .await?
+        .into_iter()
+        .find(|h| {
+            h.at_ms >= period.since_ms
+                && period_at(&periods, h.at_ms).is_none_or(|p| p.since_ms == period.since_ms)
+        }))
+}
+
+/// `period` as a lineage's last member: a source that handed over places nothing after it
+/// (its archive still looks at its unchanged files until it is re-pointed).
+async fn capped(app: &App, mut period: PeriodRow) -> anyhow::Result<PeriodRow> {
+    if let Some(h) = handover_out(app, &period).await? {
+        period.latest_ms = period.latest_ms.min(h.at_ms);
+    }
+    Ok(period)
+}
+
 /// The lineage ending with `inst`'s current period, oldest source first (empty: `inst` does
 /// not archive).
 pub async fn back(app: &App, inst: &InstanceRow, ds: Datastore) -> anyhow::Result<Vec<Member>> {
-    let Some(mut at) = current(app, inst).await? else {
+    let Some(at) = current(app, inst).await? else {
         return Ok(vec![]);
     };
+    let mut at = capped(app, at).await?;
     let mut out = vec![];
     for _ in 0..MAX_SOURCES {
         let into = app.store.handovers_into(&at.instance_id).await?;
@@ -109,6 +150,7 @@ pub async fn back(app: &App, inst: &InstanceRow, ds: Datastore) -> anyhow::Resul
         out.push(Member {
             period: at,
             took_over_at: h.as_ref().map(|h| h.position.clone()).unwrap_or_default(),
+            at_ms: h.as_ref().map_or(0, |h| h.at_ms),
         });
         match prev {
             Some(p) => at = p,
@@ -119,6 +161,7 @@ pub async fn back(app: &App, inst: &InstanceRow, ds: Datastore) -> anyhow::Resul
     // The first source's archive is replayed from a backup: no handover into it.
     if let Some(first) = out.first_mut() {
         first.took_over_at.clear();
+        first.at_ms = 0;
     }
     Ok(out)
 }
@@ -134,59 +177,105 @@ pub async fn forward(
     let mut out = vec![Member {
         period: first,
         took_over_at: String::new(),
+        at_ms: 0,
     }];
     while out.len() < MAX_SOURCES {
         let at = &out.last().unwrap().period;
-        if at.latest_ms >= t {
-            break;
-        }
-        let periods = app.store.archive_periods(&at.instance_id).await?;
-        let away = app.store.handovers_from(&at.instance_id).await?;
-        let Some(h) = away.into_iter().find(|h| {
-            h.at_ms >= at.since_ms
-                && period_at(&periods, h.at_ms).is_some_and(|p| p.since_ms == at.since_ms)
-        }) else {
+        let Some(h) = handover_out(app, at).await? else {
             break;
         };
-        if app.store.instance(&h.instance_id).await?.is_none() {
-            break;
-        }
-        let into = app.store.handovers_into(&h.instance_id).await?;
-        let next_periods = app.store.archive_periods(&h.instance_id).await?;
-        let Some(next) = opened_by(&next_periods, &h, &into).cloned() else {
+        // What this source placed ends at the handover.
+        let until = at.latest_ms.min(h.at_ms);
+        let next = if until >= t || app.store.instance(&h.instance_id).await?.is_none() {
+            None
+        } else {
+            let into = app.store.handovers_into(&h.instance_id).await?;
+            let next_periods = app.store.archive_periods(&h.instance_id).await?;
+            opened_by(&next_periods, &h, &into)
+                .filter(|n| joins(ds, at, &h, n))
+                .cloned()
+        };
+        let Some(next) = next else {
+            out.last_mut().unwrap().period.latest_ms = until;
             break;
         };
-        if !joins(ds, at, &h, &next) {
-            break;
-        }
         out.push(Member {
-            period: next,
+            period: capped(app, next).await?,
             took_over_at: h.position.clone(),
+            at_ms: h.at_ms,
         });
     }
     Ok(out)
 }
 
-/// The recovery window of `inst` (Unix ms): from the completion of the first backup any source
-/// of its lineage took that its archive covers, to its own latest restorable time.
-pub async fn window(app: &App, inst: &InstanceRow) -> anyhow::Result<Option<(i64, i64)>> {
-    Ok(window_and_sources(app, inst).await?.0)
+/// The stretches of time no archive of `members` places precisely (Unix ms, exclusive): from
+/// a source's latest restorable time to the first time the next one's archive watched, when
+/// the next one began later (a failover: the old source's last writes reached the new one, or
+/// were lost, at times no archive saw).
+pub fn gaps(members: &[Member]) -> Vec<(i64, i64)> {
+    let covers = covers(members);
+    members
+        .iter()
+        .zip(covers)
+        .zip(members.iter().skip(1))
+        .filter(|((_, until), next)| next.period.since_ms > *until)
+        .map(|((_, until), next)| (until, next.period.since_ms))
+        .collect()
 }
 
-/// [`window`], and the sources whose archives it spans, oldest first.
-pub async fn window_and_sources(
-    app: &App,
-    inst: &InstanceRow,
-) -> anyhow::Result<(Option<(i64, i64)>, Vec<String>)> {
-    let Some(latest) = inst.archive_latest_ms else {
-        return Ok((None, vec![]));
-    };
+/// Whether a source before `inst`'s current period in its lineage keeps a backup its archive
+/// covers: restores from it read `inst`'s archive from where `inst` took over.
+pub async fn serves_earlier_backups(app: &App, inst: &InstanceRow) -> anyhow::Result<bool> {
     let ds = crate::ops::datastore(app, inst)
         .await
         .map_err(|e| anyhow::anyhow!(e.message))?;
+    let members = back(app, inst, ds).await?;
+    for m in members.iter().take(members.len().saturating_sub(1)) {
+        let p = &m.period;
+        if app
+            .store
+            .earliest_covered(&p.instance_id, p.since_ms)
+            .await?
+            .is_some()
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The recovery window of `inst` (Unix ms): from the completion of the first backup any source
+/// of its lineage took that its archive covers, to its own latest restorable time.
+pub async fn window(app: &App, inst: &InstanceRow) -> anyhow::Result<Option<(i64, i64)>> {
+    Ok(window_and_sources(app, inst).await?.window)
+}
+
+/// A recovery window across sources.
+#[derive(Debug, Default)]
+pub struct Spanned {
+    pub window: Option<(i64, i64)>,
+    /// The sources whose archives it spans, oldest first.
+    pub sources: Vec<String>,
+    /// What inside it no archive places precisely ([`gaps`]).
+    pub gaps: Vec<(i64, i64)>,
+}
+
+/// [`window`], the sources whose archives it spans and its gaps.
+pub async fn window_and_sources(app: &App, inst: &InstanceRow) -> anyhow::Result<Spanned> {
+    if inst.archive_latest_ms.is_none() {
+        return Ok(Spanned::default());
+    }
+    let ds = crate::ops::datastore(app, inst)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let members = back(app, inst, ds).await?;
+    let Some(latest) = members.last().map(|m| m.period.latest_ms) else {
+        return Ok(Spanned::default());
+    };
     let mut earliest: Option<i64> = None;
     let mut sources: Vec<String> = vec![];
-    for m in back(app, inst, ds).await? {
+    let mut spanned: Vec<Member> = vec![];
+    for m in members {
         if let Some(e) = app
             .store
             .earliest_covered(&m.period.instance_id, m.period.since_ms)
@@ -199,13 +288,18 @@ pub async fn window_and_sources(
         }
         if earliest.is_some() {
             sources.push(m.period.instance_id.clone());
+            spanned.push(m);
         }
     }
     let window = earliest.filter(|e| latest >= *e).map(|e| (e, latest));
     if window.is_none() {
-        sources.clear();
+        return Ok(Spanned::default());
     }
-    Ok((window, sources))
+    Ok(Spanned {
+        window,
+        sources,
+        gaps: gaps(&spanned),
+    })
 }
 
 #[cfg(test)]
@@ -266,6 +360,30 @@ mod tests {
             &h,
             &period("b", 600, "0-1-3", "")
         ));
+    }
+
+    #[test]
+    fn a_failover_leaves_a_gap_a_switchover_does_not() {
+        let m = |id: &str, at: i64, since: i64, latest: i64| Member {
+            period: PeriodRow {
+                latest_ms: latest,
+                ..period(id, since, "", "")
+            },
+            took_over_at: String::new(),
+            at_ms: at,
+        };
+        // The old source (fenced) watched until after the new one began: what it places counts
+        // until the handover only.
+        let switched = [m("a", 0, 0, 1000), m("b", 850, 900, 2000)];
+        assert_eq!(covers(&switched), vec![850, 2000]);
+        assert_eq!(gaps(&switched), vec![(850, 900)]);
+        // A failover: the old source's archive stopped at 2000, the new one's began at 2400.
+        let failed = [
+            m("a", 0, 0, 1000),
+            m("b", 900, 900, 2000),
+            m("c", 2300, 2400, 3000),
+        ];
+        assert_eq!(gaps(&failed), vec![(2000, 2400)]);
     }
 
     #[test]

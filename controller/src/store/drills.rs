@@ -165,7 +165,8 @@ impl Store {
         let files: Vec<(Option<String>,)> = sqlx::query_as(
             "SELECT b.change_file FROM backups b JOIN instances i ON i.id = b.instance_id \
              WHERE b.instance_id = $1 AND b.status = 'COMPLETED' AND b.deleted = FALSE \
-             AND b.archive_since_ms = i.archive_since_ms ORDER BY b.completed_ms, b.created",
+             AND b.archive_since_ms IS NOT NULL AND i.archive_since_ms IS NOT NULL \
+             ORDER BY b.completed_ms, b.created",
         )
         .bind(instance)
         .fetch_all(&self.pool)

@@ -147,7 +147,11 @@ async fn take_over(
                 crate::ops::schedules::now_ms()
             },
         };
-        app.store.record_handover(&h).await?;
+        // The promotion happened: a store error here must not fail the step (the topology
+        // would be left half-moved); the window then starts again at the new source.
+        if let Err(e) = app.store.record_handover(&h).await {
+            warn!(new = %h.instance_id, error = %e, "could not record the handover; restores will not cross it");
+        }
     }
     app.store.set_replica_of(&new.id, None).await?;
     let strategy = old.repl_strategy.clone();

@@ -332,6 +332,24 @@ impl Replay for BinlogReplay {
             .map(|(file, _, end)| (file, end)))
     }
 
+    fn stop_covered_by(
+        &self,
+        rebuilt: &Rebuilt,
+        dir: &Path,
+        position: &str,
+    ) -> Result<Option<(String, u64)>, String> {
+        let upto = coffer_proto::datastore::parse_gtids(position);
+        if upto.is_empty() {
+            return Err(format!(
+                "'{position}' is not a GTID position; the archives cannot be joined there"
+            ));
+        }
+        Ok(transactions(rebuilt, dir)?
+            .into_iter()
+            .rfind(|(_, g, _)| upto.get(&g.domain).is_some_and(|x| g.seq <= x.1))
+            .map(|(file, _, end)| (file, end)))
+    }
+
     fn resume_after(
         &self,
         rebuilt: &Rebuilt,
@@ -359,10 +377,21 @@ impl Replay for BinlogReplay {
                 }
             }
         }
-        Ok(txs
+        let next = txs
             .into_iter()
-            .find(|(_, g, _)| g.seq > after.get(&g.domain).map_or(0, |x| x.1))
-            .map(|(file, g, _)| (file, g.start)))
+            .find(|(_, g, _)| g.seq > after.get(&g.domain).map_or(0, |x| x.1));
+        // The transaction right after the position, not a later one (a hole within).
+        if let Some((_, g, _)) = &next {
+            if let Some(x) = after.get(&g.domain) {
+                if g.seq != x.1 + 1 {
+                    return Err(format!(
+                        "the archive that follows {position} goes on at {}: the transactions between are in no archive (a hole at the change of source)",
+                        g.name()
+                    ));
+                }
+            }
+        }
+        Ok(next.map(|(file, g, _)| (file, g.start)))
     }
 
     fn last_position(
@@ -546,6 +575,15 @@ mod tests {
         assert_eq!(at("0-1-4").unwrap(), Some(("b.000002".into(), starts[1])));
         assert_eq!(at("0-7-3").unwrap(), Some(("b.000002".into(), starts[0])));
         assert_eq!(at("0-1-6").unwrap(), None, "nothing after it");
+        assert_eq!(
+            r.stop_covered_by(&rebuilt, dir.path(), "0-9-5").unwrap(),
+            Some(("b.000002".into(), starts[2])),
+            "the transactions up to 5, whoever wrote them"
+        );
+        assert_eq!(
+            r.stop_covered_by(&rebuilt, dir.path(), "0-1-3").unwrap(),
+            None
+        );
         let hole = at("0-1-2").unwrap_err();
         assert!(hole.contains("0-1-4") && hole.contains("hole"), "{hole}");
         assert!(at("x").is_err());

@@ -509,6 +509,16 @@ pub struct Rebuilt {
     pub marks: Vec<(String, i64, u64)>,
     /// The companions the segments carried, `(name, content)`, each name once.
     pub companions: Vec<(String, String)>,
+    /// Why the files stop where they do when a hole cut them short (what came after it is
+    /// not rebuilt): a replay that needs more is refused with this.
+    pub hole: Option<String>,
+}
+
+impl Rebuilt {
+    /// The time of the last mark (0: none).
+    pub fn last_mark(&self) -> i64 {
+        self.marks.iter().map(|(_, t, _)| *t).max().unwrap_or(0)
+    }
 }
 
 /// A stored segment as its key names it, opened only when its turn comes.
@@ -552,15 +562,43 @@ pub fn rebuild(
                 segment_key(&h.file, h.start, h.end)
             ));
         }
-        match &mut current {
-            Some((f, _, end)) if *f == h.file => {
-                if h.start != *end {
-                    return Err(format!(
-                        "the archive has a hole in {}: bytes {} to {} are missing",
-                        h.file, end, h.start
-                    ));
+        // A hole after the first file ends what is rebuilt: what comes before it serves the
+        // points before it (the caller refuses a replay that needs more).
+        let hole = match &current {
+            Some((f, _, end)) if *f == h.file => (h.start != *end).then(|| {
+                format!(
+                    "the archive has a hole in {}: bytes {} to {} are missing",
+                    h.file, end, h.start
+                )
+            }),
+            _ if current.is_some() || !out.files.is_empty() => {
+                let prev = current
+                    .as_ref()
+                    .map(|(f, _, _)| f.clone())
+                    .or_else(|| out.files.last().map(|(f, _)| f.clone()))
+                    .unwrap_or_default();
+                if h.start != 0 {
+                    Some(format!(
+                        "the archive has a hole: {} is stored from byte {} only",
+                        h.file, h.start
+                    ))
+                } else if order(&h.file) != order(&prev) + 1 {
+                    Some(format!(
+                        "the archive has a hole: the files between {prev} and {} are missing",
+                        h.file
+                    ))
+                } else {
+                    None
                 }
             }
+            _ => None,
+        };
+        if let Some(why) = hole {
+            out.hole = Some(why);
+            break;
+        }
+        match &mut current {
+            Some((f, _, _)) if *f == h.file => {}
             _ => {
                 if let Some((f, _, end)) = current.take() {
                     out.files.push((f, end));
@@ -571,14 +609,7 @@ pub fn rebuild(
                         h.file, h.start
                     ));
                 }
-                if let Some((prev, _)) = out.files.last() {
-                    if order(&h.file) != order(prev) + 1 {
-                        return Err(format!(
-                            "the archive has a hole: the files between {prev} and {} are missing",
-                            h.file
-                        ));
-                    }
-                } else if h.file != from_file {
+                if out.files.is_empty() && h.file != from_file {
                     return Err(format!(
                         "the archive has no copy of {from_file}, where the backup ends; the earliest archived file is {}",
                         h.file
@@ -691,6 +722,17 @@ pub fn contiguous_from(
 pub trait Replay: Send + Sync {
     /// The order of a change file's name (files follow each other by one).
     fn order(&self, file: &str) -> u64;
+    /// Where a source's archive stops for the next source that took over at `position`: the
+    /// boundary after the last transaction `position` covers (None: none is in the files).
+    /// A failover's lost transactions, written past it, are not replayed.
+    fn stop_covered_by(
+        &self,
+        rebuilt: &Rebuilt,
+        dir: &Path,
+        position: &str,
+    ) -> Result<Option<(String, u64)>, String> {
+        self.stop_at_position(rebuilt, dir, position)
+    }
     /// Where to stop for a position target: the boundary after that transaction (None: not
     /// in the files).
     fn stop_at_position(
@@ -837,21 +879,27 @@ mod tests {
         assert_eq!(compacted.files, vec![("b.000002".into(), 200)]);
         assert_eq!(compacted.marks.len(), 2);
 
+        // A hole ends what is rebuilt, and says so.
         let hole = rebuild(
             dir.path(),
             "b.000002",
             vec![seg("b.000002", 0, 100, &[]), seg("b.000002", 120, 200, &[])],
             &order,
-        );
-        assert!(hole.unwrap_err().contains("bytes 100 to 120"));
+        )
+        .unwrap();
+        assert_eq!(hole.files, vec![("b.000002".into(), 100)]);
+        assert!(hole.hole.unwrap().contains("bytes 100 to 120"));
         let missing_file = rebuild(
             dir.path(),
             "b.000002",
             vec![seg("b.000002", 0, 100, &[]), seg("b.000004", 0, 200, &[])],
             &order,
-        );
+        )
+        .unwrap();
+        assert_eq!(missing_file.files, vec![("b.000002".into(), 100)]);
         assert!(missing_file
-            .unwrap_err()
+            .hole
+            .unwrap()
             .contains("between b.000002 and b.000004"));
         let late = rebuild(
             dir.path(),

@@ -1155,16 +1155,28 @@ impl Datastore for Postgresql {
         // A restore across a change of source runs an archive recovery (to the newest
         // timeline): the server answers read-only meanwhile; it is ready once recovery ended
         // (the server removes the signal file then).
+        // (A server that stops answering for a minute meanwhile ended its recovery badly.)
         let signal = self.data_dir().join("recovery.signal");
-        let archive_recovery = signal.exists();
+        let mut answered = std::time::Instant::now();
         while signal.exists() {
-            self.in_recovery().await?;
+            match self.in_recovery().await {
+                Ok(_) => answered = std::time::Instant::now(),
+                Err(e) if answered.elapsed() > std::time::Duration::from_secs(60) => return Err(e),
+                Err(_) => {}
+            }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        if archive_recovery {
-            // The restore's placeholder is not this server's setting.
-            self.exec("ALTER SYSTEM RESET restore_command").await?;
-            self.exec("SELECT pg_reload_conf()").await?;
+        // The restore's placeholder (`restore_command = 'false'`, put there for that recovery)
+        // is not this server's setting.
+        let auto = self.data_dir().join("postgresql.auto.conf");
+        let placeholder = std::fs::read_to_string(&auto)
+            .is_ok_and(|c| c.lines().any(|l| l.trim() == "restore_command = 'false'"));
+        if placeholder {
+            if let Err(e) = self.exec("ALTER SYSTEM RESET restore_command").await {
+                tracing::warn!(error = %e, "could not remove the restore's restore_command");
+            } else {
+                let _ = self.exec("SELECT pg_reload_conf()").await;
+            }
         }
         if !self.reset_marker().exists() || self.in_recovery().await? {
             // A standby keeps the primary's password for the agent's role: trusted until
