@@ -389,6 +389,19 @@ fn store_ready(
     })
 }
 
+/// Waits for a fed roll-forward (the server's recovery took the files meanwhile) and removes
+/// what the feed set up.
+pub async fn fed(
+    ctx: &Arc<Ctx>,
+    work: tokio::task::JoinHandle<Result<String, String>>,
+) -> Result<String, String> {
+    let done = work.await.map_err(|e| format!("the replay failed: {e}"))?;
+    if let (Some(replay), Ok(bctx)) = (ctx.ds.replay(), ctx.ds.backup_context().await) {
+        replay.cleanup_feed(&bctx);
+    }
+    done
+}
+
 /// Refuses a replay to a time after the last mark before a hole (None: to the end), when a
 /// hole cut the rebuilt files short.
 fn refuse_past_hole(rebuilt: &archive::Rebuilt, time_us: Option<i64>) -> Result<(), String> {
@@ -409,16 +422,24 @@ fn persist(path: &std::path::Path, ledger: &Ledger) {
     }
 }
 
-/// Rolls a restored, running server forward: replays the archived change stream from the
-/// restored backup's position to the restore's target. Returns where it stopped.
+/// A roll-forward done (where it stopped), or being fed to the server's recovery (the server
+/// starts meanwhile; the task says where it stopped).
+pub enum Rolled {
+    Done(String),
+    Feeding(tokio::task::JoinHandle<Result<String, String>>),
+}
+
+/// Rolls a restored server forward: replays the archived change stream from the restored
+/// backup's position to the restore's target (into the running server, or into the data
+/// directory before its first start, or fed to that start's recovery as files complete).
 pub async fn roll_forward(
     ctx: &Arc<Ctx>,
     intent_id: &str,
     from: &v1::RestoreFrom,
     restored_at: &coffer_strategies::backup::EnginePosition,
-) -> Result<String, String> {
+) -> Result<Rolled, String> {
     let Some(target) = from.target.clone() else {
-        return Ok(String::new());
+        return Ok(Rolled::Done(String::new()));
     };
     let replay = ctx.ds.replay().ok_or_else(|| {
         format!(
@@ -462,6 +483,13 @@ pub async fn roll_forward(
             .iter()
             .map(|h| (h.instance_id.clone(), h.position.clone())),
     );
+    // One source's archive fed to a recovery that takes files as they come.
+    let delivery = if replay.feeds() && members.len() == 1 {
+        Some(replay.prepare_feed(&bctx).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let feeds = delivery.is_some();
     let work = tokio::task::spawn_blocking(move || -> Result<String, String> {
         let sources = Arc::new(sources);
         // A source's segments of one stream: the backup file's for the first source, the
@@ -522,6 +550,40 @@ pub async fn roll_forward(
         };
         let _ = std::fs::remove_dir_all(&dir);
         let started = std::time::Instant::now();
+        if let Some(to) = &delivery {
+            let order = |f: &str| replay.order(f);
+            let fed = (|| {
+                let position = match target.position.as_str() {
+                    "" => None,
+                    p => replay.locate(&start_file, p)?,
+                };
+                archive::feed(
+                    &dir,
+                    (&start_file, start_pos),
+                    stored_of(&members[0].0, true),
+                    &order,
+                    target.time_unix_us,
+                    position,
+                    &mut |file, path, cut| {
+                        replay
+                            .deliver(&bctx, to, file, path, cut)
+                            .map_err(|e| e.to_string())
+                    },
+                )
+            })();
+            // Also after a failure: the server's recovery stops waiting.
+            replay.end_feed(to);
+            let _ = std::fs::remove_dir_all(&dir);
+            let (rebuilt, stop) = fed?;
+            let mib = rebuilt.files.iter().map(|(_, end)| end).sum::<u64>() as f64 / 1048576.0;
+            let took = started.elapsed().as_secs_f64();
+            return Ok(match stop {
+                Some((f, p)) => format!(
+                    "rolled forward to {f}:{p} in {took:.2} s ({mib:.1} MiB of archive, fed to the server's recovery)"
+                ),
+                None => "nothing was written between the backup and the target".into(),
+            });
+        }
         let result = (|| {
             let order = |f: &str| replay.order(f);
             let mut mib = 0.0;
@@ -698,5 +760,11 @@ pub async fn roll_forward(
         let _ = std::fs::remove_dir_all(&dir);
         result
     });
-    work.await.map_err(|e| format!("the replay failed: {e}"))?
+    if feeds {
+        return Ok(Rolled::Feeding(work));
+    }
+    Ok(Rolled::Done(
+        work.await
+            .map_err(|e| format!("the replay failed: {e}"))??,
+    ))
 }

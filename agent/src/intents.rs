@@ -531,16 +531,25 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
     }
     // A datastore whose own recovery replays archived changes gets them before it starts.
     let replays_at_start = ds.replay().is_some_and(|r| r.before_start());
+    let mut feeding = None;
     if let (Some(r), Some(at), true) = (
         p.restore.as_ref().filter(|r| r.target.is_some()),
         &restored_at,
         replays_at_start,
     ) {
-        let done = crate::archive::roll_forward(ctx, id, r, at).await?;
-        tracing::info!(intent_id = id, "{done}");
+        match crate::archive::roll_forward(ctx, id, r, at).await? {
+            crate::archive::Rolled::Done(done) => tracing::info!(intent_id = id, "{done}"),
+            crate::archive::Rolled::Feeding(work) => feeding = Some(work),
+        }
     }
     progress(ctx, id, "prepare", 50, "starting the database server").await;
-    ctx.sup.call(Cmd::Start).await?;
+    let started = ctx.sup.call(Cmd::Start).await;
+    // The server's recovery took the archive as it was fed (its start waited for it).
+    if let Some(work) = feeding {
+        let done = crate::archive::fed(ctx, work).await?;
+        tracing::info!(intent_id = id, "{done}");
+    }
+    started?;
     if let Some((m, sources)) = pending_load {
         progress(
             ctx,
@@ -557,8 +566,11 @@ async fn prepare(ctx: &Arc<Ctx>, id: &str, p: v1::Prepare) -> Result<String, Str
         &restored_at,
         replays_at_start,
     ) {
-        let done = crate::archive::roll_forward(ctx, id, r, at).await?;
-        tracing::info!(intent_id = id, "{done}");
+        if let crate::archive::Rolled::Done(done) =
+            crate::archive::roll_forward(ctx, id, r, at).await?
+        {
+            tracing::info!(intent_id = id, "{done}");
+        }
     }
     if let Some(r) = p.replica_of.as_ref().filter(|_| !attached) {
         progress(ctx, id, "prepare", 70, "starting replication").await;

@@ -240,7 +240,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut it = args.iter();
     let what = it.next().map(String::as_str).unwrap_or("");
     if what != "lifecycle" {
-        bail!("usage: cargo xtask bench lifecycle [--runs N] [--idle-secs S] [--smoke] | bench backup [--size-mb N] [--smoke] | bench replication [--size-mb N] [--smoke] | bench pitr [--size-mb N] [--seconds S] [--smoke] | bench scale [--smoke]");
+        bail!("usage: cargo xtask bench lifecycle [--runs N] [--idle-secs S] [--smoke] | bench backup [--size-mb N] [--smoke] | bench replication [--size-mb N] [--smoke] | bench pitr [--size-mb N] [--seconds S] [--datastore mariadb|postgresql|all] [--smoke] | bench scale [--smoke]");
     }
     let mut runs = 5usize;
     let mut idle = 60u64;

@@ -28,24 +28,34 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut size_mb = 256u64;
     let mut seconds = 20u64;
     let mut smoke = false;
+    let mut which = "all".to_string();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--size-mb" => size_mb = it.next().context("--size-mb N")?.parse()?,
             "--seconds" => seconds = it.next().context("--seconds S")?.parse()?,
             "--smoke" => (smoke, size_mb, seconds) = (true, 2, 3),
+            "--datastore" => which = it.next().context("--datastore mariadb|postgresql|all")?.clone(),
             other => bail!(
-                "unknown bench pitr option '{other}' (known: --size-mb N, --seconds S, --smoke)"
+                "unknown bench pitr option '{other}' (known: --size-mb N, --seconds S, --datastore mariadb|postgresql|all, --smoke)"
             ),
         }
     }
+    if !["all", "mariadb", "postgresql"].contains(&which.as_str()) {
+        bail!("--datastore takes mariadb, postgresql or all");
+    }
     with_release("coffer-bench-pitr", smoke, |tools, bins, tmp| {
-        let dir = tmp.join("mariadb");
-        std::fs::create_dir_all(&dir)?;
-        bench(tools, bins, &dir, size_mb, seconds)?;
-        let dir = tmp.join("postgresql");
-        std::fs::create_dir_all(&dir)?;
-        bench_postgresql(tools, bins, &dir, size_mb)
+        if which != "postgresql" {
+            let dir = tmp.join("mariadb");
+            std::fs::create_dir_all(&dir)?;
+            bench(tools, bins, &dir, size_mb, seconds)?;
+        }
+        if which != "mariadb" {
+            let dir = tmp.join("postgresql");
+            std::fs::create_dir_all(&dir)?;
+            bench_postgresql(tools, bins, &dir, size_mb)?;
+        }
+        Ok(())
     })
 }
 

@@ -539,6 +539,18 @@ pub fn rebuild(
     segments: Vec<Stored>,
     order: &dyn Fn(&str) -> u64,
 ) -> Result<Rebuilt, String> {
+    rebuild_each(dir, from_file, segments, order, &mut |_| Ok(true))
+}
+
+/// [`rebuild`], calling `done` each time a file is complete (the last of `files`; its marks
+/// are in): false stops the rebuild there.
+pub fn rebuild_each(
+    dir: &Path,
+    from_file: &str,
+    segments: Vec<Stored>,
+    order: &dyn Fn(&str) -> u64,
+    done: &mut dyn FnMut(&Rebuilt) -> Result<bool, String>,
+) -> Result<Rebuilt, String> {
     let mut segs: Vec<Stored> = segments
         .into_iter()
         .filter(|s| order(&s.file) >= order(from_file))
@@ -602,6 +614,9 @@ pub fn rebuild(
             _ => {
                 if let Some((f, _, end)) = current.take() {
                     out.files.push((f, end));
+                    if !done(&out)? {
+                        return Ok(out);
+                    }
                 }
                 if h.start != 0 {
                     return Err(format!(
@@ -641,6 +656,7 @@ pub fn rebuild(
     }
     if let Some((f, _, end)) = current.take() {
         out.files.push((f, end));
+        done(&out)?;
     }
     if out.files.is_empty() {
         return Err(format!(
@@ -648,6 +664,106 @@ pub fn rebuild(
         ));
     }
     Ok(out)
+}
+
+/// Where a replay fed to a running recovery stops in a file, decided as files complete.
+pub enum Cut {
+    /// The whole file.
+    Whole,
+    /// Up to this position; nothing after.
+    At(u64),
+}
+
+/// Feeds the files of `segments` from `from` to the server's recovery as each one is complete
+/// (`deliver(file, its rebuilt path, cut)`), up to the target: a time (the last mark not
+/// later than it, decided once a later file's marks are known: a file is whole when a mark
+/// of a later one is not later than the time), a position (`(file, offset)`), or everything.
+/// Returns the rebuilt files and where the feed stopped (None: nothing after `from`).
+#[allow(clippy::type_complexity)]
+pub fn feed(
+    dir: &Path,
+    from: (&str, u64),
+    segments: Vec<Stored>,
+    order: &dyn Fn(&str) -> u64,
+    time_us: i64,
+    position: Option<(String, u64)>,
+    deliver: &mut dyn FnMut(&str, &Path, Cut) -> Result<(), String>,
+) -> Result<(Rebuilt, Option<(String, u64)>), String> {
+    let after_from = |f: &str, p: u64| (order(f), p) > (order(from.0), from.1);
+    // The last mark of `file` not later than the time, after `from`.
+    let last_mark = |r: &Rebuilt, file: &str| {
+        r.marks
+            .iter()
+            .filter(|(f, t, p)| f == file && *t <= time_us && after_from(f, *p))
+            .map(|(_, _, p)| *p)
+            .max()
+    };
+    let mut pending: Option<(String, u64)> = None;
+    let mut stop: Option<(String, u64)> = None;
+    let mut finished = false;
+    let rebuilt = {
+        let mut on_file = |r: &Rebuilt| -> Result<bool, String> {
+            let (file, end) = r.files.last().cloned().expect("a complete file");
+            if let Some((pf, off)) = &position {
+                if order(&file) < order(pf) {
+                    deliver(&file, &dir.join(&file), Cut::Whole)?;
+                    stop = Some((file, end));
+                    return Ok(true);
+                }
+                if file == *pf {
+                    let at = (*off).min(end);
+                    deliver(&file, &dir.join(&file), Cut::At(at))?;
+                    stop = Some((file, at));
+                    finished = true;
+                }
+                return Ok(false);
+            }
+            if let Some((pf, pend)) = pending.take() {
+                // The file before: whole when a mark of this one is not later than the time.
+                let whole =
+                    time_us == 0 || r.marks.iter().any(|(f, t, _)| *f == file && *t <= time_us);
+                if whole {
+                    deliver(&pf, &dir.join(&pf), Cut::Whole)?;
+                    stop = Some((pf, pend));
+                } else {
+                    if let Some(p) = last_mark(r, &pf) {
+                        deliver(&pf, &dir.join(&pf), Cut::At(p))?;
+                        stop = Some((pf, p));
+                    }
+                    finished = true;
+                    return Ok(false);
+                }
+            }
+            pending = Some((file, end));
+            Ok(true)
+        };
+        rebuild_each(dir, from.0, segments, order, &mut on_file)?
+    };
+    if position.is_some() && !finished {
+        let (f, off) = position.clone().unwrap_or_default();
+        return Err(format!(
+            "the archive holds no position {} (file {f}, offset {off})",
+            rebuilt.files.last().map(|x| x.0.as_str()).unwrap_or("")
+        ));
+    }
+    // The last file: up to its last mark not later than the time (all of it for everything).
+    if let (false, Some((pf, pend))) = (finished, pending.take()) {
+        if time_us == 0 {
+            deliver(&pf, &dir.join(&pf), Cut::Whole)?;
+            stop = Some((pf, pend));
+        } else if let Some(p) = last_mark(&rebuilt, &pf) {
+            let cut = if p >= pend { Cut::Whole } else { Cut::At(p) };
+            deliver(&pf, &dir.join(&pf), cut)?;
+            stop = Some((pf, p));
+        }
+    }
+    if let (Some(why), false) = (&rebuilt.hole, finished) {
+        // The target lies past a hole (everything, a time after the last mark before it).
+        if time_us == 0 || time_us > rebuilt.last_mark() {
+            return Err(format!("{why}; restore to a time before it"));
+        }
+    }
+    Ok((rebuilt, stop))
 }
 
 /// Where to stop replaying `rebuilt` (started at `from`) for `Target::Time(t)`: the last mark
@@ -775,6 +891,38 @@ pub trait Replay: Send + Sync {
     /// each other: PostgreSQL's timelines).
     fn same_stream(&self, _a: &str, _b: &str) -> bool {
         true
+    }
+    /// Whether the server's own recovery can take the files as they are rebuilt ([`feed`]):
+    /// fetching the archive overlaps with replaying it.
+    fn feeds(&self) -> bool {
+        false
+    }
+    /// Sets a restored data directory up (before its first start) to take the files as they
+    /// are delivered; returns where they are delivered.
+    fn prepare_feed(&self, _ctx: &BackupCtx) -> Result<std::path::PathBuf, BackupError> {
+        Err(BackupError::Io(std::io::Error::other(
+            "this datastore's replay is not fed",
+        )))
+    }
+    /// Delivers a complete rebuilt file (moved from `path`), cut as decided.
+    fn deliver(
+        &self,
+        _ctx: &BackupCtx,
+        _to: &Path,
+        _file: &str,
+        _path: &Path,
+        _cut: Cut,
+    ) -> Result<(), BackupError> {
+        Ok(())
+    }
+    /// Says nothing more comes (also after a failure: the server stops waiting).
+    fn end_feed(&self, _to: &Path) {}
+    /// Removes what the feed set up, once the server's recovery ended.
+    fn cleanup_feed(&self, _ctx: &BackupCtx) {}
+    /// Where a position target lies in the files from `from_file` on, when that is known
+    /// without reading them (None: find it in the files).
+    fn locate(&self, _from_file: &str, _position: &str) -> Result<Option<(String, u64)>, String> {
+        Ok(None)
     }
     /// Whether the replay goes into the restored data directory before the server's first
     /// start (the server's own recovery replays it), rather than into the running server.
@@ -912,6 +1060,60 @@ mod tests {
         lying.end = 90;
         let lying = rebuild(dir.path(), "b.000002", vec![lying], &order);
         assert!(lying.unwrap_err().contains("refused"));
+    }
+
+    #[test]
+    fn a_feed_delivers_each_file_once_the_next_one_says_where_the_time_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let segs = || {
+            vec![
+                seg("b.000001", 0, 100, &[(10, 50), (20, 100)]),
+                seg("b.000002", 0, 100, &[(30, 40), (40, 100)]),
+                seg("b.000003", 0, 100, &[(50, 60), (60, 100)]),
+            ]
+        };
+        let run = |t: i64, position: Option<(String, u64)>| {
+            let mut got = vec![];
+            let (_, stop) = feed(
+                dir.path(),
+                ("b.000001", 10),
+                segs(),
+                &order,
+                t,
+                position,
+                &mut |f, _, cut| {
+                    got.push((
+                        f.to_string(),
+                        match cut {
+                            Cut::Whole => None,
+                            Cut::At(p) => Some(p),
+                        },
+                    ));
+                    Ok(())
+                },
+            )
+            .unwrap();
+            (got, stop)
+        };
+        let s = |f: &str, p: Option<u64>| (f.to_string(), p);
+        // Between two marks of the second file.
+        let (got, stop) = run(35, None);
+        assert_eq!(got, vec![s("b.000001", None), s("b.000002", Some(40))]);
+        assert_eq!(stop, Some(("b.000002".into(), 40)));
+        // Before the second file's first mark: the first file up to its last mark.
+        let (got, _) = run(25, None);
+        assert_eq!(got, vec![s("b.000001", Some(100))]);
+        // After everything: all of it, the last file whole.
+        let (got, _) = run(1000, None);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[2], s("b.000003", None));
+        // Everything (no time), and a position.
+        assert_eq!(run(0, None).0.len(), 3);
+        let (got, stop) = run(0, Some(("b.000002".into(), 70)));
+        assert_eq!(got, vec![s("b.000001", None), s("b.000002", Some(70))]);
+        assert_eq!(stop, Some(("b.000002".into(), 70)));
+        // Before anything after the backup: nothing.
+        assert_eq!(run(5, None).0, vec![]);
     }
 
     #[test]

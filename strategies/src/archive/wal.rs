@@ -171,6 +171,35 @@ impl ChangeLog for WalLog {
     }
 }
 
+/// Where a fed restore delivers WAL files, and its `restore_command` (in the data directory,
+/// removed once the recovery ended).
+pub const FEED_DIR: &str = "coffer-restore";
+pub const FEED_SCRIPT: &str = "coffer-restore.sh";
+
+/// The `restore_command` of a fed restore: a WAL file is moved into place once the agent
+/// delivered it (waiting for it); a file not delivered once `END` exists is not in the
+/// archive (the recovery ends there); a history file only if it is there.
+fn feed_script(dir: &Path) -> String {
+    format!(
+        "#!/bin/sh\n\
+         # A point-in-time restore's restore_command: each WAL file as the agent delivers it.\n\
+         d='{}'\n\
+         case \"$1\" in\n\
+         *.history) [ -f \"$d/$1\" ] && exec cp \"$d/$1\" \"$2\"; exit 1 ;;\n\
+         ????????????????????????) ;;\n\
+         *) exit 1 ;;\n\
+         esac\n\
+         i=0\n\
+         while [ ! -f \"$d/$1\" ]; do\n\
+         \x20 [ -f \"$d/END\" ] && [ ! -f \"$d/$1\" ] && exit 1\n\
+         \x20 i=$((i+1)); [ \"$i\" -gt 72000 ] && exit 1\n\
+         \x20 sleep 0.025\n\
+         done\n\
+         exec mv \"$d/$1\" \"$2\"\n",
+        dir.display()
+    )
+}
+
 /// Puts the archived WAL into a restored data directory, cut at the target: the server's
 /// recovery at its first start replays it.
 pub struct WalReplay;
@@ -200,6 +229,95 @@ impl Replay for WalReplay {
 
     fn before_start(&self) -> bool {
         true
+    }
+
+    fn feeds(&self) -> bool {
+        true
+    }
+
+    /// The delivery directory and a `restore_command` that waits for each file there (moved
+    /// into place as the agent completes it; `END` says nothing more comes), with
+    /// `recovery.signal`: the server's archive recovery replays each file as it arrives.
+    fn prepare_feed(&self, ctx: &BackupCtx) -> Result<PathBuf, BackupError> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let wal = ctx.data_dir.join("pg_wal");
+        let m = std::fs::metadata(&wal)?;
+        let owner = |p: &Path| {
+            let _ = std::os::unix::fs::chown(p, Some(m.uid()), Some(m.gid()));
+        };
+        let to = ctx.data_dir.join(FEED_DIR);
+        let _ = std::fs::remove_dir_all(&to);
+        std::fs::create_dir(&to)?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o700))?;
+        owner(&to);
+        let script = ctx.data_dir.join(FEED_SCRIPT);
+        std::fs::write(&script, feed_script(&to))?;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))?;
+        owner(&script);
+        let signal = ctx.data_dir.join("recovery.signal");
+        std::fs::write(&signal, b"")?;
+        owner(&signal);
+        let auto = ctx.data_dir.join("postgresql.auto.conf");
+        let mut conf: String = std::fs::read_to_string(&auto)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("restore_command"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        conf.push_str(&format!(
+            "restore_command = '\"{}\" \"%f\" \"%p\"'\n",
+            script.display()
+        ));
+        std::fs::write(&auto, conf)?;
+        owner(&auto);
+        Ok(to)
+    }
+
+    fn deliver(
+        &self,
+        ctx: &BackupCtx,
+        to: &Path,
+        file: &str,
+        path: &Path,
+        cut: super::Cut,
+    ) -> Result<(), BackupError> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        {
+            let f = std::fs::OpenOptions::new().write(true).open(path)?;
+            if let super::Cut::At(p) = cut {
+                f.set_len(p)?;
+            }
+            // The rest of the segment is zeros: where the replay ends.
+            f.set_len(SEGMENT)?;
+        }
+        let m = std::fs::metadata(ctx.data_dir.join("pg_wal"))?;
+        let _ = std::os::unix::fs::chown(path, Some(m.uid()), Some(m.gid()));
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let dest = to.join(file);
+        if std::fs::rename(path, &dest).is_err() {
+            // Another filesystem: copied, then put in place at once.
+            let tmp = to.join(format!(".{file}"));
+            std::fs::copy(path, &tmp)?;
+            let _ = std::os::unix::fs::chown(&tmp, Some(m.uid()), Some(m.gid()));
+            std::fs::rename(&tmp, &dest)?;
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(())
+    }
+
+    fn end_feed(&self, to: &Path) {
+        let _ = std::fs::write(to.join("END"), b"");
+    }
+
+    fn cleanup_feed(&self, ctx: &BackupCtx) {
+        let _ = std::fs::remove_dir_all(ctx.data_dir.join(FEED_DIR));
+        let _ = std::fs::remove_file(ctx.data_dir.join(FEED_SCRIPT));
+    }
+
+    fn locate(&self, from_file: &str, position: &str) -> Result<Option<(String, u64)>, String> {
+        lsn_file(&from_file[..8.min(from_file.len())], position)
+            .map(Some)
+            .ok_or_else(|| format!("'{position}' is not a PostgreSQL LSN (e.g. 0/3000148)"))
     }
 
     fn switch_point(&self, rebuilt: &Rebuilt) -> Option<(String, u64)> {

@@ -1169,8 +1169,13 @@ impl Datastore for Postgresql {
         // The restore's placeholder (`restore_command = 'false'`, put there for that recovery)
         // is not this server's setting.
         let auto = self.data_dir().join("postgresql.auto.conf");
-        let placeholder = std::fs::read_to_string(&auto)
-            .is_ok_and(|c| c.lines().any(|l| l.trim() == "restore_command = 'false'"));
+        let placeholder = std::fs::read_to_string(&auto).is_ok_and(|c| {
+            c.lines().any(|l| {
+                l.trim() == "restore_command = 'false'"
+                    || (l.trim_start().starts_with("restore_command")
+                        && l.contains(crate::archive::wal::FEED_SCRIPT))
+            })
+        });
         if placeholder {
             if let Err(e) = self.exec("ALTER SYSTEM RESET restore_command").await {
                 tracing::warn!(error = %e, "could not remove the restore's restore_command");
