@@ -129,6 +129,31 @@ async fn restored_in(
     let rview = env
         .wait_status(&rid, "ACTIVE", Duration::from_secs(180))
         .await;
+    if store == Store::Postgresql {
+        // The restored server is its own: its admin has this instance's password, and the
+        // recovery's restore_command is gone.
+        use sqlx::{ConnectOptions, Connection};
+        let pw = std::fs::read_to_string(
+            env.instance_dir(&rid)
+                .join("state/postgresql/admin.password"),
+        )
+        .unwrap();
+        let mut c = sqlx::postgres::PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(rview["port"].as_u64().unwrap() as u16)
+            .username("coffer_admin")
+            .password(pw.trim())
+            .database("postgres")
+            .connect()
+            .await
+            .expect("the restored instance's admin has its own password");
+        let cmd: String = sqlx::query_scalar("SELECT current_setting('restore_command')")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(cmd, "", "the restore's restore_command was reset");
+        c.close().await.unwrap();
+    }
     store.read(env, &rview).await
 }
 

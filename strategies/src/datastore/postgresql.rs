@@ -1152,19 +1152,23 @@ impl Datastore for Postgresql {
     }
 
     async fn finish_first_start(&self) -> Result<(), DatastoreError> {
-        // A restore across a change of source runs an archive recovery (to the newest
-        // timeline): the server answers read-only meanwhile; it is ready once recovery ended
-        // (the server removes the signal file then).
-        // (A server that stops answering for a minute meanwhile ended its recovery badly.)
+        // A point-in-time restore runs an archive recovery: the server answers read-only
+        // meanwhile, removes the signal file as the recovery ends and takes writes a moment
+        // later; it is ready then. (A server that stops answering for a minute meanwhile ended
+        // its recovery badly.)
         let signal = self.data_dir().join("recovery.signal");
         let mut answered = std::time::Instant::now();
-        while signal.exists() {
+        let mut recovering = signal.exists();
+        while recovering {
             match self.in_recovery().await {
+                Ok(false) if !signal.exists() => recovering = false,
                 Ok(_) => answered = std::time::Instant::now(),
                 Err(e) if answered.elapsed() > std::time::Duration::from_secs(60) => return Err(e),
                 Err(_) => {}
             }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if recovering {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
         }
         // The restore's placeholder (`restore_command = 'false'`, put there for that recovery)
         // is not this server's setting.
