@@ -607,71 +607,13 @@ pub async fn roll_forward(
                 };
                 let rebuilt = archive::rebuild(&mdir, &from_file, segs, &order)?;
                 mib += rebuilt.files.iter().map(|(_, end)| end).sum::<u64>() as f64 / 1048576.0;
-                if replay.before_start() && members.len() > 1 {
-                    // The server's own recovery follows the change of source: each source's
-                    // files up to the next one's first (which holds the rest of that segment
-                    // as the next source had it); the last one's to the target.
-                    let from_at = if i == 0 {
-                        (start_file.clone(), start_pos)
-                    } else {
-                        (from_file.clone(), 0)
-                    };
-                    let stop = if !last {
-                        let next = stored_of(&members[i + 1].0, false);
-                        let keys: Vec<(String, u64, u64)> = next
-                            .iter()
-                            .map(|s| (s.file.clone(), s.start, s.end))
-                            .collect();
-                        let next_first = archive::contiguous_from(&keys, &order).ok_or_else(|| {
-                            format!("the archive of instance {}, which became the source, holds nothing to replay", members[i + 1].0)
-                        })?;
-                        let reaches = rebuilt.files.last().is_some_and(|(f, end)| {
-                            order(f) >= order(&next_first)
-                                || (order(f) + 1 == order(&next_first)
-                                    && *end >= replay.file_size().unwrap_or(u64::MAX))
-                        });
-                        if !reaches {
-                            return Err(format!(
-                                "the archive of instance {owner} ends before {next_first}, where the next source's begins: a hole at the change of source"
-                            ));
-                        }
-                        Some((next_first, 0))
-                    } else if target.time_unix_us > 0 {
-                        refuse_past_hole(&rebuilt, Some(target.time_unix_us))?;
-                        archive::stop_at_time(
-                            &rebuilt,
-                            (&from_at.0, from_at.1),
-                            target.time_unix_us,
-                            &order,
-                        )
-                        .or_else(|| replay.switch_point(&rebuilt))
-                        .or(Some((from_at.0.clone(), from_at.1)))
-                    } else if !target.position.is_empty() {
-                        Some(
-                            replay
-                                .stop_at_position(&rebuilt, &mdir, &target.position)?
-                                .ok_or_else(|| {
-                                    format!("the archive holds no position {}", target.position)
-                                })?,
-                        )
-                    } else {
-                        refuse_past_hole(&rebuilt, None)?;
-                        None
-                    };
-                    replay
-                        .replay(
-                            &bctx,
-                            &mdir,
-                            &rebuilt,
-                            (&from_at.0, from_at.1),
-                            stop.clone(),
-                        )
-                        .map_err(|e| e.to_string())?;
-                    last_stop = stop.or(Some(from_at));
-                    continue;
-                }
+                // A datastore whose own recovery follows the change of source (the files go
+                // into the data directory before the first start): each source's files up to
+                // the next one's first, which holds the rest of that segment as the next source
+                // had it. Otherwise each source's transactions after what was replayed.
+                let by_files = replay.before_start() && members.len() > 1;
                 let from_at = if i == 0 {
-                    if !last {
+                    if !last && !by_files {
                         done = replay.last_position(
                             &rebuilt,
                             &mdir,
@@ -679,6 +621,8 @@ pub async fn roll_forward(
                         )?;
                     }
                     Some((start_file.clone(), start_pos))
+                } else if by_files {
+                    Some((from_file.clone(), 0))
                 } else {
                     let after = done.clone().unwrap_or_else(|| members[i].1.clone());
                     replay.resume_after(&rebuilt, &mdir, &after)?
@@ -687,9 +631,29 @@ pub async fn roll_forward(
                     // Nothing after what was replayed: the next source, or the end.
                     continue;
                 };
-                let stop = if !last {
-                    // Up to where the next source took over; all of it when this archive
-                    // ends before (the next one's archive has the rest, or refuses a hole).
+                let stop = if !last && by_files {
+                    let next = stored_of(&members[i + 1].0, false);
+                    let keys: Vec<(String, u64, u64)> = next
+                        .iter()
+                        .map(|s| (s.file.clone(), s.start, s.end))
+                        .collect();
+                    let next_first = archive::contiguous_from(&keys, &order).ok_or_else(|| {
+                        format!("the archive of instance {}, which became the source, holds nothing to replay", members[i + 1].0)
+                    })?;
+                    let reaches = rebuilt.files.last().is_some_and(|(f, end)| {
+                        order(f) >= order(&next_first)
+                            || (order(f) + 1 == order(&next_first)
+                                && *end >= replay.file_size().unwrap_or(u64::MAX))
+                    });
+                    if !reaches {
+                        return Err(format!(
+                            "the archive of instance {owner} ends before {next_first}, where the next source's begins: a hole at the change of source"
+                        ));
+                    }
+                    Some((next_first, 0))
+                } else if !last {
+                    // Up to what the next source's position covers (a failover's lost
+                    // transactions, written past it, are not replayed).
                     let next_at = &members[i + 1].1;
                     match replay.stop_covered_by(&rebuilt, &mdir, next_at)? {
                         Some(s) => {
@@ -701,34 +665,41 @@ pub async fn roll_forward(
                         // Nothing of it after what was replayed: the next source goes on.
                         None => continue,
                     }
-                } else if target.time_unix_us > 0 {
-                    refuse_past_hole(&rebuilt, Some(target.time_unix_us))?;
-                    let s = archive::stop_at_time(
-                        &rebuilt,
-                        (&from_at.0, from_at.1),
-                        target.time_unix_us,
-                        &order,
-                    );
-                    // A time before anything was written after the start: nothing of this
-                    // archive (no stop would mean all of it).
-                    if s.is_none() {
-                        continue;
-                    }
-                    s
-                } else if !target.position.is_empty() {
-                    Some(
-                        replay
+                } else {
+                    // The last source: to the target (None inside: to its end).
+                    let to_target = if target.time_unix_us > 0 {
+                        refuse_past_hole(&rebuilt, Some(target.time_unix_us))?;
+                        archive::stop_at_time(
+                            &rebuilt,
+                            (&from_at.0, from_at.1),
+                            target.time_unix_us,
+                            &order,
+                        )
+                        .map(Some)
+                    } else if !target.position.is_empty() {
+                        let at = replay
                             .stop_at_position(&rebuilt, &mdir, &target.position)?
                             .ok_or_else(|| {
                                 format!(
                                     "the archive after backup {backup_id} holds no transaction {}",
                                     target.position
                                 )
-                            })?,
-                    )
-                } else {
-                    refuse_past_hole(&rebuilt, None)?;
-                    None
+                            })?;
+                        Some(Some(at))
+                    } else {
+                        refuse_past_hole(&rebuilt, None)?;
+                        Some(None)
+                    };
+                    match to_target {
+                        Some(s) => s,
+                        // A time before anything was written after the start: nothing of
+                        // this archive (no stop would mean all of it) — by files, up to where
+                        // its stream branched (what came before is the previous source's).
+                        None if by_files => replay
+                            .switch_point(&rebuilt)
+                            .or(Some((from_at.0.clone(), from_at.1))),
+                        None => continue,
+                    }
                 };
                 replay
                     .replay(

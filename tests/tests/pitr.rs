@@ -146,7 +146,12 @@ async fn restored_in(
             .database("postgres")
             .connect()
             .await
-            .expect("the restored instance's admin has its own password");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the restored instance's admin has its own password: {e}\n{}",
+                    env.logs(&rid)
+                )
+            });
         let cmd: String = sqlx::query_scalar("SELECT current_setting('restore_command')")
             .fetch_one(&mut c)
             .await

@@ -170,24 +170,30 @@ impl PgAdmin {
         let password = std::fs::read_to_string(root.join("admin.password"))?
             .trim()
             .to_string();
-        let conf = std::fs::read_to_string(root.join("postgresql.conf"))?;
-        let setting = |name: &str| -> String {
-            conf.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name} = ")))
-                .unwrap_or("")
-                .trim_matches('\'')
-                .to_string()
-        };
         let bin = crate::env::postgresql()
             .map(|(_, bin)| bin.display().to_string())
             .context("PostgreSQL is installed")?;
-        Ok(PgAdmin {
-            port: setting("port"),
-            socket_dir: setting("unix_socket_directories"),
+        let mut pg = PgAdmin {
+            port: String::new(),
+            socket_dir: String::new(),
             root,
             password,
             bin,
-        })
+        };
+        pg.port = pg.setting("port")?;
+        pg.socket_dir = pg.setting("unix_socket_directories")?;
+        Ok(pg)
+    }
+
+    /// A setting of the instance's rendered `postgresql.conf` (empty when it sets none).
+    pub(crate) fn setting(&self, name: &str) -> anyhow::Result<String> {
+        let conf = std::fs::read_to_string(self.root.join("postgresql.conf"))?;
+        Ok(conf
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = ")))
+            .unwrap_or("")
+            .trim_matches('\'')
+            .to_string())
     }
 
     /// Runs `sql` as the admin (its password in the command's environment); returns what it

@@ -8,7 +8,7 @@
 //! - PostgreSQL's replay: a restore to the latest time over about N MB of WAL (create → ACTIVE,
 //!   less a restore of the same backup without a time) against the floor, the server's own
 //!   recovery of the same WAL (a `pg_basebackup` taken beside the backup, the source's WAL
-//!   files put in its `pg_wal`, started until it answers).
+//!   files put in its `pg_wal`, started with the instance's memory settings until it answers).
 //!
 //! Release binaries. Figures, not assertions.
 
@@ -103,6 +103,30 @@ fn rfc3339_ms(v: &Value) -> Option<i64> {
         t.next()?.parse::<f64>().ok()?,
     );
     Some((days * 86400 + h * 3600 + mi * 60) * 1000 + (sec * 1000.0).round() as i64)
+}
+
+/// Waits until the instance's latest restorable time reaches `at_ms`; returns it as shown.
+fn latest_after(coffer: &Bench, id: &str, at_ms: i64) -> anyhow::Result<Value> {
+    loop {
+        let v = get(coffer, id)?;
+        if rfc3339_ms(&v["recovery"]["latest"]).is_some_and(|l| l >= at_ms) {
+            return Ok(v["recovery"]["latest"].clone());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// From a restoring agent's log: how long its roll-forward took (s) and the MiB of archive.
+fn rolled_forward(log: &str) -> Option<(f64, f64)> {
+    let line = log.lines().find(|l| l.contains("rolled forward"))?;
+    let took = line.split(" in ").nth(1)?.split(' ').next()?.parse().ok()?;
+    let mib = line
+        .split('(')
+        .nth(1)
+        .and_then(|x| x.split(' ').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0.0);
+    Some((took, mib))
 }
 
 fn bench(
@@ -201,35 +225,14 @@ fn bench(
         &sroot,
         "SELECT (SELECT COUNT(*) FROM shop.big) + (SELECT COUNT(*) FROM shop.p)",
     )?;
-    let acked = now_us() / 1000;
-    let latest = loop {
-        let v = get(&coffer, &src)?;
-        if rfc3339_ms(&v["recovery"]["latest"]).is_some_and(|l| l >= acked) {
-            break v["recovery"]["latest"].clone();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let latest = latest_after(&coffer, &src, now_us() / 1000)?;
     env::step("restoring to the latest restorable time");
     let (pitr, pitr_s) = coffer.create(json!({"instance": {"name": "pitr", "flavorRef": "3",
         "volume": {"size": 10}, "restorePoint": {"backupRef": bid, "restore_time": latest}}}))?;
     let log = std::fs::read_to_string(tmp.join("instances").join(&pitr).join("agent.log"))
         .unwrap_or_default();
-    let line = log
-        .lines()
-        .find(|l| l.contains("rolled forward"))
-        .context("the restore's agent logged no roll-forward")?;
-    let replay_s: f64 = line
-        .split(" in ")
-        .nth(1)
-        .and_then(|x| x.split(' ').next())
-        .and_then(|x| x.parse().ok())
-        .context("no replay time in the agent's log")?;
-    let mib: f64 = line
-        .split('(')
-        .nth(1)
-        .and_then(|x| x.split(' ').next())
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0.0);
+    let (replay_s, mib) =
+        rolled_forward(&log).context("the restore's agent logged no roll-forward")?;
     let prows = sql(
         &state(&pitr).join("mariadb"),
         "SELECT (SELECT COUNT(*) FROM shop.big) + (SELECT COUNT(*) FROM shop.p)",
@@ -360,14 +363,7 @@ fn bench_postgresql(
         left -= n;
     }
     let rows = pg.psql("SELECT count(*) FROM big")?;
-    let acked = now_us() / 1000;
-    let latest = loop {
-        let v = get(&coffer, &src)?;
-        if rfc3339_ms(&v["recovery"]["latest"]).is_some_and(|l| l >= acked) {
-            break v["recovery"]["latest"].clone();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let latest = latest_after(&coffer, &src, now_us() / 1000)?;
 
     env::step("Coffer: a restore of the backup as it is, then one to the latest restorable time");
     let (_, plain_s) = coffer.create(json!({"instance": {"name": "pg-plain", "flavorRef": "3",
@@ -377,13 +373,8 @@ fn bench_postgresql(
         "restorePoint": {"backupRef": bid, "restore_time": latest}}}))?;
     let log = std::fs::read_to_string(tmp.join("instances").join(&pitr).join("agent.log"))
         .unwrap_or_default();
-    let mib: f64 = log
-        .lines()
-        .find(|l| l.contains("rolled forward"))
-        .and_then(|l| l.split('(').nth(1))
-        .and_then(|x| x.split(' ').next())
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0.0);
+    // How long fetching, unsealing and rebuilding the archive took (beside the recovery).
+    let (fed_s, mib) = rolled_forward(&log).unwrap_or_default();
     let prows = PgAdmin::of(tmp, &pitr)?.psql("SELECT count(*) FROM big")?;
     let replay_s = (pitr_s - plain_s).max(1e-3);
 
@@ -410,6 +401,10 @@ fn bench_postgresql(
     chown(&floor_dir)?;
     let port = crate::bench::free_port().to_string();
     let sock = floor_dir.display().to_string();
+    let (shared_buffers, max_connections) = (
+        pg.setting("shared_buffers")?,
+        pg.setting("max_connections")?,
+    );
     let as_pg = |tool: &str| {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"])
@@ -426,7 +421,10 @@ fn bench_postgresql(
             "-c",
             &format!("unix_socket_directories={sock}"),
         ])
-        .args(["-c", "listen_addresses=", "-c", "max_wal_size=4GB"])
+        .args(["-c", "listen_addresses="])
+        // The instance's own memory settings (as its flavor renders them), nothing tuned.
+        .args(["-c", &format!("shared_buffers={shared_buffers}")])
+        .args(["-c", &format!("max_connections={max_connections}")])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(tmp.join("floor-postgres.log"))?)
         .spawn()?;
@@ -481,6 +479,7 @@ fn bench_postgresql(
         "  replay of {mib:.0} MiB of WAL: Coffer {replay_s:.2} s (restore to time {pitr_s:.1} s − restore as is {plain_s:.1} s)  floor {floor_s:.2} s (its own recovery)  → {:.2}× the floor's speed (target ≥ 0.9)",
         floor_s / replay_s
     );
+    println!("  of which fetching, unsealing and rebuilding the archive (fed beside the recovery): {fed_s:.2} s");
     println!("  rows: source {rows}, restored to time {prows}, floor {frows}");
     if rows != prows || rows != frows {
         bail!("the restores do not hold the source's rows: source {rows}, restored {prows}, floor {frows}");

@@ -192,8 +192,8 @@ fn feed_script(dir: &Path) -> String {
          i=0\n\
          while [ ! -f \"$d/$1\" ]; do\n\
          \x20 [ -f \"$d/END\" ] && [ ! -f \"$d/$1\" ] && exit 1\n\
-         \x20 i=$((i+1)); [ \"$i\" -gt 72000 ] && exit 1\n\
-         \x20 sleep 0.025\n\
+         \x20 i=$((i+1)); [ \"$i\" -gt 180000 ] && exit 1\n\
+         \x20 sleep 0.01\n\
          done\n\
          exec mv \"$d/$1\" \"$2\"\n",
         dir.display()

@@ -1156,9 +1156,11 @@ impl Datastore for Postgresql {
         // meanwhile, removes the signal file as the recovery ends and takes writes a moment
         // later; it is ready then. (A server that stops answering for a minute meanwhile ended
         // its recovery badly.)
+        // The server may already have removed the signal file, still in recovery for a
+        // moment: anything in recovery that is not a standby is waited for.
         let signal = self.data_dir().join("recovery.signal");
         let mut answered = std::time::Instant::now();
-        let mut recovering = signal.exists();
+        let mut recovering = !self.standby_signal().exists();
         while recovering {
             match self.in_recovery().await {
                 Ok(false) if !signal.exists() => recovering = false,
