@@ -132,9 +132,11 @@ async fn controllers_share_the_work_and_the_others_carry_on_when_one_dies() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Either survivor may win the lease (whichever renews first after it lapsed).
+    let leads = |log: String| log.contains("this controller leads");
     assert!(
-        peer.log_text().contains("this controller leads"),
-        "the survivor took the lead"
+        leads(peer.log_text()) || leads(third.log_text()),
+        "a survivor took the lead"
     );
 }
 
