@@ -73,10 +73,36 @@ async fn restored_rows(env: &Env, name: &str, point: Value) -> Vec<i32> {
     env.rows(&view).await
 }
 
-/// A time halfway between write `k`'s acknowledgement and the next write's beginning (µs).
+/// A time after write `k` was acknowledged, just before the next one began (µs).
 fn midway(writes: &[(i32, i64, i64)], k: usize) -> i64 {
-    let (_, _, acked) = writes[k];
-    acked + (writes[k + 1].1 - acked) / 2
+    writes[k + 1].1 - 1
+}
+
+/// Waits until the archive of `id` has placed everything written before `acked_us` (its
+/// agent's ledger: a look begun after it stored all it read). The archive places a write by
+/// the look that reads it: on a busy host that can be later than the write, and a restore to
+/// a time between the write and its look would leave it out (the archive does not claim it).
+/// Writes whose archive watches wait for this before the next one begins, so that a time
+/// between two of them is one the archive can restore exactly.
+async fn placed(env: &Env, id: &str, acked_us: i64) {
+    let ledger = env.instance_dir(id).join("state/archive.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let latest = std::fs::read(&ledger)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<Value>(&t).ok())
+            .and_then(|v| v["latest_us"].as_i64())
+            .unwrap_or(0);
+        if latest >= acked_us {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the archive of {id} never placed the write acknowledged at {}",
+            rfc3339(acked_us)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Takes a backup of `id` and waits until it completed; returns its id.
@@ -95,11 +121,14 @@ async fn completed_backup(env: &Env, body: Value) -> String {
 
 /// Writes `rows` through `store` (a connection each) one at a time, each acknowledged before
 /// the next begins, every `pace`; returns (row, began, acknowledged) in µs.
+/// With `watched` (the environment), each write waits until the instance's archive placed
+/// it ([`placed`]).
 async fn paced_store_writes(
     store: Store,
     view: &Value,
     rows: std::ops::Range<i32>,
     pace: Duration,
+    watched: Option<&Env>,
 ) -> Vec<(i32, i64, i64)> {
     let mut writes = vec![];
     let mut tick = tokio::time::interval(pace);
@@ -107,7 +136,11 @@ async fn paced_store_writes(
         tick.tick().await;
         let began = now_us();
         store.try_write(view, i).await.unwrap();
-        writes.push((i, began, now_us()));
+        let acked = now_us();
+        writes.push((i, began, acked));
+        if let Some(env) = watched {
+            placed(env, view["id"].as_str().unwrap(), acked).await;
+        }
     }
     writes
 }
@@ -167,12 +200,14 @@ async fn pg_restored(env: &Env, version: &str, name: &str, point: Value) -> Vec<
 }
 
 /// Writes `rows` into `shop.t` one at a time, each acknowledged before the next begins, every
-/// `pace`; returns (row, began, acknowledged) in µs.
+/// `pace`; returns (row, began, acknowledged) in µs. With `watched`, each write waits until
+/// the archive placed it ([`placed`]).
 async fn paced_writes(
     env: &Env,
     view: &Value,
     rows: std::ops::Range<i32>,
     pace: Duration,
+    watched: bool,
 ) -> Vec<(i32, i64, i64)> {
     let mut c = env.connect(view, "app", "s3cret-Pw", "shop").await;
     let mut writes = vec![];
@@ -185,7 +220,11 @@ async fn paced_writes(
             .execute(&mut c)
             .await
             .unwrap();
-        writes.push((i, began, now_us()));
+        let acked = now_us();
+        writes.push((i, began, acked));
+        if watched {
+            placed(env, view["id"].as_str().unwrap(), acked).await;
+        }
     }
     c.close().await.unwrap();
     writes
@@ -203,10 +242,10 @@ async fn a_restore_to_a_time_holds_exactly_the_writes_before_it() {
 
     // A writer: one row at a time, each acknowledged before the next begins. The agent is
     // killed half-way: what is written meanwhile is archived when it is back.
-    let mut writes = paced_writes(&env, &view, 100..120, Duration::from_millis(120)).await;
+    let mut writes = paced_writes(&env, &view, 100..120, Duration::from_millis(120), true).await;
     let pid = env.agent_pid(&id).expect("the agent runs");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
-    writes.extend(paced_writes(&env, &view, 120..140, Duration::from_millis(120)).await);
+    writes.extend(paced_writes(&env, &view, 120..140, Duration::from_millis(120), false).await);
     let last_ack = writes.last().unwrap().2;
     let (earliest, latest) = window_reaching(&env, &id, last_ack).await;
 
@@ -359,7 +398,7 @@ async fn a_promoted_replica_archives_and_restores_to_a_time() {
     };
 
     let bid = backed_up(&env, &rep, "new-source").await;
-    let writes = paced_writes(&env, &view, 200..210, Duration::from_millis(120)).await;
+    let writes = paced_writes(&env, &view, 200..210, Duration::from_millis(120), true).await;
     window_reaching(&env, &rep, writes.last().unwrap().2).await;
     let t = midway(&writes, 4);
     let got = restored_rows(
@@ -434,7 +473,7 @@ async fn across_sources(store: Store) {
     }
     let bid = backed_up(&env, &src, "lineage-base").await;
     let pace = Duration::from_millis(150);
-    let w1 = paced_store_writes(store, &sview, 100..106, pace).await;
+    let w1 = paced_store_writes(store, &sview, 100..106, pace, Some(&env)).await;
     window_reaching(&env, &src, w1.last().unwrap().2).await;
 
     // Switchover to the first replica.
@@ -449,7 +488,7 @@ async fn across_sources(store: Store) {
         .await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     let fview = archiving_source(&env, &first, switched_at).await;
-    let w2 = paced_store_writes(store, &fview, 200..206, pace).await;
+    let w2 = paced_store_writes(store, &fview, 200..206, pace, Some(&env)).await;
     window_reaching(&env, &first, w2.last().unwrap().2).await;
     let all2: Vec<i32> = [1].into_iter().chain(100..106).chain(200..206).collect();
     // Both survivors have everything before the first one's host dies.
@@ -494,7 +533,7 @@ async fn across_sources(store: Store) {
     // Writes begin once the winner's archive watches (from then on they are placed
     // precisely; the stretch before is a gap of the window, below).
     let wview = archiving_source(&env, &winner, failed_over_at).await;
-    let w3 = paced_store_writes(store, &wview, 300..306, pace).await;
+    let w3 = paced_store_writes(store, &wview, 300..306, pace, Some(&env)).await;
     let (earliest, latest) = window_reaching(&env, &winner, w3.last().unwrap().2).await;
     let (_, v) = env.show(&winner).await;
     let recovery = &v["instance"]["recovery"];
@@ -607,7 +646,7 @@ async fn files_stored_in_pieces_are_stored_whole_and_restore_the_same() {
     .await;
     let (id, view) = env.active_with_rows("pitr-compact", &[1]).await;
     let bid = backed_up(&env, &id, "base").await;
-    let writes = paced_writes(&env, &view, 100..130, Duration::from_millis(150)).await;
+    let writes = paced_writes(&env, &view, 100..130, Duration::from_millis(150), true).await;
     window_reaching(&env, &id, writes.last().unwrap().2).await;
 
     // Every file but the one being written: one object, from its first byte.
@@ -657,7 +696,7 @@ async fn files_stored_in_pieces_are_stored_whole_and_restore_the_same() {
     // backup go with it; the window starts at that backup, a time before it is a 400 naming
     // the window, and a restore after it still holds every write.
     let second = backed_up(&env, &id, "second").await;
-    let later = paced_writes(&env, &view, 200..206, Duration::from_millis(150)).await;
+    let later = paced_writes(&env, &view, 200..206, Duration::from_millis(150), true).await;
     window_reaching(&env, &id, later.last().unwrap().2).await;
     let (st, v) = env.call("DELETE", &format!("/backups/{bid}"), None).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
@@ -727,7 +766,7 @@ async fn a_network_cut_during_archiving_leaves_no_hole_and_claims_nothing_unstor
     .await;
     let (id, view) = env.active_with_rows("pitr-cut", &[1]).await;
     let bid = backed_up(&env, &id, "base").await;
-    let before = paced_writes(&env, &view, 100..105, Duration::from_millis(100)).await;
+    let before = paced_writes(&env, &view, 100..105, Duration::from_millis(100), true).await;
     window_reaching(&env, &id, before.last().unwrap().2).await;
     let (_, v) = env.show(&id).await;
     let since = v["instance"]["recovery"]["archive"]["since"].clone();
@@ -737,7 +776,7 @@ async fn a_network_cut_during_archiving_leaves_no_hole_and_claims_nothing_unstor
     // controller's latest restorable time stays before the first of them.
     let proxy = env.proxy.as_ref().unwrap();
     proxy.cut(&id);
-    let cut = paced_writes(&env, &view, 200..215, Duration::from_millis(100)).await;
+    let cut = paced_writes(&env, &view, 200..215, Duration::from_millis(100), false).await;
     let (_, v) = env.show(&id).await;
     let latest = parse_ms(&v["instance"]["recovery"]["latest"]).unwrap();
     assert!(
@@ -802,7 +841,8 @@ async fn postgresql_restores_to_a_time_from_its_archived_wal() {
     let (id, view) = scenario::create_active(&env, pg, &version, "pg-pitr").await;
     pg.write(&env, &view, 1).await;
     let bid = backed_up(&env, &id, "base").await;
-    let writes = paced_store_writes(pg, &view, 100..120, Duration::from_millis(150)).await;
+    let writes =
+        paced_store_writes(pg, &view, 100..120, Duration::from_millis(150), Some(&env)).await;
     let (_, latest) = window_reaching(&env, &id, writes.last().unwrap().2).await;
     // The server keeps the WAL the archive has not stored (a replication slot the archive
     // advances as it stores): the slot's position moves on as the writes are stored.
@@ -891,14 +931,15 @@ async fn a_postgresql_agent_killed_mid_archive_leaves_no_hole() {
     let (id, view) = scenario::create_active(&env, pg, &version, "pg-kill").await;
     pg.write(&env, &view, 1).await;
     let bid = backed_up(&env, &id, "base").await;
-    let paced = |rows| paced_store_writes(pg, &view, rows, Duration::from_millis(120));
-    let mut writes = paced(100..110).await;
+    let paced =
+        |rows, watched| paced_store_writes(pg, &view, rows, Duration::from_millis(120), watched);
+    let mut writes = paced(100..110, Some(&env)).await;
     window_reaching(&env, &id, writes.last().unwrap().2).await;
     let (_, v) = env.show(&id).await;
     let since = v["instance"]["recovery"]["archive"]["since"].clone();
     let pid = env.agent_pid(&id).expect("the agent runs");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
-    writes.extend(paced(110..120).await);
+    writes.extend(paced(110..120, None).await);
     let (_, latest) = window_reaching(&env, &id, writes.last().unwrap().2).await;
     let (_, v) = env.show(&id).await;
     let archive = &v["instance"]["recovery"]["archive"];
