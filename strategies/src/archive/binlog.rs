@@ -292,6 +292,17 @@ pub fn parse_gtid(s: &str) -> Option<(u32, u64)> {
     Some((d.parse().ok()?, seq.parse().ok()?))
 }
 
+/// A GTID position two archives are joined at: each domain's last sequence number.
+fn join_position(position: &str) -> Result<std::collections::BTreeMap<u32, (u32, u64)>, String> {
+    let p = coffer_proto::datastore::parse_gtids(position);
+    if p.is_empty() {
+        return Err(format!(
+            "'{position}' is not a GTID position; the archives cannot be joined there"
+        ));
+    }
+    Ok(p)
+}
+
 /// Every complete transaction of the rebuilt files, in order: its file, GTID and end.
 fn transactions(rebuilt: &Rebuilt, dir: &Path) -> Result<Vec<(String, Gtid, u64)>, String> {
     let mut out = vec![];
@@ -338,12 +349,7 @@ impl Replay for BinlogReplay {
         dir: &Path,
         position: &str,
     ) -> Result<Option<(String, u64)>, String> {
-        let upto = coffer_proto::datastore::parse_gtids(position);
-        if upto.is_empty() {
-            return Err(format!(
-                "'{position}' is not a GTID position; the archives cannot be joined there"
-            ));
-        }
+        let upto = join_position(position)?;
         Ok(transactions(rebuilt, dir)?
             .into_iter()
             .rfind(|(_, g, _)| upto.get(&g.domain).is_some_and(|x| g.seq <= x.1))
@@ -356,12 +362,7 @@ impl Replay for BinlogReplay {
         dir: &Path,
         position: &str,
     ) -> Result<Option<(String, u64)>, String> {
-        let after = coffer_proto::datastore::parse_gtids(position);
-        if after.is_empty() {
-            return Err(format!(
-                "'{position}' is not a GTID position; the archives cannot be joined there"
-            ));
-        }
+        let after = join_position(position)?;
         let txs = transactions(rebuilt, dir)?;
         // Each domain's first archived transaction must come at most right after the
         // position: else what came between is in neither archive.
