@@ -78,16 +78,15 @@ pub fn joins(ds: Datastore, prev: &PeriodRow, h: &HandoverRow, next: &PeriodRow)
     ds.position_behind(reach, &next.first_position) <= 1
 }
 
-/// The current period of `inst` (as its row says, when no period is recorded yet).
-async fn current(app: &App, inst: &InstanceRow) -> anyhow::Result<Option<PeriodRow>> {
-    let Some(since) = inst.archive_since_ms else {
-        return Ok(None);
-    };
-    let periods = app.store.archive_periods(&inst.id).await?;
-    Ok(Some(
+/// The current period of `inst` among its `periods` (as its row says, when no period is
+/// recorded yet).
+fn current(inst: &InstanceRow, periods: &[PeriodRow]) -> Option<PeriodRow> {
+    let since = inst.archive_since_ms?;
+    Some(
         periods
-            .into_iter()
+            .iter()
             .find(|p| p.since_ms == since)
+            .cloned()
             .unwrap_or(PeriodRow {
                 instance_id: inst.id.clone(),
                 since_ms: since,
@@ -95,12 +94,16 @@ async fn current(app: &App, inst: &InstanceRow) -> anyhow::Result<Option<PeriodR
                 first_position: String::new(),
                 last_position: String::new(),
             }),
-    ))
+    )
 }
 
-/// The handover away from `period` (the first after it began, while it was the one running).
-async fn handover_out(app: &App, period: &PeriodRow) -> anyhow::Result<Option<HandoverRow>> {
-    let periods = app.store.archive_periods(&period.instance_id).await?;
+/// The handover away from `period` (the first after it began, while it was the one running),
+/// among its instance's `periods`.
+async fn handover_out(
+    app: &App,
+    period: &PeriodRow,
+    periods: &[PeriodRow],
+) -> anyhow::Result<Option<HandoverRow>> {
     Ok(app
         .store
         .handovers_from(&period.instance_id)
@@ -108,14 +111,18 @@ async fn handover_out(app: &App, period: &PeriodRow) -> anyhow::Result<Option<Ha
         .into_iter()
         .find(|h| {
             h.at_ms >= period.since_ms
-                && period_at(&periods, h.at_ms).is_none_or(|p| p.since_ms == period.since_ms)
+                && period_at(periods, h.at_ms).is_none_or(|p| p.since_ms == period.since_ms)
         }))
 }
 
 /// `period` as a lineage's last member: a source that handed over places nothing after it
 /// (its archive still looks at its unchanged files until it is re-pointed).
-async fn capped(app: &App, mut period: PeriodRow) -> anyhow::Result<PeriodRow> {
-    if let Some(h) = handover_out(app, &period).await? {
+async fn capped(
+    app: &App,
+    mut period: PeriodRow,
+    periods: &[PeriodRow],
+) -> anyhow::Result<PeriodRow> {
+    if let Some(h) = handover_out(app, &period, periods).await? {
         period.latest_ms = period.latest_ms.min(h.at_ms);
     }
     Ok(period)
@@ -124,14 +131,18 @@ async fn capped(app: &App, mut period: PeriodRow) -> anyhow::Result<PeriodRow> {
 /// The lineage ending with `inst`'s current period, oldest source first (empty: `inst` does
 /// not archive).
 pub async fn back(app: &App, inst: &InstanceRow, ds: Datastore) -> anyhow::Result<Vec<Member>> {
-    let Some(at) = current(app, inst).await? else {
+    if inst.archive_since_ms.is_none() {
+        return Ok(vec![]);
+    }
+    // The periods of the member being looked at (read once per instance visited).
+    let mut periods = app.store.archive_periods(&inst.id).await?;
+    let Some(at) = current(inst, &periods) else {
         return Ok(vec![]);
     };
-    let mut at = capped(app, at).await?;
+    let mut at = capped(app, at, &periods).await?;
     let mut out = vec![];
     for _ in 0..MAX_SOURCES {
         let into = app.store.handovers_into(&at.instance_id).await?;
-        let periods = app.store.archive_periods(&at.instance_id).await?;
         let h = into
             .iter()
             .rev()
@@ -141,9 +152,11 @@ pub async fn back(app: &App, inst: &InstanceRow, ds: Datastore) -> anyhow::Resul
         let prev = match &h {
             Some(h) if app.store.instance(&h.from_instance).await?.is_some() => {
                 let before = app.store.archive_periods(&h.from_instance).await?;
-                period_at(&before, h.at_ms)
+                let p = period_at(&before, h.at_ms)
                     .filter(|p| joins(ds, p, h, &at))
-                    .cloned()
+                    .cloned();
+                periods = before;
+                p
             }
             _ => None,
         };
@@ -174,6 +187,8 @@ pub async fn forward(
     ds: Datastore,
     t: i64,
 ) -> anyhow::Result<Vec<Member>> {
+    // The periods of the last member (read once per instance visited).
+    let mut periods = app.store.archive_periods(&first.instance_id).await?;
     let mut out = vec![Member {
         period: first,
         took_over_at: String::new(),
@@ -181,7 +196,7 @@ pub async fn forward(
     }];
     while out.len() < MAX_SOURCES {
         let at = &out.last().unwrap().period;
-        let Some(h) = handover_out(app, at).await? else {
+        let Some(h) = handover_out(app, at, &periods).await? else {
             break;
         };
         // What this source placed ends at the handover.
@@ -190,8 +205,8 @@ pub async fn forward(
             None
         } else {
             let into = app.store.handovers_into(&h.instance_id).await?;
-            let next_periods = app.store.archive_periods(&h.instance_id).await?;
-            opened_by(&next_periods, &h, &into)
+            periods = app.store.archive_periods(&h.instance_id).await?;
+            opened_by(&periods, &h, &into)
                 .filter(|n| joins(ds, at, &h, n))
                 .cloned()
         };
@@ -200,7 +215,7 @@ pub async fn forward(
             break;
         };
         out.push(Member {
-            period: capped(app, next).await?,
+            period: capped(app, next, &periods).await?,
             took_over_at: h.position.clone(),
             at_ms: h.at_ms,
         });
