@@ -180,6 +180,9 @@ pub async fn run(ctx: Arc<Ctx>) {
     let mut held: Option<(String, u64)> = None;
     let mut held_at = std::time::Instant::now();
     let mut released = false;
+    // The latest time last recorded by an idle look, and when.
+    let mut quiet_latest = 0i64;
+    let mut quiet_at = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -252,7 +255,16 @@ pub async fn run(ctx: Arc<Ctx>) {
             .unwrap_or_else(|e| Err(e.to_string()));
         match looked {
             Ok(true) => persist(&ledger_path(&ctx), &archiver.lock().unwrap().ledger),
-            Ok(false) => {}
+            Ok(false) => {
+                // An idle look moves the latest time on: recorded at most once a second, so
+                // that a restarted agent claims no less than it did (and a write stored by a
+                // look begun before it was acknowledged is seen placed by the next look).
+                let l = archiver.lock().unwrap().ledger.clone();
+                if l.latest_us > quiet_latest && quiet_at.elapsed() >= Duration::from_secs(1) {
+                    persist(&ledger_path(&ctx), &l);
+                    (quiet_latest, quiet_at) = (l.latest_us, std::time::Instant::now());
+                }
+            }
             Err(e) => *fault.lock().unwrap() = e,
         }
         // A file stored in many pieces is closed, so that it is stored whole.
