@@ -176,6 +176,12 @@ impl ChangeLog for WalLog {
 pub const FEED_DIR: &str = "coffer-restore";
 pub const FEED_SCRIPT: &str = "coffer-restore.sh";
 
+/// Settings of a fed restore's recovery only (reset with its `restore_command` once it ended):
+/// no restartpoints while it replays (each one writes and syncs every dirty buffer, a third
+/// of the replay's time; a recovery that stops is started again from the backup).
+pub const FEED_SETTINGS: [(&str, &str); 2] =
+    [("max_wal_size", "1TB"), ("checkpoint_timeout", "1d")];
+
 /// The `restore_command` of a fed restore: a WAL file is moved into place once the agent
 /// delivered it (waiting for it); a file not delivered once `END` exists is not in the
 /// archive (the recovery ends there); a history file only if it is there.
@@ -261,13 +267,20 @@ impl Replay for WalReplay {
         let mut conf: String = std::fs::read_to_string(&auto)
             .unwrap_or_default()
             .lines()
-            .filter(|l| !l.trim_start().starts_with("restore_command"))
+            .filter(|l| {
+                let l = l.trim_start();
+                !l.starts_with("restore_command")
+                    && !FEED_SETTINGS.iter().any(|(k, _)| l.starts_with(k))
+            })
             .map(|l| format!("{l}\n"))
             .collect();
         conf.push_str(&format!(
             "restore_command = '\"{}\" \"%f\" \"%p\"'\n",
             script.display()
         ));
+        for (k, v) in FEED_SETTINGS {
+            conf.push_str(&format!("{k} = '{v}'\n"));
+        }
         std::fs::write(&auto, conf)?;
         owner(&auto);
         Ok(to)

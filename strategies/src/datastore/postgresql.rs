@@ -1183,11 +1183,13 @@ impl Datastore for Postgresql {
             })
         });
         if placeholder {
-            if let Err(e) = self.exec("ALTER SYSTEM RESET restore_command").await {
-                tracing::warn!(error = %e, "could not remove the restore's restore_command");
-            } else {
-                let _ = self.exec("SELECT pg_reload_conf()").await;
+            let settings = crate::archive::wal::FEED_SETTINGS.iter().map(|(k, _)| *k);
+            for k in std::iter::once("restore_command").chain(settings) {
+                if let Err(e) = self.exec(&format!("ALTER SYSTEM RESET {k}")).await {
+                    tracing::warn!(error = %e, "could not remove the restore's {k}");
+                }
             }
+            let _ = self.exec("SELECT pg_reload_conf()").await;
         }
         if !self.reset_marker().exists() || self.in_recovery().await? {
             // A standby keeps the primary's password for the agent's role: trusted until
