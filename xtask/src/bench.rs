@@ -191,7 +191,11 @@ pub(crate) fn with_release(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     let result = f(&tools, &bins, &tmp);
-    let _ = std::fs::remove_dir_all(&tmp);
+    if std::env::var_os("COFFER_BENCH_KEEP").is_some() {
+        eprintln!("xtask: the bench's files are kept in {}", tmp.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
     result
 }
 
@@ -460,6 +464,23 @@ impl Bench {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Deletes an instance and waits until it is gone (its server stopped, its files removed).
+    pub fn delete(&self, id: &str) -> anyhow::Result<()> {
+        let path = format!("/v1.0/bench/instances/{id}");
+        let (st, v) = http(self.api_port, "DELETE", &path, self.token, None)?;
+        if st != 202 {
+            bail!("delete of {id} failed: {st} {v}");
+        }
+        let t0 = Instant::now();
+        while http(self.api_port, "GET", &path, self.token, None)?.0 != 404 {
+            if t0.elapsed() > Duration::from_secs(300) {
+                bail!("instance {id} not gone 5 min after its delete");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     /// Stops everything now (as dropping it does): the controller first, so it shuts agents

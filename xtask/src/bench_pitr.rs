@@ -53,7 +53,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         if which != "mariadb" {
             let dir = tmp.join("postgresql");
             std::fs::create_dir_all(&dir)?;
-            bench_postgresql(tools, bins, &dir, size_mb)?;
+            bench_postgresql(tools, bins, &dir, size_mb, if smoke { 1 } else { 3 })?;
         }
         Ok(())
     })
@@ -318,6 +318,7 @@ fn bench_postgresql(
     bins: &Path,
     tmp: &Path,
     size_mb: u64,
+    rounds: usize,
 ) -> anyhow::Result<()> {
     use crate::bench_backup::PgAdmin;
     let (_, extra) = crate::bench_backup::backup_config(tmp)?;
@@ -365,20 +366,7 @@ fn bench_postgresql(
     let rows = pg.psql("SELECT count(*) FROM big")?;
     let latest = latest_after(&coffer, &src, now_us() / 1000)?;
 
-    env::step("Coffer: a restore of the backup as it is, then one to the latest restorable time");
-    let (_, plain_s) = coffer.create(json!({"instance": {"name": "pg-plain", "flavorRef": "3",
-        "volume": {"size": 10}, "datastore": pg_type, "restorePoint": {"backupRef": bid}}}))?;
-    let (pitr, pitr_s) = coffer.create(json!({"instance": {"name": "pg-pitr", "flavorRef": "3",
-        "volume": {"size": 10}, "datastore": pg_type,
-        "restorePoint": {"backupRef": bid, "restore_time": latest}}}))?;
-    let log = std::fs::read_to_string(tmp.join("instances").join(&pitr).join("agent.log"))
-        .unwrap_or_default();
-    // How long fetching, unsealing and rebuilding the archive took (beside the recovery).
-    let (fed_s, mib) = rolled_forward(&log).unwrap_or_default();
-    let prows = PgAdmin::of(tmp, &pitr)?.psql("SELECT count(*) FROM big")?;
-    let replay_s = (pitr_s - plain_s).max(1e-3);
-
-    env::step("the floor: the server's own recovery of the same WAL");
+    // The floor's data directory, ready to start: the base, the source's WAL in its pg_wal.
     let wal = pg.root.join("data").join("pg_wal");
     let fwal = floor_dir.join("pg_wal");
     for e in std::fs::read_dir(&wal)?.flatten() {
@@ -392,41 +380,162 @@ fn bench_postgresql(
     std::fs::write(floor_dir.join("postgresql.conf"), "")?;
     std::fs::write(floor_dir.join("pg_hba.conf"), "local all all trust\n")?;
     std::fs::write(floor_dir.join("pg_ident.conf"), "")?;
-    let chown = |p: &Path| {
-        Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(p)
-            .status()
-    };
-    chown(&floor_dir)?;
-    let port = crate::bench::free_port().to_string();
-    let sock = floor_dir.display().to_string();
-    let (shared_buffers, max_connections) = (
+    let settings = (
         pg.setting("shared_buffers")?,
         pg.setting("max_connections")?,
     );
+
+    let mut r = PgRounds::default();
+    for i in 0..rounds {
+        env::step(&format!(
+            "round {}/{rounds}: Coffer restores the backup as it is, then to the latest restorable time",
+            i + 1
+        ));
+        let (plain, plain_s) =
+            coffer.create(json!({"instance": {"name": format!("pg-plain-{i}"),
+            "flavorRef": "3", "volume": {"size": 10}, "datastore": pg_type,
+            "restorePoint": {"backupRef": bid}}}))?;
+        let (pitr, pitr_s) = coffer.create(json!({"instance": {"name": format!("pg-pitr-{i}"),
+            "flavorRef": "3", "volume": {"size": 10}, "datastore": pg_type,
+            "restorePoint": {"backupRef": bid, "restore_time": latest}}}))?;
+        let root = tmp.join("instances").join(&pitr);
+        let log = std::fs::read_to_string(root.join("agent.log")).unwrap_or_default();
+        // How long fetching, unsealing and rebuilding the archive took (beside the recovery).
+        let (fed_s, mib) = rolled_forward(&log).unwrap_or_default();
+        r.mib = mib;
+        r.fed.push(fed_s);
+        r.replay.push((pitr_s - plain_s).max(1e-3));
+        let server_log =
+            std::fs::read_to_string(root.join("state/postgresql/postgres.log")).unwrap_or_default();
+        // Kept beside the bench's files (which COFFER_BENCH_KEEP keeps) once the instance is gone.
+        let _ = std::fs::write(tmp.join(format!("pitr-{i}-agent.log")), &log);
+        let _ = std::fs::write(tmp.join(format!("pitr-{i}-postgres.log")), &server_log);
+        r.redo.push(redo_elapsed(&server_log).unwrap_or(f64::NAN));
+        let prows = PgAdmin::of(tmp, &pitr)?.psql("SELECT count(*) FROM big")?;
+        if rows != prows {
+            bail!("the restore to time holds {prows} rows, the source {rows}");
+        }
+        for id in [&plain, &pitr] {
+            coffer.delete(id)?;
+        }
+
+        env::step(&format!(
+            "round {}/{rounds}: the floor, the server's own recovery of the same WAL",
+            i + 1
+        ));
+        let run = tmp.join("floor-run");
+        let _ = std::fs::remove_dir_all(&run);
+        if !Command::new("cp")
+            .arg("-a")
+            .arg(&floor_dir)
+            .arg(&run)
+            .status()?
+            .success()
+        {
+            bail!("copying the floor's data directory failed");
+        }
+        let (floor_s, frows, flog) = floor_recovery(tmp, &pg.bin, &run, &settings)?;
+        let _ = std::fs::remove_dir_all(&run);
+        r.floor.push(floor_s);
+        r.floor_redo.push(redo_elapsed(&flog).unwrap_or(f64::NAN));
+        if rows != frows {
+            bail!("the floor's recovery holds {frows} rows, the source {rows}");
+        }
+    }
+
+    let mmm = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        (v[0], v[v.len() / 2], v[v.len() - 1])
+    };
+    let (rmin, rmed, rmax) = mmm(&mut r.replay);
+    let (fmin, fmed, fmax) = mmm(&mut r.floor);
+    let (dmin, dmed, dmax) = mmm(&mut r.redo);
+    let (gmin, gmed, gmax) = mmm(&mut r.floor_redo);
+    let (_, fedmed, _) = mmm(&mut r.fed);
+    println!();
+    println!(
+        "pitr, PostgreSQL ({}), {rounds} round(s), {rows} rows",
+        crate::bench::build_label(bins)
+    );
+    println!(
+        "  replay of {:.0} MiB of WAL, Coffer: restore to time − restore as is: median {rmed:.2} s (min {rmin:.2}, max {rmax:.2})",
+        r.mib
+    );
+    println!("  floor, the server's own recovery until it answers:  median {fmed:.2} s (min {fmin:.2}, max {fmax:.2})");
+    println!(
+        "  → {:.2}× the floor's speed (medians; target ≥ 0.9)",
+        fmed / rmed
+    );
+    println!(
+        "  the server's own redo time (its log's \"redo done\"): Coffer median {dmed:.2} s (min {dmin:.2}, max {dmax:.2}), floor median {gmed:.2} s (min {gmin:.2}, max {gmax:.2}) → {:.2}×",
+        gmed / dmed
+    );
+    println!("  of which fetching, unsealing and rebuilding the archive (fed beside the recovery): median {fedmed:.2} s");
+    coffer.stop();
+    Ok(())
+}
+
+/// The figures of the PostgreSQL replay's rounds.
+#[derive(Default)]
+struct PgRounds {
+    mib: f64,
+    replay: Vec<f64>,
+    fed: Vec<f64>,
+    redo: Vec<f64>,
+    floor: Vec<f64>,
+    floor_redo: Vec<f64>,
+}
+
+/// The redo time a PostgreSQL server logged at the end of its recovery (`redo done at ...
+/// elapsed: 3.01 s`).
+fn redo_elapsed(log: &str) -> Option<f64> {
+    let line = log.lines().rev().find(|l| l.contains("redo done at"))?;
+    line.split("elapsed: ")
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Starts a PostgreSQL server on `data` (a base with the WAL to recover in its pg_wal) with the
+/// instance's memory settings, as the postgres user, until it answers; counts its rows and
+/// stops it. Returns the seconds until it answered, the count and the server's log.
+fn floor_recovery(
+    tmp: &Path,
+    bin: &str,
+    data: &Path,
+    (shared_buffers, max_connections): &(String, String),
+) -> anyhow::Result<(f64, String, String)> {
+    if !Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(data)
+        .status()?
+        .success()
+    {
+        bail!("chown of the floor's data directory failed");
+    }
+    let port = crate::bench::free_port().to_string();
+    let sock = data.display().to_string();
     let as_pg = |tool: &str| {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"])
-            .arg(format!("{}/{tool}", pg.bin));
+            .arg(format!("{bin}/{tool}"));
         c
     };
+    let log_path = tmp.join("floor-postgres.log");
     let t = Instant::now();
     let mut server = as_pg("postgres")
         .arg("-D")
-        .arg(&floor_dir)
-        .args([
-            "-c",
-            &format!("port={port}"),
-            "-c",
-            &format!("unix_socket_directories={sock}"),
-        ])
+        .arg(data)
+        .args(["-c", &format!("port={port}")])
+        .args(["-c", &format!("unix_socket_directories={sock}")])
         .args(["-c", "listen_addresses="])
         // The instance's own memory settings (as its flavor renders them), nothing tuned.
         .args(["-c", &format!("shared_buffers={shared_buffers}")])
         .args(["-c", &format!("max_connections={max_connections}")])
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(tmp.join("floor-postgres.log"))?)
+        .stderr(std::fs::File::create(&log_path)?)
         .spawn()?;
     let floor_s = loop {
         let ready = as_pg("pg_isready")
@@ -467,23 +576,14 @@ fn bench_postgresql(
     }
     let _ = as_pg("pg_ctl")
         .arg("-D")
-        .arg(&floor_dir)
+        .arg(data)
         .args(["-m", "fast", "-w", "stop"])
         .stdout(Stdio::null())
         .status();
     let _ = server.wait();
-
-    println!();
-    println!("pitr, PostgreSQL ({})", crate::bench::build_label(bins));
-    println!(
-        "  replay of {mib:.0} MiB of WAL: Coffer {replay_s:.2} s (restore to time {pitr_s:.1} s − restore as is {plain_s:.1} s)  floor {floor_s:.2} s (its own recovery)  → {:.2}× the floor's speed (target ≥ 0.9)",
-        floor_s / replay_s
-    );
-    println!("  of which fetching, unsealing and rebuilding the archive (fed beside the recovery): {fed_s:.2} s");
-    println!("  rows: source {rows}, restored to time {prows}, floor {frows}");
-    if rows != prows || rows != frows {
-        bail!("the restores do not hold the source's rows: source {rows}, restored {prows}, floor {frows}");
-    }
-    coffer.stop();
-    Ok(())
+    Ok((
+        floor_s,
+        frows,
+        std::fs::read_to_string(&log_path).unwrap_or_default(),
+    ))
 }
