@@ -112,6 +112,7 @@ fn failed(code: v1::FailureCode, message: String) -> v1::event::Kind {
     v1::event::Kind::Failed(v1::Failed {
         code: code as i32,
         message,
+        elapsed_ms: 0,
     })
 }
 
@@ -179,6 +180,7 @@ async fn handle(ctx: &Arc<Ctx>, msg: async_nats::jetstream::Message) {
                 coffer_proto::SOFTWARE_VERSION,
                 env.schema_version
             ),
+            elapsed_ms: 0,
         };
         if !id.is_empty() {
             let _ = ctx.state.record_intent(&id, &rec);
@@ -211,6 +213,7 @@ async fn handle(ctx: &Arc<Ctx>, msg: async_nats::jetstream::Message) {
                                 "{kind_name} was interrupted by an agent restart and is not safe to repeat; delete the instance and create it again"
                             )
                         },
+                        elapsed_ms: 0,
                     };
                     if let v1::intent::Kind::Backup(b) = &kind {
                         crate::backups::discard(ctx, &b.backup_id).await;
@@ -232,6 +235,7 @@ async fn handle(ctx: &Arc<Ctx>, msg: async_nats::jetstream::Message) {
                 state: "failed".into(),
                 code: v1::FailureCode::Expired as i32,
                 message: "intent expired before the agent could run it".into(),
+                elapsed_ms: 0,
             };
             let _ = ctx.state.record_intent(&id, &rec);
             republish(ctx, &id, &rec).await;
@@ -243,12 +247,14 @@ async fn handle(ctx: &Arc<Ctx>, msg: async_nats::jetstream::Message) {
             state: "started".into(),
             code: 0,
             message: String::new(),
+            elapsed_ms: 0,
         };
         if let Err(e) = ctx.state.record_intent(&id, &started) {
             warn!(error = %e, "cannot record intent; leaving it for redelivery");
             let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
             return;
         }
+        let accepted = std::time::Instant::now();
         report(ctx, &id, kind_name, v1::event::Kind::Accepted(v1::Accepted {})).await;
         info!("intent started");
 
@@ -262,13 +268,15 @@ async fn handle(ctx: &Arc<Ctx>, msg: async_nats::jetstream::Message) {
                 _ = tick.tick() => { let _ = msg.ack_with(AckKind::Progress).await; }
             }
         };
+        let elapsed_ms = accepted.elapsed().as_millis() as u64;
         let rec = match result {
-            Ok(m) => IntentRecord { kind: kind_name.into(), state: "done".into(), code: 0, message: m },
+            Ok(m) => IntentRecord { kind: kind_name.into(), state: "done".into(), code: 0, message: m, elapsed_ms },
             Err(m) => IntentRecord {
                 kind: kind_name.into(),
                 state: "failed".into(),
                 code: v1::FailureCode::Error as i32,
                 message: m,
+                elapsed_ms,
             },
         };
         info!(outcome = %rec.state, "intent finished");
@@ -297,11 +305,13 @@ async fn republish(ctx: &Ctx, id: &str, rec: &IntentRecord) {
         v1::event::Kind::Done(v1::Done {
             message: rec.message.clone(),
             backup,
+            elapsed_ms: rec.elapsed_ms,
         })
     } else {
         v1::event::Kind::Failed(v1::Failed {
             code: rec.code,
             message: rec.message.clone(),
+            elapsed_ms: rec.elapsed_ms,
         })
     };
     report(ctx, id, &rec.kind, kind).await;

@@ -15,7 +15,7 @@ pub struct StateDir {
 }
 
 /// What happened to one intent.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct IntentRecord {
     pub kind: String,
     /// `started`, `done` or `failed`.
@@ -25,6 +25,9 @@ pub struct IntentRecord {
     pub code: i32,
     #[serde(default)]
     pub message: String,
+    /// Milliseconds from accepting the intent to its outcome (0: not measured).
+    #[serde(default)]
+    pub elapsed_ms: u64,
 }
 
 /// What a finished backup produced.
@@ -249,6 +252,7 @@ mod tests {
             state: "done".into(),
             code: 0,
             message: "ok".into(),
+            elapsed_ms: 0,
         };
         s.record_intent("a", &r).unwrap();
         assert_eq!(s.intent("a"), Some(r));

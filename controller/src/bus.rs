@@ -211,6 +211,7 @@ async fn give_up(app: &Arc<App>, row: &store::OutboxRow, why: &str) {
         kind: Some(v1::event::Kind::Failed(v1::Failed {
             code: 0,
             message: format!("the controller could not send this intent: {why}"),
+            elapsed_ms: 0,
         })),
     };
     if let Err(e) = handle_event(app, &row.instance_id, "", ev).await {
@@ -680,6 +681,11 @@ async fn handle_event(
                 return Ok(());
             };
             if first {
+                let secs = (d.elapsed_ms > 0).then_some(d.elapsed_ms as f64 / 1000.0);
+                app.telemetry.intent(&kind, "done", secs);
+                if let (Some(r), Some(s)) = (&d.backup, secs) {
+                    app.telemetry.backup(r.stored_bytes, s);
+                }
                 finished(app, instance_id, &kind, None).await?;
             }
         }
@@ -701,6 +707,8 @@ async fn handle_event(
                 .intent_event(&ev.intent_id, "failed", None, &f.message)
                 .await?;
             if let Some((kind, true)) = rec {
+                let secs = (f.elapsed_ms > 0).then_some(f.elapsed_ms as f64 / 1000.0);
+                app.telemetry.intent(&kind, "failed", secs);
                 finished(app, instance_id, &kind, Some(f.message)).await?;
             }
         }

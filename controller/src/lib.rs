@@ -21,6 +21,7 @@ pub mod ops;
 pub mod provisioner;
 pub mod status;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod workflow;
 
@@ -67,6 +68,8 @@ pub struct App {
     pub reply_public_key: Vec<u8>,
     /// Signs restore drill reports ([`nats_auth::drill_key`]).
     pub drill_key: nkeys::KeyPair,
+    /// This process's counters of the control plane (API, intents, workflows).
+    pub telemetry: telemetry::Telemetry,
 }
 
 impl App {
@@ -213,6 +216,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: CancellationToken) -> anyhow::
         authority,
         reply_secret_key,
         reply_public_key,
+        telemetry: telemetry::Telemetry::default(),
         drill_key,
     });
     // The server may have restarted from an older preload: make sure it has every revocation

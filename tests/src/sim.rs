@@ -285,6 +285,7 @@ async fn take_intent(
         Some(v1::intent::Kind::Backup(_)) => v1::event::Kind::Failed(v1::Failed {
             code: v1::FailureCode::Error as i32,
             message: "a simulated agent has no data to back up".into(),
+            elapsed_ms: 0,
         }),
         _ => v1::event::Kind::Done(v1::Done::default()),
     };

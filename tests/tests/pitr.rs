@@ -96,11 +96,15 @@ async fn placed(env: &Env, id: &str, acked_us: i64) {
         if latest >= acked_us {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the archive of {id} never placed the write acknowledged at {}",
-            rfc3339(acked_us)
-        );
+        if Instant::now() > deadline {
+            let (_, v) = env.show(id).await;
+            panic!(
+                "the archive of {id} never placed the write acknowledged at {}\nledger: {}\nview: {v}\n{}",
+                rfc3339(acked_us),
+                std::fs::read_to_string(&ledger).unwrap_or_default(),
+                env.logs(id)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -164,7 +168,7 @@ async fn restored_in(
         .await;
     if store == Store::Postgresql {
         // The restored server is its own: its admin has this instance's password, and the
-        // recovery's restore_command is gone.
+        // recovery's restore_command and settings are gone.
         use sqlx::{ConnectOptions, Connection};
         let pw = std::fs::read_to_string(
             env.instance_dir(&rid)
@@ -190,6 +194,14 @@ async fn restored_in(
             .await
             .unwrap();
         assert_eq!(cmd, "", "the restore's restore_command was reset");
+        // So are the recovery's own settings (no restartpoints while it replayed).
+        for (k, during) in [("max_wal_size", "1TB"), ("checkpoint_timeout", "1d")] {
+            let v: String = sqlx::query_scalar(&format!("SELECT current_setting('{k}')"))
+                .fetch_one(&mut c)
+                .await
+                .unwrap();
+            assert_ne!(v, during, "the restore's {k} was reset");
+        }
         c.close().await.unwrap();
     }
     store.read(env, &rview).await

@@ -10,6 +10,8 @@ use anyhow::{bail, Context};
 pub struct Tools {
     pub nats_server: PathBuf,
     pub python: PathBuf,
+    /// Prometheus's `promtool` (checks the alert rules and the metrics' format).
+    pub promtool: PathBuf,
     pub bin_dir: PathBuf,
     pub target_dir: PathBuf,
 }
@@ -19,6 +21,7 @@ impl Tools {
     pub fn apply(&self, c: &mut Command) {
         c.env("COFFER_NATS_SERVER", &self.nats_server)
             .env("COFFER_PYTHON", &self.python)
+            .env("COFFER_PROMTOOL", &self.promtool)
             .env("COFFER_BIN_DIR", &self.bin_dir)
             .env("CARGO_TARGET_DIR", &self.target_dir);
     }
@@ -238,7 +241,62 @@ pub fn prepare() -> anyhow::Result<Tools> {
     Ok(Tools {
         nats_server: nats,
         python,
+        promtool: promtool()?,
         bin_dir: target.join("debug"),
         target_dir: target,
     })
+}
+
+/// Prometheus's `promtool`, taken out of Debian's `prometheus` package into the cache (the
+/// package itself would install and start a Prometheus server on this machine).
+fn promtool() -> anyhow::Result<PathBuf> {
+    let dir = cache_dir().join("prometheus");
+    let tool = dir.join("usr/bin/promtool");
+    if tool.exists() {
+        return Ok(tool);
+    }
+    step("fetching promtool (Debian's prometheus package, unpacked into the cache)");
+    let debs = cache_dir().join("prometheus-deb");
+    let _ = std::fs::remove_dir_all(&debs);
+    std::fs::create_dir_all(&debs)?;
+    let download = || {
+        Command::new("apt-get")
+            .args(["download", "-q", "prometheus"])
+            .current_dir(&debs)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !download() {
+        // The package lists may be missing or stale.
+        let sudo = !nix::unistd::geteuid().is_root();
+        let mut c = Command::new(if sudo { "sudo" } else { "apt-get" });
+        if sudo {
+            c.arg("apt-get");
+        }
+        let _ = c.args(["update", "-q"]).status();
+        if !download() {
+            bail!("apt-get download prometheus failed; install the prometheus package (promtool) by hand");
+        }
+    }
+    let deb = std::fs::read_dir(&debs)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no prometheus .deb")?;
+    let tmp = cache_dir().join("prometheus.partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    if !Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&tmp)
+        .status()?
+        .success()
+    {
+        bail!("dpkg-deb -x {} failed", deb.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir)?;
+    let _ = std::fs::remove_dir_all(&debs);
+    Ok(tool)
 }

@@ -176,6 +176,34 @@ fn fault_key(status: StatusCode) -> &'static str {
 /// Every request and answer passes here: a body must be declared JSON (415 otherwise, nothing
 /// done), and any error the framework answers by itself (body too large, a query or path it could
 /// not parse) is rewritten into Trove's one-key JSON body, so clients meet one error format.
+/// Counts each request by its route template (never an id) and times it.
+async fn counted(axum::extract::State(app): AppState, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    // Methods are bounded too: a client may send any token as one.
+    let method = match *req.method() {
+        Method::GET
+        | Method::POST
+        | Method::PUT
+        | Method::PATCH
+        | Method::DELETE
+        | Method::HEAD => req.method().as_str().to_string(),
+        _ => "other".to_string(),
+    };
+    let t = std::time::Instant::now();
+    let resp = next.run(req).await;
+    app.telemetry.request(
+        &method,
+        &route,
+        resp.status().as_u16(),
+        t.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
 async fn trove_errors(req: Request, next: Next) -> Response {
     if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH)
         && has_body(req.headers())
@@ -526,6 +554,7 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .layer(middleware::from_fn(trove_errors))
+        .layer(middleware::from_fn_with_state(app.clone(), counted))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
 }

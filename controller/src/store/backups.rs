@@ -128,6 +128,18 @@ impl Store {
             .await?)
     }
 
+    /// Each instance's newest completed backup: (instance, completed at (Unix ms), size).
+    pub async fn last_completed_backups(&self) -> anyhow::Result<Vec<(String, i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT b.instance_id, b.completed_ms, COALESCE(b.size_bytes, 0) FROM backups b \
+             WHERE b.deleted = FALSE AND b.status = 'COMPLETED' AND b.completed_ms = \
+             (SELECT MAX(c.completed_ms) FROM backups c WHERE c.instance_id = b.instance_id \
+              AND c.deleted = FALSE AND c.status = 'COMPLETED')",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Every backup NEW or BUILDING, of any instance.
     pub async fn running_backups(&self) -> anyhow::Result<Vec<BackupRow>> {
         Ok(sqlx::query_as(

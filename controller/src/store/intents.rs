@@ -71,6 +71,13 @@ impl Store {
         .await?)
     }
 
+    /// How many intents wait in the outbox to be published.
+    pub async fn outbox_depth(&self) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     /// Removes a published intent and marks it sent.
     pub async fn published(&self, seq: i64, intent_id: &str) -> anyhow::Result<()> {
         let mut tx = self.begin().await?;

@@ -167,6 +167,15 @@ impl Store {
     }
 
     /// Asks a running workflow to stop where it safely can (an administrator's reset_status).
+    /// How many workflows run, by kind.
+    pub async fn running_workflows(&self) -> anyhow::Result<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT kind, COUNT(*) FROM workflows WHERE done = FALSE GROUP BY kind ORDER BY kind",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     pub async fn cancel_workflow(&self, id: &str) -> anyhow::Result<()> {
         sqlx::query(
             "UPDATE workflows SET cancel = TRUE, updated = $1 WHERE id = $2 AND done = FALSE",

@@ -302,6 +302,7 @@ async fn drive_claimed(app: &Arc<App>, id: &str) {
             continue;
         }
         crate::failpoint::hit(&kind, &step);
+        app.telemetry.workflow_step(&kind, &step);
         let saved = async {
             let state = serde_json::to_string(&flow)?;
             if flow.done() || flow.members_released() {
