@@ -12,6 +12,7 @@ pub mod archive;
 pub mod backup;
 pub mod config_rules;
 pub mod fsutil;
+pub mod logging;
 pub mod logs;
 pub mod modules;
 pub mod nats;

@@ -167,13 +167,7 @@ fn real_main() -> anyhow::Result<()> {
     sigs.add(nix::sys::signal::Signal::SIGTERM);
     let _ = sigs.thread_unblock();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,async_nats=warn,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    coffer_common::logging::init("info,async_nats=warn,sqlx=warn");
     if let Command::DrillVerify { file, signer } = &cli.command {
         return drill_verify(&cli.config, file, signer.as_deref());
     }

@@ -404,3 +404,48 @@ fn the_alert_rules_pass_promtool_and_the_dashboard_is_json() {
         );
     }
 }
+
+/// `COFFER_LOG_FORMAT=json`: the controller's and the agents' logs are one JSON object a line,
+/// carrying the instance's and the intent's ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_instance_and_intent_ids() {
+    let mut env = Env::start().await;
+    env.stop_controller();
+    // The agents it places inherit its environment.
+    env.start_controller_with(&[("COFFER_LOG_FORMAT", "json")]);
+    let id = env.create("json-logs").await;
+    env.wait_status(&id, "ACTIVE", Duration::from_secs(120))
+        .await;
+    let parse = |text: &str| -> Vec<Value> {
+        text.lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    let agent = std::fs::read_to_string(env.instance_dir(&id).join("agent.log")).unwrap();
+    assert!(
+        agent
+            .lines()
+            .all(|l| l.trim().is_empty() || l.starts_with('{')),
+        "every agent line is JSON:\n{agent}"
+    );
+    let finished = parse(&agent)
+        .into_iter()
+        .find(|l| l["message"] == "intent finished")
+        .unwrap_or_else(|| panic!("no intent finished:\n{agent}"));
+    assert_eq!(finished["span"]["kind"], "prepare", "{finished}");
+    assert!(
+        finished["span"]["intent_id"]
+            .as_str()
+            .is_some_and(|s| s.len() == 36),
+        "{finished}"
+    );
+    assert_eq!(finished["outcome"], "done", "{finished}");
+    let controller = parse(&env.controller_log());
+    assert!(
+        controller
+            .iter()
+            .any(|l| l["instance"] == id.as_str() && l["message"] == "intent finished"),
+        "{controller:?}"
+    );
+}

@@ -210,7 +210,10 @@ pub fn prepare() -> anyhow::Result<Tools> {
     let nats = venv.join("bin/nats-server");
     let ok = nats.exists()
         && Command::new(&python)
-            .args(["-c", "import troveclient, keystoneauth1, cryptography, openstackclient"])
+            .args([
+                "-c",
+                "import troveclient, keystoneauth1, cryptography, openstackclient",
+            ])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false);
