@@ -190,7 +190,15 @@ async fn handle(ctx: &Arc<Ctx>, msg: async_nats::jetstream::Message) {
         return;
     };
     let kind_name = coffer_proto::intent_kind_name(&kind);
-    let span = info_span!("intent", intent_id = %id, kind = kind_name);
+    // The trace of the API request behind it, when it is a well-formed one (hex only).
+    let trace_id = intent
+        .trace_parent
+        .split('-')
+        .nth(1)
+        .filter(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_default()
+        .to_string();
+    let span = info_span!("intent", intent_id = %id, kind = kind_name, trace_id = %trace_id);
     async {
         // Handled before? Answer from the record.
         if let Some(rec) = ctx.state.intent(&id) {

@@ -165,3 +165,70 @@ impl Telemetry {
         );
     }
 }
+
+tokio::task_local! {
+    /// The W3C traceparent of the API request being answered.
+    static TRACE: String;
+}
+
+/// The traceparent of the request this task answers (empty outside one).
+pub fn trace_parent() -> String {
+    TRACE.try_with(|t| t.clone()).unwrap_or_default()
+}
+
+/// The trace id of a traceparent (`00-<32 hex>-<16 hex>-<2 hex>`), if it is one.
+pub fn trace_id(tp: &str) -> Option<&str> {
+    let parts: Vec<&str> = tp.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    (parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1] != "0".repeat(32))
+    .then(|| parts[1])
+}
+
+/// This request's traceparent: the caller's trace (a `traceparent` header) with a span of our
+/// own, or a new trace.
+pub fn request_trace(header: Option<&str>) -> String {
+    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    let trace = header
+        .and_then(trace_id)
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    format!("00-{trace}-{span}-01")
+}
+
+/// Runs `f` as the answer to a request of trace `tp`.
+pub async fn in_trace<F: std::future::Future>(tp: String, f: F) -> F::Output {
+    TRACE.scope(tp, f).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_traceparent_is_taken_only_when_well_formed() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            super::trace_id(tp),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        let ours = super::request_trace(Some(tp));
+        assert!(ours.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert_ne!(ours, tp, "a span of our own");
+        for bad in [
+            "",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\nforged",
+            "00-4bf92f35-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(super::trace_id(bad), None, "{bad:?}");
+            let fresh = super::request_trace(Some(bad));
+            assert!(super::trace_id(&fresh).is_some(), "{fresh}");
+        }
+    }
+}

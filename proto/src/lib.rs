@@ -130,6 +130,7 @@ mod tests {
             "inst",
             v1::envelope::Body::Intent(v1::Intent {
                 deadline_unix_ms: 5,
+                trace_parent: String::new(),
                 kind: Some(v1::intent::Kind::Restart(v1::Restart {})),
             }),
         );
@@ -160,6 +161,7 @@ mod tests {
                 "inst",
                 v1::envelope::Body::Intent(v1::Intent {
                     deadline_unix_ms: 5,
+                    trace_parent: String::new(),
                     kind: Some(v1::intent::Kind::Prepare(v1::Prepare {
                         databases: vec![v1::Database { name: "d".into(), ..Default::default() }],
                         ..Default::default()
@@ -218,6 +220,7 @@ mod wire_fixtures {
             Some(v1::envelope::Body::Intent(v1::Intent {
                 deadline_unix_ms: 7,
                 kind: Some(v1::intent::Kind::Restart(_)),
+                ..
             })) => {}
             other => panic!("decoded {other:?}"),
         }

@@ -406,16 +406,46 @@ fn the_alert_rules_pass_promtool_and_the_dashboard_is_json() {
 }
 
 /// `COFFER_LOG_FORMAT=json`: the controller's and the agents' logs are one JSON object a line,
-/// carrying the instance's and the intent's ids.
+/// carrying the instance's and the intent's ids, and the trace of the API request behind an
+/// intent (W3C `traceparent`, carried in the intent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_carry_instance_and_intent_ids() {
+async fn json_logs_carry_instance_intent_and_trace_ids() {
     let mut env = Env::start().await;
     env.stop_controller();
     // The agents it places inherit its environment.
     env.start_controller_with(&[("COFFER_LOG_FORMAT", "json")]);
-    let id = env.create("json-logs").await;
+    // The caller's trace: the answer names it (with a span of the controller's own), and the
+    // agent's log of the intent the request queued carries it.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let resp = env
+        .http
+        .post(format!("{}/instances", env.base()))
+        .header("X-Auth-Token", &env.token)
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .json(&json!({"instance": {"name": "json-logs", "flavorRef": "1", "volume": {"size": 1}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let answered = resp.headers()["traceparent"].to_str().unwrap().to_string();
+    assert!(
+        answered.starts_with(&format!("00-{trace}-")) && !answered.contains("00f067aa0ba902b7"),
+        "{answered}"
+    );
+    let v: Value = resp.json().await.unwrap();
+    let id = v["instance"]["id"].as_str().unwrap().to_string();
     env.wait_status(&id, "ACTIVE", Duration::from_secs(120))
         .await;
+    // A request without one starts a trace of its own.
+    let resp = env
+        .http
+        .get(format!("{}/instances", env.base()))
+        .header("X-Auth-Token", &env.token)
+        .send()
+        .await
+        .unwrap();
+    let own = resp.headers()["traceparent"].to_str().unwrap().to_string();
+    assert!(own.len() == 55 && !own.contains(trace), "{own}");
     let parse = |text: &str| -> Vec<Value> {
         text.lines()
             .filter(|l| l.starts_with('{'))
@@ -441,6 +471,7 @@ async fn json_logs_carry_instance_and_intent_ids() {
         "{finished}"
     );
     assert_eq!(finished["outcome"], "done", "{finished}");
+    assert_eq!(finished["span"]["trace_id"], trace, "{finished}");
     let controller = parse(&env.controller_log());
     assert!(
         controller

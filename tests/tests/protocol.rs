@@ -109,6 +109,7 @@ async fn expired_undecodable_and_unknown_intents_fail_without_running() {
         &id,
         v1::envelope::Body::Intent(v1::Intent {
             deadline_unix_ms: 0,
+            trace_parent: String::new(),
             kind: None,
         }),
     );
@@ -119,6 +120,7 @@ async fn expired_undecodable_and_unknown_intents_fail_without_running() {
         &id,
         v1::envelope::Body::Intent(v1::Intent {
             deadline_unix_ms: coffer_proto::now_unix_ms() - 1000,
+            trace_parent: String::new(),
             kind: Some(v1::intent::Kind::Restart(v1::Restart {})),
         }),
     );

@@ -194,7 +194,24 @@ async fn counted(axum::extract::State(app): AppState, req: Request, next: Next) 
         _ => "other".to_string(),
     };
     let t = std::time::Instant::now();
-    let resp = next.run(req).await;
+    // One trace per request: the intents it queues carry it to the agents.
+    let tp = crate::telemetry::request_trace(
+        req.headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok()),
+    );
+    let span = tracing::info_span!(
+        "request",
+        trace_id = crate::telemetry::trace_id(&tp).unwrap_or_default()
+    );
+    let mut resp = tracing::Instrument::instrument(
+        crate::telemetry::in_trace(tp.clone(), next.run(req)),
+        span,
+    )
+    .await;
+    if let Ok(v) = tp.parse() {
+        resp.headers_mut().insert("traceparent", v);
+    }
     app.telemetry.request(
         &method,
         &route,

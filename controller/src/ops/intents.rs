@@ -26,6 +26,7 @@ pub fn intent_payload(
         instance_id,
         v1::envelope::Body::Intent(v1::Intent {
             deadline_unix_ms: deadline(app, name),
+            trace_parent: crate::telemetry::trace_parent(),
             kind: Some(kind),
         }),
     )
