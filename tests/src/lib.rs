@@ -1174,14 +1174,15 @@ impl Env {
         );
     }
 
+    /// `POST /instances/{id}/action` with `body` (`{"restart": {}}`, ...).
+    pub async fn action(&self, id: &str, body: Value) -> (StatusCode, Value) {
+        self.call("POST", &format!("/instances/{id}/action"), Some(body))
+            .await
+    }
+
     /// `POST /instances/{id}/action {"restart": {}}`.
     pub async fn restart(&self, id: &str) -> (StatusCode, Value) {
-        self.call(
-            "POST",
-            &format!("/instances/{id}/action"),
-            Some(json!({"restart": {}})),
-        )
-        .await
+        self.action(id, json!({"restart": {}})).await
     }
 
     /// Deletes the instance and waits until the API answers 404, its processes are gone

@@ -342,13 +342,7 @@ async fn the_series_follow_backups_replicas_and_a_failover() {
     wait_metric(&env, "coffer_instance_up", &src, "down", |v| v == 0.0).await;
     env.wait_status(&src, "ERROR", Duration::from_secs(30))
         .await;
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/instances/{src}/action"),
-            Some(json!({"eject_replica_source": {}})),
-        )
-        .await;
+    let (st, v) = env.action(&src, json!({"eject_replica_source": {}})).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     wait_metric(&env, "coffer_instance_fenced", &src, "fenced", |v| v == 1.0).await;
     env.wait_status(&rep, "ACTIVE", Duration::from_secs(60))

@@ -19,8 +19,8 @@ fn openstack() -> PathBuf {
     PathBuf::from(python).with_file_name("openstack")
 }
 
-/// Runs `openstack database <args> -f json` as the tenant; returns its JSON answer.
-async fn os(env: &Env, args: &[&str]) -> Value {
+/// Runs `openstack database <args>` as the tenant; returns what it printed.
+async fn run(env: &Env, args: &[&str]) -> String {
     let (ep, token) = (env.base(), env.token.clone());
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let shown = args.join(" ");
@@ -28,7 +28,6 @@ async fn os(env: &Env, args: &[&str]) -> Value {
         Command::new(openstack())
             .arg("database")
             .args(&args)
-            .args(["-f", "json"])
             .env("OS_AUTH_TYPE", "admin_token")
             .env("OS_ENDPOINT", ep)
             .env("OS_TOKEN", token)
@@ -43,30 +42,13 @@ async fn os(env: &Env, args: &[&str]) -> Value {
         "openstack database {shown}: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+    stdout
 }
 
-/// Runs an `openstack database ...` command that prints nothing (a delete).
-async fn os_quiet(env: &Env, args: &[&str]) {
-    let (ep, token) = (env.base(), env.token.clone());
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(openstack())
-            .arg("database")
-            .args(&args)
-            .env("OS_AUTH_TYPE", "admin_token")
-            .env("OS_ENDPOINT", ep)
-            .env("OS_TOKEN", token)
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Runs `openstack database <args> -f json`; returns its JSON answer.
+async fn os(env: &Env, args: &[&str]) -> Value {
+    let stdout = run(env, &[args, &["-f", "json"]].concat()).await;
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,7 +126,7 @@ async fn openstack_database_lists_creates_shows_backs_up_restores_and_deletes() 
     );
 
     for i in [&id, &rid] {
-        os_quiet(&env, &["instance", "delete", i]).await;
+        run(&env, &["instance", "delete", i]).await;
     }
     for i in [&id, &rid] {
         env.wait_for(i, "gone", Duration::from_secs(60), |v| v.is_null())

@@ -384,11 +384,7 @@ async fn a_promoted_replica_archives_and_restores_to_a_time() {
     env.wait_status(&rep, "ACTIVE", Duration::from_secs(120))
         .await;
     let (st, v) = env
-        .call(
-            "POST",
-            &format!("/instances/{rep}/action"),
-            Some(json!({"promote_to_replica_source": {}})),
-        )
+        .action(&rep, json!({"promote_to_replica_source": {}}))
         .await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -492,11 +488,7 @@ async fn across_sources(store: Store) {
     let first = reps[0].clone();
     let switched_at = now_us() / 1000;
     let (st, v) = env
-        .call(
-            "POST",
-            &format!("/instances/{first}/action"),
-            Some(json!({"promote_to_replica_source": {}})),
-        )
+        .action(&first, json!({"promote_to_replica_source": {}}))
         .await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     let fview = archiving_source(&env, &first, switched_at).await;
@@ -518,11 +510,7 @@ async fn across_sources(store: Store) {
         .await;
     let failed_over_at = now_us() / 1000;
     let (st, v) = env
-        .call(
-            "POST",
-            &format!("/instances/{first}/action"),
-            Some(json!({"eject_replica_source": {}})),
-        )
+        .action(&first, json!({"eject_replica_source": {}}))
         .await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     // The most advanced survivor wins: either the first source (now a replica) or the other

@@ -443,13 +443,7 @@ async fn a_partitioned_source_fences_itself_and_stays_fenced() {
     // After expiry: eject; exactly one writable source.
     env.wait_status(&src, "ERROR", Duration::from_secs(30))
         .await;
-    let (st, v) = env
-        .call(
-            "POST",
-            &format!("/instances/{src}/action"),
-            Some(json!({"eject_replica_source": {}})),
-        )
-        .await;
+    let (st, v) = env.action(&src, json!({"eject_replica_source": {}})).await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     let r = settle(&env, &ids[0]).await;
     assert!(r.get("replica_of").is_none(), "{r}");
