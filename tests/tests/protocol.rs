@@ -1,10 +1,11 @@
 //! The agent protocol's edges: failed and never-finishing prepares, expired, undecodable and
 //! unknown intents, and actions an agent does not support.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use coffer_proto::{subjects, v1, Message};
 use coffer_tests::{Env, Opts, StatusCode};
+use futures::StreamExt;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -156,14 +157,32 @@ async fn action_the_agent_does_not_support_is_refused() {
     env.wait_status(&id, "ACTIVE", Duration::from_secs(120))
         .await;
     let agent = env.agent_pid(&id).unwrap();
-    kill(Pid::from_raw(agent), Signal::SIGSTOP).unwrap();
-    // Speak as an older agent that knows only prepare.
+    // The agent's boot and sequence as it last reported, taken just before it is stopped: the
+    // older agent below speaks for the same boot with a later sequence, so a report the real
+    // agent sent before it stopped, arriving late (under load), is older and ignored.
     let client = env.nats_client().await;
+    let mut beats = client.subscribe(subjects::heartbeat(&id)).await.unwrap();
+    let last = loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), beats.next())
+            .await
+            .expect("the agent reports")
+            .unwrap();
+        if let Ok(v1::Envelope {
+            body: Some(v1::envelope::Body::Heartbeat(hb)),
+            ..
+        }) = coffer_proto::decode(&m.payload)
+        {
+            break hb;
+        }
+    };
+    kill(Pid::from_raw(agent), Signal::SIGSTOP).unwrap();
+    drop(beats);
+    // Speak as an older agent that knows only prepare.
     let hb = v1::Heartbeat {
         status: v1::ServiceStatus::Running as i32,
         intent_kinds: vec!["prepare".into()],
-        boot_id: "old-agent".into(),
-        seq: 1,
+        boot_id: last.boot_id.clone(),
+        seq: last.seq + 3,
         host: "127.0.0.1".into(),
         ..Default::default()
     };
@@ -188,10 +207,21 @@ async fn action_the_agent_does_not_support_is_refused() {
         "ACTIVE",
         "nothing changed"
     );
-    // The real agent's next heartbeat restores its capabilities.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (st, v) = env.restart(&id).await;
-    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    // The real agent's next heartbeats (past the older one's sequence) restore its
+    // capabilities; a refused restart changes nothing, so it is asked again until then.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (st, v) = env.restart(&id).await;
+        if st == StatusCode::ACCEPTED {
+            break;
+        }
+        assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert!(
+            Instant::now() < deadline,
+            "the real agent's capabilities never came back: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     env.wait_status(&id, "ACTIVE", Duration::from_secs(60))
         .await;
 }
