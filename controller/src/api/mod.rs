@@ -173,9 +173,6 @@ fn fault_key(status: StatusCode) -> &'static str {
     }
 }
 
-/// Every request and answer passes here: a body must be declared JSON (415 otherwise, nothing
-/// done), and any error the framework answers by itself (body too large, a query or path it could
-/// not parse) is rewritten into Trove's one-key JSON body, so clients meet one error format.
 /// Counts each request by its route template (never an id) and times it.
 async fn counted(axum::extract::State(app): AppState, req: Request, next: Next) -> Response {
     let route = req
@@ -221,6 +218,9 @@ async fn counted(axum::extract::State(app): AppState, req: Request, next: Next) 
     resp
 }
 
+/// Every request and answer passes here: a body must be declared JSON (415 otherwise, nothing
+/// done), and any error the framework answers by itself (body too large, a query or path it could
+/// not parse) is rewritten into Trove's one-key JSON body, so clients meet one error format.
 async fn trove_errors(req: Request, next: Next) -> Response {
     if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH)
         && has_body(req.headers())

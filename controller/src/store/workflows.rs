@@ -166,7 +166,6 @@ impl Store {
         )
     }
 
-    /// Asks a running workflow to stop where it safely can (an administrator's reset_status).
     /// How many workflows run, by kind.
     pub async fn running_workflows(&self) -> anyhow::Result<Vec<(String, i64)>> {
         Ok(sqlx::query_as(
@@ -176,6 +175,7 @@ impl Store {
         .await?)
     }
 
+    /// Asks a running workflow to stop where it safely can (an administrator's reset_status).
     pub async fn cancel_workflow(&self, id: &str) -> anyhow::Result<()> {
         sqlx::query(
             "UPDATE workflows SET cancel = TRUE, updated = $1 WHERE id = $2 AND done = FALSE",
