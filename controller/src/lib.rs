@@ -118,8 +118,13 @@ impl App {
 
     /// Whether the instance's last heartbeat is within the expiry.
     pub fn fresh(&self, id: &str) -> bool {
+        self.fresh_of(self.live.lock().unwrap().get(id))
+    }
+
+    /// [`App::fresh`] of what this controller remembers of an agent (None: nothing yet).
+    pub fn fresh_of(&self, live: Option<&bus::Live>) -> bool {
         let expiry = Duration::from_secs(self.cfg.heartbeat_expiry_s);
-        match self.live.lock().unwrap().get(id) {
+        match live {
             Some(l) => l.last_seen.elapsed() < expiry,
             None => self.started.elapsed() < expiry,
         }

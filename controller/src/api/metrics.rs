@@ -99,33 +99,35 @@ pub async fn render(app: &App) -> anyhow::Result<String> {
             datastores.insert(r.datastore_version_id.clone(), name);
         }
     }
-    let role_of = |r: &crate::store::InstanceRow| {
-        if r.replica_of.is_some() {
-            "replica"
-        } else if instances
-            .iter()
-            .any(|o| o.replica_of.as_deref() == Some(&r.id))
-        {
-            "source"
-        } else {
-            "standalone"
-        }
-    };
-    let labels_of = |id: &str| {
-        instances
-            .iter()
-            .find(|r| r.id == id)
-            .map(|r| InstanceLabels {
+    // Each instance's labels, built once (a source is an instance some other replicates from).
+    let sources: std::collections::HashSet<&str> = instances
+        .iter()
+        .filter_map(|r| r.replica_of.as_deref())
+        .collect();
+    let labels: HashMap<&str, InstanceLabels> = instances
+        .iter()
+        .map(|r| {
+            let role = if r.replica_of.is_some() {
+                "replica"
+            } else if sources.contains(r.id.as_str()) {
+                "source"
+            } else {
+                "standalone"
+            };
+            let l = InstanceLabels {
                 instance: r.id.clone(),
                 project: r.project_id.clone(),
                 datastore: datastores
                     .get(&r.datastore_version_id)
                     .cloned()
                     .unwrap_or_default(),
-                role: role_of(r).into(),
-            })
-    };
-    fleet(app, &mut reg, &instances, &labels_of).await?;
+                role: role.into(),
+            };
+            (r.id.as_str(), l)
+        })
+        .collect();
+    let labels_of = |id: &str| labels.get(id).cloned();
+    fleet(app, &mut reg, &instances, &labels).await?;
 
     // Point-in-time recovery: how far back the latest restorable time is.
     let latest = family();
@@ -218,8 +220,9 @@ async fn fleet(
     app: &App,
     reg: &mut Registry,
     instances: &[crate::store::InstanceRow],
-    labels_of: &(dyn Fn(&str) -> Option<InstanceLabels> + Sync),
+    labels: &HashMap<&str, InstanceLabels>,
 ) -> anyhow::Result<()> {
+    let labels_of = |id: &str| labels.get(id).cloned();
     let status: Family<StatusLabels, FloatGauge> = Family::default();
     let (up, age, read_only, fenced) = (family(), family(), family(), family());
     let (connections, cpu, memory, used, total) =
@@ -229,69 +232,73 @@ async fn fleet(
         &'static str,
         Family<InstanceLabels, FloatGauge>,
     > = Default::default();
-    let all = app.live.lock().unwrap().clone();
-    for r in instances {
-        let Some(l) = labels_of(&r.id) else { continue };
-        let fresh = app.fresh(&r.id);
-        let hb = all.get(&r.id);
-        let service = r.service_status.as_str();
-        let (st, _) = crate::status::derive(r.task, service, fresh);
-        status
-            .get_or_create(&StatusLabels {
-                instance: l.instance.clone(),
-                project: l.project.clone(),
-                datastore: l.datastore.clone(),
-                role: l.role.clone(),
-                status: st.to_string(),
-            })
-            .set(1.0);
-        up.get_or_create(&l).set(if fresh && service == "running" {
-            1.0
-        } else {
-            0.0
-        });
-        fenced
-            .get_or_create(&l)
-            .set(if r.ejected { 1.0 } else { 0.0 });
-        let Some(live) = hb else { continue };
-        let hb = &live.hb;
-        age.get_or_create(&l)
-            .set(live.last_seen.elapsed().as_secs_f64());
-        connections.get_or_create(&l).set(hb.connections as f64);
-        cpu.get_or_create(&l).set(hb.cpu_percent as f64 / 100.0);
-        memory.get_or_create(&l).set(hb.memory_bytes as f64);
-        used.get_or_create(&l).set(hb.volume_used_bytes as f64);
-        total.get_or_create(&l).set(hb.volume_total_bytes as f64);
-        let Some(rep) = &hb.replication else { continue };
-        read_only
-            .get_or_create(&l)
-            .set(if rep.read_only { 1.0 } else { 0.0 });
-        if rep.role == "fenced" {
-            fenced.get_or_create(&l).set(1.0);
-        }
-        if rep.role != "replica" {
-            continue;
-        }
-        io.get_or_create(&l)
-            .set(if rep.io_running { 1.0 } else { 0.0 });
-        sql.get_or_create(&l)
-            .set(if rep.sql_running { 1.0 } else { 0.0 });
-        if rep.seconds_behind >= 0 {
-            lag_s.get_or_create(&l).set(rep.seconds_behind as f64);
-        }
-        // In the datastore's own unit, against the source's last reported position.
-        let source_pos = r
-            .replica_of
-            .as_ref()
-            .and_then(|s| all.get(s))
-            .and_then(|s| s.hb.replication.as_ref())
-            .map(|s| s.position.clone());
-        if let (Some(p), Ok(ds)) = (source_pos, l.datastore.parse::<coffer_proto::Datastore>()) {
-            lag_units
-                .entry(ds.lag_unit())
-                .or_default()
+    // Read under the lock (no await in the loop), not copied: a fleet's heartbeats are many.
+    {
+        let all = app.live.lock().unwrap();
+        for r in instances {
+            let Some(l) = labels_of(&r.id) else { continue };
+            let hb = all.get(&r.id);
+            let fresh = app.fresh_of(hb);
+            let service = r.service_status.as_str();
+            let (st, _) = crate::status::derive(r.task, service, fresh);
+            status
+                .get_or_create(&StatusLabels {
+                    instance: l.instance.clone(),
+                    project: l.project.clone(),
+                    datastore: l.datastore.clone(),
+                    role: l.role.clone(),
+                    status: st.to_string(),
+                })
+                .set(1.0);
+            up.get_or_create(&l).set(if fresh && service == "running" {
+                1.0
+            } else {
+                0.0
+            });
+            fenced
                 .get_or_create(&l)
-                .set(ds.position_behind(&rep.applied_position, &p) as f64);
+                .set(if r.ejected { 1.0 } else { 0.0 });
+            let Some(live) = hb else { continue };
+            let hb = &live.hb;
+            age.get_or_create(&l)
+                .set(live.last_seen.elapsed().as_secs_f64());
+            connections.get_or_create(&l).set(hb.connections as f64);
+            cpu.get_or_create(&l).set(hb.cpu_percent as f64 / 100.0);
+            memory.get_or_create(&l).set(hb.memory_bytes as f64);
+            used.get_or_create(&l).set(hb.volume_used_bytes as f64);
+            total.get_or_create(&l).set(hb.volume_total_bytes as f64);
+            let Some(rep) = &hb.replication else { continue };
+            read_only
+                .get_or_create(&l)
+                .set(if rep.read_only { 1.0 } else { 0.0 });
+            if rep.role == "fenced" {
+                fenced.get_or_create(&l).set(1.0);
+            }
+            if rep.role != "replica" {
+                continue;
+            }
+            io.get_or_create(&l)
+                .set(if rep.io_running { 1.0 } else { 0.0 });
+            sql.get_or_create(&l)
+                .set(if rep.sql_running { 1.0 } else { 0.0 });
+            if rep.seconds_behind >= 0 {
+                lag_s.get_or_create(&l).set(rep.seconds_behind as f64);
+            }
+            // In the datastore's own unit, against the source's last reported position.
+            let source_pos = r
+                .replica_of
+                .as_ref()
+                .and_then(|s| all.get(s))
+                .and_then(|s| s.hb.replication.as_ref())
+                .map(|s| s.position.clone());
+            if let (Some(p), Ok(ds)) = (source_pos, l.datastore.parse::<coffer_proto::Datastore>())
+            {
+                lag_units
+                    .entry(ds.lag_unit())
+                    .or_default()
+                    .get_or_create(&l)
+                    .set(ds.position_behind(&rep.applied_position, &p) as f64);
+            }
         }
     }
     reg.register(
