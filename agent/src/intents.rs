@@ -190,14 +190,8 @@ async fn handle(ctx: &Arc<Ctx>, msg: async_nats::jetstream::Message) {
         return;
     };
     let kind_name = coffer_proto::intent_kind_name(&kind);
-    // The trace of the API request behind it, when it is a well-formed one (hex only).
-    let trace_id = intent
-        .trace_parent
-        .split('-')
-        .nth(1)
-        .filter(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
-        .unwrap_or_default()
-        .to_string();
+    // The trace of the API request behind it, when it is a well-formed one.
+    let trace_id = coffer_proto::trace_id(&intent.trace_parent).unwrap_or_default();
     let span = info_span!("intent", intent_id = %id, kind = kind_name, trace_id = %trace_id);
     async {
         // Handled before? Answer from the record.

@@ -176,20 +176,7 @@ pub fn trace_parent() -> String {
     TRACE.try_with(|t| t.clone()).unwrap_or_default()
 }
 
-/// The trace id of a traceparent (`00-<32 hex>-<16 hex>-<2 hex>`), if it is one.
-pub fn trace_id(tp: &str) -> Option<&str> {
-    let parts: Vec<&str> = tp.split('-').collect();
-    let hex = |s: &str, n: usize| {
-        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    };
-    (parts.len() == 4
-        && hex(parts[0], 2)
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
-        && parts[1] != "0".repeat(32))
-    .then(|| parts[1])
-}
+pub use coffer_proto::trace_id;
 
 /// This request's traceparent: the caller's trace (a `traceparent` header) with a span of our
 /// own, or a new trace.

@@ -79,6 +79,22 @@ pub fn envelope(id: String, instance_id: &str, body: v1::envelope::Body) -> v1::
     }
 }
 
+/// The trace id of a W3C traceparent (`00-<32 hex>-<16 hex>-<2 hex>`, lower-case, not all
+/// zeros), if it is one: what the controller takes from a request and an agent logs of an intent.
+pub fn trace_id(tp: &str) -> Option<&str> {
+    let parts: Vec<&str> = tp.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    (parts.len() == 4
+        && hex(parts[0], 2)
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1] != "0".repeat(32))
+    .then(|| parts[1])
+}
+
 /// Milliseconds since the Unix epoch (wall clock; used only for deadlines and ordering hints).
 pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()
