@@ -51,26 +51,27 @@ async fn os(env: &Env, args: &[&str]) -> Value {
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
+/// `openstack database instance create <name>` of a tiny MariaDB instance, with `extra`
+/// options.
+async fn create(env: &Env, name: &str, extra: &[&str]) -> Value {
+    let base = [
+        "instance",
+        "create",
+        name,
+        "--flavor",
+        "1",
+        "--size",
+        "1",
+        "--datastore",
+        "mariadb",
+    ];
+    os(env, &[&base[..], extra].concat()).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openstack_database_lists_creates_shows_backs_up_restores_and_deletes() {
     let env = Env::start().await;
-    let v = os(
-        &env,
-        &[
-            "instance",
-            "create",
-            "osc1",
-            "--flavor",
-            "1",
-            "--size",
-            "1",
-            "--datastore",
-            "mariadb",
-            "--databases",
-            "shop",
-        ],
-    )
-    .await;
+    let v = create(&env, "osc1", &["--databases", "shop"]).await;
     let id = v["id"].as_str().unwrap().to_string();
     assert_eq!(v["status"], "BUILD", "{v}");
     env.wait_status(&id, "ACTIVE", Duration::from_secs(120))
@@ -99,23 +100,7 @@ async fn openstack_database_lists_creates_shows_backs_up_restores_and_deletes() 
         "{v}"
     );
 
-    let r = os(
-        &env,
-        &[
-            "instance",
-            "create",
-            "osc2",
-            "--flavor",
-            "1",
-            "--size",
-            "1",
-            "--datastore",
-            "mariadb",
-            "--backup",
-            &bid,
-        ],
-    )
-    .await;
+    let r = create(&env, "osc2", &["--backup", &bid]).await;
     let rid = r["id"].as_str().unwrap().to_string();
     env.wait_status(&rid, "ACTIVE", Duration::from_secs(120))
         .await;
